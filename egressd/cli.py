@@ -1,0 +1,55 @@
+"""The `egressd` command: one entry point, each subsystem registers its verbs.
+
+A bad argument exits 2 with one line on stderr, never a usage dump.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from egressd.errors import EgressdError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CliError(EgressdError):
+    """A CLI invocation that cannot proceed; printed as one line, exit code 2."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("cli_error", detail)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from egressd.control import cli as control_cli
+    from egressd.policy import cli as policy_cli
+
+    parser = OneLineParser(prog="egressd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    policy_cli.register(sub)
+    control_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except CliError as exc:
+        print(f"egressd: error: {exc.detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Control plane: signs job policies, publishes keys, keeps the node and proxy registry."""

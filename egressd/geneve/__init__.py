@@ -1,0 +1,1 @@
+"""GENEVE (RFC 8926) codec with egressd's job-identity option."""

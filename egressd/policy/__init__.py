@@ -1,0 +1,1 @@
+"""Job policies: model, JWS signing and verification, matching."""
