@@ -1,0 +1,1 @@
+"""The local fleet in network namespaces (the embedded default topology)."""
