@@ -28,6 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from egressd import demo
     from egressd.control import cli as control_cli
     from egressd.policy import cli as policy_cli
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     policy_cli.register(sub)
     control_cli.register(sub)
+    demo.register(sub)
     return parser
 
 
