@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import signal
 import stat
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from egressd.control.store import StateStore, atomic_write
 from egressd.errors import EgressdError
 from egressd.policy.errors import KeyFileError
 from egressd.policy.keys import SigningKey, TrustedKeys, load_signing_key, load_trusted_keys
+from egressd.signals import install_stop_handlers
 
 SHUTDOWN_TIMEOUT_S = 5.0
 MAX_TOKEN_FILE_BYTES = 4096
@@ -190,10 +190,7 @@ class ControlService:
 async def serve(config: ControlConfig, *, stop: asyncio.Event | None = None) -> None:
     """Start the control plane and serve until `stop` is set or SIGTERM/SIGINT arrives."""
     stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+    uninstall = install_stop_handlers(asyncio.get_running_loop(), stop.set)
     service = ControlService(config)
     try:
         await service.start()
@@ -201,8 +198,7 @@ async def serve(config: ControlConfig, *, stop: asyncio.Event | None = None) -> 
         log.info("stopping")
     finally:
         await service.stop()
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+        uninstall()
     log.info("stopped")
 
 

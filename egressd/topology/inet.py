@@ -37,7 +37,6 @@ import functools
 import hashlib
 import ipaddress
 import resource
-import signal
 import ssl
 import sys
 from collections.abc import Iterator, Sequence
@@ -51,6 +50,7 @@ from aiohttp import hdrs, web
 
 from egressd import logs
 from egressd.errors import EgressdError
+from egressd.signals import install_stop_handlers
 from egressd.topology.ca import CaError, CaFiles, ensure_ca
 from egressd.topology.dnsserver import DnsServer, Zone
 from egressd.topology.layout import DEFAULT_RUN_DIR, INET_DNS, METADATA, Layout, default_layout
@@ -340,10 +340,11 @@ async def _serve_until_signal(config: InetConfig) -> None:
     if task is not None:
         task.set_name("inet-serve")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await serve(config, stop)
+    uninstall = install_stop_handlers(asyncio.get_running_loop(), stop.set)
+    try:
+        await serve(config, stop)
+    finally:
+        uninstall()
 
 
 def run(config: InetConfig) -> int:

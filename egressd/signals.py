@@ -1,0 +1,40 @@
+"""Stop signals for daemons, safe against forked helper processes.
+
+`loop.add_signal_handler` routes signals through the loop's wakeup fd. A
+child that the daemon forks without exec (pyroute2 does, to work inside a
+network namespace) inherits that fd and the C-level handler; when the parent
+later sends the child SIGTERM, the child writes the signal number into the
+shared fd and the parent's loop runs its SIGTERM handler: the daemon stops
+itself. A plain `signal.signal` handler that checks the PID cannot be fooled
+that way: the child's write trips no flag in the parent, and a handler run in
+the child sees another PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def install_stop_handlers(loop: asyncio.AbstractEventLoop, on_stop: Callable[[], None]) -> Callable[[], None]:
+    """Call `on_stop` in `loop` on SIGTERM/SIGINT to this process; returns an uninstaller."""
+    owner = os.getpid()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != owner:
+            return
+        loop.call_soon_threadsafe(on_stop)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+    def uninstall() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return uninstall
