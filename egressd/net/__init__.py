@@ -1,1 +1,2 @@
-"""Thin, typed wrappers over kernel network devices (TUN) used by the agent and the proxy."""
+"""Kernel networking at the I/O edge: namespaces, links and routes
+(`egressd.net.netns`) and TUN devices (`egressd.net.tun`)."""

@@ -1,0 +1,329 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * egressd tier 1: tc ingress (clsact, direct action) on the host end of each
+ * sandbox veth. See DESIGN.md, "The packet path", step 3.
+ *
+ * Every frame gets exactly one verdict and bumps exactly one counter
+ * {ingress ifindex, reason}. In order:
+ *
+ *   config missing                           -> drop      not_configured
+ *   no sandbox entry for the ingress ifindex -> drop      no_policy
+ *   VLAN tag (already moved to skb metadata) -> drop      not_ipv4
+ *   ARP, sender MAC/IP the sandbox's         -> pass      arp (else drop spoofed)
+ *   IPv6                                     -> drop      ipv6
+ *   any other non-IPv4 ethertype             -> drop      not_ipv4
+ *   Ethernet source != sandbox MAC           -> drop      spoofed_mac
+ *   truncated, bad version/IHL/length        -> drop      malformed
+ *   IPv4 source != sandbox IP                -> drop      spoofed_ip
+ *   fragment (MF or offset != 0)             -> drop      fragment
+ *   resolver, UDP or TCP dst port 53         -> redirect  redirected
+ *   any other UDP                            -> drop      udp_not_dns
+ *   destination in t1_denied (LPM)           -> drop      the entry's reason, unless the
+ *                                                         entry is overridable and the
+ *                                                         sandbox has a t1_exempt entry
+ *   any other protocol (ICMP ...)            -> drop      proto_not_allowed
+ *   TCP to a port outside the job's bitmap   -> drop      port_not_allowed
+ *   TCP, allowed                             -> redirect  redirected (to the TUN)
+ *
+ * Counters count skbs (a GSO super-packet once) and their length on the veth,
+ * Ethernet header included. The agent (egressd/agent/tier1.py) fills every
+ * map; the struct layouts and the reason enum below are mirrored there, and a
+ * unit test checks them against this file.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/if_arp.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+/* Keep in sync with egressd.agent.tier1.Reason (checked by a unit test). */
+enum t1_reason {
+	T1_REDIRECTED = 0,
+	T1_ARP = 1,
+	T1_NOT_CONFIGURED = 2,
+	T1_NO_POLICY = 3,
+	T1_MALFORMED = 4,
+	T1_SPOOFED = 5,
+	T1_IPV6 = 6,
+	T1_NOT_IPV4 = 7,
+	T1_SPOOFED_MAC = 8,
+	T1_SPOOFED_IP = 9,
+	T1_FRAGMENT = 10,
+	T1_UDP_NOT_DNS = 11,
+	T1_DENIED_RANGE = 12,
+	T1_FLEET_RANGE = 13,
+	T1_PORT_NOT_ALLOWED = 14,
+	T1_PROTO_NOT_ALLOWED = 15,
+	T1_REASON_COUNT = 16,
+};
+
+#define T1_DNS_PORT 53
+#define T1_PORT_BITMAP_BYTES (65536 / 8)
+#define T1_DENIED_OVERRIDABLE 1u
+#define T1_IP_MF 0x2000
+#define T1_IP_OFFSET 0x1fff
+/* Ethernet + the longest IPv4 header + a TCP header without options. */
+#define T1_PULL_LEN (ETH_HLEN + 60 + 20)
+
+struct t1_config {
+	__u32 tun_ifindex;
+	__be32 resolver;
+};
+
+struct t1_sandbox {
+	__be32 ip;
+	__u8 mac[ETH_ALEN];
+	__u16 reserved;
+	/* bit (port & 7) of byte (port >> 3): TCP destination ports the job may use */
+	__u8 tcp_ports[T1_PORT_BITMAP_BYTES];
+};
+
+struct t1_denied_key {
+	__u32 prefixlen; /* 0..32 */
+	__be32 addr;
+};
+
+struct t1_denied {
+	__u32 reason; /* enum t1_reason */
+	__u32 flags;  /* T1_DENIED_OVERRIDABLE */
+};
+
+struct t1_exempt_key {
+	__u32 prefixlen; /* 32 (the ifindex) + the network's prefix length */
+	__u32 ifindex;
+	__be32 addr;
+};
+
+struct t1_counter_key {
+	__u32 ifindex;
+	__u32 reason;
+};
+
+struct t1_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct arp_ipv4 {
+	struct arphdr hdr;
+	__u8 sha[ETH_ALEN];
+	__u8 sip[4];
+	__u8 tha[ETH_ALEN];
+	__u8 tip[4];
+} __attribute__((packed));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct t1_config);
+} t1_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct t1_sandbox);
+} t1_sandboxes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct t1_denied_key);
+	__type(value, struct t1_denied);
+} t1_denied SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct t1_exempt_key);
+	__type(value, __u32);
+} t1_exempt SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct t1_counter_key);
+	__type(value, struct t1_counter);
+} t1_counters SEC(".maps");
+
+static __always_inline int count(struct __sk_buff *skb, __u32 ifindex, __u32 reason, int action)
+{
+	struct t1_counter_key key = { .ifindex = ifindex, .reason = reason };
+	struct t1_counter *c = bpf_map_lookup_elem(&t1_counters, &key);
+
+	if (!c) {
+		struct t1_counter first = { .packets = 1, .bytes = skb->len };
+
+		if (bpf_map_update_elem(&t1_counters, &key, &first, BPF_NOEXIST) == 0)
+			return action;
+		/* Another CPU created it first; count into this CPU's slot. */
+		c = bpf_map_lookup_elem(&t1_counters, &key);
+		if (!c)
+			return action;
+	}
+	c->packets += 1;
+	c->bytes += skb->len;
+	return action;
+}
+
+static __always_inline int drop(struct __sk_buff *skb, __u32 ifindex, __u32 reason)
+{
+	return count(skb, ifindex, reason, TC_ACT_SHOT);
+}
+
+static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] &&
+	       a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
+}
+
+static __always_inline int ip_eq(const __u8 *a, __be32 b)
+{
+	const __u8 *c = (const __u8 *)&b;
+
+	return a[0] == c[0] && a[1] == c[1] && a[2] == c[2] && a[3] == c[3];
+}
+
+static __always_inline int handle_arp(struct __sk_buff *skb, __u32 ifindex,
+				      const struct t1_sandbox *sb, struct ethhdr *eth,
+				      void *data_end)
+{
+	struct arp_ipv4 *arp = (void *)(eth + 1);
+
+	if ((void *)(arp + 1) > data_end)
+		return drop(skb, ifindex, T1_MALFORMED);
+	if (arp->hdr.ar_hrd != bpf_htons(ARPHRD_ETHER) ||
+	    arp->hdr.ar_pro != bpf_htons(ETH_P_IP) ||
+	    arp->hdr.ar_hln != ETH_ALEN || arp->hdr.ar_pln != 4)
+		return drop(skb, ifindex, T1_MALFORMED);
+	if (!mac_eq(eth->h_source, sb->mac) || !mac_eq(arp->sha, sb->mac) ||
+	    !ip_eq(arp->sip, sb->ip))
+		return drop(skb, ifindex, T1_SPOOFED);
+	return count(skb, ifindex, T1_ARP, TC_ACT_OK);
+}
+
+static __always_inline int port_allowed(const struct t1_sandbox *sb, __be16 port_be)
+{
+	__u32 port = bpf_ntohs(port_be) & 0xffff;
+
+	return sb->tcp_ports[(port >> 3) & (T1_PORT_BITMAP_BYTES - 1)] & (1u << (port & 7));
+}
+
+static __always_inline int denied(__u32 ifindex, __be32 daddr, __u32 *reason)
+{
+	struct t1_denied_key key = { .prefixlen = 32, .addr = daddr };
+	struct t1_denied *entry = bpf_map_lookup_elem(&t1_denied, &key);
+
+	if (!entry)
+		return 0;
+	*reason = entry->reason < T1_REASON_COUNT ? entry->reason : T1_DENIED_RANGE;
+	if (entry->flags & T1_DENIED_OVERRIDABLE) {
+		struct t1_exempt_key ekey = { .prefixlen = 64, .ifindex = ifindex, .addr = daddr };
+
+		if (bpf_map_lookup_elem(&t1_exempt, &ekey))
+			return 0;
+	}
+	return 1;
+}
+
+SEC("tc")
+int tier1_ingress(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ingress_ifindex;
+	__u32 zero = 0;
+	struct t1_config *cfg = bpf_map_lookup_elem(&t1_config, &zero);
+
+	if (!cfg || !cfg->tun_ifindex)
+		return drop(skb, ifindex, T1_NOT_CONFIGURED);
+
+	struct t1_sandbox *sb = bpf_map_lookup_elem(&t1_sandboxes, &ifindex);
+
+	if (!sb)
+		return drop(skb, ifindex, T1_NO_POLICY);
+
+	__u32 len = skb->len;
+	__u32 want = len < T1_PULL_LEN ? len : T1_PULL_LEN;
+
+	if ((void *)(long)skb->data + want > (void *)(long)skb->data_end)
+		bpf_skb_pull_data(skb, want);
+
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return drop(skb, ifindex, T1_MALFORMED);
+	/* The receive path strips an 802.1Q/802.1ad tag into skb metadata before
+	 * tc runs: the frame below would look untagged, and a TUN would be handed
+	 * the tag back on read. */
+	if (skb->vlan_present)
+		return drop(skb, ifindex, T1_NOT_IPV4);
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return handle_arp(skb, ifindex, sb, eth, data_end);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return drop(skb, ifindex, T1_IPV6);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return drop(skb, ifindex, T1_NOT_IPV4);
+	if (!mac_eq(eth->h_source, sb->mac))
+		return drop(skb, ifindex, T1_SPOOFED_MAC);
+
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if ((void *)(ip + 1) > data_end)
+		return drop(skb, ifindex, T1_MALFORMED);
+	__u32 ihl = ip->ihl * 4;
+	__u32 tot_len = bpf_ntohs(ip->tot_len);
+
+	if (ip->version != 4 || ihl < sizeof(*ip) || (void *)ip + ihl > data_end ||
+	    tot_len < ihl || tot_len > len - ETH_HLEN)
+		return drop(skb, ifindex, T1_MALFORMED);
+	if (ip->saddr != sb->ip)
+		return drop(skb, ifindex, T1_SPOOFED_IP);
+	if (ip->frag_off & bpf_htons(T1_IP_MF | T1_IP_OFFSET))
+		return drop(skb, ifindex, T1_FRAGMENT);
+
+	void *l4 = (void *)ip + ihl;
+	__be32 daddr = ip->daddr;
+	__be16 dport = 0;
+
+	if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *udp = l4;
+
+		if ((void *)(udp + 1) > data_end || tot_len < ihl + sizeof(*udp))
+			return drop(skb, ifindex, T1_MALFORMED);
+		if (daddr == cfg->resolver && udp->dest == bpf_htons(T1_DNS_PORT))
+			return count(skb, ifindex, T1_REDIRECTED, bpf_redirect(cfg->tun_ifindex, 0));
+		return drop(skb, ifindex, T1_UDP_NOT_DNS);
+	}
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *tcp = l4;
+
+		if ((void *)(tcp + 1) > data_end || tot_len < ihl + sizeof(*tcp) || tcp->doff < 5)
+			return drop(skb, ifindex, T1_MALFORMED);
+		dport = tcp->dest;
+		if (daddr == cfg->resolver && dport == bpf_htons(T1_DNS_PORT))
+			return count(skb, ifindex, T1_REDIRECTED, bpf_redirect(cfg->tun_ifindex, 0));
+	}
+
+	__u32 reason = T1_DENIED_RANGE;
+
+	if (denied(ifindex, daddr, &reason))
+		return drop(skb, ifindex, reason);
+	if (ip->protocol != IPPROTO_TCP)
+		return drop(skb, ifindex, T1_PROTO_NOT_ALLOWED);
+	if (!port_allowed(sb, dport))
+		return drop(skb, ifindex, T1_PORT_NOT_ALLOWED);
+	return count(skb, ifindex, T1_REDIRECTED, bpf_redirect(cfg->tun_ifindex, 0));
+}
+
+char LICENSE[] SEC("license") = "Apache-2.0";

@@ -1,0 +1,624 @@
+"""Tier 1 on a real kernel: real frames from a sandbox namespace through the tc program.
+
+Topology (all in ``egd-t*`` namespaces made here):
+
+    sandbox ns: s1 (sandbox MAC/IP) ---- veth ---- h1 (gateway/24)  : node ns
+                s2 (no policy)      ---- veth ---- h2               : node ns
+                                                   egr0 (TUN)       : node ns
+
+Frames are built with scapy (the oracle) and sent on AF_PACKET sockets opened
+in the sandbox namespace; verdicts are read back from the counters map and
+from the TUN.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
+from scapy.packet import Packet, Raw
+
+from egressd.agent import bpf_syscall
+from egressd.agent.tier1 import (
+    DEFAULT_SOURCE,
+    Count,
+    PortSpec,
+    Reason,
+    Tier1,
+    Tier1Error,
+    build_object,
+    denied_ranges,
+)
+from egressd.net.tun import Tun, open_tun
+from egressd.topology.layout import (
+    CONTROL_ADDR,
+    METADATA,
+    NODE_TUN,
+    RESOLVER,
+    SANDBOX_MTU,
+    UNDERLAY_MTU,
+    default_layout,
+)
+
+from .tier1_fixtures import (
+    Namespaces,
+    in_netns,
+    ingress_filters,
+    mac,
+    packet_socket,
+    require_root_tools,
+    sh,
+    sysctl,
+)
+
+pytestmark = pytest.mark.root
+
+LAYOUT = default_layout()
+NODE = LAYOUT.nodes[0]
+GATEWAY = NODE.gateway
+SBX_IP = NODE.gateway + 1
+SBX_MAC = "02:00:00:00:01:02"
+OTHER_MAC = "02:00:00:00:01:99"
+API = LAYOUT.site("api.allowed.test").address
+PORTS: list[PortSpec] = [443, 80, (8000, 8010)]
+PRIVATE = IPv4Address("10.1.2.3")  # inside 10/8, overridable by a cidr rule
+PRIVATE_NET = IPv4Network("10.1.2.0/24")
+SETTLE_S = 2.0
+VLAN_TAG_LEN = 4
+
+
+@dataclass
+class Bed:
+    node: str
+    sandbox: str
+    tier1: Tier1
+    tun: Tun
+    h1: int
+    h2: int
+    h1_mac: str
+    s1: socket.socket
+    s2: socket.socket
+    pending: list[bytes] = field(default_factory=list)
+
+    def program(self, exemptions: tuple[IPv4Network, ...] = ()) -> None:
+        self.tier1.set_sandbox(self.h1, SBX_IP, SBX_MAC, PORTS, exemptions)
+
+    def drain_tun(self) -> list[bytes]:
+        out = []
+        buf = bytearray(65536)
+        while (n := self.tun.read_into(buf)) > 0:
+            out.append(bytes(buf[:n]))
+        return out
+
+    def tun_packets(self, timeout: float) -> list[bytes]:
+        select.select([self.tun.fd], [], [], timeout)
+        return self.drain_tun()
+
+    def send(self, frame: Packet | bytes, sock: socket.socket | None = None) -> bytes:
+        raw = bytes(frame)
+        (sock or self.s1).send(raw)
+        return raw
+
+
+def _make_topology(stack: ExitStack, tmp: Path) -> Bed:
+    require_root_tools("tc", "bpftool", "clang")
+    spaces = Namespaces()
+    stack.callback(spaces.cleanup)
+    node, sandbox = spaces.create("n"), spaces.create("s")
+    for host, peer, peer_mac in (("h1", "s1", SBX_MAC), ("h2", "s2", OTHER_MAC)):
+        sh("ip", "-n", node, "link", "add", host, "type", "veth", "peer", "name", peer,
+           "netns", sandbox)  # fmt: skip
+        sh("ip", "-n", sandbox, "link", "set", peer, "address", peer_mac,
+           "mtu", str(SANDBOX_MTU), "up")  # fmt: skip
+        sh("ip", "-n", node, "link", "set", host, "mtu", str(SANDBOX_MTU), "up")
+    sh("ip", "-n", sandbox, "addr", "add", f"{SBX_IP}/{NODE.sandbox_cidr.prefixlen}", "dev", "s1")
+    sh("ip", "-n", node, "addr", "add", f"{GATEWAY}/{NODE.sandbox_cidr.prefixlen}", "dev", "h1")
+    # What the agent's node looks like: the sandbox routes via the gateway, the
+    # node forwards what the agent writes to the TUN back to the sandbox veth.
+    sh("ip", "-n", sandbox, "route", "add", "default", "via", str(GATEWAY), "dev", "s1")
+    sysctl(node, "net.ipv4.ip_forward", "1")
+
+    with in_netns(node):
+        tun = open_tun(NODE_TUN, mtu=UNDERLAY_MTU)
+    stack.callback(tun.close)
+    tier1 = Tier1(
+        tun_ifindex=tun.ifindex,
+        resolver=RESOLVER,
+        denied=denied_ranges(LAYOUT.fleet_ranges),
+        state_dir=tmp / "node",
+    )
+
+    def close_tier1() -> None:
+        with in_netns(node):
+            tier1.close()
+
+    stack.callback(close_tier1)
+    tier1.load()
+    with in_netns(node):
+        h1, h2 = tier1.attach("h1"), tier1.attach("h2")
+    s1 = packet_socket(sandbox, "s1")
+    stack.callback(s1.close)
+    s2 = packet_socket(sandbox, "s2")
+    stack.callback(s2.close)
+    return Bed(node, sandbox, tier1, tun, h1, h2, mac(node, "h1"), s1, s2)
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    with ExitStack() as stack:
+        yield _make_topology(stack, tmp_path_factory.mktemp("tier1"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_policy(request: pytest.FixtureRequest) -> None:
+    if "bed" in request.fixturenames:
+        bed: Bed = request.getfixturevalue("bed")
+        bed.program()
+        bed.drain_tun()
+
+
+def _delta(before: dict[tuple[int, Reason], Count], after: dict[tuple[int, Reason], Count],
+           ifindex: int) -> dict[Reason, Count]:  # fmt: skip
+    out = {}
+    for (idx, reason), now in after.items():
+        if idx != ifindex:
+            continue
+        old = before.get((idx, reason), Count(0, 0))
+        if now != old:
+            out[reason] = Count(now.packets - old.packets, now.bytes - old.bytes)
+    return out
+
+
+def expect_verdict(bed: Bed, frame: Packet | bytes, reason: Reason, *, ifindex: int | None = None,
+                   sock: socket.socket | None = None) -> bytes:  # fmt: skip
+    """Send one frame; exactly one counter moves, by one packet of the frame's length."""
+    idx = bed.h1 if ifindex is None else ifindex
+    before = bed.tier1.counters()
+    raw = bed.send(frame, sock)
+    # The receive path moves one VLAN tag into skb metadata before tc runs.
+    tagged = isinstance(frame, Packet) and (Dot1Q in frame or Dot1AD in frame)
+    wire_len = len(raw) - VLAN_TAG_LEN if tagged else len(raw)
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        delta = _delta(before, bed.tier1.counters(), idx)
+        if delta or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    assert delta == {reason: Count(1, wire_len)}
+    return raw
+
+
+def _tcp(dst: IPv4Address, dport: int, **ip: Any) -> Packet:
+    return (
+        Ether(src=SBX_MAC)
+        / IP(src=str(SBX_IP), dst=str(dst), **ip)
+        / TCP(sport=40000, dport=dport, flags="S", seq=1)
+    )
+
+
+def _udp(dst: IPv4Address, dport: int) -> Packet:
+    return (
+        Ether(src=SBX_MAC)
+        / IP(src=str(SBX_IP), dst=str(dst))
+        / UDP(sport=40001, dport=dport)
+        / Raw(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00")
+    )
+
+
+def _with_dst_mac(bed: Bed, frame: Packet) -> Packet:
+    if Ether in frame:
+        frame[Ether].dst = bed.h1_mac
+    return frame
+
+
+REDIRECTED: dict[str, Callable[[], Packet]] = {
+    "tcp_443": lambda: _tcp(API, 443),
+    "tcp_80": lambda: _tcp(API, 80),
+    "tcp_range_low": lambda: _tcp(API, 8000),
+    "tcp_range_high": lambda: _tcp(API, 8010),
+    "udp_dns_resolver": lambda: _udp(RESOLVER, 53),
+    "tcp_dns_resolver": lambda: _tcp(RESOLVER, 53),
+    "tcp_with_options": lambda: (
+        Ether(src=SBX_MAC)
+        / IP(src=str(SBX_IP), dst=str(API))
+        / TCP(
+            sport=40000,
+            dport=443,
+            flags="S",
+            options=[("MSS", 1396), ("SAckOK", b""), ("WScale", 7)],
+        )
+    ),
+    "ip_options": lambda: _tcp(API, 443, options=[IPOption_Router_Alert()]),
+}
+
+DROPPED: dict[str, tuple[Callable[[], Packet], Reason]] = {
+    "port_22": (lambda: _tcp(API, 22), Reason.PORT_NOT_ALLOWED),
+    "port_above_range": (lambda: _tcp(API, 8011), Reason.PORT_NOT_ALLOWED),
+    "udp_53_elsewhere": (lambda: _udp(API, 53), Reason.UDP_NOT_DNS),
+    "udp_resolver_other_port": (lambda: _udp(RESOLVER, 123), Reason.UDP_NOT_DNS),
+    "tcp_resolver_other_port": (lambda: _tcp(RESOLVER, 443), Reason.FLEET_RANGE),
+    "metadata": (lambda: _tcp(METADATA, 80), Reason.DENIED_RANGE),
+    "private": (lambda: _tcp(PRIVATE, 443), Reason.DENIED_RANGE),
+    "loopback": (lambda: _tcp(IPv4Address("127.0.0.1"), 443), Reason.DENIED_RANGE),
+    "multicast": (lambda: _tcp(IPv4Address("224.0.0.1"), 443), Reason.DENIED_RANGE),
+    "control_plane": (lambda: _tcp(CONTROL_ADDR, 443), Reason.FLEET_RANGE),
+    "other_sandbox": (lambda: _tcp(NODE.gateway + 5, 443), Reason.FLEET_RANGE),
+    "node_gateway": (lambda: _tcp(GATEWAY, 443), Reason.FLEET_RANGE),
+    "spoofed_ip": (
+        lambda: Ether(src=SBX_MAC) / IP(src=str(SBX_IP + 1), dst=str(API)) / TCP(dport=443),
+        Reason.SPOOFED_IP,
+    ),
+    "spoofed_mac": (
+        lambda: Ether(src=OTHER_MAC) / IP(src=str(SBX_IP), dst=str(API)) / TCP(dport=443),
+        Reason.SPOOFED_MAC,
+    ),
+    "ipv6": (
+        lambda: Ether(src=SBX_MAC) / IPv6(src="fd00::2", dst="2001:db8::1") / TCP(dport=443),
+        Reason.IPV6,
+    ),
+    "not_ipv4": (lambda: Ether(src=SBX_MAC, type=0x88B5) / Raw(b"\x00" * 46), Reason.NOT_IPV4),
+    "vlan": (
+        lambda: (
+            Ether(src=SBX_MAC) / Dot1Q(vlan=5) / IP(src=str(SBX_IP), dst=str(API)) / TCP(dport=443)
+        ),
+        Reason.NOT_IPV4,
+    ),
+    "qinq": (
+        lambda: (
+            Ether(src=SBX_MAC)
+            / Dot1AD(vlan=5)
+            / Dot1Q(vlan=6)
+            / IP(src=str(SBX_IP), dst=str(API))
+            / TCP(dport=443)
+        ),
+        Reason.NOT_IPV4,
+    ),
+    "vlan_arp": (
+        lambda: (
+            Ether(src=SBX_MAC, dst="ff:ff:ff:ff:ff:ff")
+            / Dot1Q(vlan=5)
+            / ARP(op=1, hwsrc=SBX_MAC, psrc=str(SBX_IP), pdst=str(GATEWAY))
+        ),
+        Reason.NOT_IPV4,
+    ),
+    "icmp": (
+        lambda: Ether(src=SBX_MAC) / IP(src=str(SBX_IP), dst=str(API)) / ICMP(),
+        Reason.PROTO_NOT_ALLOWED,
+    ),
+    "gre": (
+        lambda: Ether(src=SBX_MAC) / IP(src=str(SBX_IP), dst=str(API), proto=47) / Raw(b"\x00" * 8),
+        Reason.PROTO_NOT_ALLOWED,
+    ),
+    "fragment_first": (lambda: _tcp(API, 443, flags="MF"), Reason.FRAGMENT),
+    "fragment_later": (
+        lambda: (
+            Ether(src=SBX_MAC)
+            / IP(src=str(SBX_IP), dst=str(API), frag=100, proto=6)
+            / Raw(b"x" * 16)
+        ),
+        Reason.FRAGMENT,
+    ),
+    "bad_ihl": (lambda: _tcp(API, 443, ihl=4), Reason.MALFORMED),
+    "ip_len_past_frame": (lambda: _tcp(API, 443, len=400), Reason.MALFORMED),
+    "tcp_truncated": (
+        lambda: (
+            Ether(src=SBX_MAC)
+            / IP(src=str(SBX_IP), dst=str(API), proto=6)
+            / Raw(b"\x9c\x40\x01\xbb")
+        ),
+        Reason.MALFORMED,
+    ),
+    "arp_spoofed_sender_ip": (
+        lambda: (
+            Ether(src=SBX_MAC, dst="ff:ff:ff:ff:ff:ff")
+            / ARP(op=1, hwsrc=SBX_MAC, psrc=str(SBX_IP + 1), pdst=str(GATEWAY))
+        ),
+        Reason.SPOOFED,
+    ),
+    "arp_spoofed_sender_mac": (
+        lambda: (
+            Ether(src=SBX_MAC, dst="ff:ff:ff:ff:ff:ff")
+            / ARP(op=1, hwsrc=OTHER_MAC, psrc=str(SBX_IP), pdst=str(GATEWAY))
+        ),
+        Reason.SPOOFED,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REDIRECTED))
+def test_allowed_frame_arrives_on_tun_as_the_same_ipv4_packet(bed: Bed, name: str) -> None:
+    raw = expect_verdict(bed, _with_dst_mac(bed, REDIRECTED[name]()), Reason.REDIRECTED)
+    packets = bed.tun_packets(SETTLE_S)
+    assert packets == [raw[14:]]
+    assert IP(packets[0]).version == 4
+
+
+@pytest.mark.parametrize("name", list(DROPPED))
+def test_dropped_frame_is_counted_by_reason_and_not_forwarded(bed: Bed, name: str) -> None:
+    build, reason = DROPPED[name]
+    expect_verdict(bed, _with_dst_mac(bed, build()), reason)
+    assert bed.tun_packets(0.05) == []
+
+
+def test_arp_for_the_gateway_is_answered(bed: Bed) -> None:
+    request = Ether(src=SBX_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=1, hwsrc=SBX_MAC, psrc=str(SBX_IP), pdst=str(GATEWAY)
+    )
+    arp_sock = packet_socket(bed.sandbox, "s1", proto=0x0806)
+    try:
+        expect_verdict(bed, request, Reason.ARP)
+        deadline = time.monotonic() + SETTLE_S
+        reply = None
+        while time.monotonic() < deadline and reply is None:
+            data, addr = arp_sock.recvfrom(2048)
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue
+            frame = Ether(data)
+            if ARP in frame and frame[ARP].op == 2:
+                reply = frame[ARP]
+    finally:
+        arp_sock.close()
+    assert reply is not None
+    assert reply.psrc == str(GATEWAY)
+    assert reply.hwsrc == bed.h1_mac
+    assert reply.pdst == str(SBX_IP)
+
+
+def test_unregistered_veth_drops_no_policy(bed: Bed) -> None:
+    frame = Ether(src=OTHER_MAC) / IP(src=str(SBX_IP + 1), dst=str(API)) / TCP(dport=443)
+    expect_verdict(bed, frame, Reason.NO_POLICY, ifindex=bed.h2, sock=bed.s2)
+    assert bed.tun_packets(0.05) == []
+
+
+def test_remove_sandbox_then_no_policy(bed: Bed) -> None:
+    frame = _with_dst_mac(bed, _tcp(API, 443))
+    expect_verdict(bed, frame, Reason.REDIRECTED)
+    bed.drain_tun()
+    bed.tier1.remove_sandbox(bed.h1)
+    bed.tier1.remove_sandbox(bed.h1)  # idempotent
+    assert bed.tier1.sandbox(bed.h1) is None
+    expect_verdict(bed, frame, Reason.NO_POLICY)
+    assert bed.tun_packets(0.05) == []
+
+
+def test_exemption_opens_only_its_cidr_and_is_withdrawn(bed: Bed) -> None:
+    bed.program(exemptions=(PRIVATE_NET,))
+    assert bed.tier1.exemptions(bed.h1) == {PRIVATE_NET}
+    expect_verdict(bed, _with_dst_mac(bed, _tcp(PRIVATE, 443)), Reason.REDIRECTED)
+    assert len(bed.tun_packets(SETTLE_S)) == 1
+    expect_verdict(bed, _with_dst_mac(bed, _tcp(PRIVATE, 22)), Reason.PORT_NOT_ALLOWED)
+    expect_verdict(bed, _with_dst_mac(bed, _tcp(IPv4Address("10.1.3.3"), 443)), Reason.DENIED_RANGE)
+    # An unrelated veth does not inherit the exemption.
+    frame = Ether(src=OTHER_MAC) / IP(src=str(SBX_IP + 1), dst=str(PRIVATE)) / TCP(dport=443)
+    expect_verdict(bed, frame, Reason.NO_POLICY, ifindex=bed.h2, sock=bed.s2)
+
+    bed.program()
+    assert bed.tier1.exemptions(bed.h1) == set()
+    expect_verdict(bed, _with_dst_mac(bed, _tcp(PRIVATE, 443)), Reason.DENIED_RANGE)
+
+
+def test_whole_cgnat_exemption_never_reopens_fleet_or_resolver(bed: Bed) -> None:
+    bed.program(exemptions=(IPv4Network("100.64.0.0/10"),))
+    expect_verdict(bed, _with_dst_mac(bed, _tcp(IPv4Address("100.64.0.9"), 443)), Reason.REDIRECTED)
+    expect_verdict(bed, _with_dst_mac(bed, _tcp(NODE.gateway + 5, 443)), Reason.FLEET_RANGE)
+    expect_verdict(bed, _with_dst_mac(bed, _tcp(RESOLVER, 443)), Reason.FLEET_RANGE)
+
+
+@pytest.mark.parametrize(
+    "net", ["127.0.0.0/8", "198.18.0.0/24", "100.96.1.0/24", "203.0.113.0/24", "0.0.0.0/0"]
+)
+def test_exemption_outside_overridable_ranges_is_refused(bed: Bed, net: str) -> None:
+    with pytest.raises(Tier1Error) as info:
+        bed.program(exemptions=(IPv4Network(net),))
+    assert info.value.reason == "bad_exemption"
+    assert bed.tier1.exemptions(bed.h1) == set()
+
+
+def test_sandbox_entry_reads_back(bed: Bed) -> None:
+    entry = bed.tier1.sandbox(bed.h1)
+    assert entry is not None
+    assert (entry.ip, entry.mac.hex(":")) == (SBX_IP, SBX_MAC)
+    assert entry.tcp_ports == ((80, 80), (443, 443), (8000, 8010))
+    assert set(bed.tier1.sandboxes()) == {bed.h1}
+
+
+def test_attach_is_idempotent(bed: Bed) -> None:
+    with in_netns(bed.node):
+        assert bed.tier1.attach("h1") == bed.h1
+        assert bed.tier1.attach("h1") == bed.h1
+    assert len(ingress_filters(bed.node, "h1")) == 1
+    expect_verdict(bed, _with_dst_mac(bed, _tcp(API, 443)), Reason.REDIRECTED)
+
+
+def test_clear_counters_returns_last_values(bed: Bed) -> None:
+    frame = Ether(src=OTHER_MAC) / IP(src=str(SBX_IP + 1), dst=str(API)) / TCP(dport=443)
+    expect_verdict(bed, frame, Reason.NO_POLICY, ifindex=bed.h2, sock=bed.s2)
+    last = bed.tier1.clear_counters(bed.h2)
+    assert last[Reason.NO_POLICY].packets >= 1
+    assert all(idx != bed.h2 for idx, _ in bed.tier1.counters())
+
+
+# -- topologies of their own ------------------------------------------------------------
+
+
+def test_kernel_tcp_round_trip_through_the_tun(tmp_path: Path) -> None:
+    """A real TCP stack behind the veth: offloaded checksums and GSO come out right.
+
+    The sandbox's kernel connects to the API; the test plays the agent and the
+    server by writing the SYN-ACK into the TUN (the node forwards it to the
+    veth), then reads the client's data segments from the TUN. The sandbox
+    hands the veth CHECKSUM_PARTIAL and TSO super-packets; what the TUN yields
+    must be MTU-sized segments with correct checksums.
+    """
+    payload = bytes(range(256)) * 64  # 16 KiB: several segments, TSO on the veth
+    server_mss = 1200
+    with ExitStack() as stack:
+        bed = _make_topology(stack, tmp_path)
+        bed.program()
+        with in_netns(bed.sandbox):
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stack.callback(client.close)
+        client.setblocking(False)
+        assert client.connect_ex((str(API), 443)) in (errno.EINPROGRESS, errno.EAGAIN)
+
+        syn = IP(_next_tcp(bed))
+        assert syn[TCP].flags == "S"
+        _assert_checksums(syn)
+        sport, isn = syn[TCP].sport, syn[TCP].seq
+        bed.tun.write(bytes(
+            IP(src=str(API), dst=str(SBX_IP))
+            / TCP(sport=443, dport=sport, flags="SA", seq=5000, ack=isn + 1, window=65535,
+                  options=[("MSS", server_mss)])
+        ))  # fmt: skip
+        ack = IP(_next_tcp(bed))
+        assert ack[TCP].flags == "A"
+        assert ack[TCP].ack == 5001
+
+        client.setblocking(True)
+        client.settimeout(SETTLE_S)
+        client.sendall(payload)
+        got = bytearray()
+        while len(got) < len(payload):
+            seg = IP(_next_tcp(bed))
+            _assert_checksums(seg)
+            assert seg.len <= UNDERLAY_MTU
+            assert len(seg[TCP].payload) <= server_mss
+            if seg[TCP].seq - isn - 1 == len(got):
+                got += bytes(seg[TCP].payload)
+                # ACK it, or the client stops at its initial congestion window.
+                bed.tun.write(bytes(
+                    IP(src=str(API), dst=str(SBX_IP))
+                    / TCP(sport=443, dport=sport, flags="A", seq=5001, ack=isn + 1 + len(got),
+                          window=65535)
+                ))  # fmt: skip
+        assert bytes(got) == payload
+        # Abort (RST) so nothing retransmits into the TUN afterwards.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        counted = bed.tier1.counters()[(bed.h1, Reason.REDIRECTED)]
+        assert counted.packets >= 3
+
+
+def _next_tcp(bed: Bed) -> bytes:
+    deadline = time.monotonic() + SETTLE_S
+    while not bed.pending and time.monotonic() < deadline:
+        for pkt in bed.tun_packets(deadline - time.monotonic()):
+            if IP(pkt).proto == socket.IPPROTO_TCP:
+                bed.pending.append(pkt)
+    if bed.pending:
+        return bed.pending.pop(0)
+    raise AssertionError(f"no TCP segment arrived on the TUN: {bed.tier1.counters()}")
+
+
+def _assert_checksums(pkt: Packet) -> None:
+    fresh = IP(bytes(pkt))
+    del fresh[IP].chksum
+    del fresh[TCP].chksum
+    rebuilt = IP(bytes(fresh))
+    assert (pkt[IP].chksum, pkt[TCP].chksum) == (rebuilt[IP].chksum, rebuilt[TCP].chksum)
+
+
+# -- lifecycle -------------------------------------------------
+
+
+def test_lifecycle_attach_detach_close_leaves_nothing(tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        bed = _make_topology(stack, tmp_path)
+        bed.program()
+        pin_dir = bed.tier1.pin_dir
+        prog_id = bed.tier1.prog_id
+        assert (pin_dir / "prog").exists()
+
+        with in_netns(bed.node):
+            with pytest.raises(Tier1Error) as info:
+                bed.tier1.attach("nosuchlink0")
+            assert info.value.reason == "no_such_link"
+            bed.tier1.detach("h2")
+            bed.tier1.detach("h2")  # idempotent
+        assert ingress_filters(bed.node, "h2") == []
+        assert "clsact" not in sh(
+            "ip", "netns", "exec", bed.node, "tc", "qdisc", "show", "dev", "h2"
+        )
+        assert len(ingress_filters(bed.node, "h1")) == 1
+
+        # A second agent (another state dir) gets maps of its own.
+        other = Tier1(
+            tun_ifindex=bed.tun.ifindex, resolver=RESOLVER, denied=(), state_dir=tmp_path / "other"
+        )
+        with other:
+            assert other.prog_id != prog_id
+            other.set_sandbox(bed.h1, SBX_IP, SBX_MAC, [1])
+            assert bed.tier1.sandbox(bed.h1) is not None
+            assert bed.tier1.sandbox(bed.h1) != other.sandbox(bed.h1)
+        assert not (tmp_path / "other" / "bpffs").exists()
+
+        with in_netns(bed.node):
+            bed.tier1.close()
+            bed.tier1.close()  # idempotent
+        assert ingress_filters(bed.node, "h1") == []
+        assert not pin_dir.exists()
+        assert str(pin_dir) not in Path("/proc/self/mountinfo").read_text()
+        # The program is gone from the kernel once unpinned and detached.
+        deadline = time.monotonic() + 5
+        while _prog_exists(prog_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _prog_exists(prog_id)
+        with pytest.raises(Tier1Error) as info:
+            bed.tier1.set_sandbox(bed.h1, SBX_IP, SBX_MAC, [443])
+        assert info.value.reason == "not_loaded"
+
+
+def _prog_exists(prog_id: int) -> bool:
+    out = sh("bpftool", "prog", "show", "id", str(prog_id), check=False)
+    return bool(out.strip())
+
+
+def test_load_replaces_stale_pins(tmp_path: Path) -> None:
+    require_root_tools("bpftool", "clang")
+    first = Tier1(tun_ifindex=1, resolver=RESOLVER, denied=(), state_dir=tmp_path)
+    first.load()
+    try:
+        # An agent that died without close(): a new one loads over its pins.
+        second = Tier1(tun_ifindex=1, resolver=RESOLVER, denied=(), state_dir=tmp_path)
+        second.load()
+        assert second.prog_id != first.prog_id
+        second.close()
+    finally:
+        first.close()
+    assert not (tmp_path / "bpffs").exists()
+
+
+def test_build_object_caches_and_reports_errors(tmp_path: Path) -> None:
+    require_root_tools("clang")
+    obj = build_object(DEFAULT_SOURCE, tmp_path)
+    mtime = obj.stat().st_mtime_ns
+    assert build_object(DEFAULT_SOURCE, tmp_path) == obj
+    assert obj.stat().st_mtime_ns == mtime
+    bad = tmp_path / "bad.c"
+    bad.write_text("int broken( {\n")
+    with pytest.raises(Tier1Error) as info:
+        build_object(bad, tmp_path)
+    assert info.value.reason == "build_failed"
+    assert "bad.c" in info.value.detail
+    assert not list(tmp_path.glob(".bad.*"))
+    with pytest.raises(Tier1Error) as info:
+        build_object(tmp_path / "missing.c", tmp_path)
+    assert info.value.reason == "build_failed"
+
+
+def test_possible_cpus_matches_sysconf() -> None:
+    assert bpf_syscall.possible_cpus() >= (os.cpu_count() or 1)
