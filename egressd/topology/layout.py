@@ -81,6 +81,9 @@ class Layout:
     sites: tuple[Site, ...]
     run_dir: Path = DEFAULT_RUN_DIR
     vni: int = DEFAULT_VNI
+    # Namespace name prefix: DESIGN.md's names use "egd-"; tests and benchmarks
+    # pass their own so that two fleets never share a namespace.
+    prefix: str = "egd-"
     # The fleet's own ranges: always denied whatever a policy says.
     fleet_ranges: tuple[IPv4Network, ...] = field(
         default=(UNDERLAY, SANDBOX_SUPERNET, IPv4Network(f"{RESOLVER}/32"))
@@ -105,7 +108,7 @@ class Layout:
         raise KeyError(name)
 
 
-def default_layout(run_dir: Path = DEFAULT_RUN_DIR) -> Layout:
+def default_layout(run_dir: Path = DEFAULT_RUN_DIR, prefix: str = "egd-") -> Layout:
     return Layout(
         nodes=(
             NodeSpec("node1", IPv4Address("198.18.0.11"), IPv4Network("100.96.1.0/24")),
@@ -123,4 +126,5 @@ def default_layout(run_dir: Path = DEFAULT_RUN_DIR) -> Layout:
             Site("raw.test", IPv4Address("203.0.113.77")),
         ),
         run_dir=run_dir,
+        prefix=prefix,
     )

@@ -1,0 +1,140 @@
+"""Background daemons of the local fleet: start in a namespace, PID files, logs, stop.
+
+Each daemon is `nsenter --net=/run/netns/NS -- python -m egressd ...` (nsenter
+execs, so the PID we record is the daemon's own), in a session of its own so a
+Ctrl-C at the terminal that ran `topology up` does not reach it. Its stdout and
+stderr append to `RUN/logs/<name>.log` (JSON lines); its PID is in
+`RUN/pids/<name>.pid`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from egressd.errors import EgressdError
+from egressd.net import netns as kn
+
+
+class ProcessError(EgressdError):
+    """A fleet daemon that would not start or stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSpec:
+    name: str
+    netns: str
+    argv: tuple[str, ...]
+
+
+def pid_file(run_dir: Path, name: str) -> Path:
+    return run_dir / "pids" / f"{name}.pid"
+
+
+def log_file(run_dir: Path, name: str) -> Path:
+    return run_dir / "logs" / f"{name}.log"
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_alive(pid: int) -> bool:
+    # A zombie still answers kill(0); /proc tells the truth.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def running_pid(run_dir: Path, name: str) -> int | None:
+    """The daemon's PID if its PID file names a live egressd process."""
+    pid = _read_pid(pid_file(run_dir, name))
+    if pid is None or not _is_alive(pid):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"egressd" in cmdline else None
+
+
+def start(spec: DaemonSpec, run_dir: Path) -> int:
+    """Start the daemon unless it already runs (idempotent); returns its PID."""
+    if (pid := running_pid(run_dir, spec.name)) is not None:
+        return pid
+    log = log_file(run_dir, spec.name)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    pid_file(run_dir, spec.name).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        try:
+            proc = kn.popen_in_netns(
+                spec.netns,
+                list(spec.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        except kn.NetError as exc:
+            raise ProcessError("start_failed", f"{spec.name}: {exc.detail}") from exc
+    pid_file(run_dir, spec.name).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def exited_early(run_dir: Path, name: str) -> bool:
+    return running_pid(run_dir, name) is None
+
+
+def stop(run_dir: Path, name: str, *, timeout_s: float = 10.0) -> bool:
+    """SIGTERM, wait, then SIGKILL. True if a process was stopped."""
+    path = pid_file(run_dir, name)
+    pid = running_pid(run_dir, name)
+    if pid is None:
+        path.unlink(missing_ok=True)
+        return False
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _is_alive(pid):
+        _reap(pid)
+        time.sleep(0.05)
+    if _is_alive(pid):
+        _signal(pid, signal.SIGKILL)
+        while _is_alive(pid):
+            _reap(pid)
+            time.sleep(0.02)
+    path.unlink(missing_ok=True)
+    return True
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int) -> None:
+    # Daemons started by this process are our children: reap them so they do
+    # not linger as zombies (elsewhere this is a harmless ECHILD).
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def tail(run_dir: Path, name: str, lines: int = 20) -> Sequence[str]:
+    try:
+        text = log_file(run_dir, name).read_text(errors="replace")
+    except OSError:
+        return ()
+    return text.splitlines()[-lines:]
