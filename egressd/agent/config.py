@@ -1,0 +1,318 @@
+"""The node agent's configuration: one JSON file, parsed once into frozen dataclasses.
+
+Example (`node-agent/agent.example.json`)::
+
+    {
+      "name": "node1",
+      "underlay": "198.18.0.11",
+      "sandbox_cidr": "100.96.1.0/24",
+      "vni": 1,
+      "proxies": [
+        {"name": "proxy1", "underlay": "198.18.0.21"},
+        {"name": "proxy2", "underlay": "198.18.0.22"}
+      ],
+      "keys_dir": "/run/egressd/keys"
+    }
+
+Every other key has a default (see `AgentConfig`). Unknown keys are
+rejected: a misspelt key would otherwise silently keep its default. Every
+error is a `ConfigError` whose `field` is the JSON path of the first thing
+wrong (``"proxies[1].underlay"``, ``"health.down_after"``).
+
+The proxy list is static: it comes from this file, not from the control
+plane's registry, so that the data path does not depend on the control plane
+being up. Adding a proxy means editing the file and restarting the agent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from egressd.errors import EgressdError
+from egressd.topology import layout
+
+IPv4Address = ipaddress.IPv4Address
+IPv4Network = ipaddress.IPv4Network
+
+DEFAULT_AGENTS_DIR = layout.DEFAULT_RUN_DIR / "agents"
+DEFAULT_KEYS_DIR = layout.DEFAULT_RUN_DIR / "keys"
+DEFAULT_SANDBOX_NETNS_PREFIX = "egd-sbx-"
+MAX_CONFIG_BYTES = 1 << 20
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+_NETNS_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+class ConfigError(EgressdError):
+    """A configuration file that cannot be used; `field` names what is wrong."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        self.field = field
+        super().__init__("invalid_config", f"{field}: {detail}")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyEndpoint:
+    """One egress proxy: its GENEVE endpoint and admin server live on `underlay`."""
+
+    name: str
+    underlay: IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Proxy health probing: GET http://<underlay>:<port>/healthz every `interval_s`."""
+
+    interval_s: float = 1.0
+    timeout_s: float = 0.5
+    down_after: int = 3  # consecutive misses
+    up_after: int = 2  # consecutive successes
+    port: int = layout.ADMIN_PORT
+    path: str = "/healthz"
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.interval_s <= 60:
+            raise ConfigError("health.interval_s", "must be in 0.05..60")
+        if not 0.01 <= self.timeout_s <= self.interval_s:
+            raise ConfigError("health.timeout_s", "must be in 0.01..interval_s")
+        for name in ("down_after", "up_after"):
+            if not 1 <= getattr(self, name) <= 100:
+                raise ConfigError(f"health.{name}", "must be in 1..100")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError("health.port", "must be in 1..65535")
+        if not self.path.startswith("/"):
+            raise ConfigError("health.path", "must start with /")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything the agent needs; built by `load_config` or `parse_config`."""
+
+    name: str
+    underlay: IPv4Address
+    sandbox_cidr: IPv4Network
+    proxies: tuple[ProxyEndpoint, ...]
+    vni: int = layout.DEFAULT_VNI
+    keys_dir: Path = DEFAULT_KEYS_DIR
+    # Default: <run dir>/agents/<name>.sock (filled in by __post_init__).
+    api_socket: Path = Path()
+    admin_port: int = layout.ADMIN_PORT
+    geneve_port: int = layout.GENEVE_PORT
+    tun: str = layout.NODE_TUN
+    resolver: IPv4Address = layout.RESOLVER
+    fleet_ranges: tuple[IPv4Network, ...] = field(
+        default=(layout.UNDERLAY, layout.SANDBOX_SUPERNET, IPv4Network(f"{layout.RESOLVER}/32"))
+    )
+    # The agent's own directory (default <run dir>/agents/<name>/): tier 1 mounts
+    # its bpffs on `bpffs/` and caches the compiled object in `cache/`; the
+    # per-sandbox records (for clean-up after a crash) are in `sandboxes/`.
+    state_dir: Path = Path()
+    sandbox_netns_prefix: str = DEFAULT_SANDBOX_NETNS_PREFIX
+    sandbox_mtu: int = layout.SANDBOX_MTU
+    health: HealthSettings = field(default_factory=HealthSettings)
+    flow_idle_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ConfigError("name", "must match [a-z0-9][a-z0-9-]{0,62}")
+        if self.api_socket == Path():
+            object.__setattr__(self, "api_socket", DEFAULT_AGENTS_DIR / f"{self.name}.sock")
+        if self.state_dir == Path():
+            object.__setattr__(self, "state_dir", DEFAULT_AGENTS_DIR / self.name)
+        if not 0 <= self.vni <= 0xFFFFFF:
+            raise ConfigError("vni", "must be in 0..16777215")
+        if self.sandbox_cidr.prefixlen > 29:
+            raise ConfigError("sandbox_cidr", "needs room for a gateway and sandboxes (/29 or more)")
+        if not self.proxies:
+            raise ConfigError("proxies", "must not be empty")
+        names = [p.name for p in self.proxies]
+        if len(set(names)) != len(names):
+            raise ConfigError("proxies", "proxy names must be distinct")
+        addrs = [p.underlay for p in self.proxies]
+        if len(set(addrs)) != len(addrs):
+            raise ConfigError("proxies", "proxy addresses must be distinct")
+        if self.underlay in addrs:
+            raise ConfigError("underlay", "is also a proxy's address")
+        for key in ("admin_port", "geneve_port"):
+            if not 1 <= getattr(self, key) <= 65535:
+                raise ConfigError(key, "must be in 1..65535")
+        if not _IFNAME.fullmatch(self.tun):
+            raise ConfigError("tun", "must be an interface name of at most 15 characters")
+        if not _NETNS_PREFIX.fullmatch(self.sandbox_netns_prefix):
+            raise ConfigError("sandbox_netns_prefix", "must be 1..32 of [A-Za-z0-9_.-]")
+        if not 576 <= self.sandbox_mtu <= layout.SANDBOX_MTU:
+            raise ConfigError("sandbox_mtu", f"must be in 576..{layout.SANDBOX_MTU}")
+        if not 1 <= self.flow_idle_s <= 3600:
+            raise ConfigError("flow_idle_s", "must be in 1..3600")
+
+    @property
+    def gateway(self) -> IPv4Address:
+        """The sandboxes' default gateway: the first address of the sandbox CIDR."""
+        return self.sandbox_cidr.network_address + 1
+
+    def proxy(self, name: str) -> ProxyEndpoint:
+        for proxy in self.proxies:
+            if proxy.name == name:
+                return proxy
+        raise KeyError(name)
+
+
+_TOP_KEYS = frozenset(
+    {
+        "name", "underlay", "sandbox_cidr", "vni", "proxies", "keys_dir", "api_socket",
+        "admin_port", "geneve_port", "tun", "resolver", "fleet_ranges", "state_dir",
+        "sandbox_netns_prefix", "sandbox_mtu", "health", "flow_idle_s",
+    }
+)  # fmt: skip
+_HEALTH_KEYS = frozenset({"interval_s", "timeout_s", "down_after", "up_after", "port", "path"})
+_PROXY_KEYS = frozenset({"name", "underlay"})
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    """Read and validate the agent's JSON configuration file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("$", f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("$", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError("$", f"{path} is not JSON: {exc}") from exc
+    return parse_config(obj)
+
+
+def parse_config(obj: object) -> AgentConfig:
+    """Validate a decoded JSON object and build an `AgentConfig`."""
+    if not isinstance(obj, dict):
+        raise ConfigError("$", "must be a JSON object")
+    _reject_unknown(obj, _TOP_KEYS, "")
+    kwargs: dict[str, object] = {
+        "name": _str(_require(obj, "name"), "name"),
+        "underlay": _addr(_require(obj, "underlay"), "underlay"),
+        "sandbox_cidr": _net(_require(obj, "sandbox_cidr"), "sandbox_cidr"),
+        "proxies": _proxies(_require(obj, "proxies")),
+    }
+    if "vni" in obj:
+        kwargs["vni"] = _int(obj["vni"], "vni")
+    for key in ("keys_dir", "api_socket", "state_dir"):
+        if key in obj:
+            kwargs[key] = _path(obj[key], key)
+    for key in ("admin_port", "geneve_port", "sandbox_mtu"):
+        if key in obj:
+            kwargs[key] = _int(obj[key], key)
+    for key in ("tun", "sandbox_netns_prefix"):
+        if key in obj:
+            kwargs[key] = _str(obj[key], key)
+    if "resolver" in obj:
+        kwargs["resolver"] = _addr(obj["resolver"], "resolver")
+    if "fleet_ranges" in obj:
+        ranges = obj["fleet_ranges"]
+        if not isinstance(ranges, list):
+            raise ConfigError("fleet_ranges", "must be an array of CIDRs")
+        kwargs["fleet_ranges"] = tuple(
+            _net(item, f"fleet_ranges[{i}]") for i, item in enumerate(ranges)
+        )
+    if "flow_idle_s" in obj:
+        kwargs["flow_idle_s"] = _number(obj["flow_idle_s"], "flow_idle_s")
+    if "health" in obj:
+        kwargs["health"] = _health(obj["health"])
+    return AgentConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _reject_unknown(obj: Mapping[str, object], known: frozenset[str], prefix: str) -> None:
+    unknown = sorted(str(k) for k in obj if k not in known)
+    if unknown:
+        raise ConfigError(prefix + unknown[0], "unknown key")
+
+
+def _require(obj: Mapping[str, object], key: str, prefix: str = "") -> object:
+    if key not in obj:
+        raise ConfigError(prefix + key, "is required")
+    return obj[key]
+
+
+def _str(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(where, "must be a non-empty string")
+    return value
+
+
+def _int(value: object, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(where, "must be an integer")
+    return value
+
+
+def _number(value: object, where: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigError(where, "must be a number")
+    return float(value)
+
+
+def _path(value: object, where: str) -> Path:
+    text = _str(value, where)
+    if not text.startswith("/"):
+        raise ConfigError(where, "must be an absolute path")
+    return Path(text)
+
+
+def _addr(value: object, where: str) -> IPv4Address:
+    try:
+        return IPv4Address(_str(value, where))
+    except ValueError as exc:
+        raise ConfigError(where, f"not an IPv4 address: {value!r}") from exc
+
+
+def _net(value: object, where: str) -> IPv4Network:
+    text = _str(value, where)
+    if "/" not in text:
+        raise ConfigError(where, f"not a CIDR (needs a prefix length): {text!r}")
+    try:
+        return IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise ConfigError(where, f"not an IPv4 network: {exc}") from exc
+
+
+def _proxies(value: object) -> tuple[ProxyEndpoint, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("proxies", "must be an array of {name, underlay}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"proxies[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(where, "must be an object {name, underlay}")
+        _reject_unknown(item, _PROXY_KEYS, where + ".")
+        name = _str(_require(item, "name", where + "."), where + ".name")
+        if not _NAME.fullmatch(name):
+            raise ConfigError(where + ".name", "must match [a-z0-9][a-z0-9-]{0,62}")
+        underlay = _addr(_require(item, "underlay", where + "."), where + ".underlay")
+        out.append(ProxyEndpoint(name, underlay))
+    return tuple(out)
+
+
+def _health(value: object) -> HealthSettings:
+    if not isinstance(value, dict):
+        raise ConfigError("health", "must be an object")
+    _reject_unknown(value, _HEALTH_KEYS, "health.")
+    kwargs: dict[str, object] = {}
+    for key in ("interval_s", "timeout_s"):
+        if key in value:
+            kwargs[key] = _number(value[key], f"health.{key}")
+    for key in ("down_after", "up_after", "port"):
+        if key in value:
+            kwargs[key] = _int(value[key], f"health.{key}")
+    if "path" in value:
+        kwargs["path"] = _str(value["path"], "health.path")
+    if "timeout_s" not in kwargs and "interval_s" in kwargs:
+        kwargs["timeout_s"] = min(0.5, float(kwargs["interval_s"]))  # type: ignore[arg-type]
+    return HealthSettings(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,730 @@
+"""Sandboxes on this node: register (verify, allocate, plumb, program tier 1), unregister.
+
+Pure part (unit-tested without a kernel): sandbox id and name rules,
+`IpPool`, `tcp_ports` (the union of a policy's rule ports), `exemptions`
+(cidr rules inside an overridable always-denied range), `verify_for_node`.
+
+I/O part: `SandboxManager`. Registering `sandbox_id` with a JWS:
+
+1. the id is checked (``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``) and must be new;
+2. the policy is verified with the trusted keys read from `keys_dir` (never
+   keys from the network), must be valid now and must name this node
+   (``job_not_bound_to_node``);
+3. the lowest free address of the sandbox CIDR is taken (``.1`` is the
+   gateway; the network and broadcast addresses are never used);
+4. a record is written to ``state_dir/sandboxes/<short>.json`` *before* any
+   kernel object exists, so an agent that dies half-way can clean up after
+   itself at its next start (see below);
+5. netns ``<prefix><short>`` (``egd-sbx-1a2b3c4d``; short = 8 hex of SHA-256 of
+   the id) is created, and a veth pair: ``sb<short>`` in the node's
+   namespace, ``eth0`` in the sandbox's;
+6. tier 1 is attached to ``sb<short>`` and programmed (sandbox IP and MAC,
+   TCP ports, exemptions) while both ends are still down, so no frame of the
+   sandbox ever reaches the node's kernel unfiltered;
+7. the node end gets the gateway address as a /32 (every sandbox veth has
+   the same one, so the gateway answers ARP on each of them without
+   proxy_arp), rp_filter off, IPv6 off, MTU `sandbox_mtu`, and a /32 route
+   to the sandbox IP; the sandbox end gets ``ip/<cidr prefix>``, the same MTU,
+   a default route via the gateway, and ``lo`` up. The sandbox therefore
+   believes the whole CIDR is on-link, but the node answers ARP only for the
+   gateway, and tier 1 drops the fleet's own ranges anyway;
+8. the data path learns ``ip -> (job, digest)``.
+
+Any failure rolls back everything the attempt made, in reverse order.
+Unregistering removes the tier-1 entry first (frames then drop as
+``no_policy``), then the link, the namespace and the record.
+
+Restarts: the agent keeps no sandbox across a restart. It does not rebuild
+sandboxes from its records (their policies would have to be re-verified and
+the launcher would not know); at start it tears down whatever the records
+name (veth, namespace), so a sandbox that outlived its agent loses its
+network and its launcher sees the failure. Stopping the agent (SIGTERM)
+unregisters every sandbox.
+
+A policy that expires while its sandbox runs is withdrawn from tier 1 and
+the data path (`expire`): the sandbox stays (state ``expired``) until it is
+unregistered, but its packets are dropped as ``no_policy``.
+
+All kernel work runs on one worker thread (`executor`): `Tier1` and
+pyroute2 are synchronous and not thread-safe, and one thread keeps the
+order of changes obvious. Registrations are serialised by an asyncio lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from egressd.agent.config import AgentConfig
+from egressd.agent.tier1 import Count, Reason, Tier1, Tier1Error
+from egressd.errors import EgressdError
+from egressd.net import netns
+from egressd.policy import addresses
+from egressd.policy.errors import JwsError, KeyFileError
+from egressd.policy.jws import DEFAULT_LEEWAY_S, VerifiedPolicy, verify_policy
+from egressd.policy.keys import TrustedKeys, load_trusted_keys
+from egressd.policy.model import PortRange, Policy
+
+IPv4Address = ipaddress.IPv4Address
+IPv4Network = ipaddress.IPv4Network
+
+log = structlog.get_logger("egressd.agent.sandboxes")
+T = TypeVar("T")
+
+SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SHORT_ID_LEN = 8  # hex digits
+HOST_VETH_PREFIX = "sb"
+PEER_VETH = "eth0"
+RECORDS_DIR = "sandboxes"
+
+# Error kinds: how the API answers (see egressd.agent.api).
+POLICY_REJECTED = "policy_rejected"
+BAD_REQUEST = "bad_request"
+CONFLICT = "conflict"
+NOT_FOUND = "not_found"
+UNAVAILABLE = "unavailable"
+INTERNAL = "internal"
+
+
+class AgentError(EgressdError):
+    """A sandbox operation that failed; `reason` is a token, `kind` says whose fault.
+
+    `kind` is one of policy_rejected, bad_request, conflict, not_found,
+    unavailable, internal.
+    """
+
+    def __init__(self, reason: str, detail: str = "", *, kind: str = INTERNAL) -> None:
+        super().__init__(reason, detail)
+        self.kind = kind
+
+
+# --- pure rules --------------------------------------------------------------
+
+
+def check_sandbox_id(sandbox_id: object) -> str:
+    if not isinstance(sandbox_id, str) or not SANDBOX_ID.fullmatch(sandbox_id):
+        raise AgentError(
+            "bad_sandbox_id", "sandbox_id must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
+            kind=BAD_REQUEST,
+        )  # fmt: skip
+    return sandbox_id
+
+
+def short_id(sandbox_id: str) -> str:
+    """8 hex digits naming the sandbox's netns and veth (stable, fits IFNAMSIZ)."""
+    return hashlib.sha256(sandbox_id.encode("utf-8")).hexdigest()[:SHORT_ID_LEN]
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxNames:
+    netns: str
+    host_veth: str
+    peer_veth: str = PEER_VETH
+
+
+def names_for(sandbox_id: str, netns_prefix: str) -> SandboxNames:
+    short = short_id(sandbox_id)
+    return SandboxNames(netns=f"{netns_prefix}{short}", host_veth=f"{HOST_VETH_PREFIX}{short}")
+
+
+class IpPool:
+    """Sandbox addresses of one CIDR: lowest free first; the gateway (.1),
+    the network and the broadcast address are never handed out."""
+
+    def __init__(self, cidr: IPv4Network) -> None:
+        self.cidr = cidr
+        self.gateway = cidr.network_address + 1
+        self._first = int(cidr.network_address) + 2
+        self._last = int(cidr.broadcast_address) - 1
+        self._used: set[int] = set()
+
+    @property
+    def capacity(self) -> int:
+        return max(0, self._last - self._first + 1)
+
+    def __len__(self) -> int:
+        return len(self._used)
+
+    def allocate(self) -> IPv4Address:
+        for value in range(self._first, self._last + 1):
+            if value not in self._used:
+                self._used.add(value)
+                return IPv4Address(value)
+        raise AgentError(
+            "no_free_address", f"all {self.capacity} addresses of {self.cidr} are in use",
+            kind=UNAVAILABLE,
+        )  # fmt: skip
+
+    def reserve(self, ip: IPv4Address) -> None:
+        value = int(ip)
+        if not self._first <= value <= self._last:
+            raise AgentError("bad_address", f"{ip} is not a sandbox address of {self.cidr}")
+        if value in self._used:
+            raise AgentError("address_in_use", str(ip), kind=CONFLICT)
+        self._used.add(value)
+
+    def release(self, ip: IPv4Address) -> None:
+        self._used.discard(int(ip))
+
+    def __contains__(self, ip: object) -> bool:
+        return isinstance(ip, IPv4Address) and int(ip) in self._used
+
+
+def tcp_ports(policy: Policy) -> tuple[PortRange, ...]:
+    """The union of every rule's ports, merged into sorted disjoint ranges.
+
+    Tier 1 can only check ports (it does not know names); tier 2 checks the
+    port per destination. A policy with no rules allows no port.
+    """
+    spans = sorted((r.lo, r.hi) for rule in policy.egress for r in rule.ports)
+    merged: list[list[int]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return tuple(PortRange(lo, hi) for lo, hi in merged)
+
+
+def exemptions(policy: Policy, fleet_ranges: Sequence[IPv4Network] = ()) -> tuple[IPv4Network, ...]:
+    """The policy's IPv4 cidr rules that lift an always-denied range for tier 1.
+
+    A cidr rule counts when it lies entirely inside an overridable
+    always-denied range (`egressd.policy.addresses.overrides`): ``10.1.2.0/24``
+    or ``169.254.169.254/32`` do; ``0.0.0.0/0``, a rule in a fleet range, or in
+    loopback, never do. Rules outside every denied range need no exemption.
+    """
+    out: list[IPv4Network] = []
+    for rule in policy.egress:
+        net = rule.cidr
+        if not isinstance(net, IPv4Network):
+            continue
+        match = addresses.find_denied(net.network_address, fleet_ranges=fleet_ranges)
+        if match is None:
+            continue
+        if addresses.overrides(match, net.network_address, net) and net not in out:
+            out.append(net)
+    return tuple(out)
+
+
+def verify_for_node(
+    jws: object,
+    trusted: TrustedKeys,
+    node: str,
+    *,
+    now: float | None = None,
+    leeway_s: int = DEFAULT_LEEWAY_S,
+) -> VerifiedPolicy:
+    """Verify `jws` and check that it names `node`; AgentError(kind=policy_rejected).
+
+    The reason is the JWS check's (``expired``, ``bad_signature``,
+    ``unknown_kid`` ...) or ``job_not_bound_to_node``.
+    """
+    if not isinstance(jws, str) or not jws:
+        raise AgentError("malformed", "jws must be a non-empty string", kind=POLICY_REJECTED)
+    try:
+        verified = verify_policy(jws, trusted, now=now, leeway_s=leeway_s)
+    except JwsError as exc:
+        raise AgentError(exc.reason, exc.detail, kind=POLICY_REJECTED) from exc
+    if node not in verified.policy.nodes:
+        raise AgentError(
+            "job_not_bound_to_node",
+            f"job {verified.policy.job_id} may run on "
+            f"{', '.join(verified.policy.nodes)}, not on {node}",
+            kind=POLICY_REJECTED,
+        )
+    return verified
+
+
+# --- the registry ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    """One registered sandbox and everything the agent made for it."""
+
+    sandbox_id: str
+    job_id: uuid.UUID
+    digest: bytes
+    kid: str
+    exp: int
+    ip: IPv4Address
+    gateway: IPv4Address
+    prefixlen: int
+    netns: str
+    host_veth: str
+    peer_veth: str
+    ifindex: int
+    mac: str
+    tcp_ports: tuple[PortRange, ...]
+    exemptions: tuple[IPv4Network, ...]
+    created_at: float = field(default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sandbox_id": self.sandbox_id,
+            "job_id": str(self.job_id),
+            "digest": self.digest.hex(),
+            "kid": self.kid,
+            "exp": self.exp,
+            "ip": str(self.ip),
+            "prefixlen": self.prefixlen,
+            "gateway": str(self.gateway),
+            "netns": self.netns,
+            "interface": self.peer_veth,
+            "host_veth": self.host_veth,
+            "mac": self.mac,
+            "tcp_ports": [str(p) for p in self.tcp_ports],
+            "exemptions": [str(n) for n in self.exemptions],
+        }
+
+
+class SandboxListener(Protocol):
+    """What the data path needs to know about sandboxes."""
+
+    def sandbox_added(self, sandbox: Sandbox) -> None: ...
+
+    def sandbox_removed(self, sandbox: Sandbox) -> None: ...
+
+
+@dataclass(slots=True)
+class _Undo:
+    """Rollback steps of one registration attempt, run in reverse."""
+
+    steps: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+
+    def push(self, what: str, fn: Callable[[], None]) -> None:
+        self.steps.append((what, fn))
+
+    def run(self) -> None:
+        for what, fn in reversed(self.steps):
+            try:
+                fn()
+            except (EgressdError, OSError) as exc:
+                log.warning("rollback_step_failed", step=what, error=str(exc))
+        self.steps.clear()
+
+
+class SandboxManager:
+    """The node's sandboxes; every kernel change happens on `executor`'s one thread."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        tier1: Tier1,
+        listener: SandboxListener,
+        executor: Executor,
+        *,
+        clock: Callable[[], float] = time.time,
+        keys_loader: Callable[[Path], TrustedKeys] = load_trusted_keys,
+    ) -> None:
+        self.config = config
+        self.tier1 = tier1
+        self.listener = listener
+        self.executor = executor
+        self.clock = clock
+        self._keys_loader = keys_loader
+        self.pool = IpPool(config.sandbox_cidr)
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._expired: set[str] = set()
+        self._lock = asyncio.Lock()
+        self.records_dir = config.state_dir / RECORDS_DIR
+        # Tier-1 counters of veths that are gone, so that totals never go down.
+        self._retired: dict[Reason, list[int]] = {}
+        self._counters_lock = threading.Lock()
+
+    # -- queries ---------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._sandboxes)
+
+    def get(self, sandbox_id: str) -> Sandbox | None:
+        return self._sandboxes.get(sandbox_id)
+
+    def list(self) -> list[Sandbox]:
+        return sorted(self._sandboxes.values(), key=lambda s: int(s.ip))
+
+    def state(self, sandbox_id: str) -> str:
+        return "expired" if sandbox_id in self._expired else "active"
+
+    def tier1_totals(self) -> dict[Reason, Count]:
+        """Tier-1 counters summed over every veth, past ones included (for /metrics)."""
+        with self._counters_lock:
+            live = self.tier1.counters()
+            out: dict[Reason, list[int]] = {r: list(v) for r, v in self._retired.items()}
+        for (_ifindex, reason), count in live.items():
+            acc = out.setdefault(reason, [0, 0])
+            acc[0] += count.packets
+            acc[1] += count.bytes
+        return {r: Count(p, b) for r, (p, b) in out.items()}
+
+    # -- register / unregister ---------------------------------------------------
+
+    async def register(self, sandbox_id: object, jws: object) -> Sandbox:
+        """Verify, allocate, plumb, program tier 1; raises AgentError.
+
+        The work runs in its own task, shielded: a caller that goes away (a
+        client disconnect, the API shutting down) cannot leave half a sandbox
+        behind; the registration completes and `unregister_all` sees it.
+        """
+        sandbox_id = check_sandbox_id(sandbox_id)
+        return await self._shielded(self._register(sandbox_id, jws), f"register:{sandbox_id}")
+
+    async def unregister(self, sandbox_id: str) -> None:
+        await self._shielded(self._unregister(sandbox_id), f"unregister:{sandbox_id}")
+
+    async def _shielded(self, coro: Coroutine[Any, Any, T], name: str) -> T:
+        task = asyncio.create_task(coro, name=name)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    async def _register(self, sandbox_id: str, jws: object) -> Sandbox:
+        async with self._lock:
+            if sandbox_id in self._sandboxes:
+                raise AgentError("duplicate_sandbox", sandbox_id, kind=CONFLICT)
+            names = names_for(sandbox_id, self.config.sandbox_netns_prefix)
+            if any(s.host_veth == names.host_veth for s in self._sandboxes.values()):
+                raise AgentError("id_collision", f"{sandbox_id} hashes like another", kind=CONFLICT)
+            trusted = await self._trusted_keys()
+            verified = verify_for_node(jws, trusted, self.config.name, now=self.clock())
+            ip = self.pool.allocate()
+            try:
+                loop = asyncio.get_running_loop()
+                sandbox = await loop.run_in_executor(
+                    self.executor, self._setup, sandbox_id, names, verified, ip
+                )
+            except BaseException:
+                self.pool.release(ip)
+                raise
+            self._sandboxes[sandbox_id] = sandbox
+            self.listener.sandbox_added(sandbox)
+        log.info(
+            "sandbox_registered", sandbox_id=sandbox_id, job_id=str(sandbox.job_id),
+            ip=str(ip), netns=sandbox.netns, kid=sandbox.kid,
+        )  # fmt: skip
+        return sandbox
+
+    async def _unregister(self, sandbox_id: str) -> None:
+        async with self._lock:
+            sandbox = self._sandboxes.get(sandbox_id)
+            if sandbox is None:
+                raise AgentError("unknown_sandbox", sandbox_id, kind=NOT_FOUND)
+            self.listener.sandbox_removed(sandbox)
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self.executor, self._teardown, sandbox)
+            finally:
+                # Whatever failed is logged by _teardown; never keep a half sandbox.
+                del self._sandboxes[sandbox_id]
+                self._expired.discard(sandbox_id)
+                self.pool.release(sandbox.ip)
+        log.info("sandbox_unregistered", sandbox_id=sandbox_id, job_id=str(sandbox.job_id))
+
+    async def unregister_all(self) -> None:
+        """Unregister every sandbox, registrations still in flight included."""
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        for sandbox_id in list(self._sandboxes):
+            with contextlib.suppress(AgentError):
+                await self.unregister(sandbox_id)
+
+    async def expire(self) -> list[str]:
+        """Withdraw the sandboxes whose policy expired (leeway included); their ids."""
+        now = self.clock()
+        due = [
+            s for s in self._sandboxes.values()
+            if s.sandbox_id not in self._expired and now - DEFAULT_LEEWAY_S >= s.exp
+        ]  # fmt: skip
+        if not due:
+            return []
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            for sandbox in due:
+                if self._sandboxes.get(sandbox.sandbox_id) is not sandbox:
+                    continue
+                self.listener.sandbox_removed(sandbox)
+                self._expired.add(sandbox.sandbox_id)
+                try:
+                    await loop.run_in_executor(
+                        self.executor, self.tier1.remove_sandbox, sandbox.ifindex
+                    )
+                except Tier1Error as exc:
+                    log.error("expire_failed", sandbox_id=sandbox.sandbox_id, error=str(exc))
+                log.info("sandbox_policy_expired", sandbox_id=sandbox.sandbox_id,
+                         job_id=str(sandbox.job_id))  # fmt: skip
+        return [s.sandbox_id for s in due]
+
+    async def _trusted_keys(self) -> TrustedKeys:
+        # Read on every registration: a rotated key is picked up without a restart.
+        try:
+            return await asyncio.to_thread(self._keys_loader, self.config.keys_dir)
+        except KeyFileError as exc:
+            raise AgentError(
+                "trusted_keys_unavailable", f"{exc.reason}: {exc.detail}", kind=UNAVAILABLE
+            ) from exc
+
+    # -- kernel work (executor thread) -------------------------------------------------
+
+    def _setup(
+        self, sandbox_id: str, names: SandboxNames, verified: VerifiedPolicy, ip: IPv4Address
+    ) -> Sandbox:
+        config = self.config
+        policy = verified.policy
+        ports = tcp_ports(policy)
+        exempt = exemptions(policy, config.fleet_ranges)
+        prefixlen = config.sandbox_cidr.prefixlen
+        gateway = config.gateway
+        undo = _Undo()
+        try:
+            self._write_record(sandbox_id, names)
+            undo.push("record", lambda: self._remove_record(names))
+            if netns.netns_exists(names.netns):
+                raise AgentError("netns_exists", names.netns, kind=CONFLICT)
+            with _net_errors("netns"):
+                netns.ensure_netns(names.netns)
+            undo.push("netns", lambda: _delete_netns(names.netns))
+            _create_veth(names.host_veth, names.peer_veth, names.netns)
+            undo.push("veth", lambda: _delete_link(names.host_veth))
+            mac = _peer_mac(names.netns, names.peer_veth)
+            ifindex = self.tier1.attach(names.host_veth)
+            undo.push("tier1_attach", lambda: self.tier1.detach(names.host_veth))
+            self.tier1.set_sandbox(ifindex, ip, mac, ports, exempt)
+            undo.push("tier1_sandbox", lambda: self._forget_tier1(ifindex))
+            # Only now, with tier 1 in place, may frames flow: configure and bring up.
+            with _net_errors("sandbox_link"):
+                netns.set_mtu(names.netns, names.peer_veth, config.sandbox_mtu)
+                netns.ensure_addr(names.netns, names.peer_veth, f"{ip}/{prefixlen}")
+                netns.set_link_up(names.netns, "lo")
+                netns.set_link_up(names.netns, names.peer_veth)
+                netns.ensure_route(names.netns, "default", via=gateway, dev=names.peer_veth)
+            _configure_host_veth(names.host_veth, gateway, ip, config.sandbox_mtu)
+        except Tier1Error as exc:
+            undo.run()
+            raise AgentError(f"tier1_{exc.reason}", exc.detail) from exc
+        except BaseException:
+            undo.run()
+            raise
+        return Sandbox(
+            sandbox_id=sandbox_id,
+            job_id=policy.job_id,
+            digest=verified.digest,
+            kid=verified.kid,
+            exp=int(policy.exp or 0),
+            ip=ip,
+            gateway=gateway,
+            prefixlen=prefixlen,
+            netns=names.netns,
+            host_veth=names.host_veth,
+            peer_veth=names.peer_veth,
+            ifindex=ifindex,
+            mac=mac,
+            tcp_ports=ports,
+            exemptions=exempt,
+            created_at=self.clock(),
+        )
+
+    def _teardown(self, sandbox: Sandbox) -> None:
+        names = SandboxNames(sandbox.netns, sandbox.host_veth, sandbox.peer_veth)
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("tier1_sandbox", lambda: self._forget_tier1(sandbox.ifindex)),
+            ("tier1_detach", lambda: self.tier1.detach(sandbox.host_veth)),
+            ("veth", lambda: _delete_link(sandbox.host_veth)),
+            ("netns", lambda: _delete_netns(sandbox.netns)),
+            ("record", lambda: self._remove_record(names)),
+        ]
+        failed = []
+        for what, fn in steps:
+            try:
+                fn()
+            except (EgressdError, OSError) as exc:
+                failed.append(what)
+                log.error("teardown_step_failed", sandbox_id=sandbox.sandbox_id, step=what,
+                          error=str(exc))  # fmt: skip
+        if failed:
+            raise AgentError("teardown_incomplete", ", ".join(failed))
+
+    def _forget_tier1(self, ifindex: int) -> None:
+        self.tier1.remove_sandbox(ifindex)
+        with self._counters_lock:
+            last = self.tier1.clear_counters(ifindex)
+            for reason, count in last.items():
+                acc = self._retired.setdefault(reason, [0, 0])
+                acc[0] += count.packets
+                acc[1] += count.bytes
+
+    # -- records and clean-up after a crash ------------------------------------------------
+
+    def _record_path(self, names: SandboxNames) -> Path:
+        return self.records_dir / f"{names.host_veth}.json"
+
+    def _write_record(self, sandbox_id: str, names: SandboxNames) -> None:
+        record = {"sandbox_id": sandbox_id, "netns": names.netns, "host_veth": names.host_veth}
+        path = self._record_path(names)
+        try:
+            self.records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise AgentError("state_write_failed", f"{path}: {exc.strerror or exc}") from exc
+
+    def _remove_record(self, names: SandboxNames) -> None:
+        self._record_path(names).unlink(missing_ok=True)
+
+    def cleanup_leftovers(self) -> list[str]:
+        """Tear down what earlier runs recorded (blocking; call before serving)."""
+        cleaned = []
+        for path in _records(self.records_dir):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                ns, veth = str(record["netns"]), str(record["host_veth"])
+                netns.check_netns_name(ns)
+                netns.check_ifname(veth)
+            except (OSError, ValueError, KeyError, TypeError, EgressdError) as exc:
+                log.warning("bad_sandbox_record", path=str(path), error=str(exc))
+                path.unlink(missing_ok=True)
+                continue
+            if not ns.startswith(self.config.sandbox_netns_prefix):
+                log.warning("foreign_sandbox_record", path=str(path), netns=ns)
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                with contextlib.suppress(Tier1Error):
+                    self.tier1.detach(veth)
+                _delete_link(veth)
+                _delete_netns(ns)
+            except EgressdError as exc:
+                log.error("leftover_cleanup_failed", netns=ns, veth=veth, error=str(exc))
+                continue
+            path.unlink(missing_ok=True)
+            cleaned.append(str(record.get("sandbox_id", ns)))
+            log.info("leftover_sandbox_removed", sandbox_id=record.get("sandbox_id"), netns=ns)
+        return cleaned
+
+
+def _records(directory: Path) -> Iterator[Path]:
+    try:
+        entries = sorted(directory.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.suffix == ".tmp":
+            entry.unlink(missing_ok=True)
+        elif entry.suffix == ".json":
+            yield entry
+
+
+# --- kernel helpers (node side: this process's own namespace) ------------------------
+
+
+@contextlib.contextmanager
+def _net_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except netns.NetError as exc:
+        raise AgentError(f"{what}_failed", f"{exc.reason}: {exc.detail}") from exc
+
+
+@contextlib.contextmanager
+def _netlink(what: str) -> Iterator[IPRoute]:
+    try:
+        with IPRoute() as ipr:
+            yield ipr
+    except NetlinkError as exc:
+        raise AgentError("link_failed", f"{what}: {os.strerror(exc.code)}") from exc
+    except OSError as exc:
+        raise AgentError("link_failed", f"{what}: {exc.strerror or exc}") from exc
+
+
+def _index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
+
+
+def _create_veth(host: str, peer: str, ns: str) -> None:
+    """veth `host` (here, down) <-> `peer` (in netns `ns`, down)."""
+    netns.check_ifname(host)
+    with _netlink(f"add veth {host} <-> {ns}/{peer}") as ipr:
+        if _index(ipr, host) is not None:
+            raise AgentError("link_exists", f"{host} already exists", kind=CONFLICT)
+        ipr.link("add", ifname=host, kind="veth", peer={"ifname": peer, "net_ns_fd": ns})
+
+
+def _peer_mac(ns: str, ifname: str) -> str:
+    try:
+        with IPRoute(netns=ns, flags=0) as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                raise AgentError("link_failed", f"no {ifname} in {ns}")
+            mac = ipr.get_links(found[0])[0].get("address")
+    except NetlinkError as exc:
+        raise AgentError("link_failed", f"{ns}/{ifname}: {os.strerror(exc.code)}") from exc
+    except OSError as exc:
+        raise AgentError("link_failed", f"{ns}/{ifname}: {exc.strerror or exc}") from exc
+    if not isinstance(mac, str):
+        raise AgentError("link_failed", f"{ns}/{ifname} has no MAC address")
+    return mac
+
+
+def _write_proc_sys(path: str, value: str) -> None:
+    """A sysctl of this process's own network namespace (no subprocess)."""
+    try:
+        with open(f"/proc/sys/{path}", "w", encoding="ascii") as fh:
+            fh.write(value)
+    except OSError as exc:
+        raise AgentError("sysctl_failed", f"{path}={value}: {exc.strerror or exc}") from exc
+
+
+def _configure_host_veth(host: str, gateway: IPv4Address, ip: IPv4Address, mtu: int) -> None:
+    _write_proc_sys(f"net/ipv4/conf/{host}/rp_filter", "0")
+    with contextlib.suppress(AgentError):  # IPv6 may be compiled out or disabled already
+        _write_proc_sys(f"net/ipv6/conf/{host}/disable_ipv6", "1")
+    with _netlink(f"configure {host}") as ipr:
+        index = _index(ipr, host)
+        if index is None:
+            raise AgentError("link_failed", f"{host} vanished")
+        ipr.link("set", index=index, mtu=mtu)
+        try:
+            ipr.addr("add", index=index, address=str(gateway), prefixlen=32)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        ipr.link("set", index=index, state="up")
+        ipr.route("replace", dst=f"{ip}/32", oif=index, scope="link")
+
+
+def _delete_link(ifname: str) -> None:
+    with _netlink(f"delete {ifname}") as ipr:
+        index = _index(ipr, ifname)
+        if index is None:
+            return
+        try:
+            ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENODEV, errno.ENOENT):
+                raise
+
+
+def _delete_netns(name: str) -> None:
+    with _net_errors("netns_delete"):
+        netns.delete_netns(name)

@@ -1,0 +1,267 @@
+"""Running the node agent: set-up, serving, and a clean stop.
+
+`AgentService.start()`, in order (each step undone by `stop()` if a later one fails):
+
+1. sysctls of the node's namespace (this process's): ``ip_forward=1`` (the
+   return path is routed from `egr0` to a sandbox veth) and ``rp_filter=0``
+   for ``all`` and ``default`` (return packets come from internet addresses
+   the node has no route to);
+2. the TUN `egr0` (MTU = the sandbox MTU, rp_filter 0, IPv6 off);
+3. tier 1: build, load and pin (`Tier1.load`), with the always-denied and
+   fleet ranges; then clean-up of sandboxes that an earlier run left behind;
+4. the data path: raw send socket, GENEVE socket bound to (underlay, 6081),
+   readers on the event loop;
+5. proxy health probing (one named task per proxy);
+6. the sandbox API on its Unix socket;
+7. the admin listener on (underlay, 9090): `/metrics`, `/healthz`, and
+   `/readyz`, ready once the TUN is open, tier 1 loaded and the API bound.
+
+`stop()` (SIGTERM/SIGINT): closes the API, stops probing, unregisters every
+sandbox (tier-1 entry, veth, netns), stops the data path, closes the admin
+listener, unloads tier 1 (filters, pins, bpffs), closes the TUN (the device
+goes with it) and removes the API socket. Nothing is left behind.
+
+Kernel work that blocks (pyroute2, bpftool, bpf(2)) runs on one worker
+thread shared with `SandboxManager`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import structlog
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from egressd.admin import AdminServer, start_admin
+from egressd.agent.api import ApiServer
+from egressd.agent.config import AgentConfig
+from egressd.agent.datapath import AgentCollector, Datapath
+from egressd.agent.health import HealthMonitor
+from egressd.agent.sandboxes import SandboxManager
+from egressd.agent.tier1 import Tier1, Tier1Error, denied_ranges
+from egressd.errors import EgressdError
+from egressd.net.tun import Tun, TunError, open_tun
+from egressd.signals import install_stop_handlers
+
+log = structlog.get_logger("egressd.agent")
+
+EXPIRY_INTERVAL_S = 1.0
+
+
+class AgentStartupError(EgressdError):
+    """The agent cannot start; `reason` names the step (sysctl, tun, tier1, bind ...)."""
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    path = Path("/proc/sys") / key.replace(".", "/")
+    try:
+        if path.read_text(encoding="ascii").strip() == value:
+            return
+        path.write_text(value, encoding="ascii")
+    except OSError as exc:
+        raise AgentStartupError("sysctl", f"{key}={value}: {exc.strerror or exc}") from exc
+
+
+def ensure_sysctls() -> None:
+    """The node namespace's forwarding sysctls (this process's own namespace)."""
+    _write_sysctl("net.ipv4.ip_forward", "1")
+    _write_sysctl("net.ipv4.conf.all.rp_filter", "0")
+    _write_sysctl("net.ipv4.conf.default.rp_filter", "0")
+
+
+class AgentService:
+    """One node agent: TUN, tier 1, data path, health, API, admin."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-kernel")
+        self.tun: Tun | None = None
+        self.tier1: Tier1 | None = None
+        self.datapath: Datapath | None = None
+        self.health: HealthMonitor | None = None
+        self.manager: SandboxManager | None = None
+        self.api: ApiServer | None = None
+        self.admin: AdminServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._api_bound = False
+        self._stopped = False
+
+    # -- readiness ------------------------------------------------------------
+
+    def not_ready(self) -> list[str]:
+        reasons = []
+        if self.tun is None:
+            reasons.append("tun_not_open")
+        if self.tier1 is None:
+            reasons.append("tier1_not_loaded")
+        if not self._api_bound:
+            reasons.append("api_not_bound")
+        return reasons
+
+    def ready(self) -> bool:
+        return not self.not_ready()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        ensure_sysctls()
+
+        try:
+            self.tun = open_tun(config.tun, mtu=config.sandbox_mtu)
+        except TunError as exc:
+            raise AgentStartupError("tun", f"{exc.reason}: {exc.detail}") from exc
+        _write_sysctl(f"net.ipv4.conf.{self.tun.name}.rp_filter", "0")
+        with contextlib.suppress(AgentStartupError):  # IPv6 may be off already
+            _write_sysctl(f"net.ipv6.conf.{self.tun.name}.disable_ipv6", "1")
+        log.info("tun_open", tun=self.tun.name, ifindex=self.tun.ifindex)
+
+        tier1 = Tier1(
+            tun_ifindex=self.tun.ifindex,
+            resolver=config.resolver,
+            denied=denied_ranges(config.fleet_ranges),
+            state_dir=config.state_dir,
+        )
+        try:
+            await loop.run_in_executor(self.executor, tier1.load)
+        except Tier1Error as exc:
+            raise AgentStartupError("tier1", f"{exc.reason}: {exc.detail}") from exc
+        self.tier1 = tier1
+        log.info("tier1_loaded", state_dir=str(config.state_dir))
+
+        datapath = Datapath(config, self.tun.fd)
+        self.datapath = datapath
+        manager = SandboxManager(config, tier1, datapath, self.executor)
+        self.manager = manager
+        cleaned = await loop.run_in_executor(self.executor, manager.cleanup_leftovers)
+        if cleaned:
+            log.warning("leftover_sandboxes_removed", sandbox_ids=cleaned)
+
+        try:
+            datapath.start(loop)
+        except OSError as exc:
+            raise AgentStartupError(
+                "bind", f"GENEVE {config.underlay}:{config.geneve_port}: {exc.strerror or exc}"
+            ) from exc
+
+        self.health = HealthMonitor(config.proxies, config.health, datapath.proxy_health)
+        await self.health.start()
+
+        self.registry.register(
+            AgentCollector(
+                datapath,
+                proxy_up=self._proxy_up,
+                tier1_totals=manager.tier1_totals,
+                sandboxes=lambda: len(manager),
+            )
+        )
+        self.api = ApiServer(manager, config.api_socket)
+        try:
+            await self.api.start()
+        except EgressdError as exc:
+            raise AgentStartupError("api", f"{exc.reason}: {exc.detail}") from exc
+        self._api_bound = True
+
+        try:
+            self.admin = await start_admin(
+                self.registry,
+                host=str(config.underlay),
+                port=config.admin_port,
+                ready=self.ready,
+                reasons=self.not_ready,
+            )
+        except EgressdError as exc:
+            raise AgentStartupError("admin", f"{exc.reason}: {exc.detail}") from exc
+
+        self._tasks.append(asyncio.create_task(self._expiry_loop(), name="sandbox-expiry"))
+        log.info(
+            "agent_ready", node=config.name, underlay=str(config.underlay),
+            proxies=[p.name for p in config.proxies], api_socket=str(config.api_socket),
+            admin=f"{self.admin.host}:{self.admin.port}",
+        )  # fmt: skip
+
+    def _proxy_up(self) -> dict[str, bool]:
+        if self.health is None:
+            return {}
+        return {name: state.up for name, state in self.health.states.items()}
+
+    async def _expiry_loop(self) -> None:
+        assert self.manager is not None
+        while True:
+            await asyncio.sleep(EXPIRY_INTERVAL_S)
+            await self.manager.expire()
+
+    async def stop(self) -> None:
+        """Undo everything `start` did, in reverse; safe to call at any point, and twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        loop = asyncio.get_running_loop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.api is not None:
+            self._api_bound = False
+            await self.api.close()
+            self.api = None
+        if self.health is not None:
+            await self.health.stop()
+            self.health = None
+        if self.manager is not None:
+            await self.manager.unregister_all()
+            self.manager = None
+        if self.datapath is not None:
+            self.datapath.stop()
+            self.datapath = None
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
+        if self.tier1 is not None:
+            try:
+                await loop.run_in_executor(self.executor, self.tier1.close)
+            except Tier1Error as exc:
+                log.error("tier1_close_failed", reason=exc.reason, detail=exc.detail)
+            self.tier1 = None
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+        self.executor.shutdown(wait=True)
+        log.info("agent_stopped", node=self.config.name)
+
+
+async def serve(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
+    """Start the agent, serve until `stop` is set or SIGTERM/SIGINT, then stop it."""
+    stop = stop if stop is not None else asyncio.Event()
+    # Not loop.add_signal_handler: pyroute2 forks helpers (netns sockets) that
+    # share the loop's wakeup fd; a SIGTERM to one of them would stop us.
+    uninstall = install_stop_handlers(asyncio.get_running_loop(), stop.set)
+    service = AgentService(config)
+    try:
+        await service.start()
+        await stop.wait()
+        log.info("agent_stopping", node=config.name)
+    finally:
+        await service.stop()
+        uninstall()
+
+
+def run(config: AgentConfig) -> int:
+    """The `egressd agent serve` entry point: run on uvloop; 0 after a clean stop."""
+    uvloop.run(serve(config))
+    return 0
