@@ -125,6 +125,9 @@ class AgentConfig:
             object.__setattr__(self, "api_socket", DEFAULT_AGENTS_DIR / f"{self.name}.sock")
         if self.state_dir == Path():
             object.__setattr__(self, "state_dir", DEFAULT_AGENTS_DIR / self.name)
+        if "." in str(self.state_dir):
+            # libbpf rewrites every "." in a pin path to "_", so tier 1's pins would land elsewhere.
+            raise ConfigError("state_dir", "must not contain '.' (libbpf rewrites dots in pin paths)")
         if not 0 <= self.vni <= 0xFFFFFF:
             raise ConfigError("vni", "must be in 0..16777215")
         if self.sandbox_cidr.prefixlen > 29:

@@ -1,0 +1,95 @@
+"""The admin HTTP listener every egressd daemon runs (TCP 9090 on its underlay address).
+
+- `/metrics`: Prometheus text exposition of the daemon's own
+  `CollectorRegistry` (never the process-global one).
+- `/healthz`: 200 `{"status": "ok"}` whenever the event loop answers.
+- `/readyz`: 200 `{"status": "ready"}` when `ready()` is true, else 503
+  `{"status": "not_ready", "reasons": [...]}` (`reasons()` when given).
+
+The lifecycle follows aiohttp's `web_runner`: `start_admin` sets the runner up
+and binds (port 0 binds an ephemeral port, read back into `AdminServer.port`);
+`AdminServer.close()` stops it. Nothing is logged per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from egressd.errors import EgressdError
+
+SHUTDOWN_TIMEOUT_S = 2.0
+
+
+class AdminError(EgressdError):
+    """The admin listener cannot start (`bind_failed`)."""
+
+
+@dataclass(slots=True)
+class AdminServer:
+    """A running admin listener; `host`/`port` are what it is bound to."""
+
+    host: str
+    port: int
+    _runner: web.AppRunner | None
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+def build_admin_app(
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    reasons: Callable[[], Sequence[str]] | None = None,
+) -> web.Application:
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        if ready():
+            return web.json_response({"status": "ready"})
+        why = list(reasons()) if reasons is not None else []
+        return web.json_response({"status": "not_ready", "reasons": why}, status=503)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics, name="metrics")
+    return app
+
+
+async def start_admin(
+    registry: CollectorRegistry,
+    *,
+    host: str,
+    port: int,
+    ready: Callable[[], bool],
+    reasons: Callable[[], Sequence[str]] | None = None,
+) -> AdminServer:
+    """Serve `/metrics`, `/healthz`, `/readyz` on `host:port`; raises AdminError."""
+    runner = web.AppRunner(
+        build_admin_app(registry, ready, reasons),
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise AdminError(
+            "bind_failed", f"admin listener {host}:{port}: {exc.strerror or exc}"
+        ) from exc
+    bound_host, bound_port = runner.addresses[0][:2]
+    return AdminServer(host=bound_host, port=bound_port, _runner=runner)
