@@ -1,0 +1,165 @@
+"""The proxy's audit events: one line per connection, one per DNS query.
+
+Field names are constants (DESIGN.md fixes ``event``, ``job_id``, ``verdict``,
+``reason``, ``host``, ``dst``, ``port``); the builders are pure and return
+plain dicts of JSON-able values; `emit` is the one place that logs, at a
+level chosen by the outcome: info for an allow, warning for a deny, a report-mode
+``would_deny`` or a dropped query.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+EVENT = "event"
+TIME = "time"
+JOB_ID = "job_id"
+ACCOUNT = "account"
+NODE = "node"
+PROXY = "proxy"
+SOURCE = "source"
+DST = "dst"
+PORT = "port"
+HOST = "host"
+VERDICT = "verdict"
+REASON = "reason"
+MODE = "mode"
+WOULD_DENY = "would_deny"
+BYTES_UP = "bytes_up"
+BYTES_DOWN = "bytes_down"
+DURATION_MS = "duration_ms"
+QNAME = "qname"
+QTYPE = "qtype"
+ANSWERS = "answers"
+RCODE = "rcode"
+
+EVENT_CONNECTION = "connection"
+EVENT_DNS = "dns"
+
+VERDICT_ALLOW = "allow"
+VERDICT_DENY = "deny"
+#: A DNS datagram that was not answered at all (malformed, overload).
+VERDICT_DROP = "drop"
+
+
+class AuditLogger(Protocol):
+    def info(self, event: str, **kw: Any) -> Any: ...
+
+    def warning(self, event: str, **kw: Any) -> Any: ...
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _endpoint(ip: ipaddress.IPv4Address | str | None, port: int | None) -> str | None:
+    if ip is None:
+        return None
+    return f"{ip}:{port}" if port is not None else str(ip)
+
+
+def _job(job_id: uuid.UUID | str | None) -> str | None:
+    return None if job_id is None else str(job_id)
+
+
+def connection_event(
+    *,
+    job_id: uuid.UUID | str | None,
+    account: str | None,
+    node: str | None,
+    proxy: str,
+    src: ipaddress.IPv4Address | str,
+    sport: int,
+    dst: ipaddress.IPv4Address | str,
+    port: int,
+    host: str | None,
+    verdict: str,
+    reason: str,
+    mode: str | None,
+    would_deny: bool = False,
+    bytes_up: int = 0,
+    bytes_down: int = 0,
+    duration_ms: float = 0.0,
+    time: str | None = None,
+) -> dict[str, object]:
+    """The ``connection`` event, logged once when a connection closes."""
+    return {
+        EVENT: EVENT_CONNECTION,
+        TIME: time if time is not None else _now_iso(),
+        JOB_ID: _job(job_id),
+        ACCOUNT: account,
+        NODE: node,
+        PROXY: proxy,
+        SOURCE: _endpoint(src, sport),
+        DST: str(dst),
+        PORT: port,
+        HOST: host,
+        VERDICT: str(verdict),
+        REASON: reason,
+        MODE: mode,
+        WOULD_DENY: would_deny,
+        BYTES_UP: bytes_up,
+        BYTES_DOWN: bytes_down,
+        DURATION_MS: round(duration_ms, 3),
+    }
+
+
+def dns_event(
+    *,
+    job_id: uuid.UUID | str | None,
+    account: str | None,
+    node: str | None,
+    proxy: str,
+    src: ipaddress.IPv4Address | str,
+    sport: int,
+    dst: ipaddress.IPv4Address | str | None,
+    qname: str | None,
+    qtype: str | None,
+    verdict: str,
+    reason: str,
+    rcode: str | None = None,
+    answers: Sequence[str] = (),
+    mode: str | None = None,
+    would_deny: bool = False,
+    time: str | None = None,
+) -> dict[str, object]:
+    """The ``dns`` event, logged once per query (``dst`` is the resolver address asked)."""
+    return {
+        EVENT: EVENT_DNS,
+        TIME: time if time is not None else _now_iso(),
+        JOB_ID: _job(job_id),
+        ACCOUNT: account,
+        NODE: node,
+        PROXY: proxy,
+        SOURCE: _endpoint(src, sport),
+        DST: None if dst is None else str(dst),
+        PORT: 53,
+        HOST: qname,
+        QNAME: qname,
+        QTYPE: qtype,
+        VERDICT: str(verdict),
+        REASON: reason,
+        RCODE: rcode,
+        ANSWERS: list(answers),
+        MODE: mode,
+        WOULD_DENY: would_deny,
+    }
+
+
+def is_quiet(event: Mapping[str, object]) -> bool:
+    """True for an event logged at info (a plain allow)."""
+    return event.get(VERDICT) == VERDICT_ALLOW and not event.get(WOULD_DENY)
+
+
+def emit(logger: AuditLogger, event: Mapping[str, object]) -> None:
+    """Log `event` as one line: info for an allow, warning otherwise."""
+    fields = dict(event)
+    name = str(fields.pop(EVENT, "audit"))
+    if is_quiet(event):
+        logger.info(name, **fields)
+    else:
+        logger.warning(name, **fields)

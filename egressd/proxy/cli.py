@@ -1,0 +1,75 @@
+"""The `proxy` verb of the `egressd` command.
+
+    egressd proxy serve --config FILE
+
+The configuration file is JSON (see `egressd.proxy.config`). Logs, the audit
+events included, are JSON lines on stderr. A bad configuration or a start-up
+failure (keys, TUN, nftables, a bind) is one line on stderr and exit code 2,
+after undoing whatever had been set up; SIGTERM/SIGINT stop it cleanly with
+exit code 0, leaving no nftables table, policy-routing rule or TUN behind.
+
+Needs root (CAP_NET_ADMIN for the TUN, nftables, routes and IP_TRANSPARENT).
+It acts on the network namespace it is started in: run it inside the proxy's namespace
+(`nsenter --net=/run/netns/egd-proxy1 egressd proxy serve --config ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from egressd import logs
+from egressd.cli import CliError
+from egressd.errors import EgressdError
+from egressd.proxy.config import ConfigError, load_config
+
+
+def register(sub: Any) -> None:
+    """Add the `proxy` verb to the top-level subparsers `sub`."""
+    proxy = sub.add_parser("proxy", help="the egress proxy: GENEVE endpoint, TUN, tier 2")
+    proxy_sub = proxy.add_subparsers(dest="proxy_command", required=True, metavar="{serve}")
+    serve = proxy_sub.add_parser(
+        "serve", help="run the proxy in this network namespace until SIGTERM/SIGINT"
+    )
+    serve.add_argument(
+        "--config", type=Path, required=True, metavar="FILE",
+        help="JSON configuration (name, underlay, egress, ...; see egressd.proxy.config)",
+    )
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(f"{args.config}: {exc.detail}") from exc
+    logs.configure(json=True)
+    from egressd.proxy import service  # uvloop, aiohttp, tier 2 only when serving
+
+    try:
+        return service.run(config)
+    except EgressdError as exc:
+        raise CliError(" ".join(f"{exc.reason}: {exc.detail}".split())) from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m egressd.proxy.cli serve --config FILE`, until `egressd proxy` is registered."""
+    from egressd.cli import OneLineParser
+
+    parser = OneLineParser(prog="egressd")
+    register(parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
+    args = parser.parse_args(["proxy", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.handler(args))
+    except CliError as exc:
+        print(f"egressd: error: {exc.detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""`egressd proxy serve` configuration: one JSON file, parsed once, then frozen.
+
+Example (every key but `name`, `underlay` and `egress` has a default)::
+
+    {
+      "name": "proxy1",
+      "underlay": "198.18.0.21",
+      "egress": "203.0.113.21",
+      "vni": 1,
+      "control_url": "http://198.18.0.2:8080",
+      "keys_dir": "/run/egressd/keys",
+      "admin_port": 9090,
+      "geneve_port": 6081,
+      "tun": "gnv0",
+      "tproxy_tcp_port": 15001,
+      "tproxy_dns_port": 15053,
+      "resolver": "100.100.100.53",
+      "upstream_resolver": "203.0.113.53",
+      "sandbox_supernet": "100.96.0.0/16",
+      "fleet_ranges": ["198.18.0.0/24", "100.96.0.0/16", "100.100.100.53/32"],
+      "flow_idle_s": 300,
+      "max_flows": 262144,
+      "node_refresh_s": 2,
+      "mtu": 1436
+    }
+
+Decisions:
+
+* Unknown keys are refused: a misspelt key would otherwise silently fall back
+  to its default (e.g. a proxy trusting the wrong key directory).
+* Every error is `ConfigError(reason="invalid_config", detail="FIELD: ...")`,
+  one line that names the field.
+* `keys_dir` holds the *public* keys this proxy trusts (`*.jwk`, `jwks.json`).
+  The proxy never fetches keys from the network: a key served by the control
+  plane's `/v1/keys` is only as trustworthy as the network path to it.
+* The admin listener (`/metrics`, `/healthz`, `/readyz`) binds
+  `underlay:admin_port` (DESIGN.md: TCP 9090 on the underlay address).
+* `mtu` is the TUN's MTU, i.e. the largest inner packet: the underlay MTU
+  minus the GENEVE overhead (1500 - 64 = 1436), so that every return packet
+  plus its 64 bytes of encapsulation fits in one underlay frame.
+* `fleet_ranges` defaults to the layout's (underlay, sandbox supernet,
+  resolver): always denied by tier 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from egressd.errors import EgressdError
+from egressd.topology import layout
+
+IPv4Address = ipaddress.IPv4Address
+IPv4Network = ipaddress.IPv4Network
+
+DEFAULT_CONTROL_URL = f"http://{layout.CONTROL_ADDR}:{layout.CONTROL_PORT}"
+DEFAULT_KEYS_DIR = layout.DEFAULT_RUN_DIR / "keys"
+DEFAULT_FLEET_RANGES: tuple[IPv4Network, ...] = (
+    layout.UNDERLAY,
+    layout.SANDBOX_SUPERNET,
+    IPv4Network(f"{layout.RESOLVER}/32"),
+)
+MAX_CONFIG_BYTES = 64 * 1024
+MIN_MTU = 576  # the smallest datagram every IPv4 host must accept
+MAX_MTU = 65535 - layout.GENEVE_OVERHEAD
+
+
+class ConfigError(EgressdError):
+    """A proxy configuration that cannot be used; `detail` starts with the field."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("invalid_config", detail)
+
+
+def _fail(name: str, message: str) -> ConfigError:
+    return ConfigError(f"{name}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Everything `egressd proxy serve` needs; `__post_init__` validates each field."""
+
+    name: str
+    underlay: IPv4Address
+    egress: IPv4Address
+    vni: int = layout.DEFAULT_VNI
+    control_url: str = DEFAULT_CONTROL_URL
+    keys_dir: Path = DEFAULT_KEYS_DIR
+    admin_port: int = layout.ADMIN_PORT
+    geneve_port: int = layout.GENEVE_PORT
+    tun: str = layout.PROXY_TUN
+    tproxy_tcp_port: int = 15001
+    tproxy_dns_port: int = 15053
+    resolver: IPv4Address = layout.RESOLVER
+    upstream_resolver: IPv4Address = layout.INET_DNS
+    sandbox_supernet: IPv4Network = layout.SANDBOX_SUPERNET
+    fleet_ranges: tuple[IPv4Network, ...] = field(default=DEFAULT_FLEET_RANGES)
+    flow_idle_s: float = 300.0
+    max_flows: int = 262_144
+    node_refresh_s: float = 2.0
+    mtu: int = layout.SANDBOX_MTU
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _is_name(self.name):
+            raise _fail("name", "must match [a-z0-9][a-z0-9-]{0,62}")
+        for name in ("underlay", "egress", "resolver", "upstream_resolver"):
+            if not isinstance(getattr(self, name), IPv4Address):
+                raise _fail(name, "must be an IPv4 address")
+        if not isinstance(self.sandbox_supernet, IPv4Network):
+            raise _fail("sandbox_supernet", "must be an IPv4 network")
+        if not all(isinstance(n, IPv4Network) for n in self.fleet_ranges):
+            raise _fail("fleet_ranges", "must be IPv4 networks")
+        _check_int("vni", self.vni, 0, 0xFFFFFF)
+        for name in ("admin_port", "geneve_port", "tproxy_tcp_port", "tproxy_dns_port"):
+            _check_int(name, getattr(self, name), 1, 65535)
+        ports = [self.tproxy_tcp_port, self.tproxy_dns_port]
+        if len(set(ports)) != len(ports):
+            raise _fail("tproxy_dns_port", "must differ from tproxy_tcp_port")
+        _check_int("mtu", self.mtu, MIN_MTU, MAX_MTU)
+        _check_int("max_flows", self.max_flows, 1, 16_777_216)
+        _check_seconds("flow_idle_s", self.flow_idle_s, 1.0, 86_400.0)
+        _check_seconds("node_refresh_s", self.node_refresh_s, 0.05, 3_600.0)
+        if not isinstance(self.tun, str) or not _is_ifname(self.tun):
+            raise _fail("tun", "must be an interface name of 1..15 characters [A-Za-z0-9_.-]")
+        if not isinstance(self.keys_dir, Path):
+            raise _fail("keys_dir", "must be a path")
+        _check_url(self.control_url)
+        if self.resolver not in self.sandbox_supernet and not any(
+            self.resolver in net for net in self.fleet_ranges
+        ):
+            # The resolver address is answered by the proxy itself; tier 2 must
+            # never treat it as an internet destination.
+            raise _fail("resolver", "must be inside sandbox_supernet or one of fleet_ranges")
+
+    @property
+    def admin_host(self) -> str:
+        return str(self.underlay)
+
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_IFNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+
+
+def _is_name(value: str) -> bool:
+    return _NAME_RE.fullmatch(value) is not None
+
+
+def _is_ifname(value: str) -> bool:
+    return _IFNAME_RE.fullmatch(value) is not None
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _fail(name, f"must be an integer in {lo}..{hi}")
+
+
+def _check_seconds(name: str, value: object, lo: float, hi: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not lo <= value <= hi
+    ):
+        raise _fail(name, f"must be a number of seconds in {lo:g}..{hi:g}")
+
+
+def _check_url(url: object) -> None:
+    if not isinstance(url, str):
+        raise _fail("control_url", "must be a string")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _fail("control_url", f"must be an http(s) URL, got {url!r}")
+    if parts.query or parts.fragment:
+        raise _fail("control_url", "must not have a query or fragment")
+
+
+# --- parsing the JSON file ------------------------------------------------------------
+
+def _as_address(name: str, value: object) -> IPv4Address:
+    if not isinstance(value, str):
+        raise _fail(name, "must be an IPv4 address string")
+    try:
+        return IPv4Address(value)
+    except ValueError:
+        raise _fail(name, f"not an IPv4 address: {value!r}") from None
+
+
+def _as_network(name: str, value: object) -> IPv4Network:
+    if not isinstance(value, str) or "/" not in value:
+        raise _fail(name, "must be an IPv4 CIDR string (a.b.c.d/n)")
+    try:
+        return IPv4Network(value, strict=True)
+    except ValueError as exc:
+        raise _fail(name, f"not a strict IPv4 network: {exc}") from None
+
+
+def _as_networks(name: str, value: object) -> tuple[IPv4Network, ...]:
+    if not isinstance(value, list):
+        raise _fail(name, "must be a list of IPv4 CIDR strings")
+    return tuple(_as_network(f"{name}[{i}]", item) for i, item in enumerate(value))
+
+
+def _as_path(name: str, value: object) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _fail(name, "must be a non-empty path string")
+    return Path(value)
+
+
+def _as_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(name, "must be a number")
+    return float(value)
+
+
+def _as_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, "must be an integer")
+    return value
+
+
+def _as_str(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise _fail(name, "must be a string")
+    return value
+
+
+_CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
+    "name": _as_str,
+    "underlay": _as_address,
+    "egress": _as_address,
+    "vni": _as_int,
+    "control_url": _as_str,
+    "keys_dir": _as_path,
+    "admin_port": _as_int,
+    "geneve_port": _as_int,
+    "tun": _as_str,
+    "tproxy_tcp_port": _as_int,
+    "tproxy_dns_port": _as_int,
+    "resolver": _as_address,
+    "upstream_resolver": _as_address,
+    "sandbox_supernet": _as_network,
+    "fleet_ranges": _as_networks,
+    "flow_idle_s": _as_number,
+    "max_flows": _as_int,
+    "node_refresh_s": _as_number,
+    "mtu": _as_int,
+}
+_REQUIRED = ("name", "underlay", "egress")
+
+
+def config_from_mapping(obj: object) -> ProxyConfig:
+    """A `ProxyConfig` from a decoded JSON object; raises ConfigError."""
+    if not isinstance(obj, Mapping):
+        raise _fail("$", "the configuration must be a JSON object")
+    known = {f.name for f in fields(ProxyConfig)}
+    assert known == set(_CONVERTERS), "every field needs a converter"  # noqa: S101
+    for key in obj:
+        if key not in known:
+            raise _fail(str(key), "unknown field")
+    for key in _REQUIRED:
+        if key not in obj:
+            raise _fail(key, "required")
+    kwargs = {key: _CONVERTERS[key](key, value) for key, value in obj.items()}
+    return ProxyConfig(**kwargs)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def load_config(path: Path | str) -> ProxyConfig:
+    """Read and validate the JSON configuration file at `path`."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise _fail("$", f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise _fail("$", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        obj = json.loads(
+            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _fail("$", f"{path} is not JSON: {' '.join(str(exc).split())}") from exc
+    return config_from_mapping(obj)

@@ -1,0 +1,765 @@
+"""The proxy's DNS responder: answers only names a job's policy allows.
+
+DESIGN.md: "the proxy's DNS responder answers only names that the job's policy
+allows (forwarding them to the upstream resolver, recording answer addresses
+with their TTL for that job); other names get REFUSED and a log line. This
+closes DNS tunnelling as an exfiltration path."
+
+Two layers, as elsewhere in the proxy:
+
+* Pure: `answer_policy(policy, query) -> DnsAction` (what to do with a
+  query), `apply_dns_mode` (report mode), `filter_answers(response, ...)`
+  (drop always-denied addresses: DNS rebinding) and `build_response`.
+* I/O: `DnsResponder`, started by `start_dns`, on a transparent UDP socket
+  and a transparent TCP listener (nftables TPROXYs port 53 from ``gnv0`` to
+  them), and `UpstreamResolver`, which asks the upstream resolver from the
+  proxy's egress address.
+
+Rules of `answer_policy`, first match wins (every refusal is REFUSED):
+
+========================  ===================  =========================
+query                     answer               reason
+========================  ===================  =========================
+opcode other than QUERY   REFUSED              ``opcode_not_query``
+no / several questions    REFUSED              ``no_question`` / ``multiple_questions``
+class other than IN       REFUSED              ``qclass_not_in``
+type other than A, AAAA   REFUSED              ``qtype_not_allowed``
+name not a host name      REFUSED              ``invalid_host``
+no host rule names it     REFUSED              ``no_matching_rule``
+AAAA                      NOERROR, no answer   ``ipv6_unsupported``
+A                         forward upstream     ``allowed_host``
+========================  ===================  =========================
+
+A name is allowed when any host rule matches it, whatever the port (the
+port is checked when the connection comes). A cidr rule never makes a name
+resolvable. AAAA gets an empty NOERROR (not REFUSED): clients then fall back
+to A quickly, where a refusal makes some resolvers give up on the name.
+
+Report mode (`apply_dns_mode`) forwards a name that no host rule names and
+flags it ``would_deny``; without that, report mode would be useless (a
+client must resolve a name before it connects). Everything else (query
+types, malformed queries, rebinding) is enforced in both modes.
+
+The upstream query is built afresh (same name, type A, class IN, RD, a new
+id): nothing the client put in its query (EDNS options, extra records,
+flags) reaches the upstream resolver. CNAME chains in the upstream answer are
+followed and flattened: the client gets A records owned by the name it asked
+for (in its own letter case, for 0x20-randomising resolvers), with the
+smallest TTL on the chain; those addresses are recorded for the job under
+that name. Addresses in always-denied ranges are dropped unless a cidr rule of
+the policy overrides that range (`egressd.policy.addresses`); when none
+remain the answer is REFUSED ``rebinding``.
+
+A datagram that does not parse as a DNS query (including responses, which
+have QR set) is dropped, counted (``egressd_dns_dropped_total{reason=
+"malformed"}``) and logged; nothing is raised past the receive loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import structlog
+from prometheus_client import Counter
+
+from egressd.policy.addresses import IPNetwork, find_denied, overrides
+from egressd.policy.matcher import ALLOWED_HOST, INVALID_HOST, NO_MATCHING_RULE, name_allowed
+from egressd.policy.model import Policy
+from egressd.policy.names import HostError, normalize_host
+from egressd.proxy import audit
+from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
+from egressd.proxy.resolved import ResolvedNames, clamp_ttl
+
+IPv4Address = ipaddress.IPv4Address
+
+log = structlog.get_logger(__name__)
+
+DNS_PORT = 53
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
+IP_ORIGDSTADDR = IP_RECVORIGDSTADDR  # the cmsg type equals the option
+
+#: Reasons (verbatim in logs and counters).
+OPCODE_NOT_QUERY = "opcode_not_query"
+NO_QUESTION = "no_question"
+MULTIPLE_QUESTIONS = "multiple_questions"
+QCLASS_NOT_IN = "qclass_not_in"
+QTYPE_NOT_ALLOWED = "qtype_not_allowed"
+IPV6_UNSUPPORTED = "ipv6_unsupported"
+REBINDING = "rebinding"
+UNKNOWN_FLOW = "unknown_flow"
+UPSTREAM_TIMEOUT = "upstream_timeout"
+UPSTREAM_ERROR = "upstream_error"
+UPSTREAM_NXDOMAIN = "nxdomain"
+MALFORMED = "malformed"
+OVERLOAD = "overload"
+
+FORWARD = "forward"
+RESPOND = "respond"
+
+DEFAULT_UPSTREAM_TIMEOUT_S = 2.0
+DEFAULT_TCP_IDLE_TIMEOUT_S = 10.0
+DEFAULT_MAX_INFLIGHT = 1024  # UDP queries being answered at once; more are dropped
+DEFAULT_MAX_TCP_CONNECTIONS = 256
+MAX_UDP_QUERY = 4096
+_CNAME_CHAIN_LIMIT = 16
+_REPLY_SOCKETS = 64
+_CMSG_SPACE = socket.CMSG_SPACE(16)  # struct sockaddr_in
+
+
+# --- pure -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DnsAction:
+    """What to do with one query: forward it, or respond with `rcode` and no answers."""
+
+    kind: str  # FORWARD | RESPOND
+    rcode: dns.rcode.Rcode
+    verdict: str  # audit.VERDICT_ALLOW | audit.VERDICT_DENY
+    reason: str
+    qname: str | None  # normalised, when it is a host name
+    qtype: str | None  # "A", "TXT", ...
+    would_deny: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FilteredAnswers:
+    """The A answers that may reach a client, and what was dropped."""
+
+    kept: tuple[tuple[IPv4Address, int], ...]
+    dropped: tuple[tuple[IPv4Address, str], ...]
+    reason: str | None  # REBINDING when answers existed and none was kept
+
+
+def _refuse(reason: str, qname: str | None, qtype: str | None) -> DnsAction:
+    return DnsAction(RESPOND, dns.rcode.REFUSED, audit.VERDICT_DENY, reason, qname, qtype)
+
+
+def question_text(query: dns.message.Message) -> tuple[str | None, str | None]:
+    """(qname, qtype) of the first question as text, for logs; never raises."""
+    if not query.question:
+        return None, None
+    rrset = query.question[0]
+    try:
+        name = rrset.name.to_text(omit_final_dot=True)
+    except (dns.exception.DNSException, UnicodeError):
+        name = None
+    return name, dns.rdatatype.to_text(rrset.rdtype)
+
+
+def answer_policy(policy: Policy, query: dns.message.Message) -> DnsAction:
+    """The true decision for `query` under `policy` (the table in the module docstring)."""
+    raw_name, qtype = question_text(query)
+    if query.opcode() != dns.opcode.QUERY:
+        return _refuse(OPCODE_NOT_QUERY, raw_name, qtype)
+    if not query.question:
+        return _refuse(NO_QUESTION, None, None)
+    if len(query.question) > 1:
+        return _refuse(MULTIPLE_QUESTIONS, raw_name, qtype)
+    question = query.question[0]
+    if question.rdclass != dns.rdataclass.IN:
+        return _refuse(QCLASS_NOT_IN, raw_name, qtype)
+    if question.rdtype not in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        return _refuse(QTYPE_NOT_ALLOWED, raw_name, qtype)
+    try:
+        text = question.name.to_text(omit_final_dot=True)
+        name = normalize_host(text)
+    except (HostError, dns.exception.DNSException, UnicodeError):
+        return _refuse(INVALID_HOST, raw_name, qtype)
+    if not name_allowed(policy, name):
+        return _refuse(NO_MATCHING_RULE, name, qtype)
+    if question.rdtype == dns.rdatatype.AAAA:
+        return DnsAction(
+            RESPOND, dns.rcode.NOERROR, audit.VERDICT_ALLOW, IPV6_UNSUPPORTED, name, qtype
+        )
+    return DnsAction(FORWARD, dns.rcode.NOERROR, audit.VERDICT_ALLOW, ALLOWED_HOST, name, qtype)
+
+
+def apply_dns_mode(policy: Policy, action: DnsAction) -> DnsAction:
+    """Report mode: resolve a name no rule names (an A query for a valid name), flag it."""
+    if policy.mode != "report" or action.reason != NO_MATCHING_RULE or action.qname is None:
+        return action
+    if action.qtype == "AAAA":
+        kind, reason = RESPOND, IPV6_UNSUPPORTED
+    else:
+        kind, reason = FORWARD, NO_MATCHING_RULE
+    return DnsAction(
+        kind,
+        dns.rcode.NOERROR,
+        audit.VERDICT_ALLOW,
+        reason,
+        action.qname,
+        action.qtype,
+        would_deny=True,
+    )
+
+
+def filter_answers(
+    response: dns.message.Message,
+    fleet_ranges: Sequence[IPNetwork] = (),
+    *,
+    qname: dns.name.Name | None = None,
+    policy: Policy | None = None,
+) -> FilteredAnswers:
+    """The A records for `qname` (default: the response's question), CNAMEs
+    followed, minus always-denied addresses (unless a cidr rule of `policy`
+    overrides the range). TTL per address is the smallest on its chain."""
+    if qname is None:
+        if not response.question:
+            return FilteredAnswers((), (), None)
+        qname = response.question[0].name
+    cidrs = [r.cidr for r in policy.egress if r.cidr is not None] if policy is not None else []
+    name, chain_ttl = qname, None
+    found: list[tuple[IPv4Address, int]] = []
+    for _ in range(_CNAME_CHAIN_LIMIT):
+        a_rrset = _find(response, name, dns.rdatatype.A)
+        if a_rrset is not None:
+            ttl = a_rrset.ttl if chain_ttl is None else min(chain_ttl, a_rrset.ttl)
+            found.extend((IPv4Address(rdata.address), ttl) for rdata in a_rrset)
+            break
+        cname = _find(response, name, dns.rdatatype.CNAME)
+        if cname is None or len(cname) != 1:
+            break
+        chain_ttl = cname.ttl if chain_ttl is None else min(chain_ttl, cname.ttl)
+        name = next(iter(cname)).target
+    kept: list[tuple[IPv4Address, int]] = []
+    dropped: list[tuple[IPv4Address, str]] = []
+    for ip, ttl in found:
+        denied = find_denied(ip, fleet_ranges=fleet_ranges)
+        if denied is not None and not any(overrides(denied, ip, c) for c in cidrs):
+            dropped.append((ip, denied.reason))
+        else:
+            kept.append((ip, ttl))
+    reason = REBINDING if dropped and not kept else None
+    return FilteredAnswers(tuple(kept), tuple(dropped), reason)
+
+
+def _find(
+    response: dns.message.Message, name: dns.name.Name, rdtype: dns.rdatatype.RdataType
+) -> dns.rrset.RRset | None:
+    for rrset in response.answer:
+        if rrset.rdclass == dns.rdataclass.IN and rrset.rdtype == rdtype and rrset.name == name:
+            return rrset
+    return None
+
+
+def build_response(
+    query: dns.message.Message,
+    rcode: dns.rcode.Rcode,
+    answers: Sequence[tuple[IPv4Address, int]] = (),
+) -> dns.message.Message:
+    """A response to `query`: `rcode`, and A records for its question name."""
+    response = dns.message.make_response(query, recursion_available=True)
+    response.set_rcode(rcode)
+    if answers and query.question:
+        qname = query.question[0].name
+        ttl = min(ttl for _, ttl in answers)
+        rrset = dns.rrset.from_text_list(
+            qname, ttl, dns.rdataclass.IN, dns.rdatatype.A, [str(ip) for ip, _ in answers]
+        )
+        response.answer.append(rrset)
+    return response
+
+
+def to_wire(response: dns.message.Message, *, max_size: int) -> bytes:
+    """`response` in at most `max_size` bytes; sets TC and drops answers if it does not fit."""
+    try:
+        return response.to_wire(max_size=max_size)
+    except dns.exception.TooBig:
+        response.answer.clear()
+        response.flags |= dns.flags.TC
+        return response.to_wire(max_size=max_size)
+
+
+def parse_query(wire: bytes) -> dns.message.Message | None:
+    """A DNS query from `wire`, or None for anything else (never raises)."""
+    try:
+        query = dns.message.from_wire(wire)
+    except Exception:  # noqa: BLE001 - dnspython raises many types on garbage
+        return None
+    if query.flags & dns.flags.QR:
+        return None
+    return query
+
+
+def udp_payload_limit(query: dns.message.Message) -> int:
+    """How large a UDP response the client accepts (RFC 6891; 512 without EDNS)."""
+    if query.edns >= 0:
+        return max(512, min(query.payload, 4096))
+    return 512
+
+
+# --- upstream -------------------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UpstreamResolver:
+    """Asks the upstream resolver, from the proxy's egress address.
+
+    `resolve_a` keeps a small cache (clamped TTLs, bounded size) for tier 2's
+    own check that a claimed name agrees with a destination.
+    """
+
+    def __init__(
+        self,
+        server: IPv4Address,
+        *,
+        source: IPv4Address,
+        port: int = DNS_PORT,
+        timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S,
+        cache_size: int = 4096,
+    ) -> None:
+        self.server = server
+        self.source = source
+        self.port = port
+        self.timeout_s = timeout_s
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[float, frozenset[IPv4Address]]] = OrderedDict()
+
+    async def query_a(self, name: dns.name.Name | str) -> dns.message.Message:
+        """The upstream's response to a fresh A query for `name`; UpstreamError."""
+        request = dns.message.make_query(name, dns.rdatatype.A)
+        try:
+            async with asyncio.timeout(self.timeout_s + 0.5):
+                response, _ = await dns.asyncquery.udp_with_fallback(
+                    request,
+                    str(self.server),
+                    timeout=self.timeout_s,
+                    port=self.port,
+                    source=str(self.source),
+                    ignore_unexpected=True,
+                )
+        except (TimeoutError, dns.exception.Timeout) as exc:
+            raise UpstreamError(UPSTREAM_TIMEOUT) from exc
+        except (OSError, dns.exception.DNSException, ValueError) as exc:
+            raise UpstreamError(UPSTREAM_ERROR) from exc
+        return response
+
+    async def resolve_a(
+        self, name: str, *, fleet_ranges: Sequence[IPNetwork] = ()
+    ) -> set[IPv4Address]:
+        """Addresses of `name` (normalised), cached; empty on any failure."""
+        now = time.monotonic()
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] > now:
+            self._cache.move_to_end(name)
+            return set(hit[1])
+        try:
+            response = await self.query_a(name)
+        except UpstreamError:
+            return set()
+        filtered = filter_answers(response, fleet_ranges, qname=dns.name.from_text(name))
+        ips = frozenset(ip for ip, _ in filtered.kept)
+        ttl = min((t for _, t in filtered.kept), default=0)
+        self._cache[name] = (now + clamp_ttl(ttl), ips)
+        self._cache.move_to_end(name)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return set(ips)
+
+
+# --- the responder --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Metrics:
+    queries: Counter
+    dropped: Counter
+
+    @classmethod
+    def on(cls, ctx: ProxyContext) -> _Metrics:
+        return cls(
+            queries=Counter(
+                "egressd_dns_queries_total",
+                "DNS queries answered by the proxy, by verdict",
+                ["verdict"],
+                registry=ctx.registry,
+            ),
+            dropped=Counter(
+                "egressd_dns_dropped_total",
+                "DNS datagrams dropped without an answer, by reason",
+                ["reason"],
+                registry=ctx.registry,
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DnsPeer:
+    src: IPv4Address
+    sport: int
+    dst: IPv4Address
+    proto: int  # 6 or 17
+
+
+def transparent_socket(kind: socket.SocketKind, bind: tuple[str, int]) -> socket.socket:
+    """A non-blocking IPv4 socket with IP_TRANSPARENT and SO_REUSEADDR, bound to `bind`."""
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setblocking(False)
+        sock.bind(bind)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _origdst(ancdata: list[tuple[int, int, bytes]]) -> IPv4Address | None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
+            return IPv4Address(data[4:8])
+    return None
+
+
+class DnsResponder:
+    """UDP and TCP DNS on a transparent listen address; see the module docstring."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        resolved: ResolvedNames,
+        *,
+        listen: tuple[str, int],
+        upstream: UpstreamResolver,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_tcp_connections: int = DEFAULT_MAX_TCP_CONNECTIONS,
+        tcp_idle_timeout_s: float = DEFAULT_TCP_IDLE_TIMEOUT_S,
+    ) -> None:
+        self.ctx = ctx
+        self.resolved = resolved
+        self.listen = listen
+        self.upstream = upstream
+        self.max_inflight = max_inflight
+        self.max_tcp_connections = max_tcp_connections
+        self.tcp_idle_timeout_s = tcp_idle_timeout_s
+        self._metrics = _Metrics.on(ctx)
+        self._udp: socket.socket | None = None
+        self._tcp_server: asyncio.Server | None = None
+        self._reply_socks: OrderedDict[IPv4Address, socket.socket] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()  # UDP queries in flight
+        self._tcp_tasks: set[asyncio.Task[None]] = set()  # TCP connections
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    # lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        udp = transparent_socket(socket.SOCK_DGRAM, self.listen)
+        try:
+            udp.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+            tcp = transparent_socket(socket.SOCK_STREAM, self.listen)
+        except BaseException:
+            udp.close()
+            raise
+        try:
+            tcp.listen(512)
+            self._tcp_server = await asyncio.start_server(self._serve_tcp, sock=tcp)
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+        self._udp = udp
+        self._loop.add_reader(udp.fileno(), self._on_readable)
+
+    @property
+    def udp_address(self) -> tuple[str, int]:
+        assert self._udp is not None
+        return self._udp.getsockname()  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._udp is not None and self._loop is not None:
+            self._loop.remove_reader(self._udp.fileno())
+            self._udp.close()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+        tasks = [*self._tasks, *self._tcp_tasks]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._tcp_server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp_server.wait_closed(), 1.0)
+        for sock in self._reply_socks.values():
+            sock.close()
+        self._reply_socks.clear()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> bool:
+        if len(self._tasks) >= self.max_inflight:
+            return False
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    # UDP
+
+    def _on_readable(self) -> None:
+        sock = self._udp
+        if sock is None:
+            return
+        for _ in range(64):  # bounded batch, then let others run
+            try:
+                data, ancdata, flags, addr = sock.recvmsg(MAX_UDP_QUERY, _CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("dns_udp_recv_failed", error=str(exc))
+                return
+            origdst = _origdst(ancdata)
+            if origdst is None or flags & socket.MSG_TRUNC:
+                self._drop(MALFORMED, addr, origdst)
+                continue
+            peer = DnsPeer(IPv4Address(addr[0]), addr[1], origdst, 17)
+            coro = self._udp_query(data, peer)
+            if not self._spawn(coro, f"egressd-dns-udp-{addr[0]}:{addr[1]}"):
+                coro.close()
+                self._drop(OVERLOAD, addr, origdst)
+
+    async def _udp_query(self, wire: bytes, peer: DnsPeer) -> None:
+        query = parse_query(wire)
+        if query is None:
+            self._drop(MALFORMED, (str(peer.src), peer.sport), peer.dst)
+            return
+        response = await self.handle(query, peer)
+        self._send_udp(to_wire(response, max_size=udp_payload_limit(query)), peer)
+
+    def _send_udp(self, wire: bytes, peer: DnsPeer) -> None:
+        sock = self._reply_socket(peer.dst)
+        if sock is None:
+            return
+        try:
+            sock.sendto(wire, (str(peer.src), peer.sport))
+        except OSError as exc:  # full buffer, unreachable: UDP, the client retries
+            log.warning("dns_udp_send_failed", error=str(exc), dst=str(peer.dst))
+
+    def _reply_socket(self, origdst: IPv4Address) -> socket.socket | None:
+        """A socket that sends from (origdst, 53), so the answer comes from where the query went."""
+        sock = self._reply_socks.get(origdst)
+        if sock is not None:
+            self._reply_socks.move_to_end(origdst)
+            return sock
+        try:
+            sock = transparent_socket(socket.SOCK_DGRAM, (str(origdst), DNS_PORT))
+            # Never read: keep what stray datagrams it may get small.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        except OSError as exc:
+            log.error("dns_reply_socket_failed", error=str(exc), dst=str(origdst))
+            return None
+        self._reply_socks[origdst] = sock
+        while len(self._reply_socks) > _REPLY_SOCKETS:
+            _, old = self._reply_socks.popitem(last=False)
+            old.close()
+        return sock
+
+    def _drop(self, reason: str, addr: tuple[str, int], origdst: IPv4Address | None) -> None:
+        self._metrics.dropped.labels(reason=reason).inc()
+        self._metrics.queries.labels(verdict=audit.VERDICT_DROP).inc()
+        audit.emit(
+            self.ctx.audit,
+            audit.dns_event(
+                job_id=None,
+                account=None,
+                node=None,
+                proxy=self.ctx.identity.name,
+                src=addr[0],
+                sport=addr[1],
+                dst=origdst,
+                qname=None,
+                qtype=None,
+                verdict=audit.VERDICT_DROP,
+                reason=reason,
+            ),
+        )
+
+    # TCP
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            if len(self._tcp_tasks) >= self.max_tcp_connections:
+                self._metrics.dropped.labels(reason=OVERLOAD).inc()
+                writer.close()
+                return
+            self._tcp_tasks.add(task)
+            task.add_done_callback(self._tcp_tasks.discard)
+        try:
+            src, sport = writer.get_extra_info("peername")[:2]
+            dst = writer.get_extra_info("sockname")[0]
+            peer = DnsPeer(IPv4Address(src), sport, IPv4Address(dst), 6)
+            if task is not None:
+                task.set_name(f"egressd-dns-tcp-{src}:{sport}")
+            while True:
+                try:
+                    async with asyncio.timeout(self.tcp_idle_timeout_s):
+                        head = await reader.readexactly(2)
+                        wire = await reader.readexactly(struct.unpack("!H", head)[0])
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    return
+                query = parse_query(wire)
+                if query is None:
+                    self._drop(MALFORMED, (src, sport), peer.dst)
+                    return
+                response = await self.handle(query, peer)
+                out = to_wire(response, max_size=65535)
+                writer.write(struct.pack("!H", len(out)) + out)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # the decision, for one parsed query
+
+    async def handle(self, query: dns.message.Message, peer: DnsPeer) -> dns.message.Message:
+        """Answer one query from `peer` and log it (never raises for bad input)."""
+        qname, qtype = question_text(query)
+        flow = self.ctx.flows.lookup(peer.src, peer.sport, peer.dst, DNS_PORT, peer.proto)
+        if flow is None:
+            return self._finish(query, peer, None, None, _refuse(UNKNOWN_FLOW, qname, qtype))
+        try:
+            verified = await self.ctx.policies.get(flow.job_id)
+        except PolicyUnavailable as exc:
+            return self._finish(query, peer, flow, None, _refuse(exc.reason, qname, qtype))
+        policy = verified.policy
+        action = apply_dns_mode(policy, answer_policy(policy, query))
+        if action.kind == RESPOND:
+            return self._finish(query, peer, flow, policy, action)
+        action, answers = await self._forward(query, action, policy)
+        if answers and action.qname is not None:
+            self.resolved.record(
+                flow.job_id,
+                action.qname,
+                [ip for ip, _ in answers],
+                min(ttl for _, ttl in answers),
+                time.monotonic(),
+            )
+        return self._finish(query, peer, flow, policy, action, answers)
+
+    async def _forward(
+        self, query: dns.message.Message, action: DnsAction, policy: Policy
+    ) -> tuple[DnsAction, tuple[tuple[IPv4Address, int], ...]]:
+        """Ask the upstream; the action that results and the answers the client may see."""
+        qname = query.question[0].name
+        try:
+            upstream = await self.upstream.query_a(qname)
+        except UpstreamError as exc:
+            return _respond_like(action, dns.rcode.SERVFAIL, exc.reason), ()
+        rcode = upstream.rcode()
+        if rcode == dns.rcode.NXDOMAIN:
+            return _respond_like(action, rcode, UPSTREAM_NXDOMAIN), ()
+        if rcode != dns.rcode.NOERROR:
+            reason = f"upstream_{dns.rcode.to_text(rcode).lower()}"
+            return _respond_like(action, dns.rcode.SERVFAIL, reason), ()
+        filtered = filter_answers(upstream, self.ctx.fleet_ranges, qname=qname, policy=policy)
+        if filtered.reason is not None:
+            return _refuse(filtered.reason, action.qname, action.qtype), ()
+        return action, filtered.kept
+
+    def _finish(
+        self,
+        query: dns.message.Message,
+        peer: DnsPeer,
+        flow: FlowInfo | None,
+        policy: Policy | None,
+        action: DnsAction,
+        answers: Sequence[tuple[IPv4Address, int]] = (),
+    ) -> dns.message.Message:
+        self._metrics.queries.labels(verdict=action.verdict).inc()
+        audit.emit(
+            self.ctx.audit,
+            audit.dns_event(
+                job_id=None if flow is None else flow.job_id,
+                account=None if policy is None else policy.account,
+                node=None if flow is None else flow.node,
+                proxy=self.ctx.identity.name,
+                src=peer.src,
+                sport=peer.sport,
+                dst=peer.dst,
+                qname=action.qname,
+                qtype=action.qtype,
+                verdict=action.verdict,
+                reason=action.reason,
+                rcode=dns.rcode.to_text(action.rcode),
+                answers=[str(ip) for ip, _ in answers],
+                mode=None if policy is None else policy.mode,
+                would_deny=action.would_deny,
+            ),
+        )
+        return build_response(query, action.rcode, answers)
+
+
+def _respond_like(action: DnsAction, rcode: dns.rcode.Rcode, reason: str) -> DnsAction:
+    return DnsAction(
+        RESPOND, rcode, action.verdict, reason, action.qname, action.qtype, action.would_deny
+    )
+
+
+async def start_dns(
+    ctx: ProxyContext,
+    resolved: ResolvedNames,
+    *,
+    listen: tuple[str, int],
+    upstream_port: int = DNS_PORT,
+    upstream_timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
+) -> DnsResponder:
+    """Bind and start the DNS responder on `listen` (UDP and TCP); `close()` stops it."""
+    upstream = UpstreamResolver(
+        ctx.upstream_resolver,
+        source=ctx.identity.egress,
+        port=upstream_port,
+        timeout_s=upstream_timeout_s,
+    )
+    responder = DnsResponder(
+        ctx, resolved, listen=listen, upstream=upstream, max_inflight=max_inflight
+    )
+    await responder.start()
+    return responder
+
+
+__all__ = [
+    "DnsAction",
+    "DnsResponder",
+    "FilteredAnswers",
+    "UpstreamResolver",
+    "answer_policy",
+    "apply_dns_mode",
+    "build_response",
+    "filter_answers",
+    "parse_query",
+    "start_dns",
+]

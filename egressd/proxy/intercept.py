@@ -1,0 +1,471 @@
+"""The transparent TCP interceptor: tier 2 for every TCP connection from a sandbox.
+
+nftables TPROXYs TCP arriving on ``gnv0`` to a listening socket with
+``IP_TRANSPARENT`` (DESIGN.md, packet path step 6); an accepted socket's
+``getsockname()`` is the original destination. For each connection, in a
+named task that `Interceptor.close` cancels and awaits:
+
+1. the flow (``ctx.flows.lookup``) says which job it is; none: deny
+   ``unknown_flow``;
+2. the job's verified policy (``ctx.policies.get``); `PolicyUnavailable`:
+   deny with its reason (fail closed);
+3. an always-denied destination is denied at once (`tier2.address_precheck`),
+   and a destination that a cidr rule allows is allowed at once: no name can
+   change either, so neither waits for the client's first bytes (this keeps
+   server-speaks-first protocols on cidr rules fast);
+4. otherwise the first client bytes are read (up to 16 KiB, for at most
+   `peek_timeout_s`; a client that stays silent gets a decision without a
+   name) and sniffed for a TLS SNI or an HTTP Host;
+5. when a claimed name that the policy allows is not among the names this
+   job resolved to this address through the proxy's DNS, the proxy resolves
+   the name itself (`UpstreamResolver.resolve_a`, cached) to check that they
+   agree (`tier2.needs_resolution`; names the policy does not allow are never
+   looked up, so SNI/Host cannot smuggle data out through DNS);
+6. `tier2.decide_connection`, then `tier2.apply_mode` (report mode);
+7. allowed: connect upstream from ``(ctx.identity.egress, 0)`` within
+   `connect_timeout_s`, send the bytes read so far, relay both ways
+   (`egressd.proxy.relay`); a failed connect resets the client (verdict
+   allow, reason ``upstream_connect_failed``); denied: a TCP reset.
+
+One ``connection`` audit event per connection, when it is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from prometheus_client import Counter, Gauge
+
+from egressd.policy.matcher import Decision, match_address
+from egressd.policy.model import Policy
+from egressd.proxy import audit, sniff, tier2
+from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
+from egressd.proxy.dns import DNS_PORT, UpstreamResolver
+from egressd.proxy.relay import DOWN, RELAY_BUFFER, UP, RelayStats, relay, reset
+from egressd.proxy.resolved import ResolvedNames
+
+IPv4Address = ipaddress.IPv4Address
+
+log = structlog.get_logger(__name__)
+
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+UNKNOWN_FLOW = "unknown_flow"
+UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
+PROXY_SHUTDOWN = "proxy_shutdown"
+
+DEFAULT_PEEK_TIMEOUT_S = 1.0
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_BACKLOG = 4096
+_ACCEPT_ERROR_PAUSE_S = 0.1
+
+
+@dataclass(slots=True)
+class _Metrics:
+    connections: Counter
+    bytes: Counter
+    active: Gauge
+
+    @classmethod
+    def on(cls, ctx: ProxyContext) -> _Metrics:
+        return cls(
+            connections=Counter(
+                "egressd_connections_total",
+                "TCP connections decided by tier 2, by enforced verdict and reason",
+                ["verdict", "reason"],
+                registry=ctx.registry,
+            ),
+            bytes=Counter(
+                "egressd_bytes_total",
+                "Bytes relayed, by direction (up: sandbox to internet)",
+                ["direction"],
+                registry=ctx.registry,
+            ),
+            active=Gauge(
+                "egressd_connections_active",
+                "TCP connections being decided or relayed",
+                registry=ctx.registry,
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Peeked:
+    """The client's first bytes and what they said."""
+
+    data: bytes
+    sni: str | None = None
+    http_host: str | None = None
+    sniff_error: str | None = None  # tier2.TLS_MALFORMED / tier2.HTTP_MALFORMED
+    eof: bool = False
+
+
+@dataclass(slots=True)
+class _Conn:
+    """What the audit line of one connection needs, filled in as it goes."""
+
+    src: IPv4Address
+    sport: int
+    dst: IPv4Address
+    dport: int
+    started: float = field(default_factory=time.monotonic)
+    flow: FlowInfo | None = None
+    policy: Policy | None = None
+    host: str | None = None
+    verdict: str = audit.VERDICT_DENY
+    reason: str = "error"
+    would_deny: bool = False
+    relay: RelayStats = field(default_factory=RelayStats)
+    relaying: bool = False  # the client socket belongs to the relay now
+
+
+async def peek_client(
+    sock: socket.socket, *, timeout_s: float, limit: int = sniff.MAX_PEEK
+) -> Peeked:
+    """Read the client's first bytes until a name is found (or cannot be),
+    `limit` bytes are read, the client sends FIN, or `timeout_s` passes."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    eof = False
+    kind = sniff.KIND_INCOMPLETE
+    sni_result: sniff.SniResult | None = None
+    host_result: sniff.HostResult | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            while len(buf) < limit:
+                chunk = await loop.sock_recv(sock, limit - len(buf))
+                if not chunk:
+                    eof = True
+                    break
+                buf += chunk
+                kind = sniff.classify_first_bytes(bytes(buf))
+                if kind == sniff.KIND_TLS:
+                    sni_result = sniff.sniff_tls_sni(bytes(buf))
+                    if sni_result.final:
+                        break
+                elif kind == sniff.KIND_HTTP:
+                    host_result = sniff.sniff_http_host(bytes(buf), max_header_bytes=limit)
+                    if host_result.final:
+                        break
+                elif kind == sniff.KIND_UNKNOWN:
+                    break
+    except TimeoutError:
+        pass
+    data = bytes(buf)
+    if kind == sniff.KIND_TLS and sni_result is not None:
+        if sni_result.status == sniff.OK:
+            return Peeked(data, sni=sni_result.host, eof=eof)
+        if sni_result.status == sniff.MALFORMED:
+            return Peeked(data, sniff_error=tier2.TLS_MALFORMED, eof=eof)
+    elif kind == sniff.KIND_HTTP and host_result is not None:
+        if host_result.status == sniff.OK:
+            return Peeked(data, http_host=host_result.host, eof=eof)
+        if host_result.status == sniff.MALFORMED or (
+            host_result.status == sniff.INCOMPLETE and len(data) >= limit
+        ):
+            return Peeked(data, sniff_error=tier2.HTTP_MALFORMED, eof=eof)
+    return Peeked(data, eof=eof)
+
+
+class Interceptor:
+    """The transparent listener and its connection tasks."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        resolved: ResolvedNames,
+        *,
+        listen: tuple[str, int],
+        resolver: UpstreamResolver,
+        peek_timeout_s: float = DEFAULT_PEEK_TIMEOUT_S,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        backlog: int = DEFAULT_BACKLOG,
+    ) -> None:
+        self.ctx = ctx
+        self.resolved = resolved
+        self.listen = listen
+        self.resolver = resolver
+        self.peek_timeout_s = peek_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.backlog = backlog
+        self._metrics = _Metrics.on(ctx)
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        # One read buffer for every relay of this interceptor (see relay.relay).
+        self._scratch = bytearray(RELAY_BUFFER)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._sock is not None
+        return self._sock.getsockname()  # type: ignore[no-any-return]
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setblocking(False)
+            sock.bind(self.listen)
+            sock.listen(self.backlog)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._accept_task = asyncio.get_running_loop().create_task(
+            self._accept_loop(sock),
+            name=f"egressd-intercept-accept-{self.listen[0]}:{self.listen[1]}",
+        )
+
+    async def close(self) -> None:
+        """Stop accepting, cancel every connection (their clients are reset), wait for them."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self._sock is not None:
+            self._sock.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(lsock)
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: back off, keep serving
+                log.error("intercept_accept_failed", error=str(exc))
+                await asyncio.sleep(_ACCEPT_ERROR_PAUSE_S)
+                continue
+            try:
+                dst, dport = conn.getsockname()[:2]
+            except OSError:
+                reset(conn)
+                continue
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(
+                self._handle(conn, IPv4Address(addr[0]), addr[1], IPv4Address(dst), dport),
+                f"egressd-conn-{addr[0]}:{addr[1]}->{dst}:{dport}",
+            )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug, not a network condition: the client was reset and the
+            # connection logged (`_handle`'s finally); say where it broke.
+            log.error("connection_task_failed", task=task.get_name(), exc_info=task.exception())
+
+    # one connection
+
+    async def _handle(
+        self, sock: socket.socket, src: IPv4Address, sport: int, dst: IPv4Address, dport: int
+    ) -> None:
+        conn = _Conn(src, sport, dst, dport)
+        self._metrics.active.inc()
+        try:
+            await self._serve(sock, conn)
+        except BaseException as exc:
+            if not conn.relaying:
+                conn.verdict = audit.VERDICT_DENY
+                conn.reason = PROXY_SHUTDOWN if isinstance(exc, asyncio.CancelledError) else "error"
+                reset(sock)
+            raise
+        finally:
+            self._metrics.active.dec()
+            self._finish(conn)
+
+    async def _serve(self, sock: socket.socket, conn: _Conn) -> None:
+        ctx = self.ctx
+        flow = ctx.flows.lookup(conn.src, conn.sport, conn.dst, conn.dport, 6)
+        if flow is None:
+            return self._deny(sock, conn, UNKNOWN_FLOW)
+        conn.flow = flow
+        try:
+            verified = await ctx.policies.get(flow.job_id)
+        except PolicyUnavailable as exc:
+            return self._deny(sock, conn, exc.reason)
+        policy = conn.policy = verified.policy
+
+        now = time.monotonic()
+        learned = self.resolved.names_for(flow.job_id, conn.dst, now)
+        peeked = Peeked(b"")
+        decision = tier2.address_precheck(
+            policy, conn.dst, conn.dport, fleet_ranges=ctx.fleet_ranges
+        )
+        if decision is None:
+            by_address = match_address(policy, conn.dst, conn.dport, fleet_ranges=ctx.fleet_ranges)
+            if by_address.allowed:
+                decision = by_address
+        if decision is None:
+            peeked = await peek_client(sock, timeout_s=self.peek_timeout_s)
+            decision = await self._decide(policy, conn, peeked, learned)
+        if conn.host is None:
+            conn.host = min(learned) if learned else None
+
+        outcome = tier2.apply_mode(policy, decision)
+        conn.reason = decision.reason
+        conn.would_deny = outcome.would_deny
+        if not outcome.allowed:
+            return self._deny(sock, conn, decision.reason)
+        conn.verdict = audit.VERDICT_ALLOW
+
+        upstream = await self._connect(conn)
+        if upstream is None:
+            conn.reason = UPSTREAM_CONNECT_FAILED
+            reset(sock)
+            return None
+        conn.relaying = True
+        await relay(
+            sock,
+            upstream,
+            first_up=peeked.data,
+            count_up=self._metrics.bytes.labels(direction=UP).inc,
+            count_down=self._metrics.bytes.labels(direction=DOWN).inc,
+            stats=conn.relay,
+            scratch=self._scratch,
+        )
+        return None
+
+    async def _decide(
+        self,
+        policy: Policy,
+        conn: _Conn,
+        peeked: Peeked,
+        learned: set[str],
+    ) -> Decision:
+        claim = tier2.claimed_host(peeked.sni, peeked.http_host)
+        conn.host = claim.name or claim.raw
+        proxy_ips: set[IPv4Address] = set()
+        if (
+            claim.name is not None
+            and peeked.sniff_error is None
+            and tier2.needs_resolution(
+                policy, name=claim.name, dst_port=conn.dport, resolved_names=learned
+            )
+        ):
+            proxy_ips = await self.resolver.resolve_a(
+                claim.name, fleet_ranges=self.ctx.fleet_ranges
+            )
+        return tier2.decide_connection(
+            policy,
+            dst_ip=conn.dst,
+            dst_port=conn.dport,
+            sni=peeked.sni,
+            http_host=peeked.http_host,
+            resolved_names=learned,
+            proxy_resolves=proxy_ips,
+            fleet_ranges=self.ctx.fleet_ranges,
+            sniff_error=peeked.sniff_error,
+        )
+
+    async def _connect(self, conn: _Conn) -> socket.socket | None:
+        loop = asyncio.get_running_loop()
+        upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            upstream.setblocking(False)
+            # Pick the source port at connect(), per 4-tuple, not at bind():
+            # otherwise every upstream connection needs its own egress port.
+            with contextlib.suppress(OSError):
+                upstream.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            upstream.bind((str(self.ctx.identity.egress), 0))
+            async with asyncio.timeout(self.connect_timeout_s):
+                await loop.sock_connect(upstream, (str(conn.dst), conn.dport))
+        except (OSError, TimeoutError) as exc:
+            upstream.close()
+            # The audit line says upstream_connect_failed; this says why.
+            log.debug("upstream_connect_error", dst=str(conn.dst), port=conn.dport, error=repr(exc))
+            return None
+        except BaseException:
+            upstream.close()
+            raise
+        return upstream
+
+    def _deny(self, sock: socket.socket, conn: _Conn, reason: str) -> None:
+        conn.verdict = audit.VERDICT_DENY
+        conn.reason = reason
+        reset(sock)
+
+    def _finish(self, conn: _Conn) -> None:
+        self._metrics.connections.labels(verdict=conn.verdict, reason=conn.reason).inc()
+        flow, policy = conn.flow, conn.policy
+        audit.emit(
+            self.ctx.audit,
+            audit.connection_event(
+                job_id=None if flow is None else flow.job_id,
+                account=None if policy is None else policy.account,
+                node=None if flow is None else flow.node,
+                proxy=self.ctx.identity.name,
+                src=conn.src,
+                sport=conn.sport,
+                dst=conn.dst,
+                port=conn.dport,
+                host=conn.host,
+                verdict=conn.verdict,
+                reason=conn.reason,
+                mode=None if policy is None else policy.mode,
+                would_deny=conn.would_deny,
+                bytes_up=conn.relay.bytes_up,
+                bytes_down=conn.relay.bytes_down,
+                duration_ms=(time.monotonic() - conn.started) * 1000.0,
+            ),
+        )
+
+
+async def start_interceptor(
+    ctx: ProxyContext,
+    resolved: ResolvedNames,
+    *,
+    listen: tuple[str, int],
+    peek_timeout_s: float = DEFAULT_PEEK_TIMEOUT_S,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    resolver: UpstreamResolver | None = None,
+    upstream_dns_port: int = DNS_PORT,
+) -> Interceptor:
+    """Bind the transparent listener on `listen` and start accepting; `close()` stops it."""
+    if resolver is None:
+        resolver = UpstreamResolver(
+            ctx.upstream_resolver, source=ctx.identity.egress, port=upstream_dns_port
+        )
+    interceptor = Interceptor(
+        ctx,
+        resolved,
+        listen=listen,
+        resolver=resolver,
+        peek_timeout_s=peek_timeout_s,
+        connect_timeout_s=connect_timeout_s,
+    )
+    await interceptor.start()
+    return interceptor
+
+
+__all__ = ["Interceptor", "Peeked", "peek_client", "start_interceptor"]

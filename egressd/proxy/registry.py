@@ -1,0 +1,279 @@
+"""The proxy's view of the node registry, refreshed from the control plane.
+
+A proxy accepts GENEVE only from registered node addresses and routes return
+packets to the node whose sandbox CIDR holds the destination, so it keeps two
+indexes of `GET /v1/nodes` (`{"nodes": [{"name", "underlay", "sandbox_cidr"}]}`):
+
+* `node_by_underlay(ip)`: a dict keyed by the address *string*, because that
+  is what `recvfrom` returns (no `ipaddress` object per packet);
+* `node_for_sandbox(ip)`: per prefix length, a dict from network address (an
+  int) to the node; the control plane keeps node CIDRs disjoint, so at most
+  one prefix length can match, and the loop is over the distinct prefix
+  lengths in use (usually one).
+
+Each refresh builds a new `NodeView` and swaps it in with one assignment: the
+packet path always sees a whole view, never a half-updated one.
+
+Failure handling: a failed refresh (control plane unreachable, HTTP error, a
+body that is not the expected shape) keeps the last good view and is counted
+(`egressd_registry_refresh_total{result}`) and logged when the state changes
+(not every 2 s). One invalid entry in an otherwise good answer is skipped and
+logged; the rest of the answer is used. Readiness is "at least one successful
+fetch": until then the proxy knows no node and would drop everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import aiohttp
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+IPv4Address = ipaddress.IPv4Address
+IPv4Network = ipaddress.IPv4Network
+
+NODES_PATH = "/v1/nodes"
+FETCH_TIMEOUT_S = 2.0
+MAX_BODY_BYTES = 4 * 1024 * 1024
+REFRESH_RESULTS = ("ok", "http_error", "unreachable", "bad_response")
+
+log = structlog.get_logger("egressd.proxy.registry")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEntry:
+    """A registered node; `cidr_base`/`cidr_mask` are the CIDR as ints for the packet path."""
+
+    name: str
+    underlay: IPv4Address
+    sandbox_cidr: IPv4Network
+    underlay_str: str = field(init=False)
+    cidr_base: int = field(init=False)
+    cidr_mask: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "underlay_str", str(self.underlay))
+        object.__setattr__(self, "cidr_base", int(self.sandbox_cidr.network_address))
+        object.__setattr__(self, "cidr_mask", int(self.sandbox_cidr.netmask))
+
+    def owns(self, ip: int) -> bool:
+        """Whether the address (an int) is in this node's sandbox CIDR."""
+        return ip & self.cidr_mask == self.cidr_base
+
+
+class NodeView:
+    """An immutable snapshot of the registry with both indexes."""
+
+    __slots__ = ("_by_underlay", "_by_prefix", "nodes")
+
+    def __init__(self, nodes: Iterable[NodeEntry]) -> None:
+        self.nodes: tuple[NodeEntry, ...] = tuple(nodes)
+        by_underlay: dict[str, NodeEntry] = {}
+        by_prefix: dict[int, dict[int, NodeEntry]] = {}
+        for node in self.nodes:
+            by_underlay[node.underlay_str] = node
+            by_prefix.setdefault(node.sandbox_cidr.prefixlen, {})[node.cidr_base] = node
+        self._by_underlay: Mapping[str, NodeEntry] = MappingProxyType(by_underlay)
+        # Longest prefix first, as a tuple of (mask, table) for the packet path.
+        self._by_prefix: tuple[tuple[int, dict[int, NodeEntry]], ...] = tuple(
+            ((0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF, table)
+            for plen, table in sorted(by_prefix.items(), reverse=True)
+        )
+
+    def node_by_underlay(self, ip: str | IPv4Address) -> NodeEntry | None:
+        return self._by_underlay.get(ip if type(ip) is str else str(ip))
+
+    def node_for_sandbox(self, ip: int | str | IPv4Address) -> NodeEntry | None:
+        addr = ip if type(ip) is int else int(IPv4Address(ip))
+        for mask, table in self._by_prefix:
+            node = table.get(addr & mask)
+            if node is not None:
+                return node
+        return None
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+EMPTY_VIEW = NodeView(())
+
+
+class RegistryError(Exception):
+    """A refresh that failed; `result` is the counter label."""
+
+    def __init__(self, result: str, detail: str) -> None:
+        super().__init__(detail)
+        self.result = result
+        self.detail = detail
+
+
+def parse_nodes(body: object) -> tuple[list[NodeEntry], list[str]]:
+    """Entries of a `GET /v1/nodes` answer, and one problem string per skipped entry.
+
+    Raises RegistryError("bad_response") when the answer itself has the wrong shape.
+    """
+    if not isinstance(body, Mapping) or not isinstance(body.get("nodes"), list):
+        raise RegistryError("bad_response", "answer is not {\"nodes\": [...]}")
+    entries: list[NodeEntry] = []
+    problems: list[str] = []
+    seen_underlay: set[IPv4Address] = set()
+    for index, item in enumerate(body["nodes"]):
+        try:
+            if not isinstance(item, Mapping):
+                raise ValueError("not an object")
+            name, underlay, cidr = item.get("name"), item.get("underlay"), item.get("sandbox_cidr")
+            if not isinstance(name, str) or not isinstance(underlay, str) or not isinstance(cidr, str):
+                raise ValueError("name, underlay and sandbox_cidr must be strings")
+            entry = NodeEntry(name, IPv4Address(underlay), IPv4Network(cidr, strict=True))
+        except ValueError as exc:
+            problems.append(f"nodes[{index}]: {exc}")
+            continue
+        overlap = next((e for e in entries if e.sandbox_cidr.overlaps(entry.sandbox_cidr)), None)
+        if entry.underlay in seen_underlay or overlap is not None:
+            # The control plane refuses collisions; if one shows up anyway, the
+            # first wins rather than the return path becoming ambiguous.
+            problems.append(f"nodes[{index}] ({name}): underlay or sandbox_cidr collides")
+            continue
+        seen_underlay.add(entry.underlay)
+        entries.append(entry)
+    return entries, problems
+
+
+async def read_json_body(response: aiohttp.ClientResponse, limit: int) -> object:
+    """The response body decoded as JSON; ValueError when longer than `limit` or not JSON."""
+    if (response.content_length or 0) > limit:
+        raise ValueError(f"body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return json.loads(b"".join(chunks))
+
+
+class NodeRegistry:
+    """The node registry, refreshed every `refresh_s` by a named task."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        control_url: str,
+        *,
+        refresh_s: float,
+        metrics: CollectorRegistry,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._url = control_url.rstrip("/") + NODES_PATH
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self.view: NodeView = EMPTY_VIEW
+        self.last_success: float | None = None
+        self._failing = False
+        self._task: asyncio.Task[None] | None = None
+        self._refreshes = Counter(
+            "egressd_registry_refresh_total",
+            "Node registry refreshes from the control plane, by result",
+            ["result"],
+            registry=metrics,
+        )
+        for result in REFRESH_RESULTS:
+            self._refreshes.labels(result)
+        Gauge(
+            "egressd_registry_nodes", "Nodes in the proxy's registry view", registry=metrics
+        ).set_function(lambda: len(self.view))
+        Gauge(
+            "egressd_registry_age_seconds",
+            "Seconds since the last successful registry refresh (-1: never)",
+            registry=metrics,
+        ).set_function(self._age)
+
+    # --- the packet path's lookups -------------------------------------------------
+
+    def node_by_underlay(self, ip: str | IPv4Address) -> NodeEntry | None:
+        return self.view.node_by_underlay(ip)
+
+    def node_for_sandbox(self, ip: int | str | IPv4Address) -> NodeEntry | None:
+        return self.view.node_for_sandbox(ip)
+
+    @property
+    def ready(self) -> bool:
+        return self.last_success is not None
+
+    def _age(self) -> float:
+        return -1.0 if self.last_success is None else self._clock() - self.last_success
+
+    # --- refreshing ----------------------------------------------------------------
+
+    async def refresh(self) -> bool:
+        """Fetch once; on success swap the view in. Never raises for a failed fetch."""
+        try:
+            entries, problems = parse_nodes(await self._fetch())
+        except RegistryError as exc:
+            self._refreshes.labels(exc.result).inc()
+            if not self._failing:
+                log.warning(
+                    "registry_refresh_failed",
+                    result=exc.result,
+                    detail=exc.detail,
+                    keeping_nodes=len(self.view),
+                )
+            self._failing = True
+            return False
+        self._refreshes.labels("ok").inc()
+        for problem in problems:
+            log.warning("registry_entry_skipped", detail=problem)
+        old = self.view
+        new = NodeView(entries)
+        self.view = new
+        self.last_success = self._clock()
+        if self._failing or old.nodes != new.nodes or old is EMPTY_VIEW:
+            log.info(
+                "registry_refreshed",
+                nodes=[f"{n.name}={n.underlay}/{n.sandbox_cidr}" for n in new.nodes],
+                recovered=self._failing,
+            )
+        self._failing = False
+        return True
+
+    async def _fetch(self) -> object:
+        timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S)
+        try:
+            async with self._session.get(self._url, timeout=timeout) as response:
+                if response.status != 200:
+                    raise RegistryError("http_error", f"GET {self._url}: HTTP {response.status}")
+                return await read_json_body(response, MAX_BODY_BYTES)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise RegistryError("unreachable", f"GET {self._url}: {exc!r}") from exc
+        except ValueError as exc:
+            raise RegistryError("bad_response", f"GET {self._url}: {exc}") from exc
+
+    async def _run(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self._refresh_s)
+
+    def start(self) -> asyncio.Task[None]:
+        """Start the refresh loop (first fetch right away) as a named task."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="proxy-registry-refresh"
+            )
+        return self._task
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

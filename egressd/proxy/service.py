@@ -1,0 +1,334 @@
+"""`egressd proxy serve`: wire the data plane and tier 2 together and run them.
+
+Start-up, in this order (each step's undo is pushed on an exit stack, so a
+failure half-way, SIGTERM or SIGINT all unwind exactly what was done):
+
+1. the trusted public keys from `keys_dir` (never from the network);
+2. the admin listener on `underlay:admin_port` (`/healthz` answers from here
+   on; `/readyz` says 503 with the reasons until everything below is up);
+3. the HTTP client session, the node registry (refresh task), the policy
+   store, the flow table (sweeper task), the names tier 2 learns from DNS
+   (prune task), and the `ProxyContext` that tier 2 shares;
+4. tier 2's listeners: the transparent TCP interceptor on
+   `127.0.0.1:tproxy_tcp_port` and the DNS responder on
+   `127.0.0.1:tproxy_dns_port` (bound before any packet can be TPROXYed to them);
+5. the TUN `gnv0` (up, MTU `mtu`);
+6. nftables, policy routing and sysctls (`egressd.proxy.nft`), checked after
+   install and every `NFT_CHECK_INTERVAL_S` afterwards (re-installed, with an
+   error log, if someone removed them);
+7. the GENEVE socket on `underlay:geneve_port` and both packet readers.
+
+Ready (`/readyz` 200) = TUN up, nftables installed, the registry fetched at
+least once, the interceptor, DNS responder and GENEVE socket bound.
+
+Stop (SIGTERM, SIGINT) unwinds in reverse: the GENEVE socket closes first
+(no new packets), then the nftables table, rule and routes go, the TUN is
+closed (the kernel removes the device), the listeners close (their
+connections are reset), the background tasks are cancelled, and the admin
+listener closes last. Exit code 0.
+
+Every task is named and kept by its owner; the service keeps its own
+(`proxy-nft-watch`, `proxy-resolved-prune`) in `self._tasks`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+import structlog
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from egressd.admin import AdminServer, start_admin
+from egressd.errors import EgressdError
+from egressd.net.tun import Tun, TunError, open_tun
+from egressd.policy.errors import KeyFileError
+from egressd.policy.keys import load_trusted_keys
+from egressd.proxy import dns, intercept
+from egressd.proxy.config import ProxyConfig
+from egressd.proxy.context import ProxyContext, ProxyIdentity
+from egressd.proxy.flows import FlowTable
+from egressd.proxy.nft import NftError, NftSpec, ProxyNetfilter
+from egressd.proxy.policies import PolicyStore
+from egressd.proxy.registry import NodeRegistry
+from egressd.proxy.resolved import ResolvedNames
+from egressd.proxy.tunnel import GeneveTunnel
+
+NFT_CHECK_INTERVAL_S = 10.0
+RESOLVED_PRUNE_INTERVAL_S = 30.0
+LISTEN_HOST = "127.0.0.1"
+
+log = structlog.get_logger("egressd.proxy")
+
+
+class ProxyStartupError(EgressdError):
+    """The proxy cannot start: `keys`, `tun`, `nft`, `bind_failed`; `detail` is one line."""
+
+
+class ProxyService:
+    """One proxy: every part, started and stopped in order (see the module docstring)."""
+
+    def __init__(self, config: ProxyConfig, *, metrics: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else CollectorRegistry()
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.admin: AdminServer | None = None
+        self.registry: NodeRegistry | None = None
+        self.policies: PolicyStore | None = None
+        self.flows: FlowTable | None = None
+        self.resolved: ResolvedNames | None = None
+        self.ctx: ProxyContext | None = None
+        self.interceptor: intercept.Interceptor | None = None
+        self.dns: dns.DnsResponder | None = None
+        self.tun: Tun | None = None
+        self.netfilter: ProxyNetfilter | None = None
+        self.nft_ok = False
+        self.tunnel: GeneveTunnel | None = None
+        self.stopping = False
+
+    # --- readiness -----------------------------------------------------------------
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        if self.stopping:
+            reasons.append("stopping")
+        if self.tun is None or self.tun.closed:
+            reasons.append("tun_down")
+        if not self.nft_ok:
+            reasons.append("nft_not_installed")
+        if self.registry is None or not self.registry.ready:
+            reasons.append("registry_not_fetched")
+        if self.interceptor is None or self.dns is None:
+            reasons.append("listeners_not_bound")
+        if self.tunnel is None or self.tunnel.bound is None:
+            reasons.append("geneve_not_bound")
+        return reasons
+
+    def ready(self) -> bool:
+        return not self.not_ready_reasons()
+
+    # --- start ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        stack = self._stack
+        try:
+            trusted = await asyncio.to_thread(load_trusted_keys, config.keys_dir)
+        except KeyFileError as exc:
+            raise ProxyStartupError("keys", f"{exc.reason}: {exc.detail}") from exc
+
+        self.admin = await start_admin(
+            self.metrics,
+            host=config.admin_host,
+            port=config.admin_port,
+            ready=self.ready,
+            reasons=self.not_ready_reasons,
+        )
+        stack.push_async_callback(self._closing("admin", self.admin.close))
+
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64), trust_env=False
+        )
+        stack.push_async_callback(self._closing("http_session", session.close))
+
+        self.registry = NodeRegistry(
+            session, config.control_url, refresh_s=config.node_refresh_s, metrics=self.metrics
+        )
+        self.registry.start()
+        stack.push_async_callback(self._closing("registry", self.registry.close))
+
+        self.policies = PolicyStore(
+            session, config.control_url, trusted, metrics=self.metrics, keys_dir=config.keys_dir
+        )
+        stack.push_async_callback(self._closing("policies", self.policies.close))
+
+        self.flows = FlowTable(
+            idle_s=config.flow_idle_s, max_flows=config.max_flows, metrics=self.metrics
+        )
+        self.flows.start()
+        stack.push_async_callback(self._closing("flows", self.flows.close))
+
+        self.resolved = ResolvedNames()
+        self._spawn(self._prune_resolved(self.resolved), "proxy-resolved-prune")
+        stack.push_async_callback(self._cancel_tasks)
+
+        self.ctx = ProxyContext(
+            identity=ProxyIdentity(name=config.name, underlay=config.underlay, egress=config.egress),
+            flows=self.flows,
+            policies=self.policies,
+            fleet_ranges=config.fleet_ranges,
+            upstream_resolver=config.upstream_resolver,
+            registry=self.metrics,
+            audit=structlog.get_logger("egressd.proxy.audit").bind(component="proxy"),
+        )
+
+        try:
+            self.interceptor = await intercept.start_interceptor(
+                self.ctx, self.resolved, listen=(LISTEN_HOST, config.tproxy_tcp_port)
+            )
+            stack.push_async_callback(self._closing("interceptor", self.interceptor.close))
+            self.dns = await dns.start_dns(
+                self.ctx, self.resolved, listen=(LISTEN_HOST, config.tproxy_dns_port)
+            )
+            stack.push_async_callback(self._closing("dns", self.dns.close))
+        except OSError as exc:
+            raise ProxyStartupError(
+                "bind_failed", f"tier 2 listener on {LISTEN_HOST}: {exc.strerror or exc}"
+            ) from exc
+
+        try:
+            self.tun = open_tun(config.tun, mtu=config.mtu)
+        except TunError as exc:
+            raise ProxyStartupError("tun", f"{exc.reason}: {exc.detail}") from exc
+        stack.callback(self.tun.close)
+
+        self.netfilter = ProxyNetfilter(
+            NftSpec(
+                tun=self.tun.name,
+                resolver=config.resolver,
+                tproxy_tcp_port=config.tproxy_tcp_port,
+                tproxy_dns_port=config.tproxy_dns_port,
+                sandbox_supernet=config.sandbox_supernet,
+                listen_host=LISTEN_HOST,
+            )
+        )
+        stack.push_async_callback(self._remove_netfilter)
+        try:
+            await asyncio.to_thread(self.netfilter.ensure)
+        except NftError as exc:
+            raise ProxyStartupError("nft", f"{exc.reason}: {exc.detail}") from exc
+        self.nft_ok = True
+        self._spawn(self._watch_netfilter(self.netfilter), "proxy-nft-watch")
+        stack.push_async_callback(self._cancel_tasks)  # the watch stops before the removal
+
+        self.tunnel = GeneveTunnel(
+            listen=(str(config.underlay), config.geneve_port),
+            vni=config.vni,
+            tun=self.tun,
+            nodes=self.registry,
+            policies=self.policies,
+            flows=self.flows,
+            metrics=self.metrics,
+        )
+        try:
+            self.tunnel.start()
+        except OSError as exc:
+            raise ProxyStartupError(
+                "bind_failed",
+                f"GENEVE socket {config.underlay}:{config.geneve_port}: {exc.strerror or exc}",
+            ) from exc
+        stack.push_async_callback(self._closing("tunnel", self.tunnel.close))
+
+        log.info(
+            "proxy_started",
+            name=config.name,
+            underlay=str(config.underlay),
+            egress=str(config.egress),
+            geneve_port=config.geneve_port,
+            admin=f"{self.admin.host}:{self.admin.port}",
+            tun=self.tun.name,
+            mtu=config.mtu,
+            tproxy_tcp=f"{LISTEN_HOST}:{config.tproxy_tcp_port}",
+            tproxy_dns=f"{LISTEN_HOST}:{config.tproxy_dns_port}",
+            control_url=config.control_url,
+            trusted_kids=sorted(trusted.keys),
+        )
+
+    # --- stop ----------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Unwind everything started, in reverse order. Idempotent."""
+        self.stopping = True
+        await self._stack.aclose()
+        self.tunnel = None
+        self.nft_ok = False
+
+    def _closing(self, what: str, close: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            try:
+                await close()
+            except (OSError, EgressdError) as exc:
+                log.error("stop_step_failed", step=what, error=str(exc))
+
+        return run
+
+    async def _remove_netfilter(self) -> None:
+        self.nft_ok = False
+        if self.netfilter is None:
+            return
+        failures = await asyncio.to_thread(self.netfilter.remove)
+        if failures:
+            log.error("nft_remove_incomplete", failures=failures)
+
+    # --- background tasks ----------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_netfilter(self, netfilter: ProxyNetfilter) -> None:
+        while not self.stopping:
+            await asyncio.sleep(NFT_CHECK_INTERVAL_S)
+            try:
+                problems = await asyncio.to_thread(netfilter.problems)
+                if problems:
+                    self.nft_ok = False
+                    log.error("nft_drift", problems=problems)
+                    await asyncio.to_thread(netfilter.ensure)
+                    log.info("nft_reinstalled")
+                self.nft_ok = True
+            except NftError as exc:
+                self.nft_ok = False
+                log.error("nft_check_failed", reason=exc.reason, detail=exc.detail)
+
+    async def _prune_resolved(self, resolved: ResolvedNames) -> None:
+        while True:
+            await asyncio.sleep(RESOLVED_PRUNE_INTERVAL_S)
+            resolved.prune(time.monotonic())
+
+
+async def serve(config: ProxyConfig, *, stop: asyncio.Event | None = None) -> None:
+    """Start the proxy and serve until `stop` is set or SIGTERM/SIGINT arrives."""
+    stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    service = ProxyService(config)
+    try:
+        await service.start()
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await service.stop()
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+    log.info("stopped")
+
+
+def run(config: ProxyConfig) -> int:
+    """`egressd proxy serve`: serve on uvloop until SIGTERM/SIGINT; exit code 0."""
+    uvloop.run(serve(config))
+    return 0

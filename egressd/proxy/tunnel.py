@@ -1,0 +1,487 @@
+"""The proxy's packet I/O: GENEVE in from nodes -> TUN, TUN -> GENEVE back to nodes.
+
+Receive path (DESIGN.md, packet path step 5): one non-blocking UDP socket
+bound to `(underlay, 6081)`, read with `loop.add_reader`; each wake-up reads
+datagrams with `recvfrom_into` into one preallocated buffer until `EAGAIN`
+(at most `batch` per wake-up, so the TUN side gets its turn). Each datagram
+goes through `endpoint.validate`; an accepted one records its flow and its
+inner packet is written to the TUN (`gnv0`), where nftables TPROXYs it to
+tier 2. Counters are updated once per batch, not once per packet.
+
+A datagram for a job without a cached policy is copied into a small
+per-job queue (`pending_per_job` datagrams, `pending_jobs` jobs at once);
+one task per job fetches the policy (`PolicyStore.get`, single-flight) and
+validates the held datagrams again. Unavailable: every held datagram is
+dropped with the `PolicyUnavailable` reason. Past the bounds: dropped as
+`policy_queue_full` (a SYN is retransmitted anyway). A job in the policy
+store's negative cache is dropped at once, without queueing.
+
+Return path: the kernel routes the sandbox supernet to `gnv0`; the TUN
+reader reads each packet into the same buffer right after a 36-byte gap,
+finds the node by the destination's sandbox CIDR and the flow by the
+reversed 5-tuple (`FlowTable.reverse`), copies that flow's GENEVE header
+(job id + digest as the node sent them, cached on the flow) into the gap and
+sends header + packet to the node's underlay address, port 6081, in one
+`sendto`. ICMP errors the kernel generates for a sandbox packet (port
+unreachable, fragmentation needed, time exceeded) go back under the flow of
+the packet they quote.
+
+A packet without a flow is dropped (`no_flow`), TCP resets included. The
+alternative, sending such packets with a zero job id, would make every agent
+accept packets that no verified flow stands behind; a reset for a flow the
+proxy never saw (or forgot after `flow_idle_s` of silence) is not worth that
+hole: the sandbox's TCP stack times the connection out instead.
+
+Drops are counted by reason: `egressd_geneve_rx_dropped_total{reason}` on the
+receive path (every reason pre-registered) and
+`egressd_tun_tx_dropped_total{reason}` for packets the kernel sent to
+`gnv0` that could not be returned. Malformed input never raises past the
+loop: `validate` returns a value for any bytes, and the return path checks
+lengths before every unpack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+
+from egressd.geneve.codec import PREFIX_LEN, header_for
+from egressd.net.tun import Tun
+from egressd.proxy.context import FlowInfo, PolicyUnavailable
+from egressd.proxy.endpoint import ENDPOINT_REASONS, Accepted, Dropped, validate
+from egressd.proxy.flows import Flow, FlowTable
+from egressd.proxy.policies import PolicyStore
+from egressd.proxy.registry import NodeRegistry, NodeView
+
+POLICY_REASONS = ("policy_missing", "policy_unverifiable", "policy_expired", "control_unreachable")
+RX_DROP_REASONS: tuple[str, ...] = (
+    *ENDPOINT_REASONS,
+    *POLICY_REASONS,
+    "policy_queue_full",
+    "flow_table_full",
+    "tun_write_failed",
+)
+TUN_DROP_REASONS: tuple[str, ...] = (
+    "not_ipv4",
+    "malformed",
+    "no_node",
+    "proto_not_allowed",
+    "no_flow",
+    "send_buffer_full",
+    "send_failed",
+    "read_failed",
+)
+
+DEFAULT_BATCH = 256
+RX_BUFFER_BYTES = 65536
+SOCKET_BUFFER_BYTES = 8 * 1024 * 1024
+MAX_INFO_CACHE = 65536
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+ICMP_ERROR_TYPES = frozenset({3, 11, 12})  # unreachable, time exceeded, parameter problem
+
+_IPV4 = struct.Struct("!B5xHxB2xII")  # ver_ihl, frag, proto, src, dst
+_PORTS = struct.Struct("!HH")
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+log = structlog.get_logger("egressd.proxy.tunnel")
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelLimits:
+    batch: int = DEFAULT_BATCH
+    pending_per_job: int = 16
+    pending_jobs: int = 1024
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rx_packets = Counter(
+            "egressd_geneve_rx_packets_total", "GENEVE datagrams received", registry=registry
+        )
+        self.rx_bytes = Counter(
+            "egressd_geneve_rx_bytes_total", "GENEVE datagram bytes received", registry=registry
+        )
+        rx_dropped = Counter(
+            "egressd_geneve_rx_dropped_total",
+            "GENEVE datagrams dropped, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.rx_dropped = {reason: rx_dropped.labels(reason) for reason in RX_DROP_REASONS}
+        self._rx_dropped = rx_dropped
+        self.tun_written = Counter(
+            "egressd_tun_rx_packets_total",
+            "Inner packets written to the TUN (accepted GENEVE)",
+            registry=registry,
+        )
+        self.tx_packets = Counter(
+            "egressd_geneve_tx_packets_total",
+            "GENEVE datagrams sent back to nodes",
+            registry=registry,
+        )
+        self.tx_bytes = Counter(
+            "egressd_geneve_tx_bytes_total", "GENEVE datagram bytes sent", registry=registry
+        )
+        tun_dropped = Counter(
+            "egressd_tun_tx_dropped_total",
+            "Packets the kernel sent to the TUN that were not returned to a node, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.tun_dropped = {reason: tun_dropped.labels(reason) for reason in TUN_DROP_REASONS}
+        self.digest_mismatch = Counter(
+            "egressd_geneve_digest_mismatch_total",
+            "Accepted datagrams whose policy digest differs from the proxy's verified policy",
+            registry=registry,
+        )
+
+    def rx_drop(self, reason: str, count: int = 1) -> None:
+        child = self.rx_dropped.get(reason)
+        if child is None:  # a reason nobody pre-registered: still counted
+            child = self.rx_dropped[reason] = self._rx_dropped.labels(reason)
+        child.inc(count)
+
+
+class GeneveTunnel:
+    """GENEVE endpoint <-> TUN; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        listen: tuple[str, int],
+        vni: int,
+        tun: Tun,
+        nodes: NodeRegistry,
+        policies: PolicyStore,
+        flows: FlowTable,
+        metrics: CollectorRegistry,
+        limits: TunnelLimits = TunnelLimits(),
+        clock: Callable[[], float] = time.monotonic,
+        peer_port: int | None = None,
+    ) -> None:
+        """`peer_port`: the nodes' GENEVE port (default: the port we listen on, 6081)."""
+        self.listen = listen
+        self._vni = vni
+        self._tun = tun
+        self._nodes = nodes
+        self._policies = policies
+        self._flows = flows
+        self._limits = limits
+        self._clock = clock
+        self._m = _Metrics(metrics)
+        self._peer_port = listen[1] if peer_port is None else peer_port
+        self._sock: socket.socket | None = None
+        self._tun_fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rx_buf = bytearray(RX_BUFFER_BYTES)
+        self._rx_view = memoryview(self._rx_buf)
+        self._tx_buf = bytearray(PREFIX_LEN + RX_BUFFER_BYTES)
+        self._tx_view = memoryview(self._tx_buf)
+        self._tx_inner = self._tx_view[PREFIX_LEN:]
+        # (job id bytes, digest, node name) -> (FlowInfo, GENEVE header): one of each per job.
+        self._infos: dict[tuple[bytes, bytes, str], tuple[FlowInfo, bytes]] = {}
+        self._job_ids: dict[bytes, uuid.UUID] = {}
+        self._pending: dict[uuid.UUID, list[tuple[bytes, str]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._drops: dict[str, int] = {}
+
+    @property
+    def bound(self) -> tuple[str, int] | None:
+        return self._sock.getsockname() if self._sock is not None else None
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the GENEVE socket and register both readers on the running loop."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            _grow_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF)
+            _grow_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF)
+            sock.bind(self.listen)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._tun_fd = self._tun.fd
+        self._loop = loop
+        loop.add_reader(sock.fileno(), self._on_geneve_readable)
+        loop.add_reader(self._tun_fd, self._on_tun_readable)
+        log.info("tunnel_started", listen=f"{self.listen[0]}:{self.listen[1]}", tun=self._tun.name)
+
+    async def close(self) -> None:
+        """Stop reading, close the socket, drop what is held for policies. Idempotent."""
+        loop, self._loop = self._loop, None
+        sock, self._sock = self._sock, None
+        if loop is not None:
+            if sock is not None:
+                loop.remove_reader(sock.fileno())
+            if self._tun_fd >= 0:
+                loop.remove_reader(self._tun_fd)
+        self._tun_fd = -1
+        if sock is not None:
+            sock.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._pending.clear()
+
+    # --- receive path --------------------------------------------------------------
+
+    def _on_geneve_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        recv = sock.recvfrom_into
+        buf = self._rx_buf
+        view = self._rx_view
+        nodes = self._nodes.view
+        vni = self._vni
+        lookup = self._policies.cached
+        job_ids = self._job_ids
+        drops = self._drops
+        now = self._clock()
+        received = 0
+        nbytes = 0
+        written = 0
+        try:
+            for _ in range(self._limits.batch):
+                try:
+                    n, addr = recv(buf)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # e.g. ENOMEM; the next wake-up retries
+                    log.warning("geneve_recv_failed", error=str(exc))
+                    break
+                received += 1
+                nbytes += n
+                result = validate(
+                    view[:n], addr[0], nodes=nodes, vni=vni, policy_lookup=lookup, job_ids=job_ids
+                )
+                if isinstance(result, Accepted):
+                    written += self._forward(result, now)
+                elif isinstance(result, Dropped):
+                    reason = result.reason
+                    drops[reason] = drops.get(reason, 0) + 1
+                else:
+                    self._hold(result.job_id, bytes(view[:n]), addr[0])
+        finally:
+            m = self._m
+            if received:
+                m.rx_packets.inc(received)
+                m.rx_bytes.inc(nbytes)
+            if written:
+                m.tun_written.inc(written)
+            if drops:
+                self._flush_drops()
+
+    def _flush_drops(self) -> None:
+        for reason, count in self._drops.items():
+            self._m.rx_drop(reason, count)
+        self._drops.clear()
+
+    def _forward(self, acc: Accepted, now: float) -> int:
+        """Record the flow and write the inner packet to the TUN; 1 if written."""
+        job = acc.job
+        key = (job.job_id, job.digest, acc.node.name)
+        cached = self._infos.get(key)
+        if cached is None:
+            if len(self._infos) >= MAX_INFO_CACHE:
+                self._infos.clear()
+            cached = (FlowInfo(acc.job_id, job.digest, acc.node.name), header_for(self._vni, job))
+            self._infos[key] = cached
+        info, header = cached
+        drops = self._drops
+        if not self._flows.record(
+            acc.src, acc.sport, acc.dst, acc.dport, acc.proto, info, now, header
+        ):
+            drops["flow_table_full"] = drops.get("flow_table_full", 0) + 1
+            return 0
+        if acc.digest_mismatch:
+            self._m.digest_mismatch.inc()
+            self._policies.request_refresh(acc.job_id)
+        try:
+            os.write(self._tun_fd, acc.inner)
+        except OSError:
+            drops["tun_write_failed"] = drops.get("tun_write_failed", 0) + 1
+            return 0
+        return 1
+
+    def _hold(self, job_id: uuid.UUID, datagram: bytes, src_ip: str) -> None:
+        drops = self._drops
+        reason = self._policies.negative(job_id)
+        if reason is not None:
+            drops[reason] = drops.get(reason, 0) + 1
+            return
+        held = self._pending.get(job_id)
+        if held is None:
+            if len(self._pending) >= self._limits.pending_jobs or self._loop is None:
+                drops["policy_queue_full"] = drops.get("policy_queue_full", 0) + 1
+                return
+            held = self._pending[job_id] = []
+            task = self._loop.create_task(
+                self._await_policy(job_id), name=f"proxy-tunnel-await-policy-{job_id}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if len(held) >= self._limits.pending_per_job:
+            drops["policy_queue_full"] = drops.get("policy_queue_full", 0) + 1
+            return
+        held.append((datagram, src_ip))
+
+    async def _await_policy(self, job_id: uuid.UUID) -> None:
+        try:
+            await self._policies.get(job_id)
+            reason = None
+        except PolicyUnavailable as exc:
+            reason = exc.reason
+        held = self._pending.pop(job_id, [])
+        if not held or self._sock is None:
+            return
+        if reason is not None:
+            self._m.rx_drop(reason, len(held))
+            return
+        nodes = self._nodes.view
+        now = self._clock()
+        written = 0
+        drops = self._drops
+        for datagram, src_ip in held:
+            result = validate(
+                datagram,
+                src_ip,
+                nodes=nodes,
+                vni=self._vni,
+                policy_lookup=self._policies.cached,
+                job_ids=self._job_ids,
+            )
+            if isinstance(result, Accepted):
+                written += self._forward(result, now)
+            elif isinstance(result, Dropped):
+                drops[result.reason] = drops.get(result.reason, 0) + 1
+            else:  # verified a moment ago, unusable now (expired in between)
+                drops["policy_expired"] = drops.get("policy_expired", 0) + 1
+        if written:
+            self._m.tun_written.inc(written)
+        self._flush_drops()
+
+    # --- return path ---------------------------------------------------------------
+
+    def _on_tun_readable(self) -> None:
+        sock = self._sock
+        fd = self._tun_fd
+        if sock is None or fd < 0:
+            return
+        inner = self._tx_inner
+        view = self._tx_view
+        send = sock.sendto
+        nodes = self._nodes.view
+        flows = self._flows
+        port = self._peer_port
+        drops = self._m.tun_dropped
+        now = self._clock()
+        sent = 0
+        nbytes = 0
+        dropped: dict[str, int] = {}
+        try:
+            for _ in range(self._limits.batch):
+                try:
+                    n = os.readv(fd, [inner])
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    log.warning("tun_read_failed", error=str(exc))
+                    dropped["read_failed"] = dropped.get("read_failed", 0) + 1
+                    break
+                if n == 0:
+                    break
+                reason, node_addr, header = self._route_back(inner, n, nodes, flows, now)
+                if reason is not None:
+                    dropped[reason] = dropped.get(reason, 0) + 1
+                    continue
+                view[:PREFIX_LEN] = header  # type: ignore[assignment]
+                try:
+                    send(view[: PREFIX_LEN + n], (node_addr, port))
+                except BlockingIOError:
+                    dropped["send_buffer_full"] = dropped.get("send_buffer_full", 0) + 1
+                    continue
+                except OSError:
+                    dropped["send_failed"] = dropped.get("send_failed", 0) + 1
+                    continue
+                sent += 1
+                nbytes += PREFIX_LEN + n
+        finally:
+            if sent:
+                self._m.tx_packets.inc(sent)
+                self._m.tx_bytes.inc(nbytes)
+            for reason, count in dropped.items():
+                drops[reason].inc(count)
+
+    @staticmethod
+    def _route_back(
+        pkt: memoryview, n: int, nodes: NodeView, flows: FlowTable, now: float
+    ) -> tuple[str | None, str, bytes]:
+        """(drop reason or None, node underlay address, GENEVE header) for one packet."""
+        if n < 20:
+            return "malformed", "", b""
+        ver_ihl, _frag, proto, src, dst = _IPV4.unpack_from(pkt, 0)
+        if ver_ihl >> 4 != 4:
+            return "not_ipv4", "", b""
+        ihl = (ver_ihl & 0x0F) << 2
+        if ihl < 20 or n < ihl:
+            return "malformed", "", b""
+        node = nodes.node_for_sandbox(dst)
+        if node is None:
+            return "no_node", "", b""
+        flow: Flow | None
+        if proto == PROTO_TCP or proto == PROTO_UDP:
+            if n < ihl + 4:
+                return "malformed", "", b""
+            sport, dport = _PORTS.unpack_from(pkt, ihl)
+            flow = flows.reverse(src, sport, dst, dport, proto, now)
+        elif proto == PROTO_ICMP and n >= ihl + 8 and pkt[ihl] in ICMP_ERROR_TYPES:
+            flow = _quoted_flow(pkt, n, ihl + 8, dst, flows)
+        else:
+            return "proto_not_allowed", "", b""
+        if flow is None:
+            return "no_flow", "", b""
+        header: bytes = flow.tag  # type: ignore[assignment]
+        return None, node.underlay_str, header
+
+
+def _quoted_flow(pkt: memoryview, n: int, q: int, dst: int, flows: FlowTable) -> Flow | None:
+    """The flow of the sandbox packet that an ICMP error (to `dst`) quotes at offset `q`."""
+    if n < q + 20:
+        return None
+    q_ver_ihl, _frag, q_proto, q_src, q_dst = _IPV4.unpack_from(pkt, q)
+    q_ihl = (q_ver_ihl & 0x0F) << 2
+    if q_ver_ihl >> 4 != 4 or q_ihl < 20 or q_src != dst or n < q + q_ihl + 4:
+        return None
+    if q_proto != PROTO_TCP and q_proto != PROTO_UDP:
+        return None
+    q_sport, q_dport = _PORTS.unpack_from(pkt, q + q_ihl)
+    return flows.get(q_src, q_sport, q_dst, q_dport, q_proto)
+
+
+def _grow_buffer(sock: socket.socket, force_opt: int, opt: int) -> None:
+    """Ask for a large socket buffer (FORCE needs CAP_NET_ADMIN; fall back to the capped one)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force_opt, SOCKET_BUFFER_BYTES)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)

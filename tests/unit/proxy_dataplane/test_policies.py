@@ -1,0 +1,481 @@
+"""The policy store and the node registry against a tiny fake control plane on 127.0.0.1.
+
+The fake serves `GET /v1/jobs/{job_id}/policy` and `GET /v1/nodes` from
+dicts the test fills, counts requests, can delay answers (single-flight) and
+also publishes a JWK set with a key the proxy does *not* trust (to show that
+the store never takes keys from the network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from egressd.policy.jws import policy_digest, sign_payload
+from egressd.policy.keys import SigningKey, TrustedKeys, generate_signing_key, jwks, write_key_dir
+from egressd.proxy.context import PolicySource, PolicyUnavailable
+from egressd.proxy.policies import PolicyStore
+from egressd.proxy.registry import NodeRegistry, parse_nodes
+
+T0 = 1_795_392_000.0
+TTL = 3600
+KEY = generate_signing_key()
+ROGUE = generate_signing_key()
+TRUSTED = TrustedKeys.of(KEY.public)
+JOB = uuid.UUID("2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2")
+OTHER = uuid.UUID("7d1b0e0a-1111-4a9a-9f55-1f0c5ac1d3e2")
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def token(
+    job_id: uuid.UUID = JOB,
+    *,
+    key: SigningKey = KEY,
+    iat: float = T0,
+    ttl: int = TTL,
+    nodes: tuple[str, ...] = ("node1",),
+) -> str:
+    return sign_payload(
+        {
+            "v": 1,
+            "job_id": str(job_id),
+            "account": "acme",
+            "nodes": list(nodes),
+            "iat": int(iat),
+            "nbf": int(iat),
+            "exp": int(iat) + ttl,
+            "egress": [{"host": "api.allowed.test", "ports": [443]}],
+        },
+        key,
+    )
+
+
+class FakeControl:
+    def __init__(self) -> None:
+        self.policies: dict[str, Any] = {}  # job id -> jws str, or an int status
+        self.nodes: Any = {"nodes": []}
+        self.hits: dict[str, int] = {}
+        self.delay = 0.0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def policy(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job_id"]
+        self.hits[job_id] = self.hits.get(job_id, 0) + 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        answer = self.policies.get(job_id, 404)
+        if isinstance(answer, int):
+            return web.json_response({"error": "x"}, status=answer)
+        if isinstance(answer, bytes):
+            return web.Response(body=answer, content_type="application/json")
+        return web.json_response(
+            {"job_id": job_id, "jws": answer, "digest": policy_digest(answer).hex(), "exp": 0}
+        )
+
+    async def list_nodes(self, _request: web.Request) -> web.Response:
+        self.hits["nodes"] = self.hits.get("nodes", 0) + 1
+        if isinstance(self.nodes, int):
+            return web.json_response({"error": "x"}, status=self.nodes)
+        return web.json_response(self.nodes)
+
+    async def keys(self, _request: web.Request) -> web.Response:
+        return web.json_response(jwks(TrustedKeys.of(ROGUE.public)))
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/v1/jobs/{job_id}/policy", self.policy)
+        app.router.add_get("/v1/nodes", self.list_nodes)
+        app.router.add_get("/v1/keys", self.keys)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@pytest.fixture
+async def control() -> AsyncIterator[FakeControl]:
+    fake = FakeControl()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+class Env:
+    def __init__(self, control: FakeControl, session: aiohttp.ClientSession, **kwargs: Any) -> None:
+        self.clock = Clock(T0 + 1)
+        self.mono = Clock(1000.0)
+        self.metrics = CollectorRegistry()
+        args: dict[str, Any] = {
+            "metrics": self.metrics,
+            "clock": self.clock,
+            "monotonic": self.mono,
+        }
+        args.update(kwargs)
+        self.store = PolicyStore(session, args.pop("url", control.url), args.pop("trusted", TRUSTED), **args)
+
+    def fetches(self, result: str) -> float:
+        return self.metrics.get_sample_value("egressd_policy_fetch_total", {"result": result}) or 0.0
+
+    def rejected(self, reason: str) -> float:
+        return self.metrics.get_sample_value("egressd_policy_rejected_total", {"reason": reason}) or 0.0
+
+
+async def settle() -> None:
+    """Let background fetches to the fake (on loopback) finish."""
+    for _ in range(10):
+        await asyncio.sleep(0.01)
+
+
+async def test_get_fetches_verifies_and_caches(control: FakeControl, session: aiohttp.ClientSession) -> None:
+    jws = token()
+    control.policies[str(JOB)] = jws
+    env = Env(control, session)
+    source: PolicySource = env.store
+    assert env.store.cached(JOB) is None
+    verified = await source.get(JOB)
+    assert verified.policy.job_id == JOB
+    assert verified.token == jws
+    assert verified.digest == policy_digest(jws)
+    assert verified.kid == KEY.kid
+    assert env.store.cached(JOB) is verified
+    assert await env.store.get(JOB) is verified
+    assert control.hits[str(JOB)] == 1
+    assert env.fetches("ok") == 1
+    assert env.metrics.get_sample_value("egressd_policy_cache_entries") == 1
+
+
+async def test_concurrent_gets_share_one_fetch(control: FakeControl, session: aiohttp.ClientSession) -> None:
+    control.policies[str(JOB)] = token()
+    control.delay = 0.2
+    env = Env(control, session)
+    results = await asyncio.gather(*(env.store.get(JOB) for _ in range(20)))
+    assert all(r is results[0] for r in results)
+    assert control.hits[str(JOB)] == 1
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_shared_fetch(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
+    control.policies[str(JOB)] = token()
+    control.delay = 0.2
+    env = Env(control, session)
+    impatient = asyncio.create_task(env.store.get(JOB))
+    patient = asyncio.create_task(env.store.get(JOB))
+    await asyncio.sleep(0.05)
+    impatient.cancel()
+    assert (await patient).policy.job_id == JOB
+    assert control.hits[str(JOB)] == 1
+
+
+async def test_404_is_policy_missing_and_negative_cached(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
+    env = Env(control, session)
+    for _ in range(3):
+        with pytest.raises(PolicyUnavailable) as info:
+            await env.store.get(JOB)
+        assert info.value.reason == "policy_missing"
+    assert control.hits[str(JOB)] == 1
+    assert env.store.negative(JOB) == "policy_missing"
+    env.mono.now += 2.5  # past the negative TTL
+    assert env.store.negative(JOB) is None
+    control.policies[str(JOB)] = token()
+    assert (await env.store.get(JOB)).policy.job_id == JOB
+    assert control.hits[str(JOB)] == 2
+    assert env.fetches("policy_missing") == 1
+
+
+@pytest.mark.parametrize("answer", [500, 503, b"not json", b'{"jws": 5}', b"[]"])
+async def test_control_plane_errors_are_control_unreachable(
+    control: FakeControl, session: aiohttp.ClientSession, answer: object
+) -> None:
+    control.policies[str(JOB)] = answer
+    env = Env(control, session)
+    with pytest.raises(PolicyUnavailable) as info:
+        await env.store.get(JOB)
+    assert info.value.reason == "control_unreachable"
+    assert env.store.negative(JOB) == "control_unreachable"
+    env.mono.now += 1.5  # the error TTL is shorter
+    assert env.store.negative(JOB) is None
+
+
+async def test_an_unreachable_control_plane(session: aiohttp.ClientSession) -> None:
+    dead = FakeControl()
+    await dead.start()
+    url = dead.url
+    await dead.stop()  # nothing listens there any more
+    env = Env(dead, session, url=url)
+    with pytest.raises(PolicyUnavailable) as info:
+        await env.store.get(JOB)
+    assert info.value.reason == "control_unreachable"
+
+
+@pytest.mark.parametrize(
+    ("make", "jws_reason"),
+    [
+        (lambda: token(key=ROGUE), "unknown_kid"),  # the key /v1/keys publishes is not trusted
+        (lambda: token()[:-4] + ("AAAA" if not token().endswith("AAAA") else "BBBB"), "bad_signature"),
+        (lambda: token(iat=T0 - 2 * TTL), "expired"),
+        (lambda: token(iat=T0 + 600), "not_yet_valid"),
+        (lambda: token(OTHER), "wrong_job"),
+        (lambda: "not.a.jws", "malformed"),
+    ],
+)
+async def test_anything_unverifiable_fails_closed(
+    control: FakeControl, session: aiohttp.ClientSession, make: Any, jws_reason: str
+) -> None:
+    control.policies[str(JOB)] = make()
+    env = Env(control, session)
+    with pytest.raises(PolicyUnavailable) as info:
+        await env.store.get(JOB)
+    assert info.value.reason == "policy_unverifiable"
+    assert info.value.detail.startswith(jws_reason)
+    assert env.store.cached(JOB) is None
+    assert env.rejected(jws_reason) == 1
+    assert env.fetches("policy_unverifiable") == 1
+
+
+async def test_a_policy_inside_the_leeway_but_past_exp_is_expired(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
+    control.policies[str(JOB)] = token(iat=T0 - TTL - 10 + 1)  # exp = T0 - 9: within the 30 s leeway
+    env = Env(control, session)
+    with pytest.raises(PolicyUnavailable) as info:
+        await env.store.get(JOB)
+    assert info.value.reason == "policy_expired"
+
+
+async def test_the_cache_ends_at_exp(control: FakeControl, session: aiohttp.ClientSession) -> None:
+    control.policies[str(JOB)] = token()
+    env = Env(control, session, refresh_interval_s=1e9)
+    first = await env.store.get(JOB)
+    env.clock.now = T0 + TTL  # exactly exp
+    assert env.store.cached(JOB) is None
+    control.policies[str(JOB)] = token(iat=T0 + TTL - 5)
+    second = await env.store.get(JOB)
+    assert second.digest != first.digest
+    assert control.hits[str(JOB)] == 2
+
+
+async def test_refresh_ahead_of_expiry(control: FakeControl, session: aiohttp.ClientSession) -> None:
+    control.policies[str(JOB)] = token()
+    env = Env(control, session)
+    first = await env.store.get(JOB)
+    env.clock.now = T0 + TTL * 0.5
+    assert env.store.cached(JOB) is first
+    await settle()
+    assert control.hits[str(JOB)] == 1  # not due yet
+    newer = token(iat=T0 + TTL * 0.75)
+    control.policies[str(JOB)] = newer
+    env.clock.now = T0 + TTL * 0.8
+    env.mono.now += 10
+    assert env.store.cached(JOB) is first  # still valid: served while the refresh runs
+    await settle()
+    assert control.hits[str(JOB)] == 2
+    refreshed = env.store.cached(JOB)
+    assert refreshed is not None and refreshed.token == newer
+
+
+async def test_a_failed_refresh_keeps_the_valid_policy_but_a_404_revokes_it(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
+    control.policies[str(JOB)] = token()
+    env = Env(control, session)
+    first = await env.store.get(JOB)
+    control.policies[str(JOB)] = 500
+    env.clock.now = T0 + TTL * 0.9
+    env.mono.now += 10
+    assert env.store.cached(JOB) is first
+    await settle()
+    assert env.store.cached(JOB) is first
+    assert await env.store.get(JOB) is first
+    control.policies[str(JOB)] = 404
+    env.mono.now += 10
+    env.store.request_refresh(JOB)
+    await settle()
+    assert env.store.cached(JOB) is None
+    with pytest.raises(PolicyUnavailable, match="policy_missing"):
+        await env.store.get(JOB)
+
+
+async def test_request_refresh_is_rate_limited(control: FakeControl, session: aiohttp.ClientSession) -> None:
+    control.policies[str(JOB)] = token()
+    env = Env(control, session, refresh_interval_s=5.0)
+    await env.store.get(JOB)
+    for _ in range(10):
+        env.store.request_refresh(JOB)
+        await settle()
+    assert control.hits[str(JOB)] == 1  # the first fetch was the last attempt, < 5 s ago
+    env.mono.now += 6
+    for _ in range(10):
+        env.store.request_refresh(JOB)
+    await settle()
+    assert control.hits[str(JOB)] == 2
+
+
+async def test_an_unknown_kid_rereads_the_key_directory(
+    control: FakeControl, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    keys_dir = tmp_path / "keys"
+    write_key_dir(keys_dir, KEY)
+    (keys_dir / "signing.key").unlink()  # a proxy holds public keys only
+    rotated = generate_signing_key()
+    control.policies[str(JOB)] = token(key=rotated)
+    env = Env(control, session, keys_dir=keys_dir)
+    with pytest.raises(PolicyUnavailable, match="unknown_kid"):
+        await env.store.get(JOB)
+    # The operator adds the new public key; the next fetch picks it up.
+    write_key_dir(tmp_path / "rotated", rotated)
+    (keys_dir / f"{rotated.kid}.jwk").write_bytes((tmp_path / "rotated" / f"{rotated.kid}.jwk").read_bytes())
+    env.mono.now += 60
+    verified = await env.store.get(JOB)
+    assert verified.kid == rotated.kid
+
+
+async def test_the_cache_is_bounded(control: FakeControl, session: aiohttp.ClientSession) -> None:
+    jobs = [uuid.uuid4() for _ in range(5)]
+    for job in jobs:
+        control.policies[str(job)] = token(job)
+    env = Env(control, session, max_jobs=3)
+    for job in jobs:
+        await env.store.get(job)
+    assert env.store.cached(jobs[0]) is None
+    assert env.store.cached(jobs[-1]) is not None
+    assert env.metrics.get_sample_value("egressd_policy_cache_entries") == 3
+
+
+async def test_close_cancels_fetches(control: FakeControl, session: aiohttp.ClientSession) -> None:
+    control.policies[str(JOB)] = token()
+    control.delay = 5
+    env = Env(control, session)
+    waiter = asyncio.create_task(env.store.get(JOB))
+    await asyncio.sleep(0.05)
+    await env.store.close()
+    with pytest.raises((asyncio.CancelledError, PolicyUnavailable)):
+        await waiter
+    with pytest.raises(PolicyUnavailable, match="control_unreachable"):
+        await env.store.get(OTHER)
+
+
+# --- the node registry -----------------------------------------------------------------
+
+NODES = {
+    "nodes": [
+        {"name": "node1", "underlay": "198.18.0.11", "sandbox_cidr": "100.96.1.0/24"},
+        {"name": "node2", "underlay": "198.18.0.12", "sandbox_cidr": "100.96.2.0/24"},
+        {"name": "big", "underlay": "198.18.0.13", "sandbox_cidr": "100.97.0.0/16"},
+    ]
+}
+
+
+def registry(control: FakeControl, session: aiohttp.ClientSession) -> tuple[NodeRegistry, CollectorRegistry]:
+    metrics = CollectorRegistry()
+    return NodeRegistry(session, control.url, refresh_s=0.05, metrics=metrics), metrics
+
+
+async def test_registry_lookups(control: FakeControl, session: aiohttp.ClientSession) -> None:
+    control.nodes = NODES
+    reg, metrics = registry(control, session)
+    assert not reg.ready
+    assert reg.node_by_underlay("198.18.0.11") is None
+    assert await reg.refresh()
+    assert reg.ready
+    node1 = reg.node_by_underlay("198.18.0.11")
+    assert node1 is not None and node1.name == "node1"
+    assert reg.node_by_underlay(ipaddress.IPv4Address("198.18.0.12")).name == "node2"  # type: ignore[union-attr]
+    assert reg.node_by_underlay("198.18.0.99") is None
+    assert reg.node_for_sandbox("100.96.1.77") is node1
+    assert reg.node_for_sandbox(int(ipaddress.IPv4Address("100.96.2.1"))).name == "node2"  # type: ignore[union-attr]
+    assert reg.node_for_sandbox("100.97.200.1").name == "big"  # type: ignore[union-attr]
+    assert reg.node_for_sandbox("100.96.3.1") is None
+    assert metrics.get_sample_value("egressd_registry_nodes") == 3
+
+
+async def test_registry_keeps_the_last_good_view(control: FakeControl, session: aiohttp.ClientSession) -> None:
+    control.nodes = NODES
+    reg, metrics = registry(control, session)
+    assert await reg.refresh()
+    view = reg.view
+    control.nodes = 503
+    assert not await reg.refresh()
+    control.nodes = {"nodes": "oops"}
+    assert not await reg.refresh()
+    assert reg.view is view
+    assert reg.ready
+    assert metrics.get_sample_value("egressd_registry_refresh_total", {"result": "http_error"}) == 1
+    assert metrics.get_sample_value("egressd_registry_refresh_total", {"result": "bad_response"}) == 1
+    await control.stop()
+    assert not await reg.refresh()
+    assert reg.view is view
+    assert metrics.get_sample_value("egressd_registry_refresh_total", {"result": "unreachable"}) == 1
+
+
+async def test_registry_task_follows_changes(control: FakeControl, session: aiohttp.ClientSession) -> None:
+    control.nodes = {"nodes": NODES["nodes"][:1]}
+    reg, _ = registry(control, session)
+    task = reg.start()
+    assert task.get_name() == "proxy-registry-refresh"
+    try:
+        for _ in range(100):
+            if reg.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert reg.node_by_underlay("198.18.0.12") is None
+        control.nodes = NODES
+        for _ in range(100):
+            if reg.node_by_underlay("198.18.0.12") is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert reg.node_by_underlay("198.18.0.12") is not None
+    finally:
+        await reg.close()
+    assert task.done()
+
+
+def test_bad_registry_entries_are_skipped_not_fatal() -> None:
+    entries, problems = parse_nodes(
+        {
+            "nodes": [
+                {"name": "node1", "underlay": "198.18.0.11", "sandbox_cidr": "100.96.1.0/24"},
+                {"name": "bad", "underlay": "nope", "sandbox_cidr": "100.96.9.0/24"},
+                {"name": "overlap", "underlay": "198.18.0.14", "sandbox_cidr": "100.96.1.128/25"},
+                {"name": "dup", "underlay": "198.18.0.11", "sandbox_cidr": "100.96.8.0/24"},
+                {"name": "host-bits", "underlay": "198.18.0.15", "sandbox_cidr": "100.96.7.1/24"},
+                "not an object",
+            ]
+        }
+    )
+    assert [e.name for e in entries] == ["node1"]
+    assert len(problems) == 5
+    assert json.dumps(problems)  # plain strings, loggable
