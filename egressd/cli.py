@@ -29,13 +29,21 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from egressd import demo
+    from egressd.agent import cli as agent_cli
     from egressd.control import cli as control_cli
     from egressd.policy import cli as policy_cli
+    from egressd.proxy import cli as proxy_cli
+    from egressd.sandbox import cli as sandbox_cli
+    from egressd.topology import cli as topology_cli
 
     parser = OneLineParser(prog="egressd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     policy_cli.register(sub)
     control_cli.register(sub)
+    proxy_cli.register(sub)
+    agent_cli.register(sub)
+    topology_cli.register(sub)
+    sandbox_cli.register(sub)
     demo.register(sub)
     return parser
 

@@ -1,4 +1,7 @@
-"""`egressd demo`: what the foundation does, end to end, in one process.
+"""`egressd demo`: the fleet demo (egressd/fleetdemo.py), or with `--offline`
+the foundation's checks in one process, without root or namespaces.
+
+The offline part:
 
 Signs two job policies with a fresh Ed25519 key, verifies them (and shows a
 tampered, an expired and a foreign-key token rejected with distinct reasons),
@@ -128,6 +131,18 @@ def geneve_attempts() -> list[Attempt]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.offline:
+        from pathlib import Path
+
+        from egressd.fleetdemo import run_demo
+        from egressd.topology.fleet import Fleet
+        from egressd.topology.layout import default_layout
+
+        return run_demo(Fleet(default_layout(Path(args.run_dir), args.prefix)), keep=args.keep)
+    return run_offline()
+
+
+def run_offline() -> int:
     attempts = policy_attempts(int(time.time())) + geneve_attempts()
     width = max(len(a.what) for a in attempts)
     print(f"{'attempt':<{width}}  {'expected':<26} {'got':<26} ok")
@@ -139,5 +154,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = sub.add_parser("demo", help="show what egressd does (policies, decisions, GENEVE)")
+    from egressd.topology.layout import DEFAULT_RUN_DIR
+
+    parser = sub.add_parser("demo", help="two jobs in real gVisor sandboxes through the fleet")
+    parser.add_argument("--offline", action="store_true",
+                        help="only the in-process checks (policies, decisions, GENEVE); no root needed")
+    parser.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
+    parser.add_argument("--prefix", default="egd-", help="namespace name prefix")
+    parser.add_argument("--keep", action="store_true", help="leave the fleet up afterwards")
     parser.set_defaults(handler=run)
