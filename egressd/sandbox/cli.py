@@ -70,7 +70,9 @@ async def run_sandbox(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
             )
         finally:
-            await asyncio.shield(agent.unregister(sandbox_id))
+            # Also on Ctrl-C: asyncio.run cancels this task once, and the
+            # finally block's own await still runs to completion.
+            await agent.unregister(sandbox_id)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -33,6 +33,16 @@ def _bpf_prog_ids() -> set[int]:
     return {p["id"] for p in json.loads(out.stdout) if p.get("name") == "tier1_ingress"}
 
 
+def _fleet_prog_ids(run_dir: Path) -> set[int]:
+    """The tier-1 programs pinned by this fleet's agents (other fleets may run beside it)."""
+    ids = set()
+    for pin in run_dir.glob("agents/*/bpffs/prog"):
+        out = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", str(pin)],
+                             capture_output=True, text=True, check=True)
+        ids.add(json.loads(out.stdout)["id"])
+    return ids
+
+
 def _mounts_under(path: Path) -> list[str]:
     return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
             if line.split()[4].startswith(str(path))]
@@ -40,10 +50,10 @@ def _mounts_under(path: Path) -> list[str]:
 
 def test_up_status_down_leaves_nothing(tmp_path_factory: pytest.TempPathFactory) -> None:
     run_dir = tmp_path_factory.mktemp("lifecycle")
-    progs_before = _bpf_prog_ids()
     links_before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     fleet = Fleet(default_layout(run_dir, PREFIX))
     sandbox: subprocess.Popen[str] | None = None
+    fleet_progs: set[int] = set()
     try:
         up = _cli("topology", "up", "--run-dir", str(run_dir), "--prefix", PREFIX)
         assert up.returncode == 0, up.stderr
@@ -68,7 +78,8 @@ def test_up_status_down_leaves_nothing(tmp_path_factory: pytest.TempPathFactory)
         assert sandbox.stdout is not None
         assert sandbox.stdout.readline().strip() == "up"
         assert kn.list_netns(f"{PREFIX}sbx-"), "the running sandbox has a namespace"
-        assert _bpf_prog_ids() - progs_before, "tier 1 is loaded while the fleet is up"
+        fleet_progs = _fleet_prog_ids(run_dir)
+        assert len(fleet_progs) == len(fleet.layout.nodes), "tier 1 is loaded on every node"
     finally:
         down = _cli("topology", "down", "--run-dir", str(run_dir), "--prefix", PREFIX)
         if sandbox is not None:
@@ -81,7 +92,7 @@ def test_up_status_down_leaves_nothing(tmp_path_factory: pytest.TempPathFactory)
     assert kn.list_netns(PREFIX) == ()
     for component in fleet.components():
         assert procs.running_pid(run_dir, component.name) is None, component.name
-    assert _bpf_prog_ids() - progs_before == set()
+    assert fleet_progs & _bpf_prog_ids() == set(), "tier-1 programs outlived the fleet"
     assert _mounts_under(run_dir) == []
     runsc = subprocess.run(["runsc", "--root", str(run_dir / "runsc"), "list", "-quiet"],
                            capture_output=True, text=True, check=False)
