@@ -4,7 +4,10 @@ Each daemon is `nsenter --net=/run/netns/NS -- python -m egressd ...` (nsenter
 execs, so the PID we record is the daemon's own), in a session of its own so a
 Ctrl-C at the terminal that ran `topology up` does not reach it. Its stdout and
 stderr append to `RUN/logs/<name>.log` (JSON lines); its PID is in
-`RUN/pids/<name>.pid`.
+`RUN/pids/<name>.pid`, followed by the process's start time (field 22 of
+/proc/PID/stat), so a recycled PID is never taken for the daemon. The
+command line is no test of identity: while nsenter execs python it reads
+empty for a moment, and a live daemon would pass for dead.
 """
 
 from __future__ import annotations
@@ -40,32 +43,39 @@ def log_file(run_dir: Path, name: str) -> Path:
     return run_dir / "logs" / f"{name}.log"
 
 
-def _read_pid(path: Path) -> int | None:
+def _read_pid(path: Path) -> tuple[int, int] | None:
     try:
-        return int(path.read_text().strip())
+        pid, start = path.read_text().split()
+        return int(pid), int(start)
     except (OSError, ValueError):
+        return None
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of a process, from /proc (None if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
         return None
 
 
 def _is_alive(pid: int) -> bool:
     # A zombie still answers kill(0); /proc tells the truth.
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
 
 
 def running_pid(run_dir: Path, name: str) -> int | None:
-    """The daemon's PID if its PID file names a live egressd process."""
-    pid = _read_pid(pid_file(run_dir, name))
-    if pid is None or not _is_alive(pid):
+    """The daemon's PID if the process its PID file names still runs."""
+    recorded = _read_pid(pid_file(run_dir, name))
+    if recorded is None:
         return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+    pid, start = recorded
+    stat = _stat(pid)
+    if stat is None or stat[0] in ("Z", "X") or stat[1] != start:
         return None
-    return pid if b"egressd" in cmdline else None
+    return pid
 
 
 def start(spec: DaemonSpec, run_dir: Path) -> int:
@@ -87,7 +97,9 @@ def start(spec: DaemonSpec, run_dir: Path) -> int:
             )
         except kn.NetError as exc:
             raise ProcessError("start_failed", f"{spec.name}: {exc.detail}") from exc
-    pid_file(run_dir, spec.name).write_text(f"{proc.pid}\n")
+    stat = _stat(proc.pid)
+    start = stat[1] if stat is not None else 0
+    pid_file(run_dir, spec.name).write_text(f"{proc.pid} {start}\n")
     return proc.pid
 
 
