@@ -27,7 +27,16 @@ policy's life here). It is refreshed ahead of expiry, at 3/4 of its validity
 window: the control plane re-signs a policy that has less than half its TTL
 left, so the refresh gets a fresh token long before the old one ends. A
 failed background refresh keeps the cached policy until its `exp`; a 404
-during refresh evicts it at once (the job is gone). Refreshes are
+during refresh evicts it at once (the job is gone).
+
+Revocation: a job deleted at the control plane must stop getting new
+connections long before its policy expires. A policy in use is therefore
+revalidated with the control plane every `revalidate_s` (5 s) in the
+background; the 404 of a deleted job evicts it, so new connections are
+denied (`policy_missing`) within about `revalidate_s` plus one fetch. The
+cached policy keeps serving while a revalidation is in flight, and when the
+control plane is unreachable (availability over revocation for that window;
+the policy's own `exp` still bounds it). Refreshes are
 single-flight per job (one fetch in flight; every waiter shares it) and
 rate-limited (`refresh_interval_s` between attempts for one job).
 
@@ -91,6 +100,7 @@ class _Cached:
     verified: VerifiedPolicy
     usable_until: float  # wall clock: the policy's exp
     refresh_at: float  # wall clock
+    checked_at: float  # monotonic: last time the control plane confirmed it
 
 
 @dataclass(slots=True)
@@ -117,6 +127,7 @@ class PolicyStore:
         missing_ttl_s: float = 2.0,
         error_ttl_s: float = 1.0,
         refresh_interval_s: float = 5.0,
+        revalidate_s: float = 5.0,
         max_jobs: int = 65_536,
     ) -> None:
         self._session = session
@@ -129,6 +140,7 @@ class PolicyStore:
         self._missing_ttl_s = missing_ttl_s
         self._error_ttl_s = error_ttl_s
         self._refresh_interval_s = refresh_interval_s
+        self._revalidate_s = revalidate_s
         self._max_jobs = max_jobs
         self._cache: OrderedDict[uuid.UUID, _Cached] = OrderedDict()
         self._negative: OrderedDict[uuid.UUID, _Negative] = OrderedDict()
@@ -167,7 +179,7 @@ class PolicyStore:
         if now >= entry.usable_until:
             del self._cache[job_id]
             return None
-        if now >= entry.refresh_at:
+        if now >= entry.refresh_at or self._monotonic() - entry.checked_at >= self._revalidate_s:
             self._background_refresh(job_id)
         return entry.verified
 
@@ -313,7 +325,9 @@ class PolicyStore:
         start = float(policy.nbf if policy.nbf is not None else self._clock())
         refresh_at = start + (exp - start) * REFRESH_FRACTION
         previous = self._cache.pop(job_id, None)
-        self._cache[job_id] = _Cached(verified, usable_until=exp, refresh_at=refresh_at)
+        self._cache[job_id] = _Cached(
+            verified, usable_until=exp, refresh_at=refresh_at, checked_at=self._monotonic()
+        )
         self._negative.pop(job_id, None)
         while len(self._cache) > self._max_jobs:
             self._cache.popitem(last=False)

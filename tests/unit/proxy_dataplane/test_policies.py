@@ -479,3 +479,23 @@ def test_bad_registry_entries_are_skipped_not_fatal() -> None:
     assert [e.name for e in entries] == ["node1"]
     assert len(problems) == 5
     assert json.dumps(problems)  # plain strings, loggable
+
+
+async def test_a_policy_in_use_is_revalidated_and_a_deleted_job_revoked_soon(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
+    control.policies[str(JOB)] = token()
+    env = Env(control, session, revalidate_s=5.0, refresh_interval_s=5.0)
+    first = await env.store.get(JOB)
+    control.policies[str(JOB)] = 404  # the job is deleted at the control plane
+    env.mono.now += 1
+    assert env.store.cached(JOB) is first  # not yet due: no fetch
+    await settle()
+    assert control.hits[str(JOB)] == 1
+    env.mono.now += 5  # long before the policy's own refresh time (3/4 of its TTL)
+    assert env.store.cached(JOB) is first  # still served while the revalidation runs
+    await settle()
+    assert control.hits[str(JOB)] == 2
+    assert env.store.cached(JOB) is None
+    with pytest.raises(PolicyUnavailable, match="policy_missing"):
+        await env.store.get(JOB)
