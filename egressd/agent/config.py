@@ -27,12 +27,12 @@ being up. Adding a proxy means editing the file and restarting the agent.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from egressd import strictjson
 from egressd.errors import EgressdError
 from egressd.topology import layout
 
@@ -188,8 +188,8 @@ def load_config(path: Path | str) -> AgentConfig:
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError("$", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = strictjson.loads(data)
+    except ValueError as exc:
         raise ConfigError("$", f"{path} is not JSON: {exc}") from exc
     return parse_config(obj)
 

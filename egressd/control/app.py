@@ -69,17 +69,17 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 import structlog
 from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from egressd import strictjson
 from egressd.control.admin import add_admin_routes
 from egressd.control.records import (
     JobRecord,
@@ -167,18 +167,6 @@ class ControlMetrics:
         )
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object; 413 over MAX_BODY_BYTES, 400 bad_json otherwise."""
@@ -190,9 +178,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(413, "too_large", detail=f"body over {MAX_BODY_BYTES} bytes") from exc
     try:
-        obj = json.loads(
-            raw, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
-        )
+        obj = strictjson.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, "bad_json", detail=str(exc)) from exc
     if not isinstance(obj, dict):

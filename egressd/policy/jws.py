@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 
+from egressd import strictjson
 from egressd.policy.errors import JwsError, PolicyError
 from egressd.policy.keys import SigningKey, TrustedKeys, b64url_decode, b64url_encode
 from egressd.policy.model import Policy, parse_policy, policy_to_payload
@@ -130,23 +131,8 @@ class VerifiedPolicy:
     digest: bytes
 
 
-def _strict_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for name, value in pairs:
-        if name in out:
-            raise ValueError(f"duplicate member {name!r}")
-        out[name] = value
-    return out
-
-
-def _refuse_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _loads(data: bytes) -> object:
-    return json.loads(
-        data.decode("utf-8"), object_pairs_hook=_strict_object, parse_constant=_refuse_constant
-    )
+    return strictjson.loads(data)
 
 
 def _typ_matches(typ: object) -> bool:

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from egressd import strictjson
 from egressd.policy.errors import KeyFileError
 
 SIGNING_KEY_FILE = "signing.key"
@@ -289,18 +290,9 @@ def load_signing_key(path: Path) -> SigningKey:
 def _load_json(path: Path, what: str) -> object:
     data = _read_small(path, what)
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        return strictjson.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise KeyFileError("malformed", f"{what} {path} is not JSON: {exc}") from exc
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for name, value in pairs:
-        if name in out:
-            raise ValueError(f"duplicate member {name!r}")
-        out[name] = value
-    return out
 
 
 def load_trusted_keys(directory: Path) -> TrustedKeys:

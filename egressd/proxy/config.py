@@ -45,7 +45,6 @@ Decisions:
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from egressd import strictjson
 from egressd.errors import EgressdError
 from egressd.topology import layout
 
@@ -271,19 +271,6 @@ def config_from_mapping(obj: object) -> ProxyConfig:
     return ProxyConfig(**kwargs)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def load_config(path: Path | str) -> ProxyConfig:
     """Read and validate the JSON configuration file at `path`."""
     path = Path(path)
@@ -295,9 +282,7 @@ def load_config(path: Path | str) -> ProxyConfig:
     if len(data) > MAX_CONFIG_BYTES:
         raise _fail("$", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        obj = json.loads(
-            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
-        )
+        obj = strictjson.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _fail("$", f"{path} is not JSON: {' '.join(str(exc).split())}") from exc
     return config_from_mapping(obj)
