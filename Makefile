@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := runsc clang llvm libbpf-dev bpftool nftables iproute2 squid gcc-multilib \
-                procps psmisc curl openssl
+                procps psmisc curl openssl wrk
 PYTEST_ARGS ?=
 
 .PHONY: deps apt venv test test-unit demo bench clean
@@ -38,6 +38,7 @@ demo: deps
 
 bench: deps
 	$(BIN)/python benchmarks/geneve_codec.py --out bench-results/geneve_codec.json
+	$(BIN)/egressd bench --out bench-results/data_path.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench-results

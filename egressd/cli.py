@@ -30,6 +30,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from egressd import demo
     from egressd.agent import cli as agent_cli
+    from egressd.bench import cli as bench_cli
     from egressd.control import cli as control_cli
     from egressd.policy import cli as policy_cli
     from egressd.proxy import cli as proxy_cli
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent_cli.register(sub)
     topology_cli.register(sub)
     sandbox_cli.register(sub)
+    bench_cli.register(sub)
     demo.register(sub)
     return parser
 

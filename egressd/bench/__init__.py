@@ -1,0 +1,16 @@
+"""`egressd bench`: the data-path benchmark (issue 3, item 8).
+
+Three paths over one topology and one HTTP server (the fleet's "internet",
+`api.allowed.test` = 203.0.113.10:80), measured in one run:
+
+- ``kernel``: a client namespace bridged straight onto ``br-inet``, kernel
+  routing only (the physical limit of this machine);
+- ``squid``: Debian's Squid as a transparent intercepting proxy
+  (nftables ``redirect`` to ``http_port 3129 intercept``);
+- ``egressd``: a sandbox registered with node1's agent: tier 1, the agent's
+  GENEVE tunnel, the proxy's tier 2 and relay.
+
+Modules: `paths` sets the paths up and tears them down, `load` drives the
+load generators (wrk, curl, an idle-connection holder), `report` parses their
+output and renders the table and the JSON (pure), `cli` wires them together.
+"""
