@@ -58,6 +58,24 @@ log = structlog.get_logger(__name__)
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+# A sandbox that vanishes (its namespace deleted) never answers again: without
+# these, its relayed connections would hold proxy memory until TCP's own
+# retransmission limit (~15 min). Keepalive finds a silent dead peer in
+# 60 + 3*10 s; TCP_USER_TIMEOUT bounds unacknowledged data to 30 s.
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_PROBES = 3
+USER_TIMEOUT_MS = 30_000
+
+
+def bound_dead_peers(sock: socket.socket) -> None:
+    """Make a relayed socket give up on a peer that stopped answering."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 UNKNOWN_FLOW = "unknown_flow"
 UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
@@ -267,6 +285,7 @@ class Interceptor:
             conn.setblocking(False)
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            bound_dead_peers(conn)
             self._spawn(
                 self._handle(conn, IPv4Address(addr[0]), addr[1], IPv4Address(dst), dport),
                 f"egressd-conn-{addr[0]}:{addr[1]}->{dst}:{dport}",
@@ -397,6 +416,7 @@ class Interceptor:
             with contextlib.suppress(OSError):
                 upstream.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            bound_dead_peers(upstream)
             upstream.bind((str(self.ctx.identity.egress), 0))
             async with asyncio.timeout(self.connect_timeout_s):
                 await loop.sock_connect(upstream, (str(conn.dst), conn.dport))
