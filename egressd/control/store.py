@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import secrets
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,6 +49,7 @@ from egressd.control.records import (
     parse_name,
     proxy_from_json,
 )
+from egressd.atomicfile import TMP_SUFFIX, fsync_dir, write_atomic
 from egressd.errors import EgressdError
 
 _K = TypeVar("_K")
@@ -58,7 +57,7 @@ _R = TypeVar("_R")
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
-_TMP_SUFFIX = ".tmp"
+_TMP_SUFFIX = TMP_SUFFIX
 
 
 class StoreError(EgressdError):
@@ -70,29 +69,8 @@ class StoreError(EgressdError):
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = _FILE_MODE) -> None:
-    """Replace `path` with `data` atomically and durably (tmp, fsync, rename, dir fsync)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Replace `path` with `data` atomically and durably (see egressd.atomicfile)."""
+    write_atomic(path, data, mode=mode)
 
 
 class _Collection(Generic[_K, _R]):

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from egressd import strictjson
+from egressd.atomicfile import fsync_dir, temp_name, write_atomic
 from egressd.policy.errors import KeyFileError
 
 SIGNING_KEY_FILE = "signing.key"
@@ -333,7 +333,7 @@ def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
     temporary file in the same directory, fsynced, then hard-linked into place
     (link fails if the target exists). Falls back to an existence check and
     rename where the filesystem has no hard links."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         try:
@@ -355,32 +355,6 @@ def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-
-
-def _write_replace(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_key_dir(directory: Path, key: SigningKey) -> None:
@@ -407,11 +381,12 @@ def write_key_dir(directory: Path, key: SigningKey) -> None:
             if not directory.is_dir():
                 raise KeyFileError("unwritable", f"{directory} is not a directory") from None
         _write_exclusive(directory / SIGNING_KEY_FILE, pem, 0o600)
-        _write_replace(directory / f"{key.kid}{JWK_SUFFIX}", jwk, 0o644)
+        write_atomic(directory / f"{key.kid}{JWK_SUFFIX}", jwk, mode=0o644)
     except FileExistsError as exc:
         raise KeyFileError(
             "exists", f"{directory / SIGNING_KEY_FILE} already exists; refusing to overwrite"
         ) from exc
     except OSError as exc:
         raise KeyFileError("unwritable", f"{directory}: {exc.strerror or exc}") from exc
-    _fsync_dir(directory)
+    with contextlib.suppress(OSError):
+        fsync_dir(directory)

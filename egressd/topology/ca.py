@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import os
-import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from egressd.atomicfile import write_atomic
 from egressd.errors import EgressdError
 from egressd.topology.dnsserver import WILDCARD_SITES
 from egressd.topology.layout import Layout, default_layout
@@ -168,20 +167,6 @@ def _server_ok(
 # --- issuing -----------------------------------------------------------------
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -234,8 +219,8 @@ def _new_ca(directory: Path, moment: dt.datetime) -> tuple[x509.Certificate, Pri
     )
     # The key first: a crash between the two leaves a cert without its key,
     # which `_load_ca` rejects, rather than a trusted cert whose key is lost.
-    _write(directory / CA_KEY_FILE, _key_pem(key), 0o600)
-    _write(directory / CA_CERT_FILE, _cert_pem(cert), 0o644)
+    write_atomic(directory / CA_KEY_FILE, _key_pem(key), mode=0o600)
+    write_atomic(directory / CA_CERT_FILE, _cert_pem(cert), mode=0o644)
     return cert, key
 
 
@@ -281,5 +266,5 @@ def _new_server(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write(directory / SERVER_KEY_FILE, _key_pem(key), 0o600)
-    _write(directory / SERVER_CERT_FILE, _cert_pem(cert), 0o644)
+    write_atomic(directory / SERVER_KEY_FILE, _key_pem(key), mode=0o600)
+    write_atomic(directory / SERVER_CERT_FILE, _cert_pem(cert), mode=0o644)

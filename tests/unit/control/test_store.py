@@ -122,7 +122,7 @@ def test_atomic_write_keeps_old_content_when_rename_fails(
     def broken_replace(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store_mod.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError):
         atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
@@ -139,7 +139,7 @@ def test_atomic_write_fsyncs_file_and_directory(
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    monkeypatch.setattr(store_mod.os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
     atomic_write(tmp_path / "f.json", b"x")
     assert len(synced) == 2
     assert ".tmp" in synced[0]  # the data, before the rename
