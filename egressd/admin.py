@@ -3,8 +3,12 @@
 - `/metrics`: Prometheus text exposition of the daemon's own
   `CollectorRegistry` (never the process-global one).
 - `/healthz`: 200 `{"status": "ok"}` whenever the event loop answers.
-- `/readyz`: 200 `{"status": "ready"}` when `ready()` is true, else 503
-  `{"status": "not_ready", "reasons": [...]}` (`reasons()` when given).
+- `/readyz`: 200 `{"status": "ready"}` when the daemon has no reason not to
+  be, else 503 `{"status": "not_ready", "reasons": [...]}`.
+
+`add_admin_routes` puts the three routes on any aiohttp app (the control
+plane serves them beside its API); `start_admin` runs them on a listener of
+their own (the proxies and agents).
 
 The lifecycle follows aiohttp's `web_runner`: `start_admin` sets the runner up
 and binds (port 0 binds an ephemeral port, read back into `AdminServer.port`);
@@ -22,6 +26,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from egressd.errors import EgressdError
 
 SHUTDOWN_TIMEOUT_S = 2.0
+
+ReadinessCheck = Callable[[], Sequence[str]]
+"""Returns the reasons the daemon is not ready; empty when it is."""
 
 
 class AdminError(EgressdError):
@@ -42,29 +49,40 @@ class AdminServer:
             await runner.cleanup()
 
 
-def build_admin_app(
-    registry: CollectorRegistry,
-    ready: Callable[[], bool],
-    reasons: Callable[[], Sequence[str]] | None = None,
-) -> web.Application:
+def add_admin_routes(
+    app: web.Application, registry: CollectorRegistry, readiness: ReadinessCheck
+) -> None:
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_request: web.Request) -> web.Response:
-        if ready():
-            return web.json_response({"status": "ready"})
-        why = list(reasons()) if reasons is not None else []
-        return web.json_response({"status": "not_ready", "reasons": why}, status=503)
+        why = list(readiness())
+        if why:
+            return web.json_response({"status": "not_ready", "reasons": why}, status=503)
+        return web.json_response({"status": "ready"})
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    app = web.Application()
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics, name="metrics")
+
+
+def build_admin_app(
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    reasons: Callable[[], Sequence[str]] | None = None,
+) -> web.Application:
+    def readiness() -> Sequence[str]:
+        if ready():
+            return ()
+        return list(reasons()) if reasons is not None else ["not_ready"]
+
+    app = web.Application()
+    add_admin_routes(app, registry, readiness)
     return app
 
 

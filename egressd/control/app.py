@@ -10,7 +10,7 @@ Routes (JSON in and out; every error body is `{"error": TOKEN, ...}`):
 | `DELETE /v1/jobs/{job_id}/policy` | admin | forget the job (204) |
 | `PUT`/`GET`/`DELETE /v1/nodes/{name}`, `GET /v1/nodes` | PUT, DELETE | node registry |
 | `PUT`/`GET`/`DELETE /v1/proxies/{name}`, `GET /v1/proxies` | PUT, DELETE | proxy registry |
-| `/healthz`, `/readyz`, `/metrics` | - | see `egressd.control.admin` |
+| `/healthz`, `/readyz`, `/metrics` | - | see `egressd.admin` |
 
 Authentication: mutating requests carry `Authorization: Bearer TOKEN`, the
 admin token (compared with `hmac.compare_digest`); missing or wrong -> 401
@@ -80,7 +80,7 @@ from cryptography.exceptions import InvalidSignature
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from egressd import strictjson
-from egressd.control.admin import add_admin_routes
+from egressd.admin import add_admin_routes
 from egressd.control.records import (
     JobRecord,
     NodeRecord,
