@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from egressd.errors import EgressdError
 
@@ -20,6 +21,27 @@ class CliError(EgressdError):
 
     def __init__(self, detail: str) -> None:
         super().__init__("cli_error", detail)
+
+
+def serve_daemon(
+    config_path: Path,
+    load: Callable[[Path], Any],
+    config_error: type[EgressdError],
+    run: Callable[[Any], int],
+) -> int:
+    """Load a daemon's config (one line naming the field on error), switch
+    logs to JSON, run it; a start-up failure is one line and exit code 2."""
+    try:
+        config = load(config_path)
+    except config_error as exc:
+        raise CliError(f"{config_path}: {exc.detail}") from exc
+    from egressd import logs
+
+    logs.configure(json=True)
+    try:
+        return run(config)
+    except EgressdError as exc:
+        raise CliError(" ".join(f"{exc.reason}: {exc.detail}".split())) from exc
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -16,14 +16,10 @@ It acts on the network namespace it is started in: run it inside the proxy's nam
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from egressd import logs
-from egressd.cli import CliError
-from egressd.errors import EgressdError
+from egressd.cli import serve_daemon
 from egressd.proxy.config import ConfigError, load_config
 
 
@@ -42,34 +38,6 @@ def register(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        raise CliError(f"{args.config}: {exc.detail}") from exc
-    logs.configure(json=True)
     from egressd.proxy import service  # uvloop, aiohttp, tier 2 only when serving
 
-    try:
-        return service.run(config)
-    except EgressdError as exc:
-        raise CliError(" ".join(f"{exc.reason}: {exc.detail}".split())) from exc
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m egressd.proxy.cli serve --config FILE`, until `egressd proxy` is registered."""
-    from egressd.cli import OneLineParser
-
-    parser = OneLineParser(prog="egressd")
-    register(parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
-    args = parser.parse_args(["proxy", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.handler(args))
-    except CliError as exc:
-        print(f"egressd: error: {exc.detail}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    return serve_daemon(args.config, load_config, ConfigError, service.run)

@@ -286,7 +286,7 @@ def proxy_argv(config: Path) -> list[str]:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     if "proxy" in getattr(sub, "choices", {}):
         return [sys.executable, "-m", "egressd", "proxy", "serve", "--config", str(config)]
-    return [sys.executable, "-m", "egressd.proxy.cli", "serve", "--config", str(config)]
+    return [sys.executable, "-m", "egressd", "proxy", "serve", "--config", str(config)]
 
 
 class ProxyProcess:

@@ -156,7 +156,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_cli_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, {**MINIMAL, "vni": -1})
     result = subprocess.run(
-        [sys.executable, "-m", "egressd.proxy.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "egressd", "proxy", "serve", "--config", str(path)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
