@@ -512,6 +512,11 @@ class SandboxManager:
             undo.push("tier1_sandbox", lambda: self._forget_tier1(ifindex))
             # Only now, with tier 1 in place, may frames flow: configure and bring up.
             with _net_errors("sandbox_link"):
+                # No IPv6 in the sandbox: tier 1 would drop it anyway, and
+                # without an IPv6 address runsc's netstack sends no router or
+                # neighbour solicitations that count as `ipv6` drops.
+                for scope in ("all", "default", names.peer_veth):
+                    netns.set_sysctl(names.netns, f"net.ipv6.conf.{scope}.disable_ipv6", 1)
                 netns.set_mtu(names.netns, names.peer_veth, config.sandbox_mtu)
                 netns.ensure_addr(names.netns, names.peer_veth, f"{ip}/{prefixlen}")
                 netns.set_link_up(names.netns, "lo")

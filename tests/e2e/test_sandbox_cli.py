@@ -14,7 +14,7 @@ from egressd.agent.client import AgentClient
 from egressd.net import netns as kn
 from egressd.topology.fleet import Fleet
 
-from .fleet_helpers import Job, sandbox_run
+from .fleet_helpers import Job, metric_sum, metrics, sandbox_run
 
 
 def _sandboxes(fleet: Fleet, node: str) -> list[str]:
@@ -27,9 +27,12 @@ def _sandboxes(fleet: Fleet, node: str) -> list[str]:
 
 def test_exit_code_stdout_and_stderr_are_the_commands(fleet: Fleet, tmp_path: Path) -> None:
     job = Job(fleet, "node1", [{"host": "api.allowed.test"}]).sign()
+    ipv6_before = metric_sum(metrics(fleet, "node1"), "egressd_tier1_packets_total", reason="ipv6")
     done = sandbox_run(fleet, job, tmp_path, [
         "python3", "-c", "import sys; print('to stdout'); sys.stderr.write('to stderr\\n'); sys.exit(7)",
     ])
+    # The sandbox has no IPv6 at all, so its netstack sends nothing tier 1 drops as ipv6.
+    assert metric_sum(metrics(fleet, "node1"), "egressd_tier1_packets_total", reason="ipv6") == ipv6_before
     assert done.returncode == 7
     assert done.stdout == "to stdout\n"
     assert "to stderr" in done.stderr
