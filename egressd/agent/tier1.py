@@ -28,16 +28,8 @@ bpf(2) and bpffs do not care about network namespaces; only `Tier1.attach` and
 `Tier1.detach` do, and they act in the namespace of the calling thread, which is
 the node's when the agent runs under ``nsenter --net=/run/netns/NODE``.
 
-Map layouts (native byte order unless marked be32, which is network order):
-
-* ``t1_config`` array[1]: u32 0 -> {u32 tun_ifindex, be32 resolver}
-* ``t1_sandboxes`` hash: u32 ifindex -> {be32 ip, u8 mac[6], u16 0, u8 tcp_ports[8192]}
-* ``t1_denied`` LPM trie: {u32 prefixlen, be32 addr} -> {u32 reason, u32 flags}
-  (flags bit 0: overridable by an exemption)
-* ``t1_exempt`` LPM trie: {u32 32 + prefixlen, u32 ifindex, be32 addr} -> u32 1
-* ``t1_counters`` per-CPU hash: {u32 ifindex, u32 reason} -> {u64 packets, u64 bytes}
-
-TCP port p is allowed when bit ``p & 7`` of byte ``p >> 3`` of ``ports`` is set.
+Map layouts, the reason table and key/value packing are pure data in
+`egressd.agent.tier1_maps`.
 Counters count skbs: a TSO/GSO super-packet from the sandbox's stack counts
 once (the kernel segments it, with checksums, on its way into the TUN), and its
 bytes are the frame's length on the veth, Ethernet header included.
@@ -49,26 +41,21 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import enum
 import errno
 import ipaddress
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, NamedTuple, Protocol, Self
+from typing import Final, Self
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from egressd.agent import bpf_syscall as bpf
-from egressd.errors import EgressdError
-from egressd.policy.addresses import ALWAYS_DENIED, OVERRIDABLE_REASONS
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -85,308 +72,33 @@ _MNT_DETACH = 2
 _TOOL_TIMEOUT_S = 120.0
 
 
-class Tier1Error(EgressdError):
-    """Tier 1 could not be built, loaded, attached or programmed.
-
-    Reasons: bad_config, build_failed, tool_missing, mount_failed,
-    load_failed, abi_mismatch, not_loaded, no_such_link, attach_failed, detach_failed,
-    map_failed, bad_sandbox, bad_port, bad_exemption, bad_denied_range.
-    """
-
-
-# ---------------------------------------------------------------------------
-# Reasons: the one table shared with bpf/tier1.c's `enum t1_reason`.
-
-
-class Verdict(enum.StrEnum):
-    REDIRECT = "redirect"
-    PASS = "pass"
-    DROP = "drop"
-
-
-class Reason(enum.StrEnum):
-    """Why tier 1 did what it did to a frame; the value is the counter label.
-
-    The order is the C enum's: `code` is the position (a unit test parses the
-    enum in bpf/tier1.c and compares).
-    """
-
-    REDIRECTED = "redirected"
-    ARP = "arp"
-    NOT_CONFIGURED = "not_configured"
-    NO_POLICY = "no_policy"
-    MALFORMED = "malformed"
-    SPOOFED = "spoofed"
-    IPV6 = "ipv6"
-    NOT_IPV4 = "not_ipv4"
-    SPOOFED_MAC = "spoofed_mac"
-    SPOOFED_IP = "spoofed_ip"
-    FRAGMENT = "fragment"
-    UDP_NOT_DNS = "udp_not_dns"
-    DENIED_RANGE = "denied_range"
-    FLEET_RANGE = "fleet_range"
-    PORT_NOT_ALLOWED = "port_not_allowed"
-    PROTO_NOT_ALLOWED = "proto_not_allowed"
-
-    @property
-    def code(self) -> int:
-        return _CODES[self]
-
-    @property
-    def verdict(self) -> Verdict:
-        if self is Reason.REDIRECTED:
-            return Verdict.REDIRECT
-        if self is Reason.ARP:
-            return Verdict.PASS
-        return Verdict.DROP
-
-    @classmethod
-    def from_code(cls, code: int) -> Reason:
-        try:
-            return _BY_CODE[code]
-        except IndexError:
-            raise Tier1Error("abi_mismatch", f"unknown reason code {code}") from None
-
-
-_BY_CODE: Final = tuple(Reason)
-_CODES: Final = {reason: code for code, reason in enumerate(_BY_CODE)}
-# A denied range's counter reason: only these two are meaningful in t1_denied.
-DENIED_REASONS: Final = frozenset({Reason.DENIED_RANGE, Reason.FLEET_RANGE})
-
-# ---------------------------------------------------------------------------
-# Map layouts (mirrors of the structs in bpf/tier1.c).
-
-PORT_BITMAP_BYTES: Final = 65536 // 8
-DENIED_OVERRIDABLE: Final = 1
-CONFIG_KEY: Final = struct.pack("=I", 0)
-
-_U32 = struct.Struct("=I")
-_CONFIG = struct.Struct("=I4s")
-_SANDBOX_HEAD = struct.Struct("=4s6s2x")
-_DENIED_KEY = struct.Struct("=I4s")
-_DENIED_VALUE = struct.Struct("=II")
-_EXEMPT_KEY = struct.Struct("=II4s")
-_EXEMPT_VALUE = _U32.pack(1)
-_COUNTER_KEY = struct.Struct("=II")
-_COUNTER_VALUE = struct.Struct("=QQ")
-SANDBOX_VALUE_SIZE: Final = _SANDBOX_HEAD.size + PORT_BITMAP_BYTES
-
-
-@dataclass(frozen=True, slots=True)
-class MapSpec:
-    name: str
-    map_type: int
-    key_size: int
-    value_size: int
-
-
-MAPS: Final = (
-    MapSpec("t1_config", bpf.BPF_MAP_TYPE_ARRAY, _U32.size, _CONFIG.size),
-    MapSpec("t1_sandboxes", bpf.BPF_MAP_TYPE_HASH, _U32.size, SANDBOX_VALUE_SIZE),
-    MapSpec("t1_denied", bpf.BPF_MAP_TYPE_LPM_TRIE, _DENIED_KEY.size, _DENIED_VALUE.size),
-    MapSpec("t1_exempt", bpf.BPF_MAP_TYPE_LPM_TRIE, _EXEMPT_KEY.size, len(_EXEMPT_VALUE)),
-    MapSpec("t1_counters", bpf.BPF_MAP_TYPE_PERCPU_HASH, _COUNTER_KEY.size, _COUNTER_VALUE.size),
+from egressd.agent.tier1_maps import (
+    CONFIG_KEY,
+    COUNTER_VALUE,
+    EXEMPT_VALUE,
+    MAPS,
+    SANDBOX_VALUE_SIZE,
+    U32,
+    denied_ranges,
+    normalize_denied,
+    pack_config,
+    pack_counter_key,
+    pack_denied_key,
+    pack_denied_value,
+    pack_exempt_key,
+    pack_sandbox,
+    sum_percpu_counters,
+    unpack_counter_key,
+    unpack_exempt_key,
+    unpack_sandbox,
+    Count,
+    DeniedRange,
+    PortSpec,
+    Reason,
+    SandboxEntry,
+    Tier1Error,
+    Verdict,  # re-exported: callers label metrics with it
 )
-
-
-class _HasBounds(Protocol):
-    @property
-    def lo(self) -> int: ...
-
-    @property
-    def hi(self) -> int: ...
-
-
-# A port, an inclusive (lo, hi) pair, or anything with .lo/.hi (policy PortRange).
-PortSpec = int | tuple[int, int] | _HasBounds
-
-
-class Count(NamedTuple):
-    packets: int
-    bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class DeniedRange:
-    """A destination range tier 1 drops; `overridable` ones yield to a sandbox exemption."""
-
-    network: IPv4Network
-    reason: Reason = Reason.DENIED_RANGE
-    overridable: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.network, IPv4Network):
-            raise Tier1Error("bad_denied_range", f"not an IPv4 network: {self.network!r}")
-        if self.reason not in DENIED_REASONS:
-            raise Tier1Error("bad_denied_range", f"{self.network}: reason {self.reason!r}")
-        if self.overridable and self.reason is Reason.FLEET_RANGE:
-            raise Tier1Error("bad_denied_range", f"{self.network}: fleet ranges are never exempt")
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxEntry:
-    """What t1_sandboxes holds for one veth (read back by `Tier1.sandbox`)."""
-
-    ip: IPv4Address
-    mac: bytes
-    tcp_ports: tuple[tuple[int, int], ...]
-
-
-def denied_ranges(fleet_ranges: Iterable[IPv4Network]) -> tuple[DeniedRange, ...]:
-    """The IPv4 always-denied ranges (egressd.policy.addresses) plus the fleet's own.
-
-    A range is overridable when its reason is in `OVERRIDABLE_REASONS`; fleet
-    ranges never are. Pass the result to `Tier1`.
-    """
-    out = [
-        DeniedRange(net, Reason.DENIED_RANGE, reason in OVERRIDABLE_REASONS)
-        for net, reason in ALWAYS_DENIED
-        if isinstance(net, IPv4Network)
-    ]
-    out.extend(DeniedRange(net, Reason.FLEET_RANGE, False) for net in fleet_ranges)
-    return normalize_denied(out)
-
-
-def normalize_denied(ranges: Iterable[DeniedRange]) -> tuple[DeniedRange, ...]:
-    """One entry per network, safe under longest-prefix match.
-
-    The same network listed twice keeps the stricter entry (not overridable,
-    fleet over denied). A range nested inside a range that cannot be
-    overridden cannot be overridden either: an exemption must never reopen
-    part of a fleet range through a longer, overridable prefix.
-    """
-    by_net: dict[IPv4Network, DeniedRange] = {}
-    for entry in ranges:
-        old = by_net.get(entry.network)
-        if old is None or _strictness(entry) > _strictness(old):
-            by_net[entry.network] = entry
-    strict = [e.network for e in by_net.values() if not e.overridable]
-    out = []
-    for net, entry in sorted(by_net.items(), key=lambda item: (item[0].prefixlen, item[0])):
-        nested = any(net != s and net.subnet_of(s) for s in strict)
-        out.append(DeniedRange(net, entry.reason, False) if entry.overridable and nested else entry)
-    return tuple(out)
-
-
-def _strictness(entry: DeniedRange) -> tuple[bool, bool]:
-    return (not entry.overridable, entry.reason is Reason.FLEET_RANGE)
-
-
-# ---------------------------------------------------------------------------
-# Pure encoding.
-
-
-def mac_bytes(mac: str | bytes) -> bytes:
-    """Six bytes from "aa:bb:cc:dd:ee:ff" (or "-" separated) or from bytes."""
-    if isinstance(mac, bytes):
-        raw = mac
-    else:
-        try:
-            raw = bytes(int(part, 16) for part in mac.replace("-", ":").split(":"))
-        except ValueError:
-            raise Tier1Error("bad_sandbox", f"bad MAC address {mac!r}") from None
-    if len(raw) != 6:
-        raise Tier1Error("bad_sandbox", f"bad MAC address {mac!r}")
-    return raw
-
-
-def port_bounds(spec: PortSpec) -> tuple[int, int]:
-    """(lo, hi) of a port, a (lo, hi) pair or an object with .lo/.hi; 0 <= lo <= hi <= 65535."""
-    try:
-        if isinstance(spec, int):
-            lo = hi = spec
-        elif isinstance(spec, tuple):
-            lo, hi = spec
-        else:
-            lo, hi = spec.lo, spec.hi
-    except (AttributeError, TypeError, ValueError):
-        raise Tier1Error("bad_port", f"not a port or port range: {spec!r}") from None
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not (
-        0 <= lo <= hi <= 65535
-    ):
-        raise Tier1Error("bad_port", f"need 0 <= lo <= hi <= 65535, got {spec!r}")
-    return lo, hi
-
-
-def port_bitmap(ports: Iterable[PortSpec]) -> bytes:
-    """The 65536-bit map of allowed TCP destination ports."""
-    bits = 0
-    for spec in ports:
-        lo, hi = port_bounds(spec)
-        bits |= ((1 << (hi - lo + 1)) - 1) << lo
-    return bits.to_bytes(PORT_BITMAP_BYTES, "little")
-
-
-def bitmap_ranges(bitmap: bytes) -> tuple[tuple[int, int], ...]:
-    """The inclusive port ranges set in a bitmap (inverse of `port_bitmap`)."""
-    bits = int.from_bytes(bitmap, "little")
-    out = []
-    while bits:
-        lo = (bits & -bits).bit_length() - 1
-        run = bits >> lo
-        ones = (~run & (run + 1)).bit_length() - 1  # trailing ones of `run`
-        out.append((lo, lo + ones - 1))
-        bits &= ~(((1 << ones) - 1) << lo)
-    return tuple(out)
-
-
-def pack_config(tun_ifindex: int, resolver: IPv4Address) -> bytes:
-    return _CONFIG.pack(tun_ifindex, resolver.packed)
-
-
-def pack_sandbox(ip: IPv4Address, mac: str | bytes, tcp_ports: Iterable[PortSpec]) -> bytes:
-    if not isinstance(ip, IPv4Address):
-        raise Tier1Error("bad_sandbox", f"not an IPv4 address: {ip!r}")
-    return _SANDBOX_HEAD.pack(ip.packed, mac_bytes(mac)) + port_bitmap(tcp_ports)
-
-
-def unpack_sandbox(raw: bytes) -> SandboxEntry:
-    ip, mac = _SANDBOX_HEAD.unpack_from(raw)
-    return SandboxEntry(IPv4Address(ip), mac, bitmap_ranges(raw[_SANDBOX_HEAD.size :]))
-
-
-def pack_denied_key(network: IPv4Network) -> bytes:
-    return _DENIED_KEY.pack(network.prefixlen, network.network_address.packed)
-
-
-def pack_denied_value(entry: DeniedRange) -> bytes:
-    return _DENIED_VALUE.pack(entry.reason.code, DENIED_OVERRIDABLE if entry.overridable else 0)
-
-
-def unpack_denied(key: bytes, value: bytes) -> DeniedRange:
-    prefixlen, addr = _DENIED_KEY.unpack(key)
-    code, flags = _DENIED_VALUE.unpack(value)
-    network = IPv4Network((IPv4Address(addr), prefixlen))
-    return DeniedRange(network, Reason.from_code(code), bool(flags & DENIED_OVERRIDABLE))
-
-
-def pack_exempt_key(ifindex: int, network: IPv4Network) -> bytes:
-    return _EXEMPT_KEY.pack(32 + network.prefixlen, ifindex, network.network_address.packed)
-
-
-def unpack_exempt_key(raw: bytes) -> tuple[int, IPv4Network]:
-    prefixlen, ifindex, addr = _EXEMPT_KEY.unpack(raw)
-    return ifindex, IPv4Network((IPv4Address(addr), prefixlen - 32))
-
-
-def pack_counter_key(ifindex: int, reason: Reason) -> bytes:
-    return _COUNTER_KEY.pack(ifindex, reason.code)
-
-
-def unpack_counter_key(raw: bytes) -> tuple[int, Reason]:
-    ifindex, code = _COUNTER_KEY.unpack(raw)
-    return ifindex, Reason.from_code(code)
-
-
-def sum_percpu_counters(raw: bytes, cpus: int) -> Count:
-    """Sum one per-CPU {packets, bytes} value over `cpus` slots of 8-byte-aligned values."""
-    stride = (_COUNTER_VALUE.size + 7) // 8 * 8
-    packets = byte_count = 0
-    for cpu in range(cpus):
-        p, b = _COUNTER_VALUE.unpack_from(raw, cpu * stride)
-        packets += p
-        byte_count += b
-    return Count(packets, byte_count)
 
 
 # ---------------------------------------------------------------------------
@@ -686,19 +398,19 @@ class Tier1:
         wanted = {pack_exempt_key(ifindex, self._check_exemption(net)) for net in exemptions}
         stale = set(self._exempt_keys(ifindex)) - wanted
         for key in wanted:
-            self._map_update("t1_exempt", key, _EXEMPT_VALUE)
-        self._map_update("t1_sandboxes", _U32.pack(ifindex), value)
+            self._map_update("t1_exempt", key, EXEMPT_VALUE)
+        self._map_update("t1_sandboxes", U32.pack(ifindex), value)
         for key in stale:
             self._map_delete("t1_exempt", key)
 
     def remove_sandbox(self, ifindex: int) -> None:
         """Forget the sandbox: its veth's frames drop as no_policy from now on. Idempotent."""
-        self._map_delete("t1_sandboxes", _U32.pack(ifindex))
+        self._map_delete("t1_sandboxes", U32.pack(ifindex))
         for key in self._exempt_keys(ifindex):
             self._map_delete("t1_exempt", key)
 
     def sandbox(self, ifindex: int) -> SandboxEntry | None:
-        raw = self._map_lookup("t1_sandboxes", _U32.pack(ifindex), SANDBOX_VALUE_SIZE)
+        raw = self._map_lookup("t1_sandboxes", U32.pack(ifindex), SANDBOX_VALUE_SIZE)
         return None if raw is None else unpack_sandbox(raw)
 
     def sandboxes(self) -> dict[int, SandboxEntry]:
@@ -706,7 +418,7 @@ class Tier1:
         for key in self._keys("t1_sandboxes"):
             raw = self._map_lookup("t1_sandboxes", key, SANDBOX_VALUE_SIZE)
             if raw is not None:
-                out[_U32.unpack(key)[0]] = unpack_sandbox(raw)
+                out[U32.unpack(key)[0]] = unpack_sandbox(raw)
         return out
 
     def exemptions(self, ifindex: int) -> set[IPv4Network]:
@@ -728,7 +440,7 @@ class Tier1:
 
     def counters(self) -> dict[tuple[int, Reason], Count]:
         """{(ifindex, reason): (packets, bytes)} summed over CPUs."""
-        size = bpf.percpu_value_size(_COUNTER_VALUE.size)
+        size = bpf.percpu_value_size(COUNTER_VALUE.size)
         cpus = bpf.possible_cpus()
         out = {}
         for key in self._keys("t1_counters"):

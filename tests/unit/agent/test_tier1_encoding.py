@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from egressd.agent.tier1 import (
-    DEFAULT_SOURCE,
+from egressd.agent.tier1 import DEFAULT_SOURCE
+from egressd.agent.tier1_maps import (
     MAPS,
     PORT_BITMAP_BYTES,
     SANDBOX_VALUE_SIZE,
