@@ -19,6 +19,10 @@ rejected: a misspelt key would otherwise silently keep its default. Every
 error is a `ConfigError` whose `field` is the JSON path of the first thing
 wrong (``"proxies[1].underlay"``, ``"health.down_after"``).
 
+`offload` (default false) opens the TUN with a virtio-net header and TSO /
+checksum offloads (`egressd.agent.datapath`); every proxy of the fleet must
+have the same setting.
+
 The proxy list is static: it comes from this file, not from the control
 plane's registry, so that the data path does not depend on the control plane
 being up. Adding a proxy means editing the file and restarting the agent.
@@ -117,6 +121,9 @@ class AgentConfig:
     sandbox_mtu: int = layout.SANDBOX_MTU
     health: HealthSettings = field(default_factory=HealthSettings)
     flow_idle_s: float = 300.0
+    # TUN offloads (virtio-net header, TSO, GSO super-packets in GENEVE with the
+    # offload option): every proxy of the fleet must have the same setting.
+    offload: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -153,6 +160,8 @@ class AgentConfig:
             raise ConfigError("sandbox_mtu", f"must be in 576..{layout.SANDBOX_MTU}")
         if not 1 <= self.flow_idle_s <= 3600:
             raise ConfigError("flow_idle_s", "must be in 1..3600")
+        if not isinstance(self.offload, bool):
+            raise ConfigError("offload", "must be true or false")
 
     @property
     def gateway(self) -> IPv4Address:
@@ -170,7 +179,7 @@ _TOP_KEYS = frozenset(
     {
         "name", "underlay", "sandbox_cidr", "vni", "proxies", "keys_dir", "api_socket",
         "admin_port", "geneve_port", "tun", "resolver", "fleet_ranges", "state_dir",
-        "sandbox_netns_prefix", "sandbox_mtu", "health", "flow_idle_s",
+        "sandbox_netns_prefix", "sandbox_mtu", "health", "flow_idle_s", "offload",
     }
 )  # fmt: skip
 _HEALTH_KEYS = frozenset({"interval_s", "timeout_s", "down_after", "up_after", "port", "path"})
@@ -229,6 +238,10 @@ def parse_config(obj: object) -> AgentConfig:
         kwargs["flow_idle_s"] = _number(obj["flow_idle_s"], "flow_idle_s")
     if "health" in obj:
         kwargs["health"] = _health(obj["health"])
+    if "offload" in obj:
+        if not isinstance(obj["offload"], bool):
+            raise ConfigError("offload", "must be true or false")
+        kwargs["offload"] = obj["offload"]
     return AgentConfig(**kwargs)  # type: ignore[arg-type]
 
 

@@ -45,6 +45,25 @@ fleet's VNI (``unknown_vni``), be addressed to a registered sandbox
 inner packet is written to `egr0`; the node's kernel routes it to the
 sandbox's veth (/32 route; ip_forward=1 and rp_filter=0 are ensured at start).
 
+Offload (`config.offload`; `egr0` opened with ``IFF_VNET_HDR`` and
+``TUN_F_CSUM | TUN_F_TSO4``, see `egressd.net.tun`): every TUN read and write
+starts with a 10-byte virtio-net header, and the kernel hands up TCP
+super-packets of up to 64 KiB (a sandbox's TSO burst, redirected by tier 1)
+and packets whose L4 checksum is partial. Each goes out as one GENEVE
+datagram; a packet that needs its metadata (GSO or NEEDS_CSUM) carries the
+offload option after the job option (`egressd.geneve.offload_vnet_header`
+on the receiving side). A datagram that large does not fit the underlay
+MTU, so the sender is a raw socket *without* ``IP_HDRINCL``
+(``SOCK_RAW``/``IPPROTO_UDP``): the agent still writes the UDP header (the
+per-flow source port), the kernel writes the IPv4 header and fragments a
+datagram larger than the MTU (DF only on those that fit); the proxy's kernel
+reassembles it. That socket would also get a copy of every UDP datagram the
+node receives: a drop-all socket filter keeps its receive queue empty. On
+the return path a datagram with the offload option is written with the
+virtio-net header built from it (the node's kernel segments it towards the
+sandbox's veth); without offload it is dropped (``offload_disabled``).
+Super-packets are counted in `egressd_tun_superpackets_total{direction}`.
+
 Nothing raises out of the reader callbacks: every failure is a counted drop.
 Counters are plain ints read by `AgentCollector` at scrape time, so the hot
 path never takes a metrics lock.
@@ -68,8 +87,25 @@ from prometheus_client.registry import Collector
 from egressd.agent.config import AgentConfig
 from egressd.agent.hashing import Rendezvous, flow_hash, source_port_for_hash
 from egressd.agent.tier1 import Count, Reason, Tier1Error
-from egressd.geneve import DECODE_REASONS, GeneveError, JobOption, decode, header_for
-from egressd.geneve.codec import PREFIX_LEN
+from egressd.geneve import (
+    DECODE_REASONS,
+    OFFLOAD_OPTION_LEN,
+    OFFLOAD_REASON,
+    GeneveError,
+    JobOption,
+    decode,
+    header_for,
+    offload_vnet_header,
+    pack_offload_option,
+)
+from egressd.geneve.codec import (
+    HEADER_LEN,
+    PREFIX_LEN,
+    VNET_GSO_NONE,
+    VNET_GSO_TCPV4,
+    VNET_NEEDS_CSUM,
+)
+from egressd.net.tun import NO_VNET_HDR, VNET_HDR, VNET_HDR_LEN
 
 if TYPE_CHECKING:
     from egressd.agent.sandboxes import Sandbox
@@ -81,6 +117,11 @@ MAX_PACKET = 65535
 OUTER_LEN = 20 + 8  # IPv4 + UDP
 HEAD_ROOM = OUTER_LEN + PREFIX_LEN  # 64: outer headers + GENEVE + job option
 SOCKET_BUFFER = 4 << 20
+# Offload layout of the send buffer: [UDP 8 | GENEVE + job option 36 | offload option 12 | inner].
+UDP_LEN = 8
+OFFLOAD_HEAD = UDP_LEN + PREFIX_LEN + OFFLOAD_OPTION_LEN  # 56: where the inner packet starts
+_OFFLOAD_OPTLEN = (PREFIX_LEN + OFFLOAD_OPTION_LEN - HEADER_LEN) // 4  # Opt Len of both options
+_SO_ATTACH_FILTER = 26
 _IP_DF = 0x4000
 _TTL = 64
 
@@ -97,10 +138,23 @@ DROP_REASONS: tuple[str, ...] = (
     "unknown_sandbox",
     "job_mismatch",
     "tun_write_failed",
+    "unsupported_gso",
+    OFFLOAD_REASON,
+    "offload_disabled",
     *DECODE_REASONS,
 )
 
 _OUTER = struct.Struct("!BBHHHBBH4s4sHHHH")
+_UDP = struct.Struct("!HHHH")
+
+
+def _drop_all_filter(sock: socket.socket) -> None:
+    """Attach a classic BPF program that accepts nothing (`ret #0`) to `sock`."""
+    import ctypes  # noqa: PLC0415 - only the offload path needs it
+
+    insn = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET|BPF_K, 0
+    prog = struct.pack("HL", 1, ctypes.addressof(insn))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, prog)
 
 
 def outer_header(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
@@ -155,6 +209,10 @@ class Datapath:
         self.rx_packets = [0] * n
         self.rx_bytes = [0] * n
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._offload = config.offload
+        self.super_to_tun = 0
+        self.super_from_tun = 0
+        self._vnet_in = bytearray(VNET_HDR_LEN)
         self._out = bytearray(HEAD_ROOM + MAX_PACKET)
         self._out_view = memoryview(self._out)
         self._in = bytearray(MAX_PACKET)
@@ -169,7 +227,17 @@ class Datapath:
     def open_sockets(self) -> None:
         """The raw send socket and the bound GENEVE receive socket (in this netns)."""
         if self._tx is None:
-            tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            if self._offload:
+                tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+                try:
+                    _drop_all_filter(tx)
+                    tx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    tx.bind((str(self.config.underlay), 0))
+                except OSError:
+                    tx.close()
+                    raise
+            else:
+                tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
             tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             tx.setblocking(False)
             self._tx = tx
@@ -188,7 +256,7 @@ class Datapath:
         self.open_sockets()
         assert self._rx is not None
         self._loop = loop
-        loop.add_reader(self._tun_fd, self.drain_tun)
+        loop.add_reader(self._tun_fd, self.drain_tun_offload if self._offload else self.drain_tun)
         loop.add_reader(self._rx.fileno(), self.drain_geneve)
         self._rotate_handle = loop.call_later(self.config.flow_idle_s, self._rotate)
 
@@ -261,6 +329,8 @@ class Datapath:
             return None
         index = self._proxy_index[name]
         addr = self._proxy_addr[index]
+        if self._offload:  # the kernel writes the IPv4 header: only UDP is ours
+            return index, (addr, 0), _UDP.pack(source_port_for_hash(fhash), self._geneve_port, 0, 0)
         header = outer_header(
             self._underlay,
             ipaddress.IPv4Address(addr).packed,
@@ -336,6 +406,93 @@ class Datapath:
             tx_packets[index] += 1
             tx_bytes[index] += n
 
+    def drain_tun_offload(self) -> None:
+        """`drain_tun` for a TUN with a virtio-net header (see the module docstring)."""
+        out = self._out
+        view = self._out_view
+        vnet = self._vnet_in
+        target = [vnet, view[OFFLOAD_HEAD:]]
+        unpack_vnet = VNET_HDR.unpack
+        readv = os.readv
+        fd = self._tun_fd
+        routes = self._routes
+        flows = self._flows
+        old = self._flows_old
+        dropped = self.dropped
+        tx_packets = self.tx_packets
+        tx_bytes = self.tx_bytes
+        tx = self._tx
+        if tx is None:
+            return
+        sendto = tx.sendto
+        supers = 0
+        i = OFFLOAD_HEAD  # the inner packet's offset in `out`
+        for _ in range(BATCH):
+            try:
+                n = readv(fd, target) - VNET_HDR_LEN
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.error("tun_read_failed", error=str(exc))
+                break
+            if n < 20:
+                dropped["tun_malformed"] += 1
+                continue
+            if out[i] >> 4 != 4:
+                dropped["tun_not_ipv4"] += 1
+                continue
+            route = routes.get(bytes(out[i + 12 : i + 16]))
+            if route is None:
+                dropped["unknown_source"] += 1
+                continue
+            ihl = (out[i] & 15) << 2
+            proto = out[i + 9]
+            if (proto == 6 or proto == 17) and n >= ihl + 4:
+                key = bytes(out[i + 12 : i + 20] + out[i + 9 : i + 10] + out[i + ihl : i + ihl + 4])
+            else:
+                key = bytes(out[i + 12 : i + 20] + out[i + 9 : i + 10]) + b"\0\0\0\0"
+            entry = flows.get(key)
+            if entry is None:
+                entry = old.pop(key, None)
+                if entry is None:
+                    entry = self._new_flow(key)
+                    if entry is None:
+                        dropped["no_healthy_proxy"] += 1
+                        continue
+                flows[key] = entry
+            index, addr, header = entry
+            flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = unpack_vnet(vnet)
+            flags &= VNET_NEEDS_CSUM  # DATA_VALID is for us, not for the proxy's kernel
+            if gso_type == VNET_GSO_NONE and not flags:
+                start = OFFLOAD_OPTION_LEN
+                out[start : start + 8] = header
+                out[start + 8 : i] = route.prefix
+            else:
+                if gso_type != VNET_GSO_NONE:
+                    if gso_type != VNET_GSO_TCPV4:
+                        dropped["unsupported_gso"] += 1
+                        continue
+                    supers += 1
+                start = 0
+                out[0:8] = header
+                out[8:44] = route.prefix
+                out[8] = _OFFLOAD_OPTLEN
+                pack_offload_option(out, 44, flags, gso_type, gso_size, csum_start, csum_offset)
+            udp_len = i + n - start
+            out[start + 4] = udp_len >> 8
+            out[start + 5] = udp_len & 0xFF
+            try:
+                sendto(view[start : i + n], addr)
+            except BlockingIOError:
+                dropped["send_failed"] += 1
+                continue
+            except OSError as exc:
+                dropped["too_big" if exc.errno == 90 else "send_failed"] += 1  # 90: EMSGSIZE
+                continue
+            tx_packets[index] += 1
+            tx_bytes[index] += n
+        self.super_from_tun += supers
+
     # -- return: GENEVE -> TUN ----------------------------------------------------------
 
     def drain_geneve(self) -> None:
@@ -351,6 +508,8 @@ class Datapath:
         rx_packets = self.rx_packets
         rx_bytes = self.rx_bytes
         write = os.write
+        writev = os.writev
+        offload = self._offload
         fd = self._tun_fd
         vni = self._vni
         for _ in range(BATCH):
@@ -381,8 +540,23 @@ class Datapath:
             if pkt.job.job_id != route.job_id:
                 dropped["job_mismatch"] += 1
                 continue
+            vnet = None
+            if pkt.options:
+                try:
+                    vnet = offload_vnet_header(pkt.options, inner)
+                except GeneveError:
+                    dropped[OFFLOAD_REASON] += 1
+                    continue
+                if vnet is not None and not offload:
+                    dropped["offload_disabled"] += 1
+                    continue
             try:
-                write(fd, inner)
+                if offload:
+                    writev(fd, [NO_VNET_HDR if vnet is None else vnet, inner])
+                    if vnet is not None and vnet[1] != VNET_GSO_NONE:
+                        self.super_to_tun += 1
+                else:
+                    write(fd, inner)
             except OSError:
                 dropped["tun_write_failed"] += 1
                 continue
@@ -432,6 +606,14 @@ class AgentCollector(Collector):
         for reason, value in sorted(dp.dropped.items()):
             dropped.add_metric([reason], value)
         yield dropped
+        supers = CounterMetricFamily(
+            "egressd_tun_superpackets",
+            "GSO super-packets (TUN offload) written to or read from the TUN",
+            labels=["direction"],
+        )
+        supers.add_metric(["to_tun"], dp.super_to_tun)
+        supers.add_metric(["from_tun"], dp.super_from_tun)
+        yield supers
         up = GaugeMetricFamily("egressd_proxy_up", "1 when the proxy is healthy", labels=["proxy"])
         states = self._proxy_up()
         for name in dp.proxy_names:

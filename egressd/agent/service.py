@@ -44,7 +44,7 @@ from egressd.agent.health import HealthMonitor
 from egressd.agent.sandboxes import SandboxManager
 from egressd.agent.tier1 import Tier1, Tier1Error, denied_ranges
 from egressd.errors import EgressdError
-from egressd.net.tun import Tun, TunError, open_tun
+from egressd.net.tun import TUN_F_CSUM, TUN_F_TSO4, Tun, TunError, open_tun
 from egressd.signals import install_stop_handlers
 
 log = structlog.get_logger("egressd.agent")
@@ -121,13 +121,20 @@ class AgentService:
         ensure_sysctls()
 
         try:
-            self.tun = open_tun(config.tun, mtu=config.sandbox_mtu)
+            self.tun = open_tun(
+                config.tun,
+                mtu=config.sandbox_mtu,
+                vnet_hdr=config.offload,
+                offload=TUN_F_CSUM | TUN_F_TSO4 if config.offload else 0,
+            )
         except TunError as exc:
             raise AgentStartupError("tun", f"{exc.reason}: {exc.detail}") from exc
         _write_sysctl(f"net.ipv4.conf.{self.tun.name}.rp_filter", "0")
         with contextlib.suppress(AgentStartupError):  # IPv6 may be off already
             _write_sysctl(f"net.ipv6.conf.{self.tun.name}.disable_ipv6", "1")
-        log.info("tun_open", tun=self.tun.name, ifindex=self.tun.ifindex)
+        log.info(
+            "tun_open", tun=self.tun.name, ifindex=self.tun.ifindex, offload=config.offload
+        )
 
         tier1 = Tier1(
             tun_ifindex=self.tun.ifindex,

@@ -7,6 +7,10 @@ from egressd.geneve.codec import (
     JOB_OPTION_CLASS,
     JOB_OPTION_LEN,
     JOB_OPTION_TYPE,
+    OFFLOAD_OPTION_CLASS,
+    OFFLOAD_OPTION_LEN,
+    OFFLOAD_OPTION_TYPE,
+    OFFLOAD_REASON,
     PREFIX_LEN,
     PROTO_IPV4,
     PROTO_IPV6,
@@ -17,6 +21,9 @@ from egressd.geneve.codec import (
     decode,
     encode,
     header_for,
+    offload_option,
+    offload_vnet_header,
+    pack_offload_option,
 )
 
 __all__ = [
@@ -26,6 +33,10 @@ __all__ = [
     "JOB_OPTION_CLASS",
     "JOB_OPTION_LEN",
     "JOB_OPTION_TYPE",
+    "OFFLOAD_OPTION_CLASS",
+    "OFFLOAD_OPTION_LEN",
+    "OFFLOAD_OPTION_TYPE",
+    "OFFLOAD_REASON",
     "PREFIX_LEN",
     "PROTO_IPV4",
     "PROTO_IPV6",
@@ -36,4 +47,7 @@ __all__ = [
     "decode",
     "encode",
     "header_for",
+    "offload_option",
+    "offload_vnet_header",
+    "pack_offload_option",
 ]

@@ -12,8 +12,24 @@ Wire layout (all big-endian)::
 
 `decode` is on the proxy's per-packet path: it does one `struct.unpack_from`
 for the common shape (exactly one option, the job option, and a 20-byte inner
-IPv4 header) and falls back to a general parser for anything else, which is
-also where every rejection reason is decided. Scapy is only a test oracle.
+IPv4 header; or the job option followed by the offload option) and falls
+back to a general parser for anything else, which is also where every
+rejection reason is decided. Scapy is only a test oracle.
+
+The offload option (known, not critical; only between peers configured for
+TUN offloads, see docs/decisions.md)::
+
+    |     Option Class = 0xFF01     |  Type = 0x02  |R|R|R| Len = 2 |
+    |     flags     |   gso_type    |           gso_size            |
+    |          csum_start           |          csum_offset          |
+
+It carries the GSO/checksum metadata of the inner packet's virtio-net header
+(the sender read the packet from a TUN with ``IFF_VNET_HDR``): the inner
+packet may be a TCP super-packet of up to 64 KiB to be segmented by the
+receiver's kernel (``gso_type`` 1, ``gso_size`` = MSS) and its L4 checksum
+may be partial (``flags`` 1, NEEDS_CSUM). `offload_vnet_header` checks it
+against the inner packet and gives the 10-byte header to write to the
+receiver's TUN; anything it does not recognise is `bad_offload_option`.
 """
 
 from __future__ import annotations
@@ -41,6 +57,18 @@ MAX_VNI = 0xFFFFFF
 MAX_OPTION_DATA = 124  # the option Length field is 5 bits of 4-byte words
 MAX_OPTIONS_LEN = 252  # the header Opt Len field is 6 bits of 4-byte words
 CRITICAL_TYPE_BIT = 0x80
+
+OFFLOAD_OPTION_CLASS = 0xFF01
+OFFLOAD_OPTION_TYPE = 0x02  # not critical
+OFFLOAD_OPTION_LEN = 12  # 4-byte option header + 8 bytes of data
+OFFLOAD_REASON = "bad_offload_option"
+# virtio-net header values the offload option may carry (<linux/virtio_net.h>).
+VNET_NEEDS_CSUM = 1
+VNET_GSO_NONE = 0
+VNET_GSO_TCPV4 = 1
+# The smallest MSS Linux uses (TCP_MIN_MSS): a smaller gso_size would let
+# one datagram make the receiver's kernel build hundreds of tiny segments.
+MIN_GSO_SIZE = 88
 
 _FLAG_OAM = 0x80
 _FLAG_CRITICAL = 0x40
@@ -81,6 +109,15 @@ _OPTION_HEADER = struct.Struct("!HBB")  # class, type, reserved|length
 _FAST = struct.Struct("!BBHIHBB16s8sBBHQQ")
 _FAST_LEN = _FAST.size  # 56
 _PREFIX = struct.Struct("!BBHIHBB16s8s")
+# Header + job option + offload option + inner IPv4 header (the offload fast path).
+_FAST_OFFLOAD = struct.Struct("!BBHIHBB16s8sHBB8sBBHQQ")
+_FAST_OFFLOAD_LEN = _FAST_OFFLOAD.size  # 68
+_OFFLOAD_PREFIX_LEN = PREFIX_LEN + OFFLOAD_OPTION_LEN  # 48
+_OFFLOAD_OPTION = struct.Struct("!HBBBBHHH")  # class, type, len, then the 8 data bytes
+_OFFLOAD_DATA = struct.Struct("!BBHHH")  # flags, gso_type, gso_size, csum_start, csum_offset
+_VNET = struct.Struct("<BBHHHH")  # struct virtio_net_hdr, little-endian
+_CSUM_TCP20 = _OFFLOAD_DATA.pack(VNET_NEEDS_CSUM, VNET_GSO_NONE, 0, 20, 16)
+_VNET_CSUM_TCP20 = _VNET.pack(VNET_NEEDS_CSUM, VNET_GSO_NONE, 0, 0, 20, 16)
 _INNER_HEAD = struct.Struct("!BxH")  # ver_ihl, total length
 
 
@@ -156,6 +193,17 @@ _set_critical = GenevePacket.__dict__["critical"].__set__
 _set_job = GenevePacket.__dict__["job"].__set__
 _set_options = GenevePacket.__dict__["options"].__set__
 _set_inner = GenevePacket.__dict__["inner"].__set__
+_set_opt_class = GeneveOption.__dict__["opt_class"].__set__
+_set_opt_type = GeneveOption.__dict__["opt_type"].__set__
+_set_opt_data = GeneveOption.__dict__["data"].__set__
+
+
+def _make_offload_option(data: bytes) -> GeneveOption:
+    opt = _new(GeneveOption)
+    _set_opt_class(opt, OFFLOAD_OPTION_CLASS)
+    _set_opt_type(opt, OFFLOAD_OPTION_TYPE)
+    _set_opt_data(opt, data)
+    return opt
 
 
 def _make_job(job_id: bytes, digest: bytes) -> JobOption:
@@ -223,6 +271,28 @@ def decode(buf: bytes | bytearray | memoryview) -> GenevePacket:
                 (),
                 mv[PREFIX_LEN : PREFIX_LEN + total],
             )
+        if n >= _FAST_OFFLOAD_LEN and b0 == 10:
+            (b0, flags, proto, vni_word, ocls, otype, olen, job_id, digest, o2cls, o2type,
+             o2len, o2data, ver_ihl, tos, total, w1, w2) = _FAST_OFFLOAD.unpack_from(mv, 0)  # fmt: skip
+            if (
+                proto == PROTO_IPV4
+                and ocls == JOB_OPTION_CLASS
+                and otype == JOB_OPTION_TYPE
+                and olen & 0x1F == 6
+                and o2cls == OFFLOAD_OPTION_CLASS
+                and o2type == OFFLOAD_OPTION_TYPE
+                and o2len & 0x1F == 2
+                and ver_ihl == 0x45
+                and _IPV4_MIN_HEADER <= total <= n - _OFFLOAD_PREFIX_LEN
+                and ((ver_ihl << 8) + tos + total + w1 + w2) % 0xFFFF == 0
+            ):
+                return _make_packet(
+                    vni_word >> 8,
+                    flags,
+                    _make_job(job_id, digest),
+                    (_make_offload_option(o2data),),
+                    mv[_OFFLOAD_PREFIX_LEN : _OFFLOAD_PREFIX_LEN + total],
+                )
     return _decode_general(mv)
 
 
@@ -328,6 +398,99 @@ def _prefix(vni: int, job: JobOption, oam_flag: int) -> bytes:
         job.job_id,
         job.digest,
     )
+
+
+def offload_option(
+    flags: int, gso_type: int, gso_size: int, csum_start: int, csum_offset: int
+) -> GeneveOption:
+    """The offload option for one packet's virtio-net metadata (for `encode`)."""
+    return GeneveOption(
+        OFFLOAD_OPTION_CLASS,
+        OFFLOAD_OPTION_TYPE,
+        _OFFLOAD_DATA.pack(flags, gso_type, gso_size, csum_start, csum_offset),
+    )
+
+
+def pack_offload_option(
+    buf: bytearray | memoryview,
+    offset: int,
+    flags: int,
+    gso_type: int,
+    gso_size: int,
+    csum_start: int,
+    csum_offset: int,
+) -> None:
+    """Write the 12-byte offload option at `offset` (the senders' per-packet form)."""
+    _OFFLOAD_OPTION.pack_into(
+        buf, offset, OFFLOAD_OPTION_CLASS, OFFLOAD_OPTION_TYPE, 2,
+        flags, gso_type, gso_size, csum_start, csum_offset,
+    )  # fmt: skip
+
+
+def offload_vnet_header(options: tuple[GeneveOption, ...], inner: memoryview) -> bytes | None:
+    """The virtio-net header to write `inner` with, from the offload option.
+
+    None when `options` has no offload option (the packet is a plain one).
+    Raises `GeneveError("bad_offload_option")` unless the option describes
+    `inner` (which `decode` validated as IPv4) exactly: flags only NEEDS_CSUM;
+    gso_type NONE or TCPV4 (TCPV4 needs NEEDS_CSUM, a whole TCP packet
+    and `MIN_GSO_SIZE <= gso_size`; one that fits one segment is written
+    as a plain packet); with NEEDS_CSUM,
+    `csum_start` is the IPv4 header length and `csum_offset` that of the
+    TCP (16) or UDP (6) checksum field, inside the packet; without it both
+    are 0. Never trusted from the wire: `hdr_len` is computed here.
+    """
+    if len(options) == 1:  # the common case: a small TCP packet with a partial checksum
+        opt = options[0]
+        if (
+            opt.data == _CSUM_TCP20
+            and opt.opt_class == OFFLOAD_OPTION_CLASS
+            and opt.opt_type == OFFLOAD_OPTION_TYPE
+            and inner[0] == 0x45
+            and inner[9] == 6
+            and len(inner) >= 40
+        ):
+            return _VNET_CSUM_TCP20
+    found: GeneveOption | None = None
+    for opt in options:
+        if opt.opt_class == OFFLOAD_OPTION_CLASS and opt.opt_type == OFFLOAD_OPTION_TYPE:
+            if found is not None:
+                raise GeneveError(OFFLOAD_REASON, "offload option appears twice")
+            found = opt
+    if found is None:
+        return None
+    if len(found.data) != OFFLOAD_OPTION_LEN - 4:
+        raise GeneveError(OFFLOAD_REASON, f"offload option has {len(found.data)} data bytes")
+    flags, gso_type, gso_size, csum_start, csum_offset = _OFFLOAD_DATA.unpack(found.data)
+    size = len(inner)
+    ihl = (inner[0] & 0x0F) << 2
+    proto = inner[9]
+    if flags & ~VNET_NEEDS_CSUM:
+        raise GeneveError(OFFLOAD_REASON, f"flags 0x{flags:02x}")
+    if flags:
+        want = 16 if proto == 6 else 6 if proto == 17 else -1
+        if csum_offset != want or csum_start != ihl or size < ihl + csum_offset + 2:
+            raise GeneveError(OFFLOAD_REASON, f"checksum at {csum_start}+{csum_offset}")
+    elif csum_start or csum_offset:
+        raise GeneveError(OFFLOAD_REASON, "checksum offsets without NEEDS_CSUM")
+    if gso_type == VNET_GSO_NONE:
+        if gso_size:
+            raise GeneveError(OFFLOAD_REASON, "gso_size without gso_type")
+        return _VNET.pack(flags, 0, 0, 0, csum_start, csum_offset)
+    if gso_type != VNET_GSO_TCPV4 or proto != 6 or not flags:
+        raise GeneveError(OFFLOAD_REASON, f"gso_type {gso_type} for protocol {proto}")
+    if size < ihl + 20:
+        raise GeneveError(OFFLOAD_REASON, "GSO packet without a whole TCP header")
+    hdr_len = ihl + ((inner[ihl + 12] >> 4) << 2)
+    if hdr_len < ihl + 20 or hdr_len > size:
+        raise GeneveError(OFFLOAD_REASON, "bad TCP data offset")
+    if gso_size < MIN_GSO_SIZE:
+        raise GeneveError(OFFLOAD_REASON, f"gso_size {gso_size}")
+    if inner[6] & 0x3F or inner[7]:  # MF or a fragment offset: not a whole packet
+        raise GeneveError(OFFLOAD_REASON, "GSO packet is a fragment")
+    if size - hdr_len <= gso_size:  # one segment: a plain packet (as the kernel would decide)
+        return _VNET.pack(flags, 0, 0, 0, csum_start, csum_offset)
+    return _VNET.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
 
 
 def _check_vni(vni: int) -> None:

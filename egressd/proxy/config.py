@@ -21,7 +21,8 @@ Example (every key but `name`, `underlay` and `egress` has a default)::
       "flow_idle_s": 300,
       "max_flows": 262144,
       "node_refresh_s": 2,
-      "mtu": 1436
+      "mtu": 1436,
+      "offload": false
     }
 
 Decisions:
@@ -38,6 +39,10 @@ Decisions:
 * `mtu` is the TUN's MTU, i.e. the largest inner packet: the underlay MTU
   minus the GENEVE overhead (1500 - 64 = 1436), so that every return packet
   plus its 64 bytes of encapsulation fits in one underlay frame.
+* `offload` opens the TUN with a virtio-net header and TSO/checksum offloads
+  and carries GSO super-packets in GENEVE with the offload option (see
+  `egressd.proxy.tunnel`). Every node agent of the fleet must have the same
+  setting: a node without it drops such datagrams (`offload_disabled`).
 * `fleet_ranges` defaults to the layout's (underlay, sandbox supernet,
   resolver): always denied by tier 2.
 """
@@ -106,6 +111,7 @@ class ProxyConfig:
     max_flows: int = 262_144
     node_refresh_s: float = 2.0
     mtu: int = layout.SANDBOX_MTU
+    offload: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _is_name(self.name):
@@ -124,6 +130,8 @@ class ProxyConfig:
         if len(set(ports)) != len(ports):
             raise _fail("tproxy_dns_port", "must differ from tproxy_tcp_port")
         _check_int("mtu", self.mtu, MIN_MTU, MAX_MTU)
+        if not isinstance(self.offload, bool):
+            raise _fail("offload", "must be true or false")
         _check_int("max_flows", self.max_flows, 1, 16_777_216)
         _check_seconds("flow_idle_s", self.flow_idle_s, 1.0, 86_400.0)
         _check_seconds("node_refresh_s", self.node_refresh_s, 0.05, 3_600.0)
@@ -225,6 +233,12 @@ def _as_int(name: str, value: object) -> int:
     return value
 
 
+def _as_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, "must be true or false")
+    return value
+
+
 def _as_str(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise _fail(name, "must be a string")
@@ -251,6 +265,7 @@ _CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
     "max_flows": _as_int,
     "node_refresh_s": _as_number,
     "mtu": _as_int,
+    "offload": _as_bool,
 }
 _REQUIRED = ("name", "underlay", "egress")
 

@@ -22,7 +22,13 @@ Checks, in this order (the first failing one names the reason):
    sandboxes get an MTU that makes fragmentation unnecessary), with a whole
    L4 header and non-zero ports (`malformed_l4`): TCP data offset >= 5 and
    within the packet, UDP length within the packet;
-6. the job's verified policy (`policy_lookup`, the proxy's own cache) names
+6. an offload option (class 0xFF01, type 0x02: the inner packet's GSO and
+   checksum metadata, `egressd.geneve.offload_vnet_header`) must describe
+   the inner packet (`bad_offload_option`) and is only accepted by a proxy
+   whose TUN has offloads (`offload=True`; else `offload_disabled`: a
+   super-packet must not reach a TUN that would take it for one packet);
+   `Accepted.vnet` is then the virtio-net header to write in front of it;
+7. the job's verified policy (`policy_lookup`, the proxy's own cache) names
    that node (`job_not_bound_to_node`); no cached policy -> `NeedPolicy`.
 
 The GENEVE option also carries the digest of the policy the node enforces.
@@ -43,7 +49,14 @@ import uuid
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
-from egressd.geneve.codec import DECODE_REASONS, GeneveError, JobOption, decode
+from egressd.geneve.codec import (
+    DECODE_REASONS,
+    OFFLOAD_REASON,
+    GeneveError,
+    JobOption,
+    decode,
+    offload_vnet_header,
+)
 from egressd.policy.jws import VerifiedPolicy
 from egressd.proxy.registry import NodeEntry
 
@@ -58,6 +71,8 @@ ENDPOINT_REASONS: tuple[str, ...] = (
     "proto_not_allowed",
     "fragmented",
     "malformed_l4",
+    OFFLOAD_REASON,
+    "offload_disabled",
     "job_not_bound_to_node",
 )
 
@@ -87,6 +102,8 @@ class Accepted(NamedTuple):
     dport: int
     proto: int
     digest_mismatch: bool
+    # The virtio-net header to write `inner` with (offload peers), None for a plain packet.
+    vnet: bytes | None = None
 
 
 class Dropped(NamedTuple):
@@ -107,6 +124,8 @@ _PROTO = DROPPED["proto_not_allowed"]
 _FRAGMENT = DROPPED["fragmented"]
 _MALFORMED = DROPPED["malformed_l4"]
 _NOT_BOUND = DROPPED["job_not_bound_to_node"]
+_BAD_OFFLOAD = DROPPED[OFFLOAD_REASON]
+_OFFLOAD_DISABLED = DROPPED["offload_disabled"]
 
 
 def validate(
@@ -117,6 +136,7 @@ def validate(
     vni: int,
     policy_lookup: Callable[[uuid.UUID], VerifiedPolicy | None],
     job_ids: dict[bytes, uuid.UUID] | None = None,
+    offload: bool = False,
 ) -> Result:
     """Check one datagram received from `src_ip` (see the module docstring).
 
@@ -158,6 +178,14 @@ def validate(
             return _MALFORMED
     if not sport or not dport:
         return _MALFORMED
+    vnet = None
+    if pkt.options:
+        try:
+            vnet = offload_vnet_header(pkt.options, inner)
+        except GeneveError:
+            return _BAD_OFFLOAD
+        if vnet is not None and not offload:
+            return _OFFLOAD_DISABLED
     job = pkt.job
     if job_ids is None:
         job_id = uuid.UUID(bytes=job.job_id)
@@ -185,4 +213,5 @@ def validate(
         dport,
         proto,
         job.digest != verified.digest,
+        vnet,
     )

@@ -47,7 +47,7 @@ from prometheus_client import CollectorRegistry
 
 from egressd.admin import AdminServer, start_admin
 from egressd.errors import EgressdError
-from egressd.net.tun import Tun, TunError, open_tun
+from egressd.net.tun import TUN_F_CSUM, TUN_F_TSO4, Tun, TunError, open_tun
 from egressd.policy.errors import KeyFileError
 from egressd.policy.keys import load_trusted_keys
 from egressd.proxy import dns, intercept
@@ -191,7 +191,12 @@ class ProxyService:
             ) from exc
 
         try:
-            self.tun = open_tun(config.tun, mtu=config.mtu)
+            self.tun = open_tun(
+                config.tun,
+                mtu=config.mtu,
+                vnet_hdr=config.offload,
+                offload=TUN_F_CSUM | TUN_F_TSO4 if config.offload else 0,
+            )
         except TunError as exc:
             raise ProxyStartupError("tun", f"{exc.reason}: {exc.detail}") from exc
         stack.callback(self.tun.close)
@@ -223,6 +228,7 @@ class ProxyService:
             policies=self.policies,
             flows=self.flows,
             metrics=self.metrics,
+            offload=config.offload,
         )
         try:
             self.tunnel.start()
@@ -242,6 +248,7 @@ class ProxyService:
             admin=f"{self.admin.host}:{self.admin.port}",
             tun=self.tun.name,
             mtu=config.mtu,
+            offload=config.offload,
             tproxy_tcp=f"{LISTEN_HOST}:{config.tproxy_tcp_port}",
             tproxy_dns=f"{LISTEN_HOST}:{config.tproxy_dns_port}",
             control_url=config.control_url,

@@ -32,6 +32,19 @@ accept packets that no verified flow stands behind; a reset for a flow the
 proxy never saw (or forgot after `flow_idle_s` of silence) is not worth that
 hole: the sandbox's TCP stack times the connection out instead.
 
+Offload (`offload=True`, the TUN opened with ``IFF_VNET_HDR`` and
+``TUN_F_CSUM | TUN_F_TSO4``): every TUN read and write carries a 10-byte
+virtio-net header. The return path reads TCP super-packets of up to 64 KiB
+(the proxy's own TCP stack sends them, segmented later by the node's kernel)
+and packets with a partial checksum, and sends each as one GENEVE datagram
+with the offload option after the job option (the kernel IP-fragments the
+outer datagram for the underlay; the node's kernel reassembles it). The
+receive path writes what `validate` accepted with the header
+`Accepted.vnet` built from that option (or an all-zero one). Super-packets
+are counted in `egressd_tun_superpackets_total{direction}` (``to_tun``,
+``from_tun``). Without offload a datagram with the option is dropped
+(`offload_disabled`).
+
 Drops are counted by reason: `egressd_geneve_rx_dropped_total{reason}` on the
 receive path (every reason pre-registered) and
 `egressd_tun_tx_dropped_total{reason}` for packets the kernel sent to
@@ -54,8 +67,17 @@ from dataclasses import dataclass
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from egressd.geneve.codec import PREFIX_LEN, header_for
-from egressd.net.tun import Tun
+from egressd.geneve.codec import (
+    HEADER_LEN,
+    OFFLOAD_OPTION_LEN,
+    PREFIX_LEN,
+    VNET_GSO_NONE,
+    VNET_GSO_TCPV4,
+    VNET_NEEDS_CSUM,
+    header_for,
+    pack_offload_option,
+)
+from egressd.net.tun import NO_VNET_HDR, VNET_HDR, VNET_HDR_LEN, Tun
 from egressd.proxy.context import FlowInfo, PolicyUnavailable
 from egressd.proxy.endpoint import ENDPOINT_REASONS, Accepted, Dropped, validate
 from egressd.proxy.flows import Flow, FlowTable
@@ -76,6 +98,7 @@ TUN_DROP_REASONS: tuple[str, ...] = (
     "no_node",
     "proto_not_allowed",
     "no_flow",
+    "unsupported_gso",
     "send_buffer_full",
     "send_failed",
     "read_failed",
@@ -83,6 +106,7 @@ TUN_DROP_REASONS: tuple[str, ...] = (
 
 DEFAULT_BATCH = 256
 RX_BUFFER_BYTES = 65536
+OFFLOAD_PREFIX_LEN = PREFIX_LEN + OFFLOAD_OPTION_LEN  # 48
 SOCKET_BUFFER_BYTES = 8 * 1024 * 1024
 MAX_INFO_CACHE = 65536
 
@@ -143,6 +167,14 @@ class _Metrics:
             registry=registry,
         )
         self.tun_dropped = {reason: tun_dropped.labels(reason) for reason in TUN_DROP_REASONS}
+        superpackets = Counter(
+            "egressd_tun_superpackets",
+            "GSO super-packets (TUN offload) written to or read from the TUN",
+            ["direction"],
+            registry=registry,
+        )
+        self.super_to_tun = superpackets.labels("to_tun")
+        self.super_from_tun = superpackets.labels("from_tun")
         self.digest_mismatch = Counter(
             "egressd_geneve_digest_mismatch_total",
             "Accepted datagrams whose policy digest differs from the proxy's verified policy",
@@ -172,8 +204,15 @@ class GeneveTunnel:
         limits: TunnelLimits = TunnelLimits(),
         clock: Callable[[], float] = time.monotonic,
         peer_port: int | None = None,
+        offload: bool = False,
     ) -> None:
-        """`peer_port`: the nodes' GENEVE port (default: the port we listen on, 6081)."""
+        """`peer_port`: the nodes' GENEVE port (default: the port we listen on, 6081).
+
+        `offload`: `tun` was opened with a virtio-net header and offloads
+        (see the module docstring); the nodes must be configured for it too.
+        """
+        if offload and not tun.vnet_hdr:
+            raise ValueError("offload needs a TUN opened with vnet_hdr")
         self.listen = listen
         self._vni = vni
         self._tun = tun
@@ -184,14 +223,20 @@ class GeneveTunnel:
         self._clock = clock
         self._m = _Metrics(metrics)
         self._peer_port = listen[1] if peer_port is None else peer_port
+        self._offload = offload
+        self._vnet_in = bytearray(VNET_HDR_LEN)
         self._sock: socket.socket | None = None
         self._tun_fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rx_buf = bytearray(RX_BUFFER_BYTES)
         self._rx_view = memoryview(self._rx_buf)
-        self._tx_buf = bytearray(PREFIX_LEN + RX_BUFFER_BYTES)
+        # Offload: [GENEVE header + job option | offload option | inner]; the
+        # option is only sent when the packet needs it, so a plain packet is
+        # sent from offset OFFLOAD_OPTION_LEN.
+        head = OFFLOAD_PREFIX_LEN if offload else PREFIX_LEN
+        self._tx_buf = bytearray(head + RX_BUFFER_BYTES)
         self._tx_view = memoryview(self._tx_buf)
-        self._tx_inner = self._tx_view[PREFIX_LEN:]
+        self._tx_inner = self._tx_view[head:]
         # (job id bytes, digest, node name) -> (FlowInfo, GENEVE header): one of each per job.
         self._infos: dict[tuple[bytes, bytes, str], tuple[FlowInfo, bytes]] = {}
         self._job_ids: dict[bytes, uuid.UUID] = {}
@@ -256,6 +301,7 @@ class GeneveTunnel:
         vni = self._vni
         lookup = self._policies.cached
         job_ids = self._job_ids
+        offload = self._offload
         drops = self._drops
         now = self._clock()
         received = 0
@@ -273,8 +319,9 @@ class GeneveTunnel:
                 received += 1
                 nbytes += n
                 result = validate(
-                    view[:n], addr[0], nodes=nodes, vni=vni, policy_lookup=lookup, job_ids=job_ids
-                )
+                    view[:n], addr[0], nodes=nodes, vni=vni, policy_lookup=lookup,
+                    job_ids=job_ids, offload=offload,
+                )  # fmt: skip
                 if isinstance(result, Accepted):
                     written += self._forward(result, now)
                 elif isinstance(result, Dropped):
@@ -318,7 +365,13 @@ class GeneveTunnel:
             self._m.digest_mismatch.inc()
             self._policies.request_refresh(acc.job_id)
         try:
-            os.write(self._tun_fd, acc.inner)
+            if self._offload:
+                vnet = acc.vnet
+                os.writev(self._tun_fd, [NO_VNET_HDR if vnet is None else vnet, acc.inner])
+                if vnet is not None and vnet[1] != VNET_GSO_NONE:
+                    self._m.super_to_tun.inc()
+            else:
+                os.write(self._tun_fd, acc.inner)
         except OSError:
             drops["tun_write_failed"] = drops.get("tun_write_failed", 0) + 1
             return 0
@@ -370,6 +423,7 @@ class GeneveTunnel:
                 vni=self._vni,
                 policy_lookup=self._policies.cached,
                 job_ids=self._job_ids,
+                offload=self._offload,
             )
             if isinstance(result, Accepted):
                 written += self._forward(result, now)
@@ -384,6 +438,9 @@ class GeneveTunnel:
     # --- return path ---------------------------------------------------------------
 
     def _on_tun_readable(self) -> None:
+        if self._offload:
+            self._on_tun_readable_offload()
+            return
         sock = self._sock
         fd = self._tun_fd
         if sock is None or fd < 0:
@@ -430,6 +487,83 @@ class GeneveTunnel:
             if sent:
                 self._m.tx_packets.inc(sent)
                 self._m.tx_bytes.inc(nbytes)
+            for reason, count in dropped.items():
+                drops[reason].inc(count)
+
+    def _on_tun_readable_offload(self) -> None:
+        """The return path with a virtio-net header in front of every packet read."""
+        sock = self._sock
+        fd = self._tun_fd
+        if sock is None or fd < 0:
+            return
+        inner = self._tx_inner
+        view = self._tx_view
+        buf = self._tx_buf
+        vnet = self._vnet_in
+        target = [vnet, inner]
+        unpack_vnet = VNET_HDR.unpack
+        send = sock.sendto
+        nodes = self._nodes.view
+        flows = self._flows
+        port = self._peer_port
+        drops = self._m.tun_dropped
+        now = self._clock()
+        sent = 0
+        nbytes = 0
+        supers = 0
+        dropped: dict[str, int] = {}
+        try:
+            for _ in range(self._limits.batch):
+                try:
+                    n = os.readv(fd, target) - VNET_HDR_LEN
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    log.warning("tun_read_failed", error=str(exc))
+                    dropped["read_failed"] = dropped.get("read_failed", 0) + 1
+                    break
+                if n <= 0:
+                    if n < 0:
+                        dropped["malformed"] = dropped.get("malformed", 0) + 1
+                        continue
+                    break
+                reason, node_addr, header = self._route_back(inner, n, nodes, flows, now)
+                if reason is not None:
+                    dropped[reason] = dropped.get(reason, 0) + 1
+                    continue
+                flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = unpack_vnet(vnet)
+                flags &= VNET_NEEDS_CSUM  # DATA_VALID is for us, not for the node's kernel
+                if gso_type == VNET_GSO_NONE and not flags:
+                    start = OFFLOAD_OPTION_LEN
+                    view[start:OFFLOAD_PREFIX_LEN] = header  # type: ignore[assignment]
+                else:
+                    if gso_type != VNET_GSO_NONE:
+                        if gso_type != VNET_GSO_TCPV4:
+                            dropped["unsupported_gso"] = dropped.get("unsupported_gso", 0) + 1
+                            continue
+                        supers += 1
+                    start = 0
+                    view[:PREFIX_LEN] = header  # type: ignore[assignment]
+                    buf[0] = (OFFLOAD_PREFIX_LEN - HEADER_LEN) // 4  # Opt Len: both options, in words
+                    pack_offload_option(
+                        buf, PREFIX_LEN, flags, gso_type, gso_size, csum_start, csum_offset
+                    )
+                try:
+                    send(view[start : OFFLOAD_PREFIX_LEN + n], (node_addr, port))
+                except BlockingIOError:
+                    dropped["send_buffer_full"] = dropped.get("send_buffer_full", 0) + 1
+                    continue
+                except OSError:
+                    dropped["send_failed"] = dropped.get("send_failed", 0) + 1
+                    continue
+                sent += 1
+                nbytes += OFFLOAD_PREFIX_LEN - start + n
+        finally:
+            if sent:
+                self._m.tx_packets.inc(sent)
+                self._m.tx_bytes.inc(nbytes)
+            if supers:
+                self._m.super_from_tun.inc(supers)
             for reason, count in dropped.items():
                 drops[reason].inc(count)
 

@@ -151,6 +151,7 @@ class Fleet:
             "control_url": self.control_url,
             "keys_dir": str(self.keys_dir),
             "fleet_ranges": [str(r) for r in self.layout.fleet_ranges],
+            "offload": True,
         }
 
     def agent_config(self, node: NodeSpec) -> dict[str, object]:
@@ -165,6 +166,7 @@ class Fleet:
             "state_dir": str(self.run_dir / "agents" / node.name),
             "fleet_ranges": [str(r) for r in self.layout.fleet_ranges],
             "sandbox_netns_prefix": f"{self.layout.prefix}sbx-",
+            "offload": True,
         }
 
     # --- up ------------------------------------------------------------------
