@@ -47,7 +47,7 @@ from prometheus_client import Counter, Gauge
 from egressd.policy.matcher import Decision, match_address
 from egressd.policy.model import Policy
 from egressd.proxy import audit, sniff, tier2
-from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
+from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext, ProxyIdentity
 from egressd.proxy.dns import DNS_PORT, UpstreamResolver
 from egressd.proxy.relay import DOWN, RELAY_BUFFER, UP, RelayStats, relay, reset
 from egressd.proxy.resolved import ResolvedNames
@@ -85,6 +85,8 @@ DEFAULT_PEEK_TIMEOUT_S = 1.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_BACKLOG = 4096
 _ACCEPT_ERROR_PAUSE_S = 0.1
+#: Connections taken from the listen queue per wake-up of the accept loop.
+_ACCEPT_BATCH = 64
 
 
 @dataclass(slots=True)
@@ -194,6 +196,39 @@ async def peek_client(
     return Peeked(data, eof=eof)
 
 
+_MISS = object()
+
+
+class _DecisionCache:
+    """Tier-2 results memoised per policy object and fleet ranges.
+
+    Tier 2 is pure: for one policy, one set of fleet ranges and the same
+    inputs (destination, port, what the client sent, the names the job
+    resolved to the address, and no proxy-side resolution) it decides the
+    same. An entry holds its policy and fleet ranges and is used only while
+    they are the very objects in use (``is``): a refreshed or revoked policy
+    is a new object, so its connections never see the old one's results.
+    Bounded: emptied when full.
+    """
+
+    __slots__ = ("_entries", "_limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._entries: dict[tuple[int, int, object], tuple[Policy, object, object]] = {}
+        self._limit = limit
+
+    def get(self, policy: Policy, fleet_ranges: object, key: object) -> object:
+        hit = self._entries.get((id(policy), id(fleet_ranges), key))
+        if hit is None or hit[0] is not policy or hit[1] is not fleet_ranges:
+            return _MISS
+        return hit[2]
+
+    def put(self, policy: Policy, fleet_ranges: object, key: object, value: object) -> None:
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[(id(policy), id(fleet_ranges), key)] = (policy, fleet_ranges, value)
+
+
 class Interceptor:
     """The transparent listener and its connection tasks."""
 
@@ -222,6 +257,13 @@ class Interceptor:
         self._closed = False
         # One read buffer for every relay of this interceptor (see relay.relay).
         self._scratch = bytearray(RELAY_BUFFER)
+        # Metric children and the egress bind address, looked up once on first
+        # use (as `labels()` would create them) rather than once per connection.
+        self._count_up: Any = None
+        self._count_down: Any = None
+        self._connections_by: dict[tuple[str, str], Any] = {}
+        self._egress_bind: tuple[ProxyIdentity, tuple[str, int]] | None = None
+        self._decisions = _DecisionCache()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -277,19 +319,33 @@ class Interceptor:
                 log.error("intercept_accept_failed", error=str(exc))
                 await asyncio.sleep(_ACCEPT_ERROR_PAUSE_S)
                 continue
-            try:
-                dst, dport = conn.getsockname()[:2]
-            except OSError:
-                reset(conn)
-                continue
-            conn.setblocking(False)
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            bound_dead_peers(conn)
-            self._spawn(
-                self._handle(conn, IPv4Address(addr[0]), addr[1], IPv4Address(dst), dport),
-                f"egressd-conn-{addr[0]}:{addr[1]}->{dst}:{dport}",
-            )
+            self._accepted(conn, addr)
+            # Take what else is already queued without a round trip through
+            # the loop per connection (the listening socket is non-blocking),
+            # at most a batch at a time so that other work keeps running.
+            for _ in range(_ACCEPT_BATCH - 1):
+                try:
+                    conn, addr = lsock.accept()
+                except (BlockingIOError, ConnectionAbortedError, InterruptedError):
+                    break
+                except OSError:
+                    break  # EMFILE and the like: sock_accept reports it and backs off
+                self._accepted(conn, addr)
+
+    def _accepted(self, conn: socket.socket, addr: Any) -> None:
+        try:
+            dst, dport = conn.getsockname()[:2]
+        except OSError:
+            reset(conn)
+            return
+        conn.setblocking(False)
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bound_dead_peers(conn)
+        self._spawn(
+            self._handle(conn, IPv4Address(addr[0]), addr[1], IPv4Address(dst), dport),
+            f"egressd-conn-{addr[0]}:{addr[1]}->{dst}:{dport}",
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -337,13 +393,7 @@ class Interceptor:
         now = time.monotonic()
         learned = self.resolved.names_for(flow.job_id, conn.dst, now)
         peeked = Peeked(b"")
-        decision = tier2.address_precheck(
-            policy, conn.dst, conn.dport, fleet_ranges=ctx.fleet_ranges
-        )
-        if decision is None:
-            by_address = match_address(policy, conn.dst, conn.dport, fleet_ranges=ctx.fleet_ranges)
-            if by_address.allowed:
-                decision = by_address
+        decision = self._by_address(policy, conn.dst, conn.dport)
         if decision is None:
             peeked = await peek_client(sock, timeout_s=self.peek_timeout_s)
             decision = await self._decide(policy, conn, peeked, learned)
@@ -363,16 +413,35 @@ class Interceptor:
             reset(sock)
             return None
         conn.relaying = True
+        if self._count_up is None:
+            self._count_up = self._metrics.bytes.labels(direction=UP).inc
+            self._count_down = self._metrics.bytes.labels(direction=DOWN).inc
         await relay(
             sock,
             upstream,
             first_up=peeked.data,
-            count_up=self._metrics.bytes.labels(direction=UP).inc,
-            count_down=self._metrics.bytes.labels(direction=DOWN).inc,
+            count_up=self._count_up,
+            count_down=self._count_down,
             stats=conn.relay,
             scratch=self._scratch,
         )
         return None
+
+    def _by_address(self, policy: Policy, dst: IPv4Address, dport: int) -> Decision | None:
+        """The decision the address alone makes final (always-denied, or a
+        cidr rule's allow), else None; memoised (`_DecisionCache`)."""
+        fleet_ranges = self.ctx.fleet_ranges
+        key = (dst, dport)
+        cached = self._decisions.get(policy, fleet_ranges, key)
+        if cached is not _MISS:
+            return cached  # type: ignore[return-value]
+        decision = tier2.address_precheck(policy, dst, dport, fleet_ranges=fleet_ranges)
+        if decision is None:
+            by_address = match_address(policy, dst, dport, fleet_ranges=fleet_ranges)
+            if by_address.allowed:
+                decision = by_address
+        self._decisions.put(policy, fleet_ranges, key, decision)
+        return decision
 
     async def _decide(
         self,
@@ -381,9 +450,23 @@ class Interceptor:
         peeked: Peeked,
         learned: set[str],
     ) -> Decision:
+        fleet_ranges = self.ctx.fleet_ranges
+        key = (
+            conn.dst,
+            conn.dport,
+            peeked.sni,
+            peeked.http_host,
+            peeked.sniff_error,
+            frozenset(learned),
+        )
+        cached = self._decisions.get(policy, fleet_ranges, key)
+        if cached is not _MISS:
+            conn.host, decision = cached  # type: ignore[misc]
+            return decision  # type: ignore[has-type,no-any-return]
         claim = tier2.claimed_host(peeked.sni, peeked.http_host)
         conn.host = claim.name or claim.raw
         proxy_ips: set[IPv4Address] = set()
+        resolved = False
         if (
             claim.name is not None
             and peeked.sniff_error is None
@@ -391,9 +474,25 @@ class Interceptor:
                 policy, name=claim.name, dst_port=conn.dport, resolved_names=learned
             )
         ):
+            resolved = True
             proxy_ips = await self.resolver.resolve_a(
                 claim.name, fleet_ranges=self.ctx.fleet_ranges
             )
+        decision = self._decide_now(policy, conn, peeked, learned, proxy_ips)
+        if not resolved:
+            # Without the proxy's own resolution the decision is a pure
+            # function of the key; with it, it depends on DNS: not memoised.
+            self._decisions.put(policy, fleet_ranges, key, (conn.host, decision))
+        return decision
+
+    def _decide_now(
+        self,
+        policy: Policy,
+        conn: _Conn,
+        peeked: Peeked,
+        learned: set[str],
+        proxy_ips: set[IPv4Address],
+    ) -> Decision:
         return tier2.decide_connection(
             policy,
             dst_ip=conn.dst,
@@ -417,7 +516,10 @@ class Interceptor:
                 upstream.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             bound_dead_peers(upstream)
-            upstream.bind((str(self.ctx.identity.egress), 0))
+            identity = self.ctx.identity
+            if self._egress_bind is None or self._egress_bind[0] is not identity:
+                self._egress_bind = (identity, (str(identity.egress), 0))
+            upstream.bind(self._egress_bind[1])
             async with asyncio.timeout(self.connect_timeout_s):
                 await loop.sock_connect(upstream, (str(conn.dst), conn.dport))
         except (OSError, TimeoutError) as exc:
@@ -436,7 +538,13 @@ class Interceptor:
         reset(sock)
 
     def _finish(self, conn: _Conn) -> None:
-        self._metrics.connections.labels(verdict=conn.verdict, reason=conn.reason).inc()
+        key = (conn.verdict, conn.reason)
+        child = self._connections_by.get(key)
+        if child is None:
+            child = self._connections_by[key] = self._metrics.connections.labels(
+                verdict=conn.verdict, reason=conn.reason
+            )
+        child.inc()
         flow, policy = conn.flow, conn.policy
         audit.emit(
             self.ctx.audit,
