@@ -49,6 +49,27 @@ class Job:
         return path
 
 
+def sandbox_argv(
+    fleet: Fleet,
+    job: Job,
+    policy_file: Path,
+    argv: Sequence[str],
+    *,
+    mounts: Sequence[str] = (),
+    timeout_s: float | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """`egressd sandbox run` for `job`, as an operator would type it (UDFs at /udfs)."""
+    cmd = [
+        sys.executable, "-m", "egressd", "sandbox", "run",
+        "--run-dir", str(fleet.run_dir), "--node", job.node, "--policy", str(policy_file),
+        "--mount", f"{UDFS}:/udfs", *[f"--mount={m}" for m in mounts], *extra,
+    ]
+    if timeout_s is not None:
+        cmd += ["--timeout", str(timeout_s)]
+    return [*cmd, "--", *argv]
+
+
 def sandbox_run(
     fleet: Fleet,
     job: Job,
@@ -59,14 +80,9 @@ def sandbox_run(
     timeout_s: float = 240,
     policy_file: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`egressd sandbox run` for `job`, as an operator would type it."""
-    cmd = [
-        sys.executable, "-m", "egressd", "sandbox", "run",
-        "--run-dir", str(fleet.run_dir), "--node", job.node,
-        "--policy", str(policy_file or job.policy_file(tmp)),
-        "--mount", f"{UDFS}:/udfs", *[f"--mount={m}" for m in mounts],
-        "--timeout", str(timeout_s - 10), "--", *argv,
-    ]
+    """Run a sandbox to completion; its output and exit code."""
+    cmd = sandbox_argv(fleet, job, policy_file or job.policy_file(tmp), argv,
+                       mounts=mounts, timeout_s=timeout_s - 10)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import pytest
 from egressd.topology import procs
 from egressd.topology.fleet import Fleet, wait_for
 
-from .fleet_helpers import UDFS, Job, metric_sum, metrics, probe, proxy_events
+from .fleet_helpers import Job, metric_sum, metrics, probe, proxy_events, sandbox_argv
 
 ALLOWED = [{"host": "api.allowed.test", "ports": [443]}]
 FAILOVER_BOUND_S = 5.0
@@ -119,32 +118,11 @@ def _launch_loop(fleet: Fleet, job: Job, tmp: Path) -> subprocess.Popen[str]:
     udf_dir = tmp / "udf"
     udf_dir.mkdir()
     (udf_dir / "loop.py").write_text(LOOP_UDF)
-    cmd = [
-        sys.executable,
-        "-m",
-        "egressd",
-        "sandbox",
-        "run",
-        "--run-dir",
-        str(fleet.run_dir),
-        "--node",
-        job.node,
-        "--policy",
-        str(job.policy_file(tmp)),
-        "--mount",
-        f"{UDFS}:/udfs",
-        "--mount",
-        f"{udf_dir}:/t",
-        "--timeout",
-        "90",
-        "--",
-        "python3",
-        "/t/loop.py",
-        "api.allowed.test",
-        str(LOOP_S),
-        "0.1",
-        "2",
-    ]
+    cmd = sandbox_argv(
+        fleet, job, job.policy_file(tmp),
+        ["python3", "/t/loop.py", "api.allowed.test", str(LOOP_S), "0.1", "2"],
+        mounts=[f"{udf_dir}:/t"], timeout_s=90,
+    )
     # stderr to a file: a pipe nobody reads could fill and stall the sandbox.
     with open(tmp / "sandbox.stderr", "w") as err:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)

@@ -14,7 +14,7 @@ from egressd.agent.client import AgentClient
 from egressd.net import netns as kn
 from egressd.topology.fleet import Fleet
 
-from .fleet_helpers import Job, metric_sum, metrics, sandbox_run
+from .fleet_helpers import Job, metric_sum, metrics, sandbox_argv, sandbox_run
 
 
 def _sandboxes(fleet: Fleet, node: str) -> list[str]:
@@ -43,9 +43,8 @@ def test_ctrl_c_unregisters_and_removes_the_sandbox(fleet: Fleet, tmp_path: Path
     job = Job(fleet, "node1", [{"host": "api.allowed.test"}]).sign()
     before = set(kn.list_netns(f"{fleet.layout.prefix}sbx-"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "egressd", "sandbox", "run", "--run-dir", str(fleet.run_dir),
-         "--node", "node1", "--policy", str(job.policy_file(tmp_path)), "--",
-         "python3", "-c", "import time; print('up', flush=True); time.sleep(300)"],
+        sandbox_argv(fleet, job, job.policy_file(tmp_path),
+                     ["python3", "-c", "import time; print('up', flush=True); time.sleep(300)"]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

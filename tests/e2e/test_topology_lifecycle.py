@@ -18,7 +18,7 @@ from egressd.topology import procs
 from egressd.topology.fleet import Fleet
 from egressd.topology.layout import default_layout
 
-from .fleet_helpers import Job
+from .fleet_helpers import Job, sandbox_argv
 
 PREFIX = "egd-e2l-"
 
@@ -70,9 +70,9 @@ def test_up_status_down_leaves_nothing(tmp_path_factory: pytest.TempPathFactory)
         job = Job(fleet, "node1", [{"host": "api.allowed.test"}]).sign()
         policy = job.policy_file(run_dir)
         sandbox = subprocess.Popen(
-            [sys.executable, "-m", "egressd", "sandbox", "run", "--run-dir", str(run_dir),
-             "--node", "node1", "--policy", str(policy), "--id", f"life-{uuid.uuid4().hex[:8]}",
-             "--", "python3", "-c", "import time; print('up', flush=True); time.sleep(120)"],
+            sandbox_argv(fleet, job, policy,
+                         ["python3", "-c", "import time; print('up', flush=True); time.sleep(120)"],
+                         extra=["--id", f"life-{uuid.uuid4().hex[:8]}"]),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         assert sandbox.stdout is not None

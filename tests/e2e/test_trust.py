@@ -18,7 +18,6 @@ import base64
 import json
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,7 +40,15 @@ from egressd.topology.layout import (
 )
 from egressd.topology.probe import http_request
 
-from .fleet_helpers import UDFS, Job, metric_sum, metrics, probe, proxy_events, sandbox_run
+from .fleet_helpers import (
+    Job,
+    metric_sum,
+    metrics,
+    probe,
+    proxy_events,
+    sandbox_argv,
+    sandbox_run,
+)
 
 ALLOWED = [{"host": "api.allowed.test", "ports": [443]}]
 API_ADDR = "203.0.113.10"  # api.allowed.test in the layout
@@ -141,27 +148,9 @@ def _start_sandbox(fleet: Fleet, job: Job, tmp: Path, argv: list[str]) -> subpro
     udf_dir = tmp / "udf"
     udf_dir.mkdir(exist_ok=True)
     (udf_dir / "attempts.py").write_text(ATTEMPTS_UDF)
-    cmd = [
-        sys.executable,
-        "-m",
-        "egressd",
-        "sandbox",
-        "run",
-        "--run-dir",
-        str(fleet.run_dir),
-        "--node",
-        job.node,
-        "--policy",
-        str(job.policy_file(tmp)),
-        "--mount",
-        f"{UDFS}:/udfs",
-        "--mount",
-        f"{udf_dir}:/t",
-        "--timeout",
-        "120",
-        "--",
-        *argv,
-    ]
+    cmd = sandbox_argv(
+        fleet, job, job.policy_file(tmp), argv, mounts=[f"{udf_dir}:/t"], timeout_s=120
+    )
     # stderr to a file: a pipe nobody reads could fill and stall the sandbox.
     with open(tmp / "sandbox.stderr", "w") as err:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
