@@ -1,0 +1,123 @@
+"""Earliest Departure Time (EDT) bandwidth pacing, per job and direction.
+
+Each job has one pacer per direction (``up``: sandbox to internet, ``down``:
+back). A chunk of ``size`` bytes gets the departure time
+
+    departure = max(now, last) + size / rate        (rate in bytes per second)
+
+and ``last = departure``: chunks leave no faster than the rate, and a job
+that was quiet does not bank credit for a burst later. The relay writes a
+chunk at its departure time; a chunk whose departure lies beyond the
+*horizon* (``departure - now > horizon_s``) makes the relay stop reading from
+that chunk's source until the departure comes within the horizon again, so
+a paced connection is slowed by TCP's own backpressure and nothing is ever
+dropped. What one job buffers is bounded by about ``rate * horizon`` plus one
+chunk per connection.
+
+Proxy-wide rate (per direction): when the rates of the jobs sending in a
+direction add up to more than the proxy's rate, every job's rate is scaled by
+``proxy_rate / sum(rates)``, so jobs saturating one proxy share it in
+proportion to their rates and the proxy as a whole stays within its own.
+A job counts as sending while it asked for a departure time within the last
+``active_window_s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+DEFAULT_HORIZON_S = 0.05
+DEFAULT_ACTIVE_WINDOW_S = 0.5
+
+
+@dataclass(slots=True)
+class EdtPacer:
+    """One rate's timestamp: ``last`` is the departure time of the latest chunk."""
+
+    last: float = 0.0
+
+    def departure(self, size: int, rate_Bps: float, now: float) -> float:
+        start = self.last if self.last > now else now
+        self.last = start + size / rate_Bps
+        return self.last
+
+
+@dataclass(slots=True)
+class _Sender:
+    pacer: EdtPacer
+    rate_Bps: float
+    seen: float
+
+
+class BandwidthShaper:
+    """EDT pacers per (job, direction), under an optional proxy-wide rate per direction."""
+
+    def __init__(
+        self,
+        *,
+        proxy_rate_bps: int | None = None,
+        horizon_s: float = DEFAULT_HORIZON_S,
+        active_window_s: float = DEFAULT_ACTIVE_WINDOW_S,
+    ) -> None:
+        if proxy_rate_bps is not None and proxy_rate_bps <= 0:
+            raise ValueError("proxy_rate_bps must be positive (None: no proxy-wide rate)")
+        if horizon_s <= 0 or active_window_s <= 0:
+            raise ValueError("horizon_s and active_window_s must be positive")
+        self.proxy_rate_Bps = None if proxy_rate_bps is None else proxy_rate_bps / 8.0
+        self.horizon_s = horizon_s
+        self.active_window_s = active_window_s
+        self._senders: dict[tuple[Hashable, str], _Sender] = {}
+        # Per direction: (sum of active rates, when it was computed).
+        self._sums: dict[str, tuple[float, float]] = {}
+
+    def departure(
+        self, job: Hashable, direction: str, size: int, *, rate_bps: int, now: float
+    ) -> float:
+        """When a chunk of `size` bytes of `job` going `direction` may leave."""
+        key = (job, direction)
+        sender = self._senders.get(key)
+        rate_Bps = rate_bps / 8.0
+        if sender is None:
+            sender = self._senders[key] = _Sender(EdtPacer(now), rate_Bps, now)
+            self._sums.pop(direction, None)  # a newcomer changes the sum at once
+        else:
+            if sender.rate_Bps != rate_Bps or now - sender.seen > self.active_window_s:
+                self._sums.pop(direction, None)
+            sender.rate_Bps = rate_Bps
+            sender.seen = now
+        return sender.pacer.departure(size, rate_Bps * self.scale(direction, now), now)
+
+    def scale(self, direction: str, now: float) -> float:
+        """The factor (at most 1) by which every job's rate in `direction` is scaled now."""
+        if self.proxy_rate_Bps is None:
+            return 1.0
+        cached = self._sums.get(direction)
+        if cached is None or now - cached[1] > self.active_window_s / 2:
+            total = sum(
+                s.rate_Bps
+                for (_, d), s in self._senders.items()
+                if d == direction and now - s.seen <= self.active_window_s
+            )
+            cached = self._sums[direction] = (total, now)
+        total = cached[0]
+        return 1.0 if total <= self.proxy_rate_Bps else self.proxy_rate_Bps / total
+
+    def beyond_horizon(self, departure: float, now: float) -> bool:
+        return departure - now > self.horizon_s
+
+    def prune(self, now: float) -> int:
+        """Forget senders quiet for a while (their pacer is in the past anyway)."""
+        quiet = [
+            key
+            for key, s in self._senders.items()
+            if now - s.seen > self.active_window_s and s.pacer.last <= now
+        ]
+        for key in quiet:
+            del self._senders[key]
+        if quiet:
+            self._sums.clear()
+        return len(quiet)
+
+
+__all__ = ["DEFAULT_ACTIVE_WINDOW_S", "DEFAULT_HORIZON_S", "BandwidthShaper", "EdtPacer"]

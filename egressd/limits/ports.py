@@ -1,0 +1,237 @@
+"""The source-port allocator: the proxy's safeguard against port exhaustion.
+
+Every upstream socket is bound to an (egress address, port) that this
+allocator chose. A destination sees connections from the proxy's egress
+addresses; what can run out is the number of distinct source (address, port)
+pairs toward *one* destination (IP, port, protocol), since the kernel needs
+each 4-tuple to be unique. So ports are accounted per destination, as Cloud
+NAT does per VM:
+
+* a job holds at most ``max_per_job`` ports toward one destination (the
+  policy's ``ports_per_destination``) -> `PORT_BUDGET_EXHAUSTED`;
+* ``min_per_job`` ports per destination are guaranteed to every job: a job
+  that already holds its minimum may take another port only if what stays
+  free covers the minimum of every job below it (its deficit) plus the
+  minimum of ``reserved_newcomers`` jobs that hold none yet -> otherwise
+  `PORT_POOL_EXHAUSTED`, as when no port is free at all;
+* a released port is not handed out toward the same destination for
+  ``reuse_delay_s`` (the kernel's TIME_WAIT, 60 s on Linux), so a new
+  connection never collides with the old one's 4-tuple. It may be used
+  toward other destinations at once.
+
+The same (address, port) is shared by connections to different destinations
+(the proxy sets SO_REUSEADDR on upstream sockets), so more egress addresses
+scale every destination's pool: its size is ``len(addresses) * len(ports)``.
+Candidate ports are handed out round-robin over the addresses, in order,
+lazily (a destination's state grows only with its use).
+
+`quarantine` takes a lease whose bind failed (someone else holds the port
+on this host): the port is held back like a released one, without counting
+for the job, so the caller can try another.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+
+from egressd.limits import PORT_BUDGET_EXHAUSTED, PORT_POOL_EXHAUSTED
+
+IPv4Address = ipaddress.IPv4Address
+
+#: Linux's TCP_TIMEWAIT_LEN.
+DEFAULT_REUSE_DELAY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    ip: IPv4Address
+    port: int
+    proto: str = "tcp"
+
+    def __str__(self) -> str:
+        return f"{self.ip}:{self.port}/{self.proto}"
+
+
+@dataclass(frozen=True, slots=True)
+class PortPoolConfig:
+    """The pool: egress addresses x a port range, and the per-job guarantees."""
+
+    addresses: tuple[IPv4Address, ...]
+    first_port: int = 16384
+    last_port: int = 32767
+    min_per_job: int = 64
+    reserved_newcomers: int = 4
+    reuse_delay_s: float = DEFAULT_REUSE_DELAY_S
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            raise ValueError("addresses: at least one egress address is needed")
+        if len(set(self.addresses)) != len(self.addresses):
+            raise ValueError("addresses: must be distinct")
+        if not 1024 <= self.first_port <= self.last_port <= 65535:
+            raise ValueError("ports: must be a range within 1024-65535")
+        if self.min_per_job < 0 or self.reserved_newcomers < 0:
+            raise ValueError("min_per_job and reserved_newcomers must not be negative")
+        if self.min_per_job * (self.reserved_newcomers + 1) > self.capacity:
+            raise ValueError(
+                f"min_per_job x (reserved_newcomers + 1) = "
+                f"{self.min_per_job * (self.reserved_newcomers + 1)} exceeds the pool's "
+                f"{self.capacity} ports per destination"
+            )
+        if self.reuse_delay_s < 0:
+            raise ValueError("reuse_delay_s must not be negative")
+
+    @property
+    def ports_per_address(self) -> int:
+        return self.last_port - self.first_port + 1
+
+    @property
+    def capacity(self) -> int:
+        """Source (address, port) pairs toward one destination."""
+        return len(self.addresses) * self.ports_per_address
+
+    def candidate(self, index: int) -> tuple[IPv4Address, int]:
+        """The `index`-th pair in hand-out order: round-robin over the addresses."""
+        n = len(self.addresses)
+        return self.addresses[index % n], self.first_port + index // n
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A source (address, port) held toward a destination by a job."""
+
+    job: Hashable
+    destination: Destination
+    address: IPv4Address
+    port: int
+
+
+@dataclass(slots=True)
+class _DestinationPool:
+    cursor: int = 0  # candidates below it have been handed out at least once
+    free: collections.deque[tuple[IPv4Address, int]] = field(default_factory=collections.deque)
+    cooling: collections.deque[tuple[float, tuple[IPv4Address, int]]] = field(
+        default_factory=collections.deque
+    )
+    in_use: dict[tuple[IPv4Address, int], Hashable] = field(default_factory=dict)
+    held: dict[Hashable, int] = field(default_factory=dict)
+    by_address: dict[IPv4Address, int] = field(default_factory=dict)
+    deficit: int = 0  # sum over jobs holding 1..min-1 ports of (min - held)
+
+    def cool_down(self, now: float) -> None:
+        while self.cooling and self.cooling[0][0] <= now:
+            self.free.append(self.cooling.popleft()[1])
+
+    def is_empty(self) -> bool:
+        return not self.in_use and not self.cooling
+
+
+class SourcePortAllocator:
+    """Hands out source (address, port) pairs per destination; see the module doc."""
+
+    def __init__(self, config: PortPoolConfig) -> None:
+        self.config = config
+        self._pools: dict[Destination, _DestinationPool] = {}
+
+    def available(self, destination: Destination, now: float) -> int:
+        """Pairs that could be handed out toward `destination` now (ignoring reservations)."""
+        pool = self._pools.get(destination)
+        if pool is None:
+            return self.config.capacity
+        pool.cool_down(now)
+        return self.config.capacity - len(pool.in_use) - len(pool.cooling)
+
+    def acquire(
+        self, job: Hashable, destination: Destination, *, max_per_job: int, now: float
+    ) -> Lease | str:
+        """A lease, or the refusal reason (`PORT_BUDGET_EXHAUSTED`, `PORT_POOL_EXHAUSTED`)."""
+        pool = self._pools.get(destination)
+        if pool is None:
+            pool = self._pools[destination] = _DestinationPool()
+        pool.cool_down(now)
+        held = pool.held.get(job, 0)
+        if held >= max_per_job:
+            return PORT_BUDGET_EXHAUSTED
+        available = self.config.capacity - len(pool.in_use) - len(pool.cooling)
+        if available <= 0:
+            return PORT_POOL_EXHAUSTED
+        minimum = self.config.min_per_job
+        if held >= minimum:
+            reserve = pool.deficit + minimum * self.config.reserved_newcomers
+            if available - 1 < reserve:
+                return PORT_POOL_EXHAUSTED
+        pair = self._next_pair(pool)
+        pool.in_use[pair] = job
+        self._set_held(pool, job, held + 1)
+        pool.by_address[pair[0]] = pool.by_address.get(pair[0], 0) + 1
+        return Lease(job, destination, pair[0], pair[1])
+
+    def release(self, lease: Lease, now: float) -> None:
+        """The lease's connection is closed: the port cools down toward its destination."""
+        pool = self._take_back(lease)
+        self._set_held(pool, lease.job, pool.held[lease.job] - 1)
+        pool.cooling.append((now + self.config.reuse_delay_s, (lease.address, lease.port)))
+
+    def quarantine(self, lease: Lease, now: float) -> None:
+        """The lease's bind failed: hold the port back, and do not count it for the job."""
+        self.release(lease, now)
+
+    def held(self, job: Hashable, destination: Destination) -> int:
+        pool = self._pools.get(destination)
+        return 0 if pool is None else pool.held.get(job, 0)
+
+    def in_use_by_address(self, destination: Destination) -> dict[IPv4Address, int]:
+        pool = self._pools.get(destination)
+        return {} if pool is None else {a: n for a, n in pool.by_address.items() if n}
+
+    def destinations(self) -> Iterator[Destination]:
+        return iter(list(self._pools))
+
+    def prune(self, now: float) -> int:
+        """Forget destinations with nothing in use or cooling; returns how many."""
+        gone = []
+        for destination, pool in self._pools.items():
+            pool.cool_down(now)
+            if pool.is_empty():
+                gone.append(destination)
+        for destination in gone:
+            del self._pools[destination]
+        return len(gone)
+
+    # internals
+
+    def _next_pair(self, pool: _DestinationPool) -> tuple[IPv4Address, int]:
+        if pool.free:
+            return pool.free.popleft()
+        pair = self.config.candidate(pool.cursor)
+        pool.cursor += 1
+        return pair
+
+    def _take_back(self, lease: Lease) -> _DestinationPool:
+        pool = self._pools.get(lease.destination)
+        pair = (lease.address, lease.port)
+        if pool is None or pool.in_use.get(pair, _NOBODY) != lease.job:
+            raise ValueError(f"unknown lease {lease!r}")
+        del pool.in_use[pair]
+        pool.by_address[lease.address] -= 1
+        return pool
+
+    def _set_held(self, pool: _DestinationPool, job: Hashable, held: int) -> None:
+        old = pool.held.get(job, 0)
+        pool.deficit += self._deficit(held) - self._deficit(old)
+        if held:
+            pool.held[job] = held
+        else:
+            pool.held.pop(job, None)
+
+    def _deficit(self, held: int) -> int:
+        minimum = self.config.min_per_job
+        return minimum - held if 0 < held < minimum else 0
+
+
+_NOBODY = object()
+
+__all__ = ["DEFAULT_REUSE_DELAY_S", "Destination", "Lease", "PortPoolConfig", "SourcePortAllocator"]
