@@ -23,9 +23,17 @@ wrong (``"proxies[1].underlay"``, ``"health.down_after"``).
 checksum offloads (`egressd.agent.datapath`); every proxy of the fleet must
 have the same setting.
 
-The proxy list is static: it comes from this file, not from the control
-plane's registry, so that the data path does not depend on the control plane
-being up. Adding a proxy means editing the file and restarting the agent.
+The proxy list is static by default: it comes from this file, not from the
+control plane's registry, so that the data path does not depend on the control
+plane being up. Adding a proxy then means editing the file and restarting the
+agent.
+
+With `discovery` (``{"control_url": "http://198.18.0.2:8080", "interval_s": 5}``)
+the agent also learns proxies from the control plane's ``GET /v1/proxies``
+(`egressd.agent.discovery`): the proxies it uses are the static ones plus the
+registered ones, refreshed every `interval_s`; `proxies` may then be empty.
+A failed refresh keeps the last list, so the data path still does not depend
+on the control plane being up.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from egressd import strictjson
 from egressd.errors import EgressdError
@@ -95,6 +104,30 @@ class HealthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoverySettings:
+    """Proxy discovery: GET `control_url`/v1/proxies every `interval_s`."""
+
+    control_url: str
+    interval_s: float = 5.0
+    timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.control_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("discovery.control_url", "must be an http(s) URL with a host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError("discovery.control_url", "must not have a path, query or fragment")
+        if not 0.5 <= self.interval_s <= 3600:
+            raise ConfigError("discovery.interval_s", "must be in 0.5..3600")
+        if not 0.1 <= self.timeout_s <= 60:
+            raise ConfigError("discovery.timeout_s", "must be in 0.1..60")
+
+    @property
+    def proxies_url(self) -> str:
+        return self.control_url.rstrip("/") + "/v1/proxies"
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything the agent needs; built by `load_config` or `parse_config`."""
 
@@ -124,6 +157,8 @@ class AgentConfig:
     # TUN offloads (virtio-net header, TSO, GSO super-packets in GENEVE with the
     # offload option): every proxy of the fleet must have the same setting.
     offload: bool = False
+    # Learn proxies from the control plane too (None: the static list only).
+    discovery: DiscoverySettings | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -139,8 +174,8 @@ class AgentConfig:
             raise ConfigError("vni", "must be in 0..16777215")
         if self.sandbox_cidr.prefixlen > 29:
             raise ConfigError("sandbox_cidr", "needs room for a gateway and sandboxes (/29 or more)")
-        if not self.proxies:
-            raise ConfigError("proxies", "must not be empty")
+        if not self.proxies and self.discovery is None:
+            raise ConfigError("proxies", "must not be empty (unless discovery is set)")
         names = [p.name for p in self.proxies]
         if len(set(names)) != len(names):
             raise ConfigError("proxies", "proxy names must be distinct")
@@ -180,10 +215,12 @@ _TOP_KEYS = frozenset(
         "name", "underlay", "sandbox_cidr", "vni", "proxies", "keys_dir", "api_socket",
         "admin_port", "geneve_port", "tun", "resolver", "fleet_ranges", "state_dir",
         "sandbox_netns_prefix", "sandbox_mtu", "health", "flow_idle_s", "offload",
+        "discovery",
     }
 )  # fmt: skip
 _HEALTH_KEYS = frozenset({"interval_s", "timeout_s", "down_after", "up_after", "port", "path"})
 _PROXY_KEYS = frozenset({"name", "underlay"})
+_DISCOVERY_KEYS = frozenset({"control_url", "interval_s", "timeout_s"})
 
 
 def load_config(path: Path | str) -> AgentConfig:
@@ -212,8 +249,13 @@ def parse_config(obj: object) -> AgentConfig:
         "name": _str(_require(obj, "name"), "name"),
         "underlay": _addr(_require(obj, "underlay"), "underlay"),
         "sandbox_cidr": _net(_require(obj, "sandbox_cidr"), "sandbox_cidr"),
-        "proxies": _proxies(_require(obj, "proxies")),
+        # With discovery the static list may be absent: the control plane's registry fills it.
+        "proxies": _proxies(
+            _require(obj, "proxies") if "discovery" not in obj else obj.get("proxies", [])
+        ),
     }
+    if "discovery" in obj:
+        kwargs["discovery"] = _discovery(obj["discovery"])
     if "vni" in obj:
         kwargs["vni"] = _int(obj["vni"], "vni")
     for key in ("keys_dir", "api_socket", "state_dir"):
@@ -314,6 +356,19 @@ def _proxies(value: object) -> tuple[ProxyEndpoint, ...]:
         underlay = _addr(_require(item, "underlay", where + "."), where + ".underlay")
         out.append(ProxyEndpoint(name, underlay))
     return tuple(out)
+
+
+def _discovery(value: object) -> DiscoverySettings:
+    if not isinstance(value, dict):
+        raise ConfigError("discovery", "must be an object {control_url, interval_s, timeout_s}")
+    _reject_unknown(value, _DISCOVERY_KEYS, "discovery.")
+    kwargs: dict[str, object] = {
+        "control_url": _str(_require(value, "control_url", "discovery."), "discovery.control_url")
+    }
+    for key in ("interval_s", "timeout_s"):
+        if key in value:
+            kwargs[key] = _number(value[key], f"discovery.{key}")
+    return DiscoverySettings(**kwargs)  # type: ignore[arg-type]
 
 
 def _health(value: object) -> HealthSettings:

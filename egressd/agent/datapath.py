@@ -84,7 +84,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from egressd.agent.config import AgentConfig
+from egressd.agent.config import AgentConfig, ProxyEndpoint
 from egressd.agent.hashing import Rendezvous, flow_hash, source_port_for_hash
 from egressd.agent.tier1 import Count, Reason, Tier1Error
 from egressd.geneve import (
@@ -192,10 +192,13 @@ class Datapath:
         self._vni = config.vni
         self._underlay = config.underlay.packed
         self._geneve_port = config.geneve_port
+        # Every proxy ever known keeps its index (and counters) for the agent's
+        # life; `_active` is the current list (static, or static + discovered).
         self.proxy_names: tuple[str, ...] = tuple(p.name for p in config.proxies)
         self._proxy_index = {name: i for i, name in enumerate(self.proxy_names)}
         self._proxy_addr = [str(p.underlay) for p in config.proxies]
         self._proxy_by_ip = {str(p.underlay): i for i, p in enumerate(config.proxies)}
+        self._active: set[str] = set(self.proxy_names)
         self._healthy: set[str] = set()
         self._rendezvous = Rendezvous(())
         # src address (4 bytes) -> Route; dst address -> Route for the return path.
@@ -293,17 +296,58 @@ class Datapath:
 
     def proxy_health(self, name: str, up: bool) -> None:
         """Health monitor callback: the set of proxies new flows may use changed."""
-        if name not in self._proxy_index:
+        if name not in self._active:
             return
         if up:
             self._healthy.add(name)
         else:
             self._healthy.discard(name)
-            index = self._proxy_index[name]
-            for flows in (self._flows, self._flows_old):
-                stale = [key for key, entry in flows.items() if entry[0] == index]
-                for key in stale:
-                    del flows[key]
+            self._forget_flows(self._proxy_index[name])
+        self._rendezvous = Rendezvous(self._healthy)
+
+    def _forget_flows(self, index: int) -> None:
+        for flows in (self._flows, self._flows_old):
+            stale = [key for key, entry in flows.items() if entry[0] == index]
+            for key in stale:
+                del flows[key]
+
+    @property
+    def active_proxies(self) -> tuple[str, ...]:
+        """The proxies of the current list, in index order."""
+        return tuple(name for name in self.proxy_names if name in self._active)
+
+    def set_proxies(self, proxies: Sequence[ProxyEndpoint]) -> None:
+        """Replace the proxy list (proxy discovery).
+
+        A new proxy gets the next index and takes no flow until the health
+        monitor reports it up. A proxy that left, or whose address changed,
+        is no longer healthy and its flows are forgotten (new packets of
+        those flows pick another proxy, as after a proxy failure); return
+        packets from an address no current proxy has are `unknown_proxy`.
+        """
+        active: set[str] = set()
+        for proxy in proxies:
+            addr = str(proxy.underlay)
+            index = self._proxy_index.get(proxy.name)
+            if index is None:
+                index = len(self.proxy_names)
+                self.proxy_names = (*self.proxy_names, proxy.name)
+                self._proxy_index[proxy.name] = index
+                self._proxy_addr.append(addr)
+                for counters in (self.tx_packets, self.tx_bytes, self.rx_packets, self.rx_bytes):
+                    counters.append(0)
+            elif self._proxy_addr[index] != addr or proxy.name not in self._active:
+                self._healthy.discard(proxy.name)
+                self._forget_flows(index)
+                self._proxy_addr[index] = addr
+            active.add(proxy.name)
+        for name in self._active - active:
+            self._healthy.discard(name)
+            self._forget_flows(self._proxy_index[name])
+        self._active = active
+        self._proxy_by_ip = {
+            self._proxy_addr[self._proxy_index[name]]: self._proxy_index[name] for name in active
+        }
         self._rendezvous = Rendezvous(self._healthy)
 
     @property
@@ -616,7 +660,7 @@ class AgentCollector(Collector):
         yield supers
         up = GaugeMetricFamily("egressd_proxy_up", "1 when the proxy is healthy", labels=["proxy"])
         states = self._proxy_up()
-        for name in dp.proxy_names:
+        for name in dp.active_proxies:
             up.add_metric([name], 1.0 if states.get(name) else 0.0)
         yield up
         yield GaugeMetricFamily(

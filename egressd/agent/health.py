@@ -99,7 +99,7 @@ class HealthMonitor:
             p.name: HealthState(down_after=settings.down_after, up_after=settings.up_after)
             for p in proxies
         }
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def healthy(self) -> tuple[str, ...]:
@@ -114,13 +114,45 @@ class HealthMonitor:
         connector = aiohttp.TCPConnector(force_close=True, limit=0)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         for proxy in self._proxies:
-            task = asyncio.create_task(self._probe_loop(proxy), name=f"health:{proxy.name}")
-            self._tasks.append(task)
+            self._start_probe(proxy)
+
+    def _start_probe(self, proxy: ProxyEndpoint) -> None:
+        task = asyncio.create_task(self._probe_loop(proxy), name=f"health:{proxy.name}")
+        self._tasks[proxy.name] = task
+
+    def update(self, proxies: Sequence[ProxyEndpoint]) -> None:
+        """Probe exactly `proxies` from now on (proxy discovery).
+
+        A proxy that left, or whose address changed, loses its state: if it was
+        up, `on_change(name, False)` is called first. A new (or moved) proxy
+        starts ``unknown`` and is probed at once.
+        """
+        new = {p.name: p for p in proxies}
+        old = {p.name: p for p in self._proxies}
+        for name, proxy in old.items():
+            if new.get(name) == proxy:
+                continue
+            task = self._tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+            state = self.states.pop(name, None)
+            if state is not None and state.up:
+                log.info("proxy_health", proxy=name, state="removed")
+                self._on_change(name, False)
+        self._proxies = tuple(proxies)
+        for name, proxy in new.items():
+            if name not in self.states:
+                self.states[name] = HealthState(
+                    down_after=self._settings.down_after, up_after=self._settings.up_after
+                )
+            if self._session is not None and name not in self._tasks:
+                self._start_probe(proxy)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             try:
                 await task
             except asyncio.CancelledError:
@@ -132,7 +164,9 @@ class HealthMonitor:
 
     def record(self, name: str, ok: bool) -> None:
         """Feed one probe result (the loop's; also used by tests)."""
-        state = self.states[name]
+        state = self.states.get(name)
+        if state is None:  # removed by `update` while its probe was in flight
+            return
         new = state.observe(ok)
         if new is None:
             return

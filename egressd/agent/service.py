@@ -11,7 +11,8 @@
    fleet ranges; then clean-up of sandboxes that an earlier run left behind;
 4. the data path: raw send socket, GENEVE socket bound to (underlay, 6081),
    readers on the event loop;
-5. proxy health probing (one named task per proxy);
+5. proxy health probing (one named task per proxy), and, with `discovery`,
+   the proxy list from the control plane (`egressd.agent.discovery`);
 6. the sandbox API on its Unix socket;
 7. the admin listener on (underlay, 9090): `/metrics`, `/healthz`, and
    `/readyz`, ready once the TUN is open, tier 1 loaded and the API bound.
@@ -38,8 +39,9 @@ from prometheus_client import CollectorRegistry
 
 from egressd.admin import AdminServer, start_admin
 from egressd.agent.api import ApiServer
-from egressd.agent.config import AgentConfig
+from egressd.agent.config import AgentConfig, ProxyEndpoint
 from egressd.agent.datapath import AgentCollector, Datapath
+from egressd.agent.discovery import ProxyDiscovery
 from egressd.agent.health import HealthMonitor
 from egressd.agent.sandboxes import SandboxManager
 from egressd.agent.tier1 import Tier1, Tier1Error, denied_ranges
@@ -84,6 +86,7 @@ class AgentService:
         self.tier1: Tier1 | None = None
         self.datapath: Datapath | None = None
         self.health: HealthMonitor | None = None
+        self.discovery: ProxyDiscovery | None = None
         self.manager: SandboxManager | None = None
         self.api: ApiServer | None = None
         self.admin: AdminServer | None = None
@@ -166,6 +169,12 @@ class AgentService:
 
         self.health = HealthMonitor(config.proxies, config.health, datapath.proxy_health)
         await self.health.start()
+        if config.discovery is not None:
+            self.discovery = ProxyDiscovery(
+                config.discovery, config.proxies, self._set_proxies,
+                own_underlay=config.underlay, registry=self.registry,
+            )  # fmt: skip
+            await self.discovery.start()
 
         self.registry.register(
             AgentCollector(
@@ -196,9 +205,18 @@ class AgentService:
         self._tasks.append(asyncio.create_task(self._expiry_loop(), name="sandbox-expiry"))
         log.info(
             "agent_ready", node=config.name, underlay=str(config.underlay),
-            proxies=[p.name for p in config.proxies], api_socket=str(config.api_socket),
+            proxies=[p.name for p in (self.discovery.proxies if self.discovery else config.proxies)],
+            api_socket=str(config.api_socket),
             admin=f"{self.admin.host}:{self.admin.port}",
         )  # fmt: skip
+
+    def _set_proxies(self, proxies: tuple[ProxyEndpoint, ...]) -> None:
+        """Discovery callback: the data path first, so that it knows every name the
+        health monitor may report."""
+        if self.datapath is not None:
+            self.datapath.set_proxies(proxies)
+        if self.health is not None:
+            self.health.update(proxies)
 
     def _proxy_up(self) -> dict[str, bool]:
         if self.health is None:
@@ -227,6 +245,9 @@ class AgentService:
             self._api_bound = False
             await self.api.close()
             self.api = None
+        if self.discovery is not None:
+            await self.discovery.stop()
+            self.discovery = None
         if self.health is not None:
             await self.health.stop()
             self.health = None
