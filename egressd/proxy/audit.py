@@ -32,6 +32,9 @@ WOULD_DENY = "would_deny"
 BYTES_UP = "bytes_up"
 BYTES_DOWN = "bytes_down"
 DURATION_MS = "duration_ms"
+#: Why a relayed connection was ended by the proxy ("idle_timeout",
+#: "max_lifetime"); absent when the peers ended it.
+END = "end"
 QNAME = "qname"
 QTYPE = "qtype"
 ANSWERS = "answers"
@@ -85,9 +88,10 @@ def connection_event(
     bytes_down: int = 0,
     duration_ms: float = 0.0,
     time: str | None = None,
+    end: str | None = None,
 ) -> dict[str, object]:
     """The ``connection`` event, logged once when a connection closes."""
-    return {
+    event: dict[str, object] = {
         EVENT: EVENT_CONNECTION,
         TIME: time if time is not None else _now_iso(),
         JOB_ID: _job(job_id),
@@ -106,6 +110,9 @@ def connection_event(
         BYTES_DOWN: bytes_down,
         DURATION_MS: round(duration_ms, 3),
     }
+    if end is not None:
+        event[END] = end
+    return event
 
 
 def dns_event(

@@ -22,7 +22,17 @@ Example (every key but `name`, `underlay` and `egress` has a default)::
       "max_flows": 262144,
       "node_refresh_s": 2,
       "mtu": 1436,
-      "offload": false
+      "offload": false,
+      "max_connections": 65536,
+      "bandwidth_bps": 0,
+      "egress_addresses": ["203.0.113.21"],
+      "source_ports": "16384-32767",
+      "min_ports_per_job": 64,
+      "reserved_newcomers": 4,
+      "port_reuse_delay_s": 60,
+      "idle_timeout_s": 300,
+      "max_lifetime_s": 86400,
+      "pacing_horizon_s": 0.05
     }
 
 Decisions:
@@ -43,6 +53,18 @@ Decisions:
   and carries GSO super-packets in GENEVE with the offload option (see
   `egressd.proxy.tunnel`). Every node agent of the fleet must have the same
   setting: a node without it drops such datagrams (`offload_disabled`).
+* Limits (`egressd.limits`): `max_connections` caps the proxy's concurrent
+  connections; `bandwidth_bps` is the proxy-wide rate per direction (0: none);
+  upstream sockets bind a source (address, port) from `egress_addresses` x
+  `source_ports` (default: `egress` alone, 16384-32767, which lies below the
+  kernel's ephemeral range 32768-60999 so that the proxy's own client sockets
+  never take a port the allocator hands out); `min_ports_per_job` per
+  destination are guaranteed to each job, with room kept for
+  `reserved_newcomers` more; a port waits `port_reuse_delay_s` (TIME_WAIT)
+  before it is used toward the same destination again. Relayed connections end
+  after `idle_timeout_s` without traffic or `max_lifetime_s` in all.
+  `egress_addresses` must contain `egress` (the address registered with the
+  control plane); the others must be configured on the egress interface too.
 * `fleet_ranges` defaults to the layout's (underlay, sandbox supernet,
   resolver): always denied by tier 2.
 """
@@ -60,6 +82,9 @@ from urllib.parse import urlsplit
 
 from egressd import strictjson
 from egressd.errors import EgressdError
+from egressd.limits.ports import PortPoolConfig
+from egressd.limits.timeouts import Timeouts
+from egressd.proxy.limiting import LimitsConfig
 from egressd.topology import layout
 
 IPv4Address = ipaddress.IPv4Address
@@ -112,6 +137,16 @@ class ProxyConfig:
     node_refresh_s: float = 2.0
     mtu: int = layout.SANDBOX_MTU
     offload: bool = False
+    max_connections: int = 65_536
+    bandwidth_bps: int = 0
+    egress_addresses: tuple[IPv4Address, ...] = ()
+    source_ports: tuple[int, int] = (16_384, 32_767)
+    min_ports_per_job: int = 64
+    reserved_newcomers: int = 4
+    port_reuse_delay_s: float = 60.0
+    idle_timeout_s: float = 300.0
+    max_lifetime_s: float = 86_400.0
+    pacing_horizon_s: float = 0.05
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _is_name(self.name):
@@ -140,12 +175,55 @@ class ProxyConfig:
         if not isinstance(self.keys_dir, Path):
             raise _fail("keys_dir", "must be a path")
         _check_url(self.control_url)
+        self._check_limits()
         if self.resolver not in self.sandbox_supernet and not any(
             self.resolver in net for net in self.fleet_ranges
         ):
             # The resolver address is answered by the proxy itself; tier 2 must
             # never treat it as an internet destination.
             raise _fail("resolver", "must be inside sandbox_supernet or one of fleet_ranges")
+
+    def _check_limits(self) -> None:
+        _check_int("max_connections", self.max_connections, 1, 1_048_576)
+        _check_int("bandwidth_bps", self.bandwidth_bps, 0, 100_000_000_000)
+        if not all(isinstance(a, IPv4Address) for a in self.egress_addresses):
+            raise _fail("egress_addresses", "must be IPv4 addresses")
+        if self.egress_addresses and self.egress not in self.egress_addresses:
+            raise _fail("egress_addresses", f"must contain egress {self.egress}")
+        for name in ("min_ports_per_job", "reserved_newcomers"):
+            _check_int(name, getattr(self, name), 0, 65_535)
+        _check_seconds("port_reuse_delay_s", self.port_reuse_delay_s, 0.0, 3_600.0)
+        _check_seconds("idle_timeout_s", self.idle_timeout_s, 0.1, 604_800.0)
+        _check_seconds("max_lifetime_s", self.max_lifetime_s, 0.1, 2_592_000.0)
+        _check_seconds("pacing_horizon_s", self.pacing_horizon_s, 0.001, 10.0)
+        try:
+            self.port_pool
+        except ValueError as exc:
+            raise _fail("source_ports", str(exc)) from None
+
+    @property
+    def port_pool(self) -> PortPoolConfig:
+        """The source-port allocator's configuration; ValueError if it is inconsistent."""
+        first, last = self.source_ports
+        return PortPoolConfig(
+            addresses=self.egress_addresses or (self.egress,),
+            first_port=first,
+            last_port=last,
+            min_per_job=self.min_ports_per_job,
+            reserved_newcomers=self.reserved_newcomers,
+            reuse_delay_s=self.port_reuse_delay_s,
+        )
+
+    @property
+    def limits(self) -> LimitsConfig:
+        """The proxy-wide limits (`egressd.proxy.limiting`)."""
+        return LimitsConfig(
+            max_connections=self.max_connections,
+            bandwidth_bps=self.bandwidth_bps,
+            port_pool=self.port_pool,
+            timeouts=Timeouts(idle_s=self.idle_timeout_s, lifetime_s=self.max_lifetime_s),
+            pacing_horizon_s=self.pacing_horizon_s,
+        )
 
     @property
     def admin_host(self) -> str:
@@ -215,6 +293,25 @@ def _as_networks(name: str, value: object) -> tuple[IPv4Network, ...]:
     return tuple(_as_network(f"{name}[{i}]", item) for i, item in enumerate(value))
 
 
+def _as_addresses(name: str, value: object) -> tuple[IPv4Address, ...]:
+    if not isinstance(value, list) or not value:
+        raise _fail(name, "must be a non-empty list of IPv4 address strings")
+    addresses = tuple(_as_address(f"{name}[{i}]", item) for i, item in enumerate(value))
+    if len(set(addresses)) != len(addresses):
+        raise _fail(name, "must be distinct")
+    return addresses
+
+
+def _as_port_range(name: str, value: object) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d{1,5})-(\d{1,5})", value) if isinstance(value, str) else None
+    if match is None:
+        raise _fail(name, 'must be a port range string "FIRST-LAST"')
+    first, last = int(match[1]), int(match[2])
+    if not 1024 <= first <= last <= 65535:
+        raise _fail(name, "must be a range FIRST <= LAST within 1024-65535")
+    return first, last
+
+
 def _as_path(name: str, value: object) -> Path:
     if not isinstance(value, str) or not value:
         raise _fail(name, "must be a non-empty path string")
@@ -266,6 +363,16 @@ _CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
     "node_refresh_s": _as_number,
     "mtu": _as_int,
     "offload": _as_bool,
+    "max_connections": _as_int,
+    "bandwidth_bps": _as_int,
+    "egress_addresses": _as_addresses,
+    "source_ports": _as_port_range,
+    "min_ports_per_job": _as_int,
+    "reserved_newcomers": _as_int,
+    "port_reuse_delay_s": _as_number,
+    "idle_timeout_s": _as_number,
+    "max_lifetime_s": _as_number,
+    "pacing_horizon_s": _as_number,
 }
 _REQUIRED = ("name", "underlay", "egress")
 

@@ -9,6 +9,10 @@ named task that `Interceptor.close` cancels and awaits:
    ``unknown_flow``;
 2. the job's verified policy (``ctx.policies.get``); `PolicyUnavailable`:
    deny with its reason (fail closed);
+2b. admission (`egressd.proxy.limiting`): proxy-wide and per-job concurrent
+   connections and the job's new-connection rate; a refusal is a deny with
+   the limit's reason (``job_connection_limit``, ``job_rate_limit``,
+   ``proxy_connection_limit``), in report mode too;
 3. an always-denied destination is denied at once (`tier2.address_precheck`),
    and a destination that a cidr rule allows is allowed at once: no name can
    change either, so neither waits for the client's first bytes (this keeps
@@ -22,18 +26,26 @@ named task that `Interceptor.close` cancels and awaits:
    agree (`tier2.needs_resolution`; names the policy does not allow are never
    looked up, so SNI/Host cannot smuggle data out through DNS);
 6. `tier2.decide_connection`, then `tier2.apply_mode` (report mode);
-7. allowed: connect upstream from ``(ctx.identity.egress, 0)`` within
-   `connect_timeout_s`, send the bytes read so far, relay both ways
-   (`egressd.proxy.relay`); a failed connect resets the client (verdict
-   allow, reason ``upstream_connect_failed``); denied: a TCP reset.
+7. allowed: take a source (address, port) from the allocator (refused:
+   deny ``port_budget_exhausted`` / ``port_pool_exhausted``), bind it, connect
+   upstream within `connect_timeout_s`, send the bytes read so far, relay
+   both ways (`egressd.proxy.relay`) paced by the job's EDT pacers and ended
+   by the idle/lifetime timeouts; a failed connect resets the client
+   (verdict allow, reason ``upstream_connect_failed``); denied: a TCP reset.
 
-One ``connection`` audit event per connection, when it is over.
+A bind that finds the port taken on this host (EADDRINUSE) or a connect whose
+4-tuple is still in use (EADDRNOTAVAIL) quarantines that port and tries the
+next one, a few times; it never reaches the client as an unhandled error.
+
+One ``connection`` audit event per connection, when it is over (with
+``end``: ``idle_timeout`` or ``max_lifetime`` when a timeout ended it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import socket
 import time
@@ -44,11 +56,14 @@ from typing import Any
 import structlog
 from prometheus_client import Counter, Gauge
 
+from egressd.limits import PORT_POOL_EXHAUSTED
+from egressd.limits.ports import Destination, Lease
 from egressd.policy.matcher import Decision, match_address
 from egressd.policy.model import Policy
 from egressd.proxy import audit, sniff, tier2
-from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext, ProxyIdentity
+from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
 from egressd.proxy.dns import DNS_PORT, UpstreamResolver
+from egressd.proxy.limiting import LimitsConfig, ProxyLimits
 from egressd.proxy.relay import DOWN, RELAY_BUFFER, UP, RelayStats, relay, reset
 from egressd.proxy.resolved import ResolvedNames
 
@@ -57,7 +72,9 @@ IPv4Address = ipaddress.IPv4Address
 log = structlog.get_logger(__name__)
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+#: Source ports tried per connection when the kernel finds one taken.
+PORT_ATTEMPTS = 4
+_PORT_TAKEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
 # A sandbox that vanishes (its namespace deleted) never answers again: without
 # these, its relayed connections would hold proxy memory until TCP's own
 # retransmission limit (~15 min). Keepalive finds a silent dead peer in
@@ -94,6 +111,8 @@ class _Metrics:
     connections: Counter
     bytes: Counter
     active: Gauge
+    ended: Counter
+    paced: Counter
 
     @classmethod
     def on(cls, ctx: ProxyContext) -> _Metrics:
@@ -113,6 +132,17 @@ class _Metrics:
             active=Gauge(
                 "egressd_connections_active",
                 "TCP connections being decided or relayed",
+                registry=ctx.registry,
+            ),
+            ended=Counter(
+                "egressd_connections_expired_total",
+                "Relayed connections ended by a timeout, by reason",
+                ["end"],
+                registry=ctx.registry,
+            ),
+            paced=Counter(
+                "egressd_paced_chunks_total",
+                "Relayed chunks that waited for their EDT departure time",
                 registry=ctx.registry,
             ),
         )
@@ -146,6 +176,8 @@ class _Conn:
     would_deny: bool = False
     relay: RelayStats = field(default_factory=RelayStats)
     relaying: bool = False  # the client socket belongs to the relay now
+    admitted: bool = False  # holds a connection slot (`ProxyLimits.admit`)
+    lease: Lease | None = None  # the upstream socket's source port
 
 
 async def peek_client(
@@ -242,8 +274,12 @@ class Interceptor:
         peek_timeout_s: float = DEFAULT_PEEK_TIMEOUT_S,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         backlog: int = DEFAULT_BACKLOG,
+        limits: ProxyLimits | None = None,
     ) -> None:
         self.ctx = ctx
+        self.limits = limits or ProxyLimits(
+            LimitsConfig.default(ctx.identity.egress), registry=ctx.registry
+        )
         self.resolved = resolved
         self.listen = listen
         self.resolver = resolver
@@ -262,7 +298,6 @@ class Interceptor:
         self._count_up: Any = None
         self._count_down: Any = None
         self._connections_by: dict[tuple[str, str], Any] = {}
-        self._egress_bind: tuple[ProxyIdentity, tuple[str, int]] | None = None
         self._decisions = _DecisionCache()
 
     @property
@@ -286,6 +321,7 @@ class Interceptor:
             sock.close()
             raise
         self._sock = sock
+        self.limits.start()
         self._accept_task = asyncio.get_running_loop().create_task(
             self._accept_loop(sock),
             name=f"egressd-intercept-accept-{self.listen[0]}:{self.listen[1]}",
@@ -307,6 +343,7 @@ class Interceptor:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self.limits.close()
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -376,7 +413,17 @@ class Interceptor:
             raise
         finally:
             self._metrics.active.dec()
+            self._give_back(conn)
             self._finish(conn)
+
+    def _give_back(self, conn: _Conn) -> None:
+        """Return the connection's slot and source port (its sockets are closed by now)."""
+        if conn.lease is not None:
+            self.limits.release_port(conn.lease, time.monotonic())
+            conn.lease = None
+        if conn.admitted and conn.flow is not None:
+            self.limits.release(conn.flow.job_id)
+            conn.admitted = False
 
     async def _serve(self, sock: socket.socket, conn: _Conn) -> None:
         ctx = self.ctx
@@ -391,6 +438,10 @@ class Interceptor:
         policy = conn.policy = verified.policy
 
         now = time.monotonic()
+        refusal = self.limits.admit(flow.job_id, policy.limits, now)
+        if refusal is not None:
+            return self._refuse(sock, conn, refusal)
+        conn.admitted = True
         learned = self.resolved.names_for(flow.job_id, conn.dst, now)
         peeked = Peeked(b"")
         decision = self._by_address(policy, conn.dst, conn.dport)
@@ -407,7 +458,9 @@ class Interceptor:
             return self._deny(sock, conn, decision.reason)
         conn.verdict = audit.VERDICT_ALLOW
 
-        upstream = await self._connect(conn)
+        upstream = await self._connect(conn, policy)
+        if isinstance(upstream, str):
+            return self._refuse(sock, conn, upstream)
         if upstream is None:
             conn.reason = UPSTREAM_CONNECT_FAILED
             reset(sock)
@@ -424,6 +477,8 @@ class Interceptor:
             count_down=self._count_down,
             stats=conn.relay,
             scratch=self._scratch,
+            pacing=self.limits.pacing(flow.job_id, policy.limits),
+            timeouts=self.limits.timeouts,
         )
         return None
 
@@ -505,26 +560,59 @@ class Interceptor:
             sniff_error=peeked.sniff_error,
         )
 
-    async def _connect(self, conn: _Conn) -> socket.socket | None:
+    async def _connect(self, conn: _Conn, policy: Policy) -> socket.socket | str | None:
+        """The connected upstream socket; a refusal reason when no source port
+        may be had; None when the connect failed."""
+        assert conn.flow is not None
+        destination = Destination(conn.dst, conn.dport)
+        for _ in range(PORT_ATTEMPTS):
+            now = time.monotonic()
+            lease = self.limits.acquire_port(conn.flow.job_id, destination, policy.limits, now)
+            if isinstance(lease, str):
+                return lease
+            conn.lease = lease
+            try:
+                return await self._connect_from(conn, lease)
+            except OSError as exc:
+                if exc.errno not in _PORT_TAKEN:
+                    raise
+                # Taken outside the allocator's knowledge (another socket on
+                # this host, or a 4-tuple still in TIME_WAIT): set it aside.
+                conn.lease = None
+                self.limits.quarantine_port(lease, time.monotonic())
+                log.warning(
+                    "source_port_taken",
+                    egress=str(lease.address),
+                    port=lease.port,
+                    destination=str(destination),
+                    error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                )
+        return PORT_POOL_EXHAUSTED
+
+    async def _connect_from(self, conn: _Conn, lease: Lease) -> socket.socket | None:
+        """Connect from the lease's (address, port); None if the connect failed;
+        OSError(EADDRINUSE/EADDRNOTAVAIL) if that source cannot be used."""
         loop = asyncio.get_running_loop()
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             upstream.setblocking(False)
-            # Pick the source port at connect(), per 4-tuple, not at bind():
-            # otherwise every upstream connection needs its own egress port.
-            with contextlib.suppress(OSError):
-                upstream.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            # Shared with connections to other destinations (the allocator
+            # keeps 4-tuples unique), and usable while an old one is in TIME_WAIT.
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             bound_dead_peers(upstream)
-            identity = self.ctx.identity
-            if self._egress_bind is None or self._egress_bind[0] is not identity:
-                self._egress_bind = (identity, (str(identity.egress), 0))
-            upstream.bind(self._egress_bind[1])
+            upstream.bind((str(lease.address), lease.port))
             async with asyncio.timeout(self.connect_timeout_s):
                 await loop.sock_connect(upstream, (str(conn.dst), conn.dport))
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:
             upstream.close()
+            if exc.errno in _PORT_TAKEN:
+                raise
             # The audit line says upstream_connect_failed; this says why.
+            log.debug("upstream_connect_error", dst=str(conn.dst), port=conn.dport, error=repr(exc))
+            return None
+        except TimeoutError as exc:
+            upstream.close()
             log.debug("upstream_connect_error", dst=str(conn.dst), port=conn.dport, error=repr(exc))
             return None
         except BaseException:
@@ -537,6 +625,11 @@ class Interceptor:
         conn.reason = reason
         reset(sock)
 
+    def _refuse(self, sock: socket.socket, conn: _Conn, reason: str) -> None:
+        """A deny by a limit: also counted per job."""
+        self.limits.refused(None if conn.flow is None else conn.flow.job_id, reason)
+        self._deny(sock, conn, reason)
+
     def _finish(self, conn: _Conn) -> None:
         key = (conn.verdict, conn.reason)
         child = self._connections_by.get(key)
@@ -545,6 +638,10 @@ class Interceptor:
                 verdict=conn.verdict, reason=conn.reason
             )
         child.inc()
+        if conn.relay.end is not None:
+            self._metrics.ended.labels(conn.relay.end).inc()
+        if conn.relay.paced_chunks:
+            self._metrics.paced.inc(conn.relay.paced_chunks)
         flow, policy = conn.flow, conn.policy
         audit.emit(
             self.ctx.audit,
@@ -565,6 +662,7 @@ class Interceptor:
                 bytes_up=conn.relay.bytes_up,
                 bytes_down=conn.relay.bytes_down,
                 duration_ms=(time.monotonic() - conn.started) * 1000.0,
+                end=conn.relay.end,
             ),
         )
 
@@ -578,6 +676,7 @@ async def start_interceptor(
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     resolver: UpstreamResolver | None = None,
     upstream_dns_port: int = DNS_PORT,
+    limits: ProxyLimits | None = None,
 ) -> Interceptor:
     """Bind the transparent listener on `listen` and start accepting; `close()` stops it."""
     if resolver is None:
@@ -591,6 +690,7 @@ async def start_interceptor(
         resolver=resolver,
         peek_timeout_s=peek_timeout_s,
         connect_timeout_s=connect_timeout_s,
+        limits=limits,
     )
     await interceptor.start()
     return interceptor

@@ -14,6 +14,11 @@ indexes of `GET /v1/nodes` (`{"nodes": [{"name", "underlay", "sandbox_cidr"}]}`)
 Each refresh builds a new `NodeView` and swaps it in with one assignment: the
 packet path always sees a whole view, never a half-updated one.
 
+The same refresh counts the proxies registered with the control plane
+(`GET /v1/proxies`): a job's fleet-wide limits are split evenly over them
+(`egressd.limits.fleet_share`). Until that count is known, and while it
+cannot be fetched, the last count is used (1 at first: this proxy alone).
+
 Failure handling: a failed refresh (control plane unreachable, HTTP error, a
 body that is not the expected shape) keeps the last good view and is counted
 (`egressd_registry_refresh_total{result}`) and logged when the state changes
@@ -41,6 +46,7 @@ IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
 
 NODES_PATH = "/v1/nodes"
+PROXIES_PATH = "/v1/proxies"
 FETCH_TIMEOUT_S = 2.0
 MAX_BODY_BYTES = 4 * 1024 * 1024
 REFRESH_RESULTS = ("ok", "http_error", "unreachable", "bad_response")
@@ -147,6 +153,13 @@ def parse_nodes(body: object) -> tuple[list[NodeEntry], list[str]]:
     return entries, problems
 
 
+def parse_proxy_count(body: object) -> int:
+    """How many proxies a `GET /v1/proxies` answer lists (at least 1: this proxy)."""
+    if not isinstance(body, Mapping) or not isinstance(body.get("proxies"), list):
+        raise RegistryError("bad_response", "answer is not {\"proxies\": [...]}")
+    return max(1, len(body["proxies"]))
+
+
 async def read_json_body(response: aiohttp.ClientResponse, limit: int) -> object:
     """The response body decoded as JSON; ValueError when longer than `limit` or not JSON."""
     if (response.content_length or 0) > limit:
@@ -175,6 +188,9 @@ class NodeRegistry:
     ) -> None:
         self._session = session
         self._url = control_url.rstrip("/") + NODES_PATH
+        self._proxies_url = control_url.rstrip("/") + PROXIES_PATH
+        #: Proxies registered with the control plane (the divisor of fleet-wide limits).
+        self.proxy_count = 1
         self._refresh_s = refresh_s
         self._clock = clock
         self.view: NodeView = EMPTY_VIEW
@@ -192,6 +208,11 @@ class NodeRegistry:
         Gauge(
             "egressd_registry_nodes", "Nodes in the proxy's registry view", registry=metrics
         ).set_function(lambda: len(self.view))
+        Gauge(
+            "egressd_registry_proxies",
+            "Proxies registered with the control plane (fleet-wide limits are split over them)",
+            registry=metrics,
+        ).set_function(lambda: self.proxy_count)
         Gauge(
             "egressd_registry_age_seconds",
             "Seconds since the last successful registry refresh (-1: never)",
@@ -244,19 +265,31 @@ class NodeRegistry:
                 recovered=self._failing,
             )
         self._failing = False
+        await self._refresh_proxy_count()
         return True
 
-    async def _fetch(self) -> object:
+    async def _refresh_proxy_count(self) -> None:
+        try:
+            count = parse_proxy_count(await self._fetch(self._proxies_url))
+        except RegistryError as exc:
+            log.debug("registry_proxies_failed", result=exc.result, detail=exc.detail)
+            return
+        if count != self.proxy_count:
+            log.info("registry_proxies", proxies=count, was=self.proxy_count)
+            self.proxy_count = count
+
+    async def _fetch(self, url: str | None = None) -> object:
+        url = url or self._url
         timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S)
         try:
-            async with self._session.get(self._url, timeout=timeout) as response:
+            async with self._session.get(url, timeout=timeout) as response:
                 if response.status != 200:
-                    raise RegistryError("http_error", f"GET {self._url}: HTTP {response.status}")
+                    raise RegistryError("http_error", f"GET {url}: HTTP {response.status}")
                 return await read_json_body(response, MAX_BODY_BYTES)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise RegistryError("unreachable", f"GET {self._url}: {exc!r}") from exc
+            raise RegistryError("unreachable", f"GET {url}: {exc!r}") from exc
         except ValueError as exc:
-            raise RegistryError("bad_response", f"GET {self._url}: {exc}") from exc
+            raise RegistryError("bad_response", f"GET {url}: {exc}") from exc
 
     async def _run(self) -> None:
         while True:

@@ -12,17 +12,32 @@ once what was already relayed has been written, and the relay carries on in the
 other direction. The relay ends when both sides have sent FIN and all data is
 written, or when either side fails: an error (a reset, a broken pipe) on one
 side resets the other (SO_LINGER 0), so the client sees what the server did.
+
+Pacing (`Pacing`, see `egressd.limits.pacing`): each chunk read gets a
+departure time from the job's EDT pacer for its direction. A chunk due now
+is written at once; a later one waits in its side's queue, written by a
+timer at its departure time (in order: a side's departures never decrease).
+While the last queued chunk's departure lies beyond the horizon, the side
+stops reading (TCP backpressure toward the sender); a FIN read behind queued
+chunks is passed on after them. Nothing is dropped.
+
+Timeouts (`egressd.limits.timeouts`): with `timeouts`, a timer ends a relay
+that moved no byte for ``idle_s`` or lived ``lifetime_s``: both sides are
+reset and `RelayStats.end` says which.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
+
+from egressd.limits import timeouts as expiry
 
 RELAY_BUFFER = 64 * 1024
 #: Per-direction write buffer high-water mark before the other side is paused.
@@ -32,6 +47,25 @@ UP = "up"
 DOWN = "down"
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+#: A chunk due within this much is written now: the pacer's timestamp keeps
+#: the long-run rate exact, and small chunks are not held for microseconds.
+PACE_SLACK_S = 0.002
+
+#: Reasons a side is not reading (bits of `_Side.blocks`).
+_STARTING = 1  # the pipe has not started yet
+_PEER_FULL = 2  # the other side's write buffer is above its high-water mark
+_PACED = 4  # queued chunks reach beyond the pacing horizon
+
+
+class Pacing(Protocol):
+    """One connection's view of its job's EDT pacers (`egressd.limits.pacing`)."""
+
+    horizon_s: float
+
+    def departure(self, direction: str, size: int, now: float) -> float:
+        """When a chunk of `size` bytes going `direction` may be written."""
+        ...
 
 
 def reset(sock: socket.socket) -> None:
@@ -58,6 +92,10 @@ class RelayStats:
     #: None for a clean end (both sides sent FIN); else "client_error",
     #: "upstream_error" (a reset, a broken pipe) or "cancelled".
     error: str | None = None
+    #: Set when a timeout ended the relay: "idle_timeout" or "max_lifetime".
+    end: str | None = None
+    #: Chunks that waited for their departure time (pacing).
+    paced_chunks: int = 0
 
 
 class _Side(asyncio.BufferedProtocol):
@@ -67,12 +105,16 @@ class _Side(asyncio.BufferedProtocol):
         "_buffer",
         "_count",
         "_view",
+        "blocks",
         "direction",
         "eof",
+        "eof_sent",
         "lost",
         "peer",
         "pending",
         "pipe",
+        "queue",
+        "timer",
         "transport",
     )
 
@@ -91,7 +133,11 @@ class _Side(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         self.pending: list[bytes] = []  # read before the pipe started
+        self.queue: collections.deque[tuple[float, bytes]] = collections.deque()  # paced
+        self.timer: asyncio.TimerHandle | None = None
+        self.blocks = _STARTING
         self.eof = False
+        self.eof_sent = False  # this side's FIN was passed on to the peer
         self.lost = False
 
     # asyncio.BaseProtocol
@@ -106,17 +152,32 @@ class _Side(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.pipe.side_lost(self, exc)
 
+    def block(self, reason: int) -> None:
+        transport = self.transport
+        if not self.blocks and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+        self.blocks |= reason
+
+    def unblock(self, reason: int) -> None:
+        if not self.blocks & reason:
+            return
+        self.blocks &= ~reason
+        transport = self.transport
+        if not self.blocks and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
     def pause_writing(self) -> None:
-        peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
-            peer.transport.pause_reading()
+        if self.peer is not None:
+            self.peer.block(_PEER_FULL)
 
     def resume_writing(self) -> None:
-        peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
-            peer.transport.resume_reading()
+        if self.peer is not None:
+            self.peer.unblock(_PEER_FULL)
 
     # asyncio.BufferedProtocol
 
@@ -133,8 +194,52 @@ class _Side(asyncio.BufferedProtocol):
             return
         if peer.transport is None or peer.transport.is_closing():
             return
+        pipe = self.pipe
+        now = pipe.loop.time()
+        pipe.last_activity = now
+        pacing = pipe.pacing
+        if pacing is not None:
+            due = pacing.departure(self.direction, nbytes, now)
+            if due - now > PACE_SLACK_S or self.queue:
+                self.enqueue(due, bytes(data), now, pacing.horizon_s)
+                return
         peer.transport.write(data)
         self.counted(nbytes)
+
+    # pacing
+
+    def enqueue(self, due: float, data: bytes, now: float, horizon_s: float) -> None:
+        self.queue.append((due, data))
+        self.pipe.stats.paced_chunks += 1
+        if self.timer is None:
+            self.timer = self.pipe.loop.call_at(self.queue[0][0], self.flush)
+        if due - now > horizon_s:
+            self.block(_PACED)
+
+    def flush(self) -> None:
+        """Write the queued chunks that are due; re-arm for the next one."""
+        self.timer = None
+        peer = self.peer
+        if self.lost or peer is None or peer.transport is None or peer.transport.is_closing():
+            self.queue.clear()
+            return
+        loop = self.pipe.loop
+        now = loop.time()
+        queue = self.queue
+        while queue and queue[0][0] <= now + PACE_SLACK_S:
+            _, data = queue.popleft()
+            peer.transport.write(data)
+            self.counted(len(data))
+        pacing = self.pipe.pacing
+        horizon_s = 0.0 if pacing is None else pacing.horizon_s
+        if queue:
+            self.timer = loop.call_at(queue[0][0], self.flush)
+            if queue[-1][0] - now <= horizon_s:
+                self.unblock(_PACED)
+        else:
+            self.unblock(_PACED)
+            if self.eof and not self.eof_sent:
+                self.pipe.side_eof(self)
 
     def counted(self, nbytes: int) -> None:
         self.pipe.counted(self.direction, nbytes)
@@ -143,17 +248,51 @@ class _Side(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.peer is not None:
+        if self.peer is not None and not self.queue:
             self.pipe.side_eof(self)
+        # else: `flush` passes the FIN on after the queued chunks
         return True  # keep the transport open: the other direction goes on
 
 
 class _Pipe:
-    def __init__(self, stats: RelayStats) -> None:
+    def __init__(
+        self,
+        stats: RelayStats,
+        *,
+        pacing: Pacing | None = None,
+        timeouts: expiry.Timeouts | None = None,
+    ) -> None:
         self.stats = stats
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
         self.client: _Side | None = None
         self.upstream: _Side | None = None
+        self.pacing = pacing
+        self.timeouts = timeouts
+        self.started = self.last_activity = self.loop.time()
+        self.expiry_timer: asyncio.TimerHandle | None = None
+
+    def watch_expiry(self) -> None:
+        """Check the timeouts now, and arm the timer for the next check."""
+        self.expiry_timer = None
+        if self.timeouts is None or self.done.done():
+            return
+        state = expiry.check(
+            self.timeouts,
+            started=self.started,
+            last_activity=self.last_activity,
+            now=self.loop.time(),
+        )
+        if state.reason is not None:
+            self.stats.end = state.reason
+            self.abort()
+            return
+        self.expiry_timer = self.loop.call_at(state.next_check, self.watch_expiry)
+
+    def stop_watching(self) -> None:
+        if self.expiry_timer is not None:
+            self.expiry_timer.cancel()
+            self.expiry_timer = None
 
     def counted(self, direction: str, nbytes: int) -> None:
         if direction == UP:
@@ -178,13 +317,15 @@ class _Pipe:
                 side.peer.transport.write(chunk)  # type: ignore[union-attr]
                 side.counted(len(chunk))
             side.pending.clear()
+        self.watch_expiry()
         for side in (client, upstream):
             if side.eof:
                 self.side_eof(side)
-            elif not side.transport.is_closing():  # type: ignore[union-attr]
-                side.transport.resume_reading()  # type: ignore[union-attr]
+            else:
+                side.unblock(_STARTING)
 
     def side_eof(self, side: _Side) -> None:
+        side.eof_sent = True
         peer = side.peer
         transport = None if peer is None else peer.transport
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
@@ -203,6 +344,7 @@ class _Pipe:
             elif peer.transport is not None:
                 peer.transport.close()
         if self._all_lost() and not self.done.done():
+            self.stop_watching()
             self.done.set_result(None)
 
     def _all_lost(self) -> bool:
@@ -228,6 +370,8 @@ async def relay(
     count_down: Callable[[int], None] | None = None,
     scratch: bytearray | None = None,
     stats: RelayStats | None = None,
+    pacing: Pacing | None = None,
+    timeouts: expiry.Timeouts | None = None,
 ) -> RelayStats:
     """Relay between connected `client` and `upstream` until both are done.
 
@@ -236,7 +380,7 @@ async def relay(
     size (for metrics). The sockets are owned by the relay from here on and are
     closed when it returns; when it is cancelled, both are reset. `stats`, if
     given, is updated as bytes flow (so a caller sees the counts even when the
-    relay is cancelled) and returned.
+    relay is cancelled) and returned. `pacing` and `timeouts`: see the module doc.
 
     `scratch` is the read buffer (64 KiB by default). Relays on one event loop
     may share one: a read fills it and `buffer_updated` copies the bytes out
@@ -248,7 +392,7 @@ async def relay(
     if scratch is None:
         scratch = bytearray(RELAY_BUFFER)
     stats = stats if stats is not None else RelayStats()
-    pipe = _Pipe(stats)
+    pipe = _Pipe(stats, pacing=pacing, timeouts=timeouts)
     stats.bytes_up += len(first_up)
     if count_up is not None and first_up:
         count_up(len(first_up))
@@ -270,6 +414,7 @@ async def relay(
                 stats.error = "cancelled"
             else:
                 stats.error = "upstream_error" if pipe.upstream is None else "client_error"
+        pipe.stop_watching()
         pipe.abort()
         # A socket whose transport exists belongs to it (and is closed by it).
         if pipe.upstream is None:

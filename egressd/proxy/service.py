@@ -56,6 +56,7 @@ from egressd.proxy.context import ProxyContext, ProxyIdentity
 from egressd.proxy.flows import FlowTable
 from egressd.proxy.nft import NftError, NftSpec, ProxyNetfilter
 from egressd.proxy.policies import PolicyStore
+from egressd.proxy.limiting import ProxyLimits
 from egressd.proxy.registry import NodeRegistry
 from egressd.proxy.resolved import ResolvedNames
 from egressd.proxy.tunnel import GeneveTunnel
@@ -177,8 +178,15 @@ class ProxyService:
         )
 
         try:
+            registry = self.registry
+            limits = ProxyLimits(
+                config.limits, registry=self.metrics, proxy_count=lambda: registry.proxy_count
+            )
             self.interceptor = await intercept.start_interceptor(
-                self.ctx, self.resolved, listen=(LISTEN_HOST, config.tproxy_tcp_port)
+                self.ctx,
+                self.resolved,
+                listen=(LISTEN_HOST, config.tproxy_tcp_port),
+                limits=limits,
             )
             stack.push_async_callback(self._closing("interceptor", self.interceptor.close))
             self.dns = await dns.start_dns(

@@ -1,0 +1,260 @@
+"""The proxy's limits: `egressd.limits` wired to its configuration, metrics and clock.
+
+`ProxyLimits` is what the interceptor asks, per connection:
+
+1. `admit` (before anything else is done for the job): proxy-wide and per-job
+   concurrency, per-job new-connection rate;
+2. `acquire_port` (before the upstream connect): the source (address, port);
+3. `pacing`: the job's EDT pacers for the relay; `timeouts` for its expiry.
+
+A job's ``max_connections``, ``max_new_connections_per_s`` and
+``bandwidth_bps`` are fleet-wide: this proxy enforces its share
+(`egressd.limits.fleet_share`) of them, by the number of proxies registered
+with the control plane (`proxy_count`). ``ports_per_destination`` is per
+proxy: it counts source ports of this proxy's egress addresses, which is what
+a destination sees.
+
+Limits are enforced in report mode too: report mode is for rolling out
+egress rules, and limits protect the other jobs on the proxy.
+
+Metrics: refusals per job and reason; connections and source ports held per
+job now; ports in use per egress address and destination; bytes per job and
+direction. Per-job and per-destination gauges drop their series at zero, so
+the label sets stay as large as what is in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from egressd.limits import fleet_share
+from egressd.limits.connections import ConnectionLimiter
+from egressd.limits.pacing import BandwidthShaper
+from egressd.limits.ports import Destination, Lease, PortPoolConfig, SourcePortAllocator
+from egressd.limits.timeouts import Timeouts
+from egressd.policy.model import Limits
+
+PRUNE_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """The proxy-wide part of the limits (from `ProxyConfig`)."""
+
+    max_connections: int
+    bandwidth_bps: int  # per direction; 0: no proxy-wide rate
+    port_pool: PortPoolConfig
+    timeouts: Timeouts
+    pacing_horizon_s: float = 0.05
+
+    @classmethod
+    def default(cls, egress: object) -> LimitsConfig:
+        return cls(
+            max_connections=65_536,
+            bandwidth_bps=0,
+            port_pool=PortPoolConfig(addresses=(egress,)),  # type: ignore[arg-type]
+            timeouts=Timeouts(idle_s=300.0, lifetime_s=86_400.0),
+        )
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry, capacity: int) -> None:
+        self.refusals = Counter(
+            "egressd_limit_refusals_total",
+            "Connections refused by a limit, by job and reason",
+            ["job_id", "reason"],
+            registry=registry,
+        )
+        self.job_connections = Gauge(
+            "egressd_job_connections",
+            "Connections a job holds at this proxy now",
+            ["job_id"],
+            registry=registry,
+        )
+        self.job_ports = Gauge(
+            "egressd_job_source_ports",
+            "Source ports a job holds toward a destination now",
+            ["job_id", "destination"],
+            registry=registry,
+        )
+        self.ports_in_use = Gauge(
+            "egressd_source_ports_in_use",
+            "Source ports in use per egress address and destination",
+            ["egress", "destination"],
+            registry=registry,
+        )
+        Gauge(
+            "egressd_source_ports_capacity",
+            "Source (address, port) pairs toward one destination",
+            registry=registry,
+        ).set(capacity)
+        self.job_bytes = Counter(
+            "egressd_job_bytes_total",
+            "Bytes relayed per job and direction (up: sandbox to internet)",
+            ["job_id", "direction"],
+            registry=registry,
+        )
+        self.connections_total = Gauge(
+            "egressd_connections_admitted",
+            "Connections holding an admission slot at this proxy now",
+            registry=registry,
+        )
+
+
+def _set(gauge: Gauge, value: int, *labels: str) -> None:
+    if value:
+        gauge.labels(*labels).set(value)
+    else:
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)
+
+
+class JobPacing:
+    """One connection's handle on its job's pacers (`egressd.proxy.relay.Pacing`)."""
+
+    __slots__ = ("_count", "_job", "_rate_bps", "_shaper", "horizon_s")
+
+    def __init__(
+        self,
+        shaper: BandwidthShaper,
+        job: uuid.UUID,
+        rate_bps: int,
+        count: Callable[[str, int], None],
+    ) -> None:
+        self._shaper = shaper
+        self._job = job
+        self._rate_bps = rate_bps
+        self._count = count
+        self.horizon_s = shaper.horizon_s
+
+    def departure(self, direction: str, size: int, now: float) -> float:
+        self._count(direction, size)
+        return self._shaper.departure(self._job, direction, size, rate_bps=self._rate_bps, now=now)
+
+
+class ProxyLimits:
+    """Connection caps, source ports and pacing for one proxy process."""
+
+    def __init__(
+        self,
+        config: LimitsConfig,
+        *,
+        registry: CollectorRegistry,
+        proxy_count: Callable[[], int] = lambda: 1,
+    ) -> None:
+        self.config = config
+        self.timeouts = config.timeouts
+        self._proxy_count = proxy_count
+        self.connections = ConnectionLimiter(config.max_connections)
+        self.ports = SourcePortAllocator(config.port_pool)
+        self.shaper = BandwidthShaper(
+            proxy_rate_bps=config.bandwidth_bps or None, horizon_s=config.pacing_horizon_s
+        )
+        self._metrics = _Metrics(registry, config.port_pool.capacity)
+        self._job_bytes: dict[tuple[uuid.UUID, str], Callable[[float], None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # admission
+
+    def admit(self, job: uuid.UUID, limits: Limits, now: float) -> str | None:
+        """None: admitted (call `release` when the connection is over); else the refusal reason."""
+        proxies = self._proxy_count()
+        refusal = self.connections.admit(
+            job,
+            max_connections=fleet_share(limits.max_connections, proxies),
+            new_per_s=fleet_share(limits.max_new_connections_per_s, proxies),
+            now=now,
+        )
+        if refusal is None:
+            self._job_connections_changed(job)
+        return refusal
+
+    def release(self, job: uuid.UUID) -> None:
+        self.connections.release(job)
+        self._job_connections_changed(job)
+
+    def refused(self, job: uuid.UUID | None, reason: str) -> None:
+        self._metrics.refusals.labels("" if job is None else str(job), reason).inc()
+
+    def _job_connections_changed(self, job: uuid.UUID) -> None:
+        _set(self._metrics.job_connections, self.connections.active(job), str(job))
+        self._metrics.connections_total.set(self.connections.total)
+
+    # source ports
+
+    def acquire_port(
+        self, job: uuid.UUID, destination: Destination, limits: Limits, now: float
+    ) -> Lease | str:
+        lease = self.ports.acquire(
+            job, destination, max_per_job=limits.ports_per_destination, now=now
+        )
+        if isinstance(lease, Lease):
+            self._ports_changed(lease)
+        return lease
+
+    def release_port(self, lease: Lease, now: float) -> None:
+        self.ports.release(lease, now)
+        self._ports_changed(lease)
+
+    def quarantine_port(self, lease: Lease, now: float) -> None:
+        self.ports.quarantine(lease, now)
+        self._ports_changed(lease)
+
+    def _ports_changed(self, lease: Lease) -> None:
+        destination = str(lease.destination)
+        held = self.ports.held(lease.job, lease.destination)
+        _set(self._metrics.job_ports, held, str(lease.job), destination)
+        in_use = self.ports.in_use_by_address(lease.destination).get(lease.address, 0)
+        _set(self._metrics.ports_in_use, in_use, str(lease.address), destination)
+
+    # pacing
+
+    def pacing(self, job: uuid.UUID, limits: Limits) -> JobPacing:
+        rate = fleet_share(limits.bandwidth_bps, self._proxy_count())
+        return JobPacing(self.shaper, job, rate, lambda d, n: self._count_bytes(job, d, n))
+
+    def _count_bytes(self, job: uuid.UUID, direction: str, size: int) -> None:
+        inc = self._job_bytes.get((job, direction))
+        if inc is None:
+            if len(self._job_bytes) > 65_536:
+                self._job_bytes.clear()
+            inc = self._job_bytes[(job, direction)] = self._metrics.job_bytes.labels(
+                str(job), direction
+            ).inc
+        inc(size)
+
+    # housekeeping
+
+    def prune(self, now: float, loop_now: float) -> None:
+        self.connections.prune(now)
+        self.ports.prune(now)
+        self.shaper.prune(loop_now)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL_S)
+            self.prune(time.monotonic(), loop.time())
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="egressd-limits-prune"
+            )
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+__all__ = ["JobPacing", "LimitsConfig", "ProxyLimits"]
