@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Build the images (cached by content key), bring the fleet up, wait until every
+# container is healthy. Extra arguments go to `up` (e.g. --scale proxy=3).
+#
+#   deploy/up.sh [--scale proxy=3]
+#   EGRESSD_PROFILES=load deploy/up.sh        # also the locust load generator
+#   EGRESSD_PROJECT=name deploy/up.sh         # compose project name (default egressd)
+#   EGRESSD_BASE_IMAGE=python:3.11-slim-bookworm deploy/up.sh   # a pullable base instead of debootstrap
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+TIMEOUT=${EGRESSD_UP_TIMEOUT:-300}
+
+ensure_dockerd
+eval "$("$DEPLOY_DIR/prepare.sh" | sed 's/^/export /')"
+echo "images: egressd*:$EGRESSD_TAG on $EGRESSD_BASE_IMAGE" >&2
+
+images=(egressd-sandbox egressd egressd-node)
+[[ " ${EGRESSD_PROFILES:-} " == *" load "* ]] && images+=(egressd-loadgen)
+missing=0
+for image in "${images[@]}"; do
+    docker image inspect "$image:$EGRESSD_TAG" >/dev/null 2>&1 || missing=1
+done
+if [ "$missing" = 1 ]; then
+    # The sandbox image first: the node image is built FROM it.
+    "${COMPOSE[@]}" -p "$PROJECT" -f "$DEPLOY_DIR/compose.yaml" --profile images build sandbox
+    compose build
+else
+    echo "images up to date (tag $EGRESSD_TAG)" >&2
+fi
+
+compose up -d "$@"
+
+deadline=$((SECONDS + TIMEOUT))
+while :; do
+    ids=$(compose ps -q)
+    pending=()
+    for id in $ids; do
+        state=$(docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id")
+        read -r name status health <<<"$state"
+        if [ "$status" != running ]; then
+            echo "up.sh: ${name#/} is $status" >&2
+            docker logs --tail 30 "$id" >&2 || true
+            exit 1
+        fi
+        [ "$health" = healthy ] || pending+=("${name#/}:$health")
+    done
+    if [ -n "$ids" ] && [ ${#pending[@]} -eq 0 ]; then
+        echo "up.sh: every container healthy" >&2
+        compose ps
+        exit 0
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+        echo "up.sh: not healthy after ${TIMEOUT}s: ${pending[*]}" >&2
+        exit 1
+    fi
+    sleep 2
+done

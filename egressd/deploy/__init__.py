@@ -1,0 +1,1 @@
+"""The compose deployment's container entry points (`deploy/compose.yaml`)."""

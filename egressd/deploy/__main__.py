@@ -1,0 +1,5 @@
+import sys
+
+from egressd.deploy.entry import main
+
+sys.exit(main())

@@ -1,0 +1,400 @@
+"""Container entry points of the compose fleet (`deploy/compose.yaml`).
+
+    python -m egressd.deploy ROLE        # control | inet | proxy | node | demo | loadgen
+    python -m egressd.deploy health ROLE # the compose healthcheck of ROLE
+
+Each role prepares what the local topology's `Fleet` prepares for that member
+(the same functions: `Fleet.proxy_config`, `Fleet.agent_config`, keys, test CA,
+admin token) and runs the same daemon (`egressd control|proxy|agent|inet serve`).
+What differs from the namespaces topology:
+
+* Addresses: docker assigns them. The control plane has a fixed underlay
+  address (198.18.0.2, DESIGN.md's), the node 198.18.0.11; proxies are
+  scalable, so each one reads its underlay and egress addresses from its
+  interfaces and is named after its underlay address (`proxy-21` for
+  198.18.0.21): a restarted proxy keeps its name, and a name never moves to
+  another address.
+* Registration: proxies and nodes register themselves with the control plane
+  (PUT /v1/proxies|nodes/NAME with the admin token) before their daemon
+  starts; a proxy that stops cleanly deregisters (DELETE). Node agents learn
+  the proxy list from the control plane (`discovery` in the agent config).
+* Shared files: the control plane makes the fleet's material once, in its
+  own volume (the signing key never leaves it) and publishes the public parts
+  in the `fleet` volume mounted at /fleet in every container: `keys/`
+  (public JWKs), `ca/` (the test CA and the internet's server certificate),
+  `admin-token`. Each container's run directory /run/egressd links `keys` and
+  `ca` there.
+* Logs: each daemon's JSON log lines go to the container's stderr (`docker
+  logs`) and to /var/log/egressd/NAME.log in the `logs` volume, where the
+  demo reads the proxies' audit events.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from egressd.policy import keys
+from egressd.topology import ca
+from egressd.topology.fleet import Fleet
+from egressd.topology.layout import (
+    ADMIN_PORT,
+    CONTROL_ADDR,
+    CONTROL_PORT,
+    INET_DNS,
+    INTERNET,
+    METADATA,
+    UNDERLAY,
+    Layout,
+    NodeSpec,
+    ProxySpec,
+    default_layout,
+)
+
+RUN_DIR = Path(os.environ.get("EGRESSD_RUN_DIR", "/run/egressd"))
+FLEET_DIR = Path(os.environ.get("EGRESSD_FLEET_DIR", "/fleet"))
+LOG_DIR = Path(os.environ.get("EGRESSD_LOG_DIR", "/var/log/egressd"))
+CONTROL_URL = f"http://{CONTROL_ADDR}:{CONTROL_PORT}"
+JOBS_PORT = 8070
+DISCOVERY_INTERVAL_S = 2.0
+WAIT_S = 60.0
+
+
+def log(msg: str, **fields: object) -> None:
+    print(json.dumps({"event": msg, "component": "entry", **fields}), file=sys.stderr, flush=True)
+
+
+def layout(nodes: tuple[NodeSpec, ...] = (), proxies: tuple[ProxySpec, ...] = ()) -> Layout:
+    """The default layout's sites and ranges, with this container's members only."""
+    base = default_layout(RUN_DIR)
+    return Layout(nodes=nodes, proxies=proxies, sites=base.sites, run_dir=RUN_DIR)
+
+
+# --- addresses ---------------------------------------------------------------------
+
+
+def addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True)
+    result = []
+    for link in json.loads(out.stdout):
+        for info in link.get("addr_info", []):
+            result.append((link["ifname"], ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}")))
+    return result
+
+
+def address_in(network: ipaddress.IPv4Network) -> tuple[str, ipaddress.IPv4Address]:
+    """(interface, address) of this container on `network`; waits for docker to attach it."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        for ifname, iface in addresses():
+            if iface.ip in network and iface.network == network:
+                return ifname, iface.ip
+        if time.monotonic() > deadline:
+            raise SystemExit(f"entry: no address in {network} on any interface")
+        time.sleep(0.2)
+
+
+# --- the control plane ------------------------------------------------------------------
+
+
+def admin_token() -> str:
+    return wait_file(FLEET_DIR / "admin-token").read_text().strip()
+
+
+def wait_file(path: Path) -> Path:
+    deadline = time.monotonic() + WAIT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"entry: {path} did not appear (is the control service up?)")
+        time.sleep(0.2)
+    return path
+
+
+def control(method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 5.0) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(CONTROL_URL + path, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {admin_token()}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def register(kind: str, name: str, body: dict[str, str]) -> None:
+    """PUT /v1/{kind}/{name}, retried until the control plane answers (it may be starting)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            control("PUT", f"/v1/{kind}/{name}", body)
+            log("registered", kind=kind, name=name, **body)
+            return
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode(errors="replace")
+            if exc.code < 500 or time.monotonic() > deadline:
+                raise SystemExit(f"entry: PUT /v1/{kind}/{name}: {exc.code} {detail}") from exc
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"entry: control plane unreachable: {exc}") from exc
+        time.sleep(0.5)
+
+
+def link_fleet_dirs() -> None:
+    """/run/egressd/{keys,ca} -> /fleet/{keys,ca} (public keys and the test CA)."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    RUN_DIR.chmod(0o755)
+    for sub in ("keys", "ca"):
+        wait_file(FLEET_DIR / sub)
+        link = RUN_DIR / sub
+        if link.is_symlink() or not link.exists():
+            link.unlink(missing_ok=True)
+            link.symlink_to(FLEET_DIR / sub)
+    for sub in ("logs", "config", "agents"):
+        (RUN_DIR / sub).mkdir(exist_ok=True)
+
+
+# --- running a daemon ---------------------------------------------------------------------
+
+
+def supervise(name: str, argv: list[str], *, on_exit: list[Any] | None = None) -> int:
+    """Run `argv`, copy its stderr to ours and to LOG_DIR/NAME.log, forward SIGTERM/SIGINT."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log("starting", name=name, argv=argv)
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+
+    def forward(signum: int, _frame: object) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+    def copy() -> None:
+        assert proc.stderr is not None
+        with (LOG_DIR / f"{name}.log").open("ab", buffering=0) as out:
+            for line in proc.stderr:
+                sys.stderr.buffer.write(line)
+                sys.stderr.buffer.flush()
+                out.write(line)
+
+    copier = threading.Thread(target=copy, daemon=True)
+    copier.start()
+    code = proc.wait()
+    copier.join(timeout=5)
+    log("exited", name=name, code=code)
+    for action in on_exit or []:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - best effort at shutdown
+            log("on_exit_failed", name=name, error=str(exc))
+    return code
+
+
+def egressd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "egressd", *args]
+
+
+# --- roles ----------------------------------------------------------------------------------
+
+
+def role_control() -> int:
+    fleet = Fleet(layout())
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    (RUN_DIR / "control").mkdir(exist_ok=True)
+    if not fleet.signing_key.exists():
+        keys.write_key_dir(fleet.keys_dir, keys.generate_signing_key())
+    if not fleet.admin_token_file.exists():
+        import secrets
+
+        fleet.admin_token_file.touch(mode=0o600)
+        fleet.admin_token_file.write_text(secrets.token_urlsafe(32) + "\n")
+    # Publish the public parts: public JWKs, the test CA, the admin token.
+    (FLEET_DIR / "keys").mkdir(parents=True, exist_ok=True)
+    for jwk in fleet.keys_dir.glob("*.jwk"):
+        shutil.copy2(jwk, FLEET_DIR / "keys" / jwk.name)
+    ca.ensure_ca(FLEET_DIR / "ca", fleet.layout)
+    token = FLEET_DIR / "admin-token"
+    tmp = token.with_suffix(".tmp")
+    shutil.copy2(fleet.admin_token_file, tmp)
+    tmp.chmod(0o600)
+    tmp.replace(token)
+    argv = egressd(
+        "control", "serve",
+        "--state-dir", str(RUN_DIR / "control"),
+        "--key", str(fleet.signing_key),
+        "--admin-token-file", str(fleet.admin_token_file),
+        "--listen", f"{CONTROL_ADDR}:{CONTROL_PORT}",
+    )  # fmt: skip
+    return supervise("control", argv)
+
+
+def role_inet() -> int:
+    """The internet's addresses on this container's interface, then `egressd inet serve`."""
+    ifname, _ = address_in(INTERNET)
+    wanted = sorted({site.address for site in layout().sites} | {INET_DNS})
+    have = {iface.ip for _, iface in addresses()}
+    for addr in wanted:
+        if addr not in have:
+            subprocess.run(["ip", "addr", "add", f"{addr}/32", "dev", ifname], check=True)
+    if METADATA not in have:
+        subprocess.run(["ip", "addr", "add", f"{METADATA}/32", "dev", "lo"], check=True)
+    wait_file(FLEET_DIR / "ca" / "server.pem")
+    return supervise("inet", egressd("inet", "serve", "--run-dir", str(FLEET_DIR)))
+
+
+def proxy_name(underlay: ipaddress.IPv4Address) -> str:
+    return f"proxy-{int(underlay) & 0xFF}"
+
+
+def role_proxy() -> int:
+    _, underlay = address_in(UNDERLAY)
+    _, egress = address_in(INTERNET)
+    spec = ProxySpec(proxy_name(underlay), underlay, egress)
+    fleet = Fleet(layout(proxies=(spec,)))
+    link_fleet_dirs()
+    config = fleet.config_path(spec.name)
+    config.write_text(json.dumps(fleet.proxy_config(spec), indent=2) + "\n")
+    register("proxies", spec.name, {"underlay": str(underlay), "egress": str(egress)})
+
+    def deregister() -> None:
+        control("DELETE", f"/v1/proxies/{spec.name}", timeout=2.0)
+        log("deregistered", kind="proxies", name=spec.name)
+
+    return supervise(spec.name, egressd("proxy", "serve", "--config", str(config)), on_exit=[deregister])
+
+
+def node_spec() -> NodeSpec:
+    _, underlay = address_in(UNDERLAY)
+    name = os.environ.get("EGRESSD_NODE_NAME", "node1")
+    cidr = ipaddress.IPv4Network(os.environ.get("EGRESSD_SANDBOX_CIDR", "100.96.1.0/24"))
+    return NodeSpec(name, underlay, cidr)
+
+
+def agent_config(fleet: Fleet, spec: NodeSpec) -> dict[str, Any]:
+    config = fleet.agent_config(spec)
+    # Proxies come from the control plane's registry (the static list is empty).
+    config["discovery"] = {"control_url": CONTROL_URL, "interval_s": DISCOVERY_INTERVAL_S}
+    return config
+
+
+def seed_tier1_cache(state_dir: Path) -> None:
+    """Put the image's prebuilt tier-1 object where the agent looks (clang at start is slow)."""
+    prebuilt = Path("/opt/egressd/tier1.o")
+    if prebuilt.exists():
+        cache = state_dir / "cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(prebuilt, cache / "tier1.o")
+
+
+def writable_proc_sys() -> None:
+    """Docker mounts /proc/sys read-only; the agent writes sysctls in the sandboxes'
+    namespaces (IPv6 off, rp_filter). With CAP_SYS_ADMIN the node remounts it
+    read-write in its own mount namespace (what `--security-opt systempaths=unconfined`
+    does in the docker CLI, which compose v1 cannot pass)."""
+    done = subprocess.run(["mount", "-o", "remount,rw", "/proc/sys"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        log("proc_sys_readonly", detail=done.stderr.strip())
+
+
+def start_node() -> tuple[Fleet, NodeSpec, Path]:
+    writable_proc_sys()
+    spec = node_spec()
+    fleet = Fleet(layout(nodes=(spec,)))
+    link_fleet_dirs()
+    config = fleet.config_path(spec.name)
+    body = agent_config(fleet, spec)
+    config.write_text(json.dumps(body, indent=2) + "\n")
+    seed_tier1_cache(Path(str(body["state_dir"])))
+    register("nodes", spec.name, {"underlay": str(spec.underlay), "sandbox_cidr": str(spec.sandbox_cidr)})
+    return fleet, spec, config
+
+
+def role_node() -> int:
+    fleet, spec, config = start_node()
+    from egressd.deploy import jobs
+
+    server = jobs.start_in_thread(spec, fleet.run_dir, (str(spec.underlay), JOBS_PORT), admin_token())
+    try:
+        return supervise(spec.name, egressd("agent", "serve", "--config", str(config)))
+    finally:
+        server.shutdown()
+
+
+# --- health checks ---------------------------------------------------------------------------
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def health(role: str) -> int:
+    if role == "control":
+        status, _ = http_get(f"{CONTROL_URL}/readyz")
+        return 0 if status == 200 else 1
+    if role == "inet":
+        import socket
+
+        with socket.create_connection(("203.0.113.10", 443), timeout=2):
+            return 0
+    if role == "proxy":
+        _, underlay = address_in(UNDERLAY)
+        status, _ = http_get(f"http://{underlay}:{ADMIN_PORT}/readyz")
+        return 0 if status == 200 else 1
+    if role in ("node", "loadgen"):
+        # Ready, and at least one proxy healthy: a sandbox started now has a path out.
+        _, underlay = address_in(UNDERLAY)
+        status, _ = http_get(f"http://{underlay}:{ADMIN_PORT}/readyz")
+        if status != 200:
+            return 1
+        _, metrics = http_get(f"http://{underlay}:{ADMIN_PORT}/metrics")
+        up = [ln for ln in metrics.decode().splitlines() if ln.startswith("egressd_proxy_up{") and ln.endswith(" 1.0")]
+        if not up:
+            return 1
+        if role == "node":
+            status, _ = http_get(f"http://{underlay}:{JOBS_PORT}/healthz")
+            return 0 if status == 200 else 1
+        return 0
+    if role == "demo":
+        result = Path("/tmp/egressd-demo.result")
+        return 0 if result.exists() and result.read_text().strip() == "0" else 1
+    raise SystemExit(f"unknown role {role!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        raise SystemExit("usage: python -m egressd.deploy ROLE | health ROLE")
+    role = argv[0]
+    if role == "health":
+        try:
+            return health(argv[1])
+        except (OSError, SystemExit) as exc:
+            print(f"unhealthy: {exc}", file=sys.stderr)
+            return 1
+    if role == "demo":
+        from egressd.deploy import demo
+
+        return demo.main(argv[1:])
+    if role == "loadgen":
+        from egressd.deploy import loadgen
+
+        return loadgen.main(argv[1:])
+    roles = {"control": role_control, "inet": role_inet, "proxy": role_proxy, "node": role_node}
+    if role not in roles:
+        raise SystemExit(f"unknown role {role!r} (one of {', '.join(sorted(roles))}, demo, loadgen, health)")
+    return roles[role]()
