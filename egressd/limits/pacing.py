@@ -14,16 +14,24 @@ a paced connection is slowed by TCP's own backpressure and nothing is ever
 dropped. What one job buffers is bounded by about ``rate * horizon`` plus one
 chunk per connection.
 
-Proxy-wide rate (per direction): when the rates of the jobs sending in a
-direction add up to more than the proxy's rate, every job's rate is scaled by
-``proxy_rate / sum(rates)``, so jobs saturating one proxy share it in
-proportion to their rates and the proxy as a whole stays within its own.
-A job counts as sending while it asked for a departure time within the last
-``active_window_s``.
+Proxy-wide rate (per direction): the proxy's rate is shared like a
+weighted max-min fair link. Every ``recompute_s`` the shaper looks at the
+jobs that asked for a departure time within ``active_window_s``:
+
+* a job whose pacer was behind (it offered chunks faster than its rate) is
+  *backlogged*: it would take all it may, so it counts with its rate;
+* any other job is *light*: it counts with what it actually sent.
+
+If the backlogged rates and the light usage fit in the proxy's rate, every
+job gets its own rate; otherwise every job's rate is scaled by
+``(proxy_rate - light usage) / backlogged rates``: jobs saturating one proxy
+share what the light ones leave in proportion to their rates, and a job that
+only trickles (whatever rate its policy grants) takes no share it does not use.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -43,11 +51,18 @@ class EdtPacer:
         return self.last
 
 
+#: The smallest scale: a job is slowed to at most 1/1000 of its rate, never stopped.
+MIN_SCALE = 0.001
+
+
 @dataclass(slots=True)
 class _Sender:
     pacer: EdtPacer
     rate_Bps: float
-    seen: float
+    seen: float  # its latest departure request
+    backlogged: float  # when its pacer was last found behind (-inf: never)
+    sent: int  # bytes since `since`
+    since: float
 
 
 class BandwidthShaper:
@@ -67,9 +82,10 @@ class BandwidthShaper:
         self.proxy_rate_Bps = None if proxy_rate_bps is None else proxy_rate_bps / 8.0
         self.horizon_s = horizon_s
         self.active_window_s = active_window_s
+        self.recompute_s = active_window_s / 2
         self._senders: dict[tuple[Hashable, str], _Sender] = {}
-        # Per direction: (sum of active rates, when it was computed).
-        self._sums: dict[str, tuple[float, float]] = {}
+        # Per direction: (scale, when it was computed).
+        self._scales: dict[str, tuple[float, float]] = {}
 
     def departure(
         self, job: Hashable, direction: str, size: int, *, rate_bps: int, now: float
@@ -79,29 +95,40 @@ class BandwidthShaper:
         sender = self._senders.get(key)
         rate_Bps = rate_bps / 8.0
         if sender is None:
-            sender = self._senders[key] = _Sender(EdtPacer(now), rate_Bps, now)
-            self._sums.pop(direction, None)  # a newcomer changes the sum at once
+            sender = self._senders[key] = _Sender(EdtPacer(now), rate_Bps, now, -math.inf, 0, now)
         else:
-            if sender.rate_Bps != rate_Bps or now - sender.seen > self.active_window_s:
-                self._sums.pop(direction, None)
             sender.rate_Bps = rate_Bps
             sender.seen = now
+            if sender.pacer.last > now:
+                sender.backlogged = now
+        sender.sent += size
         return sender.pacer.departure(size, rate_Bps * self.scale(direction, now), now)
 
     def scale(self, direction: str, now: float) -> float:
         """The factor (at most 1) by which every job's rate in `direction` is scaled now."""
         if self.proxy_rate_Bps is None:
             return 1.0
-        cached = self._sums.get(direction)
-        if cached is None or now - cached[1] > self.active_window_s / 2:
-            total = sum(
-                s.rate_Bps
-                for (_, d), s in self._senders.items()
-                if d == direction and now - s.seen <= self.active_window_s
-            )
-            cached = self._sums[direction] = (total, now)
-        total = cached[0]
-        return 1.0 if total <= self.proxy_rate_Bps else self.proxy_rate_Bps / total
+        cached = self._scales.get(direction)
+        if cached is None or now - cached[1] >= self.recompute_s:
+            cached = self._scales[direction] = (self._compute_scale(direction, now), now)
+        return cached[0]
+
+    def _compute_scale(self, direction: str, now: float) -> float:
+        assert self.proxy_rate_Bps is not None
+        backlogged = light = 0.0
+        for (_, d), s in self._senders.items():
+            if d != direction:
+                continue
+            elapsed = now - s.since
+            if now - s.seen <= self.active_window_s:
+                if now - s.backlogged <= self.active_window_s:
+                    backlogged += s.rate_Bps
+                else:
+                    light += min(s.rate_Bps, s.sent / max(elapsed, self.recompute_s))
+            s.sent, s.since = 0, now
+        if backlogged == 0.0 or backlogged + light <= self.proxy_rate_Bps:
+            return 1.0
+        return max(MIN_SCALE, (self.proxy_rate_Bps - light) / backlogged)
 
     def beyond_horizon(self, departure: float, now: float) -> bool:
         return departure - now > self.horizon_s
@@ -115,8 +142,6 @@ class BandwidthShaper:
         ]
         for key in quiet:
             del self._senders[key]
-        if quiet:
-            self._sums.clear()
         return len(quiet)
 
 

@@ -53,6 +53,7 @@ DNS_PORT = 15053
 RESOLVER = "100.100.100.53"
 CLIENT = "100.96.1.2"
 CLIENT_NO_FLOW = "100.96.1.3"
+CLIENT2 = "100.96.1.4"  # a second job's sandbox (when the world is made with one)
 PROXY_SIDE = "100.96.1.1"
 EGRESS = "203.0.113.21"
 INET_ADDRS = (
@@ -65,6 +66,7 @@ INET_ADDRS = (
 )
 API, DATA, UPSTREAM_DNS, EVIL, RAW, BULK = INET_ADDRS
 JOB_ID = "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2"
+JOB2_ID = "7d2f0a51-3e8b-4c1d-a6f2-90b1c4e5d7a8"
 FLEET = ("198.18.0.0/24", "100.96.0.0/16", "100.100.100.53/32")
 ZONE: dict[str, str] = {
     "api.allowed.test": API,
@@ -84,6 +86,13 @@ EGRESS_RULES: list[dict[str, Any]] = [
     {"cidr": "203.0.113.96/28", "ports": [9000, 9001, 2525]},
 ]
 CLONE_NEWNET = 0x40000000
+# Limits out of the way of the tests that are not about them.
+ROOMY_LIMITS = {
+    "max_connections": 65_536,
+    "max_new_connections_per_s": 100_000,
+    "ports_per_destination": 4096,
+    "bandwidth_bps": 100_000_000_000,
+}
 
 
 # =====================================================================================
@@ -163,9 +172,15 @@ async def _inet_main(cfg: dict[str, Any]) -> None:
 
     async def bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # "SEND n\n": send n bytes, close. "RECV\n": count until FIN, answer the count, close.
+        # "PEER\n": answer the client's "ip port", then hold the connection until FIN.
         with contextlib.suppress(Exception):
             cmd = (await reader.readline()).split()
-            if cmd[0] == b"SEND":
+            if cmd[0] == b"PEER":
+                ip, port = writer.get_extra_info("peername")[:2]
+                writer.write(f"{ip} {port}\n".encode())
+                await writer.drain()
+                await reader.read()
+            elif cmd[0] == b"SEND":
                 left = int(cmd[1])
                 chunk = b"y" * (1 << 20)
                 while left > 0:
@@ -187,6 +202,7 @@ async def _inet_main(cfg: dict[str, Any]) -> None:
         await asyncio.start_server(tls_echo, "0.0.0.0", 443),
         await asyncio.start_server(banner, "0.0.0.0", 2525),
         await asyncio.start_server(bulk, "0.0.0.0", 9000),
+        await asyncio.start_server(bulk, "0.0.0.0", 9002),
     ]
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -217,17 +233,21 @@ async def _proxy_main(cfg: dict[str, Any]) -> None:
 
     audit_file = open(cfg["audit_log"], "a", buffering=1)  # noqa: SIM115, ASYNC230 - at start-up
     logs.configure(json=True, stream=audit_file)
-    job = uuid.UUID(cfg["job_id"])
+    # client address -> (job, its policy token file)
+    clients = {CLIENT: (uuid.UUID(cfg["job_id"]), cfg["token"])}
+    clients.update({ip: (uuid.UUID(j), t) for ip, (j, t) in cfg.get("more_clients", {}).items()})
+    tokens = dict(clients.values())
     trusted = trusted_from_jwks(json.loads(Path(cfg["jwks"]).read_text()))
 
     class Flows:
         def lookup(self, src: Any, sport: int, dst: Any, dport: int, proto: int) -> FlowInfo | None:
-            return FlowInfo(job, b"\0" * 8, "node1") if str(src) == CLIENT else None
+            client = clients.get(str(src))
+            return None if client is None else FlowInfo(client[0], b"\0" * 8, "node1")
 
     class Policies:
         async def get(self, job_id: uuid.UUID) -> Any:
             try:
-                token = Path(cfg["token"]).read_text()
+                token = Path(tokens[job_id]).read_text()
             except FileNotFoundError as exc:
                 raise PolicyUnavailable("policy_missing") from exc
             try:
@@ -248,8 +268,21 @@ async def _proxy_main(cfg: dict[str, Any]) -> None:
         audit=structlog.get_logger("audit"),
     )
     resolved = ResolvedNames()
+    limits = None
+    if cfg.get("limits"):
+        from egressd.proxy.config import config_from_mapping
+        from egressd.proxy.limiting import ProxyLimits
+
+        proxy_config = config_from_mapping(
+            {"name": "proxy-t", "underlay": PROXY_SIDE, "egress": EGRESS, **cfg["limits"]}
+        )
+        limits = ProxyLimits(proxy_config.limits, registry=registry)
     interceptor = await start_interceptor(
-        ctx, resolved, listen=("127.0.0.1", TCP_PORT), peek_timeout_s=cfg["peek_timeout_s"]
+        ctx,
+        resolved,
+        listen=("127.0.0.1", TCP_PORT),
+        peek_timeout_s=cfg["peek_timeout_s"],
+        limits=limits,
     )
     responder = await start_dns(
         ctx, resolved, listen=("127.0.0.1", DNS_PORT), upstream_timeout_s=1.0
@@ -362,15 +395,23 @@ class World:
 
     # policy
 
+    def token_for(self, job_id: str) -> Path:
+        return self.token_path if job_id == JOB_ID else self.tmp / f"policy-{job_id}.jws"
+
     def set_policy(
-        self, *, mode: str = "enforce", egress: list[dict[str, Any]] | None = None
+        self,
+        *,
+        mode: str = "enforce",
+        egress: list[dict[str, Any]] | None = None,
+        limits: dict[str, int] | None = None,
+        job_id: str = JOB_ID,
     ) -> None:
         from egressd.policy.jws import sign_payload
 
         now = int(time.time())
-        payload = {
+        payload: dict[str, Any] = {
             "v": 1,
-            "job_id": JOB_ID,
+            "job_id": job_id,
             "account": "acme",
             "nodes": ["node1"],
             "mode": mode,
@@ -379,9 +420,11 @@ class World:
             "exp": now + 3600,
             "egress": EGRESS_RULES if egress is None else egress,
         }
-        tmp = self.token_path.with_suffix(".tmp")
+        payload["limits"] = ROOMY_LIMITS if limits is None else limits
+        token_path = self.token_for(job_id)
+        tmp = token_path.with_suffix(".tmp")
         tmp.write_text(sign_payload(payload, self.signing_key))
-        tmp.replace(self.token_path)
+        tmp.replace(token_path)
 
     # client side
 
@@ -469,7 +512,7 @@ def _need_root() -> None:
             pytest.skip(f"needs {tool}")
 
 
-def _build_netns(w: World) -> None:
+def _build_netns(w: World, extra_egress: tuple[str, ...] = ()) -> None:
     s = w.sfx
     c0, p0, p1, i0 = f"t{s}c0", f"t{s}p0", f"t{s}p1", f"t{s}i0"
     for ns in (w.client_ns, w.proxy_ns, w.inet_ns):
@@ -484,11 +527,13 @@ def _build_netns(w: World) -> None:
 
     _in_ns(w.client_ns, "ip", "addr", "add", f"{CLIENT}/24", "dev", c0)
     _in_ns(w.client_ns, "ip", "addr", "add", f"{CLIENT_NO_FLOW}/24", "dev", c0)
+    _in_ns(w.client_ns, "ip", "addr", "add", f"{CLIENT2}/24", "dev", c0)
     _in_ns(w.client_ns, "ip", "link", "set", c0, "up")
     _in_ns(w.client_ns, "ip", "route", "add", "default", "via", PROXY_SIDE)
 
     _in_ns(w.proxy_ns, "ip", "addr", "add", f"{PROXY_SIDE}/24", "dev", p0)
-    _in_ns(w.proxy_ns, "ip", "addr", "add", f"{EGRESS}/24", "dev", p1)
+    for egress in (EGRESS, *extra_egress):
+        _in_ns(w.proxy_ns, "ip", "addr", "add", f"{egress}/24", "dev", p1)
     _in_ns(w.proxy_ns, "ip", "link", "set", p0, "up")
     _in_ns(w.proxy_ns, "ip", "link", "set", p1, "up")
     for key in ("all", "default", p0, p1):
@@ -560,18 +605,31 @@ def _stop(proc: subprocess.Popen[str], timeout: float = 10.0) -> int | None:
 
 @contextlib.contextmanager
 def make_world(
-    tmp: Path, *, peek_timeout_s: float = 0.5, use_uvloop: bool = True
+    tmp: Path,
+    *,
+    peek_timeout_s: float = 0.5,
+    use_uvloop: bool = True,
+    limits: dict[str, Any] | None = None,
+    extra_egress: tuple[str, ...] = (),
+    second_job: bool = False,
 ) -> Iterator[World]:
+    """A world; `limits`: proxy configuration keys of the limits (`ProxyConfig`),
+    `extra_egress`: more egress addresses on the proxy, `second_job`: CLIENT2
+    belongs to JOB2_ID (its policy from `set_policy(job_id=JOB2_ID)`)."""
     _need_root()
     from egressd.policy.keys import TrustedKeys, generate_signing_key, jwks
 
     sfx = secrets.token_hex(3)
     w = World(tmp, sfx, f"egd-t{sfx}c", f"egd-t{sfx}p", f"egd-t{sfx}i")
     try:
-        _build_netns(w)
+        _build_netns(w, extra_egress)
         w.signing_key = generate_signing_key()
         (tmp / "jwks.json").write_text(json.dumps(jwks(TrustedKeys.of(w.signing_key.public))))
         w.set_policy()
+        more_clients = {}
+        if second_job:
+            w.set_policy(job_id=JOB2_ID)
+            more_clients[CLIENT2] = (JOB2_ID, str(w.token_for(JOB2_ID)))
         _start(w, "inet", w.inet_ns, {"upstream_log": str(w.upstream_log), "uvloop": False})
         _start(
             w,
@@ -585,6 +643,8 @@ def make_world(
                 "token": str(w.token_path),
                 "peek_timeout_s": peek_timeout_s,
                 "uvloop": use_uvloop,
+                "limits": limits,
+                "more_clients": more_clients,
             },
         )
         yield w
