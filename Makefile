@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := runsc clang llvm libbpf-dev bpftool nftables iproute2 squid gcc-multilib \
-                procps psmisc curl openssl wrk
+                procps psmisc curl openssl wrk docker.io docker-compose debootstrap
 PYTEST_ARGS ?=
 
 .PHONY: deps apt venv test test-unit demo bench clean
