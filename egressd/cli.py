@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     from egressd.agent import cli as agent_cli
     from egressd.bench import cli as bench_cli
     from egressd.control import cli as control_cli
+    from egressd.loadtest import cli as loadtest_cli
     from egressd.policy import cli as policy_cli
     from egressd.proxy import cli as proxy_cli
     from egressd.sandbox import cli as sandbox_cli
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     topology_cli.register(sub)
     sandbox_cli.register(sub)
     bench_cli.register(sub)
+    loadtest_cli.register(sub)
     demo.register(sub)
     return parser
 

@@ -1,0 +1,179 @@
+"""From what a run observed to its verdicts (pure).
+
+The runner fills an `Observed` (parsed CSVs and summaries per phase and role,
+proxy metrics before and after, gauge maxima sampled during the stress phase,
+liveness, log problems); `assess` picks the verdicts of the scenario and
+computes them with `egressd.loadtest.verdicts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from egressd.loadtest import results as r
+from egressd.loadtest import verdicts as v
+from egressd.loadtest.scenarios import BASELINE, STRESS, Scenario, share
+
+# A proxy "carried" the hog if it relayed at least this share of the hog's bytes.
+BUSY_FRACTION = 0.05
+HOG_SKIP_S = 3
+
+M_REFUSALS = "egressd_limit_refusals_total"
+M_JOB_CONNECTIONS = "egressd_job_connections"
+M_JOB_SOURCE_PORTS = "egressd_job_source_ports"
+M_SOURCE_PORTS = "egressd_source_ports_in_use"
+M_JOB_BYTES = "egressd_job_bytes_total"
+M_ACTIVE = "egressd_connections_active"
+SAMPLED_GAUGES = (M_JOB_CONNECTIONS, M_JOB_SOURCE_PORTS, M_SOURCE_PORTS, M_ACTIVE)
+
+
+@dataclass
+class Observed:
+    proxies: Sequence[str]
+    job_ids: Mapping[str, str]  # role -> job id
+    # phase -> role -> the job's locust stats row for the requests it started in that phase
+    stats: dict[str, dict[str, r.RequestStats | None]] = field(default_factory=dict)
+    totals: dict[str, r.RequestStats | None] = field(default_factory=dict)  # role -> Aggregated row
+    failures: dict[str, list[r.Failure]] = field(default_factory=dict)  # role -> failures CSV
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> summary JSON
+    schedule_t0: float = 0.0  # Unix time at which the scenario's windows start
+    gauges: r.GaugeMax = field(default_factory=lambda: r.GaugeMax(SAMPLED_GAUGES))
+    before: dict[str, r.Scrape] = field(default_factory=dict)  # proxy -> samples at start
+    after: dict[str, r.Scrape] = field(default_factory=dict)  # proxy -> after the load
+    alive: dict[str, bool] = field(default_factory=dict)
+    active_after: dict[str, float | None] = field(default_factory=dict)
+    released_wait_s: float = 0.0
+    log_components: list[str] = field(default_factory=list)
+    log_problems: list[r.LogProblem] = field(default_factory=list)
+    audit_denials: dict[str, dict[str, int]] = field(default_factory=dict)  # role -> reason -> n
+    # daemon -> CPU seconds per second of the load (1.0 = one core)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    def stat(self, phase: str, role: str) -> r.RequestStats | None:
+        return self.stats.get(phase, {}).get(role)
+
+    def refusals(self, role: str) -> dict[str, dict[str, float]] | None:
+        """Per proxy, the job's limit refusals by reason during the run (None: no metric)."""
+        job = self.job_ids[role]
+        if not any(r.metric_present(self.after.get(p, r.Scrape()), M_REFUSALS) for p in self.proxies):
+            return None
+        out = {}
+        for proxy in self.proxies:
+            before = r.by_label(self.before.get(proxy, []), M_REFUSALS, "reason", job_id=job)
+            after = r.by_label(self.after.get(proxy, []), M_REFUSALS, "reason", job_id=job)
+            out[proxy] = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "proxies": list(self.proxies),
+            "job_ids": dict(self.job_ids),
+            "stats": {ph: {role: s.to_dict() if s else None for role, s in per.items()}
+                      for ph, per in self.stats.items()},
+            "totals": {role: s.to_dict() if s else None for role, s in self.totals.items()},
+            "failures": {role: [f.to_dict() for f in fs] for role, fs in self.failures.items()},
+            "summaries": self.summaries,
+            "schedule_t0": self.schedule_t0,
+            "gauges": self.gauges.to_dict(),
+            "limit_refusals": {role: self.refusals(role) for role in self.job_ids},
+            "alive": dict(self.alive),
+            "active_after": dict(self.active_after),
+            "log_problems": [p.to_dict() for p in self.log_problems],
+            "audit_denials": self.audit_denials,
+            "daemon_cpu_cores": self.cpu,
+        }  # fmt: skip
+
+
+def stress_spans(scenario: Scenario, t0: float) -> list[tuple[float, float]]:
+    """The stress windows as absolute [start, end) Unix times."""
+    return [(t0 + w.start, t0 + w.end) for w in scenario.windows if w.phase == STRESS]
+
+
+def held_per_window(series: Sequence[Sequence[float]], spans: Sequence[tuple[float, float]]) -> list[int]:
+    """The most connections the attacker held in each stress window (client side)."""
+    return [int(max((n for t, n in series if a <= t < b), default=0)) for a, b in spans]
+
+
+def _attack(scenario: Scenario, obs: Observed) -> list[v.Verdict]:
+    job = scenario.job("attacker")
+    job_id = obs.job_ids["attacker"]
+    n = len(obs.proxies)
+    summary = obs.summaries.get("attacker", {}).get("attacker", {})
+    outcomes = {k: int(val) for k, val in summary.items() if isinstance(val, int | float) and k != "held_max"}
+    refusals = obs.refusals("attacker") or {}
+    attack = v.AttackObservation(
+        proxies=list(obs.proxies),
+        ports_per_destination=int(job.limits["ports_per_destination"]),
+        connection_share=share(int(job.limits["max_connections"]), n),
+        held_max=int(summary.get("held_max", 0)),
+        held_per_window=held_per_window(summary.get("held_series", []),
+                                        stress_spans(scenario, obs.schedule_t0)),
+        attempts=int(summary.get("attempts", 0)),
+        outcomes=outcomes,
+        source_ports_max={p: obs.gauges.max(p, M_JOB_SOURCE_PORTS, job_id=job_id) for p in obs.proxies},
+        connections_max={p: obs.gauges.max(p, M_JOB_CONNECTIONS, job_id=job_id) for p in obs.proxies},
+        refusals=refusals,
+        audit_denials=obs.audit_denials.get("attacker", {}),
+    )  # fmt: skip
+    return v.attacker_verdicts(attack)
+
+
+def _neighbour(role: str, obs: Observed, phases: Sequence[str]) -> list[v.Verdict]:
+    refusals = obs.refusals(role)
+    total = None if refusals is None else sum(sum(per.values()) for per in refusals.values())
+    out = [v.failures_verdict(role, {ph: obs.stat(ph, role) for ph in phases}, total,
+                              obs.totals.get(role))]  # fmt: skip
+    if len(phases) > 1:
+        out.append(v.latency_verdict(role, obs.stat(BASELINE, role), obs.stat(STRESS, role)))
+    return out
+
+
+def hog_busy(obs: Observed) -> tuple[list[str], bool]:
+    """The proxies that carried the hog's downloads; False when the proxies
+    do not export per-job bytes (then every proxy is assumed busy)."""
+    job_id = obs.job_ids["hog"]
+    if not any(r.metric_present(obs.after.get(p, r.Scrape()), M_JOB_BYTES) for p in obs.proxies):
+        return list(obs.proxies), False
+    down = {
+        p: r.counter_delta(obs.before.get(p, []), obs.after.get(p, r.Scrape()), M_JOB_BYTES,
+                           job_id=job_id, direction="down")
+        for p in obs.proxies
+    }  # fmt: skip
+    total = sum(down.values())
+    return [p for p in obs.proxies if total > 0 and down[p] >= BUSY_FRACTION * total], True
+
+
+def _hog(scenario: Scenario, obs: Observed) -> v.Verdict:
+    summary = obs.summaries.get("hog", {}).get("hog", {})
+    seconds = r.summary_seconds(summary.get("bytes_per_second", {}))
+    rate, span = r.client_rate(seconds, stress_spans(scenario, obs.schedule_t0), skip_s=HOG_SKIP_S)
+    busy, measured = hog_busy(obs)
+    expected = v.expected_hog_rate(int(scenario.job("hog").limits["bandwidth_bps"]),
+                                   len(obs.proxies), len(busy))  # fmt: skip
+    verdict = v.hog_verdict(rate, span, expected, busy)
+    if not measured:
+        detail = "; ".join(x for x in (verdict.detail, f"no {M_JOB_BYTES}: assumed every proxy busy") if x)
+        verdict = v.Verdict(verdict.name, verdict.passed, verdict.measured, verdict.threshold, detail)
+    return verdict
+
+
+def assess(scenario: Scenario, obs: Observed) -> list[v.Verdict]:
+    out: list[v.Verdict] = []
+    if scenario.name == "port-exhaustion":
+        out += _attack(scenario, obs)
+        out += _neighbour("victim", obs, (BASELINE, STRESS))
+    elif scenario.name == "bandwidth":
+        out.append(_hog(scenario, obs))
+        out += _neighbour("steady", obs, (BASELINE, STRESS))
+    else:
+        out += _neighbour("steady", obs, (STRESS,))
+        job = scenario.job("steady")
+        expected = job.users * float(job.env.get("EGRESSD_LT_RPS", "0"))
+        seconds = sum(w.seconds for w in scenario.windows if w.phase == STRESS)
+        out.append(v.throughput_verdict("steady", obs.stat(STRESS, "steady"), seconds, expected))
+    out.append(v.alive_verdict(obs.alive))
+    out.append(v.released_verdict(obs.active_after, obs.released_wait_s))
+    out.append(v.logs_verdict(obs.log_problems, obs.log_components))
+    return out
