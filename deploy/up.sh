@@ -22,8 +22,13 @@ for image in "${images[@]}"; do
 done
 if [ "$missing" = 1 ]; then
     # The sandbox image first: the node image is built FROM it.
-    "${COMPOSE[@]}" -p "$PROJECT" -f "$DEPLOY_DIR/compose.yaml" --profile images build sandbox
-    compose build
+    "${COMPOSE[@]}" -p "$PROJECT" -f "$DEPLOY_DIR/compose.yaml" --profile images build --force-rm sandbox
+    compose build --force-rm
+    # Older tags of our images are superseded (the tag is a content key); an image
+    # that a running fleet still uses is kept (rmi refuses it).
+    docker images --format '{{.Repository}}:{{.Tag}}' \
+        | grep -E '^egressd(-sandbox|-node|-loadgen)?:' | grep -v ":$EGRESSD_TAG\$" \
+        | xargs -r docker rmi >/dev/null 2>&1 || true
 else
     echo "images up to date (tag $EGRESSD_TAG)" >&2
 fi

@@ -331,6 +331,42 @@ def role_node() -> int:
         server.shutdown()
 
 
+def role_udf(argv: list[str]) -> int:
+    """`python -m egressd.deploy udf [--allow HOST:PORT,...]... [--job-id ID] UDF ARGS...`, in a node.
+
+    Has the control plane sign a policy for this node (the given host rules),
+    runs the UDF (a file of sandbox/udfs) in a gVisor sandbox here, passes its
+    stdout through, and returns its exit code. For operators and the compose test.
+    """
+    import argparse
+    import tempfile
+    import uuid
+
+    from egressd.deploy import jobs
+
+    parser = argparse.ArgumentParser(prog="python -m egressd.deploy udf")
+    parser.add_argument("--allow", action="append", default=[], metavar="HOST:PORT[,PORT]")
+    parser.add_argument("--job-id", default=None)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("udf")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    node = os.environ.get("EGRESSD_NODE_NAME", "node1")
+    job_id = args.job_id or str(uuid.uuid4())
+    egress = []
+    for rule in args.allow:
+        host, _, ports = rule.partition(":")
+        egress.append({"host": host, "ports": [int(p) for p in (ports or "443").split(",")]})
+    payload = {"v": 1, "job_id": job_id, "account": "compose", "nodes": [node], "egress": egress}
+    jws = str(control("PUT", f"/v1/jobs/{job_id}/policy", payload)["jws"])
+    log("udf_job", job_id=job_id, node=node)
+    with tempfile.NamedTemporaryFile("w", suffix=".jws", dir=RUN_DIR / "config") as fh:
+        fh.write(jws + "\n")
+        fh.flush()
+        argv_ = jobs.sandbox_argv(node, RUN_DIR, Path(fh.name), args.udf, args.args, args.timeout)
+        return subprocess.run(argv_, check=False).returncode
+
+
 # --- health checks ---------------------------------------------------------------------------
 
 
@@ -390,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         from egressd.deploy import demo
 
         return demo.main(argv[1:])
+    if role == "udf":
+        return role_udf(argv[1:])
     if role == "loadgen":
         from egressd.deploy import loadgen
 

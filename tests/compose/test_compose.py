@@ -1,0 +1,151 @@
+"""`docker compose up`: the whole fleet as containers really comes up and carries traffic.
+
+In order, on one fleet (the module's `fleet` fixture: deploy/up.sh under a
+unique project name, `down -v` in a finalizer):
+
+1. every container is healthy, the demo service's ten verdicts included;
+2. a UDF with plain `requests` in a gVisor sandbox on the node reaches an
+   allowed HTTPS name;
+3. a denied name is blocked, and the proxy's audit log has the event;
+4. `--scale proxy=3`: the node discovers the new proxies through the control
+   plane and new flows spread over all three;
+5. one proxy killed: the node marks it down and every new flow succeeds on
+   the others;
+6. `down -v` leaves no container, network or volume of the project.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.compose.conftest import ComposeFleet, metric, run
+
+pytestmark = [pytest.mark.compose, pytest.mark.root, pytest.mark.timeout(900)]
+
+ALLOW_API = ("api.allowed.test:443",)
+
+
+def results(done: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def proxies_up(fleet: ComposeFleet) -> dict[str, float]:
+    text = fleet.node_metrics()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("egressd_proxy_up{"):
+            name = line.split('proxy="', 1)[1].split('"', 1)[0]
+            out[name] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def wait_for(check, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout:.0f}s")
+
+
+def test_fleet_is_healthy_and_demo_passed(fleet: ComposeFleet) -> None:
+    states = [fleet.state(c) for c in fleet.containers()]
+    services = sorted(name.split("_")[-2] for name, _, _ in states)
+    assert services == ["control", "demo", "inet", "node", "proxy"]
+    assert all(s == "running" and h == "healthy" for _, s, h in states), states
+    (demo,) = fleet.containers("demo")
+    logs = run(["docker", "logs", demo]).stdout
+    assert "10 of 10 verdicts as expected" in logs, logs[-3000:]
+
+
+def test_allowed_https_through_gvisor(fleet: ComposeFleet) -> None:
+    job = str(uuid.uuid4())
+    done = fleet.udf("fetch_allowed.py", "https://api.allowed.test/data", allow=ALLOW_API, job_id=job)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (answer,) = results(done)
+    assert answer["status"] == 200 and answer["bytes"] > 0
+    time.sleep(1.0)  # the connection event is logged when the relay closes
+    events = [e for evs in fleet.proxy_events(job).values() for e in evs if e["event"] == "connection"]
+    assert any(e["verdict"] == "allow" and e["host"] == "api.allowed.test" for e in events), events
+
+
+def test_denied_name_blocked_and_audited(fleet: ComposeFleet) -> None:
+    job = str(uuid.uuid4())
+    done = fleet.udf("fetch_allowed.py", "--timeout", "5", "https://evil.test/", allow=ALLOW_API, job_id=job)
+    assert done.returncode == 2, done.stdout + done.stderr[-2000:]  # no answer came
+    (answer,) = results(done)
+    assert "error" in answer and "status" not in answer
+    events = [e for evs in fleet.proxy_events(job).values() for e in evs]
+    assert any(
+        e["event"] == "dns" and e["verdict"] == "deny" and str(e.get("qname", "")).rstrip(".") == "evil.test"
+        for e in events
+    ), events
+    # HTTPS straight to evil.test's address (no DNS) is denied at the proxy: a
+    # reset after the ClientHello, and a connection event.
+    job2 = str(uuid.uuid4())
+    done = fleet.udf("probe.py", "--timeout", "3", "https://203.0.113.66/", allow=ALLOW_API, job_id=job2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (attempt,) = results(done)
+    assert attempt["ok"] is False
+    time.sleep(1.0)
+    events = [e for evs in fleet.proxy_events(job2).values() for e in evs if e["event"] == "connection"]
+    assert any(e["verdict"] == "deny" and str(e["dst"]).startswith("203.0.113.66") for e in events), events
+
+
+def test_scale_to_three_proxies_spreads_flows(fleet: ComposeFleet) -> None:
+    start = time.monotonic()
+    fleet.compose("up", "-d", "--no-recreate", "--scale", "proxy=3")
+    fleet.wait_healthy(timeout=120)
+    assert len(fleet.containers("proxy")) == 3
+    # The node learns them from the control plane's registry, and probes them up.
+    wait_for(lambda: sorted(proxies_up(fleet).values()) == [1.0, 1.0, 1.0], 30, "node sees 3 proxies up")
+    fleet.timings["scale_to_3_s"] = time.monotonic() - start
+    job = str(uuid.uuid4())
+    targets = ["https://api.allowed.test/data"] * 30
+    done = fleet.udf("probe.py", "--timeout", "5", *targets, allow=ALLOW_API, job_id=job)
+    assert done.returncode == 0, done.stderr[-2000:]
+    attempts = results(done)
+    assert len(attempts) == 30 and all(a["ok"] for a in attempts), attempts
+    time.sleep(1.5)
+    per_proxy = {
+        name: sum(1 for e in evs if e["event"] == "connection" and e["verdict"] == "allow")
+        for name, evs in fleet.proxy_events(job).items()
+    }
+    assert sum(per_proxy.values()) == 30, per_proxy
+    assert len(per_proxy) == 3 and all(n > 0 for n in per_proxy.values()), per_proxy
+
+
+def test_killed_proxy_fails_over(fleet: ComposeFleet) -> None:
+    proxies = fleet.containers("proxy")
+    assert len(proxies) == 3
+    victim = proxies[0]
+    victim_name = fleet.state(victim)[0]
+    # SIGKILL: no clean deregistration; the node's health probes must notice.
+    run(["docker", "kill", victim])
+    up_before = proxies_up(fleet)
+    down_s = wait_for(
+        lambda: sorted(proxies_up(fleet).values()) in ([0.0, 1.0, 1.0], [1.0, 1.0]), 15, "node marks the proxy down"
+    )
+    fleet.timings["failover_detect_s"] = down_s
+    job = str(uuid.uuid4())
+    done = fleet.udf("probe.py", "--timeout", "5", *["https://api.allowed.test/data"] * 15, allow=ALLOW_API, job_id=job)
+    assert done.returncode == 0, done.stderr[-2000:]
+    attempts = results(done)
+    assert len(attempts) == 15 and all(a["ok"] for a in attempts), (up_before, attempts)
+    time.sleep(1.5)
+    events = fleet.proxy_events(job)
+    assert not events.get(victim_name), events[victim_name]
+    assert sum(1 for evs in events.values() for e in evs if e["event"] == "connection") == 15
+
+
+def test_down_leaves_nothing(fleet: ComposeFleet) -> None:
+    fleet.compose("--profile", "images", "--profile", "load", "down", "-v", "--remove-orphans", "--timeout", "10")
+    label = f"label=com.docker.compose.project={fleet.project}"
+    assert run(["docker", "ps", "-aq", "--filter", label]).stdout.split() == []
+    assert run(["docker", "network", "ls", "-q", "--filter", label]).stdout.split() == []
+    assert run(["docker", "volume", "ls", "-q", "--filter", label]).stdout.split() == []
