@@ -50,6 +50,8 @@ import gevent.pool
 from locust import HttpUser, User, constant_throughput, events, task
 from locust import stats as locust_stats
 
+from egressd.loadtest.scenarios import END, STRESS, parse_schedule, phase_at
+
 
 def _env_float(name: str, default: float) -> float:
     text = os.environ.get(name)
@@ -70,32 +72,6 @@ HOG_BYTES = _env_int("EGRESSD_LT_HOG_BYTES", 16 * 1024 * 1024)
 HOG_CHUNK = 256 * 1024
 SUMMARY_PATH = os.environ.get("EGRESSD_LT_SUMMARY")
 RESOLVE_EVERY_S = 30.0
-WARMUP = "warmup"
-END = "end"
-STRESS = "stress"
-
-
-def parse_schedule(text: str) -> list[tuple[float, str]]:
-    """`T:phase,...,T:end` (Unix times, ascending) into [(T, phase), ...]."""
-    out = []
-    for part in text.split(","):
-        when, _, phase = part.partition(":")
-        out.append((float(when), phase))
-    if [t for t, _ in out] != sorted(t for t, _ in out):
-        raise ValueError(f"schedule not ascending: {text!r}")
-    return out
-
-
-def phase_at(schedule: list[tuple[float, str]], now: float) -> str:
-    """The phase at `now`: `warmup` before the first window, `end` after the last."""
-    current = WARMUP
-    for when, phase in schedule:
-        if now < when:
-            break
-        current = phase
-    return current
-
-
 # Without a schedule (locust run by hand) every class works all the time.
 SCHEDULE = parse_schedule(os.environ["EGRESSD_LT_SCHEDULE"]) if os.environ.get("EGRESSD_LT_SCHEDULE") else []
 

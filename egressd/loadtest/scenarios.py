@@ -41,6 +41,8 @@ WINDOW_TARGET_S = 10.0
 
 BASELINE = "baseline"
 STRESS = "stress"
+WARMUP = "warmup"  # before the first window (locust starting, users spawning)
+END = "end"  # after the last window
 
 # Limits that a well-behaved job never reaches in these scenarios.
 GENEROUS = {
@@ -137,6 +139,30 @@ def schedule_text(windows: tuple[Window, ...] | list[Window], t0: float) -> str:
     parts = [f"{t0 + w.start:.3f}:{w.phase}" for w in windows]
     parts.append(f"{t0 + windows[-1].end:.3f}:end")
     return ",".join(parts)
+
+
+def parse_schedule(text: str) -> list[tuple[float, str]]:
+    """`T:phase,...,T:end` (Unix times, ascending) into [(T, phase), ...]."""
+    out = []
+    for part in text.split(","):
+        when, sep, phase = part.partition(":")
+        if not sep or not phase:
+            raise ValueError(f"bad schedule entry {part!r}")
+        out.append((float(when), phase))
+    times = [t for t, _ in out]
+    if times != sorted(times) or out[-1][1] != END:
+        raise ValueError(f"schedule must ascend and finish with {END!r}: {text!r}")
+    return out
+
+
+def phase_at(schedule: list[tuple[float, str]], now: float) -> str:
+    """The phase at `now`: `warmup` before the first window, `end` after the last."""
+    current = WARMUP
+    for when, phase in schedule:
+        if now < when:
+            break
+        current = phase
+    return current
 
 
 def alternating(duration_s: float, target_s: float = WINDOW_TARGET_S) -> tuple[Window, ...]:

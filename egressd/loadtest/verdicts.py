@@ -1,0 +1,288 @@
+"""Verdicts of a load-test run, the table and the JSON document (pure).
+
+Thresholds (issue 4):
+
+- the attacker is held at its budget: on every proxy, the most source ports it
+  held toward the destination (sampled) is at most `ports_per_destination`,
+  its concurrent connections at most its share of `max_connections`; the
+  connections it held at once (client side) at most the fleet total of those
+  budgets and at least `REACHED_FRACTION` of it (it did press against the
+  limit), and the proxies refused it with limit reasons;
+- the well-behaved job (victim, steady) has no failed request in any phase,
+  no limit refusal, and its p99 in the stress phase is at most
+  `LATENCY_FACTOR` x its p99 in the baseline phase of the same run;
+- the hog's rate measured at the client is within `RATE_TOLERANCE` of the
+  rate its limit gives it (the share of every proxy its downloads went through);
+- every proxy is alive at the end (process running, `/readyz` 200);
+- the proxy and agent logs hold no unhandled error (`connection_task_failed`,
+  level error or above, tracebacks) written during the run;
+- the proxies release every relayed connection once the load stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from egressd.loadtest.results import LogProblem, RequestStats
+from egressd.loadtest.scenarios import share
+
+LATENCY_FACTOR = 2.0
+RATE_TOLERANCE = 0.10
+REACHED_FRACTION = 0.95
+THROUGHPUT_FRACTION = 0.9
+LIMIT_REASONS = frozenset({
+    "job_connection_limit", "job_rate_limit", "proxy_connection_limit",
+    "port_budget_exhausted", "port_pool_exhausted",
+})  # fmt: skip
+SCHEMA = "egressd.loadtest/1"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    name: str
+    passed: bool
+    measured: str
+    threshold: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "measured": self.measured,
+                "threshold": self.threshold, "detail": self.detail}  # fmt: skip
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:g} ms"
+
+
+# --- the attacker ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AttackObservation:
+    """What the runner saw of the attacker during the stress phase."""
+
+    proxies: Sequence[str]
+    ports_per_destination: int
+    connection_share: int  # per proxy
+    held_max: int  # client side: connections held at once
+    held_per_window: Sequence[int]  # client side: the most held in each stress window
+    attempts: int
+    outcomes: Mapping[str, int]  # client side: held, reset, refused, timeout, dropped, ...
+    # Per proxy: the largest sampled egressd_job_source_ports{job,destination}
+    # and egressd_job_connections{job}; None when the proxy does not export it.
+    source_ports_max: Mapping[str, float | None]
+    connections_max: Mapping[str, float | None]
+    # Per proxy: egressd_limit_refusals_total{job} by reason (during the phase).
+    refusals: Mapping[str, Mapping[str, float]]
+    # From the proxies' audit logs: deny reasons of the attacker's connections.
+    audit_denials: Mapping[str, int]
+
+    @property
+    def budget_per_proxy(self) -> int:
+        return min(self.ports_per_destination, self.connection_share)
+
+    @property
+    def budget_total(self) -> int:
+        return self.budget_per_proxy * len(self.proxies)
+
+
+def attacker_verdicts(obs: AttackObservation) -> list[Verdict]:
+    out = []
+    problems = []
+    for proxy in obs.proxies:
+        ports = obs.source_ports_max.get(proxy)
+        conns = obs.connections_max.get(proxy)
+        if ports is None:
+            problems.append(f"{proxy}: no egressd_job_source_ports")
+        elif ports > obs.ports_per_destination:
+            problems.append(f"{proxy}: {ports:g} source ports > {obs.ports_per_destination}")
+        if conns is None:
+            problems.append(f"{proxy}: no egressd_job_connections")
+        elif conns > obs.connection_share:
+            problems.append(f"{proxy}: {conns:g} connections > {obs.connection_share}")
+    if obs.held_max > obs.budget_total:
+        problems.append(f"client held {obs.held_max} > {obs.budget_total}")
+    per_proxy = ", ".join(
+        f"{p} ports {_g(obs.source_ports_max.get(p))} conns {_g(obs.connections_max.get(p))}"
+        for p in obs.proxies
+    )
+    out.append(Verdict(
+        "attacker_within_budget", not problems,
+        f"client held max {obs.held_max}; {per_proxy}",
+        f"<= {obs.ports_per_destination} ports/destination and <= {obs.connection_share} "
+        f"connections per proxy; <= {obs.budget_total} in all",
+        "; ".join(problems),
+    ))  # fmt: skip
+    floor = int(REACHED_FRACTION * obs.budget_total)
+    limit_refusals: dict[str, float] = {}
+    for per in obs.refusals.values():
+        for reason, count in per.items():
+            if count > 0:
+                limit_refusals[reason] = limit_refusals.get(reason, 0.0) + count
+    total_refusals = sum(limit_refusals.values())
+    audit_limit = {r: n for r, n in obs.audit_denials.items() if r in LIMIT_REASONS}
+    problems = []
+    if obs.held_max < floor:
+        problems.append(f"held at most {obs.held_max} < {floor}")
+    if total_refusals <= 0 and not audit_limit:
+        problems.append("no limit refusal counted by the proxies")
+    if unknown := sorted(set(limit_refusals) - LIMIT_REASONS):
+        problems.append(f"unexpected refusal reasons {unknown}")
+    refused_client = sum(obs.outcomes.get(k, 0) for k in ("reset", "refused"))
+    out.append(Verdict(
+        "attacker_held_at_budget", not problems,
+        f"held max {obs.held_max} (per stress window {'/'.join(map(str, obs.held_per_window))}); "
+        f"{obs.attempts} attempts, "
+        f"{refused_client} reset/refused; proxy refusals "
+        + (", ".join(f"{r} {n:g}" for r, n in sorted(limit_refusals.items())) or "none"),
+        f"held >= {floor} (of {obs.budget_total}); limit refusals > 0",
+        "; ".join(problems),
+    ))  # fmt: skip
+    return out
+
+
+def _g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:g}"
+
+
+# --- the well-behaved job ------------------------------------------------------------------
+
+
+def failures_verdict(role: str, phases: Mapping[str, RequestStats | None],
+                     refusals: float | None, total: RequestStats | None = None) -> Verdict:  # fmt: skip
+    """No failed request (in any phase, warm-up included) and no limit refusal for the job."""
+    problems = []
+    parts = []
+    if total is not None and total.failures:
+        problems.append(f"{total.failures} of {total.requests} requests failed in all")
+    for phase, stats in phases.items():
+        if stats is None:
+            problems.append(f"{phase}: no stats")
+            parts.append(f"{phase} n/a")
+            continue
+        parts.append(f"{phase} {stats.failures}/{stats.requests}")
+        if stats.requests == 0:
+            problems.append(f"{phase}: no request made")
+        if stats.failures:
+            problems.append(f"{phase}: {stats.failures} failed")
+    if refusals:
+        problems.append(f"{refusals:g} limit refusals")
+    measured = "failed/requests " + ", ".join(parts) + (
+        f"; limit refusals {refusals:g}" if refusals is not None else ""
+    )
+    return Verdict(f"{role}_no_failures", not problems, measured, "0 failed, 0 refused",
+                   "; ".join(problems))  # fmt: skip
+
+
+def latency_verdict(role: str, baseline: RequestStats | None, stress: RequestStats | None,
+                    factor: float = LATENCY_FACTOR) -> Verdict:  # fmt: skip
+    base = baseline.p99_ms if baseline else None
+    under = stress.p99_ms if stress else None
+    if base is None or under is None:
+        return Verdict(f"{role}_p99", False, f"baseline {_ms(base)}, stress {_ms(under)}",
+                       f"<= {factor:g} x baseline", "missing percentiles")  # fmt: skip
+    limit = factor * base
+    return Verdict(
+        f"{role}_p99", under <= limit,
+        f"baseline {_ms(base)}, stress {_ms(under)} ({under / base:.2f}x)" if base else
+        f"baseline {_ms(base)}, stress {_ms(under)}",
+        f"<= {factor:g} x baseline = {limit:g} ms",
+    )  # fmt: skip
+
+
+def throughput_verdict(role: str, stats: RequestStats | None, seconds: float, expected_rps: float) -> Verdict:
+    """Requests made in the window(s) over their length (locust's own req/s counts
+    from the process start, warm-up included)."""
+    floor = THROUGHPUT_FRACTION * expected_rps
+    rps = stats.requests / seconds if stats and seconds > 0 else 0.0
+    return Verdict(f"{role}_throughput", rps >= floor, f"{rps:.1f} req/s",
+                   f">= {floor:.1f} req/s ({THROUGHPUT_FRACTION:.0%} of {expected_rps:g})")  # fmt: skip
+
+
+# --- the hog ------------------------------------------------------------------------------
+
+
+def expected_hog_rate(bandwidth_bps: int, proxies: int, busy_proxies: int) -> float:
+    """Bytes/s the hog should get: the per-proxy share of its limit on every
+    proxy that carried its downloads."""
+    return share(bandwidth_bps, proxies) * busy_proxies / 8
+
+
+def hog_verdict(client_bytes_per_s: float, seconds: int, expected_bytes_per_s: float,
+                busy: Sequence[str], tolerance: float = RATE_TOLERANCE) -> Verdict:  # fmt: skip
+    lo, hi = (1 - tolerance) * expected_bytes_per_s, (1 + tolerance) * expected_bytes_per_s
+    ok = seconds > 0 and lo <= client_bytes_per_s <= hi
+    ratio = client_bytes_per_s / expected_bytes_per_s if expected_bytes_per_s else 0.0
+    return Verdict(
+        "hog_rate", ok,
+        f"{client_bytes_per_s / 1e6:.2f} MB/s over {seconds} s ({ratio:.2f}x); via {', '.join(busy) or 'none'}",
+        f"{expected_bytes_per_s / 1e6:.2f} MB/s +/- {tolerance:.0%}",
+        "" if seconds > 0 else "no bytes measured",
+    )  # fmt: skip
+
+
+# --- the fleet ----------------------------------------------------------------------------
+
+
+def alive_verdict(alive: Mapping[str, bool]) -> Verdict:
+    dead = sorted(p for p, ok in alive.items() if not ok)
+    return Verdict("proxies_alive", bool(alive) and not dead,
+                   ", ".join(f"{p} {'up' if ok else 'DOWN'}" for p, ok in sorted(alive.items())),
+                   "every proxy running and ready", f"down: {', '.join(dead)}" if dead else "")  # fmt: skip
+
+
+def logs_verdict(problems: Sequence[LogProblem], components: Sequence[str]) -> Verdict:
+    counts: dict[str, int] = {}
+    for p in problems:
+        counts[f"{p.component}:{p.what}"] = counts.get(f"{p.component}:{p.what}", 0) + 1
+    return Verdict(
+        "logs_clean", not problems,
+        ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or f"{len(components)} logs clean",
+        "no connection_task_failed, error or traceback",
+        problems[0].text if problems else "",
+    )  # fmt: skip
+
+
+def released_verdict(active_after: Mapping[str, float | None], waited_s: float) -> Verdict:
+    left = {p: v for p, v in active_after.items() if v is None or v > 0}
+    return Verdict(
+        "connections_released", not left,
+        ", ".join(f"{p} {_g(v)}" for p, v in sorted(active_after.items())) + f" after {waited_s:.1f} s",
+        "egressd_connections_active 0 on every proxy once the load stops",
+    )  # fmt: skip
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def passed(verdicts: Sequence[Verdict]) -> bool:
+    return bool(verdicts) and all(v.passed for v in verdicts)
+
+
+def render_table(scenario: str, verdicts: Sequence[Verdict]) -> str:
+    rows = [("verdict", "result", "measured", "threshold")]
+    rows += [(v.name, "PASS" if v.passed else "FAIL", v.measured, v.threshold) for v in verdicts]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"egressd loadtest {scenario}"]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
+    for v in verdicts:
+        if not v.passed and v.detail:
+            lines.append(f"  {v.name}: {v.detail}")
+    good = sum(v.passed for v in verdicts)
+    lines.append(f"{good} of {len(verdicts)} verdicts pass")
+    return "\n".join(lines)
+
+
+def to_json(scenario: Mapping[str, Any], verdicts: Sequence[Verdict], observed: Mapping[str, Any],
+            meta: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    return {
+        "schema": SCHEMA,
+        "scenario": dict(scenario),
+        "passed": passed(verdicts),
+        "verdicts": [v.to_dict() for v in verdicts],
+        "observed": dict(observed),
+        "meta": dict(meta),
+    }
