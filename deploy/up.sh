@@ -13,6 +13,12 @@ TIMEOUT=${EGRESSD_UP_TIMEOUT:-300}
 ensure_dockerd
 eval "$("$DEPLOY_DIR/prepare.sh" | sed 's/^/export /')"
 echo "images: egressd*:$EGRESSD_TAG on $EGRESSD_BASE_IMAGE" >&2
+if [ "${EGRESSD_WRITE_ENV:-1}" = 1 ]; then
+    # deploy/.env: plain `docker-compose -f deploy/compose.yaml ...` (logs, exec, up
+    # --scale) then names the same project and images as this script.
+    printf 'COMPOSE_PROJECT_NAME=%s\nEGRESSD_BASE_IMAGE=%s\nEGRESSD_TAG=%s\n' \
+        "$PROJECT" "$EGRESSD_BASE_IMAGE" "$EGRESSD_TAG" > "$DEPLOY_DIR/.env"
+fi
 
 images=(egressd-sandbox egressd egressd-node)
 [[ " ${EGRESSD_PROFILES:-} " == *" load "* ]] && images+=(egressd-loadgen)

@@ -151,7 +151,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeFleet]:
     if busy:
         pytest.fail(f"another compose fleet holds the fleet's subnets: {busy}; run deploy/down.sh first")
     project = f"egressd-test-{os.getpid()}-{secrets.token_hex(3)}"
-    env = {**os.environ, "EGRESSD_PROJECT": project, "EGRESSD_UP_TIMEOUT": "300"}
+    env = {**os.environ, "EGRESSD_PROJECT": project, "EGRESSD_UP_TIMEOUT": "300", "EGRESSD_WRITE_ENV": "0"}
     log = tmp_path_factory.mktemp("compose") / "up.log"
     fleet = ComposeFleet(project, env, log)
     try:
