@@ -151,7 +151,9 @@ class ProxyDiscovery:
         added = sorted({p.name for p in proxies} - {p.name for p in self.proxies})
         removed = sorted({p.name for p in self.proxies} - {p.name for p in proxies})
         self.proxies = proxies
-        log.info("proxies_discovered", proxies=[p.name for p in proxies], added=added, removed=removed)
+        log.info(
+            "proxies_discovered", proxies=[p.name for p in proxies], added=added, removed=removed
+        )
         self._on_update(proxies)
         return True
 

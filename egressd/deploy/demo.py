@@ -65,7 +65,11 @@ def audit_events(job_id: str, log_dir: Path = entry.LOG_DIR) -> list[dict[str, o
                 event = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(event, dict) and event.get("job_id") == job_id and event.get("event") in ("dns", "connection"):
+            if (
+                isinstance(event, dict)
+                and event.get("job_id") == job_id
+                and event.get("event") in ("dns", "connection")
+            ):
                 events.append(event)
     return events
 
@@ -93,7 +97,9 @@ def run(node_url: str) -> int:
         jws = sign(_payload(job, job_id))
         before = tier1_counts()
         targets = [e.target for e in job.expectations]
-        done = jobs.run_udf(node_url, token, jws, "probe.py", ["--timeout", "3", *targets], timeout=120)
+        done = jobs.run_udf(
+            node_url, token, jws, "probe.py", ["--timeout", "3", *targets], timeout=120
+        )
         if done["exit_code"] != 0:
             print(f"job {job.label}: sandbox exited {done['exit_code']}: {done['stderr'][-800:]}")
             return 1

@@ -85,11 +85,15 @@ def layout(nodes: tuple[NodeSpec, ...] = (), proxies: tuple[ProxySpec, ...] = ()
 
 
 def addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:
-    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True
+    )
     result = []
     for link in json.loads(out.stdout):
         for info in link.get("addr_info", []):
-            result.append((link["ifname"], ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}")))
+            result.append(
+                (link["ifname"], ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}"))
+            )
     return result
 
 
@@ -121,7 +125,9 @@ def wait_file(path: Path) -> Path:
     return path
 
 
-def control(method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 5.0) -> Any:
+def control(
+    method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 5.0
+) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(CONTROL_URL + path, data=data, method=method)
     req.add_header("Authorization", f"Bearer {admin_token()}")
@@ -271,7 +277,9 @@ def role_proxy() -> int:
         control("DELETE", f"/v1/proxies/{spec.name}", timeout=2.0)
         log("deregistered", kind="proxies", name=spec.name)
 
-    return supervise(spec.name, egressd("proxy", "serve", "--config", str(config)), on_exit=[deregister])
+    return supervise(
+        spec.name, egressd("proxy", "serve", "--config", str(config)), on_exit=[deregister]
+    )
 
 
 def node_spec() -> NodeSpec:
@@ -302,7 +310,9 @@ def writable_proc_sys() -> None:
     namespaces (IPv6 off, rp_filter). With CAP_SYS_ADMIN the node remounts it
     read-write in its own mount namespace (what `--security-opt systempaths=unconfined`
     does in the docker CLI, which compose v1 cannot pass)."""
-    done = subprocess.run(["mount", "-o", "remount,rw", "/proc/sys"], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["mount", "-o", "remount,rw", "/proc/sys"], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         log("proc_sys_readonly", detail=done.stderr.strip())
 
@@ -316,7 +326,9 @@ def start_node() -> tuple[Fleet, NodeSpec, Path]:
     body = agent_config(fleet, spec)
     config.write_text(json.dumps(body, indent=2) + "\n")
     seed_tier1_cache(Path(str(body["state_dir"])))
-    register("nodes", spec.name, {"underlay": str(spec.underlay), "sandbox_cidr": str(spec.sandbox_cidr)})
+    register(
+        "nodes", spec.name, {"underlay": str(spec.underlay), "sandbox_cidr": str(spec.sandbox_cidr)}
+    )
     return fleet, spec, config
 
 
@@ -324,7 +336,9 @@ def role_node() -> int:
     fleet, spec, config = start_node()
     from egressd.deploy import jobs
 
-    server = jobs.start_in_thread(spec, fleet.run_dir, (str(spec.underlay), JOBS_PORT), admin_token())
+    server = jobs.start_in_thread(
+        spec, fleet.run_dir, (str(spec.underlay), JOBS_PORT), admin_token()
+    )
     try:
         return supervise(spec.name, egressd("agent", "serve", "--config", str(config)))
     finally:
@@ -398,7 +412,11 @@ def health(role: str) -> int:
         if status != 200:
             return 1
         _, metrics = http_get(f"http://{underlay}:{ADMIN_PORT}/metrics")
-        up = [ln for ln in metrics.decode().splitlines() if ln.startswith("egressd_proxy_up{") and ln.endswith(" 1.0")]
+        up = [
+            ln
+            for ln in metrics.decode().splitlines()
+            if ln.startswith("egressd_proxy_up{") and ln.endswith(" 1.0")
+        ]
         if not up:
             return 1
         if role == "node":
@@ -434,5 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         return loadgen.main(argv[1:])
     roles = {"control": role_control, "inet": role_inet, "proxy": role_proxy, "node": role_node}
     if role not in roles:
-        raise SystemExit(f"unknown role {role!r} (one of {', '.join(sorted(roles))}, demo, loadgen, health)")
+        raise SystemExit(
+            f"unknown role {role!r} (one of {', '.join(sorted(roles))}, demo, loadgen, health)"
+        )
     return roles[role]()

@@ -40,7 +40,9 @@ MAX_TIMEOUT_S = 300.0
 _UDF = re.compile(r"[a-z0-9_]+\.py")
 
 
-def sandbox_argv(node: str, run_dir: Path, policy: Path, udf: str, args: list[str], timeout: float) -> list[str]:
+def sandbox_argv(
+    node: str, run_dir: Path, policy: Path, udf: str, args: list[str], timeout: float
+) -> list[str]:
     return [
         sys.executable, "-m", "egressd", "sandbox", "run",
         "--run-dir", str(run_dir), "--node", node, "--policy", str(policy),
@@ -74,13 +76,13 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         if self.path == "/healthz":
             self._reply(200, {"status": "ok"})
         else:
             self._reply(404, {"error": "not_found"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if self.path != "/v1/run":
             self._reply(404, {"error": "not_found"})
             return
@@ -116,26 +118,46 @@ class Handler(BaseHTTPRequestHandler):
             self.server.slots.release()
 
     def _run(self, policy: str, udf: str, args: list[str], timeout: float) -> dict[str, Any]:
-        with tempfile.NamedTemporaryFile("w", suffix=".jws", dir=self.server.run_dir / "config") as fh:
+        with tempfile.NamedTemporaryFile(
+            "w", suffix=".jws", dir=self.server.run_dir / "config"
+        ) as fh:
             fh.write(policy.strip() + "\n")
             fh.flush()
-            argv = sandbox_argv(self.server.node.name, self.server.run_dir, Path(fh.name), udf, args, timeout)
+            argv = sandbox_argv(
+                self.server.node.name, self.server.run_dir, Path(fh.name), udf, args, timeout
+            )
             start = time.monotonic()
             try:
-                done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, check=False)
+                done = subprocess.run(
+                    argv, capture_output=True, text=True, timeout=timeout + 30, check=False
+                )
             except subprocess.TimeoutExpired as exc:
-                return {"exit_code": -1, "stdout": str(exc.stdout or ""), "stderr": "timeout", "ms": 0}
+                return {
+                    "exit_code": -1,
+                    "stdout": str(exc.stdout or ""),
+                    "stderr": "timeout",
+                    "ms": 0,
+                }
         ms = round((time.monotonic() - start) * 1000)
-        return {"exit_code": done.returncode, "stdout": done.stdout, "stderr": done.stderr[-20000:], "ms": ms}
+        return {
+            "exit_code": done.returncode,
+            "stdout": done.stdout,
+            "stderr": done.stderr[-20000:],
+            "ms": ms,
+        }
 
 
-def start_in_thread(node: NodeSpec, run_dir: Path, address: tuple[str, int], token: str) -> JobServer:
+def start_in_thread(
+    node: NodeSpec, run_dir: Path, address: tuple[str, int], token: str
+) -> JobServer:
     server = JobServer(address, node, run_dir, token)
     threading.Thread(target=server.serve_forever, name="jobs-api", daemon=True).start()
     return server
 
 
-def run_udf(url: str, token: str, policy: str, udf: str, args: list[str], timeout: float = 60.0) -> dict[str, Any]:
+def run_udf(
+    url: str, token: str, policy: str, udf: str, args: list[str], timeout: float = 60.0
+) -> dict[str, Any]:
     """Client side: POST /v1/run and return the answer."""
     import urllib.request
 

@@ -26,11 +26,20 @@ DEPLOY = ROOT / "deploy"
 SUBNETS = ("198.18.0.0/24", "203.0.113.0/24")
 
 
-def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 120, check: bool = True,
-        ) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+def run(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
     if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return done
 
 
@@ -39,7 +48,10 @@ def docker_available() -> str | None:
     if shutil.which("docker") is None or (shutil.which("docker-compose") is None):
         return "docker / docker-compose not installed (apt-get install docker.io docker-compose debootstrap)"
     done = subprocess.run(
-        ["bash", "-c", f"source {DEPLOY / 'lib.sh'} && ensure_dockerd"], capture_output=True, text=True, check=False
+        ["bash", "-c", f"source {DEPLOY / 'lib.sh'} && ensure_dockerd"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     return None if done.returncode == 0 else f"dockerd not usable: {done.stderr.strip()[-500:]}"
 
@@ -64,7 +76,9 @@ class ComposeFleet:
     log: Path
     timings: dict[str, float] = field(default_factory=dict)
 
-    def compose(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self, *args: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         argv = ["docker-compose", "-p", self.project, "-f", str(DEPLOY / "compose.yaml"), *args]
         return run(argv, env=self.env, timeout=timeout, check=check)
 
@@ -95,10 +109,14 @@ class ComposeFleet:
         (cid,) = self.containers("node")
         return cid
 
-    def exec(self, cid: str, *argv: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self, cid: str, *argv: str, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return run(["docker", "exec", cid, *argv], timeout=timeout, check=check)
 
-    def udf(self, udf: str, *args: str, allow: tuple[str, ...], job_id: str) -> subprocess.CompletedProcess[str]:
+    def udf(
+        self, udf: str, *args: str, allow: tuple[str, ...], job_id: str
+    ) -> subprocess.CompletedProcess[str]:
         """Sign a policy at the control plane and run UDF in a gVisor sandbox on the node."""
         allows = [f"--allow={a}" for a in allow]
         return self.exec(
@@ -149,16 +167,29 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeFleet]:
         pytest.fail(why)
     busy = networks_holding_our_subnets()
     if busy:
-        pytest.fail(f"another compose fleet holds the fleet's subnets: {busy}; run deploy/down.sh first")
+        pytest.fail(
+            f"another compose fleet holds the fleet's subnets: {busy}; run deploy/down.sh first"
+        )
     project = f"egressd-test-{os.getpid()}-{secrets.token_hex(3)}"
-    env = {**os.environ, "EGRESSD_PROJECT": project, "EGRESSD_UP_TIMEOUT": "300", "EGRESSD_WRITE_ENV": "0"}
+    env = {
+        **os.environ,
+        "EGRESSD_PROJECT": project,
+        "EGRESSD_UP_TIMEOUT": "300",
+        "EGRESSD_WRITE_ENV": "0",
+    }
     log = tmp_path_factory.mktemp("compose") / "up.log"
     fleet = ComposeFleet(project, env, log)
     try:
         start = time.monotonic()
         with log.open("w") as out:
-            done = subprocess.run([str(DEPLOY / "up.sh")], stdout=out, stderr=subprocess.STDOUT,
-                                  env=env, timeout=720, check=False)
+            done = subprocess.run(
+                [str(DEPLOY / "up.sh")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                timeout=720,
+                check=False,
+            )
         fleet.timings["build_and_up_s"] = time.monotonic() - start
         if done.returncode != 0:
             tail = log.read_text()[-4000:]

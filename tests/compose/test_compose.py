@@ -23,7 +23,7 @@ import uuid
 
 import pytest
 
-from tests.compose.conftest import ComposeFleet, metric, run
+from tests.compose.conftest import ComposeFleet, run
 
 pytestmark = [pytest.mark.compose, pytest.mark.root, pytest.mark.timeout(900)]
 
@@ -65,36 +65,50 @@ def test_fleet_is_healthy_and_demo_passed(fleet: ComposeFleet) -> None:
 
 def test_allowed_https_through_gvisor(fleet: ComposeFleet) -> None:
     job = str(uuid.uuid4())
-    done = fleet.udf("fetch_allowed.py", "https://api.allowed.test/data", allow=ALLOW_API, job_id=job)
+    done = fleet.udf(
+        "fetch_allowed.py", "https://api.allowed.test/data", allow=ALLOW_API, job_id=job
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (answer,) = results(done)
     assert answer["status"] == 200 and answer["bytes"] > 0
     time.sleep(1.0)  # the connection event is logged when the relay closes
-    events = [e for evs in fleet.proxy_events(job).values() for e in evs if e["event"] == "connection"]
+    events = [
+        e for evs in fleet.proxy_events(job).values() for e in evs if e["event"] == "connection"
+    ]
     assert any(e["verdict"] == "allow" and e["host"] == "api.allowed.test" for e in events), events
 
 
 def test_denied_name_blocked_and_audited(fleet: ComposeFleet) -> None:
     job = str(uuid.uuid4())
-    done = fleet.udf("fetch_allowed.py", "--timeout", "5", "https://evil.test/", allow=ALLOW_API, job_id=job)
+    done = fleet.udf(
+        "fetch_allowed.py", "--timeout", "5", "https://evil.test/", allow=ALLOW_API, job_id=job
+    )
     assert done.returncode == 2, done.stdout + done.stderr[-2000:]  # no answer came
     (answer,) = results(done)
     assert "error" in answer and "status" not in answer
     events = [e for evs in fleet.proxy_events(job).values() for e in evs]
     assert any(
-        e["event"] == "dns" and e["verdict"] == "deny" and str(e.get("qname", "")).rstrip(".") == "evil.test"
+        e["event"] == "dns"
+        and e["verdict"] == "deny"
+        and str(e.get("qname", "")).rstrip(".") == "evil.test"
         for e in events
     ), events
     # HTTPS straight to evil.test's address (no DNS) is denied at the proxy: a
     # reset after the ClientHello, and a connection event.
     job2 = str(uuid.uuid4())
-    done = fleet.udf("probe.py", "--timeout", "3", "https://203.0.113.66/", allow=ALLOW_API, job_id=job2)
+    done = fleet.udf(
+        "probe.py", "--timeout", "3", "https://203.0.113.66/", allow=ALLOW_API, job_id=job2
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (attempt,) = results(done)
     assert attempt["ok"] is False
     time.sleep(1.0)
-    events = [e for evs in fleet.proxy_events(job2).values() for e in evs if e["event"] == "connection"]
-    assert any(e["verdict"] == "deny" and str(e["dst"]).startswith("203.0.113.66") for e in events), events
+    events = [
+        e for evs in fleet.proxy_events(job2).values() for e in evs if e["event"] == "connection"
+    ]
+    assert any(
+        e["verdict"] == "deny" and str(e["dst"]).startswith("203.0.113.66") for e in events
+    ), events
 
 
 def test_scale_to_three_proxies_spreads_flows(fleet: ComposeFleet) -> None:
@@ -103,7 +117,9 @@ def test_scale_to_three_proxies_spreads_flows(fleet: ComposeFleet) -> None:
     fleet.wait_healthy(timeout=120)
     assert len(fleet.containers("proxy")) == 3
     # The node learns them from the control plane's registry, and probes them up.
-    wait_for(lambda: sorted(proxies_up(fleet).values()) == [1.0, 1.0, 1.0], 30, "node sees 3 proxies up")
+    wait_for(
+        lambda: sorted(proxies_up(fleet).values()) == [1.0, 1.0, 1.0], 30, "node sees 3 proxies up"
+    )
     fleet.timings["scale_to_3_s"] = time.monotonic() - start
     job = str(uuid.uuid4())
     targets = ["https://api.allowed.test/data"] * 30
@@ -129,11 +145,20 @@ def test_killed_proxy_fails_over(fleet: ComposeFleet) -> None:
     run(["docker", "kill", victim])
     up_before = proxies_up(fleet)
     down_s = wait_for(
-        lambda: sorted(proxies_up(fleet).values()) in ([0.0, 1.0, 1.0], [1.0, 1.0]), 15, "node marks the proxy down"
+        lambda: sorted(proxies_up(fleet).values()) in ([0.0, 1.0, 1.0], [1.0, 1.0]),
+        15,
+        "node marks the proxy down",
     )
     fleet.timings["failover_detect_s"] = down_s
     job = str(uuid.uuid4())
-    done = fleet.udf("probe.py", "--timeout", "5", *["https://api.allowed.test/data"] * 15, allow=ALLOW_API, job_id=job)
+    done = fleet.udf(
+        "probe.py",
+        "--timeout",
+        "5",
+        *["https://api.allowed.test/data"] * 15,
+        allow=ALLOW_API,
+        job_id=job,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     attempts = results(done)
     assert len(attempts) == 15 and all(a["ok"] for a in attempts), (up_before, attempts)
@@ -144,7 +169,17 @@ def test_killed_proxy_fails_over(fleet: ComposeFleet) -> None:
 
 
 def test_down_leaves_nothing(fleet: ComposeFleet) -> None:
-    fleet.compose("--profile", "images", "--profile", "load", "down", "-v", "--remove-orphans", "--timeout", "10")
+    fleet.compose(
+        "--profile",
+        "images",
+        "--profile",
+        "load",
+        "down",
+        "-v",
+        "--remove-orphans",
+        "--timeout",
+        "10",
+    )
     label = f"label=com.docker.compose.project={fleet.project}"
     assert run(["docker", "ps", "-aq", "--filter", label]).stdout.split() == []
     assert run(["docker", "network", "ls", "-q", "--filter", label]).stdout.split() == []

@@ -34,8 +34,11 @@ def test_agent_config_discovers_proxies_from_the_control_plane() -> None:
 
 
 def test_proxy_config_is_valid() -> None:
-    spec = ProxySpec(entry.proxy_name(IPv4Address("198.18.0.130")), IPv4Address("198.18.0.130"),
-                     IPv4Address("203.0.113.130"))
+    spec = ProxySpec(
+        entry.proxy_name(IPv4Address("198.18.0.130")),
+        IPv4Address("198.18.0.130"),
+        IPv4Address("203.0.113.130"),
+    )
     config = config_from_mapping(Fleet(entry.layout(proxies=(spec,))).proxy_config(spec))
     assert config.name == "proxy-130"
 
@@ -66,12 +69,18 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
 
 def test_job_api_runs_a_shipped_udf_in_a_sandbox(server: tuple[str, Recorder]) -> None:
     url, recorder = server
-    answer = jobs.run_udf(url, "s3cret", "eyJ.a.b", "probe.py", ["https://api.allowed.test/"], timeout=10)
+    answer = jobs.run_udf(
+        url, "s3cret", "eyJ.a.b", "probe.py", ["https://api.allowed.test/"], timeout=10
+    )
     assert answer["exit_code"] == 0 and answer["stdout"] == '{"ok": true}\n'
     argv = recorder.argv
     assert argv[argv.index("--node") + 1] == "node1"
     assert argv[argv.index("--mount") + 1] == f"{UDFS}:/udfs"
-    assert argv[argv.index("--") + 1:] == ["python3", "/udfs/probe.py", "https://api.allowed.test/"]
+    assert argv[argv.index("--") + 1 :] == [
+        "python3",
+        "/udfs/probe.py",
+        "https://api.allowed.test/",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -85,7 +94,9 @@ def test_job_api_runs_a_shipped_udf_in_a_sandbox(server: tuple[str, Recorder]) -
         ("s3cret", {"udf": "probe.py"}, 400),
     ],
 )
-def test_job_api_refuses(server: tuple[str, Recorder], token: str, body: dict[str, Any], status: int) -> None:
+def test_job_api_refuses(
+    server: tuple[str, Recorder], token: str, body: dict[str, Any], status: int
+) -> None:
     url, recorder = server
     req = urllib.request.Request(url + "/v1/run", data=json.dumps(body).encode(), method="POST")
     req.add_header("Authorization", f"Bearer {token}")

@@ -168,7 +168,8 @@ def test_datapath_forgets_a_removed_proxy(datapath: Datapath) -> None:
     dp.proxy_health(gone, True)
     assert dp.healthy == (kept,)
     # Return packets from its address are no longer accepted.
-    assert str(dict(P1=P1, P2=P2)["P1" if gone == "proxy1" else "P2"].underlay) not in dp._proxy_by_ip
+    gone_addr = str((P1 if gone == "proxy1" else P2).underlay)
+    assert gone_addr not in dp._proxy_by_ip
     # Counters of every proxy ever known stay (their metrics must not go backwards).
     assert set(dp.proxy_names) == {"proxy1", "proxy2"}
 
@@ -260,7 +261,9 @@ async def test_discovery_polls_and_keeps_last_good_list(control: tuple[FakeContr
     assert config.discovery is not None
     updates: list[tuple[str, ...]] = []
     registry = CollectorRegistry()
-    fake.body = {"proxies": [{"name": "proxy2", "underlay": "198.18.0.22", "egress": "203.0.113.22"}]}
+    fake.body = {
+        "proxies": [{"name": "proxy2", "underlay": "198.18.0.22", "egress": "203.0.113.22"}]
+    }
     disc = ProxyDiscovery(
         config.discovery, config.proxies, lambda ps: updates.append(tuple(p.name for p in ps)),
         own_underlay=config.underlay, registry=registry,
@@ -279,8 +282,14 @@ async def test_discovery_polls_and_keeps_last_good_list(control: tuple[FakeContr
         await asyncio.sleep(0.6)
         assert len(updates) == n  # failures keep the last list
         assert disc.proxies == (P1, P2, P3)
-        assert registry.get_sample_value("egressd_proxy_discovery_total", {"result": "http_error"}) >= 1
-        assert registry.get_sample_value("egressd_proxy_discovery_total", {"result": "bad_response"}) >= 1
+        assert (
+            registry.get_sample_value("egressd_proxy_discovery_total", {"result": "http_error"})
+            >= 1
+        )
+        assert (
+            registry.get_sample_value("egressd_proxy_discovery_total", {"result": "bad_response"})
+            >= 1
+        )
         fake.body = {"proxies": []}  # everything deregistered: the static proxy stays
         await asyncio.sleep(0.6)
         assert updates[-1] == ("proxy1",)
@@ -292,13 +301,18 @@ async def test_discovery_unreachable_control_plane_is_not_fatal() -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    config = parse_config({**BASE, "discovery": {"control_url": f"http://127.0.0.1:{port}", "timeout_s": 0.2}})
+    config = parse_config(
+        {**BASE, "discovery": {"control_url": f"http://127.0.0.1:{port}", "timeout_s": 0.2}}
+    )
     assert config.discovery is not None
     registry = CollectorRegistry()
     disc = ProxyDiscovery(config.discovery, (), lambda ps: None, registry=registry)
     await disc.start()
     try:
         assert disc.proxies == ()
-        assert registry.get_sample_value("egressd_proxy_discovery_total", {"result": "unreachable"}) == 1
+        assert (
+            registry.get_sample_value("egressd_proxy_discovery_total", {"result": "unreachable"})
+            == 1
+        )
     finally:
         await disc.stop()
