@@ -24,6 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SUBNETS = ("198.18.0.0/24", "203.0.113.0/24")
+# The compose command, as deploy/lib.sh picks it: EGRESSD_COMPOSE, else docker-compose.
+COMPOSE = (os.environ.get("EGRESSD_COMPOSE") or "docker-compose").split()
 
 
 def run(
@@ -45,7 +47,7 @@ def run(
 
 def docker_available() -> str | None:
     """None if docker and compose can be used (starting dockerd if needed), else why not."""
-    if shutil.which("docker") is None or (shutil.which("docker-compose") is None):
+    if shutil.which("docker") is None or shutil.which(COMPOSE[0]) is None:
         return "docker / docker-compose not installed (apt-get install docker.io docker-compose debootstrap)"
     done = subprocess.run(
         ["bash", "-c", f"source {DEPLOY / 'lib.sh'} && ensure_dockerd"],
@@ -79,7 +81,7 @@ class ComposeFleet:
     def compose(
         self, *args: str, timeout: float = 300, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        argv = ["docker-compose", "-p", self.project, "-f", str(DEPLOY / "compose.yaml"), *args]
+        argv = [*COMPOSE, "-p", self.project, "-f", str(DEPLOY / "compose.yaml"), *args]
         return run(argv, env=self.env, timeout=timeout, check=check)
 
     def containers(self, service: str | None = None, *, all_states: bool = False) -> list[str]:
@@ -88,6 +90,10 @@ class ComposeFleet:
             filters += ["--filter", f"label=com.docker.compose.service={service}"]
         flags = ["-a"] if all_states else []
         return run(["docker", "ps", "-q", *flags, *filters]).stdout.split()
+
+    def service(self, cid: str) -> str:
+        fmt = '{{index .Config.Labels "com.docker.compose.service"}}'
+        return run(["docker", "inspect", "-f", fmt, cid]).stdout.strip()
 
     def state(self, cid: str) -> tuple[str, str, str]:
         fmt = "{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}"
@@ -198,7 +204,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeFleet]:
         yield fleet
     finally:
         subprocess.run(
-            ["docker-compose", "-p", project, "-f", str(DEPLOY / "compose.yaml"),
+            [*COMPOSE, "-p", project, "-f", str(DEPLOY / "compose.yaml"),
              "--profile", "images", "--profile", "load", "down", "-v", "--remove-orphans", "--timeout", "10"],
             env={**env, "EGRESSD_TAG": env.get("EGRESSD_TAG", "latest")},
             capture_output=True, timeout=180, check=False,

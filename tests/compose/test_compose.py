@@ -55,7 +55,7 @@ def wait_for(check, timeout: float, what: str) -> float:  # type: ignore[no-unty
 
 def test_fleet_is_healthy_and_demo_passed(fleet: ComposeFleet) -> None:
     states = [fleet.state(c) for c in fleet.containers()]
-    services = sorted(name.split("_")[-2] for name, _, _ in states)
+    services = sorted(fleet.service(c) for c in fleet.containers())
     assert services == ["control", "demo", "inet", "node", "proxy"]
     assert all(s == "running" and h == "healthy" for _, s, h in states), states
     (demo,) = fleet.containers("demo")
