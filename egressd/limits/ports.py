@@ -15,9 +15,13 @@ NAT does per VM:
   minimum of ``reserved_newcomers`` jobs that hold none yet -> otherwise
   `PORT_POOL_EXHAUSTED`, as when no port is free at all;
 * a released port is not handed out toward the same destination for
-  ``reuse_delay_s`` (the kernel's TIME_WAIT, 60 s on Linux), so a new
-  connection never collides with the old one's 4-tuple. It may be used
-  toward other destinations at once.
+  ``reuse_delay_s`` (the kernel's TIME_WAIT, 60 s on Linux) when the proxy's
+  socket may be in TIME_WAIT (the proxy closed first), so a new connection
+  never collides with the old one's 4-tuple. It may be used toward other
+  destinations at once. A port whose connection left no TIME_WAIT on the
+  proxy goes back to the end of the free list at once: with servers that
+  close first (HTTP ``Connection: close``) the pool is not drained by
+  TIME_WAIT that lives on the server;
 
 The same (address, port) is shared by connections to different destinations
 (the proxy sets SO_REUSEADDR on upstream sockets), so more egress addresses
@@ -169,11 +173,21 @@ class SourcePortAllocator:
         pool.by_address[pair[0]] = pool.by_address.get(pair[0], 0) + 1
         return Lease(job, destination, pair[0], pair[1])
 
-    def release(self, lease: Lease, now: float) -> None:
-        """The lease's connection is closed: the port cools down toward its destination."""
+    def release(self, lease: Lease, now: float, *, time_wait: bool = True) -> None:
+        """The lease's connection is closed: the port cools down toward its destination.
+
+        `time_wait=False` says the proxy's socket did not enter TIME_WAIT (the
+        connection never opened, was reset, or the destination closed first,
+        so that TIME_WAIT is on its side): the pair goes back at once, to the
+        end of the free list, so it is the last to be handed out again.
+        """
         pool = self._take_back(lease)
         self._set_held(pool, lease.job, pool.held[lease.job] - 1)
-        pool.cooling.append((now + self.config.reuse_delay_s, (lease.address, lease.port)))
+        pair = (lease.address, lease.port)
+        if time_wait:
+            pool.cooling.append((now + self.config.reuse_delay_s, pair))
+        else:
+            pool.free.append(pair)
 
     def quarantine(self, lease: Lease, now: float) -> None:
         """The lease's bind failed: hold the port back, and do not count it for the job."""

@@ -419,7 +419,9 @@ class Interceptor:
     def _give_back(self, conn: _Conn) -> None:
         """Return the connection's slot and source port (its sockets are closed by now)."""
         if conn.lease is not None:
-            self.limits.release_port(conn.lease, time.monotonic())
+            self.limits.release_port(
+                conn.lease, time.monotonic(), time_wait=conn.relay.time_wait
+            )
             conn.lease = None
         if conn.admitted and conn.flow is not None:
             self.limits.release(conn.flow.job_id)

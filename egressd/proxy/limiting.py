@@ -199,8 +199,8 @@ class ProxyLimits:
             self._ports_changed(lease)
         return lease
 
-    def release_port(self, lease: Lease, now: float) -> None:
-        self.ports.release(lease, now)
+    def release_port(self, lease: Lease, now: float, *, time_wait: bool = True) -> None:
+        self.ports.release(lease, now, time_wait=time_wait)
         self._ports_changed(lease)
 
     def quarantine_port(self, lease: Lease, now: float) -> None:

@@ -96,6 +96,9 @@ class RelayStats:
     end: str | None = None
     #: Chunks that waited for their departure time (pacing).
     paced_chunks: int = 0
+    #: The upstream socket was left in TIME_WAIT: the proxy sent its FIN
+    #: before the server's, and the relay was not reset afterwards.
+    time_wait: bool = False
 
 
 class _Side(asyncio.BufferedProtocol):
@@ -330,6 +333,8 @@ class _Pipe:
         transport = None if peer is None else peer.transport
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
             transport.write_eof()  # after the buffered data is written
+            if side is self.client and peer is not None and not peer.eof:
+                self.stats.time_wait = True  # the proxy closes first toward the server
         client, upstream = self.client, self.upstream
         if client is not None and upstream is not None and client.eof and upstream.eof:
             self.close()
@@ -356,6 +361,7 @@ class _Pipe:
                 side.transport.close()
 
     def abort(self) -> None:
+        self.stats.time_wait = False  # a reset leaves no TIME_WAIT
         for side in (self.client, self.upstream):
             if side is not None:
                 _reset_transport(side.transport)

@@ -62,7 +62,7 @@ PROXY_LIMITS = {
 }
 BULK_RULES = [{"cidr": "203.0.113.96/28", "ports": [9000, 9002]}]
 # Destinations in the bulk rule's /28, one (or more) per test.
-DESTS = [f"203.0.113.{n}" for n in range(101, 111)]
+DESTS = [f"203.0.113.{n}" for n in range(101, 112)]
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +230,20 @@ def test_released_ports_wait_out_time_wait(lw: World) -> None:
             pass
 
 
+def test_ports_closed_by_the_server_come_back_at_once(lw: World) -> None:
+    # The bulk server closes first after SEND: its side keeps the TIME_WAIT,
+    # so the proxy's pair is free again at once (last in line): many more
+    # connections than the pool has pairs, one after another, all succeed.
+    dst = DESTS[10]
+    for _ in range(2 * POOL):
+        download(lw, 10, dst=dst)  # a refused connection would fail here
+    deadline = time.monotonic() + 5
+    while len(events := [e for e in lw.events("connection") if e["dst"] == dst]) < 2 * POOL:
+        assert time.monotonic() < deadline, f"{len(events)} connection events"
+        time.sleep(0.05)
+    assert {e["verdict"] for e in events} == {"allow"}
+
+
 def test_a_port_taken_on_the_host_is_skipped(lw: World) -> None:
     dst = DESTS[5]
     # The first pair the allocator hands out toward a new destination is
@@ -296,7 +310,7 @@ def test_proxy_connection_limit(lw: World) -> None:
     per_dest = POOL - MIN_PER_JOB * NEWCOMERS
     with contextlib.ExitStack() as stack:
         left = PROXY_MAX_CONNECTIONS
-        for dst in DESTS[8:]:
+        for dst in DESTS[8:10]:
             n = min(per_dest, left)
             stack.enter_context(held(lw, dst, n))
             left -= n
@@ -309,13 +323,15 @@ def test_proxy_connection_limit(lw: World) -> None:
 # --- bandwidth --------------------------------------------------------------------------
 
 
-def download(w: World, size: int, *, src: str = CLIENT, port: int = 9000) -> float:
+def download(
+    w: World, size: int, *, src: str = CLIENT, port: int = 9000, dst: str = BULK
+) -> float:
     """Fetch `size` bytes from the bulk server; the seconds it took."""
     sock = ns_socket(w.client_ns)
     with sock:
         sock.settimeout(30)
         sock.bind((src, 0))
-        sock.connect((BULK, port))
+        sock.connect((dst, port))
         started = time.monotonic()
         sock.sendall(b"SEND %d\n" % size)
         got = 0

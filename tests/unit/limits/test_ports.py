@@ -658,3 +658,24 @@ AllocatorMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=60, deadline=None
 )
 TestAllocatorMachine = AllocatorMachine.TestCase
+
+
+def test_a_port_without_time_wait_comes_back_at_once_and_last() -> None:
+    alloc = allocator(ports=3)
+    first = alloc.acquire("a", D1, max_per_job=BIG, now=0.0)
+    assert isinstance(first, Lease)
+    alloc.release(first, 0.0, time_wait=False)  # the server closed first
+    assert alloc.available(D1, 0.0) == 3
+    # The never-used pairs go first; the returned one is last in line.
+    got = [alloc.acquire("a", D1, max_per_job=BIG, now=0.0) for _ in range(3)]
+    assert all(isinstance(lease, Lease) for lease in got)
+    assert [lease.port for lease in got] == [20001, 20002, first.port]  # type: ignore[union-attr]
+
+
+def test_a_port_with_time_wait_is_held_back() -> None:
+    alloc = allocator(ports=1)
+    lease = alloc.acquire("a", D1, max_per_job=BIG, now=0.0)
+    assert isinstance(lease, Lease)
+    alloc.release(lease, 0.0, time_wait=True)
+    assert alloc.acquire("a", D1, max_per_job=BIG, now=59.9) == PORT_POOL_EXHAUSTED
+    assert isinstance(alloc.acquire("a", D1, max_per_job=BIG, now=60.0), Lease)
