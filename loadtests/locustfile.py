@@ -39,6 +39,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import socket
 import time
 from collections import Counter
@@ -47,7 +48,7 @@ from urllib.parse import urlsplit
 
 import gevent
 import gevent.pool
-from locust import HttpUser, User, constant_throughput, events, task
+from locust import FastHttpUser, HttpUser, User, constant_throughput, events, task
 from locust import stats as locust_stats
 
 from egressd.loadtest.scenarios import END, STRESS, parse_schedule, phase_at
@@ -84,6 +85,19 @@ _summary: dict[str, Any] = {"classes": []}
 _attack = Counter[str]()
 _held_series: list[tuple[float, int]] = []
 _hog_seconds = Counter[int]()
+# The slowest requests of the well-behaved classes: (ms, Unix time at start, name).
+_SLOWEST_KEPT = 25
+_slowest: list[tuple[float, float, str]] = []
+
+
+@events.request.add_listener
+def _on_request(name: str, response_time: float, start_time: float | None = None, **_kw: Any) -> None:
+    if not name.endswith("]"):
+        return  # only the phase-labelled requests of Victim and Steady
+    if len(_slowest) < _SLOWEST_KEPT or response_time > _slowest[-1][0]:
+        _slowest.append((round(response_time, 2), round(start_time or time.time(), 3), name))
+        _slowest.sort(reverse=True)
+        del _slowest[_SLOWEST_KEPT:]
 
 
 # --- PortExhaustionAttacker ------------------------------------------------------------
@@ -264,14 +278,25 @@ class PortExhaustionAttacker(User):
 # --- Victim, Steady ------------------------------------------------------------------------
 
 
-class Victim(HttpUser):
-    """Job B: ordinary requests to the attacker's destination, one connection each."""
+class _Paced(FastHttpUser):
+    """`EGRESSD_LT_RPS` requests per second per user; users start at random
+    offsets within the first interval, so they do not fire in lockstep (one
+    stall of the machine would hit every user's request at once)."""
 
+    abstract = True
     wait_time = constant_throughput(RPS_PER_USER)
+    label = ""
 
     def on_start(self) -> None:
-        if "Victim" not in _summary["classes"]:
-            _summary["classes"].append("Victim")
+        if self.label not in _summary["classes"]:
+            _summary["classes"].append(self.label)
+        gevent.sleep(random.uniform(0.0, 1.0 / RPS_PER_USER))
+
+
+class Victim(_Paced):
+    """Job B: ordinary requests to the attacker's destination, one connection each."""
+
+    label = "Victim"
 
     @task
     def get(self) -> None:
@@ -280,14 +305,10 @@ class Victim(HttpUser):
             self.client.get("/", headers={"Connection": "close"}, name=f"victim GET / [{phase}]")
 
 
-class Steady(HttpUser):
+class Steady(_Paced):
     """An ordinary job: small keep-alive requests at a steady rate."""
 
-    wait_time = constant_throughput(RPS_PER_USER)
-
-    def on_start(self) -> None:
-        if "Steady" not in _summary["classes"]:
-            _summary["classes"].append("Steady")
+    label = "Steady"
 
     @task
     def get(self) -> None:
@@ -343,6 +364,8 @@ def summary() -> dict[str, Any]:
     out: dict[str, Any] = {"classes": list(_summary["classes"])}
     if _attack or _held_series:
         out["attacker"] = {**dict(_attack), "held_series": _held_series}
+    if _slowest:
+        out["slowest"] = [{"ms": ms, "start": t, "name": name} for ms, t, name in _slowest]
     if _hog_seconds:
         out["hog"] = {"bytes_per_second": {str(k): v for k, v in sorted(_hog_seconds.items())}}
     return out

@@ -31,14 +31,14 @@ def _fleet_ok(obs: a.Observed) -> None:
 
 
 def test_port_exhaustion_verdicts() -> None:
-    scenario = build("port-exhaustion", 30)  # baseline [0, 15), stress [15, 30)
+    scenario = build("port-exhaustion", 30)  # baseline [0, 5), stress [5, 10), ... stress [25, 30)
     obs = a.Observed(proxies=PROXIES, job_ids={"attacker": "A", "victim": "B"}, schedule_t0=1000.0)
     obs.stats = {BASELINE: {"victim": _stats("v [baseline]", 150, 20.0)},
                  STRESS: {"victim": _stats("v [stress]", 150, 30.0)}}
     obs.totals = {"victim": _stats("Aggregated", 320, 25.0)}
     obs.summaries = {"attacker": {"attacker": {
         "held_max": 48, "attempts": 900, "held": 48, "reset": 852,
-        "held_series": [[1001.0, 0], [1016.0, 30], [1020.0, 48], [1031.0, 0]],
+        "held_series": [[1001.0, 0], [1006.0, 30], [1008.0, 48], [1016.0, 48], [1026.0, 47], [1031.0, 0]],
     }}}
     for p in PROXIES:
         obs.before[p] = _scrape([])
@@ -55,7 +55,7 @@ def test_port_exhaustion_verdicts() -> None:
         "proxies_alive", "connections_released", "logs_clean"]
     assert all(x.passed for x in verdicts), [x for x in verdicts if not x.passed]
     held = verdicts[1]
-    assert "per stress window 48" in held.measured and "port_budget_exhausted 800" in held.measured
+    assert "per stress window 48/48/47" in held.measured and "port_budget_exhausted 800" in held.measured
     assert obs.refusals("victim") == {"proxy1": {}, "proxy2": {}}
     doc = obs.to_dict()
     assert doc["limit_refusals"]["attacker"]["proxy1"] == {"port_budget_exhausted": 400.0}

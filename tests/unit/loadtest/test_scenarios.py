@@ -41,9 +41,10 @@ def test_share_and_budget() -> None:
     assert sc.attack_budget_per_proxy({**limits, "max_connections": 30}, 2) == 15
 
 
-@pytest.mark.parametrize(("duration", "pairs"), [(30, 1), (45, 2), (60, 3), (300, 15)])
-def test_windows_alternate_and_cover_the_duration(duration: float, pairs: int) -> None:
-    windows = sc.alternating(duration)
+@pytest.mark.parametrize(("duration", "target", "pairs"), [
+    (30, 10, 1), (45, 10, 2), (60, 10, 3), (300, 10, 15), (40, 5, 4), (300, 5, 30), (5, 5, 1)])
+def test_windows_alternate_and_cover_the_duration(duration: float, target: float, pairs: int) -> None:
+    windows = sc.alternating(duration, target)
     assert len(windows) == 2 * pairs
     assert [w.phase for w in windows] == [sc.BASELINE, sc.STRESS] * pairs
     assert windows[0].start == 0 and windows[-1].end == pytest.approx(duration)
@@ -58,9 +59,10 @@ def test_steady_is_one_window() -> None:
 
 
 def test_schedule_round_trip() -> None:
-    s = sc.build("port-exhaustion", 30)
+    s = sc.build("bandwidth", 30)
     text = s.schedule(1000.0)
     assert text == "1000.000:baseline,1015.000:stress,1030.000:end"
+    assert len(sc.build("port-exhaustion", 40).windows) == 8
     schedule = sc.parse_schedule(text)
     assert sc.phase_at(schedule, 999.9) == sc.WARMUP
     assert sc.phase_at(schedule, 1000.0) == sc.BASELINE
