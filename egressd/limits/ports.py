@@ -26,8 +26,9 @@ NAT does per VM:
 The same (address, port) is shared by connections to different destinations
 (the proxy sets SO_REUSEADDR on upstream sockets), so more egress addresses
 scale every destination's pool: its size is ``len(addresses) * len(ports)``.
-Candidate ports are handed out round-robin over the addresses, in order,
-lazily (a destination's state grows only with its use).
+Candidate ports are handed out round-robin over the addresses, in order;
+every pair is used once before any is used again (then the one free the
+longest), so a 4-tuple comes back as late as the pool allows.
 
 `quarantine` takes a lease whose bind failed (someone else holds the port
 on this host): the port is held back like a released one, without counting
@@ -218,11 +219,13 @@ class SourcePortAllocator:
     # internals
 
     def _next_pair(self, pool: _DestinationPool) -> tuple[IPv4Address, int]:
-        if pool.free:
-            return pool.free.popleft()
-        pair = self.config.candidate(pool.cursor)
-        pool.cursor += 1
-        return pair
+        # Never-used pairs first, then the longest-free one: a 4-tuple is
+        # reused as late as the pool allows (a server may hold it in TIME_WAIT).
+        if pool.cursor < self.config.capacity:
+            pair = self.config.candidate(pool.cursor)
+            pool.cursor += 1
+            return pair
+        return pool.free.popleft()
 
     def _take_back(self, lease: Lease) -> _DestinationPool:
         pool = self._pools.get(lease.destination)
