@@ -38,6 +38,7 @@ demo: deps
 
 bench: deps
 	$(BIN)/python benchmarks/geneve_codec.py --out bench-results/geneve_codec.json
+	$(BIN)/python benchmarks/limits.py --out bench-results/limits.json
 	$(BIN)/egressd bench --out bench-results/data_path.json
 
 clean:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 from scapy.contrib.geneve import GENEVE
 from scapy.layers.inet import IP, TCP
 
+from egressd.bench.microbench import rate
 from egressd.geneve import PREFIX_LEN, JobOption, decode, encode, header_for
 
 DATAGRAM_LEN = 1400
@@ -38,31 +37,6 @@ def build_inner() -> bytes:
     inner = bytes(segment / (b"\xa5" * payload_len))
     assert len(inner) == DATAGRAM_LEN - PREFIX_LEN
     return inner
-
-
-def rate(call: Callable[[], object], round_seconds: float, rounds: int) -> float:
-    """Median calls/s over `rounds` rounds of about `round_seconds` each."""
-    per_call = _calibrate(call)
-    n = max(1, int(round_seconds / per_call))
-    rates = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(n):
-            call()
-        rates.append(n / (time.perf_counter() - start))
-    return statistics.median(rates)
-
-
-def _calibrate(call: Callable[[], object]) -> float:
-    n = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(n):
-            call()
-        elapsed = time.perf_counter() - start
-        if elapsed > 0.05:
-            return elapsed / n
-        n *= 4
 
 
 def measures(buf: bytes, inner: bytes) -> dict[str, Callable[[], object]]:

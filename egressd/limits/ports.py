@@ -55,6 +55,15 @@ class Destination:
     ip: IPv4Address
     port: int
     proto: str = "tcp"
+    # IPv4Address hashes through hex() every time; a destination is a dict
+    # key several times per connection, so its hash is computed once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((int(self.ip), self.port, self.proto)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"{self.ip}:{self.port}/{self.proto}"
@@ -103,6 +112,12 @@ class PortPoolConfig:
         n = len(self.addresses)
         return self.addresses[index % n], self.first_port + index // n
 
+    def index(self, address: IPv4Address, port: int) -> int | None:
+        """The inverse of `candidate`; None for a pair outside the pool."""
+        if not self.first_port <= port <= self.last_port or address not in self.addresses:
+            return None
+        return (port - self.first_port) * len(self.addresses) + self.addresses.index(address)
+
 
 @dataclass(frozen=True, slots=True)
 class Lease:
@@ -112,18 +127,20 @@ class Lease:
     destination: Destination
     address: IPv4Address
     port: int
+    #: The pair's index in the pool (`PortPoolConfig.candidate`); -1: work it out.
+    index: int = field(default=-1, compare=False)
 
 
 @dataclass(slots=True)
 class _DestinationPool:
+    # Pairs are kept as their index in the pool (`PortPoolConfig.candidate`):
+    # int keys hash fast, (IPv4Address, port) tuples do not.
     cursor: int = 0  # candidates below it have been handed out at least once
-    free: collections.deque[tuple[IPv4Address, int]] = field(default_factory=collections.deque)
-    cooling: collections.deque[tuple[float, tuple[IPv4Address, int]]] = field(
-        default_factory=collections.deque
-    )
-    in_use: dict[tuple[IPv4Address, int], Hashable] = field(default_factory=dict)
+    free: collections.deque[int] = field(default_factory=collections.deque)
+    cooling: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+    in_use: dict[int, Hashable] = field(default_factory=dict)
     held: dict[Hashable, int] = field(default_factory=dict)
-    by_address: dict[IPv4Address, int] = field(default_factory=dict)
+    by_address: dict[int, int] = field(default_factory=dict)  # address index -> pairs in use
     deficit: int = 0  # sum over jobs holding 1..min-1 ports of (min - held)
 
     def cool_down(self, now: float) -> None:
@@ -139,6 +156,7 @@ class SourcePortAllocator:
 
     def __init__(self, config: PortPoolConfig) -> None:
         self.config = config
+        self._n_addresses = len(config.addresses)
         self._pools: dict[Destination, _DestinationPool] = {}
 
     def available(self, destination: Destination, now: float) -> int:
@@ -168,11 +186,13 @@ class SourcePortAllocator:
             reserve = pool.deficit + minimum * self.config.reserved_newcomers
             if available - 1 < reserve:
                 return PORT_POOL_EXHAUSTED
-        pair = self._next_pair(pool)
-        pool.in_use[pair] = job
+        index = self._next_index(pool)
+        pool.in_use[index] = job
         self._set_held(pool, job, held + 1)
-        pool.by_address[pair[0]] = pool.by_address.get(pair[0], 0) + 1
-        return Lease(job, destination, pair[0], pair[1])
+        slot = index % self._n_addresses
+        pool.by_address[slot] = pool.by_address.get(slot, 0) + 1
+        address, port = self.config.candidate(index)
+        return Lease(job, destination, address, port, index)
 
     def release(self, lease: Lease, now: float, *, time_wait: bool = True) -> None:
         """The lease's connection is closed: the port cools down toward its destination.
@@ -182,13 +202,12 @@ class SourcePortAllocator:
         so that TIME_WAIT is on its side): the pair goes back at once, to the
         end of the free list, so it is the last to be handed out again.
         """
-        pool = self._take_back(lease)
+        pool, index = self._take_back(lease)
         self._set_held(pool, lease.job, pool.held[lease.job] - 1)
-        pair = (lease.address, lease.port)
         if time_wait:
-            pool.cooling.append((now + self.config.reuse_delay_s, pair))
+            pool.cooling.append((now + self.config.reuse_delay_s, index))
         else:
-            pool.free.append(pair)
+            pool.free.append(index)
 
     def quarantine(self, lease: Lease, now: float) -> None:
         """The lease's bind failed: hold the port back, and do not count it for the job."""
@@ -198,9 +217,19 @@ class SourcePortAllocator:
         pool = self._pools.get(destination)
         return 0 if pool is None else pool.held.get(job, 0)
 
+    def in_use(self, destination: Destination, lease: Lease) -> int:
+        """Pairs of the lease's address in use toward `destination`."""
+        pool = self._pools.get(destination)
+        index = lease.index if lease.index >= 0 else self.config.index(lease.address, lease.port)
+        if pool is None or index is None:
+            return 0
+        return pool.by_address.get(index % self._n_addresses, 0)
+
     def in_use_by_address(self, destination: Destination) -> dict[IPv4Address, int]:
         pool = self._pools.get(destination)
-        return {} if pool is None else {a: n for a, n in pool.by_address.items() if n}
+        if pool is None:
+            return {}
+        return {self.config.addresses[a]: n for a, n in pool.by_address.items() if n}
 
     def destinations(self) -> Iterator[Destination]:
         return iter(list(self._pools))
@@ -218,23 +247,22 @@ class SourcePortAllocator:
 
     # internals
 
-    def _next_pair(self, pool: _DestinationPool) -> tuple[IPv4Address, int]:
+    def _next_index(self, pool: _DestinationPool) -> int:
         # Never-used pairs first, then the longest-free one: a 4-tuple is
         # reused as late as the pool allows (a server may hold it in TIME_WAIT).
         if pool.cursor < self.config.capacity:
-            pair = self.config.candidate(pool.cursor)
             pool.cursor += 1
-            return pair
+            return pool.cursor - 1
         return pool.free.popleft()
 
-    def _take_back(self, lease: Lease) -> _DestinationPool:
+    def _take_back(self, lease: Lease) -> tuple[_DestinationPool, int]:
         pool = self._pools.get(lease.destination)
-        pair = (lease.address, lease.port)
-        if pool is None or pool.in_use.get(pair, _NOBODY) != lease.job:
+        index = self.config.index(lease.address, lease.port)
+        if pool is None or index is None or pool.in_use.get(index, _NOBODY) != lease.job:
             raise ValueError(f"unknown lease {lease!r}")
-        del pool.in_use[pair]
-        pool.by_address[lease.address] -= 1
-        return pool
+        del pool.in_use[index]
+        pool.by_address[index % self._n_addresses] -= 1
+        return pool, index
 
     def _set_held(self, pool: _DestinationPool, job: Hashable, held: int) -> None:
         old = pool.held.get(job, 0)

@@ -19,8 +19,8 @@ egress rules, and limits protect the other jobs on the proxy.
 
 Metrics: refusals per job and reason; connections and source ports held per
 job now; ports in use per egress address and destination; bytes per job and
-direction. Per-job and per-destination gauges drop their series at zero, so
-the label sets stay as large as what is in use.
+direction. Per-job and per-destination gauges drop their series once at
+zero (every 10 s), so the label sets stay about as large as what is in use.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -108,12 +109,32 @@ class _Metrics:
         )
 
 
-def _set(gauge: Gauge, value: int, *labels: str) -> None:
-    if value:
-        gauge.labels(*labels).set(value)
-    else:
-        with contextlib.suppress(KeyError):
-            gauge.remove(*labels)
+class _Series:
+    """A labelled gauge's children cached by a hashable key (no label
+    formatting per update); children at zero are removed by `sweep`, so the
+    label sets stay about as large as what is in use."""
+
+    __slots__ = ("_children", "_gauge")
+
+    def __init__(self, gauge: Gauge) -> None:
+        self._gauge = gauge
+        self._children: dict[object, tuple[tuple[str, ...], Any]] = {}
+
+    def set(self, key: object, value: int, labels: Callable[[], tuple[str, ...]]) -> None:
+        entry = self._children.get(key)
+        if entry is None:
+            if not value:
+                return
+            names = labels()
+            entry = self._children[key] = (names, self._gauge.labels(*names))
+        entry[1].set(value)
+
+    def sweep(self) -> None:
+        for key, (names, child) in list(self._children.items()):
+            if not child._value.get():  # noqa: SLF001 - the child's current value
+                del self._children[key]
+                with contextlib.suppress(KeyError):
+                    self._gauge.remove(*names)
 
 
 class JobPacing:
@@ -157,7 +178,10 @@ class ProxyLimits:
         self.shaper = BandwidthShaper(
             proxy_rate_bps=config.bandwidth_bps or None, horizon_s=config.pacing_horizon_s
         )
-        self._metrics = _Metrics(registry, config.port_pool.capacity)
+        self._metrics = metrics = _Metrics(registry, config.port_pool.capacity)
+        self._job_connections = _Series(metrics.job_connections)
+        self._job_ports = _Series(metrics.job_ports)
+        self._ports_in_use = _Series(metrics.ports_in_use)
         self._job_bytes: dict[tuple[uuid.UUID, str], Callable[[float], None]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -184,7 +208,7 @@ class ProxyLimits:
         self._metrics.refusals.labels("" if job is None else str(job), reason).inc()
 
     def _job_connections_changed(self, job: uuid.UUID) -> None:
-        _set(self._metrics.job_connections, self.connections.active(job), str(job))
+        self._job_connections.set(job, self.connections.active(job), lambda: (str(job),))
         self._metrics.connections_total.set(self.connections.total)
 
     # source ports
@@ -208,11 +232,17 @@ class ProxyLimits:
         self._ports_changed(lease)
 
     def _ports_changed(self, lease: Lease) -> None:
-        destination = str(lease.destination)
-        held = self.ports.held(lease.job, lease.destination)
-        _set(self._metrics.job_ports, held, str(lease.job), destination)
-        in_use = self.ports.in_use_by_address(lease.destination).get(lease.address, 0)
-        _set(self._metrics.ports_in_use, in_use, str(lease.address), destination)
+        job, destination, address = lease.job, lease.destination, lease.address
+        self._job_ports.set(
+            (job, destination),
+            self.ports.held(job, destination),
+            lambda: (str(job), str(destination)),
+        )
+        self._ports_in_use.set(
+            (address, destination),
+            self.ports.in_use(destination, lease),
+            lambda: (str(address), str(destination)),
+        )
 
     # pacing
 
@@ -236,6 +266,8 @@ class ProxyLimits:
         self.connections.prune(now)
         self.ports.prune(now)
         self.shaper.prune(loop_now)
+        for series in (self._job_connections, self._job_ports, self._ports_in_use):
+            series.sweep()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
