@@ -43,12 +43,13 @@ import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
 import gevent.pool
-from locust import FastHttpUser, HttpUser, User, constant_throughput, events, task
+from locust import FastHttpUser, HttpUser, User, events, task
 from locust import stats as locust_stats
 
 from egressd.loadtest.scenarios import END, STRESS, parse_schedule, phase_at
@@ -278,13 +279,32 @@ class PortExhaustionAttacker(User):
 # --- Victim, Steady ------------------------------------------------------------------------
 
 
+def jittered_pacing(rate_per_s: float) -> Callable[[User], float]:
+    """Waits that keep a user at `rate_per_s` tasks per second on average with
+    random gaps (0.5 to 1.5 periods). Plain pacing (`constant_throughput`)
+    lines every user up after the first stall of the machine: each resumes
+    with a zero wait at the same moment, and from then on one stall hits every
+    user's request at once."""
+    period = 1.0 / rate_per_s
+
+    def wait(user: User) -> float:
+        now = time.time()
+        due = getattr(user, "_egressd_due", None)
+        if due is None or due < now - period:  # the first task, or behind after a stall
+            due = now + random.uniform(0.0, period)
+        else:
+            due += period * random.uniform(0.5, 1.5)
+        user._egressd_due = due  # type: ignore[attr-defined]
+        return max(0.0, due - now)
+
+    return wait
+
+
 class _Paced(FastHttpUser):
-    """`EGRESSD_LT_RPS` requests per second per user; users start at random
-    offsets within the first interval, so they do not fire in lockstep (one
-    stall of the machine would hit every user's request at once)."""
+    """`EGRESSD_LT_RPS` requests per second per user, at jittered times."""
 
     abstract = True
-    wait_time = constant_throughput(RPS_PER_USER)
+    wait_time = jittered_pacing(RPS_PER_USER)
     label = ""
 
     def on_start(self) -> None:

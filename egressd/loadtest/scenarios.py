@@ -40,9 +40,11 @@ MAX_DURATION_S = 3600.0
 # Short windows interleave the phases finely (the attacker reaches its budget
 # within 2 s); the hog's need 3 s to settle after each pause (see `assess`).
 WINDOW_TARGET_S = {"port-exhaustion": 5.0, "bandwidth": 10.0}
+SETTLE_S = 1.0
 
 BASELINE = "baseline"
 STRESS = "stress"
+SETTLE = "settle"  # after each stress window: counts for neither phase
 WARMUP = "warmup"  # before the first window (locust starting, users spawning)
 END = "end"  # after the last window
 
@@ -167,13 +169,23 @@ def phase_at(schedule: list[tuple[float, str]], now: float) -> str:
     return current
 
 
-def alternating(duration_s: float, target_s: float) -> tuple[Window, ...]:
-    """baseline, stress, baseline, stress ... of equal length, about `target_s` each."""
-    pairs = max(1, int(duration_s // (2 * target_s)))
-    length = duration_s / (2 * pairs)
+def alternating(duration_s: float, target_s: float, settle_s: float = SETTLE_S) -> tuple[Window, ...]:
+    """baseline, stress, settle, baseline, stress, settle ...: baseline and
+    stress windows of equal length, about `target_s` each.
+
+    In a `settle` window the abusive job lets go of what it holds (the
+    attacker closes its connections all at once, an artefact of switching it
+    off) and the well-behaved job's requests count for neither phase.
+    """
+    cycle = 2 * target_s + settle_s
+    cycles = max(1, int(duration_s // cycle))
+    length = (duration_s / cycles - settle_s) / 2
     out = []
-    for i in range(2 * pairs):
-        out.append(Window(round(i * length, 3), round((i + 1) * length, 3), BASELINE if i % 2 == 0 else STRESS))
+    t = 0.0
+    for _ in range(cycles):
+        for phase, seconds in ((BASELINE, length), (STRESS, length), (SETTLE, settle_s)):
+            out.append(Window(round(t, 3), round(t + seconds, 3), phase))
+            t += seconds
     return tuple(out)
 
 

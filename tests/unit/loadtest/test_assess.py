@@ -31,14 +31,14 @@ def _fleet_ok(obs: a.Observed) -> None:
 
 
 def test_port_exhaustion_verdicts() -> None:
-    scenario = build("port-exhaustion", 30)  # baseline [0, 5), stress [5, 10), ... stress [25, 30)
+    scenario = build("port-exhaustion", 30)  # baseline [0, 7), stress [7, 14), settle, ... stress [22, 29)
     obs = a.Observed(proxies=PROXIES, job_ids={"attacker": "A", "victim": "B"}, schedule_t0=1000.0)
     obs.stats = {BASELINE: {"victim": _stats("v [baseline]", 150, 20.0)},
                  STRESS: {"victim": _stats("v [stress]", 150, 30.0)}}
     obs.totals = {"victim": _stats("Aggregated", 320, 25.0)}
     obs.summaries = {"attacker": {"attacker": {
         "held_max": 48, "attempts": 900, "held": 48, "reset": 852,
-        "held_series": [[1001.0, 0], [1006.0, 30], [1008.0, 48], [1016.0, 48], [1026.0, 47], [1031.0, 0]],
+        "held_series": [[1001.0, 0], [1008.0, 30], [1010.0, 48], [1014.5, 0], [1023.0, 47], [1031.0, 0]],
     }}}
     for p in PROXIES:
         obs.before[p] = _scrape([])
@@ -55,7 +55,7 @@ def test_port_exhaustion_verdicts() -> None:
         "proxies_alive", "connections_released", "logs_clean"]
     assert all(x.passed for x in verdicts), [x for x in verdicts if not x.passed]
     held = verdicts[1]
-    assert "per stress window 48/48/47" in held.measured and "port_budget_exhausted 800" in held.measured
+    assert "per stress window 48/47" in held.measured and "port_budget_exhausted 800" in held.measured
     assert obs.refusals("victim") == {"proxy1": {}, "proxy2": {}}
     doc = obs.to_dict()
     assert doc["limit_refusals"]["attacker"]["proxy1"] == {"port_budget_exhausted": 400.0}
@@ -76,7 +76,7 @@ def test_without_the_limit_metrics_the_attacker_verdicts_fail() -> None:
 
 
 def test_hog_rate_uses_the_proxies_that_carried_it() -> None:
-    scenario = build("bandwidth", 30)  # stress [15, 30) from t0
+    scenario = build("bandwidth", 30)  # baseline [0, 14.5), stress [14.5, 29), settle [29, 30)
     obs = a.Observed(proxies=PROXIES, job_ids={"hog": "H", "steady": "S"}, schedule_t0=1000.0)
     # 4 MB/s: one proxy's share of 64 Mbit/s.
     obs.summaries = {"hog": {"hog": {"bytes_per_second": {str(t): 4_000_000 for t in range(1015, 1030)}}}}
@@ -92,7 +92,7 @@ def test_hog_rate_uses_the_proxies_that_carried_it() -> None:
     _fleet_ok(obs)
     verdicts = {x.name: x for x in a.assess(scenario, obs)}
     assert verdicts["hog_rate"].passed, verdicts["hog_rate"]
-    assert "over 12 s" in verdicts["hog_rate"].measured
+    assert "over 11 s" in verdicts["hog_rate"].measured
     assert verdicts["steady_p99"].passed and verdicts["steady_no_failures"].passed
 
 

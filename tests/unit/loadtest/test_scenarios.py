@@ -41,15 +41,17 @@ def test_share_and_budget() -> None:
     assert sc.attack_budget_per_proxy({**limits, "max_connections": 30}, 2) == 15
 
 
-@pytest.mark.parametrize(("duration", "target", "pairs"), [
-    (30, 10, 1), (45, 10, 2), (60, 10, 3), (300, 10, 15), (40, 5, 4), (300, 5, 30), (5, 5, 1)])
-def test_windows_alternate_and_cover_the_duration(duration: float, target: float, pairs: int) -> None:
+@pytest.mark.parametrize(("duration", "target", "cycles"), [
+    (30, 10, 1), (45, 10, 2), (60, 10, 2), (300, 10, 14), (40, 5, 3), (300, 5, 27), (5, 5, 1)])
+def test_windows_alternate_and_cover_the_duration(duration: float, target: float, cycles: int) -> None:
     windows = sc.alternating(duration, target)
-    assert len(windows) == 2 * pairs
-    assert [w.phase for w in windows] == [sc.BASELINE, sc.STRESS] * pairs
-    assert windows[0].start == 0 and windows[-1].end == pytest.approx(duration)
+    assert len(windows) == 3 * cycles
+    assert [w.phase for w in windows] == [sc.BASELINE, sc.STRESS, sc.SETTLE] * cycles
+    assert windows[0].start == 0 and windows[-1].end == pytest.approx(duration, abs=0.01)
     assert all(a.end == b.start for a, b in zip(windows, windows[1:], strict=False))
-    assert len({round(w.seconds, 2) for w in windows}) == 1
+    lengths = [w.seconds for w in windows if w.phase != sc.SETTLE]
+    assert max(lengths) - min(lengths) < 0.01
+    assert all(w.seconds == sc.SETTLE_S for w in windows if w.phase == sc.SETTLE)
 
 
 def test_steady_is_one_window() -> None:
@@ -61,12 +63,13 @@ def test_steady_is_one_window() -> None:
 def test_schedule_round_trip() -> None:
     s = sc.build("bandwidth", 30)
     text = s.schedule(1000.0)
-    assert text == "1000.000:baseline,1015.000:stress,1030.000:end"
-    assert len(sc.build("port-exhaustion", 40).windows) == 8
+    assert text == "1000.000:baseline,1014.500:stress,1029.000:settle,1030.000:end"
+    assert len(sc.build("port-exhaustion", 40).windows) == 9
     schedule = sc.parse_schedule(text)
     assert sc.phase_at(schedule, 999.9) == sc.WARMUP
     assert sc.phase_at(schedule, 1000.0) == sc.BASELINE
     assert sc.phase_at(schedule, 1020.0) == sc.STRESS
+    assert sc.phase_at(schedule, 1029.5) == sc.SETTLE
     assert sc.phase_at(schedule, 1030.0) == sc.END
 
 
@@ -87,4 +90,4 @@ def test_bad_durations_and_names(name: str, duration: float) -> None:
 
 def test_to_dict() -> None:
     doc = sc.build("bandwidth", 40).to_dict()
-    assert doc["name"] == "bandwidth" and len(doc["jobs"]) == 2 and len(doc["windows"]) == 4
+    assert doc["name"] == "bandwidth" and len(doc["jobs"]) == 2 and len(doc["windows"]) == 3
