@@ -23,15 +23,24 @@ User classes:
   RST or EOF before an answer), refused (`refused`: RST to the SYN), timed out,
   and held connections that died later (`dropped`).
 - `Victim` (job B): ordinary requests to the same destination, a new
-  connection for each (`Connection: close`), `EGRESSD_LT_RPS` per user.
+  connection for each (`Connection: close`), `EGRESSD_LT_RPS` per user at
+  jittered times.
 - `BandwidthHog`: downloads `/bytes/EGRESSD_LT_HOG_BYTES` back to back on a
   keep-alive connection, counting the bytes it receives per second.
 - `Steady`: ordinary small keep-alive requests (`GET /data`), `EGRESSD_LT_RPS`
-  per user.
+  per user at jittered times.
+
+`EGRESSD_LT_SCHEDULE` (`T:baseline,T:stress,T:settle,...,T:end`, Unix times)
+switches the abusive classes on only in `stress` windows (the attacker lets
+go of its connections, the hog stops reading, at any other time), and Victim
+and Steady label each request with the window it started in (`victim GET /
+[stress]`), so that locust's CSV has a row per phase. Without it, every class
+works all the time (locust run by hand).
 
 Besides locust's CSV files, each process writes a JSON summary to
 `EGRESSD_LT_SUMMARY` when it quits: the attacker's counters and the number of
-connections it held over time, the hog's bytes per second.
+connections it held over time, the hog's bytes per second, the slowest
+labelled requests with their start times.
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ SCHEDULE = parse_schedule(os.environ["EGRESSD_LT_SCHEDULE"]) if os.environ.get("
 
 def current_phase() -> str:
     return phase_at(SCHEDULE, time.time()) if SCHEDULE else STRESS
+
 
 # What every user class adds to this process's summary (one job per process).
 _summary: dict[str, Any] = {"classes": []}

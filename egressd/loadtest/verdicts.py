@@ -133,7 +133,8 @@ def attacker_verdicts(obs: AttackObservation) -> list[Verdict]:
     refused_client = sum(obs.outcomes.get(k, 0) for k in ("reset", "refused"))
     out.append(Verdict(
         "attacker_held_at_budget", not problems,
-        f"held max {obs.held_max} (per stress window {'/'.join(map(str, obs.held_per_window))}); "
+        f"held max {obs.held_max} (in each of {len(obs.held_per_window)} stress windows "
+        f"at least {min(obs.held_per_window, default=0)}); "
         f"{obs.attempts} attempts, "
         f"{refused_client} reset/refused; proxy refusals "
         + (", ".join(f"{r} {n:g}" for r, n in sorted(limit_refusals.items())) or "none"),
