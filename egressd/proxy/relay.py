@@ -136,7 +136,9 @@ class _Side(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         self.pending: list[bytes] = []  # read before the pipe started
-        self.queue: collections.deque[tuple[float, bytes]] = collections.deque()  # paced
+        # Paced chunks waiting for their departure; made on first use (an
+        # empty deque costs ~600 bytes, times two per idle connection).
+        self.queue: collections.deque[tuple[float, bytes]] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.blocks = _STARTING
         self.eof = False
@@ -212,10 +214,13 @@ class _Side(asyncio.BufferedProtocol):
     # pacing
 
     def enqueue(self, due: float, data: bytes, now: float, horizon_s: float) -> None:
-        self.queue.append((due, data))
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = collections.deque()
+        queue.append((due, data))
         self.pipe.stats.paced_chunks += 1
         if self.timer is None:
-            self.timer = self.pipe.loop.call_at(self.queue[0][0], self.flush)
+            self.timer = self.pipe.loop.call_at(queue[0][0], self.flush)
         if due - now > horizon_s:
             self.block(_PACED)
 
@@ -223,12 +228,14 @@ class _Side(asyncio.BufferedProtocol):
         """Write the queued chunks that are due; re-arm for the next one."""
         self.timer = None
         peer = self.peer
+        queue = self.queue
+        if queue is None:
+            return
         if self.lost or peer is None or peer.transport is None or peer.transport.is_closing():
-            self.queue.clear()
+            queue.clear()
             return
         loop = self.pipe.loop
         now = loop.time()
-        queue = self.queue
         while queue and queue[0][0] <= now + PACE_SLACK_S:
             _, data = queue.popleft()
             peer.transport.write(data)
@@ -258,6 +265,19 @@ class _Side(asyncio.BufferedProtocol):
 
 
 class _Pipe:
+    __slots__ = (
+        "client",
+        "done",
+        "expiry_timer",
+        "last_activity",
+        "loop",
+        "pacing",
+        "started",
+        "stats",
+        "timeouts",
+        "upstream",
+    )
+
     def __init__(
         self,
         stats: RelayStats,
