@@ -234,7 +234,7 @@ VICTIM_RPS_PER_USER = 5.0
 
 # 64 Mbit/s fleet-wide: 32 Mbit/s (4 MB/s) per proxy.
 HOG_LIMITS = {**GENEROUS, "bandwidth_bps": 64_000_000}
-HOG_USERS = 4
+HOG_USERS = 8
 HOG_BYTES = 16 * 1024 * 1024
 STEADY_USERS = 4
 STEADY_RPS_PER_USER = 5.0
