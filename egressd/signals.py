@@ -13,9 +13,11 @@ the child sees another PID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -38,3 +40,23 @@ def install_stop_handlers(loop: asyncio.AbstractEventLoop, on_stop: Callable[[],
             signal.signal(sig, old)
 
     return uninstall
+
+
+class Stopped(BaseException):
+    """SIGTERM to a one-shot command: unwind through every finally (clean-up), like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM to this process raises `Stopped` (not to forked helpers)."""
+    owner = os.getpid()
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        if os.getpid() == owner:  # pyroute2 forks helpers that inherit handlers
+            raise Stopped()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -34,14 +34,12 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import structlog
@@ -52,7 +50,8 @@ from egressd.bench.load import IdleHolder, LoadError, Target, fd_count, rss_kib,
 from egressd.bench.paths import CLIENT_SYSCTLS, BenchPath, DirectPath, EgressdPath, SquidPath
 from egressd.bench.report import IdleResult, PathResult
 from egressd.errors import EgressdError
-from egressd.topology.fleet import Fleet
+from egressd.signals import Stopped, sigterm_unwinds
+from egressd.topology.fleet import Fleet, down_logged
 from egressd.topology.layout import default_layout
 
 log = structlog.get_logger("egressd.bench")
@@ -102,25 +101,6 @@ class Options:
 
 class BenchError(EgressdError):
     """The bench cannot run at all (missing tool, the kernel path broken)."""
-
-
-class _Stopped(BaseException):
-    """SIGTERM: unwind through every finally (cleanup), like Ctrl-C."""
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    owner = os.getpid()
-
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        if os.getpid() == owner:  # pyroute2 forks helpers that inherit handlers
-            raise _Stopped()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --- the run -------------------------------------------------------------------------
@@ -282,7 +262,7 @@ def run_bench(opts: Options) -> tuple[dict[str, PathResult], dict[str, Any]]:
         if not was_running:
             log.info("fleet_up", run_dir=str(opts.run_dir), prefix=opts.prefix)
             if not opts.keep:
-                stack.callback(_fleet_down, fleet)
+                stack.callback(down_logged, fleet)
             fleet.up()
         live: list[_Live] = []
         kernel = _setup(DirectPath(layout), results, stack, required=True)
@@ -321,13 +301,6 @@ def run_bench(opts: Options) -> tuple[dict[str, PathResult], dict[str, Any]]:
     meta["host"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return results, meta
 
-
-def _fleet_down(fleet: Fleet) -> None:
-    log.info("fleet_down")
-    try:
-        fleet.down()
-    except EgressdError as exc:
-        log.error("fleet_down_failed", reason=exc.reason, detail=exc.detail)
 
 
 def _version(argv: list[str]) -> str | None:
@@ -395,11 +368,11 @@ def _handle(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     try:
-        with _sigterm_unwinds():
+        with sigterm_unwinds():
             results, meta = run_bench(opts)
     except EgressdError as exc:
         raise CliError(f"{exc.reason}: {exc.detail}") from exc
-    except _Stopped:
+    except Stopped:
         print("egressd: bench stopped (SIGTERM); everything it set up was removed", file=sys.stderr)
         return 143
     doc = report.to_json(results, meta)

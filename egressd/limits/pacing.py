@@ -22,6 +22,7 @@ jobs that asked for a departure time within ``active_window_s``:
   *backlogged*: it would take all it may, so it counts with its rate;
 * any other job is *light*: it counts with what it actually sent.
 
+The scale is computed again at once when a job becomes backlogged.
 If the backlogged rates and the light usage fit in the proxy's rate, every
 job gets its own rate; otherwise every job's rate is scaled by
 ``(proxy_rate - light usage) / backlogged rates``: jobs saturating one proxy
@@ -46,7 +47,7 @@ class EdtPacer:
     last: float = 0.0
 
     def departure(self, size: int, rate_Bps: float, now: float) -> float:
-        start = self.last if self.last > now else now
+        start = max(now, self.last)
         self.last = start + size / rate_Bps
         return self.last
 
@@ -100,6 +101,11 @@ class BandwidthShaper:
             sender.rate_Bps = rate_Bps
             sender.seen = now
             if sender.pacer.last > now:
+                if now - sender.backlogged > self.active_window_s:
+                    # Light -> backlogged: the share changes now, not at the
+                    # next recompute (else two newcomers overshoot the proxy's
+                    # rate together for up to `recompute_s`).
+                    self._scales.pop(direction, None)
                 sender.backlogged = now
         sender.sent += size
         return sender.pacer.departure(size, rate_Bps * self.scale(direction, now), now)

@@ -20,6 +20,7 @@ from egressd.errors import EgressdError
 from egressd.loadtest import runner, verdicts
 from egressd.loadtest.scenarios import SCENARIOS, ScenarioError, check_duration
 from egressd.net import netns as kn
+from egressd.signals import Stopped, sigterm_unwinds
 
 
 def _cli_error(detail: str) -> Exception:
@@ -60,16 +61,14 @@ def options(args: argparse.Namespace) -> runner.Options:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from egressd.bench.cli import _sigterm_unwinds, _Stopped
-
     opts = options(args)
     logs.configure(json=False)
     try:
-        with _sigterm_unwinds():
+        with sigterm_unwinds():
             report = runner.run(opts)
     except EgressdError as exc:
         raise _cli_error(f"loadtest {opts.scenario}: {exc.reason}: {' '.join(exc.detail.split())}") from exc
-    except _Stopped:
+    except Stopped:
         print("egressd: loadtest stopped (SIGTERM); everything it set up was removed", file=sys.stderr)
         return 143
     doc = verdicts.to_json(report.scenario.to_dict(), report.verdicts, report.observed.to_dict(), report.meta)

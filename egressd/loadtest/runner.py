@@ -57,7 +57,7 @@ from egressd.loadtest.scenarios import HTTP_PORT, SITE, JobSpec, Scenario, build
 from egressd.loadtest.verdicts import Verdict
 from egressd.net import netns as kn
 from egressd.topology import procs
-from egressd.topology.fleet import Fleet, FleetError
+from egressd.topology.fleet import Fleet, FleetError, down_logged
 from egressd.topology.layout import ADMIN_PORT, RESOLVER, default_layout
 from egressd.topology.probe import ProbeError, http_request, is_ready
 
@@ -454,7 +454,7 @@ def run(opts: Options) -> Report:
     workdir = opts.run_dir / "loadtest" / f"{scenario.name}-{stamp}"
     obs = Observed(proxies=proxies, job_ids={})
     with contextlib.ExitStack() as stack:
-        stack.callback(_fleet_down, fleet)
+        stack.callback(down_logged, fleet)
         log.info("fleet_up", prefix=opts.prefix, run_dir=str(opts.run_dir))
         fleet.up()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -504,10 +504,3 @@ def run(opts: Options) -> Report:
     }  # fmt: skip
     return Report(scenario, verdicts, obs, meta)
 
-
-def _fleet_down(fleet: Fleet) -> None:
-    log.info("fleet_down")
-    try:
-        fleet.down()
-    except EgressdError as exc:
-        log.error("fleet_down_failed", reason=exc.reason, detail=exc.detail)

@@ -131,7 +131,7 @@ class _Series:
 
     def sweep(self) -> None:
         for key, (names, child) in list(self._children.items()):
-            if not child._value.get():  # noqa: SLF001 - the child's current value
+            if not child._value.get():
                 del self._children[key]
                 with contextlib.suppress(KeyError):
                     self._gauge.remove(*names)

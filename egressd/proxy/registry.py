@@ -78,7 +78,7 @@ class NodeEntry:
 class NodeView:
     """An immutable snapshot of the registry with both indexes."""
 
-    __slots__ = ("_by_underlay", "_by_prefix", "nodes")
+    __slots__ = ("_by_prefix", "_by_underlay", "nodes")
 
     def __init__(self, nodes: Iterable[NodeEntry]) -> None:
         self.nodes: tuple[NodeEntry, ...] = tuple(nodes)
@@ -286,7 +286,7 @@ class NodeRegistry:
                 if response.status != 200:
                     raise RegistryError("http_error", f"GET {url}: HTTP {response.status}")
                 return await read_json_body(response, MAX_BODY_BYTES)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise RegistryError("unreachable", f"GET {url}: {exc!r}") from exc
         except ValueError as exc:
             raise RegistryError("bad_response", f"GET {url}: {exc}") from exc

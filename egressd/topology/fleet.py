@@ -315,4 +315,14 @@ def wait_for(check: Callable[[], bool], timeout_s: float, interval_s: float = 0.
     return check()
 
 
-__all__ = ["Fleet", "FleetError", "ComponentStatus", "ProbeError", "wait_for"]
+__all__ = ["ComponentStatus", "Fleet", "FleetError", "ProbeError", "wait_for"]
+
+
+def down_logged(fleet: Fleet) -> None:
+    """`fleet.down()` for a clean-up path: a failure is logged, not raised
+    (it must not hide the error that is unwinding)."""
+    log.info("fleet_down")
+    try:
+        fleet.down()
+    except EgressdError as exc:
+        log.error("fleet_down_failed", reason=exc.reason, detail=exc.detail)

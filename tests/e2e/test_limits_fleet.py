@@ -13,7 +13,7 @@ import pytest
 
 from egressd.topology.fleet import Fleet
 from tests.e2e.fleet_helpers import metric_sum, metrics
-from tests.e2e.test_egress import API, API_IP, LimitedJob, ROOMY_LIMITS, conn_events, run_checks
+from tests.e2e.test_egress import API, API_IP, ROOMY_LIMITS, LimitedJob, conn_events, run_checks
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -368,18 +370,27 @@ def backlog(shaper: BandwidthShaper, job: str, now: float, rate_bps: int = 8000)
     return shaper.departure(job, "up", 1000, rate_bps=rate_bps, now=now)
 
 
-def test_the_scale_is_recomputed_every_recompute_s() -> None:
+def test_the_scale_is_recomputed_when_a_job_becomes_backlogged() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=8000, active_window_s=0.5)  # 1000 B/s
     assert shaper.recompute_s == 0.25
     backlog(shaper, "a", 0.0)
+    assert shaper.scale("up", 0.0) == 1.0  # a alone, at the proxy's rate
     backlog(shaper, "b", 0.0)
-    assert shaper.scale("up", 0.0) == 1.0  # computed at 0.0, before anyone was behind
-    assert shaper.scale("up", 0.2499) == 1.0  # cached
-    # a and b, both backlogged at rate 1000 B/s, share 1000 B/s
-    backlog(shaper, "a", 0.25)
-    backlog(shaper, "b", 0.25)
-    assert shaper.scale("up", 0.25) == 0.5
-    assert shaper.scale("up", 0.49) == 0.5
+    # b's backlog is news: a and b, both at 1000 B/s, share 1000 B/s at once
+    assert shaper.scale("up", 0.0) == 0.5
+
+
+def test_the_scale_is_recomputed_every_recompute_s() -> None:
+    shaper = BandwidthShaper(proxy_rate_bps=8000, active_window_s=0.5)  # 1000 B/s
+    backlog(shaper, "a", 0.0)
+    backlog(shaper, "b", 0.0)
+    assert shaper.scale("up", 0.0) == 0.5
+    # b stops; a goes on (still backlogged, no news): cached until recompute_s
+    backlog(shaper, "a", 0.2)
+    assert shaper.scale("up", 0.2499) == 0.5
+    # b's last request is 0.5 s old at 0.5: b no longer counts
+    backlog(shaper, "a", 0.51)
+    assert shaper.scale("up", 0.51) == 1.0
 
 
 def test_a_light_job_counts_with_what_it_sent_not_its_rate() -> None:
@@ -460,17 +471,28 @@ def test_departures_follow_the_formula_at_the_current_scale(
     shaper = BandwidthShaper(proxy_rate_bps=proxy_rate_bps, active_window_s=0.5)
     computed: dict[str, tuple[float, float]] = {}  # direction -> (scale, when)
     last: dict[tuple[str, str], float] = {}
+    behind_at: dict[tuple[str, str], float] = {}  # when each sender was last found behind
     now = 0.0
     for job, direction, rate_bps, size, dt in ops:
         now += dt
+        key = (job, direction)
+        became_backlogged = False
+        if last.get(key, now) > now:
+            became_backlogged = now - behind_at.get(key, -math.inf) > shaper.active_window_s
+            behind_at[key] = now
         got = shaper.departure(job, direction, size, rate_bps=rate_bps, now=now)
         scale = shaper.scale(direction, now)  # the one this departure used
         assert MIN_SCALE <= scale <= 1.0
         if proxy_rate_bps is None:
             assert scale == 1.0
-        # the scale changes only once recompute_s has passed since it was computed
+        # the scale changes only once recompute_s has passed since it was
+        # computed, or when a sender has just become backlogged
         previous = computed.get(direction)
-        if previous is not None and now - previous[1] < shaper.recompute_s:
+        if (
+            previous is not None
+            and now - previous[1] < shaper.recompute_s
+            and not became_backlogged
+        ):
             assert scale == previous[0]
         else:
             computed[direction] = (scale, now)
