@@ -13,9 +13,9 @@ from egressd.limits import (
     PORT_POOL_EXHAUSTED,
     PROXY_CONNECTION_LIMIT,
     REFUSAL_REASONS,
+    connections,
     fleet_share,
 )
-from egressd.limits import connections
 from egressd.limits.connections import ConnectionLimiter, TokenBucket
 
 BIG = 1_000_000
@@ -123,7 +123,7 @@ def test_max_total_must_be_positive() -> None:
 
 def test_proxy_cap_counts_every_job() -> None:
     limiter = ConnectionLimiter(max_total=3)
-    kw = dict(max_connections=BIG, new_per_s=BIG, now=0.0)
+    kw = {"max_connections": BIG, "new_per_s": BIG, "now": 0.0}
     assert limiter.admit("a", **kw) is None
     assert limiter.admit("b", **kw) is None
     assert limiter.admit("c", **kw) is None
@@ -152,7 +152,7 @@ def test_proxy_cap_refusal_spends_no_token() -> None:
 
 def test_job_cap() -> None:
     limiter = ConnectionLimiter(max_total=BIG)
-    kw = dict(max_connections=2, new_per_s=BIG, now=0.0)
+    kw = {"max_connections": 2, "new_per_s": BIG, "now": 0.0}
     assert admit_n(limiter, "a", 3, **kw) == [None, None, JOB_CONNECTION_LIMIT]
     assert limiter.active("a") == 2
     assert limiter.total == 2
@@ -173,7 +173,7 @@ def test_job_cap_can_shrink_with_a_policy_refresh() -> None:
 
 def test_rate_limit_burst_is_one_seconds_worth_then_refill() -> None:
     limiter = ConnectionLimiter(max_total=BIG)
-    kw = dict(max_connections=BIG, new_per_s=5)
+    kw = {"max_connections": BIG, "new_per_s": 5}
     assert admit_n(limiter, "a", 6, now=0.0, **kw) == [None] * 5 + [JOB_RATE_LIMIT]
     assert limiter.active("a") == 5
     assert limiter.admit("a", now=0.1, **kw) == JOB_RATE_LIMIT  # 0.5 token
@@ -206,7 +206,7 @@ def test_sustained_rate_with_inexact_steps_is_within_one() -> None:
 
 def test_concurrency_checked_before_a_token_is_spent() -> None:
     limiter = ConnectionLimiter(max_total=BIG)
-    kw = dict(max_connections=1, new_per_s=3, now=0.0)
+    kw = {"max_connections": 1, "new_per_s": 3, "now": 0.0}
     assert limiter.admit("a", **kw) is None  # 2 tokens left
     for _ in range(10):
         assert limiter.admit("a", **kw) == JOB_CONNECTION_LIMIT
@@ -281,7 +281,7 @@ def test_release_of_a_refused_connection_raises() -> None:
 
 def test_jobs_lists_only_jobs_holding_connections() -> None:
     limiter = ConnectionLimiter(max_total=BIG)
-    kw = dict(max_connections=BIG, new_per_s=BIG, now=0.0)
+    kw = {"max_connections": BIG, "new_per_s": BIG, "now": 0.0}
     limiter.admit("a", **kw)
     limiter.admit("a", **kw)
     limiter.admit("b", **kw)
@@ -311,7 +311,7 @@ def test_two_jobs_are_independent() -> None:
 
 def test_prune_forgets_only_idle_jobs_with_full_buckets() -> None:
     limiter = ConnectionLimiter(max_total=BIG)
-    kw = dict(max_connections=BIG, new_per_s=2)
+    kw = {"max_connections": BIG, "new_per_s": 2}
     limiter.admit("holding", now=0.0, **kw)  # holds a connection
     limiter.admit("drained", now=0.0, **kw)  # connection closed, bucket not yet full
     limiter.release("drained")
@@ -333,7 +333,7 @@ def test_prune_forgets_only_idle_jobs_with_full_buckets() -> None:
 def test_prune_runs_when_many_jobs_are_tracked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connections, "PRUNE_AT", 4)
     limiter = ConnectionLimiter(max_total=BIG)
-    kw = dict(max_connections=BIG, new_per_s=1)
+    kw = {"max_connections": BIG, "new_per_s": 1}
     for job in ("a", "b", "c"):
         assert limiter.admit(job, now=0.0, **kw) is None
         limiter.release(job)  # idle, bucket empty

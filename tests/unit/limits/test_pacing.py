@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -137,12 +136,12 @@ def test_pacer_matches_the_formula(chunks: list[tuple[int, float, float]]) -> No
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(proxy_rate_bps=0),
-        dict(proxy_rate_bps=-1),
-        dict(horizon_s=0),
-        dict(horizon_s=-0.1),
-        dict(active_window_s=0),
-        dict(active_window_s=-1),
+        {"proxy_rate_bps": 0},
+        {"proxy_rate_bps": -1},
+        {"horizon_s": 0},
+        {"horizon_s": -0.1},
+        {"active_window_s": 0},
+        {"active_window_s": -1},
     ],
 )
 def test_shaper_validation(kwargs: dict) -> None:

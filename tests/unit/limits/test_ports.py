@@ -125,24 +125,24 @@ def test_config_defaults_and_geometry() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(addresses=()), "at least one egress address"),
-        (dict(addresses=(A1, A2, A1)), "distinct"),
-        (dict(addresses=(A1,), first_port=1023, last_port=2000), "1024-65535"),
-        (dict(addresses=(A1,), first_port=2000, last_port=65536), "1024-65535"),
-        (dict(addresses=(A1,), first_port=3000, last_port=2999), "1024-65535"),
-        (dict(addresses=(A1,), min_per_job=-1), "must not be negative"),
-        (dict(addresses=(A1,), reserved_newcomers=-1), "must not be negative"),
+        ({"addresses": ()}, "at least one egress address"),
+        ({"addresses": (A1, A2, A1)}, "distinct"),
+        ({"addresses": (A1,), "first_port": 1023, "last_port": 2000}, "1024-65535"),
+        ({"addresses": (A1,), "first_port": 2000, "last_port": 65536}, "1024-65535"),
+        ({"addresses": (A1,), "first_port": 3000, "last_port": 2999}, "1024-65535"),
+        ({"addresses": (A1,), "min_per_job": -1}, "must not be negative"),
+        ({"addresses": (A1,), "reserved_newcomers": -1}, "must not be negative"),
         (
-            dict(
-                addresses=(A1,),
-                first_port=2000,
-                last_port=2009,
-                min_per_job=4,
-                reserved_newcomers=2,
-            ),
+            {
+                "addresses": (A1,),
+                "first_port": 2000,
+                "last_port": 2009,
+                "min_per_job": 4,
+                "reserved_newcomers": 2,
+            },
             r"min_per_job x \(reserved_newcomers \+ 1\) = 12 exceeds the pool's 10",
         ),
-        (dict(addresses=(A1,), reuse_delay_s=-0.001), "reuse_delay_s"),
+        ({"addresses": (A1,), "reuse_delay_s": -0.001}, "reuse_delay_s"),
     ],
 )
 def test_config_validation(kwargs: dict, message: str) -> None:

@@ -51,7 +51,7 @@ def test_last_activity_before_start_counts_from_start() -> None:
 
 
 def test_lifetime_whatever_the_activity() -> None:
-    busy = dict(started=100.0, last_activity=399.9)
+    busy = {"started": 100.0, "last_activity": 399.9}
     assert check(T, **busy, now=399.9) == Expiry(None, 400.0)  # lifetime end comes first
     assert check(T, **busy, now=400.0) == Expiry(MAX_LIFETIME, 400.0)
     assert check(T, **busy, now=1000.0) == Expiry(MAX_LIFETIME, 1000.0)
