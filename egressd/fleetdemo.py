@@ -54,7 +54,8 @@ class Row:
     ok: bool
 
 
-def jobs(layout: Layout) -> list[Job]:
+def jobs(layout: Layout, *, node_b: str = "node2") -> list[Job]:
+    """Job A on node1 and job B on `node_b` (the compose fleet has one node)."""
     api = str(layout.site("api.allowed.test").address)
     raw = str(layout.site("raw.test").address)
     other_sandbox = str(layout.node("node2").sandbox_cidr.network_address + 2)
@@ -72,7 +73,7 @@ def jobs(layout: Layout) -> list[Job]:
         ),
     )
     b = Job(
-        "B", "node2",
+        "B", node_b,
         (("evil.test", (443,)),),
         (
             Expectation("https://evil.test/", "allow", "proxy:connection", host="evil.test"),
@@ -83,7 +84,7 @@ def jobs(layout: Layout) -> list[Job]:
     return [a, b]
 
 
-def _payload(job: Job, job_id: str) -> dict[str, object]:
+def payload(job: Job, job_id: str) -> dict[str, object]:
     return {
         "v": 1,
         "job_id": job_id,
@@ -192,7 +193,7 @@ def run_demo(fleet: Fleet, *, keep: bool = False) -> int:
         fleet.up()
         for job in jobs(fleet.layout):
             job_id = str(uuid.uuid4())
-            jws = fleet.sign_policy(_payload(job, job_id))
+            jws = fleet.sign_policy(payload(job, job_id))
             jws_path = fleet.run_dir / "config" / f"demo-job-{job.label}.jws"
             jws_path.write_text(jws + "\n")
             before = tier1_counts(fleet, job.node)

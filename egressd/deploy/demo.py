@@ -19,7 +19,8 @@ import uuid
 from pathlib import Path
 
 from egressd.deploy import entry, jobs
-from egressd.fleetdemo import Expectation, Job, Row, _payload, evaluate, print_table
+from egressd.fleetdemo import Job, Row, evaluate, payload, print_table
+from egressd.fleetdemo import jobs as fleet_jobs
 from egressd.topology.layout import ADMIN_PORT, default_layout
 
 RESULT = Path("/tmp/egressd-demo.result")
@@ -28,32 +29,7 @@ NODE_ADDR = "198.18.0.11"
 
 
 def demo_jobs() -> list[Job]:
-    lay = default_layout()
-    api = str(lay.site("api.allowed.test").address)
-    raw = str(lay.site("raw.test").address)
-    a = Job(
-        "A", NODE,
-        (("api.allowed.test", (443, 80)), ("*.data.allowed.test", (443,))),
-        (
-            Expectation("https://api.allowed.test/data", "allow", "proxy:connection", host="api.allowed.test"),
-            Expectation("http://api.allowed.test/", "allow", "proxy:connection", host="api.allowed.test"),
-            Expectation("https://eu.data.allowed.test/", "allow", "proxy:connection", host="eu.data.allowed.test"),
-            Expectation("https://evil.test/", "deny", "proxy:dns", host="evil.test"),
-            Expectation("http://169.254.169.254/latest/meta-data/", "deny", "tier1:denied_range"),
-            Expectation("tcp://100.96.2.2:443", "deny", "tier1:fleet_range"),
-            Expectation(f"tcp://{raw}:443", "deny", "proxy:connection", dst=raw),
-        ),
-    )  # fmt: skip
-    b = Job(
-        "B", NODE,
-        (("evil.test", (443,)),),
-        (
-            Expectation("https://evil.test/", "allow", "proxy:connection", host="evil.test"),
-            Expectation("https://api.allowed.test/data", "deny", "proxy:dns", host="api.allowed.test"),
-            Expectation(f"tcp://{api}:443", "deny", "proxy:connection", dst=api),
-        ),
-    )  # fmt: skip
-    return [a, b]
+    return fleet_jobs(default_layout(), node_b=NODE)
 
 
 def audit_events(job_id: str, log_dir: Path = entry.LOG_DIR) -> list[dict[str, object]]:
@@ -94,7 +70,7 @@ def run(node_url: str) -> int:
     rows: list[Row] = []
     for job in demo_jobs():
         job_id = str(uuid.uuid4())
-        jws = sign(_payload(job, job_id))
+        jws = sign(payload(job, job_id))
         before = tier1_counts()
         targets = [e.target for e in job.expectations]
         done = jobs.run_udf(
