@@ -10,18 +10,16 @@ validate >= 300,000 datagrams/s on one core.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 from scapy.contrib.geneve import GENEVE
 from scapy.layers.inet import IP, TCP
 
-from egressd.bench.microbench import rate
+from egressd.bench.microbench import parse_args, run_all
 from egressd.geneve import PREFIX_LEN, JobOption, decode, encode, header_for
 
 DATAGRAM_LEN = 1400
@@ -73,19 +71,11 @@ def report(results: dict[str, float]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="total timed budget")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per measure (>= 5)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    rounds = max(5, args.rounds)
-
+    args = parse_args(__doc__.splitlines()[0], argv)
     inner = build_inner()
     buf = encode(VNI, JOB, inner)
     check(buf, inner)
-    calls = measures(buf, inner)
-    round_seconds = args.seconds / (len(calls) * rounds)
-    results = {name: rate(call, round_seconds, rounds) for name, call in calls.items()}
+    results = run_all(measures(buf, inner), args)
     report(results)
 
     if args.out:
@@ -95,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode_goal_per_s": DECODE_GOAL_PER_S,
             "meets_goal": results["decode_per_s"] >= DECODE_GOAL_PER_S,
             "datagram_bytes": DATAGRAM_LEN,
-            "rounds": rounds,
+            "rounds": args.rounds,
             "statistic": "median",
             "python": sys.version.split()[0],
             "machine": platform.machine(),

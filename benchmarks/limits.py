@@ -12,7 +12,6 @@ and 50 destinations in the tables (the interesting case: not one hot key).
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import itertools
 import json
@@ -21,11 +20,10 @@ import socket
 import sys
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from egressd.bench.microbench import rate
+from egressd.bench.microbench import parse_args, run_all
 from egressd.limits.pacing import BandwidthShaper
 from egressd.limits.ports import Destination, PortPoolConfig
 from egressd.limits.timeouts import Timeouts
@@ -111,15 +109,8 @@ def report(results: dict[str, float]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="total timed budget")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per measure (>= 5)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    rounds = max(5, args.rounds)
-    calls = measures()
-    round_seconds = args.seconds / (len(calls) * rounds)
-    results = {name: rate(call, round_seconds, rounds) for name, call in calls.items()}
+    args = parse_args(__doc__.splitlines()[0], argv)
+    results = run_all(measures(), args)
     derived = report(results)
     if args.out:
         doc = {
@@ -127,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             **{name: round(value, 2) for name, value in derived.items()},
             "jobs": len(JOBS),
             "destinations": len(DESTS),
-            "rounds": rounds,
+            "rounds": args.rounds,
             "statistic": "median",
             "python": sys.version.split()[0],
         }

@@ -7,9 +7,11 @@ included, as it is in the daemons' loops.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 
 def rate(call: Callable[[], object], round_seconds: float, rounds: int) -> float:
@@ -35,3 +37,20 @@ def _calibrate(call: Callable[[], object]) -> float:
         if elapsed > 0.05:
             return elapsed / n
         n *= 4
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options every micro-benchmark takes: --seconds, --rounds (>= 5), --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seconds", type=float, default=10.0, help="total timed budget")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per measure (>= 5)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    args.rounds = max(5, args.rounds)
+    return args
+
+
+def run_all(calls: Mapping[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, float]:
+    """`rate` of each call, the time budget split evenly; by name."""
+    round_seconds = args.seconds / (len(calls) * args.rounds)
+    return {name: rate(call, round_seconds, args.rounds) for name, call in calls.items()}
