@@ -48,6 +48,12 @@ IPv4Address = ipaddress.IPv4Address
 
 #: Linux's TCP_TIMEWAIT_LEN.
 DEFAULT_REUSE_DELAY_S = 60.0
+#: Below the kernel's ephemeral range (32768-60999), so that a proxy's own
+#: client sockets never take a port the allocator hands out.
+DEFAULT_SOURCE_PORTS = (16_384, 32_767)
+#: Cloud NAT's default minimum ports per VM.
+DEFAULT_MIN_PER_JOB = 64
+DEFAULT_RESERVED_NEWCOMERS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +80,10 @@ class PortPoolConfig:
     """The pool: egress addresses x a port range, and the per-job guarantees."""
 
     addresses: tuple[IPv4Address, ...]
-    first_port: int = 16384
-    last_port: int = 32767
-    min_per_job: int = 64
-    reserved_newcomers: int = 4
+    first_port: int = DEFAULT_SOURCE_PORTS[0]
+    last_port: int = DEFAULT_SOURCE_PORTS[1]
+    min_per_job: int = DEFAULT_MIN_PER_JOB
+    reserved_newcomers: int = DEFAULT_RESERVED_NEWCOMERS
     reuse_delay_s: float = DEFAULT_REUSE_DELAY_S
 
     def __post_init__(self) -> None:

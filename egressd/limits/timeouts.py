@@ -13,11 +13,15 @@ from dataclasses import dataclass
 
 from egressd.limits import IDLE_TIMEOUT, MAX_LIFETIME
 
+#: The flow table's idle expiry: a relay idle longer has lost its flow anyway.
+DEFAULT_IDLE_S = 300.0
+DEFAULT_LIFETIME_S = 86_400.0
+
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    idle_s: float
-    lifetime_s: float
+    idle_s: float = DEFAULT_IDLE_S
+    lifetime_s: float = DEFAULT_LIFETIME_S
 
     def __post_init__(self) -> None:
         if not (self.idle_s > 0 and self.lifetime_s > 0):

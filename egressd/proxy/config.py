@@ -82,9 +82,16 @@ from urllib.parse import urlsplit
 
 from egressd import strictjson
 from egressd.errors import EgressdError
-from egressd.limits.ports import PortPoolConfig
-from egressd.limits.timeouts import Timeouts
-from egressd.proxy.limiting import LimitsConfig
+from egressd.limits.pacing import DEFAULT_HORIZON_S
+from egressd.limits.ports import (
+    DEFAULT_MIN_PER_JOB,
+    DEFAULT_RESERVED_NEWCOMERS,
+    DEFAULT_REUSE_DELAY_S,
+    DEFAULT_SOURCE_PORTS,
+    PortPoolConfig,
+)
+from egressd.limits.timeouts import DEFAULT_IDLE_S, DEFAULT_LIFETIME_S, Timeouts
+from egressd.proxy.limiting import DEFAULT_MAX_CONNECTIONS, LimitsConfig
 from egressd.topology import layout
 
 IPv4Address = ipaddress.IPv4Address
@@ -137,16 +144,16 @@ class ProxyConfig:
     node_refresh_s: float = 2.0
     mtu: int = layout.SANDBOX_MTU
     offload: bool = False
-    max_connections: int = 65_536
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     bandwidth_bps: int = 0
     egress_addresses: tuple[IPv4Address, ...] = ()
-    source_ports: tuple[int, int] = (16_384, 32_767)
-    min_ports_per_job: int = 64
-    reserved_newcomers: int = 4
-    port_reuse_delay_s: float = 60.0
-    idle_timeout_s: float = 300.0
-    max_lifetime_s: float = 86_400.0
-    pacing_horizon_s: float = 0.05
+    source_ports: tuple[int, int] = DEFAULT_SOURCE_PORTS
+    min_ports_per_job: int = DEFAULT_MIN_PER_JOB
+    reserved_newcomers: int = DEFAULT_RESERVED_NEWCOMERS
+    port_reuse_delay_s: float = DEFAULT_REUSE_DELAY_S
+    idle_timeout_s: float = DEFAULT_IDLE_S
+    max_lifetime_s: float = DEFAULT_LIFETIME_S
+    pacing_horizon_s: float = DEFAULT_HORIZON_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _is_name(self.name):

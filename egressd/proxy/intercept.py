@@ -606,15 +606,11 @@ class Interceptor:
             upstream.bind((str(lease.address), lease.port))
             async with asyncio.timeout(self.connect_timeout_s):
                 await loop.sock_connect(upstream, (str(conn.dst), conn.dport))
-        except OSError as exc:
+        except OSError as exc:  # TimeoutError (the connect timeout) included
             upstream.close()
             if exc.errno in _PORT_TAKEN:
                 raise
             # The audit line says upstream_connect_failed; this says why.
-            log.debug("upstream_connect_error", dst=str(conn.dst), port=conn.dport, error=repr(exc))
-            return None
-        except TimeoutError as exc:
-            upstream.close()
             log.debug("upstream_connect_error", dst=str(conn.dst), port=conn.dport, error=repr(exc))
             return None
         except BaseException:

@@ -30,39 +30,35 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from egressd.limits import fleet_share
 from egressd.limits.connections import ConnectionLimiter
-from egressd.limits.pacing import BandwidthShaper
+from egressd.limits.pacing import DEFAULT_HORIZON_S, BandwidthShaper
 from egressd.limits.ports import Destination, Lease, PortPoolConfig, SourcePortAllocator
 from egressd.limits.timeouts import Timeouts
 from egressd.policy.model import Limits
 
 PRUNE_INTERVAL_S = 10.0
+DEFAULT_MAX_CONNECTIONS = 65_536
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """The proxy-wide part of the limits (from `ProxyConfig`)."""
+    """The proxy-wide part of the limits (from `ProxyConfig`, whose defaults are these)."""
 
-    max_connections: int
-    bandwidth_bps: int  # per direction; 0: no proxy-wide rate
     port_pool: PortPoolConfig
-    timeouts: Timeouts
-    pacing_horizon_s: float = 0.05
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    bandwidth_bps: int = 0  # per direction; 0: no proxy-wide rate
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    pacing_horizon_s: float = DEFAULT_HORIZON_S
 
     @classmethod
     def default(cls, egress: object) -> LimitsConfig:
-        return cls(
-            max_connections=65_536,
-            bandwidth_bps=0,
-            port_pool=PortPoolConfig(addresses=(egress,)),  # type: ignore[arg-type]
-            timeouts=Timeouts(idle_s=300.0, lifetime_s=86_400.0),
-        )
+        return cls(port_pool=PortPoolConfig(addresses=(egress,)))  # type: ignore[arg-type]
 
 
 class _Metrics:
@@ -102,7 +98,7 @@ class _Metrics:
             ["job_id", "direction"],
             registry=registry,
         )
-        self.connections_total = Gauge(
+        self.admitted = Gauge(
             "egressd_connections_admitted",
             "Connections holding an admission slot at this proxy now",
             registry=registry,
@@ -118,7 +114,8 @@ class _Series:
 
     def __init__(self, gauge: Gauge) -> None:
         self._gauge = gauge
-        self._children: dict[object, tuple[tuple[str, ...], Any]] = {}
+        # key -> [label values, child, its value]
+        self._children: dict[object, list[Any]] = {}
 
     def set(self, key: object, value: int, labels: Callable[[], tuple[str, ...]]) -> None:
         entry = self._children.get(key)
@@ -126,12 +123,13 @@ class _Series:
             if not value:
                 return
             names = labels()
-            entry = self._children[key] = (names, self._gauge.labels(*names))
+            entry = self._children[key] = [names, self._gauge.labels(*names), value]
         entry[1].set(value)
+        entry[2] = value
 
     def sweep(self) -> None:
-        for key, (names, child) in list(self._children.items()):
-            if not child._value.get():
+        for key, (names, _, value) in list(self._children.items()):
+            if not value:
                 del self._children[key]
                 with contextlib.suppress(KeyError):
                     self._gauge.remove(*names)
@@ -147,7 +145,7 @@ class JobPacing:
         shaper: BandwidthShaper,
         job: uuid.UUID,
         rate_bps: int,
-        count: Callable[[str, int], None],
+        count: Callable[[uuid.UUID, str, int], None],
     ) -> None:
         self._shaper = shaper
         self._job = job
@@ -156,7 +154,7 @@ class JobPacing:
         self.horizon_s = shaper.horizon_s
 
     def departure(self, direction: str, size: int, now: float) -> float:
-        self._count(direction, size)
+        self._count(self._job, direction, size)
         return self._shaper.departure(self._job, direction, size, rate_bps=self._rate_bps, now=now)
 
 
@@ -209,7 +207,7 @@ class ProxyLimits:
 
     def _job_connections_changed(self, job: uuid.UUID) -> None:
         self._job_connections.set(job, self.connections.active(job), lambda: (str(job),))
-        self._metrics.connections_total.set(self.connections.total)
+        self._metrics.admitted.set(self.connections.total)
 
     # source ports
 
@@ -248,7 +246,7 @@ class ProxyLimits:
 
     def pacing(self, job: uuid.UUID, limits: Limits) -> JobPacing:
         rate = fleet_share(limits.bandwidth_bps, self._proxy_count())
-        return JobPacing(self.shaper, job, rate, lambda d, n: self._count_bytes(job, d, n))
+        return JobPacing(self.shaper, job, rate, self._count_bytes)
 
     def _count_bytes(self, job: uuid.UUID, direction: str, size: int) -> None:
         inc = self._job_bytes.get((job, direction))

@@ -120,17 +120,7 @@ def hold(w: World, dst: str, port: int = 9000, *, src: str = CLIENT) -> tuple[so
 
 def refused(w: World, dst: str, port: int = 9000, *, src: str = CLIENT) -> dict[str, Any]:
     """Connect; the proxy must reset; the connection's audit event."""
-    sock = ns_socket(w.client_ns)
-    with sock:
-        sock.settimeout(5.0)
-        sock.bind((src, 0))
-        with pytest.raises((ConnectionResetError, BrokenPipeError)):
-            sock.connect((dst, port))
-            sock.sendall(b"PEER\n")
-            data = sock.recv(100)
-            raise AssertionError(f"expected a reset, got {data!r}")
-        me = source(sock)
-    return w.wait_event(event="connection", source=me)
+    return w.wait_event(event="connection", source=w.expect_reset(dst, port, b"PEER\n", src=src))
 
 
 def samples(w: World) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
