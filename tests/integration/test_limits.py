@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from egressd.loadtest.results import metric_sum, parse_metrics
 from tests.integration.test_intercept import (
     BULK,
     CLIENT,
@@ -123,17 +123,8 @@ def refused(w: World, dst: str, port: int = 9000, *, src: str = CLIENT) -> dict[
     return w.wait_event(event="connection", source=w.expect_reset(dst, port, b"PEER\n", src=src))
 
 
-def samples(w: World) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(w.metrics()):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
 def metric(w: World, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples(w).items() if n == name and want <= set(ls))
+    return metric_sum(parse_metrics(w.metrics()), name, **labels)
 
 
 def wait_admitted(w: World, count: int, timeout: float = 10.0) -> None:
