@@ -70,13 +70,19 @@ LIMIT_BOUNDS: Mapping[str, tuple[int, int]] = {
     "max_new_connections_per_s": (1, 100_000),
     "ports_per_destination": (1, 64_512),  # the unprivileged port range
     "bandwidth_bps": (1, 100_000_000_000),  # 100 Gbit/s
+    "dns_queries_per_s": (1, 10_000),
 }
 
 ROOT = "$"
 _TOP_LEVEL_KEYS = frozenset(
     {"v", "job_id", "account", "nodes", "mode", "iat", "nbf", "exp", "egress", "limits"}
 )
-_RULE_KEYS = frozenset({"host", "cidr", "ports"})
+_RULE_KEYS = frozenset({"host", "cidr", "ports", "ech"})
+#: What a host rule says of a TLS ClientHello carrying `encrypted_client_hello`
+#: (its SNI is then a public front, not the destination): denied unless the
+#: rule that allows the front says ``"ech": "allow"``.
+ECH_CHOICES = ("deny", "allow")
+DEFAULT_ECH = "deny"
 _TIMESTAMPS = ("iat", "nbf", "exp")
 
 _UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -119,10 +125,15 @@ class EgressRule:
     host: str | None
     cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     ports: tuple[PortRange, ...] = DEFAULT_PORTS
+    ech: str = DEFAULT_ECH
 
     def __post_init__(self) -> None:
         if (self.host is None) == (self.cidr is None):
             raise PolicyError("egress", "a rule has exactly one of host or cidr")
+        if self.ech not in ECH_CHOICES:
+            raise PolicyError("ech", f"must be one of {', '.join(ECH_CHOICES)}")
+        if self.ech != DEFAULT_ECH and self.host is None:
+            raise PolicyError("ech", "only a host rule can allow ECH (a cidr rule allows any name)")
         if self.host is not None:
             try:
                 normalised = normalize_host_pattern(self.host)
@@ -149,6 +160,10 @@ class Limits:
     max_new_connections_per_s: int = 200
     ports_per_destination: int = 512
     bandwidth_bps: int = 100_000_000
+    #: DNS queries per second of a job on each node (tier 1) and each proxy;
+    #: a burst of one second's worth. 50/s covers a resolver's retries and a
+    #: search list for dozens of names a second; a flood is ~100x that.
+    dns_queries_per_s: int = 50
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in LIMIT_BOUNDS.items():
@@ -322,7 +337,12 @@ def _parse_rule(value: object, path: str) -> EgressRule:
     else:
         cidr = _parse_cidr(value["cidr"], f"{path}.cidr")
     ports = _parse_ports(value["ports"], f"{path}.ports") if "ports" in value else DEFAULT_PORTS
-    return EgressRule(host=host, cidr=cidr, ports=ports)
+    ech = value.get("ech", DEFAULT_ECH)
+    if not isinstance(ech, str) or ech not in ECH_CHOICES:
+        raise PolicyError(f"{path}.ech", f"must be one of {', '.join(ECH_CHOICES)}")
+    if ech != DEFAULT_ECH and cidr is not None:
+        raise PolicyError(f"{path}.ech", "only a host rule can allow ECH")
+    return EgressRule(host=host, cidr=cidr, ports=ports, ech=ech)
 
 
 def _parse_host(value: object, path: str) -> str:
@@ -402,6 +422,8 @@ def egress_rule_to_payload(rule: EgressRule) -> dict[str, object]:
         assert rule.cidr is not None
         out["cidr"] = rule.cidr.with_prefixlen
     out["ports"] = [port_range_to_payload(p) for p in rule.ports]
+    if rule.ech != DEFAULT_ECH:
+        out["ech"] = rule.ech
     return out
 
 

@@ -474,3 +474,24 @@ def test_mutated_policies_raise_only_policy_error(data: st.DataObject) -> None:
         assert isinstance(exc.field, str) and exc.field
     else:
         assert parse_policy(policy_to_payload(policy), require_timestamps=False) == policy
+
+
+def test_ech_opt_in_on_a_host_rule_round_trips() -> None:
+    payload = base()
+    payload["egress"] = [{"host": "front.allowed.test", "ports": [443], "ech": "allow"}]
+    policy = parse_policy(payload)
+    assert policy.egress[0].ech == "allow"
+    assert policy_to_payload(policy)["egress"] == [
+        {"host": "front.allowed.test", "ports": [443], "ech": "allow"}
+    ]
+    # The default is not written out: v1 payloads stay byte-identical.
+    payload["egress"] = [{"host": "front.allowed.test", "ports": [443]}]
+    assert parse_policy(payload).egress[0].ech == "deny"
+    assert "ech" not in policy_to_payload(parse_policy(payload))["egress"][0]  # type: ignore[index]
+
+
+def test_dns_rate_default_and_bounds() -> None:
+    assert Limits().dns_queries_per_s == 50
+    payload = base()
+    payload["limits"] = {"dns_queries_per_s": 10_000}
+    assert parse_policy(payload).limits.dns_queries_per_s == 10_000
