@@ -18,6 +18,10 @@ apt:
 		echo "installing: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@# `kubectl kustomize` renders deploy/kubernetes in the tests: Debian's kubernetes-client,
+	@# unless some kubectl is installed already (another package may own /usr/bin/kubectl).
+	@command -v kubectl >/dev/null || { echo "installing: kubernetes-client"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; }
 
 venv: $(VENV)/.installed
 

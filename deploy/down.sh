@@ -4,5 +4,5 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 export EGRESSD_TAG=${EGRESSD_TAG:-latest}
-"${COMPOSE[@]}" -p "$PROJECT" -f "$DEPLOY_DIR/compose.yaml" --profile images --profile load \
+"${COMPOSE[@]}" -p "$PROJECT" -f "$DEPLOY_DIR/compose.yaml" --profile images --profile load --profile monitoring \
     down -v --remove-orphans --timeout 20

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Prepare the images' build context in deploy/.build/ctx (and the base image).
+# The offline route's preparation (deploy/up.sh): a local base image and a
+# wheelhouse, for machines whose image builds cannot pull or reach the package
+# index. `docker compose up --build` on an ordinary Docker host needs none of it.
 #
-#   deploy/prepare.sh          -> prints the variables compose needs (KEY=VALUE lines)
+#   deploy/prepare.sh          -> prints the variables compose needs (KEY=VALUE lines):
+#                                 EGRESSD_BASE_IMAGE, EGRESSD_WHEELHOUSE, EGRESSD_TAG
 #
-# * Base image: EGRESSD_BASE_IMAGE if set (e.g. python:3.11-slim-bookworm on a
+# * Base image: EGRESSD_BASE_IMAGE if set (e.g. debian:bookworm-slim on a
 #   machine that can pull), else a local Debian bookworm image made with
 #   debootstrap + docker import (deploy/base-image.sh), cached in docker's image
 #   store under a content-keyed tag.
 # * Wheelhouse: every Python dependency of egressd (and locust, for the `load`
 #   profile) as wheels, made on the host with pip (image builds may not reach
 #   an index). Cached in ~/.cache/egressd/wheels-<key>, key = SHA-256 of
-#   pyproject.toml's dependency lists and the host's Python tag.
-# * Sources: egressd/, bpf/, sandbox/udfs/, pyproject.toml, loadtests/.
+#   pyproject.toml's dependency lists and the host's Python tag; linked into
+#   deploy/.build/wheels, inside the build context (the repository root).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
-CTX=$HERE/.build/ctx
+BUILD=$HERE/.build
 CACHE=${EGRESSD_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/egressd}
 
 if [ -n "${EGRESSD_BASE_IMAGE:-}" ]; then
@@ -27,16 +30,8 @@ else
 fi
 
 # --- wheelhouse --------------------------------------------------------------
-reqs() {  # reqs deps|load: a requirement list of pyproject.toml
-    "$PYTHON" - "$ROOT/pyproject.toml" "$1" <<'PY'
-import sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-reqs = project["dependencies"] if sys.argv[2] == "deps" else project["optional-dependencies"]["load"]
-print("\n".join(sorted(set(reqs))))
-PY
-}
-DEPS=$(reqs deps)
-LOAD=$(reqs load)
+DEPS=$("$PYTHON" "$HERE/docker/requirements.py" "$ROOT/pyproject.toml" deps)
+LOAD=$("$PYTHON" "$HERE/docker/requirements.py" "$ROOT/pyproject.toml" load)
 REQS=$(printf '%s\n%s\n' "$DEPS" "$LOAD")
 PYTAG=$("$PYTHON" -c 'import sys, platform; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')
 KEY=$(printf '%s\n%s\nv1\n' "$REQS" "$PYTAG" | sha256sum | cut -c1-16)
@@ -50,21 +45,19 @@ if [ ! -f "$WHEELS/.complete" ]; then
     rm -rf "$WHEELS"; mv "$WHEELS.tmp" "$WHEELS"
 fi
 
-# --- build context -------------------------------------------------------------
-rm -rf "$CTX"; mkdir -p "$CTX/app/sandbox"
-cp -al "$WHEELS" "$CTX/wheels" 2>/dev/null || cp -a "$WHEELS" "$CTX/wheels"
-rm -f "$CTX/wheels/requirements.txt" "$CTX/wheels/.complete"  # hard links: never write through them
-printf '%s\n' "$DEPS" > "$CTX/wheels/requirements.txt"
-printf '%s\n' "$LOAD" > "$CTX/wheels/requirements-load.txt"
-tar -C "$ROOT" --exclude=__pycache__ --exclude='*.pyc' --exclude='*.o' -c egressd bpf pyproject.toml \
-    | tar -C "$CTX/app" -x
-cp -a "$ROOT/sandbox/udfs" "$CTX/app/sandbox/udfs"
-mkdir -p "$CTX/loadtests"
-cp -a "$ROOT/loadtests/." "$CTX/loadtests/" 2>/dev/null || true
-cp -a "$HERE/docker" "$CTX/docker"
-# Content key of the sources: compose tags the images with it (EGRESSD_TAG).
-TAG=$( (cd "$CTX" && find app docker loadtests -type f -print0 | sort -z | xargs -0 sha256sum;
-        cd "$ROOT" && sha256sum deploy/Dockerfile node-agent/Dockerfile sandbox/Dockerfile deploy/compose.yaml;
+# --- the wheelhouse in the build context -------------------------------------------
+# The build context is the repository root; the images copy deploy/.build/wheels
+# when the build argument WHEELHOUSE names it (compose: EGRESSD_WHEELHOUSE).
+rm -rf "$BUILD/wheels"; mkdir -p "$BUILD"
+cp -al "$WHEELS" "$BUILD/wheels" 2>/dev/null || cp -a "$WHEELS" "$BUILD/wheels"
+rm -f "$BUILD/wheels/requirements.txt" "$BUILD/wheels/.complete"  # hard links: never write through them
+# Content key of what the images are built from: compose tags them with it (EGRESSD_TAG).
+TAG=$( (cd "$ROOT" && find egressd bpf sandbox/udfs loadtests deploy/docker deploy/prometheus \
+            -type f ! -name '*.pyc' ! -name '*.o' ! -path '*/__pycache__/*' -print0 2>/dev/null \
+            | sort -z | xargs -0 sha256sum;
+        cd "$ROOT" && sha256sum pyproject.toml .dockerignore deploy/Dockerfile node-agent/Dockerfile \
+            deploy/compose.yaml;
         echo "$BASE $KEY") | sha256sum | cut -c1-12)
 echo "EGRESSD_BASE_IMAGE=$BASE"
+echo "EGRESSD_WHEELHOUSE=deploy/.build/wheels"
 echo "EGRESSD_TAG=$TAG"

@@ -5,7 +5,12 @@
 #   deploy/up.sh [--scale proxy=3]
 #   EGRESSD_PROFILES=load deploy/up.sh        # also the locust load generator
 #   EGRESSD_PROJECT=name deploy/up.sh         # compose project name (default egressd)
-#   EGRESSD_BASE_IMAGE=python:3.11-slim-bookworm deploy/up.sh   # a pullable base instead of debootstrap
+#   EGRESSD_PROFILES=monitoring deploy/up.sh  # also Prometheus, scraping every member
+#   EGRESSD_BASE_IMAGE=debian:bookworm-slim deploy/up.sh   # a pullable base instead of debootstrap
+#
+# This is the offline route (a local base image, a wheelhouse made on the host:
+# deploy/prepare.sh). On a Docker host that can pull and reach the package index,
+# `docker compose -f deploy/compose.yaml up --build` needs none of it.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 TIMEOUT=${EGRESSD_UP_TIMEOUT:-300}
@@ -16,24 +21,25 @@ echo "images: egressd*:$EGRESSD_TAG on $EGRESSD_BASE_IMAGE" >&2
 if [ "${EGRESSD_WRITE_ENV:-1}" = 1 ]; then
     # deploy/.env: plain `docker-compose -f deploy/compose.yaml ...` (logs, exec, up
     # --scale) then names the same project and images as this script.
-    printf 'COMPOSE_PROJECT_NAME=%s\nEGRESSD_BASE_IMAGE=%s\nEGRESSD_TAG=%s\n' \
-        "$PROJECT" "$EGRESSD_BASE_IMAGE" "$EGRESSD_TAG" > "$DEPLOY_DIR/.env"
+    printf 'COMPOSE_PROJECT_NAME=%s\nEGRESSD_BASE_IMAGE=%s\nEGRESSD_WHEELHOUSE=%s\nEGRESSD_TAG=%s\n' \
+        "$PROJECT" "$EGRESSD_BASE_IMAGE" "$EGRESSD_WHEELHOUSE" "$EGRESSD_TAG" > "$DEPLOY_DIR/.env"
 fi
 
 images=(egressd-sandbox egressd egressd-node)
 [[ " ${EGRESSD_PROFILES:-} " == *" load "* ]] && images+=(egressd-loadgen)
+[[ " ${EGRESSD_PROFILES:-} " == *" monitoring "* ]] && images+=(egressd-prometheus)
 missing=0
 for image in "${images[@]}"; do
     docker image inspect "$image:$EGRESSD_TAG" >/dev/null 2>&1 || missing=1
 done
 if [ "$missing" = 1 ]; then
-    # The sandbox image first: the node image is built FROM it.
+    # The sandbox image is a stage of the node image's Dockerfile: built here for its tag.
     "${COMPOSE[@]}" -p "$PROJECT" -f "$DEPLOY_DIR/compose.yaml" --profile images build --force-rm sandbox
     compose build --force-rm
     # Older tags of our images are superseded (the tag is a content key); an image
     # that a running fleet still uses is kept (rmi refuses it).
     docker images --format '{{.Repository}}:{{.Tag}}' \
-        | grep -E '^egressd(-sandbox|-node|-loadgen)?:' | grep -v ":$EGRESSD_TAG\$" \
+        | grep -E '^egressd(-sandbox|-node|-loadgen|-prometheus)?:' | grep -v ":$EGRESSD_TAG\$" \
         | xargs -r docker rmi >/dev/null 2>&1 || true
 else
     echo "images up to date (tag $EGRESSD_TAG)" >&2

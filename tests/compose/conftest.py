@@ -182,6 +182,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeFleet]:
         "EGRESSD_PROJECT": project,
         "EGRESSD_UP_TIMEOUT": "300",
         "EGRESSD_WRITE_ENV": "0",
+        # Prometheus too (deploy/prometheus): the test checks it scrapes every member.
+        "EGRESSD_PROFILES": "monitoring",
     }
     log = tmp_path_factory.mktemp("compose") / "up.log"
     fleet = ComposeFleet(project, env, log)
@@ -205,7 +207,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeFleet]:
     finally:
         subprocess.run(
             [*COMPOSE, "-p", project, "-f", str(DEPLOY / "compose.yaml"),
-             "--profile", "images", "--profile", "load", "down", "-v", "--remove-orphans", "--timeout", "10"],
+             "--profile", "images", "--profile", "load", "--profile", "monitoring", "down", "-v", "--remove-orphans", "--timeout", "10"],
             env={**env, "EGRESSD_TAG": env.get("EGRESSD_TAG", "latest")},
             capture_output=True, timeout=180, check=False,
         )  # fmt: skip

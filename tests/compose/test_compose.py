@@ -9,9 +9,10 @@ unique project name, `down -v` in a finalizer):
 3. a denied name is blocked, and the proxy's audit log has the event;
 4. `--scale proxy=3`: the node discovers the new proxies through the control
    plane and new flows spread over all three;
-5. one proxy killed: the node marks it down and every new flow succeeds on
+5. Prometheus (profile `monitoring`) scrapes every member, the three proxies too;
+6. one proxy killed: the node marks it down and every new flow succeeds on
    the others;
-6. `down -v` leaves no container, network or volume of the project.
+7. `down -v` leaves no container, network or volume of the project.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def wait_for(check, timeout: float, what: str) -> float:  # type: ignore[no-unty
 def test_fleet_is_healthy_and_demo_passed(fleet: ComposeFleet) -> None:
     states = [fleet.state(c) for c in fleet.containers()]
     services = sorted(fleet.service(c) for c in fleet.containers())
-    assert services == ["control", "demo", "inet", "node", "proxy"]
+    assert services == ["control", "demo", "inet", "node", "prometheus", "proxy"]
     assert all(s == "running" and h == "healthy" for _, s, h in states), states
     (demo,) = fleet.containers("demo")
     logs = run(["docker", "logs", demo]).stdout
@@ -136,6 +137,46 @@ def test_scale_to_three_proxies_spreads_flows(fleet: ComposeFleet) -> None:
     assert len(per_proxy) == 3 and all(n > 0 for n in per_proxy.values()), per_proxy
 
 
+def prometheus_api(fleet: ComposeFleet, path: str) -> dict[str, object]:
+    """GET the fleet's Prometheus API (198.18.0.9, profile `monitoring`) from the node."""
+    done = fleet.exec(
+        fleet.node(), "python3", "-c",
+        "import sys, urllib.request as u; "
+        "print(u.urlopen('http://198.18.0.9:9090' + sys.argv[1], timeout=5).read().decode())",
+        path,
+    )  # fmt: skip
+    body = json.loads(done.stdout)
+    assert body["status"] == "success", body
+    return body["data"]  # type: ignore[no-any-return]
+
+
+def test_prometheus_scrapes_every_member(fleet: ComposeFleet) -> None:
+    """Profile `monitoring`: every member with metrics is a healthy target, scaled proxies too."""
+    want = {"control": 1, "node": 1, "proxy": len(fleet.containers("proxy"))}
+    assert want["proxy"] >= 1
+    seen: dict[str, list[tuple[str, str]]] = {}
+
+    def all_up() -> bool:
+        seen.clear()
+        for target in prometheus_api(fleet, "/api/v1/targets?state=active")["activeTargets"]:
+            seen.setdefault(target["labels"]["job"], []).append(
+                (target["labels"]["instance"], target["health"])
+            )
+        return {job: len(ts) for job, ts in seen.items()} == want and all(
+            health == "up" for ts in seen.values() for _, health in ts
+        )
+
+    try:
+        wait_for(all_up, 40, "prometheus scrapes every member")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen}") from None
+    assert all(i.endswith(":8080") for i, _ in seen["control"]), seen
+    assert all(i.endswith(":9090") for j in ("proxy", "node") for i, _ in seen[j]), seen
+    # The demo's and the tests' connections are in Prometheus, as the dashboard queries them.
+    result = prometheus_api(fleet, "/api/v1/query?query=sum(egressd_connections_total)")["result"]
+    assert result and float(result[0]["value"][1]) > 0, result
+
+
 def test_killed_proxy_fails_over(fleet: ComposeFleet) -> None:
     proxies = fleet.containers("proxy")
     assert len(proxies) == 3
@@ -174,6 +215,8 @@ def test_down_leaves_nothing(fleet: ComposeFleet) -> None:
         "images",
         "--profile",
         "load",
+        "--profile",
+        "monitoring",
         "down",
         "-v",
         "--remove-orphans",

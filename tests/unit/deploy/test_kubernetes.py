@@ -1,0 +1,264 @@
+"""deploy/kubernetes: the kustomize base and the example overlay render with a real
+kustomize (`kubectl kustomize`, Debian's kubernetes-client), every object validates
+against the Kubernetes API schemas offline (kubernetes-validate, strict: an unknown
+field is an error), and the fleet's invariants hold: probes on /readyz and
+/healthz at the compose fleet's ports, resources, securityContext without
+`privileged`, the compose fleet's images and roles."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from egressd.topology.layout import ADMIN_PORT, CONTROL_PORT
+from tests.unit.deploy.conftest import DEPLOY, compose, image_name
+
+K8S = DEPLOY / "kubernetes"
+# The schema version the manifests are written for (kubernetes-validate ships it).
+K8S_VERSION = "1.32"
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
+# component label -> the compose service running the same image and role
+COMPOSE_SERVICE = {"control": "control", "proxy": "proxy", "node-agent": "node"}
+
+
+@cache
+def render(target: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl missing: `make deps` installs Debian's kubernetes-client")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(K8S / target)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    docs = tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+    assert docs, f"{target} rendered nothing"
+    return docs
+
+
+def objects(target: str, kind: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in render(target) if kind is None or d["kind"] == kind]
+
+
+def one(target: str, kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in objects(target, kind) if d["metadata"]["name"] == name]
+    return found
+
+
+def containers(target: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for workload in objects(target):
+        if workload["kind"] in WORKLOADS:
+            for container in workload["spec"]["template"]["spec"]["containers"]:
+                yield workload, container
+
+
+def component(workload: dict[str, Any]) -> str:
+    return workload["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def port_number(container: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in container["ports"] if p["name"] == port]
+    return int(number)
+
+
+TARGETS = ["base", "overlays/example"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_object_validates_against_the_api_schemas(target: str) -> None:
+    kinds = set()
+    for doc in render(target):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        kinds.add(doc["kind"])
+    assert {
+        "Namespace", "Service", "StatefulSet", "Deployment", "DaemonSet",
+        "PodDisruptionBudget", "HorizontalPodAutoscaler", "RuntimeClass", "NetworkPolicy",
+    } <= kinds  # fmt: skip
+
+
+def test_the_validator_rejects_a_broken_object() -> None:
+    """The schema check can fail: a typo'd field and a wrong type are errors."""
+    proxy = yaml.safe_load(yaml.safe_dump(one("base", "Deployment", "egressd-proxy")))
+    proxy["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(proxy, K8S_VERSION, strict=True)
+    proxy = yaml.safe_load(yaml.safe_dump(one("base", "Deployment", "egressd-proxy")))
+    proxy["spec"]["replicas"] = "three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(proxy, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_probes_on_readyz_and_healthz_at_the_admin_port(target: str) -> None:
+    seen = set()
+    for workload, container in containers(target):
+        want = CONTROL_PORT if component(workload) == "control" else ADMIN_PORT
+        ready = container["readinessProbe"]["httpGet"]
+        live = container["livenessProbe"]["httpGet"]
+        assert ready["path"] == "/readyz" and live["path"] == "/healthz", workload["metadata"]
+        assert port_number(container, ready["port"]) == want
+        assert port_number(container, live["port"]) == want
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert int(annotations["prometheus.io/port"]) == want
+        assert annotations["prometheus.io/path"] == "/metrics"
+        seen.add(component(workload))
+    assert seen == set(COMPOSE_SERVICE)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_container_has_requests_and_limits(target: str) -> None:
+    for _, container in containers(target):
+        resources = container["resources"]
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources[kind]), container["name"]
+
+
+def walk(node: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key, value
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_privileged_and_capabilities_are_named(target: str) -> None:
+    assert ("privileged", True) not in list(walk(list(render(target))))
+    caps = {}
+    for workload, container in containers(target):
+        security = container["securityContext"]
+        assert security.get("privileged", False) is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+        added = set(security["capabilities"].get("add", []))
+        caps[component(workload)] = added
+        # The API server refuses allowPrivilegeEscalation=false with CAP_SYS_ADMIN.
+        if "SYS_ADMIN" in added:
+            assert security["allowPrivilegeEscalation"] is True
+        else:
+            assert security["allowPrivilegeEscalation"] is False
+    assert caps["control"] == set()
+    assert caps["proxy"] == {"NET_ADMIN", "NET_RAW", "BPF"}
+    # The compose proxy's capabilities, and nothing it lacks besides BPF.
+    assert set(compose()["services"]["proxy"]["cap_add"]) <= caps["proxy"]
+    assert {"NET_ADMIN", "BPF", "SYS_ADMIN"} <= caps["node-agent"]
+    # The compose node drops SYS_RESOURCE from ALL; so does the agent.
+    assert "SYS_RESOURCE" not in caps["node-agent"]
+    control = one(target, "StatefulSet", "egressd-control")["spec"]["template"]["spec"]
+    assert control["securityContext"]["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_images_and_roles_match_the_compose_fleet(target: str) -> None:
+    services = compose()["services"]
+    for workload, container in containers(target):
+        service = services[COMPOSE_SERVICE[component(workload)]]
+        assert image_name(container["image"]) == image_name(service["image"])
+        if component(workload) != "control":  # control runs `egressd control serve` itself
+            assert container["args"] == service["command"]
+        ports = {p["containerPort"] for p in container["ports"]}
+        assert (CONTROL_PORT if component(workload) == "control" else ADMIN_PORT) in ports
+
+
+def test_overlay_pins_images_and_scales_proxies() -> None:
+    for _, container in containers("overlays/example"):
+        assert container["image"].startswith("registry.example.com/egressd/")
+        assert container["image"].endswith(":0.1.0")
+    assert one("overlays/example", "Deployment", "egressd-proxy")["spec"]["replicas"] == 3
+    hpa = one("overlays/example", "HorizontalPodAutoscaler", "egressd-proxy")
+    assert hpa["spec"]["minReplicas"] == 3
+    policy = one("overlays/example", "NetworkPolicy", "sandbox-only-via-node-agent")
+    assert "10.244.0.0/16" in policy["spec"]["egress"][1]["to"][0]["ipBlock"]["except"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_proxies_spread_over_hosts_with_a_budget_and_cpu_autoscaling(target: str) -> None:
+    proxy = one(target, "Deployment", "egressd-proxy")
+    selector = proxy["spec"]["selector"]["matchLabels"]
+    (term,) = proxy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == selector
+    pdb = one(target, "PodDisruptionBudget", "egressd-proxy")
+    assert pdb["spec"]["selector"]["matchLabels"] == selector
+    assert 0 < pdb["spec"]["minAvailable"] < proxy["spec"]["replicas"]
+    hpa = one(target, "HorizontalPodAutoscaler", "egressd-proxy")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": "egressd-proxy"
+    }
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    service = one(target, "Service", "egressd-proxy")
+    assert service["spec"]["selector"] == selector
+    assert [p["port"] for p in service["spec"]["ports"]] == [ADMIN_PORT]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_control_plane_state_and_secrets(target: str) -> None:
+    control = one(target, "StatefulSet", "egressd-control")
+    (claim,) = control["spec"]["volumeClaimTemplates"]
+    pod = control["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert claim["metadata"]["name"] in mounts
+    secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets == {"egressd-signing-key", "egressd-admin-token"}
+    args = pod["containers"][0]["args"]
+    assert f"--listen=0.0.0.0:{CONTROL_PORT}" in args
+    assert "--key=/run/secrets/signing/signing.key" in args
+    # ... copied there from the Secret volumes by the init container, 0600.
+    (init,) = pod["initContainers"]
+    assert {m["name"] for m in init["volumeMounts"]} == {"signing-key", "admin-token", "secrets"}
+    assert "install -m 0600" in init["args"][0]
+    assert init["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    service = one(target, "Service", "egressd-control")
+    assert [p["port"] for p in service["spec"]["ports"]] == [CONTROL_PORT]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_node_agent_host_network_and_host_paths(target: str) -> None:
+    agent = one(target, "DaemonSet", "egressd-node-agent")["spec"]["template"]["spec"]
+    assert agent["hostNetwork"] is True
+    host_paths = {v["hostPath"]["path"] for v in agent["volumes"] if "hostPath" in v}
+    assert {"/sys/fs/bpf", "/run/netns", "/dev/net/tun"} <= host_paths
+    mounted = {m["mountPath"] for m in agent["containers"][0]["volumeMounts"]}
+    assert {"/sys/fs/bpf", "/run/netns", "/dev/net/tun"} <= mounted
+    # Only the agent is on the host's network or sees host paths (the proxy: the TUN device).
+    for workload, _ in containers(target):
+        pod = workload["spec"]["template"]["spec"]
+        if component(workload) == "node-agent":
+            continue
+        assert not pod.get("hostNetwork", False)
+        paths = {v["hostPath"]["path"] for v in pod.get("volumes", []) if "hostPath" in v}
+        assert paths <= {"/dev/net/tun"}, paths
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_sandboxes_runtime_class_and_network_policy(target: str) -> None:
+    runtime = one(target, "RuntimeClass", "egressd-gvisor")
+    assert runtime["handler"] == "runsc"
+    agent = one(target, "DaemonSet", "egressd-node-agent")["spec"]["template"]["spec"]
+    # Sandboxes land only where a node agent runs.
+    assert runtime["scheduling"]["nodeSelector"].items() <= agent["nodeSelector"].items()
+    policy = one(target, "NetworkPolicy", "sandbox-only-via-node-agent")
+    assert policy["metadata"]["namespace"] == "egressd-sandboxes"
+    assert policy["spec"]["podSelector"] == {}
+    assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    assert not policy["spec"].get("ingress")
+    resolver, outside = policy["spec"]["egress"]
+    assert resolver["to"] == [{"ipBlock": {"cidr": "100.100.100.53/32"}}]
+    assert {p["port"] for p in resolver["ports"]} == {53}
+    excluded = set(outside["to"][0]["ipBlock"]["except"])
+    # The metadata service, the CGNAT range the sandbox CIDRs live in, the underlay.
+    assert {"169.254.0.0/16", "100.64.0.0/10", "198.18.0.0/15"} <= excluded
