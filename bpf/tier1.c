@@ -16,6 +16,9 @@
  *   truncated, bad version/IHL/length        -> drop      malformed
  *   IPv4 source != sandbox IP                -> drop      spoofed_ip
  *   fragment (MF or offset != 0)             -> drop      fragment
+ *   IPv4 options (IHL > 5)                   -> drop      ip_options
+ *   resolver, UDP or TCP SYN to port 53, the
+ *   sandbox's DNS bucket empty               -> drop      dns_rate_limit
  *   resolver, UDP or TCP dst port 53         -> redirect  redirected
  *   any other UDP                            -> drop      udp_not_dns
  *   destination in t1_denied (LPM)           -> drop      the entry's reason, unless the
@@ -23,7 +26,17 @@
  *                                                         sandbox has a t1_exempt entry
  *   any other protocol (ICMP ...)            -> drop      proto_not_allowed
  *   TCP to a port outside the job's bitmap   -> drop      port_not_allowed
+ *   TCP SYN without ACK, the sandbox's SYN
+ *   bucket empty                             -> drop      syn_rate_limit
  *   TCP, allowed                             -> redirect  redirected (to the TUN)
+ *
+ * Token buckets (struct t1_bucket, one for DNS and one for SYNs in each
+ * sandbox entry) are GCRA: one u64 "theoretical arrival time" per bucket,
+ * advanced by a packet's cost in nanoseconds with compare-and-swap, so the
+ * limit is exact across CPUs with no lock. A GSO super-packet pays for each
+ * of its segments (and is counted once). A SYN takes a token only once every
+ * allow check has passed: denied SYNs are dropped by their own reason and
+ * never spend the job's rate.
  *
  * Counters count skbs (a GSO super-packet once) and their length on the veth,
  * Ethernet header included. The agent (egressd/agent/tier1.py) fills every
@@ -59,7 +72,10 @@ enum t1_reason {
 	T1_FLEET_RANGE = 13,
 	T1_PORT_NOT_ALLOWED = 14,
 	T1_PROTO_NOT_ALLOWED = 15,
-	T1_REASON_COUNT = 16,
+	T1_IP_OPTIONS = 16,
+	T1_DNS_RATE_LIMIT = 17,
+	T1_SYN_RATE_LIMIT = 18,
+	T1_REASON_COUNT = 19,
 };
 
 #define T1_DNS_PORT 53
@@ -69,16 +85,31 @@ enum t1_reason {
 #define T1_IP_OFFSET 0x1fff
 /* Ethernet + the longest IPv4 header + a TCP header without options. */
 #define T1_PULL_LEN (ETH_HLEN + 60 + 20)
+/* Compare-and-swap attempts before a contended bucket drops (fails closed). */
+#define T1_BUCKET_TRIES 8
 
 struct t1_config {
 	__u32 tun_ifindex;
 	__be32 resolver;
 };
 
+/* A packet conforms when, after it, the bucket owes at most depth_ns of
+ * credit: tat_ns = max(tat_ns, now) + cost_ns <= now + depth_ns. The agent
+ * writes cost_ns = ceil(1e9 / rate) and depth_ns = burst * cost_ns with
+ * tat_ns = 0 (a full bucket); only the program moves tat_ns. */
+struct t1_bucket {
+	__u64 cost_ns;
+	__u64 depth_ns;
+	__u64 tat_ns;
+};
+
 struct t1_sandbox {
 	__be32 ip;
 	__u8 mac[ETH_ALEN];
 	__u16 reserved;
+	__u32 pad; /* the buckets are 8-byte aligned */
+	struct t1_bucket dns;
+	struct t1_bucket syn;
 	/* bit (port & 7) of byte (port >> 3): TCP destination ports the job may use */
 	__u8 tcp_ports[T1_PORT_BITMAP_BYTES];
 };
@@ -219,6 +250,30 @@ static __always_inline int port_allowed(const struct t1_sandbox *sb, __be16 port
 	return sb->tcp_ports[(port >> 3) & (T1_PORT_BITMAP_BYTES - 1)] & (1u << (port & 7));
 }
 
+/* Take the credit of every packet in `skb` from `b` (a UDP GSO super-packet
+ * carries gso_segs datagrams, each a query); 0 when the bucket cannot pay
+ * (or has no rate, or stays contended): the caller drops. */
+static __always_inline int take_token(struct __sk_buff *skb, struct t1_bucket *b)
+{
+	__u64 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
+	__u64 cost = b->cost_ns * segs;
+	__u64 depth = b->depth_ns;
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!cost)
+		return 0;
+	for (int i = 0; i < T1_BUCKET_TRIES; i++) {
+		__u64 tat = *(volatile __u64 *)&b->tat_ns;
+		__u64 next = (tat > now ? tat : now) + cost;
+
+		if (next - now > depth)
+			return 0;
+		if (__sync_val_compare_and_swap(&b->tat_ns, tat, next) == tat)
+			return 1;
+	}
+	return 0;
+}
+
 static __always_inline int denied(__u32 ifindex, __be32 daddr, __u32 *reason)
 {
 	struct t1_denied_key key = { .prefixlen = 32, .addr = daddr };
@@ -291,18 +346,26 @@ int tier1_ingress(struct __sk_buff *skb)
 		return drop(skb, ifindex, T1_SPOOFED_IP);
 	if (ip->frag_off & bpf_htons(T1_IP_MF | T1_IP_OFFSET))
 		return drop(skb, ifindex, T1_FRAGMENT);
+	/* Source routes, record-route, router alert ...: nothing a sandbox needs,
+	 * and options would only widen what tier 2 has to parse. */
+	if (ihl != sizeof(*ip))
+		return drop(skb, ifindex, T1_IP_OPTIONS);
 
 	void *l4 = (void *)ip + ihl;
 	__be32 daddr = ip->daddr;
 	__be16 dport = 0;
+	int syn = 0;
 
 	if (ip->protocol == IPPROTO_UDP) {
 		struct udphdr *udp = l4;
 
 		if ((void *)(udp + 1) > data_end || tot_len < ihl + sizeof(*udp))
 			return drop(skb, ifindex, T1_MALFORMED);
-		if (daddr == cfg->resolver && udp->dest == bpf_htons(T1_DNS_PORT))
+		if (daddr == cfg->resolver && udp->dest == bpf_htons(T1_DNS_PORT)) {
+			if (!take_token(skb, &sb->dns))
+				return drop(skb, ifindex, T1_DNS_RATE_LIMIT);
 			return count(skb, ifindex, T1_REDIRECTED, bpf_redirect(cfg->tun_ifindex, 0));
+		}
 		return drop(skb, ifindex, T1_UDP_NOT_DNS);
 	}
 	if (ip->protocol == IPPROTO_TCP) {
@@ -311,8 +374,13 @@ int tier1_ingress(struct __sk_buff *skb)
 		if ((void *)(tcp + 1) > data_end || tot_len < ihl + sizeof(*tcp) || tcp->doff < 5)
 			return drop(skb, ifindex, T1_MALFORMED);
 		dport = tcp->dest;
-		if (daddr == cfg->resolver && dport == bpf_htons(T1_DNS_PORT))
+		syn = tcp->syn && !tcp->ack;
+		if (daddr == cfg->resolver && dport == bpf_htons(T1_DNS_PORT)) {
+			/* One query's connection: its SYN takes a DNS token, not a SYN one. */
+			if (syn && !take_token(skb, &sb->dns))
+				return drop(skb, ifindex, T1_DNS_RATE_LIMIT);
 			return count(skb, ifindex, T1_REDIRECTED, bpf_redirect(cfg->tun_ifindex, 0));
+		}
 	}
 
 	__u32 reason = T1_DENIED_RANGE;
@@ -323,6 +391,8 @@ int tier1_ingress(struct __sk_buff *skb)
 		return drop(skb, ifindex, T1_PROTO_NOT_ALLOWED);
 	if (!port_allowed(sb, dport))
 		return drop(skb, ifindex, T1_PORT_NOT_ALLOWED);
+	if (syn && !take_token(skb, &sb->syn))
+		return drop(skb, ifindex, T1_SYN_RATE_LIMIT);
 	return count(skb, ifindex, T1_REDIRECTED, bpf_redirect(cfg->tun_ifindex, 0));
 }
 

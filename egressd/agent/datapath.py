@@ -618,11 +618,13 @@ class AgentCollector(Collector):
         proxy_up: Callable[[], Mapping[str, bool]],
         tier1_totals: Callable[[], Mapping[Reason, Count]] | None,
         sandboxes: Callable[[], int],
+        tier1_by_sandbox: Callable[[], Mapping[Sandbox, Mapping[Reason, Count]]] | None = None,
     ) -> None:
         self._dp = datapath
         self._proxy_up = proxy_up
         self._tier1_totals = tier1_totals
         self._sandboxes = sandboxes
+        self._tier1_by_sandbox = tier1_by_sandbox
 
     def describe(self) -> Sequence[object]:
         return []  # dynamic: do not collect at registration time
@@ -689,3 +691,27 @@ class AgentCollector(Collector):
                 t1_bytes.add_metric([reason.verdict.value, reason.value], count.bytes)
             yield t1_packets
             yield t1_bytes
+        if self._tier1_by_sandbox is not None:
+            yield _tier1_sandbox_family(self._tier1_by_sandbox)
+
+
+def _tier1_sandbox_family(
+    read: Callable[[], Mapping[Sandbox, Mapping[Reason, Count]]],
+) -> CounterMetricFamily:
+    # Per sandbox, only the reasons that counted (bounded by sandboxes x reasons):
+    # a load test reads its attacker's drops here, e.g. reason="syn_rate_limit".
+    family = CounterMetricFamily(
+        "egressd_tier1_sandbox_packets",
+        "Frames tier 1 handled per registered sandbox, by verdict and reason",
+        labels=["sandbox_id", "job_id", "verdict", "reason"],
+    )
+    try:
+        per_sandbox = read()
+    except (Tier1Error, OSError) as exc:  # a scrape must not fail on a map read
+        log.warning("tier1_counters_failed", error=str(exc))
+        per_sandbox = {}
+    for sandbox, counts in per_sandbox.items():
+        for reason, count in sorted(counts.items(), key=lambda item: item[0].code):
+            labels = [sandbox.sandbox_id, str(sandbox.job_id), reason.verdict.value, reason.value]
+            family.add_metric(labels, count.packets)
+    return family

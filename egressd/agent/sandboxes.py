@@ -2,7 +2,8 @@
 
 Pure part (unit-tested without a kernel): sandbox id and name rules,
 `IpPool`, `tcp_ports` (the union of a policy's rule ports), `exemptions`
-(cidr rules inside an overridable always-denied range), `verify_for_node`.
+(cidr rules inside an overridable always-denied range), `tier1_buckets` (the
+DNS and SYN rate limits from the policy's limits), `verify_for_node`.
 
 I/O part: `SandboxManager`. Registering `sandbox_id` with a JWS:
 
@@ -19,8 +20,9 @@ I/O part: `SandboxManager`. Registering `sandbox_id` with a JWS:
    the id) is created, and a veth pair: ``sb<short>`` in the node's
    namespace, ``eth0`` in the sandbox's;
 6. tier 1 is attached to ``sb<short>`` and programmed (sandbox IP and MAC,
-   TCP ports, exemptions) while both ends are still down, so no frame of the
-   sandbox ever reaches the node's kernel unfiltered;
+   TCP ports, exemptions, DNS and SYN token buckets) while both ends are
+   still down, so no frame of the sandbox ever reaches the node's kernel
+   unfiltered;
 7. the node end gets the gateway address as a /32 (every sandbox veth has
    the same one, so the gateway answers ARP on each of them without
    proxy_arp), rp_filter off, IPv6 off, MTU `sandbox_mtu`, and a /32 route
@@ -74,7 +76,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from egressd.agent.config import AgentConfig
-from egressd.agent.tier1 import Count, Reason, Tier1, Tier1Error
+from egressd.agent.tier1 import Bucket, Count, Reason, Tier1, Tier1Error
 from egressd.errors import EgressdError
 from egressd.net import netns
 from egressd.policy import addresses
@@ -223,6 +225,21 @@ def exemptions(policy: Policy, fleet_ranges: Sequence[IPv4Network] = ()) -> tupl
         if addresses.overrides(match, net.network_address, net) and net not in out:
             out.append(net)
     return tuple(out)
+
+
+def tier1_buckets(policy: Policy) -> tuple[Bucket, Bucket]:
+    """(dns, syn): the sandbox's tier-1 token buckets, one second's burst each.
+
+    Both use the job's whole rate: ``dns_queries_per_s`` is per node, and a
+    node cannot know how many sandboxes the job runs elsewhere, so the SYN
+    bucket gets the job's fleet-wide ``max_new_connections_per_s`` (the
+    proxies hold the job to it exactly; tier 1 only keeps a flood on the node).
+    """
+    limits = policy.limits
+    return (
+        Bucket.per_second(limits.dns_queries_per_s),
+        Bucket.per_second(limits.max_new_connections_per_s),
+    )
 
 
 def verify_for_node(
@@ -377,6 +394,22 @@ class SandboxManager:
             acc[1] += count.bytes
         return {r: Count(p, b) for r, (p, b) in out.items()}
 
+    def tier1_by_sandbox(self) -> dict[Sandbox, dict[Reason, Count]]:
+        """The live tier-1 counters of each registered sandbox (for /metrics).
+
+        Only reasons that counted at least one frame; a sandbox's series end
+        when it is unregistered (its counts stay in `tier1_totals`).
+        """
+        by_ifindex = {s.ifindex: s for s in list(self._sandboxes.values())}
+        with self._counters_lock:
+            live = self.tier1.counters()
+        out: dict[Sandbox, dict[Reason, Count]] = {}
+        for (ifindex, reason), count in live.items():
+            sandbox = by_ifindex.get(ifindex)
+            if sandbox is not None:
+                out.setdefault(sandbox, {})[reason] = count
+        return out
+
     # -- register / unregister ---------------------------------------------------
 
     async def register(self, sandbox_id: object, jws: object) -> Sandbox:
@@ -496,6 +529,7 @@ class SandboxManager:
         gateway = config.gateway
         undo = _Undo()
         try:
+            dns_bucket, syn_bucket = tier1_buckets(policy)
             self._write_record(sandbox_id, names)
             undo.push("record", lambda: self._remove_record(names))
             if netns.netns_exists(names.netns):
@@ -508,7 +542,7 @@ class SandboxManager:
             mac = _peer_mac(names.netns, names.peer_veth)
             ifindex = self.tier1.attach(names.host_veth)
             undo.push("tier1_attach", lambda: self.tier1.detach(names.host_veth))
-            self.tier1.set_sandbox(ifindex, ip, mac, ports, exempt)
+            self.tier1.set_sandbox(ifindex, ip, mac, ports, exempt, dns=dns_bucket, syn=syn_bucket)
             undo.push("tier1_sandbox", lambda: self._forget_tier1(ifindex))
             # Only now, with tier 1 in place, may frames flow: configure and bring up.
             with _net_errors("sandbox_link"):

@@ -182,6 +182,7 @@ class AgentService:
                 proxy_up=self._proxy_up,
                 tier1_totals=manager.tier1_totals,
                 sandboxes=lambda: len(manager),
+                tier1_by_sandbox=manager.tier1_by_sandbox,
             )
         )
         self.api = ApiServer(manager, config.api_socket)

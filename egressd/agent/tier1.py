@@ -30,6 +30,9 @@ the node's when the agent runs under ``nsenter --net=/run/netns/NODE``.
 
 Map layouts, the reason table and key/value packing are pure data in
 `egressd.agent.tier1_maps`.
+Token-bucket state lives in the sandbox entry and in the kernel only: a new
+entry (registration) starts with full buckets, and an agent restart loads
+fresh maps (its sandboxes are torn down anyway, see `egressd.agent.sandboxes`).
 Counters count skbs: a TSO/GSO super-packet from the sandbox's stack counts
 once (the kernel segments it, with checksums, on its way into the TUN), and its
 bytes are the frame's length on the veth, Ethernet header included.
@@ -91,6 +94,7 @@ from egressd.agent.tier1_maps import (
     unpack_counter_key,
     unpack_exempt_key,
     unpack_sandbox,
+    Bucket,
     Count,
     DeniedRange,
     PortSpec,
@@ -383,8 +387,15 @@ class Tier1:
         mac: str | bytes,
         tcp_ports: Iterable[PortSpec],
         exemptions: Iterable[IPv4Network] = (),
+        *,
+        dns: Bucket,
+        syn: Bucket,
     ) -> None:
         """Create or replace the sandbox behind veth `ifindex`.
+
+        `dns` limits its UDP datagrams and TCP SYNs to the resolver's port 53,
+        `syn` its other TCP SYNs (those every other check allowed). Writing the
+        entry refills both buckets.
 
         `exemptions` are the job's cidr rules that lie inside an overridable
         always-denied range (egressd.policy.addresses.overrides); any other
@@ -394,7 +405,7 @@ class Tier1:
         """
         if not isinstance(ifindex, int) or ifindex <= 0:
             raise Tier1Error("bad_sandbox", f"ifindex must be positive, got {ifindex!r}")
-        value = pack_sandbox(ip, mac, tcp_ports)
+        value = pack_sandbox(ip, mac, tcp_ports, dns=dns, syn=syn)
         wanted = {pack_exempt_key(ifindex, self._check_exemption(net)) for net in exemptions}
         stale = set(self._exempt_keys(ifindex)) - wanted
         for key in wanted:

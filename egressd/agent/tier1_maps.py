@@ -5,7 +5,9 @@ map layouts, and packing/unpacking of keys and values. Pure: no kernel, no I/O
 Map layouts (native byte order unless marked be32, which is network order):
 
 * ``t1_config`` array[1]: u32 0 -> {u32 tun_ifindex, be32 resolver}
-* ``t1_sandboxes`` hash: u32 ifindex -> {be32 ip, u8 mac[6], u16 0, u8 tcp_ports[8192]}
+* ``t1_sandboxes`` hash: u32 ifindex -> {be32 ip, u8 mac[6], u16 0, u32 0,
+  bucket dns, bucket syn, u8 tcp_ports[8192]}; a bucket is
+  {u64 cost_ns, u64 depth_ns, u64 tat_ns} (see `Bucket`; the agent writes tat_ns 0)
 * ``t1_denied`` LPM trie: {u32 prefixlen, be32 addr} -> {u32 reason, u32 flags}
   (flags bit 0: overridable by an exemption)
 * ``t1_exempt`` LPM trie: {u32 32 + prefixlen, u32 ifindex, be32 addr} -> u32 1
@@ -36,7 +38,7 @@ class Tier1Error(EgressdError):
 
     Reasons: bad_config, build_failed, tool_missing, mount_failed,
     load_failed, abi_mismatch, not_loaded, no_such_link, attach_failed, detach_failed,
-    map_failed, bad_sandbox, bad_port, bad_exemption, bad_denied_range.
+    map_failed, bad_sandbox, bad_port, bad_rate, bad_exemption, bad_denied_range.
     """
 
 
@@ -73,6 +75,9 @@ class Reason(enum.StrEnum):
     FLEET_RANGE = "fleet_range"
     PORT_NOT_ALLOWED = "port_not_allowed"
     PROTO_NOT_ALLOWED = "proto_not_allowed"
+    IP_OPTIONS = "ip_options"
+    DNS_RATE_LIMIT = "dns_rate_limit"
+    SYN_RATE_LIMIT = "syn_rate_limit"
 
     @property
     def code(self) -> int:
@@ -108,14 +113,23 @@ CONFIG_KEY: Final = struct.pack("=I", 0)
 
 U32 = struct.Struct("=I")
 _CONFIG = struct.Struct("=I4s")
-_SANDBOX_HEAD = struct.Struct("=4s6s2x")
+_SANDBOX_HEAD = struct.Struct("=4s6s2x4x")
+_BUCKET = struct.Struct("=QQQ")
 _DENIED_KEY = struct.Struct("=I4s")
 _DENIED_VALUE = struct.Struct("=II")
 _EXEMPT_KEY = struct.Struct("=II4s")
 EXEMPT_VALUE = U32.pack(1)
 _COUNTER_KEY = struct.Struct("=II")
 COUNTER_VALUE = struct.Struct("=QQ")
-SANDBOX_VALUE_SIZE: Final = _SANDBOX_HEAD.size + PORT_BITMAP_BYTES
+SANDBOX_VALUE_SIZE: Final = _SANDBOX_HEAD.size + 2 * _BUCKET.size + PORT_BITMAP_BYTES
+_PORTS_OFFSET: Final = SANDBOX_VALUE_SIZE - PORT_BITMAP_BYTES
+NS_PER_S: Final = 1_000_000_000
+#: A bucket holds one second's worth of packets, and never fewer than this: a
+#: resolver sends A and AAAA at once and retries, a client pool opens a few
+#: connections together, and a rate of 1/s must not turn that into drops.
+MIN_BURST: Final = 10
+#: Highest rate a bucket takes (1 packet per microsecond); policy bounds are lower.
+MAX_RATE_PER_S: Final = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,12 +184,54 @@ class DeniedRange:
 
 
 @dataclass(frozen=True, slots=True)
+class Bucket:
+    """A tier-1 token bucket in credit time: a packet costs `cost_ns`, and the
+    bucket holds `depth_ns` (``burst * cost_ns``); see `struct t1_bucket`."""
+
+    cost_ns: int
+    depth_ns: int
+
+    def __post_init__(self) -> None:
+        for name in ("cost_ns", "depth_ns"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise Tier1Error("bad_rate", f"{name} must be a positive integer, got {value!r}")
+        if self.cost_ns < NS_PER_S // MAX_RATE_PER_S or self.cost_ns > NS_PER_S:
+            raise Tier1Error("bad_rate", f"cost_ns {self.cost_ns} outside 1 us..1 s")
+        if self.depth_ns < self.cost_ns or self.depth_ns >= 1 << 62:
+            raise Tier1Error("bad_rate", f"depth_ns {self.depth_ns} below one packet or too big")
+
+    @classmethod
+    def per_second(cls, rate: int, *, min_burst: int = MIN_BURST) -> Bucket:
+        """`rate` packets a second, a burst of one second's worth (at least `min_burst`).
+
+        The cost is rounded up, so tier 1 never lets through more than `rate`.
+        """
+        if not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= MAX_RATE_PER_S:
+            raise Tier1Error("bad_rate", f"rate must be 1..{MAX_RATE_PER_S} per second: {rate!r}")
+        if not isinstance(min_burst, int) or isinstance(min_burst, bool) or min_burst < 1:
+            raise Tier1Error("bad_rate", f"min_burst must be a positive integer: {min_burst!r}")
+        cost = -(-NS_PER_S // rate)
+        return cls(cost, max(rate, min_burst) * cost)
+
+    @property
+    def burst(self) -> int:
+        return self.depth_ns // self.cost_ns
+
+    @property
+    def rate_per_s(self) -> float:
+        return NS_PER_S / self.cost_ns
+
+
+@dataclass(frozen=True, slots=True)
 class SandboxEntry:
     """What t1_sandboxes holds for one veth (read back by `Tier1.sandbox`)."""
 
     ip: IPv4Address
     mac: bytes
     tcp_ports: tuple[tuple[int, int], ...]
+    dns: Bucket
+    syn: Bucket
 
 
 def denied_ranges(fleet_ranges: Iterable[IPv4Network]) -> tuple[DeniedRange, ...]:
@@ -280,15 +336,38 @@ def pack_config(tun_ifindex: int, resolver: IPv4Address) -> bytes:
     return _CONFIG.pack(tun_ifindex, resolver.packed)
 
 
-def pack_sandbox(ip: IPv4Address, mac: str | bytes, tcp_ports: Iterable[PortSpec]) -> bytes:
+def pack_sandbox(
+    ip: IPv4Address,
+    mac: str | bytes,
+    tcp_ports: Iterable[PortSpec],
+    *,
+    dns: Bucket,
+    syn: Bucket,
+) -> bytes:
+    """The t1_sandboxes value; both buckets start full (tat_ns 0)."""
     if not isinstance(ip, IPv4Address):
         raise Tier1Error("bad_sandbox", f"not an IPv4 address: {ip!r}")
-    return _SANDBOX_HEAD.pack(ip.packed, mac_bytes(mac)) + port_bitmap(tcp_ports)
+    if not isinstance(dns, Bucket) or not isinstance(syn, Bucket):
+        raise Tier1Error("bad_rate", f"buckets must be Bucket, got {dns!r}, {syn!r}")
+    return (
+        _SANDBOX_HEAD.pack(ip.packed, mac_bytes(mac))
+        + _BUCKET.pack(dns.cost_ns, dns.depth_ns, 0)
+        + _BUCKET.pack(syn.cost_ns, syn.depth_ns, 0)
+        + port_bitmap(tcp_ports)
+    )
 
 
 def unpack_sandbox(raw: bytes) -> SandboxEntry:
     ip, mac = _SANDBOX_HEAD.unpack_from(raw)
-    return SandboxEntry(IPv4Address(ip), mac, bitmap_ranges(raw[_SANDBOX_HEAD.size :]))
+    dns_cost, dns_depth, _ = _BUCKET.unpack_from(raw, _SANDBOX_HEAD.size)
+    syn_cost, syn_depth, _ = _BUCKET.unpack_from(raw, _SANDBOX_HEAD.size + _BUCKET.size)
+    return SandboxEntry(
+        IPv4Address(ip),
+        mac,
+        bitmap_ranges(raw[_PORTS_OFFSET:]),
+        Bucket(dns_cost, dns_depth),
+        Bucket(syn_cost, syn_depth),
+    )
 
 
 def pack_denied_key(network: IPv4Network) -> bytes:

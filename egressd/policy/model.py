@@ -160,9 +160,9 @@ class Limits:
     max_new_connections_per_s: int = 200
     ports_per_destination: int = 512
     bandwidth_bps: int = 100_000_000
-    #: DNS queries per second of a job on each node (tier 1) and each proxy;
-    #: a burst of one second's worth. 50/s covers a resolver's retries and a
-    #: search list for dozens of names a second; a flood is ~100x that.
+    #: DNS queries per second: per sandbox at tier 1 (eBPF) and per job at each
+    #: proxy; a burst of one second's worth. 50/s covers a resolver's retries
+    #: and a search list for dozens of names a second; a flood is ~100x that.
     dns_queries_per_s: int = 50
 
     def __post_init__(self) -> None:

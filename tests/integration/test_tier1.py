@@ -18,6 +18,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -27,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
+from scapy.layers.inet import (
+    ICMP,
+    IP,
+    TCP,
+    UDP,
+    IPOption_EOL,
+    IPOption_LSRR,
+    IPOption_NOP,
+    IPOption_Router_Alert,
+)
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet, Raw
@@ -35,6 +45,7 @@ from scapy.packet import Packet, Raw
 from egressd.agent import bpf_syscall
 from egressd.agent.tier1 import (
     DEFAULT_SOURCE,
+    Bucket,
     Count,
     PortSpec,
     Reason,
@@ -77,6 +88,9 @@ API = LAYOUT.site("api.allowed.test").address
 PORTS: list[PortSpec] = [443, 80, (8000, 8010)]
 PRIVATE = IPv4Address("10.1.2.3")  # inside 10/8, overridable by a cidr rule
 PRIVATE_NET = IPv4Network("10.1.2.0/24")
+# The policy defaults (egressd.policy.model.Limits): far above what these tests send.
+DNS_BUCKET = Bucket.per_second(50)
+SYN_BUCKET = Bucket.per_second(200)
 SETTLE_S = 2.0
 VLAN_TAG_LEN = 4
 
@@ -94,8 +108,14 @@ class Bed:
     s2: socket.socket
     pending: list[bytes] = field(default_factory=list)
 
-    def program(self, exemptions: tuple[IPv4Network, ...] = ()) -> None:
-        self.tier1.set_sandbox(self.h1, SBX_IP, SBX_MAC, PORTS, exemptions)
+    def program(
+        self,
+        exemptions: tuple[IPv4Network, ...] = (),
+        *,
+        dns: Bucket = DNS_BUCKET,
+        syn: Bucket = SYN_BUCKET,
+    ) -> None:
+        self.tier1.set_sandbox(self.h1, SBX_IP, SBX_MAC, PORTS, exemptions, dns=dns, syn=syn)
 
     def drain_tun(self) -> list[bytes]:
         out = []
@@ -242,7 +262,6 @@ REDIRECTED: dict[str, Callable[[], Packet]] = {
             options=[("MSS", 1396), ("SAckOK", b""), ("WScale", 7)],
         )
     ),
-    "ip_options": lambda: _tcp(API, 443, options=[IPOption_Router_Alert()]),
 }
 
 DROPPED: dict[str, tuple[Callable[[], Packet], Reason]] = {
@@ -313,6 +332,28 @@ DROPPED: dict[str, tuple[Callable[[], Packet], Reason]] = {
         Reason.FRAGMENT,
     ),
     "bad_ihl": (lambda: _tcp(API, 443, ihl=4), Reason.MALFORMED),
+    "ip_options_router_alert": (
+        lambda: _tcp(API, 443, options=[IPOption_Router_Alert()]),
+        Reason.IP_OPTIONS,
+    ),
+    "ip_options_nop_eol": (
+        lambda: _tcp(API, 443, options=[IPOption_NOP(), IPOption_NOP(), IPOption_NOP(),
+                                         IPOption_EOL()]),
+        Reason.IP_OPTIONS,
+    ),
+    "ip_options_loose_source_route": (
+        lambda: _tcp(API, 443, options=[IPOption_LSRR(routers=[str(GATEWAY + 7)])]),
+        Reason.IP_OPTIONS,
+    ),
+    "ip_options_to_resolver": (
+        lambda: (
+            Ether(src=SBX_MAC)
+            / IP(src=str(SBX_IP), dst=str(RESOLVER), options=[IPOption_Router_Alert()])
+            / UDP(sport=40001, dport=53)
+            / Raw(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00")
+        ),
+        Reason.IP_OPTIONS,
+    ),
     "ip_len_past_frame": (lambda: _tcp(API, 443, len=400), Reason.MALFORMED),
     "tcp_truncated": (
         lambda: (
@@ -433,6 +474,7 @@ def test_sandbox_entry_reads_back(bed: Bed) -> None:
     assert entry is not None
     assert (entry.ip, entry.mac.hex(":")) == (SBX_IP, SBX_MAC)
     assert entry.tcp_ports == ((80, 80), (443, 443), (8000, 8010))
+    assert (entry.dns, entry.syn) == (DNS_BUCKET, SYN_BUCKET)
     assert set(bed.tier1.sandboxes()) == {bed.h1}
 
 
@@ -561,7 +603,7 @@ def test_lifecycle_attach_detach_close_leaves_nothing(tmp_path: Path) -> None:
         )
         with other:
             assert other.prog_id != prog_id
-            other.set_sandbox(bed.h1, SBX_IP, SBX_MAC, [1])
+            other.set_sandbox(bed.h1, SBX_IP, SBX_MAC, [1], dns=DNS_BUCKET, syn=SYN_BUCKET)
             assert bed.tier1.sandbox(bed.h1) is not None
             assert bed.tier1.sandbox(bed.h1) != other.sandbox(bed.h1)
         assert not (tmp_path / "other" / "bpffs").exists()
@@ -578,7 +620,7 @@ def test_lifecycle_attach_detach_close_leaves_nothing(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert not _prog_exists(prog_id)
         with pytest.raises(Tier1Error) as info:
-            bed.tier1.set_sandbox(bed.h1, SBX_IP, SBX_MAC, [443])
+            bed.tier1.set_sandbox(bed.h1, SBX_IP, SBX_MAC, [443], dns=DNS_BUCKET, syn=SYN_BUCKET)
         assert info.value.reason == "not_loaded"
 
 
@@ -622,3 +664,245 @@ def test_build_object_caches_and_reports_errors(tmp_path: Path) -> None:
 
 def test_possible_cpus_matches_sysconf() -> None:
     assert bpf_syscall.possible_cpus() >= (os.cpu_count() or 1)
+
+
+# -- token buckets ----------------------------------------------------------------------
+# Buckets are GCRA in the kernel (bpf/tier1.c, take_token): B = burst, R = rate. A flood
+# from a full bucket gets B through at once and then one every 1/R s; set_sandbox (the
+# autouse fixture) refills both buckets before each test.
+
+DNS_QUERY = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+FLOOD_SLACK_S = 0.05  # send-to-tc delay and scheduling noise, per end of a flood
+
+
+def _syn_frames(bed: Bed, n: int, dst: IPv4Address = API, dport: int = 443) -> list[bytes]:
+    return [
+        bytes(
+            Ether(src=SBX_MAC, dst=bed.h1_mac)
+            / IP(src=str(SBX_IP), dst=str(dst))
+            / TCP(sport=20000 + i % 40000, dport=dport, flags="S", seq=i)
+        )
+        for i in range(n)
+    ]
+
+
+def _dns_frames(bed: Bed, n: int) -> list[bytes]:
+    return [
+        bytes(
+            Ether(src=SBX_MAC, dst=bed.h1_mac)
+            / IP(src=str(SBX_IP), dst=str(RESOLVER))
+            / UDP(sport=20000 + i % 40000, dport=53)
+            / Raw(DNS_QUERY)
+        )
+        for i in range(n)
+    ]
+
+
+def _send_all(sock: socket.socket, frames: list[bytes], over_s: float = 0.0) -> float:
+    """Send `frames` evenly spread over `over_s` seconds (at once for 0); the seconds taken."""
+    start = time.monotonic()
+    for i, raw in enumerate(frames):
+        wait = start + over_s * i / len(frames) - time.monotonic()
+        if wait > 0.0005:
+            time.sleep(wait)
+        sock.send(raw)
+    return time.monotonic() - start
+
+
+def _counted(bed: Bed, before: dict[tuple[int, Reason], Count], total: int) -> dict[Reason, int]:
+    """Packets per reason on h1 since `before`, once `total` frames have been counted."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        delta = {r: c.packets for r, c in _delta(before, bed.tier1.counters(), bed.h1).items()}
+        if sum(delta.values()) >= total or time.monotonic() > deadline:
+            bed.drain_tun()
+            return delta
+        time.sleep(0.01)
+
+
+def _burst_plus_rate(bucket: Bucket, elapsed_s: float) -> tuple[float, float]:
+    """Bounds on what a flood lasting `elapsed_s` gets through a full bucket."""
+    rate = bucket.rate_per_s
+    low = bucket.burst + rate * max(0.0, elapsed_s - FLOOD_SLACK_S) - 1
+    high = bucket.burst + rate * (elapsed_s + FLOOD_SLACK_S) + 1
+    return low, high
+
+
+@pytest.mark.parametrize("kind", ["syn", "dns"])
+def test_flood_gets_burst_plus_rate_and_the_rest_is_dropped(bed: Bed, kind: str) -> None:
+    bucket = Bucket.per_second(100)
+    if kind == "syn":
+        bed.program(syn=bucket)
+        frames, limited = _syn_frames(bed, 1500), Reason.SYN_RATE_LIMIT
+    else:
+        bed.program(dns=bucket)
+        frames, limited = _dns_frames(bed, 1500), Reason.DNS_RATE_LIMIT
+    before = bed.tier1.counters()
+    elapsed = _send_all(bed.s1, frames, over_s=1.0)
+    got = _counted(bed, before, len(frames))
+    assert set(got) == {Reason.REDIRECTED, limited}
+    assert got[Reason.REDIRECTED] + got[limited] == len(frames)
+    low, high = _burst_plus_rate(bucket, elapsed)
+    assert low <= got[Reason.REDIRECTED] <= high, (got, elapsed)
+
+
+@pytest.mark.parametrize("kind", ["syn", "dns"])
+def test_at_once_exactly_the_burst_passes(bed: Bed, kind: str) -> None:
+    # 1/s with the minimum burst: no token comes back for a second, so the count is exact.
+    slow = Bucket.per_second(1)
+    assert slow.burst == 10
+    if kind == "syn":
+        bed.program(syn=slow)
+        frames, limited = _syn_frames(bed, 40), Reason.SYN_RATE_LIMIT
+    else:
+        bed.program(dns=slow)
+        frames, limited = _dns_frames(bed, 40), Reason.DNS_RATE_LIMIT
+    before = bed.tier1.counters()
+    assert _send_all(bed.s1, frames) < 0.5
+    assert _counted(bed, before, 40) == {Reason.REDIRECTED: 10, limited: 30}
+    # Writing the entry again (a new registration) refills the bucket.
+    bed.program(syn=slow, dns=slow)
+    before = bed.tier1.counters()
+    _send_all(bed.s1, frames[:10])
+    assert _counted(bed, before, 10) == {Reason.REDIRECTED: 10}
+
+
+def test_denied_syns_spend_no_tokens_and_only_syns_spend(bed: Bed) -> None:
+    slow = Bucket.per_second(1)
+    bed.program(syn=slow, dns=slow)
+    before = bed.tier1.counters()
+    _send_all(bed.s1, _syn_frames(bed, 30, dport=22))
+    _send_all(bed.s1, _syn_frames(bed, 30, dst=METADATA, dport=80))
+    _send_all(bed.s1, _syn_frames(bed, 12))
+    assert _counted(bed, before, 72) == {
+        Reason.PORT_NOT_ALLOWED: 30,
+        Reason.DENIED_RANGE: 30,
+        Reason.REDIRECTED: 10,
+        Reason.SYN_RATE_LIMIT: 2,
+    }
+    # The bucket is empty: the rest of established connections still flows, and so
+    # does a SYN-ACK (the sandbox answering); a DNS query has a bucket of its own.
+    for flags in ("A", "PA", "FA", "R", "SA"):
+        frame = (
+            Ether(src=SBX_MAC) / IP(src=str(SBX_IP), dst=str(API))
+            / TCP(sport=40000, dport=443, flags=flags, seq=1, ack=1)
+        )  # fmt: skip
+        expect_verdict(bed, _with_dst_mac(bed, frame), Reason.REDIRECTED)
+    expect_verdict(bed, _with_dst_mac(bed, _tcp(API, 443)), Reason.SYN_RATE_LIMIT)
+    expect_verdict(bed, _with_dst_mac(bed, _udp(RESOLVER, 53)), Reason.REDIRECTED)
+
+
+def test_dns_over_tcp_syns_take_dns_tokens_not_syn_tokens(bed: Bed) -> None:
+    slow = Bucket.per_second(1)
+    bed.program(syn=slow, dns=slow)
+    before = bed.tier1.counters()
+    _send_all(bed.s1, _syn_frames(bed, 8, dst=RESOLVER, dport=53))
+    _send_all(bed.s1, _dns_frames(bed, 5))
+    assert _counted(bed, before, 13) == {Reason.REDIRECTED: 10, Reason.DNS_RATE_LIMIT: 3}
+    # The query's segments after the SYN are not queries.
+    ack = (
+        Ether(src=SBX_MAC) / IP(src=str(SBX_IP), dst=str(RESOLVER))
+        / TCP(sport=40000, dport=53, flags="PA", seq=1, ack=1) / Raw(b"\x00\x0c" + DNS_QUERY)
+    )  # fmt: skip
+    expect_verdict(bed, _with_dst_mac(bed, ack), Reason.REDIRECTED)
+    expect_verdict(bed, _with_dst_mac(bed, _tcp(RESOLVER, 53)), Reason.DNS_RATE_LIMIT)
+    # The SYN bucket is still full.
+    before = bed.tier1.counters()
+    _send_all(bed.s1, _syn_frames(bed, 10))
+    assert _counted(bed, before, 10) == {Reason.REDIRECTED: 10}
+
+
+@pytest.mark.parametrize("kind", ["syn", "dns"])
+def test_below_the_rate_everything_passes_even_after_a_burst(bed: Bed, kind: str) -> None:
+    bucket = Bucket.per_second(10)  # one token per 100 ms, burst 10
+    if kind == "syn":
+        bed.program(syn=bucket)
+        frames, limited = _syn_frames(bed, 19), Reason.SYN_RATE_LIMIT
+    else:
+        bed.program(dns=bucket)
+        frames, limited = _dns_frames(bed, 19), Reason.DNS_RATE_LIMIT
+    before = bed.tier1.counters()
+    _send_all(bed.s1, frames[:11])
+    assert _counted(bed, before, 11) == {Reason.REDIRECTED: 10, limited: 1}
+    # The bucket is empty; at 80 % of the rate every packet finds a token.
+    time.sleep(0.125)
+    before = bed.tier1.counters()
+    _send_all(bed.s1, frames[11:], over_s=8 * 0.125)
+    assert _counted(bed, before, 8) == {Reason.REDIRECTED: 8}
+
+
+def test_udp_gso_super_packet_pays_for_each_datagram(bed: Bed) -> None:
+    """One skb of six queries (UDP_SEGMENT) takes six DNS tokens, not one."""
+    udp_segment = 103  # <linux/udp.h>
+    bed.program(dns=Bucket.per_second(1))  # 10 tokens
+    with in_netns(bed.sandbox):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_UDP, udp_segment, len(DNS_QUERY))
+        resolver = (str(RESOLVER), 53)
+        for want in ({Reason.REDIRECTED: 1}, {Reason.DNS_RATE_LIMIT: 1}):
+            before = bed.tier1.counters()
+            sock.sendto(DNS_QUERY * 6, resolver)
+            got = _counted(bed, before, 1)
+            got.pop(Reason.ARP, None)  # the sandbox's kernel asks for the gateway first
+            assert got == want, "one skb, counted once"
+        sock.setsockopt(socket.IPPROTO_UDP, udp_segment, 0)
+        before = bed.tier1.counters()
+        for _ in range(5):
+            sock.sendto(DNS_QUERY, resolver)
+        got = _counted(bed, before, 5)
+        got.pop(Reason.ARP, None)
+        assert got == {Reason.REDIRECTED: 4, Reason.DNS_RATE_LIMIT: 1}
+    finally:
+        sock.close()
+
+
+def test_buckets_are_exact_across_cpus(bed: Bed) -> None:
+    """Two senders pinned to two CPUs share one bucket (a per-CPU one would let 2x through)."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    slow = Bucket.per_second(1)
+    bed.program(syn=slow)
+    frames = _syn_frames(bed, 400)
+    socks = [packet_socket(bed.sandbox, "s1") for _ in cpus]
+    start = threading.Barrier(len(cpus))
+
+    def flood(cpu: int, sock: socket.socket) -> None:
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        start.wait()
+        _send_all(sock, frames)
+
+    before = bed.tier1.counters()
+    per_cpu_before = _percpu_packets(bed, Reason.SYN_RATE_LIMIT)
+    threads = [threading.Thread(target=flood, args=(c, s)) for c, s in zip(cpus, socks)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        for sock in socks:
+            sock.close()
+    total = 400 * len(cpus)
+    assert _counted(bed, before, total) == {
+        Reason.REDIRECTED: 10, Reason.SYN_RATE_LIMIT: total - 10
+    }  # fmt: skip
+    moved = [
+        cpu for cpu, n in enumerate(_percpu_packets(bed, Reason.SYN_RATE_LIMIT))
+        if n > per_cpu_before[cpu]
+    ]  # fmt: skip
+    assert len(moved) == len(cpus), f"tc ran on CPUs {moved}, wanted {cpus}"
+
+
+def _percpu_packets(bed: Bed, reason: Reason) -> list[int]:
+    """h1's packet count for `reason` in each CPU's slot of the per-CPU counters map."""
+    fd = bpf_syscall.obj_get(bed.tier1.pin_dir / "maps" / "t1_counters")
+    try:
+        cpus = bpf_syscall.possible_cpus()
+        raw = bpf_syscall.map_lookup(
+            fd, struct.pack("=II", bed.h1, reason.code), bpf_syscall.percpu_value_size(16)
+        )
+    finally:
+        os.close(fd)
+    if raw is None:
+        return [0] * cpus
+    return [struct.unpack_from("=Q", raw, cpu * 16)[0] for cpu in range(cpus)]

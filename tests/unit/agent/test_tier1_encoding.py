@@ -11,8 +11,11 @@ import pytest
 from egressd.agent.tier1 import DEFAULT_SOURCE
 from egressd.agent.tier1_maps import (
     MAPS,
+    MIN_BURST,
+    NS_PER_S,
     PORT_BITMAP_BYTES,
     SANDBOX_VALUE_SIZE,
+    Bucket,
     Count,
     DeniedRange,
     PortSpec,
@@ -43,6 +46,8 @@ from egressd.topology.layout import RESOLVER, default_layout
 N = ipaddress.IPv4Network
 A = ipaddress.IPv4Address
 SOURCE = DEFAULT_SOURCE.read_text()
+DNS = Bucket.per_second(50)
+SYN = Bucket.per_second(200)
 
 
 def _c_enum(name: str) -> dict[str, int]:
@@ -99,7 +104,8 @@ def test_c_constants_match() -> None:
     ("struct_name", "fields"),
     [
         ("t1_config", ["tun_ifindex", "resolver"]),
-        ("t1_sandbox", ["ip", "mac", "reserved", "tcp_ports"]),
+        ("t1_sandbox", ["ip", "mac", "reserved", "pad", "dns", "syn", "tcp_ports"]),
+        ("t1_bucket", ["cost_ns", "depth_ns", "tat_ns"]),
         ("t1_denied_key", ["prefixlen", "addr"]),
         ("t1_denied", ["reason", "flags"]),
         ("t1_exempt_key", ["prefixlen", "ifindex", "addr"]),
@@ -125,11 +131,13 @@ def test_config_golden() -> None:
     assert pack_config(7, RESOLVER) == struct.pack("=I", 7) + bytes([100, 100, 100, 53])
 
 
-def test_sandbox_golden_head_and_size() -> None:
-    raw = pack_sandbox(A("100.96.1.2"), "02:00:00:00:01:02", [443])
-    assert len(raw) == SANDBOX_VALUE_SIZE == 12 + 8192
-    assert raw[:12] == bytes([100, 96, 1, 2, 2, 0, 0, 0, 1, 2, 0, 0])
-    bitmap = raw[12:]
+def test_sandbox_golden_head_buckets_and_size() -> None:
+    raw = pack_sandbox(A("100.96.1.2"), "02:00:00:00:01:02", [443], dns=DNS, syn=SYN)
+    assert len(raw) == SANDBOX_VALUE_SIZE == 16 + 2 * 24 + 8192
+    assert raw[:16] == bytes([100, 96, 1, 2, 2, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0])
+    assert raw[16:40] == struct.pack("=QQQ", 20_000_000, 50 * 20_000_000, 0)
+    assert raw[40:64] == struct.pack("=QQQ", 5_000_000, 200 * 5_000_000, 0)
+    bitmap = raw[64:]
     assert bitmap[443 >> 3] == 1 << (443 & 7)
     assert sum(bitmap) == bitmap[443 >> 3]
 
@@ -142,10 +150,97 @@ def test_sandbox_roundtrip_with_policy_port_ranges() -> None:
         22,
         (1000, 2000),
     ]
-    entry = unpack_sandbox(pack_sandbox(A("100.96.1.9"), b"\x02\x00\x00\x00\x00\x09", ports))
+    raw = pack_sandbox(A("100.96.1.9"), b"\x02\x00\x00\x00\x00\x09", ports, dns=DNS, syn=SYN)
+    entry = unpack_sandbox(raw)
     assert entry.ip == A("100.96.1.9")
     assert entry.mac == b"\x02\x00\x00\x00\x00\x09"
     assert entry.tcp_ports == ((22, 22), (80, 80), (443, 443), (1000, 2000), (8000, 8010))
+    assert (entry.dns, entry.syn) == (DNS, SYN)
+
+
+def test_unpack_sandbox_ignores_bucket_state() -> None:
+    raw = bytearray(pack_sandbox(A("100.96.1.9"), "02:00:00:00:00:09", [443], dns=DNS, syn=SYN))
+    raw[32:40] = struct.pack("=Q", 123_456_789)  # the kernel's dns tat_ns
+    raw[56:64] = struct.pack("=Q", 987_654_321)  # and syn's
+    assert unpack_sandbox(bytes(raw)) == unpack_sandbox(
+        pack_sandbox(A("100.96.1.9"), "02:00:00:00:00:09", [443], dns=DNS, syn=SYN)
+    )
+
+
+# -- token buckets --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rate", "cost", "burst"),
+    [
+        (1, NS_PER_S, MIN_BURST),
+        (3, 333_333_334, MIN_BURST),  # rounded up: never more than the rate
+        (10, 100_000_000, 10),
+        (50, 20_000_000, 50),
+        (200, 5_000_000, 200),
+        (7_000, 142_858, 7_000),
+        (100_000, 10_000, 100_000),
+    ],
+)
+def test_bucket_per_second(rate: int, cost: int, burst: int) -> None:
+    bucket = Bucket.per_second(rate)
+    assert (bucket.cost_ns, bucket.depth_ns, bucket.burst) == (cost, burst * cost, burst)
+    assert bucket.rate_per_s <= rate
+    assert bucket.rate_per_s > rate * 0.9999
+
+
+def test_bucket_min_burst_is_a_parameter() -> None:
+    assert Bucket.per_second(2, min_burst=1).burst == 2
+    assert Bucket.per_second(2, min_burst=5).burst == 5
+
+
+@pytest.mark.parametrize("rate", [0, -1, 1_000_001, True, 1.5, "50", None])
+def test_bucket_bad_rate(rate: object) -> None:
+    with pytest.raises(Tier1Error) as info:
+        Bucket.per_second(rate)  # type: ignore[arg-type]
+    assert info.value.reason == "bad_rate"
+
+
+@pytest.mark.parametrize(
+    ("cost", "depth"),
+    [(0, 10), (10, 0), (999, 10_000), (NS_PER_S + 1, 2 * NS_PER_S), (1000, 999), (1000, 1 << 62)],
+)
+def test_bucket_bad_encoding(cost: int, depth: int) -> None:
+    with pytest.raises(Tier1Error) as info:
+        Bucket(cost, depth)
+    assert info.value.reason == "bad_rate"
+
+
+def test_pack_sandbox_needs_buckets() -> None:
+    with pytest.raises(Tier1Error) as info:
+        pack_sandbox(
+            A("100.96.1.9"), "02:00:00:00:00:09", [443], dns=50, syn=SYN  # type: ignore[arg-type]
+        )
+    assert info.value.reason == "bad_rate"
+
+
+def _gcra(bucket: Bucket, arrivals_ns: list[int]) -> list[bool]:
+    """bpf/tier1.c's take_token, one CPU: the model the integration tests count against."""
+    tat, out = 0, []
+    for now in arrivals_ns:
+        nxt = max(tat, now) + bucket.cost_ns
+        ok = nxt - now <= bucket.depth_ns
+        if ok:
+            tat = nxt
+        out.append(ok)
+    return out
+
+
+def test_gcra_model_burst_then_rate() -> None:
+    bucket = Bucket.per_second(100)
+    start = 10 * NS_PER_S
+    # 1000 packets in 1 s, evenly: the burst plus 100/s (the first of each cost passes).
+    passed = sum(_gcra(bucket, [start + i * 1_000_000 for i in range(1000)]))
+    assert 199 <= passed <= 201
+    # Spaced at the rate: all pass, forever.
+    assert all(_gcra(bucket, [start + i * bucket.cost_ns for i in range(5000)]))
+    # At once: exactly the burst.
+    assert sum(_gcra(bucket, [start] * 500)) == 100
 
 
 @pytest.mark.parametrize(
@@ -205,6 +300,13 @@ def test_counter_key_and_percpu_sum() -> None:
     key = pack_counter_key(5, Reason.PORT_NOT_ALLOWED)
     assert key == struct.pack("=II", 5, 14)
     assert unpack_counter_key(key) == (5, Reason.PORT_NOT_ALLOWED)
+    # New reasons were appended: the old codes never move.
+    assert [Reason.IP_OPTIONS.code, Reason.DNS_RATE_LIMIT.code, Reason.SYN_RATE_LIMIT.code] == [
+        16,
+        17,
+        18,
+    ]
+    assert unpack_counter_key(struct.pack("=II", 9, 18)) == (9, Reason.SYN_RATE_LIMIT)
     raw = struct.pack("=QQQQQQ", 1, 60, 2, 120, 0, 0)
     assert sum_percpu_counters(raw, 3) == Count(3, 180) == (3, 180)
 
