@@ -8,7 +8,12 @@ I/O and never raises; an argument that is not an IP address yields
 ``"invalid_address"``.
 
 The ranges are data (`ALWAYS_DENIED`), checked in order after the fleet's own
-ranges (``deny_fleet_range``, checked first). Beyond the list in the design
+addresses and ranges. ``fleet_ranges`` may be a plain sequence of networks
+(``deny_fleet_range``) or a `FleetAddresses`, which adds every fleet member's
+exact addresses (``fleet_address``, checked before anything else; DESIGN.md:
+"every address of every fleet member ... kept current from the control plane's
+registry"). Those lie anywhere, also inside ranges that are not denied at all
+(a proxy's egress address is in the test "internet" 203.0.113.0/24). Beyond the list in the design
 (0/8, 10/8, 100.64/10, 127/8, 169.254/16, 172.16/12, 192.168/16, 198.18/15,
 224/4, 240/4) the IPv6 side denies the unspecified and loopback addresses,
 unique-local, link-local, site-local, multicast, discard-only, and every form
@@ -34,7 +39,7 @@ names the exact CIDR"), implemented by `denied_unless_exact`:
 * Only the reasons in `OVERRIDABLE_REASONS` can be overridden: private,
   CGNAT, link-local (so a policy must name ``169.254.169.254/32`` or a
   subnet of 169.254/16 explicitly to reach a metadata service), benchmarking
-  and unique-local. Never overridable: the fleet's own ranges; loopback,
+  and unique-local. Never overridable: the fleet's own addresses and ranges; loopback,
   "this network" (0/8) and the unspecified address, because the proxy
   connects from its own host and those reach the proxy host itself;
   multicast and reserved/broadcast (no TCP peer can live there); and the
@@ -45,13 +50,15 @@ names the exact CIDR"), implemented by `denied_unless_exact`:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DENY_FLEET_RANGE = "deny_fleet_range"
+FLEET_ADDRESS = "fleet_address"
 INVALID_ADDRESS = "invalid_address"
 
 
@@ -116,6 +123,53 @@ _EMBEDDED_V4: dict[IPNetwork, Callable[[ipaddress.IPv6Address], ipaddress.IPv4Ad
 }
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class FleetAddresses(Sequence[IPNetwork]):
+    """The fleet's own ranges (configured) and its members' exact addresses (registry).
+
+    As a sequence it is its `ranges`, so it goes wherever ``fleet_ranges`` is
+    taken; `find_denied` also denies every address in `members` with
+    ``fleet_address``. Immutable: a change is a new object (`with_members`)
+    with a higher `version`, and equality is identity, so a cache that keeps
+    the object it decided with (``is``) never serves a decision made before
+    the change.
+    """
+
+    ranges: tuple[IPNetwork, ...] = ()
+    members: frozenset[IPAddress] = frozenset()
+    version: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __bool__(self) -> bool:
+        # Not just "has ranges": a set of members alone still denies something.
+        return bool(self.ranges or self.members)
+
+    def __iter__(self) -> Iterator[IPNetwork]:
+        return iter(self.ranges)
+
+    @overload
+    def __getitem__(self, index: int) -> IPNetwork: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[IPNetwork, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> IPNetwork | tuple[IPNetwork, ...]:
+        return self.ranges[index]
+
+    def is_member(self, ip: object) -> bool:
+        addr = parse_address(ip)
+        return addr is not None and addr in self.members
+
+    def with_members(self, members: Iterable[IPAddress]) -> FleetAddresses:
+        """This set with `members` instead; `self` when they are the same."""
+        new = frozenset(members)
+        if new == self.members:
+            return self
+        return FleetAddresses(self.ranges, new, self.version + 1)
+
+
 @dataclass(frozen=True, slots=True)
 class DeniedMatch:
     """Which always-denied range an address fell into, and why."""
@@ -152,6 +206,8 @@ def find_denied(ip: object, *, fleet_ranges: Sequence[IPNetwork] = ()) -> Denied
     addr = parse_address(ip)
     if addr is None:
         return DeniedMatch(None, INVALID_ADDRESS)
+    if type(fleet_ranges) is FleetAddresses and addr in fleet_ranges.members:
+        return DeniedMatch(ipaddress.ip_network(addr), FLEET_ADDRESS)
     for net in fleet_ranges:
         if addr.version == net.version and addr in net:
             return DeniedMatch(net, DENY_FLEET_RANGE)

@@ -38,6 +38,9 @@ END = "end"
 QNAME = "qname"
 QTYPE = "qtype"
 ANSWERS = "answers"
+#: Answer addresses the proxy kept from the client, each with its reason
+#: (``fleet_address``, ``deny_private`` ...); absent when none was dropped.
+DROPPED = "dropped"
 RCODE = "rcode"
 
 EVENT_CONNECTION = "connection"
@@ -133,9 +136,10 @@ def dns_event(
     mode: str | None = None,
     would_deny: bool = False,
     time: str | None = None,
+    dropped: Sequence[tuple[str, str]] = (),
 ) -> dict[str, object]:
     """The ``dns`` event, logged once per query (``dst`` is the resolver address asked)."""
-    return {
+    event: dict[str, object] = {
         EVENT: EVENT_DNS,
         TIME: time if time is not None else _now_iso(),
         JOB_ID: _job(job_id),
@@ -155,6 +159,9 @@ def dns_event(
         MODE: mode,
         WOULD_DENY: would_deny,
     }
+    if dropped:
+        event[DROPPED] = [{"address": ip, "reason": reason} for ip, reason in dropped]
+    return event
 
 
 def is_quiet(event: Mapping[str, object]) -> bool:

@@ -32,7 +32,8 @@ Example (every key but `name`, `underlay` and `egress` has a default)::
       "port_reuse_delay_s": 60,
       "idle_timeout_s": 300,
       "max_lifetime_s": 86400,
-      "pacing_horizon_s": 0.05
+      "pacing_horizon_s": 0.05,
+      "dns_refusal_rcode": "REFUSED"
     }
 
 Decisions:
@@ -65,6 +66,9 @@ Decisions:
   after `idle_timeout_s` without traffic or `max_lifetime_s` in all.
   `egress_addresses` must contain `egress` (the address registered with the
   control plane); the others must be configured on the egress interface too.
+* `dns_refusal_rcode` is the rcode of the DNS responder's refusals of a name
+  (`egressd.proxy.dns.refusal_rcode`): "REFUSED" (the default) or "NXDOMAIN",
+  for sandboxes whose resolver (musl) gives up a search list on REFUSED.
 * `fleet_ranges` defaults to the layout's (underlay, sandbox supernet,
   resolver): always denied by tier 2.
 """
@@ -91,6 +95,7 @@ from egressd.limits.ports import (
     PortPoolConfig,
 )
 from egressd.limits.timeouts import DEFAULT_IDLE_S, DEFAULT_LIFETIME_S, Timeouts
+from egressd.proxy.dns import DEFAULT_REFUSAL_RCODE, REFUSAL_RCODES
 from egressd.proxy.limiting import DEFAULT_MAX_CONNECTIONS, LimitsConfig
 from egressd.topology import layout
 
@@ -154,6 +159,7 @@ class ProxyConfig:
     idle_timeout_s: float = DEFAULT_IDLE_S
     max_lifetime_s: float = DEFAULT_LIFETIME_S
     pacing_horizon_s: float = DEFAULT_HORIZON_S
+    dns_refusal_rcode: str = DEFAULT_REFUSAL_RCODE
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _is_name(self.name):
@@ -182,6 +188,9 @@ class ProxyConfig:
         if not isinstance(self.keys_dir, Path):
             raise _fail("keys_dir", "must be a path")
         _check_url(self.control_url)
+        if self.dns_refusal_rcode not in REFUSAL_RCODES:
+            choices = " or ".join(f'"{c}"' for c in REFUSAL_RCODES)
+            raise _fail("dns_refusal_rcode", f"must be {choices}, got {self.dns_refusal_rcode!r}")
         self._check_limits()
         if self.resolver not in self.sandbox_supernet and not any(
             self.resolver in net for net in self.fleet_ranges
@@ -380,6 +389,7 @@ _CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
     "idle_timeout_s": _as_number,
     "max_lifetime_s": _as_number,
     "pacing_horizon_s": _as_number,
+    "dns_refusal_rcode": _as_str,
 }
 _REQUIRED = ("name", "underlay", "egress")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,6 +17,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from egressd.errors import EgressdError
+from egressd.policy.addresses import FleetAddresses
 from egressd.policy.jws import VerifiedPolicy
 
 
@@ -59,7 +61,11 @@ class ProxyContext:
     identity: ProxyIdentity
     flows: FlowLookup
     policies: PolicySource
-    fleet_ranges: tuple[ipaddress.IPv4Network, ...]
+    #: Always denied by tier 2 and DNS. In the service, a `FleetAddresses`:
+    #: the configured fleet ranges plus every fleet member's address, replaced
+    #: (one assignment, a new object) whenever the registry changes it; a
+    #: plain tuple of ranges works too (tests, tools).
+    fleet_ranges: Sequence[ipaddress.IPv4Network] | FleetAddresses
     upstream_resolver: ipaddress.IPv4Address
     registry: CollectorRegistry
     audit: structlog.typing.FilteringBoundLogger

@@ -15,7 +15,8 @@ Two layers, as elsewhere in the proxy:
   them), and `UpstreamResolver`, which asks the upstream resolver from the
   proxy's egress address.
 
-Rules of `answer_policy`, first match wins (every refusal is REFUSED):
+Rules of `answer_policy`, first match wins (every refusal is REFUSED, or
+the proxy's ``dns_refusal_rcode``: see `refusal_rcode`):
 
 ========================  ===================  =========================
 query                     answer               reason
@@ -47,25 +48,68 @@ followed and flattened: the client gets A records owned by the name it asked
 for (in its own letter case, for 0x20-randomising resolvers), with the
 smallest TTL on the chain; those addresses are recorded for the job under
 that name. Addresses in always-denied ranges are dropped unless a cidr rule of
-the policy overrides that range (`egressd.policy.addresses`); when none
-remain the answer is REFUSED ``rebinding``.
+the policy overrides that range (`egressd.policy.addresses`); a fleet
+member's address (``fleet_address``) is dropped whatever the policy says. The
+audit line lists what was dropped and why (``dropped``); when none remain the
+answer is REFUSED ``rebinding``.
 
 A datagram that does not parse as a DNS query (including responses, which
 have QR set) is dropped, counted (``egressd_dns_dropped_total{reason=
 "malformed"}``) and logged; nothing is raised past the receive loop.
+
+Refusal rcode (`refusal_rcode`): REFUSED by default; a proxy may answer
+NXDOMAIN instead (``dns_refusal_rcode``), because REFUSED stops musl's
+resolver in the middle of a search list, where NXDOMAIN lets it try the next
+candidate. It applies to refusals of a *name* (no rule names it, not a host
+name, rebinding, unknown flow, no usable policy). Refusals that are not about
+the name (query type, class, opcode, question count) and the limits stay
+REFUSED: NXDOMAIN says that the name has no records of any type (RFC 8020),
+which would be false for an allowed name asked with another type, and for a
+rate limit, which is temporary. SERVFAIL (upstream failures) and the empty
+NOERROR for AAAA are never changed.
+
+Limits (`egressd.limits.dns`, through `ProxyLimits.dns`): after the flow
+and policy lookup and before anything else, each query (UDP or TCP) takes a
+token from its job's bucket (``limits.dns_queries_per_s``, a burst of one
+second's worth, at least 10). A query over the rate is answered REFUSED
+(reason ``dns_rate_limit``) within a refusal budget of the same rate, and
+dropped beyond it (a TCP connection is closed): refusing tells a
+well-behaved client at once, while a flood stops costing the proxy a reply
+per datagram. Once a job's bucket is empty, its UDP queries are refused or
+dropped on receipt (flow lookup only: no task, no policy read, no parse for
+a drop), so a flood costs the other jobs little; a datagram that is not DNS
+spends a token too (a garbage flood is limited, and its audit lines with
+it). A job's upstream queries in flight are capped (``dns_inflight_limit``),
+so one job cannot hold the task pool or the upstream path, and so are its
+DNS-over-TCP connections
+(``dns_tcp_connection_limit``: the connection is closed at once). Each is
+counted in ``egressd_limit_refusals_total{job_id,reason}`` and
+``egressd_dns_queries_total{verdict="deny"|"drop"}`` (drops also in
+``egressd_dns_dropped_total{reason}``); the audit log gets the first such
+query of a job and then one event a second at most, with ``suppressed``:
+how many were not logged since the previous one.
+
+Large answers: over UDP a response larger than the client's payload size
+(512 without EDNS; at most `MAX_UDP_PAYLOAD`, so that no answer is
+IP-fragmented on the GENEVE path) carries as many A records as fit and TC,
+so glibc and dnspython ask again over TCP, and a client without TCP (older
+musl) still gets addresses; over TCP the whole filtered answer. The
+upstream query itself falls back to TCP when the upstream sets TC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import socket
 import struct
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dns.asyncquery
@@ -85,8 +129,10 @@ from egressd.policy.addresses import IPNetwork, find_denied, overrides
 from egressd.policy.matcher import ALLOWED_HOST, INVALID_HOST, NO_MATCHING_RULE, name_allowed
 from egressd.policy.model import Policy
 from egressd.policy.names import HostError, normalize_host
+from egressd.limits.dns import DNS_INFLIGHT_LIMIT, DNS_RATE_LIMIT, LOG_INTERVAL_S
 from egressd.proxy import audit
 from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
+from egressd.proxy.limiting import LimitsConfig, ProxyLimits
 from egressd.proxy.resolved import ResolvedNames, clamp_ttl
 
 IPv4Address = ipaddress.IPv4Address
@@ -121,6 +167,24 @@ DEFAULT_TCP_IDLE_TIMEOUT_S = 10.0
 DEFAULT_MAX_INFLIGHT = 1024  # UDP queries being answered at once; more are dropped
 DEFAULT_MAX_TCP_CONNECTIONS = 256
 MAX_UDP_QUERY = 4096
+UDP_RCVBUF = 1 << 20
+#: The largest UDP response (DNS Flag Day 2020: no IP fragmentation).
+MAX_UDP_PAYLOAD = 1232
+#: What ``dns_refusal_rcode`` may say.
+REFUSAL_RCODES = ("REFUSED", "NXDOMAIN")
+DEFAULT_REFUSAL_RCODE = "REFUSED"
+#: Refusals that are not about the name: always REFUSED (see the module docstring).
+_NOT_ABOUT_THE_NAME = frozenset(
+    {
+        OPCODE_NOT_QUERY,
+        NO_QUESTION,
+        MULTIPLE_QUESTIONS,
+        QCLASS_NOT_IN,
+        QTYPE_NOT_ALLOWED,
+        DNS_RATE_LIMIT,
+        DNS_INFLIGHT_LIMIT,
+    }
+)
 _CNAME_CHAIN_LIMIT = 16
 _REPLY_SOCKETS = 64
 _CMSG_SPACE = socket.CMSG_SPACE(16)  # struct sockaddr_in
@@ -140,6 +204,8 @@ class DnsAction:
     qname: str | None  # normalised, when it is a host name
     qtype: str | None  # "A", "TXT", ...
     would_deny: bool = False
+    #: Upstream answer addresses kept from the client, with the reason (audit).
+    dropped: tuple[tuple[IPv4Address, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,14 +347,47 @@ def build_response(
     return response
 
 
+def refusal_rcode(reason: str, configured: str = DEFAULT_REFUSAL_RCODE) -> dns.rcode.Rcode:
+    """The rcode of a refusal for `reason`: the proxy's `configured` one (REFUSED or
+    NXDOMAIN) for a refusal of the name, REFUSED for the rest (module docstring)."""
+    if reason in _NOT_ABOUT_THE_NAME:
+        return dns.rcode.REFUSED
+    return dns.rcode.from_text(configured)
+
+
 def to_wire(response: dns.message.Message, *, max_size: int) -> bytes:
-    """`response` in at most `max_size` bytes; sets TC and drops answers if it does not fit."""
+    """`response` in at most `max_size` bytes. If it does not fit: TC, and as many
+    of the answer's records as fit (RFC 2181 9 lets a partial RRset stand), so a
+    client that retries over TCP gets them all and one that cannot still gets some."""
     try:
         return response.to_wire(max_size=max_size)
     except dns.exception.TooBig:
+        pass
+    rrsets = list(response.answer)
+    response.flags |= dns.flags.TC
+    response.answer.clear()
+    response.authority.clear()
+    response.additional.clear()
+    if len(rrsets) == 1:  # ours: one A RRset (build_response); keep its first records that fit
+        rrset = rrsets[0]
+        records = list(rrset)
+        lo, hi = 0, len(records) - 1  # the largest count known to fit / not known
+        best: bytes | None = None
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            response.answer[:] = [
+                dns.rrset.from_rdata_list(rrset.name, rrset.ttl, records[:mid])
+            ]
+            try:
+                best = response.to_wire(max_size=max_size)
+                lo = mid
+            except dns.exception.TooBig:
+                hi = mid - 1
+        if best is not None:
+            response.answer[:] = [dns.rrset.from_rdata_list(rrset.name, rrset.ttl, records[:lo])]
+            return best
         response.answer.clear()
-        response.flags |= dns.flags.TC
-        return response.to_wire(max_size=max_size)
+    return response.to_wire(max_size=max_size)
 
 
 def parse_query(wire: bytes) -> dns.message.Message | None:
@@ -303,9 +402,10 @@ def parse_query(wire: bytes) -> dns.message.Message | None:
 
 
 def udp_payload_limit(query: dns.message.Message) -> int:
-    """How large a UDP response the client accepts (RFC 6891; 512 without EDNS)."""
+    """How large a UDP response the client gets: what it accepts (RFC 6891; 512
+    without EDNS), at most `MAX_UDP_PAYLOAD`."""
     if query.edns >= 0:
-        return max(512, min(query.payload, 4096))
+        return max(512, min(query.payload, MAX_UDP_PAYLOAD))
     return 512
 
 
@@ -339,11 +439,18 @@ class UpstreamResolver:
         self.port = port
         self.timeout_s = timeout_s
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[float, frozenset[IPv4Address]]] = OrderedDict()
+        # name -> (expiry, the fleet set the answer was filtered with, addresses)
+        self._cache: OrderedDict[
+            str, tuple[float, Sequence[IPNetwork], frozenset[IPv4Address]]
+        ] = OrderedDict()
 
     async def query_a(self, name: dns.name.Name | str) -> dns.message.Message:
         """The upstream's response to a fresh A query for `name`; UpstreamError."""
-        request = dns.message.make_query(name, dns.rdatatype.A)
+        # EDNS with our own payload size: medium answers come in one datagram;
+        # larger ones come with TC and are asked again over TCP.
+        request = dns.message.make_query(
+            name, dns.rdatatype.A, use_edns=0, payload=MAX_UDP_PAYLOAD
+        )
         try:
             async with asyncio.timeout(self.timeout_s + 0.5):
                 response, _ = await dns.asyncquery.udp_with_fallback(
@@ -356,19 +463,23 @@ class UpstreamResolver:
                 )
         except (TimeoutError, dns.exception.Timeout) as exc:
             raise UpstreamError(UPSTREAM_TIMEOUT) from exc
-        except (OSError, dns.exception.DNSException, ValueError) as exc:
+        except (OSError, EOFError, dns.exception.DNSException, ValueError) as exc:
+            # EOFError: the upstream closed a TCP connection (after TC) without an answer.
             raise UpstreamError(UPSTREAM_ERROR) from exc
         return response
 
     async def resolve_a(
         self, name: str, *, fleet_ranges: Sequence[IPNetwork] = ()
     ) -> set[IPv4Address]:
-        """Addresses of `name` (normalised), cached; empty on any failure."""
+        """Addresses of `name` (normalised), minus always-denied ones (fleet
+        addresses included), cached; empty on any failure. A cached answer is
+        used only with the very `fleet_ranges` it was filtered with: a changed
+        fleet set asks again."""
         now = time.monotonic()
         hit = self._cache.get(name)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > now and hit[1] is fleet_ranges:
             self._cache.move_to_end(name)
-            return set(hit[1])
+            return set(hit[2])
         try:
             response = await self.query_a(name)
         except UpstreamError:
@@ -376,7 +487,7 @@ class UpstreamResolver:
         filtered = filter_answers(response, fleet_ranges, qname=dns.name.from_text(name))
         ips = frozenset(ip for ip, _ in filtered.kept)
         ttl = min((t for _, t in filtered.kept), default=0)
-        self._cache[name] = (now + clamp_ttl(ttl), ips)
+        self._cache[name] = (now + clamp_ttl(ttl), fleet_ranges, ips)
         self._cache.move_to_end(name)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -390,6 +501,21 @@ class UpstreamResolver:
 class _Metrics:
     queries: Counter
     dropped: Counter
+    # Children by label, for the per-datagram path of a flood (a few verdicts and reasons).
+    _children: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def count(self, verdict: str, dropped: str | None = None) -> None:
+        """One query with `verdict`, and, if it was dropped, its reason."""
+        children = self._children
+        child = children.get(("verdict", verdict))
+        if child is None:
+            child = children[("verdict", verdict)] = self.queries.labels(verdict=verdict)
+        child.inc()
+        if dropped is not None:
+            child = children.get(("dropped", dropped))
+            if child is None:
+                child = children[("dropped", dropped)] = self.dropped.labels(reason=dropped)
+            child.inc()
 
     @classmethod
     def on(cls, ctx: ProxyContext) -> _Metrics:
@@ -451,7 +577,11 @@ class DnsResponder:
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         max_tcp_connections: int = DEFAULT_MAX_TCP_CONNECTIONS,
         tcp_idle_timeout_s: float = DEFAULT_TCP_IDLE_TIMEOUT_S,
+        limits: ProxyLimits | None = None,
+        refusal_rcode: str = DEFAULT_REFUSAL_RCODE,
     ) -> None:
+        if refusal_rcode not in REFUSAL_RCODES:
+            raise ValueError(f"refusal_rcode must be one of {', '.join(REFUSAL_RCODES)}")
         self.ctx = ctx
         self.resolved = resolved
         self.listen = listen
@@ -459,6 +589,13 @@ class DnsResponder:
         self.max_inflight = max_inflight
         self.max_tcp_connections = max_tcp_connections
         self.tcp_idle_timeout_s = tcp_idle_timeout_s
+        self.refusal_rcode = refusal_rcode
+        # Shared with the interceptor in a proxy (one refusals counter per registry);
+        # its own when alone (tests, tools).
+        self._own_limits = limits is None
+        self.limits = limits or ProxyLimits(
+            LimitsConfig.default(ctx.identity.egress), registry=ctx.registry
+        )
         self._metrics = _Metrics.on(ctx)
         self._udp: socket.socket | None = None
         self._tcp_server: asyncio.Server | None = None
@@ -467,6 +604,7 @@ class DnsResponder:
         self._tcp_tasks: set[asyncio.Task[None]] = set()  # TCP connections
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._flusher: asyncio.Task[None] | None = None
 
     # lifecycle
 
@@ -475,6 +613,11 @@ class DnsResponder:
         udp = transparent_socket(socket.SOCK_DGRAM, self.listen)
         try:
             udp.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+            # Room for a burst or a short stall at flood rates: a query lost in the
+            # kernel costs its client a timeout (seconds), a queued one milliseconds.
+            # Not more: under a sustained overload a deep queue is only delay (about
+            # a thousand queries). The kernel caps it at net.core.rmem_max.
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
             tcp = transparent_socket(socket.SOCK_STREAM, self.listen)
         except BaseException:
             udp.close()
@@ -488,6 +631,11 @@ class DnsResponder:
             raise
         self._udp = udp
         self._loop.add_reader(udp.fileno(), self._on_readable)
+        if self._own_limits:
+            self.limits.start()
+        self._flusher = self._loop.create_task(
+            self._flush_suppressed(), name="egressd-dns-flush"
+        )
 
     @property
     def udp_address(self) -> tuple[str, int]:
@@ -504,6 +652,8 @@ class DnsResponder:
         if self._tcp_server is not None:
             self._tcp_server.close()
         tasks = [*self._tasks, *self._tcp_tasks]
+        if self._flusher is not None:
+            tasks.append(self._flusher)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -514,6 +664,8 @@ class DnsResponder:
         for sock in self._reply_socks.values():
             sock.close()
         self._reply_socks.clear()
+        if self._own_limits:
+            await self.limits.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> bool:
         if len(self._tasks) >= self.max_inflight:
@@ -542,18 +694,47 @@ class DnsResponder:
                 self._drop(MALFORMED, addr, origdst)
                 continue
             peer = DnsPeer(IPv4Address(addr[0]), addr[1], origdst, 17)
-            coro = self._udp_query(data, peer)
+            admitted = self._admit_on_receipt(data, peer)
+            if admitted is False:
+                continue
+            coro = self._udp_query(data, peer, admitted=admitted is True)
             if not self._spawn(coro, f"egressd-dns-udp-{addr[0]}:{addr[1]}"):
                 coro.close()
                 self._drop(OVERLOAD, addr, origdst)
 
-    async def _udp_query(self, wire: bytes, peer: DnsPeer) -> None:
+    async def _udp_query(self, wire: bytes, peer: DnsPeer, *, admitted: bool = False) -> None:
         query = parse_query(wire)
         if query is None:
+            if not admitted:  # its job's rate pays for it: a garbage flood is limited too
+                flow = self.ctx.flows.lookup(peer.src, peer.sport, peer.dst, DNS_PORT, 17)
+                if flow is not None:
+                    self.limits.dns.charge(flow.job_id, time.monotonic())
             self._drop(MALFORMED, (str(peer.src), peer.sport), peer.dst)
             return
-        response = await self.handle(query, peer)
-        self._send_udp(to_wire(response, max_size=udp_payload_limit(query)), peer)
+        response = await self.handle(query, peer, admitted=admitted)
+        if response is not None:
+            self._send_udp(to_wire(response, max_size=udp_payload_limit(query)), peer)
+
+    def _admit_on_receipt(self, wire: bytes, peer: DnsPeer) -> bool | None:
+        """The rate check on receipt, at the job's rate last seen (no policy read, no
+        task, no parse for a drop: what a flood costs): True if a token was taken,
+        False if the datagram was refused or dropped here, None if its job is not
+        known yet (`handle` checks after the policy lookup)."""
+        flow = self.ctx.flows.lookup(peer.src, peer.sport, peer.dst, DNS_PORT, peer.proto)
+        if flow is None:
+            return None
+        now = time.monotonic()
+        taken = self.limits.dns.take_known(flow.job_id, now)
+        if taken is not False:
+            return taken
+        if self._over_limit(peer, flow, None, DNS_RATE_LIMIT, now, None, None):
+            query = parse_query(wire)
+            if query is None:
+                self._drop(MALFORMED, (str(peer.src), peer.sport), peer.dst)
+            else:
+                response = build_response(query, dns.rcode.REFUSED)
+                self._send_udp(to_wire(response, max_size=udp_payload_limit(query)), peer)
+        return False
 
     def _send_udp(self, wire: bytes, peer: DnsPeer) -> None:
         sock = self._reply_socket(peer.dst)
@@ -584,8 +765,7 @@ class DnsResponder:
         return sock
 
     def _drop(self, reason: str, addr: tuple[str, int], origdst: IPv4Address | None) -> None:
-        self._metrics.dropped.labels(reason=reason).inc()
-        self._metrics.queries.labels(verdict=audit.VERDICT_DROP).inc()
+        self._metrics.count(audit.VERDICT_DROP, reason)
         audit.emit(
             self.ctx.audit,
             audit.dns_event(
@@ -614,12 +794,21 @@ class DnsResponder:
                 return
             self._tcp_tasks.add(task)
             task.add_done_callback(self._tcp_tasks.discard)
+        tcp_job: uuid.UUID | None = None  # holds one of its job's TCP slots
         try:
             src, sport = writer.get_extra_info("peername")[:2]
             dst = writer.get_extra_info("sockname")[0]
             peer = DnsPeer(IPv4Address(src), sport, IPv4Address(dst), 6)
             if task is not None:
                 task.set_name(f"egressd-dns-tcp-{src}:{sport}")
+            flow = self.ctx.flows.lookup(peer.src, peer.sport, peer.dst, DNS_PORT, 6)
+            if flow is not None:
+                refusal = self.limits.dns.begin_tcp(flow.job_id)
+                if refusal is not None:
+                    self.limits.dns_refused(flow.job_id, refusal)
+                    self._metrics.dropped.labels(reason=refusal).inc()
+                    return
+                tcp_job = flow.job_id
             while True:
                 try:
                     async with asyncio.timeout(self.tcp_idle_timeout_s):
@@ -632,20 +821,28 @@ class DnsResponder:
                     self._drop(MALFORMED, (src, sport), peer.dst)
                     return
                 response = await self.handle(query, peer)
+                if response is None:  # far over a limit: no more work for this connection
+                    return
                 out = to_wire(response, max_size=65535)
                 writer.write(struct.pack("!H", len(out)) + out)
                 await writer.drain()
         except (ConnectionError, OSError):
             return
         finally:
+            if tcp_job is not None:
+                self.limits.dns.end_tcp(tcp_job)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
     # the decision, for one parsed query
 
-    async def handle(self, query: dns.message.Message, peer: DnsPeer) -> dns.message.Message:
-        """Answer one query from `peer` and log it (never raises for bad input)."""
+    async def handle(
+        self, query: dns.message.Message, peer: DnsPeer, *, admitted: bool = False
+    ) -> dns.message.Message | None:
+        """Answer one query from `peer` and log it (never raises for bad input);
+        None: drop it (its job is over a limit and past its refusal budget).
+        `admitted`: the query already has its token (`_admit_on_receipt`)."""
         qname, qtype = question_text(query)
         flow = self.ctx.flows.lookup(peer.src, peer.sport, peer.dst, DNS_PORT, peer.proto)
         if flow is None:
@@ -655,10 +852,26 @@ class DnsResponder:
         except PolicyUnavailable as exc:
             return self._finish(query, peer, flow, None, _refuse(exc.reason, qname, qtype))
         policy = verified.policy
+        now = time.monotonic()
+        job = flow.job_id
+        rate = policy.limits.dns_queries_per_s
+        if admitted:
+            self.limits.dns.set_rate(job, rate, now)
+            limited = None
+        else:
+            limited = self.limits.dns.admit(job, rate=rate, now=now)
+        if limited is not None:
+            return self._limited(query, peer, flow, policy, limited, now)
         action = apply_dns_mode(policy, answer_policy(policy, query))
         if action.kind == RESPOND:
             return self._finish(query, peer, flow, policy, action)
-        action, answers = await self._forward(query, action, policy)
+        limited = self.limits.dns.begin_upstream(job)
+        if limited is not None:
+            return self._limited(query, peer, flow, policy, limited, now)
+        try:
+            action, answers = await self._forward(query, action, policy)
+        finally:
+            self.limits.dns.end_upstream(job)
         if answers and action.qname is not None:
             self.resolved.record(
                 flow.job_id,
@@ -686,8 +899,83 @@ class DnsResponder:
             return _respond_like(action, dns.rcode.SERVFAIL, reason), ()
         filtered = filter_answers(upstream, self.ctx.fleet_ranges, qname=qname, policy=policy)
         if filtered.reason is not None:
-            return _refuse(filtered.reason, action.qname, action.qtype), ()
-        return action, filtered.kept
+            action = _refuse(filtered.reason, action.qname, action.qtype)
+            return dataclasses.replace(action, dropped=filtered.dropped), ()
+        return dataclasses.replace(action, dropped=filtered.dropped), filtered.kept
+
+    def _limited(
+        self,
+        query: dns.message.Message,
+        peer: DnsPeer,
+        flow: FlowInfo,
+        policy: Policy,
+        reason: str,
+        now: float,
+    ) -> dns.message.Message | None:
+        qname, qtype = question_text(query)
+        if self._over_limit(peer, flow, policy, reason, now, qname, qtype):
+            return build_response(query, dns.rcode.REFUSED)
+        return None
+
+    def _over_limit(
+        self,
+        peer: DnsPeer,
+        flow: FlowInfo,
+        policy: Policy | None,
+        reason: str,
+        now: float,
+        qname: str | None,
+        qtype: str | None,
+    ) -> bool:
+        """Count (and sample into the audit log) a query over a limit; True: answer
+        it REFUSED, False: drop it (past the job's refusal budget)."""
+        job = flow.job_id
+        self.limits.dns_refused(job, reason)
+        answer = self.limits.dns.answer_refusal(job, now)
+        verdict = audit.VERDICT_DENY if answer else audit.VERDICT_DROP
+        self._metrics.count(verdict, None if answer else reason)
+        suppressed = self.limits.dns.log_refusal(job, now)
+        if suppressed is not None:
+            event = audit.dns_event(
+                job_id=job,
+                account=None if policy is None else policy.account,
+                node=flow.node,
+                proxy=self.ctx.identity.name,
+                src=peer.src,
+                sport=peer.sport,
+                dst=peer.dst,
+                qname=qname,
+                qtype=qtype,
+                verdict=verdict,
+                reason=reason,
+                rcode="REFUSED" if answer else None,
+                mode=None if policy is None else policy.mode,
+            )
+            event["suppressed"] = suppressed
+            audit.emit(self.ctx.audit, event)
+        return answer
+
+    async def _flush_suppressed(self) -> None:
+        """Every `LOG_INTERVAL_S`: one summary event per job whose limited queries
+        went unlogged (a flood that stopped; counts of answered and dropped ones)."""
+        while True:
+            await asyncio.sleep(LOG_INTERVAL_S)
+            for job, count in self.limits.dns.flush(time.monotonic()).items():
+                event = audit.dns_event(
+                    job_id=job,  # type: ignore[arg-type]
+                    account=None,
+                    node=None,
+                    proxy=self.ctx.identity.name,
+                    src=None,  # type: ignore[arg-type]
+                    sport=0,
+                    dst=None,
+                    qname=None,
+                    qtype=None,
+                    verdict=audit.VERDICT_DENY,
+                    reason=DNS_RATE_LIMIT,
+                )
+                event["suppressed"] = count
+                audit.emit(self.ctx.audit, event)
 
     def _finish(
         self,
@@ -698,7 +986,10 @@ class DnsResponder:
         action: DnsAction,
         answers: Sequence[tuple[IPv4Address, int]] = (),
     ) -> dns.message.Message:
-        self._metrics.queries.labels(verdict=action.verdict).inc()
+        rcode = action.rcode
+        if rcode == dns.rcode.REFUSED:
+            rcode = refusal_rcode(action.reason, self.refusal_rcode)
+        self._metrics.count(action.verdict)
         audit.emit(
             self.ctx.audit,
             audit.dns_event(
@@ -713,13 +1004,14 @@ class DnsResponder:
                 qtype=action.qtype,
                 verdict=action.verdict,
                 reason=action.reason,
-                rcode=dns.rcode.to_text(action.rcode),
+                rcode=dns.rcode.to_text(rcode),
                 answers=[str(ip) for ip, _ in answers],
                 mode=None if policy is None else policy.mode,
                 would_deny=action.would_deny,
+                dropped=[(str(ip), reason) for ip, reason in action.dropped],
             ),
         )
-        return build_response(query, action.rcode, answers)
+        return build_response(query, rcode, answers)
 
 
 def _respond_like(action: DnsAction, rcode: dns.rcode.Rcode, reason: str) -> DnsAction:
@@ -736,8 +1028,11 @@ async def start_dns(
     upstream_port: int = DNS_PORT,
     upstream_timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S,
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    limits: ProxyLimits | None = None,
+    refusal_rcode: str = DEFAULT_REFUSAL_RCODE,
 ) -> DnsResponder:
-    """Bind and start the DNS responder on `listen` (UDP and TCP); `close()` stops it."""
+    """Bind and start the DNS responder on `listen` (UDP and TCP); `close()` stops it.
+    `limits`: the proxy's (shared with the interceptor), else its own."""
     upstream = UpstreamResolver(
         ctx.upstream_resolver,
         source=ctx.identity.egress,
@@ -745,7 +1040,13 @@ async def start_dns(
         timeout_s=upstream_timeout_s,
     )
     responder = DnsResponder(
-        ctx, resolved, listen=listen, upstream=upstream, max_inflight=max_inflight
+        ctx,
+        resolved,
+        listen=listen,
+        upstream=upstream,
+        max_inflight=max_inflight,
+        limits=limits,
+        refusal_rcode=refusal_rcode,
     )
     await responder.start()
     return responder
@@ -761,5 +1062,6 @@ __all__ = [
     "build_response",
     "filter_answers",
     "parse_query",
+    "refusal_rcode",
     "start_dns",
 ]

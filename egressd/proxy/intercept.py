@@ -17,9 +17,21 @@ named task that `Interceptor.close` cancels and awaits:
    and a destination that a cidr rule allows is allowed at once: no name can
    change either, so neither waits for the client's first bytes (this keeps
    server-speaks-first protocols on cidr rules fast);
-4. otherwise the first client bytes are read (up to 16 KiB, for at most
-   `peek_timeout_s`; a client that stays silent gets a decision without a
-   name) and sniffed for a TLS SNI or an HTTP Host;
+4. otherwise the client's first bytes are read (`peek_client`) until they
+   are a complete TLS ClientHello (reassembled across TCP segments and TLS
+   records, up to `sniff.MAX_CLIENT_HELLO`) or HTTP/1.x request head (up to
+   `sniff.MAX_HTTP_HEAD`), until they are something else, or until
+   `peek_timeout_s` after the accept. Fail closed: a ClientHello or head
+   still incomplete at that deadline (or at the client's FIN) is denied
+   ``client_hello_incomplete`` / ``http_head_incomplete``, one past its
+   bound ``client_hello_too_large`` / ``http_head_too_large``; a complete one
+   is decided by its SNI / Host / request target alone, never by the names
+   the job resolved for the address. Only a client that sent nothing
+   readable as TLS or HTTP (another protocol, or silence: server speaks
+   first) is decided by those names (`tier2.decide_named`). The audit
+   ``host`` is only ever a name the client sent, or in that last case the
+   name it resolved; connections decided by the address alone before any
+   byte is read (step 3) have none.
 5. when a claimed name that the policy allows is not among the names this
    job resolved to this address through the proxy's DNS, the proxy resolves
    the name itself (`UpstreamResolver.resolve_a`, cached) to check that they
@@ -32,6 +44,10 @@ named task that `Interceptor.close` cancels and awaits:
    both ways (`egressd.proxy.relay`) paced by the job's EDT pacers and ended
    by the idle/lifetime timeouts; a failed connect resets the client
    (verdict allow, reason ``upstream_connect_failed``); denied: a TCP reset.
+   A destination that is one of this proxy's own addresses is never
+   connected to (deny ``fleet_address``), whatever tier 2 decided: a
+   connect from the egress address to itself is a TCP self-connect that
+   echoes the client's bytes back.
 
 A bind that finds the port taken on this host (EADDRINUSE) or a connect whose
 4-tuple is still in use (EADDRNOTAVAIL) quarantines that port and tries the
@@ -58,6 +74,7 @@ from prometheus_client import Counter, Gauge
 
 from egressd.limits import PORT_POOL_EXHAUSTED
 from egressd.limits.ports import Destination, Lease
+from egressd.policy.addresses import FLEET_ADDRESS
 from egressd.policy.matcher import Decision, match_address
 from egressd.policy.model import Policy
 from egressd.proxy import audit, sniff, tier2
@@ -98,7 +115,6 @@ UNKNOWN_FLOW = "unknown_flow"
 UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
 PROXY_SHUTDOWN = "proxy_shutdown"
 
-DEFAULT_PEEK_TIMEOUT_S = 1.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_BACKLOG = 4096
 _ACCEPT_ERROR_PAUSE_S = 0.1
@@ -148,14 +164,33 @@ class _Metrics:
         )
 
 
+#: How long a client has, from the accept, to send its whole ClientHello or
+#: request head; a silent client is decided by its resolved names after it.
+#: Real clients send either in their first flight, one RTT (well under 1 ms
+#: inside the fleet) after the handshake; 1 s is 1000x that and survives a
+#: descheduled sandbox. Longer would only delay server-speaks-first
+#: protocols on host rules, which wait out the whole deadline. A deadline
+#: too short for some client now denies (``client_hello_incomplete``,
+#: counted), so it is visible rather than a silent fallback.
+DEFAULT_PEEK_TIMEOUT_S = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class Peeked:
-    """The client's first bytes and what they said."""
+    """The client's first bytes and what they said.
+
+    `protocol` is ``tls``/``http`` when they were a ClientHello / request
+    head (then only what they carry decides), None when they were neither
+    (or nothing came): then the job's resolved names may decide.
+    """
 
     data: bytes
+    protocol: str | None = None
     sni: str | None = None
     http_host: str | None = None
-    sniff_error: str | None = None  # tier2.TLS_MALFORMED / tier2.HTTP_MALFORMED
+    target_port: int | None = None  # a CONNECT or absolute-form target's port
+    ech: bool = False
+    sniff_error: str | None = None  # one of tier2.SNIFF_ERRORS
     eof: bool = False
 
 
@@ -181,51 +216,96 @@ class _Conn:
 
 
 async def peek_client(
-    sock: socket.socket, *, timeout_s: float, limit: int = sniff.MAX_PEEK
+    sock: socket.socket,
+    *,
+    timeout_s: float,
+    tls_limit: int = sniff.MAX_CLIENT_HELLO,
+    http_limit: int = sniff.MAX_HTTP_HEAD,
 ) -> Peeked:
-    """Read the client's first bytes until a name is found (or cannot be),
-    `limit` bytes are read, the client sends FIN, or `timeout_s` passes."""
+    """Read the client's first bytes until they are a complete ClientHello or
+    HTTP request head (or cannot become one: over its bound, malformed, not
+    that protocol), the client sends FIN, or `timeout_s` passes.
+
+    Never reads past the bound of what it is reading; what it read is
+    forwarded upstream as is when the connection is allowed.
+    """
     loop = asyncio.get_running_loop()
     buf = bytearray()
     eof = False
     kind = sniff.KIND_INCOMPLETE
-    sni_result: sniff.SniResult | None = None
-    host_result: sniff.HostResult | None = None
+    tls = sniff.ClientHelloReader(tls_limit)
+    http = sniff.HttpHeadReader(http_limit)
+    result: sniff.SniResult | sniff.HostResult | None = None
     try:
         async with asyncio.timeout(timeout_s):
-            while len(buf) < limit:
+            while True:
+                if kind == sniff.KIND_TLS:
+                    limit = tls_limit
+                elif kind == sniff.KIND_HTTP:
+                    limit = http_limit
+                else:
+                    limit = max(tls_limit, http_limit)
+                if len(buf) >= limit:
+                    break  # the reader has said too_large already; defensive
                 chunk = await loop.sock_recv(sock, limit - len(buf))
                 if not chunk:
                     eof = True
                     break
                 buf += chunk
-                kind = sniff.classify_first_bytes(bytes(buf))
+                if kind == sniff.KIND_INCOMPLETE:
+                    kind = sniff.classify_first_bytes(buf)
                 if kind == sniff.KIND_TLS:
-                    sni_result = sniff.sniff_tls_sni(bytes(buf))
-                    if sni_result.final:
-                        break
+                    result = tls.update(buf)
                 elif kind == sniff.KIND_HTTP:
-                    host_result = sniff.sniff_http_host(bytes(buf), max_header_bytes=limit)
-                    if host_result.final:
-                        break
+                    result = http.update(buf)
                 elif kind == sniff.KIND_UNKNOWN:
+                    break
+                if result is not None and result.final:
                     break
     except TimeoutError:
         pass
-    data = bytes(buf)
-    if kind == sniff.KIND_TLS and sni_result is not None:
-        if sni_result.status == sniff.OK:
-            return Peeked(data, sni=sni_result.host, eof=eof)
-        if sni_result.status == sniff.MALFORMED:
-            return Peeked(data, sniff_error=tier2.TLS_MALFORMED, eof=eof)
-    elif kind == sniff.KIND_HTTP and host_result is not None:
-        if host_result.status == sniff.OK:
-            return Peeked(data, http_host=host_result.host, eof=eof)
-        if host_result.status == sniff.MALFORMED or (
-            host_result.status == sniff.INCOMPLETE and len(data) >= limit
-        ):
-            return Peeked(data, sniff_error=tier2.HTTP_MALFORMED, eof=eof)
+    return _peeked(bytes(buf), kind, result, eof)
+
+
+def _peeked(
+    data: bytes, kind: str, result: sniff.SniResult | sniff.HostResult | None, eof: bool
+) -> Peeked:
+    """What `peek_client` read, as tier 2 takes it (pure)."""
+    if kind == sniff.KIND_INCOMPLETE:
+        kind = sniff.pending_kind(data)  # stopped after a byte or two
+    if kind == sniff.KIND_TLS:
+        status = result.status if result is not None else sniff.INCOMPLETE
+        if isinstance(result, sniff.SniResult) and status in (sniff.OK, sniff.NO_SNI):
+            return Peeked(data, tier2.PROTOCOL_TLS, sni=result.host, ech=result.ech, eof=eof)
+        if status != sniff.NOT_TLS:
+            error = _TLS_ERRORS.get(status, tier2.TLS_MALFORMED)
+            return Peeked(data, tier2.PROTOCOL_TLS, sniff_error=error, eof=eof)
+    elif kind == sniff.KIND_HTTP:
+        status = result.status if result is not None else sniff.INCOMPLETE
+        if isinstance(result, sniff.HostResult) and status in (sniff.OK, sniff.NO_HOST):
+            return Peeked(
+                data,
+                tier2.PROTOCOL_HTTP,
+                http_host=result.host,
+                target_port=result.port,
+                eof=eof,
+            )
+        if status != sniff.NOT_HTTP:
+            error = _HTTP_ERRORS.get(status, tier2.HTTP_MALFORMED)
+            return Peeked(data, tier2.PROTOCOL_HTTP, sniff_error=error, eof=eof)
     return Peeked(data, eof=eof)
+
+
+_TLS_ERRORS = {
+    sniff.INCOMPLETE: tier2.CLIENT_HELLO_INCOMPLETE,
+    sniff.TOO_LARGE: tier2.CLIENT_HELLO_TOO_LARGE,
+    sniff.MALFORMED: tier2.TLS_MALFORMED,
+}
+_HTTP_ERRORS = {
+    sniff.INCOMPLETE: tier2.HTTP_HEAD_INCOMPLETE,
+    sniff.TOO_LARGE: tier2.HTTP_HEAD_TOO_LARGE,
+    sniff.MALFORMED: tier2.HTTP_MALFORMED,
+}
 
 
 _MISS = object()
@@ -235,9 +315,10 @@ class _DecisionCache:
     """Tier-2 results memoised per policy object and fleet ranges.
 
     Tier 2 is pure: for one policy, one set of fleet ranges and the same
-    inputs (destination, port, what the client sent, the names the job
-    resolved to the address, and no proxy-side resolution) it decides the
-    same. An entry holds its policy and fleet ranges and is used only while
+    inputs (destination, port, everything tier 2 takes from what the client
+    sent: protocol, SNI, Host, target port, ECH, sniff error; the names the
+    job resolved to the address; and no proxy-side resolution) it decides
+    the same. An entry holds its policy and fleet ranges and is used only while
     they are the very objects in use (``is``): a refreshed or revoked policy
     is a new object, so its connections never see the old one's results.
     Bounded: emptied when full.
@@ -299,6 +380,11 @@ class Interceptor:
         self._count_down: Any = None
         self._connections_by: dict[tuple[str, str], Any] = {}
         self._decisions = _DecisionCache()
+        # This proxy's own addresses: never connected to, whatever tier 2 said
+        # (defence in depth under `fleet_address`, e.g. with an empty registry).
+        self._own: frozenset[IPv4Address] = frozenset(
+            {ctx.identity.underlay, ctx.identity.egress, *self.limits.config.port_pool.addresses}
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -450,8 +536,6 @@ class Interceptor:
         if decision is None:
             peeked = await peek_client(sock, timeout_s=self.peek_timeout_s)
             decision = await self._decide(policy, conn, peeked, learned)
-        if conn.host is None:
-            conn.host = min(learned) if learned else None
 
         outcome = tier2.apply_mode(policy, decision)
         conn.reason = decision.reason
@@ -461,6 +545,8 @@ class Interceptor:
         conn.verdict = audit.VERDICT_ALLOW
 
         upstream = await self._connect(conn, policy)
+        if upstream == FLEET_ADDRESS:
+            return self._deny(sock, conn, FLEET_ADDRESS)
         if isinstance(upstream, str):
             return self._refuse(sock, conn, upstream)
         if upstream is None:
@@ -507,12 +593,16 @@ class Interceptor:
         peeked: Peeked,
         learned: set[str],
     ) -> Decision:
+        """Tier 2 for what the client sent; sets ``conn.host`` (the audit name)."""
         fleet_ranges = self.ctx.fleet_ranges
         key = (
             conn.dst,
             conn.dport,
+            peeked.protocol,
             peeked.sni,
             peeked.http_host,
+            peeked.target_port,
+            peeked.ech,
             peeked.sniff_error,
             frozenset(learned),
         )
@@ -521,26 +611,31 @@ class Interceptor:
             conn.host, decision = cached  # type: ignore[misc]
             return decision  # type: ignore[has-type,no-any-return]
         claim = tier2.claimed_host(peeked.sni, peeked.http_host)
-        conn.host = claim.name or claim.raw
         proxy_ips: set[IPv4Address] = set()
         resolved = False
         if (
             claim.name is not None
             and peeked.sniff_error is None
             and tier2.needs_resolution(
-                policy, name=claim.name, dst_port=conn.dport, resolved_names=learned
+                policy,
+                name=claim.name,
+                dst_port=conn.dport,
+                resolved_names=learned,
+                target_port=peeked.target_port,
+                ech=peeked.ech,
             )
         ):
             resolved = True
             proxy_ips = await self.resolver.resolve_a(
                 claim.name, fleet_ranges=self.ctx.fleet_ranges
             )
-        decision = self._decide_now(policy, conn, peeked, learned, proxy_ips)
+        named = self._decide_now(policy, conn, peeked, learned, proxy_ips)
+        conn.host = named.host
         if not resolved:
             # Without the proxy's own resolution the decision is a pure
             # function of the key; with it, it depends on DNS: not memoised.
-            self._decisions.put(policy, fleet_ranges, key, (conn.host, decision))
-        return decision
+            self._decisions.put(policy, fleet_ranges, key, (named.host, named.decision))
+        return named.decision
 
     def _decide_now(
         self,
@@ -549,8 +644,8 @@ class Interceptor:
         peeked: Peeked,
         learned: set[str],
         proxy_ips: set[IPv4Address],
-    ) -> Decision:
-        return tier2.decide_connection(
+    ) -> tier2.NamedDecision:
+        return tier2.decide_named(
             policy,
             dst_ip=conn.dst,
             dst_port=conn.dport,
@@ -560,12 +655,18 @@ class Interceptor:
             proxy_resolves=proxy_ips,
             fleet_ranges=self.ctx.fleet_ranges,
             sniff_error=peeked.sniff_error,
+            protocol=peeked.protocol,
+            ech=peeked.ech,
+            target_port=peeked.target_port,
         )
 
     async def _connect(self, conn: _Conn, policy: Policy) -> socket.socket | str | None:
         """The connected upstream socket; a refusal reason when no source port
-        may be had; None when the connect failed."""
+        may be had (``fleet_address`` when the destination is this proxy
+        itself: never attempted); None when the connect failed."""
         assert conn.flow is not None
+        if conn.dst in self._own:
+            return FLEET_ADDRESS
         destination = Destination(conn.dst, conn.dport)
         for _ in range(PORT_ATTEMPTS):
             now = time.monotonic()
@@ -591,9 +692,13 @@ class Interceptor:
                 )
         return PORT_POOL_EXHAUSTED
 
-    async def _connect_from(self, conn: _Conn, lease: Lease) -> socket.socket | None:
+    async def _connect_from(self, conn: _Conn, lease: Lease) -> socket.socket | str | None:
         """Connect from the lease's (address, port); None if the connect failed;
+        ``fleet_address`` (not attempted) when the destination is the source
+        address itself: a TCP self-connect would echo the client's bytes back;
         OSError(EADDRINUSE/EADDRNOTAVAIL) if that source cannot be used."""
+        if conn.dst == lease.address or conn.dst in self._own:
+            return FLEET_ADDRESS
         loop = asyncio.get_running_loop()
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:

@@ -17,6 +17,12 @@ a destination sees.
 Limits are enforced in report mode too: report mode is for rolling out
 egress rules, and limits protect the other jobs on the proxy.
 
+DNS (`egressd.limits.dns`): `dns` holds each job's query rate
+(``dns_queries_per_s``, the job's own rate at this proxy, not a share),
+refusal budget, upstream queries in flight and audit sampling; the DNS
+responder asks it and counts its refusals here (reasons ``dns_rate_limit``,
+``dns_inflight_limit``).
+
 Metrics: refusals per job and reason; connections and source ports held per
 job now; ports in use per egress address and destination; bytes per job and
 direction. Per-job and per-destination gauges drop their series once at
@@ -37,6 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from egressd.limits import fleet_share
 from egressd.limits.connections import ConnectionLimiter
+from egressd.limits.dns import DnsQueryLimiter
 from egressd.limits.pacing import DEFAULT_HORIZON_S, BandwidthShaper
 from egressd.limits.ports import Destination, Lease, PortPoolConfig, SourcePortAllocator
 from egressd.limits.timeouts import Timeouts
@@ -65,7 +72,7 @@ class _Metrics:
     def __init__(self, registry: CollectorRegistry, capacity: int) -> None:
         self.refusals = Counter(
             "egressd_limit_refusals_total",
-            "Connections refused by a limit, by job and reason",
+            "Connections and DNS queries refused by a limit, by job and reason",
             ["job_id", "reason"],
             registry=registry,
         )
@@ -172,6 +179,7 @@ class ProxyLimits:
         self.timeouts = config.timeouts
         self._proxy_count = proxy_count
         self.connections = ConnectionLimiter(config.max_connections)
+        self.dns = DnsQueryLimiter()
         self.ports = SourcePortAllocator(config.port_pool)
         self.shaper = BandwidthShaper(
             proxy_rate_bps=config.bandwidth_bps or None, horizon_s=config.pacing_horizon_s
@@ -181,6 +189,7 @@ class ProxyLimits:
         self._job_ports = _Series(metrics.job_ports)
         self._ports_in_use = _Series(metrics.ports_in_use)
         self._job_bytes: dict[tuple[uuid.UUID, str], Callable[[float], None]] = {}
+        self._dns_refusals: dict[tuple[uuid.UUID, str], Callable[[float], None]] = {}
         self._task: asyncio.Task[None] | None = None
 
     # admission
@@ -204,6 +213,18 @@ class ProxyLimits:
 
     def refused(self, job: uuid.UUID | None, reason: str) -> None:
         self._metrics.refusals.labels("" if job is None else str(job), reason).inc()
+
+    def dns_refused(self, job: uuid.UUID, reason: str) -> None:
+        """`refused`, for the DNS responder's every query over a limit (a flood): the
+        counter's child is cached, not looked up by its labels each time."""
+        inc = self._dns_refusals.get((job, reason))
+        if inc is None:
+            if len(self._dns_refusals) > 65_536:
+                self._dns_refusals.clear()
+            inc = self._dns_refusals[(job, reason)] = self._metrics.refusals.labels(
+                str(job), reason
+            ).inc
+        inc(1)
 
     def _job_connections_changed(self, job: uuid.UUID) -> None:
         self._job_connections.set(job, self.connections.active(job), lambda: (str(job),))
@@ -262,6 +283,7 @@ class ProxyLimits:
 
     def prune(self, now: float, loop_now: float) -> None:
         self.connections.prune(now)
+        self.dns.prune(now)
         self.ports.prune(now)
         self.shaper.prune(loop_now)
         for series in (self._job_connections, self._job_ports, self._ports_in_use):

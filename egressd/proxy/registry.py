@@ -19,6 +19,18 @@ The same refresh counts the proxies registered with the control plane
 (`egressd.limits.fleet_share`). Until that count is known, and while it
 cannot be fetched, the last count is used (1 at first: this proxy alone).
 
+The same answers also say which addresses belong to the fleet: every node's
+underlay, every proxy's underlay and egress. Together with the addresses the
+proxy knows from its configuration (`static_members`: its own, the control
+plane's, the resolvers') they make `fleet`, a `FleetAddresses` that tier 2
+and the DNS responder always deny (``fleet_address``, DESIGN.md: "kept
+current from the control plane's registry"). An entry that the node index
+skips (invalid CIDR, a collision) still gives its address to the fleet set:
+being unsure whether an address is the fleet's is a reason to deny it. A
+change builds a new set (higher ``version``), swaps it in with one assignment,
+logs it (``fleet_addresses``) and calls `on_fleet_change`; an unchanged
+answer changes nothing, so caches keyed on the set keep their entries.
+
 Failure handling: a failed refresh (control plane unreachable, HTTP error, a
 body that is not the expected shape) keeps the last good view and is counted
 (`egressd_registry_refresh_total{result}`) and logged when the state changes
@@ -37,10 +49,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from egressd.policy.addresses import FleetAddresses
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -160,6 +175,54 @@ def parse_proxy_count(body: object) -> int:
     return max(1, len(body["proxies"]))
 
 
+def parse_member_addresses(
+    body: object, key: str, fields: tuple[str, ...]
+) -> tuple[frozenset[IPv4Address], list[str]]:
+    """Every IPv4 address in `fields` of the entries of `body[key]`, and one
+    problem string per field that is not one.
+
+    Lenient on purpose (unlike `parse_nodes`): an address is taken from any
+    entry that has one, whatever else is wrong with the entry. Raises
+    RegistryError("bad_response") when the answer itself has the wrong shape.
+    """
+    if not isinstance(body, Mapping) or not isinstance(body.get(key), list):
+        raise RegistryError("bad_response", f"answer is not {{\"{key}\": [...]}}")
+    found: set[IPv4Address] = set()
+    problems: list[str] = []
+    for index, item in enumerate(body[key]):
+        if not isinstance(item, Mapping):
+            continue  # counted by the entry parser
+        for name in fields:
+            value = item.get(name)
+            try:
+                found.add(IPv4Address(value if isinstance(value, str) else ""))
+            except ValueError:
+                problems.append(f"{key}[{index}].{name}: not an IPv4 address")
+    return frozenset(found), problems
+
+
+def static_members(
+    *,
+    underlay: IPv4Address,
+    egress: Iterable[IPv4Address],
+    control_url: str,
+    resolvers: Iterable[IPv4Address],
+) -> frozenset[IPv4Address]:
+    """The fleet addresses a proxy knows without the registry: its own
+    underlay and egress addresses, the control plane's (when `control_url`
+    names it by address) and the resolvers'."""
+    members = {underlay, *egress, *resolvers}
+    host = urlsplit(control_url).hostname
+    if host is not None:
+        with contextlib.suppress(ValueError):
+            members.add(IPv4Address(host))
+    return frozenset(members)
+
+
+def _listed(addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> list[str]:
+    return [str(a) for a in sorted(addresses, key=lambda a: (a.version, int(a)))]
+
+
 async def read_json_body(response: aiohttp.ClientResponse, limit: int) -> object:
     """The response body decoded as JSON; ValueError when longer than `limit` or not JSON."""
     if (response.content_length or 0) > limit:
@@ -185,8 +248,17 @@ class NodeRegistry:
         refresh_s: float,
         metrics: CollectorRegistry,
         clock: Callable[[], float] = time.monotonic,
+        fleet: FleetAddresses | None = None,
+        on_fleet_change: Callable[[FleetAddresses], None] | None = None,
     ) -> None:
         self._session = session
+        #: Always denied by tier 2 and DNS: `fleet`'s ranges and members (the
+        #: static ones it starts with, plus what the registry lists).
+        self.fleet: FleetAddresses = fleet if fleet is not None else FleetAddresses()
+        self._static_members = self.fleet.members
+        self._node_members: frozenset[IPv4Address] = frozenset()
+        self._proxy_members: frozenset[IPv4Address] = frozenset()
+        self._on_fleet_change = on_fleet_change
         self._url = control_url.rstrip("/") + NODES_PATH
         self._proxies_url = control_url.rstrip("/") + PROXIES_PATH
         #: Proxies registered with the control plane (the divisor of fleet-wide limits).
@@ -214,6 +286,11 @@ class NodeRegistry:
             registry=metrics,
         ).set_function(lambda: self.proxy_count)
         Gauge(
+            "egressd_fleet_addresses",
+            "Fleet member addresses that tier 2 and DNS always deny (fleet_address)",
+            registry=metrics,
+        ).set_function(lambda: len(self.fleet.members))
+        Gauge(
             "egressd_registry_age_seconds",
             "Seconds since the last successful registry refresh (-1: never)",
             registry=metrics,
@@ -239,7 +316,9 @@ class NodeRegistry:
     async def refresh(self) -> bool:
         """Fetch once; on success swap the view in. Never raises for a failed fetch."""
         try:
-            entries, problems = parse_nodes(await self._fetch())
+            body = await self._fetch()
+            entries, problems = parse_nodes(body)
+            node_members, _ = parse_member_addresses(body, "nodes", ("underlay",))
         except RegistryError as exc:
             self._refreshes.labels(exc.result).inc()
             if not self._failing:
@@ -265,18 +344,42 @@ class NodeRegistry:
                 recovered=self._failing,
             )
         self._failing = False
-        await self._refresh_proxy_count()
+        self._node_members = node_members
+        await self._refresh_proxies()
+        self._update_fleet()
         return True
 
-    async def _refresh_proxy_count(self) -> None:
+    async def _refresh_proxies(self) -> None:
         try:
-            count = parse_proxy_count(await self._fetch(self._proxies_url))
+            body = await self._fetch(self._proxies_url)
+            count = parse_proxy_count(body)
+            members, problems = parse_member_addresses(body, "proxies", ("underlay", "egress"))
         except RegistryError as exc:
+            # The last proxies' addresses stay in the fleet set.
             log.debug("registry_proxies_failed", result=exc.result, detail=exc.detail)
             return
+        for problem in problems:
+            log.warning("registry_entry_skipped", detail=problem)
+        self._proxy_members = members
         if count != self.proxy_count:
             log.info("registry_proxies", proxies=count, was=self.proxy_count)
             self.proxy_count = count
+
+    def _update_fleet(self) -> None:
+        old = self.fleet
+        new = old.with_members(self._static_members | self._node_members | self._proxy_members)
+        if new is old:
+            return
+        self.fleet = new
+        log.info(
+            "fleet_addresses",
+            version=new.version,
+            addresses=_listed(new.members),
+            added=_listed(new.members - old.members),
+            removed=_listed(old.members - new.members),
+        )
+        if self._on_fleet_change is not None:
+            self._on_fleet_change(new)
 
     async def _fetch(self, url: str | None = None) -> object:
         url = url or self._url

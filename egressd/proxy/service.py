@@ -6,7 +6,9 @@ failure half-way, SIGTERM or SIGINT all unwind exactly what was done):
 1. the trusted public keys from `keys_dir` (never from the network);
 2. the admin listener on `underlay:admin_port` (`/healthz` answers from here
    on; `/readyz` says 503 with the reasons until everything below is up);
-3. the HTTP client session, the node registry (refresh task), the policy
+3. the HTTP client session, the node registry (refresh task; it also keeps
+   the fleet's member addresses current, `static_fleet` plus what it lists,
+   and swaps each new set into the context), the policy
    store, the flow table (sweeper task), the names tier 2 learns from DNS
    (prune task), and the `ProxyContext` that tier 2 shares;
 4. tier 2's listeners: the transparent TCP interceptor on
@@ -35,10 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -48,6 +52,7 @@ from prometheus_client import CollectorRegistry
 from egressd.admin import AdminServer, start_admin
 from egressd.errors import EgressdError
 from egressd.net.tun import TUN_F_CSUM, TUN_F_TSO4, Tun, TunError, open_tun
+from egressd.policy.addresses import FleetAddresses
 from egressd.policy.errors import KeyFileError
 from egressd.policy.keys import load_trusted_keys
 from egressd.proxy import dns, intercept
@@ -57,7 +62,7 @@ from egressd.proxy.flows import FlowTable
 from egressd.proxy.nft import NftError, NftSpec, ProxyNetfilter
 from egressd.proxy.policies import PolicyStore
 from egressd.proxy.limiting import ProxyLimits
-from egressd.proxy.registry import NodeRegistry
+from egressd.proxy.registry import NodeRegistry, static_members
 from egressd.proxy.resolved import ResolvedNames
 from egressd.proxy.tunnel import GeneveTunnel
 
@@ -147,7 +152,12 @@ class ProxyService:
         stack.push_async_callback(self._closing("http_session", session.close))
 
         self.registry = NodeRegistry(
-            session, config.control_url, refresh_s=config.node_refresh_s, metrics=self.metrics
+            session,
+            config.control_url,
+            refresh_s=config.node_refresh_s,
+            metrics=self.metrics,
+            fleet=static_fleet(config),
+            on_fleet_change=self._fleet_changed,
         )
         self.registry.start()
         stack.push_async_callback(self._closing("registry", self.registry.close))
@@ -171,7 +181,7 @@ class ProxyService:
             identity=ProxyIdentity(name=config.name, underlay=config.underlay, egress=config.egress),
             flows=self.flows,
             policies=self.policies,
-            fleet_ranges=config.fleet_ranges,
+            fleet_ranges=self.registry.fleet,
             upstream_resolver=config.upstream_resolver,
             registry=self.metrics,
             audit=structlog.get_logger("egressd.proxy.audit").bind(component="proxy"),
@@ -190,7 +200,11 @@ class ProxyService:
             )
             stack.push_async_callback(self._closing("interceptor", self.interceptor.close))
             self.dns = await dns.start_dns(
-                self.ctx, self.resolved, listen=(LISTEN_HOST, config.tproxy_dns_port)
+                self.ctx,
+                self.resolved,
+                listen=(LISTEN_HOST, config.tproxy_dns_port),
+                limits=limits,
+                refusal_rcode=config.dns_refusal_rcode,
             )
             stack.push_async_callback(self._closing("dns", self.dns.close))
         except OSError as exc:
@@ -263,6 +277,12 @@ class ProxyService:
             trusted_kids=sorted(trusted.keys),
         )
 
+    def _fleet_changed(self, fleet: FleetAddresses) -> None:
+        # One assignment: a connection decides with the old set or the new
+        # one, never a mix (and `_DecisionCache` keys on the object).
+        if self.ctx is not None:
+            self.ctx.fleet_ranges = fleet
+
     # --- stop ----------------------------------------------------------------------
 
     async def stop(self) -> None:
@@ -322,6 +342,36 @@ class ProxyService:
         while True:
             await asyncio.sleep(RESOLVED_PRUNE_INTERVAL_S)
             resolved.prune(time.monotonic())
+
+
+def static_fleet(config: ProxyConfig) -> FleetAddresses:
+    """The fleet set before the registry answers: the configured ranges, and
+    the member addresses the configuration names (`registry.static_members`)."""
+    host = urlsplit(config.control_url).hostname
+    if host is not None and not _is_ipv4(host):
+        log.warning(
+            "control_plane_address_unknown",
+            control_url=config.control_url,
+            detail="control_url names a host, not an address: only its registry entries and "
+            "fleet_ranges keep it from sandboxes",
+        )
+    return FleetAddresses(
+        config.fleet_ranges,
+        static_members(
+            underlay=config.underlay,
+            egress=config.egress_addresses or (config.egress,),
+            control_url=config.control_url,
+            resolvers=(config.resolver, config.upstream_resolver),
+        ),
+    )
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def serve(config: ProxyConfig, *, stop: asyncio.Event | None = None) -> None:

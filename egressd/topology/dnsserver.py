@@ -4,7 +4,9 @@ Three layers, each testable alone:
 
 - `Zone`: the records, built from the layout (`Zone.from_layout`): an A record
   per site, the wildcard `*.data.allowed.test`, TXT records for a few names,
-  SOA and NS at the apex; TTL 60.
+  `<proxy>.fleet.test` with each proxy's egress address (a name that
+  resolves to the fleet), `many.data.allowed.test` with 150 A records (too
+  large for a UDP answer: TC, then TCP), SOA and NS at the apex; TTL 60.
 - `answer(query, zone) -> response`: pure, dnspython message in, message out.
   NOERROR with the records; NODATA (NOERROR, SOA in authority) for a name
   that exists without the asked type; NXDOMAIN (SOA in authority) for a name
@@ -32,6 +34,7 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
@@ -50,7 +53,14 @@ import structlog
 from egressd.topology.layout import INET_DNS, Layout
 
 ORIGIN = "test."
+#: `<proxy name>.fleet.test` resolves to that proxy's egress address.
+FLEET_ZONE = "fleet.test"
 TTL = 60
+#: A name with more A records than fit in a UDP answer (1232 bytes hold ~70).
+#: The first is the layout's data site (connections to the name work); the
+#: rest are unused addresses of the "internet" range.
+MANY_NAME = "many.data.allowed.test"
+MANY_COUNT = 150
 #: Wildcard site names served by the "internet" (DNS and the TLS certificate).
 WILDCARD_SITES = ("*.data.allowed.test",)
 #: Names with a TXT record (a test can show TXT passes or is refused).
@@ -147,6 +157,10 @@ class Zone:
         records += [
             (owner, "TXT", f'"{text}"') for owner, values in TXT_RECORDS.items() for text in values
         ]
+        # A name per proxy that resolves to its egress address, so tests can
+        # show that the proxies filter such answers (``fleet_address``).
+        records += [(f"{p.name}.{FLEET_ZONE}", "A", str(p.egress)) for p in layout.proxies]
+        records += [(MANY_NAME, "A", str(ip)) for ip in many_addresses(layout)]
         return cls.build(records)
 
     @property
@@ -173,6 +187,14 @@ class Zone:
                 break
         wildcard = self.nodes.get(dns.name.Name((b"*", *encloser.labels)))
         return (wildcard, True) if wildcard is not None else (None, False)
+
+
+def many_addresses(layout: Layout) -> list[IPv4Address]:
+    """The `MANY_COUNT` addresses of `MANY_NAME`: the data site's, then 203.0.113.101 on."""
+    parent = _absolute(MANY_NAME).parent()
+    site = next(s.address for s in layout.sites if _absolute(s.name).parent() == parent)
+    rest = (IPv4Address(f"203.0.113.{i}") for i in range(101, 256))
+    return [site, *(ip for ip in rest if ip != site)][:MANY_COUNT]
 
 
 def _rrset(owner: dns.name.Name, rdataset: dns.rdataset.Rdataset) -> dns.rrset.RRset:

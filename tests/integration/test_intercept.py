@@ -77,6 +77,8 @@ ZONE: dict[str, str] = {
 }
 CNAMES = {"cname.allowed.test": "api.allowed.test"}
 SILENT = {"slow.data.allowed.test"}  # the upstream never answers these
+# A name with 150 A records: too large for a UDP answer (the upstream sets TC; TCP has it all).
+MANY = {"many.data.allowed.test": [f"203.0.113.{i}" for i in range(101, 251)]}
 EGRESS_RULES: list[dict[str, Any]] = [
     {"host": "api.allowed.test", "ports": [443, 80]},
     {"host": "*.data.allowed.test", "ports": [443, 80]},
@@ -92,6 +94,7 @@ ROOMY_LIMITS = {
     "max_new_connections_per_s": 100_000,
     "ports_per_destination": 4096,
     "bandwidth_bps": 100_000_000_000,
+    "dns_queries_per_s": 10_000,
 }
 
 
@@ -109,33 +112,56 @@ async def _inet_main(cfg: dict[str, Any]) -> None:
 
     upstream_log = open(cfg["upstream_log"], "a", buffering=1)  # noqa: SIM115, ASYNC230 - at start-up
 
+    def dns_answer(data: bytes, src: str, proto: str) -> Any:
+        try:
+            q = dns.message.from_wire(data)
+        except Exception:  # noqa: BLE001 - a test server
+            return None
+        qname = q.question[0].name.to_text(omit_final_dot=True).lower()
+        qtype = dns.rdatatype.to_text(q.question[0].rdtype)
+        record = {"qname": qname, "qtype": qtype, "src": src, "proto": proto}
+        upstream_log.write(json.dumps(record) + "\n")
+        if qname in SILENT:
+            return None
+        r = dns.message.make_response(q)
+        name = q.question[0].name
+        if qname in MANY and qtype == "A":
+            r.answer.append(dns.rrset.from_text_list(name, 60, "IN", "A", MANY[qname]))
+        elif qtype == "TXT":
+            r.answer.append(dns.rrset.from_text(name, 60, "IN", "TXT", '"leak"'))
+        elif qname in CNAMES:
+            target = CNAMES[qname]
+            r.answer.append(dns.rrset.from_text(name, 60, "IN", "CNAME", target + "."))
+            r.answer.append(dns.rrset.from_text(target + ".", 60, "IN", "A", ZONE[target]))
+        elif qname in ZONE and qtype == "A":
+            r.answer.append(dns.rrset.from_text(name, 60, "IN", "A", ZONE[qname]))
+        elif qname not in ZONE and qname not in MANY:
+            r.set_rcode(dns.rcode.NXDOMAIN)
+        if proto == "tcp":
+            return r.to_wire(max_size=65535)
+        # Over UDP, like an authoritative server: what does not fit is left out, with TC.
+        limit = max(512, q.payload) if q.edns >= 0 else 512
+        return r.to_wire(max_size=limit, prefer_truncation=True)
+
     class DnsServer(asyncio.DatagramProtocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = transport
 
         def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-            try:
-                q = dns.message.from_wire(data)
-            except Exception:  # noqa: BLE001 - a test server
-                return
-            qname = q.question[0].name.to_text(omit_final_dot=True).lower()
-            qtype = dns.rdatatype.to_text(q.question[0].rdtype)
-            upstream_log.write(json.dumps({"qname": qname, "qtype": qtype, "src": addr[0]}) + "\n")
-            if qname in SILENT:
-                return
-            r = dns.message.make_response(q)
-            name = q.question[0].name
-            if qtype == "TXT":
-                r.answer.append(dns.rrset.from_text(name, 60, "IN", "TXT", '"leak"'))
-            elif qname in CNAMES:
-                target = CNAMES[qname]
-                r.answer.append(dns.rrset.from_text(name, 60, "IN", "CNAME", target + "."))
-                r.answer.append(dns.rrset.from_text(target + ".", 60, "IN", "A", ZONE[target]))
-            elif qname in ZONE and qtype == "A":
-                r.answer.append(dns.rrset.from_text(name, 60, "IN", "A", ZONE[qname]))
-            elif qname not in ZONE:
-                r.set_rcode(dns.rcode.NXDOMAIN)
-            self.transport.sendto(r.to_wire(), addr)  # type: ignore[attr-defined]
+            reply = dns_answer(data, addr[0], "udp")
+            if reply is not None:
+                self.transport.sendto(reply, addr)  # type: ignore[attr-defined]
+
+    async def dns_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while head := await reader.readexactly(2):
+                data = await reader.readexactly(int.from_bytes(head, "big"))
+                reply = dns_answer(data, writer.get_extra_info("peername")[0], "tcp")
+                if reply is None:
+                    break
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await writer.drain()
+        writer.close()
 
     async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
@@ -198,6 +224,7 @@ async def _inet_main(cfg: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     await loop.create_datagram_endpoint(DnsServer, local_addr=(UPSTREAM_DNS, 53))
     servers = [
+        await asyncio.start_server(dns_tcp, UPSTREAM_DNS, 53),
         await asyncio.start_server(http, "0.0.0.0", 80),
         await asyncio.start_server(tls_echo, "0.0.0.0", 443),
         await asyncio.start_server(banner, "0.0.0.0", 2525),
@@ -285,7 +312,12 @@ async def _proxy_main(cfg: dict[str, Any]) -> None:
         limits=limits,
     )
     responder = await start_dns(
-        ctx, resolved, listen=("127.0.0.1", DNS_PORT), upstream_timeout_s=1.0
+        ctx,
+        resolved,
+        listen=("127.0.0.1", DNS_PORT),
+        upstream_timeout_s=1.0,
+        limits=interceptor.limits,
+        refusal_rcode=cfg.get("dns_refusal_rcode", "REFUSED"),
     )
 
     def dump_metrics() -> None:
@@ -612,10 +644,12 @@ def make_world(
     limits: dict[str, Any] | None = None,
     extra_egress: tuple[str, ...] = (),
     second_job: bool = False,
+    dns_refusal_rcode: str = "REFUSED",
 ) -> Iterator[World]:
     """A world; `limits`: proxy configuration keys of the limits (`ProxyConfig`),
     `extra_egress`: more egress addresses on the proxy, `second_job`: CLIENT2
-    belongs to JOB2_ID (its policy from `set_policy(job_id=JOB2_ID)`)."""
+    belongs to JOB2_ID (its policy from `set_policy(job_id=JOB2_ID)`),
+    `dns_refusal_rcode`: the DNS responder's (`ProxyConfig.dns_refusal_rcode`)."""
     _need_root()
     from egressd.policy.keys import TrustedKeys, generate_signing_key, jwks
 
@@ -645,6 +679,7 @@ def make_world(
                 "uvloop": use_uvloop,
                 "limits": limits,
                 "more_clients": more_clients,
+                "dns_refusal_rcode": dns_refusal_rcode,
             },
         )
         yield w

@@ -184,7 +184,7 @@ def check_dns(c: Result) -> Result:
     return {
         "outcome": "answer", "id_matches": rid == qid, "qr": bool(flags & 0x8000),
         "rcode": rcode, "rcode_text": RCODES.get(rcode, str(rcode)), "ancount": an,
-        "peer": f"{peer[0]}:{peer[1]}",
+        "tc": bool(flags & 0x0200), "size": len(reply), "peer": f"{peer[0]}:{peer[1]}",
     }
 
 

@@ -12,9 +12,11 @@ from egressd.policy.model import Policy, parse_policy
 from egressd.proxy.tier2 import (
     ALWAYS_DENIED_REASONS,
     HOST_ADDRESS_MISMATCH,
+    NamedDecision,
     apply_mode,
     claimed_host,
     decide_connection,
+    decide_named,
     needs_resolution,
 )
 
@@ -68,6 +70,8 @@ class Case:
     learned: frozenset[str] = frozenset()
     world: dict[str, set[A]] = field(default_factory=lambda: WORLD)
     sniff_error: str | None = None
+    protocol: str | None = None
+    target_port: int | None = None
 
 
 CASES = [
@@ -155,11 +159,12 @@ CASES = [
     Case("invalid claimed name", API, 443, Verdict.DENY, "invalid_host", sni="bad_name.test"),
     Case("ip literal is no claim", API, 80, Verdict.DENY, "no_matching_rule", host="203.0.113.10"),
     Case(
-        "ip literal, job dns decides",
+        # HTTP that names an address: that address decides, never the job's DNS.
+        "ip literal, job dns does not decide",
         API,
         80,
-        Verdict.ALLOW,
-        "allowed_host",
+        Verdict.DENY,
+        "no_matching_rule",
         host="203.0.113.10",
         learned=frozenset({"api.allowed.test"}),
     ),
@@ -201,6 +206,76 @@ CASES = [
     ),
     # Unreadable first bytes.
     Case("malformed tls", API, 443, Verdict.DENY, "tls_malformed", sniff_error="tls_malformed"),
+    # Fail closed (issue 15): unreadable TLS/HTTP never falls back to the job's DNS.
+    *[
+        Case(
+            f"{error} despite job dns",
+            API,
+            443,
+            Verdict.DENY,
+            error,
+            learned=frozenset({"api.allowed.test"}),
+            sniff_error=error,
+            protocol=protocol,
+        )
+        for error, protocol in [
+            ("client_hello_incomplete", "tls"),
+            ("client_hello_too_large", "tls"),
+            ("tls_malformed", "tls"),
+            ("http_head_incomplete", "http"),
+            ("http_head_too_large", "http"),
+            ("http_malformed", "http"),
+        ]
+    ],
+    Case(
+        "incomplete hello to a cidr address",
+        DB,
+        5432,
+        Verdict.ALLOW,
+        "allowed_cidr",
+        sniff_error="client_hello_incomplete",
+        protocol="tls",
+    ),
+    Case(
+        "tls without sni, job dns ignored",
+        API,
+        443,
+        Verdict.DENY,
+        "no_sni",
+        learned=frozenset({"api.allowed.test"}),
+        protocol="tls",
+    ),
+    Case(
+        "http without host, job dns ignored",
+        API,
+        80,
+        Verdict.DENY,
+        "no_host",
+        learned=frozenset({"api.allowed.test"}),
+        protocol="http",
+    ),
+    Case("tls without sni to a cidr address", DB, 5432, Verdict.ALLOW, "allowed_cidr",
+         protocol="tls"),
+    Case(
+        "unknown protocol, job dns decides",
+        API,
+        443,
+        Verdict.ALLOW,
+        "allowed_host",
+        learned=frozenset({"api.allowed.test"}),
+        protocol=None,
+    ),
+    # CONNECT and absolute-form targets: the target's name on the target's port too.
+    Case("connect to a denied host", API, 80, Verdict.DENY, "no_matching_rule",
+         host="evil.test", target_port=443, protocol="http"),
+    Case("connect to an allowed host, other port", API, 80, Verdict.DENY, "port_not_allowed",
+         host="api.allowed.test", target_port=22, protocol="http"),
+    Case("connect to an allowed host and port", API, 80, Verdict.ALLOW, "allowed_host",
+         host="api.allowed.test", target_port=443, protocol="http"),
+    Case("connect to an allowed host elsewhere", EVIL, 80, Verdict.DENY, HOST_ADDRESS_MISMATCH,
+         host="api.allowed.test", target_port=443, protocol="http"),
+    Case("absolute form on its own port", API, 80, Verdict.ALLOW, "allowed_host",
+         host="api.allowed.test", target_port=80, protocol="http"),
     Case(
         "malformed http to cidr",
         DB,
@@ -224,6 +299,8 @@ def test_decide(case: Case) -> None:
         proxy_resolves=lambda name: case.world.get(name, set()),
         fleet_ranges=FLEET,
         sniff_error=case.sniff_error,
+        protocol=case.protocol,
+        target_port=case.target_port,
     )
     assert (decision.verdict, decision.reason) == (case.verdict, case.reason)
 
@@ -372,3 +449,133 @@ def test_needs_resolution(name: str, port: int, learned: set[str], expected: boo
         needs_resolution(make_policy(), name=name, dst_port=port, resolved_names=learned)
         is expected
     )
+
+
+# --- fail closed: ECH, audit names, report mode (issue 15) ----------------------------
+
+ECH_FRONT = {"host": "front.allowed.test", "ports": [443], "ech": "allow"}
+FRONT = A("203.0.113.12")
+
+
+def decide_ech(
+    policy: Policy, sni: str | None, dst: A, learned: frozenset[str] = frozenset()
+) -> Decision:
+    return decide_connection(
+        policy,
+        dst_ip=dst,
+        dst_port=443,
+        sni=sni,
+        http_host=None,
+        resolved_names=learned,
+        proxy_resolves=lambda name: {FRONT} if name == "front.allowed.test" else set(),
+        fleet_ranges=FLEET,
+        protocol="tls",
+        ech=True,
+    )
+
+
+def test_ech_denied_unless_the_fronts_rule_opts_in() -> None:
+    policy = make_policy(extra=[ECH_FRONT])
+    # The rule allowing api.allowed.test says nothing of ECH: denied.
+    decision = decide_ech(policy, "api.allowed.test", API)
+    assert (decision.verdict, decision.reason) == (Verdict.DENY, "ech_not_allowed")
+    assert decision.rule is not None and decision.rule.host == "api.allowed.test"
+    # The front's rule opts in: allowed, and the front must still agree with the address.
+    assert decide_ech(policy, "front.allowed.test", FRONT).reason == "allowed_host"
+    assert decide_ech(policy, "front.allowed.test", EVIL).reason == HOST_ADDRESS_MISMATCH
+    # A front no rule allows, or no front at all.
+    assert decide_ech(policy, "evil.test", EVIL).reason == "no_matching_rule"
+    learned = frozenset({"front.allowed.test"})
+    assert decide_ech(policy, None, FRONT, learned).reason == "ech_not_allowed"
+    # Without ECH the opted-in rule is an ordinary rule.
+    plain = decide_connection(
+        policy,
+        dst_ip=FRONT,
+        dst_port=443,
+        sni="front.allowed.test",
+        http_host=None,
+        resolved_names=learned,
+        fleet_ranges=FLEET,
+    )
+    assert plain.reason == "allowed_host"
+
+
+def test_ech_opt_in_is_per_port_rule() -> None:
+    # Another rule allows the same name on 443 first, without the opt-in: it decides.
+    policy = make_policy(extra=[{"host": "front.allowed.test", "ports": [443]}, ECH_FRONT])
+    assert decide_ech(policy, "front.allowed.test", FRONT).reason == "ech_not_allowed"
+
+
+def named(**kwargs: object) -> NamedDecision:
+    args: dict[str, object] = {
+        "dst_ip": API,
+        "dst_port": 443,
+        "sni": None,
+        "http_host": None,
+        "resolved_names": frozenset({"api.allowed.test", "zz.other.test"}),
+        "proxy_resolves": lambda name: WORLD.get(name, set()),
+        "fleet_ranges": FLEET,
+    }
+    args.update(kwargs)
+    return decide_named(make_policy(), **args)  # type: ignore[arg-type]
+
+
+def test_audit_name_is_only_ever_one_the_client_sent() -> None:
+    # Spoke TLS/HTTP: the name it sent, or none; never the job's resolved names.
+    assert named(sni="evil.test").host == "evil.test"
+    assert named(http_host="API.Allowed.Test", dst_port=80).host == "api.allowed.test"
+    assert named(protocol="tls").host is None
+    assert named(http_host="203.0.113.10", dst_port=80).host == "203.0.113.10"
+    for error in ("client_hello_incomplete", "client_hello_too_large", "tls_malformed"):
+        result = named(sniff_error=error, protocol="tls")
+        assert (result.decision.reason, result.host) == (error, None)
+    # Said nothing readable: the resolved name that decided.
+    allowed = named()
+    assert (allowed.decision.reason, allowed.host) == ("allowed_host", "api.allowed.test")
+    denied = named(dst_port=22)
+    assert (denied.decision.reason, denied.host) == ("port_not_allowed", "api.allowed.test")
+    assert named(resolved_names=frozenset()).host is None
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "client_hello_incomplete",
+        "client_hello_too_large",
+        "http_head_incomplete",
+        "http_head_too_large",
+        "no_sni",
+        "no_host",
+        "ech_not_allowed",
+    ],
+)
+def test_report_mode_reports_the_new_reasons(reason: str) -> None:
+    assert reason not in ALWAYS_DENIED_REASONS
+    outcome = apply_mode(make_policy("report"), Decision(Verdict.DENY, reason, None))
+    assert outcome.allowed and outcome.would_deny
+    enforced = apply_mode(make_policy(), Decision(Verdict.DENY, reason, None))
+    assert not enforced.allowed
+
+
+@pytest.mark.parametrize(
+    ("name", "port", "target_port", "ech", "extra", "expected"),
+    [
+        ("api.allowed.test", 80, 443, False, [], True),
+        ("api.allowed.test", 80, 22, False, [], False),  # denied on the target port
+        ("api.allowed.test", 443, None, True, [], False),  # ECH denied: nothing to check
+        ("front.allowed.test", 443, None, True, [ECH_FRONT], True),
+    ],
+)
+def test_needs_resolution_only_for_what_could_be_allowed(
+    name: str,
+    port: int,
+    target_port: int | None,
+    ech: bool,
+    extra: list[dict[str, object]],
+    expected: bool,
+) -> None:
+    policy = make_policy(extra=extra)
+    got = needs_resolution(
+        policy, name=name, dst_port=port, resolved_names=set(), target_port=target_port, ech=ech
+    )
+    assert got is expected
