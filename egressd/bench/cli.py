@@ -1,7 +1,7 @@
 """`egressd bench`: kernel path vs Squid vs egressd, one run, one table, one JSON file.
 
     egressd bench [--run-dir DIR] [--prefix egd-b-] [--seconds 5] [--repeat 3]
-                  [--out bench-results/data_path.json] [--skip-squid] [--keep]
+                  [--out bench-results/data_path.json] [--skip-squid] [--keep] [--no-plots]
 
 The fleet (`--prefix`, `--run-dir`) is brought up if it is not running and,
 when this command started it, taken down at the end unless `--keep`. The
@@ -20,6 +20,9 @@ the table shows medians:
 - idle: `--idle-connections` keep-alive connections held open; the RSS of
   the proxy processes before and after (egressd: both proxies summed, Squid:
   its one process).
+
+Beside the JSON, `OUT.png`: the medians and ratios as bar charts with every
+repeat's value (`egressd.bench.plots`; `--no-plots` leaves it out).
 
 A path that cannot be set up (the egressd path while the agent or proxy has
 a bug, say) is reported as an error line; the kernel path must work.
@@ -44,8 +47,8 @@ from typing import Any
 
 import structlog
 
-from egressd import logs
-from egressd.bench import report
+from egressd import logs, plotting
+from egressd.bench import plots, report
 from egressd.bench.load import IdleHolder, LoadError, Target, fd_count, rss_kib, run_bulk, run_wrk
 from egressd.bench.paths import CLIENT_SYSCTLS, BenchPath, DirectPath, EgressdPath, SquidPath
 from egressd.bench.report import IdleResult, PathResult
@@ -367,6 +370,8 @@ def _handle(args: argparse.Namespace) -> int:
         opts = _options(args)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
+    if not args.no_plots and not plotting.available():
+        raise CliError(plotting.MISSING)
     try:
         with sigterm_unwinds():
             results, meta = run_bench(opts)
@@ -382,6 +387,8 @@ def _handle(args: argparse.Namespace) -> int:
     print()
     print(report.render_goals(report.goals(results)))
     print(f"\nJSON: {opts.out}")
+    for png in [] if args.no_plots else plotting.write_beside(plots.write, doc, opts.out):
+        print(f"PNG: {png}")
     return 0 if all(r.error is None and not r.failures for r in results.values()) else 1
 
 
@@ -439,6 +446,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--out", default=str(d.out), help="JSON output (default %(default)s)")
     parser.add_argument("--skip-squid", action="store_true", help="do not measure Squid")
     parser.add_argument("--skip-egressd", action="store_true", help="do not measure egressd")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="no PNG beside the JSON (default: OUT with .png, needs matplotlib)")
     parser.add_argument(
         "--keep", action="store_true", help="leave the fleet running if this command started it"
     )

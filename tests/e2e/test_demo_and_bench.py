@@ -52,3 +52,5 @@ def test_bench_measures_three_paths_and_writes_json(tmp_path: Path) -> None:
         assert name in done.stdout
     assert paths["egressd"]["median"]["idle_rss_mib"] > 0
     assert kn.list_netns("egd-e2b-") == ()
+    png = tmp_path / "data_path.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"PNG: {png}" in done.stdout
