@@ -7,10 +7,12 @@ BIN := $(VENV)/bin
 APT_PACKAGES := runsc clang llvm libbpf-dev bpftool nftables iproute2 squid gcc-multilib \
                 procps psmisc curl openssl wrk docker.io docker-compose debootstrap
 PYTEST_ARGS ?=
+# `egressd` on PATH: a link into this checkout's venv (the README's commands use it).
+LINK ?= /usr/local/bin/egressd
 
-.PHONY: deps apt venv test test-unit demo bench clean
+.PHONY: deps apt venv link test test-unit demo bench clean
 
-deps: apt venv
+deps: apt venv link
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -31,6 +33,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# Replaces a link (say, into another checkout), never a file some package installed.
+link: venv
+	@if [ -e "$(LINK)" ] && [ ! -L "$(LINK)" ]; then \
+		echo "$(LINK) exists and is not a link: left alone; use $(CURDIR)/$(BIN)/egressd"; \
+	elif ln -sfn "$(CURDIR)/$(BIN)/egressd" "$(LINK)" 2>/dev/null; then \
+		echo "$(LINK) -> $(CURDIR)/$(BIN)/egressd"; \
+	else \
+		echo "cannot write $(LINK): use $(CURDIR)/$(BIN)/egressd, or make link LINK=~/bin/egressd"; \
+	fi
+
 test: deps
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
@@ -46,4 +58,5 @@ bench: deps
 	$(BIN)/egressd bench --out bench-results/data_path.json
 
 clean:
+	@if [ "$$(readlink "$(LINK)")" = "$(CURDIR)/$(BIN)/egressd" ]; then rm -f "$(LINK)"; fi
 	rm -rf $(VENV) build *.egg-info bench-results

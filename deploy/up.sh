@@ -36,11 +36,22 @@ if [ "$missing" = 1 ]; then
     # The sandbox image is a stage of the node image's Dockerfile: built here for its tag.
     "${COMPOSE[@]}" -p "$PROJECT" -f "$DEPLOY_DIR/compose.yaml" --profile images build --force-rm sandbox
     compose build --force-rm
-    # Older tags of our images are superseded (the tag is a content key); an image
-    # that a running fleet still uses is kept (rmi refuses it).
-    docker images --format '{{.Repository}}:{{.Tag}}' \
-        | grep -E '^egressd(-sandbox|-node|-loadgen|-prometheus)?:' | grep -v ":$EGRESSD_TAG\$" \
-        | xargs -r docker rmi >/dev/null 2>&1 || true
+    # The tags this script built before (deploy/.built-tags) are superseded (the tag
+    # is a content key): remove those and only those; any other tag of an egressd
+    # image is someone else's. An image that a running fleet still uses is kept
+    # (rmi refuses it) and stays listed for the next build.
+    built="$DEPLOY_DIR/.built-tags"
+    keep=("$EGRESSD_TAG")
+    if [ -f "$built" ]; then
+        while read -r tag; do
+            [ -n "$tag" ] && [ "$tag" != "$EGRESSD_TAG" ] || continue
+            for image in egressd egressd-sandbox egressd-node egressd-loadgen egressd-prometheus; do
+                docker image inspect "$image:$tag" >/dev/null 2>&1 || continue
+                docker rmi "$image:$tag" >/dev/null 2>&1 || { keep+=("$tag"); break; }
+            done
+        done < "$built"
+    fi
+    printf '%s\n' "${keep[@]}" | sort -u > "$built"
 else
     echo "images up to date (tag $EGRESSD_TAG)" >&2
 fi

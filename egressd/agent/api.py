@@ -20,6 +20,11 @@ The sandbox launcher (`egressd sandbox run`, root on the node) calls it:
     200 ``{"sandboxes": [...]}``; ``GET /v1/sandboxes/{id}``: one, or 404.
 
 No authentication beyond the socket's mode: who can open it is root.
+
+The process that registers a sandbox (SO_PEERCRED of the connection) is its
+launcher: when it exits, the agent unregisters the sandbox
+(`egressd.agent.launchers`). A successful unregistration, by anyone, ends the
+watch.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import structlog
 from aiohttp import web
 
 from egressd.agent.config import AgentConfig
+from egressd.agent.launchers import Launchers, peer_pid
 from egressd.agent.sandboxes import (
     BAD_REQUEST,
     CONFLICT,
@@ -81,7 +87,7 @@ def sandbox_view(sandbox: Sandbox, config: AgentConfig, state: str = "active") -
     return out
 
 
-def build_api_app(manager: SandboxManager) -> web.Application:
+def build_api_app(manager: SandboxManager, launchers: Launchers | None = None) -> web.Application:
     config = manager.config
 
     async def create(request: web.Request) -> web.Response:
@@ -96,12 +102,21 @@ def build_api_app(manager: SandboxManager) -> web.Application:
             return _error(BAD_REQUEST, "unknown_field", unknown[0])
         if "jws" not in body:
             return _error(BAD_REQUEST, "missing_field", "jws")
+        pid = peer_pid(request.transport.get_extra_info("socket") if request.transport else None)
+        # Opened while the client waits for this answer: the process is alive.
+        pidfd = launchers.open(pid) if launchers is not None else None
         try:
             sandbox = await manager.register(body.get("sandbox_id"), body["jws"])
-        except AgentError as exc:
+        except BaseException as exc:
+            if pidfd is not None:
+                os.close(pidfd)
+            if not isinstance(exc, AgentError):
+                raise
             log.info("sandbox_rejected", sandbox_id=str(body.get("sandbox_id"))[:64],
                      reason=exc.reason, kind=exc.kind, detail=exc.detail)  # fmt: skip
             return _error(exc.kind, exc.reason, exc.detail)
+        if launchers is not None:
+            launchers.watch(sandbox.sandbox_id, pid, pidfd)
         return web.json_response(sandbox_view(sandbox, config), status=201)
 
     async def delete(request: web.Request) -> web.Response:
@@ -113,6 +128,8 @@ def build_api_app(manager: SandboxManager) -> web.Application:
                 log.error("unregister_failed", sandbox_id=sandbox_id, reason=exc.reason,
                           detail=exc.detail)  # fmt: skip
             return _error(exc.kind, exc.reason, exc.detail)
+        if launchers is not None:
+            launchers.forget(sandbox_id)
         return web.Response(status=204)
 
     async def list_all(_request: web.Request) -> web.Response:
@@ -147,9 +164,12 @@ def _socket_in_use(path: Path) -> bool:
 class ApiServer:
     """The Unix-socket listener; `start` binds (replacing a stale socket), `close` removes it."""
 
-    def __init__(self, manager: SandboxManager, path: Path) -> None:
+    def __init__(
+        self, manager: SandboxManager, path: Path, launchers: Launchers | None = None
+    ) -> None:
         self.manager = manager
         self.path = path
+        self.launchers = launchers
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -165,7 +185,8 @@ class ApiServer:
         except OSError as exc:
             raise ApiError("bind_failed", f"{path}: {exc.strerror or exc}") from exc
         runner = web.AppRunner(
-            build_api_app(self.manager), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+            build_api_app(self.manager, self.launchers), access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
         await runner.setup()
         # Created with a umask that leaves only the owner: no window where the

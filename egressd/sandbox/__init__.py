@@ -17,9 +17,10 @@ from egressd.errors import EgressdError
 class SandboxError(EgressdError):
     """A sandbox that cannot be prepared, launched or cleaned up.
 
-    Reasons: bad_mount, bad_sandbox_id, bad_bundle, ca_invalid, netns_missing,
-    runsc_missing, runsc_failed, sandbox_exists, launch_failed, timeout,
-    cleanup_failed.
+    Reasons: bad_mount, mount_unreadable, bad_sandbox_id, bad_bundle,
+    bad_policy_file, no_node, ca_invalid, netns_missing, runsc_missing,
+    runsc_failed, sandbox_exists, launch_failed, command_not_found,
+    command_not_executable, timeout, cleanup_failed.
     """
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -244,6 +245,21 @@ def _check_mounts(mounts: Sequence[BindMount], python: PythonRuntime) -> None:
         taken.append(dst)
 
 
+def sandbox_can_read(mode: int, uid: int, gid: int) -> bool:
+    """Whether the sandbox's user (65534:65534, no other groups, no capabilities) may
+    read a file of this mode and owner; a directory also needs x, to be listed and
+    entered. Only the mount's source counts: gVisor's gofer opens it for the sandbox,
+    so the host directories above it need not be open to the user."""
+    need = 0o4 | (0o1 if stat.S_ISDIR(mode) else 0)
+    if uid == SANDBOX_UID:
+        bits = mode >> 6
+    elif gid == SANDBOX_GID:
+        bits = mode >> 3
+    else:
+        bits = mode
+    return bits & need == need
+
+
 def check_sandbox_id(sandbox_id: str) -> str:
     """`sandbox_id` if runsc and the run directory can use it as a name, else SandboxError."""
     if not SANDBOX_ID_RE.fullmatch(sandbox_id):
@@ -318,7 +334,7 @@ class SandboxPaths:
     |---|---|
     | `RUN/runsc/` | runsc's state root (`runsc --root`), shared by all sandboxes |
     | `RUN/sandboxes/ID/` | the bundle: config.json + rootfs/; removed after the run |
-    | `RUN/logs/runsc/ID/` | runsc's own logs, kept for diagnosis |
+    | `RUN/logs/runsc/ID/` | runsc's own logs; removed with the sandbox (`--keep-logs` keeps them) |
     """
 
     run_dir: Path

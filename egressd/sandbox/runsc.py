@@ -16,13 +16,22 @@ of this is visible outside that mount namespace, which ends with the sandbox.
 
 The command's stdout and stderr reach the caller through pipes (gVisor writes
 to a host regular file as if at offset 0, so files are never handed over).
-runsc's own logs go to `LOG_ROOT/ID/` and never to the caller's stderr, except
-for runsc's one-line fatal message when a launch fails, which is also raised
-as `SandboxError("launch_failed")`.
+runsc's own logs go to `LOG_ROOT/ID/` and never to the caller's stderr. When a
+launch fails, runsc prints its one-line fatal message to the same stderr pipe
+as the command's; the relay holds back a chunk that starts like that message
+(`running container: `) until it knows: the launch failed (exit 128 and the
+same error in runsc's log) and the chunk is dropped, because the error is
+raised instead, or the chunk is delivered late but whole. The error becomes
+`SandboxError`: `command_not_found` (no such file, not in the sandbox's PATH;
+`sandbox run` exits 127 like a shell), `command_not_executable` (found but
+cannot be executed; 126), otherwise `launch_failed`.
 
 Whatever happens (exit, launch failure, timeout, cancellation, Ctrl-C), the
 container is killed if still running, `runsc delete -force` removes its
-state, and the bundle directory is removed.
+state, and the bundle directory and runsc's log directory are removed (the
+logs are kept with `keep_logs`). A clean-up that has begun completes even if
+its caller is cancelled meanwhile (`finish`): a second signal cannot leave half
+a sandbox.
 """
 
 from __future__ import annotations
@@ -32,12 +41,13 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import structlog
 
@@ -70,6 +80,52 @@ KILL_GRACE_S = 5.0
 RUNSC_COMMAND_TIMEOUT_S = 30.0
 CHUNK = 64 * 1024
 ASIDE_NAME = ".procsys"
+# How runsc 20221219's `run` starts its one-line fatal message on stderr.
+RUNSC_FATAL_PREFIX = b"running container: "
+_NOT_IN_PATH = re.compile(
+    r'error finding executable "(?P<cmd>[^"]*)" in PATH \[(?P<path>[^]]*)\]: (?P<err>.+)$'
+)
+_NOT_LOADED = re.compile(r"failed to load (?P<cmd>.*): (?P<err>[^:]+)$")
+T = TypeVar("T")
+
+
+def classify_launch_error(error: str) -> SandboxError:
+    """runsc's launch error as a SandboxError whose reason says whose fault it is.
+
+    `command_not_found` and `command_not_executable` are the caller's command
+    (a shell's 127 and 126); anything else is `launch_failed` (egressd's side).
+    """
+    if match := _NOT_IN_PATH.search(error):
+        cmd, path, err = match["cmd"], ":".join(match["path"].split()), match["err"]
+        if "no such file" in err:
+            detail = f"{cmd}: not found in the sandbox's PATH ({path})"
+            return SandboxError("command_not_found", detail)
+        return SandboxError("command_not_executable", f"{cmd}: {err} (PATH {path})")
+    if match := _NOT_LOADED.search(error):
+        cmd, err = match["cmd"], match["err"]
+        if "no such file" in err:
+            return SandboxError("command_not_found", f"{cmd}: no such file in the sandbox")
+        return SandboxError("command_not_executable", f"{cmd}: cannot execute: {err}")
+    return SandboxError("launch_failed", error)
+
+
+async def finish(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to its end even if the caller is cancelled meanwhile; then re-raise
+    the cancellation. For clean-up: a signal during it must not leave half of it undone.
+    (asyncio.run cancels leftover tasks only after the main task is done.)"""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
+    return result
 
 
 def _find(program: str, reason: str) -> str:
@@ -114,17 +170,51 @@ def runsc_errors(log_file: Path) -> str | None:
     return "; ".join(errors) if errors else None
 
 
-async def _relay(reader: asyncio.StreamReader, sink: BinaryIO) -> None:
-    """Copy until EOF; once the sink fails, keep reading so the sandbox never blocks."""
-    broken = False
-    while chunk := await reader.read(CHUNK):
-        if broken:
-            continue
+class _Sink:
+    """Writes to the caller's stream; once it fails, swallows the rest (never blocks the
+    sandbox). With `hold`, a chunk that starts like runsc's fatal message waits until
+    the next chunk or `release()`/`drop()`."""
+
+    def __init__(self, sink: BinaryIO, *, hold: bytes | None = None) -> None:
+        self.sink = sink
+        self.hold = hold
+        self.held: bytes | None = None
+        self.broken = False
+
+    def feed(self, chunk: bytes) -> None:
+        self.release()
+        if self.hold is not None and chunk.startswith(self.hold):
+            self.held = chunk
+        else:
+            self._write(chunk)
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        if held is not None:
+            self._write(held)
+
+    def drop(self, errors: str) -> bool:
+        """Forget the held chunk if it is one of runsc's logged `errors`; True if dropped."""
+        line = self.held.decode(errors="replace").strip() if self.held is not None else ""
+        if line and "\n" not in line and line in errors:
+            self.held = None
+            return True
+        return False
+
+    def _write(self, chunk: bytes) -> None:
+        if self.broken:
+            return
         try:
-            sink.write(chunk)
-            sink.flush()
+            self.sink.write(chunk)
+            self.sink.flush()
         except (OSError, ValueError):
-            broken = True
+            self.broken = True
+
+
+async def _relay(reader: asyncio.StreamReader, sink: _Sink) -> None:
+    """Copy until EOF (keeps reading after the sink fails, so the sandbox never blocks)."""
+    while chunk := await reader.read(CHUNK):
+        sink.feed(chunk)
 
 
 @dataclass(slots=True)
@@ -136,14 +226,16 @@ class _Launch:
     started: bool = False
     proc: asyncio.subprocess.Process | None = None
     relays: list[asyncio.Task[None]] = field(default_factory=list)
+    sinks: list[_Sink] = field(default_factory=list)
 
 
 class SandboxLauncher:
     """Runs OCI bundles with runsc, one foreground `runsc run` per sandbox.
 
     `runsc_root` is runsc's state directory (`--root`); runsc's own logs go to
-    `log_root/ID/` (default: `runsc_root/../logs/runsc`). `platform` is
-    runsc's `--platform` (default: runsc's, ptrace in 20221219).
+    `log_root/ID/` (default: `runsc_root/../logs/runsc`), removed with the
+    sandbox unless `keep_logs`. `platform` is runsc's `--platform` (default:
+    runsc's, ptrace in 20221219).
     """
 
     def __init__(
@@ -154,8 +246,10 @@ class SandboxLauncher:
         log_root: Path | None = None,
         kill_grace_s: float = KILL_GRACE_S,
         platform: str | None = None,
+        keep_logs: bool = False,
     ) -> None:
         self.runsc_root = runsc_root
+        self.keep_logs = keep_logs
         self.platform = platform
         self.runsc_bin = runsc_bin
         self.log_root = log_root if log_root is not None else runsc_root.parent / "logs" / "runsc"
@@ -236,7 +330,9 @@ class SandboxLauncher:
         launch_failed, timeout, cleanup_failed (the last only when nothing
         else went wrong; otherwise cleanup failures are logged), and
         sandbox_exists when a live container holds this ID already: then
-        nothing is touched, neither that container nor `bundle_dir`.
+        nothing is touched, neither that container nor `bundle_dir`;
+        command_not_found and command_not_executable when runsc could not
+        start the command (see `classify_launch_error`).
         """
         check_sandbox_id(sandbox_id)
         await self._claim(sandbox_id)
@@ -244,9 +340,9 @@ class SandboxLauncher:
         try:
             rc = await self._run(launch, netns_name, stdout, stderr, timeout)
         except BaseException:
-            await self._cleanup(launch, quiet=True)
+            await finish(self._cleanup(launch, quiet=True))
             raise
-        await self._cleanup(launch, quiet=False)
+        await finish(self._cleanup(launch, quiet=False))
         return rc
 
     async def _claim(self, sandbox_id: str) -> None:
@@ -318,9 +414,11 @@ class SandboxLauncher:
             raise SandboxError("launch_failed", f"{argv[0]}: {exc}") from exc
         launch.proc = proc
         assert proc.stdout is not None and proc.stderr is not None
+        out_sink, err_sink = _Sink(stdout), _Sink(stderr, hold=RUNSC_FATAL_PREFIX)
+        launch.sinks = [out_sink, err_sink]
         launch.relays = [
-            asyncio.create_task(_relay(proc.stdout, stdout), name=f"sandbox-{sandbox_id}-stdout"),
-            asyncio.create_task(_relay(proc.stderr, stderr), name=f"sandbox-{sandbox_id}-stderr"),
+            asyncio.create_task(_relay(proc.stdout, out_sink), name=f"sandbox-{sandbox_id}-stdout"),
+            asyncio.create_task(_relay(proc.stderr, err_sink), name=f"sandbox-{sandbox_id}-stderr"),
         ]
         try:
             async with asyncio.timeout(timeout):
@@ -336,7 +434,10 @@ class SandboxLauncher:
         if rc == RUNSC_FATAL_EXIT:
             error = runsc_errors(logs / "runsc-run.log")
             if error is not None:
-                raise SandboxError("launch_failed", error)
+                err_sink.drop(error)
+                err_sink.release()
+                raise classify_launch_error(error)
+        err_sink.release()
         return rc
 
     def run_sync(
@@ -387,6 +488,8 @@ class SandboxLauncher:
         if launch.proc is not None and launch.proc.returncode is None:
             await self._stop(launch.sandbox_id, launch.proc)
         await self._drain(launch.relays)
+        for sink in launch.sinks:
+            sink.release()
         if launch.started:
             try:
                 await self.delete(launch.sandbox_id)
@@ -396,6 +499,10 @@ class SandboxLauncher:
             remove_bundle(launch.bundle_dir)
         except SandboxError as exc:
             failures.append(exc.detail)
+        if not self.keep_logs:
+            # After `runsc delete`, which logs there too. One directory per sandbox
+            # would otherwise pile up; the launch error, if any, is raised.
+            shutil.rmtree(self.log_dir(launch.sandbox_id), ignore_errors=True)
         if failures:
             log.error("sandbox_cleanup_failed", sandbox_id=launch.sandbox_id, failures=failures)
             if not quiet:

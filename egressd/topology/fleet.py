@@ -6,13 +6,15 @@ running (internet, control plane, proxies, node agents), registers nodes and
 proxies with the control plane, and waits until each answers `/readyz`.
 `down` stops every daemon (agents first, so they unregister their sandboxes
 and detach tier 1; proxies remove their nftables tables), removes leftover
-runsc containers and every namespace of the fleet.
+runsc containers, sandbox bundles and runsc logs (of launchers that were
+killed), and every namespace of the fleet.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +27,8 @@ import structlog
 from egressd.errors import EgressdError
 from egressd.net import netns as kn
 from egressd.policy import keys
+from egressd.sandbox import SandboxError
+from egressd.sandbox.rootfs import remove_bundle
 from egressd.topology import ca, network, procs
 from egressd.topology.layout import (
     ADMIN_PORT,
@@ -271,6 +275,13 @@ class Fleet:
                 ["runsc", "--root", str(runsc_root), "delete", "-force", container],
                 capture_output=True, check=False,
             )
+        bundles = self.run_dir / "sandboxes"
+        for bundle in sorted(bundles.iterdir()) if bundles.is_dir() else []:
+            try:
+                remove_bundle(bundle)
+            except SandboxError as exc:
+                log.warning("bundle_not_removed", bundle=str(bundle), detail=exc.detail)
+        shutil.rmtree(self.run_dir / "logs" / "runsc", ignore_errors=True)
 
     # --- status ----------------------------------------------------------------
 

@@ -3,7 +3,13 @@
 Each daemon is `nsenter --net=/run/netns/NS -- python -m egressd ...` (nsenter
 execs, so the PID we record is the daemon's own), in a session of its own so a
 Ctrl-C at the terminal that ran `topology up` does not reach it. Its stdout and
-stderr append to `RUN/logs/<name>.log` (JSON lines); its PID is in
+stderr go to `RUN/logs/<name>.log` (JSON lines: its logs and audit events),
+one file per run: each start moves the previous run's log to `<name>.log.1`
+(and `.1` to `.2` ..., keeping `LOG_KEEP` earlier runs), so runs never mix
+and old ones do not pile up. Rotation is per run, not by size: a run's log is
+whole in one file for `egressd audit` and the tests, and the local fleet lives
+for minutes to hours (a long-lived deployment logs to stdout, which its
+container runtime rotates). Its PID is in
 `RUN/pids/<name>.pid`, followed by the process's start time (field 22 of
 /proc/PID/stat), so a recycled PID is never taken for the daemon. The
 command line is no test of identity: while nsenter execs python it reads
@@ -41,6 +47,28 @@ def pid_file(run_dir: Path, name: str) -> Path:
 
 def log_file(run_dir: Path, name: str) -> Path:
     return run_dir / "logs" / f"{name}.log"
+
+
+LOG_KEEP = 5
+
+
+def rotate_log(path: Path, keep: int = LOG_KEEP) -> None:
+    """Make room for a new run's log: `path` -> `path.1` -> ... -> `path.<keep>`; the
+    oldest is dropped. A missing or empty log is left alone (nothing to keep)."""
+    try:
+        if path.stat().st_size == 0:
+            return
+    except FileNotFoundError:
+        return
+    path.with_name(f"{path.name}.{keep}").unlink(missing_ok=True)
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n + 1}"))
+    if keep > 0:
+        path.replace(path.with_name(f"{path.name}.1"))
+    else:
+        path.unlink()
 
 
 def _read_pid(path: Path) -> tuple[int, int] | None:
@@ -84,6 +112,7 @@ def start(spec: DaemonSpec, run_dir: Path) -> int:
         return pid
     log = log_file(run_dir, spec.name)
     log.parent.mkdir(parents=True, exist_ok=True)
+    rotate_log(log)
     pid_file(run_dir, spec.name).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         try:

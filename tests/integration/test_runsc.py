@@ -327,6 +327,7 @@ async def assert_gone(node: Node, sandbox_id: str) -> None:
     assert processes_mentioning(sandbox_id) == []
     assert not SandboxPaths(node.run_dir, sandbox_id).bundle_dir.exists()
     assert not [p for p in node.launcher.runsc_root.iterdir() if sandbox_id in p.name]
+    assert not node.launcher.log_dir(sandbox_id).exists(), "runsc's logs left behind"
 
 
 # -- (1) network -------------------------------------------------------------
@@ -629,11 +630,38 @@ async def test_runsc_missing(node: Node, sandbox_net: SandboxNet, tmp_path: Path
     assert not paths.bundle_dir.exists()
 
 
-async def test_unknown_command_is_a_launch_failure(node: Node, sandbox_net: SandboxNet) -> None:
+async def _launch_error(node: Node, net: SandboxNet, args: Sequence[str]) -> tuple[SandboxError, bytes]:
+    """The launch error and what reached the caller's stderr (not runsc's fatal line)."""
+    paths = prepare(node, net, args)
+    err = io.BytesIO()
     with pytest.raises(SandboxError) as exc:
-        await run(node, sandbox_net, ["/no/such/program"])
-    assert exc.value.reason == "launch_failed"
-    assert "/no/such/program" in exc.value.detail
+        await node.launcher.run(
+            paths.sandbox_id, paths.bundle_dir, net.netns, stdout=io.BytesIO(), stderr=err, timeout=60
+        )
+    await assert_gone(node, paths.sandbox_id)
+    return exc.value, err.getvalue()
+
+
+async def test_a_missing_command_is_command_not_found(node: Node, sandbox_net: SandboxNet) -> None:
+    exc, stderr = await _launch_error(node, sandbox_net, ["/no/such/program"])
+    assert (exc.reason, exc.detail) == ("command_not_found", "/no/such/program: no such file in the sandbox")
+    assert stderr == b""
+
+
+async def test_a_command_not_in_path_is_command_not_found(node: Node, sandbox_net: SandboxNet) -> None:
+    exc, stderr = await _launch_error(node, sandbox_net, ["no-such-program"])
+    assert exc.reason == "command_not_found"
+    assert exc.detail.startswith("no-such-program: not found in the sandbox's PATH (")
+    assert stderr == b""
+
+
+async def test_a_file_that_is_no_program_is_command_not_executable(
+    node: Node, sandbox_net: SandboxNet
+) -> None:
+    exc, stderr = await _launch_error(node, sandbox_net, ["/usr/lib/os-release"])
+    assert exc.reason == "command_not_executable"
+    assert "/usr/lib/os-release" in exc.detail and "permission denied" in exc.detail
+    assert stderr == b""
 
 
 # -- (5) the example UDFs ----------------------------------------------------
