@@ -383,6 +383,13 @@ class SandboxManager:
     def state(self, sandbox_id: str) -> str:
         return "expired" if sandbox_id in self._expired else "active"
 
+    def by_ifindex(self, ifindex: int) -> Sandbox | None:
+        """The registered sandbox behind host veth `ifindex` (tier-1 events name the veth)."""
+        for sandbox in list(self._sandboxes.values()):
+            if sandbox.ifindex == ifindex:
+                return sandbox
+        return None
+
     def tier1_totals(self) -> dict[Reason, Count]:
         """Tier-1 counters summed over every veth, past ones included (for /metrics)."""
         with self._counters_lock:

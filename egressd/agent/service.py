@@ -9,11 +9,14 @@
 2. the TUN `egr0` (MTU = the sandbox MTU, rp_filter 0, IPv6 off);
 3. tier 1: build, load and pin (`Tier1.load`), with the always-denied and
    fleet ranges; then clean-up of sandboxes that an earlier run left behind;
+   then the reader of tier 1's denial events (task ``tier1-events``, see
+   `egressd.agent.tier1_events`), which logs ``tier1_denial`` lines;
 4. the data path: raw send socket, GENEVE socket bound to (underlay, 6081),
    readers on the event loop;
 5. proxy health probing (one named task per proxy), and, with `discovery`,
    the proxy list from the control plane (`egressd.agent.discovery`);
-6. the sandbox API on its Unix socket;
+6. the sandbox API on its Unix socket, and the reaper (task ``sandbox-reaper``):
+   a sandbox whose launcher exited is unregistered (`egressd.agent.launchers`);
 7. the admin listener on (underlay, 9090): `/metrics`, `/healthz`, and
    `/readyz`, ready once the TUN is open, tier 1 loaded and the API bound.
 
@@ -43,8 +46,10 @@ from egressd.agent.config import AgentConfig, ProxyEndpoint
 from egressd.agent.datapath import AgentCollector, Datapath
 from egressd.agent.discovery import ProxyDiscovery
 from egressd.agent.health import HealthMonitor
+from egressd.agent.launchers import REAP_INTERVAL_S, Launchers
 from egressd.agent.sandboxes import SandboxManager
 from egressd.agent.tier1 import Tier1, Tier1Error, denied_ranges
+from egressd.agent.tier1_events import Tier1EventReader
 from egressd.errors import EgressdError
 from egressd.net.tun import TUN_F_CSUM, TUN_F_TSO4, Tun, TunError, open_tun
 from egressd.signals import install_stop_handlers
@@ -88,6 +93,8 @@ class AgentService:
         self.health: HealthMonitor | None = None
         self.discovery: ProxyDiscovery | None = None
         self.manager: SandboxManager | None = None
+        self.launchers = Launchers()
+        self.events: Tier1EventReader | None = None
         self.api: ApiServer | None = None
         self.admin: AdminServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -159,6 +166,12 @@ class AgentService:
         cleaned = await loop.run_in_executor(self.executor, manager.cleanup_leftovers)
         if cleaned:
             log.warning("leftover_sandboxes_removed", sandbox_ids=cleaned)
+        try:
+            ring = tier1.open_events()
+        except Tier1Error as exc:
+            raise AgentStartupError("tier1", f"{exc.reason}: {exc.detail}") from exc
+        self.events = Tier1EventReader(ring, manager.by_ifindex, config.name)
+        self.events.start()
 
         try:
             datapath.start(loop)
@@ -185,7 +198,7 @@ class AgentService:
                 tier1_by_sandbox=manager.tier1_by_sandbox,
             )
         )
-        self.api = ApiServer(manager, config.api_socket)
+        self.api = ApiServer(manager, config.api_socket, self.launchers)
         try:
             await self.api.start()
         except EgressdError as exc:
@@ -204,6 +217,7 @@ class AgentService:
             raise AgentStartupError("admin", f"{exc.reason}: {exc.detail}") from exc
 
         self._tasks.append(asyncio.create_task(self._expiry_loop(), name="sandbox-expiry"))
+        self._tasks.append(asyncio.create_task(self._reap_loop(), name="sandbox-reaper"))
         log.info(
             "agent_ready", node=config.name, underlay=str(config.underlay),
             proxies=[p.name for p in (self.discovery.proxies if self.discovery else config.proxies)],
@@ -230,6 +244,25 @@ class AgentService:
             await asyncio.sleep(EXPIRY_INTERVAL_S)
             await self.manager.expire()
 
+    async def _reap_loop(self) -> None:
+        assert self.manager is not None
+        manager = self.manager
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            # Snapshot first: while one is unregistered, an id may change hands.
+            orphans = []
+            for sandbox_id, pid in self.launchers.gone():
+                self.launchers.forget(sandbox_id)
+                orphans.append((sandbox_id, pid, manager.get(sandbox_id)))
+            for sandbox_id, pid, sandbox in orphans:
+                if sandbox is None or manager.get(sandbox_id) is not sandbox:
+                    continue
+                log.warning("sandbox_reaped", sandbox_id=sandbox_id, reason="launcher_gone", pid=pid)
+                try:
+                    await manager.unregister(sandbox_id)
+                except EgressdError as exc:
+                    log.error("reap_failed", sandbox_id=sandbox_id, reason=exc.reason, detail=exc.detail)
+
     async def stop(self) -> None:
         """Undo everything `start` did, in reverse; safe to call at any point, and twice."""
         if self._stopped:
@@ -254,7 +287,11 @@ class AgentService:
             self.health = None
         if self.manager is not None:
             await self.manager.unregister_all()
-            self.manager = None
+        self.launchers.close()
+        if self.events is not None:
+            await self.events.stop()
+            self.events = None
+        self.manager = None
         if self.datapath is not None:
             self.datapath.stop()
             self.datapath = None

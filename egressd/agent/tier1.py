@@ -33,6 +33,9 @@ Map layouts, the reason table and key/value packing are pure data in
 Token-bucket state lives in the sandbox entry and in the kernel only: a new
 entry (registration) starts with full buckets, and an agent restart loads
 fresh maps (its sandboxes are torn down anyway, see `egressd.agent.sandboxes`).
+Denials are also events: `open_events` maps the t1_events ring buffer
+(`egressd.agent.ringbuf`), which the program fills at most a few records per
+second per sandbox (`EVENT_BUCKET`, carried in the sandbox entry).
 Counters count skbs: a TSO/GSO super-packet from the sandbox's stack counts
 once (the kernel segments it, with checksums, on its way into the TUN), and its
 bytes are the frame's length on the veth, Ethernet header included.
@@ -59,6 +62,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from egressd.agent import bpf_syscall as bpf
+from egressd.agent.ringbuf import RingBuffer
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -101,6 +105,8 @@ from egressd.agent.tier1_maps import (
     Reason,
     SandboxEntry,
     Tier1Error,
+    Tier1Event,
+    unpack_event,
     Verdict,  # re-exported: callers label metrics with it
 )
 
@@ -466,6 +472,19 @@ class Tier1:
         for reason in last:
             self._map_delete("t1_counters", pack_counter_key(ifindex, reason))
         return last
+
+    # -- denial events --------------------------------------------------------
+
+    def open_events(self) -> RingBuffer:
+        """A consumer of t1_events (its own fd; close it before `close`).
+
+        Records decode with `unpack_event`; the fd polls readable while records wait.
+        """
+        fd = self._fd("t1_events")
+        try:
+            return RingBuffer(fd, bpf.map_info(fd).max_entries)
+        except OSError as exc:
+            raise Tier1Error("map_failed", f"t1_events: {exc.strerror or exc}") from exc
 
     # -- maps -----------------------------------------------------------------
 

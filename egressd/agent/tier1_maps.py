@@ -6,12 +6,15 @@ Map layouts (native byte order unless marked be32, which is network order):
 
 * ``t1_config`` array[1]: u32 0 -> {u32 tun_ifindex, be32 resolver}
 * ``t1_sandboxes`` hash: u32 ifindex -> {be32 ip, u8 mac[6], u16 0, u32 0,
-  bucket dns, bucket syn, u8 tcp_ports[8192]}; a bucket is
-  {u64 cost_ns, u64 depth_ns, u64 tat_ns} (see `Bucket`; the agent writes tat_ns 0)
+  bucket dns, bucket syn, bucket events, u64 suppressed, u8 tcp_ports[8192]}; a
+  bucket is {u64 cost_ns, u64 depth_ns, u64 tat_ns} (see `Bucket`; the agent
+  writes tat_ns 0 and suppressed 0, only the program moves them)
 * ``t1_denied`` LPM trie: {u32 prefixlen, be32 addr} -> {u32 reason, u32 flags}
   (flags bit 0: overridable by an exemption)
 * ``t1_exempt`` LPM trie: {u32 32 + prefixlen, u32 ifindex, be32 addr} -> u32 1
 * ``t1_counters`` per-CPU hash: {u32 ifindex, u32 reason} -> {u64 packets, u64 bytes}
+* ``t1_events`` ring buffer of {u64 ts_ns, u32 ifindex, u32 reason, be32 daddr,
+  be16 dport, u8 proto, u8 flags, u32 suppressed, u32 0} (`Tier1Event`)
 
 TCP port p is allowed when bit ``p & 7`` of byte ``p >> 3`` of ``ports`` is set.
 """
@@ -121,7 +124,14 @@ _EXEMPT_KEY = struct.Struct("=II4s")
 EXEMPT_VALUE = U32.pack(1)
 _COUNTER_KEY = struct.Struct("=II")
 COUNTER_VALUE = struct.Struct("=QQ")
-SANDBOX_VALUE_SIZE: Final = _SANDBOX_HEAD.size + 2 * _BUCKET.size + PORT_BITMAP_BYTES
+_SUPPRESSED = struct.Struct("=Q")
+SANDBOX_VALUE_SIZE: Final = (
+    _SANDBOX_HEAD.size + 3 * _BUCKET.size + _SUPPRESSED.size + PORT_BITMAP_BYTES
+)
+_EVENT = struct.Struct("=QII4s2sBBII")
+EVENT_SIZE: Final = _EVENT.size
+#: t1_event.flags bit: tier 1 answered the denied SYN with a RST.
+EVENT_RST: Final = 1
 _PORTS_OFFSET: Final = SANDBOX_VALUE_SIZE - PORT_BITMAP_BYTES
 NS_PER_S: Final = 1_000_000_000
 #: A bucket holds one second's worth of packets, and never fewer than this: a
@@ -146,6 +156,8 @@ MAPS: Final = (
     MapSpec("t1_denied", bpf.BPF_MAP_TYPE_LPM_TRIE, _DENIED_KEY.size, _DENIED_VALUE.size),
     MapSpec("t1_exempt", bpf.BPF_MAP_TYPE_LPM_TRIE, _EXEMPT_KEY.size, len(EXEMPT_VALUE)),
     MapSpec("t1_counters", bpf.BPF_MAP_TYPE_PERCPU_HASH, _COUNTER_KEY.size, COUNTER_VALUE.size),
+    # A ring buffer has no keys or values; its size is max_entries.
+    MapSpec("t1_events", bpf.BPF_MAP_TYPE_RINGBUF, 0, 0),
 )
 
 
@@ -221,6 +233,62 @@ class Bucket:
     @property
     def rate_per_s(self) -> float:
         return NS_PER_S / self.cost_ns
+
+
+#: Each sandbox's tier-1 denial events: 5 a second after a burst of 20; the rest are
+#: counted in the next event's `suppressed`. At most 4096 sandboxes x 5/s reach the log.
+EVENT_RATE_PER_S: Final = 5
+EVENT_BURST: Final = 20
+EVENT_BUCKET: Final = Bucket.per_second(EVENT_RATE_PER_S, min_burst=EVENT_BURST)
+_PROTO_NAMES: Final = {1: "icmp", 6: "tcp", 17: "udp"}
+
+
+@dataclass(frozen=True, slots=True)
+class Tier1Event:
+    """One denial tier 1 reported in t1_events (see `struct t1_event`).
+
+    `dst` is None and `port` 0 where the frame never got that far (not IPv4,
+    spoofed MAC ...); `rst` says tier 1 answered the SYN with a RST;
+    `suppressed` counts the sandbox's denials that were not reported since its
+    previous event (rate limit or a full ring).
+    """
+
+    ts_ns: int
+    ifindex: int
+    reason: Reason
+    dst: IPv4Address | None
+    port: int
+    proto: int
+    rst: bool
+    suppressed: int
+
+    @property
+    def proto_name(self) -> str | None:
+        """tcp, udp, icmp, the number of another IP protocol, None before the IP header."""
+        if self.dst is None:
+            return None
+        return _PROTO_NAMES.get(self.proto, str(self.proto))
+
+
+def unpack_event(raw: bytes) -> Tier1Event:
+    """A t1_events record; a record of another size or reason is an ABI mismatch."""
+    if len(raw) != _EVENT.size:
+        raise Tier1Error("abi_mismatch", f"t1_event of {len(raw)} bytes, expected {_EVENT.size}")
+    ts_ns, ifindex, code, daddr, dport, proto, flags, suppressed, _ = _EVENT.unpack(raw)
+    dst = IPv4Address(daddr) if daddr != b"\0\0\0\0" else None
+    return Tier1Event(
+        ts_ns, ifindex, Reason.from_code(code), dst, int.from_bytes(dport, "big"), proto,
+        bool(flags & EVENT_RST), suppressed,
+    )  # fmt: skip
+
+
+def pack_event(event: Tier1Event) -> bytes:
+    """The record the kernel would write for `event` (tests and fakes)."""
+    daddr = event.dst.packed if event.dst is not None else bytes(4)
+    dport = event.port.to_bytes(2, "big")
+    flags = EVENT_RST if event.rst else 0
+    return _EVENT.pack(event.ts_ns, event.ifindex, event.reason.code, daddr, dport, event.proto,
+                       flags, event.suppressed, 0)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,16 +411,19 @@ def pack_sandbox(
     *,
     dns: Bucket,
     syn: Bucket,
+    events: Bucket = EVENT_BUCKET,
 ) -> bytes:
-    """The t1_sandboxes value; both buckets start full (tat_ns 0)."""
+    """The t1_sandboxes value; every bucket starts full (tat_ns 0), nothing suppressed."""
     if not isinstance(ip, IPv4Address):
         raise Tier1Error("bad_sandbox", f"not an IPv4 address: {ip!r}")
-    if not isinstance(dns, Bucket) or not isinstance(syn, Bucket):
-        raise Tier1Error("bad_rate", f"buckets must be Bucket, got {dns!r}, {syn!r}")
+    if not all(isinstance(b, Bucket) for b in (dns, syn, events)):
+        raise Tier1Error("bad_rate", f"buckets must be Bucket, got {dns!r}, {syn!r}, {events!r}")
     return (
         _SANDBOX_HEAD.pack(ip.packed, mac_bytes(mac))
         + _BUCKET.pack(dns.cost_ns, dns.depth_ns, 0)
         + _BUCKET.pack(syn.cost_ns, syn.depth_ns, 0)
+        + _BUCKET.pack(events.cost_ns, events.depth_ns, 0)
+        + _SUPPRESSED.pack(0)
         + port_bitmap(tcp_ports)
     )
 

@@ -299,8 +299,11 @@ def test_fleet_and_metadata_addresses_are_unreachable(fleet: Fleet, tmp_path: Pa
         after = tier1_drops(fleet, "node1")
     seen = delta(before, after)
     print(f"\ntier-1 drops on node1 during the unreachable checks: {seen}")
-    for key in [*targets, "metadata_http"]:
-        assert got[key]["outcome"] == "timeout", (key, got[key])
+    # Tier 1 answers each denied SYN with a RST: refused at once, never a timeout.
+    for key in targets:
+        assert got[key]["outcome"] == "refused", (key, got[key])
+    assert got["metadata_http"]["outcome"] == "error", got["metadata_http"]
+    assert "refused" in str(got["metadata_http"]["error"]).lower(), got["metadata_http"]
     want: dict[str, int] = {}
     for _, _, reason in targets.values():
         want[reason] = want.get(reason, 0) + 1
@@ -467,7 +470,7 @@ def test_report_mode_lets_denied_through_and_logs_would_deny(fleet: Fleet, tmp_p
     ], parallel=True)
     assert got["evil"]["status"] == 200 and got["evil"]["json"]["site"] == "evil.test", got["evil"]
     assert got["api"]["status"] == 200, got["api"]
-    assert got["metadata"]["outcome"] == "timeout", got["metadata"]  # tier 1 holds in report mode
+    assert got["metadata"]["outcome"] == "refused", got["metadata"]  # tier 1 holds in report mode
 
     (e,) = conn_events(fleet, job, dst=EVIL_IP, port=443)
     assert (e["verdict"], e["would_deny"], e["reason"]) == ("allow", True, "no_matching_rule"), e

@@ -104,7 +104,10 @@ def test_c_constants_match() -> None:
     ("struct_name", "fields"),
     [
         ("t1_config", ["tun_ifindex", "resolver"]),
-        ("t1_sandbox", ["ip", "mac", "reserved", "pad", "dns", "syn", "tcp_ports"]),
+        ("t1_sandbox",
+         ["ip", "mac", "reserved", "pad", "dns", "syn", "events", "suppressed", "tcp_ports"]),
+        ("t1_event", ["ts_ns", "ifindex", "reason", "daddr", "dport", "proto", "flags",
+                      "suppressed", "pad"]),
         ("t1_bucket", ["cost_ns", "depth_ns", "tat_ns"]),
         ("t1_denied_key", ["prefixlen", "addr"]),
         ("t1_denied", ["reason", "flags"]),
@@ -133,11 +136,14 @@ def test_config_golden() -> None:
 
 def test_sandbox_golden_head_buckets_and_size() -> None:
     raw = pack_sandbox(A("100.96.1.2"), "02:00:00:00:01:02", [443], dns=DNS, syn=SYN)
-    assert len(raw) == SANDBOX_VALUE_SIZE == 16 + 2 * 24 + 8192
+    assert len(raw) == SANDBOX_VALUE_SIZE == 16 + 3 * 24 + 8 + 8192
     assert raw[:16] == bytes([100, 96, 1, 2, 2, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0])
     assert raw[16:40] == struct.pack("=QQQ", 20_000_000, 50 * 20_000_000, 0)
     assert raw[40:64] == struct.pack("=QQQ", 5_000_000, 200 * 5_000_000, 0)
-    bitmap = raw[64:]
+    # The event bucket: 5 a second after a burst of 20; nothing suppressed yet.
+    assert raw[64:88] == struct.pack("=QQQ", 200_000_000, 20 * 200_000_000, 0)
+    assert raw[88:96] == bytes(8)
+    bitmap = raw[96:]
     assert bitmap[443 >> 3] == 1 << (443 & 7)
     assert sum(bitmap) == bitmap[443 >> 3]
 
