@@ -3,6 +3,16 @@
     egressd keys generate --out DIR
     egressd policy sign --key FILE [--ttl SECONDS] POLICY.json
     egressd policy verify --keys DIR [--leeway SECONDS] JWS_FILE
+    egressd policy check [--control URL | --no-control] [--prefix P] FILE
+    egressd policy schema
+
+`policy check` lists every problem of a policy (JSON payload or JWS) at once,
+one `FIELD: problem` line each on stdout, notes on stderr; exit 0 clean, 1
+problems, 2 usage (see `egressd.policy.check`). It asks the control plane for
+its nodes: `--control URL`, else the local fleet's (in `{prefix}ctl`); a fleet
+that is not up is a note, an explicit URL that does not answer exits 2.
+`policy sign` refuses a policy whose `exp` has passed. Times in messages are
+ISO 8601 UTC with a relative phrase (`expired 2026-12-06T16:00:00Z, 2 h ago`).
 
 Results go to stdout (a kid, a token, a payload), nothing else does. Every
 failure is a `CliError` with one line of detail, which `egressd.cli` prints as
@@ -21,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from egressd.cli import CliError
+from egressd.policy import times
 from egressd.policy.errors import JwsError, KeyFileError, PolicyError
 from egressd.policy.jws import DEFAULT_LEEWAY_S, MAX_TOKEN_BYTES, sign_policy, verify_policy
 from egressd.policy.keys import (
@@ -71,9 +82,9 @@ def register(sub: Any) -> None:
     )
     generate.set_defaults(handler=_keys_generate)
 
-    policy = sub.add_parser("policy", help="sign and verify job policies (JWS, EdDSA)")
+    policy = sub.add_parser("policy", help="sign, verify and check job policies (JWS, EdDSA)")
     policy_sub = policy.add_subparsers(
-        dest="policy_command", required=True, metavar="{sign,verify}"
+        dest="policy_command", required=True, metavar="{sign,verify,check,schema}"
     )
     sign = policy_sub.add_parser("sign", help="sign a policy JSON; prints the JWS")
     sign.add_argument("--key", type=Path, required=True, metavar="FILE", help="signing.key")
@@ -95,6 +106,26 @@ def register(sub: Any) -> None:
     )
     verify.add_argument("token", metavar="JWS_FILE", help="the JWS ('-' for stdin)")
     verify.set_defaults(handler=_policy_verify)
+
+    check = policy_sub.add_parser(
+        "check", help="list every problem of a policy (JSON or JWS); exit 1 if any"
+    )
+    where = check.add_mutually_exclusive_group()
+    where.add_argument(
+        "--control", metavar="URL", default=None,
+        help="control plane whose nodes the policy must name (default: the local fleet's)",
+    )
+    where.add_argument(
+        "--no-control", action="store_true", help="do not check nodes against a control plane"
+    )
+    check.add_argument(
+        "--prefix", default="egd-", help="the local fleet's namespace prefix (default egd-)"
+    )
+    check.add_argument("policy", metavar="FILE", help="policy JSON or JWS ('-' for stdin)")
+    check.set_defaults(handler=_policy_check)
+
+    schema = policy_sub.add_parser("schema", help="print the policy's JSON Schema")
+    schema.set_defaults(handler=_policy_schema)
 
 
 def _read_input(name: str, what: str, limit: int) -> bytes:
@@ -145,8 +176,15 @@ def _policy_sign(args: argparse.Namespace) -> int:
         key = load_signing_key(args.key)
     except KeyFileError as exc:
         raise CliError(_one_line(f"keys: {exc}")) from exc
+    now = int(time.time())
     if isinstance(payload, dict):  # otherwise parse_policy names the problem ("$")
-        payload = _with_default_times(payload, args.ttl, int(time.time()))
+        payload = _with_default_times(payload, args.ttl, now)
+        exp = payload.get("exp")
+        if isinstance(exp, int) and not isinstance(exp, bool) and exp <= now:
+            raise CliError(
+                f"invalid policy: exp: expired {times.when(exp, now)}; "
+                "refusing to sign an expired policy"
+            )
     try:
         policy = parse_policy(payload, require_timestamps=True)
     except PolicyError as exc:
@@ -171,4 +209,49 @@ def _policy_verify(args: argparse.Namespace) -> int:
     except JwsError as exc:
         raise CliError(_one_line(f"policy rejected: {exc.reason}: {exc.detail}")) from exc
     print(json.dumps(policy_to_payload(verified.policy), indent=2, sort_keys=True))
+    return 0
+
+
+def _known_nodes(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
+    """The control plane's node names, or None and a note saying why not."""
+    if args.no_control:
+        return None, None
+    from egressd.control.nodes import NodesUnavailable, fetch_node_names, fleet_node_names
+
+    if args.control is not None:
+        try:
+            return fetch_node_names(args.control), None
+        except NodesUnavailable as exc:
+            raise CliError(f"control plane {args.control}: {exc.detail}") from exc
+    try:
+        return fleet_node_names(args.prefix), None
+    except NodesUnavailable as exc:
+        return None, (
+            f"nodes not checked: {exc.detail}; is the fleet up? (egressd topology up), "
+            "or pass --control URL"
+        )
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from egressd.policy.check import check_document
+
+    raw = _read_input(args.policy, "policy", MAX_TOKEN_BYTES + 64)
+    known, why_not = _known_nodes(args)
+    report = check_document(raw, now=time.time(), known_nodes=known)
+    for problem in report.problems:
+        print(problem)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if why_not:
+        print(f"note: {why_not}", file=sys.stderr)
+    count = len(report.problems)
+    summary = "ok" if not count else f"{count} problem{'s' if count != 1 else ''}"
+    print(f"{args.policy}: {summary}", file=sys.stderr)
+    return 1 if count else 0
+
+
+def _policy_schema(_args: argparse.Namespace) -> int:
+    from egressd.policy.schema import schema_text
+
+    sys.stdout.write(schema_text())
     return 0

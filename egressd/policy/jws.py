@@ -38,6 +38,9 @@ order, and fails with `JwsError` whose `reason` is distinct per step:
 7. `not_yet_valid`: `now + leeway < nbf`.
 8. `expired`: `now - leeway >= exp`.
 
+Times in the details are ISO 8601 UTC with a relative phrase
+(``expired 2026-12-06T16:00:00Z, 2 h ago``; `egressd.policy.times`).
+
 Surrounding whitespace (space, tab, CR, LF) is stripped before anything else,
 in `verify_policy` and `policy_digest` alike, so a token read from a file with
 a trailing newline has the same digest everywhere. Nothing else is tolerated.
@@ -54,6 +57,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 
 from egressd import strictjson
+from egressd.policy import times
 from egressd.policy.errors import JwsError, PolicyError
 from egressd.policy.keys import SigningKey, TrustedKeys, b64url_decode, b64url_encode
 from egressd.policy.model import Policy, parse_policy, policy_to_payload
@@ -223,9 +227,14 @@ def verify_policy(
     # 7, 8. validity window
     at = time.time() if now is None else now
     if at + leeway_s < policy.nbf:
-        raise JwsError("not_yet_valid", f"nbf {policy.nbf} is after now {int(at)} + {leeway_s}s")
+        raise JwsError(
+            "not_yet_valid",
+            f"not valid before {times.when(policy.nbf, at)} (nbf; leeway {leeway_s} s)",
+        )
     if at - leeway_s >= policy.exp:
-        raise JwsError("expired", f"exp {policy.exp} is not after now {int(at)} - {leeway_s}s")
+        raise JwsError(
+            "expired", f"expired {times.when(policy.exp, at)} (exp; leeway {leeway_s} s)"
+        )
 
     return VerifiedPolicy(
         policy=policy,

@@ -147,11 +147,14 @@ def test_state_survives_restart(paths: Paths, spawn: list[ControlProcess]) -> No
 
     assert requests.get(f"{first.base}/readyz", timeout=5).status_code == 200
     policy_url = f"{first.base}/v1/jobs/{JOB_ID}/policy"
+    unknown = requests.put(policy_url, json=POLICY, headers=auth, timeout=5)
+    assert unknown.status_code == 422, unknown.text  # node1 is not registered yet
+    assert unknown.json()["field"] == "nodes[0]"
+    node = requests.put(f"{first.base}/v1/nodes/node1", json=NODE1, headers=auth, timeout=5)
+    assert node.status_code == 200, node.text
     put = requests.put(policy_url, json=POLICY, headers=auth, timeout=5)
     assert put.status_code == 200, put.text
     signed = put.json()
-    node = requests.put(f"{first.base}/v1/nodes/node1", json=NODE1, headers=auth, timeout=5)
-    assert node.status_code == 200, node.text
     proxy = requests.put(f"{first.base}/v1/proxies/proxy1", json=PROXY1, headers=auth, timeout=5)
     assert proxy.status_code == 200, proxy.text
     denied = requests.put(f"{first.base}/v1/nodes/node2", json=NODE1, timeout=5)

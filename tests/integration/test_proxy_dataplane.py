@@ -252,6 +252,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             f"/v1/jobs/{JOB}/policy",
             {"v": 1, "account": "acme", "nodes": ["node1"], "egress": egress},
         )
+        # A policy names registered nodes only: node2 is registered, never started.
+        node2 = BASE.nodes[1]
+        f.put(
+            f"/v1/nodes/{node2.name}",
+            {"underlay": str(node2.underlay), "sandbox_cidr": str(node2.sandbox_cidr)},
+        )
         f.put(
             f"/v1/jobs/{JOB_NODE2}/policy",
             {"v": 1, "account": "acme", "nodes": ["node2"], "egress": egress},

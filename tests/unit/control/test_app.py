@@ -113,6 +113,12 @@ async def client(
 Client = TestClient[web.Request, web.Application]
 
 
+@pytest.fixture
+async def node1(client: Client) -> None:
+    """node1 registered: a policy may name only registered nodes."""
+    assert (await client.put("/v1/nodes/node1", json=NODE1, headers=AUTH)).status == 200
+
+
 async def published_keys(client: Client) -> TrustedKeys:
     resp = await client.get("/v1/keys")
     assert resp.status == 200
@@ -137,6 +143,7 @@ async def test_keys_publish_extra_trusted_keys_for_rotation(harness: Harness) ->
 # --- policies ---------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("node1")
 async def test_put_policy_signs_with_server_timestamps(client: Client, harness: Harness) -> None:
     resp = await client.put(POLICY_URL, json=POLICY, headers=AUTH)
     assert resp.status == 200
@@ -155,6 +162,7 @@ async def test_put_policy_signs_with_server_timestamps(client: Client, harness: 
     assert verified.kid == harness.key.kid
 
 
+@pytest.mark.usefixtures("node1")
 async def test_signed_policy_verifies_with_pyjwt(client: Client) -> None:
     body = await (await client.put(POLICY_URL, json=POLICY, headers=AUTH)).json()
     jwk = (await (await client.get("/v1/keys")).json())["keys"][0]
@@ -169,6 +177,7 @@ async def test_signed_policy_verifies_with_pyjwt(client: Client) -> None:
     assert claims["exp"] == T0 + TTL
 
 
+@pytest.mark.usefixtures("node1")
 async def test_get_policy_returns_what_put_stored(client: Client) -> None:
     put = await (await client.put(POLICY_URL, json=POLICY, headers=AUTH)).json()
     resp = await client.get(POLICY_URL)
@@ -176,6 +185,7 @@ async def test_get_policy_returns_what_put_stored(client: Client) -> None:
     assert await resp.json() == put
 
 
+@pytest.mark.usefixtures("node1")
 async def test_put_policy_accepts_matching_job_id_in_body(client: Client) -> None:
     body = dict(POLICY, job_id=JOB_ID.upper())
     resp = await client.put(POLICY_URL, json=body, headers=AUTH)
@@ -183,6 +193,7 @@ async def test_put_policy_accepts_matching_job_id_in_body(client: Client) -> Non
     assert (await resp.json())["job_id"] == JOB_ID
 
 
+@pytest.mark.usefixtures("node1")
 async def test_put_policy_replaces_previous(client: Client, harness: Harness) -> None:
     await client.put(POLICY_URL, json=POLICY, headers=AUTH)
     harness.clock.now += 10
@@ -268,6 +279,7 @@ async def test_get_unknown_policy_is_404(client: Client) -> None:
     assert await resp.json() == {"error": "not_found"}
 
 
+@pytest.mark.usefixtures("node1")
 async def test_get_resigns_when_less_than_half_ttl_remains(
     client: Client, harness: Harness, api: ControlApi
 ) -> None:
@@ -299,6 +311,7 @@ async def test_get_resigns_when_less_than_half_ttl_remains(
     ) == 1.0
 
 
+@pytest.mark.usefixtures("node1")
 async def test_get_resigns_an_expired_policy(client: Client, harness: Harness) -> None:
     await client.put(POLICY_URL, json=POLICY, headers=AUTH)
     harness.clock.now = T0 + 10 * TTL
@@ -310,6 +323,7 @@ async def test_get_resigns_an_expired_policy(client: Client, harness: Harness) -
 async def test_get_resigns_after_key_rotation(harness: Harness) -> None:
     old_key = harness.key
     old = await harness.client(harness.api())
+    assert (await old.put("/v1/nodes/node1", json=NODE1, headers=AUTH)).status == 200
     first = await (await old.put(POLICY_URL, json=POLICY, headers=AUTH)).json()
     assert first["kid"] == old_key.kid
 
@@ -322,12 +336,54 @@ async def test_get_resigns_after_key_rotation(harness: Harness) -> None:
     assert verify_policy(fresh["jws"], keys, now=T0).kid == new_key.kid
 
 
+@pytest.mark.usefixtures("node1")
 async def test_delete_policy(client: Client) -> None:
     await client.put(POLICY_URL, json=POLICY, headers=AUTH)
     resp = await client.delete(POLICY_URL, headers=AUTH)
     assert resp.status == 204
     assert (await client.get(POLICY_URL)).status == 404
     assert (await client.delete(POLICY_URL, headers=AUTH)).status == 404
+
+
+@pytest.mark.usefixtures("node1")
+async def test_put_policy_naming_an_unknown_node_is_422(client: Client) -> None:
+    await client.put("/v1/nodes/node2", json=NODE2, headers=AUTH)
+    body = dict(POLICY, nodes=["node1", "node9", "node2", "nodex"])
+    resp = await client.put(POLICY_URL, json=body, headers=AUTH)
+    assert resp.status == 422
+    assert await resp.json() == {
+        "error": "unknown_node",
+        "field": "nodes[1]",
+        "detail": "no node 'node9', 'nodex' (known: node1, node2); "
+        "register nodes before naming them in a policy",
+        "unknown_nodes": ["node9", "nodex"],
+        "known_nodes": ["node1", "node2"],
+    }
+    assert (await client.get(POLICY_URL)).status == 404  # nothing stored
+
+
+async def test_put_policy_with_no_node_registered_is_422(client: Client) -> None:
+    resp = await client.put(POLICY_URL, json=POLICY, headers=AUTH)
+    assert resp.status == 422
+    answer = await resp.json()
+    assert (answer["field"], answer["known_nodes"]) == ("nodes[0]", [])
+    assert "(known: none)" in answer["detail"]
+
+
+async def test_invalid_policy_is_400_before_unknown_nodes(client: Client) -> None:
+    resp = await client.put(POLICY_URL, json=_with("mode", "audit"), headers=AUTH)
+    assert resp.status == 400
+    assert (await resp.json())["field"] == "mode"
+
+
+@pytest.mark.usefixtures("node1")
+async def test_a_stored_policy_outlives_its_node(client: Client, harness: Harness) -> None:
+    await client.put(POLICY_URL, json=POLICY, headers=AUTH)
+    assert (await client.delete("/v1/nodes/node1", headers=AUTH)).status == 204
+    harness.clock.now = T0 + TTL  # due for a re-sign: admission is not re-checked
+    fresh = await client.get(POLICY_URL)
+    assert fresh.status == 200
+    assert (await fresh.json())["exp"] == T0 + 2 * TTL
 
 
 # --- nodes and proxies ------------------------------------------------------------------
@@ -538,6 +594,7 @@ async def test_scheme_is_case_insensitive(client: Client) -> None:
     assert resp.status == 200
 
 
+@pytest.mark.usefixtures("node1")
 async def test_reads_need_no_token(client: Client) -> None:
     await client.put(POLICY_URL, json=POLICY, headers=AUTH)
     urls = ("/v1/keys", POLICY_URL, "/v1/nodes", "/v1/proxies", "/healthz", "/readyz", "/metrics")
@@ -601,7 +658,7 @@ async def test_one_log_event_per_mutation(client: Client, harness: Harness) -> N
     with structlog.testing.capture_logs() as logs:
         await client.put("/v1/nodes/node1", json=NODE1, headers=AUTH)
         await client.put("/v1/proxies/proxy1", json=PROXY1, headers=AUTH)
-        policy = dict(POLICY, nodes=["node1", "node9"])
+        policy = dict(POLICY, nodes=["node1"])
         body = await (await client.put(POLICY_URL, json=policy, headers=AUTH)).json()
         await client.get(POLICY_URL)
         await client.delete("/v1/proxies/proxy1", headers=AUTH)
@@ -619,7 +676,7 @@ async def test_one_log_event_per_mutation(client: Client, harness: Harness) -> N
     assert signed["account"] == "acme"
     assert signed["digest"] == body["digest"]
     assert signed["kid"] == harness.key.kid
-    assert signed["unregistered_nodes"] == ["node9"]
+    assert signed["nodes"] == ["node1"]
     assert deleted["name"] == "proxy1"
 
 
@@ -663,9 +720,9 @@ async def test_state_write_failure_is_500_and_not_ready(
 
 
 async def test_metrics(client: Client, api: ControlApi) -> None:
+    await client.put("/v1/nodes/node1", json=NODE1, headers=AUTH)
     await client.put(POLICY_URL, json=POLICY, headers=AUTH)
     await client.put(POLICY_URL, json=POLICY)
-    await client.put("/v1/nodes/node1", json=NODE1, headers=AUTH)
     await client.get("/v1/nowhere")
     resp = await client.get("/metrics")
     assert resp.status == 200
@@ -696,8 +753,8 @@ async def test_each_app_has_its_own_registry(harness: Harness) -> None:
 
 async def test_state_survives_a_new_app(harness: Harness) -> None:
     first = await harness.client(harness.api())
-    put = await (await first.put(POLICY_URL, json=POLICY, headers=AUTH)).json()
     await first.put("/v1/nodes/node1", json=NODE1, headers=AUTH)
+    put = await (await first.put(POLICY_URL, json=POLICY, headers=AUTH)).json()
     await first.put("/v1/proxies/proxy1", json=PROXY1, headers=AUTH)
 
     second = await harness.client(harness.api())

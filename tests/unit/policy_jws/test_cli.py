@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import stat
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from egressd.policy.jws import TYP, policy_digest
+from egressd.policy.jws import TYP, policy_digest, sign_payload
 from egressd.policy.keys import load_signing_key, public_jwk
 
 POLICY = {
@@ -163,11 +164,14 @@ def test_verify_with_other_keys_and_expired(tmp_path: Path, keydir: Path,
     assert_one_line_error(result, "policy rejected: unknown_kid: ")
 
     now = int(time.time())
-    policy_file.write_text(json.dumps({**POLICY, "iat": now - 7200, "nbf": now - 7200,
-                                       "exp": now - 100}))
-    (tmp_path / "old.jws").write_text(sign(tmp_path, policy_file))
+    expired = {**POLICY, "iat": now - 7200, "nbf": now - 7200, "exp": now - 100}
+    # `policy sign` refuses an expired policy: sign it with the library.
+    key = load_signing_key(keydir / "signing.key")
+    (tmp_path / "old.jws").write_text(sign_payload(expired, key))
     result = egressd(tmp_path, "policy", "verify", "--keys", "keys", "old.jws")
-    assert_one_line_error(result, "policy rejected: expired: ")
+    line = assert_one_line_error(result, "policy rejected: expired: expired ")
+    assert re.search(r"expired \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, 1\d\d s ago \(exp; leeway 30 s\)",
+                     line), line
     result = egressd(tmp_path, "policy", "verify", "--keys", "keys", "--leeway", "200", "old.jws")
     assert result.returncode == 0, result.stderr
 
@@ -243,3 +247,27 @@ def test_file_errors(
 )
 def test_usage_errors_are_one_line(tmp_path: Path, args: tuple[str, ...]) -> None:
     assert_one_line_error(egressd(tmp_path, *args), "error")
+
+
+@pytest.mark.parametrize(
+    ("times", "needle"),
+    [
+        ({"exp": 1000}, "exp: expired 1970-01-01T00:16:40Z, 56 years ago"),
+        ({"nbf": 1000, "exp": 2000}, "exp: expired 1970-01-01T00:33:20Z, 56 years ago"),
+    ],
+)
+def test_sign_refuses_an_expired_policy(
+    tmp_path: Path, keydir: Path, times: dict[str, int], needle: str
+) -> None:
+    (tmp_path / "old.json").write_text(json.dumps({**POLICY, **times}))
+    result = egressd(tmp_path, "policy", "sign", "--key", "keys/signing.key", "old.json")
+    line = assert_one_line_error(result, needle, "refusing to sign an expired policy")
+    assert "must be after nbf" not in line
+
+
+def test_sign_names_times_in_iso_when_exp_is_before_nbf(tmp_path: Path, keydir: Path) -> None:
+    nbf = int(time.time()) + 7200
+    (tmp_path / "p.json").write_text(json.dumps({**POLICY, "nbf": nbf, "exp": nbf - 60}))
+    result = egressd(tmp_path, "policy", "sign", "--key", "keys/signing.key", "p.json")
+    line = assert_one_line_error(result, "invalid policy: exp: must be after nbf (")
+    assert re.search(r"\(\d{4}-\d\d-\d\dT[\d:]{8}Z is not after \d{4}-\d\d-\d\dT[\d:]{8}Z\)", line)

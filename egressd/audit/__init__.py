@@ -1,0 +1,1 @@
+"""The fleet's audit events: reading, filtering and printing them (`egressd audit`)."""
