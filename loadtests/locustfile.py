@@ -40,7 +40,8 @@ works all the time (locust run by hand).
 Besides locust's CSV files, each process writes a JSON summary to
 `EGRESSD_LT_SUMMARY` when it quits: the attacker's counters and the number of
 connections it held over time, the hog's bytes per second, the slowest
-labelled requests with their start times.
+labelled requests with their start times, and per second the labelled
+requests' count, failures, p50 and p99 (`latency_per_second`: the plots).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ from locust import FastHttpUser, HttpUser, User, events, task
 from locust import stats as locust_stats
 
 from egressd.loadtest.scenarios import END, STRESS, parse_schedule, phase_at
+from egressd.loadtest.series import KEY as LATENCY_KEY
+from egressd.loadtest.series import per_second
 
 
 def _env_float(name: str, default: float) -> float:
@@ -99,12 +102,16 @@ _hog_seconds = Counter[int]()
 # The slowest requests of the well-behaved classes: (ms, Unix time at start, name).
 _SLOWEST_KEPT = 25
 _slowest: list[tuple[float, float, str]] = []
+# Every labelled request: (Unix time at start, ms, failed), for `latency_per_second`.
+_samples: list[tuple[float, float, bool]] = []
 
 
 @events.request.add_listener
-def _on_request(name: str, response_time: float, start_time: float | None = None, **_kw: Any) -> None:
+def _on_request(name: str, response_time: float, start_time: float | None = None,
+                exception: BaseException | None = None, **_kw: Any) -> None:
     if not name.endswith("]"):
         return  # only the phase-labelled requests of Victim and Steady
+    _samples.append((start_time or time.time(), response_time, exception is not None))
     if len(_slowest) < _SLOWEST_KEPT or response_time > _slowest[-1][0]:
         _slowest.append((round(response_time, 2), round(start_time or time.time(), 3), name))
         _slowest.sort(reverse=True)
@@ -396,6 +403,8 @@ def summary() -> dict[str, Any]:
         out["attacker"] = {**dict(_attack), "held_series": _held_series}
     if _slowest:
         out["slowest"] = [{"ms": ms, "start": t, "name": name} for ms, t, name in _slowest]
+    if _samples:
+        out[LATENCY_KEY] = per_second(_samples)
     if _hog_seconds:
         out["hog"] = {"bytes_per_second": {str(k): v for k, v in sorted(_hog_seconds.items())}}
     return out

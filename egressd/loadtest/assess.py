@@ -14,7 +14,7 @@ from typing import Any
 
 from egressd.loadtest import results as r
 from egressd.loadtest import verdicts as v
-from egressd.loadtest.scenarios import BASELINE, STRESS, Scenario, share
+from egressd.loadtest.scenarios import BASELINE, FLOODS, STRESS, Scenario, flood_rate_limit, share
 
 # A proxy "carried" the hog if it relayed at least this share of the hog's bytes.
 BUSY_FRACTION = 0.05
@@ -26,6 +26,7 @@ M_JOB_SOURCE_PORTS = "egressd_job_source_ports"
 M_SOURCE_PORTS = "egressd_source_ports_in_use"
 M_JOB_BYTES = "egressd_job_bytes_total"
 M_ACTIVE = "egressd_connections_active"
+M_TIER1_SANDBOX = "egressd_tier1_sandbox_packets_total"
 SAMPLED_GAUGES = (M_JOB_CONNECTIONS, M_JOB_SOURCE_PORTS, M_SOURCE_PORTS, M_ACTIVE)
 
 
@@ -50,6 +51,20 @@ class Observed:
     audit_denials: dict[str, dict[str, int]] = field(default_factory=dict)  # role -> reason -> n
     # daemon -> CPU seconds per second of the load (1.0 = one core)
     cpu: dict[str, float] = field(default_factory=dict)
+    # The flood scenarios: the attacker's address, the SYN flood's target, its
+    # veth's tier-1 counters (reason -> packets) and the proxies' taps
+    # (proxy -> counter -> packets) before and after the load; None: unreadable.
+    attacker_ip: str = ""
+    flood_target: str = ""
+    tier1_before: dict[str, int] | None = None
+    tier1_after: dict[str, int] | None = None
+    tap_before: dict[str, dict[str, int] | None] = field(default_factory=dict)
+    tap_after: dict[str, dict[str, int] | None] = field(default_factory=dict)
+    # The attacker's node agent's /metrics: its per-sandbox tier-1 counters
+    # (`egressd_tier1_sandbox_packets_total{sandbox_id,...,reason}`), what an operator sees.
+    attacker_sandbox: str = ""
+    agent_before: r.Scrape | None = None
+    agent_after: r.Scrape | None = None
 
     def stat(self, phase: str, role: str) -> r.RequestStats | None:
         return self.stats.get(phase, {}).get(role)
@@ -83,7 +98,42 @@ class Observed:
             "log_problems": [p.to_dict() for p in self.log_problems],
             "audit_denials": self.audit_denials,
             "daemon_cpu_cores": self.cpu,
+            "flood": {"attacker_ip": self.attacker_ip, "target": self.flood_target,
+                      "tier1_delta": self.tier1_delta(), "at_proxies": self.tap_delta(),
+                      "tier1_metric_delta": self.tier1_metric_delta(),
+                      "tier1_before": self.tier1_before, "tier1_after": self.tier1_after},
         }  # fmt: skip
+
+    def tier1_delta(self) -> dict[str, int] | None:
+        """The attacker's tier-1 counters' growth over the load, by reason."""
+        if self.tier1_before is None or self.tier1_after is None:
+            return None
+        return {k: v - self.tier1_before.get(k, 0) for k, v in sorted(self.tier1_after.items())
+                if v - self.tier1_before.get(k, 0)}  # fmt: skip
+
+    def tier1_metric_delta(self) -> dict[str, int] | None:
+        """The growth of the agent's per-sandbox tier-1 counter of the attacker, by
+        reason; None when the agent was not scraped or does not export it."""
+        if self.agent_before is None or self.agent_after is None:
+            return None
+        if not r.metric_present(self.agent_after, M_TIER1_SANDBOX):
+            return None
+        sid = self.attacker_sandbox
+        before = r.by_label(self.agent_before, M_TIER1_SANDBOX, "reason", sandbox_id=sid)
+        after = r.by_label(self.agent_after, M_TIER1_SANDBOX, "reason", sandbox_id=sid)
+        return {k: int(n - before.get(k, 0)) for k, n in sorted(after.items()) if n - before.get(k, 0)}
+
+    def tap_delta(self, counter: str | None = None) -> dict[str, Any]:
+        """Per proxy, the tap's growth over the load (one counter, or all)."""
+        out: dict[str, Any] = {}
+        for proxy in self.proxies:
+            before, after = self.tap_before.get(proxy), self.tap_after.get(proxy)
+            if before is None or after is None:
+                out[proxy] = None
+                continue
+            delta = {k: v - before.get(k, 0) for k, v in after.items()}
+            out[proxy] = delta.get(counter) if counter else delta
+        return out
 
 
 def stress_spans(scenario: Scenario, t0: float) -> list[tuple[float, float]]:
@@ -130,6 +180,30 @@ def _neighbour(role: str, obs: Observed, phases: Sequence[str]) -> list[v.Verdic
     return out
 
 
+def _flood(scenario: Scenario, obs: Observed) -> list[v.Verdict]:
+    summary = obs.summaries.get("attacker", {})
+    kind = scenario.job("attacker").user_class
+    refusals = obs.refusals("attacker")
+    total_refusals: dict[str, float] = {}
+    for per in (refusals or {}).values():
+        for reason, n in per.items():
+            if n:
+                total_refusals[reason] = total_refusals.get(reason, 0.0) + n
+    flood = v.FloodObservation(
+        kind=kind,
+        rate_limit=flood_rate_limit(scenario),
+        sent=int(summary.get("sent", 0)),
+        flood_seconds=float(summary.get("flood_seconds", 0.0)),
+        windows=len(summary.get("spans", [])),
+        tier1=obs.tier1_delta(),
+        tier1_metric=obs.tier1_metric_delta(),
+        at_proxies=obs.tap_delta(f"attacker_{kind}"),
+        answered=int(summary["answered"]) if kind == "dns" and "answered" in summary else None,
+        proxy_refusals=total_refusals,
+    )  # fmt: skip
+    return v.flood_verdicts(flood)
+
+
 def hog_busy(obs: Observed) -> tuple[list[str], bool]:
     """The proxies that carried the hog's downloads; False when the proxies
     do not export per-job bytes (then every proxy is assumed busy)."""
@@ -161,7 +235,12 @@ def _hog(scenario: Scenario, obs: Observed) -> v.Verdict:
 
 def assess(scenario: Scenario, obs: Observed) -> list[v.Verdict]:
     out: list[v.Verdict] = []
-    if scenario.name == "port-exhaustion":
+    if scenario.name in FLOODS:
+        out += _flood(scenario, obs)
+        for job in scenario.jobs:
+            if not job.abusive:
+                out += _neighbour(job.role, obs, (BASELINE, STRESS))
+    elif scenario.name == "port-exhaustion":
         out += _attack(scenario, obs)
         out += _neighbour("victim", obs, (BASELINE, STRESS))
     elif scenario.name == "bandwidth":

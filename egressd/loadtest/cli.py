@@ -1,10 +1,12 @@
 """`egressd loadtest SCENARIO --duration S [--prefix egd-lt-] [--run-dir DIR] [--out FILE.json]`
 
-Runs one fairness scenario (`port-exhaustion`, `bandwidth`, `steady`) with
-locust on its own fleet, prints the verdict table and writes the JSON
-document. Exit 0 when every verdict passes, 1 when one fails, 2 when the run
-could not happen (one line on stderr), 143 on SIGTERM (everything it set up
-is removed first), 130 on Ctrl-C.
+Runs one fairness scenario (`port-exhaustion`, `bandwidth`, `steady`, and the
+floods `dns-flood`, `syn-flood`) with locust on its own fleet, prints the
+verdict table and writes the JSON document. Exit 0 when every verdict
+passes, 1 when one fails, 2 when the run could not happen (one line on
+stderr), 143 on SIGTERM (everything it set up is removed first), 130 on
+Ctrl-C. Beside the JSON: `OUT-latency.png` and `OUT-throughput.png`
+(`egressd.loadtest.plots`; `--no-plots` leaves them out).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import math
 import sys
 from pathlib import Path
 
-from egressd import logs
+from egressd import logs, plotting
 from egressd.errors import EgressdError
-from egressd.loadtest import runner, verdicts
+from egressd.loadtest import plots, runner, verdicts
 from egressd.loadtest.scenarios import SCENARIOS, ScenarioError, check_duration
 from egressd.net import netns as kn
 from egressd.signals import Stopped, sigterm_unwinds
@@ -62,6 +64,8 @@ def options(args: argparse.Namespace) -> runner.Options:
 
 def _handle(args: argparse.Namespace) -> int:
     opts = options(args)
+    if not args.no_plots and not plotting.available():
+        raise _cli_error(plotting.MISSING)
     logs.configure(json=False)
     try:
         with sigterm_unwinds():
@@ -77,12 +81,14 @@ def _handle(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(verdicts.render_table(opts.scenario, report.verdicts))
     print(f"\nJSON: {out}")
+    for png in [] if args.no_plots else plotting.write_beside(plots.write, doc, out):
+        print(f"PNG: {png}")
     return 0 if verdicts.passed(report.verdicts) else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser("loadtest", help="fairness under abuse: a locust scenario on its own fleet, verdict table + JSON")
-    parser.add_argument("scenario", choices=SCENARIOS, help="port-exhaustion | bandwidth | steady")
+    parser.add_argument("scenario", choices=SCENARIOS, help=" | ".join(SCENARIOS))
     parser.add_argument("--duration", type=_seconds, required=True, help="seconds of load (all phases)")
     parser.add_argument("--prefix", default=runner.DEFAULT_PREFIX,
                         help=f"namespace prefix of the load-test fleet (default {runner.DEFAULT_PREFIX})")
@@ -90,4 +96,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help=f"the load-test fleet's run directory (default {runner.DEFAULT_RUN_DIR})")
     parser.add_argument("--out", default=None,
                         help="the JSON document (default loadtest-results/SCENARIO.json)")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="no OUT-latency.png / OUT-throughput.png beside the JSON (need matplotlib)")
     parser.set_defaults(handler=_handle)

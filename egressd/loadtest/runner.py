@@ -18,6 +18,10 @@
    `/metrics` every `SAMPLE_INTERVAL_S` and keeps the gauges' maxima;
 4. reads the CSV files and summaries, the proxies' metrics, liveness and
    logs, and hands an `Observed` to `assess`.
+
+The flood scenarios' attacker is `egressd.loadtest.flood`, not locust; the
+runner also reads its veth's tier-1 counters and a tap in each proxy's
+namespace before and after the load (`egressd.loadtest.floodio`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import contextlib
 import datetime as dt
 import http.client
 import importlib.util
+import ipaddress
 import json
 import math
 import os
@@ -51,9 +56,10 @@ from egressd.bench.load import LoadError, resolve_a
 from egressd.bench.paths import tune_client
 from egressd.bench.report import ParseError
 from egressd.errors import EgressdError
+from egressd.loadtest import floodio
 from egressd.loadtest import results as r
 from egressd.loadtest.assess import M_ACTIVE, Observed, assess
-from egressd.loadtest.scenarios import HTTP_PORT, SITE, JobSpec, Scenario, build
+from egressd.loadtest.scenarios import FLOODS, HTTP_PORT, MAX_FLOOD_S, SITE, JobSpec, Scenario, build
 from egressd.loadtest.verdicts import Verdict
 from egressd.net import netns as kn
 from egressd.topology import procs
@@ -64,6 +70,8 @@ from egressd.topology.probe import ProbeError, http_request, is_ready
 log = structlog.get_logger("egressd.loadtest")
 
 DEFAULT_RUN_DIR = Path("/run/egressd-loadtest")
+# locust's and the floods' raw output (CSV, logs): beside the JSON, not under /run.
+RESULTS_DIR = Path("loadtest-results")
 DEFAULT_PREFIX = "egd-lt-"
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtests" / "locustfile.py"
 SAMPLE_INTERVAL_S = 0.5
@@ -392,7 +400,18 @@ def _run_load(opts: Options, fleet: Fleet, gens: Mapping[str, LoadGenerator], sc
     schedule = scenario.schedule(t0)
     obs.schedule_t0 = t0
     seconds = math.ceil(LOCUST_STARTUP_S + scenario.windows[-1].end + 1.0)
-    runs = [LocustRun(opts, gens[job.role], seconds, schedule, workdir) for job in scenario.jobs]
+    runs: list[LocustRun | floodio.FloodRun] = []
+    for job in scenario.jobs:
+        gen = gens[job.role]
+        if job.driver == "flood":
+            assert gen.info is not None
+            dst = ipaddress.IPv4Address(obs.flood_target) if obs.flood_target else None
+            runs.append(floodio.FloodRun(
+                opts.python, gen.netns, job.user_class, schedule, seconds, float(job.env["rate"]),
+                MAX_FLOOD_S, workdir, job.role, src=gen.info.ip, dst=dst, port=HTTP_PORT,
+            ))  # fmt: skip
+        else:
+            runs.append(LocustRun(opts, gen, seconds, schedule, workdir))
     sampler = Sampler(fleet, obs.gauges)
     sampler.start()
     stack.callback(sampler.stop)
@@ -402,7 +421,7 @@ def _run_load(opts: Options, fleet: Fleet, gens: Mapping[str, LoadGenerator], sc
     for run in runs:
         stack.callback(run.stop)
         run.start()
-    codes = {run.gen.job.role: run.wait() for run in runs}
+    codes = {_role(run): run.wait() for run in runs}
     sampler.stop()
     cpu_after, elapsed = _daemon_cpu(fleet), time.monotonic() - started
     obs.cpu = {
@@ -411,7 +430,11 @@ def _run_load(opts: Options, fleet: Fleet, gens: Mapping[str, LoadGenerator], sc
         if after is not None and (before := cpu_before.get(name)) is not None
     }
     for run in runs:
-        role = run.gen.job.role
+        role = _role(run)
+        if isinstance(run, floodio.FloodRun):
+            obs.summaries[role] = run.read()
+            log.info("flood_done", role=role, exit=codes[role], summary=obs.summaries[role] or run.tail())
+            continue
         stats, failures, summary = run.read()
         obs.totals[role] = stats.get(r.AGGREGATED)
         for phase, row in r.rows_by_phase(stats).items():
@@ -425,6 +448,38 @@ def _run_load(opts: Options, fleet: Fleet, gens: Mapping[str, LoadGenerator], sc
             log.info("locust_done", role=role, exit=codes[role],
                      requests=total.requests if total else None,
                      failures=total.failures if total else None)  # fmt: skip
+
+
+def _role(run: LocustRun | floodio.FloodRun) -> str:
+    return run.role if isinstance(run, floodio.FloodRun) else run.gen.job.role
+
+
+def _flood_probes(fleet: Fleet, attacker: LoadGenerator, obs: Observed,
+                  stack: contextlib.ExitStack) -> tuple[floodio.Tier1Probe, floodio.ProxyTap]:  # fmt: skip
+    """The attacker's tier-1 counters and the proxies' tap; the SYN target."""
+    info = attacker.info
+    assert info is not None
+    node = fleet.layout.node(attacker.job.node)
+    probe = floodio.Tier1Probe(fleet.run_dir / "agents" / node.name / "bpffs", fleet.ns(node.netns),
+                               str(info.raw["host_veth"]))  # fmt: skip
+    tap = floodio.ProxyTap({p.name: fleet.ns(p.netns) for p in fleet.layout.proxies})
+    stack.callback(tap.remove)
+    try:
+        tap.install(info.ip)
+        obs.flood_target = str(resolve_a(attacker.netns, RESOLVER, SITE)[0])
+    except (kn.NetError, LoadError) as exc:
+        raise LoadtestError("flood_setup_failed", f"{exc.reason}: {exc.detail}") from exc
+    obs.attacker_ip = str(info.ip)
+    obs.attacker_sandbox = attacker.sandbox_id
+    return probe, tap
+
+
+def _agent_scraper(fleet: Fleet, node_name: str) -> Scraper:
+    """A `Scraper` of one node agent's /metrics (same admin port, on its underlay)."""
+    scraper = Scraper(fleet)
+    node = fleet.layout.node(node_name)
+    scraper.targets = {node.name: (fleet.ns(node.netns), str(node.underlay))}
+    return scraper
 
 
 def _wait_released(scraper: Scraper, proxies: list[str]) -> tuple[dict[str, float | None], float]:
@@ -451,7 +506,7 @@ def run(opts: Options) -> Report:
     started_at = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
-    workdir = opts.run_dir / "loadtest" / f"{scenario.name}-{stamp}"
+    workdir = RESULTS_DIR.absolute() / f"{scenario.name}-{stamp}"
     obs = Observed(proxies=proxies, job_ids={})
     with contextlib.ExitStack() as stack:
         stack.callback(down_logged, fleet)
@@ -469,8 +524,17 @@ def run(opts: Options) -> Report:
         obs.job_ids = {role: gen.job_id for role, gen in gens.items()}
         scraper = Scraper(fleet)
         stack.callback(scraper.close)
+        probes = _flood_probes(fleet, gens["attacker"], obs, stack) if scenario.name in FLOODS else None
+        if probes is not None:
+            agent = _agent_scraper(fleet, gens["attacker"].job.node)
+            stack.callback(agent.close)
+            obs.tier1_before, obs.tap_before = probes[0].read(), probes[1].read()
+            obs.agent_before = agent.scrape_all().get(gens["attacker"].job.node)
         obs.before = scraper.scrape_all()
         _run_load(opts, fleet, gens, scenario, workdir, obs, stack)
+        if probes is not None:
+            obs.tier1_after, obs.tap_after = probes[0].read(), probes[1].read()
+            obs.agent_after = agent.scrape_all().get(gens["attacker"].job.node)
         obs.active_after, obs.released_wait_s = _wait_released(scraper, proxies)
         obs.after = scraper.scrape_all()
         obs.alive = {

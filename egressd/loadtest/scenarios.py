@@ -17,6 +17,13 @@ has a single stress window.
 | port-exhaustion | PortExhaustionAttacker   | Victim           | ports_per_destination, connection caps |
 | bandwidth       | BandwidthHog             | Steady           | bandwidth_bps (EDT pacing)             |
 | steady          | -                        | Steady           | none hit: no refusals, no errors       |
+| dns-flood       | flooder (`flood dns`)    | Victim x 2       | dns_queries_per_s (tier 1, proxy DNS)  |
+| syn-flood       | flooder (`flood syn`)    | Victim x 2       | max_new_connections_per_s (tier 1 SYN) |
+
+The flood scenarios (issue 15) have two well-behaved jobs, `victim_a` on the
+attacker's node and `victim_b` on the other, and an attacker that is not a
+locust process but `egressd.loadtest.flood` (raw UDP/TCP packets); their
+floods are bounded to `MAX_FLOOD_S` seconds in all (`MAX_DURATION_BY`).
 
 Limits semantics (the proxies'): `max_connections`,
 `max_new_connections_per_s` and `bandwidth_bps` are fleet-wide per job; each
@@ -33,13 +40,18 @@ from typing import Any
 
 SITE = "api.allowed.test"
 HTTP_PORT = 80
-SCENARIOS = ("port-exhaustion", "bandwidth", "steady")
-MIN_DURATION_S = {"port-exhaustion": 30.0, "bandwidth": 30.0, "steady": 10.0}
+SCENARIOS = ("port-exhaustion", "bandwidth", "steady", "dns-flood", "syn-flood")
+FLOODS = ("dns-flood", "syn-flood")
+# Two cycles of 5 + 5 + 1 s at least (the flood: 10 s), four at most (20 s).
+MIN_DURATION_S = {"port-exhaustion": 30.0, "bandwidth": 30.0, "steady": 10.0,
+                  "dns-flood": 22.0, "syn-flood": 22.0}  # fmt: skip
 MAX_DURATION_S = 3600.0
+MAX_FLOOD_S = 20.0
+MAX_DURATION_BY = {"dns-flood": 44.0, "syn-flood": 44.0}
 # Windows of about this length; a two-phase scenario has at least one of each.
 # Short windows interleave the phases finely (the attacker reaches its budget
 # within 2 s); the hog's need 3 s to settle after each pause (see `assess`).
-WINDOW_TARGET_S = {"port-exhaustion": 5.0, "bandwidth": 10.0}
+WINDOW_TARGET_S = {"port-exhaustion": 5.0, "bandwidth": 10.0, "dns-flood": 5.0, "syn-flood": 5.0}
 SETTLE_S = 1.0
 
 BASELINE = "baseline"
@@ -54,6 +66,7 @@ GENEROUS = {
     "max_new_connections_per_s": 200,
     "ports_per_destination": 256,
     "bandwidth_bps": 400_000_000,
+    "dns_queries_per_s": 1000,
 }
 
 
@@ -69,6 +82,10 @@ class JobSpec:
     # EGRESSD_LT_* variables for the locustfile.
     env: Mapping[str, str] = field(default_factory=dict)
     abusive: bool = False
+    # `locust` (user_class is a locust class) or `flood` (user_class is the
+    # kind of `egressd.loadtest.flood`: dns, syn).
+    driver: str = "locust"
+    egress: tuple[Mapping[str, Any], ...] = ()  # rules besides SITE:HTTP_PORT
 
     def policy(self, job_id: str) -> dict[str, Any]:
         """The job's policy payload (the control plane adds iat/nbf/exp and signs)."""
@@ -78,7 +95,7 @@ class JobSpec:
             "account": f"loadtest-{self.role}",
             "nodes": [self.node],
             "mode": "enforce",
-            "egress": [{"host": SITE, "ports": [HTTP_PORT]}],
+            "egress": [{"host": SITE, "ports": [HTTP_PORT]}, *(dict(r) for r in self.egress)],
             "limits": dict(self.limits),
         }
 
@@ -132,7 +149,8 @@ class Scenario:
             "duration_s": self.duration_s,
             "jobs": [
                 {"role": j.role, "user_class": j.user_class, "users": j.users, "node": j.node,
-                 "limits": dict(j.limits), "env": dict(j.env), "abusive": j.abusive}
+                 "limits": dict(j.limits), "env": dict(j.env), "abusive": j.abusive,
+                 "driver": j.driver}
                 for j in self.jobs
             ],
             "windows": [{"start": w.start, "end": w.end, "phase": w.phase} for w in self.windows],
@@ -209,10 +227,9 @@ def attack_budget_per_proxy(limits: Mapping[str, int], proxies: int) -> int:
 def check_duration(name: str, duration_s: float) -> None:
     if name not in SCENARIOS:
         raise ScenarioError(f"unknown scenario {name!r} (one of {', '.join(SCENARIOS)})")
-    if not math.isfinite(duration_s) or not MIN_DURATION_S[name] <= duration_s <= MAX_DURATION_S:
-        raise ScenarioError(
-            f"--duration for {name} must be {MIN_DURATION_S[name]:g}..{MAX_DURATION_S:g} seconds"
-        )
+    top = MAX_DURATION_BY.get(name, MAX_DURATION_S)
+    if not math.isfinite(duration_s) or not MIN_DURATION_S[name] <= duration_s <= top:
+        raise ScenarioError(f"--duration for {name} must be {MIN_DURATION_S[name]:g}..{top:g} seconds")
 
 
 # --- the scenarios -------------------------------------------------------------------------
@@ -240,8 +257,50 @@ STEADY_USERS = 4
 STEADY_RPS_PER_USER = 5.0
 
 
+# The flood scenarios (issue 15). The attacker's rate limits are the policy
+# defaults' order (50/s); its flood runs at a rate above the incident's
+# 3,600 DNS queries/s. Tier 1's token buckets hold one second's worth.
+FLOOD_DNS_PER_S = 50
+FLOOD_SYN_PER_S = 50
+FLOOD_RATE = {"dns-flood": 5000, "syn-flood": 10000}
+TIER1_BURST_S = 1.0
+FLOOD_LIMITS = {**GENEROUS, "dns_queries_per_s": FLOOD_DNS_PER_S,
+                "max_new_connections_per_s": FLOOD_SYN_PER_S}  # fmt: skip
+FLOOD_VICTIM_USERS = 4
+WILDCARD = "*.data.allowed.test"
+
+
+def tier1_budget(rate_per_s: float, seconds: float, windows: int, burst_s: float = TIER1_BURST_S) -> float:
+    """What a token bucket of `rate_per_s` (holding `burst_s` seconds' worth)
+    lets through in `windows` floods of `seconds` in all: full before each
+    window (it refills in the pauses between them)."""
+    return rate_per_s * (seconds + burst_s * windows)
+
+
+def flood_rate_limit(scenario: Scenario) -> int:
+    """The attacker's per-second limit that tier 1 enforces against its flood."""
+    key = "dns_queries_per_s" if scenario.name == "dns-flood" else "max_new_connections_per_s"
+    return int(scenario.job("attacker").limits[key])
+
+
+def _flood(name: str, duration_s: float) -> Scenario:
+    kind = name.removesuffix("-flood")
+    attacker = JobSpec(
+        "attacker", kind, 1, "node1", FLOOD_LIMITS, abusive=True, driver="flood",
+        env={"rate": str(FLOOD_RATE[name])}, egress=({"host": WILDCARD, "ports": [443]},),
+    )  # fmt: skip
+    victims = tuple(
+        JobSpec(role, "Victim", FLOOD_VICTIM_USERS, node, GENEROUS,
+                env={"EGRESSD_LT_RPS": str(VICTIM_RPS_PER_USER)})
+        for role, node in (("victim_a", "node1"), ("victim_b", "node2"))
+    )  # fmt: skip
+    return Scenario(name, duration_s, (attacker, *victims), alternating(duration_s, WINDOW_TARGET_S[name]))
+
+
 def build(name: str, duration_s: float) -> Scenario:
     check_duration(name, duration_s)
+    if name in FLOODS:
+        return _flood(name, duration_s)
     if name == "steady":
         steady = JobSpec("steady", "Steady", STEADY_USERS * 2, "node2", GENEROUS,
                          env={"EGRESSD_LT_RPS": str(STEADY_RPS_PER_USER)})  # fmt: skip

@@ -16,7 +16,15 @@ Thresholds (issue 4):
 - every proxy is alive at the end (process running, `/readyz` 200);
 - the proxy and agent logs hold no unhandled error (`connection_task_failed`,
   level error or above, tracebacks) written during the run;
-- the proxies release every relayed connection once the load stops.
+- the proxies release every relayed connection once the load stops;
+- (dns-flood, syn-flood: `flood_verdicts`) the attacker's flood dies on its
+  node: tier 1 dropped, with the flood's reason, at least `EXCESS_FRACTION`
+  of what it sent beyond the budget of its token bucket (`tier1_budget`), the
+  flood was real (it sent at least `FLOOD_FACTOR` x that budget), and the
+  proxies saw at most `PROXY_TOLERANCE` above the budget of its packets (a
+  tap in each proxy's namespace, before the DNS responder and the
+  listener's SYN queue); each victim (one on the attacker's node, one on the
+  other) passes the failures and p99 verdicts above.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from egressd.loadtest.results import LogProblem, RequestStats
-from egressd.loadtest.scenarios import share
+from egressd.loadtest.scenarios import share, tier1_budget
 
 LATENCY_FACTOR = 2.0
 RATE_TOLERANCE = 0.10
@@ -37,6 +45,10 @@ LIMIT_REASONS = frozenset({
     "port_budget_exhausted", "port_pool_exhausted",
 })  # fmt: skip
 SCHEMA = "egressd.loadtest/1"
+EXCESS_FRACTION = 0.9
+FLOOD_FACTOR = 5.0
+PROXY_TOLERANCE = 0.10
+FLOOD_REASONS = {"dns": "dns_rate_limit", "syn": "syn_rate_limit"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +234,93 @@ def hog_verdict(client_bytes_per_s: float, seconds: int, expected_bytes_per_s: f
         f"{expected_bytes_per_s / 1e6:.2f} MB/s +/- {tolerance:.0%}",
         "" if seconds > 0 else "no bytes measured",
     )  # fmt: skip
+
+
+# --- the floods ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FloodObservation:
+    """What the runner saw of a flood (counters are deltas over the load)."""
+
+    kind: str  # dns | syn
+    rate_limit: int  # the attacker's per-second limit that tier 1 enforces
+    sent: int  # the flooder's count
+    flood_seconds: float
+    windows: int  # stress windows it flooded in
+    tier1: Mapping[str, int] | None  # the attacker's veth: packets by reason; None: unreadable
+    at_proxies: Mapping[str, int | None]  # per proxy, the attacker's packets its tap counted
+    answered: int | None = None  # dns: answers the flooder received
+    # The same drops as the agent's /metrics shows them (per sandbox); None: not exported.
+    tier1_metric: Mapping[str, int] | None = None
+    proxy_refusals: Mapping[str, float] | None = None  # the attacker's limit refusals by reason
+
+    @property
+    def reason(self) -> str:
+        return FLOOD_REASONS[self.kind]
+
+    @property
+    def budget(self) -> float:
+        return tier1_budget(self.rate_limit, self.flood_seconds, self.windows)
+
+    @property
+    def excess(self) -> float:
+        return max(0.0, self.sent - self.budget)
+
+    @property
+    def sent_per_s(self) -> float:
+        return self.sent / self.flood_seconds if self.flood_seconds > 0 else 0.0
+
+
+def flood_verdicts(obs: FloodObservation) -> list[Verdict]:
+    budget, excess = obs.budget, obs.excess
+    dropped = None if obs.tier1 is None else obs.tier1.get(obs.reason, 0)
+    floor = EXCESS_FRACTION * excess
+    problems = []
+    if obs.sent < FLOOD_FACTOR * budget:
+        problems.append(f"sent {obs.sent} < {FLOOD_FACTOR:g} x budget {budget:.0f}: not a flood")
+    if dropped is None:
+        problems.append("the attacker's tier-1 counters could not be read")
+    elif dropped < floor or dropped <= 0:
+        problems.append(f"tier 1 dropped {dropped} ({obs.reason}) < {floor:.0f}")
+    elif dropped > obs.sent:
+        problems.append(f"tier 1 dropped {dropped} > sent {obs.sent}")
+    shown = None if obs.tier1_metric is None else obs.tier1_metric.get(obs.reason, 0)
+    if shown is not None and dropped is not None and shown != dropped:
+        problems.append(f"the agent's metric shows {shown} drops, its map {dropped}")
+    share_text = f", {dropped / excess:.1%} of" if dropped is not None and excess else " of"
+    out = [Verdict(
+        "attacker_excess_at_tier1", not problems,
+        f"sent {obs.sent} ({obs.sent_per_s:.0f}/s over {obs.flood_seconds:.1f} s in {obs.windows} "
+        f"windows); tier 1 dropped {_g(dropped)} ({obs.reason}{share_text} the excess {excess:.0f}); "
+        f"agent metric {'n/a' if shown is None else shown}",
+        f"dropped >= {EXCESS_FRACTION:.0%} of sent - budget {budget:.0f} "
+        f"({obs.rate_limit}/s + 1 s burst per window); sent >= {FLOOD_FACTOR:g} x budget",
+        "; ".join(problems),
+    )]  # fmt: skip
+    cap = (1 + PROXY_TOLERANCE) * budget
+    missing = sorted(p for p, n in obs.at_proxies.items() if n is None)
+    seen = sum(n for n in obs.at_proxies.values() if n is not None)
+    problems = []
+    if not obs.at_proxies or missing:
+        problems.append(f"no tap count from {', '.join(missing) or 'any proxy'}")
+    if seen > cap:
+        problems.append(f"the proxies saw {seen} > {cap:.0f}")
+    what = "DNS queries" if obs.kind == "dns" else "SYNs"
+    extra = ""
+    if obs.answered is not None:
+        extra += f"; {obs.answered} answered"
+    if obs.proxy_refusals:
+        extra += "; proxy refusals " + ", ".join(f"{r} {n:g}" for r, n in sorted(obs.proxy_refusals.items()))
+    out.append(Verdict(
+        "proxies_spared",
+        not problems,
+        f"{what} at the proxies {seen} ("
+        + ", ".join(f"{p} {_g(n)}" for p, n in sorted(obs.at_proxies.items())) + f"){extra}",
+        f"<= budget + {PROXY_TOLERANCE:.0%} = {cap:.0f}",
+        "; ".join(problems),
+    ))  # fmt: skip
+    return out
 
 
 # --- the fleet ----------------------------------------------------------------------------

@@ -46,3 +46,8 @@ def test_port_exhaustion_scenario_passes_every_verdict(tmp_path: Path) -> None:
     assert sum(observed["audit_denials"]["attacker"].values()) > 0
     assert kn.list_netns(PREFIX) == ()
     assert not any(p.name.startswith(PREFIX) for p in Path("/etc/netns").glob("*"))
+    # The plots beside the JSON, drawn from what the victim measured per second.
+    for png in (tmp_path / f"port-exhaustion-{kind}.png" for kind in ("latency", "throughput")):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"PNG: {png}" in done.stdout, table
+    per_second = sum(r["n"] for r in observed["summaries"]["victim"]["latency_per_second"])
+    assert per_second == observed["totals"]["victim"]["requests"]

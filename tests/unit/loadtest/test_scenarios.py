@@ -29,7 +29,9 @@ def test_policy_payload() -> None:
     assert payload["egress"] == [{"host": sc.SITE, "ports": [sc.HTTP_PORT]}]
     assert payload["limits"]["bandwidth_bps"] == 64_000_000
     assert set(payload["limits"]) == {"max_connections", "max_new_connections_per_s",
-                                      "ports_per_destination", "bandwidth_bps"}
+                                      "ports_per_destination", "bandwidth_bps", "dns_queries_per_s"}
+    # A well-behaved job's DNS (a query or two per request) is far below its limit.
+    assert payload["limits"]["dns_queries_per_s"] >= 500
 
 
 def test_share_and_budget() -> None:
