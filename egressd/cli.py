@@ -52,8 +52,10 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from egressd import demo
     from egressd.agent import cli as agent_cli
+    from egressd.audit import cli as audit_cli
     from egressd.bench import cli as bench_cli
     from egressd.control import cli as control_cli
+    from egressd.control import jobcli
     from egressd.loadtest import cli as loadtest_cli
     from egressd.policy import cli as policy_cli
     from egressd.proxy import cli as proxy_cli
@@ -64,12 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     policy_cli.register(sub)
     control_cli.register(sub)
+    jobcli.register(sub)
     proxy_cli.register(sub)
     agent_cli.register(sub)
     topology_cli.register(sub)
     sandbox_cli.register(sub)
     bench_cli.register(sub)
     loadtest_cli.register(sub)
+    audit_cli.register(sub)
     demo.register(sub)
     return parser
 

@@ -10,6 +10,8 @@ Routes (JSON in and out; every error body is `{"error": TOKEN, ...}`):
 | `DELETE /v1/jobs/{job_id}/policy` | admin | forget the job (204) |
 | `PUT`/`GET`/`DELETE /v1/nodes/{name}`, `GET /v1/nodes` | PUT, DELETE | node registry |
 | `PUT`/`GET`/`DELETE /v1/proxies/{name}`, `GET /v1/proxies` | PUT, DELETE | proxy registry |
+| `GET /v1/watch?since=REV&timeout=S` | - | long-poll of changes (`egressd.control.watch`) |
+| `GET /v1/jobs` | - | every job: id, account, digest, exp, nodes (`egressd.control.watch`) |
 | `/healthz`, `/readyz`, `/metrics` | - | see `egressd.admin` |
 
 Authentication: mutating requests carry `Authorization: Bearer TOKEN`, the
@@ -32,10 +34,17 @@ Policy PUT (decisions):
 - The payload is validated with `egressd.policy.model.parse_policy`; a
   `PolicyError` -> 400 `{"error": "invalid_policy", "field": PATH, "detail": ...}`.
   What is signed is `policy_to_payload(parse_policy(...))`, the canonical form.
-- The nodes a policy names need not be registered: a job may be scheduled
-  before its node registers, and the proxies (which accept GENEVE only from
-  nodes they know) are where node binding is enforced. Unregistered names are
-  listed in the `policy_signed` log event (`unregistered_nodes`).
+- Every node a policy names must be registered, else 422
+  `{"error": "unknown_node", "field": "nodes[i]" (the first unknown),
+  "detail": "no node 'node9' (known: node1, node2)", "unknown_nodes": [...],
+  "known_nodes": [...]}` and nothing is stored: a typo in `nodes` would
+  otherwise sign a policy that no sandbox can ever use (agents and proxies
+  bind a job to the nodes it names). 422, not 409: the request is well-formed
+  and conflicts with no record; what it refers to does not exist. Register
+  nodes first (the topology, the compose fleet and the tests do). The check
+  is at admission only: a GET re-signs a stored policy even after one of its
+  nodes was deleted, and deleting a node does not touch the policies naming it
+  (a node being replaced comes back under its name).
 - Response (PUT and GET): `{"job_id", "jws", "digest" (hex of the 8-byte
   policy digest), "exp", "kid"}`.
 
@@ -92,6 +101,7 @@ from egressd.control.records import (
     proxy_from_json,
 )
 from egressd.control.store import StateStore, StoreError
+from egressd.control.watch import add_watch_routes
 from egressd.policy.errors import JwsError, PolicyError
 from egressd.policy.jws import policy_digest, sign_payload
 from egressd.policy.keys import SigningKey, TrustedKeys, jwks
@@ -119,14 +129,16 @@ class ApiError(Exception):
         field: str | None = None,
         detail: str | None = None,
         headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(error)
         self.status = status
-        self.body: dict[str, str] = {"error": error}
+        self.body: dict[str, object] = {"error": error}
         if field is not None:
             self.body["field"] = field
         if detail is not None:
             self.body["detail"] = detail
+        self.body.update(extra or {})
         self.headers = dict(headers or {})
 
     def response(self) -> web.Response:
@@ -389,6 +401,7 @@ class ControlApi:
                 ) from exc
             except JwsError as exc:  # the signed token would exceed what verifiers accept
                 raise ApiError(413, "too_large", detail=exc.detail) from exc
+            self._require_known_nodes(record.payload.get("nodes", []))
             replaced = self.store.jobs.get(job_id) is not None
             await self._persist(lambda: self.store.put_job(record))
         self.metrics.policies_signed.labels("put").inc()
@@ -400,13 +413,28 @@ class ControlApi:
             account=record.payload.get("account"),
             mode=record.payload.get("mode"),
             nodes=nodes,
-            unregistered_nodes=[n for n in nodes if self.store.nodes.get(n) is None],
             kid=record.kid,
             digest=policy_digest(record.jws).hex(),
             exp=record.exp,
             replaced=replaced,
         )
         return web.json_response(_policy_answer(record))
+
+    def _require_known_nodes(self, nodes: object) -> None:
+        names = [n for n in nodes if isinstance(n, str)] if isinstance(nodes, list) else []
+        unknown = [(i, n) for i, n in enumerate(names) if self.store.nodes.get(n) is None]
+        if not unknown:
+            return
+        known = sorted(node.name for node in self.store.nodes)
+        shown = ", ".join(repr(n) for _, n in unknown)
+        raise ApiError(
+            422,
+            "unknown_node",
+            field=f"nodes[{unknown[0][0]}]",
+            detail=f"no node {shown} (known: {', '.join(known) or 'none'}); "
+            "register nodes before naming them in a policy",
+            extra={"unknown_nodes": [n for _, n in unknown], "known_nodes": known},
+        )
 
     def _needs_refresh(self, record: JobRecord, now: int) -> bool:
         return (
@@ -597,4 +625,5 @@ def build_app(api: ControlApi) -> web.Application:
     r.add_get("/v1/proxies/{name}", api.get_proxy)
     r.add_delete("/v1/proxies/{name}", api.delete_proxy)
     add_admin_routes(app, api.metrics.registry, api.not_ready_reasons)
+    add_watch_routes(app, api.store)  # GET /v1/watch (egressd.control.watch)
     return app

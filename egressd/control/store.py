@@ -5,6 +5,14 @@ Layout (all directories mode 0700, files 0600)::
     STATE_DIR/jobs/<job-uuid>.json      {"job_id", "payload", "jws", "kid", "exp"}
     STATE_DIR/nodes/<name>.json         {"name", "underlay", "sandbox_cidr"}
     STATE_DIR/proxies/<name>.json       {"name", "underlay", "egress"}
+    STATE_DIR/revision                  the last revision handed out (an integer)
+
+Revisions (`egressd.control.watch`): every put or delete of a record takes
+the next revision, written durably to `revision` *before* the record file, so
+the counter never goes backwards across a restart (a write that fails after
+the bump leaves a gap, which watchers never mind). `listeners` are called
+with each committed `Change`, in the writer's thread, after the record is
+durable.
 
 Why files rather than SQLite: the state is small (one record per job, node and
 proxy), an operator can read and back it up with `cat` and `cp`, and a write
@@ -35,6 +43,7 @@ import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -58,6 +67,19 @@ _R = TypeVar("_R")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _TMP_SUFFIX = TMP_SUFFIX
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One committed write: `kind` is job, node or proxy; `op` put or delete."""
+
+    rev: int
+    kind: str
+    key: str
+    op: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"rev": self.rev, "kind": self.kind, "key": self.key, "op": self.op}
 
 
 class StoreError(EgressdError):
@@ -84,8 +106,12 @@ class _Collection(Generic[_K, _R]):
         stem_of_key: Callable[[_K], str],
         decode: Callable[[_K, object], _R],
         encode: Callable[[_R], object],
+        kind: str = "",
+        revisions: _Revisions | None = None,
     ) -> None:
         self.directory = directory
+        self.kind = kind
+        self._revisions = revisions
         self._key_of_stem = key_of_stem
         self._stem_of_key = stem_of_key
         self._decode = decode
@@ -134,17 +160,27 @@ class _Collection(Generic[_K, _R]):
     def put(self, key: _K, record: _R) -> None:
         data = json.dumps(self._encode(record), indent=2, sort_keys=True).encode() + b"\n"
         path = self._path(key)
+        rev = self._reserve()
         try:
             atomic_write(path, data)
         except OSError as exc:
             raise StoreError("state_write_failed", path, exc.strerror or str(exc)) from exc
         with self._mutex:
             self._items[key] = record
+        self._commit(rev, key, "put")
+
+    def _reserve(self) -> int:
+        return 0 if self._revisions is None else self._revisions.reserve()
+
+    def _commit(self, rev: int, key: _K, op: str) -> None:
+        if self._revisions is not None:
+            self._revisions.commit(Change(rev, self.kind, self._stem_of_key(key), op))
 
     def delete(self, key: _K) -> bool:
         if self.get(key) is None:
             return False
         path = self._path(key)
+        rev = self._reserve()
         try:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -153,7 +189,48 @@ class _Collection(Generic[_K, _R]):
             raise StoreError("state_write_failed", path, exc.strerror or str(exc)) from exc
         with self._mutex:
             del self._items[key]
+        self._commit(rev, key, "delete")
         return True
+
+
+class _Revisions:
+    """The durable revision counter (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.current = 0
+        self.listeners: list[Callable[[Change], None]] = []
+        self._mutex = threading.Lock()
+
+    def load(self) -> None:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            self.current = 0
+            return
+        try:
+            value = int(text.strip())
+        except ValueError as exc:
+            raise StoreError("corrupt_state", self.path, "not an integer") from exc
+        if value < 0:
+            raise StoreError("corrupt_state", self.path, "negative revision")
+        self.current = value
+
+    def reserve(self) -> int:
+        with self._mutex:
+            rev = self.current + 1
+            try:
+                atomic_write(self.path, f"{rev}\n".encode())
+            except OSError as exc:
+                raise StoreError(
+                    "state_write_failed", self.path, exc.strerror or str(exc)
+                ) from exc
+            self.current = rev
+            return rev
+
+    def commit(self, change: Change) -> None:
+        for listener in list(self.listeners):
+            listener(change)
 
 
 def _decode_job(job_id: uuid.UUID, obj: object) -> JobRecord:
@@ -181,12 +258,15 @@ class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.loaded = False
+        self.revisions = _Revisions(root / "revision")
         self.jobs: _Collection[uuid.UUID, JobRecord] = _Collection(
             root / "jobs",
             key_of_stem=parse_job_id,
             stem_of_key=str,
             decode=_decode_job,
             encode=JobRecord.to_json,
+            kind="job",
+            revisions=self.revisions,
         )
         self.nodes: _Collection[str, NodeRecord] = _Collection(
             root / "nodes",
@@ -194,6 +274,8 @@ class StateStore:
             stem_of_key=str,
             decode=_decode_node,
             encode=NodeRecord.to_json,
+            kind="node",
+            revisions=self.revisions,
         )
         self.proxies: _Collection[str, ProxyRecord] = _Collection(
             root / "proxies",
@@ -201,6 +283,8 @@ class StateStore:
             stem_of_key=str,
             decode=_decode_proxy,
             encode=ProxyRecord.to_json,
+            kind="proxy",
+            revisions=self.revisions,
         )
 
     def load(self) -> None:
@@ -209,9 +293,15 @@ class StateStore:
             self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
             for collection in (self.jobs, self.nodes, self.proxies):
                 collection.load()
+            self.revisions.load()
         except OSError as exc:
             raise StoreError("state_unreadable", self.root, exc.strerror or str(exc)) from exc
         self.loaded = True
+
+    @property
+    def revision(self) -> int:
+        """The last revision handed out (0 for a new state directory)."""
+        return self.revisions.current
 
     def put_job(self, record: JobRecord) -> None:
         self.jobs.put(record.job_id, record)

@@ -160,6 +160,10 @@ class JobPacing:
         self._count = count
         self.horizon_s = shaper.horizon_s
 
+    def set_rate(self, rate_bps: int) -> None:
+        """Pace at `rate_bps` from now on (a replaced policy's bandwidth, on open connections)."""
+        self._rate_bps = rate_bps
+
     def departure(self, direction: str, size: int, now: float) -> float:
         self._count(self._job, direction, size)
         return self._shaper.departure(self._job, direction, size, rate_bps=self._rate_bps, now=now)
@@ -268,6 +272,10 @@ class ProxyLimits:
     def pacing(self, job: uuid.UUID, limits: Limits) -> JobPacing:
         rate = fleet_share(limits.bandwidth_bps, self._proxy_count())
         return JobPacing(self.shaper, job, rate, self._count_bytes)
+
+    def retune(self, pacing: JobPacing, limits: Limits) -> None:
+        """Move an open connection's pacing to `limits` (a replaced policy's)."""
+        pacing.set_rate(fleet_share(limits.bandwidth_bps, self._proxy_count()))
 
     def _count_bytes(self, job: uuid.UUID, direction: str, size: int) -> None:
         inc = self._job_bytes.get((job, direction))

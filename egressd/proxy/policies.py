@@ -40,6 +40,18 @@ the policy's own `exp` still bounds it). Refreshes are
 single-flight per job (one fetch in flight; every waiter shares it) and
 rate-limited (`refresh_interval_s` between attempts for one job).
 
+Live policies (`egressd.proxy.watch`): while the proxy is subscribed to the
+control plane's watch (`watching` True), the periodic revalidation is off:
+a change notice for a job calls `changed(job_id)`, which refetches the
+policy at once (no rate limit; a fetch already in flight is followed by a
+fresh one, so a notice is never answered by a read from before it), and a
+resync calls `resync()` (every cached job refetched, negative entries
+dropped). When the watch is down, revalidation every `revalidate_s` comes
+back as the fallback. `listeners` are called as `(job_id, previous,
+current)` when a cached policy is replaced by one with another digest
+(`current` the new one) or revoked by a 404 (`current` None):
+`egressd.proxy.live` re-decides the job's open connections.
+
 Bounds: at most `max_jobs` cached policies and as many negative entries;
 past that the oldest is evicted (jobs come from GENEVE datagrams of
 registered nodes, but a compromised node could still spray job ids).
@@ -148,6 +160,12 @@ class PolicyStore:
         self._last_attempt: dict[uuid.UUID, float] = {}
         self._last_key_reload = float("-inf")
         self._closed = False
+        #: True while the watch stream is up (periodic revalidation is then off).
+        self.watching = False
+        self.listeners: list[
+            Callable[[uuid.UUID, VerifiedPolicy | None, VerifiedPolicy | None], None]
+        ] = []
+        self._refetch: set[uuid.UUID] = set()
         self._fetches = Counter(
             "egressd_policy_fetch_total",
             "Policy fetches from the control plane, by result",
@@ -179,7 +197,9 @@ class PolicyStore:
         if now >= entry.usable_until:
             del self._cache[job_id]
             return None
-        if now >= entry.refresh_at or self._monotonic() - entry.checked_at >= self._revalidate_s:
+        if now >= entry.refresh_at or (
+            not self.watching and self._monotonic() - entry.checked_at >= self._revalidate_s
+        ):
             self._background_refresh(job_id)
         return entry.verified
 
@@ -196,6 +216,36 @@ class PolicyStore:
     def request_refresh(self, job_id: uuid.UUID) -> None:
         """Refetch the job's policy soon (rate-limited), e.g. on a digest mismatch."""
         self._background_refresh(job_id)
+
+    def changed(self, job_id: uuid.UUID) -> None:
+        """The control plane says the job's policy changed: refetch now if it is in use."""
+        had_negative = self._negative.pop(job_id, None) is not None
+        if job_id in self._inflight:
+            self._refetch.add(job_id)
+        elif job_id in self._cache:
+            with contextlib.suppress(RuntimeError, PolicyUnavailable):
+                self._fetch_task(job_id)
+        elif had_negative:
+            log.debug("policy_negative_dropped", job_id=str(job_id))
+
+    def resync(self) -> None:
+        """Revalidate every cached policy now (the watch may have missed changes)."""
+        self._negative.clear()
+        for job_id in list(self._cache):
+            self.changed(job_id)
+
+    def jobs(self) -> list[uuid.UUID]:
+        """The jobs whose policies are cached."""
+        return list(self._cache)
+
+    def _notify(
+        self, job_id: uuid.UUID, previous: VerifiedPolicy | None, current: VerifiedPolicy | None
+    ) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(job_id, previous, current)
+            except Exception:  # a listener's bug must not break the policy store
+                log.exception("policy_listener_failed", job_id=str(job_id))
 
     # --- PolicySource --------------------------------------------------------------
 
@@ -229,6 +279,11 @@ class PolicyStore:
             del self._inflight[job_id]
         if not task.cancelled():
             task.exception()  # retrieved here: background refreshes have no awaiter
+        if job_id in self._refetch and not self._closed:
+            # A change notice came while this fetch was in flight: read again.
+            self._refetch.discard(job_id)
+            with contextlib.suppress(RuntimeError, PolicyUnavailable):
+                self._fetch_task(job_id)
 
     def _background_refresh(self, job_id: uuid.UUID) -> None:
         if job_id in self._inflight or self._closed:
@@ -331,6 +386,8 @@ class PolicyStore:
         self._negative.pop(job_id, None)
         while len(self._cache) > self._max_jobs:
             self._cache.popitem(last=False)
+        if previous is not None and previous.verified.digest != verified.digest:
+            self._notify(job_id, previous.verified, verified)
         if previous is None or previous.verified.digest != verified.digest:
             log.info(
                 "policy_verified",
@@ -345,7 +402,9 @@ class PolicyStore:
     def _remember_failure(self, job_id: uuid.UUID, exc: PolicyUnavailable) -> None:
         if exc.reason == "policy_missing":
             # The control plane says the job does not exist (any more): revoke.
-            self._cache.pop(job_id, None)
+            revoked = self._cache.pop(job_id, None)
+            if revoked is not None:
+                self._notify(job_id, revoked.verified, None)
         elif job_id in self._cache:
             # A still-valid cached policy outlives a failed refresh.
             log.warning("policy_refresh_failed", job_id=str(job_id), reason=exc.reason, detail=exc.detail)
