@@ -37,6 +37,19 @@ Rules and the decisions behind them:
 * ``ports`` is a non-empty list of ints 1..65535 or ``"lo-hi"`` strings with
   lo <= hi (no single ports as strings, no leading zeros); 443 when omitted.
   Order and duplicates are kept as given.
+* A host rule may carry ``tls`` (`TLS_CHOICES`, ``"passthrough"`` by
+  default) and ``http``: ``{"allow": [{"methods": [...], "paths": [...]}],
+  "credentials": [...]}`` (DESIGN.md). ``allow`` is a non-empty list; each
+  entry's ``methods`` are distinct upper-case tokens (methods are
+  case-sensitive; ``CONNECT`` only where listed), its ``paths`` follow
+  `egressd.policy.paths`. ``credentials`` (optional) name a header (a token,
+  not one of `CREDENTIAL_FORBIDDEN_HEADERS`, each header once), a ``secret``
+  (a file name in the proxy's secrets directory, `SECRET_NAME`), an optional
+  ``format`` with exactly one ``{}`` and an optional ``placeholder``.
+  ``"tls": "intercept"`` needs ``http`` (interception exists to decide
+  requests). ``http`` without interception on a rule whose ports are all TLS
+  ports (`TLS_PORTS`, the default 443 included) is rejected: the proxy could
+  never see a request there to enforce it. Neither is allowed on a cidr rule.
 * ``limits`` is optional; each of its four keys is optional and must be a
   positive int within `LIMIT_BOUNDS`.
 * Size caps (`MAX_NODES`, `MAX_EGRESS_RULES`, `MAX_PORTS_PER_RULE`) bound the
@@ -54,6 +67,8 @@ from typing import cast
 
 from egressd.policy.errors import PolicyError
 from egressd.policy.names import HostError, normalize_host_pattern
+from egressd.policy.paths import PathPatternError, parse_path_pattern
+from egressd.policy.times import iso
 
 POLICY_VERSION = 1
 MODES = ("enforce", "report")
@@ -73,11 +88,52 @@ LIMIT_BOUNDS: Mapping[str, tuple[int, int]] = {
     "dns_queries_per_s": (1, 10_000),
 }
 
+#: A host rule's ``tls``: spliced as an opaque byte stream (``passthrough``)
+#: or terminated by the proxy so that ``http`` can be enforced (``intercept``).
+TLS_CHOICES = ("passthrough", "intercept")
+DEFAULT_TLS = "passthrough"
+TLS_INTERCEPT = "intercept"
+#: Ports that carry TLS by convention: ``http`` on a rule with only these
+#: ports needs ``"tls": "intercept"`` to be enforceable.
+TLS_PORTS = frozenset({443, 465, 563, 636, 853, 989, 990, 992, 993, 994, 995, 8443})
+MAX_HTTP_ALLOW = 64
+MAX_HTTP_METHODS = 16
+MAX_HTTP_PATHS = 64
+MAX_CREDENTIALS = 8
+#: A method: an upper-case RFC 9110 token (``GET``, ``PROPFIND``, ``M-SEARCH``).
+HTTP_METHOD = re.compile(r"[A-Z][A-Z0-9_-]{0,23}")
+#: A header name: an RFC 9110 token.
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+#: A secret's name: a file name in the proxy's secrets directory.
+SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+#: What a placeholder may be: printable ASCII without spaces, 8..256 long (a
+#: short one would be found in unrelated requests).
+PLACEHOLDER = re.compile(r"[!-~]{8,256}")
+MAX_CREDENTIAL_FORMAT = 256
+#: Headers a credential may not set: they frame or route the request.
+CREDENTIAL_FORBIDDEN_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "proxy-connection",
+        "expect",
+    }
+)
+
 ROOT = "$"
 _TOP_LEVEL_KEYS = frozenset(
     {"v", "job_id", "account", "nodes", "mode", "iat", "nbf", "exp", "egress", "limits"}
 )
-_RULE_KEYS = frozenset({"host", "cidr", "ports", "ech"})
+_RULE_KEYS = frozenset({"host", "cidr", "ports", "ech", "tls", "http"})
+_HTTP_KEYS = frozenset({"allow", "credentials"})
+_HTTP_ALLOW_KEYS = frozenset({"methods", "paths"})
+_CREDENTIAL_KEYS = frozenset({"header", "secret", "format", "placeholder"})
 #: What a host rule says of a TLS ClientHello carrying `encrypted_client_hello`
 #: (its SNI is then a public front, not the destination): denied unless the
 #: rule that allows the front says ``"ech": "allow"``.
@@ -119,6 +175,32 @@ DEFAULT_PORTS = (PortRange(443, 443),)
 
 
 @dataclass(frozen=True, slots=True)
+class HttpAllow:
+    """Requests one entry of ``http.allow`` allows: any of `methods` on any of `paths`."""
+
+    methods: tuple[str, ...]
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A header the proxy sets on allowed requests from a secret only proxies hold."""
+
+    header: str
+    secret: str
+    format: str | None = None
+    placeholder: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRules:
+    """A host rule's ``http``: the requests it allows and the credentials it sets."""
+
+    allow: tuple[HttpAllow, ...]
+    credentials: tuple[Credential, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class EgressRule:
     """One allow rule: a (normalised) host pattern or a network, and its ports."""
 
@@ -126,10 +208,18 @@ class EgressRule:
     cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     ports: tuple[PortRange, ...] = DEFAULT_PORTS
     ech: str = DEFAULT_ECH
+    tls: str = DEFAULT_TLS
+    http: HttpRules | None = None
 
     def __post_init__(self) -> None:
         if (self.host is None) == (self.cidr is None):
             raise PolicyError("egress", "a rule has exactly one of host or cidr")
+        if self.tls not in TLS_CHOICES:
+            raise PolicyError("tls", f"must be one of {', '.join(TLS_CHOICES)}")
+        if (self.tls != DEFAULT_TLS or self.http is not None) and self.host is None:
+            raise PolicyError("http", "tls and http are for host rules only")
+        if self.tls == TLS_INTERCEPT and self.http is None:
+            raise PolicyError("tls", "intercept needs http rules")
         if self.ech not in ECH_CHOICES:
             raise PolicyError("ech", f"must be one of {', '.join(ECH_CHOICES)}")
         if self.ech != DEFAULT_ECH and self.host is None:
@@ -150,6 +240,14 @@ class EgressRule:
 
     def allows_port(self, port: int) -> bool:
         return any(port in r for r in self.ports)
+
+    @property
+    def tls_only(self) -> bool:
+        """Every port this rule allows is a conventional TLS port (`TLS_PORTS`)."""
+        return all(
+            r.hi - r.lo < 64 and all(p in TLS_PORTS for p in range(r.lo, r.hi + 1))
+            for r in self.ports
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,9 +326,9 @@ def parse_policy(obj: object, *, require_timestamps: bool = True) -> Policy:
             stamps[name] = None
     iat, nbf, exp = stamps["iat"], stamps["nbf"], stamps["exp"]
     if exp is not None and nbf is not None and exp <= nbf:
-        raise PolicyError("exp", "must be after nbf")
+        raise PolicyError("exp", f"must be after nbf ({iso(exp)} is not after {iso(nbf)})")
     if exp is not None and iat is not None and exp <= iat:
-        raise PolicyError("exp", "must be after iat")
+        raise PolicyError("exp", f"must be after iat ({iso(exp)} is not after {iso(iat)})")
 
     egress = _parse_egress(_require(obj, "egress"))
     limits = _parse_limits(obj["limits"]) if "limits" in obj else Limits()
@@ -342,7 +440,137 @@ def _parse_rule(value: object, path: str) -> EgressRule:
         raise PolicyError(f"{path}.ech", f"must be one of {', '.join(ECH_CHOICES)}")
     if ech != DEFAULT_ECH and cidr is not None:
         raise PolicyError(f"{path}.ech", "only a host rule can allow ECH")
-    return EgressRule(host=host, cidr=cidr, ports=ports, ech=ech)
+    tls = value.get("tls", DEFAULT_TLS)
+    if not isinstance(tls, str) or tls not in TLS_CHOICES:
+        raise PolicyError(f"{path}.tls", f"must be one of {', '.join(TLS_CHOICES)}")
+    if tls != DEFAULT_TLS and cidr is not None:
+        raise PolicyError(f"{path}.tls", "only a host rule can be intercepted")
+    http = _parse_http(value["http"], f"{path}.http") if "http" in value else None
+    if http is not None and cidr is not None:
+        raise PolicyError(f"{path}.http", "only a host rule can have http rules")
+    if tls == TLS_INTERCEPT and http is None:
+        raise PolicyError(
+            f"{path}.tls", "intercept needs http rules (interception exists to decide requests)"
+        )
+    rule = EgressRule(host=host, cidr=cidr, ports=ports, ech=ech, tls=tls, http=http)
+    if http is not None and tls != TLS_INTERCEPT and rule.tls_only:
+        raise PolicyError(
+            f"{path}.http",
+            'on TLS port(s) only, http rules need "tls": "intercept": the proxy cannot '
+            "see requests inside TLS it does not terminate, so they could never be enforced",
+        )
+    return rule
+
+
+def _parse_http(value: object, path: str) -> HttpRules:
+    _check_object(value, path)
+    assert isinstance(value, dict)
+    _reject_unknown(value, _HTTP_KEYS, prefix=f"{path}.")
+    allow = _check_list(
+        _require(value, "allow", prefix=f"{path}."),
+        f"{path}.allow",
+        MAX_HTTP_ALLOW,
+        "a rule that allows no request should be removed",
+    )
+    entries = tuple(_parse_http_allow(item, f"{path}.allow[{i}]") for i, item in enumerate(allow))
+    credentials: tuple[Credential, ...] = ()
+    if "credentials" in value:
+        items = _check_list(value["credentials"], f"{path}.credentials", MAX_CREDENTIALS, None)
+        credentials = tuple(
+            _parse_credential(item, f"{path}.credentials[{i}]") for i, item in enumerate(items)
+        )
+        seen: set[str] = set()
+        for index, credential in enumerate(credentials):
+            header = credential.header.lower()
+            if header in seen:
+                raise PolicyError(
+                    f"{path}.credentials[{index}].header", f"duplicate header {credential.header!r}"
+                )
+            seen.add(header)
+    return HttpRules(allow=entries, credentials=credentials)
+
+
+def _parse_http_allow(value: object, path: str) -> HttpAllow:
+    _check_object(value, path)
+    assert isinstance(value, dict)
+    _reject_unknown(value, _HTTP_ALLOW_KEYS, prefix=f"{path}.")
+    methods = _check_list(
+        _require(value, "methods", prefix=f"{path}."),
+        f"{path}.methods",
+        MAX_HTTP_METHODS,
+        "list the methods to allow",
+    )
+    for index, method in enumerate(methods):
+        where = f"{path}.methods[{index}]"
+        if not isinstance(method, str) or not HTTP_METHOD.fullmatch(method):
+            raise PolicyError(
+                where, "must be an upper-case method name (methods are case-sensitive)"
+            )
+        if method in methods[:index]:
+            raise PolicyError(where, f"duplicate method {method!r}")
+    paths = _check_list(
+        _require(value, "paths", prefix=f"{path}."),
+        f"{path}.paths",
+        MAX_HTTP_PATHS,
+        "list the paths to allow ('/**' for any)",
+    )
+    for index, pattern in enumerate(paths):
+        where = f"{path}.paths[{index}]"
+        if not isinstance(pattern, str):
+            raise PolicyError(where, f"must be a string, not {_json_type(pattern)}")
+        try:
+            parse_path_pattern(pattern)
+        except PathPatternError as exc:
+            raise PolicyError(where, str(exc)) from exc
+        if pattern in paths[:index]:
+            raise PolicyError(where, f"duplicate path {pattern!r}")
+    return HttpAllow(methods=tuple(methods), paths=tuple(paths))
+
+
+def _parse_credential(value: object, path: str) -> Credential:
+    _check_object(value, path)
+    assert isinstance(value, dict)
+    _reject_unknown(value, _CREDENTIAL_KEYS, prefix=f"{path}.")
+    header = _require(value, "header", prefix=f"{path}.")
+    if not isinstance(header, str) or not HEADER_NAME.fullmatch(header):
+        raise PolicyError(f"{path}.header", "must be a header name (an RFC 9110 token)")
+    if header.lower() in CREDENTIAL_FORBIDDEN_HEADERS:
+        raise PolicyError(f"{path}.header", f"{header!r} frames or routes the request")
+    secret = _require(value, "secret", prefix=f"{path}.")
+    if not isinstance(secret, str) or not SECRET_NAME.fullmatch(secret):
+        raise PolicyError(
+            f"{path}.secret", "must be a secret's file name [A-Za-z0-9_][A-Za-z0-9_.-]*"
+        )
+    fmt = value.get("format")
+    if "format" in value:
+        if not isinstance(fmt, str) or fmt.count("{}") != 1 or len(fmt) > MAX_CREDENTIAL_FORMAT:
+            raise PolicyError(f"{path}.format", "must be a string with exactly one '{}'")
+        if not fmt.isascii() or not fmt.isprintable() or "{" in fmt.replace("{}", ""):
+            raise PolicyError(f"{path}.format", "must be printable ASCII, no braces besides '{}'")
+    placeholder = value.get("placeholder")
+    if "placeholder" in value and (
+        not isinstance(placeholder, str) or not PLACEHOLDER.fullmatch(placeholder)
+    ):
+        raise PolicyError(f"{path}.placeholder", "must be 8..256 printable ASCII characters")
+    return Credential(header=header, secret=secret, format=fmt, placeholder=placeholder)
+
+
+def _check_object(value: object, path: str) -> None:
+    if not isinstance(value, dict):
+        raise PolicyError(path, f"must be an object, not {_json_type(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise PolicyError(f"{path}.{key!r}", "keys must be strings")
+
+
+def _check_list(value: object, path: str, most: int, empty: str | None) -> list[object]:
+    if not isinstance(value, list):
+        raise PolicyError(path, f"must be an array, not {_json_type(value)}")
+    if not value and empty is not None:
+        raise PolicyError(path, f"must not be empty ({empty})")
+    if len(value) > most:
+        raise PolicyError(path, f"more than {most} entries")
+    return value
 
 
 def _parse_host(value: object, path: str) -> str:
@@ -424,6 +652,27 @@ def egress_rule_to_payload(rule: EgressRule) -> dict[str, object]:
     out["ports"] = [port_range_to_payload(p) for p in rule.ports]
     if rule.ech != DEFAULT_ECH:
         out["ech"] = rule.ech
+    if rule.tls != DEFAULT_TLS:
+        out["tls"] = rule.tls
+    if rule.http is not None:
+        out["http"] = http_rules_to_payload(rule.http)
+    return out
+
+
+def http_rules_to_payload(http: HttpRules) -> dict[str, object]:
+    out: dict[str, object] = {
+        "allow": [{"methods": list(a.methods), "paths": list(a.paths)} for a in http.allow]
+    }
+    if http.credentials:
+        credentials: list[dict[str, str]] = []
+        for credential in http.credentials:
+            item = {"header": credential.header, "secret": credential.secret}
+            if credential.format is not None:
+                item["format"] = credential.format
+            if credential.placeholder is not None:
+                item["placeholder"] = credential.placeholder
+            credentials.append(item)
+        out["credentials"] = credentials
     return out
 
 

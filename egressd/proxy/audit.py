@@ -1,4 +1,4 @@
-"""The proxy's audit events: one line per connection, one per DNS query.
+"""The proxy's audit events: one line per connection, per DNS query, per HTTP request.
 
 Field names are constants (DESIGN.md fixes ``event``, ``job_id``, ``verdict``,
 ``reason``, ``host``, ``dst``, ``port``); the builders are pure and return
@@ -43,8 +43,17 @@ ANSWERS = "answers"
 DROPPED = "dropped"
 RCODE = "rcode"
 
+METHOD = "method"
+#: A request's path without its query (a query may carry data the job's
+#: owner would not want in a log).
+PATH = "path"
+#: The response's status (the proxy's 403 for a denied request); None when
+#: the connection ended before a response.
+STATUS = "status"
+
 EVENT_CONNECTION = "connection"
 EVENT_DNS = "dns"
+EVENT_HTTP_REQUEST = "http_request"
 
 VERDICT_ALLOW = "allow"
 VERDICT_DENY = "deny"
@@ -162,6 +171,53 @@ def dns_event(
     if dropped:
         event[DROPPED] = [{"address": ip, "reason": reason} for ip, reason in dropped]
     return event
+
+
+def http_request_event(
+    *,
+    job_id: uuid.UUID | str | None,
+    account: str | None,
+    node: str | None,
+    proxy: str,
+    src: ipaddress.IPv4Address | str,
+    sport: int,
+    dst: ipaddress.IPv4Address | str,
+    port: int,
+    host: str | None,
+    method: str,
+    path: str,
+    status: int | None,
+    verdict: str,
+    reason: str,
+    mode: str | None,
+    would_deny: bool = False,
+    bytes_up: int = 0,
+    bytes_down: int = 0,
+    time: str | None = None,
+) -> dict[str, object]:
+    """The ``http_request`` event, logged once per request of a plain-HTTP
+    connection when its response is complete (or it was denied)."""
+    return {
+        EVENT: EVENT_HTTP_REQUEST,
+        TIME: time if time is not None else _now_iso(),
+        JOB_ID: _job(job_id),
+        ACCOUNT: account,
+        NODE: node,
+        PROXY: proxy,
+        SOURCE: _endpoint(src, sport),
+        DST: str(dst),
+        PORT: port,
+        HOST: host,
+        METHOD: method,
+        PATH: path,
+        STATUS: status,
+        VERDICT: str(verdict),
+        REASON: reason,
+        MODE: mode,
+        WOULD_DENY: would_deny,
+        BYTES_UP: bytes_up,
+        BYTES_DOWN: bytes_down,
+    }
 
 
 def is_quiet(event: Mapping[str, object]) -> bool:

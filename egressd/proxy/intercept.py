@@ -53,8 +53,21 @@ A bind that finds the port taken on this host (EADDRINUSE) or a connect whose
 4-tuple is still in use (EADDRNOTAVAIL) quarantines that port and tries the
 next one, a few times; it never reaches the client as an unhandled error.
 
+8. a connection whose first bytes were an HTTP/1.x request head is relayed
+   through an `http_gate.HttpGate`: every request on it (the first one too,
+   keep-alive and pipelining included) is decided by
+   `http_rules.decide_request` before its bytes go upstream, and a denied one
+   gets a ``403`` and the end of the connection. A rule with ``http`` allows
+   only connections whose requests the proxy reads (plain HTTP for now):
+   anything else there is denied ``http_not_inspectable``. Connections
+   allowed by a cidr rule before any byte is read are not gated: such a
+   rule allows every name at that address.
+
 One ``connection`` audit event per connection, when it is over (with
-``end``: ``idle_timeout`` or ``max_lifetime`` when a timeout ended it).
+``end``: ``idle_timeout`` or ``max_lifetime`` when a timeout ended it;
+``policy_revoked``, ``policy_changed`` or ``policy_expired`` when its job's
+policy no longer allows it, `egressd.proxy.live`), and
+on gated connections one ``http_request`` event per request.
 """
 
 from __future__ import annotations
@@ -77,9 +90,10 @@ from egressd.limits.ports import Destination, Lease
 from egressd.policy.addresses import FLEET_ADDRESS
 from egressd.policy.matcher import Decision, match_address
 from egressd.policy.model import Policy
-from egressd.proxy import audit, sniff, tier2
+from egressd.proxy import audit, http_rules, live, sniff, tier2
 from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
 from egressd.proxy.dns import DNS_PORT, UpstreamResolver
+from egressd.proxy.http_gate import HttpGate, RequestRecord
 from egressd.proxy.limiting import LimitsConfig, ProxyLimits
 from egressd.proxy.relay import DOWN, RELAY_BUFFER, UP, RelayStats, relay, reset
 from egressd.proxy.resolved import ResolvedNames
@@ -152,7 +166,7 @@ class _Metrics:
             ),
             ended=Counter(
                 "egressd_connections_expired_total",
-                "Relayed connections ended by a timeout, by reason",
+                "Relayed connections ended by the proxy (a timeout or the policy), by reason",
                 ["end"],
                 registry=ctx.registry,
             ),
@@ -213,6 +227,8 @@ class _Conn:
     relaying: bool = False  # the client socket belongs to the relay now
     admitted: bool = False  # holds a connection slot (`ProxyLimits.admit`)
     lease: Lease | None = None  # the upstream socket's source port
+    learned: frozenset[str] = frozenset()  # for `live.redecide` on a policy change
+    proxy_ips: frozenset[IPv4Address] = frozenset()
 
 
 async def peek_client(
@@ -380,6 +396,14 @@ class Interceptor:
         self._count_down: Any = None
         self._connections_by: dict[tuple[str, str], Any] = {}
         self._decisions = _DecisionCache()
+        # Open relayed connections, re-decided when their job's policy changes.
+        self.live = live.LiveConnections(
+            lookup=getattr(ctx.policies, "cached", lambda _job: None),
+            fleet_ranges=lambda: self.ctx.fleet_ranges,
+        )
+        listeners = getattr(ctx.policies, "listeners", None)
+        if listeners is not None:
+            listeners.append(self.live.policy_changed)
         # This proxy's own addresses: never connected to, whatever tier 2 said
         # (defence in depth under `fleet_address`, e.g. with an empty registry).
         self._own: frozenset[IPv4Address] = frozenset(
@@ -429,6 +453,7 @@ class Interceptor:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        self.live.close()
         await self.limits.close()
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
@@ -531,12 +556,14 @@ class Interceptor:
             return self._refuse(sock, conn, refusal)
         conn.admitted = True
         learned = self.resolved.names_for(flow.job_id, conn.dst, now)
+        conn.learned = frozenset(learned)
         peeked = Peeked(b"")
         decision = self._by_address(policy, conn.dst, conn.dport)
         if decision is None:
             peeked = await peek_client(sock, timeout_s=self.peek_timeout_s)
             decision = await self._decide(policy, conn, peeked, learned)
 
+        decision = http_rules.inspectable(decision, peeked.protocol)
         outcome = tier2.apply_mode(policy, decision)
         conn.reason = decision.reason
         conn.would_deny = outcome.would_deny
@@ -557,18 +584,134 @@ class Interceptor:
         if self._count_up is None:
             self._count_up = self._metrics.bytes.labels(direction=UP).inc
             self._count_down = self._metrics.bytes.labels(direction=DOWN).inc
-        await relay(
-            sock,
-            upstream,
-            first_up=peeked.data,
-            count_up=self._count_up,
-            count_down=self._count_down,
-            stats=conn.relay,
-            scratch=self._scratch,
-            pacing=self.limits.pacing(flow.job_id, policy.limits),
-            timeouts=self.limits.timeouts,
-        )
+        gate = None
+        if peeked.protocol == tier2.PROTOCOL_HTTP and peeked.sniff_error is None:
+            gate = self._gate(conn, policy)
+        try:
+            await self._relay(sock, upstream, conn, policy, peeked, gate)
+        finally:
+            if gate is not None:
+                for record in gate.pending_records():
+                    self._request_done(conn, record)
         return None
+
+    async def _relay(
+        self,
+        sock: socket.socket,
+        upstream: socket.socket,
+        conn: _Conn,
+        policy: Policy,
+        peeked: Peeked,
+        gate: HttpGate | None,
+    ) -> None:
+        assert conn.flow is not None
+        flow = conn.flow
+        pacing = self.limits.pacing(flow.job_id, policy.limits)
+        recorded = live.Recorded(
+            conn.dst, conn.dport, flow.node, peeked.protocol, peeked.sni, peeked.http_host,
+            peeked.target_port, peeked.ech, peeked.sniff_error, conn.learned, conn.proxy_ips,
+        )  # fmt: skip
+        limits = self.limits
+        with self.live.track(
+            flow.job_id, recorded, conn.relay, policy, lambda new: limits.retune(pacing, new.limits)
+        ):
+            await relay(
+                sock,
+                upstream,
+                first_up=peeked.data,
+                count_up=self._count_up,
+                count_down=self._count_down,
+                stats=conn.relay,
+                scratch=self._scratch,
+                pacing=pacing,
+                timeouts=self.limits.timeouts,
+                gate=gate,
+            )
+
+    def _gate(self, conn: _Conn, policy: Policy) -> HttpGate:
+        """The request gate of a plain-HTTP connection (`http_rules`).
+
+        The authority's decision is memoised per connection by (host, port,
+        the names the job resolved to the address), as tier 2's is: a
+        keep-alive connection to one host decides its name once, and each
+        request's method and path. A decision that needed the proxy's own
+        resolution depends on DNS, and is not memoised.
+        """
+        assert conn.flow is not None
+        job_id = conn.flow.job_id
+        conn_host = conn.host
+        fleet_ranges = self.ctx.fleet_ranges
+        by_host: dict[tuple[str | None, int | None, frozenset[str]], Decision] = {}
+
+        def host_decision(
+            request: http_rules.RequestTarget, learned: set[str], proxy_ips: frozenset[IPv4Address]
+        ) -> Decision:
+            return http_rules.decide_host(
+                policy,
+                request,
+                conn_host=conn_host,
+                dst_ip=conn.dst,
+                dst_port=conn.dport,
+                resolved_names=learned,
+                proxy_resolves=proxy_ips,
+                fleet_ranges=fleet_ranges,
+            )
+
+        def outcome(
+            request: http_rules.RequestTarget, method: str, upgrade: str | None, host: Decision
+        ) -> tier2.Tier2Outcome:
+            decision = http_rules.decide_http(host, request, method=method, upgrade=upgrade)
+            return tier2.apply_mode(policy, decision)
+
+        def decide(method: str, request: http_rules.RequestTarget, upgrade: str | None) -> Any:
+            learned = self.resolved.names_for(job_id, conn.dst, time.monotonic())
+            key = (request.host, request.port, frozenset(learned))
+            cached = by_host.get(key)
+            if cached is not None:
+                return outcome(request, method, upgrade, cached)
+            name = http_rules.request_needs_resolution(
+                policy, request, dst_port=conn.dport, conn_host=conn_host, resolved_names=learned
+            )
+            if name is None:
+                host = by_host[key] = host_decision(request, learned, frozenset())
+                return outcome(request, method, upgrade, host)
+
+            async def resolving() -> tier2.Tier2Outcome:
+                ips = await self.resolver.resolve_a(name, fleet_ranges=fleet_ranges)
+                host = host_decision(request, learned, frozenset(ips))
+                return outcome(request, method, upgrade, host)
+
+            return resolving()
+
+        return HttpGate(decide, lambda record: self._request_done(conn, record))
+
+    def _request_done(self, conn: _Conn, record: RequestRecord) -> None:
+        flow, policy = conn.flow, conn.policy
+        decision = record.decision
+        allowed = decision.allowed or record.would_deny
+        audit.emit(
+            self.ctx.audit,
+            audit.http_request_event(
+                job_id=None if flow is None else flow.job_id,
+                account=None if policy is None else policy.account,
+                node=None if flow is None else flow.node,
+                proxy=self.ctx.identity.name,
+                src=conn.src,
+                sport=conn.sport,
+                dst=conn.dst,
+                port=conn.dport,
+                host=record.host,
+                method=record.method,
+                path=record.path,
+                status=record.status,
+                verdict=audit.VERDICT_ALLOW if allowed else audit.VERDICT_DENY,
+                reason=decision.reason,
+                mode=None if policy is None else policy.mode,
+                would_deny=record.would_deny,
+                bytes_up=record.bytes_up,
+                bytes_down=record.bytes_down,
+            ),
+        )
 
     def _by_address(self, policy: Policy, dst: IPv4Address, dport: int) -> Decision | None:
         """The decision the address alone makes final (always-denied, or a
@@ -629,6 +772,7 @@ class Interceptor:
             proxy_ips = await self.resolver.resolve_a(
                 claim.name, fleet_ranges=self.ctx.fleet_ranges
             )
+            conn.proxy_ips = frozenset(proxy_ips)
         named = self._decide_now(policy, conn, peeked, learned, proxy_ips)
         conn.host = named.host
         if not resolved:

@@ -24,6 +24,15 @@ chunks is passed on after them. Nothing is dropped.
 Timeouts (`egressd.limits.timeouts`): with `timeouts`, a timer ends a relay
 that moved no byte for ``idle_s`` or lived ``lifetime_s``: both sides are
 reset and `RelayStats.end` says which.
+
+Gating (`Gate`, see `egressd.proxy.http_gate`): with `gate`, what the client
+sends goes to the gate instead of upstream, and only the bytes it releases
+are forwarded (paced and counted like any chunk); what the server sends is
+forwarded as always and shown to the gate too. The gate may hold the client
+(not read while a request is being decided or waits for the response before
+it), and may end the connection with a final response to the client, written
+after everything already relayed downstream, after which both sides close.
+A client's FIN is passed on once the gate has released everything it holds.
 """
 
 from __future__ import annotations
@@ -56,6 +65,29 @@ PACE_SLACK_S = 0.002
 _STARTING = 1  # the pipe has not started yet
 _PEER_FULL = 2  # the other side's write buffer is above its high-water mark
 _PACED = 4  # queued chunks reach beyond the pacing horizon
+_GATED = 8  # the gate holds the client (a decision, an earlier response, the end)
+
+
+class Gate(Protocol):
+    """Decides a gated connection's client bytes (`egressd.proxy.http_gate.HttpGate`)."""
+
+    hold: bool
+    ended: bool
+    tunnel: bool
+    final: bytes | None
+    wake: Callable[[], None] | None
+
+    def from_client(self, data: bytes) -> None: ...
+
+    def client_eof(self) -> None: ...
+
+    def from_upstream(self, data: bytes) -> None: ...
+
+    def upstream_eof(self) -> None: ...
+
+    def take_up(self) -> list[bytes]: ...
+
+    def holds_data(self) -> bool: ...
 
 
 class Pacing(Protocol):
@@ -109,6 +141,7 @@ class _Side(asyncio.BufferedProtocol):
         "_count",
         "_view",
         "blocks",
+        "closing",
         "direction",
         "eof",
         "eof_sent",
@@ -144,6 +177,7 @@ class _Side(asyncio.BufferedProtocol):
         self.eof = False
         self.eof_sent = False  # this side's FIN was passed on to the peer
         self.lost = False
+        self.closing = False  # a gate's final response is queued: end after it
 
     # asyncio.BaseProtocol
 
@@ -199,6 +233,24 @@ class _Side(asyncio.BufferedProtocol):
             return
         if peer.transport is None or peer.transport.is_closing():
             return
+        gate = self.pipe.gate
+        if gate is None:
+            self.forward(data)
+        elif self.direction == UP:
+            self.pipe.last_activity = self.pipe.loop.time()
+            gate.from_client(bytes(data))
+            self.pipe.drain_gate()
+        else:
+            self.forward(data)
+            gate.from_upstream(bytes(data))
+            self.pipe.drain_gate()
+
+    def forward(self, data: bytes | bytearray) -> None:
+        """Write `data` to the peer now, or queue it for its departure time."""
+        peer = self.peer
+        if peer is None or peer.transport is None or peer.transport.is_closing():
+            return
+        nbytes = len(data)
         pipe = self.pipe
         now = pipe.loop.time()
         pipe.last_activity = now
@@ -210,6 +262,28 @@ class _Side(asyncio.BufferedProtocol):
                 return
         peer.transport.write(data)
         self.counted(nbytes)
+
+    def finish(self, data: bytes) -> None:
+        """Write a gate's final response to the peer after what is queued, then
+        end the connection: the peer (the client) is closed once it is written,
+        this side (upstream) is reset."""
+        self.block(_GATED)
+        if self.peer is not None:
+            self.peer.block(_GATED)
+        self.closing = True
+        if self.queue:
+            self.queue.append((self.queue[-1][0], data))
+            return
+        self.finished(data)
+
+    def finished(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.write(data)
+            self.counted(len(data))
+            peer.transport.close()  # a FIN once the response is written
+        self.pipe.stats.time_wait = False
+        _reset_transport(self.transport)
 
     # pacing
 
@@ -238,6 +312,9 @@ class _Side(asyncio.BufferedProtocol):
         now = loop.time()
         while queue and queue[0][0] <= now + PACE_SLACK_S:
             _, data = queue.popleft()
+            if self.closing and not queue:
+                self.finished(data)  # the gate's final response
+                return
             peer.transport.write(data)
             self.counted(len(data))
         pacing = self.pipe.pacing
@@ -258,6 +335,15 @@ class _Side(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        gate = self.pipe.gate
+        if gate is not None and self.peer is not None:
+            if self.direction == UP:
+                gate.client_eof()
+            else:
+                gate.upstream_eof()
+            self.pipe.drain_gate()
+            if self.closing or (self.direction == UP and self.pipe.gate is not None):
+                return True  # `drain_gate` passes the client's FIN on when due
         if self.peer is not None and not self.queue:
             self.pipe.side_eof(self)
         # else: `flush` passes the FIN on after the queued chunks
@@ -269,6 +355,7 @@ class _Pipe:
         "client",
         "done",
         "expiry_timer",
+        "gate",
         "last_activity",
         "loop",
         "pacing",
@@ -284,8 +371,10 @@ class _Pipe:
         *,
         pacing: Pacing | None = None,
         timeouts: expiry.Timeouts | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.stats = stats
+        self.gate = gate
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.client: _Side | None = None
@@ -317,6 +406,32 @@ class _Pipe:
             self.expiry_timer.cancel()
             self.expiry_timer = None
 
+    def drain_gate(self) -> None:
+        """Forward what the gate released, apply its hold, end or un-gate."""
+        gate, client, upstream = self.gate, self.client, self.upstream
+        if gate is None or client is None or upstream is None or self.done.done():
+            return
+        for chunk in gate.take_up():
+            client.forward(chunk)
+        if gate.final is not None:
+            if not upstream.closing:
+                upstream.finish(gate.final)
+            return
+        if gate.tunnel:
+            self.gate = None  # a tunnel now: blind both ways
+            client.unblock(_GATED)
+        elif gate.hold:
+            client.block(_GATED)
+        else:
+            client.unblock(_GATED)
+        held = self.gate is not None and gate.holds_data()
+        if client.eof and not client.eof_sent and not held and not client.queue:
+            self.side_eof(client)
+        if self.gate is not None and gate.ended and upstream.eof and not upstream.queue:
+            # No request will go up again and the server is done: the client,
+            # which is no longer read, gets the rest and a FIN, then the end.
+            self.close()
+
     def counted(self, direction: str, nbytes: int) -> None:
         if direction == UP:
             self.stats.bytes_up += nbytes
@@ -333,7 +448,19 @@ class _Pipe:
                 if not side.lost:
                     _reset_transport(side.transport)
             return
-        if first_up:
+        gate = self.gate
+        if gate is not None:
+            gate.wake = self.drain_gate
+            for chunk in (first_up, *client.pending):
+                if chunk:
+                    gate.from_client(chunk)
+            for chunk in upstream.pending:
+                upstream.forward(chunk)
+                gate.from_upstream(chunk)
+            client.pending.clear()
+            upstream.pending.clear()
+            self.drain_gate()
+        if first_up and gate is None:
             upstream.transport.write(first_up)
         for side in (client, upstream):
             for chunk in side.pending:
@@ -342,9 +469,11 @@ class _Pipe:
             side.pending.clear()
         self.watch_expiry()
         for side in (client, upstream):
-            if side.eof:
+            if side.eof and gate is not None:
+                side.eof_received()
+            elif side.eof:
                 self.side_eof(side)
-            else:
+            if not side.eof:
                 side.unblock(_STARTING)
 
     def side_eof(self, side: _Side) -> None:
@@ -398,6 +527,7 @@ async def relay(
     stats: RelayStats | None = None,
     pacing: Pacing | None = None,
     timeouts: expiry.Timeouts | None = None,
+    gate: Gate | None = None,
 ) -> RelayStats:
     """Relay between connected `client` and `upstream` until both are done.
 
@@ -406,7 +536,8 @@ async def relay(
     size (for metrics). The sockets are owned by the relay from here on and are
     closed when it returns; when it is cancelled, both are reset. `stats`, if
     given, is updated as bytes flow (so a caller sees the counts even when the
-    relay is cancelled) and returned. `pacing` and `timeouts`: see the module doc.
+    relay is cancelled) and returned. `pacing`, `timeouts` and `gate`: see the module
+    doc (with a gate, `first_up` goes to the gate first and is counted when released).
 
     `scratch` is the read buffer (64 KiB by default). Relays on one event loop
     may share one: a read fills it and `buffer_updated` copies the bytes out
@@ -418,10 +549,11 @@ async def relay(
     if scratch is None:
         scratch = bytearray(RELAY_BUFFER)
     stats = stats if stats is not None else RelayStats()
-    pipe = _Pipe(stats, pacing=pacing, timeouts=timeouts)
-    stats.bytes_up += len(first_up)
-    if count_up is not None and first_up:
-        count_up(len(first_up))
+    pipe = _Pipe(stats, pacing=pacing, timeouts=timeouts, gate=gate)
+    if gate is None:
+        stats.bytes_up += len(first_up)
+        if count_up is not None and first_up:
+            count_up(len(first_up))
     # Each side's protocol counts what it reads: the upstream socket's, bytes
     # going DOWN to the client; the client socket's, bytes going UP.
     try:

@@ -65,6 +65,7 @@ from egressd.proxy.limiting import ProxyLimits
 from egressd.proxy.registry import NodeRegistry, static_members
 from egressd.proxy.resolved import ResolvedNames
 from egressd.proxy.tunnel import GeneveTunnel
+from egressd.proxy.watch import PolicyWatch
 
 NFT_CHECK_INTERVAL_S = 10.0
 RESOLVED_PRUNE_INTERVAL_S = 30.0
@@ -88,6 +89,7 @@ class ProxyService:
         self.admin: AdminServer | None = None
         self.registry: NodeRegistry | None = None
         self.policies: PolicyStore | None = None
+        self.watch: PolicyWatch | None = None
         self.flows: FlowTable | None = None
         self.resolved: ResolvedNames | None = None
         self.ctx: ProxyContext | None = None
@@ -166,6 +168,16 @@ class ProxyService:
             session, config.control_url, trusted, metrics=self.metrics, keys_dir=config.keys_dir
         )
         stack.push_async_callback(self._closing("policies", self.policies.close))
+        # Change notices from the control plane (polling above stays the fallback).
+        self.watch = PolicyWatch(
+            session,
+            config.control_url,
+            self.policies,
+            refresh_registry=self.registry.refresh,
+            metrics=self.metrics,
+        )
+        self.watch.start()
+        stack.push_async_callback(self._closing("watch", self.watch.close))
 
         self.flows = FlowTable(
             idle_s=config.flow_idle_s, max_flows=config.max_flows, metrics=self.metrics

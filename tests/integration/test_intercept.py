@@ -180,6 +180,24 @@ async def _inet_main(cfg: dict[str, Any]) -> None:
             await writer.drain()
         writer.close()
 
+    async def keepalive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # HTTP/1.1 with keep-alive (port 8080): answers each request with
+        # "<method> <host> <path> <body length>" until the client closes.
+        with contextlib.suppress(Exception):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                lines = head.decode("latin-1").split("\r\n")
+                method, path = lines[0].split(" ")[:2]
+                fields = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (x.partition(":") for x in lines[1:] if x)
+                }
+                body = await reader.readexactly(int(fields.get("content-length", "0")))
+                text = f"{method} {fields.get('host', '')} {path} {len(body)}".encode()
+                content = b"" if method == "HEAD" else text
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(text) + content)
+                await writer.drain()
+        writer.close()
+
     async def tls_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
             data = await reader.read(65536)
@@ -226,6 +244,7 @@ async def _inet_main(cfg: dict[str, Any]) -> None:
     servers = [
         await asyncio.start_server(dns_tcp, UPSTREAM_DNS, 53),
         await asyncio.start_server(http, "0.0.0.0", 80),
+        await asyncio.start_server(keepalive, "0.0.0.0", 8080),
         await asyncio.start_server(tls_echo, "0.0.0.0", 443),
         await asyncio.start_server(banner, "0.0.0.0", 2525),
         await asyncio.start_server(bulk, "0.0.0.0", 9000),

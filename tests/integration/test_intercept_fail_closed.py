@@ -230,10 +230,14 @@ def test_connect_and_absolute_form_are_decided_by_their_target(resolved: World) 
         API, 80, b"GET http://evil.test/ HTTP/1.1\r\nHost: api.allowed.test\r\n\r\n"
     )
     assert audit(resolved, src)["reason"] == "http_malformed"
-    # An absolute-form request for the allowed host itself goes through.
+    # An absolute-form request for the allowed host itself goes through (with
+    # a Host: HTTP/1.1 requires one, and the request gate refuses it without).
     with resolved.connect(API, 80) as sock:
         src = source(sock)
-        sock.sendall(b"GET http://api.allowed.test/bytes/5 HTTP/1.1\r\nConnection: close\r\n\r\n")
+        sock.sendall(
+            b"GET http://api.allowed.test/bytes/5 HTTP/1.1\r\nHost: api.allowed.test\r\n"
+            b"Connection: close\r\n\r\n"
+        )
         assert recv_all(sock).startswith(b"HTTP/1.1 200 OK")
     assert audit(resolved, src)["reason"] == "allowed_host"
 

@@ -1,0 +1,424 @@
+"""Every request of a plain-HTTP connection decided before its bytes go upstream.
+
+A sans-IO state machine that the relay (`egressd.proxy.relay`) feeds with
+what it reads; it says which client bytes may go upstream, and when a denied
+request's ``403`` may be written. It never touches a socket.
+
+How, and why:
+
+* Requests are parsed with h11 (server role). Each request head is also
+  read by `sniff.HttpHeadReader` (what tier 2 reads the first one with), which
+  refuses what h11 tolerates and a server might read differently (obs-fold,
+  bare LF line ends, whitespace before a colon, two Host headers, a Host that
+  disagrees with the target); a request with both ``Content-Length`` and
+  ``Transfer-Encoding`` is refused too (RFC 9112 6.3: a classic smuggling
+  vector), and h11 itself refuses conflicting lengths and any coding but
+  ``chunked``. All of those deny as ``http_malformed``.
+* Allowed bytes are forwarded exactly as received (no re-serialisation: the
+  server sees the client's own bytes, and the proxy copies, not rebuilds).
+  What is forwarded is exactly what h11 consumed for that request's events,
+  so nothing of the next request passes before it is decided.
+* Responses are forwarded as they come, and watched (h11, client role) only
+  for their boundaries and status. A pipelined request is held (parsed but
+  not decided or sent) until the response to the one before it is complete:
+  the proxy always knows which response a byte belongs to, a ``403`` can
+  never land inside a response, and the status goes into each request's
+  audit event. Pipelining thereby turns into ordered request/response turns;
+  clients rarely pipeline and the turns cost one RTT to the server each.
+  While requests are held, the client is not read beyond `MAX_HELD` bytes.
+* A denied request's bytes are dropped; once every earlier response is
+  complete the gate produces a ``403`` with ``Connection: close`` and a short
+  JSON body ``{"error": reason, ...}``, after which the relay closes both
+  sides. A response the watcher cannot parse ends the gate: nothing more of
+  the client's goes upstream (fail closed), the relay carries on downstream.
+* ``101 Switching Protocols`` after a (checked) ``Upgrade`` request, or a
+  2xx to an allowed ``CONNECT``, make the connection a tunnel: from then on
+  both directions are relayed blind (`tunnel`). ``Upgrade: h2c`` is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+
+from egressd.policy.matcher import Decision, Verdict
+from egressd.policy.paths import path_text
+from egressd.proxy import http_rules, sniff
+
+#: Client bytes held (parsed, not yet sent) before the client stops being read.
+MAX_HELD = sniff.MAX_HTTP_HEAD
+DENY_STATUS = 403
+
+#: `decide(method, request, upgrade)` (`http_rules.RequestTarget`, the
+#: ``Upgrade`` header): a `Decision` (or a `tier2.Tier2Outcome`), or an
+#: awaitable of one when a name must be resolved first.
+Decide = Callable[[str, http_rules.RequestTarget, str | None], Any]
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request and what the audit event says of it."""
+
+    method: str
+    path: str
+    host: str | None
+    decision: Decision
+    status: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    upgrade: bool = False
+    would_deny: bool = False  # report mode: allowed, would have been denied
+
+
+def deny_response(reason: str, *, host: str | None = None) -> bytes:
+    """The ``403`` a denied request gets (the connection is closed after it)."""
+    body = {"error": reason, "by": "egressd"}
+    if host is not None:
+        body["host"] = host
+    payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+    head = (
+        f"HTTP/1.1 {DENY_STATUS} Forbidden\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    return head + payload
+
+
+class HttpGate:
+    """The request/response state of one plain-HTTP connection.
+
+    The relay calls `from_client` / `from_upstream` / `upstream_eof` with
+    what it read, then takes `up` (client bytes that may go upstream, in
+    order) and `final` (a ``403`` to write after everything already sent
+    downstream, then close). `hold` says the client must not be read for
+    now; `tunnel` that the gate is done and both directions are blind.
+    `on_request` is called once per request, when its outcome is known.
+    `wake` is called when a decision finished asynchronously.
+    """
+
+    def __init__(
+        self,
+        decide: Decide,
+        on_request: Callable[[RequestRecord], None],
+        *,
+        max_held: int = MAX_HELD,
+    ) -> None:
+        self._decide = decide
+        self._on_request = on_request
+        self._max_held = max_held
+        self._server = h11.Connection(h11.SERVER, max_incomplete_event_size=sniff.MAX_HTTP_HEAD)
+        self._client = h11.Connection(h11.CLIENT)
+        self._held = 0  # bytes fed to the server parser and not consumed yet
+        self._stream = bytearray()  # those bytes (h11 does not hand consumed bytes back)
+        self._current: RequestRecord | None = None  # being received from the client
+        self._outstanding: deque[RequestRecord] = deque()  # sent, response not complete
+        self._waiting = False  # an asynchronous decision is pending
+        self._stopped = False  # nothing more of the client's goes upstream
+        self.up: list[bytes] = []
+        self.final: bytes | None = None
+        self._deny: tuple[RequestRecord, bytes] | None = None
+        self.tunnel = False
+        self.failed = False  # the response watcher lost track: close when upstream is done
+        self.wake: Callable[[], None] | None = None
+
+    @property
+    def hold(self) -> bool:
+        return self._stopped or self._waiting or self._held >= self._max_held
+
+    @property
+    def ended(self) -> bool:
+        """No more request will be sent upstream (a deny, a close, a lost track)."""
+        return self._stopped and not self._waiting
+
+    def holds_data(self) -> bool:
+        """Client bytes are still to be decided or released."""
+        return self._waiting or (self._held > 0 and not self._stopped)
+
+    # input
+
+    def from_client(self, data: bytes) -> None:
+        if self.tunnel:
+            self.up.append(data)
+            return
+        if self._stopped:
+            return
+        self._server.receive_data(data)
+        self._stream += data
+        self._held += len(data)
+        self._advance()
+
+    def client_eof(self) -> None:
+        if not self.tunnel and not self._stopped:
+            self._server.receive_data(b"")
+            self._advance()
+
+    def from_upstream(self, data: bytes) -> None:
+        if self.tunnel or self.failed:
+            return
+        if not self._outstanding and data:
+            # A response to no request (or past the last one): which request
+            # a later response answers could no longer be known.
+            self._lost_track()
+            return
+        self._client.receive_data(data)
+        self._watch(len(data))
+        self._advance()
+
+    def upstream_eof(self) -> None:
+        if self.tunnel or self.failed:
+            return
+        self._client.receive_data(b"")
+        self._watch(0)
+        self._advance()
+
+    def take_up(self) -> list[bytes]:
+        up, self.up = self.up, []
+        return up
+
+    def pending_records(self) -> list[RequestRecord]:
+        """Requests whose outcome was never logged (the connection ended first)."""
+        records = list(self._outstanding)
+        if self._current is not None and self._current not in records:
+            records.append(self._current)
+        if self._deny is not None:
+            records.append(self._deny[0])  # its 403 never went out
+            self._deny = None
+        return records
+
+    # the request side
+
+    def _consumed(self) -> bytes:
+        """The bytes the server parser consumed since the last call, as received."""
+        left = len(self._server.trailing_data[0])
+        taken = self._held - left
+        self._held = left
+        chunk = bytes(self._stream[:taken])
+        del self._stream[:taken]
+        return chunk
+
+    def _advance(self) -> None:
+        """Parse, decide and release client bytes as far as the state allows."""
+        while not (self._stopped or self._waiting or self.tunnel):
+            try:
+                event = self._server.next_event()
+            except h11.RemoteProtocolError:
+                # Mid-body (a bad chunk) it is that request's bytes that were bad.
+                current = self._current
+                record = (
+                    None if current is None else _record(current.method, current.path, current.host)
+                )
+                self._refuse(record, http_rules.HTTP_MALFORMED)
+                continue
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self._request(event, self._consumed())
+            elif isinstance(event, h11.Data | h11.EndOfMessage):
+                chunk = self._consumed()
+                if self._current is not None and chunk:
+                    self._current.bytes_up += len(chunk)
+                    self.up.append(chunk)
+                if isinstance(event, h11.EndOfMessage):
+                    self._current = None
+            elif isinstance(event, h11.ConnectionClosed):
+                self._stopped = True
+                return
+
+    def _request(self, event: h11.Request, head: bytes) -> None:
+        method = event.method.decode("ascii", "replace")
+        target = event.target.decode("ascii", "replace")
+        read = sniff.sniff_http_host(head)
+        host = read.host
+        framing = {n for n, _ in event.headers if n in (b"content-length", b"transfer-encoding")}
+        upgrade = None
+        for name, value in event.headers:
+            if name == b"upgrade":
+                upgrade = value.decode("ascii", "replace")
+        if read.status not in (sniff.OK, sniff.NO_HOST) or len(framing) == 2:
+            self._refuse(_record(method, target, host), http_rules.HTTP_MALFORMED)
+            return
+        record = _record(method, target, host)
+        record.upgrade = upgrade is not None
+        decided = self._decide(method, http_rules.target_of(read, target), upgrade)
+        if not inspect.isawaitable(decided):
+            self._decided(record, head, decided)
+            return
+        self._waiting = True
+
+        async def finish() -> None:
+            try:
+                decision = await decided
+            except Exception:  # noqa: BLE001 - a failed lookup denies
+                decision = Decision(Verdict.DENY, http_rules.HOST_ADDRESS_MISMATCH, None)
+            self._waiting = False
+            self._decided(record, head, decision)
+            self._advance()
+            if self.wake is not None:
+                self.wake()
+
+        self._task = asyncio.ensure_future(finish())
+
+    def _decided(self, record: RequestRecord, head: bytes, decided: Any) -> None:
+        # A `Decision`, or a `tier2.Tier2Outcome` (report mode: allowed, flagged).
+        record.decision = getattr(decided, "decision", decided)
+        record.would_deny = bool(getattr(decided, "would_deny", False))
+        if not decided.allowed:
+            self._refuse(record, record.decision.reason)
+            return
+        record.bytes_up = len(head)
+        self.up.append(head)
+        self._current = record
+        self._outstanding.append(record)
+        self._expect(record, head)
+
+    def _refuse(self, record: RequestRecord | None, reason: str) -> None:
+        if record is None:
+            record = _record("", "", None)
+        if record.decision.reason != reason:
+            record.decision = Decision(Verdict.DENY, reason, record.decision.rule)
+        record.status = DENY_STATUS
+        self._stopped = True
+        self._current = None
+        # Nothing after a denied request is parsed or sent; its 403 goes out
+        # once the responses still due are complete.
+        self._deny = (record, deny_response(reason, host=record.host))
+        self._advance_deny()
+
+    def _advance_deny(self) -> None:
+        if self._deny is not None and not self._outstanding:
+            record, response = self._deny
+            self._deny = None
+            self.final = response
+            record.bytes_down = len(response)
+            self._on_request(record)
+
+    # the response side
+
+    def _expect(self, record: RequestRecord, head: bytes) -> None:
+        """Prime the response watcher with the request it will see answered."""
+        if len(self._outstanding) > 1:
+            return  # primed when the response before it is complete
+        self._prime(record)
+
+    def _prime(self, record: RequestRecord) -> None:
+        headers = [("Host", "x")]
+        if record.upgrade:
+            headers += [("Connection", "upgrade"), ("Upgrade", "x")]
+        target = "x:1" if record.method == http_rules.CONNECT else "/"
+        try:
+            self._client.send(h11.Request(method=record.method, target=target, headers=headers))
+            self._client.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            self.failed = True
+
+    def _watch(self, nbytes: int) -> None:
+        if self._outstanding:
+            self._outstanding[0].bytes_down += nbytes
+        while self._outstanding and not self.failed:
+            try:
+                event = self._client.next_event()
+            except h11.RemoteProtocolError:
+                self._lost_track()
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                if self._client.their_state is h11.SWITCHED_PROTOCOL:
+                    self._switched()
+                return
+            record = self._outstanding[0]
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101:
+                    record.status = 101
+                    self._switched()
+                    return
+                self._mirror(event)
+            elif isinstance(event, h11.Response):
+                record.status = event.status_code
+                self._mirror(event)
+                if self._client.their_state is h11.SWITCHED_PROTOCOL:
+                    self._switched()
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                self._mirror(event)
+                self._outstanding.popleft()
+                self._on_request(record)
+                self._next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                self._outstanding.popleft()
+                self._on_request(record)
+                self._stopped = True
+                return
+        if not self._outstanding and self._client.trailing_data[0]:
+            self._lost_track()  # bytes past the last response: see `from_upstream`
+            return
+        self._advance_deny()
+
+    def _mirror(self, event: h11.Event) -> None:
+        """Move the server parser's own side along as if it had answered."""
+        try:
+            if isinstance(event, h11.InformationalResponse):
+                self._server.send(
+                    h11.InformationalResponse(status_code=event.status_code, headers=event.headers)
+                )
+            elif isinstance(event, h11.Response):
+                close = self._client.their_state is h11.MUST_CLOSE or _closes(event)
+                headers = [("Content-Length", "0")] + ([("Connection", "close")] if close else [])
+                self._server.send(h11.Response(status_code=event.status_code, headers=headers))
+            elif isinstance(event, h11.EndOfMessage):
+                self._server.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            self._lost_track()
+
+    def _next_cycle(self) -> None:
+        client, server = self._client, self._server
+        if client.our_state is h11.DONE and client.their_state is h11.DONE:
+            client.start_next_cycle()
+        else:
+            self._stopped = True  # the server closes: no more requests
+            return
+        if server.our_state is h11.DONE and server.their_state is h11.DONE:
+            server.start_next_cycle()
+        if self._outstanding:
+            self._prime(self._outstanding[0])
+
+    def _switched(self) -> None:
+        record = self._outstanding.popleft()
+        self._on_request(record)
+        self.tunnel = True
+        _, closed = self._server.trailing_data
+        rest = bytes(self._stream)
+        self._stream.clear()
+        self._held = 0
+        if rest and not closed:
+            self.up.append(rest)
+
+    def _lost_track(self) -> None:
+        self.failed = True
+        self._stopped = True
+        for record in self._outstanding:
+            self._on_request(record)
+        self._outstanding.clear()
+        self._deny = None
+
+
+def _record(method: str, target: str, host: str | None) -> RequestRecord:
+    return RequestRecord(
+        method=method,
+        path=path_text(target),
+        host=host,
+        decision=Decision(Verdict.DENY, http_rules.HTTP_MALFORMED, None),
+    )
+
+
+def _closes(event: h11.Response) -> bool:
+    for name, value in event.headers:
+        if name == b"connection" and b"close" in value.lower():
+            return True
+    return False
