@@ -262,7 +262,8 @@ def test_register_rejects_untrusted_policy(
         fleet, job, tmp_path, ["python3", "-c", "print('ran')"], policy_file=policy, timeout_s=60
     )
 
-    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    # docker run's convention: 125 = egressd or the agent failed.
+    assert done.returncode == 125, (done.returncode, done.stdout, done.stderr)
     assert "ran" not in done.stdout
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
