@@ -311,16 +311,19 @@ def test_deleted_job_is_denied_by_the_proxy(fleet: Fleet, tmp_path: Path) -> Non
 
 def test_deleted_job_is_revoked_on_proxies_that_cached_it(fleet: Fleet, tmp_path: Path) -> None:
     """The job connects (both proxies cache its policy), then is deleted:
-    new connections must be denied within a few seconds (fail closed)."""
-    revoke_within_s = 10.0
+    new connections must be denied within a second or two (the proxies watch
+    the control plane; fail closed)."""
+    revoke_within_s = 2.0
     job = Job(fleet, "node1", ALLOWED).sign()
     # 8 attempts 0.3 s apart before the DELETE: with two proxies, both see
-    # the job (probability 1 - 2**-7); then ~13 s of attempts after it.
+    # the job (probability 1 - 2**-7); then 16 attempts after it, each one
+    # waiting out its 2 s connect timeout once the proxies drop the job's
+    # packets (~37 s, well inside `sandbox run`'s 120 s).
     proc = _start_sandbox(
         fleet,
         job,
         tmp_path,
-        ["python3", "/t/attempts.py", "api.allowed.test", API_ADDR, "0", "60", "0.3", "2"],
+        ["python3", "/t/attempts.py", "api.allowed.test", API_ADDR, "0", "24", "0.3", "2"],
     )
     deleted_at = None
     after: list[dict[str, object]] = []
