@@ -83,7 +83,7 @@ from egressd.policy import addresses
 from egressd.policy.errors import JwsError, KeyFileError
 from egressd.policy.jws import DEFAULT_LEEWAY_S, VerifiedPolicy, verify_policy
 from egressd.policy.keys import TrustedKeys, load_trusted_keys
-from egressd.policy.model import PortRange, Policy
+from egressd.policy.model import PortRange, Policy, merge_port_ranges
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -196,14 +196,7 @@ def tcp_ports(policy: Policy) -> tuple[PortRange, ...]:
     Tier 1 can only check ports (it does not know names); tier 2 checks the
     port per destination. A policy with no rules allows no port.
     """
-    spans = sorted((r.lo, r.hi) for rule in policy.egress for r in rule.ports)
-    merged: list[list[int]] = []
-    for lo, hi in spans:
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    return tuple(PortRange(lo, hi) for lo, hi in merged)
+    return merge_port_ranges(r for rule in policy.egress for r in rule.ports)
 
 
 def exemptions(policy: Policy, fleet_ranges: Sequence[IPv4Network] = ()) -> tuple[IPv4Network, ...]:

@@ -42,7 +42,7 @@ from egressd.policy.addresses import ALWAYS_DENIED, DeniedMatch, IPNetwork
 from egressd.policy.errors import PolicyError
 from egressd.policy.jws import ALG, TYP
 from egressd.policy.keys import b64url_decode
-from egressd.policy.model import EgressRule, Policy, PortRange
+from egressd.policy.model import EgressRule, Policy, PortRange, merge_port_ranges
 from egressd.policy.names import host_matches, is_wildcard
 from egressd.policy.times import when
 
@@ -304,14 +304,8 @@ def unknown_nodes(nodes: Sequence[str], known: Collection[str]) -> list[Problem]
 
 def covered(ports: Sequence[PortRange], cover: Sequence[PortRange]) -> bool:
     """Whether every port of `ports` lies in some range of `cover`."""
-    spans = sorted((r.lo, r.hi) for r in cover)
-    merged: list[list[int]] = []
-    for lo, hi in spans:
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    return all(any(lo <= p.lo and p.hi <= hi for lo, hi in merged) for p in ports)
+    merged = merge_port_ranges(cover)
+    return all(any(m.lo <= p.lo and p.hi <= m.hi for m in merged) for p in ports)
 
 
 def _names_cover(earlier: str, later: str) -> bool:

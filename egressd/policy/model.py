@@ -61,7 +61,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -172,6 +172,17 @@ class PortRange:
 
 
 DEFAULT_PORTS = (PortRange(443, 443),)
+
+
+def merge_port_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
+    """`ranges` as sorted, disjoint ranges (adjacent ones joined)."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted((r.lo, r.hi) for r in ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return tuple(PortRange(lo, hi) for lo, hi in merged)
 
 
 @dataclass(frozen=True, slots=True)
