@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := runsc clang llvm libbpf-dev bpftool nftables iproute2 squid gcc-multilib \
+APT_PACKAGES := runsc clang llvm libbpf-dev bpftool nftables iproute2 squid gcc-multilib musl-tools \
                 procps psmisc curl openssl wrk docker.io docker-compose debootstrap
 PYTEST_ARGS ?=
 # `egressd` on PATH: a link into this checkout's venv (the README's commands use it).

@@ -33,7 +33,7 @@ Example (every key but `name`, `underlay` and `egress` has a default)::
       "idle_timeout_s": 300,
       "max_lifetime_s": 86400,
       "pacing_horizon_s": 0.05,
-      "dns_refusal_rcode": "REFUSED"
+      "dns_refusal_rcode": "NXDOMAIN"
     }
 
 Decisions:
@@ -67,8 +67,9 @@ Decisions:
   `egress_addresses` must contain `egress` (the address registered with the
   control plane); the others must be configured on the egress interface too.
 * `dns_refusal_rcode` is the rcode of the DNS responder's refusals of a name
-  (`egressd.proxy.dns.refusal_rcode`): "REFUSED" (the default) or "NXDOMAIN",
-  for sandboxes whose resolver (musl) gives up a search list on REFUSED.
+  (`egressd.proxy.dns.refusal_rcode`): "NXDOMAIN" (the default: glibc and musl
+  fail at once with EAI_NONAME) or "REFUSED" (glibc retries and reports
+  EAI_AGAIN; musl waits out its timeout).
 * `fleet_ranges` defaults to the layout's (underlay, sandbox supernet,
   resolver): always denied by tier 2.
 """

@@ -15,8 +15,9 @@ Two layers, as elsewhere in the proxy:
   them), and `UpstreamResolver`, which asks the upstream resolver from the
   proxy's egress address.
 
-Rules of `answer_policy`, first match wins (every refusal is REFUSED, or
-the proxy's ``dns_refusal_rcode``: see `refusal_rcode`):
+Rules of `answer_policy`, first match wins (REFUSED in the table; a refusal of
+a name is answered with the proxy's ``dns_refusal_rcode``, NXDOMAIN by default:
+see `refusal_rcode`):
 
 ========================  ===================  =========================
 query                     answer               reason
@@ -57,10 +58,13 @@ A datagram that does not parse as a DNS query (including responses, which
 have QR set) is dropped, counted (``egressd_dns_dropped_total{reason=
 "malformed"}``) and logged; nothing is raised past the receive loop.
 
-Refusal rcode (`refusal_rcode`): REFUSED by default; a proxy may answer
-NXDOMAIN instead (``dns_refusal_rcode``), because REFUSED stops musl's
-resolver in the middle of a search list, where NXDOMAIN lets it try the next
-candidate. It applies to refusals of a *name* (no rule names it, not a host
+Refusal rcode (`refusal_rcode`): NXDOMAIN by default (``dns_refusal_rcode``,
+or REFUSED), because that is what glibc and musl both turn into an immediate,
+final EAI_NONAME ("Name or service not known"), one query per search-list
+candidate. REFUSED makes glibc retry each candidate (``attempts``) and then
+report EAI_AGAIN ("Temporary failure in name resolution", which invites
+retries), and musl ignores a REFUSED answer and waits out its timeout
+(measured: docs/decisions.md). It applies to refusals of a *name* (no rule names it, not a host
 name, rebinding, unknown flow, no usable policy). Refusals that are not about
 the name (query type, class, opcode, question count) and the limits stay
 REFUSED: NXDOMAIN says that the name has no records of any type (RFC 8020),
@@ -130,7 +134,7 @@ from egressd.policy.matcher import ALLOWED_HOST, INVALID_HOST, NO_MATCHING_RULE,
 from egressd.policy.model import Policy
 from egressd.policy.names import HostError, normalize_host
 from egressd.limits.dns import DNS_INFLIGHT_LIMIT, DNS_RATE_LIMIT, LOG_INTERVAL_S
-from egressd.proxy import audit
+from egressd.proxy import audit, job_metrics
 from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
 from egressd.proxy.limiting import LimitsConfig, ProxyLimits
 from egressd.proxy.resolved import ResolvedNames, clamp_ttl
@@ -172,7 +176,10 @@ UDP_RCVBUF = 1 << 20
 MAX_UDP_PAYLOAD = 1232
 #: What ``dns_refusal_rcode`` may say.
 REFUSAL_RCODES = ("REFUSED", "NXDOMAIN")
-DEFAULT_REFUSAL_RCODE = "REFUSED"
+#: NXDOMAIN: glibc and musl both fail at once with EAI_NONAME, one query per
+#: search-list candidate; REFUSED gives glibc EAI_AGAIN after retrying every
+#: candidate, and musl ignores it and waits out its timeout (docs/decisions.md).
+DEFAULT_REFUSAL_RCODE = "NXDOMAIN"
 #: Refusals that are not about the name: always REFUSED (see the module docstring).
 _NOT_ABOUT_THE_NAME = frozenset(
     {
@@ -597,6 +604,7 @@ class DnsResponder:
             LimitsConfig.default(ctx.identity.egress), registry=ctx.registry
         )
         self._metrics = _Metrics.on(ctx)
+        self._job_denials = job_metrics.on(ctx)  # per job, bounded
         self._udp: socket.socket | None = None
         self._tcp_server: asyncio.Server | None = None
         self._reply_socks: OrderedDict[IPv4Address, socket.socket] = OrderedDict()
@@ -807,6 +815,7 @@ class DnsResponder:
                 if refusal is not None:
                     self.limits.dns_refused(flow.job_id, refusal)
                     self._metrics.dropped.labels(reason=refusal).inc()
+                    self._job_denials.dns(flow, audit.VERDICT_DROP, refusal)
                     return
                 tcp_job = flow.job_id
             while True:
@@ -934,6 +943,7 @@ class DnsResponder:
         answer = self.limits.dns.answer_refusal(job, now)
         verdict = audit.VERDICT_DENY if answer else audit.VERDICT_DROP
         self._metrics.count(verdict, None if answer else reason)
+        self._job_denials.dns(flow, verdict, reason)
         suppressed = self.limits.dns.log_refusal(job, now)
         if suppressed is not None:
             event = audit.dns_event(
@@ -990,6 +1000,7 @@ class DnsResponder:
         if rcode == dns.rcode.REFUSED:
             rcode = refusal_rcode(action.reason, self.refusal_rcode)
         self._metrics.count(action.verdict)
+        self._job_denials.dns(flow, action.verdict, action.reason)
         audit.emit(
             self.ctx.audit,
             audit.dns_event(

@@ -90,7 +90,7 @@ from egressd.limits.ports import Destination, Lease
 from egressd.policy.addresses import FLEET_ADDRESS
 from egressd.policy.matcher import Decision, match_address
 from egressd.policy.model import Policy
-from egressd.proxy import audit, http_rules, live, sniff, tier2
+from egressd.proxy import audit, http_rules, job_metrics, live, sniff, tier2
 from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
 from egressd.proxy.dns import DNS_PORT, UpstreamResolver
 from egressd.proxy.http_gate import HttpGate, RequestRecord
@@ -396,6 +396,7 @@ class Interceptor:
         self._count_down: Any = None
         self._connections_by: dict[tuple[str, str], Any] = {}
         self._decisions = _DecisionCache()
+        self._job_denials = job_metrics.on(ctx)
         # Open relayed connections, re-decided when their job's policy changes.
         self.live = live.LiveConnections(
             lookup=getattr(ctx.policies, "cached", lambda _job: None),
@@ -885,6 +886,7 @@ class Interceptor:
                 verdict=conn.verdict, reason=conn.reason
             )
         child.inc()
+        self._job_denials.connection(conn.flow, conn.verdict, conn.reason)
         if conn.relay.end is not None:
             self._metrics.ended.labels(conn.relay.end).inc()
         if conn.relay.paced_chunks:

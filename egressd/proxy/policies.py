@@ -238,6 +238,13 @@ class PolicyStore:
         """The jobs whose policies are cached."""
         return list(self._cache)
 
+    def holds(self, job_id: uuid.UUID) -> bool:
+        """True while an unexpired policy of the job is cached; unlike `cached`,
+        no refresh is scheduled (`egressd.proxy.job_metrics` asks about jobs
+        that may be long gone)."""
+        entry = self._cache.get(job_id)
+        return entry is not None and self._clock() < entry.usable_until
+
     def _notify(
         self, job_id: uuid.UUID, previous: VerifiedPolicy | None, current: VerifiedPolicy | None
     ) -> None:

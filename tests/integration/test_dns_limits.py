@@ -462,6 +462,6 @@ def test_refusal_rcode_nxdomain(nxdomain_world: World) -> None:
     assert aaaa.rcode() == dns.rcode.NOERROR and not aaaa.answer
 
 
-def test_refusal_rcode_default_is_refused(world: World) -> None:
+def test_refusal_rcode_refused_when_configured(world: World) -> None:  # make_world's REFUSED
     response, _ = query(world, "evil.test")
     assert response.rcode() == dns.rcode.REFUSED

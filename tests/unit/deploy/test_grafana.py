@@ -116,6 +116,7 @@ def test_the_dashboard_covers_what_the_issue_asks(dashboard: dict[str, Any]) -> 
         "egressd_source_ports_capacity",
         "egressd_job_bytes_total",  # bandwidth per job
         "egressd_dns_queries_total",
+        "egressd_job_denials_total",  # denials per job (proxies)
     ):
         assert wanted in used, wanted
     ids = [p["id"] for p in dashboard["panels"]]

@@ -46,8 +46,9 @@ def limited_policy(rate: int) -> Policy:
     ["no_matching_rule", "invalid_host", "rebinding", "unknown_flow", "policy_expired"],
 )
 def test_refusals_of_a_name_take_the_configured_rcode(reason: str) -> None:
-    assert pdns.refusal_rcode(reason) == dns.rcode.REFUSED
+    assert pdns.refusal_rcode(reason) == dns.rcode.NXDOMAIN  # the default
     assert pdns.refusal_rcode(reason, "NXDOMAIN") == dns.rcode.NXDOMAIN
+    assert pdns.refusal_rcode(reason, "REFUSED") == dns.rcode.REFUSED
 
 
 @pytest.mark.parametrize(
@@ -63,6 +64,7 @@ def test_refusals_of_a_name_take_the_configured_rcode(reason: str) -> None:
     ],
 )
 def test_other_refusals_stay_refused(reason: str) -> None:
+    assert pdns.refusal_rcode(reason) == dns.rcode.REFUSED
     assert pdns.refusal_rcode(reason, "NXDOMAIN") == dns.rcode.REFUSED
 
 
@@ -103,9 +105,9 @@ BASE = {"name": "proxy1", "underlay": "198.18.0.21", "egress": "203.0.113.21"}
 
 
 def test_config_rcode() -> None:
-    assert config_from_mapping(BASE).dns_refusal_rcode == "REFUSED"
-    assert config_from_mapping({**BASE, "dns_refusal_rcode": "NXDOMAIN"}).dns_refusal_rcode == (
-        "NXDOMAIN"
+    assert config_from_mapping(BASE).dns_refusal_rcode == "NXDOMAIN"
+    assert config_from_mapping({**BASE, "dns_refusal_rcode": "REFUSED"}).dns_refusal_rcode == (
+        "REFUSED"
     )
 
 

@@ -344,10 +344,10 @@ async def test_handle_allowed_forwards_and_records() -> None:
 @pytest.mark.parametrize(
     ("name", "rdtype", "rcode", "verdict", "reason"),
     [
-        ("evil.test", "A", "REFUSED", "deny", "no_matching_rule"),
+        ("evil.test", "A", "NXDOMAIN", "deny", "no_matching_rule"),
         ("api.allowed.test", "TXT", "REFUSED", "deny", "qtype_not_allowed"),
         ("api.allowed.test", "AAAA", "NOERROR", "allow", "ipv6_unsupported"),
-        ("rebind.allowed.test", "A", "REFUSED", "deny", "rebinding"),
+        ("rebind.allowed.test", "A", "NXDOMAIN", "deny", "rebinding"),
         ("nx.data.allowed.test", "A", "NXDOMAIN", "allow", "nxdomain"),
     ],
 )
@@ -372,7 +372,7 @@ async def test_handle_unknown_flow() -> None:
     responder, _, _, up = make_responder(policy=make_policy(), flows=FakeFlows(known=False))
     with structlog.testing.capture_logs() as logs:
         response = await responder.handle(query("api.allowed.test"), PEER)
-    assert response.rcode() == dns.rcode.REFUSED
+    assert response.rcode() == dns.rcode.NXDOMAIN  # a refusal of a name: the default rcode
     assert logs[0]["reason"] == "unknown_flow" and logs[0]["job_id"] is None
     assert up.asked == []
 
@@ -381,7 +381,7 @@ async def test_handle_policy_unavailable_fails_closed() -> None:
     responder, _, _, up = make_responder(policy=None, reason="policy_expired")
     with structlog.testing.capture_logs() as logs:
         response = await responder.handle(query("api.allowed.test"), PEER)
-    assert response.rcode() == dns.rcode.REFUSED
+    assert response.rcode() == dns.rcode.NXDOMAIN
     assert logs[0]["reason"] == "policy_expired"
     assert up.asked == []
 
