@@ -29,6 +29,7 @@ Thresholds (issue 4):
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -361,16 +362,28 @@ def passed(verdicts: Sequence[Verdict]) -> bool:
     return bool(verdicts) and all(v.passed for v in verdicts)
 
 
+#: The printed table's width: one verdict a block, measured and threshold
+#: wrapped under it (a row each made lines of 250 columns).
+TABLE_WIDTH = 100
+
+
 def render_table(scenario: str, verdicts: Sequence[Verdict]) -> str:
-    rows = [("verdict", "result", "measured", "threshold")]
-    rows += [(v.name, "PASS" if v.passed else "FAIL", v.measured, v.threshold) for v in verdicts]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"egressd loadtest {scenario}"]
-    for r in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
     for v in verdicts:
+        lines.append(f"{'PASS' if v.passed else 'FAIL'}  {v.name}")
+        for label, text in (("measured", v.measured), ("threshold", v.threshold)):
+            lines += textwrap.wrap(
+                text,
+                width=TABLE_WIDTH,
+                initial_indent=f"      {label:<10}",
+                subsequent_indent=" " * 16,
+                break_on_hyphens=False,
+            ) or [f"      {label}"]
         if not v.passed and v.detail:
-            lines.append(f"  {v.name}: {v.detail}")
+            lines += textwrap.wrap(
+                f"{v.name}: {v.detail}", width=TABLE_WIDTH, initial_indent="      ",
+                subsequent_indent=" " * 8,
+            )  # fmt: skip
     good = sum(v.passed for v in verdicts)
     lines.append(f"{good} of {len(verdicts)} verdicts pass")
     return "\n".join(lines)

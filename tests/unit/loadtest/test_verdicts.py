@@ -110,3 +110,15 @@ def test_table_and_json() -> None:
     doc = v.to_json({"name": "x"}, items, {"k": 1}, {"m": 2})
     assert doc["schema"] == v.SCHEMA and doc["passed"] is False
     assert json.loads(json.dumps(doc))["verdicts"][1]["detail"] == "too many"
+
+
+def test_the_table_fits_100_columns() -> None:
+    long = ", ".join(f"proxy{i} 24 of 24 ports toward 203.0.113.10:80" for i in range(6))
+    items = [
+        v.Verdict("attacker_held_at_budget", True, long, "at most 24 per proxy " * 8),
+        v.Verdict("victim_p99", False, "p99 88 ms in stress", "<= 2 x baseline", "too slow " * 20),
+    ]
+    table = v.render_table("port-exhaustion", items)
+    assert max(len(line) for line in table.splitlines()) <= 100, table
+    assert "proxy5 24 of 24 ports" in table.replace("\n" + " " * 16, " ")
+    assert table.splitlines()[-1] == "1 of 2 verdicts pass"
