@@ -14,6 +14,10 @@ What differs from the namespaces topology:
   interfaces and is named after its underlay address (`proxy-21` for
   198.18.0.21): a restarted proxy keeps its name, and a name never moves to
   another address.
+* Elsewhere (deploy/kubernetes) the same roles take their addresses, names,
+  the control plane's URL and the fleet's ranges from EGRESSD_* variables
+  (`egressd.deploy.settings`, read once by `env()`); unset, each one is the
+  compose fleet's value above.
 * Registration: proxies and nodes register themselves with the control plane
   (PUT /v1/proxies|nodes/NAME with the admin token) before their daemon
   starts; a proxy that stops cleanly deregisters (DELETE). Node agents learn
@@ -31,11 +35,13 @@ What differs from the namespaces topology:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +51,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from egressd.deploy import settings
 from egressd.policy import keys
 from egressd.topology import ca
 from egressd.topology.fleet import Fleet
@@ -65,7 +72,6 @@ from egressd.topology.layout import (
 RUN_DIR = Path(os.environ.get("EGRESSD_RUN_DIR", "/run/egressd"))
 FLEET_DIR = Path(os.environ.get("EGRESSD_FLEET_DIR", "/fleet"))
 LOG_DIR = Path(os.environ.get("EGRESSD_LOG_DIR", "/var/log/egressd"))
-CONTROL_URL = f"http://{CONTROL_ADDR}:{CONTROL_PORT}"
 JOBS_PORT = 8070
 DISCOVERY_INTERVAL_S = 2.0
 WAIT_S = 60.0
@@ -75,10 +81,30 @@ def log(msg: str, **fields: object) -> None:
     print(json.dumps({"event": msg, "component": "entry", **fields}), file=sys.stderr, flush=True)
 
 
-def layout(nodes: tuple[NodeSpec, ...] = (), proxies: tuple[ProxySpec, ...] = ()) -> Layout:
-    """The default layout's sites and ranges, with this container's members only."""
+@functools.cache
+def env() -> settings.DeploySettings:
+    """This container's settings, read from the environment once (at a role's start)."""
+    try:
+        return settings.from_env(os.environ)
+    except settings.SettingsError as exc:
+        raise SystemExit(f"entry: {exc}") from None
+
+
+def layout(
+    nodes: tuple[NodeSpec, ...] = (),
+    proxies: tuple[ProxySpec, ...] = (),
+    fleet_ranges: tuple[ipaddress.IPv4Network, ...] | None = None,
+) -> Layout:
+    """The default layout's sites, with this container's members only and the fleet's
+    ranges (`env().fleet_ranges` unless given)."""
     base = default_layout(RUN_DIR)
-    return Layout(nodes=nodes, proxies=proxies, sites=base.sites, run_dir=RUN_DIR)
+    return Layout(
+        nodes=nodes,
+        proxies=proxies,
+        sites=base.sites,
+        run_dir=RUN_DIR,
+        fleet_ranges=env().fleet_ranges if fleet_ranges is None else fleet_ranges,
+    )
 
 
 # --- addresses ---------------------------------------------------------------------
@@ -109,6 +135,24 @@ def address_in(network: ipaddress.IPv4Network) -> tuple[str, ipaddress.IPv4Addre
         time.sleep(0.2)
 
 
+def underlay_address() -> ipaddress.IPv4Address:
+    """EGRESSD_UNDERLAY_ADDRESS, else this container's address on DESIGN.md's underlay."""
+    return env().underlay or address_in(UNDERLAY)[1]
+
+
+def resolve_ipv4(host: str) -> ipaddress.IPv4Address:
+    """`host`'s first IPv4 address, retried until WAIT_S (cluster DNS may lag at start)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+            return ipaddress.IPv4Address(infos[0][4][0])
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"entry: cannot resolve control plane host {host!r}: {exc}")
+        time.sleep(0.5)
+
+
 # --- the control plane ------------------------------------------------------------------
 
 
@@ -129,7 +173,7 @@ def control(
     method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 5.0
 ) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(CONTROL_URL + path, data=data, method=method)
+    req = urllib.request.Request(env().control_url + path, data=data, method=method)
     req.add_header("Authorization", f"Bearer {admin_token()}")
     if data is not None:
         req.add_header("Content-Type", "application/json")
@@ -263,15 +307,28 @@ def proxy_name(underlay: ipaddress.IPv4Address) -> str:
     return f"proxy-{int(underlay) & 0xFF}"
 
 
+def proxy_spec() -> ProxySpec:
+    underlay = underlay_address()
+    egress = env().egress or address_in(INTERNET)[1]
+    return ProxySpec(env().proxy_name or proxy_name(underlay), underlay, egress)
+
+
+def proxy_config(fleet: Fleet, spec: ProxySpec) -> dict[str, Any]:
+    config = fleet.proxy_config(spec)
+    config["control_url"] = settings.by_address(env().control_url, resolve_ipv4)
+    if config["control_url"] != env().control_url:
+        log("control_url_resolved", control_url=env().control_url, used=config["control_url"])
+    return config
+
+
 def role_proxy() -> int:
-    _, underlay = address_in(UNDERLAY)
-    _, egress = address_in(INTERNET)
-    spec = ProxySpec(proxy_name(underlay), underlay, egress)
+    spec = proxy_spec()
     fleet = Fleet(layout(proxies=(spec,)))
     link_fleet_dirs()
     config = fleet.config_path(spec.name)
-    config.write_text(json.dumps(fleet.proxy_config(spec), indent=2) + "\n")
-    register("proxies", spec.name, {"underlay": str(underlay), "egress": str(egress)})
+    body = proxy_config(fleet, spec)
+    config.write_text(json.dumps(body, indent=2) + "\n")
+    register("proxies", spec.name, {"underlay": str(spec.underlay), "egress": str(spec.egress)})
 
     def deregister() -> None:
         control("DELETE", f"/v1/proxies/{spec.name}", timeout=2.0)
@@ -283,16 +340,13 @@ def role_proxy() -> int:
 
 
 def node_spec() -> NodeSpec:
-    _, underlay = address_in(UNDERLAY)
-    name = os.environ.get("EGRESSD_NODE_NAME", "node1")
-    cidr = ipaddress.IPv4Network(os.environ.get("EGRESSD_SANDBOX_CIDR", "100.96.1.0/24"))
-    return NodeSpec(name, underlay, cidr)
+    return NodeSpec(env().node_name, underlay_address(), env().sandbox_cidr)
 
 
 def agent_config(fleet: Fleet, spec: NodeSpec) -> dict[str, Any]:
     config = fleet.agent_config(spec)
     # Proxies come from the control plane's registry (the static list is empty).
-    config["discovery"] = {"control_url": CONTROL_URL, "interval_s": DISCOVERY_INTERVAL_S}
+    config["discovery"] = {"control_url": env().control_url, "interval_s": DISCOVERY_INTERVAL_S}
     return config
 
 
@@ -318,6 +372,7 @@ def writable_proc_sys() -> None:
 
 
 def start_node() -> tuple[Fleet, NodeSpec, Path]:
+    env()  # a bad EGRESSD_* value stops the node here, before it changes anything
     writable_proc_sys()
     spec = node_spec()
     fleet = Fleet(layout(nodes=(spec,)))
@@ -365,7 +420,7 @@ def role_udf(argv: list[str]) -> int:
     parser.add_argument("udf")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    node = os.environ.get("EGRESSD_NODE_NAME", "node1")
+    node = env().node_name
     job_id = args.job_id or str(uuid.uuid4())
     egress = []
     for rule in args.allow:
@@ -394,20 +449,18 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 def health(role: str) -> int:
     if role == "control":
-        status, _ = http_get(f"{CONTROL_URL}/readyz")
+        status, _ = http_get(f"{env().control_url}/readyz")
         return 0 if status == 200 else 1
     if role == "inet":
-        import socket
-
         with socket.create_connection(("203.0.113.10", 443), timeout=2):
             return 0
     if role == "proxy":
-        _, underlay = address_in(UNDERLAY)
+        underlay = underlay_address()
         status, _ = http_get(f"http://{underlay}:{ADMIN_PORT}/readyz")
         return 0 if status == 200 else 1
     if role in ("node", "loadgen"):
         # Ready, and at least one proxy healthy: a sandbox started now has a path out.
-        _, underlay = address_in(UNDERLAY)
+        underlay = underlay_address()
         status, _ = http_get(f"http://{underlay}:{ADMIN_PORT}/readyz")
         if status != 200:
             return 1

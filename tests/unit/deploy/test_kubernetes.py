@@ -7,17 +7,21 @@ field is an error), and the fleet's invariants hold: probes on /readyz and
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from functools import cache
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from egressd.topology.layout import ADMIN_PORT, CONTROL_PORT
+from egressd.deploy import settings
+from egressd.topology.layout import ADMIN_PORT, CONTROL_PORT, UNDERLAY
 from tests.unit.deploy.conftest import DEPLOY, compose, image_name
 
 K8S = DEPLOY / "kubernetes"
@@ -262,3 +266,116 @@ def test_sandboxes_runtime_class_and_network_policy(target: str) -> None:
     excluded = set(outside["to"][0]["ipBlock"]["except"])
     # The metadata service, the CGNAT range the sandbox CIDRs live in, the underlay.
     assert {"169.254.0.0/16", "100.64.0.0/10", "198.18.0.0/15"} <= excluded
+
+
+# --- what the entry code reads from the environment (egressd.deploy.settings) ----------
+
+# The modules `python -m egressd.deploy proxy|node` runs (demo and loadgen are compose-only).
+ENTRY_MODULES = ("entry.py", "settings.py", "jobs.py")
+# Read by the entry code, left unset on the cluster: their defaults are right there.
+CLUSTER_DEFAULTS = {
+    "EGRESSD_RUN_DIR": "/run/egressd: the agent's hostPath `state`; the proxy's own file system",
+    "EGRESSD_LOG_DIR": "/var/log/egressd: the container's file system (root fs writable)",
+    "EGRESSD_UDFS": "/opt/egressd/app/sandbox/udfs: shipped in the egressd-node image",
+}
+# What the downward API gives each variable (role -> variable -> fieldPath).
+FIELD_REFS = {
+    "proxy": {
+        "EGRESSD_UNDERLAY_ADDRESS": "status.podIP",
+        "EGRESSD_EGRESS_ADDRESS": "status.podIP",
+        "EGRESSD_PROXY_NAME": "metadata.name",
+    },
+    "node": {"EGRESSD_UNDERLAY_ADDRESS": "status.podIP", "EGRESSD_NODE_NAME": "spec.nodeName"},
+}
+# Plausible downward-API values, to feed the rendered env through the real reader.
+FIELD_VALUES = {
+    "status.podIP": "10.244.1.7",
+    "metadata.name": "egressd-proxy-5d8f7c9b4-x2kqz",
+    "spec.nodeName": "worker-1",
+}
+
+
+def entry_variables() -> set[str]:
+    """Every EGRESSD_* string literal in the entry modules (what they can read)."""
+    import ast
+
+    from egressd.deploy import entry
+
+    found = set()
+    for name in ENTRY_MODULES:
+        tree = ast.parse((Path(entry.__file__).parent / name).read_text())
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and re.fullmatch(r"EGRESSD_[A-Z][A-Z_]*", node.value)
+            ):
+                found.add(node.value)
+    return found
+
+
+def entry_env(target: str, role: str) -> list[dict[str, Any]]:
+    (container,) = [c for w, c in containers(target) if COMPOSE_SERVICE[component(w)] == role]
+    return list(container["env"])
+
+
+def test_the_entry_variables_are_found() -> None:
+    """The scan sees what the code reads (else the checks below would pass on nothing)."""
+    found = entry_variables()
+    assert set(settings.VARIABLES) | set(CLUSTER_DEFAULTS) | {"EGRESSD_FLEET_DIR"} == found
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("role", ["proxy", "node"])
+def test_every_variable_the_entry_code_reads_is_set_or_right_by_default(
+    target: str, role: str
+) -> None:
+    env = {e["name"]: e for e in entry_env(target, role)}
+    read = entry_variables()
+    # No typo: everything set is something the entry code reads.
+    assert set(env) <= read, set(env) - read
+    # Every setting the role uses is set: the compose defaults are DESIGN.md's addresses.
+    assert set(settings.ROLE_VARIABLES[role]) <= set(env)
+    unset = read - set(env) - set(settings.VARIABLES)
+    assert unset <= set(CLUSTER_DEFAULTS), unset
+    for name, path in FIELD_REFS[role].items():
+        assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path
+    config = one(target, "ConfigMap", "egressd-fleet")
+    for name in ("EGRESSD_CONTROL_URL", "EGRESSD_UNDERLAY_RANGES"):
+        ref = env[name]["valueFrom"]["configMapKeyRef"]
+        assert ref["name"] == "egressd-fleet" and ref["key"] in config["data"]
+        assert ref.get("optional") is not True
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("role", ["proxy", "node"])
+def test_the_rendered_environment_parses(target: str, role: str) -> None:
+    """What a pod would get, through the entry code's own reader."""
+    data = one(target, "ConfigMap", "egressd-fleet")["data"]
+    values = {}
+    for item in entry_env(target, role):
+        source = item.get("valueFrom", {})
+        if "value" in item:
+            values[item["name"]] = item["value"]
+        elif "fieldRef" in source:
+            values[item["name"]] = FIELD_VALUES[source["fieldRef"]["fieldPath"]]
+        else:
+            values[item["name"]] = data[source["configMapKeyRef"]["key"]]
+    got = settings.from_env(values)
+    # The control plane by its Service's name and port, in the control plane's namespace.
+    service = one(target, "Service", "egressd-control")
+    url = urlsplit(got.control_url)
+    assert url.hostname == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert url.port == service["spec"]["ports"][0]["port"] == CONTROL_PORT
+    # The cluster's ranges are denied to sandboxes; so is the compose underlay's
+    # replacement: the pod IP the member registers lies inside them.
+    assert got.underlay is not None
+    assert any(got.underlay in net for net in got.underlay_ranges)
+    assert got.underlay_ranges != (UNDERLAY,)
+
+
+def test_overlay_fleet_ranges_match_its_network_policy() -> None:
+    ranges = one("overlays/example", "ConfigMap", "egressd-fleet")["data"]["underlay-ranges"]
+    policy = one("overlays/example", "NetworkPolicy", "sandbox-only-via-node-agent")
+    excluded = set(policy["spec"]["egress"][1]["to"][0]["ipBlock"]["except"])
+    assert set(ranges.split(",")) <= excluded
