@@ -111,7 +111,7 @@ import socket
 import struct
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,6 +169,13 @@ RESPOND = "respond"
 DEFAULT_UPSTREAM_TIMEOUT_S = 2.0
 DEFAULT_TCP_IDLE_TIMEOUT_S = 10.0
 DEFAULT_MAX_INFLIGHT = 1024  # UDP queries being answered at once; more are dropped
+#: UDP queries of one job answered at once; the job's others wait in its own
+#: queue (they hold their rate tokens already). A burst a job may send (its
+#: bucket's worth) then delays other jobs' queries by a few queries' work, not
+#: by the whole burst: the event loop serves the jobs round-robin.
+LANE_WIDTH = 4
+#: A job's queue of waiting UDP queries; beyond it they are dropped (overload).
+LANE_QUEUE = 256
 DEFAULT_MAX_TCP_CONNECTIONS = 256
 MAX_UDP_QUERY = 4096
 UDP_RCVBUF = 1 << 20
@@ -609,6 +616,9 @@ class DnsResponder:
         self._tcp_server: asyncio.Server | None = None
         self._reply_socks: OrderedDict[IPv4Address, socket.socket] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()  # UDP queries in flight
+        # Per job: UDP queries being answered, and the ones waiting (`LANE_WIDTH`).
+        self._lane_active: dict[uuid.UUID, int] = {}
+        self._lane_waiting: dict[uuid.UUID, deque[tuple[bytes, DnsPeer, bool]]] = {}
         self._tcp_tasks: set[asyncio.Task[None]] = set()  # TCP connections
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -654,6 +664,7 @@ class DnsResponder:
         if self._closed:
             return
         self._closed = True
+        self._lane_waiting.clear()
         if self._udp is not None and self._loop is not None:
             self._loop.remove_reader(self._udp.fileno())
             self._udp.close()
@@ -675,13 +686,13 @@ class DnsResponder:
         if self._own_limits:
             await self.limits.close()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> bool:
+    def _spawn_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None] | None:
         if len(self._tasks) >= self.max_inflight:
-            return False
+            return None
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
+        return task
 
     # UDP
 
@@ -702,13 +713,45 @@ class DnsResponder:
                 self._drop(MALFORMED, addr, origdst)
                 continue
             peer = DnsPeer(IPv4Address(addr[0]), addr[1], origdst, 17)
-            admitted = self._admit_on_receipt(data, peer)
+            admitted, job = self._admit_on_receipt(data, peer)
             if admitted is False:
                 continue
-            coro = self._udp_query(data, peer, admitted=admitted is True)
-            if not self._spawn(coro, f"egressd-dns-udp-{addr[0]}:{addr[1]}"):
-                coro.close()
-                self._drop(OVERLOAD, addr, origdst)
+            self._start_udp(data, peer, admitted is True, job)
+
+    def _start_udp(self, data: bytes, peer: DnsPeer, admitted: bool, job: uuid.UUID | None) -> None:
+        """Answer a UDP query now, or queue it behind its job's `LANE_WIDTH`."""
+        if job is not None and self._lane_active.get(job, 0) >= LANE_WIDTH:
+            waiting = self._lane_waiting.setdefault(job, deque())
+            if len(waiting) >= LANE_QUEUE:
+                self._drop(OVERLOAD, (str(peer.src), peer.sport), peer.dst)
+            else:
+                waiting.append((data, peer, admitted))
+            return
+        coro = self._udp_query(data, peer, admitted=admitted)
+        task = self._spawn_task(coro, f"egressd-dns-udp-{peer.src}:{peer.sport}")
+        if task is None:
+            coro.close()
+            self._drop(OVERLOAD, (str(peer.src), peer.sport), peer.dst)
+            return
+        if job is not None:
+            self._lane_active[job] = self._lane_active.get(job, 0) + 1
+            task.add_done_callback(lambda _: self._lane_done(job))
+
+    def _lane_done(self, job: uuid.UUID) -> None:
+        """A query of `job` is answered: start its next waiting one, if any."""
+        active = self._lane_active.get(job, 1) - 1
+        if active <= 0:
+            self._lane_active.pop(job, None)
+        else:
+            self._lane_active[job] = active
+        waiting = self._lane_waiting.get(job)
+        if not waiting:
+            self._lane_waiting.pop(job, None)
+            return
+        data, peer, admitted = waiting.popleft()
+        if self._closed:
+            return
+        self._start_udp(data, peer, admitted, job)
 
     async def _udp_query(self, wire: bytes, peer: DnsPeer, *, admitted: bool = False) -> None:
         query = parse_query(wire)
@@ -723,18 +766,18 @@ class DnsResponder:
         if response is not None:
             self._send_udp(to_wire(response, max_size=udp_payload_limit(query)), peer)
 
-    def _admit_on_receipt(self, wire: bytes, peer: DnsPeer) -> bool | None:
+    def _admit_on_receipt(self, wire: bytes, peer: DnsPeer) -> tuple[bool | None, uuid.UUID | None]:
         """The rate check on receipt, at the job's rate last seen (no policy read, no
         task, no parse for a drop: what a flood costs): True if a token was taken,
-        False if the datagram was refused or dropped here, None if its job is not
-        known yet (`handle` checks after the policy lookup)."""
+        False if the datagram was refused or dropped here, None if its job's rate is
+        not known yet (`handle` checks after the policy lookup); and the job, if any."""
         flow = self.ctx.flows.lookup(peer.src, peer.sport, peer.dst, DNS_PORT, peer.proto)
         if flow is None:
-            return None
+            return None, None
         now = time.monotonic()
         taken = self.limits.dns.take_known(flow.job_id, now)
         if taken is not False:
-            return taken
+            return taken, flow.job_id
         if self._over_limit(peer, flow, None, DNS_RATE_LIMIT, now, None, None):
             query = parse_query(wire)
             if query is None:
@@ -742,7 +785,7 @@ class DnsResponder:
             else:
                 response = build_response(query, dns.rcode.REFUSED)
                 self._send_udp(to_wire(response, max_size=udp_payload_limit(query)), peer)
-        return False
+        return False, flow.job_id
 
     def _send_udp(self, wire: bytes, peer: DnsPeer) -> None:
         sock = self._reply_socket(peer.dst)

@@ -272,14 +272,14 @@ class CountingFlows:
 def test_flood_on_receipt_costs_no_task() -> None:
     responder, _, registry, _ = make_responder(policy=limited_policy(8))
     wire = query("x.evil.test").to_wire()
-    assert responder._admit_on_receipt(wire, PEER) is None  # unknown job: policy first
+    assert responder._admit_on_receipt(wire, PEER) == (None, JOB)  # rate unknown: policy first
     responder.limits.dns.admit(JOB, rate=8, now=0.0)
     for _ in range(7):
         responder.limits.dns.admit(JOB, rate=8, now=0.0)
     sent: list[bytes] = []
     responder._send_udp = lambda wire, peer: sent.append(wire)  # type: ignore[method-assign]
     with structlog.testing.capture_logs():
-        results = [responder._admit_on_receipt(wire, PEER) for _ in range(100)]
+        results = [responder._admit_on_receipt(wire, PEER)[0] for _ in range(100)]
     assert results.count(False) >= 90
     assert 1 <= len(sent) <= 10  # the refusal budget; the rest dropped without a reply
     assert all(dns.message.from_wire(w).rcode() == dns.rcode.REFUSED for w in sent)
@@ -293,3 +293,31 @@ def test_other_jobs_are_not_limited_by_a_flood() -> None:
     for _ in range(100):
         responder.limits.dns.admit(JOB, rate=8, now=0.0)
     assert responder.limits.dns.admit(OTHER_JOB, rate=8, now=0.0) is None
+
+
+async def test_a_jobs_burst_waits_in_its_own_lane() -> None:
+    """A burst from one job (within its rate: it holds tokens) is answered
+    `LANE_WIDTH` at a time; another job's query that comes after the burst is
+    answered among the burst's first queries, not behind all of it."""
+    responder, *_ = make_responder()
+    order: list[uuid.UUID] = []
+
+    async def answer(wire: bytes, peer: pdns.DnsPeer, *, admitted: bool = False) -> None:
+        await asyncio.sleep(0)  # parse, policy, upstream: the query yields at least once
+        order.append(JOB if peer.sport < 50000 else OTHER_JOB)
+
+    responder._udp_query = answer  # type: ignore[method-assign]
+    burst = 50
+    for i in range(burst):
+        responder._start_udp(b"", pdns.DnsPeer(PEER.src, 40000 + i, PEER.dst, 17), True, JOB)
+    responder._start_udp(b"", pdns.DnsPeer(PEER.src, 50001, PEER.dst, 17), True, OTHER_JOB)
+    assert responder._lane_active == {JOB: pdns.LANE_WIDTH, OTHER_JOB: 1}
+    for _ in range(10 * burst):
+        if len(order) == burst + 1:
+            break
+        await asyncio.sleep(0)
+    assert len(order) == burst + 1
+    assert order.index(OTHER_JOB) <= pdns.LANE_WIDTH
+    for _ in range(5):  # the last tasks' done callbacks
+        await asyncio.sleep(0)
+    assert responder._lane_active == {} and responder._lane_waiting == {}
