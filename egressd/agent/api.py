@@ -8,7 +8,11 @@ The sandbox launcher (`egressd sandbox run`, root on the node) calls it:
     400 ``{"error": "policy_rejected", "reason": "expired", "detail": ...}``
     for a policy that does not verify, is not valid now or does not name
     this node (reasons: those of `egressd.policy.jws` and
-    ``job_not_bound_to_node``); 400 ``{"error": "bad_request", ...}`` for a
+    ``job_not_bound_to_node``; with a control plane configured also
+    ``policy_not_held`` and ``policy_superseded``, see
+    `egressd.agent.policy_watch`); 503 ``{"error": "unavailable", "reason":
+    "control_unreachable"}`` when the control plane cannot be asked (fail
+    closed); 400 ``{"error": "bad_request", ...}`` for a
     body that is not that JSON object or a bad sandbox id; 409
     ``{"error": "conflict", "reason": "duplicate_sandbox"}``; 503
     ``{"error": "unavailable", "reason": "no_free_address"}``; 500
@@ -18,6 +22,9 @@ The sandbox launcher (`egressd sandbox run`, root on the node) calls it:
     204, or 404 ``{"error": "not_found", "reason": "unknown_sandbox"}``.
 ``GET /v1/sandboxes``
     200 ``{"sandboxes": [...]}``; ``GET /v1/sandboxes/{id}``: one, or 404.
+    ``state`` is ``active``, ``expired`` (its policy's exp passed) or
+    ``withdrawn`` (the control plane deleted its job): tier 1 drops the
+    sandbox's frames as ``no_policy`` in the last two.
 
 No authentication beyond the socket's mode: who can open it is root.
 

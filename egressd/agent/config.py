@@ -33,7 +33,9 @@ the agent also learns proxies from the control plane's ``GET /v1/proxies``
 (`egressd.agent.discovery`): the proxies it uses are the static ones plus the
 registered ones, refreshed every `interval_s`; `proxies` may then be empty.
 A failed refresh keeps the last list, so the data path still does not depend
-on the control plane being up.
+on the control plane being up. The same `control_url` turns on live policies
+(`egressd.agent.policy_watch`): registrations are checked against the control
+plane (fail closed) and its watch is followed.
 """
 
 from __future__ import annotations

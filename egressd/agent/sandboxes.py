@@ -47,6 +47,16 @@ A policy that expires while its sandbox runs is withdrawn from tier 1 and
 the data path (`expire`): the sandbox stays (state ``expired``) until it is
 unregistered, but its packets are dropped as ``no_policy``.
 
+Live policies (with a control plane; `egressd.agent.policy_watch`): step 2
+also requires the control plane to hold the same policy (``policy_not_held``,
+``policy_superseded``, ``control_unreachable``), and the sandbox runs on the
+control plane's copy. `refresh_job` applies a change of the job: tier 1
+reprogrammed in place (`Tier1.set_sandbox` replaces the entry; the veth and
+address stay) and the data path's GENEVE digest updated; a deleted job (or
+a new policy that does not verify here) withdraws its sandboxes like an
+expiry (state ``withdrawn``, frames dropped as ``no_policy``) until a new
+policy for the job is put or the sandbox is unregistered.
+
 All kernel work runs on one worker thread (`executor`): `Tier1` and
 pyroute2 are synchronous and not thread-safe, and one thread keeps the
 order of changes obvious. Registrations are serialised by an asyncio lock.
@@ -56,7 +66,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
+import functools
 import hashlib
 import ipaddress
 import json
@@ -76,6 +88,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from egressd.agent.config import AgentConfig
+from egressd.agent.policy_watch import ControlPolicies, ControlUnavailable, same_policy
 from egressd.agent.tier1 import Bucket, Count, Reason, Tier1, Tier1Error
 from egressd.errors import EgressdError
 from egressd.net import netns
@@ -356,6 +369,12 @@ class SandboxManager:
         self._sandboxes: dict[str, Sandbox] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
         self._expired: set[str] = set()
+        # Sandboxes whose job the control plane deleted (or whose new policy does
+        # not verify here): sandbox id -> reason; tier 1 drops their frames.
+        self._withdrawn: dict[str, str] = {}
+        # The control plane (None: no control_url; registrations are not checked
+        # against it and nothing is watched). See egressd.agent.policy_watch.
+        self.control: ControlPolicies | None = None
         self._lock = asyncio.Lock()
         self.records_dir = config.state_dir / RECORDS_DIR
         # Tier-1 counters of veths that are gone, so that totals never go down.
@@ -374,7 +393,13 @@ class SandboxManager:
         return sorted(self._sandboxes.values(), key=lambda s: int(s.ip))
 
     def state(self, sandbox_id: str) -> str:
+        if sandbox_id in self._withdrawn:
+            return "withdrawn"
         return "expired" if sandbox_id in self._expired else "active"
+
+    def jobs(self) -> set[uuid.UUID]:
+        """The jobs with a sandbox on this node."""
+        return {s.job_id for s in list(self._sandboxes.values())}
 
     def by_ifindex(self, ifindex: int) -> Sandbox | None:
         """The registered sandbox behind host veth `ifindex` (tier-1 events name the veth)."""
@@ -440,6 +465,8 @@ class SandboxManager:
                 raise AgentError("id_collision", f"{sandbox_id} hashes like another", kind=CONFLICT)
             trusted = await self._trusted_keys()
             verified = verify_for_node(jws, trusted, self.config.name, now=self.clock())
+            if self.control is not None:
+                verified = await self._held_copy(self.control, verified, trusted)
             ip = self.pool.allocate()
             try:
                 loop = asyncio.get_running_loop()
@@ -470,6 +497,7 @@ class SandboxManager:
                 # Whatever failed is logged by _teardown; never keep a half sandbox.
                 del self._sandboxes[sandbox_id]
                 self._expired.discard(sandbox_id)
+                self._withdrawn.pop(sandbox_id, None)
                 self.pool.release(sandbox.ip)
         log.info("sandbox_unregistered", sandbox_id=sandbox_id, job_id=str(sandbox.job_id))
 
@@ -486,7 +514,8 @@ class SandboxManager:
         now = self.clock()
         due = [
             s for s in self._sandboxes.values()
-            if s.sandbox_id not in self._expired and now - DEFAULT_LEEWAY_S >= s.exp
+            if s.sandbox_id not in self._expired and s.sandbox_id not in self._withdrawn
+            and now - DEFAULT_LEEWAY_S >= s.exp
         ]  # fmt: skip
         if not due:
             return []
@@ -506,6 +535,124 @@ class SandboxManager:
                 log.info("sandbox_policy_expired", sandbox_id=sandbox.sandbox_id,
                          job_id=str(sandbox.job_id))  # fmt: skip
         return [s.sandbox_id for s in due]
+
+    # -- live policies (egressd.agent.policy_watch) ---------------------------------------
+
+    async def _held_copy(
+        self, control: ControlPolicies, verified: VerifiedPolicy, trusted: TrustedKeys
+    ) -> VerifiedPolicy:
+        """The control plane's copy of the presented policy; AgentError if it holds none,
+        holds another, or cannot be asked (fail closed)."""
+        job_id = verified.policy.job_id
+        try:
+            token = await control.held(job_id)
+        except ControlUnavailable as exc:
+            raise AgentError(
+                "control_unreachable",
+                f"cannot check job {job_id} with the control plane: {exc.detail}",
+                kind=UNAVAILABLE,
+            ) from exc
+        if token is None:
+            raise AgentError(
+                "policy_not_held",
+                f"the control plane holds no policy for job {job_id}: sign it with "
+                "`egressd job put POLICY.json` and use the JWS it prints",
+                kind=POLICY_REJECTED,
+            )
+        # The same checks as the presented JWS (keys, validity, this node).
+        held = verify_for_node(token, trusted, self.config.name, now=self.clock())
+        if not same_policy(held.policy, verified.policy):
+            raise AgentError(
+                "policy_superseded",
+                f"the control plane holds another policy for job {job_id}: use the JWS of "
+                f"`egressd job get {job_id}`, or sign this one with `egressd job put POLICY.json`",
+                kind=POLICY_REJECTED,
+            )
+        # Same content: run on the control plane's copy, whose digest the proxies fetch too.
+        return held
+
+    async def refresh_job(self, job_id: uuid.UUID) -> list[str]:
+        """Refetch the job's policy and reprogram (or withdraw) its sandboxes here.
+
+        Under the registration lock, the fetch included, so that a registration
+        and a change of the same job are applied in the order the control plane
+        answered them. Returns the ids of the sandboxes changed. Raises
+        ControlUnavailable (the sandboxes keep their policy until its exp).
+        """
+        control = self.control
+        if control is None:
+            return []
+        async with self._lock:
+            targets = [s for s in self._sandboxes.values() if s.job_id == job_id]
+            if not targets:
+                return []
+            token = await control.held(job_id)
+            if token is None:
+                return await self._withdraw(targets, "policy_deleted")
+            try:
+                verified = verify_for_node(
+                    token, await self._trusted_keys(), self.config.name, now=self.clock()
+                )
+            except AgentError as exc:
+                return await self._withdraw(targets, exc.reason)
+            return await self._reprogram(targets, verified)
+
+    async def _reprogram(self, targets: list[Sandbox], verified: VerifiedPolicy) -> list[str]:
+        policy = verified.policy
+        ports = tcp_ports(policy)
+        exempt = exemptions(policy, self.config.fleet_ranges)
+        dns, syn = tier1_buckets(policy)
+        loop = asyncio.get_running_loop()
+        changed = []
+        for old in targets:
+            if old.digest == verified.digest and old.sandbox_id not in self._withdrawn:
+                continue
+            program = functools.partial(
+                self.tier1.set_sandbox, old.ifindex, old.ip, old.mac, ports, exempt,
+                dns=dns, syn=syn,
+            )  # fmt: skip
+            try:
+                await loop.run_in_executor(self.executor, program)
+            except Tier1Error as exc:
+                log.error("job_policy_update_failed", sandbox_id=old.sandbox_id,
+                          reason=exc.reason, detail=exc.detail)  # fmt: skip
+                await self._withdraw([old], f"tier1_{exc.reason}")
+                continue
+            new = dataclasses.replace(
+                old, digest=verified.digest, kid=verified.kid, exp=int(policy.exp or 0),
+                tcp_ports=ports, exemptions=exempt,
+            )  # fmt: skip
+            self.listener.sandbox_removed(old)
+            self._sandboxes[old.sandbox_id] = new
+            self.listener.sandbox_added(new)
+            self._expired.discard(old.sandbox_id)
+            self._withdrawn.pop(old.sandbox_id, None)
+            changed.append(old.sandbox_id)
+        if changed:
+            log.info(
+                "job_policy_updated", job_id=str(policy.job_id), digest=verified.digest.hex(),
+                sandbox_ids=changed, tcp_ports=[str(p) for p in ports],
+            )  # fmt: skip
+        return changed
+
+    async def _withdraw(self, targets: list[Sandbox], reason: str) -> list[str]:
+        """Tier 1 forgets the sandboxes (their frames drop as no_policy); one event."""
+        loop = asyncio.get_running_loop()
+        withdrawn = []
+        for sandbox in targets:
+            if sandbox.sandbox_id in self._withdrawn:
+                continue
+            self.listener.sandbox_removed(sandbox)
+            self._withdrawn[sandbox.sandbox_id] = reason
+            try:
+                await loop.run_in_executor(self.executor, self.tier1.remove_sandbox, sandbox.ifindex)
+            except Tier1Error as exc:
+                log.error("withdraw_failed", sandbox_id=sandbox.sandbox_id, error=str(exc))
+            withdrawn.append(sandbox.sandbox_id)
+        if withdrawn:
+            log.warning("job_policy_withdrawn", job_id=str(targets[0].job_id), reason=reason,
+                        sandbox_ids=withdrawn)  # fmt: skip
+        return withdrawn
 
     async def _trusted_keys(self) -> TrustedKeys:
         # Read on every registration: a rotated key is picked up without a restart.

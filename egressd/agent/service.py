@@ -14,7 +14,9 @@
 4. the data path: raw send socket, GENEVE socket bound to (underlay, 6081),
    readers on the event loop;
 5. proxy health probing (one named task per proxy), and, with `discovery`,
-   the proxy list from the control plane (`egressd.agent.discovery`);
+   the proxy list from the control plane (`egressd.agent.discovery`), and then
+   live policies: registrations checked against the control plane and its
+   watch followed (task ``agent-watch``, `egressd.agent.policy_watch`);
 6. the sandbox API on its Unix socket, and the reaper (task ``sandbox-reaper``):
    a sandbox whose launcher exited is unregistered (`egressd.agent.launchers`);
 7. the admin listener on (underlay, 9090): `/metrics`, `/healthz`, and
@@ -47,6 +49,7 @@ from egressd.agent.datapath import AgentCollector, Datapath
 from egressd.agent.discovery import ProxyDiscovery
 from egressd.agent.health import HealthMonitor
 from egressd.agent.launchers import REAP_INTERVAL_S, Launchers
+from egressd.agent.policy_watch import AgentPolicyWatch, ControlPolicies
 from egressd.agent.sandboxes import SandboxManager
 from egressd.agent.tier1 import Tier1, Tier1Error, denied_ranges
 from egressd.agent.tier1_events import Tier1EventReader
@@ -92,6 +95,8 @@ class AgentService:
         self.datapath: Datapath | None = None
         self.health: HealthMonitor | None = None
         self.discovery: ProxyDiscovery | None = None
+        self.control: ControlPolicies | None = None
+        self.watch: AgentPolicyWatch | None = None
         self.manager: SandboxManager | None = None
         self.launchers = Launchers()
         self.events: Tier1EventReader | None = None
@@ -188,6 +193,18 @@ class AgentService:
                 own_underlay=config.underlay, registry=self.registry,
             )  # fmt: skip
             await self.discovery.start()
+            # Live policies: registrations checked against the control plane, and
+            # its watch followed (egressd.agent.policy_watch).
+            self.control = ControlPolicies(
+                config.discovery.control_url, config.discovery.timeout_s
+            )
+            await self.control.start()
+            manager.control = self.control
+            self.watch = AgentPolicyWatch(
+                self.control, jobs=manager.jobs, refresh_job=manager.refresh_job,
+                refresh_discovery=self.discovery.refresh, metrics=self.registry,
+            )  # fmt: skip
+            self.watch.start()
 
         self.registry.register(
             AgentCollector(
@@ -279,6 +296,9 @@ class AgentService:
             self._api_bound = False
             await self.api.close()
             self.api = None
+        if self.watch is not None:
+            await self.watch.close()
+            self.watch = None
         if self.discovery is not None:
             await self.discovery.stop()
             self.discovery = None
@@ -287,6 +307,9 @@ class AgentService:
             self.health = None
         if self.manager is not None:
             await self.manager.unregister_all()
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
         self.launchers.close()
         if self.events is not None:
             await self.events.stop()

@@ -20,13 +20,15 @@ One named task (`proxy-watch`) long-polls `GET {control_url}/v1/watch?since=REV`
 While the control plane is down the proxy keeps enforcing the policies it
 holds until their `exp` and refuses jobs it does not know (`PolicyStore`:
 `control_unreachable`), as before.
+
+The long-poll loop itself (poll, backoff, resync after an error) is
+`egressd.control.watch_client.WatchStream`, shared with the node agents.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -34,49 +36,20 @@ import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from egressd.control.watch_client import (
+    BACKOFF_MAX_S,
+    BACKOFF_MIN_S,
+    MAX_BODY_BYTES,
+    POLL_TIMEOUT_S,
+    RESULTS,
+    WatchError,
+    WatchStream,
+    backoff_delay,
+    parse_answer,
+)
 from egressd.proxy.policies import PolicyStore
-from egressd.proxy.registry import read_json_body
-
-POLL_TIMEOUT_S = 25.0
-BACKOFF_MIN_S = 0.2
-BACKOFF_MAX_S = 5.0
-MAX_BODY_BYTES = 4 * 1024 * 1024
 
 log = structlog.get_logger("egressd.proxy.watch")
-
-
-class WatchError(Exception):
-    def __init__(self, result: str, detail: str) -> None:
-        super().__init__(detail)
-        self.result = result
-        self.detail = detail
-
-
-def parse_answer(body: object) -> tuple[int, list[tuple[str, str, str]], bool]:
-    """(revision, [(kind, key, op)], resync) of one watch answer; WatchError if malformed."""
-    if not isinstance(body, dict):
-        raise WatchError("bad_response", "not a JSON object")
-    revision = body.get("revision")
-    changes = body.get("changes")
-    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
-        raise WatchError("bad_response", "no revision")
-    if not isinstance(changes, list):
-        raise WatchError("bad_response", "no changes list")
-    out = []
-    for change in changes:
-        if not isinstance(change, dict):
-            raise WatchError("bad_response", "a change is not an object")
-        kind, key, op = change.get("kind"), change.get("key"), change.get("op")
-        if not all(isinstance(v, str) for v in (kind, key, op)):
-            raise WatchError("bad_response", "a change lacks kind, key or op")
-        out.append((kind, key, op))
-    return revision, out, body.get("resync") is True
-
-
-def backoff_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
-    """Full-jitter exponential backoff for the `attempt`-th consecutive failure (from 1)."""
-    ceiling = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** max(0, attempt - 1))
-    return BACKOFF_MIN_S / 2 + rng() * (ceiling - BACKOFF_MIN_S / 2)
 
 
 class PolicyWatch:
@@ -92,12 +65,8 @@ class PolicyWatch:
         metrics: CollectorRegistry,
         poll_timeout_s: float = POLL_TIMEOUT_S,
     ) -> None:
-        self._session = session
-        self._url = control_url.rstrip("/") + "/v1/watch"
         self._policies = policies
         self._refresh_registry = refresh_registry
-        self._poll_timeout_s = poll_timeout_s
-        self.revision: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._registry_task: asyncio.Task[object] | None = None
         self._registry_again = False
@@ -107,8 +76,12 @@ class PolicyWatch:
             ["result"],
             registry=metrics,
         )
-        for result in ("changes", "empty", "resync", "unreachable", "http_error", "bad_response"):
+        for result in RESULTS:
             self._answers.labels(result)
+        self._stream = WatchStream(
+            session, control_url, apply=self.apply, on_state=self._on_state,
+            answers=self._answers, logger=log, poll_timeout_s=poll_timeout_s,
+        )  # fmt: skip
         self._changes = Counter(
             "egressd_watch_changes_total", "Change notices received, by kind", ["kind"],
             registry=metrics,
@@ -118,21 +91,12 @@ class PolicyWatch:
             registry=metrics,
         ).set_function(lambda: 1.0 if policies.watching else 0.0)
 
-    async def _poll(self, wait: bool) -> tuple[int, list[tuple[str, str, str]], bool]:
-        params = {"timeout": str(self._poll_timeout_s if wait else 0)}
-        if self.revision is not None:
-            params["since"] = str(self.revision)
-        timeout = aiohttp.ClientTimeout(total=self._poll_timeout_s + 5.0, sock_connect=2.0)
-        try:
-            async with self._session.get(self._url, params=params, timeout=timeout) as response:
-                if response.status != 200:
-                    raise WatchError("http_error", f"GET {self._url}: HTTP {response.status}")
-                body = await read_json_body(response, MAX_BODY_BYTES)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise WatchError("unreachable", f"GET {self._url}: {exc!r}") from exc
-        except ValueError as exc:
-            raise WatchError("bad_response", f"GET {self._url}: {exc}") from exc
-        return parse_answer(body)
+    @property
+    def revision(self) -> int | None:
+        return self._stream.revision
+
+    def _on_state(self, up: bool) -> None:
+        self._policies.watching = up
 
     def apply(self, changes: list[tuple[str, str, str]], resync: bool) -> None:
         """Act on one answer's notices (the fetches run in the background)."""
@@ -170,28 +134,7 @@ class PolicyWatch:
                 return None
 
     async def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                # After an error, ask without waiting: the resync must not wait for a change.
-                revision, changes, resync = await self._poll(wait=self._policies.watching)
-            except WatchError as exc:
-                self._answers.labels(exc.result).inc()
-                failures += 1
-                if self._policies.watching or failures == 1:
-                    log.warning("watch_down", result=exc.result, detail=exc.detail)
-                self._policies.watching = False
-                await asyncio.sleep(backoff_delay(failures))
-                continue
-            recovered = not self._policies.watching
-            if recovered:
-                log.info("watch_up", revision=revision, failures=failures, resync=True)
-            failures = 0
-            self._policies.watching = True
-            resync = resync or recovered
-            self._answers.labels("resync" if resync else "changes" if changes else "empty").inc()
-            self.revision = revision
-            self.apply(changes, resync)
+        await self._stream.run()
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None:
@@ -205,7 +148,17 @@ class PolicyWatch:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = self._registry_task = None
+        self._stream.up = False  # a restart asks at once, as after an error
         self._policies.watching = False
 
 
-__all__ = ["PolicyWatch", "WatchError", "backoff_delay", "parse_answer"]
+# Re-exported: the proxy's tests and callers know them from here.
+__all__ = [
+    "BACKOFF_MAX_S",
+    "BACKOFF_MIN_S",
+    "MAX_BODY_BYTES",
+    "PolicyWatch",
+    "WatchError",
+    "backoff_delay",
+    "parse_answer",
+]

@@ -1,0 +1,352 @@
+"""Live policies on the node: a real agent (`egressd agent serve`) follows a real control
+plane (`egressd control serve`), see `egressd.agent.policy_watch`.
+
+Topology (namespaces ``egd-t<run id>...``, none connected to the host):
+
+    egd-t<id>u: bridge br0 ──veth── egd-t<id>n  node, 198.18.0.11, runs the agent
+                           ──veth── egd-t<id>c  control plane, 198.18.0.2:8080
+
+The agent has no proxies (tier 1 is what is checked: the per-sandbox counters
+``egressd_tier1_sandbox_packets_total`` tell how it decided each frame sent
+from the sandbox's namespace). Checked, in file order against one agent:
+a registration whose policy the control plane does not hold (or holds with
+other content) is refused with its reason, and `egressd sandbox run` exits
+125 with one line saying what to do; a replaced policy reaches the
+sandbox's tier-1 port bitmap, DNS bucket and GENEVE digest within 1 s; a
+delete stops the sandbox's packets at tier 1 (``no_policy``) within 1 s and
+logs one ``job_policy_withdrawn`` event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egressd.agent.client import AgentClientError
+from egressd.net import netns
+from egressd.policy.jws import policy_digest, sign_payload
+from egressd.policy.keys import SigningKey, generate_signing_key, write_key_dir
+from egressd.topology.layout import RESOLVER
+
+from .test_agent import (
+    NODE_IP,
+    REPO,
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    _require_root,
+    http_get,
+    is_mount,
+    metric,
+    wait_for,
+)
+from .test_agent import Fleet as AgentFleet
+from .test_proxy_dataplane import http
+
+pytestmark = pytest.mark.root
+
+CONTROL_IP = "198.18.0.2"
+JOB = uuid.UUID("6f1d2b7e-3c4a-4e5f-8a9b-0c1d2e3f4a5b")
+DEST = "203.0.113.10"
+WITHIN_S = 1.0
+SANDBOX_METRIC = "egressd_tier1_sandbox_packets_total"
+ABORT = struct.pack("ii", 1, 0)  # SO_LINGER 0
+QUERY = (
+    bytes.fromhex("123401000001000000000000") + b"\x03api\x07allowed\x04test\x00\x00\x01\x00\x01"
+)
+
+
+def policy_body(*ports: int, **limits: int) -> dict[str, Any]:
+    return {
+        "v": 1, "job_id": str(JOB), "account": "acme", "nodes": ["node1"],
+        "egress": [{"cidr": f"{DEST}/32", "ports": list(ports)}],
+        "limits": limits,
+    }  # fmt: skip
+
+
+@dataclass
+class Env:
+    root: Path
+    key: SigningKey
+    under: str
+    node: str
+    ctl: str
+    sandbox_prefix: str
+    run_dir: Path
+    state_dir: Path
+    token: str = ""
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def api_socket(self) -> Path:
+        return self.run_dir / "agents" / "node1.sock"
+
+    def control(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
+        status, payload = http(
+            self.node, method, CONTROL_IP, 8080, path, body,
+            headers={"Authorization": f"Bearer {self.token}"},
+        )  # fmt: skip
+        return status, (json.loads(payload) if payload else None)
+
+    def agent(self) -> AgentFleet:
+        """test_agent's helpers (register, list, metrics) pointed at this agent."""
+        return AgentFleet(
+            run_id="", root=self.root, key=self.key, under=self.under, node=self.node,
+            proxy_ns={}, sandbox_prefix=self.sandbox_prefix, config_path=self.root / "agent.json",
+            api_socket=self.api_socket, state_dir=self.state_dir,
+        )  # fmt: skip
+
+    def agent_log(self) -> str:
+        return (self.root / "agent.log").read_text(errors="replace")
+
+
+def _setup(env: Env) -> None:
+    for ns in (env.under, env.node, env.ctl):
+        netns.ensure_netns(ns)
+        env.namespaces.append(ns)
+        netns.set_link_up(ns, "lo")
+    netns.ensure_bridge(env.under, "br0")
+    netns.set_link_up(env.under, "br0")
+    for tag, ns, ip in (("n", env.node, NODE_IP), ("c", env.ctl, CONTROL_IP)):
+        netns.ensure_veth(env.under, f"v{tag}", ns, "u0")
+        netns.enslave(env.under, f"v{tag}", "br0")
+        netns.set_link_up(env.under, f"v{tag}")
+        netns.ensure_addr(ns, "u0", f"{ip}/24")
+        netns.set_link_up(ns, "u0")
+    keys = env.root / "keys"
+    write_key_dir(keys, env.key)
+    py = {**os.environ, "PYTHONPATH": str(REPO)}
+    token_file = env.root / "admin-token"
+    env.procs["control"] = netns.popen_in_netns(
+        env.ctl,
+        [sys.executable, "-m", "egressd", "control", "serve", "--listen", f"{CONTROL_IP}:8080",
+         "--state-dir", str(env.root / "ctl-state"), "--key", str(keys / "signing.key"),
+         "--admin-token-file", str(token_file)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=(env.root / "control.log").open("wb"), env=py, cwd=str(REPO),
+    )  # fmt: skip
+    wait_for(lambda: http_get(env.node, CONTROL_IP, 8080, "/v1/jobs")[0] == 200,
+             START_TIMEOUT_S, "the control plane")  # fmt: skip
+    env.token = token_file.read_text().strip()
+    status, body = env.control(
+        "PUT", "/v1/nodes/node1", {"underlay": NODE_IP, "sandbox_cidr": "100.96.1.0/24"}
+    )
+    assert status in (200, 201), body
+
+    config = {
+        "name": "node1",
+        "underlay": NODE_IP,
+        "sandbox_cidr": "100.96.1.0/24",
+        "discovery": {"control_url": f"http://{CONTROL_IP}:8080", "interval_s": 60},
+        "keys_dir": str(keys),
+        "api_socket": str(env.api_socket),
+        "state_dir": str(env.state_dir),
+        "sandbox_netns_prefix": env.sandbox_prefix,
+    }
+    (env.root / "agent.json").write_text(json.dumps(config))
+    env.procs["agent"] = netns.popen_in_netns(
+        env.node,
+        [sys.executable, "-m", "egressd", "agent", "serve", "--config",
+         str(env.root / "agent.json")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=(env.root / "agent.log").open("wb"), env=py, cwd=str(REPO),
+    )  # fmt: skip
+
+    def ready() -> bool:
+        proc = env.procs["agent"]
+        if proc.poll() is not None:
+            raise AssertionError(f"agent exited {proc.returncode}:\n{env.agent_log()[-4000:]}")
+        return http_get(env.node, NODE_IP, 9090, "/readyz")[0] == 200
+
+    wait_for(ready, START_TIMEOUT_S, "agent /readyz")
+    wait_for(lambda: '"watch_up"' in env.agent_log(), 10, "the agent's watch")
+
+
+def _teardown(env: Env) -> None:
+    for proc in env.procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in env.procs.values():
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    for ns in netns.list_netns(env.sandbox_prefix):
+        with contextlib.suppress(netns.NetError):
+            netns.delete_netns(ns)
+    for ns in reversed(env.namespaces):
+        with contextlib.suppress(netns.NetError):
+            netns.delete_netns(ns)
+    bpffs = env.state_dir / "bpffs"
+    if is_mount(bpffs):
+        ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(bpffs), 2)  # MNT_DETACH
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    _require_root()
+    base = f"egd-t{secrets.token_hex(3)}"
+    root = tmp_path_factory.mktemp("agent-live")
+    env = Env(
+        root=root, key=generate_signing_key(), under=f"{base}u", node=f"{base}n",
+        ctl=f"{base}c", sandbox_prefix=f"{base}s-", run_dir=root / "run",
+        state_dir=root / "state",
+    )  # fmt: skip
+    (env.run_dir / "agents").mkdir(parents=True)
+    try:
+        _setup(env)
+        yield env
+    finally:
+        _teardown(env)
+
+
+def count(env: Env, sandbox_id: str, verdict: str, reason: str) -> float:
+    text = env.agent().metrics()
+    return metric(text, SANDBOX_METRIC, sandbox_id=sandbox_id, job_id=str(JOB), verdict=verdict,
+                  reason=reason) or 0.0  # fmt: skip
+
+
+def syn(ns: str, port: int) -> None:
+    """One SYN from the sandbox to DEST:port (the socket is gone at once)."""
+    sock = netns.netns_socket(ns, socket.AF_INET, socket.SOCK_STREAM)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORT)
+        sock.setblocking(False)
+        sock.connect_ex((DEST, port))
+        time.sleep(0.005)
+
+
+def dns_queries(ns: str, n: int) -> None:
+    sock = netns.netns_socket(ns, socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        for _ in range(n):
+            sock.sendto(QUERY, (str(RESOLVER), 53))
+
+
+def until(check: Any, timeout: float, what: str) -> float:
+    """Seconds until `check()` held (polled every 20 ms); AssertionError after `timeout`."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_registration_of_a_policy_the_control_plane_does_not_hold_is_refused(env: Env) -> None:
+    agent = env.agent()
+    now = int(time.time())
+    local = sign_payload({**policy_body(443), "iat": now, "nbf": now, "exp": now + 600}, env.key)
+    with pytest.raises(AgentClientError) as err:
+        agent.register("sbx-unheld", local)
+    assert err.value.reason == "policy_not_held", err.value
+    assert "egressd job put POLICY.json" in err.value.detail
+
+    # The launcher says so in one line and exits 125.
+    jws_file = env.root / "local.jws"
+    jws_file.write_text(local)
+    run = subprocess.run(
+        [sys.executable, "-m", "egressd", "sandbox", "run", "--node", "node1", "--policy",
+         str(jws_file), "--run-dir", str(env.run_dir), "--", "/bin/true"],
+        check=False, capture_output=True, text=True, timeout=60, cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert run.returncode == 125, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert "policy_not_held" in lines[0] and "egressd job put POLICY.json" in lines[0]
+
+    # Held, but with other content: refused too.
+    status, _ = env.control("PUT", f"/v1/jobs/{JOB}/policy", policy_body(443, 80))
+    assert status in (200, 201)
+    with pytest.raises(AgentClientError) as err:
+        agent.register("sbx-unheld", local)
+    assert err.value.reason == "policy_superseded"
+    assert agent.list() == []
+    assert '"sandbox_registered"' not in env.agent_log()
+
+
+def test_a_replaced_policy_reprograms_tier1_and_a_delete_stops_the_sandbox(env: Env) -> None:
+    agent = env.agent()
+    status, held = env.control("PUT", f"/v1/jobs/{JOB}/policy", policy_body(443))
+    assert status in (200, 201), held
+    info = agent.register("sbx-live", held["jws"])
+    ns = info.netns
+    assert info.raw["digest"] == policy_digest(held["jws"]).hex()
+    assert info.raw["tcp_ports"] == ["443"]
+
+    # Before: 8443 is not allowed, and 30 queries pass the default DNS bucket (50/s).
+    syn(ns, 8443)
+    until(lambda: count(env, "sbx-live", "drop", "port_not_allowed") >= 1, 2, "8443 refused")
+    dns_queries(ns, 30)
+    time.sleep(0.1)
+    assert count(env, "sbx-live", "drop", "dns_rate_limit") == 0
+    redirected = count(env, "sbx-live", "redirect", "redirected")
+    refused = count(env, "sbx-live", "drop", "port_not_allowed")
+
+    # Replace: 8443 allowed, DNS at 1/s (burst 10).
+    status, new = env.control(
+        "PUT", f"/v1/jobs/{JOB}/policy", policy_body(443, 8443, dns_queries_per_s=1)
+    )
+    assert status in (200, 201), new
+    t0 = time.monotonic()
+
+    def programmed() -> bool:
+        raw = agent.list()[0].raw
+        return raw["digest"] == new["digest"] and raw["tcp_ports"] == ["443", "8443"]
+
+    until(programmed, WITHIN_S, "the new digest and ports in the agent's view")
+
+    def allowed() -> bool:
+        syn(ns, 8443)
+        return count(env, "sbx-live", "redirect", "redirected") > redirected
+
+    until(allowed, WITHIN_S - (time.monotonic() - t0), "8443 redirected by tier 1")
+    replaced_in = time.monotonic() - t0
+    assert count(env, "sbx-live", "drop", "port_not_allowed") == refused
+    dns_queries(ns, 30)
+    until(lambda: count(env, "sbx-live", "drop", "dns_rate_limit") >= 20, 1, "the 1/s bucket")
+    assert count(env, "sbx-live", "drop", "dns_rate_limit") == 20
+    print(f"replace -> tier 1 redirects 8443: {replaced_in * 1000:.0f} ms")
+
+    # Delete: the sandbox's frames drop as no_policy at tier 1.
+    status, _ = env.control("DELETE", f"/v1/jobs/{JOB}/policy")
+    assert status == 204
+    t0 = time.monotonic()
+    before = count(env, "sbx-live", "drop", "no_policy")
+
+    def stopped() -> bool:
+        syn(ns, 443)
+        return count(env, "sbx-live", "drop", "no_policy") > before
+
+    deleted_in = until(stopped, WITHIN_S, "443 dropped as no_policy")
+    print(f"delete -> tier 1 drops: {deleted_in * 1000:.0f} ms")
+    stuck = count(env, "sbx-live", "redirect", "redirected")
+    for _ in range(5):
+        syn(ns, 443)
+    time.sleep(0.1)
+    assert count(env, "sbx-live", "redirect", "redirected") == stuck
+    assert agent.list()[0].raw["state"] == "withdrawn"
+    events = [json.loads(line) for line in env.agent_log().splitlines()
+              if line.startswith("{") and '"job_policy_withdrawn"' in line]  # fmt: skip
+    assert len(events) == 1, events
+    assert events[0]["reason"] == "policy_deleted" and events[0]["sandbox_ids"] == ["sbx-live"]
+    agent.unregister("sbx-live")
+    assert agent.list() == []
