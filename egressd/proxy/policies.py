@@ -78,7 +78,7 @@ from egressd.policy.errors import JwsError, KeyFileError
 from egressd.policy.jws import DEFAULT_LEEWAY_S, VerifiedPolicy, verify_policy
 from egressd.policy.keys import TrustedKeys, load_trusted_keys
 from egressd.proxy.context import PolicyUnavailable
-from egressd.proxy.registry import read_json_body
+from egressd.control.watch_client import read_json_body
 
 FETCH_TIMEOUT_S = 2.0
 MAX_BODY_BYTES = 256 * 1024

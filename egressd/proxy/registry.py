@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from egressd.control.watch_client import read_json_body
 from egressd.policy.addresses import FleetAddresses
 
 IPv4Address = ipaddress.IPv4Address
@@ -221,20 +221,6 @@ def static_members(
 
 def _listed(addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> list[str]:
     return [str(a) for a in sorted(addresses, key=lambda a: (a.version, int(a)))]
-
-
-async def read_json_body(response: aiohttp.ClientResponse, limit: int) -> object:
-    """The response body decoded as JSON; ValueError when longer than `limit` or not JSON."""
-    if (response.content_length or 0) > limit:
-        raise ValueError(f"body larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise ValueError(f"body larger than {limit} bytes")
-        chunks.append(chunk)
-    return json.loads(b"".join(chunks))
 
 
 class NodeRegistry:
