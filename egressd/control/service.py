@@ -159,10 +159,6 @@ class ControlService:
             ) from exc
         host, port = runner.addresses[0][:2]
         self.bound = BoundAddress(host=host, port=port)
-        if config.port_file is not None:
-            await asyncio.to_thread(
-                atomic_write, config.port_file, f"{port}\n".encode(), mode=0o644
-            )
         log.info(
             "listening",
             host=host,
@@ -175,6 +171,12 @@ class ControlService:
             nodes=len(store.nodes),
             proxies=len(store.proxies),
         )
+        # The port file is the readiness signal for scripts and tests: written
+        # after the listening event, so whoever reads it finds the event logged.
+        if config.port_file is not None:
+            await asyncio.to_thread(
+                atomic_write, config.port_file, f"{port}\n".encode(), mode=0o644
+            )
         return self.bound
 
     async def stop(self) -> None:

@@ -170,13 +170,15 @@ def _attack(scenario: Scenario, obs: Observed) -> list[v.Verdict]:
     return v.attacker_verdicts(attack)
 
 
-def _neighbour(role: str, obs: Observed, phases: Sequence[str]) -> list[v.Verdict]:
+def _neighbour(role: str, obs: Observed, phases: Sequence[str],
+               slack_ms: float = 0.0) -> list[v.Verdict]:  # fmt: skip
     refusals = obs.refusals(role)
     total = None if refusals is None else sum(sum(per.values()) for per in refusals.values())
     out = [v.failures_verdict(role, {ph: obs.stat(ph, role) for ph in phases}, total,
                               obs.totals.get(role))]  # fmt: skip
     if len(phases) > 1:
-        out.append(v.latency_verdict(role, obs.stat(BASELINE, role), obs.stat(STRESS, role)))
+        out.append(v.latency_verdict(role, obs.stat(BASELINE, role), obs.stat(STRESS, role),
+                                     slack_ms=slack_ms))  # fmt: skip
     return out
 
 
@@ -239,7 +241,7 @@ def assess(scenario: Scenario, obs: Observed) -> list[v.Verdict]:
         out += _flood(scenario, obs)
         for job in scenario.jobs:
             if not job.abusive:
-                out += _neighbour(job.role, obs, (BASELINE, STRESS))
+                out += _neighbour(job.role, obs, (BASELINE, STRESS), v.FLOOD_LATENCY_SLACK_MS)
     elif scenario.name == "port-exhaustion":
         out += _attack(scenario, obs)
         out += _neighbour("victim", obs, (BASELINE, STRESS))

@@ -24,7 +24,13 @@ Thresholds (issue 4):
   proxies saw at most `PROXY_TOLERANCE` above the budget of its packets (a
   tap in each proxy's namespace, before the DNS responder and the
   listener's SYN queue); each victim (one on the attacker's node, one on the
-  other) passes the failures and p99 verdicts above.
+  other) passes the failures and p99 verdicts above, the p99 with
+  `FLOOD_LATENCY_SLACK_MS` of absolute slack: the flood's sender and the
+  kernel's drops run on the same (2) cores as the victims, so a victim on the
+  other node, whose packets never meet the attacker's, still sees its p99 of
+  ~20 ms rise by a few tens of ms from CPU alone; the defect this verdict
+  guards against (one job's burst served ahead of the others) costs hundreds
+  of ms and timeouts.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from egressd.loadtest.results import LogProblem, RequestStats
 from egressd.loadtest.scenarios import share, tier1_budget
 
 LATENCY_FACTOR = 2.0
+FLOOD_LATENCY_SLACK_MS = 50.0
 RATE_TOLERANCE = 0.10
 REACHED_FRACTION = 0.95
 THROUGHPUT_FRACTION = 0.9
@@ -191,18 +198,19 @@ def failures_verdict(role: str, phases: Mapping[str, RequestStats | None],
 
 
 def latency_verdict(role: str, baseline: RequestStats | None, stress: RequestStats | None,
-                    factor: float = LATENCY_FACTOR) -> Verdict:  # fmt: skip
+                    factor: float = LATENCY_FACTOR, slack_ms: float = 0.0) -> Verdict:  # fmt: skip
     base = baseline.p99_ms if baseline else None
     under = stress.p99_ms if stress else None
+    rule = f"<= {factor:g} x baseline" + (f" + {slack_ms:g} ms" if slack_ms else "")
     if base is None or under is None:
         return Verdict(f"{role}_p99", False, f"baseline {_ms(base)}, stress {_ms(under)}",
-                       f"<= {factor:g} x baseline", "missing percentiles")  # fmt: skip
-    limit = factor * base
+                       rule, "missing percentiles")  # fmt: skip
+    limit = factor * base + slack_ms
     return Verdict(
         f"{role}_p99", under <= limit,
         f"baseline {_ms(base)}, stress {_ms(under)} ({under / base:.2f}x)" if base else
         f"baseline {_ms(base)}, stress {_ms(under)}",
-        f"<= {factor:g} x baseline = {limit:g} ms",
+        f"{rule} = {limit:g} ms",
     )  # fmt: skip
 
 
