@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # `egressd` on PATH: a link into this checkout's venv (the README's commands use it).
 LINK ?= /usr/local/bin/egressd
 
-.PHONY: deps apt venv link test test-unit demo bench clean
+.PHONY: deps apt venv link test test-unit lint demo bench clean
 
 deps: apt venv link
 
@@ -48,6 +48,15 @@ test: deps
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+# Every step runs even when an earlier one fails, so one run shows all three; the paths and
+# rules live in pyproject.toml ([tool.ruff], [tool.mypy]).
+lint: venv
+	@rc=0; \
+	$(BIN)/ruff check . || rc=1; \
+	$(BIN)/ruff format --check . || rc=1; \
+	$(BIN)/mypy || rc=1; \
+	exit $$rc
 
 demo: deps
 	$(BIN)/egressd demo

@@ -1,4 +1,4 @@
-"""Policy propagation: from a change at the control plane to every proxy enforcing it.
+"""Policy propagation: from a change at the control plane to every proxy and agent enforcing it.
 
     sudo python benchmarks/policy_propagation.py [--changes 100] [--out bench-results/policy_propagation.json]
     sudo python benchmarks/policy_propagation.py --up   # bring a fleet up (prefix egd-pp-) and down
@@ -7,20 +7,25 @@ Against a running fleet (`egressd topology up`; `--run-dir`, `--prefix`), or
 its own with `--up`. One job naming every node is signed, and each proxy is
 made to hold its policy (one GENEVE datagram for the job from node1's
 underlay address, as a node sends: the proxy fetches the policy to validate
-it). Then `--changes` times: the job's policy is replaced (PUT, alternating
-between two egress lists, so every change is a new digest), and the time
-from just before the PUT to the moment each proxy verified the new digest
-(`policy_verified` in its JSON log, same host clock) is one sample. The
-changes are `--gap` seconds apart.
+it), and each node agent gets a sandbox of the job registered through its
+API socket (netns, veth and tier 1, no runsc: an agent follows only the jobs
+that have sandboxes on it). Then `--changes` times: the job's policy is
+replaced (PUT, alternating between two egress lists, so every change is a
+new digest), and the time from just before the PUT to the moment each member
+applied the new digest is one sample: a proxy's `policy_verified`, an
+agent's `job_policy_updated` (tier 1 and the GENEVE digest reprogrammed) in
+its JSON log (same host clock). The changes are `--gap` seconds apart.
 
-Prints p50/p99/max over every (change, proxy) sample and per proxy; `--out`
-writes the samples and the summary as JSON. Exit code 1 when a proxy missed
-a change for `--timeout` seconds.
+Prints p50/p99/max over every (change, proxy) and (change, agent) sample and
+per member; `--out` writes the samples and the summary as JSON. Exit code 1
+when a member missed a change for `--timeout` seconds. `--no-agents`
+measures the proxies only.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import json
@@ -34,6 +39,7 @@ from typing import Any
 
 from scapy.layers.inet import IP, UDP
 
+from egressd.agent.client import AgentClient
 from egressd.geneve.codec import JobOption, encode
 from egressd.net import netns as kn
 from egressd.topology.fleet import Fleet
@@ -95,16 +101,26 @@ def warm(fleet: Fleet, job: uuid.UUID) -> None:
             sock.sendto(datagram, (str(proxy.underlay), GENEVE_PORT))
 
 
-def wait_digest(tails: dict[str, LogTail], job: str, digest: str, timeout: float) -> dict[str, float]:
-    """Per proxy, when it logged `policy_verified` for `job` with `digest`."""
+# The log event with which each kind of member says it applied a new digest.
+PROXY_EVENT = "policy_verified"
+AGENT_EVENT = "job_policy_updated"
+
+
+def wait_digest(
+    tails: dict[str, LogTail], job: str, digest: str, timeout: float,
+    events: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """Per member, when it logged its event (`events[name]`, default
+    `policy_verified`) for `job` with `digest`."""
     seen: dict[str, float] = {}
     deadline = time.monotonic() + timeout
     while len(seen) < len(tails) and time.monotonic() < deadline:
         for name, tail in tails.items():
+            event = (events or {}).get(name, PROXY_EVENT)
             for item in tail.lines():
                 if (
                     name not in seen
-                    and item.get("event") == "policy_verified"
+                    and item.get("event") == event
                     and item.get("job_id") == job
                     and item.get("digest") == digest
                 ):
@@ -113,6 +129,22 @@ def wait_digest(tails: dict[str, LogTail], job: str, digest: str, timeout: float
                         seen[name] = stamp
         time.sleep(0.005)
     return seen
+
+
+def agent_sandboxes(fleet: Fleet, jws: str, *, register: bool) -> None:
+    """Register (or unregister) one sandbox of the job on every node, no runsc."""
+
+    async def each(node: str) -> None:
+        async with AgentClient(fleet.agent_socket(node)) as agent:
+            if register:
+                await agent.register(f"pp-bench-{node}", jws)
+            else:
+                await agent.unregister(f"pp-bench-{node}")
+
+    async def every() -> None:
+        await asyncio.gather(*(each(n.name) for n in fleet.layout.nodes))
+
+    asyncio.run(every())
 
 
 def run(args: argparse.Namespace, fleet: Fleet) -> int:
@@ -126,25 +158,37 @@ def run(args: argparse.Namespace, fleet: Fleet) -> int:
          "egress": [{"cidr": f"{site}/32", "ports": [80, 443]}]},
     ]  # fmt: skip
     tails = {p.name: LogTail(fleet.run_dir / "logs" / f"{p.name}.log") for p in fleet.layout.proxies}
+    proxies = sorted(tails)
+    agents = [] if args.no_agents else sorted(n.name for n in fleet.layout.nodes)
+    events = dict.fromkeys(agents, AGENT_EVENT)
     first = fleet.control_put(f"/v1/jobs/{job}/policy", bodies[0])
     warm(fleet, job)
     held = wait_digest(tails, str(job), str(first["digest"]), args.timeout)
     if len(held) < len(tails):
         print(f"proxies never fetched the job: {sorted(set(tails) - set(held))}", file=sys.stderr)
         return 1
+    for name in agents:
+        tails[name] = LogTail(fleet.run_dir / "logs" / f"{name}.log")
+    if agents:
+        agent_sandboxes(fleet, str(first["jws"]), register=True)
     samples: dict[str, list[float]] = {name: [] for name in tails}
     missed = 0
-    for i in range(args.changes):
-        body = bodies[(i + 1) % 2]
-        started = time.time()
-        answer = fleet.control_put(f"/v1/jobs/{job}/policy", body)
-        seen = wait_digest(tails, str(job), str(answer["digest"]), args.timeout)
-        for name in tails:
-            if name in seen:
-                samples[name].append(max(0.0, seen[name] - started))
-            else:
-                missed += 1
-        time.sleep(args.gap)
+    try:
+        for i in range(args.changes):
+            body = bodies[(i + 1) % 2]
+            started = time.time()
+            answer = fleet.control_put(f"/v1/jobs/{job}/policy", body)
+            seen = wait_digest(tails, str(job), str(answer["digest"]), args.timeout, events)
+            for name in tails:
+                if name in seen:
+                    samples[name].append(max(0.0, seen[name] - started))
+                else:
+                    missed += 1
+            time.sleep(args.gap)
+    finally:
+        if agents:
+            with contextlib.suppress(Exception):
+                agent_sandboxes(fleet, "", register=False)
     with contextlib.suppress(Exception):
         from egressd.topology.probe import http_request
 
@@ -153,6 +197,8 @@ def run(args: argparse.Namespace, fleet: Fleet) -> int:
             headers={"Authorization": f"Bearer {fleet.admin_token()}"},
         )  # fmt: skip
     every = [v for values in samples.values() for v in values]
+    of_proxies = [v for name in proxies for v in samples[name]]
+    of_agents = [v for name in agents for v in samples[name]]
 
     def summary(values: list[float]) -> dict[str, float]:
         return {
@@ -165,19 +211,27 @@ def run(args: argparse.Namespace, fleet: Fleet) -> int:
 
     result = {
         "changes": args.changes,
-        "proxies": sorted(tails),
+        "proxies": proxies,
+        "agents": agents,
         "missed": missed,
         "all": summary(every),
-        "per_proxy": {name: summary(values) for name, values in samples.items()},
+        "all_proxies": summary(of_proxies),
+        "all_agents": summary(of_agents),
+        "per_proxy": {name: summary(samples[name]) for name in proxies},
+        "per_agent": {name: summary(samples[name]) for name in agents},
         "samples_ms": {name: [round(1000 * v, 3) for v in values] for name, values in samples.items()},
     }
-    print(f"policy propagation over {args.changes} changes to {len(tails)} proxies "
-          f"(PUT sent -> proxy verified the new digest)")  # fmt: skip
+    print(f"policy propagation over {args.changes} changes to {len(proxies)} proxies and "
+          f"{len(agents)} agents (PUT sent -> proxy verified / agent applied the new digest)")
     print(f"{'':10} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-    for name, s in [("all", result["all"]), *result["per_proxy"].items()]:
+    rows = [("all", result["all"]), ("proxies", result["all_proxies"]),
+            *result["per_proxy"].items()]  # fmt: skip
+    if agents:
+        rows += [("agents", result["all_agents"]), *result["per_agent"].items()]
+    for name, s in rows:
         print(f"{name:10} {s['n']:>5} {s['p50_ms']:8.1f} {s['p99_ms']:8.1f} {s['max_ms']:8.1f}")
     if missed:
-        print(f"missed: {missed} (proxy, change) pairs not seen within {args.timeout} s")
+        print(f"missed: {missed} (member, change) pairs not seen within {args.timeout} s")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="egd-")
     parser.add_argument("--up", action="store_true", help="bring a fleet up (and down) for the run")
     parser.add_argument("--out", default=None, metavar="FILE.json")
+    parser.add_argument("--no-agents", action="store_true", help="measure the proxies only")
     args = parser.parse_args(argv)
     if args.up:
         if args.prefix == "egd-":

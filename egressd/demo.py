@@ -153,7 +153,7 @@ def run_offline() -> int:
     return 0 if not failed else 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from egressd.topology.layout import DEFAULT_RUN_DIR
 
     parser = sub.add_parser("demo", help="two jobs in real gVisor sandboxes through the fleet")

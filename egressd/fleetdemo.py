@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from egressd.metrics_text import by_label, parse
 from egressd.topology.fleet import Fleet
 from egressd.topology.layout import ADMIN_PORT, Layout
 from egressd.topology.probe import ProbeError, http_request
@@ -101,13 +102,8 @@ def tier1_counts(fleet: Fleet, node: str) -> dict[str, float]:
         reply = http_request(fleet.ns(spec.netns), "GET", str(spec.underlay), ADMIN_PORT, "/metrics")
     except ProbeError:
         return {}
-    out: dict[str, float] = {}
-    for line in reply.body.decode().splitlines():
-        if line.startswith("egressd_tier1_packets_total{") and 'verdict="drop"' in line:
-            labels, value = line.rsplit(" ", 1)
-            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
-            out[reason] = out.get(reason, 0.0) + float(value)
-    return out
+    samples = parse(reply.body.decode())
+    return by_label(samples, "egressd_tier1_packets_total", "reason", verdict="drop")
 
 
 def audit_events(fleet: Fleet, job_id: str) -> list[dict[str, object]]:
@@ -154,7 +150,11 @@ def judge(exp: Expectation, attempt: dict[str, object] | None, events: list[dict
     for event in events:
         if event.get("event") != wanted:
             continue
-        if exp.host is not None and wanted == "dns" and event.get("qname", "").rstrip(".") != exp.host:  # type: ignore[union-attr]
+        if (
+            exp.host is not None
+            and wanted == "dns"
+            and event.get("qname", "").rstrip(".") != exp.host  # type: ignore[attr-defined]
+        ):
             continue
         if exp.host is not None and wanted == "connection" and event.get("host") != exp.host:
             continue

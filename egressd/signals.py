@@ -53,7 +53,7 @@ def sigterm_unwinds() -> Iterator[None]:
 
     def handler(_signum: int, _frame: FrameType | None) -> None:
         if os.getpid() == owner:  # pyroute2 forks helpers that inherit handlers
-            raise Stopped()
+            raise Stopped
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

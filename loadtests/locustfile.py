@@ -195,7 +195,8 @@ class PortExhaustionAttacker(User):
         now = time.monotonic()
         if not self._address or now - self._resolved_at > RESOLVE_EVERY_S:
             # Through the proxy's DNS, so that tier 2 knows the name this job uses.
-            self._address = socket.getaddrinfo(self._site, self._port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+            infos = socket.getaddrinfo(self._site, self._port, socket.AF_INET, socket.SOCK_STREAM)
+            self._address = str(infos[0][4][0])
             self._resolved_at = now
         return self._address
 
@@ -279,7 +280,7 @@ class PortExhaustionAttacker(User):
                     return
         finally:
             if holding:
-                self._held.discard(sock)  # type: ignore[arg-type]
+                self._held.discard(sock)
             else:
                 self._in_flight -= 1
             if sock is not None:

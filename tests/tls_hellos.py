@@ -58,7 +58,7 @@ def handshake(
     padding: int | None = None,
 ) -> bytes:
     """The ClientHello handshake message (type, 24-bit length, body)."""
-    groups = [X25519MLKEM768, X25519KYBER768][:pq_shares] + [X25519, 0x0017, 0x0018]
+    groups = [*[X25519MLKEM768, X25519KYBER768][:pq_shares], X25519, 0x0017, 0x0018]
     shares = b"".join(
         struct.pack("!H", g) + _vec16(os.urandom(1216))
         for g in (X25519MLKEM768, X25519KYBER768)[:pq_shares]

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from egressd.cli import serve_daemon
+from egressd.cliutil import serve_daemon
 
 
 def add_serve_parser(sub: Any) -> None:

@@ -40,7 +40,7 @@ class AgentClientError(EgressdError):
         self.status = status
 
 
-class AgentUnreachable(AgentClientError, OSError):  # noqa: N818 - an error, named for what it is
+class AgentUnreachable(AgentClientError, OSError):
     def __init__(self, detail: str) -> None:
         AgentClientError.__init__(self, "agent_unreachable", detail, kind="transport")
 

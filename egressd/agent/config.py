@@ -36,6 +36,20 @@ A failed refresh keeps the last list, so the data path still does not depend
 on the control plane being up. The same `control_url` turns on live policies
 (`egressd.agent.policy_watch`): registrations are checked against the control
 plane (fail closed) and its watch is followed.
+
+`"sandbox_cidr": "auto"` (needs `discovery`) has the control plane pick this
+node's sandbox CIDR: at start, before any networking is set up, the agent
+registers itself (`PUT /v1/nodes/<name>` with `"sandbox_cidr": "auto"`, the
+admin token from `registration.admin_token_file`, default
+`/run/egressd/admin-token`) and uses the CIDR of the answer
+(`egressd.agent.registration`). The same name gets the same CIDR back across
+restarts. No answer within `registration.wait_s` (default 30; the control
+plane may be starting), or a refusal (pool exhausted, unauthorized, conflict),
+stops the start with one line: the agent never guesses a CIDR. "auto" is
+spelt out, not implied by an absent `sandbox_cidr`: a config that forgot it
+stays an error rather than silently depending on the control plane.
+`registration` is accepted only with "auto". Until it is resolved,
+`AgentConfig.sandbox_cidr` is None; `resolved()` gives the config to run.
 """
 
 from __future__ import annotations
@@ -43,7 +57,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -57,6 +71,8 @@ IPv4Network = ipaddress.IPv4Network
 DEFAULT_AGENTS_DIR = layout.DEFAULT_RUN_DIR / "agents"
 DEFAULT_KEYS_DIR = layout.DEFAULT_RUN_DIR / "keys"
 DEFAULT_SANDBOX_NETNS_PREFIX = "egd-sbx-"
+DEFAULT_ADMIN_TOKEN_FILE = layout.DEFAULT_RUN_DIR / "admin-token"
+SANDBOX_CIDR_AUTO = "auto"
 MAX_CONFIG_BYTES = 1 << 20
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -130,12 +146,25 @@ class DiscoverySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistrationSettings:
+    """`"sandbox_cidr": "auto"`: how the agent registers itself to get its CIDR."""
+
+    admin_token_file: Path = DEFAULT_ADMIN_TOKEN_FILE
+    wait_s: float = 30.0  # retry an unreachable or failing (5xx) control plane this long
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.wait_s <= 600:
+            raise ConfigError("registration.wait_s", "must be in 0..600")
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything the agent needs; built by `load_config` or `parse_config`."""
 
     name: str
     underlay: IPv4Address
-    sandbox_cidr: IPv4Network
+    # None: "auto", allocated by the control plane at start (`registration`).
+    sandbox_cidr: IPv4Network | None
     proxies: tuple[ProxyEndpoint, ...]
     vni: int = layout.DEFAULT_VNI
     keys_dir: Path = DEFAULT_KEYS_DIR
@@ -161,6 +190,8 @@ class AgentConfig:
     offload: bool = False
     # Learn proxies from the control plane too (None: the static list only).
     discovery: DiscoverySettings | None = None
+    # Set when sandbox_cidr is "auto" (kept after it is resolved).
+    registration: RegistrationSettings | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -174,7 +205,13 @@ class AgentConfig:
             raise ConfigError("state_dir", "must not contain '.' (libbpf rewrites dots in pin paths)")
         if not 0 <= self.vni <= 0xFFFFFF:
             raise ConfigError("vni", "must be in 0..16777215")
-        if self.sandbox_cidr.prefixlen > 29:
+        if self.sandbox_cidr is None:
+            if self.discovery is None or self.registration is None:
+                raise ConfigError(
+                    "sandbox_cidr",
+                    '"auto" needs discovery.control_url: the control plane allocates it',
+                )
+        elif self.sandbox_cidr.prefixlen > 29:
             raise ConfigError("sandbox_cidr", "needs room for a gateway and sandboxes (/29 or more)")
         if not self.proxies and self.discovery is None:
             raise ConfigError("proxies", "must not be empty (unless discovery is set)")
@@ -203,7 +240,18 @@ class AgentConfig:
     @property
     def gateway(self) -> IPv4Address:
         """The sandboxes' default gateway: the first address of the sandbox CIDR."""
-        return self.sandbox_cidr.network_address + 1
+        return self.cidr.network_address + 1
+
+    @property
+    def cidr(self) -> IPv4Network:
+        """The sandbox CIDR; ValueError while it is still "auto" (not resolved)."""
+        if self.sandbox_cidr is None:
+            raise ValueError('sandbox_cidr is "auto" and not resolved yet')
+        return self.sandbox_cidr
+
+    def resolved(self, cidr: IPv4Network) -> AgentConfig:
+        """This config with the sandbox CIDR the control plane allocated (checked again)."""
+        return replace(self, sandbox_cidr=cidr)
 
     def proxy(self, name: str) -> ProxyEndpoint:
         for proxy in self.proxies:
@@ -217,12 +265,13 @@ _TOP_KEYS = frozenset(
         "name", "underlay", "sandbox_cidr", "vni", "proxies", "keys_dir", "api_socket",
         "admin_port", "geneve_port", "tun", "resolver", "fleet_ranges", "state_dir",
         "sandbox_netns_prefix", "sandbox_mtu", "health", "flow_idle_s", "offload",
-        "discovery",
+        "discovery", "registration",
     }
 )  # fmt: skip
 _HEALTH_KEYS = frozenset({"interval_s", "timeout_s", "down_after", "up_after", "port", "path"})
 _PROXY_KEYS = frozenset({"name", "underlay"})
 _DISCOVERY_KEYS = frozenset({"control_url", "interval_s", "timeout_s"})
+_REGISTRATION_KEYS = frozenset({"admin_token_file", "wait_s"})
 
 
 def load_config(path: Path | str) -> AgentConfig:
@@ -250,7 +299,7 @@ def parse_config(obj: object) -> AgentConfig:
     kwargs: dict[str, object] = {
         "name": _str(_require(obj, "name"), "name"),
         "underlay": _addr(_require(obj, "underlay"), "underlay"),
-        "sandbox_cidr": _net(_require(obj, "sandbox_cidr"), "sandbox_cidr"),
+        "sandbox_cidr": _sandbox_cidr(_require(obj, "sandbox_cidr")),
         # With discovery the static list may be absent: the control plane's registry fills it.
         "proxies": _proxies(
             _require(obj, "proxies") if "discovery" not in obj else obj.get("proxies", [])
@@ -258,6 +307,10 @@ def parse_config(obj: object) -> AgentConfig:
     }
     if "discovery" in obj:
         kwargs["discovery"] = _discovery(obj["discovery"])
+    if kwargs["sandbox_cidr"] is None:
+        kwargs["registration"] = _registration(obj.get("registration", {}))
+    elif "registration" in obj:
+        raise ConfigError("registration", 'only with "sandbox_cidr": "auto"')
     if "vni" in obj:
         kwargs["vni"] = _int(obj["vni"], "vni")
     for key in ("keys_dir", "api_socket", "state_dir"):
@@ -341,6 +394,29 @@ def _net(value: object, where: str) -> IPv4Network:
         return IPv4Network(text, strict=True)
     except ValueError as exc:
         raise ConfigError(where, f"not an IPv4 network: {exc}") from exc
+
+
+def _sandbox_cidr(value: object) -> IPv4Network | None:
+    if value == SANDBOX_CIDR_AUTO:
+        return None
+    try:
+        return _net(value, "sandbox_cidr")
+    except ConfigError as exc:
+        raise ConfigError("sandbox_cidr", f'{exc.detail.split(": ", 1)[1]} (or "auto")') from exc
+
+
+def _registration(value: object) -> RegistrationSettings:
+    if not isinstance(value, dict):
+        raise ConfigError("registration", "must be an object {admin_token_file, wait_s}")
+    _reject_unknown(value, _REGISTRATION_KEYS, "registration.")
+    kwargs: dict[str, object] = {}
+    if "admin_token_file" in value:
+        kwargs["admin_token_file"] = _path(
+            value["admin_token_file"], "registration.admin_token_file"
+        )
+    if "wait_s" in value:
+        kwargs["wait_s"] = _number(value["wait_s"], "registration.wait_s")
+    return RegistrationSettings(**kwargs)  # type: ignore[arg-type]
 
 
 def _proxies(value: object) -> tuple[ProxyEndpoint, ...]:

@@ -150,7 +150,7 @@ _UDP = struct.Struct("!HHHH")
 
 def _drop_all_filter(sock: socket.socket) -> None:
     """Attach a classic BPF program that accepts nothing (`ret #0`) to `sock`."""
-    import ctypes  # noqa: PLC0415 - only the offload path needs it
+    import ctypes  # only the offload path needs it
 
     insn = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET|BPF_K, 0
     prog = struct.pack("HL", 1, ctypes.addressof(insn))  # struct sock_fprog
@@ -455,7 +455,7 @@ class Datapath:
         out = self._out
         view = self._out_view
         vnet = self._vnet_in
-        target = [vnet, view[OFFLOAD_HEAD:]]
+        target: list[bytearray | memoryview] = [vnet, view[OFFLOAD_HEAD:]]
         unpack_vnet = VNET_HDR.unpack
         readv = os.readv
         fd = self._tun_fd

@@ -76,7 +76,7 @@ def parse_proxies(
             skipped.append(f"proxies[{i}].name: must match [a-z0-9][a-z0-9-]{{0,62}}")
             continue
         try:
-            underlay = ipaddress.IPv4Address(item.get("underlay"))  # type: ignore[arg-type]
+            underlay = ipaddress.IPv4Address(item.get("underlay"))
         except ValueError:
             skipped.append(f"proxies[{i}].underlay: not an IPv4 address")
             continue

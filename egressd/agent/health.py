@@ -25,6 +25,7 @@ collector (`egressd.agent.datapath.AgentCollector`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -153,10 +154,8 @@ class HealthMonitor:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         self._tasks.clear()
         if self._session is not None:
             await self._session.close()

@@ -29,7 +29,24 @@ last verified policy until its ``exp`` (`SandboxManager.expire`), as before.
 An agent without a control plane (static proxies only) neither checks nor
 watches.
 
-`same_policy` is pure.
+Renewal (task ``agent-policy-renew``, with a `Renewer`: the sandbox manager):
+the control plane re-signs a policy only when someone reads it with less
+than half its TTL left, and a re-sign of the same content is not something
+the agent would otherwise ask for, so a sandbox's held copy would run out at
+its first ``exp`` however long the job runs. The agent therefore reads the
+job's policy itself once `renew_at` (2/3 of the held copy's ``nbf``..``exp``:
+later than the control plane's half-TTL threshold, so the read gets a
+re-signed copy, and a third of the TTL before ``exp`` to retry in) has
+passed. The answer is verified like any policy (keys, validity, this node,
+the job); a copy of the same content (`compare_copies`) only moves the
+sandboxes' held copy and GENEVE digest (proxies accept both digests as
+equivalent: `egressd.proxy.digests`), another content is applied as a
+change, a 404 withdraws like a delete. An unreachable control plane, a copy
+that does not verify (kept: the old copy until its ``exp``, logged) or one
+that was not re-signed yet are retried after `retry_delay` (1 s doubling to
+60 s); counted in ``egressd_agent_policy_renewals_total{result}``.
+
+`same_policy`, `compare_copies`, `renew_at`, `retry_delay` and `renewal_due` are pure.
 """
 
 from __future__ import annotations
@@ -37,8 +54,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import aiohttp
 import structlog
@@ -54,6 +73,28 @@ from egressd.policy.model import Policy
 log = structlog.get_logger("egressd.agent.policy_watch")
 
 MAX_BODY_BYTES = 1024 * 1024
+RENEW_FRACTION = 2 / 3
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 60.0
+RENEW_TICK_S = 1.0
+
+# compare_copies
+SAME_COPY = "same_copy"
+RESIGNED = "resigned"
+CHANGED = "changed"
+
+# Results of one renewal (`Renewer.renew_job`, and the watch's own two).
+RENEWED = "renewed"  # a re-signed copy of the same content: digests moved
+RENEW_CHANGED = "changed"  # another content: applied like a change from the watch
+NOT_RESIGNED = "not_resigned"  # the control plane answered the copy held here
+RENEW_DELETED = "deleted"  # 404: the job's sandboxes withdrawn
+RENEW_REJECTED = "rejected"  # the answer did not verify here: the held copy is kept
+NO_SANDBOX = "no_sandbox"
+RENEW_RESULTS = (
+    RENEWED, RENEW_CHANGED, NOT_RESIGNED, RENEW_DELETED, RENEW_REJECTED, NO_SANDBOX,
+    "control_unreachable", "error",
+)  # fmt: skip
+RENEW_DONE = (RENEWED, RENEW_CHANGED, RENEW_DELETED, NO_SANDBOX)
 
 
 class ControlUnavailable(Exception):
@@ -64,8 +105,60 @@ class ControlUnavailable(Exception):
 
 def same_policy(a: Policy, b: Policy) -> bool:
     """Whether two policies say the same thing (validity times aside)."""
-    times = {"iat": None, "nbf": None, "exp": None}
-    return dataclasses.replace(a, **times) == dataclasses.replace(b, **times)
+    a = dataclasses.replace(a, iat=None, nbf=None, exp=None)
+    b = dataclasses.replace(b, iat=None, nbf=None, exp=None)
+    return a == b
+
+
+def compare_copies(
+    held_digest: bytes, held: Policy | None, fresh_digest: bytes, fresh: Policy
+) -> str:
+    """SAME_COPY (the token held), RESIGNED (same content, new iat/nbf/exp) or CHANGED.
+
+    A held copy whose content is unknown (None) counts as changed: applying a
+    change is always safe, only a bit more work.
+    """
+    if held_digest == fresh_digest:
+        return SAME_COPY
+    if held is not None and same_policy(held, fresh):
+        return RESIGNED
+    return CHANGED
+
+
+def renew_at(nbf: int | None, exp: int | None, fraction: float = RENEW_FRACTION) -> float | None:
+    """When a held copy valid from `nbf` to `exp` is renewed (None: it never expires).
+
+    Without a usable `nbf` the lifetime is unknown: renew at `exp` (the
+    verification leeway still leaves time before the sandbox is withdrawn).
+    """
+    if exp is None:
+        return None
+    if nbf is None or nbf >= exp:
+        return float(exp)
+    return nbf + (exp - nbf) * fraction
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before the next attempt after `failures` failed ones in a row (>= 1)."""
+    return min(RETRY_MAX_S, RETRY_MIN_S * 2.0 ** max(0, min(failures - 1, 16)))
+
+
+def renewal_due(at: float, retry_at: float | None, now: float) -> bool:
+    """Whether a job whose held copy is due at `at` is renewed now (after a failure,
+    not before `retry_at`)."""
+    return now >= at and (retry_at is None or now >= retry_at)
+
+
+class Renewer(Protocol):
+    """What renewal needs from the sandbox manager (`SandboxManager`)."""
+
+    def renewals(self) -> dict[uuid.UUID, float]:
+        """For each job with a live sandbox here: when its held copy is due (`renew_at`)."""
+        ...
+
+    async def renew_job(self, job_id: uuid.UUID) -> str:
+        """One renewal: a RENEW_RESULTS token; raises ControlUnavailable."""
+        ...
 
 
 class ControlPolicies:
@@ -118,16 +211,30 @@ class AgentPolicyWatch:
         refresh_discovery: Callable[[], Awaitable[object]] | None,
         metrics: CollectorRegistry,
         poll_timeout_s: float = 25.0,
+        renewer: Renewer | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         assert control.session is not None, "control.start() first"
         self._control = control
         self._jobs = jobs
         self._refresh_job = refresh_job
         self._refresh_discovery = refresh_discovery
+        self._renewer = renewer
+        self._clock = clock
+        # Jobs whose last renewal failed: job -> (due time it was for, failures, retry at).
+        self._retry: dict[uuid.UUID, tuple[float, int, float]] = {}
         self._pending: set[uuid.UUID] = set()
         self._wake = asyncio.Event()
         self._discovery_wanted = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._renewals = Counter(
+            "egressd_agent_policy_renewals_total",
+            "Renewals of held job policies ahead of their exp, by result",
+            ["result"],
+            registry=metrics,
+        )
+        for result in RENEW_RESULTS:
+            self._renewals.labels(result)
         answers = Counter(
             "egressd_agent_watch_answers_total",
             "Watch answers from the control plane, by result",
@@ -172,12 +279,58 @@ class AgentPolicyWatch:
                 except Exception as exc:  # noqa: BLE001 - one job must not stop the others
                     log.error("job_policy_update_failed", job_id=str(job_id), error=repr(exc))
 
+    async def renew_due(self) -> dict[uuid.UUID, str]:
+        """Renew every job that is due now (one at a time); the result of each."""
+        if self._renewer is None:
+            return {}
+        due_at = self._renewer.renewals()
+        for job_id in [j for j in self._retry if j not in due_at]:
+            del self._retry[job_id]  # no live sandbox of it here any more
+        results: dict[uuid.UUID, str] = {}
+        for job_id, at in sorted(due_at.items(), key=lambda item: item[1]):
+            retry = self._retry.get(job_id)
+            if retry is not None and retry[0] != at:
+                retry = None  # the held copy changed since (the watch): start afresh
+                del self._retry[job_id]
+            if not renewal_due(at, retry[2] if retry else None, self._clock()):
+                continue
+            detail = ""
+            try:
+                result = await self._renewer.renew_job(job_id)
+            except ControlUnavailable as exc:
+                result, detail = "control_unreachable", exc.detail
+            except Exception as exc:  # noqa: BLE001 - one job must not stop the others
+                result, detail = "error", repr(exc)
+            self._renewals.labels(result if result in RENEW_RESULTS else "error").inc()
+            results[job_id] = result
+            if result in RENEW_DONE:
+                self._retry.pop(job_id, None)
+                continue
+            failures = (retry[1] if retry else 0) + 1
+            delay = retry_delay(failures)
+            self._retry[job_id] = (at, failures, self._clock() + delay)
+            log.warning(
+                "job_policy_renewal_failed", job_id=str(job_id), result=result, detail=detail,
+                failures=failures, retry_in_s=delay,
+            )  # fmt: skip
+        return results
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_TICK_S)
+            try:
+                await self.renew_due()
+            except Exception as exc:  # noqa: BLE001 - renewal must outlive a bad tick
+                log.error("job_policy_renewal_failed", error=repr(exc))
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.stream.run(), name="agent-watch"),
             loop.create_task(self._work(), name="agent-watch-jobs"),
         ]
+        if self._renewer is not None:
+            self._tasks.append(loop.create_task(self._renew_loop(), name="agent-policy-renew"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -188,4 +341,14 @@ class AgentPolicyWatch:
         self._tasks = []
 
 
-__all__ = ["AgentPolicyWatch", "ControlPolicies", "ControlUnavailable", "same_policy"]
+__all__ = [
+    "AgentPolicyWatch",
+    "ControlPolicies",
+    "ControlUnavailable",
+    "Renewer",
+    "compare_copies",
+    "renew_at",
+    "renewal_due",
+    "retry_delay",
+    "same_policy",
+]

@@ -53,9 +53,14 @@ also requires the control plane to hold the same policy (``policy_not_held``,
 control plane's copy. `refresh_job` applies a change of the job: tier 1
 reprogrammed in place (`Tier1.set_sandbox` replaces the entry; the veth and
 address stay) and the data path's GENEVE digest updated; a deleted job (or
-a new policy that does not verify here) withdraws its sandboxes like an
-expiry (state ``withdrawn``, frames dropped as ``no_policy``) until a new
-policy for the job is put or the sandbox is unregistered.
+a new policy that does not verify here) withdraws its sandboxes from tier 1
+(state ``withdrawn``, frames dropped as ``no_policy``) until a new policy
+for the job is put or the sandbox is unregistered; the data path keeps their
+return route, so the proxies' resets of their connections still arrive. A
+re-signed copy of the same content only moves the digest (tier 1 untouched,
+so its buckets are not refilled). `renew_job` fetches a re-signed copy ahead
+of the held one's exp (`renewals` says when); an answer that does not
+verify is logged and the held copy kept until its exp.
 
 All kernel work runs on one worker thread (`executor`): `Tier1` and
 pyroute2 are synchronous and not thread-safe, and one thread keeps the
@@ -65,6 +70,7 @@ order of changes obvious. Registrations are serialised by an asyncio lock.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import dataclasses
 import errno
@@ -88,7 +94,21 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from egressd.agent.config import AgentConfig
-from egressd.agent.policy_watch import ControlPolicies, ControlUnavailable, same_policy
+from egressd.agent.policy_watch import (
+    CHANGED,
+    NO_SANDBOX,
+    NOT_RESIGNED,
+    RENEW_CHANGED,
+    RENEW_DELETED,
+    RENEW_REJECTED,
+    RENEWED,
+    SAME_COPY,
+    ControlPolicies,
+    ControlUnavailable,
+    compare_copies,
+    renew_at,
+    same_policy,
+)
 from egressd.agent.tier1 import Bucket, Count, Reason, Tier1, Tier1Error
 from egressd.errors import EgressdError
 from egressd.net import netns
@@ -96,7 +116,7 @@ from egressd.policy import addresses
 from egressd.policy.errors import JwsError, KeyFileError
 from egressd.policy.jws import DEFAULT_LEEWAY_S, VerifiedPolicy, verify_policy
 from egressd.policy.keys import TrustedKeys, load_trusted_keys
-from egressd.policy.model import PortRange, Policy, merge_port_ranges
+from egressd.policy.model import Policy, PortRange, merge_port_ranges
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -300,6 +320,8 @@ class Sandbox:
     tcp_ports: tuple[PortRange, ...]
     exemptions: tuple[IPv4Network, ...]
     created_at: float = field(default=0.0)
+    # The verified policy the sandbox runs on (its held copy): renewal compares content.
+    policy: Policy | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -389,6 +411,7 @@ class SandboxManager:
     def get(self, sandbox_id: str) -> Sandbox | None:
         return self._sandboxes.get(sandbox_id)
 
+    # Shadows `list` in the annotations of the methods below: they say builtins.list.
     def list(self) -> list[Sandbox]:
         return sorted(self._sandboxes.values(), key=lambda s: int(s.ip))
 
@@ -509,7 +532,7 @@ class SandboxManager:
             with contextlib.suppress(AgentError):
                 await self.unregister(sandbox_id)
 
-    async def expire(self) -> list[str]:
+    async def expire(self) -> builtins.list[str]:
         """Withdraw the sandboxes whose policy expired (leeway included); their ids."""
         now = self.clock()
         due = [
@@ -571,7 +594,7 @@ class SandboxManager:
         # Same content: run on the control plane's copy, whose digest the proxies fetch too.
         return held
 
-    async def refresh_job(self, job_id: uuid.UUID) -> list[str]:
+    async def refresh_job(self, job_id: uuid.UUID) -> builtins.list[str]:
         """Refetch the job's policy and reprogram (or withdraw) its sandboxes here.
 
         Under the registration lock, the fetch included, so that a registration
@@ -597,30 +620,37 @@ class SandboxManager:
                 return await self._withdraw(targets, exc.reason)
             return await self._reprogram(targets, verified)
 
-    async def _reprogram(self, targets: list[Sandbox], verified: VerifiedPolicy) -> list[str]:
+    async def _reprogram(self, targets: builtins.list[Sandbox], verified: VerifiedPolicy) -> builtins.list[str]:
         policy = verified.policy
         ports = tcp_ports(policy)
         exempt = exemptions(policy, self.config.fleet_ranges)
         dns, syn = tier1_buckets(policy)
         loop = asyncio.get_running_loop()
         changed = []
+        reprogrammed = False
         for old in targets:
             if old.digest == verified.digest and old.sandbox_id not in self._withdrawn:
                 continue
-            program = functools.partial(
-                self.tier1.set_sandbox, old.ifindex, old.ip, old.mac, ports, exempt,
-                dns=dns, syn=syn,
-            )  # fmt: skip
-            try:
-                await loop.run_in_executor(self.executor, program)
-            except Tier1Error as exc:
-                log.error("job_policy_update_failed", sandbox_id=old.sandbox_id,
-                          reason=exc.reason, detail=exc.detail)  # fmt: skip
-                await self._withdraw([old], f"tier1_{exc.reason}")
-                continue
+            # A re-signed copy of what tier 1 enforces already only moves the digest:
+            # rewriting the entry would refill the sandbox's buckets at every re-sign.
+            kind = compare_copies(old.digest, old.policy, verified.digest, policy)
+            live = old.sandbox_id not in self._expired and old.sandbox_id not in self._withdrawn
+            if kind == CHANGED or not live:
+                reprogrammed = True
+                program = functools.partial(
+                    self.tier1.set_sandbox, old.ifindex, old.ip, old.mac, ports, exempt,
+                    dns=dns, syn=syn,
+                )  # fmt: skip
+                try:
+                    await loop.run_in_executor(self.executor, program)
+                except Tier1Error as exc:
+                    log.error("job_policy_update_failed", sandbox_id=old.sandbox_id,
+                              reason=exc.reason, detail=exc.detail)  # fmt: skip
+                    await self._withdraw([old], f"tier1_{exc.reason}")
+                    continue
             new = dataclasses.replace(
                 old, digest=verified.digest, kid=verified.kid, exp=int(policy.exp or 0),
-                tcp_ports=ports, exemptions=exempt,
+                tcp_ports=ports, exemptions=exempt, policy=policy,
             )  # fmt: skip
             self.listener.sandbox_removed(old)
             self._sandboxes[old.sandbox_id] = new
@@ -630,19 +660,81 @@ class SandboxManager:
             changed.append(old.sandbox_id)
         if changed:
             log.info(
-                "job_policy_updated", job_id=str(policy.job_id), digest=verified.digest.hex(),
+                "job_policy_updated" if reprogrammed else "job_policy_renewed",
+                job_id=str(policy.job_id), digest=verified.digest.hex(), exp=policy.exp,
                 sandbox_ids=changed, tcp_ports=[str(p) for p in ports],
             )  # fmt: skip
         return changed
 
-    async def _withdraw(self, targets: list[Sandbox], reason: str) -> list[str]:
-        """Tier 1 forgets the sandboxes (their frames drop as no_policy); one event."""
+    def renewals(self) -> dict[uuid.UUID, float]:
+        """When each job's held copy here is due for renewal (`policy_watch.renew_at`):
+        the earliest over its sandboxes. Withdrawn ones wait for the watch (a put)."""
+        out: dict[uuid.UUID, float] = {}
+        for sandbox in list(self._sandboxes.values()):
+            if sandbox.sandbox_id in self._withdrawn:
+                continue
+            nbf = sandbox.policy.nbf if sandbox.policy is not None else None
+            at = renew_at(nbf, sandbox.exp)
+            if at is not None and at < out.get(sandbox.job_id, float("inf")):
+                out[sandbox.job_id] = at
+        return out
+
+    async def renew_job(self, job_id: uuid.UUID) -> str:
+        """Renew the held copy of the job's policy from the control plane, ahead of its exp.
+
+        Like `refresh_job`, except that an answer that does not verify here
+        keeps the held copy (until its exp) instead of withdrawing: a renewal
+        is not news that the job changed. Returns a `policy_watch` RENEW_*
+        token; raises ControlUnavailable (the held copy is kept).
+        """
+        control = self.control
+        if control is None:
+            raise ControlUnavailable("the agent has no control plane")
+        async with self._lock:
+            targets = [
+                s for s in self._sandboxes.values()
+                if s.job_id == job_id and s.sandbox_id not in self._withdrawn
+            ]  # fmt: skip
+            if not targets:
+                return NO_SANDBOX
+            token = await control.held(job_id)
+            if token is None:
+                await self._withdraw(targets, "policy_deleted")
+                return RENEW_DELETED
+            try:
+                verified = verify_for_node(
+                    token, await self._trusted_keys(), self.config.name, now=self.clock()
+                )
+                if verified.policy.job_id != job_id:
+                    raise AgentError(
+                        "wrong_job", f"asked for {job_id}, got {verified.policy.job_id}"
+                    )
+            except AgentError as exc:
+                log.warning(
+                    "job_policy_renewal_rejected", job_id=str(job_id), reason=exc.reason,
+                    detail=exc.detail, kept_exp=min(s.exp for s in targets),
+                )  # fmt: skip
+                return RENEW_REJECTED
+            kinds = {compare_copies(s.digest, s.policy, verified.digest, verified.policy)
+                     for s in targets}  # fmt: skip
+            if kinds == {SAME_COPY}:
+                return NOT_RESIGNED  # not re-signed yet (a longer TTL now?): retried later
+            await self._reprogram(targets, verified)
+            return RENEW_CHANGED if CHANGED in kinds else RENEWED
+
+    async def _withdraw(self, targets: builtins.list[Sandbox], reason: str) -> builtins.list[str]:
+        """Tier 1 forgets the sandboxes (their frames drop as no_policy); one event.
+
+        The data path keeps their return route: the proxies reset the job's
+        open connections at the same moment, and those resets must reach the
+        sandbox (without them its connections would stall silently). Nothing
+        leaves the sandbox any more, so only what a proxy sends back arrives.
+        """
         loop = asyncio.get_running_loop()
         withdrawn = []
         for sandbox in targets:
             if sandbox.sandbox_id in self._withdrawn:
                 continue
-            self.listener.sandbox_removed(sandbox)
             self._withdrawn[sandbox.sandbox_id] = reason
             try:
                 await loop.run_in_executor(self.executor, self.tier1.remove_sandbox, sandbox.ifindex)
@@ -727,6 +819,7 @@ class SandboxManager:
             tcp_ports=ports,
             exemptions=exempt,
             created_at=self.clock(),
+            policy=policy,
         )
 
     def _teardown(self, sandbox: Sandbox) -> None:
@@ -777,7 +870,7 @@ class SandboxManager:
     def _remove_record(self, names: SandboxNames) -> None:
         self._record_path(names).unlink(missing_ok=True)
 
-    def cleanup_leftovers(self) -> list[str]:
+    def cleanup_leftovers(self) -> builtins.list[str]:
         """Tear down what earlier runs recorded (blocking; call before serving)."""
         cleaned = []
         for path in _records(self.records_dir):

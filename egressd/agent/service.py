@@ -1,5 +1,8 @@
 """Running the node agent: set-up, serving, and a clean stop.
 
+Before any of it, a config with `"sandbox_cidr": "auto"` gets its CIDR from the
+control plane (`egressd.agent.registration`, in `serve`); no CIDR, no start.
+
 `AgentService.start()`, in order (each step undone by `stop()` if a later one fails):
 
 1. sysctls of the node's namespace (this process's): ``ip_forward=1`` (the
@@ -16,16 +19,21 @@
 5. proxy health probing (one named task per proxy), and, with `discovery`,
    the proxy list from the control plane (`egressd.agent.discovery`), and then
    live policies: registrations checked against the control plane and its
-   watch followed (task ``agent-watch``, `egressd.agent.policy_watch`);
+   watch followed (task ``agent-watch``, `egressd.agent.policy_watch`), and
+   the sandboxes' held policies renewed ahead of their exp (``agent-policy-renew``);
 6. the sandbox API on its Unix socket, and the reaper (task ``sandbox-reaper``):
    a sandbox whose launcher exited is unregistered (`egressd.agent.launchers`);
 7. the admin listener on (underlay, 9090): `/metrics`, `/healthz`, and
    `/readyz`, ready once the TUN is open, tier 1 loaded and the API bound.
 
-`stop()` (SIGTERM/SIGINT): closes the API, stops probing, unregisters every
-sandbox (tier-1 entry, veth, netns), stops the data path, closes the admin
-listener, unloads tier 1 (filters, pins, bpffs), closes the TUN (the device
-goes with it) and removes the API socket. Nothing is left behind.
+`stop()` (SIGTERM/SIGINT) unwinds the exit stack (`egressd.lifecycle`) that
+`start()` filled, in reverse: the background tasks, the admin listener, the
+API (and its socket); then every sandbox is unregistered (tier-1 entry, veth,
+netns; in-flight registrations finish first, while the control plane client
+is still open); the watch, the control plane client, discovery and probing
+stop; the tier-1 event reader, the data path; tier 1 is unloaded (filters,
+pins, bpffs) and the TUN closed (the device goes with it). A step that fails
+does not skip the ones after it. Nothing is left behind.
 
 Kernel work that blocks (pyroute2, bpftool, bpf(2)) runs on one worker
 thread shared with `SandboxManager`.
@@ -50,10 +58,12 @@ from egressd.agent.discovery import ProxyDiscovery
 from egressd.agent.health import HealthMonitor
 from egressd.agent.launchers import REAP_INTERVAL_S, Launchers
 from egressd.agent.policy_watch import AgentPolicyWatch, ControlPolicies
+from egressd.agent.registration import RegistrationError, resolve_sandbox_cidr
 from egressd.agent.sandboxes import SandboxManager
 from egressd.agent.tier1 import Tier1, Tier1Error, denied_ranges
 from egressd.agent.tier1_events import Tier1EventReader
 from egressd.errors import EgressdError
+from egressd.lifecycle import Lifecycle, run_until_stopped
 from egressd.net.tun import TUN_F_CSUM, TUN_F_TSO4, Tun, TunError, open_tun
 from egressd.signals import install_stop_handlers
 
@@ -83,10 +93,13 @@ def ensure_sysctls() -> None:
     _write_sysctl("net.ipv4.conf.default.rp_filter", "0")
 
 
-class AgentService:
+class AgentService(Lifecycle):
     """One node agent: TUN, tier 1, data path, health, API, admin."""
 
     def __init__(self, config: AgentConfig) -> None:
+        super().__init__()
+        if config.sandbox_cidr is None:
+            raise ValueError('sandbox_cidr "auto": resolve it first (resolve_sandbox_cidr)')
         self.config = config
         self.registry = CollectorRegistry()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-kernel")
@@ -104,7 +117,6 @@ class AgentService:
         self.admin: AdminServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._api_bound = False
-        self._stopped = False
 
     # -- readiness ------------------------------------------------------------
 
@@ -121,18 +133,14 @@ class AgentService:
     def ready(self) -> bool:
         return not self.not_ready()
 
-    # -- lifecycle --------------------------------------------------------------
-
-    async def start(self) -> None:
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop()
-            raise
+    # -- lifecycle (egressd.lifecycle: each undo pushed as its step is taken) ------
 
     async def _start(self) -> None:
         config = self.config
+        stack = self._stack
         loop = asyncio.get_running_loop()
+        stack.callback(log.info, "agent_stopped", node=config.name)
+        stack.callback(self.executor.shutdown, wait=True)
         ensure_sysctls()
 
         try:
@@ -144,6 +152,7 @@ class AgentService:
             )
         except TunError as exc:
             raise AgentStartupError("tun", f"{exc.reason}: {exc.detail}") from exc
+        stack.callback(self.tun.close)
         _write_sysctl(f"net.ipv4.conf.{self.tun.name}.rp_filter", "0")
         with contextlib.suppress(AgentStartupError):  # IPv6 may be off already
             _write_sysctl(f"net.ipv6.conf.{self.tun.name}.disable_ipv6", "1")
@@ -162,10 +171,12 @@ class AgentService:
         except Tier1Error as exc:
             raise AgentStartupError("tier1", f"{exc.reason}: {exc.detail}") from exc
         self.tier1 = tier1
+        stack.push_async_callback(self._unload_tier1, tier1)
         log.info("tier1_loaded", state_dir=str(config.state_dir))
 
         datapath = Datapath(config, self.tun.fd)
         self.datapath = datapath
+        stack.callback(datapath.stop)  # also closes what a failed `start` opened
         manager = SandboxManager(config, tier1, datapath, self.executor)
         self.manager = manager
         cleaned = await loop.run_in_executor(self.executor, manager.cleanup_leftovers)
@@ -176,6 +187,7 @@ class AgentService:
         except Tier1Error as exc:
             raise AgentStartupError("tier1", f"{exc.reason}: {exc.detail}") from exc
         self.events = Tier1EventReader(ring, manager.by_ifindex, config.name)
+        stack.push_async_callback(self.events.stop)  # closes the ring, started or not
         self.events.start()
 
         try:
@@ -186,24 +198,29 @@ class AgentService:
             ) from exc
 
         self.health = HealthMonitor(config.proxies, config.health, datapath.proxy_health)
+        stack.push_async_callback(self.health.stop)
         await self.health.start()
         if config.discovery is not None:
             self.discovery = ProxyDiscovery(
                 config.discovery, config.proxies, self._set_proxies,
                 own_underlay=config.underlay, registry=self.registry,
             )  # fmt: skip
+            stack.push_async_callback(self.discovery.stop)
             await self.discovery.start()
             # Live policies: registrations checked against the control plane, and
             # its watch followed (egressd.agent.policy_watch).
             self.control = ControlPolicies(
                 config.discovery.control_url, config.discovery.timeout_s
             )
+            stack.push_async_callback(self.control.close)
             await self.control.start()
             manager.control = self.control
             self.watch = AgentPolicyWatch(
                 self.control, jobs=manager.jobs, refresh_job=manager.refresh_job,
                 refresh_discovery=self.discovery.refresh, metrics=self.registry,
+                renewer=manager,
             )  # fmt: skip
+            stack.push_async_callback(self.watch.close)
             self.watch.start()
 
         self.registry.register(
@@ -215,11 +232,17 @@ class AgentService:
                 tier1_by_sandbox=manager.tier1_by_sandbox,
             )
         )
+        # Sandboxes come only through the API: they are unregistered right after
+        # it closes, before the control plane client that registrations use.
+        stack.callback(self.launchers.close)
+        stack.push_async_callback(manager.unregister_all)
         self.api = ApiServer(manager, config.api_socket, self.launchers)
         try:
             await self.api.start()
         except EgressdError as exc:
             raise AgentStartupError("api", f"{exc.reason}: {exc.detail}") from exc
+        # Only once bound: the socket file of a failed start may be another agent's.
+        stack.push_async_callback(self._close_api, self.api)
         self._api_bound = True
 
         try:
@@ -232,7 +255,9 @@ class AgentService:
             )
         except EgressdError as exc:
             raise AgentStartupError("admin", f"{exc.reason}: {exc.detail}") from exc
+        stack.push_async_callback(self.admin.close)
 
+        stack.push_async_callback(self._cancel_tasks)
         self._tasks.append(asyncio.create_task(self._expiry_loop(), name="sandbox-expiry"))
         self._tasks.append(asyncio.create_task(self._reap_loop(), name="sandbox-reaper"))
         log.info(
@@ -280,58 +305,23 @@ class AgentService:
                 except EgressdError as exc:
                     log.error("reap_failed", sandbox_id=sandbox_id, reason=exc.reason, detail=exc.detail)
 
-    async def stop(self) -> None:
-        """Undo everything `start` did, in reverse; safe to call at any point, and twice."""
-        if self._stopped:
-            return
-        self._stopped = True
-        loop = asyncio.get_running_loop()
-        for task in self._tasks:
+    async def _cancel_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks.clear()
-        if self.api is not None:
-            self._api_bound = False
-            await self.api.close()
-            self.api = None
-        if self.watch is not None:
-            await self.watch.close()
-            self.watch = None
-        if self.discovery is not None:
-            await self.discovery.stop()
-            self.discovery = None
-        if self.health is not None:
-            await self.health.stop()
-            self.health = None
-        if self.manager is not None:
-            await self.manager.unregister_all()
-        if self.control is not None:
-            await self.control.close()
-            self.control = None
-        self.launchers.close()
-        if self.events is not None:
-            await self.events.stop()
-            self.events = None
-        self.manager = None
-        if self.datapath is not None:
-            self.datapath.stop()
-            self.datapath = None
-        if self.admin is not None:
-            await self.admin.close()
-            self.admin = None
-        if self.tier1 is not None:
-            try:
-                await loop.run_in_executor(self.executor, self.tier1.close)
-            except Tier1Error as exc:
-                log.error("tier1_close_failed", reason=exc.reason, detail=exc.detail)
-            self.tier1 = None
-        if self.tun is not None:
-            self.tun.close()
-            self.tun = None
-        self.executor.shutdown(wait=True)
-        log.info("agent_stopped", node=self.config.name)
+
+    async def _close_api(self, api: ApiServer) -> None:
+        self._api_bound = False
+        await api.close()
+
+    async def _unload_tier1(self, tier1: Tier1) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, tier1.close)
+        except Tier1Error as exc:
+            log.error("tier1_close_failed", reason=exc.reason, detail=exc.detail)
 
 
 async def serve(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
@@ -340,14 +330,41 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     # Not loop.add_signal_handler: pyroute2 forks helpers (netns sockets) that
     # share the loop's wakeup fd; a SIGTERM to one of them would stop us.
     uninstall = install_stop_handlers(asyncio.get_running_loop(), stop.set)
-    service = AgentService(config)
     try:
-        await service.start()
-        await stop.wait()
-        log.info("agent_stopping", node=config.name)
+        resolved = await _resolve(config, stop)
+        if resolved is None:  # stopped while waiting for the control plane
+            return
+        await run_until_stopped(
+            AgentService(resolved), stop,
+            stopping=lambda: log.info("agent_stopping", node=config.name),
+        )  # fmt: skip
     finally:
-        await service.stop()
         uninstall()
+
+
+async def _resolve(config: AgentConfig, stop: asyncio.Event) -> AgentConfig | None:
+    """The config with its sandbox CIDR (see egressd.agent.registration); None if `stop`
+    is set first. A failure is one AgentStartupError line: the agent never guesses."""
+    if config.sandbox_cidr is not None:
+        return config
+    resolving = asyncio.create_task(resolve_sandbox_cidr(config), name="sandbox-cidr")
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({resolving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not resolving.done():
+            resolving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await resolving
+    if resolving.cancelled():
+        return None
+    try:
+        return resolving.result()
+    except RegistrationError as exc:
+        log.error("sandbox_cidr_unavailable", node=config.name, reason=exc.reason,
+                  detail=exc.detail)  # fmt: skip
+        raise AgentStartupError("sandbox_cidr", f"{exc.reason}: {exc.detail}") from exc
 
 
 def run(config: AgentConfig) -> int:

@@ -55,6 +55,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Final, Self
 
@@ -63,22 +64,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from egressd.agent import bpf_syscall as bpf
 from egressd.agent.ringbuf import RingBuffer
-
-IPv4Address = ipaddress.IPv4Address
-IPv4Network = ipaddress.IPv4Network
-
-DEFAULT_SOURCE: Final = Path(__file__).resolve().parents[2] / "bpf" / "tier1.c"
-PROG_NAME: Final = "tier1_ingress"
-FILTER_NAME: Final = "egressd-tier1"
-# The filter's identity on the clsact ingress hook: "replace" on it is idempotent.
-FILTER_PRIO: Final = 1
-FILTER_HANDLE: Final = 1
-_TC_H_CLSACT_INGRESS = 0xFFFF_FFF2
-_ETH_P_ALL = 0x0003
-_MNT_DETACH = 2
-_TOOL_TIMEOUT_S = 120.0
-
-
 from egressd.agent.tier1_maps import (
     CONFIG_KEY,
     COUNTER_VALUE,
@@ -86,7 +71,8 @@ from egressd.agent.tier1_maps import (
     MAPS,
     SANDBOX_VALUE_SIZE,
     U32,
-    denied_ranges,
+    DeniedRange,
+    SandboxEntry,
     normalize_denied,
     pack_config,
     pack_counter_key,
@@ -98,17 +84,36 @@ from egressd.agent.tier1_maps import (
     unpack_counter_key,
     unpack_exempt_key,
     unpack_sandbox,
-    Bucket,
-    Count,
-    DeniedRange,
-    PortSpec,
-    Reason,
-    SandboxEntry,
-    Tier1Error,
-    Tier1Event,
-    unpack_event,
-    Verdict,  # re-exported: callers label metrics with it
 )
+
+# Re-exported (`X as X`): the agent and the tests use tier1 as the one door to the maps' types.
+from egressd.agent.tier1_maps import Bucket as Bucket
+from egressd.agent.tier1_maps import Count as Count
+from egressd.agent.tier1_maps import PortSpec as PortSpec
+from egressd.agent.tier1_maps import Reason as Reason
+from egressd.agent.tier1_maps import Tier1Error as Tier1Error
+from egressd.agent.tier1_maps import Tier1Event as Tier1Event
+from egressd.agent.tier1_maps import Verdict as Verdict  # callers label metrics with it
+from egressd.agent.tier1_maps import denied_ranges as denied_ranges
+from egressd.agent.tier1_maps import unpack_event as unpack_event
+
+IPv4Address = ipaddress.IPv4Address
+IPv4Network = ipaddress.IPv4Network
+
+# Package data (pyproject.toml), so an installed egressd finds it too: in the
+# checkout egressd/agent/bpf/tier1.c links to bpf/tier1.c, the one source, and a
+# wheel carries a copy. clang reads it from the file system, hence a Path.
+DEFAULT_SOURCE: Final = Path(str(resources.files("egressd.agent").joinpath("bpf", "tier1.c")))
+PROG_NAME: Final = "tier1_ingress"
+FILTER_NAME: Final = "egressd-tier1"
+# The filter's identity on the clsact ingress hook: "replace" on it is idempotent.
+FILTER_PRIO: Final = 1
+FILTER_HANDLE: Final = 1
+_TC_H_CLSACT_INGRESS = 0xFFFF_FFF2
+_ETH_P_ALL = 0x0003
+_MNT_DETACH = 2
+_TOOL_TIMEOUT_S = 120.0
+
 
 
 # ---------------------------------------------------------------------------

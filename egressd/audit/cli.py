@@ -31,7 +31,7 @@ from egressd.audit.events import (
     table,
     to_json,
 )
-from egressd.cli import CliError
+from egressd.cliutil import CliError
 from egressd.topology.layout import DEFAULT_RUN_DIR
 
 _LOG_NAME = re.compile(r"(?P<member>[^/]+)\.log(?:\.[0-9]+)?")

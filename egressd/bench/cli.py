@@ -52,6 +52,7 @@ from egressd.bench import plots, report
 from egressd.bench.load import IdleHolder, LoadError, Target, fd_count, rss_kib, run_bulk, run_wrk
 from egressd.bench.paths import CLIENT_SYSCTLS, BenchPath, DirectPath, EgressdPath, SquidPath
 from egressd.bench.report import IdleResult, PathResult
+from egressd.cliutil import CliError
 from egressd.errors import EgressdError
 from egressd.signals import Stopped, sigterm_unwinds
 from egressd.topology.fleet import Fleet, down_logged
@@ -363,8 +364,6 @@ def _options(args: argparse.Namespace) -> Options:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from egressd.cli import CliError
-
     logs.configure(json=False)
     try:
         opts = _options(args)
@@ -374,9 +373,7 @@ def _handle(args: argparse.Namespace) -> int:
         raise CliError(plotting.MISSING)
     try:
         with sigterm_unwinds():
-            results, meta = run_bench(opts)
-    except EgressdError as exc:
-        raise CliError(f"{exc.reason}: {exc.detail}") from exc
+            results, meta = run_bench(opts)  # an EgressdError: one line from cli.main
     except Stopped:
         print("egressd: bench stopped (SIGTERM); everything it set up was removed", file=sys.stderr)
         return 143
@@ -392,7 +389,7 @@ def _handle(args: argparse.Namespace) -> int:
     return 0 if all(r.error is None and not r.failures for r in results.values()) else 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "bench", help="data-path benchmark: kernel vs Squid vs egressd (table + JSON)"
     )

@@ -74,9 +74,32 @@ class Target:
     address: IPv4Address
     port: int
     host: str  # the Host header (the site's name)
+    # HTTPS (the interception rows): the URL names the host, so that the client
+    # sends it as SNI; `hosts_file` maps it to `address` for wrk (bind-mounted
+    # on /etc/hosts in a private mount namespace), curl gets `--resolve`, and
+    # `ca_file` is what curl trusts (the proxies' interception CAs).
+    tls: bool = False
+    ca_file: Path | None = None
+    hosts_file: Path | None = None
 
     def url(self, path: str = "/") -> str:
+        if self.tls:
+            return f"https://{self.host}:{self.port}{path}"
         return f"http://{self.address}:{self.port}{path}"
+
+
+def hosts_line(target: Target) -> str:
+    """The /etc/hosts line that sends `target.host` to `target.address`."""
+    return f"{target.address} {target.host}\n"
+
+
+def with_hosts(target: Target, argv: list[str]) -> list[str]:
+    """`argv` run with `target.hosts_file` as /etc/hosts (for HTTPS targets that have one)."""
+    if not target.tls or target.hosts_file is None:
+        return argv
+    script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
+            str(target.hosts_file), *argv]  # fmt: skip
 
 
 # --- wrk ----------------------------------------------------------------------------
@@ -122,6 +145,7 @@ def run_wrk(
         target, seconds=seconds, connections=connections, threads=threads, close=close,
         latency=latency,
     )  # fmt: skip
+    argv = with_hosts(target, argv)
     try:
         done = kn.run_in_netns(target.netns, argv, check=False, timeout=seconds + WRK_GRACE_S)
     except kn.NetError as exc:
@@ -138,14 +162,35 @@ def run_wrk(
 # --- bulk ---------------------------------------------------------------------------
 
 
-def curl_argv(target: Target, nbytes: int, max_time_s: float) -> list[str]:
-    return [
+def curl_argv(target: Target, nbytes: int, max_time_s: float, *, path: str | None = None
+              ) -> list[str]:  # fmt: skip
+    argv = [
         "curl", "--silent", "--show-error", "--output", "/dev/null",
         "--max-time", f"{max_time_s:.0f}",
         "--header", f"Host: {target.host}",
         "--write-out", CURL_WRITE_OUT,
-        target.url(f"/bytes/{nbytes}"),
     ]  # fmt: skip
+    if target.tls:
+        argv += ["--resolve", f"{target.host}:{target.port}:{target.address}"]
+        if target.ca_file is not None:
+            argv += ["--cacert", str(target.ca_file)]
+    argv.append(target.url(path if path is not None else f"/bytes/{nbytes}"))
+    return argv
+
+
+def get_status(target: Target, path: str = "/", *, max_time_s: float = 3.0) -> int:
+    """The HTTP status of one `GET path` with curl (HTTPS verified against `ca_file`)."""
+    argv = curl_argv(target, 0, max_time_s, path=path)
+    try:
+        done = kn.run_in_netns(target.netns, argv, check=False, timeout=max_time_s + 5)
+    except kn.NetError as exc:
+        raise LoadError("curl_failed", exc.detail) from exc
+    if done.returncode != 0:
+        raise LoadError("curl_failed", f"exit {done.returncode}: {done.stderr.strip()[:300]}")
+    try:
+        return int(done.stdout.split()[0])
+    except (IndexError, ValueError) as exc:
+        raise LoadError("curl_output", f"unexpected curl output {done.stdout.strip()!r}") from exc
 
 
 def run_bulk(target: Target, nbytes: int, *, max_time_s: float = 120.0) -> BulkResult:

@@ -46,8 +46,8 @@ from typing import Protocol
 import structlog
 
 from egressd.agent.client import AgentClient, AgentClientError, SandboxInfo
-from egressd.bench.load import LoadError, Target, resolve_a
-from egressd.bench.report import EGRESSD, KERNEL, SQUID
+from egressd.bench.load import LoadError, Target, get_status, hosts_line, resolve_a
+from egressd.bench.report import EGRESSD, EGRESSD_INTERCEPT, KERNEL, SQUID, SQUID_BUMP
 from egressd.errors import EgressdError
 from egressd.net import netns as kn
 from egressd.topology import network, procs
@@ -82,6 +82,24 @@ SQUID_CLIENT_ADDR = IPv4Interface("198.51.100.2/24")
 SQUID_INTERCEPT_PORT = 3129
 SQUID_FORWARD_PORT = 3128  # Squid wants one plain forward port; loopback only
 SQUID_USER = "proxy"  # Debian's cache_effective_user
+HTTPS_PORT = 443
+
+# The interception rows (issue 12): a second Squid, bumping HTTPS, in its own
+# pair of namespaces (same client network, its own address on br-inet).
+SQUID_BUMP_PART = "sqtls"
+SQUID_BUMP_CLIENT_PART = "sqtlscl"
+SQUID_BUMP_BRIDGE_PORT = "i-bsqtls"
+SQUID_BUMP_INET_ADDR = IPv4Interface("203.0.113.202/24")
+SQUID_BUMP_PORT = 3130
+SQUID_CERTGEN = "/usr/lib/squid/security_file_certgen"
+BUMP_CA_CERT = "bump-ca.pem"
+BUMP_CA_KEY = "bump-ca.key"
+UPSTREAM_CA = "upstream-ca.pem"
+HOSTS_FILE = "hosts"
+# What the intercepting rule allows: `GET /` (wrk) and `GET /bytes/N` (bulk).
+INTERCEPT_HTTP_ALLOW: tuple[dict[str, list[str]], ...] = (
+    {"methods": ["GET"], "paths": ["/", "/bytes/*"]},
+)
 SQUID_NOFILE = 65536  # wanted; capped at this process's hard limit (no CAP_SYS_RESOURCE here)
 NFT_TABLE = "egressd_bench"
 
@@ -145,15 +163,20 @@ def _check_http(target: Target, *, timeout_s: float = READY_TIMEOUT_S) -> None:
     last = "no attempt"
     while True:
         try:
-            reply = http_request(
-                target.netns, "GET", str(target.address), target.port, "/",
-                headers={"Host": target.host}, timeout_s=2.0,
-            )  # fmt: skip
-            if reply.status == 200:
+            if target.tls:  # curl, verifying the proxy's leaf against `target.ca_file`
+                status = get_status(target)
+            else:
+                status = http_request(
+                    target.netns, "GET", str(target.address), target.port, "/",
+                    headers={"Host": target.host}, timeout_s=2.0,
+                ).status  # fmt: skip
+            if status == 200:
                 return
-            last = f"HTTP {reply.status}"
+            last = f"HTTP {status}"
         except ProbeError as exc:
             last = exc.detail
+        except LoadError as exc:
+            last = f"{exc.reason}: {exc.detail}"
         if time.monotonic() > deadline:
             raise PathError("path_not_working", f"GET / from {target.netns}: {last}")
         time.sleep(0.2)

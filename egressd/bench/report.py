@@ -22,7 +22,13 @@ from egressd.errors import EgressdError
 KERNEL = "kernel"
 SQUID = "squid"
 EGRESSD = "egressd"
-PATH_ORDER = (KERNEL, SQUID, EGRESSD)
+# The interception rows (issue 12): HTTPS to the same server, Squid `ssl_bump bump`
+# against egressd `tls: intercept`. They are compared with each other, not with
+# the kernel path's plain HTTP.
+SQUID_BUMP = "squid-bump"
+EGRESSD_INTERCEPT = "egressd-intercept"
+INTERCEPT_PATHS = (SQUID_BUMP, EGRESSD_INTERCEPT)
+PATH_ORDER = (KERNEL, SQUID, EGRESSD, SQUID_BUMP, EGRESSD_INTERCEPT)
 
 SCHEMA = "egressd.bench.data_path/1"
 MB = 1_000_000
@@ -276,6 +282,11 @@ class PathResult:
         return median(r.requests_per_s for r in self.connrate)
 
     @property
+    def keepalive_rps(self) -> float | None:
+        """Requests/s of the latency runs (one keep-alive connection, one request at a time)."""
+        return median(r.requests_per_s for r in self.latency)
+
+    @property
     def bulk_mb_s(self) -> float | None:
         return median(r.mb_per_s for r in self.bulk)
 
@@ -358,7 +369,7 @@ def compare(results: Mapping[str, PathResult], baseline: str = KERNEL) -> dict[s
             bulk_ratio=_ratio(r.bulk_mb_s, base.bulk_mb_s),
         )
         for name, r in results.items()
-        if r.error is None
+        if r.error is None and name not in INTERCEPT_PATHS
     }
 
 
@@ -445,6 +456,8 @@ def render_table(results: Mapping[str, PathResult]) -> str:
     rows: list[tuple[str, ...]] = []
     errors: list[str] = []
     for r in _ordered(results):
+        if r.name in INTERCEPT_PATHS:
+            continue  # their own table: `render_intercept`
         if r.error is not None:
             rows.append((r.name, "error", "-", "-", "-", "-"))
             errors.append(f"{r.name}: {r.error}")
@@ -475,8 +488,8 @@ def render_table(results: Mapping[str, PathResult]) -> str:
     return "\n".join(lines)
 
 
-def render_goals(items: Sequence[Goal]) -> str:
-    lines = ["goals (issue 3, item 8):"]
+def render_goals(items: Sequence[Goal], title: str = "goals (issue 3, item 8):") -> str:
+    lines = [title]
     for g in items:
         mark = {True: "met", False: "NOT met", None: "n/a"}[g.met]
         lines.append(f"  [{mark}] {g.text}: {_fmt(g.value, 1)} vs {_fmt(g.target, 1)}")
@@ -495,6 +508,108 @@ def _signed(value: float | None) -> str:
 
 def _times(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+# --- interception (issue 12) ----------------------------------------------------------------
+
+INTERCEPT_COLUMNS = ("path", "keep-alive req/s", "new TLS conn/s", "bulk MB/s", "p50 us", "p99 us")
+# (JSON key, PathResult property, higher is better)
+_INTERCEPT_METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("keepalive_rps", "keepalive_rps", True),
+    ("conn_per_s", "conn_per_s", True),
+    ("bulk_mb_s", "bulk_mb_s", True),
+    ("p50_us", "p50_us", False),
+    ("p99_us", "p99_us", False),
+)
+
+
+def _samples(r: PathResult, key: str) -> list[float]:
+    values: dict[str, list[float | None]] = {
+        "keepalive_rps": [s.requests_per_s for s in r.latency],
+        "conn_per_s": [s.requests_per_s for s in r.connrate],
+        "bulk_mb_s": [s.mb_per_s for s in r.bulk],
+        "p50_us": [s.p50_us for s in r.latency],
+        "p99_us": [s.p99_us for s in r.latency],
+    }
+    return [v for v in values[key] if v is not None]
+
+
+def intercept_ratios(results: Mapping[str, PathResult]) -> dict[str, float | None]:
+    """egressd-intercept / squid-bump per metric (for latency, < 1 is better)."""
+    e, s = results.get(EGRESSD_INTERCEPT), results.get(SQUID_BUMP)
+    if e is None or s is None or e.error is not None or s.error is not None:
+        return {}
+    return {key: _ratio(getattr(e, attr), getattr(s, attr)) for key, attr, _ in _INTERCEPT_METRICS}
+
+
+def intercept_goals(results: Mapping[str, PathResult]) -> list[Goal]:
+    """Issue 12's goal: egressd intercepting at or above Squid bumping, metric by metric."""
+    e, s = results.get(EGRESSD_INTERCEPT), results.get(SQUID_BUMP)
+    ok = e is not None and s is not None and e.error is None and s.error is None
+    out = []
+    for key, attr, higher in _INTERCEPT_METRICS:
+        value = getattr(e, attr) if ok and e is not None else None
+        target = getattr(s, attr) if ok and s is not None else None
+        met = _at_least(value, target) if higher else _at_most(value, target)
+        text = f"egressd intercept {key} {'>=' if higher else '<='} Squid bump's"
+        out.append(Goal(f"intercept_{key}_vs_squid", value, target, met, text))
+    return out
+
+
+def intercept_json(results: Mapping[str, PathResult]) -> dict[str, Any]:
+    """Medians, each metric's range over the repeats, ratios and goals of the interception rows."""
+    rows: dict[str, Any] = {}
+    for name in INTERCEPT_PATHS:
+        r = results.get(name)
+        if r is None:
+            continue
+        row: dict[str, Any] = {"error": r.error}
+        for key, attr, _ in _INTERCEPT_METRICS:
+            samples = _samples(r, key)
+            row[key] = _round(getattr(r, attr))
+            row[f"{key}_range"] = [_round(min(samples)), _round(max(samples))] if samples else None
+        rows[name] = row
+    return {
+        "rows": rows,
+        "vs_squid_bump": {k: _round(v, 3) for k, v in intercept_ratios(results).items()},
+        "goals": [g.to_dict() for g in intercept_goals(results)] if rows else [],
+    }
+
+
+def render_intercept(results: Mapping[str, PathResult]) -> str:
+    """The interception table (HTTPS), the ratio to Squid and issue 12's goals; "" without rows."""
+    present = [r for r in _ordered(results) if r.name in INTERCEPT_PATHS]
+    if not present:
+        return ""
+    rows: list[tuple[str, ...]] = []
+    problems: list[str] = []
+    for r in present:
+        if r.error is not None:
+            rows.append((r.name, "error", "-", "-", "-", "-"))
+            problems.append(f"{r.name}: {r.error}")
+            continue
+        rows.append((
+            r.name, _fmt(r.keepalive_rps), _fmt(r.conn_per_s), _fmt(r.bulk_mb_s, 1),
+            _fmt(r.p50_us), _fmt(r.p99_us),
+        ))  # fmt: skip
+        problems += [f"{r.name}: {measure} failed: {msg}" for measure, msg in r.failures]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(INTERCEPT_COLUMNS)]
+    lines = ["interception (HTTPS, same server): egressd tls: intercept vs Squid ssl_bump bump"]
+    lines += [_row(INTERCEPT_COLUMNS, widths), _row(tuple("-" * w for w in widths), widths)]
+    lines += [_row(row, widths) for row in rows]
+    if ratios := intercept_ratios(results):
+        lines.append("")
+        lines.append(
+            f"{EGRESSD_INTERCEPT} / {SQUID_BUMP}: keep-alive {_times(ratios['keepalive_rps'])}, "
+            f"conn/s {_times(ratios['conn_per_s'])}, bulk {_times(ratios['bulk_mb_s'])}, "
+            f"p50 {_times(ratios['p50_us'])}, p99 {_times(ratios['p99_us'])}"
+        )
+    if problems:
+        lines.append("")
+        lines += [f"! {p}" for p in problems]
+    lines.append("")
+    lines.append(render_goals(intercept_goals(results), title="goals (issue 12, interception):"))
+    return "\n".join(lines)
 
 
 # --- JSON ---------------------------------------------------------------------------------
@@ -518,5 +633,6 @@ def to_json(results: Mapping[str, PathResult], meta: Mapping[str, Any]) -> dict[
         },
         "vs_kernel": {name: c.to_dict() for name, c in compare(results).items() if name != KERNEL},
         "goals": [g.to_dict() for g in goals(results)],
+        "intercept": intercept_json(results),
         "paths": {r.name: r.to_dict() for r in _ordered(results)},
     }

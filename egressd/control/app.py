@@ -12,6 +12,7 @@ Routes (JSON in and out; every error body is `{"error": TOKEN, ...}`):
 | `PUT`/`GET`/`DELETE /v1/proxies/{name}`, `GET /v1/proxies` | PUT, DELETE | proxy registry |
 | `GET /v1/watch?since=REV&timeout=S` | - | long-poll of changes (`egressd.control.watch`) |
 | `GET /v1/jobs` | - | every job: id, account, digest, exp, nodes (`egressd.control.watch`) |
+| `GET /v1/interception-ca.pem` | - | the TLS interception CA's certificate (`egressd.control.interception_ca`) |
 | `/healthz`, `/readyz`, `/metrics` | - | see `egressd.admin` |
 
 Authentication: mutating requests carry `Authorization: Bearer TOKEN`, the
@@ -61,6 +62,14 @@ address belongs to one node or proxy, node sandbox CIDRs must not overlap
 one proxy; a collision -> 409 `{"error": "conflict", "field": ...}`. A PUT
 of an existing name replaces it.
 
+A node PUT may say `"sandbox_cidr": "auto"` (node agents on a DaemonSet do):
+the control plane keeps the CIDR of the name's existing record, else takes
+the lowest free block of its pool (`--sandbox-pool`, `--sandbox-prefix`;
+`egressd.control.pool`), and answers the record as stored. No free block ->
+409 `{"error": "sandbox_pool_exhausted", "field": "sandbox_cidr"}` and
+nothing is stored. `node_registered` says where the CIDR came from
+(`sandbox_cidr_from`: `request`, `pool` or `record`).
+
 Other errors: unknown record or route -> 404 `{"error": "not_found"}`; body
 not JSON (also NaN/Infinity or duplicate keys) or not an object -> 400
 `{"error": "bad_json"}`; body over 64 KiB -> 413 `{"error": "too_large"}`; a
@@ -90,12 +99,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from egressd import strictjson
 from egressd.admin import add_admin_routes
+from egressd.control.pool import PoolExhausted, SandboxPool, allocate
 from egressd.control.records import (
+    AutoNode,
     JobRecord,
     NodeRecord,
     ProxyRecord,
     RecordError,
-    node_from_json,
+    node_request_from_json,
     parse_job_id,
     parse_name,
     proxy_from_json,
@@ -219,7 +230,7 @@ def _path_job_id(request: web.Request) -> uuid.UUID:
 
 def _policy_error_detail(exc: PolicyError) -> str:
     prefix = f"{exc.field}: "
-    return exc.detail[len(prefix) :] if exc.detail.startswith(prefix) else exc.detail
+    return exc.detail.removeprefix(prefix)
 
 
 def _policy_answer(record: JobRecord) -> dict[str, Any]:
@@ -245,10 +256,14 @@ class ControlApi:
         policy_ttl_s: int,
         clock: Clock = time.time,
         metrics: ControlMetrics | None = None,
+        sandbox_pool: SandboxPool | None = None,
     ) -> None:
         if not admin_token:
             raise ValueError("admin token must not be empty")
         self.store = store
+        #: Set by the service once the CA exists (`egressd.control.interception_ca`).
+        self.interception_ca_pem: bytes | None = None
+        self.sandbox_pool = sandbox_pool if sandbox_pool is not None else SandboxPool()
         self.signing_key = signing_key
         published = dict(trusted.keys)
         published[signing_key.kid] = signing_key.public
@@ -350,13 +365,20 @@ class ControlApi:
     async def get_keys(self, _request: web.Request) -> web.Response:
         return web.json_response(jwks(self.published))
 
+    async def get_interception_ca(self, _request: web.Request) -> web.Response:
+        # Public, like the keys: sandboxes' trust stores are built from it.
+        if self.interception_ca_pem is None:
+            raise ApiError(404, "not_found")
+        return web.Response(body=self.interception_ca_pem, content_type="application/x-pem-file")
+
     # --- policies ---------------------------------------------------------------------
 
     def _sign(self, job_id: uuid.UUID, spec: Mapping[str, Any], now: int) -> JobRecord:
         """Validate `spec` with fresh timestamps and sign it; raises PolicyError."""
         payload = dict(spec)
         payload["job_id"] = str(job_id)
-        payload.update(iat=now, nbf=now, exp=now + self.policy_ttl_s)
+        exp = now + self.policy_ttl_s
+        payload.update(iat=now, nbf=now, exp=exp)
         policy = parse_policy(payload)
         signed = policy_to_payload(policy)
         jws = sign_payload(signed, self.signing_key)
@@ -365,7 +387,7 @@ class ControlApi:
             payload=signed,
             jws=jws,
             kid=self.signing_key.kid,
-            exp=int(signed["exp"]),
+            exp=exp,
         )
 
     async def put_policy(self, request: web.Request) -> web.Response:
@@ -535,16 +557,33 @@ class ControlApi:
         name = _path_name(request)
         body = await read_json_object(request)
         try:
-            record = node_from_json(name, body)
+            parsed = node_request_from_json(name, body)
         except RecordError as exc:
             raise ApiError(400, "invalid_node", field=exc.field, detail=exc.detail) from exc
+        source = "request"
         async with self._lock:
+            if isinstance(parsed, AutoNode):
+                # Under the lock: two nodes registering at once never get one block.
+                try:
+                    allocation = allocate(name, self.store.nodes, self.sandbox_pool)
+                except PoolExhausted as exc:
+                    log.warning("sandbox_pool_exhausted", name=name, detail=exc.detail)
+                    raise ApiError(
+                        409, exc.reason, field="sandbox_cidr", detail=exc.detail
+                    ) from exc
+                record = parsed.with_cidr(allocation.cidr)
+                source = "record" if allocation.reused else "pool"
+            else:
+                record = parsed
             conflict = self._node_conflict(record)
             if conflict is not None:
                 raise ApiError(409, "conflict", field=conflict[0], detail=conflict[1])
             created = self.store.nodes.get(name) is None
             await self._persist(lambda: self.store.put_node(record))
-        log.info("node_registered", who=WHO_ADMIN, created=created, **record.to_json())
+        log.info(
+            "node_registered", who=WHO_ADMIN, created=created, sandbox_cidr_from=source,
+            **record.to_json(),
+        )  # fmt: skip
         return web.json_response(record.to_json())
 
     async def put_proxy(self, request: web.Request) -> web.Response:
@@ -613,6 +652,7 @@ def build_app(api: ControlApi) -> web.Application:
     app.on_startup.append(api.on_startup)
     r = app.router
     r.add_get("/v1/keys", api.get_keys, name="keys")
+    r.add_get("/v1/interception-ca.pem", api.get_interception_ca, name="interception_ca")
     r.add_put("/v1/jobs/{job_id}/policy", api.put_policy, name="policy")
     r.add_get("/v1/jobs/{job_id}/policy", api.get_policy)
     r.add_delete("/v1/jobs/{job_id}/policy", api.delete_policy)

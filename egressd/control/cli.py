@@ -3,6 +3,7 @@
     egressd control serve [--listen HOST:PORT] [--state-dir DIR] [--key FILE]
                           [--trusted-keys DIR] [--admin-token-file FILE]
                           [--policy-ttl SECONDS] [--port-file FILE]
+                          [--sandbox-pool CIDR] [--sandbox-prefix N]
 
 Defaults and their reasons are in `egressd.control.config`. Logs are JSON
 lines on stderr. A bad option or a start-up failure (key, token file, state,
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from egressd import logs
-from egressd.cli import CliError
+from egressd.cliutil import CliError, integer
 from egressd.control.config import (
     DEFAULT_ADMIN_TOKEN_FILE,
     DEFAULT_KEY_FILE,
@@ -27,14 +28,7 @@ from egressd.control.config import (
     ConfigError,
     ControlConfig,
 )
-from egressd.errors import EgressdError
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+from egressd.control.pool import DEFAULT_NODE_PREFIX, DEFAULT_POOL
 
 
 def register(sub: Any) -> None:
@@ -66,12 +60,21 @@ def register(sub: Any) -> None:
         f"(default {DEFAULT_ADMIN_TOKEN_FILE})",
     )
     serve.add_argument(
-        "--policy-ttl", type=_int, default=DEFAULT_POLICY_TTL_S, metavar="SECONDS",
+        "--policy-ttl", type=integer, default=DEFAULT_POLICY_TTL_S, metavar="SECONDS",
         help=f"validity of a signed policy (default {DEFAULT_POLICY_TTL_S})",
     )
     serve.add_argument(
         "--port-file", type=Path, default=None, metavar="FILE",
         help="write the bound port here once listening (removed on exit)",
+    )
+    serve.add_argument(
+        "--sandbox-pool", default=str(DEFAULT_POOL), metavar="CIDR",
+        help=f"sandbox CIDRs for nodes that register with \"sandbox_cidr\": \"auto\" "
+        f"(default {DEFAULT_POOL})",
+    )
+    serve.add_argument(
+        "--sandbox-prefix", type=integer, default=DEFAULT_NODE_PREFIX, metavar="N",
+        help=f"prefix length of each node's block from the pool (default {DEFAULT_NODE_PREFIX})",
     )
     serve.set_defaults(handler=_serve)
 
@@ -86,13 +89,12 @@ def _serve(args: argparse.Namespace) -> int:
             admin_token_file=args.admin_token_file,
             policy_ttl_s=args.policy_ttl,
             port_file=args.port_file,
+            sandbox_pool=args.sandbox_pool,
+            sandbox_prefix=args.sandbox_prefix,
         )
     except ConfigError as exc:
         raise CliError(exc.detail) from exc
     logs.configure(json=True)
     from egressd.control import service  # aiohttp and uvloop only when serving
 
-    try:
-        return service.run(config)
-    except EgressdError as exc:
-        raise CliError(" ".join(f"{exc.reason}: {exc.detail}".split())) from exc
+    return service.run(config)  # a start-up failure: one line from egressd.cli.main

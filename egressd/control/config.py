@@ -10,6 +10,8 @@ Defaults follow DESIGN.md's run directory (`/run/egressd`):
 | `--trusted-keys` | the directory holding `--key` (where `write_key_dir` puts `<kid>.jwk`) |
 | `--admin-token-file` | `/run/egressd/admin-token` (generated, mode 0600, if missing) |
 | `--policy-ttl` | 3600 seconds |
+| `--sandbox-pool` | `100.96.0.0/16` (the fleet's sandbox supernet): where `"sandbox_cidr": "auto"` nodes get theirs |
+| `--sandbox-prefix` | 24: the size of each node's block (256 nodes in the default pool) |
 
 `--listen` takes an IP literal, `HOST:PORT` or `[V6]:PORT`; port 0 binds an
 ephemeral port (tests), which `--port-file` reports.
@@ -18,9 +20,10 @@ ephemeral port (tests), which `--port-file` reports.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from egressd.control.pool import DEFAULT_NODE_PREFIX, DEFAULT_POOL, SandboxPool
 from egressd.errors import EgressdError
 
 DEFAULT_LISTEN = "198.18.0.2:8080"
@@ -77,6 +80,7 @@ class ControlConfig:
     admin_token_file: Path
     policy_ttl_s: int = DEFAULT_POLICY_TTL_S
     port_file: Path | None = None
+    sandbox_pool: SandboxPool = field(default_factory=SandboxPool)
 
     def __post_init__(self) -> None:
         parse_listen(self.listen)
@@ -102,8 +106,11 @@ class ControlConfig:
         admin_token_file: Path = DEFAULT_ADMIN_TOKEN_FILE,
         policy_ttl_s: int = DEFAULT_POLICY_TTL_S,
         port_file: Path | None = None,
+        sandbox_pool: str = str(DEFAULT_POOL),
+        sandbox_prefix: int = DEFAULT_NODE_PREFIX,
     ) -> ControlConfig:
         host, port = parse_listen(listen)
+        pool = parse_sandbox_pool(sandbox_pool, sandbox_prefix)
         return cls(
             host=host,
             port=port,
@@ -113,4 +120,17 @@ class ControlConfig:
             admin_token_file=admin_token_file,
             policy_ttl_s=policy_ttl_s,
             port_file=port_file,
+            sandbox_pool=pool,
         )
+
+
+def parse_sandbox_pool(network: str, prefixlen: int) -> SandboxPool:
+    """`--sandbox-pool CIDR` and `--sandbox-prefix N` -> SandboxPool; ConfigError if unusable."""
+    try:
+        net = ipaddress.IPv4Network(network, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"--sandbox-pool {network!r}: not a strict IPv4 network ({exc})") from exc
+    try:
+        return SandboxPool(net, prefixlen)
+    except ValueError as exc:
+        raise ConfigError(f"--sandbox-pool {network} --sandbox-prefix {prefixlen}: {exc}") from exc

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from egressd.cli import CliError
+from egressd.cliutil import CliError
 from egressd.net import netns as kn
 from egressd.topology.layout import CONTROL_ADDR, DEFAULT_RUN_DIR
 
@@ -41,8 +41,11 @@ TOKEN_ENV = "EGRESSD_ADMIN_TOKEN"
 TIMEOUT_S = 10.0
 
 
-class JobCliError(Exception):
+class JobCliError(CliError):
     """A failed exchange with the control plane: exit code 1 with this line."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, exit_code=1)
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -191,17 +194,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(handler: Any) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(handler(args))
-        except JobCliError as exc:
-            print(f"egressd: error: {exc}", file=sys.stderr)
-            return 1
-
-    return run
-
-
 def register(sub: Any) -> None:
     """Add the `job` verb to the top-level subparsers `sub`."""
     job = sub.add_parser("job", help="a job's policy at the control plane: put, get, delete, list")
@@ -221,16 +213,16 @@ def register(sub: Any) -> None:
     put.add_argument("policy", metavar="POLICY.json")
     put.add_argument("--job-id", default=None)
     put.add_argument("--json", action="store_true", help="print the whole answer")
-    put.set_defaults(handler=_run(cmd_put))
+    put.set_defaults(handler=cmd_put)
     get = verbs.add_parser("get", help="print the JWS the control plane holds")
     get.add_argument("job", metavar="JOB_ID")
     get.add_argument("--json", action="store_true")
-    get.set_defaults(handler=_run(cmd_get))
+    get.set_defaults(handler=cmd_get)
     delete = verbs.add_parser("delete", help="revoke a job's policy")
     delete.add_argument("job", metavar="JOB_ID")
-    delete.set_defaults(handler=_run(cmd_delete))
+    delete.set_defaults(handler=cmd_delete)
     lst = verbs.add_parser("list", help="list every job")
     lst.add_argument("--json", action="store_true")
-    lst.set_defaults(handler=_run(cmd_list))
+    lst.set_defaults(handler=cmd_list)
     for p in (put, get, delete, lst):
         common(p)

@@ -18,7 +18,7 @@ from typing import Any
 from egressd.errors import EgressdError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 
 SANDBOX_PREFIX_MIN = 16
 SANDBOX_PREFIX_MAX = 30
@@ -96,6 +96,31 @@ class NodeRecord:
 
 
 _NODE_FIELDS = frozenset({"underlay", "sandbox_cidr"})
+
+
+@dataclass(frozen=True, slots=True)
+class AutoNode:
+    """A node PUT with `"sandbox_cidr": "auto"`: the control plane picks the CIDR from
+    its pool (`egressd.control.pool`). Only a request: a stored record always has one."""
+
+    name: str
+    underlay: ipaddress.IPv4Address
+
+    def with_cidr(self, cidr: ipaddress.IPv4Network) -> NodeRecord:
+        return NodeRecord(name=self.name, underlay=self.underlay, sandbox_cidr=cidr)
+
+
+SANDBOX_CIDR_AUTO = "auto"
+
+
+def node_request_from_json(name: str, obj: object) -> NodeRecord | AutoNode:
+    """Parse a node PUT body: like `node_from_json`, and `"sandbox_cidr": "auto"` too."""
+    if isinstance(obj, Mapping) and obj.get("sandbox_cidr") == SANDBOX_CIDR_AUTO:
+        body = _check_keys(obj, _NODE_FIELDS, frozenset({"name"}))
+        if "name" in body and body["name"] != name:
+            raise RecordError("name", "does not match the name in the path")
+        return AutoNode(name=parse_name(name), underlay=_ipv4_address(body, "underlay"))
+    return node_from_json(name, obj)
 
 
 def node_from_json(name: str, obj: object) -> NodeRecord:

@@ -8,10 +8,13 @@ Lifecycle (aiohttp `web_runner`, set-up apart from serving):
 2. `ControlService.start()`: `AppRunner.setup()`, bind a `TCPSite`, read the
    bound address back from the runner (port 0 -> an ephemeral port), write it
    to `--port-file` (atomically), log `listening` with host and port.
-3. `ControlService.stop()`: `AppRunner.cleanup()` (stops accepting, lets
-   in-flight requests finish, at most `SHUTDOWN_TIMEOUT_S`), removes the port file.
+3. `ControlService.stop()` unwinds what `start()` pushed on its exit stack
+   (`egressd.lifecycle`; also after a failed start): `AppRunner.cleanup()`
+   (stops accepting, lets in-flight requests finish, at most
+   `SHUTDOWN_TIMEOUT_S`), then removes the port file.
 
-`run()` drives this on uvloop and stops on SIGTERM or SIGINT.
+`run()` drives this on uvloop and stops on SIGTERM or SIGINT
+(`egressd.lifecycle.serve_until_stopped`, with `egressd.signals`' handlers).
 
 Admin token file: if it does not exist, a random token
 (`secrets.token_urlsafe(32)`) is written to it with mode 0600 (parents
@@ -35,13 +38,14 @@ import structlog
 import uvloop
 from aiohttp import web
 
+from egressd.control import interception_ca
 from egressd.control.app import Clock, ControlApi, build_app
 from egressd.control.config import ControlConfig
 from egressd.control.store import StateStore, atomic_write
 from egressd.errors import EgressdError
+from egressd.lifecycle import Lifecycle, serve_until_stopped
 from egressd.policy.errors import KeyFileError
 from egressd.policy.keys import SigningKey, TrustedKeys, load_signing_key, load_trusted_keys
-from egressd.signals import install_stop_handlers
 
 SHUTDOWN_TIMEOUT_S = 5.0
 MAX_TOKEN_FILE_BYTES = 4096
@@ -120,22 +124,26 @@ class BoundAddress:
     port: int
 
 
-class ControlService:
+class ControlService(Lifecycle):
     """One control plane: its app, runner and bound address."""
 
     def __init__(self, config: ControlConfig, *, clock: Clock = time.time) -> None:
+        super().__init__()
         self.config = config
         self.clock = clock
-        self._runner: web.AppRunner | None = None
         self.api: ControlApi | None = None
         self.bound: BoundAddress | None = None
 
-    async def start(self) -> BoundAddress:
+    async def _start(self) -> None:
         config = self.config
+        stack = self._stack
         signing, trusted = await asyncio.to_thread(load_keys, config)
         token = await asyncio.to_thread(ensure_admin_token, config.admin_token_file)
         store = StateStore(config.state_dir)
         await asyncio.to_thread(store.load)
+        interception = await asyncio.to_thread(
+            interception_ca.ensure_interception_ca, interception_ca.ca_dir(config.state_dir)
+        )
         self.api = ControlApi(
             store=store,
             signing_key=signing,
@@ -143,17 +151,20 @@ class ControlService:
             admin_token=token,
             policy_ttl_s=config.policy_ttl_s,
             clock=self.clock,
+            sandbox_pool=config.sandbox_pool,
         )
+        self.api.interception_ca_pem = await asyncio.to_thread(interception.cert.read_bytes)
         runner = web.AppRunner(
             build_app(self.api), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
         )
+        # The port file goes after the runner: while it exists, the port may answer.
+        stack.callback(self._remove_port_file)
         await runner.setup()
-        self._runner = runner
+        stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:
-            await self.stop()
             raise ControlStartupError(
                 "bind_failed", f"cannot listen on {config.listen}: {exc.strerror or exc}"
             ) from exc
@@ -167,6 +178,8 @@ class ControlService:
             kid=signing.kid,
             published_kids=sorted(self.api.published.keys),
             policy_ttl_s=config.policy_ttl_s,
+            sandbox_pool=str(config.sandbox_pool.network),
+            sandbox_prefix=config.sandbox_pool.prefixlen,
             jobs=len(store.jobs),
             nodes=len(store.nodes),
             proxies=len(store.proxies),
@@ -177,12 +190,8 @@ class ControlService:
             await asyncio.to_thread(
                 atomic_write, config.port_file, f"{port}\n".encode(), mode=0o644
             )
-        return self.bound
 
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+    def _remove_port_file(self) -> None:
         if self.bound is not None and self.config.port_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.config.port_file.unlink()
@@ -191,16 +200,7 @@ class ControlService:
 
 async def serve(config: ControlConfig, *, stop: asyncio.Event | None = None) -> None:
     """Start the control plane and serve until `stop` is set or SIGTERM/SIGINT arrives."""
-    stop = stop if stop is not None else asyncio.Event()
-    uninstall = install_stop_handlers(asyncio.get_running_loop(), stop.set)
-    service = ControlService(config)
-    try:
-        await service.start()
-        await stop.wait()
-        log.info("stopping")
-    finally:
-        await service.stop()
-        uninstall()
+    await serve_until_stopped(ControlService(config), stop, stopping=lambda: log.info("stopping"))
     log.info("stopped")
 
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from egressd.atomicfile import TMP_SUFFIX, fsync_dir, write_atomic
 from egressd.control.records import (
     JobRecord,
     NodeRecord,
@@ -58,7 +59,6 @@ from egressd.control.records import (
     parse_name,
     proxy_from_json,
 )
-from egressd.atomicfile import TMP_SUFFIX, fsync_dir, write_atomic
 from egressd.errors import EgressdError
 
 _K = TypeVar("_K")

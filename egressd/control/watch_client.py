@@ -56,7 +56,7 @@ def parse_answer(body: object) -> tuple[int, Changes, bool]:
         if not isinstance(change, dict):
             raise WatchError("bad_response", "a change is not an object")
         kind, key, op = change.get("kind"), change.get("key"), change.get("op")
-        if not all(isinstance(v, str) for v in (kind, key, op)):
+        if not (isinstance(kind, str) and isinstance(key, str) and isinstance(op, str)):
             raise WatchError("bad_response", "a change lacks kind, key or op")
         out.append((kind, key, op))
     return revision, out, body.get("resync") is True
@@ -64,7 +64,7 @@ def parse_answer(body: object) -> tuple[int, Changes, bool]:
 
 def backoff_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
     """Full-jitter exponential backoff for the `attempt`-th consecutive failure (from 1)."""
-    ceiling = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** max(0, attempt - 1))
+    ceiling: float = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** max(0, attempt - 1))
     return BACKOFF_MIN_S / 2 + rng() * (ceiling - BACKOFF_MIN_S / 2)
 
 

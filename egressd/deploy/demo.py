@@ -21,6 +21,7 @@ from pathlib import Path
 from egressd.deploy import entry, jobs
 from egressd.fleetdemo import Job, Row, evaluate, payload, print_table
 from egressd.fleetdemo import jobs as fleet_jobs
+from egressd.metrics_text import by_label, parse
 from egressd.topology.layout import ADMIN_PORT, default_layout
 
 RESULT = Path("/tmp/egressd-demo.result")
@@ -52,13 +53,7 @@ def audit_events(job_id: str, log_dir: Path = entry.LOG_DIR) -> list[dict[str, o
 
 def tier1_counts(node_addr: str = NODE_ADDR) -> dict[str, float]:
     _, body = entry.http_get(f"http://{node_addr}:{ADMIN_PORT}/metrics")
-    out: dict[str, float] = {}
-    for line in body.decode().splitlines():
-        if line.startswith("egressd_tier1_packets_total{") and 'verdict="drop"' in line:
-            labels, value = line.rsplit(" ", 1)
-            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
-            out[reason] = out.get(reason, 0.0) + float(value)
-    return out
+    return by_label(parse(body.decode()), "egressd_tier1_packets_total", "reason", verdict="drop")
 
 
 def sign(payload: dict[str, object]) -> str:

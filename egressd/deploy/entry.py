@@ -22,12 +22,25 @@ What differs from the namespaces topology:
   (PUT /v1/proxies|nodes/NAME with the admin token) before their daemon
   starts; a proxy that stops cleanly deregisters (DELETE). Node agents learn
   the proxy list from the control plane (`discovery` in the agent config).
+  With EGRESSD_SANDBOX_CIDR=auto (deploy/kubernetes: every pod of a
+  DaemonSet has the same environment) the node's agent config says
+  `"sandbox_cidr": "auto"` and the agent registers itself at start, getting
+  its CIDR from the control plane's pool (`egressd.agent.registration`); the
+  entry code registers nothing then.
 * Shared files: the control plane makes the fleet's material once, in its
   own volume (the signing key never leaves it) and publishes the public parts
   in the `fleet` volume mounted at /fleet in every container: `keys/`
-  (public JWKs), `ca/` (the test CA and the internet's server certificate),
-  `admin-token`. Each container's run directory /run/egressd links `keys` and
-  `ca` there.
+  (public JWKs), `ca/` (the test CA and the internet's server certificate,
+  and `interception-ca.pem`, the TLS interception CA's certificate that
+  sandboxes trust), `admin-token`. Each container's run directory
+  /run/egressd links `keys` and `ca` there.
+* Proxies' secrets (`settings.proxy_secret_keys`): the interception CA's
+  certificate and key go to the `interception` volume at /interception-ca,
+  mounted by the control plane and the proxies only (nodes, hence sandboxes,
+  never see the key); credentials are the compose secret
+  `egressd-credentials` (a directory, deploy/credentials/) mounted by proxies
+  only. deploy/kubernetes mounts both from Secrets and names the paths in
+  EGRESSD_* variables.
 * Logs: each daemon's JSON log lines go to the container's stderr (`docker
   logs`) and to /var/log/egressd/NAME.log in the `logs` volume, where the
   demo reads the proxies' audit events.
@@ -51,9 +64,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from egressd import metrics_text
+from egressd.atomicfile import write_atomic
+from egressd.control.interception_ca import ca_dir, ensure_interception_ca
 from egressd.deploy import settings
 from egressd.policy import keys
-from egressd.topology import ca
+from egressd.topology import ca, interception
 from egressd.topology.fleet import Fleet
 from egressd.topology.layout import (
     ADMIN_PORT,
@@ -62,6 +78,7 @@ from egressd.topology.layout import (
     INET_DNS,
     INTERNET,
     METADATA,
+    SANDBOX_SUPERNET,
     UNDERLAY,
     Layout,
     NodeSpec,
@@ -149,7 +166,9 @@ def resolve_ipv4(host: str) -> ipaddress.IPv4Address:
             return ipaddress.IPv4Address(infos[0][4][0])
         except OSError as exc:
             if time.monotonic() > deadline:
-                raise SystemExit(f"entry: cannot resolve control plane host {host!r}: {exc}")
+                raise SystemExit(
+                    f"entry: cannot resolve control plane host {host!r}: {exc}"
+                ) from exc
         time.sleep(0.5)
 
 
@@ -274,6 +293,7 @@ def role_control() -> int:
     for jwk in fleet.keys_dir.glob("*.jwk"):
         shutil.copy2(jwk, FLEET_DIR / "keys" / jwk.name)
     ca.ensure_ca(FLEET_DIR / "ca", fleet.layout)
+    publish_interception_ca()
     token = FLEET_DIR / "admin-token"
     tmp = token.with_suffix(".tmp")
     shutil.copy2(fleet.admin_token_file, tmp)
@@ -287,6 +307,23 @@ def role_control() -> int:
         "--listen", f"{CONTROL_ADDR}:{CONTROL_PORT}",
     )  # fmt: skip
     return supervise("control", argv)
+
+
+def publish_interception_ca() -> None:
+    """The TLS interception CA, made in the control plane's state directory (as
+    the control plane does at start): its certificate to /fleet/ca for
+    sandboxes, certificate and key where proxies read them
+    (EGRESSD_INTERCEPTION_CA_CERT/KEY: the `interception` volume, which nodes
+    do not mount; deploy/kubernetes mounts the pair from a Secret instead)."""
+    files = ensure_interception_ca(ca_dir(RUN_DIR / "control"))
+    cert = files.cert.read_bytes()
+    write_atomic(FLEET_DIR / "ca" / interception.PUBLIC_CERT, cert, mode=0o644)
+    cert_path, key_path = env().interception_ca_cert, env().interception_ca_key
+    for path in {cert_path.parent, key_path.parent}:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The key first: a proxy that finds both files finds a matching pair.
+    write_atomic(key_path, files.key.read_bytes(), mode=0o600)
+    write_atomic(cert_path, cert, mode=0o644)
 
 
 def role_inet() -> int:
@@ -316,6 +353,19 @@ def proxy_spec() -> ProxySpec:
 def proxy_config(fleet: Fleet, spec: ProxySpec) -> dict[str, Any]:
     config = fleet.proxy_config(spec)
     config["control_url"] = settings.by_address(env().control_url, resolve_ipv4)
+    # The local topology's paths (its run directory) do not exist here.
+    for key in ("secrets_dir", "interception_ca", "upstream_ca_file"):
+        config.pop(key, None)
+    config.update(settings.proxy_secret_keys(env()))
+    if "interception_ca" not in config:
+        # No Secret (yet): rules with "tls": "intercept" are denied here
+        # (tls_interception_unavailable) until the proxy restarts with one.
+        log(
+            "interception_ca_absent",
+            cert=str(env().interception_ca_cert), key=str(env().interception_ca_key),
+        )  # fmt: skip
+    if not env().secrets_dir.is_dir():
+        log("secrets_dir_absent", secrets_dir=str(env().secrets_dir))
     if config["control_url"] != env().control_url:
         log("control_url_resolved", control_url=env().control_url, used=config["control_url"])
     return config
@@ -340,13 +390,22 @@ def role_proxy() -> int:
 
 
 def node_spec() -> NodeSpec:
-    return NodeSpec(env().node_name, underlay_address(), env().sandbox_cidr)
+    """This node. With EGRESSD_SANDBOX_CIDR=auto its CIDR is known only once the agent
+    has registered: the spec then carries the sandbox supernet it will lie in, and
+    `agent_config` writes "auto" (nothing here uses the spec's CIDR beyond that)."""
+    cidr = env().sandbox_cidr
+    return NodeSpec(env().node_name, underlay_address(), SANDBOX_SUPERNET if cidr is None else cidr)
 
 
 def agent_config(fleet: Fleet, spec: NodeSpec) -> dict[str, Any]:
     config = fleet.agent_config(spec)
     # Proxies come from the control plane's registry (the static list is empty).
     config["discovery"] = {"control_url": env().control_url, "interval_s": DISCOVERY_INTERVAL_S}
+    if env().sandbox_cidr is None:
+        config["sandbox_cidr"] = settings.SANDBOX_CIDR_AUTO
+        config["registration"] = {
+            "admin_token_file": str(FLEET_DIR / "admin-token"), "wait_s": WAIT_S,
+        }  # fmt: skip
     return config
 
 
@@ -381,9 +440,14 @@ def start_node() -> tuple[Fleet, NodeSpec, Path]:
     body = agent_config(fleet, spec)
     config.write_text(json.dumps(body, indent=2) + "\n")
     seed_tier1_cache(Path(str(body["state_dir"])))
-    register(
-        "nodes", spec.name, {"underlay": str(spec.underlay), "sandbox_cidr": str(spec.sandbox_cidr)}
-    )
+    if env().sandbox_cidr is None:
+        wait_file(FLEET_DIR / "admin-token")  # the agent registers itself with it
+        log("sandbox_cidr_auto", name=spec.name, control_url=env().control_url)
+    else:
+        register(
+            "nodes", spec.name,
+            {"underlay": str(spec.underlay), "sandbox_cidr": str(spec.sandbox_cidr)},
+        )  # fmt: skip
     return fleet, spec, config
 
 
@@ -401,9 +465,11 @@ def role_node() -> int:
 
 
 def role_udf(argv: list[str]) -> int:
-    """`python -m egressd.deploy udf [--allow HOST:PORT,...]... [--job-id ID] UDF ARGS...`, in a node.
+    """`python -m egressd.deploy udf [--allow HOST:PORT,...]... [--rule JSON]... [--job-id ID]
+    UDF ARGS...`, in a node.
 
-    Has the control plane sign a policy for this node (the given host rules),
+    Has the control plane sign a policy for this node (the given host rules;
+    `--rule` takes a whole egress rule, `http` and `tls` included),
     runs the UDF (a file of sandbox/udfs) in a gVisor sandbox here, passes its
     stdout through, and returns its exit code. For operators and the compose test.
     """
@@ -415,6 +481,7 @@ def role_udf(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m egressd.deploy udf")
     parser.add_argument("--allow", action="append", default=[], metavar="HOST:PORT[,PORT]")
+    parser.add_argument("--rule", action="append", default=[], type=json.loads, metavar="JSON")
     parser.add_argument("--job-id", default=None)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("udf")
@@ -426,6 +493,7 @@ def role_udf(argv: list[str]) -> int:
     for rule in args.allow:
         host, _, ports = rule.partition(":")
         egress.append({"host": host, "ports": [int(p) for p in (ports or "443").split(",")]})
+    egress.extend(args.rule)  # checked by the control plane, which signs nothing invalid
     payload = {"v": 1, "job_id": job_id, "account": "compose", "nodes": [node], "egress": egress}
     jws = str(control("PUT", f"/v1/jobs/{job_id}/policy", payload)["jws"])
     log("udf_job", job_id=job_id, node=node)
@@ -465,12 +533,11 @@ def health(role: str) -> int:
         if status != 200:
             return 1
         _, metrics = http_get(f"http://{underlay}:{ADMIN_PORT}/metrics")
-        up = [
-            ln
-            for ln in metrics.decode().splitlines()
-            if ln.startswith("egressd_proxy_up{") and ln.endswith(" 1.0")
-        ]
-        if not up:
+        try:
+            samples = metrics_text.parse(metrics.decode())
+        except metrics_text.MetricsTextError:
+            return 1
+        if not any(s.value == 1 for s in metrics_text.matching(samples, "egressd_proxy_up")):
             return 1
         if role == "node":
             status, _ = http_get(f"http://{underlay}:{JOBS_PORT}/healthz")
@@ -481,31 +548,3 @@ def health(role: str) -> int:
         return 0 if result.exists() and result.read_text().strip() == "0" else 1
     raise SystemExit(f"unknown role {role!r}")
 
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        raise SystemExit("usage: python -m egressd.deploy ROLE | health ROLE")
-    role = argv[0]
-    if role == "health":
-        try:
-            return health(argv[1])
-        except (OSError, SystemExit) as exc:
-            print(f"unhealthy: {exc}", file=sys.stderr)
-            return 1
-    if role == "demo":
-        from egressd.deploy import demo
-
-        return demo.main(argv[1:])
-    if role == "udf":
-        return role_udf(argv[1:])
-    if role == "loadgen":
-        from egressd.deploy import loadgen
-
-        return loadgen.main(argv[1:])
-    roles = {"control": role_control, "inet": role_inet, "proxy": role_proxy, "node": role_node}
-    if role not in roles:
-        raise SystemExit(
-            f"unknown role {role!r} (one of {', '.join(sorted(roles))}, demo, loadgen, health)"
-        )
-    return roles[role]()

@@ -1,7 +1,8 @@
 """The `locust` service (compose profile `load`): a load-generator node.
 
 It is a node like `node` (its own agent, registered as `loadgen`, sandbox
-CIDR 100.96.9.0/24, proxies discovered from the control plane). It has the
+CIDR 100.96.9.0/24: EGRESSD_NODE_NAME and EGRESSD_SANDBOX_CIDR in
+deploy/compose.yaml, required; proxies discovered from the control plane). It has the
 control plane sign a policy for one load job (api.allowed.test, ports 80 and
 443), registers a load-generator namespace with its agent exactly as a
 sandbox is registered (veth, tier-1 eBPF, GENEVE tunnel to a proxy), and runs
@@ -22,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from egressd.agent.client import AgentClient
-from egressd.deploy import entry
+from egressd.deploy import entry, settings
 from egressd.topology.layout import RESOLVER
 
 LOCUSTFILE = Path(os.environ.get("EGRESSD_LOCUSTFILE", "/opt/egressd/loadtests/locustfile.py"))
@@ -67,8 +68,11 @@ def _healthy() -> bool:
 
 
 def main(_argv: list[str]) -> int:
-    os.environ.setdefault("EGRESSD_NODE_NAME", "loadgen")
-    os.environ.setdefault("EGRESSD_SANDBOX_CIDR", "100.96.9.0/24")
+    # Its name and CIDR come from the environment like any node's (deploy/compose.yaml);
+    # the defaults are node1's, which a second node must never take.
+    missing = [v for v in (settings.NODE_NAME, settings.SANDBOX_CIDR) if v not in os.environ]
+    if missing:
+        raise SystemExit(f"loadgen: {' and '.join(missing)} must be set (a node of its own)")
     fleet, spec, config = entry.start_node()
 
     def load_when_ready() -> None:

@@ -13,10 +13,28 @@ node, the control plane's URL and the cluster's ranges from a ConfigMap.
     EGRESSD_EGRESS_ADDRESS    a proxy's egress address (unset: the one in 203.0.113.0/24)
     EGRESSD_PROXY_NAME        a proxy's name (unset: proxy-N, N the underlay's last byte)
     EGRESSD_NODE_NAME         a node's name (unset: node1)
-    EGRESSD_SANDBOX_CIDR      a node's sandbox CIDR inside 100.96.0.0/16 (unset: 100.96.1.0/24)
+    EGRESSD_SANDBOX_CIDR      a node's sandbox CIDR inside 100.96.0.0/16 (unset: 100.96.1.0/24),
+                              or `auto`: the node's agent registers itself and the
+                              control plane allocates one from its pool (a DaemonSet,
+                              whose pods all get the same environment, sets `auto`)
     EGRESSD_UNDERLAY_RANGES   comma-separated networks the fleet and its hosts live on,
                               always denied to sandboxes (unset: 198.18.0.0/24); the
                               sandbox supernet and the resolver are added to them
+
+A proxy's secrets (`proxy_secret_keys` maps them to its configuration):
+
+    EGRESSD_SECRETS_DIR       the directory of credentials behind policies'
+                              `http.credentials`, one file per secret (unset:
+                              /run/secrets/egressd-credentials, the compose secret;
+                              a Kubernetes Secret volume)
+    EGRESSD_INTERCEPTION_CA_CERT, EGRESSD_INTERCEPTION_CA_KEY
+                              the TLS interception CA (unset: /interception-ca/ca.pem
+                              and ca.key, the compose volume only the control plane and
+                              proxies mount); either file absent at start: no
+                              interception (`tls_interception_unavailable`)
+    EGRESSD_UPSTREAM_CA_FILE  what intercepted connections' servers are verified
+                              against (unset: /fleet/ca/ca.pem, the test internet's
+                              CA), or `system`: the system's trust store
 
 A value that does not parse is one `SettingsError` naming every bad variable,
 raised before anything is written, registered or started.
@@ -28,6 +46,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from egressd.errors import EgressdError
@@ -49,21 +68,35 @@ PROXY_NAME = "EGRESSD_PROXY_NAME"
 NODE_NAME = "EGRESSD_NODE_NAME"
 SANDBOX_CIDR = "EGRESSD_SANDBOX_CIDR"
 UNDERLAY_RANGES = "EGRESSD_UNDERLAY_RANGES"
+SECRETS_DIR = "EGRESSD_SECRETS_DIR"
+INTERCEPTION_CA_CERT = "EGRESSD_INTERCEPTION_CA_CERT"
+INTERCEPTION_CA_KEY = "EGRESSD_INTERCEPTION_CA_KEY"
+UPSTREAM_CA_FILE = "EGRESSD_UPSTREAM_CA_FILE"
+PROXY_SECRETS = (SECRETS_DIR, INTERCEPTION_CA_CERT, INTERCEPTION_CA_KEY, UPSTREAM_CA_FILE)
 VARIABLES = (
     CONTROL_URL, UNDERLAY_ADDRESS, EGRESS_ADDRESS, PROXY_NAME, NODE_NAME, SANDBOX_CIDR,
-    UNDERLAY_RANGES,
+    UNDERLAY_RANGES, *PROXY_SECRETS,
 )  # fmt: skip
 
 # What each role reads; off the compose network each one needs a value (the
 # compose defaults are DESIGN.md's addresses). deploy/kubernetes sets them all.
+_PROXY_ADDRESSES = (CONTROL_URL, UNDERLAY_ADDRESS, EGRESS_ADDRESS, PROXY_NAME, UNDERLAY_RANGES)
 ROLE_VARIABLES: dict[str, tuple[str, ...]] = {
-    "proxy": (CONTROL_URL, UNDERLAY_ADDRESS, EGRESS_ADDRESS, PROXY_NAME, UNDERLAY_RANGES),
+    "proxy": (*_PROXY_ADDRESSES, *PROXY_SECRETS),
     "node": (CONTROL_URL, UNDERLAY_ADDRESS, NODE_NAME, SANDBOX_CIDR, UNDERLAY_RANGES),
 }
 
 COMPOSE_CONTROL_URL = f"http://{CONTROL_ADDR}:{CONTROL_PORT}"
 COMPOSE_NODE_NAME = "node1"
 COMPOSE_SANDBOX_CIDR = IPv4Network("100.96.1.0/24")
+SANDBOX_CIDR_AUTO = "auto"
+# The compose fleet's secrets: a file-based compose secret (a directory) mounted
+# by proxies only, and the interception CA in a volume that only the control
+# plane (which makes it) and proxies mount: never nodes, hence never sandboxes.
+COMPOSE_SECRETS_DIR = Path("/run/secrets/egressd-credentials")
+COMPOSE_INTERCEPTION_CA_DIR = Path("/interception-ca")
+COMPOSE_UPSTREAM_CA_FILE = Path("/fleet/ca/ca.pem")
+UPSTREAM_CA_SYSTEM = "system"
 # The daemons' own name rule (control plane registry, agent and proxy configs).
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
@@ -79,8 +112,14 @@ class DeploySettings:
     egress: IPv4Address | None = None
     proxy_name: str | None = None
     node_name: str = COMPOSE_NODE_NAME
-    sandbox_cidr: IPv4Network = COMPOSE_SANDBOX_CIDR
+    # None: `auto` (the control plane allocates it when the agent registers).
+    sandbox_cidr: IPv4Network | None = COMPOSE_SANDBOX_CIDR
     underlay_ranges: tuple[IPv4Network, ...] = (UNDERLAY,)
+    secrets_dir: Path = COMPOSE_SECRETS_DIR
+    interception_ca_cert: Path = COMPOSE_INTERCEPTION_CA_DIR / "ca.pem"
+    interception_ca_key: Path = COMPOSE_INTERCEPTION_CA_DIR / "ca.key"
+    # None: `system` (the proxy's default trust store).
+    upstream_ca_file: Path | None = COMPOSE_UPSTREAM_CA_FILE
 
     @property
     def fleet_ranges(self) -> tuple[IPv4Network, ...]:
@@ -113,6 +152,10 @@ def from_env(env: Mapping[str, str]) -> DeploySettings:
     take(NODE_NAME, "node_name", _name)
     take(SANDBOX_CIDR, "sandbox_cidr", _sandbox_cidr)
     take(UNDERLAY_RANGES, "underlay_ranges", _ranges)
+    take(SECRETS_DIR, "secrets_dir", _path)
+    take(INTERCEPTION_CA_CERT, "interception_ca_cert", _path)
+    take(INTERCEPTION_CA_KEY, "interception_ca_key", _path)
+    take(UPSTREAM_CA_FILE, "upstream_ca_file", _upstream_ca)
     if problems:
         raise SettingsError("bad_environment", "; ".join(problems))
     return DeploySettings(**values)  # type: ignore[arg-type]
@@ -133,6 +176,29 @@ def _control_url(raw: str) -> str:
     except ValueError as exc:
         raise ValueError(f"bad port ({exc})") from None
     return raw.rstrip("/")
+
+
+def proxy_secret_keys(
+    s: DeploySettings, exists: Callable[[Path], bool] = Path.exists
+) -> dict[str, object]:
+    """A proxy's configuration keys for its secrets (`egressd.proxy.config`), replacing
+    the local topology's (`Fleet.proxy_config`).
+
+    `secrets_dir` is always set: its files are read when a request needs one
+    (a Secret created later still works). `interception_ca` only when both
+    files exist now, since the proxy reads the pair once at start and a missing
+    one would stop it: without them intercepted rules are denied
+    (``tls_interception_unavailable``), which is fail closed. `upstream_ca_file`
+    is left out for `system`.
+    """
+    keys: dict[str, object] = {"secrets_dir": str(s.secrets_dir)}
+    if exists(s.interception_ca_cert) and exists(s.interception_ca_key):
+        keys["interception_ca"] = {
+            "cert": str(s.interception_ca_cert), "key": str(s.interception_ca_key),
+        }  # fmt: skip
+    if s.upstream_ca_file is not None:
+        keys["upstream_ca_file"] = str(s.upstream_ca_file)
+    return keys
 
 
 def by_address(url: str, resolve: Callable[[str], IPv4Address]) -> str:
@@ -185,13 +251,32 @@ def _network(raw: str) -> IPv4Network:
         raise ValueError(f"{raw!r} is not an IPv4 network ({exc})") from None
 
 
-def _sandbox_cidr(raw: str) -> IPv4Network:
+def _sandbox_cidr(raw: str) -> IPv4Network | None:
+    if raw == SANDBOX_CIDR_AUTO:
+        return None
     net = _network(raw)
     if not net.subnet_of(SANDBOX_SUPERNET):
         raise ValueError(f"must lie inside the sandbox supernet {SANDBOX_SUPERNET}")
     if net.prefixlen > 29:
         raise ValueError("needs room for a gateway and sandboxes (/29 or more)")
     return net
+
+
+def _path(raw: str) -> Path:
+    if not raw.startswith("/"):
+        raise ValueError("must be an absolute path")
+    if "\0" in raw:
+        raise ValueError("must not contain NUL")
+    return Path(raw)
+
+
+def _upstream_ca(raw: str) -> Path | None:
+    if raw == UPSTREAM_CA_SYSTEM:
+        return None
+    try:
+        return _path(raw)
+    except ValueError:
+        raise ValueError(f"must be an absolute path or {UPSTREAM_CA_SYSTEM!r}") from None
 
 
 def _ranges(raw: str) -> tuple[IPv4Network, ...]:

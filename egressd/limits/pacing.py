@@ -46,7 +46,7 @@ class EdtPacer:
 
     last: float = 0.0
 
-    def departure(self, size: int, rate_Bps: float, now: float) -> float:
+    def departure(self, size: int, rate_Bps: float, now: float) -> float:  # noqa: N803 - bytes/s
         start = max(now, self.last)
         self.last = start + size / rate_Bps
         return self.last
@@ -59,7 +59,7 @@ MIN_SCALE = 0.001
 @dataclass(slots=True)
 class _Sender:
     pacer: EdtPacer
-    rate_Bps: float
+    rate_Bps: float  # noqa: N815 - Bps: bytes/s, where rate_bps is bits/s
     seen: float  # its latest departure request
     backlogged: float  # when its pacer was last found behind (-inf: never)
     sent: int  # bytes since `since`
@@ -94,7 +94,7 @@ class BandwidthShaper:
         """When a chunk of `size` bytes of `job` going `direction` may leave."""
         key = (job, direction)
         sender = self._senders.get(key)
-        rate_Bps = rate_bps / 8.0
+        rate_Bps = rate_bps / 8.0  # noqa: N806 - bytes/s, from bits/s
         if sender is None:
             sender = self._senders[key] = _Sender(EdtPacer(now), rate_Bps, now, -math.inf, 0, now)
         else:

@@ -18,17 +18,12 @@ import sys
 from pathlib import Path
 
 from egressd import logs, plotting
+from egressd.cliutil import CliError
 from egressd.errors import EgressdError
 from egressd.loadtest import plots, runner, verdicts
 from egressd.loadtest.scenarios import SCENARIOS, ScenarioError, check_duration
 from egressd.net import netns as kn
 from egressd.signals import Stopped, sigterm_unwinds
-
-
-def _cli_error(detail: str) -> Exception:
-    from egressd.cli import CliError
-
-    return CliError(detail)
 
 
 def _seconds(text: str) -> float:
@@ -45,17 +40,17 @@ def options(args: argparse.Namespace) -> runner.Options:
     try:
         check_duration(args.scenario, args.duration)
     except ScenarioError as exc:
-        raise _cli_error(str(exc)) from exc
+        raise CliError(str(exc)) from exc
     try:
         kn.check_netns_name(f"{args.prefix}proxy1")
         kn.check_netns_name(f"{args.prefix}sbx-00000000")
     except kn.NetError as exc:
-        raise _cli_error(f"--prefix {args.prefix!r}: not usable in namespace names") from exc
+        raise CliError(f"--prefix {args.prefix!r}: not usable in namespace names") from exc
     if not args.prefix.endswith("-"):
-        raise _cli_error(f"--prefix {args.prefix!r} must end with '-'")
+        raise CliError(f"--prefix {args.prefix!r} must end with '-'")
     run_dir = Path(args.run_dir)
     if "." in run_dir.name or not run_dir.is_absolute():
-        raise _cli_error(f"--run-dir {args.run_dir!r} must be an absolute path whose name has no dot")
+        raise CliError(f"--run-dir {args.run_dir!r} must be an absolute path whose name has no dot")
     return runner.Options(
         scenario=args.scenario, duration_s=args.duration, prefix=args.prefix, run_dir=run_dir,
         out=Path(args.out) if args.out else None,
@@ -65,13 +60,13 @@ def options(args: argparse.Namespace) -> runner.Options:
 def _handle(args: argparse.Namespace) -> int:
     opts = options(args)
     if not args.no_plots and not plotting.available():
-        raise _cli_error(plotting.MISSING)
+        raise CliError(plotting.MISSING)
     logs.configure(json=False)
     try:
         with sigterm_unwinds():
             report = runner.run(opts)
     except EgressdError as exc:
-        raise _cli_error(f"loadtest {opts.scenario}: {exc.reason}: {' '.join(exc.detail.split())}") from exc
+        raise CliError(f"loadtest {opts.scenario}: {exc.reason}: {' '.join(exc.detail.split())}") from exc
     except Stopped:
         print("egressd: loadtest stopped (SIGTERM); everything it set up was removed", file=sys.stderr)
         return 143
@@ -86,7 +81,7 @@ def _handle(args: argparse.Namespace) -> int:
     return 0 if verdicts.passed(report.verdicts) else 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("loadtest", help="fairness under abuse: a locust scenario on its own fleet, verdict table + JSON")
     parser.add_argument("scenario", choices=SCENARIOS, help=" | ".join(SCENARIOS))
     parser.add_argument("--duration", type=_seconds, required=True, help="seconds of load (all phases)")

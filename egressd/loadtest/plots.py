@@ -119,12 +119,12 @@ def throughput_series(doc: Mapping[str, Any]) -> list[Panel]:
         elif summary.get("spans") and summary.get("sent_per_s") is not None:
             # A flood: its mean rate over each span it ran (its summary has no per-second series).
             rate = float(summary["sent_per_s"])
-            lines = tuple(
+            spans = tuple(
                 Line(f"{summary.get('kind', 'flood')} sent/s (mean)",
                      (round(a - t0, 3), round(b - t0, 3)), (rate, rate))
                 for a, b in summary["spans"]
             )  # fmt: skip
-            panels.append(Panel(role, "packets/s", lines))
+            panels.append(Panel(role, "packets/s", spans))
     return panels
 
 

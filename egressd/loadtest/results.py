@@ -23,9 +23,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from egressd import metrics_text
 from egressd.bench.report import ParseError
+from egressd.metrics_text import (  # noqa: F401 (re-exported)
+    Sample,
+    Scrape,
+    by_label,
+    counter_delta,
+    metric_present,
+    metric_sum,
+)
 
 AGGREGATED = "Aggregated"
 # Columns of locust's stats CSV that hold percentiles (`50%` ... `100%`).
@@ -174,7 +181,7 @@ def client_rate(bytes_per_second: Mapping[int, int], spans: Sequence[tuple[float
     second inside a span with nothing received counts as zero. Returns the
     rate and the number of seconds it is taken over (0: too little data).
     """
-    counted = []
+    counted: list[int] = []
     for start, end in spans:
         first = math.ceil(start) + skip_s
         last = math.floor(end)  # the second [last, last+1) is not whole inside the span
@@ -194,77 +201,15 @@ def summary_seconds(raw: Mapping[str, Any]) -> dict[int, int]:
 
 
 # --- Prometheus text ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    name: str
-    labels: Mapping[str, str]
-    value: float
-
-    @property
-    def key(self) -> str:
-        """`name{a="1",b="2"}` with labels sorted: stable for JSON and tables."""
-        if not self.labels:
-            return self.name
-        inner = ",".join(f'{k}="{v}"' for k, v in sorted(self.labels.items()))
-        return f"{self.name}{{{inner}}}"
-
-
-class Scrape(list[Sample]):
-    """One `/metrics` page: its samples, and the metric families it declares
-    (a labelled gauge with no series at the moment still declares its family)."""
-
-    def __init__(self, samples: Iterable[Sample] = (), families: Iterable[str] = ()) -> None:
-        super().__init__(samples)
-        self.families = frozenset(families)
-
-    def has(self, name: str) -> bool:
-        return (name in self.families or name.removesuffix("_total") in self.families
-                or any(s.name == name for s in self))  # fmt: skip
+# The one parser is egressd.metrics_text's; its names are re-exported here for the load test.
 
 
 def parse_metrics(text: str) -> Scrape:
     """Prometheus text exposition into samples (`*_created` timestamps left out)."""
-    out = []
-    families = []
     try:
-        for family in text_string_to_metric_families(text):
-            families.append(family.name)
-            for s in family.samples:
-                if s.name.endswith("_created"):
-                    continue
-                out.append(Sample(s.name, dict(s.labels), float(s.value)))
-    except ValueError as exc:
-        raise ParseError("metrics_text", str(exc)) from exc
-    return Scrape(out, families)
-
-
-def metric_sum(samples: Iterable[Sample], name: str, **labels: str) -> float:
-    """The sum of `name`'s samples whose labels include `labels`."""
-    return sum(
-        s.value for s in samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )  # fmt: skip
-
-
-def metric_present(samples: Iterable[Sample], name: str) -> bool:
-    if isinstance(samples, Scrape):
-        return samples.has(name)
-    return any(s.name == name for s in samples)
-
-
-def by_label(samples: Iterable[Sample], name: str, label: str, **labels: str) -> dict[str, float]:
-    """`name`'s values summed per value of `label` (samples matching `labels`)."""
-    out: Counter[str] = Counter()
-    for s in samples:
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-            out[s.labels.get(label, "")] += s.value
-    return dict(out)
-
-
-def counter_delta(before: Iterable[Sample], after: Iterable[Sample], name: str, **labels: str) -> float:
-    return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+        return metrics_text.parse(text)
+    except metrics_text.MetricsTextError as exc:
+        raise ParseError(exc.reason, exc.detail) from exc
 
 
 class GaugeMax:
@@ -275,17 +220,20 @@ class GaugeMax:
         self.maxima: dict[str, dict[str, float]] = {}
         self.scrapes: dict[str, int] = {}
         self.seen: dict[str, set[str]] = {}
+        self._series: dict[str, dict[str, Sample]] = {}  # member -> key -> a sample of it
 
     def update(self, member: str, samples: Iterable[Sample]) -> None:
         table = self.maxima.setdefault(member, {})
         self.scrapes[member] = self.scrapes.get(member, 0) + 1
         seen = self.seen.setdefault(member, set())
+        series = self._series.setdefault(member, {})
         if isinstance(samples, Scrape):
             seen.update(n for n in self.names if samples.has(n))
         for s in samples:
             if s.name in self.names:
                 seen.add(s.name)
                 key = s.key
+                series.setdefault(key, s)
                 table[key] = max(table.get(key, s.value), s.value)
 
     def max(self, member: str, name: str, **labels: str) -> float | None:
@@ -293,11 +241,9 @@ class GaugeMax:
         None if the metric was never exposed there."""
         if name not in self.seen.get(member, set()):
             return None
-        values = [
-            v for k, v in self.maxima.get(member, {}).items()
-            if k == name or k.startswith(name + "{")
-            and all(f'{lk}="{lv}"' in k for lk, lv in labels.items())
-        ]  # fmt: skip
+        series = self._series.get(member, {})
+        table = self.maxima.get(member, {})
+        values = [v for k, v in table.items() if series[k].matches(name, **labels)]
         return max(values, default=0.0)
 
     def to_dict(self) -> dict[str, Any]:

@@ -59,7 +59,15 @@ from egressd.errors import EgressdError
 from egressd.loadtest import floodio
 from egressd.loadtest import results as r
 from egressd.loadtest.assess import M_ACTIVE, Observed, assess
-from egressd.loadtest.scenarios import FLOODS, HTTP_PORT, MAX_FLOOD_S, SITE, JobSpec, Scenario, build
+from egressd.loadtest.scenarios import (
+    FLOODS,
+    HTTP_PORT,
+    MAX_FLOOD_S,
+    SITE,
+    JobSpec,
+    Scenario,
+    build,
+)
 from egressd.loadtest.verdicts import Verdict
 from egressd.net import netns as kn
 from egressd.topology import procs

@@ -33,6 +33,7 @@ after ``0.0.0.0/0``): only the narrow one opens those addresses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -117,8 +118,8 @@ def check_payload(
     for key in sorted(k for k in obj if k not in model._TOP_LEVEL_KEYS):
         report.add(str(key), f"unknown key (known: {', '.join(sorted(model._TOP_LEVEL_KEYS))})")
 
-    _required(report, obj, "job_id", lambda v: model._parse_job_id(v))
-    _required(report, obj, "account", lambda v: _account(v))
+    _required(report, obj, "job_id", model._parse_job_id)
+    _required(report, obj, "account", _account)
     if "nodes" not in obj:
         report.add("nodes", "is required")
     else:
@@ -204,7 +205,9 @@ def _timestamps(report: Report, obj: dict[str, object], *, now: float, require: 
                 report.add(name, "is required")
             continue
         value = report.attempt(
-            lambda name=name: model._check_bounded_int(obj[name], name, 0, model.MAX_TIMESTAMP)
+            functools.partial(
+                model._check_bounded_int, obj[name], name, 0, model.MAX_TIMESTAMP
+            )
         )
         if isinstance(value, int):
             stamps[name] = value
@@ -265,7 +268,7 @@ def _rule(report: Report, value: object, path: str) -> None:
                 report.add(f"{path}.ports", f"more than {model.MAX_PORTS_PER_RULE} entries")
             for index, item in enumerate(ports):
                 report.attempt(
-                    lambda item=item, index=index: model._parse_port(item, f"{path}.ports[{index}]")
+                    functools.partial(model._parse_port, item, f"{path}.ports[{index}]")
                 )
     if "ech" in value:
         ech = value["ech"]
@@ -284,8 +287,8 @@ def _limits(report: Report, value: object) -> None:
     for name, (lo, hi) in model.LIMIT_BOUNDS.items():
         if name in value:
             report.attempt(
-                lambda name=name, lo=lo, hi=hi: model._check_bounded_int(
-                    value[name], f"limits.{name}", lo, hi
+                functools.partial(
+                    model._check_bounded_int, value[name], f"limits.{name}", lo, hi
                 )
             )
 
@@ -365,7 +368,7 @@ def dead_rules_of(rules: Sequence[tuple[int, EgressRule]]) -> list[Problem]:
                                                    "IPv4 only (tier 1 drops IPv6)"))
                 continue
             inside = next(((d, r) for d, r in NEVER_OPEN if d.version == net.version
-                           and net.subnet_of(d)), None)  # type: ignore[arg-type]
+                           and net.subnet_of(d)), None)
             if inside is not None:
                 out.append(Problem(f"{path}.cidr", f"{net} lies inside {inside[0]} "
                                                    f"({inside[1]}), which no policy can open"))

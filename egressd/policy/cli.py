@@ -15,7 +15,7 @@ that is not up is a note, an explicit URL that does not answer exits 2.
 ISO 8601 UTC with a relative phrase (`expired 2026-12-06T16:00:00Z, 2 h ago`).
 
 Results go to stdout (a kid, a token, a payload), nothing else does. Every
-failure is a `CliError` with one line of detail, which `egressd.cli` prints as
+failure is a `CliError` with one line of detail, which `egressd.cli.main` prints as
 `egressd: error: ...` with exit code 2. A rejected token reads
 `policy rejected: <reason>: <detail>`, `<reason>` being the `JwsError` token
 that metrics and logs use. `-` as POLICY.json or JWS_FILE reads stdin.
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from egressd.cli import CliError
+from egressd.cliutil import CliError, non_negative_int, one_line, positive_int
 from egressd.policy import times
 from egressd.policy.errors import JwsError, KeyFileError, PolicyError
 from egressd.policy.jws import DEFAULT_LEEWAY_S, MAX_TOKEN_BYTES, sign_policy, verify_policy
@@ -45,27 +45,6 @@ from egressd.policy.model import parse_policy, policy_to_payload
 DEFAULT_TTL_S = 3600
 #: Largest policy JSON file `policy sign` reads.
 MAX_POLICY_FILE_BYTES = 64 * 1024
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
 
 
 def register(sub: Any) -> None:
@@ -89,7 +68,7 @@ def register(sub: Any) -> None:
     sign = policy_sub.add_parser("sign", help="sign a policy JSON; prints the JWS")
     sign.add_argument("--key", type=Path, required=True, metavar="FILE", help="signing.key")
     sign.add_argument(
-        "--ttl", type=_positive_int, default=DEFAULT_TTL_S, metavar="SECONDS",
+        "--ttl", type=positive_int, default=DEFAULT_TTL_S, metavar="SECONDS",
         help=f"validity when the policy has no exp (default {DEFAULT_TTL_S})",
     )
     sign.add_argument("policy", metavar="POLICY.json", help="policy payload ('-' for stdin)")
@@ -101,7 +80,7 @@ def register(sub: Any) -> None:
         help="directory of trusted public keys (*.jwk, jwks.json)",
     )
     verify.add_argument(
-        "--leeway", type=_non_negative_int, default=DEFAULT_LEEWAY_S, metavar="SECONDS",
+        "--leeway", type=non_negative_int, default=DEFAULT_LEEWAY_S, metavar="SECONDS",
         help=f"clock skew tolerated at nbf and exp (default {DEFAULT_LEEWAY_S})",
     )
     verify.add_argument("token", metavar="JWS_FILE", help="the JWS ('-' for stdin)")
@@ -138,7 +117,7 @@ def _read_input(name: str, what: str, limit: int) -> bytes:
     except FileNotFoundError:
         raise CliError(f"{what} {name}: no such file") from None
     except OSError as exc:
-        raise CliError(_one_line(f"{what} {name}: {exc.strerror or exc}")) from exc
+        raise CliError(one_line(f"{what} {name}: {exc.strerror or exc}")) from exc
     if len(data) > limit:
         raise CliError(f"{what} {name}: larger than {limit} bytes")
     return data
@@ -149,7 +128,7 @@ def _keys_generate(args: argparse.Namespace) -> int:
     try:
         write_key_dir(args.out, key)
     except KeyFileError as exc:
-        raise CliError(_one_line(f"keys: {exc}")) from exc
+        raise CliError(one_line(f"keys: {exc}")) from exc
     print(key.kid)
     return 0
 
@@ -171,11 +150,11 @@ def _policy_sign(args: argparse.Namespace) -> int:
     try:
         payload = json.loads(raw.decode("utf-8"))
     except ValueError as exc:  # also UnicodeDecodeError
-        raise CliError(_one_line(f"policy {args.policy} is not JSON: {exc}")) from exc
+        raise CliError(one_line(f"policy {args.policy} is not JSON: {exc}")) from exc
     try:
         key = load_signing_key(args.key)
     except KeyFileError as exc:
-        raise CliError(_one_line(f"keys: {exc}")) from exc
+        raise CliError(one_line(f"keys: {exc}")) from exc
     now = int(time.time())
     if isinstance(payload, dict):  # otherwise parse_policy names the problem ("$")
         payload = _with_default_times(payload, args.ttl, now)
@@ -188,11 +167,11 @@ def _policy_sign(args: argparse.Namespace) -> int:
     try:
         policy = parse_policy(payload, require_timestamps=True)
     except PolicyError as exc:
-        raise CliError(_one_line(f"invalid policy: {exc.detail}")) from exc
+        raise CliError(one_line(f"invalid policy: {exc.detail}")) from exc
     try:
         token = sign_policy(policy, key)
     except JwsError as exc:
-        raise CliError(_one_line(f"cannot sign: {exc}")) from exc
+        raise CliError(one_line(f"cannot sign: {exc}")) from exc
     print(token)
     return 0
 
@@ -203,11 +182,11 @@ def _policy_verify(args: argparse.Namespace) -> int:
     try:
         trusted = load_trusted_keys(args.keys)
     except KeyFileError as exc:
-        raise CliError(_one_line(f"keys: {exc}")) from exc
+        raise CliError(one_line(f"keys: {exc}")) from exc
     try:
         verified = verify_policy(raw, trusted, leeway_s=args.leeway)
     except JwsError as exc:
-        raise CliError(_one_line(f"policy rejected: {exc.reason}: {exc.detail}")) from exc
+        raise CliError(one_line(f"policy rejected: {exc.reason}: {exc.detail}")) from exc
     print(json.dumps(policy_to_payload(verified.policy), indent=2, sort_keys=True))
     return 0
 

@@ -143,8 +143,7 @@ def _typ_matches(typ: object) -> bool:
     if not isinstance(typ, str):
         return False
     typ = typ.lower()
-    if typ.startswith("application/"):
-        typ = typ[len("application/") :]
+    typ = typ.removeprefix("application/")
     return typ == TYP
 
 

@@ -535,7 +535,10 @@ def _parse_http_allow(value: object, path: str) -> HttpAllow:
             raise PolicyError(where, str(exc)) from exc
         if pattern in paths[:index]:
             raise PolicyError(where, f"duplicate path {pattern!r}")
-    return HttpAllow(methods=tuple(methods), paths=tuple(paths))
+    # Every item was checked to be a str above.
+    return HttpAllow(
+        methods=tuple(cast("list[str]", methods)), paths=tuple(cast("list[str]", paths))
+    )
 
 
 def _parse_credential(value: object, path: str) -> Credential:

@@ -86,8 +86,7 @@ def normalize_host(name: str) -> str:
             raise HostError(f"{name!r}: {exc}") from exc
     # UTS #46 maps the ideographic full stop and friends to ".", so strip the
     # one trailing dot only after mapping.
-    if mapped.endswith("."):
-        mapped = mapped[:-1]
+    mapped = mapped.removesuffix(".")
     if not mapped:
         raise HostError("host is empty")
     labels = [_normalize_label(label, name) for label in mapped.split(".")]

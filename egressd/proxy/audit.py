@@ -31,6 +31,8 @@ MODE = "mode"
 WOULD_DENY = "would_deny"
 BYTES_UP = "bytes_up"
 BYTES_DOWN = "bytes_down"
+INJECTED = "injected"
+CREDENTIAL = "credential"
 DURATION_MS = "duration_ms"
 #: Why a relayed connection was ended by the proxy ("idle_timeout",
 #: "max_lifetime"); absent when the peers ended it.
@@ -194,10 +196,15 @@ def http_request_event(
     bytes_up: int = 0,
     bytes_down: int = 0,
     time: str | None = None,
+    injected: Sequence[str] = (),
+    credential: Mapping[str, str] | None = None,
 ) -> dict[str, object]:
     """The ``http_request`` event, logged once per request of a plain-HTTP
-    connection when its response is complete (or it was denied)."""
-    return {
+    connection when its response is complete (or it was denied). `injected`:
+    the headers the proxy set from credentials (names, never values);
+    `credential`: which secret a ``credential_*`` reason is about. Both are
+    left out when empty."""
+    event: dict[str, object] = {
         EVENT: EVENT_HTTP_REQUEST,
         TIME: time if time is not None else _now_iso(),
         JOB_ID: _job(job_id),
@@ -218,6 +225,11 @@ def http_request_event(
         BYTES_UP: bytes_up,
         BYTES_DOWN: bytes_down,
     }
+    if injected:
+        event[INJECTED] = list(injected)
+    if credential:
+        event[CREDENTIAL] = dict(credential)
+    return event
 
 
 def is_quiet(event: Mapping[str, object]) -> bool:

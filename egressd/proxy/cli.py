@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from egressd.cli import serve_daemon
+from egressd.cliutil import serve_daemon
 from egressd.proxy.config import ConfigError, load_config
 
 

@@ -33,7 +33,8 @@ Example (every key but `name`, `underlay` and `egress` has a default)::
       "idle_timeout_s": 300,
       "max_lifetime_s": 86400,
       "pacing_horizon_s": 0.05,
-      "dns_refusal_rcode": "NXDOMAIN"
+      "dns_refusal_rcode": "NXDOMAIN",
+      "digest_grace_s": 5
     }
 
 Decisions:
@@ -70,6 +71,24 @@ Decisions:
   (`egressd.proxy.dns.refusal_rcode`): "NXDOMAIN" (the default: glibc and musl
   fail at once with EAI_NONAME) or "REFUSED" (glibc retries and reports
   EAI_AGAIN; musl waits out its timeout).
+* `digest_grace_s`: after a job's policy is replaced with other content, GENEVE
+  datagrams with the old policy's digest are still accepted (and counted in
+  `egressd_geneve_digest_grace_total`) for this long, then dropped
+  (`stale_digest`): nodes get that long to follow the change
+  (`egressd.proxy.digests`). 0..300 seconds.
+* `interception_ca` (`{"cert": PATH, "key": PATH}`): the fleet's TLS
+  interception CA (`egressd.control.interception_ca`; the key is the one
+  secret a proxy holds for it), needed by rules with ``"tls": "intercept"``:
+  without it such a rule's connections are denied
+  (``tls_interception_unavailable``). Read at start; a bad pair stops the
+  proxy. `upstream_ca_file`: the CA bundle that intercepted connections'
+  servers are verified against (default: the system's trust store).
+* `secrets_dir`: the directory of the secrets behind policies'
+  ``http.credentials``, one file per secret named by it (a Kubernetes
+  Secret volume, compose ``secrets:``; `egressd.proxy.secrets`). Read when a
+  request needs a secret, re-read when its file changes; not checked at
+  start (a secret missing then denies its requests,
+  ``credential_unavailable``). Without it, every credential is unavailable.
 * `fleet_ranges` defaults to the layout's (underlay, sandbox supernet,
   resolver): always denied by tier 2.
 """
@@ -96,6 +115,7 @@ from egressd.limits.ports import (
     PortPoolConfig,
 )
 from egressd.limits.timeouts import DEFAULT_IDLE_S, DEFAULT_LIFETIME_S, Timeouts
+from egressd.proxy.digests import DEFAULT_GRACE_S
 from egressd.proxy.dns import DEFAULT_REFUSAL_RCODE, REFUSAL_RCODES
 from egressd.proxy.limiting import DEFAULT_MAX_CONNECTIONS, LimitsConfig
 from egressd.topology import layout
@@ -113,6 +133,14 @@ DEFAULT_FLEET_RANGES: tuple[IPv4Network, ...] = (
 MAX_CONFIG_BYTES = 64 * 1024
 MIN_MTU = 576  # the smallest datagram every IPv4 host must accept
 MAX_MTU = 65535 - layout.GENEVE_OVERHEAD
+
+
+@dataclass(frozen=True, slots=True)
+class InterceptionCaPaths:
+    """Where the interception CA's certificate and key are (`interception_ca`)."""
+
+    cert: Path
+    key: Path
 
 
 class ConfigError(EgressdError):
@@ -160,7 +188,11 @@ class ProxyConfig:
     idle_timeout_s: float = DEFAULT_IDLE_S
     max_lifetime_s: float = DEFAULT_LIFETIME_S
     pacing_horizon_s: float = DEFAULT_HORIZON_S
+    interception_ca: InterceptionCaPaths | None = None
+    upstream_ca_file: Path | None = None
+    secrets_dir: Path | None = None
     dns_refusal_rcode: str = DEFAULT_REFUSAL_RCODE
+    digest_grace_s: float = DEFAULT_GRACE_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _is_name(self.name):
@@ -184,11 +216,20 @@ class ProxyConfig:
         _check_int("max_flows", self.max_flows, 1, 16_777_216)
         _check_seconds("flow_idle_s", self.flow_idle_s, 1.0, 86_400.0)
         _check_seconds("node_refresh_s", self.node_refresh_s, 0.05, 3_600.0)
+        _check_seconds("digest_grace_s", self.digest_grace_s, 0.0, 300.0)
         if not isinstance(self.tun, str) or not _is_ifname(self.tun):
             raise _fail("tun", "must be an interface name of 1..15 characters [A-Za-z0-9_.-]")
         if not isinstance(self.keys_dir, Path):
             raise _fail("keys_dir", "must be a path")
         _check_url(self.control_url)
+        if self.interception_ca is not None and not isinstance(
+            self.interception_ca, InterceptionCaPaths
+        ):
+            raise _fail("interception_ca", 'must be {"cert": PATH, "key": PATH}')
+        if self.upstream_ca_file is not None and not isinstance(self.upstream_ca_file, Path):
+            raise _fail("upstream_ca_file", "must be a path")
+        if self.secrets_dir is not None and not isinstance(self.secrets_dir, Path):
+            raise _fail("secrets_dir", "must be a path")
         if self.dns_refusal_rcode not in REFUSAL_RCODES:
             choices = " or ".join(f'"{c}"' for c in REFUSAL_RCODES)
             raise _fail("dns_refusal_rcode", f"must be {choices}, got {self.dns_refusal_rcode!r}")
@@ -359,6 +400,14 @@ def _as_str(name: str, value: object) -> str:
     return value
 
 
+def _as_interception_ca(name: str, value: object) -> InterceptionCaPaths:
+    if not isinstance(value, Mapping) or set(value) != {"cert", "key"}:
+        raise _fail(name, 'must be {"cert": PATH, "key": PATH}')
+    return InterceptionCaPaths(
+        cert=_as_path(f"{name}.cert", value["cert"]), key=_as_path(f"{name}.key", value["key"])
+    )
+
+
 _CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
     "name": _as_str,
     "underlay": _as_address,
@@ -390,7 +439,11 @@ _CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
     "idle_timeout_s": _as_number,
     "max_lifetime_s": _as_number,
     "pacing_horizon_s": _as_number,
+    "interception_ca": _as_interception_ca,
+    "upstream_ca_file": _as_path,
+    "secrets_dir": _as_path,
     "dns_refusal_rcode": _as_str,
+    "digest_grace_s": _as_number,
 }
 _REQUIRED = ("name", "underlay", "egress")
 

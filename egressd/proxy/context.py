@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from egressd.errors import EgressdError
 from egressd.policy.addresses import FleetAddresses
 from egressd.policy.jws import VerifiedPolicy
+from egressd.proxy.secrets import SecretStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +70,6 @@ class ProxyContext:
     upstream_resolver: ipaddress.IPv4Address
     registry: CollectorRegistry
     audit: structlog.typing.FilteringBoundLogger
+    #: The secrets behind ``http.credentials`` (`egressd.proxy.secrets`);
+    #: None: the proxy holds none, every credential is unavailable.
+    secrets: SecretStore | None = None

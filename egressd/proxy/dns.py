@@ -129,11 +129,11 @@ import dns.rrset
 import structlog
 from prometheus_client import Counter
 
+from egressd.limits.dns import DNS_INFLIGHT_LIMIT, DNS_RATE_LIMIT, LOG_INTERVAL_S
 from egressd.policy.addresses import IPNetwork, find_denied, overrides
 from egressd.policy.matcher import ALLOWED_HOST, INVALID_HOST, NO_MATCHING_RULE, name_allowed
 from egressd.policy.model import Policy
 from egressd.policy.names import HostError, normalize_host
-from egressd.limits.dns import DNS_INFLIGHT_LIMIT, DNS_RATE_LIMIT, LOG_INTERVAL_S
 from egressd.proxy import audit, job_metrics
 from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
 from egressd.proxy.limiting import LimitsConfig, ProxyLimits

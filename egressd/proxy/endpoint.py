@@ -32,12 +32,13 @@ Checks, in this order (the first failing one names the reason):
    that node (`job_not_bound_to_node`); no cached policy -> `NeedPolicy`.
 
 The GENEVE option also carries the digest of the policy the node enforces.
-The proxy never acts on that digest: it enforces its own verified policy.
-A digest that differs from the cached policy's is reported
-(`Accepted.digest_mismatch`), so the caller can count it and refresh its
-policy once (the node may hold a newer one); the packet is still accepted,
-because node and proxy refresh at different moments and a policy rollover
-would otherwise drop traffic for a while.
+The proxy enforces its own verified policy, never the digest's. A digest
+that differs from the cached policy's is reported
+(`Accepted.digest_mismatch`) and the caller decides with
+`egressd.proxy.digests` (the tunnel: a replaced policy's digest is accepted
+for a grace period, then dropped as `stale_digest`; an unknown one is
+accepted, counted and makes the proxy refetch, since the node may hold a
+newer policy).
 
 `Dropped` values are preallocated per reason: dropping allocates nothing.
 """

@@ -68,7 +68,7 @@ class Flow:
 
 
 def _ip(value: int | str | IPv4Address) -> int:
-    return value if type(value) is int else int(IPv4Address(value))  # type: ignore[arg-type]
+    return value if type(value) is int else int(IPv4Address(value))
 
 
 class FlowTable:

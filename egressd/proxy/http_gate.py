@@ -17,7 +17,15 @@ How, and why:
 * Allowed bytes are forwarded exactly as received (no re-serialisation: the
   server sees the client's own bytes, and the proxy copies, not rebuilds).
   What is forwarded is exactly what h11 consumed for that request's events,
-  so nothing of the next request passes before it is decided.
+  so nothing of the next request passes before it is decided. The one
+  exception: with `credentials` (`egressd.proxy.credentials`), a request head
+  loses the client's lines of each header its rule's credentials set and
+  gets the proxy's lines instead (`credentials.rewrite_head`: every other
+  byte, the framing headers included, as received); a request carrying a
+  credential where it does not belong, in its head or its body (scanned as
+  it streams), is denied ``credential_exfiltration``: a body's chunk that
+  completes a marker is not forwarded, the server is reset and the client
+  gets the ``403`` (or, when the response has already begun, only the end).
 * Responses are forwarded as they come, and watched (h11, client role) only
   for their boundaries and status. A pipelined request is held (parsed but
   not decided or sent) until the response to the one before it is complete:
@@ -50,6 +58,7 @@ import h11
 
 from egressd.policy.matcher import Decision, Verdict
 from egressd.policy.paths import path_text
+from egressd.proxy import credentials as creds
 from egressd.proxy import http_rules, sniff
 
 #: Client bytes held (parsed, not yet sent) before the client stops being read.
@@ -75,6 +84,8 @@ class RequestRecord:
     bytes_down: int = 0
     upgrade: bool = False
     would_deny: bool = False  # report mode: allowed, would have been denied
+    injected: tuple[str, ...] = ()  # the credential headers the proxy set (names only)
+    credential: dict[str, str] | None = None  # the secret a credential_* denial is about
 
 
 def deny_response(reason: str, *, host: str | None = None) -> bytes:
@@ -102,6 +113,8 @@ class HttpGate:
     now; `tunnel` that the gate is done and both directions are blind.
     `on_request` is called once per request, when its outcome is known.
     `wake` is called when a decision finished asynchronously.
+    `credentials`: the job's credentials, set on and searched in every
+    request that goes upstream (None: the policy has none).
     """
 
     def __init__(
@@ -110,10 +123,13 @@ class HttpGate:
         on_request: Callable[[RequestRecord], None],
         *,
         max_held: int = MAX_HELD,
+        credentials: creds.RequestCredentials | None = None,
     ) -> None:
         self._decide = decide
         self._on_request = on_request
         self._max_held = max_held
+        self._credentials = credentials
+        self._scanner: creds.BodyScanner | None = None  # the current request's body
         self._server = h11.Connection(h11.SERVER, max_incomplete_event_size=sniff.MAX_HTTP_HEAD)
         self._client = h11.Connection(h11.CLIENT)
         self._held = 0  # bytes fed to the server parser and not consumed yet
@@ -222,12 +238,15 @@ class HttpGate:
             if isinstance(event, h11.Request):
                 self._request(event, self._consumed())
             elif isinstance(event, h11.Data | h11.EndOfMessage):
+                if self._scanner is not None and self._scanned(event):
+                    return
                 chunk = self._consumed()
                 if self._current is not None and chunk:
                     self._current.bytes_up += len(chunk)
                     self.up.append(chunk)
                 if isinstance(event, h11.EndOfMessage):
                     self._current = None
+                    self._scanner = None
             elif isinstance(event, h11.ConnectionClosed):
                 self._stopped = True
                 return
@@ -249,7 +268,7 @@ class HttpGate:
         record.upgrade = upgrade is not None
         decided = self._decide(method, http_rules.target_of(read, target), upgrade)
         if not inspect.isawaitable(decided):
-            self._decided(record, head, decided)
+            self._decided(record, head, decided, event)
             return
         self._waiting = True
 
@@ -259,25 +278,76 @@ class HttpGate:
             except Exception:  # noqa: BLE001 - a failed lookup denies
                 decision = Decision(Verdict.DENY, http_rules.HOST_ADDRESS_MISMATCH, None)
             self._waiting = False
-            self._decided(record, head, decision)
+            self._decided(record, head, decision, event)
             self._advance()
             if self.wake is not None:
                 self.wake()
 
         self._task = asyncio.ensure_future(finish())
 
-    def _decided(self, record: RequestRecord, head: bytes, decided: Any) -> None:
+    def _decided(
+        self, record: RequestRecord, head: bytes, decided: Any, event: h11.Request
+    ) -> None:
         # A `Decision`, or a `tier2.Tier2Outcome` (report mode: allowed, flagged).
         record.decision = getattr(decided, "decision", decided)
         record.would_deny = bool(getattr(decided, "would_deny", False))
         if not decided.allowed:
             self._refuse(record, record.decision.reason)
             return
+        if self._credentials is not None:
+            rule = record.decision.rule
+            prepared = self._credentials.prepare(rule, head, event.target, event.headers)
+            if prepared.reason is not None:
+                record.credential = prepared.credential
+                if not prepared.report:
+                    self._refuse(record, prepared.reason)
+                    return
+                record.decision = Decision(Verdict.DENY, prepared.reason, rule)
+                record.would_deny = True
+            head = prepared.head
+            record.injected = prepared.injected
+            self._scanner = prepared.scanner
         record.bytes_up = len(head)
         self.up.append(head)
         self._current = record
         self._outstanding.append(record)
         self._expect(record, head)
+
+    def _scanned(self, event: h11.Data | h11.EndOfMessage) -> bool:
+        """Search a piece of the current body (trailers too) for a credential
+        that does not belong here; True when that ended the request."""
+        scanner, record = self._scanner, self._current
+        assert scanner is not None
+        if isinstance(event, h11.Data):
+            found = scanner.feed(event.data)
+        else:
+            trailers = b"\r\n".join(n + b": " + v for n, v in event.headers)
+            found = scanner.feed(b"\r\n" + trailers) if trailers else None
+        if found is None or record is None:
+            return False
+        self._scanner = None
+        reason = creds.CREDENTIAL_EXFILTRATION
+        record.credential = creds.exfiltration(found, creds.IN_BODY)
+        record.decision = Decision(Verdict.DENY, reason, record.decision.rule)
+        if self._credentials is not None and self._credentials.report:
+            record.would_deny = True
+            return False
+        # Part of this request went up already: the server is reset (`final`),
+        # the client gets the 403 unless a response to it has begun.
+        self._stopped = True
+        self._current = None
+        others = [r for r in self._outstanding if r is not record]
+        self._outstanding = deque(others)
+        if record.status is None and not self._outstanding:
+            response = deny_response(reason, host=record.host)
+            record.status = DENY_STATUS
+            record.bytes_down += len(response)
+            self.final = response
+        else:
+            self.final = b""
+        self._deny = None
+        self._on_request(record)
+        return True
 
     def _refuse(self, record: RequestRecord | None, reason: str) -> None:
         if record is None:
@@ -418,7 +488,4 @@ def _record(method: str, target: str, host: str | None) -> RequestRecord:
 
 
 def _closes(event: h11.Response) -> bool:
-    for name, value in event.headers:
-        if name == b"connection" and b"close" in value.lower():
-            return True
-    return False
+    return any(name == b"connection" and b"close" in value.lower() for name, value in event.headers)

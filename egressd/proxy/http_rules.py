@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from egressd.policy.addresses import IPNetwork
 from egressd.policy.matcher import NO_MATCHING_RULE, Decision, Verdict
-from egressd.policy.model import EgressRule, Policy
+from egressd.policy.model import TLS_INTERCEPT, EgressRule, Policy
 from egressd.policy.paths import compiled, path_text, request_path
 from egressd.proxy import sniff, tier2
 
@@ -258,15 +258,17 @@ def _by_http_rules(rule: EgressRule, method: str, path: tuple[str, ...]) -> Deci
 
 def inspectable(decision: Decision, protocol: str | None) -> Decision:
     """A connection allowed by a rule with ``http`` must be one whose requests
-    the proxy reads (plain HTTP; intercepted TLS, a later step): anything else
-    there (TLS spliced, another protocol, silence) would bypass the request
-    rules, so it is denied ``http_not_inspectable``."""
+    the proxy reads (plain HTTP, or TLS that the rule has intercepted,
+    `egressd.proxy.tls_intercept`): anything else there (TLS spliced, another
+    protocol, silence) would bypass the request rules, so it is denied
+    ``http_not_inspectable``."""
     rule = decision.rule
     if (
         decision.allowed
         and rule is not None
         and rule.http is not None
         and protocol != tier2.PROTOCOL_HTTP
+        and not (protocol == tier2.PROTOCOL_TLS and rule.tls == TLS_INTERCEPT)
     ):
         return Decision(Verdict.DENY, HTTP_NOT_INSPECTABLE, rule)
     return decision

@@ -58,10 +58,18 @@ next one, a few times; it never reaches the client as an unhandled error.
    keep-alive and pipelining included) is decided by
    `http_rules.decide_request` before its bytes go upstream, and a denied one
    gets a ``403`` and the end of the connection. A rule with ``http`` allows
-   only connections whose requests the proxy reads (plain HTTP for now):
-   anything else there is denied ``http_not_inspectable``. Connections
+   only connections whose requests the proxy reads (plain HTTP, or TLS the
+   rule intercepts): anything else there is denied ``http_not_inspectable``.
+   A TLS connection allowed by a rule with ``"tls": "intercept"`` is ended
+   on both sides (`egressd.proxy.tls_intercept`: upstream verified first,
+   ``upstream_tls_unverified`` else; a leaf for the SNI to the client) and
+   its decrypted requests go through the same gate, each Host equal to the
+   SNI (``host_sni_mismatch``). Connections
    allowed by a cidr rule before any byte is read are not gated: such a
    rule allows every name at that address.
+   The gate sets the job's ``http.credentials`` from the proxy's secrets
+   (``ctx.secrets``) and refuses credentials sent elsewhere
+   (`egressd.proxy.credentials`).
 
 One ``connection`` audit event per connection, when it is over (with
 ``end``: ``idle_timeout`` or ``max_lifetime`` when a timeout ended it;
@@ -74,9 +82,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -88,11 +98,13 @@ from prometheus_client import Counter, Gauge
 from egressd.limits import PORT_POOL_EXHAUSTED
 from egressd.limits.ports import Destination, Lease
 from egressd.policy.addresses import FLEET_ADDRESS
-from egressd.policy.matcher import Decision, match_address
-from egressd.policy.model import Policy
-from egressd.proxy import audit, http_rules, job_metrics, live, sniff, tier2
+from egressd.policy.matcher import Decision, Verdict, match_address
+from egressd.policy.model import TLS_INTERCEPT, Policy
+from egressd.proxy import audit, http_rules, job_metrics, live, sniff, tier2, tls_intercept
 from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
+from egressd.proxy.credentials import RequestCredentials
 from egressd.proxy.dns import DNS_PORT, UpstreamResolver
+from egressd.proxy.h2_proxy import H2Proxy
 from egressd.proxy.http_gate import HttpGate, RequestRecord
 from egressd.proxy.limiting import LimitsConfig, ProxyLimits
 from egressd.proxy.relay import DOWN, RELAY_BUFFER, UP, RelayStats, relay, reset
@@ -206,6 +218,7 @@ class Peeked:
     ech: bool = False
     sniff_error: str | None = None  # one of tier2.SNIFF_ERRORS
     eof: bool = False
+    alpn: tuple[str, ...] = ()  # the ClientHello's ALPN offer
 
 
 @dataclass(slots=True)
@@ -292,7 +305,9 @@ def _peeked(
     if kind == sniff.KIND_TLS:
         status = result.status if result is not None else sniff.INCOMPLETE
         if isinstance(result, sniff.SniResult) and status in (sniff.OK, sniff.NO_SNI):
-            return Peeked(data, tier2.PROTOCOL_TLS, sni=result.host, ech=result.ech, eof=eof)
+            return Peeked(
+                data, tier2.PROTOCOL_TLS, sni=result.host, ech=result.ech, eof=eof, alpn=result.alpn
+            )
         if status != sniff.NOT_TLS:
             error = _TLS_ERRORS.get(status, tier2.TLS_MALFORMED)
             return Peeked(data, tier2.PROTOCOL_TLS, sniff_error=error, eof=eof)
@@ -324,7 +339,24 @@ _HTTP_ERRORS = {
 }
 
 
+def _intercepts(decision: Decision, peeked: Peeked) -> bool:
+    """Whether an allowed connection is to be intercepted: a ClientHello, and
+    the rule that allowed it says ``"tls": "intercept"``."""
+    rule = decision.rule
+    return (
+        decision.allowed
+        and peeked.protocol == tier2.PROTOCOL_TLS
+        and peeked.sniff_error is None
+        and rule is not None
+        and rule.tls == TLS_INTERCEPT
+    )
+
+
 _MISS = object()
+
+
+def _no_secret(_name: str) -> None:
+    return None  # a proxy without `secrets_dir`: every credential is unavailable
 
 
 class _DecisionCache:
@@ -372,8 +404,10 @@ class Interceptor:
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         backlog: int = DEFAULT_BACKLOG,
         limits: ProxyLimits | None = None,
+        interception: tls_intercept.Interception | None = None,
     ) -> None:
         self.ctx = ctx
+        self.interception = interception
         self.limits = limits or ProxyLimits(
             LimitsConfig.default(ctx.identity.egress), registry=ctx.registry
         )
@@ -570,6 +604,12 @@ class Interceptor:
         conn.would_deny = outcome.would_deny
         if not outcome.allowed:
             return self._deny(sock, conn, decision.reason)
+        intercepting = _intercepts(decision, peeked)
+        if intercepting:
+            refusal = self._cannot_intercept(conn, peeked)
+            if refusal is not None:
+                conn.reason = refusal
+                return self._deny(sock, conn, refusal)
         conn.verdict = audit.VERDICT_ALLOW
 
         upstream = await self._connect(conn, policy)
@@ -581,6 +621,8 @@ class Interceptor:
             conn.reason = UPSTREAM_CONNECT_FAILED
             reset(sock)
             return None
+        if intercepting:
+            return await self._intercepted(sock, upstream, conn, policy, peeked)
         conn.relaying = True
         if self._count_up is None:
             self._count_up = self._metrics.bytes.labels(direction=UP).inc
@@ -594,6 +636,99 @@ class Interceptor:
             if gate is not None:
                 for record in gate.pending_records():
                     self._request_done(conn, record)
+        return None
+
+    def _cannot_intercept(self, conn: _Conn, peeked: Peeked) -> str | None:
+        """Why an intercepting rule's connection cannot be intercepted here, if it cannot."""
+        if self.interception is None:
+            return tls_intercept.INTERCEPTION_UNAVAILABLE
+        if conn.host is None:
+            return tier2.NO_SNI
+        if peeked.ech:
+            # The visible SNI is a front; the client's real name is encrypted:
+            # a leaf for the front would be refused, and requests not read.
+            return http_rules.HTTP_NOT_INSPECTABLE
+        return None
+
+    async def _intercepted(
+        self,
+        sock: socket.socket,
+        upstream: socket.socket,
+        conn: _Conn,
+        policy: Policy,
+        peeked: Peeked,
+    ) -> None:
+        """TLS ended on both sides (`egressd.proxy.tls_intercept`), requests gated."""
+        interception = self.interception
+        host = conn.host
+        assert interception is not None and host is not None
+        try:
+            offer = tls_intercept.alpn_offer(peeked.alpn, tls_intercept.supported_alpn(policy))
+            try:
+                async with asyncio.timeout(self.connect_timeout_s):
+                    server = await tls_intercept.TlsEnd.connect(
+                        upstream, interception.upstream_context(offer), host
+                    )
+            except ssl.SSLCertVerificationError as exc:
+                log.info(
+                    "upstream_tls_unverified", host=host, dst=str(conn.dst), port=conn.dport,
+                    error=exc.verify_message or str(exc),
+                )  # fmt: skip
+                reset(upstream)
+                return self._deny(sock, conn, tls_intercept.UPSTREAM_TLS_UNVERIFIED)
+            except (ssl.SSLError, OSError) as exc:  # TimeoutError included
+                log.info("upstream_tls_failed", host=host, dst=str(conn.dst), error=repr(exc))
+                conn.reason = tls_intercept.UPSTREAM_TLS_FAILED
+                reset(upstream)
+                reset(sock)
+                return None
+            ctx = interception.leaves.context(host, tls_intercept.client_alpn(server.selected_alpn))
+            try:
+                async with asyncio.timeout(self.connect_timeout_s):
+                    client = await tls_intercept.TlsEnd.accept(sock, ctx, peeked.data)
+            except (ssl.SSLError, OSError) as exc:
+                log.info("client_tls_failed", host=host, src=str(conn.src), error=repr(exc))
+                conn.reason = tls_intercept.CLIENT_TLS_FAILED
+                reset(upstream)
+                reset(sock)
+                return None
+        except BaseException:
+            reset(upstream)  # the client is reset by `_handle`
+            raise
+        conn.relaying = True
+        if self._count_up is None:
+            self._count_up = self._metrics.bytes.labels(direction=UP).inc
+            self._count_down = self._metrics.bytes.labels(direction=DOWN).inc
+        gate = self._gate(conn, policy, sni=host)
+        decrypted = dataclasses.replace(peeked, data=b"")  # the ClientHello is not forwarded
+        if server.selected_alpn == tls_intercept.H2:
+            # The same decisions (the gate's own `decide`), on each HTTP/2 stream.
+            h2 = H2Proxy(gate._decide, lambda record: self._request_done(conn, record))
+
+            async def run_h2(plain_client: socket.socket, plain_server: socket.socket) -> None:
+                toward, back = socket.socketpair()
+                toward.setblocking(False)
+                back.setblocking(False)
+                task = asyncio.get_running_loop().create_task(h2.run(back, plain_server))
+                try:
+                    await self._relay(plain_client, toward, conn, policy, decrypted, None)
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    back.close()
+                    plain_server.close()
+
+            await tls_intercept.bridge(client, server, run_h2)
+            return None
+
+        async def run_relay(plain_client: socket.socket, plain_server: socket.socket) -> None:
+            await self._relay(plain_client, plain_server, conn, policy, decrypted, gate)
+
+        try:
+            await tls_intercept.bridge(client, server, run_relay)
+        finally:
+            for record in gate.pending_records():
+                self._request_done(conn, record)
         return None
 
     async def _relay(
@@ -629,8 +764,12 @@ class Interceptor:
                 gate=gate,
             )
 
-    def _gate(self, conn: _Conn, policy: Policy) -> HttpGate:
-        """The request gate of a plain-HTTP connection (`http_rules`).
+    def _gate(self, conn: _Conn, policy: Policy, *, sni: str | None = None) -> HttpGate:
+        """The request gate of a plain-HTTP (or intercepted, `sni`) connection (`http_rules`).
+
+        On an intercepted connection a request's Host must be the SNI itself
+        (``host_sni_mismatch``): the leaf and the upstream TLS were made for
+        that name only.
 
         The authority's decision is memoised per connection by (host, port,
         the names the job resolved to the address), as tier 2's is: a
@@ -665,6 +804,9 @@ class Interceptor:
             return tier2.apply_mode(policy, decision)
 
         def decide(method: str, request: http_rules.RequestTarget, upgrade: str | None) -> Any:
+            if sni is not None and tier2.claimed_host(None, request.host).name != sni:
+                mismatch = Decision(Verdict.DENY, tls_intercept.HOST_SNI_MISMATCH, None)
+                return tier2.apply_mode(policy, mismatch)
             learned = self.resolved.names_for(job_id, conn.dst, time.monotonic())
             key = (request.host, request.port, frozenset(learned))
             cached = by_host.get(key)
@@ -684,7 +826,13 @@ class Interceptor:
 
             return resolving()
 
-        return HttpGate(decide, lambda record: self._request_done(conn, record))
+        store = self.ctx.secrets
+        credentials = RequestCredentials.of(
+            policy, _no_secret if store is None else store.get
+        )  # fmt: skip
+        return HttpGate(
+            decide, lambda record: self._request_done(conn, record), credentials=credentials
+        )
 
     def _request_done(self, conn: _Conn, record: RequestRecord) -> None:
         flow, policy = conn.flow, conn.policy
@@ -711,6 +859,8 @@ class Interceptor:
                 would_deny=record.would_deny,
                 bytes_up=record.bytes_up,
                 bytes_down=record.bytes_down,
+                injected=record.injected,
+                credential=record.credential,
             ),
         )
 
@@ -926,6 +1076,7 @@ async def start_interceptor(
     resolver: UpstreamResolver | None = None,
     upstream_dns_port: int = DNS_PORT,
     limits: ProxyLimits | None = None,
+    interception: tls_intercept.Interception | None = None,
 ) -> Interceptor:
     """Bind the transparent listener on `listen` and start accepting; `close()` stops it."""
     if resolver is None:
@@ -940,6 +1091,7 @@ async def start_interceptor(
         peek_timeout_s=peek_timeout_s,
         connect_timeout_s=connect_timeout_s,
         limits=limits,
+        interception=interception,
     )
     await interceptor.start()
     return interceptor

@@ -123,7 +123,7 @@ class NftSpec:
 
 def _run_nft(args: list[str], *, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(  # noqa: S603
+        return subprocess.run(
             [NFT, *args],
             input=stdin,
             capture_output=True,

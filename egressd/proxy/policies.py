@@ -52,6 +52,12 @@ current)` when a cached policy is replaced by one with another digest
 (`current` the new one) or revoked by a 404 (`current` None):
 `egressd.proxy.live` re-decides the job's open connections.
 
+Digests: a replaced policy's digest stays accepted in GENEVE datagrams for
+`digest_grace_s` (5 s; proxy config `digest_grace_s`) when the content
+changed, and until its own `exp` when the replacement is a re-signed copy of
+the same content; then datagrams with it are dropped (`stale_digest`):
+`digest_state` and `egressd.proxy.digests`.
+
 Bounds: at most `max_jobs` cached policies and as many negative entries;
 past that the oldest is evicted (jobs come from GENEVE datagrams of
 registered nodes, but a compromised node could still spray job ids).
@@ -74,11 +80,12 @@ import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from egressd.control.watch_client import read_json_body
 from egressd.policy.errors import JwsError, KeyFileError
 from egressd.policy.jws import DEFAULT_LEEWAY_S, VerifiedPolicy, verify_policy
 from egressd.policy.keys import TrustedKeys, load_trusted_keys
 from egressd.proxy.context import PolicyUnavailable
-from egressd.control.watch_client import read_json_body
+from egressd.proxy.digests import DEFAULT_GRACE_S, UNKNOWN, Superseded, classify, supersede
 
 FETCH_TIMEOUT_S = 2.0
 MAX_BODY_BYTES = 256 * 1024
@@ -113,6 +120,8 @@ class _Cached:
     usable_until: float  # wall clock: the policy's exp
     refresh_at: float  # wall clock
     checked_at: float  # monotonic: last time the control plane confirmed it
+    # Digests this policy replaced (egressd.proxy.digests): grace, then refused.
+    older: dict[bytes, Superseded]
 
 
 @dataclass(slots=True)
@@ -141,8 +150,10 @@ class PolicyStore:
         refresh_interval_s: float = 5.0,
         revalidate_s: float = 5.0,
         max_jobs: int = 65_536,
+        digest_grace_s: float = DEFAULT_GRACE_S,
     ) -> None:
         self._session = session
+        self._digest_grace_s = digest_grace_s
         self._base = control_url.rstrip("/")
         self._trusted = trusted
         self._keys_dir = keys_dir
@@ -202,6 +213,13 @@ class PolicyStore:
         ):
             self._background_refresh(job_id)
         return entry.verified
+
+    def digest_state(self, job_id: uuid.UUID, digest: bytes) -> str:
+        """How the job's cached policy regards a GENEVE digest (`egressd.proxy.digests`)."""
+        entry = self._cache.get(job_id)
+        if entry is None:
+            return UNKNOWN
+        return classify(digest, entry.verified.digest, entry.older, self._clock())
 
     def negative(self, job_id: uuid.UUID) -> str | None:
         """The reason of a live negative-cache entry for the job, else None."""
@@ -325,7 +343,7 @@ class PolicyStore:
                 if response.status != 200:
                     raise PolicyUnavailable("control_unreachable", f"GET {url}: HTTP {response.status}")
                 body = await read_json_body(response, MAX_BODY_BYTES)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PolicyUnavailable("control_unreachable", f"GET {url}: {exc!r}") from exc
         except ValueError as exc:
             raise PolicyUnavailable("control_unreachable", f"GET {url}: bad body: {exc}") from exc
@@ -387,8 +405,20 @@ class PolicyStore:
         start = float(policy.nbf if policy.nbf is not None else self._clock())
         refresh_at = start + (exp - start) * REFRESH_FRACTION
         previous = self._cache.pop(job_id, None)
+        older: dict[bytes, Superseded] = {}
+        if previous is not None:
+            older = supersede(
+                previous.older,
+                previous_digest=previous.verified.digest,
+                previous=previous.verified.policy,
+                current_digest=verified.digest,
+                current=policy,
+                now=self._clock(),
+                grace_s=self._digest_grace_s,
+            )
         self._cache[job_id] = _Cached(
-            verified, usable_until=exp, refresh_at=refresh_at, checked_at=self._monotonic()
+            verified, usable_until=exp, refresh_at=refresh_at, checked_at=self._monotonic(),
+            older=older,
         )
         self._negative.pop(job_id, None)
         while len(self._cache) > self._max_jobs:

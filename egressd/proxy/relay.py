@@ -71,11 +71,15 @@ _GATED = 8  # the gate holds the client (a decision, an earlier response, the en
 class Gate(Protocol):
     """Decides a gated connection's client bytes (`egressd.proxy.http_gate.HttpGate`)."""
 
-    hold: bool
-    ended: bool
     tunnel: bool
     final: bytes | None
     wake: Callable[[], None] | None
+
+    @property
+    def hold(self) -> bool: ...
+
+    @property
+    def ended(self) -> bool: ...
 
     def from_client(self, data: bytes) -> None: ...
 

@@ -27,7 +27,9 @@ Stop (SIGTERM, SIGINT) unwinds in reverse: the GENEVE socket closes first
 (no new packets), then the nftables table, rule and routes go, the TUN is
 closed (the kernel removes the device), the listeners close (their
 connections are reset), the background tasks are cancelled, and the admin
-listener closes last. Exit code 0.
+listener closes last. Exit code 0. The stop signals are `egressd.signals`'
+(`egressd.lifecycle.serve_until_stopped`), never `loop.add_signal_handler`:
+a forked helper that inherits the loop's wakeup fd could stop the proxy.
 
 Every task is named and kept by its owner; the service keeps its own
 (`proxy-nft-watch`, `proxy-resolved-prune`) in `self._tasks`.
@@ -36,9 +38,7 @@ Every task is named and kept by its owner; the service keeps its own
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
-import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -51,19 +51,21 @@ from prometheus_client import CollectorRegistry
 
 from egressd.admin import AdminServer, start_admin
 from egressd.errors import EgressdError
+from egressd.lifecycle import Lifecycle, serve_until_stopped
 from egressd.net.tun import TUN_F_CSUM, TUN_F_TSO4, Tun, TunError, open_tun
 from egressd.policy.addresses import FleetAddresses
 from egressd.policy.errors import KeyFileError
 from egressd.policy.keys import load_trusted_keys
-from egressd.proxy import dns, intercept
+from egressd.proxy import dns, intercept, tls_intercept
 from egressd.proxy.config import ProxyConfig
 from egressd.proxy.context import ProxyContext, ProxyIdentity
 from egressd.proxy.flows import FlowTable
+from egressd.proxy.limiting import ProxyLimits
 from egressd.proxy.nft import NftError, NftSpec, ProxyNetfilter
 from egressd.proxy.policies import PolicyStore
-from egressd.proxy.limiting import ProxyLimits
 from egressd.proxy.registry import NodeRegistry, static_members
 from egressd.proxy.resolved import ResolvedNames
+from egressd.proxy.secrets import SecretStore
 from egressd.proxy.tunnel import GeneveTunnel
 from egressd.proxy.watch import PolicyWatch
 
@@ -78,13 +80,26 @@ class ProxyStartupError(EgressdError):
     """The proxy cannot start: `keys`, `tun`, `nft`, `bind_failed`; `detail` is one line."""
 
 
-class ProxyService:
+def load_interception(config: ProxyConfig) -> tls_intercept.Interception | None:
+    """The TLS interception setup of `config` (None without `interception_ca`)."""
+    paths = config.interception_ca
+    if paths is None:
+        return None
+    try:
+        return tls_intercept.Interception.load(
+            paths.cert, paths.key, upstream_ca_file=config.upstream_ca_file
+        )
+    except tls_intercept.InterceptionError as exc:
+        raise ProxyStartupError(exc.reason, exc.detail) from exc
+
+
+class ProxyService(Lifecycle):
     """One proxy: every part, started and stopped in order (see the module docstring)."""
 
     def __init__(self, config: ProxyConfig, *, metrics: CollectorRegistry | None = None) -> None:
+        super().__init__()
         self.config = config
         self.metrics = metrics if metrics is not None else CollectorRegistry()
-        self._stack = contextlib.AsyncExitStack()
         self._tasks: set[asyncio.Task[None]] = set()
         self.admin: AdminServer | None = None
         self.registry: NodeRegistry | None = None
@@ -122,14 +137,7 @@ class ProxyService:
     def ready(self) -> bool:
         return not self.not_ready_reasons()
 
-    # --- start ---------------------------------------------------------------------
-
-    async def start(self) -> None:
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop()
-            raise
+    # --- start (egressd.lifecycle: each undo pushed as its step is taken) -----------
 
     async def _start(self) -> None:
         config = self.config
@@ -165,8 +173,9 @@ class ProxyService:
         stack.push_async_callback(self._closing("registry", self.registry.close))
 
         self.policies = PolicyStore(
-            session, config.control_url, trusted, metrics=self.metrics, keys_dir=config.keys_dir
-        )
+            session, config.control_url, trusted, metrics=self.metrics, keys_dir=config.keys_dir,
+            digest_grace_s=config.digest_grace_s,
+        )  # fmt: skip
         stack.push_async_callback(self._closing("policies", self.policies.close))
         # Change notices from the control plane (polling above stays the fallback).
         self.watch = PolicyWatch(
@@ -197,6 +206,7 @@ class ProxyService:
             upstream_resolver=config.upstream_resolver,
             registry=self.metrics,
             audit=structlog.get_logger("egressd.proxy.audit").bind(component="proxy"),
+            secrets=SecretStore(config.secrets_dir),
         )
 
         try:
@@ -209,6 +219,7 @@ class ProxyService:
                 self.resolved,
                 listen=(LISTEN_HOST, config.tproxy_tcp_port),
                 limits=limits,
+                interception=load_interception(config),
             )
             stack.push_async_callback(self._closing("interceptor", self.interceptor.close))
             self.dns = await dns.start_dns(
@@ -300,7 +311,7 @@ class ProxyService:
     async def stop(self) -> None:
         """Unwind everything started, in reverse order. Idempotent."""
         self.stopping = True
-        await self._stack.aclose()
+        await super().stop()
         self.tunnel = None
         self.nft_ok = False
 
@@ -388,20 +399,7 @@ def _is_ipv4(text: str) -> bool:
 
 async def serve(config: ProxyConfig, *, stop: asyncio.Event | None = None) -> None:
     """Start the proxy and serve until `stop` is set or SIGTERM/SIGINT arrives."""
-    stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
-    service = ProxyService(config)
-    try:
-        await service.start()
-        await stop.wait()
-        log.info("stopping")
-    finally:
-        await service.stop()
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+    await serve_until_stopped(ProxyService(config), stop, stopping=lambda: log.info("stopping"))
     log.info("stopped")
 
 

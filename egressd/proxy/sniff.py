@@ -74,7 +74,7 @@ the caller decides what a literal means).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 OK: Final = "ok"
@@ -103,6 +103,7 @@ _TLS_CLIENT_HELLO: Final = 0x01
 _TLS_RECORD_HEADER: Final = 5
 _TLS_MAX_FRAGMENT: Final = 2**14 + 2048  # RFC 8446 5.2: the largest ciphertext; be lenient
 _EXT_SERVER_NAME: Final = 0x0000
+_EXT_ALPN: Final = 0x0010
 #: encrypted_client_hello (draft-ietf-tls-esni-22 / RFC 9849): the SNI is then a public front.
 EXT_ENCRYPTED_CLIENT_HELLO: Final = 0xFE0D
 _SNI_HOST_NAME: Final = 0x00
@@ -123,6 +124,10 @@ class SniResult:
     host: str | None = None
     #: The ClientHello carries ``encrypted_client_hello``: `host` is a public front.
     ech: bool = False
+    #: The protocols the client offers by ALPN (RFC 7301), in its order; the
+    #: interception step offers the server those it can read. Not compared:
+    #: it never changes what tier 2 decides.
+    alpn: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def final(self) -> bool:
@@ -273,7 +278,7 @@ class ClientHelloReader:
             pos = self._pos
             first = pos == 0
             if first and n and data[0] & 0x80:
-                raise _Bad()  # SSLv2-compatible hello: no extensions, no SNI to read
+                raise _Bad  # SSLv2-compatible hello: no extensions, no SNI to read
             if pos + _TLS_RECORD_HEADER > self._limit:
                 return SniResult(TOO_LARGE)  # another record cannot fit in the bound
             if n - pos < _TLS_RECORD_HEADER:
@@ -287,7 +292,7 @@ class ClientHelloReader:
                 # Later: an interleaved non-handshake record inside the ClientHello.
                 raise _NotTls() if first else _Bad()
             if length == 0 or length > _TLS_MAX_FRAGMENT:
-                raise _Bad()
+                raise _Bad
             body = pos + _TLS_RECORD_HEADER
             end = body + length
             if end > self._limit:
@@ -296,7 +301,7 @@ class ClientHelloReader:
                 have = min(end, n) - body
                 prefix = bytes(self._message[:4]) + bytes(data[body : body + min(have, 4)])
                 if prefix and prefix[0] != _TLS_CLIENT_HELLO:
-                    raise _Bad()
+                    raise _Bad
                 if len(prefix) >= 4:
                     self._needed = 4 + int.from_bytes(prefix[1:4], "big")
                     if self._cannot_fit(pos):
@@ -310,7 +315,7 @@ class ClientHelloReader:
                     # Trailing bytes in the last record belong to another handshake
                     # message; a client sends nothing after its ClientHello before
                     # the server answers.
-                    raise _Bad()
+                    raise _Bad
                 return _parse_client_hello(bytes(self._message[4:]))
 
     def _cannot_fit(self, pos: int) -> bool:
@@ -332,36 +337,53 @@ def _parse_client_hello(body: bytes) -> SniResult:
     version_major = hello.u8()
     hello.u8()  # legacy version minor
     if version_major != 0x03:
-        raise _Bad()
+        raise _Bad
     hello.take(32)  # random
     session_id = hello.vector(1)
     if session_id.remaining > 32:
-        raise _Bad()
+        raise _Bad
     suites = hello.vector(2)
     if suites.remaining == 0 or suites.remaining % 2:
-        raise _Bad()
+        raise _Bad
     compression = hello.vector(1)
     if compression.remaining == 0:
-        raise _Bad()
+        raise _Bad
     if hello.remaining == 0:
         return SniResult(NO_SNI)  # SSLv3/TLS 1.0 style hello without extensions
     extensions = hello.vector(2)
     if hello.remaining:
-        raise _Bad()
+        raise _Bad
     seen: set[int] = set()
     host: str | None = None
+    alpn: tuple[str, ...] = ()
     while extensions.remaining:
         ext_type = extensions.u16()
         ext = extensions.vector(2)
         if ext_type in seen:
-            raise _Bad()  # RFC 8446 4.2: at most one extension of each type
+            raise _Bad  # RFC 8446 4.2: at most one extension of each type
         seen.add(ext_type)
         if ext_type == _EXT_SERVER_NAME:
             host = _server_name(ext)
+        elif ext_type == _EXT_ALPN:
+            alpn = _alpn(ext)
     ech = EXT_ENCRYPTED_CLIENT_HELLO in seen
     if host is None:
-        return SniResult(NO_SNI, ech=ech)
-    return SniResult(OK, host, ech=ech)
+        return SniResult(NO_SNI, ech=ech, alpn=alpn)
+    return SniResult(OK, host, ech=ech, alpn=alpn)
+
+
+def _alpn(ext: _Reader) -> tuple[str, ...]:
+    """The ALPN protocol names (RFC 7301 3.1: a non-empty list of non-empty names)."""
+    names = ext.vector(2)
+    if ext.remaining or names.remaining == 0:
+        raise _Bad
+    out: list[str] = []
+    while names.remaining:
+        name = names.vector(1)
+        if name.remaining == 0:
+            raise _Bad
+        out.append(name.take(name.remaining).decode("latin-1"))
+    return tuple(out)
 
 
 def _server_name(ext: _Reader) -> str | None:
@@ -369,7 +391,7 @@ def _server_name(ext: _Reader) -> str | None:
         return None  # the empty form a server echoes; from a client it names nothing
     names = ext.vector(2)
     if ext.remaining or names.remaining == 0:
-        raise _Bad()
+        raise _Bad
     host: str | None = None
     while names.remaining:
         name_type = names.u8()
@@ -377,23 +399,23 @@ def _server_name(ext: _Reader) -> str | None:
         if name_type != _SNI_HOST_NAME:
             continue  # unknown name types are skipped (RFC 6066 section 3)
         if host is not None:
-            raise _Bad()  # "MUST NOT contain more than one name of the same name_type"
+            raise _Bad  # "MUST NOT contain more than one name of the same name_type"
         host = _host_text(bytes(name.take(name.remaining)))
     return host
 
 
 def _host_text(raw: bytes) -> str:
     if not raw or len(raw) > _MAX_HOST_LEN:
-        raise _Bad()
+        raise _Bad
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError as exc:
-        raise _Bad() from exc
+        raise _Bad from exc
     if not text.isprintable() or " " in text:
-        raise _Bad()
+        raise _Bad
     text = text.lower().removesuffix(".")
     if not text:
-        raise _Bad()
+        raise _Bad
     return text
 
 
@@ -440,7 +462,7 @@ class HttpHeadReader:
                 self._line += 1
             self._scan = self._line
             kind = classify_first_bytes(data[self._line : self._line + _MAX_METHOD_LEN + 1])
-            if kind == KIND_UNKNOWN or kind == KIND_TLS:
+            if kind in (KIND_UNKNOWN, KIND_TLS):
                 return HostResult(NOT_HTTP)
             if kind == KIND_INCOMPLETE:
                 return HostResult(TOO_LARGE) if n >= self._limit else None

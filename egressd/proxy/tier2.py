@@ -171,7 +171,7 @@ class NamedDecision:
 
 def claimed_host(sni: str | None, http_host: str | None) -> ClaimedHost:
     """The name claimed by SNI (preferred) or Host, normalised."""
-    raw = sni if sni else http_host
+    raw = sni or http_host
     if not raw:
         return ClaimedHost(None, None)
     literal = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw

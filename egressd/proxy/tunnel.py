@@ -16,6 +16,13 @@ dropped with the `PolicyUnavailable` reason. Past the bounds: dropped as
 `policy_queue_full` (a SYN is retransmitted anyway). A job in the policy
 store's negative cache is dropped at once, without queueing.
 
+Digests: an accepted datagram whose digest is not the cached policy's is
+decided by `PolicyStore.digest_state` (`egressd.proxy.digests`): a replaced
+policy's digest passes during `digest_grace_s` (counted in
+`egressd_geneve_digest_grace_total`), then drops as `stale_digest`; an
+unknown one passes, is counted in `egressd_geneve_digest_mismatch_total` and
+asks for a refetch.
+
 Return path: the kernel routes the sandbox supernet to `gnv0`; the TUN
 reader reads each packet into the same buffer right after a 36-byte gap,
 finds the node by the destination's sandbox CIDR and the flow by the
@@ -79,6 +86,7 @@ from egressd.geneve.codec import (
 )
 from egressd.net.tun import NO_VNET_HDR, VNET_HDR, VNET_HDR_LEN, Tun
 from egressd.proxy.context import FlowInfo, PolicyUnavailable
+from egressd.proxy.digests import GRACE, STALE, UNKNOWN
 from egressd.proxy.endpoint import ENDPOINT_REASONS, Accepted, Dropped, validate
 from egressd.proxy.flows import Flow, FlowTable
 from egressd.proxy.policies import PolicyStore
@@ -89,6 +97,7 @@ RX_DROP_REASONS: tuple[str, ...] = (
     *ENDPOINT_REASONS,
     *POLICY_REASONS,
     "policy_queue_full",
+    "stale_digest",
     "flow_table_full",
     "tun_write_failed",
 )
@@ -177,7 +186,12 @@ class _Metrics:
         self.super_from_tun = superpackets.labels("from_tun")
         self.digest_mismatch = Counter(
             "egressd_geneve_digest_mismatch_total",
-            "Accepted datagrams whose policy digest differs from the proxy's verified policy",
+            "Accepted datagrams with a policy digest the proxy does not know (it refetches)",
+            registry=registry,
+        )
+        self.digest_grace = Counter(
+            "egressd_geneve_digest_grace_total",
+            "Accepted datagrams with the digest of a replaced policy, in its grace period",
             registry=registry,
         )
 
@@ -356,14 +370,21 @@ class GeneveTunnel:
             self._infos[key] = cached
         info, header = cached
         drops = self._drops
+        if acc.digest_mismatch:
+            state = self._policies.digest_state(acc.job_id, job.digest)
+            if state == STALE:
+                drops["stale_digest"] = drops.get("stale_digest", 0) + 1
+                return 0
+            if state == GRACE:
+                self._m.digest_grace.inc()
+            elif state == UNKNOWN:
+                self._m.digest_mismatch.inc()
+                self._policies.request_refresh(acc.job_id)
         if not self._flows.record(
             acc.src, acc.sport, acc.dst, acc.dport, acc.proto, info, now, header
         ):
             drops["flow_table_full"] = drops.get("flow_table_full", 0) + 1
             return 0
-        if acc.digest_mismatch:
-            self._m.digest_mismatch.inc()
-            self._policies.request_refresh(acc.job_id)
         try:
             if self._offload:
                 vnet = acc.vnet
@@ -472,7 +493,7 @@ class GeneveTunnel:
                 if reason is not None:
                     dropped[reason] = dropped.get(reason, 0) + 1
                     continue
-                view[:PREFIX_LEN] = header  # type: ignore[assignment]
+                view[:PREFIX_LEN] = header
                 try:
                     send(view[: PREFIX_LEN + n], (node_addr, port))
                 except BlockingIOError:
@@ -500,7 +521,7 @@ class GeneveTunnel:
         view = self._tx_view
         buf = self._tx_buf
         vnet = self._vnet_in
-        target = [vnet, inner]
+        target: list[bytearray | memoryview] = [vnet, inner]
         unpack_vnet = VNET_HDR.unpack
         send = sock.sendto
         nodes = self._nodes.view
@@ -535,7 +556,7 @@ class GeneveTunnel:
                 flags &= VNET_NEEDS_CSUM  # DATA_VALID is for us, not for the node's kernel
                 if gso_type == VNET_GSO_NONE and not flags:
                     start = OFFLOAD_OPTION_LEN
-                    view[start:OFFLOAD_PREFIX_LEN] = header  # type: ignore[assignment]
+                    view[start:OFFLOAD_PREFIX_LEN] = header
                 else:
                     if gso_type != VNET_GSO_NONE:
                         if gso_type != VNET_GSO_TCPV4:
@@ -543,7 +564,7 @@ class GeneveTunnel:
                             continue
                         supers += 1
                     start = 0
-                    view[:PREFIX_LEN] = header  # type: ignore[assignment]
+                    view[:PREFIX_LEN] = header
                     buf[0] = (OFFLOAD_PREFIX_LEN - HEADER_LEN) // 4  # Opt Len: both options, in words
                     pack_offload_option(
                         buf, PREFIX_LEN, flags, gso_type, gso_size, csum_start, csum_offset

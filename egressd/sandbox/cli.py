@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -40,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn, TypeVar
 
 from egressd.agent.client import AgentClient, AgentClientError, AgentUnreachable, SandboxInfo
-from egressd.cli import OneLineParser
+from egressd.cliutil import OneLineParser
 from egressd.errors import EgressdError
 from egressd.sandbox import SandboxError
 from egressd.sandbox.bundle import SANDBOX_UID, BindMount, SandboxPaths, sandbox_can_read
@@ -167,10 +168,22 @@ async def _register(
 
 
 async def _unregister_quietly(agent: AgentClient, sandbox_id: str) -> None:
-    try:
+    with contextlib.suppress(AgentClientError):
         await agent.unregister(sandbox_id)
-    except AgentClientError:
-        pass
+
+
+#: CA certificates a sandbox trusts besides the host's: the test internet's CA
+#: and the fleet's TLS interception CA (`egressd.topology.interception`).
+EXTRA_CA_FILES = ("ca.pem", "interception-ca.pem")
+
+
+def extra_ca_pem(run_dir: Path) -> bytes | None:
+    """The extra CA certificates found in `run_dir/ca`, concatenated (None: none)."""
+    found = [run_dir / "ca" / name for name in EXTRA_CA_FILES]
+    parts = [p.read_bytes() for p in found if p.exists()]
+    if not parts:
+        return None
+    return b"".join(p if p.endswith(b"\n") else p + b"\n" for p in parts)
 
 
 async def run_sandbox(args: argparse.Namespace) -> int:
@@ -184,9 +197,7 @@ async def run_sandbox(args: argparse.Namespace) -> int:
         raise SandboxError(
             "bad_policy_file", f"--policy {args.policy}: {exc.strerror or exc}"
         ) from exc
-    ca_pem = (
-        (run_dir / "ca" / "ca.pem").read_bytes() if (run_dir / "ca" / "ca.pem").exists() else None
-    )
+    ca_pem = extra_ca_pem(run_dir)
     socket_path = run_dir / "agents" / f"{args.node}.sock"
     async with AgentClient(socket_path) as agent:
         info = await _register(agent, args, sandbox_id, token)
@@ -290,7 +301,7 @@ def _positive(text: str) -> float:
     return value
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("sandbox", help="run a command in a gVisor sandbox on a node")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=RunParser)
     run = verbs.add_parser("run", help="register with the node's agent and run CMD in runsc")

@@ -124,7 +124,7 @@ async def finish(coro: Coroutine[Any, Any, T]) -> T:
                 raise
             cancelled = True
     if cancelled:
-        raise asyncio.CancelledError()
+        raise asyncio.CancelledError
     return result
 
 

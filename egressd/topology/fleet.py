@@ -29,7 +29,7 @@ from egressd.net import netns as kn
 from egressd.policy import keys
 from egressd.sandbox import SandboxError
 from egressd.sandbox.rootfs import remove_bundle
-from egressd.topology import ca, network, procs
+from egressd.topology import ca, interception, network, procs, proxy_secrets
 from egressd.topology.layout import (
     ADMIN_PORT,
     CONTROL_ADDR,
@@ -156,6 +156,8 @@ class Fleet:
             "keys_dir": str(self.keys_dir),
             "fleet_ranges": [str(r) for r in self.layout.fleet_ranges],
             "offload": True,
+            **interception.proxy_settings(self.run_dir),
+            **proxy_secrets.proxy_settings(self.run_dir),
         }
 
     def agent_config(self, node: NodeSpec) -> dict[str, object]:
@@ -171,6 +173,9 @@ class Fleet:
             "fleet_ranges": [str(r) for r in self.layout.fleet_ranges],
             "sandbox_netns_prefix": f"{self.layout.prefix}sbx-",
             "offload": True,
+            # Live policies: registrations are checked against the control plane's
+            # copy and the agent follows its watch (egressd.agent.policy_watch).
+            "discovery": {"control_url": self.control_url},
         }
 
     # --- up ------------------------------------------------------------------
@@ -182,6 +187,8 @@ class Fleet:
         if not self.signing_key.exists():
             keys.write_key_dir(self.keys_dir, keys.generate_signing_key())
         ca.ensure_ca(self.ca_dir, self.layout)
+        interception.ensure(self.run_dir)  # before the control plane: see topology.interception
+        proxy_secrets.ensure(self.run_dir)
         if not self.admin_token_file.exists():
             self.admin_token_file.touch(mode=0o600)
             self.admin_token_file.write_text(secrets.token_urlsafe(32) + "\n")

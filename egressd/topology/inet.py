@@ -12,6 +12,12 @@ It serves, on the addresses the topology gives `egd-inet`:
   - `GET /echo-headers`: the JSON above plus `"headers": [[name, value], ...]`;
   - `POST /upload`: reads the body, answers `{"bytes": n, "sha256": hex}`;
   keep-alive on (75 s).
+- HTTPS with a certificate nobody trusts (:8443, same routes): a server
+  certificate for the same names from a CA of its own (`untrusted-ca/` in
+  the run directory, never in any trust store), so that a client (or an
+  intercepting proxy) can be shown refusing a server it cannot verify.
+- HTTP/2 (:9443, h2 by ALPN only, the test CA's certificate;
+  `egressd.topology.h2site`): JSON about each request, `/bytes/{n}`.
 - DNS on 203.0.113.53:53, UDP and TCP, authoritative for `test.`
   (`egressd.topology.dnsserver`).
 - a fake cloud metadata service on 169.254.169.254:80 that hands out a fake
@@ -51,6 +57,7 @@ from aiohttp import hdrs, web
 from egressd import logs
 from egressd.errors import EgressdError
 from egressd.signals import install_stop_handlers
+from egressd.topology import h2site
 from egressd.topology.ca import CaError, CaFiles, ensure_ca
 from egressd.topology.dnsserver import DnsServer, Zone
 from egressd.topology.layout import DEFAULT_RUN_DIR, INET_DNS, METADATA, Layout, default_layout
@@ -60,6 +67,8 @@ BLOCK_SIZE = 64 * 1024
 KEEPALIVE_S = 75.0
 BACKLOG = 1024
 CONTENT_SHA256_HEADER = "X-Content-SHA256"
+#: Under the run directory: the CA of the :8443 servers, which nothing trusts.
+UNTRUSTED_CA_DIR = "untrusted-ca"
 FAKE_ROLE = "egressd-fake-role"
 FAKE_CREDENTIAL: dict[str, str] = {
     "Code": "Success",
@@ -99,6 +108,8 @@ class InetConfig:
     http_hosts: tuple[str, ...]
     http_port: int = 80
     https_port: int = 443
+    untrusted_https_port: int = 8443
+    h2_port: int = 9443
     dns_host: str = str(INET_DNS)
     dns_port: int = 53
     metadata_host: str = str(METADATA)
@@ -112,7 +123,10 @@ class InetConfig:
             _check_host("http host", host)
         _check_host("dns host", self.dns_host)
         _check_host("metadata host", self.metadata_host)
-        for name in ("http_port", "https_port", "dns_port", "metadata_port"):
+        for name in (
+            "http_port", "https_port", "untrusted_https_port", "h2_port", "dns_port",
+            "metadata_port",
+        ):  # fmt: skip
             _check_port(name, getattr(self, name))
 
     @property
@@ -262,6 +276,7 @@ class InetServer:
             Zone.from_layout(config.layout, config.dns_host), config.dns_host, config.dns_port
         )
         self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.Server] = []
         self.listeners: dict[str, list[str]] = {}
 
     async def start(self) -> None:
@@ -269,6 +284,11 @@ class InetServer:
         try:
             files = await asyncio.to_thread(ensure_ca, cfg.ca_path, cfg.layout)
             tls = server_ssl_context(files)
+            untrusted_files = await asyncio.to_thread(
+                ensure_ca, cfg.run_dir / UNTRUSTED_CA_DIR, cfg.layout
+            )
+            untrusted = server_ssl_context(untrusted_files)
+            h2_tls = h2site.h2_ssl_context(str(files.server_cert), str(files.server_key))
         except (CaError, OSError, ssl.SSLError) as exc:
             raise InetError("tls_failed", str(exc)) from exc
         try:
@@ -276,6 +296,17 @@ class InetServer:
             for host in cfg.http_hosts:
                 await self._site(sites, "http", host, cfg.http_port, None)
                 await self._site(sites, "https", host, cfg.https_port, tls)
+                await self._site(
+                    sites, "https_untrusted", host, cfg.untrusted_https_port, untrusted
+                )
+            for host in cfg.http_hosts:
+                server = await asyncio.start_server(
+                    h2site.serve_h2, host, cfg.h2_port, ssl=h2_tls, backlog=BACKLOG,
+                    reuse_address=True,
+                )  # fmt: skip
+                self._servers.append(server)
+                bound = server.sockets[0].getsockname()
+                self.listeners.setdefault("h2", []).append(f"{bound[0]}:{bound[1]}")
             metadata = await self._runner(metadata_app())
             await self._site(metadata, "metadata", cfg.metadata_host, cfg.metadata_port, None)
             await self.dns.start()
@@ -308,6 +339,10 @@ class InetServer:
 
     async def stop(self) -> None:
         await self.dns.stop()
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
+        self._servers.clear()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

@@ -18,6 +18,7 @@ empty for a moment, and a live daemon would pass for dead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -158,19 +159,15 @@ def stop(run_dir: Path, name: str, *, timeout_s: float = 10.0) -> bool:
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _reap(pid: int) -> None:
     # Daemons started by this process are our children: reap them so they do
     # not linger as zombies (elsewhere this is a harmless ECHILD).
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def tail(run_dir: Path, name: str, lines: int = 20) -> Sequence[str]:

@@ -21,9 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from egressd.metrics_text import matching, parse
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SUBNETS = ("198.18.0.0/24", "203.0.113.0/24")
+#: The secret the fleet's proxies hold (the local topology's test secret's name).
+CREDENTIAL = "allowed-api-token"
 # The compose command, as deploy/lib.sh picks it: EGRESSD_COMPOSE, else docker-compose.
 COMPOSE = (os.environ.get("EGRESSD_COMPOSE") or "docker-compose").split()
 
@@ -157,13 +161,8 @@ class ComposeFleet:
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
-        if all(got.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    """The first sample of `name` whose labels include `labels`; None if there is none."""
+    return next((s.value for s in matching(parse(text), name, **labels)), None)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +184,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeFleet]:
         # Prometheus too (deploy/prometheus): the test checks it scrapes every member.
         "EGRESSD_PROFILES": "monitoring",
     }
+    # The proxies' credentials (compose secret egressd-credentials): a test secret
+    # of this run, never in the repository's deploy/credentials/.
+    credentials = tmp_path_factory.mktemp("credentials")
+    (credentials / CREDENTIAL).write_text(f"egd-compose-{secrets.token_urlsafe(24)}\n")
+    env["EGRESSD_CREDENTIALS_DIR"] = str(credentials)
     log = tmp_path_factory.mktemp("compose") / "up.log"
     fleet = ComposeFleet(project, env, log)
     try:

@@ -21,28 +21,25 @@ import json
 import subprocess
 import time
 import uuid
+from typing import Any
 
 import pytest
 
-from tests.compose.conftest import ComposeFleet, run
+from egressd.metrics_text import matching, parse
+from tests.compose.conftest import CREDENTIAL, ComposeFleet, run
 
 pytestmark = [pytest.mark.compose, pytest.mark.root, pytest.mark.timeout(900)]
 
 ALLOW_API = ("api.allowed.test:443",)
 
 
-def results(done: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+def results(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def proxies_up(fleet: ComposeFleet) -> dict[str, float]:
-    text = fleet.node_metrics()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("egressd_proxy_up{"):
-            name = line.split('proxy="', 1)[1].split('"', 1)[0]
-            out[name] = float(line.rsplit(" ", 1)[1])
-    return out
+    samples = matching(parse(fleet.node_metrics()), "egressd_proxy_up")
+    return {s.labels["proxy"]: s.value for s in samples}
 
 
 def wait_for(check, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
@@ -112,6 +109,66 @@ def test_denied_name_blocked_and_audited(fleet: ComposeFleet) -> None:
     ), events
 
 
+def http_events(fleet: ComposeFleet, job_id: str) -> list[dict[str, Any]]:
+    """The proxies' `http_request` audit events of `job_id`."""
+    found = []
+    for cid in fleet.containers("proxy"):
+        for line in run(["docker", "logs", cid]).stderr.splitlines():
+            if job_id in line and '"http_request"' in line:
+                event = json.loads(line)
+                if event.get("event") == "http_request" and event.get("job_id") == job_id:
+                    found.append(event)
+    return found
+
+
+def test_proxies_hold_the_interception_ca_and_credentials(fleet: ComposeFleet) -> None:
+    """The proxies' secrets, as compose provides them: the interception CA from the
+    control plane's `interception` volume (an intercepted HTTPS rule: GET allowed,
+    a path outside the rule denied with 403; the sandbox trusts the CA), a credential
+    from the `egressd-credentials` compose secret (injected: 200, never
+    credential_unavailable); the node has neither the key nor the credential."""
+    job = str(uuid.uuid4())
+    rules = [
+        {"host": "api.allowed.test", "ports": [443], "tls": "intercept",
+         "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}]}},
+        {"host": "api.allowed.test", "ports": [80],
+         "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}],
+                  "credentials": [{"header": "Authorization", "secret": CREDENTIAL,
+                                   "format": "Bearer {}"}]}},
+    ]  # fmt: skip
+    done = fleet.exec(
+        fleet.node(), "python3", "-m", "egressd.deploy", "udf",
+        *[f"--rule={json.dumps(r)}" for r in rules], "--job-id", job,
+        "probe.py", "--timeout", "10", "https://api.allowed.test/data",
+        "https://api.allowed.test/echo-headers", "http://api.allowed.test/data",
+        timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    got = {r["target"]: r for r in results(done)}
+    assert got["https://api.allowed.test/data"]["status"] == 200, got
+    assert got["https://api.allowed.test/echo-headers"]["status"] == 403, got
+    assert got["http://api.allowed.test/data"]["status"] == 200, got
+    deadline = time.monotonic() + 10
+    while len(events := http_events(fleet, job)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = sorted((e["path"], e["status"], e.get("injected", [])) for e in events)
+    assert seen == [
+        ("/data", 200, []), ("/data", 200, ["Authorization"]), ("/echo-headers", 403, []),
+    ], events  # fmt: skip
+    # Only the control plane and the proxies have the key; only proxies the credential.
+    (proxy,) = fleet.containers("proxy")
+    key = fleet.exec(proxy, "cat", "/interception-ca/ca.key").stdout
+    assert "PRIVATE KEY" in key
+    line = key.splitlines()[1]  # a line of the key's base64 body
+    node = fleet.exec(
+        fleet.node(), "sh", "-c",
+        f"test ! -e /interception-ca && test ! -e /run/secrets/{CREDENTIAL} "
+        f"&& ! grep -rqF -- '{line}' /fleet /run/egressd/ca && echo clean",
+        check=False,
+    )  # fmt: skip
+    assert node.stdout.strip() == "clean", node.stdout + node.stderr
+
+
 def test_scale_to_three_proxies_spreads_flows(fleet: ComposeFleet) -> None:
     start = time.monotonic()
     fleet.compose("up", "-d", "--no-recreate", "--scale", "proxy=3")
@@ -137,7 +194,7 @@ def test_scale_to_three_proxies_spreads_flows(fleet: ComposeFleet) -> None:
     assert len(per_proxy) == 3 and all(n > 0 for n in per_proxy.values()), per_proxy
 
 
-def prometheus_api(fleet: ComposeFleet, path: str) -> dict[str, object]:
+def prometheus_api(fleet: ComposeFleet, path: str) -> dict[str, Any]:
     """GET the fleet's Prometheus API (198.18.0.9, profile `monitoring`) from the node."""
     done = fleet.exec(
         fleet.node(), "python3", "-c",
@@ -147,7 +204,7 @@ def prometheus_api(fleet: ComposeFleet, path: str) -> dict[str, object]:
     )  # fmt: skip
     body = json.loads(done.stdout)
     assert body["status"] == "success", body
-    return body["data"]  # type: ignore[no-any-return]
+    return body["data"]
 
 
 def test_prometheus_scrapes_every_member(fleet: ComposeFleet) -> None:

@@ -12,10 +12,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from egressd.metrics_text import Scrape, parse
+from egressd.metrics_text import metric_sum as metric_sum  # re-exported for the e2e tests
 from egressd.topology.fleet import Fleet
 from egressd.topology.layout import ADMIN_PORT
 from egressd.topology.probe import http_request
@@ -30,7 +33,7 @@ class Job:
 
     fleet: Fleet
     node: str
-    egress: list[dict[str, object]]
+    egress: Sequence[Mapping[str, object]]
     job_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     mode: str = "enforce"
     jws: str = ""
@@ -86,7 +89,7 @@ def sandbox_run(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
 
 
-def probe(fleet: Fleet, job: Job, tmp: Path, targets: Sequence[str], *, timeout: float = 3.0) -> dict[str, dict[str, object]]:
+def probe(fleet: Fleet, job: Job, tmp: Path, targets: Sequence[str], *, timeout: float = 3.0) -> dict[str, dict[str, Any]]:
     """Run the example probe UDF in a sandbox; one result per target."""
     done = sandbox_run(fleet, job, tmp, ["python3", "/udfs/probe.py", "--timeout", str(timeout), *targets])
     assert done.returncode == 0, done.stderr
@@ -94,7 +97,7 @@ def probe(fleet: Fleet, job: Job, tmp: Path, targets: Sequence[str], *, timeout:
     return {str(r["target"]): r for r in results}
 
 
-def proxy_events(fleet: Fleet, job_id: str, event: str | None = None) -> list[dict[str, object]]:
+def proxy_events(fleet: Fleet, job_id: str, event: str | None = None) -> list[dict[str, Any]]:
     out = []
     for proxy in fleet.layout.proxies:
         path = fleet.run_dir / "logs" / f"{proxy.name}.log"
@@ -113,7 +116,7 @@ def proxy_events(fleet: Fleet, job_id: str, event: str | None = None) -> list[di
 
 
 def wait_events(fleet: Fleet, job_id: str, event: str, pred: Callable[[dict[str, object]], bool],
-                timeout_s: float = 5.0) -> list[dict[str, object]]:
+                timeout_s: float = 5.0) -> list[dict[str, Any]]:
     """Events matching `pred`, waiting a little: connection events are logged at close."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -123,8 +126,8 @@ def wait_events(fleet: Fleet, job_id: str, event: str, pred: Callable[[dict[str,
         time.sleep(0.1)
 
 
-def metrics(fleet: Fleet, member: str) -> dict[str, float]:
-    """A node's or proxy's /metrics as {'name{labels}': value}."""
+def metrics(fleet: Fleet, member: str) -> Scrape:
+    """A node's or proxy's /metrics, parsed (egressd.metrics_text; `metric_sum` sums it)."""
     try:
         spec = fleet.layout.node(member)
         ns, addr = fleet.ns(spec.netns), str(spec.underlay)
@@ -132,22 +135,4 @@ def metrics(fleet: Fleet, member: str) -> dict[str, float]:
         pspec = fleet.layout.proxy(member)
         ns, addr = fleet.ns(pspec.netns), str(pspec.underlay)
     reply = http_request(ns, "GET", addr, ADMIN_PORT, "/metrics")
-    out: dict[str, float] = {}
-    for line in reply.body.decode().splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            try:
-                out[key] = float(value)
-            except ValueError:
-                continue
-    return out
-
-
-def metric_sum(values: dict[str, float], name: str, **labels: str) -> float:
-    total = 0.0
-    for key, value in values.items():
-        if not (key == name or key.startswith(name + "{")):
-            continue
-        if all(f'{k}="{v}"' in key for k, v in labels.items()):
-            total += value
-    return total
+    return parse(reply.body.decode())

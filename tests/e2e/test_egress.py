@@ -17,14 +17,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from egressd.agent.client import AgentClient, SandboxInfo
+from egressd.metrics_text import by_label
 from egressd.net import netns as kn
 from egressd.topology.fleet import Fleet
 from egressd.topology.inet import CONTENT_SHA256_HEADER, content_sha256
@@ -79,9 +81,9 @@ def api_job(fleet: Fleet, node: str = "node1", mode: str = "enforce") -> Limited
 
 
 def run_checks(
-    fleet: Fleet, job: Job, tmp: Path, checks: Sequence[dict[str, object]], *,
+    fleet: Fleet, job: Job, tmp: Path, checks: Sequence[Mapping[str, object]], *,
     parallel: bool = False, timeout_s: float = 120,
-) -> dict[str, dict[str, object]]:
+) -> dict[str, dict[str, Any]]:
     """Run `checks` in one sandbox of `job`; the results by check id."""
     spec = json.dumps({"checks": list(checks), "parallel": parallel})
     done = sandbox_run(fleet, job, tmp, ["python3", CHECKS, spec], mounts=[f"{E2E_UDFS}:/e2e"],
@@ -97,13 +99,7 @@ def run_checks(
 
 
 def tier1_drops(fleet: Fleet, node: str) -> dict[str, float]:
-    values = metrics(fleet, node)
-    out: dict[str, float] = {}
-    for key, value in values.items():
-        if key.startswith("egressd_tier1_packets_total{") and 'verdict="drop"' in key:
-            reason = key.split('reason="', 1)[1].split('"', 1)[0]
-            out[reason] = out.get(reason, 0.0) + value
-    return out
+    return by_label(metrics(fleet, node), "egressd_tier1_packets_total", "reason", verdict="drop")
 
 
 def proxy_counts(fleet: Fleet, name: str, **labels: str) -> float:
@@ -116,7 +112,7 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 
 
 def conn_events(fleet: Fleet, job: Job, *, dst: str, port: int | None = None,
-                count: int = 1, timeout_s: float = 8.0) -> list[dict[str, object]]:
+                count: int = 1, timeout_s: float = 8.0) -> list[dict[str, Any]]:
     """The job's connection events to dst[:port], waiting until `count` are logged."""
     def pred(e: dict[str, object]) -> bool:
         return e.get("dst") == dst and (port is None or e.get("port") == port)
@@ -131,7 +127,7 @@ def conn_events(fleet: Fleet, job: Job, *, dst: str, port: int | None = None,
 
 def dns_events(
     fleet: Fleet, job: Job, qname: str, qtype: str | None = None
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     def pred(e: dict[str, object]) -> bool:
         name = str(e.get("qname") or "").rstrip(".").lower()
         return name == qname.lower() and (qtype is None or e.get("qtype") == qtype)

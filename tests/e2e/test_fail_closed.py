@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_slow_and_padded_hello_naming_a_denied_host(fleet: Fleet, tmp_path: Path
         assert r["address"] == API_IP, r  # what the proxy's DNS answered the job
         assert r["outcome"] == "reset", r  # never a ServerHello from api.allowed.test's server
 
-    def event_of(source: object) -> dict[str, object]:
+    def event_of(source: object) -> dict[str, Any]:
         found = wait_events(
             fleet, job.job_id, "connection", lambda e: e.get("source") == source, timeout_s=10
         )

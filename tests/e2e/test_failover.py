@@ -15,10 +15,9 @@ import json
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from egressd.topology import procs
 from egressd.topology.fleet import Fleet, wait_for
@@ -129,7 +128,7 @@ def _launch_loop(fleet: Fleet, job: Job, tmp: Path) -> subprocess.Popen[str]:
 
 
 def test_proxy_failover_and_return(
-    fleet: Fleet, tmp_path: Path, record_property: pytest.RecordProperty
+    fleet: Fleet, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     job = Job(fleet, "node1", ALLOWED).sign()
     assert wait_for(
@@ -201,7 +200,7 @@ def test_proxy_failover_and_return(
     # Every connection after the bound went through proxy2: its audit log has each one.
     want = {a.sport for a in settled}
     assert wait_for(lambda: want <= _allowed_sports(fleet, job.job_id, "proxy2"), 5), sorted(
-        want - _allowed_sports(fleet, job.job_id, "proxy2")
+        want - _allowed_sports(fleet, job.job_id, "proxy2"), key=str
     )
 
     # proxy1 is back (fleet.up waited for its /readyz); node1 takes it up again

@@ -12,6 +12,7 @@ the first source port a proxy binds shows there is no TCP self-connect.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from egressd.limits.ports import DEFAULT_SOURCE_PORTS
@@ -51,7 +52,7 @@ def test_proxy_egress_addresses_are_never_reachable(fleet: Fleet, tmp_path: Path
     egress = [str(p.egress) for p in fleet.layout.proxies]
     assert egress == ["203.0.113.21", "203.0.113.22"]
     job = fleet_job(fleet)
-    checks: list[dict[str, object]] = [
+    checks: list[Mapping[str, object]] = [
         {"id": f"{ip}:{port}", "kind": "tcp", "host": ip, "port": port, "http_host": API,
          "timeout": 3}
         for ip in egress

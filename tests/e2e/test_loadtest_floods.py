@@ -36,7 +36,7 @@ VERDICTS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("scenario, prefix, reason, tap", [
+@pytest.mark.parametrize(("scenario", "prefix", "reason", "tap"), [
     ("dns-flood", "egd-ltd-", "dns_rate_limit", "attacker_dns"),
     ("syn-flood", "egd-lts-", "syn_rate_limit", "attacker_syn"),
 ])  # fmt: skip

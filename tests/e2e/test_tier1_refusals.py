@@ -51,7 +51,8 @@ def test_tier1_denials_are_refused_at_once_and_logged_with_the_job(
 ) -> None:
     job = Job(fleet, "node1", [{"host": "api.allowed.test", "ports": [443, 80]}]).sign()
     other_sandbox = fleet.layout.node("node2").sandbox_cidr.network_address + 2
-    denied = {
+    # check id -> (the check, then the denial tier 1 logs: destination, port, reason)
+    denied: dict[str, tuple[dict[str, object], str, int, str]] = {
         "port_22": ({"kind": "socket", "host": API_IP, "port": 22}, API_IP, 22, "port_not_allowed"),
         "port_8443_requests": (
             {"kind": "requests", "url": f"http://{API_IP}:8443/"}, API_IP, 8443, "port_not_allowed"

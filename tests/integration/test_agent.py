@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -43,6 +42,7 @@ import pytest
 
 from egressd.agent.client import AgentClient, AgentClientError, SandboxInfo
 from egressd.agent.hashing import Rendezvous, flow_hash, flow_key, outer_source_port
+from egressd.metrics_text import metric_value, parse
 from egressd.net import netns
 from egressd.policy.jws import policy_digest, sign_payload
 from egressd.policy.keys import SigningKey, generate_signing_key, write_key_dir
@@ -122,7 +122,8 @@ def _require_root() -> None:
         pytest.skip("needs /dev/net/tun")
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+# `check` is called with no arguments; `...` lets a caller bind loop variables as defaults.
+def wait_for(check: Callable[..., Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -160,17 +161,8 @@ def http_get(ns: str, host: str, port: int, path: str, timeout: float = 2.0) -> 
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
-        if m is None or m.group(1) != name:
-            continue
-        got = ",".join(sorted((m.group(2) or "{}")[1:-1].split(","))) if m.group(2) else ""
-        if got == want:
-            return float(m.group(3))
-    return None
+    """The series of `name` with exactly `labels` on a /metrics page; None if absent."""
+    return metric_value(parse(text), name, **labels)
 
 
 def link_names(ns: str) -> set[str]:
@@ -460,7 +452,7 @@ def _payload_json(jws: str) -> str:
 def _tamper(jws: str) -> str:
     import base64
 
-    head, body, sig = jws.split(".")
+    head, _body, sig = jws.split(".")
     payload = json.loads(_payload_json(jws))
     payload["egress"].append({"cidr": "0.0.0.0/0", "ports": ["1-65535"]})
     forged = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
@@ -541,7 +533,7 @@ def test_tier1_drops_what_the_policy_cannot_allow(fleet: Fleet) -> None:
     info = next(s for s in fleet.list() if s.sandbox_id == "sbx-one")
     before = fleet.metrics()
     since = mark(fleet)
-    port, ok = connect_from(info.netns, DEST, 22, timeout=1.0)
+    _port, ok = connect_from(info.netns, DEST, 22, timeout=1.0)
     assert not ok
     _, ok = connect_from(info.netns, "169.254.169.254", 80, timeout=1.0)
     assert not ok

@@ -90,6 +90,7 @@ class Env:
     run_dir: Path
     state_dir: Path
     token: str = ""
+    control_args: list[str] = field(default_factory=list)  # e.g. ["--policy-ttl", "60"]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     namespaces: list[str] = field(default_factory=list)
 
@@ -137,7 +138,7 @@ def _setup(env: Env) -> None:
         env.ctl,
         [sys.executable, "-m", "egressd", "control", "serve", "--listen", f"{CONTROL_IP}:8080",
          "--state-dir", str(env.root / "ctl-state"), "--key", str(keys / "signing.key"),
-         "--admin-token-file", str(token_file)],
+         "--admin-token-file", str(token_file), *env.control_args],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=(env.root / "control.log").open("wb"), env=py, cwd=str(REPO),
     )  # fmt: skip

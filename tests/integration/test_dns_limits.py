@@ -33,6 +33,7 @@ import dns.rcode
 import pytest
 
 from egressd.limits.dns import DEFAULT_MAX_TCP_PER_JOB, MIN_BURST
+from egressd.metrics_text import metric_sum, parse
 
 from .test_dns_responder import addresses, ask_udp, query
 from .test_intercept import (
@@ -154,11 +155,7 @@ def flood_upstream_count(world: World) -> int:
 
 def sample(text: str, name: str, **labels: str) -> float:
     """The sum of `name`'s samples whose labels include `labels` (0 when there are none)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_sum(parse(text), name, **labels)
 
 
 def run_flood(world: World, record: Callable[[str, object], None], tag: str) -> dict[str, float]:
@@ -241,7 +238,12 @@ def test_flood_without_the_limit_reaches_upstream(
         )
         result = run_flood(world, record_property, "unlimited")
         assert result["flood_qps"] > 0.8 * FLOOD_RATE
-        assert result["flood_upstream"] > 2 * JOB_DNS_RATE * (FLOOD_SECONDS + 2)
+        # More than the limited run may pass (its bound above): the limit, not the
+        # machine, is what held that flood. Not a larger margin: the job's lane
+        # (`LANE_WIDTH` queries in flight) makes this flood's upstream rate 4 per
+        # upstream round trip, which a loaded 2-core machine stretches (549, 400, 285
+        # in runs beside other work; 187 beside a benchmark).
+        assert result["flood_upstream"] > JOB_DNS_RATE * (FLOOD_SECONDS + 2)
         assert result["victim_failures"] == 0
         refused = sample(
             world.metrics(), "egressd_limit_refusals_total", job_id=JOB_ID, reason="dns_rate_limit"
@@ -297,7 +299,7 @@ def test_tcp_queries_are_limited_too(world: World) -> None:
             sock.bind((CLIENT, 0))
             sock.connect((RESOLVER, 53))
             q = dns.message.make_query("api.allowed.test", "A")
-            codes = []
+            codes: list[dns.rcode.Rcode | None] = []
             for _ in range(4 * MIN_BURST):
                 try:
                     codes.append(dns.query.tcp(q, RESOLVER, timeout=5, sock=sock).rcode())
@@ -346,10 +348,9 @@ def test_tcp_connections_per_job_are_capped(world: World) -> None:
             q = dns.message.make_query("api.allowed.test", "A")
             assert dns.query.tcp(q, RESOLVER, timeout=5, sock=sock).rcode() == dns.rcode.NOERROR
         extra = world.connect(RESOLVER, 53)
-        with extra:
-            with pytest.raises((EOFError, ConnectionError)):
-                q = dns.message.make_query("api.allowed.test", "A")
-                dns.query.tcp(q, RESOLVER, timeout=5, sock=extra)
+        with extra, pytest.raises((EOFError, ConnectionError)):
+            q = dns.message.make_query("api.allowed.test", "A")
+            dns.query.tcp(q, RESOLVER, timeout=5, sock=extra)
         other = world.connect(RESOLVER, 53, src=CLIENT2)
         with other:
             q = dns.message.make_query("api.allowed.test", "A")

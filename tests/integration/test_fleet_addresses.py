@@ -167,7 +167,7 @@ class World:
                 sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
                 data = sock.recv(1024)
                 raise AssertionError(f"expected a reset, got {data!r}")
-            return "%s:%d" % sock.getsockname()[:2]
+            return "{}:{}".format(*sock.getsockname()[:2])
 
     def resolve(self, name: str) -> dns.message.Message:
         with contextlib.closing(self.sandbox_socket(socket.SOCK_DGRAM)) as sock:
@@ -372,7 +372,7 @@ def test_a_name_that_resolves_to_the_fleet_is_denied(world: World) -> None:
             sock.connect((PROXY2[2], 80))
             sock.sendall(b"GET / HTTP/1.0\r\nHost: fleet.allowed.test\r\n\r\n")
             raise AssertionError(f"expected a reset, got {sock.recv(1024)!r}")
-        src = "%s:%d" % sock.getsockname()[:2]
+        src = "{}:{}".format(*sock.getsockname()[:2])
     event = world.wait_event("connection", source=src)
     assert (event["verdict"], event["reason"]) == ("deny", "fleet_address")
 

@@ -145,6 +145,8 @@ def test_ready_lists_every_listener(inet: Inet) -> None:
     addresses = sorted({str(site.address) for site in LAYOUT.sites})
     assert listeners["http"] == [f"{a}:80" for a in addresses]
     assert listeners["https"] == [f"{a}:443" for a in addresses]
+    assert listeners["https_untrusted"] == [f"{a}:8443" for a in addresses]
+    assert listeners["h2"] == [f"{a}:9443" for a in addresses]
     assert listeners["metadata"] == [f"{METADATA}:80"]
     assert listeners["dns"] == [f"udp:{INET_DNS}:53", f"tcp:{INET_DNS}:53"]
 
@@ -164,6 +166,25 @@ def test_https_verifies_against_the_test_ca(inet: Inet) -> None:
     assert body["client"] == "203.0.113.21"
     assert body["local"] == "203.0.113.10"
     assert body["scheme"] == "https"
+
+
+def test_http2_site(inet: Inet) -> None:
+    result = inet.curl(
+        "egd-proxy1",
+        "--http2",
+        "--cacert",
+        str(inet.ca),
+        "--resolve",
+        "api.allowed.test:9443:203.0.113.10",
+        "-w",
+        "\n%{http_version}",
+        "https://api.allowed.test:9443/data?x=1",
+    )
+    body, version = result.stdout.rsplit("\n", 1)
+    assert version == "2"
+    about = json.loads(body)
+    assert (about["site"], about["path"], about["protocol"]) == ("api.allowed.test", "/data", "h2")
+    assert about["client"] == "203.0.113.21"
 
 
 @pytest.mark.parametrize("name", ["eu.data.allowed.test", "zz.data.allowed.test"])

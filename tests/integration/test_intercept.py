@@ -48,6 +48,8 @@ from typing import Any
 
 import pytest
 
+from egressd.metrics_text import metric_value, parse
+
 TCP_PORT = 15001
 DNS_PORT = 15053
 RESOLVER = "100.100.100.53"
@@ -193,6 +195,8 @@ async def _inet_main(cfg: dict[str, Any]) -> None:
                 }
                 body = await reader.readexactly(int(fields.get("content-length", "0")))
                 text = f"{method} {fields.get('host', '')} {path} {len(body)}".encode()
+                if path.startswith("/echo-headers"):
+                    text = head  # the head as the server got it (credentials, issue 12)
                 content = b"" if method == "HEAD" else text
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(text) + content)
                 await writer.drain()
@@ -276,6 +280,7 @@ async def _proxy_main(cfg: dict[str, Any]) -> None:
     from egressd.proxy.dns import start_dns
     from egressd.proxy.intercept import start_interceptor
     from egressd.proxy.resolved import ResolvedNames
+    from egressd.proxy.secrets import SecretStore
 
     audit_file = open(cfg["audit_log"], "a", buffering=1)  # noqa: SIM115, ASYNC230 - at start-up
     logs.configure(json=True, stream=audit_file)
@@ -312,6 +317,7 @@ async def _proxy_main(cfg: dict[str, Any]) -> None:
         upstream_resolver=ipaddress.IPv4Address(UPSTREAM_DNS),
         registry=registry,
         audit=structlog.get_logger("audit"),
+        secrets=SecretStore(Path(cfg["secrets_dir"]), recheck_s=0.0),
     )
     resolved = ResolvedNames()
     limits = None
@@ -323,12 +329,21 @@ async def _proxy_main(cfg: dict[str, Any]) -> None:
             {"name": "proxy-t", "underlay": PROXY_SIDE, "egress": EGRESS, **cfg["limits"]}
         )
         limits = ProxyLimits(proxy_config.limits, registry=registry)
+    interception = None
+    if cfg.get("interception"):
+        from egressd.proxy.tls_intercept import Interception
+
+        tls = cfg["interception"]
+        interception = Interception.load(
+            Path(tls["cert"]), Path(tls["key"]), upstream_ca_file=Path(tls["upstream_ca_file"])
+        )
     interceptor = await start_interceptor(
         ctx,
         resolved,
         listen=("127.0.0.1", TCP_PORT),
         peek_timeout_s=cfg["peek_timeout_s"],
         limits=limits,
+        interception=interception,
     )
     responder = await start_dns(
         ctx,
@@ -415,7 +430,7 @@ def in_netns(ns: str, fn: Callable[[], Any]) -> Any:
 
 
 def ns_socket(ns: str, kind: socket.SocketKind = socket.SOCK_STREAM) -> socket.socket:
-    return in_netns(ns, lambda: socket.socket(socket.AF_INET, kind))  # type: ignore[no-any-return]
+    return in_netns(ns, lambda: socket.socket(socket.AF_INET, kind))
 
 
 @dataclass
@@ -443,6 +458,13 @@ class World:
     @property
     def token_path(self) -> Path:
         return self.tmp / "policy.jws"
+
+    @property
+    def secrets_dir(self) -> Path:
+        """The proxy's `secrets_dir` (empty at start)."""
+        path = self.tmp / "secrets"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
 
     # policy
 
@@ -664,8 +686,10 @@ def make_world(
     extra_egress: tuple[str, ...] = (),
     second_job: bool = False,
     dns_refusal_rcode: str = "REFUSED",
+    interception: dict[str, str] | None = None,
 ) -> Iterator[World]:
-    """A world; `limits`: proxy configuration keys of the limits (`ProxyConfig`),
+    """A world; `interception`: the proxy's TLS interception files (`cert`, `key`,
+    `upstream_ca_file`); `limits`: proxy configuration keys of the limits (`ProxyConfig`),
     `extra_egress`: more egress addresses on the proxy, `second_job`: CLIENT2
     belongs to JOB2_ID (its policy from `set_policy(job_id=JOB2_ID)`),
     `dns_refusal_rcode`: the DNS responder's (`ProxyConfig.dns_refusal_rcode`)."""
@@ -699,6 +723,8 @@ def make_world(
                 "limits": limits,
                 "more_clients": more_clients,
                 "dns_refusal_rcode": dns_refusal_rcode,
+                "interception": interception,
+                "secrets_dir": str(w.secrets_dir),
             },
         )
         yield w
@@ -978,12 +1004,13 @@ def test_metrics(enforce: World) -> None:
         src = source(sock)
         http_get(sock, "api.allowed.test", "/bytes/10")
     enforce.wait_event(event="connection", source=src)
-    text = enforce.metrics()
-    assert 'egressd_connections_total{reason="allowed_host",verdict="allow"}' in text
-    assert 'egressd_connections_total{reason="deny_link_local",verdict="deny"}' in text
-    assert 'egressd_bytes_total{direction="up"}' in text
-    assert 'egressd_bytes_total{direction="down"}' in text
-    assert "egressd_connections_active 0.0" in text
+    samples = parse(enforce.metrics())
+    conns = "egressd_connections_total"
+    assert metric_value(samples, conns, reason="allowed_host", verdict="allow") is not None
+    assert metric_value(samples, conns, reason="deny_link_local", verdict="deny") is not None
+    assert metric_value(samples, "egressd_bytes_total", direction="up") is not None
+    assert metric_value(samples, "egressd_bytes_total", direction="down") is not None
+    assert metric_value(samples, "egressd_connections_active") == 0
 
 
 def test_close_resets_open_connections(tmp_path: Path) -> None:

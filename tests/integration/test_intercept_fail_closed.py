@@ -14,9 +14,11 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from egressd.metrics_text import metric_value, parse
 from egressd.proxy.sniff import MAX_CLIENT_HELLO, MAX_HTTP_HEAD
 from tests import tls_hellos
 from tests.integration.test_intercept import (
@@ -60,7 +62,7 @@ def resolved(world: World) -> Iterator[World]:
     world.set_policy()
 
 
-def audit(world: World, src: str) -> dict[str, object]:
+def audit(world: World, src: str) -> dict[str, Any]:
     return world.wait_event(event="connection", source=src)
 
 
@@ -265,5 +267,6 @@ def test_report_mode_reports_an_incomplete_hello(resolved: World) -> None:
 def test_metrics_count_the_new_reasons(resolved: World) -> None:
     src = resolved.expect_reset(API, 443, tls_hellos.client_hello(None))
     audit(resolved, src)
-    text = resolved.metrics()
-    assert 'egressd_connections_total{reason="no_sni",verdict="deny"}' in text
+    samples = parse(resolved.metrics())
+    no_sni = metric_value(samples, "egressd_connections_total", reason="no_sni", verdict="deny")
+    assert no_sni is not None

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from egressd.loadtest.results import metric_sum, parse_metrics
+from egressd.metrics_text import metric_sum, parse
 from tests.integration.test_intercept import (
     BULK,
     CLIENT,
@@ -79,12 +79,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 @pytest.fixture
-def lw(world: World) -> Iterator[World]:
+def lw(world: World) -> World:
     """The world with both jobs on roomy limits, and no connection left in the proxy."""
     for job in (JOB_ID, JOB2_ID):
         world.set_policy(job_id=job, egress=BULK_RULES, limits=dict(ROOMY_LIMITS))
     wait_admitted(world, 0)
-    yield world
+    return world
 
 
 def set_limits(w: World, job: str = JOB_ID, **limits: int) -> None:
@@ -124,7 +124,7 @@ def refused(w: World, dst: str, port: int = 9000, *, src: str = CLIENT) -> dict[
 
 
 def metric(w: World, name: str, **labels: str) -> float:
-    return metric_sum(parse_metrics(w.metrics()), name, **labels)
+    return metric_sum(parse(w.metrics()), name, **labels)
 
 
 def wait_admitted(w: World, count: int, timeout: float = 10.0) -> None:

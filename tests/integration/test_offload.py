@@ -11,7 +11,6 @@ offload-related drops.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ import pytest
 
 from egressd.bench.load import Target
 from egressd.bench.paths import EgressdPath
+from egressd.metrics_text import Scrape, metric_value, parse
 from egressd.net import netns as kn
 from egressd.topology.fleet import Fleet
 from egressd.topology.inet import content_sha256
@@ -76,26 +76,19 @@ def target(fleet: OffloadFleet) -> Iterator[Target]:
         path.teardown()
 
 
-def metrics(fleet: Fleet, member: str) -> dict[str, float]:
+def metrics(fleet: Fleet, member: str) -> Scrape:
     spec: NodeSpec | ProxySpec
     try:
         spec = fleet.layout.node(member)
     except KeyError:
         spec = fleet.layout.proxy(member)
     reply = http_request(fleet.ns(spec.netns), "GET", str(spec.underlay), ADMIN_PORT, "/metrics")
-    out: dict[str, float] = {}
-    for line in reply.body.decode().splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                out[key] = float(value)
-    return out
+    return parse(reply.body.decode())
 
 
 def supers(fleet: Fleet, member: str, direction: str) -> float:
-    return metrics(fleet, member).get(
-        f'egressd_tun_superpackets_total{{direction="{direction}"}}', 0.0
-    )
+    samples = metrics(fleet, member)
+    return metric_value(samples, "egressd_tun_superpackets_total", direction=direction) or 0.0
 
 
 def proxies_supers(fleet: Fleet, direction: str) -> float:
@@ -105,11 +98,11 @@ def proxies_supers(fleet: Fleet, direction: str) -> float:
 def offload_drops(fleet: Fleet) -> dict[str, float]:
     out = {}
     for member in [n.name for n in fleet.layout.nodes] + [p.name for p in fleet.layout.proxies]:
-        for key, value in metrics(fleet, member).items():
-            if value and "_total{" in key and any(
-                r in key for r in ("offload", "unsupported_gso", "too_big", "inner_bad_checksum")
+        for s in metrics(fleet, member):
+            if s.value and s.labels and s.name.endswith("_total") and any(
+                r in s.key for r in ("offload", "unsupported_gso", "too_big", "inner_bad_checksum")
             ):
-                out[f"{member} {key}"] = value
+                out[f"{member} {s.key}"] = s.value
     return out
 
 

@@ -36,7 +36,9 @@ def check(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_names_the_unknown_node_and_the_control_plane_refuses_it(
-    paths: Paths, spawn: list[ControlProcess], tmp_path: Path  # noqa: F811
+    paths: Paths,  # noqa: F811
+    spawn: list[ControlProcess],  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     control = start(spawn, paths)
     auth = {"Authorization": f"Bearer {paths.token.read_text().strip()}"}

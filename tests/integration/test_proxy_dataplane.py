@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
 from egressd.geneve.codec import GeneveError, JobOption, decode, encode
+from egressd.metrics_text import SeriesKey, parse, series
 from egressd.net import netns as kn
 from egressd.policy.jws import policy_digest
 from egressd.policy.keys import generate_signing_key, write_key_dir
@@ -178,7 +178,7 @@ class Fleet:
             headers={"Authorization": f"Bearer {self.admin_token}"},
         )
         assert status == 200, payload
-        return json.loads(payload)  # type: ignore[no-any-return]
+        return json.loads(payload)
 
 
 def fresh_prefix() -> str:
@@ -345,14 +345,10 @@ class ProxyProcess:
             time.sleep(0.1)
         pytest.fail(f"proxy not ready ({last}):\n{self.log()}")
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def metrics(self) -> dict[SeriesKey, float]:
         status, body = self.admin("/metrics")
         assert status == 200
-        out = {}
-        for family in text_string_to_metric_families(body.decode()):
-            for sample in family.samples:
-                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return out
+        return series(parse(body.decode()))
 
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -873,7 +873,7 @@ def test_buckets_are_exact_across_cpus(bed: Bed) -> None:
 
     before = bed.tier1.counters()
     per_cpu_before = _percpu_packets(bed, Reason.SYN_RATE_LIMIT)
-    threads = [threading.Thread(target=flood, args=(c, s)) for c, s in zip(cpus, socks)]
+    threads = [threading.Thread(target=flood, args=(c, s)) for c, s in zip(cpus, socks, strict=True)]
     try:
         for t in threads:
             t.start()

@@ -117,7 +117,7 @@ def _answers(bed: Bed, frame: Packet, reason: Reason) -> list[Packet]:
     capture = packet_socket(bed.sandbox, "s1", proto=0x0800)
     try:
         expect_verdict(bed, frame, reason)
-        got = []
+        got: list[Packet] = []
         deadline = time.monotonic() + QUIET_S
         capture.settimeout(0.02)
         while time.monotonic() < deadline:
@@ -136,9 +136,9 @@ def _answers(bed: Bed, frame: Packet, reason: Reason) -> list[Packet]:
 
 
 def _syn(bed: Bed, dst: IPv4Address, dport: int, **over: object) -> Packet:
-    ip = {"src": str(SBX_IP), "dst": str(dst)}
+    ip: dict[str, object] = {"src": str(SBX_IP), "dst": str(dst)}
     tcp: dict[str, object] = {"sport": 41000, "dport": dport, "flags": "S", "seq": 0x7FFFFFF0}
-    eth = {"src": SBX_MAC, "dst": bed.h1_mac}
+    eth: dict[str, object] = {"src": SBX_MAC, "dst": bed.h1_mac}
     for key, value in over.items():
         target = eth if key.startswith("eth_") else ip if key.startswith("ip_") else tcp
         target[key.split("_", 1)[1] if key.startswith(("eth_", "ip_")) else key] = value

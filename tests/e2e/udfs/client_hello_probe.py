@@ -17,6 +17,7 @@ the local address the proxy logs as ``source``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -35,10 +36,8 @@ def real_client_hello(sni: str) -> bytes:
     ctx.verify_mode = ssl.CERT_NONE
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 
@@ -80,7 +79,7 @@ def _without_padding(exts: bytes) -> bytes:
 
 def attempt(address: str, pieces: list[bytes | float]) -> dict[str, Any]:
     sock = socket.create_connection((address, 443), timeout=10)
-    out: dict[str, Any] = {"source": "%s:%d" % sock.getsockname()[:2]}
+    out: dict[str, Any] = {"source": "{}:{}".format(*sock.getsockname()[:2])}
     try:
         for piece in pieces:
             if isinstance(piece, float):
@@ -103,9 +102,9 @@ def attempt(address: str, pieces: list[bytes | float]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     allowed, sni, pause = argv[0], argv[1], float(argv[2])
-    address = socket.getaddrinfo(allowed, 443, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    address = str(socket.getaddrinfo(allowed, 443, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
     hello = real_client_hello(sni)
-    checks = {
+    checks: dict[str, list[bytes | float]] = {
         "slow": [hello[:100], pause, hello[100:]],
         "padded": [padded(hello, PADDED_TOTAL)],
     }

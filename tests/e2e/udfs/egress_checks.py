@@ -228,7 +228,7 @@ def check_udp(c: Result) -> Result:
         sock.sendto(payload, (c["host"], int(c["port"])))
         try:
             data, peer = sock.recvfrom(4096)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return {"outcome": "no_reply"}
         return {"outcome": "reply", "peer": f"{peer[0]}:{peer[1]}", "bytes": len(data)}
 

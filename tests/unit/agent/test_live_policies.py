@@ -108,10 +108,10 @@ def make_manager(keys_dir: Path, tmp_path: Path) -> tuple[SandboxManager, FakeTi
     )  # fmt: skip
     tier1, listener, control = FakeTier1(), FakeListener(), FakeControl()
     manager = SandboxManager(
-        config,
-        tier1,
+        config,  # type: ignore[arg-type]
+        tier1,  # type: ignore[arg-type]
         listener,
-        ThreadPoolExecutor(max_workers=1),  # type: ignore[arg-type]
+        ThreadPoolExecutor(max_workers=1),
     )
     manager.control = control  # type: ignore[assignment]
     return manager, tier1, listener, control
@@ -197,7 +197,8 @@ def test_refresh_job_reprograms_tier1_and_digest_then_withdraws_on_delete(
     del control.tokens[JOB]
     assert sorted(asyncio.run(manager.refresh_job(JOB))) == ["a", "b"]
     assert 11 not in tier1.entries and 12 not in tier1.entries and 13 in tier1.entries
-    assert "a" not in listener.routes and "b" not in listener.routes
+    # The return route stays: the proxies' resets of the job's connections must arrive.
+    assert listener.routes["a"] == listener.routes["b"] == policy_digest(new)
     assert manager.state("a") == manager.state("b") == "withdrawn"
     assert asyncio.run(manager.refresh_job(JOB)) == []  # withdrawn once, one event
 

@@ -220,7 +220,11 @@ def test_bucket_bad_encoding(cost: int, depth: int) -> None:
 def test_pack_sandbox_needs_buckets() -> None:
     with pytest.raises(Tier1Error) as info:
         pack_sandbox(
-            A("100.96.1.9"), "02:00:00:00:00:09", [443], dns=50, syn=SYN  # type: ignore[arg-type]
+            A("100.96.1.9"),
+            "02:00:00:00:00:09",
+            [443],
+            dns=50,  # type: ignore[arg-type]
+            syn=SYN,
         )
     assert info.value.reason == "bad_rate"
 

@@ -130,11 +130,9 @@ def test_load_errors(tmp_path: Path) -> None:
 
 
 def test_state_dir_with_a_dot_is_refused() -> None:
-    import pytest as _pytest
-
     from egressd.agent.config import ConfigError, parse_config
 
-    with _pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError) as info:
         parse_config({
             "name": "node1", "underlay": "198.18.0.11", "sandbox_cidr": "100.96.1.0/24",
             "proxies": [{"name": "proxy1", "underlay": "198.18.0.21"}],

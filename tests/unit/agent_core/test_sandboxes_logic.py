@@ -302,6 +302,7 @@ def test_encapsulation(dp: Any) -> None:
     for pkt, (data, addr) in zip(packets, tx.sent, strict=True):
         key = flow_key(SANDBOX_IP, "203.0.113.10", 6, struct.unpack("!H", pkt[20:22])[0], 443)
         proxy = rz.pick(flow_hash(key))
+        assert proxy is not None
         assert addr == (str(CONFIG.proxy(proxy).underlay), 0)
         seen.add(proxy)
         assert data[12:16] == CONFIG.underlay.packed

@@ -47,7 +47,9 @@ def _labels(call: ast.Call) -> frozenset[str]:
         if kw.arg in ("labels", "labelnames"):
             node = kw.value
     if isinstance(node, (ast.List, ast.Tuple)):
-        return frozenset(e.value for e in node.elts if isinstance(e, ast.Constant))
+        return frozenset(
+            e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
+        )
     return frozenset()
 
 

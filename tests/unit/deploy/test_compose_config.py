@@ -96,7 +96,7 @@ def test_every_build_names_an_existing_dockerfile_and_stage(clone: Path) -> None
         assert (build["dockerfile"], build["target"]) == (dockerfile, target)
         assert data["services"][name]["image"] == f"{image}:latest"
         text = (clone / dockerfile).read_text()
-        assert re.search(rf"^FROM \S+ AS {target}$", text, re.M), f"{dockerfile}: no {target}"
+        assert re.search(rf"^FROM \S+ AS {target}$", text, re.MULTILINE), f"{dockerfile}: no {target}"
         assert (clone / build["args"]["WHEELHOUSE"]).is_dir()
     # Services without a build use an image that one of the builds makes.
     built = {f"{image}:latest" for _, _, image in EXPECTED_BUILDS.values()}

@@ -34,7 +34,7 @@ def test_every_member_with_metrics_is_scraped_at_its_port() -> None:
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     services = compose()["services"]
     targets = scrape_targets(config)
-    scraped = {name: port for name, port in targets.values()}
+    scraped = dict(targets.values())
     assert scraped == METRICS_PORT
     for name in scraped:
         assert name in services, name
@@ -64,6 +64,6 @@ def test_prometheus_service_is_a_profile_on_the_underlay() -> None:
     assert (build["dockerfile"], build["target"]) == ("deploy/Dockerfile", "prometheus")
     dockerfile = (ROOT / build["dockerfile"]).read_text()
     stage = dockerfile.split("AS prometheus", 1)[1]
-    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS prometheus$", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS prometheus$", dockerfile, re.MULTILINE)
     assert re.search(r"apt-get install .*\bprometheus\b", stage)
     assert "COPY deploy/prometheus/prometheus.yml /etc/prometheus/prometheus.yml" in stage

@@ -192,5 +192,5 @@ def test_entry_point_exits_naming_the_bad_variable_and_does_nothing(tmp_path: Pa
 def test_resolve_ipv4_asks_the_system_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
     assert entry.resolve_ipv4("localhost") == IPv4Address("127.0.0.1")
     monkeypatch.setattr(entry, "WAIT_S", 0.0)
-    with pytest.raises(SystemExit, match="cannot resolve control plane host 'no-such.invalid'"):
+    with pytest.raises(SystemExit, match=r"cannot resolve control plane host 'no-such.invalid'"):
         entry.resolve_ipv4("no-such.invalid")

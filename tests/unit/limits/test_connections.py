@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from egressd.limits import (
@@ -21,7 +23,7 @@ from egressd.limits.connections import ConnectionLimiter, TokenBucket
 BIG = 1_000_000
 
 
-def admit_n(limiter: ConnectionLimiter, job: object, n: int, **kw: float) -> list[str | None]:
+def admit_n(limiter: ConnectionLimiter, job: object, n: int, **kw: Any) -> list[str | None]:
     return [limiter.admit(job, **kw) for _ in range(n)]
 
 
@@ -36,8 +38,8 @@ def test_refusal_reasons_are_the_documented_strings() -> None:
         "port_budget_exhausted",
         "port_pool_exhausted",
     )
-    assert (JOB_CONNECTION_LIMIT, JOB_RATE_LIMIT, PROXY_CONNECTION_LIMIT) == REFUSAL_REASONS[:3]
-    assert (PORT_BUDGET_EXHAUSTED, PORT_POOL_EXHAUSTED) == REFUSAL_REASONS[3:]
+    assert REFUSAL_REASONS[:3] == (JOB_CONNECTION_LIMIT, JOB_RATE_LIMIT, PROXY_CONNECTION_LIMIT)
+    assert REFUSAL_REASONS[3:] == (PORT_BUDGET_EXHAUSTED, PORT_POOL_EXHAUSTED)
     assert (IDLE_TIMEOUT, MAX_LIFETIME) == ("idle_timeout", "max_lifetime")
 
 
@@ -123,7 +125,7 @@ def test_max_total_must_be_positive() -> None:
 
 def test_proxy_cap_counts_every_job() -> None:
     limiter = ConnectionLimiter(max_total=3)
-    kw = {"max_connections": BIG, "new_per_s": BIG, "now": 0.0}
+    kw: dict[str, Any] = {"max_connections": BIG, "new_per_s": BIG, "now": 0.0}
     assert limiter.admit("a", **kw) is None
     assert limiter.admit("b", **kw) is None
     assert limiter.admit("c", **kw) is None
@@ -206,7 +208,7 @@ def test_sustained_rate_with_inexact_steps_is_within_one() -> None:
 
 def test_concurrency_checked_before_a_token_is_spent() -> None:
     limiter = ConnectionLimiter(max_total=BIG)
-    kw = {"max_connections": 1, "new_per_s": 3, "now": 0.0}
+    kw: dict[str, Any] = {"max_connections": 1, "new_per_s": 3, "now": 0.0}
     assert limiter.admit("a", **kw) is None  # 2 tokens left
     for _ in range(10):
         assert limiter.admit("a", **kw) == JOB_CONNECTION_LIMIT
@@ -281,7 +283,7 @@ def test_release_of_a_refused_connection_raises() -> None:
 
 def test_jobs_lists_only_jobs_holding_connections() -> None:
     limiter = ConnectionLimiter(max_total=BIG)
-    kw = {"max_connections": BIG, "new_per_s": BIG, "now": 0.0}
+    kw: dict[str, Any] = {"max_connections": BIG, "new_per_s": BIG, "now": 0.0}
     limiter.admit("a", **kw)
     limiter.admit("a", **kw)
     limiter.admit("b", **kw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -144,7 +145,7 @@ def test_pacer_matches_the_formula(chunks: list[tuple[int, float, float]]) -> No
         {"active_window_s": -1},
     ],
 )
-def test_shaper_validation(kwargs: dict) -> None:
+def test_shaper_validation(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         BandwidthShaper(**kwargs)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 from collections.abc import Hashable
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -78,7 +79,7 @@ def take_all(
     now: float = 0.0,
 ) -> tuple[list[Lease], str]:
     """Acquire until refused: the leases and the refusal reason."""
-    leases = []
+    leases: list[Lease] = []
     while True:
         got = alloc.acquire(job, destination, max_per_job=max_per_job, now=now)
         if isinstance(got, str):
@@ -145,7 +146,7 @@ def test_config_defaults_and_geometry() -> None:
         ({"addresses": (A1,), "reuse_delay_s": -0.001}, "reuse_delay_s"),
     ],
 )
-def test_config_validation(kwargs: dict, message: str) -> None:
+def test_config_validation(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PortPoolConfig(**kwargs)
 
@@ -538,8 +539,12 @@ class AllocatorMachine(RuleBasedStateMachine):
         super().__init__()
         self.alloc = SourcePortAllocator(self.CONFIG)
         self.now = 0.0
-        self.live: dict[Destination, dict[tuple, Hashable]] = collections.defaultdict(dict)
-        self.released: dict[Destination, dict[tuple, float]] = collections.defaultdict(dict)
+        self.live: dict[Destination, dict[tuple[ipaddress.IPv4Address, int], Hashable]] = (
+            collections.defaultdict(dict)
+        )
+        self.released: dict[Destination, dict[tuple[ipaddress.IPv4Address, int], float]] = (
+            collections.defaultdict(dict)
+        )
 
     # model
 

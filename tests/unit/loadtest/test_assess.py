@@ -25,8 +25,8 @@ def _stats(name: str, requests: int, p99: float, failures: int = 0) -> r.Request
 
 
 def _fleet_ok(obs: a.Observed) -> None:
-    obs.alive = {p: True for p in PROXIES}
-    obs.active_after = {p: 0.0 for p in PROXIES}
+    obs.alive = dict.fromkeys(PROXIES, True)
+    obs.active_after = dict.fromkeys(PROXIES, 0.0)
     obs.log_components = [*PROXIES, "node1", "node2"]
 
 
@@ -42,9 +42,9 @@ def test_port_exhaustion_verdicts() -> None:
     }}}
     for p in PROXIES:
         obs.before[p] = _scrape([])
-        obs.after[p] = _scrape([f'egressd_limit_refusals_total{{job_id="A",reason="port_budget_exhausted"}} 400'])
+        obs.after[p] = _scrape(['egressd_limit_refusals_total{job_id="A",reason="port_budget_exhausted"} 400'])
         obs.gauges.update(p, _scrape([
-            f'egressd_job_source_ports{{job_id="A",destination="203.0.113.10:80/tcp"}} 24',
+            'egressd_job_source_ports{job_id="A",destination="203.0.113.10:80/tcp"} 24',
             'egressd_job_connections{job_id="A"} 24',
             'egressd_job_connections{job_id="B"} 2',
         ]))

@@ -73,7 +73,7 @@ def test_flood_dying_at_tier1_passes() -> None:
     assert "598" in spared.measured and "answered" in spared.measured
 
 
-@pytest.mark.parametrize("over, verdict, why", [
+@pytest.mark.parametrize(("over", "verdict", "why"), [
     # the flood went through tier 1: nothing dropped with its reason
     ({"tier1": {"redirected": 50_000}}, 0, "tier 1 dropped 0"),
     # dropped, but far less than the excess
@@ -124,8 +124,8 @@ def _observed(name: str) -> a.Observed:
     obs.tap_before = {"proxy1": {"attacker_dns": 1, "attacker_syn": 1},
                       "proxy2": {"attacker_dns": 0, "attacker_syn": 0}}
     obs.tap_after = {"proxy1": {f"attacker_{kind}": 301}, "proxy2": {f"attacker_{kind}": 298}}
-    obs.alive = {p: True for p in PROXIES}
-    obs.active_after = {p: 0.0 for p in PROXIES}
+    obs.alive = dict.fromkeys(PROXIES, True)
+    obs.active_after = dict.fromkeys(PROXIES, 0.0)
     obs.log_components = [*PROXIES, "node1", "node2"]
     return obs
 

@@ -125,7 +125,7 @@ def test_gauge_max_keeps_the_largest_sample_per_series() -> None:
 
 def test_client_rate_counts_whole_seconds_inside_the_spans() -> None:
     # Two spans of 10 s; 3 s skipped at the start of each; the burst after a pause is left out.
-    per_s = {t: 1000 for t in range(100, 130)}
+    per_s = dict.fromkeys(range(100, 130), 1000)
     per_s[120] = 50_000  # the buffered burst at the second span's start
     rate, seconds = r.client_rate(per_s, [(100.0, 110.0), (120.0, 130.0)], skip_s=3)
     assert seconds == 14 and rate == 1000

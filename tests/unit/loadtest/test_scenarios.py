@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from egressd.loadtest import scenarios as sc
@@ -50,7 +52,7 @@ def test_windows_alternate_and_cover_the_duration(duration: float, target: float
     assert len(windows) == 3 * cycles
     assert [w.phase for w in windows] == [sc.BASELINE, sc.STRESS, sc.SETTLE] * cycles
     assert windows[0].start == 0 and windows[-1].end == pytest.approx(duration, abs=0.01)
-    assert all(a.end == b.start for a, b in zip(windows, windows[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(windows))
     lengths = [w.seconds for w in windows if w.phase != sc.SETTLE]
     assert max(lengths) - min(lengths) < 0.01
     assert all(w.seconds == sc.SETTLE_S for w in windows if w.phase == sc.SETTLE)

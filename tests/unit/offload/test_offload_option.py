@@ -161,7 +161,7 @@ def test_one_segment_is_written_as_a_plain_packet() -> None:
         (small_udp(), gso_option(csum_offset=6)),  # GSO for UDP
         (small_udp(), gso_option(0, gso_type=0)),  # TCP's checksum offset in UDP
         (bytes(IP(src="100.96.1.2", dst="203.0.113.10", proto=47) / Raw(b"g" * 40)),
-         gso_option(0, gso_type=0)),  # fmt: skip
+         gso_option(0, gso_type=0)),
         (super_tcp(), GeneveOption(OFFLOAD_OPTION_CLASS, OFFLOAD_OPTION_TYPE, bytes(4))),
         (super_tcp(), GeneveOption(OFFLOAD_OPTION_CLASS, OFFLOAD_OPTION_TYPE, bytes(12))),
     ],

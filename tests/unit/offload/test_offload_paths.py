@@ -25,7 +25,7 @@ from egressd.net.tun import NO_VNET_HDR, VNET_HDR_LEN, vnet_header
 from egressd.proxy.endpoint import Accepted, Dropped, validate
 from egressd.proxy.flows import FlowTable
 from egressd.proxy.registry import NodeEntry, NodeView
-from egressd.proxy.tunnel import GeneveTunnel, TUN_DROP_REASONS
+from egressd.proxy.tunnel import TUN_DROP_REASONS, GeneveTunnel
 from tests.unit.agent_core.test_sandboxes_logic import (
     DIGEST,
     JOB,
@@ -34,6 +34,7 @@ from tests.unit.agent_core.test_sandboxes_logic import (
     FakeTx,
     sandbox,
 )
+from tests.unit.proxy_dataplane.test_endpoint import JOB as PROXY_JOB
 from tests.unit.proxy_dataplane.test_endpoint import (
     NODE1,
     NODE2,
@@ -45,7 +46,6 @@ from tests.unit.proxy_dataplane.test_endpoint import (
     FakeTun,
     until,
 )
-from tests.unit.proxy_dataplane.test_endpoint import JOB as PROXY_JOB
 
 MSS = 1396
 GSO_HDR = vnet_header(1, 1, 52, MSS, 20, 16)

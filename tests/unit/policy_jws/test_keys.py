@@ -273,7 +273,7 @@ def test_write_into_a_file_path_is_unwritable(tmp_path: Path) -> None:
 
 
 def _pem(private: object) -> bytes:
-    return private.private_bytes(  # type: ignore[attr-defined, no-any-return]
+    return private.private_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),

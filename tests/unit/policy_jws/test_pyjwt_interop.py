@@ -99,7 +99,10 @@ def test_pyjwt_token_from_an_untrusted_key_is_rejected() -> None:
 def test_pyjwt_tokens_with_other_algorithms_are_refused(key: bytes | None, algorithm: str) -> None:
     headers = {"kid": KEY.kid, "typ": TYP}
     token = jwt.encode(
-        payload(), key, algorithm=algorithm, headers=headers  # type: ignore[arg-type]
+        payload(),
+        key,  # type: ignore[arg-type]
+        algorithm=algorithm,
+        headers=headers,
     )
     with pytest.raises(JwsError) as caught:
         verify_policy(token, TRUSTED)

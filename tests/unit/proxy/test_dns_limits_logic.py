@@ -69,7 +69,7 @@ def test_other_refusals_stay_refused(reason: str) -> None:
 
 
 async def test_handle_with_nxdomain_configured() -> None:
-    responder, _, _, up = make_responder(policy=make_policy())
+    responder, _, _, _up = make_responder(policy=make_policy())
     responder.refusal_rcode = "NXDOMAIN"
     with structlog.testing.capture_logs() as logs:
         denied = await responder.handle(query("evil.test"), PEER)

@@ -330,6 +330,7 @@ async def test_handle_allowed_forwards_and_records() -> None:
     responder, resolved, registry, up = make_responder(policy=make_policy())
     with structlog.testing.capture_logs() as logs:
         response = await responder.handle(query("api.allowed.test"), PEER)
+        assert response is not None
     assert response.rcode() == dns.rcode.NOERROR
     assert [str(r) for rrset in response.answer for r in rrset] == ["203.0.113.10"]
     assert up.asked == ["api.allowed.test"]
@@ -357,6 +358,7 @@ async def test_handle_outcomes(
     responder, resolved, registry, up = make_responder(policy=make_policy())
     with structlog.testing.capture_logs() as logs:
         response = await responder.handle(query(name, rdtype), PEER)
+        assert response is not None
     assert dns.rcode.to_text(response.rcode()) == rcode
     assert not response.answer
     (event,) = logs
@@ -372,6 +374,7 @@ async def test_handle_unknown_flow() -> None:
     responder, _, _, up = make_responder(policy=make_policy(), flows=FakeFlows(known=False))
     with structlog.testing.capture_logs() as logs:
         response = await responder.handle(query("api.allowed.test"), PEER)
+        assert response is not None
     assert response.rcode() == dns.rcode.NXDOMAIN  # a refusal of a name: the default rcode
     assert logs[0]["reason"] == "unknown_flow" and logs[0]["job_id"] is None
     assert up.asked == []
@@ -381,6 +384,7 @@ async def test_handle_policy_unavailable_fails_closed() -> None:
     responder, _, _, up = make_responder(policy=None, reason="policy_expired")
     with structlog.testing.capture_logs() as logs:
         response = await responder.handle(query("api.allowed.test"), PEER)
+        assert response is not None
     assert response.rcode() == dns.rcode.NXDOMAIN
     assert logs[0]["reason"] == "policy_expired"
     assert up.asked == []
@@ -392,6 +396,7 @@ async def test_handle_upstream_timeout_is_servfail() -> None:
     )
     with structlog.testing.capture_logs() as logs:
         response = await responder.handle(query("api.allowed.test"), PEER)
+        assert response is not None
     assert response.rcode() == dns.rcode.SERVFAIL
     assert logs[0]["reason"] == "upstream_timeout"
 
@@ -400,6 +405,7 @@ async def test_handle_report_mode() -> None:
     responder, _, _, _ = make_responder(policy=make_policy("report"))
     with structlog.testing.capture_logs() as logs:
         response = await responder.handle(query("evil.test"), PEER)
+        assert response is not None
     assert [str(r) for rrset in response.answer for r in rrset] == ["203.0.113.66"]
     assert logs[0]["would_deny"] is True and logs[0]["log_level"] == "warning"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
@@ -27,7 +28,7 @@ FLEET = (N("198.18.0.0/24"), N("100.96.0.0/16"))
 
 
 def policy(
-    egress: list[dict[str, object]],
+    egress: Sequence[Mapping[str, object]],
     *,
     mode: str = "enforce",
     nodes: tuple[str, ...] = ("node1",),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -38,7 +39,7 @@ WORLD: dict[str, set[A]] = {
 }
 
 
-def make_policy(mode: str = "enforce", extra: list[dict[str, object]] | None = None) -> Policy:
+def make_policy(mode: str = "enforce", extra: Sequence[Mapping[str, object]] | None = None) -> Policy:
     return parse_policy(
         {
             "v": 1,

@@ -24,6 +24,7 @@ def test_parse_answer() -> None:
     body = {"revision": 7, "changes": [{"rev": 7, "kind": "job", "key": JOB, "op": "delete"}]}
     assert parse_answer(body) == (7, [("job", JOB, "delete")], False)
     assert parse_answer({"revision": 7, "changes": [], "resync": True}) == (7, [], True)
+    bad: object
     for bad in (
         [],
         {"changes": []},
@@ -65,7 +66,11 @@ async def test_notices_go_to_the_store_and_the_registry() -> None:
         refreshed.append(1)
 
     watch = PolicyWatch(
-        None, "http://x", store, refresh_registry=refresh, metrics=CollectorRegistry()  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        "http://x",
+        store,  # type: ignore[arg-type]
+        refresh_registry=refresh,
+        metrics=CollectorRegistry(),
     )
     watch.apply([("job", JOB, "put"), ("job", "not-a-uuid", "put"), ("node", "node1", "put")], False)
     await asyncio.sleep(0.01)

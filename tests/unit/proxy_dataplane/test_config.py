@@ -216,3 +216,12 @@ async def test_admin_bind_failure_is_an_admin_error() -> None:
         assert info.value.reason == "bind_failed"
     finally:
         await first.close()
+
+
+def test_digest_grace_defaults_to_five_seconds_and_is_bounded() -> None:
+    assert config_from_mapping(MINIMAL).digest_grace_s == 5.0
+    assert config_from_mapping({**MINIMAL, "digest_grace_s": 0}).digest_grace_s == 0.0
+    assert config_from_mapping({**MINIMAL, "digest_grace_s": 2.5}).digest_grace_s == 2.5
+    for bad in (-1, 301, "5", True, float("nan")):
+        with pytest.raises(ConfigError, match=r"^invalid_config: digest_grace_s: "):
+            config_from_mapping({**MINIMAL, "digest_grace_s": bad})

@@ -296,7 +296,11 @@ class FakePolicies:
         self.refreshes: list[uuid.UUID] = []
         self.gets: list[uuid.UUID] = []
         self.serve: dict[uuid.UUID, VerifiedPolicy | str] = {}
+        self.digest_states: dict[bytes, str] = {}  # digest -> egressd.proxy.digests verdict
         self._gate = asyncio.Event()
+
+    def digest_state(self, job_id: uuid.UUID, digest: bytes) -> str:
+        return self.digest_states.get(digest, "unknown")
 
     def cached(self, job_id: uuid.UUID) -> VerifiedPolicy | None:
         return self._cached.get(job_id)
@@ -462,6 +466,25 @@ async def test_digest_mismatch_is_counted_and_asks_for_a_refresh(rig: Rig) -> No
     await rig.from_tun()
     await until(lambda: rig.sample("egressd_geneve_digest_mismatch_total") == 1)
     assert rig.policies.refreshes == [JOB]
+
+
+async def test_a_replaced_digest_is_accepted_in_its_grace_period_then_dropped(rig: Rig) -> None:
+    old = b"\x07" * 8
+    rig.policies.digest_states[old] = "grace"
+    first = syn(sport=41000)
+    rig.send(datagram(first, digest=old))
+    assert await rig.from_tun() == first
+    await until(lambda: rig.sample("egressd_geneve_digest_grace_total") == 1)
+    assert rig.sample("egressd_geneve_digest_mismatch_total") == 0
+    assert rig.policies.refreshes == []
+    rig.policies.digest_states[old] = "stale"
+    rig.send(datagram(syn(sport=41001), digest=old))
+    await until(lambda: rig.sample("egressd_geneve_rx_dropped_total", reason="stale_digest") == 1)
+    assert rig.flows.lookup(SANDBOX, 41001, SITE, 443, 6) is None
+    current = syn(sport=41002)
+    rig.send(datagram(current))
+    assert await rig.from_tun() == current
+    assert rig.sample("egressd_geneve_digest_grace_total") == 1
 
 
 async def test_datagrams_wait_for_a_policy_then_go_through() -> None:

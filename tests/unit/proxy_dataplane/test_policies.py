@@ -413,11 +413,11 @@ async def test_registry_lookups(control: FakeControl, session: aiohttp.ClientSes
     assert reg.ready
     node1 = reg.node_by_underlay("198.18.0.11")
     assert node1 is not None and node1.name == "node1"
-    assert reg.node_by_underlay(ipaddress.IPv4Address("198.18.0.12")).name == "node2"  # type: ignore[union-attr]
+    assert reg.node_by_underlay(ipaddress.IPv4Address("198.18.0.12")).name == "node2"
     assert reg.node_by_underlay("198.18.0.99") is None
     assert reg.node_for_sandbox("100.96.1.77") is node1
-    assert reg.node_for_sandbox(int(ipaddress.IPv4Address("100.96.2.1"))).name == "node2"  # type: ignore[union-attr]
-    assert reg.node_for_sandbox("100.97.200.1").name == "big"  # type: ignore[union-attr]
+    assert reg.node_for_sandbox(int(ipaddress.IPv4Address("100.96.2.1"))).name == "node2"
+    assert reg.node_for_sandbox("100.97.200.1").name == "big"
     assert reg.node_for_sandbox("100.96.3.1") is None
     assert metrics.get_sample_value("egressd_registry_nodes") == 3
 
@@ -499,3 +499,34 @@ async def test_a_policy_in_use_is_revalidated_and_a_deleted_job_revoked_soon(
     assert env.store.cached(JOB) is None
     with pytest.raises(PolicyUnavailable, match="policy_missing"):
         await env.store.get(JOB)
+
+
+async def test_a_replaced_digest_has_a_grace_period_and_a_resigned_one_lives_to_its_exp(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
+    first = token()
+    control.policies[str(JOB)] = first
+    env = Env(control, session, digest_grace_s=2.0)
+    await env.store.get(JOB)
+    old = policy_digest(first)
+    assert env.store.digest_state(JOB, old) == "current"
+    resigned = token(iat=T0 + 60)  # same content, new iat/exp: another digest
+    control.policies[str(JOB)] = resigned
+    env.clock.now = T0 + 61
+    env.store.changed(JOB)
+    await settle()
+    assert env.store.digest_state(JOB, policy_digest(resigned)) == "current"
+    assert env.store.digest_state(JOB, old) == "equivalent"
+    replaced = token(iat=T0 + 100, nodes=("node1", "node2"))  # other content
+    control.policies[str(JOB)] = replaced
+    env.clock.now = T0 + 100
+    env.store.changed(JOB)
+    await settle()
+    assert env.store.digest_state(JOB, policy_digest(replaced)) == "current"
+    for digest in (old, policy_digest(resigned)):
+        assert env.store.digest_state(JOB, digest) == "grace"
+    env.clock.now = T0 + 102
+    for digest in (old, policy_digest(resigned)):
+        assert env.store.digest_state(JOB, digest) == "stale"
+    assert env.store.digest_state(JOB, b"\x05" * 8) == "unknown"
+    assert env.store.digest_state(OTHER, old) == "unknown"

@@ -35,7 +35,7 @@ async def test_a_change_notice_refetches_at_once_and_tells_listeners(
     control.policies[str(JOB)] = second_jws
     env.store.changed(JOB)
     await settle()
-    assert env.store.cached(JOB) is not None and env.store.cached(JOB).token == second_jws
+    assert (cached := env.store.cached(JOB)) is not None and cached.token == second_jws
     assert seen == [(first.token, second_jws)]
     # A delete: the 404 evicts it and the listeners hear `None`.
     del control.policies[str(JOB)]
