@@ -4,7 +4,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := runsc clang llvm libbpf-dev bpftool nftables iproute2 squid gcc-multilib musl-tools \
+# squid-openssl: Squid built with OpenSSL (ssl_bump, for the bench's interception row); it
+# replaces Debian's default GnuTLS `squid` package, with which it conflicts.
+APT_PACKAGES := runsc clang llvm libbpf-dev bpftool nftables iproute2 squid-openssl gcc-multilib \
+                musl-tools \
                 procps psmisc curl openssl wrk docker.io docker-compose debootstrap
 PYTEST_ARGS ?=
 # `egressd` on PATH: a link into this checkout's venv (the README's commands use it).
@@ -43,7 +46,8 @@ link: venv
 		echo "cannot write $(LINK): use $(CURDIR)/$(BIN)/egressd, or make link LINK=~/bin/egressd"; \
 	fi
 
-test: deps
+# Lint and types first: a tree that does not hold them fails in seconds, not after the suite.
+test: deps lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-unit: venv

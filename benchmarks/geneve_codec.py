@@ -61,8 +61,10 @@ def check(buf: bytes, inner: bytes) -> None:
 
 def report(results: dict[str, float]) -> None:
     scapy = results["scapy_decode_per_s"]
-    print(f"GENEVE codec, {DATAGRAM_LEN}-byte datagram, {platform.python_implementation()} "
-          f"{platform.python_version()}")  # fmt: skip
+    print(
+        f"GENEVE codec, {DATAGRAM_LEN}-byte datagram, {platform.python_implementation()} "
+        f"{platform.python_version()}"
+    )
     print(f"{'measure':<24}{'rate/s':>14}{'x scapy':>10}")
     for name, value in results.items():
         print(f"{name:<24}{value:>14,.0f}{value / scapy:>10.1f}")

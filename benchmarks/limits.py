@@ -98,13 +98,17 @@ def report(results: dict[str, float]) -> dict[str, float]:
         "departure_ns": 1e9 / results["departure_per_s"],
         "departure_with_proxy_rate_ns": 1e9 / results["departure_with_proxy_rate_per_s"],
     }
-    print(f"limits, {len(JOBS):,} jobs, {len(DESTS)} destinations, "
-          f"{platform.python_implementation()} {platform.python_version()}")  # fmt: skip
+    print(
+        f"limits, {len(JOBS):,} jobs, {len(DESTS)} destinations, "
+        f"{platform.python_implementation()} {platform.python_version()}"
+    )
     print(f"{'measure':<34}{'rate/s':>14}{'ns/op':>10}")
     for name, value in results.items():
         print(f"{name:<34}{value:>14,.0f}{1e9 / value:>10,.0f}")
-    print(f"per connection: {per_conn_ns:,.0f} ns of limits = "
-          f"{derived['limits_per_connection_vs_socket']:.2f}x a socket create+close")  # fmt: skip
+    print(
+        f"per connection: {per_conn_ns:,.0f} ns of limits = "
+        f"{derived['limits_per_connection_vs_socket']:.2f}x a socket create+close"
+    )
     return derived
 
 

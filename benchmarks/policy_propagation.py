@@ -93,9 +93,13 @@ def warm(fleet: Fleet, job: uuid.UUID) -> None:
     """One GENEVE datagram for `job` to each proxy, from node1's underlay address."""
     node = fleet.layout.nodes[0]
     sandbox = str(next(node.sandbox_cidr.hosts()))
-    inner = bytes(IP(src=sandbox, dst=str(fleet.layout.sites[0].address)) / UDP(sport=40000, dport=9))
+    inner = bytes(
+        IP(src=sandbox, dst=str(fleet.layout.sites[0].address)) / UDP(sport=40000, dport=9)
+    )
     datagram = encode(fleet.layout.vni, JobOption(job.bytes, b"\0" * 8), inner)
-    with contextlib.closing(kn.netns_socket(fleet.ns(node.netns), socket.AF_INET, socket.SOCK_DGRAM)) as sock:
+    with contextlib.closing(
+        kn.netns_socket(fleet.ns(node.netns), socket.AF_INET, socket.SOCK_DGRAM)
+    ) as sock:
         sock.bind((str(node.underlay), 0))
         for proxy in fleet.layout.proxies:
             sock.sendto(datagram, (str(proxy.underlay), GENEVE_PORT))
@@ -107,7 +111,10 @@ AGENT_EVENT = "job_policy_updated"
 
 
 def wait_digest(
-    tails: dict[str, LogTail], job: str, digest: str, timeout: float,
+    tails: dict[str, LogTail],
+    job: str,
+    digest: str,
+    timeout: float,
     events: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Per member, when it logged its event (`events[name]`, default
@@ -152,12 +159,24 @@ def run(args: argparse.Namespace, fleet: Fleet) -> int:
     nodes = [n.name for n in fleet.layout.nodes]
     site = str(fleet.layout.sites[0].address)
     bodies = [
-        {"v": 1, "job_id": str(job), "account": "bench", "nodes": nodes,
-         "egress": [{"cidr": f"{site}/32", "ports": [80]}]},
-        {"v": 1, "job_id": str(job), "account": "bench", "nodes": nodes,
-         "egress": [{"cidr": f"{site}/32", "ports": [80, 443]}]},
-    ]  # fmt: skip
-    tails = {p.name: LogTail(fleet.run_dir / "logs" / f"{p.name}.log") for p in fleet.layout.proxies}
+        {
+            "v": 1,
+            "job_id": str(job),
+            "account": "bench",
+            "nodes": nodes,
+            "egress": [{"cidr": f"{site}/32", "ports": [80]}],
+        },
+        {
+            "v": 1,
+            "job_id": str(job),
+            "account": "bench",
+            "nodes": nodes,
+            "egress": [{"cidr": f"{site}/32", "ports": [80, 443]}],
+        },
+    ]
+    tails = {
+        p.name: LogTail(fleet.run_dir / "logs" / f"{p.name}.log") for p in fleet.layout.proxies
+    }
     proxies = sorted(tails)
     agents = [] if args.no_agents else sorted(n.name for n in fleet.layout.nodes)
     events = dict.fromkeys(agents, AGENT_EVENT)
@@ -193,9 +212,13 @@ def run(args: argparse.Namespace, fleet: Fleet) -> int:
         from egressd.topology.probe import http_request
 
         http_request(
-            fleet.ns("egd-ctl"), "DELETE", "198.18.0.2", 8080, f"/v1/jobs/{job}/policy",
+            fleet.ns("egd-ctl"),
+            "DELETE",
+            "198.18.0.2",
+            8080,
+            f"/v1/jobs/{job}/policy",
             headers={"Authorization": f"Bearer {fleet.admin_token()}"},
-        )  # fmt: skip
+        )
     every = [v for values in samples.values() for v in values]
     of_proxies = [v for name in proxies for v in samples[name]]
     of_agents = [v for name in agents for v in samples[name]]
@@ -219,13 +242,20 @@ def run(args: argparse.Namespace, fleet: Fleet) -> int:
         "all_agents": summary(of_agents),
         "per_proxy": {name: summary(samples[name]) for name in proxies},
         "per_agent": {name: summary(samples[name]) for name in agents},
-        "samples_ms": {name: [round(1000 * v, 3) for v in values] for name, values in samples.items()},
+        "samples_ms": {
+            name: [round(1000 * v, 3) for v in values] for name, values in samples.items()
+        },
     }
-    print(f"policy propagation over {args.changes} changes to {len(proxies)} proxies and "
-          f"{len(agents)} agents (PUT sent -> proxy verified / agent applied the new digest)")
+    print(
+        f"policy propagation over {args.changes} changes to {len(proxies)} proxies and "
+        f"{len(agents)} agents (PUT sent -> proxy verified / agent applied the new digest)"
+    )
     print(f"{'':10} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-    rows = [("all", result["all"]), ("proxies", result["all_proxies"]),
-            *result["per_proxy"].items()]  # fmt: skip
+    rows = [
+        ("all", result["all"]),
+        ("proxies", result["all_proxies"]),
+        *result["per_proxy"].items(),
+    ]
     if agents:
         rows += [("agents", result["all_agents"]), *result["per_agent"].items()]
     for name, s in rows:

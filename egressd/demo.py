@@ -67,7 +67,9 @@ def policy_attempts(now: int) -> list[Attempt]:
     key, other = keys.generate_signing_key(), keys.generate_signing_key()
     trusted = keys.TrustedKeys.of(key.public)
     job_a, job_b = uuid.uuid4(), uuid.uuid4()
-    token_a = jws.sign_payload(_policy(job_a, ["api.allowed.test", "*.data.allowed.test"], now), key)
+    token_a = jws.sign_payload(
+        _policy(job_a, ["api.allowed.test", "*.data.allowed.test"], now), key
+    )
     token_b = jws.sign_payload(_policy(job_b, ["evil.test"], now), key)
     policy_a = jws.verify_policy(token_a, trusted, now=now).policy
     policy_b = jws.verify_policy(token_b, trusted, now=now).policy
@@ -82,20 +84,51 @@ def policy_attempts(now: int) -> list[Attempt]:
     evil = str(layout.site("evil.test").address)
     return [
         Attempt("job A token verifies", "verified", _verify(token_a, trusted, now)),
-        Attempt("tampered token", "rejected:bad_signature", _verify(_tamper(token_a), trusted, now)),
+        Attempt(
+            "tampered token", "rejected:bad_signature", _verify(_tamper(token_a), trusted, now)
+        ),
         Attempt("expired token", "rejected:expired", _verify(token_a, trusted, now + 7200)),
-        Attempt("token from an untrusted key", "rejected:unknown_kid",
-                _verify(jws.sign_payload(_policy(job_a, [], now), other), trusted, now)),
-        Attempt("A -> api.allowed.test:443", "allow:allowed_host", verdict(policy_a, "api.allowed.test", api, 443)),
-        Attempt("A -> eu.data.allowed.test:443", "allow:allowed_host",
-                verdict(policy_a, "eu.data.allowed.test", "203.0.113.11", 443)),
-        Attempt("A -> evil.test:443", "deny:no_matching_rule", verdict(policy_a, "evil.test", evil, 443)),
-        Attempt("A -> api.allowed.test:22", "deny:port_not_allowed", verdict(policy_a, "api.allowed.test", api, 22)),
-        Attempt("A -> 169.254.169.254:80", "deny:deny_link_local", verdict(policy_a, None, "169.254.169.254", 80)),
-        Attempt("A -> 100.96.2.10:443 (other sandbox)", "deny:deny_fleet_range",
-                verdict(policy_a, None, "100.96.2.10", 443)),
-        Attempt("B -> evil.test:443", "allow:allowed_host", verdict(policy_b, "evil.test", evil, 443)),
-        Attempt("B -> api.allowed.test:443", "deny:no_matching_rule", verdict(policy_b, "api.allowed.test", api, 443)),
+        Attempt(
+            "token from an untrusted key",
+            "rejected:unknown_kid",
+            _verify(jws.sign_payload(_policy(job_a, [], now), other), trusted, now),
+        ),
+        Attempt(
+            "A -> api.allowed.test:443",
+            "allow:allowed_host",
+            verdict(policy_a, "api.allowed.test", api, 443),
+        ),
+        Attempt(
+            "A -> eu.data.allowed.test:443",
+            "allow:allowed_host",
+            verdict(policy_a, "eu.data.allowed.test", "203.0.113.11", 443),
+        ),
+        Attempt(
+            "A -> evil.test:443", "deny:no_matching_rule", verdict(policy_a, "evil.test", evil, 443)
+        ),
+        Attempt(
+            "A -> api.allowed.test:22",
+            "deny:port_not_allowed",
+            verdict(policy_a, "api.allowed.test", api, 22),
+        ),
+        Attempt(
+            "A -> 169.254.169.254:80",
+            "deny:deny_link_local",
+            verdict(policy_a, None, "169.254.169.254", 80),
+        ),
+        Attempt(
+            "A -> 100.96.2.10:443 (other sandbox)",
+            "deny:deny_fleet_range",
+            verdict(policy_a, None, "100.96.2.10", 443),
+        ),
+        Attempt(
+            "B -> evil.test:443", "allow:allowed_host", verdict(policy_b, "evil.test", evil, 443)
+        ),
+        Attempt(
+            "B -> api.allowed.test:443",
+            "deny:no_matching_rule",
+            verdict(policy_b, "api.allowed.test", api, 443),
+        ),
     ]
 
 
@@ -103,11 +136,17 @@ def geneve_attempts() -> list[Attempt]:
     from scapy.contrib.geneve import GENEVE
     from scapy.layers.inet import IP, TCP
 
-    inner = bytes(IP(src="100.96.1.10", dst="203.0.113.10") / TCP(sport=40000, dport=443, flags="S"))
+    inner = bytes(
+        IP(src="100.96.1.10", dst="203.0.113.10") / TCP(sport=40000, dport=443, flags="S")
+    )
     job = codec.JobOption(uuid.uuid4().bytes, b"\x01" * 8)
     wire = codec.encode(1, job, inner)
     parsed = GENEVE(wire)
-    scapy_ok = parsed.vni == 1 and bytes(parsed[IP]) == inner and bytes(parsed.options[0].data) == job.job_id + job.digest
+    scapy_ok = (
+        parsed.vni == 1
+        and bytes(parsed[IP]) == inner
+        and bytes(parsed.options[0].data) == job.job_id + job.digest
+    )
     back = codec.decode(bytes(parsed))
     forged = bytearray(wire)
     forged[0] = (1 << 6) | (forged[0] & 0x3F)  # version 1
@@ -123,8 +162,11 @@ def geneve_attempts() -> list[Attempt]:
         short_got = f"dropped:{exc.reason}"
     return [
         Attempt("egressd encode -> scapy decode", "ok", "ok" if scapy_ok else "mismatch"),
-        Attempt("scapy -> egressd decode", "ok",
-                "ok" if bytes(back.inner) == inner and back.job == job else "mismatch"),
+        Attempt(
+            "scapy -> egressd decode",
+            "ok",
+            "ok" if bytes(back.inner) == inner and back.job == job else "mismatch",
+        ),
         Attempt("GENEVE version 1 datagram", "dropped:bad_version", forged_got),
         Attempt("truncated datagram", "dropped:truncated", short_got),
     ]
@@ -157,8 +199,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from egressd.topology.layout import DEFAULT_RUN_DIR
 
     parser = sub.add_parser("demo", help="two jobs in real gVisor sandboxes through the fleet")
-    parser.add_argument("--offline", action="store_true",
-                        help="only the in-process checks (policies, decisions, GENEVE); no root needed")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="only the in-process checks (policies, decisions, GENEVE); no root needed",
+    )
     parser.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
     parser.add_argument("--prefix", default="egd-", help="namespace name prefix")
     parser.add_argument("--keep", action="store_true", help="leave the fleet up afterwards")

@@ -61,12 +61,25 @@ def jobs(layout: Layout, *, node_b: str = "node2") -> list[Job]:
     raw = str(layout.site("raw.test").address)
     other_sandbox = str(layout.node("node2").sandbox_cidr.network_address + 2)
     a = Job(
-        "A", "node1",
+        "A",
+        "node1",
         (("api.allowed.test", (443, 80)), ("*.data.allowed.test", (443,))),
         (
-            Expectation("https://api.allowed.test/data", "allow", "proxy:connection", host="api.allowed.test"),
-            Expectation("http://api.allowed.test/", "allow", "proxy:connection", host="api.allowed.test"),
-            Expectation("https://eu.data.allowed.test/", "allow", "proxy:connection", host="eu.data.allowed.test"),
+            Expectation(
+                "https://api.allowed.test/data",
+                "allow",
+                "proxy:connection",
+                host="api.allowed.test",
+            ),
+            Expectation(
+                "http://api.allowed.test/", "allow", "proxy:connection", host="api.allowed.test"
+            ),
+            Expectation(
+                "https://eu.data.allowed.test/",
+                "allow",
+                "proxy:connection",
+                host="eu.data.allowed.test",
+            ),
             Expectation("https://evil.test/", "deny", "proxy:dns", host="evil.test"),
             Expectation("http://169.254.169.254/latest/meta-data/", "deny", "tier1:denied_range"),
             Expectation(f"tcp://{other_sandbox}:443", "deny", "tier1:fleet_range"),
@@ -74,11 +87,14 @@ def jobs(layout: Layout, *, node_b: str = "node2") -> list[Job]:
         ),
     )
     b = Job(
-        "B", node_b,
+        "B",
+        node_b,
         (("evil.test", (443,)),),
         (
             Expectation("https://evil.test/", "allow", "proxy:connection", host="evil.test"),
-            Expectation("https://api.allowed.test/data", "deny", "proxy:dns", host="api.allowed.test"),
+            Expectation(
+                "https://api.allowed.test/data", "deny", "proxy:dns", host="api.allowed.test"
+            ),
             Expectation(f"tcp://{api}:443", "deny", "proxy:connection", dst=api),
         ),
     )
@@ -99,7 +115,9 @@ def tier1_counts(fleet: Fleet, node: str) -> dict[str, float]:
     """The node agent's tier-1 drop counters, by reason."""
     spec = fleet.layout.node(node)
     try:
-        reply = http_request(fleet.ns(spec.netns), "GET", str(spec.underlay), ADMIN_PORT, "/metrics")
+        reply = http_request(
+            fleet.ns(spec.netns), "GET", str(spec.underlay), ADMIN_PORT, "/metrics"
+        )
     except ProbeError:
         return {}
     samples = parse(reply.body.decode())
@@ -119,7 +137,11 @@ def audit_events(fleet: Fleet, job_id: str) -> list[dict[str, object]]:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(event, dict) and event.get("job_id") == job_id and event.get("event") in ("dns", "connection"):
+            if (
+                isinstance(event, dict)
+                and event.get("job_id") == job_id
+                and event.get("event") in ("dns", "connection")
+            ):
                 events.append(event)
     return events
 
@@ -127,19 +149,42 @@ def audit_events(fleet: Fleet, job_id: str) -> list[dict[str, object]]:
 def run_sandbox(fleet: Fleet, job: Job, jws_path: Path) -> list[dict[str, object]]:
     targets = [e.target for e in job.expectations]
     argv = [
-        sys.executable, "-m", "egressd", "sandbox", "run",
-        "--run-dir", str(fleet.run_dir), "--node", job.node, "--policy", str(jws_path),
-        "--mount", f"{UDFS}:/udfs", "--timeout", "120",
-        "--", "python3", "/udfs/probe.py", "--timeout", "3", *targets,
+        sys.executable,
+        "-m",
+        "egressd",
+        "sandbox",
+        "run",
+        "--run-dir",
+        str(fleet.run_dir),
+        "--node",
+        job.node,
+        "--policy",
+        str(jws_path),
+        "--mount",
+        f"{UDFS}:/udfs",
+        "--timeout",
+        "120",
+        "--",
+        "python3",
+        "/udfs/probe.py",
+        "--timeout",
+        "3",
+        *targets,
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"sandbox for job {job.label} exited {done.returncode}: {done.stderr.strip()[-500:]}")
+        raise RuntimeError(
+            f"sandbox for job {job.label} exited {done.returncode}: {done.stderr.strip()[-500:]}"
+        )
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def judge(exp: Expectation, attempt: dict[str, object] | None, events: list[dict[str, object]],
-          tier1_delta: dict[str, float]) -> str:
+def judge(
+    exp: Expectation,
+    attempt: dict[str, object] | None,
+    events: list[dict[str, object]],
+    tier1_delta: dict[str, float],
+) -> str:
     """What the fleet decided for one attempt, as `verdict:reason (where)`."""
     kind, _, detail = exp.where.partition(":")
     if kind == "tier1":
@@ -164,8 +209,12 @@ def judge(exp: Expectation, attempt: dict[str, object] | None, events: list[dict
     return f"no {wanted} audit event"
 
 
-def evaluate(job: Job, attempts: Iterable[dict[str, object]], events: list[dict[str, object]],
-             tier1_delta: dict[str, float]) -> list[Row]:
+def evaluate(
+    job: Job,
+    attempts: Iterable[dict[str, object]],
+    events: list[dict[str, object]],
+    tier1_delta: dict[str, float],
+) -> list[Row]:
     by_target = {str(a.get("target")): a for a in attempts}
     rows = []
     for exp in job.expectations:

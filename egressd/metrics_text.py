@@ -63,8 +63,11 @@ class Scrape(list[Sample]):
         self.families = frozenset(families)
 
     def has(self, name: str) -> bool:
-        return (name in self.families or name.removesuffix("_total") in self.families
-                or any(s.name == name for s in self))  # fmt: skip
+        return (
+            name in self.families
+            or name.removesuffix("_total") in self.families
+            or any(s.name == name for s in self)
+        )
 
 
 def parse(text: str) -> Scrape:

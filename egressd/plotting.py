@@ -61,8 +61,9 @@ def save(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_beside(write: Callable[[Mapping[str, Any], Path], list[Path]], doc: Mapping[str, Any],
-                 out: Path) -> list[Path]:  # fmt: skip
+def write_beside(
+    write: Callable[[Mapping[str, Any], Path], list[Path]], doc: Mapping[str, Any], out: Path
+) -> list[Path]:
     """`write(doc, out)`, for the commands: the run's JSON is written already, so
     a plot that cannot be drawn is one line on stderr, not a lost result."""
     try:

@@ -22,7 +22,9 @@ from types import FrameType
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def install_stop_handlers(loop: asyncio.AbstractEventLoop, on_stop: Callable[[], None]) -> Callable[[], None]:
+def install_stop_handlers(
+    loop: asyncio.AbstractEventLoop, on_stop: Callable[[], None]
+) -> Callable[[], None]:
     """Call `on_stop` in `loop` on SIGTERM/SIGINT to this process; returns an uninstaller."""
     owner = os.getpid()
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}

@@ -87,7 +87,11 @@ HOG_CHUNK = 256 * 1024
 SUMMARY_PATH = os.environ.get("EGRESSD_LT_SUMMARY")
 RESOLVE_EVERY_S = 30.0
 # Without a schedule (locust run by hand) every class works all the time.
-SCHEDULE = parse_schedule(os.environ["EGRESSD_LT_SCHEDULE"]) if os.environ.get("EGRESSD_LT_SCHEDULE") else []
+SCHEDULE = (
+    parse_schedule(os.environ["EGRESSD_LT_SCHEDULE"])
+    if os.environ.get("EGRESSD_LT_SCHEDULE")
+    else []
+)
 
 
 def current_phase() -> str:
@@ -107,8 +111,13 @@ _samples: list[tuple[float, float, bool]] = []
 
 
 @events.request.add_listener
-def _on_request(name: str, response_time: float, start_time: float | None = None,
-                exception: BaseException | None = None, **_kw: Any) -> None:
+def _on_request(
+    name: str,
+    response_time: float,
+    start_time: float | None = None,
+    exception: BaseException | None = None,
+    **_kw: Any,
+) -> None:
     if not name.endswith("]"):
         return  # only the phase-labelled requests of Victim and Steady
     _samples.append((start_time or time.time(), response_time, exception is not None))
@@ -240,9 +249,13 @@ class PortExhaustionAttacker(User):
         except Exception as err:  # noqa: BLE001 - classified and reported
             exc = err
         events.request.fire(
-            request_type="TCP", name=what, response_time=(time.perf_counter() - start) * 1000,
-            response_length=0, exception=exc, context={},
-        )  # fmt: skip
+            request_type="TCP",
+            name=what,
+            response_time=(time.perf_counter() - start) * 1000,
+            response_length=0,
+            exception=exc,
+            context={},
+        )
         if exc is not None:
             raise exc
 
@@ -258,9 +271,13 @@ class PortExhaustionAttacker(User):
             except Exception as exc:  # noqa: BLE001 - classified and reported
                 _attack[_classify(exc)] += 1
                 events.request.fire(
-                    request_type="TCP", name="connect", response_time=(time.perf_counter() - start) * 1000,
-                    response_length=0, exception=exc, context={},
-                )  # fmt: skip
+                    request_type="TCP",
+                    name="connect",
+                    response_time=(time.perf_counter() - start) * 1000,
+                    response_length=0,
+                    exception=exc,
+                    context={},
+                )
                 return
             try:
                 self._exchange(sock, "open+GET /")

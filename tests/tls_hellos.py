@@ -59,10 +59,14 @@ def handshake(
 ) -> bytes:
     """The ClientHello handshake message (type, 24-bit length, body)."""
     groups = [*[X25519MLKEM768, X25519KYBER768][:pq_shares], X25519, 0x0017, 0x0018]
-    shares = b"".join(
-        struct.pack("!H", g) + _vec16(os.urandom(1216))
-        for g in (X25519MLKEM768, X25519KYBER768)[:pq_shares]
-    ) + struct.pack("!H", X25519) + _vec16(os.urandom(32))
+    shares = (
+        b"".join(
+            struct.pack("!H", g) + _vec16(os.urandom(1216))
+            for g in (X25519MLKEM768, X25519KYBER768)[:pq_shares]
+        )
+        + struct.pack("!H", X25519)
+        + _vec16(os.urandom(32))
+    )
     sigalgs = [0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601]
     extensions = [
         *([sni_ext(sni)] if sni is not None else []),

@@ -119,8 +119,13 @@ def build_api_app(manager: SandboxManager, launchers: Launchers | None = None) -
                 os.close(pidfd)
             if not isinstance(exc, AgentError):
                 raise
-            log.info("sandbox_rejected", sandbox_id=str(body.get("sandbox_id"))[:64],
-                     reason=exc.reason, kind=exc.kind, detail=exc.detail)  # fmt: skip
+            log.info(
+                "sandbox_rejected",
+                sandbox_id=str(body.get("sandbox_id"))[:64],
+                reason=exc.reason,
+                kind=exc.kind,
+                detail=exc.detail,
+            )
             return _error(exc.kind, exc.reason, exc.detail)
         if launchers is not None:
             launchers.watch(sandbox.sandbox_id, pid, pidfd)
@@ -132,8 +137,9 @@ def build_api_app(manager: SandboxManager, launchers: Launchers | None = None) -
             await manager.unregister(sandbox_id)
         except AgentError as exc:
             if exc.kind != NOT_FOUND:
-                log.error("unregister_failed", sandbox_id=sandbox_id, reason=exc.reason,
-                          detail=exc.detail)  # fmt: skip
+                log.error(
+                    "unregister_failed", sandbox_id=sandbox_id, reason=exc.reason, detail=exc.detail
+                )
             return _error(exc.kind, exc.reason, exc.detail)
         if launchers is not None:
             launchers.forget(sandbox_id)
@@ -192,7 +198,8 @@ class ApiServer:
         except OSError as exc:
             raise ApiError("bind_failed", f"{path}: {exc.strerror or exc}") from exc
         runner = web.AppRunner(
-            build_api_app(self.manager, self.launchers), access_log=None,
+            build_api_app(self.manager, self.launchers),
+            access_log=None,
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
         await runner.setup()

@@ -23,9 +23,12 @@ from egressd.cliutil import serve_daemon
 def add_serve_parser(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the node agent (in the node's network namespace)")
     serve.add_argument(
-        "--config", type=Path, required=True, metavar="FILE",
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
         help="agent configuration (JSON; see node-agent/agent.example.json)",
-    )  # fmt: skip
+    )
     serve.set_defaults(handler=_serve)
 
 

@@ -80,8 +80,9 @@ class SandboxInfo:
                 raw=obj,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise AgentClientError("bad_response", f"unexpected sandbox JSON: {exc}",
-                                   kind="transport") from exc  # fmt: skip
+            raise AgentClientError(
+                "bad_response", f"unexpected sandbox JSON: {exc}", kind="transport"
+            ) from exc
 
 
 def _path(sandbox_id: str) -> str:
@@ -100,9 +101,11 @@ class AgentClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -129,8 +132,9 @@ class AgentClient:
         try:
             return status, json.loads(data)
         except ValueError as exc:
-            raise AgentClientError("bad_response", f"HTTP {status}: not JSON", kind="transport",
-                                   status=status) from exc  # fmt: skip
+            raise AgentClientError(
+                "bad_response", f"HTTP {status}: not JSON", kind="transport", status=status
+            ) from exc
 
     @staticmethod
     def _raise(status: int, payload: Any) -> None:

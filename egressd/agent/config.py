@@ -202,7 +202,9 @@ class AgentConfig:
             object.__setattr__(self, "state_dir", DEFAULT_AGENTS_DIR / self.name)
         if "." in str(self.state_dir):
             # libbpf rewrites every "." in a pin path to "_", so tier 1's pins would land elsewhere.
-            raise ConfigError("state_dir", "must not contain '.' (libbpf rewrites dots in pin paths)")
+            raise ConfigError(
+                "state_dir", "must not contain '.' (libbpf rewrites dots in pin paths)"
+            )
         if not 0 <= self.vni <= 0xFFFFFF:
             raise ConfigError("vni", "must be in 0..16777215")
         if self.sandbox_cidr is None:
@@ -212,7 +214,9 @@ class AgentConfig:
                     '"auto" needs discovery.control_url: the control plane allocates it',
                 )
         elif self.sandbox_cidr.prefixlen > 29:
-            raise ConfigError("sandbox_cidr", "needs room for a gateway and sandboxes (/29 or more)")
+            raise ConfigError(
+                "sandbox_cidr", "needs room for a gateway and sandboxes (/29 or more)"
+            )
         if not self.proxies and self.discovery is None:
             raise ConfigError("proxies", "must not be empty (unless discovery is set)")
         names = [p.name for p in self.proxies]
@@ -262,12 +266,28 @@ class AgentConfig:
 
 _TOP_KEYS = frozenset(
     {
-        "name", "underlay", "sandbox_cidr", "vni", "proxies", "keys_dir", "api_socket",
-        "admin_port", "geneve_port", "tun", "resolver", "fleet_ranges", "state_dir",
-        "sandbox_netns_prefix", "sandbox_mtu", "health", "flow_idle_s", "offload",
-        "discovery", "registration",
+        "name",
+        "underlay",
+        "sandbox_cidr",
+        "vni",
+        "proxies",
+        "keys_dir",
+        "api_socket",
+        "admin_port",
+        "geneve_port",
+        "tun",
+        "resolver",
+        "fleet_ranges",
+        "state_dir",
+        "sandbox_netns_prefix",
+        "sandbox_mtu",
+        "health",
+        "flow_idle_s",
+        "offload",
+        "discovery",
+        "registration",
     }
-)  # fmt: skip
+)
 _HEALTH_KEYS = frozenset({"interval_s", "timeout_s", "down_after", "up_after", "port", "path"})
 _PROXY_KEYS = frozenset({"name", "underlay"})
 _DISCOVERY_KEYS = frozenset({"control_url", "interval_s", "timeout_s"})

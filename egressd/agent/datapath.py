@@ -76,12 +76,12 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from egressd.agent.config import AgentConfig, ProxyEndpoint
@@ -163,8 +163,9 @@ def outer_header(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
     The kernel fills the IPv4 total length, id and checksum (IP_HDRINCL); the
     UDP length is written per packet; the UDP checksum stays 0.
     """
-    return _OUTER.pack(0x45, 0, 0, 0, _IP_DF, _TTL, socket.IPPROTO_UDP, 0, src, dst,
-                       sport, dport, 0, 0)  # fmt: skip
+    return _OUTER.pack(
+        0x45, 0, 0, 0, _IP_DF, _TTL, socket.IPPROTO_UDP, 0, src, dst, sport, dport, 0, 0
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -629,16 +630,18 @@ class AgentCollector(Collector):
     def describe(self) -> Sequence[object]:
         return []  # dynamic: do not collect at registration time
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         dp = self._dp
         packets = CounterMetricFamily(
-            "egressd_tunnel_packets", "GENEVE packets to and from proxies",
+            "egressd_tunnel_packets",
+            "GENEVE packets to and from proxies",
             labels=["proxy", "direction"],
-        )  # fmt: skip
+        )
         octets = CounterMetricFamily(
-            "egressd_tunnel_bytes", "Inner bytes tunnelled to and from proxies",
+            "egressd_tunnel_bytes",
+            "Inner bytes tunnelled to and from proxies",
             labels=["proxy", "direction"],
-        )  # fmt: skip
+        )
         for i, name in enumerate(dp.proxy_names):
             packets.add_metric([name, "tx"], dp.tx_packets[i])
             packets.add_metric([name, "rx"], dp.rx_packets[i])
@@ -673,13 +676,15 @@ class AgentCollector(Collector):
         )
         if self._tier1_totals is not None:
             t1_packets = CounterMetricFamily(
-                "egressd_tier1_packets", "Frames tier 1 handled, by verdict and reason",
+                "egressd_tier1_packets",
+                "Frames tier 1 handled, by verdict and reason",
                 labels=["verdict", "reason"],
-            )  # fmt: skip
+            )
             t1_bytes = CounterMetricFamily(
-                "egressd_tier1_bytes", "Bytes tier 1 handled, by verdict and reason",
+                "egressd_tier1_bytes",
+                "Bytes tier 1 handled, by verdict and reason",
                 labels=["verdict", "reason"],
-            )  # fmt: skip
+            )
             try:
                 totals = self._tier1_totals()
             except (Tier1Error, OSError) as exc:  # a scrape must not fail on a map read

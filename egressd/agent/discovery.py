@@ -195,9 +195,12 @@ class ProxyDiscovery:
                 log.info("proxy_discovery_ok", url=self.settings.proxies_url)
             else:
                 log.warning(
-                    "proxy_discovery_failed", url=self.settings.proxies_url,
-                    result=result, detail=detail, keeping=[p.name for p in self.proxies],
-                )  # fmt: skip
+                    "proxy_discovery_failed",
+                    url=self.settings.proxies_url,
+                    result=result,
+                    detail=detail,
+                    keeping=[p.name for p in self.proxies],
+                )
             self._last_result = result
 
     async def start(self) -> None:

@@ -91,9 +91,15 @@ RENEW_DELETED = "deleted"  # 404: the job's sandboxes withdrawn
 RENEW_REJECTED = "rejected"  # the answer did not verify here: the held copy is kept
 NO_SANDBOX = "no_sandbox"
 RENEW_RESULTS = (
-    RENEWED, RENEW_CHANGED, NOT_RESIGNED, RENEW_DELETED, RENEW_REJECTED, NO_SANDBOX,
-    "control_unreachable", "error",
-)  # fmt: skip
+    RENEWED,
+    RENEW_CHANGED,
+    NOT_RESIGNED,
+    RENEW_DELETED,
+    RENEW_REJECTED,
+    NO_SANDBOX,
+    "control_unreachable",
+    "error",
+)
 RENEW_DONE = (RENEWED, RENEW_CHANGED, RENEW_DELETED, NO_SANDBOX)
 
 
@@ -244,9 +250,13 @@ class AgentPolicyWatch:
         for result in RESULTS:
             answers.labels(result)
         self.stream = WatchStream(
-            control.session, control.base, apply=self.apply, answers=answers, logger=log,
+            control.session,
+            control.base,
+            apply=self.apply,
+            answers=answers,
+            logger=log,
             poll_timeout_s=poll_timeout_s,
-        )  # fmt: skip
+        )
 
     def apply(self, changes: list[tuple[str, str, str]], resync: bool) -> None:
         """Queue the work one answer asks for (done by the `agent-watch-jobs` task)."""
@@ -310,9 +320,13 @@ class AgentPolicyWatch:
             delay = retry_delay(failures)
             self._retry[job_id] = (at, failures, self._clock() + delay)
             log.warning(
-                "job_policy_renewal_failed", job_id=str(job_id), result=result, detail=detail,
-                failures=failures, retry_in_s=delay,
-            )  # fmt: skip
+                "job_policy_renewal_failed",
+                job_id=str(job_id),
+                result=result,
+                detail=detail,
+                failures=failures,
+                retry_in_s=delay,
+            )
         return results
 
     async def _renew_loop(self) -> None:

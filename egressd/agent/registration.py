@@ -160,7 +160,10 @@ async def resolve_sandbox_cidr(config: AgentConfig) -> AgentConfig:
     except ConfigError as exc:
         raise RegistrationError("bad_response", f"allocated {cidr}: {exc.detail}") from exc
     log.info(
-        "sandbox_cidr_allocated", node=config.name, underlay=str(config.underlay),
-        sandbox_cidr=str(cidr), control_url=config.discovery.control_url if config.discovery else None,
-    )  # fmt: skip
+        "sandbox_cidr_allocated",
+        node=config.name,
+        underlay=str(config.underlay),
+        sandbox_cidr=str(cidr),
+        control_url=config.discovery.control_url if config.discovery else None,
+    )
     return resolved

@@ -35,8 +35,13 @@ HEADER_LEN: Final = 8
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
-]  # fmt: skip
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -56,9 +61,7 @@ def record_len(header: int) -> int:
     return (length + HEADER_LEN + 7) & ~7
 
 
-def consume(
-    view: RingView, cons: int, prod: int, mask: int, limit: int
-) -> tuple[list[bytes], int]:
+def consume(view: RingView, cons: int, prod: int, mask: int, limit: int) -> tuple[list[bytes], int]:
     """Samples between `cons` and `prod` (at most `limit`), and the new consumer position.
 
     Stops at the first record still being written (BUSY); skips discarded ones.

@@ -157,9 +157,10 @@ class AgentError(EgressdError):
 def check_sandbox_id(sandbox_id: object) -> str:
     if not isinstance(sandbox_id, str) or not SANDBOX_ID.fullmatch(sandbox_id):
         raise AgentError(
-            "bad_sandbox_id", "sandbox_id must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
+            "bad_sandbox_id",
+            "sandbox_id must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
             kind=BAD_REQUEST,
-        )  # fmt: skip
+        )
     return sandbox_id
 
 
@@ -204,9 +205,10 @@ class IpPool:
                 self._used.add(value)
                 return IPv4Address(value)
         raise AgentError(
-            "no_free_address", f"all {self.capacity} addresses of {self.cidr} are in use",
+            "no_free_address",
+            f"all {self.capacity} addresses of {self.cidr} are in use",
             kind=UNAVAILABLE,
-        )  # fmt: skip
+        )
 
     def reserve(self, ip: IPv4Address) -> None:
         value = int(ip)
@@ -387,6 +389,8 @@ class SandboxManager:
         self.executor = executor
         self.clock = clock
         self._keys_loader = keys_loader
+        # AgentService resolves "auto" (the control plane's CIDR) before it builds the manager.
+        assert config.sandbox_cidr is not None, "sandbox_cidr not resolved"
         self.pool = IpPool(config.sandbox_cidr)
         self._sandboxes: dict[str, Sandbox] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -502,9 +506,13 @@ class SandboxManager:
             self._sandboxes[sandbox_id] = sandbox
             self.listener.sandbox_added(sandbox)
         log.info(
-            "sandbox_registered", sandbox_id=sandbox_id, job_id=str(sandbox.job_id),
-            ip=str(ip), netns=sandbox.netns, kid=sandbox.kid,
-        )  # fmt: skip
+            "sandbox_registered",
+            sandbox_id=sandbox_id,
+            job_id=str(sandbox.job_id),
+            ip=str(ip),
+            netns=sandbox.netns,
+            kid=sandbox.kid,
+        )
         return sandbox
 
     async def _unregister(self, sandbox_id: str) -> None:
@@ -536,10 +544,12 @@ class SandboxManager:
         """Withdraw the sandboxes whose policy expired (leeway included); their ids."""
         now = self.clock()
         due = [
-            s for s in self._sandboxes.values()
-            if s.sandbox_id not in self._expired and s.sandbox_id not in self._withdrawn
+            s
+            for s in self._sandboxes.values()
+            if s.sandbox_id not in self._expired
+            and s.sandbox_id not in self._withdrawn
             and now - DEFAULT_LEEWAY_S >= s.exp
-        ]  # fmt: skip
+        ]
         if not due:
             return []
         async with self._lock:
@@ -555,8 +565,11 @@ class SandboxManager:
                     )
                 except Tier1Error as exc:
                     log.error("expire_failed", sandbox_id=sandbox.sandbox_id, error=str(exc))
-                log.info("sandbox_policy_expired", sandbox_id=sandbox.sandbox_id,
-                         job_id=str(sandbox.job_id))  # fmt: skip
+                log.info(
+                    "sandbox_policy_expired",
+                    sandbox_id=sandbox.sandbox_id,
+                    job_id=str(sandbox.job_id),
+                )
         return [s.sandbox_id for s in due]
 
     # -- live policies (egressd.agent.policy_watch) ---------------------------------------
@@ -620,7 +633,9 @@ class SandboxManager:
                 return await self._withdraw(targets, exc.reason)
             return await self._reprogram(targets, verified)
 
-    async def _reprogram(self, targets: builtins.list[Sandbox], verified: VerifiedPolicy) -> builtins.list[str]:
+    async def _reprogram(
+        self, targets: builtins.list[Sandbox], verified: VerifiedPolicy
+    ) -> builtins.list[str]:
         policy = verified.policy
         ports = tcp_ports(policy)
         exempt = exemptions(policy, self.config.fleet_ranges)
@@ -638,20 +653,35 @@ class SandboxManager:
             if kind == CHANGED or not live:
                 reprogrammed = True
                 program = functools.partial(
-                    self.tier1.set_sandbox, old.ifindex, old.ip, old.mac, ports, exempt,
-                    dns=dns, syn=syn,
-                )  # fmt: skip
+                    self.tier1.set_sandbox,
+                    old.ifindex,
+                    old.ip,
+                    old.mac,
+                    ports,
+                    exempt,
+                    dns=dns,
+                    syn=syn,
+                )
                 try:
                     await loop.run_in_executor(self.executor, program)
                 except Tier1Error as exc:
-                    log.error("job_policy_update_failed", sandbox_id=old.sandbox_id,
-                              reason=exc.reason, detail=exc.detail)  # fmt: skip
+                    log.error(
+                        "job_policy_update_failed",
+                        sandbox_id=old.sandbox_id,
+                        reason=exc.reason,
+                        detail=exc.detail,
+                    )
                     await self._withdraw([old], f"tier1_{exc.reason}")
                     continue
             new = dataclasses.replace(
-                old, digest=verified.digest, kid=verified.kid, exp=int(policy.exp or 0),
-                tcp_ports=ports, exemptions=exempt, policy=policy,
-            )  # fmt: skip
+                old,
+                digest=verified.digest,
+                kid=verified.kid,
+                exp=int(policy.exp or 0),
+                tcp_ports=ports,
+                exemptions=exempt,
+                policy=policy,
+            )
             self.listener.sandbox_removed(old)
             self._sandboxes[old.sandbox_id] = new
             self.listener.sandbox_added(new)
@@ -661,9 +691,12 @@ class SandboxManager:
         if changed:
             log.info(
                 "job_policy_updated" if reprogrammed else "job_policy_renewed",
-                job_id=str(policy.job_id), digest=verified.digest.hex(), exp=policy.exp,
-                sandbox_ids=changed, tcp_ports=[str(p) for p in ports],
-            )  # fmt: skip
+                job_id=str(policy.job_id),
+                digest=verified.digest.hex(),
+                exp=policy.exp,
+                sandbox_ids=changed,
+                tcp_ports=[str(p) for p in ports],
+            )
         return changed
 
     def renewals(self) -> dict[uuid.UUID, float]:
@@ -692,9 +725,10 @@ class SandboxManager:
             raise ControlUnavailable("the agent has no control plane")
         async with self._lock:
             targets = [
-                s for s in self._sandboxes.values()
+                s
+                for s in self._sandboxes.values()
                 if s.job_id == job_id and s.sandbox_id not in self._withdrawn
-            ]  # fmt: skip
+            ]
             if not targets:
                 return NO_SANDBOX
             token = await control.held(job_id)
@@ -711,12 +745,17 @@ class SandboxManager:
                     )
             except AgentError as exc:
                 log.warning(
-                    "job_policy_renewal_rejected", job_id=str(job_id), reason=exc.reason,
-                    detail=exc.detail, kept_exp=min(s.exp for s in targets),
-                )  # fmt: skip
+                    "job_policy_renewal_rejected",
+                    job_id=str(job_id),
+                    reason=exc.reason,
+                    detail=exc.detail,
+                    kept_exp=min(s.exp for s in targets),
+                )
                 return RENEW_REJECTED
-            kinds = {compare_copies(s.digest, s.policy, verified.digest, verified.policy)
-                     for s in targets}  # fmt: skip
+            kinds = {
+                compare_copies(s.digest, s.policy, verified.digest, verified.policy)
+                for s in targets
+            }
             if kinds == {SAME_COPY}:
                 return NOT_RESIGNED  # not re-signed yet (a longer TTL now?): retried later
             await self._reprogram(targets, verified)
@@ -737,13 +776,19 @@ class SandboxManager:
                 continue
             self._withdrawn[sandbox.sandbox_id] = reason
             try:
-                await loop.run_in_executor(self.executor, self.tier1.remove_sandbox, sandbox.ifindex)
+                await loop.run_in_executor(
+                    self.executor, self.tier1.remove_sandbox, sandbox.ifindex
+                )
             except Tier1Error as exc:
                 log.error("withdraw_failed", sandbox_id=sandbox.sandbox_id, error=str(exc))
             withdrawn.append(sandbox.sandbox_id)
         if withdrawn:
-            log.warning("job_policy_withdrawn", job_id=str(targets[0].job_id), reason=reason,
-                        sandbox_ids=withdrawn)  # fmt: skip
+            log.warning(
+                "job_policy_withdrawn",
+                job_id=str(targets[0].job_id),
+                reason=reason,
+                sandbox_ids=withdrawn,
+            )
         return withdrawn
 
     async def _trusted_keys(self) -> TrustedKeys:
@@ -764,7 +809,7 @@ class SandboxManager:
         policy = verified.policy
         ports = tcp_ports(policy)
         exempt = exemptions(policy, config.fleet_ranges)
-        prefixlen = config.sandbox_cidr.prefixlen
+        prefixlen = self.pool.cidr.prefixlen
         gateway = config.gateway
         undo = _Undo()
         try:
@@ -837,8 +882,9 @@ class SandboxManager:
                 fn()
             except (EgressdError, OSError) as exc:
                 failed.append(what)
-                log.error("teardown_step_failed", sandbox_id=sandbox.sandbox_id, step=what,
-                          error=str(exc))  # fmt: skip
+                log.error(
+                    "teardown_step_failed", sandbox_id=sandbox.sandbox_id, step=what, error=str(exc)
+                )
         if failed:
             raise AgentError("teardown_incomplete", ", ".join(failed))
 

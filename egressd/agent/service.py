@@ -156,9 +156,7 @@ class AgentService(Lifecycle):
         _write_sysctl(f"net.ipv4.conf.{self.tun.name}.rp_filter", "0")
         with contextlib.suppress(AgentStartupError):  # IPv6 may be off already
             _write_sysctl(f"net.ipv6.conf.{self.tun.name}.disable_ipv6", "1")
-        log.info(
-            "tun_open", tun=self.tun.name, ifindex=self.tun.ifindex, offload=config.offload
-        )
+        log.info("tun_open", tun=self.tun.name, ifindex=self.tun.ifindex, offload=config.offload)
 
         tier1 = Tier1(
             tun_ifindex=self.tun.ifindex,
@@ -202,24 +200,28 @@ class AgentService(Lifecycle):
         await self.health.start()
         if config.discovery is not None:
             self.discovery = ProxyDiscovery(
-                config.discovery, config.proxies, self._set_proxies,
-                own_underlay=config.underlay, registry=self.registry,
-            )  # fmt: skip
+                config.discovery,
+                config.proxies,
+                self._set_proxies,
+                own_underlay=config.underlay,
+                registry=self.registry,
+            )
             stack.push_async_callback(self.discovery.stop)
             await self.discovery.start()
             # Live policies: registrations checked against the control plane, and
             # its watch followed (egressd.agent.policy_watch).
-            self.control = ControlPolicies(
-                config.discovery.control_url, config.discovery.timeout_s
-            )
+            self.control = ControlPolicies(config.discovery.control_url, config.discovery.timeout_s)
             stack.push_async_callback(self.control.close)
             await self.control.start()
             manager.control = self.control
             self.watch = AgentPolicyWatch(
-                self.control, jobs=manager.jobs, refresh_job=manager.refresh_job,
-                refresh_discovery=self.discovery.refresh, metrics=self.registry,
+                self.control,
+                jobs=manager.jobs,
+                refresh_job=manager.refresh_job,
+                refresh_discovery=self.discovery.refresh,
+                metrics=self.registry,
                 renewer=manager,
-            )  # fmt: skip
+            )
             stack.push_async_callback(self.watch.close)
             self.watch.start()
 
@@ -261,11 +263,15 @@ class AgentService(Lifecycle):
         self._tasks.append(asyncio.create_task(self._expiry_loop(), name="sandbox-expiry"))
         self._tasks.append(asyncio.create_task(self._reap_loop(), name="sandbox-reaper"))
         log.info(
-            "agent_ready", node=config.name, underlay=str(config.underlay),
-            proxies=[p.name for p in (self.discovery.proxies if self.discovery else config.proxies)],
+            "agent_ready",
+            node=config.name,
+            underlay=str(config.underlay),
+            proxies=[
+                p.name for p in (self.discovery.proxies if self.discovery else config.proxies)
+            ],
             api_socket=str(config.api_socket),
             admin=f"{self.admin.host}:{self.admin.port}",
-        )  # fmt: skip
+        )
 
     def _set_proxies(self, proxies: tuple[ProxyEndpoint, ...]) -> None:
         """Discovery callback: the data path first, so that it knows every name the
@@ -299,11 +305,15 @@ class AgentService(Lifecycle):
             for sandbox_id, pid, sandbox in orphans:
                 if sandbox is None or manager.get(sandbox_id) is not sandbox:
                     continue
-                log.warning("sandbox_reaped", sandbox_id=sandbox_id, reason="launcher_gone", pid=pid)
+                log.warning(
+                    "sandbox_reaped", sandbox_id=sandbox_id, reason="launcher_gone", pid=pid
+                )
                 try:
                     await manager.unregister(sandbox_id)
                 except EgressdError as exc:
-                    log.error("reap_failed", sandbox_id=sandbox_id, reason=exc.reason, detail=exc.detail)
+                    log.error(
+                        "reap_failed", sandbox_id=sandbox_id, reason=exc.reason, detail=exc.detail
+                    )
 
     async def _cancel_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -335,9 +345,10 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         if resolved is None:  # stopped while waiting for the control plane
             return
         await run_until_stopped(
-            AgentService(resolved), stop,
+            AgentService(resolved),
+            stop,
             stopping=lambda: log.info("agent_stopping", node=config.name),
-        )  # fmt: skip
+        )
     finally:
         uninstall()
 
@@ -362,8 +373,9 @@ async def _resolve(config: AgentConfig, stop: asyncio.Event) -> AgentConfig | No
     try:
         return resolving.result()
     except RegistrationError as exc:
-        log.error("sandbox_cidr_unavailable", node=config.name, reason=exc.reason,
-                  detail=exc.detail)  # fmt: skip
+        log.error(
+            "sandbox_cidr_unavailable", node=config.name, reason=exc.reason, detail=exc.detail
+        )
         raise AgentStartupError("sandbox_cidr", f"{exc.reason}: {exc.detail}") from exc
 
 

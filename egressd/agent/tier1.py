@@ -115,7 +115,6 @@ _MNT_DETACH = 2
 _TOOL_TIMEOUT_S = 120.0
 
 
-
 # ---------------------------------------------------------------------------
 # Build.
 
@@ -147,9 +146,18 @@ def build_object(src: Path, out_dir: Path, *, clang: str = "clang") -> Path:
         raise Tier1Error("build_failed", f"{out_dir}: {exc.strerror}") from exc
     tmp = Path(tmp_name)
     cmd = [
-        compiler, "-O2", "-g", "-target", "bpf", "-Wall",
-        *_multiarch_include(), "-c", str(src), "-o", str(tmp),
-    ]  # fmt: skip
+        compiler,
+        "-O2",
+        "-g",
+        "-target",
+        "bpf",
+        "-Wall",
+        *_multiarch_include(),
+        "-c",
+        str(src),
+        "-o",
+        str(tmp),
+    ]
     try:
         result = _run(cmd, "build_failed")
         if result.returncode != 0:
@@ -269,8 +277,17 @@ class Tier1:
         _mount_bpffs(self.pin_dir)
         try:
             self._unpin()
-            cmd = [bpftool, "prog", "load", str(obj), str(self._prog_pin),
-                   "type", "classifier", "pinmaps", str(self._map_dir)]  # fmt: skip
+            cmd = [
+                bpftool,
+                "prog",
+                "load",
+                str(obj),
+                str(self._prog_pin),
+                "type",
+                "classifier",
+                "pinmaps",
+                str(self._map_dir),
+            ]
             result = _run(cmd, "load_failed")
             if result.returncode != 0:
                 detail = (result.stderr or result.stdout).strip()[-4000:]
@@ -338,10 +355,17 @@ class Tier1:
                     if exc.code != errno.EEXIST:
                         raise
                 ipr.tc(
-                    "replace-filter", "bpf", ifindex, FILTER_HANDLE,
-                    fd=prog_fd, name=FILTER_NAME, parent=_TC_H_CLSACT_INGRESS,
-                    prio=FILTER_PRIO, protocol=_ETH_P_ALL, direct_action=True,
-                )  # fmt: skip
+                    "replace-filter",
+                    "bpf",
+                    ifindex,
+                    FILTER_HANDLE,
+                    fd=prog_fd,
+                    name=FILTER_NAME,
+                    parent=_TC_H_CLSACT_INGRESS,
+                    prio=FILTER_PRIO,
+                    protocol=_ETH_P_ALL,
+                    direct_action=True,
+                )
         except NetlinkError as exc:
             raise Tier1Error("attach_failed", f"{ifname}: {os.strerror(exc.code)}") from exc
         except OSError as exc:
@@ -367,9 +391,14 @@ class Tier1:
         gone = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
         try:
             ipr.tc(
-                "del-filter", "bpf", ifindex, FILTER_HANDLE,
-                parent=_TC_H_CLSACT_INGRESS, prio=FILTER_PRIO, protocol=_ETH_P_ALL,
-            )  # fmt: skip
+                "del-filter",
+                "bpf",
+                ifindex,
+                FILTER_HANDLE,
+                parent=_TC_H_CLSACT_INGRESS,
+                prio=FILTER_PRIO,
+                protocol=_ETH_P_ALL,
+            )
         except NetlinkError as exc:
             if exc.code not in gone:
                 raise

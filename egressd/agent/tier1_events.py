@@ -90,9 +90,11 @@ class Tier1EventReader:
         self._ring = ring
         self._sandbox_for = sandbox_for
         self._node = node
-        self._log = logger if logger is not None else structlog.get_logger(
-            "egressd.agent.audit"
-        ).bind(component="agent")
+        self._log = (
+            logger
+            if logger is not None
+            else structlog.get_logger("egressd.agent.audit").bind(component="agent")
+        )
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -277,9 +277,15 @@ def unpack_event(raw: bytes) -> Tier1Event:
     ts_ns, ifindex, code, daddr, dport, proto, flags, suppressed, _ = _EVENT.unpack(raw)
     dst = IPv4Address(daddr) if daddr != b"\0\0\0\0" else None
     return Tier1Event(
-        ts_ns, ifindex, Reason.from_code(code), dst, int.from_bytes(dport, "big"), proto,
-        bool(flags & EVENT_RST), suppressed,
-    )  # fmt: skip
+        ts_ns,
+        ifindex,
+        Reason.from_code(code),
+        dst,
+        int.from_bytes(dport, "big"),
+        proto,
+        bool(flags & EVENT_RST),
+        suppressed,
+    )
 
 
 def pack_event(event: Tier1Event) -> bytes:
@@ -287,8 +293,17 @@ def pack_event(event: Tier1Event) -> bytes:
     daddr = event.dst.packed if event.dst is not None else bytes(4)
     dport = event.port.to_bytes(2, "big")
     flags = EVENT_RST if event.rst else 0
-    return _EVENT.pack(event.ts_ns, event.ifindex, event.reason.code, daddr, dport, event.proto,
-                       flags, event.suppressed, 0)  # fmt: skip
+    return _EVENT.pack(
+        event.ts_ns,
+        event.ifindex,
+        event.reason.code,
+        daddr,
+        dport,
+        event.proto,
+        flags,
+        event.suppressed,
+        0,
+    )
 
 
 @dataclass(frozen=True, slots=True)

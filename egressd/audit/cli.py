@@ -38,12 +38,11 @@ _LOG_NAME = re.compile(r"(?P<member>[^/]+)\.log(?:\.[0-9]+)?")
 
 
 def register(sub: Any) -> None:
-    audit = sub.add_parser(
-        "audit", help="the fleet's audit events (tier 1 and tier 2) as a table"
-    )
+    audit = sub.add_parser("audit", help="the fleet's audit events (tier 1 and tier 2) as a table")
     audit.add_argument("--job", metavar="J", help="a job id (or a prefix of one)")
     audit.add_argument(
-        "--since", metavar="T",
+        "--since",
+        metavar="T",
         help="from time T: ISO 8601 (2026-12-06T16:00:00Z) or 90s, 15m, 2h, 1d ago",
     )
     audit.add_argument("--until", metavar="T", help="up to time T (same forms as --since)")

@@ -8,7 +8,11 @@ Three paths over one topology and one HTTP server (the fleet's "internet",
 - ``squid``: Debian's Squid as a transparent intercepting proxy
   (nftables ``redirect`` to ``http_port 3129 intercept``);
 - ``egressd``: a sandbox registered with node1's agent: tier 1, the agent's
-  GENEVE tunnel, the proxy's tier 2 and relay.
+  GENEVE tunnel, the proxy's tier 2 and relay;
+- the interception rows (issue 12), HTTPS on :443 to the same server:
+  ``squid-bump`` (a second Squid, ``https_port ... intercept ssl-bump``,
+  ``ssl_bump bump``) and ``egressd-intercept`` (a second sandbox whose job
+  has ``tls: intercept``), compared with each other.
 
 Modules: `paths` sets the paths up and tears them down, `load` drives the
 load generators (wrk, curl, an idle-connection holder), `report` parses their

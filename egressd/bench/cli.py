@@ -2,6 +2,7 @@
 
     egressd bench [--run-dir DIR] [--prefix egd-b-] [--seconds 5] [--repeat 3]
                   [--out bench-results/data_path.json] [--skip-squid] [--keep] [--no-plots]
+                  [--skip-intercept | --intercept-only]
 
 The fleet (`--prefix`, `--run-dir`) is brought up if it is not running and,
 when this command started it, taken down at the end unless `--keep`. The
@@ -20,6 +21,13 @@ the table shows medians:
 - idle: `--idle-connections` keep-alive connections held open; the RSS of
   the proxy processes before and after (egressd: both proxies summed, Squid:
   its one process).
+
+The interception rows (issue 12), in the default run: `squid-bump` (Squid
+`ssl_bump bump`) and `egressd-intercept` (`tls: intercept`), HTTPS to the
+same server, the same measures (the latency run's requests/s is the
+keep-alive figure), no idle measure; a table of their own, compared with
+each other only (`report.render_intercept`). `--skip-intercept` leaves them
+out, `--intercept-only` runs only them and the kernel path.
 
 Beside the JSON, `OUT.png`: the medians and ratios as bar charts with every
 repeat's value (`egressd.bench.plots`; `--no-plots` leaves it out).
@@ -50,8 +58,17 @@ import structlog
 from egressd import logs, plotting
 from egressd.bench import plots, report
 from egressd.bench.load import IdleHolder, LoadError, Target, fd_count, rss_kib, run_bulk, run_wrk
-from egressd.bench.paths import CLIENT_SYSCTLS, BenchPath, DirectPath, EgressdPath, SquidPath
-from egressd.bench.report import IdleResult, PathResult
+from egressd.bench.paths import (
+    CLIENT_SYSCTLS,
+    SQUID_CERTGEN,
+    BenchPath,
+    DirectPath,
+    EgressdInterceptPath,
+    EgressdPath,
+    SquidBumpPath,
+    SquidPath,
+)
+from egressd.bench.report import INTERCEPT_PATHS, IdleResult, PathResult
 from egressd.cliutil import CliError
 from egressd.errors import EgressdError
 from egressd.signals import Stopped, sigterm_unwinds
@@ -85,6 +102,12 @@ class Options:
     idle_connections: int = 10_000
     skip_squid: bool = False
     skip_egressd: bool = False
+    # The interception rows (issue 12): HTTPS through Squid `ssl_bump bump` and
+    # egressd `tls: intercept`. `intercept_only` leaves out the plain Squid and
+    # egressd rows and the idle measure (the kernel path still runs: it is the
+    # bench's check that the topology works).
+    skip_intercept: bool = False
+    intercept_only: bool = False
     keep: bool = False
     out: Path = DEFAULT_OUT
 
@@ -101,6 +124,8 @@ class Options:
             raise ValueError(f"--bulk-bytes must be 1..{INET_MAX_BYTES}")
         if not 0 <= self.idle_connections <= 60_000:
             raise ValueError("--idle-connections must be 0..60000")
+        if self.skip_intercept and self.intercept_only:
+            raise ValueError("--skip-intercept and --intercept-only exclude each other")
 
 
 class BenchError(EgressdError):
@@ -120,10 +145,19 @@ class _Live:
 def preflight(opts: Options) -> None:
     if os.geteuid() != 0:
         raise BenchError("not_root", "the bench creates network namespaces: run it as root")
-    missing = [t for t in (*TOOLS, *(() if opts.skip_squid else ("squid",))) if not shutil.which(t)]
+    wanted = (
+        *TOOLS,
+        *(() if opts.skip_squid else ("squid",)),
+        *(() if opts.skip_intercept else ("unshare",)),
+        *(() if opts.skip_intercept or opts.skip_squid else (SQUID_CERTGEN,)),
+    )
+    missing = [t for t in wanted if not shutil.which(t)]
     if missing:
-        raise BenchError("missing_tools", f"not installed: {', '.join(missing)} "
-                         "(apt-get install wrk curl nftables squid util-linux)")  # fmt: skip
+        raise BenchError(
+            "missing_tools",
+            f"not installed: {', '.join(missing)} "
+            "(apt-get install wrk curl nftables squid-openssl util-linux)",
+        )
 
 
 def _measure(live: list[_Live], name: str, opts: Options, once: Callable[[_Live], None]) -> None:
@@ -137,8 +171,13 @@ def _measure(live: list[_Live], name: str, opts: Options, once: Callable[[_Live]
                 once(item)
             except LoadError as exc:
                 item.result.failures.append((name, f"{exc.reason}: {exc.detail}"))
-                log.warning("measure_failed", measure=name, path=item.result.name,
-                            reason=exc.reason, detail=exc.detail)  # fmt: skip
+                log.warning(
+                    "measure_failed",
+                    measure=name,
+                    path=item.result.name,
+                    reason=exc.reason,
+                    detail=exc.detail,
+                )
 
 
 def _latency(opts: Options) -> Callable[[_Live], None]:
@@ -154,9 +193,14 @@ def _latency(opts: Options) -> Callable[[_Live], None]:
 def _connrate(opts: Options) -> Callable[[_Live], None]:
     def once(item: _Live) -> None:
         item.result.connrate.append(
-            run_wrk(item.target, seconds=opts.seconds, connections=opts.connections,
-                    threads=opts.threads, close=True)
-        )  # fmt: skip
+            run_wrk(
+                item.target,
+                seconds=opts.seconds,
+                connections=opts.connections,
+                threads=opts.threads,
+                close=True,
+            )
+        )
 
     return once
 
@@ -188,11 +232,19 @@ def measure_idle(item: _Live, count: int) -> IdleResult | None:
             ("idle", f"{opened.failed} of {count} connections failed; first: {opened.first_error}")
         )
     result = IdleResult(
-        requested=count, opened=opened.opened, failed=opened.failed, alive_at_measure=alive,
-        rss_before_kib=before, rss_after_kib=after, fds_before=fds_before, fds_after=fds_after,
-        open_seconds=opened.seconds, rss_closed_kib=rss_closed, fds_closed=fds_closed,
+        requested=count,
+        opened=opened.opened,
+        failed=opened.failed,
+        alive_at_measure=alive,
+        rss_before_kib=before,
+        rss_after_kib=after,
+        fds_before=fds_before,
+        fds_after=fds_after,
+        open_seconds=opened.seconds,
+        rss_closed_kib=rss_closed,
+        fds_closed=fds_closed,
         drain_seconds=drained,
-    )  # fmt: skip
+    )
     if drained is None:
         names = ", ".join(processes)
         message = (
@@ -226,8 +278,9 @@ def _fleet_running(fleet: Fleet) -> bool:
         return False
 
 
-def _setup(path: BenchPath, results: dict[str, PathResult], stack: contextlib.ExitStack,
-           *, required: bool) -> _Live | None:  # fmt: skip
+def _setup(
+    path: BenchPath, results: dict[str, PathResult], stack: contextlib.ExitStack, *, required: bool
+) -> _Live | None:
     result = PathResult(name=path.name, description=path.description)
     results[path.name] = result
     stack.callback(_teardown, path)
@@ -278,23 +331,33 @@ def run_bench(opts: Options) -> tuple[dict[str, PathResult], dict[str, Any]]:
         except LoadError as exc:
             raise BenchError("baseline_failed", f"kernel bulk: {exc.reason}: {exc.detail}") from exc
         optional: list[BenchPath] = []
-        if not opts.skip_squid:
+        plain = not opts.intercept_only
+        if not opts.skip_squid and plain:
             optional.append(SquidPath(layout))
-        if not opts.skip_egressd:
+        if not opts.skip_egressd and plain:
             optional.append(EgressdPath(fleet))
+        if not opts.skip_intercept:
+            if not opts.skip_squid:
+                optional.append(SquidBumpPath(layout))
+            if not opts.skip_egressd:
+                optional.append(EgressdInterceptPath(fleet))
         for path in optional:
             if (item := _setup(path, results, stack, required=False)) is not None:
                 live.append(item)
         _measure(live, "latency", opts, _latency(opts))
         _measure(live, "connrate", opts, _connrate(opts))
         _measure(live, "bulk", opts, _bulk(opts))
-        if opts.idle_connections:
+        if opts.idle_connections and not opts.intercept_only:
             for item in live:
-                if not item.path.processes():
-                    continue  # no proxy process to weigh (the kernel path)
+                if not item.path.processes() or item.result.name in INTERCEPT_PATHS:
+                    continue  # no proxy process to weigh (kernel), or HTTPS (the holder is HTTP)
                 item.path.refresh()
-                log.info("measure", measure="idle", path=item.result.name,
-                         connections=opts.idle_connections)  # fmt: skip
+                log.info(
+                    "measure",
+                    measure="idle",
+                    path=item.result.name,
+                    connections=opts.idle_connections,
+                )
                 try:
                     item.result.idle = measure_idle(item, opts.idle_connections)
                 except LoadError as exc:
@@ -306,7 +369,6 @@ def run_bench(opts: Options) -> tuple[dict[str, PathResult], dict[str, Any]]:
     return results, meta
 
 
-
 def _version(argv: list[str]) -> str | None:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
@@ -316,8 +378,9 @@ def _version(argv: list[str]) -> str | None:
     return lines[0].strip() if lines else None
 
 
-def _meta(opts: Options, started: dt.datetime, finished: dt.datetime, fleet_was_running: bool
-          ) -> dict[str, Any]:  # fmt: skip
+def _meta(
+    opts: Options, started: dt.datetime, finished: dt.datetime, fleet_was_running: bool
+) -> dict[str, Any]:
     return {
         "started_at": started.isoformat(),
         "finished_at": finished.isoformat(),
@@ -341,6 +404,8 @@ def _meta(opts: Options, started: dt.datetime, finished: dt.datetime, fleet_was_
             "threads": opts.threads,
             "bulk_bytes": opts.bulk_bytes,
             "idle_connections": opts.idle_connections,
+            "skip_intercept": opts.skip_intercept,
+            "intercept_only": opts.intercept_only,
         },
         "fleet_was_running": fleet_was_running,
         "client_sysctls": dict(CLIENT_SYSCTLS),
@@ -356,11 +421,21 @@ def _meta(opts: Options, started: dt.datetime, finished: dt.datetime, fleet_was_
 
 def _options(args: argparse.Namespace) -> Options:
     return Options(
-        run_dir=Path(args.run_dir), prefix=args.prefix, seconds=args.seconds, repeat=args.repeat,
-        connections=args.connections, threads=args.threads, bulk_bytes=args.bulk_bytes,
-        idle_connections=args.idle_connections, skip_squid=args.skip_squid,
-        skip_egressd=args.skip_egressd, keep=args.keep, out=Path(args.out),
-    )  # fmt: skip
+        run_dir=Path(args.run_dir),
+        prefix=args.prefix,
+        seconds=args.seconds,
+        repeat=args.repeat,
+        connections=args.connections,
+        threads=args.threads,
+        bulk_bytes=args.bulk_bytes,
+        idle_connections=args.idle_connections,
+        skip_squid=args.skip_squid,
+        skip_egressd=args.skip_egressd,
+        skip_intercept=args.skip_intercept,
+        intercept_only=args.intercept_only,
+        keep=args.keep,
+        out=Path(args.out),
+    )
 
 
 def _handle(args: argparse.Namespace) -> int:
@@ -383,6 +458,9 @@ def _handle(args: argparse.Namespace) -> int:
     print(report.render_table(results))
     print()
     print(report.render_goals(report.goals(results)))
+    if intercept := report.render_intercept(results):
+        print()
+        print(intercept)
     print(f"\nJSON: {opts.out}")
     for png in [] if args.no_plots else plotting.write_beside(plots.write, doc, opts.out):
         print(f"PNG: {png}")
@@ -443,9 +521,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--out", default=str(d.out), help="JSON output (default %(default)s)")
     parser.add_argument("--skip-squid", action="store_true", help="do not measure Squid")
     parser.add_argument("--skip-egressd", action="store_true", help="do not measure egressd")
-    parser.add_argument("--no-plots", action="store_true",
-                        help="no PNG beside the JSON (default: OUT with .png, needs matplotlib)")
+    parser.add_argument(
+        "--skip-intercept",
+        action="store_true",
+        help="leave out the HTTPS interception rows (Squid bump, egressd intercept)",
+    )
+    parser.add_argument(
+        "--intercept-only",
+        action="store_true",
+        help="only the kernel path and the interception rows (no idle measure)",
+    )
+    parser.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="no PNG beside the JSON (default: OUT with .png, needs matplotlib)",
+    )
     parser.add_argument(
         "--keep", action="store_true", help="leave the fleet running if this command started it"
     )
-    parser.set_defaults(handler=_handle)  # fmt: skip
+    parser.set_defaults(handler=_handle)

@@ -98,8 +98,18 @@ def with_hosts(target: Target, argv: list[str]) -> list[str]:
     if not target.tls or target.hosts_file is None:
         return argv
     script = 'mount --bind "$0" /etc/hosts && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
-            str(target.hosts_file), *argv]  # fmt: skip
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        script,
+        str(target.hosts_file),
+        *argv,
+    ]
 
 
 # --- wrk ----------------------------------------------------------------------------
@@ -122,8 +132,9 @@ def wrk_argv(
         f"--connections={connections}",
         f"--duration={max(1, round(seconds))}s",
         f"--timeout={max(2, round(seconds))}s",
-        "--header", f"Host: {target.host}",
-    ]  # fmt: skip
+        "--header",
+        f"Host: {target.host}",
+    ]
     if close:
         argv += ["--header", "Connection: close"]
     if latency:
@@ -142,9 +153,13 @@ def run_wrk(
     latency: bool = False,
 ) -> WrkResult:
     argv = wrk_argv(
-        target, seconds=seconds, connections=connections, threads=threads, close=close,
+        target,
+        seconds=seconds,
+        connections=connections,
+        threads=threads,
+        close=close,
         latency=latency,
-    )  # fmt: skip
+    )
     argv = with_hosts(target, argv)
     try:
         done = kn.run_in_netns(target.netns, argv, check=False, timeout=seconds + WRK_GRACE_S)
@@ -162,14 +177,22 @@ def run_wrk(
 # --- bulk ---------------------------------------------------------------------------
 
 
-def curl_argv(target: Target, nbytes: int, max_time_s: float, *, path: str | None = None
-              ) -> list[str]:  # fmt: skip
+def curl_argv(
+    target: Target, nbytes: int, max_time_s: float, *, path: str | None = None
+) -> list[str]:
     argv = [
-        "curl", "--silent", "--show-error", "--output", "/dev/null",
-        "--max-time", f"{max_time_s:.0f}",
-        "--header", f"Host: {target.host}",
-        "--write-out", CURL_WRITE_OUT,
-    ]  # fmt: skip
+        "curl",
+        "--silent",
+        "--show-error",
+        "--output",
+        "/dev/null",
+        "--max-time",
+        f"{max_time_s:.0f}",
+        "--header",
+        f"Host: {target.host}",
+        "--write-out",
+        CURL_WRITE_OUT,
+    ]
     if target.tls:
         argv += ["--resolve", f"{target.host}:{target.port}:{target.address}"]
         if target.ca_file is not None:
@@ -196,9 +219,11 @@ def get_status(target: Target, path: str = "/", *, max_time_s: float = 3.0) -> i
 def run_bulk(target: Target, nbytes: int, *, max_time_s: float = 120.0) -> BulkResult:
     try:
         done = kn.run_in_netns(
-            target.netns, curl_argv(target, nbytes, max_time_s), check=False,
+            target.netns,
+            curl_argv(target, nbytes, max_time_s),
+            check=False,
             timeout=max_time_s + 10,
-        )  # fmt: skip
+        )
     except kn.NetError as exc:
         raise LoadError("curl_failed", exc.detail) from exc
     if done.returncode != 0:
@@ -297,27 +322,41 @@ class IdleHolder:
 
     def argv(self) -> list[str]:
         return [
-            self.python, "-m", IDLE_MODULE, "idle",
-            "--address", str(self.target.address),
-            "--port", str(self.target.port),
-            "--host", self.target.host,
-            "--count", str(self.count),
-        ]  # fmt: skip
+            self.python,
+            "-m",
+            IDLE_MODULE,
+            "idle",
+            "--address",
+            str(self.target.address),
+            "--port",
+            str(self.target.port),
+            "--host",
+            self.target.host,
+            "--count",
+            str(self.count),
+        ]
 
     def __enter__(self) -> Self:
         try:
             self._proc = kn.popen_in_netns(
-                self.target.netns, self.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True, start_new_session=True,
-            )  # fmt: skip
+                self.target.netns,
+                self.argv(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
         except kn.NetError as exc:
             raise LoadError("idle_start_failed", exc.detail) from exc
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.close()
 
     def _proc_or_raise(self) -> subprocess.Popen[str]:
@@ -354,9 +393,11 @@ class IdleHolder:
         if reply.get("event") != "ready":
             raise LoadError("idle_failed", f"holder said {reply}")
         return IdleOpened(
-            opened=int(reply["opened"]), failed=int(reply["failed"]),
-            seconds=float(reply["seconds"]), first_error=reply.get("first_error"),
-        )  # fmt: skip
+            opened=int(reply["opened"]),
+            failed=int(reply["failed"]),
+            seconds=float(reply["seconds"]),
+            first_error=reply.get("first_error"),
+        )
 
     def alive(self) -> int:
         self._send("check")
@@ -467,11 +508,15 @@ async def _hold(address: str, port: int, host: str, count: int) -> int:
     )
     socks = [r for r in results if isinstance(r, socket.socket)]
     failures = [r for r in results if not isinstance(r, socket.socket)]
-    _emit({
-        "event": "ready", "opened": len(socks), "failed": len(failures),
-        "seconds": time.monotonic() - start,
-        "first_error": repr(failures[0]) if failures else None,
-    })  # fmt: skip
+    _emit(
+        {
+            "event": "ready",
+            "opened": len(socks),
+            "failed": len(failures),
+            "seconds": time.monotonic() - start,
+            "first_error": repr(failures[0]) if failures else None,
+        }
+    )
     loop = asyncio.get_running_loop()
     try:
         while True:

@@ -50,7 +50,9 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     return args
 
 
-def run_all(calls: Mapping[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, float]:
+def run_all(
+    calls: Mapping[str, Callable[[], object]], args: argparse.Namespace
+) -> dict[str, float]:
     """`rate` of each call, the time budget split evenly; by name."""
     round_seconds = args.seconds / (len(calls) * args.rounds)
     return {name: rate(call, round_seconds, args.rounds) for name, call in calls.items()}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import ipaddress
 import os
 import pwd
@@ -44,13 +45,17 @@ from pathlib import Path
 from typing import Protocol
 
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from egressd.agent.client import AgentClient, AgentClientError, SandboxInfo
 from egressd.bench.load import LoadError, Target, get_status, hosts_line, resolve_a
 from egressd.bench.report import EGRESSD, EGRESSD_INTERCEPT, KERNEL, SQUID, SQUID_BUMP
 from egressd.errors import EgressdError
 from egressd.net import netns as kn
-from egressd.topology import network, procs
+from egressd.topology import interception, network, procs
 from egressd.topology.fleet import Fleet, FleetError
 from egressd.topology.layout import INET_BRIDGE, INET_DNS, INTERNET, NET_NS, RESOLVER, Layout
 from egressd.topology.probe import ProbeError, http_request
@@ -167,9 +172,14 @@ def _check_http(target: Target, *, timeout_s: float = READY_TIMEOUT_S) -> None:
                 status = get_status(target)
             else:
                 status = http_request(
-                    target.netns, "GET", str(target.address), target.port, "/",
-                    headers={"Host": target.host}, timeout_s=2.0,
-                ).status  # fmt: skip
+                    target.netns,
+                    "GET",
+                    str(target.address),
+                    target.port,
+                    "/",
+                    headers={"Host": target.host},
+                    timeout_s=2.0,
+                ).status
             if status == 200:
                 return
             last = f"HTTP {status}"
@@ -278,8 +288,13 @@ class DirectPath:
 # --- Squid ------------------------------------------------------------------------------
 
 
-def squid_conf(workdir: Path, *, client_net: IPv4Network = SQUID_CLIENT_NET,
-               dns: IPv4Address = INET_DNS, max_fds: int = SQUID_NOFILE) -> str:  # fmt: skip
+def squid_conf(
+    workdir: Path,
+    *,
+    client_net: IPv4Network = SQUID_CLIENT_NET,
+    dns: IPv4Address = INET_DNS,
+    max_fds: int = SQUID_NOFILE,
+) -> str:
     """A minimal transparent-proxy squid.conf: no cache, logs and PID in `workdir`.
 
     `server_persistent_connections off`: every client connection costs one
@@ -287,44 +302,50 @@ def squid_conf(workdir: Path, *, client_net: IPv4Network = SQUID_CLIENT_NET,
     upstream connections); with pooling Squid would measure the server's
     keep-alive, not new connections.
     """
-    return "\n".join([
-        f"http_port 127.0.0.1:{SQUID_FORWARD_PORT}",
-        f"http_port {SQUID_INTERCEPT_PORT} intercept",
-        f"acl bench_clients src {client_net}",
-        "http_access allow bench_clients",
-        "http_access deny all",
-        "cache deny all",
-        "workers 1",
-        f"pid_filename {workdir / 'squid.pid'}",
-        f"cache_log {workdir / 'cache.log'}",
-        f"access_log stdio:{workdir / 'access.log'}",
-        "cache_store_log none",
-        f"coredump_dir {workdir}",
-        "netdb_filename none",
-        "pinger_enable off",
-        f"dns_nameservers {dns}",
-        "visible_hostname egressd-bench-squid",
-        "server_persistent_connections off",
-        "client_persistent_connections on",
-        "shutdown_lifetime 1 seconds",
-        f"max_filedescriptors {max_fds}",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"http_port 127.0.0.1:{SQUID_FORWARD_PORT}",
+            f"http_port {SQUID_INTERCEPT_PORT} intercept",
+            f"acl bench_clients src {client_net}",
+            "http_access allow bench_clients",
+            "http_access deny all",
+            "cache deny all",
+            "workers 1",
+            f"pid_filename {workdir / 'squid.pid'}",
+            f"cache_log {workdir / 'cache.log'}",
+            f"access_log stdio:{workdir / 'access.log'}",
+            "cache_store_log none",
+            f"coredump_dir {workdir}",
+            "netdb_filename none",
+            "pinger_enable off",
+            f"dns_nameservers {dns}",
+            "visible_hostname egressd-bench-squid",
+            "server_persistent_connections off",
+            "client_persistent_connections on",
+            "shutdown_lifetime 1 seconds",
+            f"max_filedescriptors {max_fds}",
+            "",
+        ]
+    )
 
 
-def squid_ruleset(client_if: str = SQUID_CLIENT_SIDE_IF, port: int = SQUID_INTERCEPT_PORT) -> str:
-    """`nft -f` script: TCP to port 80 from the client side goes to Squid (atomic replace)."""
-    return "\n".join([
-        f"table ip {NFT_TABLE}",
-        f"delete table ip {NFT_TABLE}",
-        f"table ip {NFT_TABLE} {{",
-        "  chain prerouting {",
-        "    type nat hook prerouting priority dstnat; policy accept;",
-        f'    iifname "{client_if}" tcp dport {HTTP_PORT} redirect to :{port}',
-        "  }",
-        "}",
-        "",
-    ])  # fmt: skip
+def squid_ruleset(
+    client_if: str = SQUID_CLIENT_SIDE_IF, port: int = SQUID_INTERCEPT_PORT, dport: int = HTTP_PORT
+) -> str:
+    """`nft -f` script: TCP to `dport` from the client side goes to Squid (atomic replace)."""
+    return "\n".join(
+        [
+            f"table ip {NFT_TABLE}",
+            f"delete table ip {NFT_TABLE}",
+            f"table ip {NFT_TABLE} {{",
+            "  chain prerouting {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            f'    iifname "{client_if}" tcp dport {dport} redirect to :{port}',
+            "  }",
+            "}",
+            "",
+        ]
+    )
 
 
 def squid_nofile() -> int:
@@ -343,21 +364,30 @@ class SquidPath:
 
     name = SQUID
     description = "squid: nft redirect to Squid's intercept port, Squid connects upstream"
+    # Where this Squid lives (`SquidBumpPath` runs a second one beside it).
+    part, client_part, bridge_port = SQUID_PART, SQUID_CLIENT_PART, SQUID_BRIDGE_PORT
+    inet_addr, listen_port, site_port = SQUID_INET_ADDR, SQUID_INTERCEPT_PORT, HTTP_PORT
 
     def __init__(self, layout: Layout, *, squid: str = "squid") -> None:
         self.layout = layout
         self.squid = squid
-        self.ns = bench_ns(layout.prefix, SQUID_PART)
-        self.client_ns = bench_ns(layout.prefix, SQUID_CLIENT_PART)
+        self.ns = bench_ns(layout.prefix, self.part)
+        self.client_ns = bench_ns(layout.prefix, self.client_part)
         self.net_ns = network.netns_name(NET_NS, layout.prefix)
         self.workdir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+
+    def _target(self) -> Target:
+        return Target(self.client_ns, _site_address(self.layout), self.site_port, SITE)
+
+    def _conf(self, workdir: Path) -> str:
+        return squid_conf(workdir, max_fds=squid_nofile())
 
     def setup(self) -> Target:
         self.teardown()
         self._plumb()
         self._start_squid()
-        target = Target(self.client_ns, _site_address(self.layout), HTTP_PORT, SITE)
+        target = self._target()
         try:
             _check_http(target)
         except PathError as exc:
@@ -369,11 +399,11 @@ class SquidPath:
             kn.ensure_netns(ns)
             kn.set_link_up(ns, LOOPBACK)
         kn.set_sysctl(self.ns, "net.ipv4.ip_forward", "0")
-        kn.ensure_veth(self.net_ns, SQUID_BRIDGE_PORT, self.ns, SQUID_INET_IF)
-        kn.enslave(self.net_ns, SQUID_BRIDGE_PORT, INET_BRIDGE)
-        kn.set_link_up(self.net_ns, SQUID_BRIDGE_PORT)
+        kn.ensure_veth(self.net_ns, self.bridge_port, self.ns, SQUID_INET_IF)
+        kn.enslave(self.net_ns, self.bridge_port, INET_BRIDGE)
+        kn.set_link_up(self.net_ns, self.bridge_port)
         kn.set_link_up(self.ns, SQUID_INET_IF)
-        kn.ensure_addr(self.ns, SQUID_INET_IF, SQUID_INET_ADDR)
+        kn.ensure_addr(self.ns, SQUID_INET_IF, self.inet_addr)
         kn.ensure_veth(self.ns, SQUID_CLIENT_SIDE_IF, self.client_ns, CLIENT_IF)
         kn.set_link_up(self.ns, SQUID_CLIENT_SIDE_IF)
         kn.set_link_up(self.client_ns, CLIENT_IF)
@@ -382,7 +412,8 @@ class SquidPath:
         kn.ensure_route(self.client_ns, INTERNET, via=SQUID_GATEWAY.ip, dev=CLIENT_IF)
         tune_client(self.client_ns)
         try:
-            kn.run_in_netns(self.ns, ["nft", "-f", "-"], stdin_text=squid_ruleset())
+            ruleset = squid_ruleset(port=self.listen_port, dport=self.site_port)
+            kn.run_in_netns(self.ns, ["nft", "-f", "-"], stdin_text=ruleset)
         except kn.NetError as exc:
             raise PathError("nft_failed", exc.detail) from exc
 
@@ -393,7 +424,7 @@ class SquidPath:
             user = pwd.getpwnam(SQUID_USER)
             os.chown(self.workdir, user.pw_uid, user.pw_gid)
         conf = self.workdir / "squid.conf"
-        conf.write_text(squid_conf(self.workdir, max_fds=squid_nofile()))
+        conf.write_text(self._conf(self.workdir))
         # Squid checks its configuration first; a bad one fails here, with its message.
         try:
             kn.run_in_netns(self.ns, [self.squid, "-k", "parse", "-f", str(conf)])
@@ -403,10 +434,14 @@ class SquidPath:
         with out:
             try:
                 self._proc = kn.popen_in_netns(
-                    self.ns, [self.squid, "-N", "-f", str(conf)],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                    start_new_session=True, preexec_fn=_raise_nofile,
-                )  # fmt: skip
+                    self.ns,
+                    [self.squid, "-N", "-f", str(conf)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,
+                    preexec_fn=_raise_nofile,
+                )
             except kn.NetError as exc:
                 raise PathError("squid_start_failed", exc.detail) from exc
             except subprocess.SubprocessError as exc:  # the preexec_fn failed
@@ -428,7 +463,7 @@ class SquidPath:
         with sock:
             sock.settimeout(0.5)
             try:
-                sock.connect((str(SQUID_GATEWAY.ip), SQUID_INTERCEPT_PORT))
+                sock.connect((str(SQUID_GATEWAY.ip), self.listen_port))
             except OSError:
                 return False
         return True
@@ -468,18 +503,176 @@ class SquidPath:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+# --- Squid bumping HTTPS (issue 12) --------------------------------------------------------
+
+
+def squid_bump_conf(
+    workdir: Path,
+    *,
+    client_net: IPv4Network = SQUID_CLIENT_NET,
+    dns: IPv4Address = INET_DNS,
+    max_fds: int = SQUID_NOFILE,
+    certgen: str = SQUID_CERTGEN,
+) -> str:
+    """squid.conf for `https_port ... intercept ssl-bump` with `ssl_bump bump all`.
+
+    Squid peeks at the ClientHello (step 1, for the SNI), then bumps: it mints a
+    leaf for the name from `BUMP_CA_*` (security_file_certgen, its database in
+    `workdir`), and verifies the server against `UPSTREAM_CA` (the test CA).
+    Unlike the plain row, `server_persistent_connections on`: Squid may keep
+    and reuse its upstream TLS connections, which egressd (one upstream
+    connection per client connection) cannot; without it every keep-alive
+    request would cost Squid a new upstream handshake. The comparison is
+    conservative for egressd.
+    """
+    return "\n".join(
+        [
+            f"http_port 127.0.0.1:{SQUID_FORWARD_PORT}",
+            (
+                f"https_port {SQUID_BUMP_PORT} intercept ssl-bump generate-host-certificates=on "
+                f"dynamic_cert_mem_cache_size=16MB tls-cert={workdir / BUMP_CA_CERT} "
+                f"tls-key={workdir / BUMP_CA_KEY}"
+            ),
+            f"sslcrtd_program {certgen} -s {workdir / 'ssl_db'} -M 16MB",
+            "sslcrtd_children 4 startup=1 idle=1",
+            "acl step1 at_step SslBump1",
+            "ssl_bump peek step1",
+            "ssl_bump bump all",
+            f"tls_outgoing_options cafile={workdir / UPSTREAM_CA}",
+            f"acl bench_clients src {client_net}",
+            "http_access allow bench_clients",
+            "http_access deny all",
+            "cache deny all",
+            "workers 1",
+            f"pid_filename {workdir / 'squid.pid'}",
+            f"cache_log {workdir / 'cache.log'}",
+            f"access_log stdio:{workdir / 'access.log'}",
+            "cache_store_log none",
+            f"coredump_dir {workdir}",
+            "netdb_filename none",
+            "pinger_enable off",
+            f"dns_nameservers {dns}",
+            "visible_hostname egressd-bench-squid-bump",
+            "server_persistent_connections on",
+            "client_persistent_connections on",
+            "shutdown_lifetime 1 seconds",
+            f"max_filedescriptors {max_fds}",
+            "",
+        ]
+    )
+
+
+_CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    key_cert_sign=True,
+    crl_sign=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+def write_bump_ca(workdir: Path) -> Path:
+    """A CA for this run's Squid (ECDSA P-256, as egressd's leaves): cert and key in `workdir`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "egressd bench Squid bump CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = workdir / BUMP_CA_CERT
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path = workdir / BUMP_CA_KEY
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path
+
+
+class SquidBumpPath(SquidPath):
+    """A second Squid, bumping HTTPS intercepted on port 443 (`ssl_bump bump`)."""
+
+    name = SQUID_BUMP
+    description = "squid-bump: nft redirect of :443 to Squid's https_port intercept ssl-bump"
+    part, client_part, bridge_port = SQUID_BUMP_PART, SQUID_BUMP_CLIENT_PART, SQUID_BUMP_BRIDGE_PORT
+    inet_addr, listen_port, site_port = SQUID_BUMP_INET_ADDR, SQUID_BUMP_PORT, HTTPS_PORT
+
+    def _target(self) -> Target:
+        assert self.workdir is not None
+        target = Target(
+            self.client_ns,
+            _site_address(self.layout),
+            HTTPS_PORT,
+            SITE,
+            tls=True,
+            ca_file=self.workdir / BUMP_CA_CERT,
+            hosts_file=self.workdir / HOSTS_FILE,
+        )
+        target.hosts_file.write_text(hosts_line(target))  # type: ignore[union-attr]
+        return target
+
+    def _conf(self, workdir: Path) -> str:
+        write_bump_ca(workdir)
+        shutil.copyfile(self.layout.run_dir / "ca" / "ca.pem", workdir / UPSTREAM_CA)
+        db = workdir / "ssl_db"
+        try:
+            subprocess.run(
+                [SQUID_CERTGEN, "-c", "-s", str(db), "-M", "16MB"],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise PathError("squid_certgen_failed", str(exc)) from exc
+        with contextlib.suppress(KeyError):
+            user = pwd.getpwnam(SQUID_USER)
+            for path in (workdir / BUMP_CA_KEY, workdir / BUMP_CA_CERT, db, *db.rglob("*")):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        return squid_bump_conf(workdir, max_fds=squid_nofile())
+
+
 # --- egressd ------------------------------------------------------------------------------
 
 
-def bench_policy(job_id: str, node: str) -> dict[str, object]:
-    """The bench job's policy payload (the control plane adds iat/nbf/exp and signs)."""
+def bench_policy(job_id: str, node: str, *, intercept: bool = False) -> dict[str, object]:
+    """The bench job's policy payload (the control plane adds iat/nbf/exp and signs).
+
+    `intercept`: the interception row's job instead, HTTPS with `tls: intercept`
+    and the requests the bench makes allowed by `http`.
+    """
+    rule: dict[str, object] = {"host": SITE, "ports": [HTTP_PORT]}
+    if intercept:
+        rule = {
+            "host": SITE,
+            "ports": [HTTPS_PORT],
+            "tls": "intercept",
+            "http": {"allow": [dict(a) for a in INTERCEPT_HTTP_ALLOW]},
+        }
     return {
         "v": 1,
         "job_id": job_id,
         "account": "bench",
         "nodes": [node],
         "mode": "enforce",
-        "egress": [{"host": SITE, "ports": [HTTP_PORT]}],
+        "egress": [rule],
         "limits": dict(POLICY_LIMITS),
     }
 
@@ -499,7 +692,7 @@ class EgressdPath:
 
     def setup(self) -> Target:
         try:
-            jws = self.fleet.sign_policy(bench_policy(str(uuid.uuid4()), self.node))
+            jws = self.fleet.sign_policy(self.policy(str(uuid.uuid4())))
         except (FleetError, ProbeError) as exc:
             raise PathError("policy_not_signed", f"{exc.reason}: {exc.detail}") from exc
         try:
@@ -523,7 +716,13 @@ class EgressdPath:
             raise PathError("sandbox_dns_failed", f"{exc.reason}: {exc.detail}") from exc
         expected = _site_address(self.fleet.layout)
         address = expected if expected in answers else answers[0]
-        return Target(self.info.netns, address, HTTP_PORT, SITE)
+        return self._target(self.info.netns, address)
+
+    def policy(self, job_id: str) -> dict[str, object]:
+        return bench_policy(job_id, self.node)
+
+    def _target(self, netns: str, address: IPv4Address) -> Target:
+        return Target(netns, address, HTTP_PORT, SITE)
 
     def refresh(self) -> None:
         """Resolve again (the proxy keeps DNS-learned names for their TTL, 60 s)."""
@@ -553,8 +752,50 @@ class EgressdPath:
         try:
             asyncio.run(self._unregister())
         except AgentClientError as exc:
-            log.warning("sandbox_unregister_failed", sandbox_id=self.sandbox_id, reason=exc.reason,
-                        detail=exc.detail)  # fmt: skip
+            log.warning(
+                "sandbox_unregister_failed",
+                sandbox_id=self.sandbox_id,
+                reason=exc.reason,
+                detail=exc.detail,
+            )
             # The agent is gone or refused: do not leave its namespace behind.
             with contextlib.suppress(kn.NetError):
                 kn.delete_netns(info.netns)
+
+
+class EgressdInterceptPath(EgressdPath):
+    """The egressd path with HTTPS to the site under `tls: intercept` (its own sandbox and job)."""
+
+    name = EGRESSD_INTERCEPT
+    description = (
+        "egressd-intercept: sandbox netns -> ... -> proxy tier 2 -> TLS interception "
+        "(leaf from the fleet's interception CA, verified upstream TLS)"
+    )
+
+    def __init__(self, fleet: Fleet, *, node: str = "node1") -> None:
+        super().__init__(fleet, node=node)
+        self.workdir: Path | None = None
+
+    def policy(self, job_id: str) -> dict[str, object]:
+        return bench_policy(job_id, self.node, intercept=True)
+
+    def _target(self, netns: str, address: IPv4Address) -> Target:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="egressd-bench-intercept-"))
+        target = Target(
+            netns,
+            address,
+            HTTPS_PORT,
+            SITE,
+            tls=True,
+            ca_file=interception.public_cert(self.fleet.run_dir),
+            hosts_file=self.workdir / HOSTS_FILE,
+        )
+        target.hosts_file.write_text(hosts_line(target))  # type: ignore[union-attr]
+        return target
+
+    def teardown(self) -> None:
+        super().teardown()
+        workdir, self.workdir = self.workdir, None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)

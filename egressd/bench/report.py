@@ -310,6 +310,7 @@ class PathResult:
                 "conn_per_s": _round(self.conn_per_s),
                 "bulk_mb_s": _round(self.bulk_mb_s),
                 "idle_rss_mib": _round(self.idle_rss_mib),
+                "keepalive_rps": _round(self.keepalive_rps),
             },
             "wrk_errors": self.errors,
             "samples": {
@@ -414,14 +415,28 @@ def goals(results: Mapping[str, PathResult]) -> list[Goal]:
     s = results.get(SQUID)
     s_bulk = s.bulk_mb_s if s is not None and s.error is None else None
     return [
-        Goal("added_p50_vs_squid", added, squid_added, _at_most(added, squid_added),
-             "egressd's added p50 over the kernel path <= Squid's"),
-        Goal("conn_per_s_per_proxy", per_proxy, GOAL_CONN_PER_S_PER_PROXY,
-             _at_least(per_proxy, GOAL_CONN_PER_S_PER_PROXY),
-             f">= {GOAL_CONN_PER_S_PER_PROXY} new connections/s per proxy process"),
-        Goal("bulk_vs_squid", e_bulk, s_bulk, _at_least(e_bulk, s_bulk),
-             "egressd single-flow bulk MB/s >= Squid's"),
-    ]  # fmt: skip
+        Goal(
+            "added_p50_vs_squid",
+            added,
+            squid_added,
+            _at_most(added, squid_added),
+            "egressd's added p50 over the kernel path <= Squid's",
+        ),
+        Goal(
+            "conn_per_s_per_proxy",
+            per_proxy,
+            GOAL_CONN_PER_S_PER_PROXY,
+            _at_least(per_proxy, GOAL_CONN_PER_S_PER_PROXY),
+            f">= {GOAL_CONN_PER_S_PER_PROXY} new connections/s per proxy process",
+        ),
+        Goal(
+            "bulk_vs_squid",
+            e_bulk,
+            s_bulk,
+            _at_least(e_bulk, s_bulk),
+            "egressd single-flow bulk MB/s >= Squid's",
+        ),
+    ]
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -462,10 +477,16 @@ def render_table(results: Mapping[str, PathResult]) -> str:
             rows.append((r.name, "error", "-", "-", "-", "-"))
             errors.append(f"{r.name}: {r.error}")
             continue
-        rows.append((
-            r.name, _fmt(r.p50_us), _fmt(r.p99_us), _fmt(r.conn_per_s), _fmt(r.bulk_mb_s, 1),
-            _fmt(r.idle_rss_mib, 1),
-        ))  # fmt: skip
+        rows.append(
+            (
+                r.name,
+                _fmt(r.p50_us),
+                _fmt(r.p99_us),
+                _fmt(r.conn_per_s),
+                _fmt(r.bulk_mb_s, 1),
+                _fmt(r.idle_rss_mib, 1),
+            )
+        )
         errors += [f"{r.name}: {measure} failed: {msg}" for measure, msg in r.failures]
     columns = _columns(results)
     widths = [max(len(col), *(len(row[i]) for row in rows)) for i, col in enumerate(columns)]
@@ -588,10 +609,16 @@ def render_intercept(results: Mapping[str, PathResult]) -> str:
             rows.append((r.name, "error", "-", "-", "-", "-"))
             problems.append(f"{r.name}: {r.error}")
             continue
-        rows.append((
-            r.name, _fmt(r.keepalive_rps), _fmt(r.conn_per_s), _fmt(r.bulk_mb_s, 1),
-            _fmt(r.p50_us), _fmt(r.p99_us),
-        ))  # fmt: skip
+        rows.append(
+            (
+                r.name,
+                _fmt(r.keepalive_rps),
+                _fmt(r.conn_per_s),
+                _fmt(r.bulk_mb_s, 1),
+                _fmt(r.p50_us),
+                _fmt(r.p99_us),
+            )
+        )
         problems += [f"{r.name}: {measure} failed: {msg}" for measure, msg in r.failures]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(INTERCEPT_COLUMNS)]
     lines = ["interception (HTTPS, same server): egressd tls: intercept vs Squid ssl_bump bump"]

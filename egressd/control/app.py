@@ -190,7 +190,6 @@ class ControlMetrics:
         )
 
 
-
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object; 413 over MAX_BODY_BYTES, 400 bad_json otherwise."""
     length = request.content_length
@@ -459,9 +458,7 @@ class ControlApi:
         )
 
     def _needs_refresh(self, record: JobRecord, now: int) -> bool:
-        return (
-            record.exp - now < self.policy_ttl_s / 2 or record.kid != self.signing_key.kid
-        )
+        return record.exp - now < self.policy_ttl_s / 2 or record.kid != self.signing_key.kid
 
     async def get_policy(self, request: web.Request) -> web.Response:
         job_id = _path_job_id(request)
@@ -581,9 +578,12 @@ class ControlApi:
             created = self.store.nodes.get(name) is None
             await self._persist(lambda: self.store.put_node(record))
         log.info(
-            "node_registered", who=WHO_ADMIN, created=created, sandbox_cidr_from=source,
+            "node_registered",
+            who=WHO_ADMIN,
+            created=created,
+            sandbox_cidr_from=source,
             **record.to_json(),
-        )  # fmt: skip
+        )
         return web.json_response(record.to_json())
 
     async def put_proxy(self, request: web.Request) -> web.Response:

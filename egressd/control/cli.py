@@ -39,41 +39,66 @@ def register(sub: Any) -> None:
     control_sub = control.add_subparsers(dest="control_command", required=True)
     serve = control_sub.add_parser("serve", help="run the control plane HTTP API")
     serve.add_argument(
-        "--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
         help=f"address to bind, an IP literal (default {DEFAULT_LISTEN}; port 0: ephemeral)",
     )
     serve.add_argument(
-        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
         help=f"where jobs, nodes and proxies are kept (default {DEFAULT_STATE_DIR})",
     )
     serve.add_argument(
-        "--key", type=Path, default=DEFAULT_KEY_FILE, metavar="FILE",
+        "--key",
+        type=Path,
+        default=DEFAULT_KEY_FILE,
+        metavar="FILE",
         help=f"Ed25519 signing key, PEM PKCS#8 (default {DEFAULT_KEY_FILE})",
     )
     serve.add_argument(
-        "--trusted-keys", type=Path, default=None, metavar="DIR",
+        "--trusted-keys",
+        type=Path,
+        default=None,
+        metavar="DIR",
         help="extra public keys to publish (*.jwk, jwks.json; default: the --key directory)",
     )
     serve.add_argument(
-        "--admin-token-file", type=Path, default=DEFAULT_ADMIN_TOKEN_FILE, metavar="FILE",
+        "--admin-token-file",
+        type=Path,
+        default=DEFAULT_ADMIN_TOKEN_FILE,
+        metavar="FILE",
         help=f"bearer token for mutating requests; created (0600) if missing "
         f"(default {DEFAULT_ADMIN_TOKEN_FILE})",
     )
     serve.add_argument(
-        "--policy-ttl", type=integer, default=DEFAULT_POLICY_TTL_S, metavar="SECONDS",
+        "--policy-ttl",
+        type=integer,
+        default=DEFAULT_POLICY_TTL_S,
+        metavar="SECONDS",
         help=f"validity of a signed policy (default {DEFAULT_POLICY_TTL_S})",
     )
     serve.add_argument(
-        "--port-file", type=Path, default=None, metavar="FILE",
+        "--port-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
         help="write the bound port here once listening (removed on exit)",
     )
     serve.add_argument(
-        "--sandbox-pool", default=str(DEFAULT_POOL), metavar="CIDR",
-        help=f"sandbox CIDRs for nodes that register with \"sandbox_cidr\": \"auto\" "
+        "--sandbox-pool",
+        default=str(DEFAULT_POOL),
+        metavar="CIDR",
+        help=f'sandbox CIDRs for nodes that register with "sandbox_cidr": "auto" '
         f"(default {DEFAULT_POOL})",
     )
     serve.add_argument(
-        "--sandbox-prefix", type=integer, default=DEFAULT_NODE_PREFIX, metavar="N",
+        "--sandbox-prefix",
+        type=integer,
+        default=DEFAULT_NODE_PREFIX,
+        metavar="N",
         help=f"prefix length of each node's block from the pool (default {DEFAULT_NODE_PREFIX})",
     )
     serve.set_defaults(handler=_serve)

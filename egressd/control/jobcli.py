@@ -202,7 +202,9 @@ def register(sub: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--control", default=DEFAULT_CONTROL_URL, metavar="URL")
         p.add_argument(
-            "--netns", default=None, metavar="NS",
+            "--netns",
+            default=None,
+            metavar="NS",
             help="namespace to connect from (default: {prefix}ctl if it exists; '' for this one)",
         )
         p.add_argument("--prefix", default="egd-", help="topology namespace prefix")

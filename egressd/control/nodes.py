@@ -26,7 +26,7 @@ class NodesUnavailable(EgressdError):
 def node_names(body: object) -> list[str]:
     """Names from a `GET /v1/nodes` answer (`{"nodes": [{"name": ...}, ...]}`)."""
     if not isinstance(body, dict) or not isinstance(body.get("nodes"), list):
-        raise NodesUnavailable("answer is not {\"nodes\": [...]}")
+        raise NodesUnavailable('answer is not {"nodes": [...]}')
     names = [n.get("name") for n in body["nodes"] if isinstance(n, dict)]
     return sorted(n for n in names if isinstance(n, str))
 
@@ -65,8 +65,9 @@ def fleet_node_names(prefix: str = "egd-") -> list[str]:
     if not present:
         raise NodesUnavailable(f"no local fleet (no namespace {ns})")
     try:
-        reply = http_request(ns, "GET", str(CONTROL_ADDR), CONTROL_PORT, NODES_PATH,
-                             timeout_s=TIMEOUT_S)
+        reply = http_request(
+            ns, "GET", str(CONTROL_ADDR), CONTROL_PORT, NODES_PATH, timeout_s=TIMEOUT_S
+        )
     except ProbeError as exc:
         raise NodesUnavailable(" ".join(exc.detail.split())) from exc
     if reply.status != 200:

@@ -71,13 +71,9 @@ class SandboxPool:
                 f"/{SANDBOX_PREFIX_MIN}../{NODE_PREFIX_MAX}"
             )
         if self.network.prefixlen > self.prefixlen:
-            raise ValueError(
-                f"pool {self.network} is smaller than one /{self.prefixlen} block"
-            )
+            raise ValueError(f"pool {self.network} is smaller than one /{self.prefixlen} block")
         if RESOLVER in self.network:
-            raise ValueError(
-                f"pool {self.network} holds the sandbox resolver address {RESOLVER}"
-            )
+            raise ValueError(f"pool {self.network} holds the sandbox resolver address {RESOLVER}")
 
     @property
     def blocks(self) -> int:

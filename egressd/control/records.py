@@ -18,7 +18,9 @@ from typing import Any
 from egressd.errors import EgressdError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+JOB_ID_RE = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
+)
 
 SANDBOX_PREFIX_MIN = 16
 SANDBOX_PREFIX_MAX = 30

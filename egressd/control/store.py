@@ -222,9 +222,7 @@ class _Revisions:
             try:
                 atomic_write(self.path, f"{rev}\n".encode())
             except OSError as exc:
-                raise StoreError(
-                    "state_write_failed", self.path, exc.strerror or str(exc)
-                ) from exc
+                raise StoreError("state_write_failed", self.path, exc.strerror or str(exc)) from exc
             self.current = rev
             return rev
 

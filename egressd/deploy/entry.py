@@ -300,12 +300,17 @@ def role_control() -> int:
     tmp.chmod(0o600)
     tmp.replace(token)
     argv = egressd(
-        "control", "serve",
-        "--state-dir", str(RUN_DIR / "control"),
-        "--key", str(fleet.signing_key),
-        "--admin-token-file", str(fleet.admin_token_file),
-        "--listen", f"{CONTROL_ADDR}:{CONTROL_PORT}",
-    )  # fmt: skip
+        "control",
+        "serve",
+        "--state-dir",
+        str(RUN_DIR / "control"),
+        "--key",
+        str(fleet.signing_key),
+        "--admin-token-file",
+        str(fleet.admin_token_file),
+        "--listen",
+        f"{CONTROL_ADDR}:{CONTROL_PORT}",
+    )
     return supervise("control", argv)
 
 
@@ -362,8 +367,9 @@ def proxy_config(fleet: Fleet, spec: ProxySpec) -> dict[str, Any]:
         # (tls_interception_unavailable) until the proxy restarts with one.
         log(
             "interception_ca_absent",
-            cert=str(env().interception_ca_cert), key=str(env().interception_ca_key),
-        )  # fmt: skip
+            cert=str(env().interception_ca_cert),
+            key=str(env().interception_ca_key),
+        )
     if not env().secrets_dir.is_dir():
         log("secrets_dir_absent", secrets_dir=str(env().secrets_dir))
     if config["control_url"] != env().control_url:
@@ -404,8 +410,9 @@ def agent_config(fleet: Fleet, spec: NodeSpec) -> dict[str, Any]:
     if env().sandbox_cidr is None:
         config["sandbox_cidr"] = settings.SANDBOX_CIDR_AUTO
         config["registration"] = {
-            "admin_token_file": str(FLEET_DIR / "admin-token"), "wait_s": WAIT_S,
-        }  # fmt: skip
+            "admin_token_file": str(FLEET_DIR / "admin-token"),
+            "wait_s": WAIT_S,
+        }
     return config
 
 
@@ -445,9 +452,10 @@ def start_node() -> tuple[Fleet, NodeSpec, Path]:
         log("sandbox_cidr_auto", name=spec.name, control_url=env().control_url)
     else:
         register(
-            "nodes", spec.name,
+            "nodes",
+            spec.name,
             {"underlay": str(spec.underlay), "sandbox_cidr": str(spec.sandbox_cidr)},
-        )  # fmt: skip
+        )
     return fleet, spec, config
 
 
@@ -547,4 +555,3 @@ def health(role: str) -> int:
         result = Path("/tmp/egressd-demo.result")
         return 0 if result.exists() and result.read_text().strip() == "0" else 1
     raise SystemExit(f"unknown role {role!r}")
-

@@ -44,11 +44,26 @@ def sandbox_argv(
     node: str, run_dir: Path, policy: Path, udf: str, args: list[str], timeout: float
 ) -> list[str]:
     return [
-        sys.executable, "-m", "egressd", "sandbox", "run",
-        "--run-dir", str(run_dir), "--node", node, "--policy", str(policy),
-        "--mount", f"{UDFS}:/udfs", "--timeout", str(timeout),
-        "--", "python3", f"/udfs/{udf}", *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "egressd",
+        "sandbox",
+        "run",
+        "--run-dir",
+        str(run_dir),
+        "--node",
+        node,
+        "--policy",
+        str(policy),
+        "--mount",
+        f"{UDFS}:/udfs",
+        "--timeout",
+        str(timeout),
+        "--",
+        "python3",
+        f"/udfs/{udf}",
+        *args,
+    ]
 
 
 class JobServer(ThreadingHTTPServer):

@@ -31,9 +31,12 @@ LOCUSTFILE = Path(os.environ.get("EGRESSD_LOCUSTFILE", "/opt/egressd/loadtests/l
 
 def payload(job_id: str, node: str) -> dict[str, object]:
     return {
-        "v": 1, "job_id": job_id, "account": "load", "nodes": [node],
+        "v": 1,
+        "job_id": job_id,
+        "account": "load",
+        "nodes": [node],
         "egress": [{"host": "api.allowed.test", "ports": [80, 443]}],
-    }  # fmt: skip
+    }
 
 
 async def run_load(fleet_run_dir: Path, node: str) -> int:
@@ -48,11 +51,27 @@ async def run_load(fleet_run_dir: Path, node: str) -> int:
             (etc / "resolv.conf").write_text(f"nameserver {RESOLVER}\n")
             users = os.environ.get("EGRESSD_LOAD_USERS", "10")
             argv = [
-                "ip", "netns", "exec", info.netns, sys.executable, "-m", "locust",
-                "-f", str(LOCUSTFILE), "--headless", "--host", "http://api.allowed.test",
-                "-u", users, "-r", users, "-t", os.environ.get("EGRESSD_LOAD_RUN_TIME", "60s"),
-                "--only-summary", os.environ.get("EGRESSD_LOAD_CLASS", "Steady"),
-            ]  # fmt: skip
+                "ip",
+                "netns",
+                "exec",
+                info.netns,
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(LOCUSTFILE),
+                "--headless",
+                "--host",
+                "http://api.allowed.test",
+                "-u",
+                users,
+                "-r",
+                users,
+                "-t",
+                os.environ.get("EGRESSD_LOAD_RUN_TIME", "60s"),
+                "--only-summary",
+                os.environ.get("EGRESSD_LOAD_CLASS", "Steady"),
+            ]
             entry.log("load_start", argv=argv)
             proc = await asyncio.create_subprocess_exec(*argv)
             return await proc.wait()

@@ -74,9 +74,15 @@ INTERCEPTION_CA_KEY = "EGRESSD_INTERCEPTION_CA_KEY"
 UPSTREAM_CA_FILE = "EGRESSD_UPSTREAM_CA_FILE"
 PROXY_SECRETS = (SECRETS_DIR, INTERCEPTION_CA_CERT, INTERCEPTION_CA_KEY, UPSTREAM_CA_FILE)
 VARIABLES = (
-    CONTROL_URL, UNDERLAY_ADDRESS, EGRESS_ADDRESS, PROXY_NAME, NODE_NAME, SANDBOX_CIDR,
-    UNDERLAY_RANGES, *PROXY_SECRETS,
-)  # fmt: skip
+    CONTROL_URL,
+    UNDERLAY_ADDRESS,
+    EGRESS_ADDRESS,
+    PROXY_NAME,
+    NODE_NAME,
+    SANDBOX_CIDR,
+    UNDERLAY_RANGES,
+    *PROXY_SECRETS,
+)
 
 # What each role reads; off the compose network each one needs a value (the
 # compose defaults are DESIGN.md's addresses). deploy/kubernetes sets them all.
@@ -194,8 +200,9 @@ def proxy_secret_keys(
     keys: dict[str, object] = {"secrets_dir": str(s.secrets_dir)}
     if exists(s.interception_ca_cert) and exists(s.interception_ca_key):
         keys["interception_ca"] = {
-            "cert": str(s.interception_ca_cert), "key": str(s.interception_ca_key),
-        }  # fmt: skip
+            "cert": str(s.interception_ca_cert),
+            "key": str(s.interception_ca_key),
+        }
     if s.upstream_ca_file is not None:
         keys["upstream_ca_file"] = str(s.upstream_ca_file)
     return keys

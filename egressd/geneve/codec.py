@@ -252,8 +252,22 @@ def decode(buf: bytes | bytearray | memoryview) -> GenevePacket:
     mv = memoryview(buf) if kind is bytes or kind is bytearray else _byte_view(buf)
     n = len(mv)
     if n >= _FAST_LEN:
-        (b0, flags, proto, vni_word, ocls, otype, olen, job_id, digest,
-         ver_ihl, tos, total, w1, w2) = _FAST.unpack_from(mv, 0)  # fmt: skip
+        (
+            b0,
+            flags,
+            proto,
+            vni_word,
+            ocls,
+            otype,
+            olen,
+            job_id,
+            digest,
+            ver_ihl,
+            tos,
+            total,
+            w1,
+            w2,
+        ) = _FAST.unpack_from(mv, 0)
         if (
             b0 == 7  # version 0, options = 28 bytes: only the job option
             and proto == PROTO_IPV4
@@ -272,8 +286,26 @@ def decode(buf: bytes | bytearray | memoryview) -> GenevePacket:
                 mv[PREFIX_LEN : PREFIX_LEN + total],
             )
         if n >= _FAST_OFFLOAD_LEN and b0 == 10:
-            (b0, flags, proto, vni_word, ocls, otype, olen, job_id, digest, o2cls, o2type,
-             o2len, o2data, ver_ihl, tos, total, w1, w2) = _FAST_OFFLOAD.unpack_from(mv, 0)  # fmt: skip
+            (
+                b0,
+                flags,
+                proto,
+                vni_word,
+                ocls,
+                otype,
+                olen,
+                job_id,
+                digest,
+                o2cls,
+                o2type,
+                o2len,
+                o2data,
+                ver_ihl,
+                tos,
+                total,
+                w1,
+                w2,
+            ) = _FAST_OFFLOAD.unpack_from(mv, 0)
             if (
                 proto == PROTO_IPV4
                 and ocls == JOB_OPTION_CLASS
@@ -422,9 +454,17 @@ def pack_offload_option(
 ) -> None:
     """Write the 12-byte offload option at `offset` (the senders' per-packet form)."""
     _OFFLOAD_OPTION.pack_into(
-        buf, offset, OFFLOAD_OPTION_CLASS, OFFLOAD_OPTION_TYPE, 2,
-        flags, gso_type, gso_size, csum_start, csum_offset,
-    )  # fmt: skip
+        buf,
+        offset,
+        OFFLOAD_OPTION_CLASS,
+        OFFLOAD_OPTION_TYPE,
+        2,
+        flags,
+        gso_type,
+        gso_size,
+        csum_start,
+        csum_offset,
+    )
 
 
 def offload_vnet_header(options: tuple[GeneveOption, ...], inner: memoryview) -> bytes | None:

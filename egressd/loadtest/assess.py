@@ -72,7 +72,9 @@ class Observed:
     def refusals(self, role: str) -> dict[str, dict[str, float]] | None:
         """Per proxy, the job's limit refusals by reason during the run (None: no metric)."""
         job = self.job_ids[role]
-        if not any(r.metric_present(self.after.get(p, r.Scrape()), M_REFUSALS) for p in self.proxies):
+        if not any(
+            r.metric_present(self.after.get(p, r.Scrape()), M_REFUSALS) for p in self.proxies
+        ):
             return None
         out = {}
         for proxy in self.proxies:
@@ -85,8 +87,10 @@ class Observed:
         return {
             "proxies": list(self.proxies),
             "job_ids": dict(self.job_ids),
-            "stats": {ph: {role: s.to_dict() if s else None for role, s in per.items()}
-                      for ph, per in self.stats.items()},
+            "stats": {
+                ph: {role: s.to_dict() if s else None for role, s in per.items()}
+                for ph, per in self.stats.items()
+            },
             "totals": {role: s.to_dict() if s else None for role, s in self.totals.items()},
             "failures": {role: [f.to_dict() for f in fs] for role, fs in self.failures.items()},
             "summaries": self.summaries,
@@ -98,18 +102,26 @@ class Observed:
             "log_problems": [p.to_dict() for p in self.log_problems],
             "audit_denials": self.audit_denials,
             "daemon_cpu_cores": self.cpu,
-            "flood": {"attacker_ip": self.attacker_ip, "target": self.flood_target,
-                      "tier1_delta": self.tier1_delta(), "at_proxies": self.tap_delta(),
-                      "tier1_metric_delta": self.tier1_metric_delta(),
-                      "tier1_before": self.tier1_before, "tier1_after": self.tier1_after},
-        }  # fmt: skip
+            "flood": {
+                "attacker_ip": self.attacker_ip,
+                "target": self.flood_target,
+                "tier1_delta": self.tier1_delta(),
+                "at_proxies": self.tap_delta(),
+                "tier1_metric_delta": self.tier1_metric_delta(),
+                "tier1_before": self.tier1_before,
+                "tier1_after": self.tier1_after,
+            },
+        }
 
     def tier1_delta(self) -> dict[str, int] | None:
         """The attacker's tier-1 counters' growth over the load, by reason."""
         if self.tier1_before is None or self.tier1_after is None:
             return None
-        return {k: v - self.tier1_before.get(k, 0) for k, v in sorted(self.tier1_after.items())
-                if v - self.tier1_before.get(k, 0)}  # fmt: skip
+        return {
+            k: v - self.tier1_before.get(k, 0)
+            for k, v in sorted(self.tier1_after.items())
+            if v - self.tier1_before.get(k, 0)
+        }
 
     def tier1_metric_delta(self) -> dict[str, int] | None:
         """The growth of the agent's per-sandbox tier-1 counter of the attacker, by
@@ -121,7 +133,9 @@ class Observed:
         sid = self.attacker_sandbox
         before = r.by_label(self.agent_before, M_TIER1_SANDBOX, "reason", sandbox_id=sid)
         after = r.by_label(self.agent_after, M_TIER1_SANDBOX, "reason", sandbox_id=sid)
-        return {k: int(n - before.get(k, 0)) for k, n in sorted(after.items()) if n - before.get(k, 0)}
+        return {
+            k: int(n - before.get(k, 0)) for k, n in sorted(after.items()) if n - before.get(k, 0)
+        }
 
     def tap_delta(self, counter: str | None = None) -> dict[str, Any]:
         """Per proxy, the tap's growth over the load (one counter, or all)."""
@@ -141,7 +155,9 @@ def stress_spans(scenario: Scenario, t0: float) -> list[tuple[float, float]]:
     return [(t0 + w.start, t0 + w.end) for w in scenario.windows if w.phase == STRESS]
 
 
-def held_per_window(series: Sequence[Sequence[float]], spans: Sequence[tuple[float, float]]) -> list[int]:
+def held_per_window(
+    series: Sequence[Sequence[float]], spans: Sequence[tuple[float, float]]
+) -> list[int]:
     """The most connections the attacker held in each stress window (client side)."""
     return [int(max((n for t, n in series if a <= t < b), default=0)) for a, b in spans]
 
@@ -151,34 +167,50 @@ def _attack(scenario: Scenario, obs: Observed) -> list[v.Verdict]:
     job_id = obs.job_ids["attacker"]
     n = len(obs.proxies)
     summary = obs.summaries.get("attacker", {}).get("attacker", {})
-    outcomes = {k: int(val) for k, val in summary.items() if isinstance(val, int | float) and k != "held_max"}
+    outcomes = {
+        k: int(val)
+        for k, val in summary.items()
+        if isinstance(val, int | float) and k != "held_max"
+    }
     refusals = obs.refusals("attacker") or {}
     attack = v.AttackObservation(
         proxies=list(obs.proxies),
         ports_per_destination=int(job.limits["ports_per_destination"]),
         connection_share=share(int(job.limits["max_connections"]), n),
         held_max=int(summary.get("held_max", 0)),
-        held_per_window=held_per_window(summary.get("held_series", []),
-                                        stress_spans(scenario, obs.schedule_t0)),
+        held_per_window=held_per_window(
+            summary.get("held_series", []), stress_spans(scenario, obs.schedule_t0)
+        ),
         attempts=int(summary.get("attempts", 0)),
         outcomes=outcomes,
-        source_ports_max={p: obs.gauges.max(p, M_JOB_SOURCE_PORTS, job_id=job_id) for p in obs.proxies},
-        connections_max={p: obs.gauges.max(p, M_JOB_CONNECTIONS, job_id=job_id) for p in obs.proxies},
+        source_ports_max={
+            p: obs.gauges.max(p, M_JOB_SOURCE_PORTS, job_id=job_id) for p in obs.proxies
+        },
+        connections_max={
+            p: obs.gauges.max(p, M_JOB_CONNECTIONS, job_id=job_id) for p in obs.proxies
+        },
         refusals=refusals,
         audit_denials=obs.audit_denials.get("attacker", {}),
-    )  # fmt: skip
+    )
     return v.attacker_verdicts(attack)
 
 
-def _neighbour(role: str, obs: Observed, phases: Sequence[str],
-               slack_ms: float = 0.0) -> list[v.Verdict]:  # fmt: skip
+def _neighbour(
+    role: str, obs: Observed, phases: Sequence[str], slack_ms: float = 0.0
+) -> list[v.Verdict]:
     refusals = obs.refusals(role)
     total = None if refusals is None else sum(sum(per.values()) for per in refusals.values())
-    out = [v.failures_verdict(role, {ph: obs.stat(ph, role) for ph in phases}, total,
-                              obs.totals.get(role))]  # fmt: skip
+    out = [
+        v.failures_verdict(
+            role, {ph: obs.stat(ph, role) for ph in phases}, total, obs.totals.get(role)
+        )
+    ]
     if len(phases) > 1:
-        out.append(v.latency_verdict(role, obs.stat(BASELINE, role), obs.stat(STRESS, role),
-                                     slack_ms=slack_ms))  # fmt: skip
+        out.append(
+            v.latency_verdict(
+                role, obs.stat(BASELINE, role), obs.stat(STRESS, role), slack_ms=slack_ms
+            )
+        )
     return out
 
 
@@ -202,7 +234,7 @@ def _flood(scenario: Scenario, obs: Observed) -> list[v.Verdict]:
         at_proxies=obs.tap_delta(f"attacker_{kind}"),
         answered=int(summary["answered"]) if kind == "dns" and "answered" in summary else None,
         proxy_refusals=total_refusals,
-    )  # fmt: skip
+    )
     return v.flood_verdicts(flood)
 
 
@@ -213,10 +245,15 @@ def hog_busy(obs: Observed) -> tuple[list[str], bool]:
     if not any(r.metric_present(obs.after.get(p, r.Scrape()), M_JOB_BYTES) for p in obs.proxies):
         return list(obs.proxies), False
     down = {
-        p: r.counter_delta(obs.before.get(p, []), obs.after.get(p, r.Scrape()), M_JOB_BYTES,
-                           job_id=job_id, direction="down")
+        p: r.counter_delta(
+            obs.before.get(p, []),
+            obs.after.get(p, r.Scrape()),
+            M_JOB_BYTES,
+            job_id=job_id,
+            direction="down",
+        )
         for p in obs.proxies
-    }  # fmt: skip
+    }
     total = sum(down.values())
     return [p for p in obs.proxies if total > 0 and down[p] >= BUSY_FRACTION * total], True
 
@@ -226,12 +263,17 @@ def _hog(scenario: Scenario, obs: Observed) -> v.Verdict:
     seconds = r.summary_seconds(summary.get("bytes_per_second", {}))
     rate, span = r.client_rate(seconds, stress_spans(scenario, obs.schedule_t0), skip_s=HOG_SKIP_S)
     busy, measured = hog_busy(obs)
-    expected = v.expected_hog_rate(int(scenario.job("hog").limits["bandwidth_bps"]),
-                                   len(obs.proxies), len(busy))  # fmt: skip
+    expected = v.expected_hog_rate(
+        int(scenario.job("hog").limits["bandwidth_bps"]), len(obs.proxies), len(busy)
+    )
     verdict = v.hog_verdict(rate, span, expected, busy)
     if not measured:
-        detail = "; ".join(x for x in (verdict.detail, f"no {M_JOB_BYTES}: assumed every proxy busy") if x)
-        verdict = v.Verdict(verdict.name, verdict.passed, verdict.measured, verdict.threshold, detail)
+        detail = "; ".join(
+            x for x in (verdict.detail, f"no {M_JOB_BYTES}: assumed every proxy busy") if x
+        )
+        verdict = v.Verdict(
+            verdict.name, verdict.passed, verdict.measured, verdict.threshold, detail
+        )
     return verdict
 
 

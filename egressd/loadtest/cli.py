@@ -52,9 +52,12 @@ def options(args: argparse.Namespace) -> runner.Options:
     if "." in run_dir.name or not run_dir.is_absolute():
         raise CliError(f"--run-dir {args.run_dir!r} must be an absolute path whose name has no dot")
     return runner.Options(
-        scenario=args.scenario, duration_s=args.duration, prefix=args.prefix, run_dir=run_dir,
+        scenario=args.scenario,
+        duration_s=args.duration,
+        prefix=args.prefix,
+        run_dir=run_dir,
         out=Path(args.out) if args.out else None,
-    )  # fmt: skip
+    )
 
 
 def _handle(args: argparse.Namespace) -> int:
@@ -66,11 +69,17 @@ def _handle(args: argparse.Namespace) -> int:
         with sigterm_unwinds():
             report = runner.run(opts)
     except EgressdError as exc:
-        raise CliError(f"loadtest {opts.scenario}: {exc.reason}: {' '.join(exc.detail.split())}") from exc
+        raise CliError(
+            f"loadtest {opts.scenario}: {exc.reason}: {' '.join(exc.detail.split())}"
+        ) from exc
     except Stopped:
-        print("egressd: loadtest stopped (SIGTERM); everything it set up was removed", file=sys.stderr)
+        print(
+            "egressd: loadtest stopped (SIGTERM); everything it set up was removed", file=sys.stderr
+        )
         return 143
-    doc = verdicts.to_json(report.scenario.to_dict(), report.verdicts, report.observed.to_dict(), report.meta)
+    doc = verdicts.to_json(
+        report.scenario.to_dict(), report.verdicts, report.observed.to_dict(), report.meta
+    )
     out = opts.out or Path("loadtest-results") / f"{opts.scenario}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
@@ -82,15 +91,30 @@ def _handle(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("loadtest", help="fairness under abuse: a locust scenario on its own fleet, verdict table + JSON")
+    parser = sub.add_parser(
+        "loadtest",
+        help="fairness under abuse: a locust scenario on its own fleet, verdict table + JSON",
+    )
     parser.add_argument("scenario", choices=SCENARIOS, help=" | ".join(SCENARIOS))
-    parser.add_argument("--duration", type=_seconds, required=True, help="seconds of load (all phases)")
-    parser.add_argument("--prefix", default=runner.DEFAULT_PREFIX,
-                        help=f"namespace prefix of the load-test fleet (default {runner.DEFAULT_PREFIX})")
-    parser.add_argument("--run-dir", default=str(runner.DEFAULT_RUN_DIR),
-                        help=f"the load-test fleet's run directory (default {runner.DEFAULT_RUN_DIR})")
-    parser.add_argument("--out", default=None,
-                        help="the JSON document (default loadtest-results/SCENARIO.json)")
-    parser.add_argument("--no-plots", action="store_true",
-                        help="no OUT-latency.png / OUT-throughput.png beside the JSON (need matplotlib)")
+    parser.add_argument(
+        "--duration", type=_seconds, required=True, help="seconds of load (all phases)"
+    )
+    parser.add_argument(
+        "--prefix",
+        default=runner.DEFAULT_PREFIX,
+        help=f"namespace prefix of the load-test fleet (default {runner.DEFAULT_PREFIX})",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=str(runner.DEFAULT_RUN_DIR),
+        help=f"the load-test fleet's run directory (default {runner.DEFAULT_RUN_DIR})",
+    )
+    parser.add_argument(
+        "--out", default=None, help="the JSON document (default loadtest-results/SCENARIO.json)"
+    )
+    parser.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="no OUT-latency.png / OUT-throughput.png beside the JSON (need matplotlib)",
+    )
     parser.set_defaults(handler=_handle)

@@ -70,7 +70,8 @@ def dns_query(name: str, qid: int) -> bytes:
     """A standard query (RD set) for `name` IN A."""
     header = struct.pack("!HHHHHH", qid & 0xFFFF, 0x0100, 1, 0, 0, 0)
     labels = b"".join(
-        bytes([len(part)]) + part for part in (p.encode("ascii") for p in name.rstrip(".").split("."))
+        bytes([len(part)]) + part
+        for part in (p.encode("ascii") for p in name.rstrip(".").split("."))
     )
     if any(len(p) > 63 for p in name.split(".")) or len(labels) > 254:
         raise ValueError(f"not a DNS name: {name!r}")
@@ -107,8 +108,9 @@ _TCP_HEADER = struct.Struct("!HHIIBBHHH")
 _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 
 
-def syn_packet(src: IPv4Address, dst: IPv4Address, sport: int, dport: int, seq: int,
-               ident: int) -> bytes:  # fmt: skip
+def syn_packet(
+    src: IPv4Address, dst: IPv4Address, sport: int, dport: int, seq: int, ident: int
+) -> bytes:
     """An IPv4 packet (no options, DF) carrying a TCP SYN with an MSS option,
     both checksums right: what a kernel's connect() sends, minus the rest
     of its options."""
@@ -118,8 +120,9 @@ def syn_packet(src: IPv4Address, dst: IPv4Address, sport: int, dport: int, seq: 
     pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
     total = _IPV4_HEADER.size + len(tcp)
-    header = _IPV4_HEADER.pack(0x45, 0, total, ident & 0xFFFF, 0x4000, 64, socket.IPPROTO_TCP, 0,
-                               src.packed, dst.packed)  # fmt: skip
+    header = _IPV4_HEADER.pack(
+        0x45, 0, total, ident & 0xFFFF, 0x4000, 64, socket.IPPROTO_TCP, 0, src.packed, dst.packed
+    )
     header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
     return header + tcp
 
@@ -138,7 +141,9 @@ def due(elapsed_s: float, rate: float, sent: int) -> int:
 
 def stress_spans(schedule: list[tuple[float, str]]) -> list[tuple[float, float]]:
     """The schedule's stress windows as [start, end) times."""
-    return [(t, schedule[i + 1][0]) for i, (t, phase) in enumerate(schedule[:-1]) if phase == STRESS]
+    return [
+        (t, schedule[i + 1][0]) for i, (t, phase) in enumerate(schedule[:-1]) if phase == STRESS
+    ]
 
 
 @dataclass
@@ -161,13 +166,18 @@ class FloodStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "rate_cap": self.rate, "sent": self.sent, "answered": self.answered,
-            "rcodes": dict(self.rcodes), "errors": dict(self.errors),
+            "kind": self.kind,
+            "rate_cap": self.rate,
+            "sent": self.sent,
+            "answered": self.answered,
+            "rcodes": dict(self.rcodes),
+            "errors": dict(self.errors),
             "spans": [[round(a, 3), round(b, 3)] for a, b in self.spans],
             "flood_seconds": round(self.flood_seconds, 3),
             "sent_per_s": round(self.sent / self.flood_seconds, 1) if self.flood_seconds else 0.0,
-            "stopped_by": self.stopped_by, "cpu_s": round(self.cpu_s, 3),
-        }  # fmt: skip
+            "stopped_by": self.stopped_by,
+            "cpu_s": round(self.cpu_s, 3),
+        }
 
 
 RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
@@ -180,8 +190,14 @@ def _send_errors(stats: FloodStats, exc: OSError) -> None:
     stats.errors[errno.errorcode.get(exc.errno or 0, str(exc.errno))] += 1
 
 
-def run(stats: FloodStats, send_one: Callable[[int], None], poll: Callable[[], None],
-        schedule: list[tuple[float, str]], max_packets: int, max_seconds: float) -> FloodStats:  # fmt: skip
+def run(
+    stats: FloodStats,
+    send_one: Callable[[int], None],
+    poll: Callable[[], None],
+    schedule: list[tuple[float, str]],
+    max_packets: int,
+    max_seconds: float,
+) -> FloodStats:
     """Flood with `send_one(i)` in the stress windows, at `stats.rate`, until
     the schedule's end, `max_packets` or `max_seconds` of flooding; `poll()`
     reads what came back (between steps and until `DRAIN_S` after the end)."""
@@ -223,8 +239,13 @@ def run(stats: FloodStats, send_one: Callable[[int], None], poll: Callable[[], N
     return stats
 
 
-def dns_flood(resolver: IPv4Address, schedule: list[tuple[float, str]], rate: float,
-              max_packets: int, max_seconds: float) -> FloodStats:  # fmt: skip
+def dns_flood(
+    resolver: IPv4Address,
+    schedule: list[tuple[float, str]],
+    rate: float,
+    max_packets: int,
+    max_seconds: float,
+) -> FloodStats:
     stats = FloodStats("dns", rate)
     socks = []
     for _ in range(SOCKETS):
@@ -250,7 +271,9 @@ def dns_flood(resolver: IPv4Address, schedule: list[tuple[float, str]], rate: fl
                     break
                 rcode = dns_rcode(reply)
                 stats.answered += 1
-                stats.rcodes[RCODE_NAMES.get(rcode, str(rcode)) if rcode is not None else "not_dns"] += 1
+                stats.rcodes[
+                    RCODE_NAMES.get(rcode, str(rcode)) if rcode is not None else "not_dns"
+                ] += 1
 
     try:
         return run(stats, send_one, poll, schedule, max_packets, max_seconds)
@@ -259,29 +282,42 @@ def dns_flood(resolver: IPv4Address, schedule: list[tuple[float, str]], rate: fl
             sock.close()
 
 
-def syn_flood(src: IPv4Address, dst: IPv4Address, port: int, schedule: list[tuple[float, str]],
-              rate: float, max_packets: int, max_seconds: float) -> FloodStats:  # fmt: skip
+def syn_flood(
+    src: IPv4Address,
+    dst: IPv4Address,
+    port: int,
+    schedule: list[tuple[float, str]],
+    rate: float,
+    max_packets: int,
+    max_seconds: float,
+) -> FloodStats:
     stats = FloodStats("syn", rate)
     rng = random.Random()
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
         sock.setblocking(False)
 
         def send_one(_i: int) -> None:
-            packet = syn_packet(src, dst, rng.randint(1024, 65535), port, rng.getrandbits(32),
-                                rng.getrandbits(16))  # fmt: skip
+            packet = syn_packet(
+                src, dst, rng.randint(1024, 65535), port, rng.getrandbits(32), rng.getrandbits(16)
+            )
             sock.sendto(packet, (str(dst), 0))
 
         return run(stats, send_one, lambda: None, schedule, max_packets, max_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m egressd.loadtest.flood", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m egressd.loadtest.flood",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("kind", choices=("dns", "syn"))
     parser.add_argument("--schedule", required=True, help="T:phase,...,T:end (Unix times)")
     parser.add_argument("--rate", type=float, required=True, help="packets/s (0: unpaced)")
     parser.add_argument("--max-packets", type=int, default=MAX_PACKETS)
-    parser.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="seconds of flooding")
+    parser.add_argument(
+        "--max-seconds", type=float, default=MAX_SECONDS, help="seconds of flooding"
+    )
     parser.add_argument("--summary", required=True, help="the JSON summary to write at the end")
     parser.add_argument("--resolver", type=IPv4Address, default=IPv4Address("100.100.100.53"))
     parser.add_argument("--src", type=IPv4Address, help="syn: the sandbox's own address")
@@ -296,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "syn":
         if args.src is None or args.dst is None or not 0 < args.port < 65536:
             parser.error("syn needs --src, --dst and a --port 1..65535")
-        stats = syn_flood(args.src, args.dst, args.port, schedule, args.rate, args.max_packets,
-                          args.max_seconds)  # fmt: skip
+        stats = syn_flood(
+            args.src, args.dst, args.port, schedule, args.rate, args.max_packets, args.max_seconds
+        )
     else:
         stats = dns_flood(args.resolver, schedule, args.rate, args.max_packets, args.max_seconds)
     usage = resource.getrusage(resource.RUSAGE_SELF)

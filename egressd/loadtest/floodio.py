@@ -50,17 +50,43 @@ TAP_COUNTERS = ("attacker_dns", "attacker_syn")
 class FloodRun:
     """The attacker's flooder through the whole schedule (bounded by itself)."""
 
-    def __init__(self, python: str, netns: str, kind: str, schedule: str, seconds: float, rate: float,
-                 max_flood_s: float, workdir: Path, role: str, *, src: IPv4Address | None = None,
-                 dst: IPv4Address | None = None, port: int = 80) -> None:  # fmt: skip
+    def __init__(
+        self,
+        python: str,
+        netns: str,
+        kind: str,
+        schedule: str,
+        seconds: float,
+        rate: float,
+        max_flood_s: float,
+        workdir: Path,
+        role: str,
+        *,
+        src: IPv4Address | None = None,
+        dst: IPv4Address | None = None,
+        port: int = 80,
+    ) -> None:
         self.role = role
         self.summary_path = workdir / f"{role}_summary.json"
         self.output = workdir / f"{role}_flood.log"
         self.argv = [
-            "ip", "netns", "exec", netns, python, "-m", "egressd.loadtest.flood", kind,
-            "--schedule", schedule, "--rate", f"{rate:g}", "--max-seconds", f"{max_flood_s:g}",
-            "--summary", str(self.summary_path),
-        ]  # fmt: skip
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            python,
+            "-m",
+            "egressd.loadtest.flood",
+            kind,
+            "--schedule",
+            schedule,
+            "--rate",
+            f"{rate:g}",
+            "--max-seconds",
+            f"{max_flood_s:g}",
+            "--summary",
+            str(self.summary_path),
+        ]
         if kind == "syn":
             assert src is not None and dst is not None
             self.argv += ["--src", str(src), "--dst", str(dst), "--port", str(port)]
@@ -69,8 +95,13 @@ class FloodRun:
 
     def start(self) -> None:
         with open(self.output, "wb") as out:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         log.info("flood_started", role=self.role, pid=self.proc.pid)
 
     def wait(self) -> int:
@@ -194,7 +225,9 @@ class ProxyTap:
         out: dict[str, dict[str, int] | None] = {}
         for proxy, ns in self.namespaces.items():
             try:
-                done = kn.run_in_netns(ns, ["nft", "-j", "list", "counters", "table", "ip", TAP_TABLE])
+                done = kn.run_in_netns(
+                    ns, ["nft", "-j", "list", "counters", "table", "ip", TAP_TABLE]
+                )
                 out[proxy] = parse_tap(done.stdout)
             except (kn.NetError, ValueError, TypeError) as exc:
                 log.error("tap_unreadable", proxy=proxy, error=str(exc))

@@ -120,10 +120,13 @@ def throughput_series(doc: Mapping[str, Any]) -> list[Panel]:
             # A flood: its mean rate over each span it ran (its summary has no per-second series).
             rate = float(summary["sent_per_s"])
             spans = tuple(
-                Line(f"{summary.get('kind', 'flood')} sent/s (mean)",
-                     (round(a - t0, 3), round(b - t0, 3)), (rate, rate))
+                Line(
+                    f"{summary.get('kind', 'flood')} sent/s (mean)",
+                    (round(a - t0, 3), round(b - t0, 3)),
+                    (rate, rate),
+                )
                 for a, b in summary["spans"]
-            )  # fmt: skip
+            )
             panels.append(Panel(role, "packets/s", spans))
     return panels
 
@@ -139,8 +142,10 @@ def _shade(ax: Any, spans: list[tuple[float, float, str]]) -> None:
 def _window_legend() -> list[Any]:
     from matplotlib.patches import Patch
 
-    return [Patch(color="tab:red", alpha=0.12, label="stress"),
-            Patch(facecolor="none", edgecolor="0.6", hatch="///", label="settle")]  # fmt: skip
+    return [
+        Patch(color="tab:red", alpha=0.12, label="stress"),
+        Patch(facecolor="none", edgecolor="0.6", hatch="///", label="settle"),
+    ]
 
 
 def _title(doc: Mapping[str, Any], what: str) -> str:
@@ -187,8 +192,13 @@ def render_throughput(doc: Mapping[str, Any], path: Path) -> list[Panel]:
     """The throughput figure, one panel per job; returns the panels drawn."""
     plt = plotting.pyplot()
     panels = throughput_series(doc)
-    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(9, 1.2 + 2.0 * max(1, len(panels))),
-                             sharex=True, squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        max(1, len(panels)),
+        1,
+        figsize=(9, 1.2 + 2.0 * max(1, len(panels))),
+        sharex=True,
+        squeeze=False,
+    )
     spans = windows(doc)
     for ax, panel in zip(axes[:, 0], panels, strict=False):
         _shade(ax, spans)
@@ -209,8 +219,13 @@ def render_throughput(doc: Mapping[str, Any], path: Path) -> list[Panel]:
         handles = ax.get_legend_handles_labels()[0] + _window_legend()
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     if not panels:
-        axes[0, 0].text(0.5, 0.5, "no per-job series in this report", ha="center",
-                        transform=axes[0, 0].transAxes)  # fmt: skip
+        axes[0, 0].text(
+            0.5,
+            0.5,
+            "no per-job series in this report",
+            ha="center",
+            transform=axes[0, 0].transAxes,
+        )
     axes[-1, 0].set_xlabel("seconds from the first window")
     fig.suptitle(_title(doc, "per-job throughput"), fontsize=10)
     plotting.save(fig, path)

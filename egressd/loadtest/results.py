@@ -102,8 +102,16 @@ def _optional(text: str, what: str) -> float | None:
 def parse_stats_csv(text: str) -> dict[str, RequestStats]:
     """locust's `*_stats.csv`: one `RequestStats` per request name (`Aggregated` included)."""
     reader = csv.DictReader(io.StringIO(text))
-    needed = {"Type", "Name", "Request Count", "Failure Count", "Average Response Time",
-              "Max Response Time", "Requests/s", "99%"}  # fmt: skip
+    needed = {
+        "Type",
+        "Name",
+        "Request Count",
+        "Failure Count",
+        "Average Response Time",
+        "Max Response Time",
+        "Requests/s",
+        "99%",
+    }
     if reader.fieldnames is None or not needed <= set(reader.fieldnames):
         raise ParseError("locust_csv", f"not a locust stats CSV (columns {reader.fieldnames!r})")
     pct_columns = [c for c in reader.fieldnames if c.endswith(_PERCENT_SUFFIX)]
@@ -153,17 +161,28 @@ class Failure:
     occurrences: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "name": self.name, "error": self.error,
-                "occurrences": self.occurrences}  # fmt: skip
+        return {
+            "method": self.method,
+            "name": self.name,
+            "error": self.error,
+            "occurrences": self.occurrences,
+        }
 
 
 def parse_failures_csv(text: str) -> list[Failure]:
     """locust's `*_failures.csv`: what failed, how often."""
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or not {"Method", "Name", "Error", "Occurrences"} <= set(reader.fieldnames):
+    if reader.fieldnames is None or not {"Method", "Name", "Error", "Occurrences"} <= set(
+        reader.fieldnames
+    ):
         raise ParseError("locust_csv", f"not a locust failures CSV (columns {reader.fieldnames!r})")
     return [
-        Failure(row["Method"], row["Name"], row["Error"], int(_number(row["Occurrences"], "occurrences")))
+        Failure(
+            row["Method"],
+            row["Name"],
+            row["Error"],
+            int(_number(row["Occurrences"], "occurrences")),
+        )
         for row in reader
     ]
 
@@ -171,8 +190,9 @@ def parse_failures_csv(text: str) -> list[Failure]:
 # --- the hog's bytes ------------------------------------------------------------------
 
 
-def client_rate(bytes_per_second: Mapping[int, int], spans: Sequence[tuple[float, float]], *,
-                skip_s: int = 3) -> tuple[float, int]:  # fmt: skip
+def client_rate(
+    bytes_per_second: Mapping[int, int], spans: Sequence[tuple[float, float]], *, skip_s: int = 3
+) -> tuple[float, int]:
     """Bytes/s received over the whole seconds inside `spans` ([start, end)
     Unix times), leaving out the first `skip_s` seconds of each span
     (connection set-up, the burst of what the buffers held while paused).
@@ -264,7 +284,12 @@ class LogProblem:
     text: str  # the line, shortened
 
     def to_dict(self) -> dict[str, Any]:
-        return {"component": self.component, "line": self.line_no, "what": self.what, "text": self.text}
+        return {
+            "component": self.component,
+            "line": self.line_no,
+            "what": self.what,
+            "text": self.text,
+        }
 
 
 def scan_log(component: str, text: str, *, limit: int = 200) -> list[LogProblem]:
@@ -305,7 +330,11 @@ def deny_reasons(text: str, job_id: str) -> Counter[str]:
             item = json.loads(line)
         except ValueError:
             continue
-        if (isinstance(item, dict) and item.get("event") == "connection"
-                and item.get("job_id") == job_id and item.get("verdict") == "deny"):  # fmt: skip
+        if (
+            isinstance(item, dict)
+            and item.get("event") == "connection"
+            and item.get("job_id") == job_id
+            and item.get("verdict") == "deny"
+        ):
             out[str(item.get("reason", ""))] += 1
     return out

@@ -157,15 +157,21 @@ class LoadGenerator:
         try:
             jws = self.fleet.sign_policy(self.job.policy(self.job_id))
         except (FleetError, ProbeError) as exc:
-            raise LoadtestError("policy_not_signed", f"{self.job.role}: {exc.reason}: {exc.detail}") from exc
+            raise LoadtestError(
+                "policy_not_signed", f"{self.job.role}: {exc.reason}: {exc.detail}"
+            ) from exc
         try:
             self.info = asyncio.run(self._register(jws))
         except AgentClientError as exc:
-            raise LoadtestError("not_registered", f"{self.job.role}: {exc.reason}: {exc.detail}") from exc
+            raise LoadtestError(
+                "not_registered", f"{self.job.role}: {exc.reason}: {exc.detail}"
+            ) from exc
         self._made_etc_netns = not ETC_NETNS.exists()
         self._etc = ETC_NETNS / self.info.netns
         self._etc.mkdir(parents=True, exist_ok=True)
-        (self._etc / "resolv.conf").write_text(f"nameserver {self.info.resolver}\noptions timeout:2\n")
+        (self._etc / "resolv.conf").write_text(
+            f"nameserver {self.info.resolver}\noptions timeout:2\n"
+        )
         tune_client(self.info.netns)
         self._check()
 
@@ -176,8 +182,15 @@ class LoadGenerator:
         while time.monotonic() < deadline:
             try:
                 address = resolve_a(self.netns, RESOLVER, SITE)[0]
-                reply = http_request(self.netns, "GET", str(address), HTTP_PORT, "/",
-                                     headers={"Host": SITE}, timeout_s=2.0)  # fmt: skip
+                reply = http_request(
+                    self.netns,
+                    "GET",
+                    str(address),
+                    HTTP_PORT,
+                    "/",
+                    headers={"Host": SITE},
+                    timeout_s=2.0,
+                )
                 if reply.status == 200:
                     return
                 last = f"HTTP {reply.status}"
@@ -207,7 +220,12 @@ class LoadGenerator:
         try:
             asyncio.run(self._unregister())
         except AgentClientError as exc:
-            log.warning("unregister_failed", sandbox_id=self.sandbox_id, reason=exc.reason, detail=exc.detail)
+            log.warning(
+                "unregister_failed",
+                sandbox_id=self.sandbox_id,
+                reason=exc.reason,
+                detail=exc.detail,
+            )
             with contextlib.suppress(kn.NetError):
                 kn.delete_netns(info.netns)
 
@@ -218,34 +236,68 @@ class LoadGenerator:
 class LocustRun:
     """One headless locust process for one job, through the whole schedule."""
 
-    def __init__(self, opts: Options, gen: LoadGenerator, seconds: int, schedule: str,
-                 workdir: Path) -> None:  # fmt: skip
+    def __init__(
+        self, opts: Options, gen: LoadGenerator, seconds: int, schedule: str, workdir: Path
+    ) -> None:
         self.gen = gen
         self.base = workdir / gen.job.role
         self.summary_path = workdir / f"{gen.job.role}_summary.json"
         self.output = workdir / f"{gen.job.role}_locust.log"
         self.argv = [
-            "ip", "netns", "exec", gen.netns,
-            opts.python, "-m", "locust", "-f", str(opts.locustfile), "--headless",
-            "--host", f"http://{SITE}", "-u", str(gen.job.users), "-r", str(gen.job.users),
-            "-t", f"{seconds}s", "--csv", str(self.base), "--only-summary", "--loglevel", "WARNING",
+            "ip",
+            "netns",
+            "exec",
+            gen.netns,
+            opts.python,
+            "-m",
+            "locust",
+            "-f",
+            str(opts.locustfile),
+            "--headless",
+            "--host",
+            f"http://{SITE}",
+            "-u",
+            str(gen.job.users),
+            "-r",
+            str(gen.job.users),
+            "-t",
+            f"{seconds}s",
+            "--csv",
+            str(self.base),
+            "--only-summary",
+            "--loglevel",
+            "WARNING",
             gen.job.user_class,
-        ]  # fmt: skip
+        ]
         self.timeout_s = seconds + LOCUST_GRACE_S
-        self.env = {**os.environ, **gen.job.env, "EGRESSD_LT_SUMMARY": str(self.summary_path),
-                    "EGRESSD_LT_SCHEDULE": schedule, "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            **gen.job.env,
+            "EGRESSD_LT_SUMMARY": str(self.summary_path),
+            "EGRESSD_LT_SCHEDULE": schedule,
+            "PYTHONUNBUFFERED": "1",
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
 
     def start(self) -> None:
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=self.env, start_new_session=True,
-            )  # fmt: skip
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
         self.started = time.monotonic()
-        log.info("locust_started", role=self.gen.job.role, pid=self.proc.pid, users=self.gen.job.users,
-                 netns=self.gen.netns)  # fmt: skip
+        log.info(
+            "locust_started",
+            role=self.gen.job.role,
+            pid=self.proc.pid,
+            users=self.gen.job.users,
+            netns=self.gen.netns,
+        )
 
     def wait(self) -> int:
         assert self.proc is not None
@@ -295,9 +347,7 @@ class Scraper:
     inside the proxy's namespace (the admin port is on its underlay address)."""
 
     def __init__(self, fleet: Fleet) -> None:
-        self.targets = {
-            p.name: (fleet.ns(p.netns), str(p.underlay)) for p in fleet.layout.proxies
-        }
+        self.targets = {p.name: (fleet.ns(p.netns), str(p.underlay)) for p in fleet.layout.proxies}
         self._conns: dict[str, http.client.HTTPConnection] = {}
 
     def _conn(self, proxy: str) -> http.client.HTTPConnection:
@@ -341,7 +391,9 @@ class Scraper:
 class Sampler(threading.Thread):
     """Scrapes every proxy every `interval_s` into a `GaugeMax` until stopped."""
 
-    def __init__(self, fleet: Fleet, gauges: r.GaugeMax, interval_s: float = SAMPLE_INTERVAL_S) -> None:
+    def __init__(
+        self, fleet: Fleet, gauges: r.GaugeMax, interval_s: float = SAMPLE_INTERVAL_S
+    ) -> None:
         super().__init__(name="loadtest-sampler", daemon=True)
         self.scraper = Scraper(fleet)
         self.gauges = gauges
@@ -401,8 +453,15 @@ def _daemon_cpu(fleet: Fleet) -> dict[str, float | None]:
     return out
 
 
-def _run_load(opts: Options, fleet: Fleet, gens: Mapping[str, LoadGenerator], scenario: Scenario,
-              workdir: Path, obs: Observed, stack: contextlib.ExitStack) -> None:  # fmt: skip
+def _run_load(
+    opts: Options,
+    fleet: Fleet,
+    gens: Mapping[str, LoadGenerator],
+    scenario: Scenario,
+    workdir: Path,
+    obs: Observed,
+    stack: contextlib.ExitStack,
+) -> None:
     """Every job's locust process at once, through the scenario's schedule."""
     t0 = time.time() + LOCUST_STARTUP_S
     schedule = scenario.schedule(t0)
@@ -414,17 +473,33 @@ def _run_load(opts: Options, fleet: Fleet, gens: Mapping[str, LoadGenerator], sc
         if job.driver == "flood":
             assert gen.info is not None
             dst = ipaddress.IPv4Address(obs.flood_target) if obs.flood_target else None
-            runs.append(floodio.FloodRun(
-                opts.python, gen.netns, job.user_class, schedule, seconds, float(job.env["rate"]),
-                MAX_FLOOD_S, workdir, job.role, src=gen.info.ip, dst=dst, port=HTTP_PORT,
-            ))  # fmt: skip
+            runs.append(
+                floodio.FloodRun(
+                    opts.python,
+                    gen.netns,
+                    job.user_class,
+                    schedule,
+                    seconds,
+                    float(job.env["rate"]),
+                    MAX_FLOOD_S,
+                    workdir,
+                    job.role,
+                    src=gen.info.ip,
+                    dst=dst,
+                    port=HTTP_PORT,
+                )
+            )
         else:
             runs.append(LocustRun(opts, gen, seconds, schedule, workdir))
     sampler = Sampler(fleet, obs.gauges)
     sampler.start()
     stack.callback(sampler.stop)
-    log.info("load_start", roles=[j.role for j in scenario.jobs], seconds=seconds,
-             windows=[f"{w.phase} {w.seconds:g}s" for w in scenario.windows])  # fmt: skip
+    log.info(
+        "load_start",
+        roles=[j.role for j in scenario.jobs],
+        seconds=seconds,
+        windows=[f"{w.phase} {w.seconds:g}s" for w in scenario.windows],
+    )
     cpu_before, started = _daemon_cpu(fleet), time.monotonic()
     for run in runs:
         stack.callback(run.stop)
@@ -441,7 +516,9 @@ def _run_load(opts: Options, fleet: Fleet, gens: Mapping[str, LoadGenerator], sc
         role = _role(run)
         if isinstance(run, floodio.FloodRun):
             obs.summaries[role] = run.read()
-            log.info("flood_done", role=role, exit=codes[role], summary=obs.summaries[role] or run.tail())
+            log.info(
+                "flood_done", role=role, exit=codes[role], summary=obs.summaries[role] or run.tail()
+            )
             continue
         stats, failures, summary = run.read()
         obs.totals[role] = stats.get(r.AGGREGATED)
@@ -453,23 +530,31 @@ def _run_load(opts: Options, fleet: Fleet, gens: Mapping[str, LoadGenerator], sc
             log.error("locust_no_stats", role=role, exit=codes[role], output=run.tail())
         else:
             total = stats.get(r.AGGREGATED)
-            log.info("locust_done", role=role, exit=codes[role],
-                     requests=total.requests if total else None,
-                     failures=total.failures if total else None)  # fmt: skip
+            log.info(
+                "locust_done",
+                role=role,
+                exit=codes[role],
+                requests=total.requests if total else None,
+                failures=total.failures if total else None,
+            )
 
 
 def _role(run: LocustRun | floodio.FloodRun) -> str:
     return run.role if isinstance(run, floodio.FloodRun) else run.gen.job.role
 
 
-def _flood_probes(fleet: Fleet, attacker: LoadGenerator, obs: Observed,
-                  stack: contextlib.ExitStack) -> tuple[floodio.Tier1Probe, floodio.ProxyTap]:  # fmt: skip
+def _flood_probes(
+    fleet: Fleet, attacker: LoadGenerator, obs: Observed, stack: contextlib.ExitStack
+) -> tuple[floodio.Tier1Probe, floodio.ProxyTap]:
     """The attacker's tier-1 counters and the proxies' tap; the SYN target."""
     info = attacker.info
     assert info is not None
     node = fleet.layout.node(attacker.job.node)
-    probe = floodio.Tier1Probe(fleet.run_dir / "agents" / node.name / "bpffs", fleet.ns(node.netns),
-                               str(info.raw["host_veth"]))  # fmt: skip
+    probe = floodio.Tier1Probe(
+        fleet.run_dir / "agents" / node.name / "bpffs",
+        fleet.ns(node.netns),
+        str(info.raw["host_veth"]),
+    )
     tap = floodio.ProxyTap({p.name: fleet.ns(p.netns) for p in fleet.layout.proxies})
     stack.callback(tap.remove)
     try:
@@ -495,10 +580,13 @@ def _wait_released(scraper: Scraper, proxies: list[str]) -> tuple[dict[str, floa
     while True:
         scrapes = scraper.scrape_all()
         active: dict[str, float | None] = {
-            p: (r.metric_sum(scrapes[p], M_ACTIVE) if p in scrapes and r.metric_present(scrapes[p], M_ACTIVE)
-                else None)
+            p: (
+                r.metric_sum(scrapes[p], M_ACTIVE)
+                if p in scrapes and r.metric_present(scrapes[p], M_ACTIVE)
+                else None
+            )
             for p in proxies
-        }  # fmt: skip
+        }
         waited = time.monotonic() - start
         if all(v == 0 for v in active.values()) or waited > RELEASE_TIMEOUT_S:
             return active, waited
@@ -528,11 +616,19 @@ def run(opts: Options) -> Report:
             stack.callback(gen.close)
             gen.setup()
             gens[job.role] = gen
-            log.info("load_generator_ready", role=job.role, netns=gen.netns, node=job.node, job_id=gen.job_id)
+            log.info(
+                "load_generator_ready",
+                role=job.role,
+                netns=gen.netns,
+                node=job.node,
+                job_id=gen.job_id,
+            )
         obs.job_ids = {role: gen.job_id for role, gen in gens.items()}
         scraper = Scraper(fleet)
         stack.callback(scraper.close)
-        probes = _flood_probes(fleet, gens["attacker"], obs, stack) if scenario.name in FLOODS else None
+        probes = (
+            _flood_probes(fleet, gens["attacker"], obs, stack) if scenario.name in FLOODS else None
+        )
         if probes is not None:
             agent = _agent_scraper(fleet, gens["attacker"].job.node)
             stack.callback(agent.close)
@@ -556,7 +652,9 @@ def run(opts: Options) -> Report:
         for role, gen in gens.items():
             denied: dict[str, int] = {}
             for proxy in proxies:
-                for reason, n in r.deny_reasons(_read_from(fleet, proxy, offsets[proxy]), gen.job_id).items():
+                for reason, n in r.deny_reasons(
+                    _read_from(fleet, proxy, offsets[proxy]), gen.job_id
+                ).items():
                     denied[reason] = denied.get(reason, 0) + n
             obs.audit_denials[role] = denied
     finished_at = dt.datetime.now(dt.UTC)
@@ -567,12 +665,15 @@ def run(opts: Options) -> Report:
         "prefix": opts.prefix,
         "run_dir": str(opts.run_dir),
         "workdir": str(workdir),
-        "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-                 "loadavg_before": [round(x, 2) for x in load_before],
-                 "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "host": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "load_generators": "plain network namespaces registered with the node agents like sandboxes "
-                           "(same veth, tier-1 eBPF, GENEVE, proxy); locust runs on the kernel's stack, "
-                           "not under runsc",
-    }  # fmt: skip
+        "(same veth, tier-1 eBPF, GENEVE, proxy); locust runs on the kernel's stack, "
+        "not under runsc",
+    }
     return Report(scenario, verdicts, obs, meta)
-

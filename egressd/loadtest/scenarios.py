@@ -43,8 +43,13 @@ HTTP_PORT = 80
 SCENARIOS = ("port-exhaustion", "bandwidth", "steady", "dns-flood", "syn-flood")
 FLOODS = ("dns-flood", "syn-flood")
 # Two cycles of 5 + 5 + 1 s at least (the flood: 10 s), four at most (20 s).
-MIN_DURATION_S = {"port-exhaustion": 30.0, "bandwidth": 30.0, "steady": 10.0,
-                  "dns-flood": 22.0, "syn-flood": 22.0}  # fmt: skip
+MIN_DURATION_S = {
+    "port-exhaustion": 30.0,
+    "bandwidth": 30.0,
+    "steady": 10.0,
+    "dns-flood": 22.0,
+    "syn-flood": 22.0,
+}
 MAX_DURATION_S = 3600.0
 MAX_FLOOD_S = 20.0
 MAX_DURATION_BY = {"dns-flood": 44.0, "syn-flood": 44.0}
@@ -148,13 +153,20 @@ class Scenario:
             "name": self.name,
             "duration_s": self.duration_s,
             "jobs": [
-                {"role": j.role, "user_class": j.user_class, "users": j.users, "node": j.node,
-                 "limits": dict(j.limits), "env": dict(j.env), "abusive": j.abusive,
-                 "driver": j.driver}
+                {
+                    "role": j.role,
+                    "user_class": j.user_class,
+                    "users": j.users,
+                    "node": j.node,
+                    "limits": dict(j.limits),
+                    "env": dict(j.env),
+                    "abusive": j.abusive,
+                    "driver": j.driver,
+                }
                 for j in self.jobs
             ],
             "windows": [{"start": w.start, "end": w.end, "phase": w.phase} for w in self.windows],
-        }  # fmt: skip
+        }
 
 
 def schedule_text(windows: tuple[Window, ...] | list[Window], t0: float) -> str:
@@ -187,7 +199,9 @@ def phase_at(schedule: list[tuple[float, str]], now: float) -> str:
     return current
 
 
-def alternating(duration_s: float, target_s: float, settle_s: float = SETTLE_S) -> tuple[Window, ...]:
+def alternating(
+    duration_s: float, target_s: float, settle_s: float = SETTLE_S
+) -> tuple[Window, ...]:
     """baseline, stress, settle, baseline, stress, settle ...: baseline and
     stress windows of equal length, about `target_s` each.
 
@@ -229,7 +243,9 @@ def check_duration(name: str, duration_s: float) -> None:
         raise ScenarioError(f"unknown scenario {name!r} (one of {', '.join(SCENARIOS)})")
     top = MAX_DURATION_BY.get(name, MAX_DURATION_S)
     if not math.isfinite(duration_s) or not MIN_DURATION_S[name] <= duration_s <= top:
-        raise ScenarioError(f"--duration for {name} must be {MIN_DURATION_S[name]:g}..{top:g} seconds")
+        raise ScenarioError(
+            f"--duration for {name} must be {MIN_DURATION_S[name]:g}..{top:g} seconds"
+        )
 
 
 # --- the scenarios -------------------------------------------------------------------------
@@ -264,13 +280,18 @@ FLOOD_DNS_PER_S = 50
 FLOOD_SYN_PER_S = 50
 FLOOD_RATE = {"dns-flood": 5000, "syn-flood": 10000}
 TIER1_BURST_S = 1.0
-FLOOD_LIMITS = {**GENEROUS, "dns_queries_per_s": FLOOD_DNS_PER_S,
-                "max_new_connections_per_s": FLOOD_SYN_PER_S}  # fmt: skip
+FLOOD_LIMITS = {
+    **GENEROUS,
+    "dns_queries_per_s": FLOOD_DNS_PER_S,
+    "max_new_connections_per_s": FLOOD_SYN_PER_S,
+}
 FLOOD_VICTIM_USERS = 4
 WILDCARD = "*.data.allowed.test"
 
 
-def tier1_budget(rate_per_s: float, seconds: float, windows: int, burst_s: float = TIER1_BURST_S) -> float:
+def tier1_budget(
+    rate_per_s: float, seconds: float, windows: int, burst_s: float = TIER1_BURST_S
+) -> float:
     """What a token bucket of `rate_per_s` (holding `burst_s` seconds' worth)
     lets through in `windows` floods of `seconds` in all: full before each
     window (it refills in the pauses between them)."""
@@ -286,15 +307,30 @@ def flood_rate_limit(scenario: Scenario) -> int:
 def _flood(name: str, duration_s: float) -> Scenario:
     kind = name.removesuffix("-flood")
     attacker = JobSpec(
-        "attacker", kind, 1, "node1", FLOOD_LIMITS, abusive=True, driver="flood",
-        env={"rate": str(FLOOD_RATE[name])}, egress=({"host": WILDCARD, "ports": [443]},),
-    )  # fmt: skip
+        "attacker",
+        kind,
+        1,
+        "node1",
+        FLOOD_LIMITS,
+        abusive=True,
+        driver="flood",
+        env={"rate": str(FLOOD_RATE[name])},
+        egress=({"host": WILDCARD, "ports": [443]},),
+    )
     victims = tuple(
-        JobSpec(role, "Victim", FLOOD_VICTIM_USERS, node, GENEROUS,
-                env={"EGRESSD_LT_RPS": str(VICTIM_RPS_PER_USER)})
+        JobSpec(
+            role,
+            "Victim",
+            FLOOD_VICTIM_USERS,
+            node,
+            GENEROUS,
+            env={"EGRESSD_LT_RPS": str(VICTIM_RPS_PER_USER)},
+        )
         for role, node in (("victim_a", "node1"), ("victim_b", "node2"))
-    )  # fmt: skip
-    return Scenario(name, duration_s, (attacker, *victims), alternating(duration_s, WINDOW_TARGET_S[name]))
+    )
+    return Scenario(
+        name, duration_s, (attacker, *victims), alternating(duration_s, WINDOW_TARGET_S[name])
+    )
 
 
 def build(name: str, duration_s: float) -> Scenario:
@@ -302,20 +338,54 @@ def build(name: str, duration_s: float) -> Scenario:
     if name in FLOODS:
         return _flood(name, duration_s)
     if name == "steady":
-        steady = JobSpec("steady", "Steady", STEADY_USERS * 2, "node2", GENEROUS,
-                         env={"EGRESSD_LT_RPS": str(STEADY_RPS_PER_USER)})  # fmt: skip
+        steady = JobSpec(
+            "steady",
+            "Steady",
+            STEADY_USERS * 2,
+            "node2",
+            GENEROUS,
+            env={"EGRESSD_LT_RPS": str(STEADY_RPS_PER_USER)},
+        )
         return Scenario(name, duration_s, (steady,), (Window(0.0, duration_s, STRESS),))
     if name == "port-exhaustion":
         abusive = JobSpec(
-            "attacker", "PortExhaustionAttacker", 1, "node1", ATTACKER_LIMITS, abusive=True,
-            env={"EGRESSD_LT_ATTACK_RATE": str(ATTACK_RATE_PER_S),
-                 "EGRESSD_LT_ATTACK_TARGET": str(ATTACK_TARGET)},
-        )  # fmt: skip
-        neighbour = JobSpec("victim", "Victim", VICTIM_USERS, "node2", GENEROUS,
-                            env={"EGRESSD_LT_RPS": str(VICTIM_RPS_PER_USER)})  # fmt: skip
+            "attacker",
+            "PortExhaustionAttacker",
+            1,
+            "node1",
+            ATTACKER_LIMITS,
+            abusive=True,
+            env={
+                "EGRESSD_LT_ATTACK_RATE": str(ATTACK_RATE_PER_S),
+                "EGRESSD_LT_ATTACK_TARGET": str(ATTACK_TARGET),
+            },
+        )
+        neighbour = JobSpec(
+            "victim",
+            "Victim",
+            VICTIM_USERS,
+            "node2",
+            GENEROUS,
+            env={"EGRESSD_LT_RPS": str(VICTIM_RPS_PER_USER)},
+        )
     else:
-        abusive = JobSpec("hog", "BandwidthHog", HOG_USERS, "node1", HOG_LIMITS, abusive=True,
-                          env={"EGRESSD_LT_HOG_BYTES": str(HOG_BYTES)})  # fmt: skip
-        neighbour = JobSpec("steady", "Steady", STEADY_USERS, "node2", GENEROUS,
-                            env={"EGRESSD_LT_RPS": str(STEADY_RPS_PER_USER)})  # fmt: skip
-    return Scenario(name, duration_s, (abusive, neighbour), alternating(duration_s, WINDOW_TARGET_S[name]))
+        abusive = JobSpec(
+            "hog",
+            "BandwidthHog",
+            HOG_USERS,
+            "node1",
+            HOG_LIMITS,
+            abusive=True,
+            env={"EGRESSD_LT_HOG_BYTES": str(HOG_BYTES)},
+        )
+        neighbour = JobSpec(
+            "steady",
+            "Steady",
+            STEADY_USERS,
+            "node2",
+            GENEROUS,
+            env={"EGRESSD_LT_RPS": str(STEADY_RPS_PER_USER)},
+        )
+    return Scenario(
+        name, duration_s, (abusive, neighbour), alternating(duration_s, WINDOW_TARGET_S[name])
+    )

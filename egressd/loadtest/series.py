@@ -41,9 +41,14 @@ def per_second(samples: Iterable[tuple[float, float, bool]]) -> list[dict[str, A
     rows = []
     for second in sorted(by_second):
         values = sorted(by_second[second])
-        rows.append({
-            "t": second, "n": len(values), "failed": failed[second],
-            "p50_ms": round(percentile(values, 50), 2), "p99_ms": round(percentile(values, 99), 2),
-            "max_ms": round(values[-1], 2),
-        })  # fmt: skip
+        rows.append(
+            {
+                "t": second,
+                "n": len(values),
+                "failed": failed[second],
+                "p50_ms": round(percentile(values, 50), 2),
+                "p99_ms": round(percentile(values, 99), 2),
+                "max_ms": round(values[-1], 2),
+            }
+        )
     return rows

@@ -48,10 +48,15 @@ FLOOD_LATENCY_SLACK_MS = 50.0
 RATE_TOLERANCE = 0.10
 REACHED_FRACTION = 0.95
 THROUGHPUT_FRACTION = 0.9
-LIMIT_REASONS = frozenset({
-    "job_connection_limit", "job_rate_limit", "proxy_connection_limit",
-    "port_budget_exhausted", "port_pool_exhausted",
-})  # fmt: skip
+LIMIT_REASONS = frozenset(
+    {
+        "job_connection_limit",
+        "job_rate_limit",
+        "proxy_connection_limit",
+        "port_budget_exhausted",
+        "port_pool_exhausted",
+    }
+)
 SCHEMA = "egressd.loadtest/1"
 EXCESS_FRACTION = 0.9
 FLOOD_FACTOR = 5.0
@@ -68,8 +73,13 @@ class Verdict:
     detail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "passed": self.passed, "measured": self.measured,
-                "threshold": self.threshold, "detail": self.detail}  # fmt: skip
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "measured": self.measured,
+            "threshold": self.threshold,
+            "detail": self.detail,
+        }
 
 
 def _ms(value: float | None) -> str:
@@ -128,13 +138,16 @@ def attacker_verdicts(obs: AttackObservation) -> list[Verdict]:
         f"{p} ports {_g(obs.source_ports_max.get(p))} conns {_g(obs.connections_max.get(p))}"
         for p in obs.proxies
     )
-    out.append(Verdict(
-        "attacker_within_budget", not problems,
-        f"client held max {obs.held_max}; {per_proxy}",
-        f"<= {obs.ports_per_destination} ports/destination and <= {obs.connection_share} "
-        f"connections per proxy; <= {obs.budget_total} in all",
-        "; ".join(problems),
-    ))  # fmt: skip
+    out.append(
+        Verdict(
+            "attacker_within_budget",
+            not problems,
+            f"client held max {obs.held_max}; {per_proxy}",
+            f"<= {obs.ports_per_destination} ports/destination and <= {obs.connection_share} "
+            f"connections per proxy; <= {obs.budget_total} in all",
+            "; ".join(problems),
+        )
+    )
     floor = int(REACHED_FRACTION * obs.budget_total)
     limit_refusals: dict[str, float] = {}
     for per in obs.refusals.values():
@@ -151,16 +164,19 @@ def attacker_verdicts(obs: AttackObservation) -> list[Verdict]:
     if unknown := sorted(set(limit_refusals) - LIMIT_REASONS):
         problems.append(f"unexpected refusal reasons {unknown}")
     refused_client = sum(obs.outcomes.get(k, 0) for k in ("reset", "refused"))
-    out.append(Verdict(
-        "attacker_held_at_budget", not problems,
-        f"held max {obs.held_max} (in each of {len(obs.held_per_window)} stress windows "
-        f"at least {min(obs.held_per_window, default=0)}); "
-        f"{obs.attempts} attempts, "
-        f"{refused_client} reset/refused; proxy refusals "
-        + (", ".join(f"{r} {n:g}" for r, n in sorted(limit_refusals.items())) or "none"),
-        f"held >= {floor} (of {obs.budget_total}); limit refusals > 0",
-        "; ".join(problems),
-    ))  # fmt: skip
+    out.append(
+        Verdict(
+            "attacker_held_at_budget",
+            not problems,
+            f"held max {obs.held_max} (in each of {len(obs.held_per_window)} stress windows "
+            f"at least {min(obs.held_per_window, default=0)}); "
+            f"{obs.attempts} attempts, "
+            f"{refused_client} reset/refused; proxy refusals "
+            + (", ".join(f"{r} {n:g}" for r, n in sorted(limit_refusals.items())) or "none"),
+            f"held >= {floor} (of {obs.budget_total}); limit refusals > 0",
+            "; ".join(problems),
+        )
+    )
     return out
 
 
@@ -171,8 +187,12 @@ def _g(value: float | None) -> str:
 # --- the well-behaved job ------------------------------------------------------------------
 
 
-def failures_verdict(role: str, phases: Mapping[str, RequestStats | None],
-                     refusals: float | None, total: RequestStats | None = None) -> Verdict:  # fmt: skip
+def failures_verdict(
+    role: str,
+    phases: Mapping[str, RequestStats | None],
+    refusals: float | None,
+    total: RequestStats | None = None,
+) -> Verdict:
     """No failed request (in any phase, warm-up included) and no limit refusal for the job."""
     problems = []
     parts = []
@@ -190,37 +210,58 @@ def failures_verdict(role: str, phases: Mapping[str, RequestStats | None],
             problems.append(f"{phase}: {stats.failures} failed")
     if refusals:
         problems.append(f"{refusals:g} limit refusals")
-    measured = "failed/requests " + ", ".join(parts) + (
-        f"; limit refusals {refusals:g}" if refusals is not None else ""
+    measured = (
+        "failed/requests "
+        + ", ".join(parts)
+        + (f"; limit refusals {refusals:g}" if refusals is not None else "")
     )
-    return Verdict(f"{role}_no_failures", not problems, measured, "0 failed, 0 refused",
-                   "; ".join(problems))  # fmt: skip
+    return Verdict(
+        f"{role}_no_failures", not problems, measured, "0 failed, 0 refused", "; ".join(problems)
+    )
 
 
-def latency_verdict(role: str, baseline: RequestStats | None, stress: RequestStats | None,
-                    factor: float = LATENCY_FACTOR, slack_ms: float = 0.0) -> Verdict:  # fmt: skip
+def latency_verdict(
+    role: str,
+    baseline: RequestStats | None,
+    stress: RequestStats | None,
+    factor: float = LATENCY_FACTOR,
+    slack_ms: float = 0.0,
+) -> Verdict:
     base = baseline.p99_ms if baseline else None
     under = stress.p99_ms if stress else None
     rule = f"<= {factor:g} x baseline" + (f" + {slack_ms:g} ms" if slack_ms else "")
     if base is None or under is None:
-        return Verdict(f"{role}_p99", False, f"baseline {_ms(base)}, stress {_ms(under)}",
-                       rule, "missing percentiles")  # fmt: skip
+        return Verdict(
+            f"{role}_p99",
+            False,
+            f"baseline {_ms(base)}, stress {_ms(under)}",
+            rule,
+            "missing percentiles",
+        )
     limit = factor * base + slack_ms
     return Verdict(
-        f"{role}_p99", under <= limit,
-        f"baseline {_ms(base)}, stress {_ms(under)} ({under / base:.2f}x)" if base else
-        f"baseline {_ms(base)}, stress {_ms(under)}",
+        f"{role}_p99",
+        under <= limit,
+        f"baseline {_ms(base)}, stress {_ms(under)} ({under / base:.2f}x)"
+        if base
+        else f"baseline {_ms(base)}, stress {_ms(under)}",
         f"{rule} = {limit:g} ms",
-    )  # fmt: skip
+    )
 
 
-def throughput_verdict(role: str, stats: RequestStats | None, seconds: float, expected_rps: float) -> Verdict:
+def throughput_verdict(
+    role: str, stats: RequestStats | None, seconds: float, expected_rps: float
+) -> Verdict:
     """Requests made in the window(s) over their length (locust's own req/s counts
     from the process start, warm-up included)."""
     floor = THROUGHPUT_FRACTION * expected_rps
     rps = stats.requests / seconds if stats and seconds > 0 else 0.0
-    return Verdict(f"{role}_throughput", rps >= floor, f"{rps:.1f} req/s",
-                   f">= {floor:.1f} req/s ({THROUGHPUT_FRACTION:.0%} of {expected_rps:g})")  # fmt: skip
+    return Verdict(
+        f"{role}_throughput",
+        rps >= floor,
+        f"{rps:.1f} req/s",
+        f">= {floor:.1f} req/s ({THROUGHPUT_FRACTION:.0%} of {expected_rps:g})",
+    )
 
 
 # --- the hog ------------------------------------------------------------------------------
@@ -232,17 +273,23 @@ def expected_hog_rate(bandwidth_bps: int, proxies: int, busy_proxies: int) -> fl
     return share(bandwidth_bps, proxies) * busy_proxies / 8
 
 
-def hog_verdict(client_bytes_per_s: float, seconds: int, expected_bytes_per_s: float,
-                busy: Sequence[str], tolerance: float = RATE_TOLERANCE) -> Verdict:  # fmt: skip
+def hog_verdict(
+    client_bytes_per_s: float,
+    seconds: int,
+    expected_bytes_per_s: float,
+    busy: Sequence[str],
+    tolerance: float = RATE_TOLERANCE,
+) -> Verdict:
     lo, hi = (1 - tolerance) * expected_bytes_per_s, (1 + tolerance) * expected_bytes_per_s
     ok = seconds > 0 and lo <= client_bytes_per_s <= hi
     ratio = client_bytes_per_s / expected_bytes_per_s if expected_bytes_per_s else 0.0
     return Verdict(
-        "hog_rate", ok,
+        "hog_rate",
+        ok,
         f"{client_bytes_per_s / 1e6:.2f} MB/s over {seconds} s ({ratio:.2f}x); via {', '.join(busy) or 'none'}",
         f"{expected_bytes_per_s / 1e6:.2f} MB/s +/- {tolerance:.0%}",
         "" if seconds > 0 else "no bytes measured",
-    )  # fmt: skip
+    )
 
 
 # --- the floods ---------------------------------------------------------------------------
@@ -298,15 +345,18 @@ def flood_verdicts(obs: FloodObservation) -> list[Verdict]:
     if shown is not None and dropped is not None and shown != dropped:
         problems.append(f"the agent's metric shows {shown} drops, its map {dropped}")
     share_text = f", {dropped / excess:.1%} of" if dropped is not None and excess else " of"
-    out = [Verdict(
-        "attacker_excess_at_tier1", not problems,
-        f"sent {obs.sent} ({obs.sent_per_s:.0f}/s over {obs.flood_seconds:.1f} s in {obs.windows} "
-        f"windows); tier 1 dropped {_g(dropped)} ({obs.reason}{share_text} the excess {excess:.0f}); "
-        f"agent metric {'n/a' if shown is None else shown}",
-        f"dropped >= {EXCESS_FRACTION:.0%} of sent - budget {budget:.0f} "
-        f"({obs.rate_limit}/s + 1 s burst per window); sent >= {FLOOD_FACTOR:g} x budget",
-        "; ".join(problems),
-    )]  # fmt: skip
+    out = [
+        Verdict(
+            "attacker_excess_at_tier1",
+            not problems,
+            f"sent {obs.sent} ({obs.sent_per_s:.0f}/s over {obs.flood_seconds:.1f} s in {obs.windows} "
+            f"windows); tier 1 dropped {_g(dropped)} ({obs.reason}{share_text} the excess {excess:.0f}); "
+            f"agent metric {'n/a' if shown is None else shown}",
+            f"dropped >= {EXCESS_FRACTION:.0%} of sent - budget {budget:.0f} "
+            f"({obs.rate_limit}/s + 1 s burst per window); sent >= {FLOOD_FACTOR:g} x budget",
+            "; ".join(problems),
+        )
+    ]
     cap = (1 + PROXY_TOLERANCE) * budget
     missing = sorted(p for p, n in obs.at_proxies.items() if n is None)
     seen = sum(n for n in obs.at_proxies.values() if n is not None)
@@ -320,15 +370,20 @@ def flood_verdicts(obs: FloodObservation) -> list[Verdict]:
     if obs.answered is not None:
         extra += f"; {obs.answered} answered"
     if obs.proxy_refusals:
-        extra += "; proxy refusals " + ", ".join(f"{r} {n:g}" for r, n in sorted(obs.proxy_refusals.items()))
-    out.append(Verdict(
-        "proxies_spared",
-        not problems,
-        f"{what} at the proxies {seen} ("
-        + ", ".join(f"{p} {_g(n)}" for p, n in sorted(obs.at_proxies.items())) + f"){extra}",
-        f"<= budget + {PROXY_TOLERANCE:.0%} = {cap:.0f}",
-        "; ".join(problems),
-    ))  # fmt: skip
+        extra += "; proxy refusals " + ", ".join(
+            f"{r} {n:g}" for r, n in sorted(obs.proxy_refusals.items())
+        )
+    out.append(
+        Verdict(
+            "proxies_spared",
+            not problems,
+            f"{what} at the proxies {seen} ("
+            + ", ".join(f"{p} {_g(n)}" for p, n in sorted(obs.at_proxies.items()))
+            + f"){extra}",
+            f"<= budget + {PROXY_TOLERANCE:.0%} = {cap:.0f}",
+            "; ".join(problems),
+        )
+    )
     return out
 
 
@@ -337,9 +392,13 @@ def flood_verdicts(obs: FloodObservation) -> list[Verdict]:
 
 def alive_verdict(alive: Mapping[str, bool]) -> Verdict:
     dead = sorted(p for p, ok in alive.items() if not ok)
-    return Verdict("proxies_alive", bool(alive) and not dead,
-                   ", ".join(f"{p} {'up' if ok else 'DOWN'}" for p, ok in sorted(alive.items())),
-                   "every proxy running and ready", f"down: {', '.join(dead)}" if dead else "")  # fmt: skip
+    return Verdict(
+        "proxies_alive",
+        bool(alive) and not dead,
+        ", ".join(f"{p} {'up' if ok else 'DOWN'}" for p, ok in sorted(alive.items())),
+        "every proxy running and ready",
+        f"down: {', '.join(dead)}" if dead else "",
+    )
 
 
 def logs_verdict(problems: Sequence[LogProblem], components: Sequence[str]) -> Verdict:
@@ -347,20 +406,24 @@ def logs_verdict(problems: Sequence[LogProblem], components: Sequence[str]) -> V
     for p in problems:
         counts[f"{p.component}:{p.what}"] = counts.get(f"{p.component}:{p.what}", 0) + 1
     return Verdict(
-        "logs_clean", not problems,
-        ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or f"{len(components)} logs clean",
+        "logs_clean",
+        not problems,
+        ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
+        or f"{len(components)} logs clean",
         "no connection_task_failed, error or traceback",
         problems[0].text if problems else "",
-    )  # fmt: skip
+    )
 
 
 def released_verdict(active_after: Mapping[str, float | None], waited_s: float) -> Verdict:
     left = {p: v for p, v in active_after.items() if v is None or v > 0}
     return Verdict(
-        "connections_released", not left,
-        ", ".join(f"{p} {_g(v)}" for p, v in sorted(active_after.items())) + f" after {waited_s:.1f} s",
+        "connections_released",
+        not left,
+        ", ".join(f"{p} {_g(v)}" for p, v in sorted(active_after.items()))
+        + f" after {waited_s:.1f} s",
         "egressd_connections_active 0 on every proxy once the load stops",
-    )  # fmt: skip
+    )
 
 
 # --- output -------------------------------------------------------------------------------
@@ -389,16 +452,22 @@ def render_table(scenario: str, verdicts: Sequence[Verdict]) -> str:
             ) or [f"      {label}"]
         if not v.passed and v.detail:
             lines += textwrap.wrap(
-                f"{v.name}: {v.detail}", width=TABLE_WIDTH, initial_indent="      ",
+                f"{v.name}: {v.detail}",
+                width=TABLE_WIDTH,
+                initial_indent="      ",
                 subsequent_indent=" " * 8,
-            )  # fmt: skip
+            )
     good = sum(v.passed for v in verdicts)
     lines.append(f"{good} of {len(verdicts)} verdicts pass")
     return "\n".join(lines)
 
 
-def to_json(scenario: Mapping[str, Any], verdicts: Sequence[Verdict], observed: Mapping[str, Any],
-            meta: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+def to_json(
+    scenario: Mapping[str, Any],
+    verdicts: Sequence[Verdict],
+    observed: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "scenario": dict(scenario),

@@ -50,7 +50,9 @@ VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1
 VIRTIO_NET_HDR_F_DATA_VALID: Final = 2
 VIRTIO_NET_HDR_GSO_NONE: Final = 0
 VIRTIO_NET_HDR_GSO_TCPV4: Final = 1
-VNET_HDR: Final = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_HDR: Final = struct.Struct(
+    "<BBHHHH"
+)  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 NO_VNET_HDR: Final = bytes(VNET_HDR_LEN)  # a plain packet: no GSO, checksums complete
 # <linux/sockios.h>, <net/if.h>
 SIOCGIFFLAGS: Final = 0x8913

@@ -227,9 +227,7 @@ def find_denied(ip: object, *, fleet_ranges: Sequence[IPNetwork] = ()) -> Denied
     return None
 
 
-def classify_address(
-    ip: IPAddress | str, *, fleet_ranges: Sequence[IPNetwork] = ()
-) -> str | None:
+def classify_address(ip: IPAddress | str, *, fleet_ranges: Sequence[IPNetwork] = ()) -> str | None:
     """None when `ip` is publicly routable for egressd, else the deny reason."""
     match = find_denied(ip, fleet_ranges=fleet_ranges)
     return None if match is None else match.reason
@@ -253,6 +251,15 @@ def denied_unless_exact(
     return not overrides(match, ip, rule_cidr)
 
 
+def subnet_of(inner: IPNetwork, outer: IPNetwork) -> bool:
+    """`inner.subnet_of(outer)`; False across address families (where the stdlib raises)."""
+    if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return inner.subnet_of(outer)
+    if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return inner.subnet_of(outer)
+    return False
+
+
 def overrides(match: DeniedMatch, ip: object, rule_cidr: IPNetwork | None) -> bool:
     """Whether a cidr rule `rule_cidr` lifts the denial `match` (found for `ip`)."""
     if rule_cidr is None or match.network is None or not match.overridable:
@@ -262,4 +269,4 @@ def overrides(match: DeniedMatch, ip: object, rule_cidr: IPNetwork | None) -> bo
         return False
     if rule_cidr.version != match.network.version:
         return False
-    return rule_cidr.subnet_of(match.network)  # type: ignore[arg-type]
+    return subnet_of(rule_cidr, match.network)

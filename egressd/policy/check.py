@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from egressd import strictjson
 from egressd.policy import model
-from egressd.policy.addresses import ALWAYS_DENIED, DeniedMatch, IPNetwork
+from egressd.policy.addresses import ALWAYS_DENIED, DeniedMatch, IPNetwork, subnet_of
 from egressd.policy.errors import PolicyError
 from egressd.policy.jws import ALG, TYP
 from egressd.policy.keys import b64url_decode
@@ -205,9 +205,7 @@ def _timestamps(report: Report, obj: dict[str, object], *, now: float, require: 
                 report.add(name, "is required")
             continue
         value = report.attempt(
-            functools.partial(
-                model._check_bounded_int, obj[name], name, 0, model.MAX_TIMESTAMP
-            )
+            functools.partial(model._check_bounded_int, obj[name], name, 0, model.MAX_TIMESTAMP)
         )
         if isinstance(value, int):
             stamps[name] = value
@@ -218,8 +216,10 @@ def _timestamps(report: Report, obj: dict[str, object], *, now: float, require: 
     elif exp is not None:
         for other, value in (("nbf", nbf), ("iat", iat)):
             if value is not None and exp <= value:
-                report.add("exp", f"must be after {other} ({when(exp, now)} is not after "
-                                  f"{when(value, now)})")
+                report.add(
+                    "exp",
+                    f"must be after {other} ({when(exp, now)} is not after {when(value, now)})",
+                )
                 break
     if nbf is not None and nbf > now:
         report.note("nbf", f"not valid before {when(nbf, now)}")
@@ -267,9 +267,7 @@ def _rule(report: Report, value: object, path: str) -> None:
             if len(ports) > model.MAX_PORTS_PER_RULE:
                 report.add(f"{path}.ports", f"more than {model.MAX_PORTS_PER_RULE} entries")
             for index, item in enumerate(ports):
-                report.attempt(
-                    functools.partial(model._parse_port, item, f"{path}.ports[{index}]")
-                )
+                report.attempt(functools.partial(model._parse_port, item, f"{path}.ports[{index}]"))
     if "ech" in value:
         ech = value["ech"]
         if not isinstance(ech, str) or ech not in model.ECH_CHOICES:
@@ -287,9 +285,7 @@ def _limits(report: Report, value: object) -> None:
     for name, (lo, hi) in model.LIMIT_BOUNDS.items():
         if name in value:
             report.attempt(
-                functools.partial(
-                    model._check_bounded_int, value[name], f"limits.{name}", lo, hi
-                )
+                functools.partial(model._check_bounded_int, value[name], f"limits.{name}", lo, hi)
             )
 
 
@@ -320,13 +316,13 @@ def _names_cover(earlier: str, later: str) -> bool:
 
 def _opens_same(earlier: IPNetwork, later: IPNetwork) -> bool:
     """Whether cidr `earlier` allows every address that cidr `later` allows."""
-    if earlier.version != later.version or not later.subnet_of(earlier):  # type: ignore[arg-type]
+    if earlier.version != later.version or not subnet_of(later, earlier):
         return False
     # Addresses of an overridable denied range open only for a rule inside it.
     return all(
-        earlier.subnet_of(net)  # type: ignore[arg-type]
+        subnet_of(earlier, net)
         for net in OVERRIDABLE
-        if net.version == later.version and later.subnet_of(net)  # type: ignore[arg-type]
+        if net.version == later.version and subnet_of(later, net)
     )
 
 
@@ -364,22 +360,38 @@ def dead_rules_of(rules: Sequence[tuple[int, EgressRule]]) -> list[Problem]:
         if rule.cidr is not None:
             net = rule.cidr
             if net.version == 6:
-                out.append(Problem(f"{path}.cidr", f"{net} never matches: the fleet carries "
-                                                   "IPv4 only (tier 1 drops IPv6)"))
+                out.append(
+                    Problem(
+                        f"{path}.cidr",
+                        f"{net} never matches: the fleet carries IPv4 only (tier 1 drops IPv6)",
+                    )
+                )
                 continue
-            inside = next(((d, r) for d, r in NEVER_OPEN if d.version == net.version
-                           and net.subnet_of(d)), None)
+            inside = next(
+                ((d, r) for d, r in NEVER_OPEN if d.version == net.version and net.subnet_of(d)),
+                None,
+            )
             if inside is not None:
-                out.append(Problem(f"{path}.cidr", f"{net} lies inside {inside[0]} "
-                                                   f"({inside[1]}), which no policy can open"))
+                out.append(
+                    Problem(
+                        f"{path}.cidr",
+                        f"{net} lies inside {inside[0]} ({inside[1]}), which no policy can open",
+                    )
+                )
                 continue
         shadows = [
             (j, other)
             for j, other in rules[:position]
-            if (rule.host is not None and other.host is not None
-                and _names_cover(other.host, rule.host))
-            or (rule.cidr is not None and other.cidr is not None
-                and _opens_same(other.cidr, rule.cidr))
+            if (
+                rule.host is not None
+                and other.host is not None
+                and _names_cover(other.host, rule.host)
+            )
+            or (
+                rule.cidr is not None
+                and other.cidr is not None
+                and _opens_same(other.cidr, rule.cidr)
+            )
         ]
         if shadows and covered(rule.ports, [p for _, other in shadows for p in other.ports]):
             j, first = shadows[0]
@@ -400,9 +412,7 @@ def dead_rules_of(rules: Sequence[tuple[int, EgressRule]]) -> list[Problem]:
 # --- a file: a JSON payload or a JWS ---------------------------------------------------
 
 
-def check_document(
-    raw: bytes, *, now: float, known_nodes: Collection[str] | None = None
-) -> Report:
+def check_document(raw: bytes, *, now: float, known_nodes: Collection[str] | None = None) -> Report:
     """Check a policy file's content: a JSON payload (as `policy sign` and the
     control plane's PUT take it: timestamps optional) or a JWS compact token
     (its payload decoded, timestamps required; the signature is NOT verified

@@ -55,7 +55,10 @@ def register(sub: Any) -> None:
         "generate", help="create a signing key and its public JWK; prints the kid"
     )
     generate.add_argument(
-        "--out", type=Path, required=True, metavar="DIR",
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
         help="key directory: writes DIR/signing.key (0600) and DIR/<kid>.jwk; "
         "refuses to overwrite an existing signing.key",
     )
@@ -68,7 +71,10 @@ def register(sub: Any) -> None:
     sign = policy_sub.add_parser("sign", help="sign a policy JSON; prints the JWS")
     sign.add_argument("--key", type=Path, required=True, metavar="FILE", help="signing.key")
     sign.add_argument(
-        "--ttl", type=positive_int, default=DEFAULT_TTL_S, metavar="SECONDS",
+        "--ttl",
+        type=positive_int,
+        default=DEFAULT_TTL_S,
+        metavar="SECONDS",
         help=f"validity when the policy has no exp (default {DEFAULT_TTL_S})",
     )
     sign.add_argument("policy", metavar="POLICY.json", help="policy payload ('-' for stdin)")
@@ -76,11 +82,17 @@ def register(sub: Any) -> None:
 
     verify = policy_sub.add_parser("verify", help="verify a JWS; prints its policy JSON")
     verify.add_argument(
-        "--keys", type=Path, required=True, metavar="DIR",
+        "--keys",
+        type=Path,
+        required=True,
+        metavar="DIR",
         help="directory of trusted public keys (*.jwk, jwks.json)",
     )
     verify.add_argument(
-        "--leeway", type=non_negative_int, default=DEFAULT_LEEWAY_S, metavar="SECONDS",
+        "--leeway",
+        type=non_negative_int,
+        default=DEFAULT_LEEWAY_S,
+        metavar="SECONDS",
         help=f"clock skew tolerated at nbf and exp (default {DEFAULT_LEEWAY_S})",
     )
     verify.add_argument("token", metavar="JWS_FILE", help="the JWS ('-' for stdin)")
@@ -91,7 +103,9 @@ def register(sub: Any) -> None:
     )
     where = check.add_mutually_exclusive_group()
     where.add_argument(
-        "--control", metavar="URL", default=None,
+        "--control",
+        metavar="URL",
+        default=None,
         help="control plane whose nodes the policy must name (default: the local fleet's)",
     )
     where.add_argument(

@@ -141,7 +141,9 @@ ECH_CHOICES = ("deny", "allow")
 DEFAULT_ECH = "deny"
 _TIMESTAMPS = ("iat", "nbf", "exp")
 
-_UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_UUID_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 _ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NODE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _PORT_RANGE = re.compile(r"([1-9][0-9]{0,4})-([1-9][0-9]{0,4})")

@@ -89,20 +89,24 @@ def _http_schema() -> dict[str, Any]:
         "required": ["methods", "paths"],
         "properties": {
             "methods": {
-                "type": "array", "minItems": 1, "maxItems": model.MAX_HTTP_METHODS,
+                "type": "array",
+                "minItems": 1,
+                "maxItems": model.MAX_HTTP_METHODS,
                 "uniqueItems": True,
                 "items": {"type": "string", "pattern": _anchored(model.HTTP_METHOD)},
                 "description": "Upper-case method names (case-sensitive).",
             },
             "paths": {
-                "type": "array", "minItems": 1, "maxItems": model.MAX_HTTP_PATHS,
+                "type": "array",
+                "minItems": 1,
+                "maxItems": model.MAX_HTTP_PATHS,
                 "uniqueItems": True,
                 "items": {"type": "string", "maxLength": MAX_PATH_PATTERN, "pattern": _PATH},
                 "description": "Path patterns: literal segments, '*' (one segment), "
                 "a trailing '/**' (any rest).",
             },
         },
-    }  # fmt: skip
+    }
     credential = {
         "type": "object",
         "additionalProperties": False,
@@ -130,13 +134,18 @@ def _http_schema() -> dict[str, Any]:
         "required": ["allow"],
         "properties": {
             "allow": {
-                "type": "array", "minItems": 1, "maxItems": model.MAX_HTTP_ALLOW, "items": allow,
+                "type": "array",
+                "minItems": 1,
+                "maxItems": model.MAX_HTTP_ALLOW,
+                "items": allow,
             },
             "credentials": {
-                "type": "array", "maxItems": model.MAX_CREDENTIALS, "items": credential,
+                "type": "array",
+                "maxItems": model.MAX_CREDENTIALS,
+                "items": credential,
             },
         },
-    }  # fmt: skip
+    }
 
 
 def _limits_schema() -> dict[str, Any]:
@@ -162,8 +171,11 @@ def _rule_schema() -> dict[str, Any]:
     port = {
         "oneOf": [
             {"type": "integer", "minimum": model.MIN_PORT, "maximum": model.MAX_PORT},
-            {"type": "string", "pattern": rf"^{_PORT}-{_PORT}{_END}",
-             "description": "an inclusive range 'lo-hi', lo <= hi"},
+            {
+                "type": "string",
+                "pattern": rf"^{_PORT}-{_PORT}{_END}",
+                "description": "an inclusive range 'lo-hi', lo <= hi",
+            },
         ]
     }
     return {
@@ -232,8 +244,12 @@ def _rule_schema() -> dict[str, Any]:
 
 def build_schema(*, require_timestamps: bool = False) -> dict[str, Any]:
     """The JSON Schema of a policy payload; see the module docstring."""
-    stamp = {"type": "integer", "minimum": 0, "maximum": model.MAX_TIMESTAMP,
-             "description": "Unix time in seconds (UTC)."}
+    stamp = {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": model.MAX_TIMESTAMP,
+        "description": "Unix time in seconds (UTC).",
+    }
     required = ["v", "job_id", "account", "nodes", "egress"]
     if require_timestamps:
         required += list(model._TIMESTAMPS)
@@ -283,8 +299,10 @@ def build_schema(*, require_timestamps: bool = False) -> dict[str, Any]:
 
 def schema_text(*, require_timestamps: bool = False) -> str:
     """`build_schema` as the committed file's text (2-space indent, trailing newline)."""
-    return json.dumps(build_schema(require_timestamps=require_timestamps), indent=2,
-                      ensure_ascii=True) + "\n"
+    return (
+        json.dumps(build_schema(require_timestamps=require_timestamps), indent=2, ensure_ascii=True)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,7 +31,10 @@ def register(sub: Any) -> None:
         "serve", help="run the proxy in this network namespace until SIGTERM/SIGINT"
     )
     serve.add_argument(
-        "--config", type=Path, required=True, metavar="FILE",
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
         help="JSON configuration (name, underlay, egress, ...; see egressd.proxy.config)",
     )
     serve.set_defaults(handler=_serve)

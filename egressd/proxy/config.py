@@ -327,6 +327,7 @@ def _check_url(url: object) -> None:
 
 # --- parsing the JSON file ------------------------------------------------------------
 
+
 def _as_address(name: str, value: object) -> IPv4Address:
     if not isinstance(value, str):
         raise _fail(name, "must be an IPv4 address string")

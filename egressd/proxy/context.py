@@ -38,7 +38,12 @@ class PolicyUnavailable(EgressdError):
 
 class FlowLookup(Protocol):
     def lookup(
-        self, src: ipaddress.IPv4Address, sport: int, dst: ipaddress.IPv4Address, dport: int, proto: int
+        self,
+        src: ipaddress.IPv4Address,
+        sport: int,
+        dst: ipaddress.IPv4Address,
+        dport: int,
+        proto: int,
     ) -> FlowInfo | None:
         """The flow recorded when the sandbox's packet came in over GENEVE (proto 6 or 17)."""
         ...

@@ -389,9 +389,7 @@ def to_wire(response: dns.message.Message, *, max_size: int) -> bytes:
         best: bytes | None = None
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            response.answer[:] = [
-                dns.rrset.from_rdata_list(rrset.name, rrset.ttl, records[:mid])
-            ]
+            response.answer[:] = [dns.rrset.from_rdata_list(rrset.name, rrset.ttl, records[:mid])]
             try:
                 best = response.to_wire(max_size=max_size)
                 lo = mid
@@ -454,17 +452,15 @@ class UpstreamResolver:
         self.timeout_s = timeout_s
         self.cache_size = cache_size
         # name -> (expiry, the fleet set the answer was filtered with, addresses)
-        self._cache: OrderedDict[
-            str, tuple[float, Sequence[IPNetwork], frozenset[IPv4Address]]
-        ] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, Sequence[IPNetwork], frozenset[IPv4Address]]] = (
+            OrderedDict()
+        )
 
     async def query_a(self, name: dns.name.Name | str) -> dns.message.Message:
         """The upstream's response to a fresh A query for `name`; UpstreamError."""
         # EDNS with our own payload size: medium answers come in one datagram;
         # larger ones come with TC and are asked again over TCP.
-        request = dns.message.make_query(
-            name, dns.rdatatype.A, use_edns=0, payload=MAX_UDP_PAYLOAD
-        )
+        request = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=MAX_UDP_PAYLOAD)
         try:
             async with asyncio.timeout(self.timeout_s + 0.5):
                 response, _ = await dns.asyncquery.udp_with_fallback(
@@ -651,14 +647,13 @@ class DnsResponder:
         self._loop.add_reader(udp.fileno(), self._on_readable)
         if self._own_limits:
             self.limits.start()
-        self._flusher = self._loop.create_task(
-            self._flush_suppressed(), name="egressd-dns-flush"
-        )
+        self._flusher = self._loop.create_task(self._flush_suppressed(), name="egressd-dns-flush")
 
     @property
     def udp_address(self) -> tuple[str, int]:
         assert self._udp is not None
-        return self._udp.getsockname()  # type: ignore[no-any-return]
+        address: tuple[str, int] = self._udp.getsockname()
+        return address
 
     async def close(self) -> None:
         if self._closed:

@@ -94,9 +94,9 @@ class FlowTable:
         self._refused_counter: Counter | None = None
         self._expired_counter: Counter | None = None
         if metrics is not None:
-            Gauge("egressd_flows", "Flows in the proxy's flow table", registry=metrics).set_function(
-                self.__len__
-            )
+            Gauge(
+                "egressd_flows", "Flows in the proxy's flow table", registry=metrics
+            ).set_function(self.__len__)
             self._refused_counter = Counter(
                 "egressd_flows_dropped_total",
                 "New flows refused, by reason",

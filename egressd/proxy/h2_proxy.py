@@ -269,8 +269,11 @@ class H2Proxy:
             if record is not None and isinstance(event, h2.events.ResponseReceived):
                 status = dict(headers).get(b":status", b"")
                 record.status = int(status) if status.isdigit() else None
-            end = event.stream_ended is not None if isinstance(
-                event, h2.events.ResponseReceived) else False  # fmt: skip
+            end = (
+                event.stream_ended is not None
+                if isinstance(event, h2.events.ResponseReceived)
+                else False
+            )
             self._c.send_headers(sid, headers, end_stream=end)
             if end:
                 box = self._outbox(_CLIENT, sid)

@@ -137,6 +137,7 @@ def bound_dead_peers(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
+
 UNKNOWN_FLOW = "unknown_flow"
 UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
 PROXY_SHUTDOWN = "proxy_shutdown"
@@ -448,7 +449,8 @@ class Interceptor:
     @property
     def address(self) -> tuple[str, int]:
         assert self._sock is not None
-        return self._sock.getsockname()  # type: ignore[no-any-return]
+        address: tuple[str, int] = self._sock.getsockname()
+        return address
 
     @property
     def active(self) -> int:
@@ -565,9 +567,7 @@ class Interceptor:
     def _give_back(self, conn: _Conn) -> None:
         """Return the connection's slot and source port (its sockets are closed by now)."""
         if conn.lease is not None:
-            self.limits.release_port(
-                conn.lease, time.monotonic(), time_wait=conn.relay.time_wait
-            )
+            self.limits.release_port(conn.lease, time.monotonic(), time_wait=conn.relay.time_wait)
             conn.lease = None
         if conn.admitted and conn.flow is not None:
             self.limits.release(conn.flow.job_id)
@@ -671,9 +671,12 @@ class Interceptor:
                     )
             except ssl.SSLCertVerificationError as exc:
                 log.info(
-                    "upstream_tls_unverified", host=host, dst=str(conn.dst), port=conn.dport,
+                    "upstream_tls_unverified",
+                    host=host,
+                    dst=str(conn.dst),
+                    port=conn.dport,
                     error=exc.verify_message or str(exc),
-                )  # fmt: skip
+                )
                 reset(upstream)
                 return self._deny(sock, conn, tls_intercept.UPSTREAM_TLS_UNVERIFIED)
             except (ssl.SSLError, OSError) as exc:  # TimeoutError included
@@ -744,9 +747,18 @@ class Interceptor:
         flow = conn.flow
         pacing = self.limits.pacing(flow.job_id, policy.limits)
         recorded = live.Recorded(
-            conn.dst, conn.dport, flow.node, peeked.protocol, peeked.sni, peeked.http_host,
-            peeked.target_port, peeked.ech, peeked.sniff_error, conn.learned, conn.proxy_ips,
-        )  # fmt: skip
+            conn.dst,
+            conn.dport,
+            flow.node,
+            peeked.protocol,
+            peeked.sni,
+            peeked.http_host,
+            peeked.target_port,
+            peeked.ech,
+            peeked.sniff_error,
+            conn.learned,
+            conn.proxy_ips,
+        )
         limits = self.limits
         with self.live.track(
             flow.job_id, recorded, conn.relay, policy, lambda new: limits.retune(pacing, new.limits)
@@ -827,9 +839,7 @@ class Interceptor:
             return resolving()
 
         store = self.ctx.secrets
-        credentials = RequestCredentials.of(
-            policy, _no_secret if store is None else store.get
-        )  # fmt: skip
+        credentials = RequestCredentials.of(policy, _no_secret if store is None else store.get)
         return HttpGate(
             decide, lambda record: self._request_done(conn, record), credentials=credentials
         )

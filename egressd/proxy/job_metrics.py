@@ -158,9 +158,7 @@ class JobDenials:
         if self._holds is None:
             return []
         gone = [
-            job
-            for job, last in self._last.items()
-            if now - last >= IDLE_S and not self._holds(job)
+            job for job, last in self._last.items() if now - last >= IDLE_S and not self._holds(job)
         ]
         for job in gone:
             self.forget(job)
@@ -171,9 +169,7 @@ class JobDenials:
         return list(self._jobs)
 
 
-_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, JobDenials] = (
-    weakref.WeakKeyDictionary()
-)
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, JobDenials] = weakref.WeakKeyDictionary()
 
 
 def on(ctx: ProxyContext) -> JobDenials:

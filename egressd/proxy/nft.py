@@ -273,7 +273,9 @@ class ProxyNetfilter:
             )
         except NetlinkError as exc:
             if exc.code not in _EXISTS:
-                raise NftError("rule_failed", f"fwmark {spec.fwmark} lookup {spec.route_table}: {exc}") from exc
+                raise NftError(
+                    "rule_failed", f"fwmark {spec.fwmark} lookup {spec.route_table}: {exc}"
+                ) from exc
 
     def _local_routes(self, ipr: IPRoute) -> list[Any]:
         try:
@@ -303,7 +305,9 @@ class ProxyNetfilter:
                 table=self.spec.route_table,
             )
         except NetlinkError as exc:
-            raise NftError("route_failed", f"local 0.0.0.0/0 table {self.spec.route_table}: {exc}") from exc
+            raise NftError(
+                "route_failed", f"local 0.0.0.0/0 table {self.spec.route_table}: {exc}"
+            ) from exc
 
     def _supernet_routes(self, ipr: IPRoute, index: int | None = None) -> list[Any]:
         net = self.spec.sandbox_supernet

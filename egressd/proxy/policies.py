@@ -339,9 +339,13 @@ class PolicyStore:
         try:
             async with self._session.get(url, timeout=timeout) as response:
                 if response.status == 404:
-                    raise PolicyUnavailable("policy_missing", f"control plane has no policy for {job_id}")
+                    raise PolicyUnavailable(
+                        "policy_missing", f"control plane has no policy for {job_id}"
+                    )
                 if response.status != 200:
-                    raise PolicyUnavailable("control_unreachable", f"GET {url}: HTTP {response.status}")
+                    raise PolicyUnavailable(
+                        "control_unreachable", f"GET {url}: HTTP {response.status}"
+                    )
                 body = await read_json_body(response, MAX_BODY_BYTES)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PolicyUnavailable("control_unreachable", f"GET {url}: {exc!r}") from exc
@@ -417,7 +421,10 @@ class PolicyStore:
                 grace_s=self._digest_grace_s,
             )
         self._cache[job_id] = _Cached(
-            verified, usable_until=exp, refresh_at=refresh_at, checked_at=self._monotonic(),
+            verified,
+            usable_until=exp,
+            refresh_at=refresh_at,
+            checked_at=self._monotonic(),
             older=older,
         )
         self._negative.pop(job_id, None)
@@ -444,9 +451,15 @@ class PolicyStore:
                 self._notify(job_id, revoked.verified, None)
         elif job_id in self._cache:
             # A still-valid cached policy outlives a failed refresh.
-            log.warning("policy_refresh_failed", job_id=str(job_id), reason=exc.reason, detail=exc.detail)
+            log.warning(
+                "policy_refresh_failed", job_id=str(job_id), reason=exc.reason, detail=exc.detail
+            )
             return
-        ttl = self._missing_ttl_s if exc.reason in ("policy_missing", "policy_unverifiable") else self._error_ttl_s
+        ttl = (
+            self._missing_ttl_s
+            if exc.reason in ("policy_missing", "policy_unverifiable")
+            else self._error_ttl_s
+        )
         self._negative.pop(job_id, None)
         self._negative[job_id] = _Negative(exc.reason, exc.detail, self._monotonic() + ttl)
         while len(self._negative) > self._max_jobs:

@@ -142,7 +142,7 @@ def parse_nodes(body: object) -> tuple[list[NodeEntry], list[str]]:
     Raises RegistryError("bad_response") when the answer itself has the wrong shape.
     """
     if not isinstance(body, Mapping) or not isinstance(body.get("nodes"), list):
-        raise RegistryError("bad_response", "answer is not {\"nodes\": [...]}")
+        raise RegistryError("bad_response", 'answer is not {"nodes": [...]}')
     entries: list[NodeEntry] = []
     problems: list[str] = []
     seen_underlay: set[IPv4Address] = set()
@@ -151,7 +151,11 @@ def parse_nodes(body: object) -> tuple[list[NodeEntry], list[str]]:
             if not isinstance(item, Mapping):
                 raise ValueError("not an object")
             name, underlay, cidr = item.get("name"), item.get("underlay"), item.get("sandbox_cidr")
-            if not isinstance(name, str) or not isinstance(underlay, str) or not isinstance(cidr, str):
+            if (
+                not isinstance(name, str)
+                or not isinstance(underlay, str)
+                or not isinstance(cidr, str)
+            ):
                 raise ValueError("name, underlay and sandbox_cidr must be strings")
             entry = NodeEntry(name, IPv4Address(underlay), IPv4Network(cidr, strict=True))
         except ValueError as exc:
@@ -171,7 +175,7 @@ def parse_nodes(body: object) -> tuple[list[NodeEntry], list[str]]:
 def parse_proxy_count(body: object) -> int:
     """How many proxies a `GET /v1/proxies` answer lists (at least 1: this proxy)."""
     if not isinstance(body, Mapping) or not isinstance(body.get("proxies"), list):
-        raise RegistryError("bad_response", "answer is not {\"proxies\": [...]}")
+        raise RegistryError("bad_response", 'answer is not {"proxies": [...]}')
     return max(1, len(body["proxies"]))
 
 
@@ -186,7 +190,7 @@ def parse_member_addresses(
     RegistryError("bad_response") when the answer itself has the wrong shape.
     """
     if not isinstance(body, Mapping) or not isinstance(body.get(key), list):
-        raise RegistryError("bad_response", f"answer is not {{\"{key}\": [...]}}")
+        raise RegistryError("bad_response", f'answer is not {{"{key}": [...]}}')
     found: set[IPv4Address] = set()
     problems: list[str] = []
     for index, item in enumerate(body[key]):

@@ -156,9 +156,7 @@ class ProxyService(Lifecycle):
         )
         stack.push_async_callback(self._closing("admin", self.admin.close))
 
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64), trust_env=False
-        )
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), trust_env=False)
         stack.push_async_callback(self._closing("http_session", session.close))
 
         self.registry = NodeRegistry(
@@ -173,9 +171,13 @@ class ProxyService(Lifecycle):
         stack.push_async_callback(self._closing("registry", self.registry.close))
 
         self.policies = PolicyStore(
-            session, config.control_url, trusted, metrics=self.metrics, keys_dir=config.keys_dir,
+            session,
+            config.control_url,
+            trusted,
+            metrics=self.metrics,
+            keys_dir=config.keys_dir,
             digest_grace_s=config.digest_grace_s,
-        )  # fmt: skip
+        )
         stack.push_async_callback(self._closing("policies", self.policies.close))
         # Change notices from the control plane (polling above stays the fallback).
         self.watch = PolicyWatch(
@@ -199,7 +201,9 @@ class ProxyService(Lifecycle):
         stack.push_async_callback(self._cancel_tasks)
 
         self.ctx = ProxyContext(
-            identity=ProxyIdentity(name=config.name, underlay=config.underlay, egress=config.egress),
+            identity=ProxyIdentity(
+                name=config.name, underlay=config.underlay, egress=config.egress
+            ),
             flows=self.flows,
             policies=self.policies,
             fleet_ranges=self.registry.fleet,
@@ -315,7 +319,9 @@ class ProxyService(Lifecycle):
         self.tunnel = None
         self.nft_ok = False
 
-    def _closing(self, what: str, close: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+    def _closing(
+        self, what: str, close: Callable[[], Awaitable[object]]
+    ) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
             try:
                 await close()

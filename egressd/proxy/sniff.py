@@ -559,9 +559,7 @@ def _http_host(
         parsed = _authority(target)
         if parsed is None or not parsed[0] or parsed[1] is None:
             return HostResult(MALFORMED)
-        if header is not None and (
-            header[0] != parsed[0] or header[1] not in (None, parsed[1])
-        ):
+        if header is not None and (header[0] != parsed[0] or header[1] not in (None, parsed[1])):
             return HostResult(MALFORMED)
         return HostResult(OK, parsed[0], port=parsed[1], connect=True)
     absolute = _ABSOLUTE_RE.match(target_text)

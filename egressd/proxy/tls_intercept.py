@@ -322,8 +322,13 @@ class TlsEnd:
     send of TLS bytes goes through one lock, so records leave in order.
     """
 
-    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
-                 outgoing: ssl.MemoryBIO) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sock: socket.socket,
+        obj: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
         self.sock = sock
         self.obj = obj
         self._in = incoming
@@ -385,7 +390,8 @@ class TlsEnd:
             try:
                 data = self.obj.read(_BUFFER)
             except ssl.SSLWantReadError:
-                await self._flush()  # what reading produced (a KeyUpdate answer)
+                if self._out.pending:  # what reading produced (a KeyUpdate answer); rarely any
+                    await self._flush()
                 if self._in.eof:
                     return b""
                 await self._receive()

@@ -333,9 +333,14 @@ class GeneveTunnel:
                 received += 1
                 nbytes += n
                 result = validate(
-                    view[:n], addr[0], nodes=nodes, vni=vni, policy_lookup=lookup,
-                    job_ids=job_ids, offload=offload,
-                )  # fmt: skip
+                    view[:n],
+                    addr[0],
+                    nodes=nodes,
+                    vni=vni,
+                    policy_lookup=lookup,
+                    job_ids=job_ids,
+                    offload=offload,
+                )
                 if isinstance(result, Accepted):
                     written += self._forward(result, now)
                 elif isinstance(result, Dropped):
@@ -565,7 +570,9 @@ class GeneveTunnel:
                         supers += 1
                     start = 0
                     view[:PREFIX_LEN] = header
-                    buf[0] = (OFFLOAD_PREFIX_LEN - HEADER_LEN) // 4  # Opt Len: both options, in words
+                    buf[0] = (
+                        OFFLOAD_PREFIX_LEN - HEADER_LEN
+                    ) // 4  # Opt Len: both options, in words
                     pack_offload_option(
                         buf, PREFIX_LEN, flags, gso_type, gso_size, csum_start, csum_offset
                     )

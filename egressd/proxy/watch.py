@@ -79,15 +79,23 @@ class PolicyWatch:
         for result in RESULTS:
             self._answers.labels(result)
         self._stream = WatchStream(
-            session, control_url, apply=self.apply, on_state=self._on_state,
-            answers=self._answers, logger=log, poll_timeout_s=poll_timeout_s,
-        )  # fmt: skip
+            session,
+            control_url,
+            apply=self.apply,
+            on_state=self._on_state,
+            answers=self._answers,
+            logger=log,
+            poll_timeout_s=poll_timeout_s,
+        )
         self._changes = Counter(
-            "egressd_watch_changes_total", "Change notices received, by kind", ["kind"],
+            "egressd_watch_changes_total",
+            "Change notices received, by kind",
+            ["kind"],
             registry=metrics,
         )
         Gauge(
-            "egressd_watch_up", "1 while the watch stream answers (else polling)",
+            "egressd_watch_up",
+            "1 while the watch stream answers (else polling)",
             registry=metrics,
         ).set_function(lambda: 1.0 if policies.watching else 0.0)
 

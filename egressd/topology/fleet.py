@@ -124,26 +124,40 @@ class Fleet:
     def components(self) -> list[Component]:
         """Every daemon, in start order."""
         out = [
-            Component("inet", self.ns(INET_NS), self._egressd("inet", "serve", "--run-dir", str(self.run_dir)), None),
+            Component(
+                "inet",
+                self.ns(INET_NS),
+                self._egressd("inet", "serve", "--run-dir", str(self.run_dir)),
+                None,
+            ),
             Component(
                 "control",
                 self.ns(CTL_NS),
                 self._egressd(
-                    "control", "serve",
-                    "--state-dir", str(self.run_dir / "control"),
-                    "--key", str(self.signing_key),
-                    "--admin-token-file", str(self.admin_token_file),
-                    "--listen", f"{CONTROL_ADDR}:{CONTROL_PORT}",
+                    "control",
+                    "serve",
+                    "--state-dir",
+                    str(self.run_dir / "control"),
+                    "--key",
+                    str(self.signing_key),
+                    "--admin-token-file",
+                    str(self.admin_token_file),
+                    "--listen",
+                    f"{CONTROL_ADDR}:{CONTROL_PORT}",
                 ),
                 (str(CONTROL_ADDR), CONTROL_PORT),
             ),
         ]
         for proxy in self.layout.proxies:
             argv = self._egressd("proxy", "serve", "--config", str(self.config_path(proxy.name)))
-            out.append(Component(proxy.name, self.ns(proxy.netns), argv, (str(proxy.underlay), ADMIN_PORT)))
+            out.append(
+                Component(proxy.name, self.ns(proxy.netns), argv, (str(proxy.underlay), ADMIN_PORT))
+            )
         for node in self.layout.nodes:
             argv = self._egressd("agent", "serve", "--config", str(self.config_path(node.name)))
-            out.append(Component(node.name, self.ns(node.netns), argv, (str(node.underlay), ADMIN_PORT)))
+            out.append(
+                Component(node.name, self.ns(node.netns), argv, (str(node.underlay), ADMIN_PORT))
+            )
         return out
 
     def proxy_config(self, proxy: ProxySpec) -> dict[str, object]:
@@ -231,9 +245,16 @@ class Fleet:
 
     def control_put(self, path: str, body: dict[str, object]) -> dict[str, object]:
         reply = http_request(
-            self.ns(CTL_NS), "PUT", str(CONTROL_ADDR), CONTROL_PORT, path,
+            self.ns(CTL_NS),
+            "PUT",
+            str(CONTROL_ADDR),
+            CONTROL_PORT,
+            path,
             body=json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {self.admin_token()}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {self.admin_token()}",
+                "Content-Type": "application/json",
+            },
         )
         if reply.status != 200:
             raise FleetError("control_rejected", f"PUT {path}: {reply.status} {reply.body[:200]!r}")
@@ -275,12 +296,15 @@ class Fleet:
             return
         listing = subprocess.run(
             ["runsc", "--root", str(runsc_root), "list", "-quiet"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         for container in listing.stdout.split():
             subprocess.run(
                 ["runsc", "--root", str(runsc_root), "delete", "-force", container],
-                capture_output=True, check=False,
+                capture_output=True,
+                check=False,
             )
         bundles = self.run_dir / "sandboxes"
         for bundle in sorted(bundles.iterdir()) if bundles.is_dir() else []:

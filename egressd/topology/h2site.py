@@ -56,9 +56,12 @@ async def serve_h2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
                     conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 elif isinstance(event, h2.events.StreamEnded) and event.stream_id in heads:
                     pending[event.stream_id] = _answer(
-                        conn, event.stream_id, heads.pop(event.stream_id),
-                        sizes.pop(event.stream_id, 0), peer,
-                    )  # fmt: skip
+                        conn,
+                        event.stream_id,
+                        heads.pop(event.stream_id),
+                        sizes.pop(event.stream_id, 0),
+                        peer,
+                    )
                 elif isinstance(event, h2.events.StreamReset):
                     pending.pop(event.stream_id, None)
             for sid, body in list(pending.items()):

@@ -124,9 +124,13 @@ class InetConfig:
         _check_host("dns host", self.dns_host)
         _check_host("metadata host", self.metadata_host)
         for name in (
-            "http_port", "https_port", "untrusted_https_port", "h2_port", "dns_port",
+            "http_port",
+            "https_port",
+            "untrusted_https_port",
+            "h2_port",
+            "dns_port",
             "metadata_port",
-        ):  # fmt: skip
+        ):
             _check_port(name, getattr(self, name))
 
     @property
@@ -301,9 +305,13 @@ class InetServer:
                 )
             for host in cfg.http_hosts:
                 server = await asyncio.start_server(
-                    h2site.serve_h2, host, cfg.h2_port, ssl=h2_tls, backlog=BACKLOG,
+                    h2site.serve_h2,
+                    host,
+                    cfg.h2_port,
+                    ssl=h2_tls,
+                    backlog=BACKLOG,
                     reuse_address=True,
-                )  # fmt: skip
+                )
                 self._servers.append(server)
                 bound = server.sockets[0].getsockname()
                 self.listeners.setdefault("h2", []).append(f"{bound[0]}:{bound[1]}")

@@ -53,7 +53,9 @@ def http_request(
         resp = conn.getresponse()
         return Reply(resp.status, resp.read())
     except (OSError, http.client.HTTPException) as exc:
-        raise ProbeError("http_failed", f"{method} http://{host}:{port}{path} in {ns}: {exc}") from exc
+        raise ProbeError(
+            "http_failed", f"{method} http://{host}:{port}{path} in {ns}: {exc}"
+        ) from exc
     finally:
         conn.close()
         sock.close()

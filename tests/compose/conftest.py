@@ -130,15 +130,27 @@ class ComposeFleet:
         """Sign a policy at the control plane and run UDF in a gVisor sandbox on the node."""
         allows = [f"--allow={a}" for a in allow]
         return self.exec(
-            self.node(), "python3", "-m", "egressd.deploy", "udf", *allows, "--job-id", job_id,
-            udf, *args, timeout=180, check=False,
-        )  # fmt: skip
+            self.node(),
+            "python3",
+            "-m",
+            "egressd.deploy",
+            "udf",
+            *allows,
+            "--job-id",
+            job_id,
+            udf,
+            *args,
+            timeout=180,
+            check=False,
+        )
 
     def node_metrics(self) -> str:
         return self.exec(
-            self.node(), "python3", "-c",
+            self.node(),
+            "python3",
+            "-c",
             "import urllib.request as u; print(u.urlopen('http://198.18.0.11:9090/metrics', timeout=5).read().decode())",
-        ).stdout  # fmt: skip
+        ).stdout
 
     def proxy_events(self, job_id: str) -> dict[str, list[dict[str, object]]]:
         """Audit events of `job_id`, per proxy container (from its log, `docker logs`)."""
@@ -210,11 +222,29 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeFleet]:
         yield fleet
     finally:
         subprocess.run(
-            [*COMPOSE, "-p", project, "-f", str(DEPLOY / "compose.yaml"),
-             "--profile", "images", "--profile", "load", "--profile", "monitoring", "down", "-v", "--remove-orphans", "--timeout", "10"],
+            [
+                *COMPOSE,
+                "-p",
+                project,
+                "-f",
+                str(DEPLOY / "compose.yaml"),
+                "--profile",
+                "images",
+                "--profile",
+                "load",
+                "--profile",
+                "monitoring",
+                "down",
+                "-v",
+                "--remove-orphans",
+                "--timeout",
+                "10",
+            ],
             env={**env, "EGRESSD_TAG": env.get("EGRESSD_TAG", "latest")},
-            capture_output=True, timeout=180, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            timeout=180,
+            check=False,
+        )
         print(f"compose fleet {project}: {fleet.timings}")
 
 

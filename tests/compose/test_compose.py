@@ -129,20 +129,41 @@ def test_proxies_hold_the_interception_ca_and_credentials(fleet: ComposeFleet) -
     credential_unavailable); the node has neither the key nor the credential."""
     job = str(uuid.uuid4())
     rules = [
-        {"host": "api.allowed.test", "ports": [443], "tls": "intercept",
-         "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}]}},
-        {"host": "api.allowed.test", "ports": [80],
-         "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}],
-                  "credentials": [{"header": "Authorization", "secret": CREDENTIAL,
-                                   "format": "Bearer {}"}]}},
-    ]  # fmt: skip
+        {
+            "host": "api.allowed.test",
+            "ports": [443],
+            "tls": "intercept",
+            "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}]},
+        },
+        {
+            "host": "api.allowed.test",
+            "ports": [80],
+            "http": {
+                "allow": [{"methods": ["GET"], "paths": ["/data"]}],
+                "credentials": [
+                    {"header": "Authorization", "secret": CREDENTIAL, "format": "Bearer {}"}
+                ],
+            },
+        },
+    ]
     done = fleet.exec(
-        fleet.node(), "python3", "-m", "egressd.deploy", "udf",
-        *[f"--rule={json.dumps(r)}" for r in rules], "--job-id", job,
-        "probe.py", "--timeout", "10", "https://api.allowed.test/data",
-        "https://api.allowed.test/echo-headers", "http://api.allowed.test/data",
-        timeout=180, check=False,
-    )  # fmt: skip
+        fleet.node(),
+        "python3",
+        "-m",
+        "egressd.deploy",
+        "udf",
+        *[f"--rule={json.dumps(r)}" for r in rules],
+        "--job-id",
+        job,
+        "probe.py",
+        "--timeout",
+        "10",
+        "https://api.allowed.test/data",
+        "https://api.allowed.test/echo-headers",
+        "http://api.allowed.test/data",
+        timeout=180,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     got = {r["target"]: r for r in results(done)}
     assert got["https://api.allowed.test/data"]["status"] == 200, got
@@ -153,19 +174,23 @@ def test_proxies_hold_the_interception_ca_and_credentials(fleet: ComposeFleet) -
         time.sleep(0.5)
     seen = sorted((e["path"], e["status"], e.get("injected", [])) for e in events)
     assert seen == [
-        ("/data", 200, []), ("/data", 200, ["Authorization"]), ("/echo-headers", 403, []),
-    ], events  # fmt: skip
+        ("/data", 200, []),
+        ("/data", 200, ["Authorization"]),
+        ("/echo-headers", 403, []),
+    ], events
     # Only the control plane and the proxies have the key; only proxies the credential.
     (proxy,) = fleet.containers("proxy")
     key = fleet.exec(proxy, "cat", "/interception-ca/ca.key").stdout
     assert "PRIVATE KEY" in key
     line = key.splitlines()[1]  # a line of the key's base64 body
     node = fleet.exec(
-        fleet.node(), "sh", "-c",
+        fleet.node(),
+        "sh",
+        "-c",
         f"test ! -e /interception-ca && test ! -e /run/secrets/{CREDENTIAL} "
         f"&& ! grep -rqF -- '{line}' /fleet /run/egressd/ca && echo clean",
         check=False,
-    )  # fmt: skip
+    )
     assert node.stdout.strip() == "clean", node.stdout + node.stderr
 
 
@@ -197,11 +222,13 @@ def test_scale_to_three_proxies_spreads_flows(fleet: ComposeFleet) -> None:
 def prometheus_api(fleet: ComposeFleet, path: str) -> dict[str, Any]:
     """GET the fleet's Prometheus API (198.18.0.9, profile `monitoring`) from the node."""
     done = fleet.exec(
-        fleet.node(), "python3", "-c",
+        fleet.node(),
+        "python3",
+        "-c",
         "import sys, urllib.request as u; "
         "print(u.urlopen('http://198.18.0.9:9090' + sys.argv[1], timeout=5).read().decode())",
         path,
-    )  # fmt: skip
+    )
     body = json.loads(done.stdout)
     assert body["status"] == "success", body
     return body["data"]

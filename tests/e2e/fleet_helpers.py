@@ -40,8 +40,12 @@ class Job:
 
     def sign(self) -> Job:
         payload = {
-            "v": 1, "job_id": self.job_id, "account": "e2e", "nodes": [self.node],
-            "mode": self.mode, "egress": self.egress,
+            "v": 1,
+            "job_id": self.job_id,
+            "account": "e2e",
+            "nodes": [self.node],
+            "mode": self.mode,
+            "egress": self.egress,
         }
         self.jws = self.fleet.sign_policy(payload)
         return self
@@ -64,9 +68,21 @@ def sandbox_argv(
 ) -> list[str]:
     """`egressd sandbox run` for `job`, as an operator would type it (UDFs at /udfs)."""
     cmd = [
-        sys.executable, "-m", "egressd", "sandbox", "run",
-        "--run-dir", str(fleet.run_dir), "--node", job.node, "--policy", str(policy_file),
-        "--mount", f"{UDFS}:/udfs", *[f"--mount={m}" for m in mounts], *extra,
+        sys.executable,
+        "-m",
+        "egressd",
+        "sandbox",
+        "run",
+        "--run-dir",
+        str(fleet.run_dir),
+        "--node",
+        job.node,
+        "--policy",
+        str(policy_file),
+        "--mount",
+        f"{UDFS}:/udfs",
+        *[f"--mount={m}" for m in mounts],
+        *extra,
     ]
     if timeout_s is not None:
         cmd += ["--timeout", str(timeout_s)]
@@ -84,14 +100,24 @@ def sandbox_run(
     policy_file: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a sandbox to completion; its output and exit code."""
-    cmd = sandbox_argv(fleet, job, policy_file or job.policy_file(tmp), argv,
-                       mounts=mounts, timeout_s=timeout_s - 10)
+    cmd = sandbox_argv(
+        fleet,
+        job,
+        policy_file or job.policy_file(tmp),
+        argv,
+        mounts=mounts,
+        timeout_s=timeout_s - 10,
+    )
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
 
 
-def probe(fleet: Fleet, job: Job, tmp: Path, targets: Sequence[str], *, timeout: float = 3.0) -> dict[str, dict[str, Any]]:
+def probe(
+    fleet: Fleet, job: Job, tmp: Path, targets: Sequence[str], *, timeout: float = 3.0
+) -> dict[str, dict[str, Any]]:
     """Run the example probe UDF in a sandbox; one result per target."""
-    done = sandbox_run(fleet, job, tmp, ["python3", "/udfs/probe.py", "--timeout", str(timeout), *targets])
+    done = sandbox_run(
+        fleet, job, tmp, ["python3", "/udfs/probe.py", "--timeout", str(timeout), *targets]
+    )
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return {str(r["target"]): r for r in results}
@@ -115,8 +141,13 @@ def proxy_events(fleet: Fleet, job_id: str, event: str | None = None) -> list[di
     return out
 
 
-def wait_events(fleet: Fleet, job_id: str, event: str, pred: Callable[[dict[str, object]], bool],
-                timeout_s: float = 5.0) -> list[dict[str, Any]]:
+def wait_events(
+    fleet: Fleet,
+    job_id: str,
+    event: str,
+    pred: Callable[[dict[str, object]], bool],
+    timeout_s: float = 5.0,
+) -> list[dict[str, Any]]:
     """Events matching `pred`, waiting a little: connection events are logged at close."""
     deadline = time.monotonic() + timeout_s
     while True:

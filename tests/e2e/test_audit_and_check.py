@@ -30,8 +30,13 @@ RAW_IP = "203.0.113.77"
 
 
 def egressd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "egressd", *args], capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "egressd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def audit_json(fleet: Fleet, *args: str) -> list[dict[str, object]]:
@@ -46,12 +51,12 @@ def test_audit_lists_a_jobs_tier1_and_tier2_denials_with_reasons(
     job = Job(fleet, "node1", [{"host": "api.allowed.test", "ports": [443]}]).sign()
     other = Job(fleet, "node1", [{"host": "api.allowed.test", "ports": [443]}]).sign()
     targets = [
-        "https://api.allowed.test/data",      # allowed
-        "https://evil.test/",                 # tier 2, DNS: no rule names it
-        f"tcp://{RAW_IP}:443",                # tier 2, connection: no rule allows the address
-        f"tcp://{API_IP}:22",                 # tier 1: a port no rule lists
-        f"tcp://{METADATA}:443",              # tier 1: the metadata address
-    ]  # fmt: skip
+        "https://api.allowed.test/data",  # allowed
+        "https://evil.test/",  # tier 2, DNS: no rule names it
+        f"tcp://{RAW_IP}:443",  # tier 2, connection: no rule allows the address
+        f"tcp://{API_IP}:22",  # tier 1: a port no rule lists
+        f"tcp://{METADATA}:443",  # tier 1: the metadata address
+    ]
     results = probe(fleet, job, tmp_path, targets)
     assert results["https://api.allowed.test/data"]["ok"] is True, results
     probe(fleet, other, tmp_path, ["https://evil.test/"])  # another job's denial
@@ -84,13 +89,18 @@ def test_audit_lists_a_jobs_tier1_and_tier2_denials_with_reasons(
 
     # without --verdict the allowed request is there too; a job prefix works
     everything = audit_json(fleet, "--job", job.job_id[:8])
-    assert any(r["reason"] == "allowed_host" and r["event"] == "connection"
-               and r["host"] == "api.allowed.test" for r in everything)  # fmt: skip
+    assert any(
+        r["reason"] == "allowed_host"
+        and r["event"] == "connection"
+        and r["host"] == "api.allowed.test"
+        for r in everything
+    )
     assert all(r["job_id"] == job.job_id for r in everything)
 
     # the table, as an operator reads it
-    done = egressd("audit", "--run-dir", str(fleet.run_dir), "--job", job.job_id,
-                   "--verdict", "deny")  # fmt: skip
+    done = egressd(
+        "audit", "--run-dir", str(fleet.run_dir), "--job", job.job_id, "--verdict", "deny"
+    )
     assert done.returncode == 0, done.stderr
     rows = done.stdout.splitlines()
     print("\n" + done.stdout)
@@ -105,9 +115,12 @@ def test_audit_lists_a_jobs_tier1_and_tier2_denials_with_reasons(
 
 def test_policy_check_asks_the_fleets_control_plane(fleet: Fleet, tmp_path: Path) -> None:
     payload = {
-        "v": 1, "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2", "account": "e2e",
-        "nodes": ["node1", "node9"], "egress": [{"host": "api.allowed.test"}],
-    }  # fmt: skip
+        "v": 1,
+        "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2",
+        "account": "e2e",
+        "nodes": ["node1", "node9"],
+        "egress": [{"host": "api.allowed.test"}],
+    }
     path = tmp_path / "policy.json"
     path.write_text(json.dumps(payload))
     done = egressd("policy", "check", "--prefix", fleet.layout.prefix, str(path))

@@ -15,8 +15,13 @@ from egressd.net import netns as kn
 
 
 def _egressd(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "egressd", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "egressd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_demo_reports_every_verdict_as_expected(tmp_path: Path) -> None:
@@ -27,8 +32,12 @@ def test_demo_reports_every_verdict_as_expected(tmp_path: Path) -> None:
     summary = done.stdout.strip().splitlines()[-1]
     verdicts, _, total = summary.split()[0:3]
     assert verdicts == total and int(total) >= 10, summary
-    for expected in ("allow:allowed_host", "deny:no_matching_rule", "deny:denied_range (tier 1)",
-                     "deny:fleet_range (tier 1)"):
+    for expected in (
+        "allow:allowed_host",
+        "deny:no_matching_rule",
+        "deny:denied_range (tier 1)",
+        "deny:fleet_range (tier 1)",
+    ):
         assert expected in done.stdout
     assert kn.list_netns("egd-e2d-") == ()
 
@@ -36,13 +45,35 @@ def test_demo_reports_every_verdict_as_expected(tmp_path: Path) -> None:
 def test_bench_measures_three_paths_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "data_path.json"
     done = _egressd(
-        "bench", "--run-dir", str(tmp_path / "bench"), "--prefix", "egd-e2b-",
-        "--seconds", "1", "--repeat", "1", "--connections", "8", "--bulk-bytes", str(20 << 20),
-        "--idle-connections", "200", "--out", str(out),
+        "bench",
+        "--run-dir",
+        str(tmp_path / "bench"),
+        "--prefix",
+        "egd-e2b-",
+        "--seconds",
+        "1",
+        "--repeat",
+        "1",
+        "--connections",
+        "8",
+        "--bulk-bytes",
+        str(20 << 20),
+        "--idle-connections",
+        "200",
+        "--out",
+        str(out),
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    paths = json.loads(out.read_text())["paths"]
+    doc = json.loads(out.read_text())
+    paths = doc["paths"]
+    # The interception rows (issue 12): HTTPS through Squid ssl_bump and egressd tls: intercept.
+    for name in ("squid-bump", "egressd-intercept"):
+        row = doc["intercept"]["rows"][name]
+        assert row["error"] is None, (name, row["error"])
+        assert row["keepalive_rps"] > 0 and row["conn_per_s"] > 0 and row["bulk_mb_s"] > 0, row
+        assert paths[name]["wrk_errors"] == 0, (name, paths[name]["wrk_errors"])
+        assert name in done.stdout
     for name in ("kernel", "squid", "egressd"):
         result = paths[name]
         assert result["error"] is None, (name, result["error"])

@@ -21,10 +21,15 @@ from .test_egress import LimitedJob, dns_events, run_checks
 
 def test_150_records_reach_a_sandbox(fleet: Fleet, tmp_path: Path) -> None:
     job = LimitedJob(fleet, "node1", [{"host": "*.data.allowed.test", "ports": [443]}]).sign()
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "gai", "kind": "getaddrinfo", "name": MANY_NAME, "timeout": 10},
-        {"id": "udp", "kind": "dns", "name": MANY_NAME, "qtype": "A"},
-    ])  # fmt: skip
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {"id": "gai", "kind": "getaddrinfo", "name": MANY_NAME, "timeout": 10},
+            {"id": "udp", "kind": "dns", "name": MANY_NAME, "qtype": "A"},
+        ],
+    )
     expected = {str(ip) for ip in many_addresses(fleet.layout)}
     assert len(expected) == MANY_COUNT
     gai = got["gai"]

@@ -69,8 +69,13 @@ class LimitedJob(Job):
 
     def sign(self) -> LimitedJob:
         payload = {
-            "v": 1, "job_id": self.job_id, "account": "e2e", "nodes": [self.node],
-            "mode": self.mode, "egress": self.egress, "limits": self.limits,
+            "v": 1,
+            "job_id": self.job_id,
+            "account": "e2e",
+            "nodes": [self.node],
+            "mode": self.mode,
+            "egress": self.egress,
+            "limits": self.limits,
         }
         self.jws = self.fleet.sign_policy(payload)
         return self
@@ -81,13 +86,19 @@ def api_job(fleet: Fleet, node: str = "node1", mode: str = "enforce") -> Limited
 
 
 def run_checks(
-    fleet: Fleet, job: Job, tmp: Path, checks: Sequence[Mapping[str, object]], *,
-    parallel: bool = False, timeout_s: float = 120,
+    fleet: Fleet,
+    job: Job,
+    tmp: Path,
+    checks: Sequence[Mapping[str, object]],
+    *,
+    parallel: bool = False,
+    timeout_s: float = 120,
 ) -> dict[str, dict[str, Any]]:
     """Run `checks` in one sandbox of `job`; the results by check id."""
     spec = json.dumps({"checks": list(checks), "parallel": parallel})
-    done = sandbox_run(fleet, job, tmp, ["python3", CHECKS, spec], mounts=[f"{E2E_UDFS}:/e2e"],
-                       timeout_s=timeout_s)
+    done = sandbox_run(
+        fleet, job, tmp, ["python3", CHECKS, spec], mounts=[f"{E2E_UDFS}:/e2e"], timeout_s=timeout_s
+    )
     assert done.returncode == 0, f"sandbox exited {done.returncode}: {done.stderr[-2000:]}"
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     by_id = {str(r["id"]): r for r in results}
@@ -111,9 +122,17 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
 
 
-def conn_events(fleet: Fleet, job: Job, *, dst: str, port: int | None = None,
-                count: int = 1, timeout_s: float = 8.0) -> list[dict[str, Any]]:
+def conn_events(
+    fleet: Fleet,
+    job: Job,
+    *,
+    dst: str,
+    port: int | None = None,
+    count: int = 1,
+    timeout_s: float = 8.0,
+) -> list[dict[str, Any]]:
     """The job's connection events to dst[:port], waiting until `count` are logged."""
+
     def pred(e: dict[str, object]) -> bool:
         return e.get("dst") == dst and (port is None or e.get("port") == port)
 
@@ -164,10 +183,15 @@ def bare_sandbox(fleet: Fleet, job: Job) -> Iterator[SandboxInfo]:
 
 def test_allowed_https_and_http_with_requests(fleet: Fleet, tmp_path: Path) -> None:
     job = api_job(fleet)
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "https", "kind": "http", "url": f"https://{API}/data"},
-        {"id": "http", "kind": "http", "url": f"http://{API}/data"},
-    ])
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {"id": "https", "kind": "http", "url": f"https://{API}/data"},
+            {"id": "http", "kind": "http", "url": f"http://{API}/data"},
+        ],
+    )
     for scheme in ("https", "http"):
         r = got[scheme]
         assert r["outcome"] == "ok" and r["status"] == 200, r
@@ -195,16 +219,29 @@ def test_allowed_https_and_http_with_requests(fleet: Fleet, tmp_path: Path) -> N
 def test_download_100mib_sha256_matches(fleet: Fleet, tmp_path: Path) -> None:
     job = api_job(fleet)
     url = f"https://{API}/bytes/{DOWNLOAD_BYTES}"
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "dl", "kind": "download", "url": url, "timeout": 60,
-         "header": CONTENT_SHA256_HEADER},
-    ], timeout_s=180)["dl"]
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {
+                "id": "dl",
+                "kind": "download",
+                "url": url,
+                "timeout": 60,
+                "header": CONTENT_SHA256_HEADER,
+            },
+        ],
+        timeout_s=180,
+    )["dl"]
     expected = content_sha256(DOWNLOAD_BYTES)
     assert got["outcome"] == "ok" and got["status"] == 200, got
     assert got["bytes"] == DOWNLOAD_BYTES, got
     assert got["sha256"] == got["header_sha256"] == expected, got
-    print(f"\n100 MiB over HTTPS through the fleet: {got['seconds']} s "
-          f"({DOWNLOAD_BYTES / MIB / got['seconds']:.1f} MiB/s)")
+    print(
+        f"\n100 MiB over HTTPS through the fleet: {got['seconds']} s "
+        f"({DOWNLOAD_BYTES / MIB / got['seconds']:.1f} MiB/s)"
+    )
 
     events = conn_events(fleet, job, dst=API_IP, port=443)
     assert len(events) == 1, events
@@ -218,10 +255,22 @@ def test_download_100mib_sha256_matches(fleet: Fleet, tmp_path: Path) -> None:
 def test_200_concurrent_connections_from_one_sandbox(fleet: Fleet, tmp_path: Path) -> None:
     job = api_job(fleet)
     n = 200
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "many", "kind": "concurrent", "host": API, "port": 443, "tls": True, "n": n,
-         "timeout": 90},
-    ])["many"]
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {
+                "id": "many",
+                "kind": "concurrent",
+                "host": API,
+                "port": 443,
+                "tls": True,
+                "n": n,
+                "timeout": 90,
+            },
+        ],
+    )["many"]
     assert got["opened"] == n and got["ok"] == n, got
     assert got["open_at_end"] == n, got  # all held open at once until every answer was read
     print(f"\n{n} concurrent HTTPS connections from one sandbox: {got['seconds']} s")
@@ -238,12 +287,17 @@ def test_200_concurrent_connections_from_one_sandbox(fleet: Fleet, tmp_path: Pat
 
 def test_denied_name_is_refused_and_raw_address_is_reset(fleet: Fleet, tmp_path: Path) -> None:
     job = api_job(fleet)
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "gai", "kind": "getaddrinfo", "name": "evil.test"},
-        {"id": "raw_dns", "kind": "dns", "name": "evil.test", "qtype": "A"},
-        {"id": "raw_ip", "kind": "tcp", "host": RAW_IP, "port": 443},
-        {"id": "raw_ip_http", "kind": "tcp", "host": RAW_IP, "port": 80, "http_host": RAW_IP},
-    ])
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {"id": "gai", "kind": "getaddrinfo", "name": "evil.test"},
+            {"id": "raw_dns", "kind": "dns", "name": "evil.test", "qtype": "A"},
+            {"id": "raw_ip", "kind": "tcp", "host": RAW_IP, "port": 443},
+            {"id": "raw_ip_http", "kind": "tcp", "host": RAW_IP, "port": 80, "http_host": RAW_IP},
+        ],
+    )
     # The proxy's default refusal rcode, NXDOMAIN: glibc reports EAI_NONAME ("Name or
     # service not known"), at once and final (REFUSED would be EAI_AGAIN after retries).
     gai, raw = got["gai"], got["raw_dns"]
@@ -257,7 +311,11 @@ def test_denied_name_is_refused_and_raw_address_is_reset(fleet: Fleet, tmp_path:
     dns = dns_events(fleet, job, "evil.test", "A")
     assert len(dns) >= 2, dns  # getaddrinfo's query and the hand-built one
     for e in dns:
-        assert (e["verdict"], e["reason"], e["rcode"]) == ("deny", "no_matching_rule", "NXDOMAIN"), e
+        assert (e["verdict"], e["reason"], e["rcode"]) == (
+            "deny",
+            "no_matching_rule",
+            "NXDOMAIN",
+        ), e
     for port in (443, 80):
         events = conn_events(fleet, job, dst=RAW_IP, port=port)
         assert len(events) == 1 and events[0]["verdict"] == "deny", events
@@ -289,8 +347,14 @@ def test_fleet_and_metadata_addresses_are_unreachable(fleet: Fleet, tmp_path: Pa
             {"id": key, "kind": "tcp", "host": host, "port": port, "timeout": 2}
             for key, (host, port, _) in targets.items()
         ]
-        checks.append({"id": "metadata_http", "kind": "http", "timeout": 2,
-                       "url": f"http://{METADATA}/latest/meta-data/iam/security-credentials/"})
+        checks.append(
+            {
+                "id": "metadata_http",
+                "kind": "http",
+                "timeout": 2,
+                "url": f"http://{METADATA}/latest/meta-data/iam/security-credentials/",
+            }
+        )
         got = run_checks(fleet, job, tmp_path, checks, parallel=True)
         after = tier1_drops(fleet, "node1")
     seen = delta(before, after)
@@ -319,13 +383,31 @@ def test_domain_fronting_is_denied(fleet: Fleet, tmp_path: Path) -> None:
     job = api_job(fleet)
     mismatches = {"verdict": "deny", "reason": "host_address_mismatch"}
     before = proxy_counts(fleet, "egressd_connections_total", **mismatches)
-    got = run_checks(fleet, job, tmp_path, [
-        # An allowed address, a denied name in the SNI.
-        {"id": "sni_evil_at_api", "kind": "tcp", "host": API_IP, "port": 443, "sni": "evil.test"},
-        # A denied address, an allowed name in the Host header / SNI.
-        {"id": "host_api_at_evil", "kind": "tcp", "host": EVIL_IP, "port": 80, "http_host": API},
-        {"id": "sni_api_at_evil", "kind": "tcp", "host": EVIL_IP, "port": 443, "sni": API},
-    ], parallel=True)
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            # An allowed address, a denied name in the SNI.
+            {
+                "id": "sni_evil_at_api",
+                "kind": "tcp",
+                "host": API_IP,
+                "port": 443,
+                "sni": "evil.test",
+            },
+            # A denied address, an allowed name in the Host header / SNI.
+            {
+                "id": "host_api_at_evil",
+                "kind": "tcp",
+                "host": EVIL_IP,
+                "port": 80,
+                "http_host": API,
+            },
+            {"id": "sni_api_at_evil", "kind": "tcp", "host": EVIL_IP, "port": 443, "sni": API},
+        ],
+        parallel=True,
+    )
     for key, r in got.items():
         assert r["outcome"] == "reset" and r["stage"] != "connect", (key, r)
 
@@ -355,9 +437,12 @@ def test_dns_tunnelling_queries_are_refused(fleet: Fleet, tmp_path: Path) -> Non
         "a_evil": (f"{secret}.evil.test", "A"),
         "txt_plain_api": (API, "TXT"),
     }
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": k, "kind": "dns", "name": n, "qtype": t} for k, (n, t) in names.items()
-    ])
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [{"id": k, "kind": "dns", "name": n, "qtype": t} for k, (n, t) in names.items()],
+    )
     # A name no rule names: the refusal rcode (NXDOMAIN); a type: REFUSED.
     rcodes = {k: "REFUSED" if t == "TXT" else "NXDOMAIN" for k, (_, t) in names.items()}
     for key, r in got.items():
@@ -383,13 +468,30 @@ def test_udp_other_than_dns_is_dropped_by_tier1(fleet: Fleet, tmp_path: Path) ->
     catcher.bind((API_IP, 9999))
     catcher.setblocking(False)
     before = tier1_drops(fleet, "node1")
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "udp_api", "kind": "udp", "host": API_IP, "port": 9999, "timeout": 1.5},
-        {"id": "udp_ntp_resolver", "kind": "udp", "host": str(RESOLVER), "port": 123,
-         "timeout": 1.5},
-        # DNS straight to the internet's DNS server, around the proxy's responder.
-        {"id": "dns_direct", "kind": "dns", "name": API, "server": str(INET_DNS), "timeout": 1.5},
-    ], parallel=True)
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {"id": "udp_api", "kind": "udp", "host": API_IP, "port": 9999, "timeout": 1.5},
+            {
+                "id": "udp_ntp_resolver",
+                "kind": "udp",
+                "host": str(RESOLVER),
+                "port": 123,
+                "timeout": 1.5,
+            },
+            # DNS straight to the internet's DNS server, around the proxy's responder.
+            {
+                "id": "dns_direct",
+                "kind": "dns",
+                "name": API,
+                "server": str(INET_DNS),
+                "timeout": 1.5,
+            },
+        ],
+        parallel=True,
+    )
     after = tier1_drops(fleet, "node1")
     assert got["udp_api"]["outcome"] == "no_reply", got
     assert got["udp_ntp_resolver"]["outcome"] == "no_reply", got
@@ -432,10 +534,22 @@ SEND_FRAMES = (
 
 def test_ipv6_is_dropped_by_tier1(fleet: Fleet, tmp_path: Path) -> None:
     job = api_job(fleet)
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "v6", "kind": "tcp6", "host": "2001:db8::10", "port": 443, "timeout": 2},
-        {"id": "v6_nat64", "kind": "tcp6", "host": "64:ff9b::cb00:710a", "port": 443, "timeout": 2},
-    ], parallel=True)
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {"id": "v6", "kind": "tcp6", "host": "2001:db8::10", "port": 443, "timeout": 2},
+            {
+                "id": "v6_nat64",
+                "kind": "tcp6",
+                "host": "64:ff9b::cb00:710a",
+                "port": 443,
+                "timeout": 2,
+            },
+        ],
+        parallel=True,
+    )
     for key, r in got.items():
         assert r["outcome"] in ("unreachable", "timeout"), (key, r)  # no IPv6 route in the sandbox
 
@@ -444,9 +558,17 @@ def test_ipv6_is_dropped_by_tier1(fleet: Fleet, tmp_path: Path) -> None:
         frames = _ipv6_frames(str(sbx.raw["mac"]))
         before = tier1_drops(fleet, "node1")
         subprocess.run(
-            ["nsenter", f"--net={sbx.netns_path}", sys.executable, "-c", SEND_FRAMES,
-             sbx.interface, *(f.hex() for f in frames)],
-            check=True, timeout=30,
+            [
+                "nsenter",
+                f"--net={sbx.netns_path}",
+                sys.executable,
+                "-c",
+                SEND_FRAMES,
+                sbx.interface,
+                *(f.hex() for f in frames),
+            ],
+            check=True,
+            timeout=30,
         )
         time.sleep(0.3)
         after = tier1_drops(fleet, "node1")
@@ -461,11 +583,17 @@ def test_ipv6_is_dropped_by_tier1(fleet: Fleet, tmp_path: Path) -> None:
 
 def test_report_mode_lets_denied_through_and_logs_would_deny(fleet: Fleet, tmp_path: Path) -> None:
     job = api_job(fleet, mode="report")
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "evil", "kind": "http", "url": "https://evil.test/data"},
-        {"id": "api", "kind": "http", "url": f"https://{API}/data"},
-        {"id": "metadata", "kind": "tcp", "host": str(METADATA), "port": 80, "timeout": 2},
-    ], parallel=True)
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {"id": "evil", "kind": "http", "url": "https://evil.test/data"},
+            {"id": "api", "kind": "http", "url": f"https://{API}/data"},
+            {"id": "metadata", "kind": "tcp", "host": str(METADATA), "port": 80, "timeout": 2},
+        ],
+        parallel=True,
+    )
     assert got["evil"]["status"] == 200 and got["evil"]["json"]["site"] == "evil.test", got["evil"]
     assert got["api"]["status"] == 200, got["api"]
     assert got["metadata"]["outcome"] == "refused", got["metadata"]  # tier 1 holds in report mode

@@ -38,9 +38,7 @@ def test_slow_and_padded_hello_naming_a_denied_host(fleet: Fleet, tmp_path: Path
         timeout_s=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    got = {
-        r["id"]: r for r in map(json.loads, done.stdout.splitlines()) if isinstance(r, dict)
-    }
+    got = {r["id"]: r for r in map(json.loads, done.stdout.splitlines()) if isinstance(r, dict)}
     assert set(got) == {"slow", "padded"}, done.stdout
     for r in got.values():
         assert r["address"] == API_IP, r  # what the proxy's DNS answered the job

@@ -118,9 +118,12 @@ def _launch_loop(fleet: Fleet, job: Job, tmp: Path) -> subprocess.Popen[str]:
     udf_dir.mkdir()
     (udf_dir / "loop.py").write_text(LOOP_UDF)
     cmd = sandbox_argv(
-        fleet, job, job.policy_file(tmp),
+        fleet,
+        job,
+        job.policy_file(tmp),
         ["python3", "/t/loop.py", "api.allowed.test", str(LOOP_S), "0.1", "2"],
-        mounts=[f"{udf_dir}:/t"], timeout_s=90,
+        mounts=[f"{udf_dir}:/t"],
+        timeout_s=90,
     )
     # stderr to a file: a pipe nobody reads could fill and stall the sandbox.
     with open(tmp / "sandbox.stderr", "w") as err:

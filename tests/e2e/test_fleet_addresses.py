@@ -41,7 +41,9 @@ def fleet_job(fleet: Fleet, mode: str = "enforce") -> LimitedJob:
 def fleet_denies(fleet: Fleet) -> float:
     return sum(
         metric_sum(
-            metrics(fleet, p.name), "egressd_connections_total", verdict="deny",
+            metrics(fleet, p.name),
+            "egressd_connections_total",
+            verdict="deny",
             reason="fleet_address",
         )
         for p in fleet.layout.proxies
@@ -53,8 +55,14 @@ def test_proxy_egress_addresses_are_never_reachable(fleet: Fleet, tmp_path: Path
     assert egress == ["203.0.113.21", "203.0.113.22"]
     job = fleet_job(fleet)
     checks: list[Mapping[str, object]] = [
-        {"id": f"{ip}:{port}", "kind": "tcp", "host": ip, "port": port, "http_host": API,
-         "timeout": 3}
+        {
+            "id": f"{ip}:{port}",
+            "kind": "tcp",
+            "host": ip,
+            "port": port,
+            "http_host": API,
+            "timeout": 3,
+        }
         for ip in egress
         for port in PORTS
     ]
@@ -100,13 +108,20 @@ def test_proxy_egress_addresses_are_never_reachable(fleet: Fleet, tmp_path: Path
 def test_report_mode_does_not_open_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
     job = fleet_job(fleet, mode="report")
     target = str(fleet.layout.proxies[1].egress)
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "egress", "kind": "tcp", "host": target, "port": 80, "http_host": API},
-    ])
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {"id": "egress", "kind": "tcp", "host": target, "port": 80, "http_host": API},
+        ],
+    )
     assert got["egress"]["outcome"] == "reset", got["egress"]
     events = conn_events(fleet, job, dst=target, port=80)
     assert len(events) == 1, events
     event = events[0]
     assert (event["verdict"], event["reason"], event["would_deny"]) == (
-        "deny", "fleet_address", False,
+        "deny",
+        "fleet_address",
+        False,
     )

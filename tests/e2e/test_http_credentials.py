@@ -27,21 +27,46 @@ def test_credential_injected_never_in_the_sandbox_and_not_sent_elsewhere(
 ) -> None:
     secret_dir = proxy_secrets.secrets_dir(fleet.run_dir)
     value = (secret_dir / proxy_secrets.TEST_SECRET).read_text().strip()
-    job = Job(fleet, "node1", [
-        {"host": API, "ports": [80], "http": {
-            "allow": [{"methods": ["GET"], "paths": ["/echo-headers", "/data"]}],
-            "credentials": [{"header": "Authorization", "secret": proxy_secrets.TEST_SECRET,
-                             "format": "Bearer {}", "placeholder": PLACEHOLDER}]}},
-        {"host": EU, "ports": [80]},
-    ]).sign()  # fmt: skip
+    job = Job(
+        fleet,
+        "node1",
+        [
+            {
+                "host": API,
+                "ports": [80],
+                "http": {
+                    "allow": [{"methods": ["GET"], "paths": ["/echo-headers", "/data"]}],
+                    "credentials": [
+                        {
+                            "header": "Authorization",
+                            "secret": proxy_secrets.TEST_SECRET,
+                            "format": "Bearer {}",
+                            "placeholder": PLACEHOLDER,
+                        }
+                    ],
+                },
+            },
+            {"host": EU, "ports": [80]},
+        ],
+    ).sign()
     salt = secrets.token_hex(8)
     cfg = {
-        "api": f"http://{API}", "other": f"http://{EU}", "placeholder": PLACEHOLDER,
-        "salt": salt, "digest": hashlib.sha256((salt + value).encode()).hexdigest(),
-        "length": len(value), "absent": [str(secret_dir), str(fleet.run_dir)],
-    }  # fmt: skip
-    done = sandbox_run(fleet, job, tmp_path, ["python3", "/e2e/credentials.py", json.dumps(cfg)],
-                       mounts=[f"{E2E_UDFS}:/e2e"], timeout_s=180)  # fmt: skip
+        "api": f"http://{API}",
+        "other": f"http://{EU}",
+        "placeholder": PLACEHOLDER,
+        "salt": salt,
+        "digest": hashlib.sha256((salt + value).encode()).hexdigest(),
+        "length": len(value),
+        "absent": [str(secret_dir), str(fleet.run_dir)],
+    }
+    done = sandbox_run(
+        fleet,
+        job,
+        tmp_path,
+        ["python3", "/e2e/credentials.py", json.dumps(cfg)],
+        mounts=[f"{E2E_UDFS}:/e2e"],
+        timeout_s=180,
+    )
     assert done.returncode == 0, f"sandbox exited {done.returncode}: {done.stderr[-2000:]}"
     assert value not in done.stdout and value not in done.stderr
     got = {r["id"]: r for r in map(json.loads, done.stdout.splitlines()) if "id" in r}
@@ -67,7 +92,9 @@ def test_credential_injected_never_in_the_sandbox_and_not_sent_elsewhere(
     def events(count: int) -> list[dict[str, object]]:
         deadline = time.monotonic() + 8.0
         while True:
-            found = sorted(proxy_events(fleet, job.job_id, "http_request"), key=lambda e: str(e["time"]))
+            found = sorted(
+                proxy_events(fleet, job.job_id, "http_request"), key=lambda e: str(e["time"])
+            )
             if len(found) >= count or time.monotonic() > deadline:
                 return found
             time.sleep(0.2)
@@ -78,11 +105,15 @@ def test_credential_injected_never_in_the_sandbox_and_not_sent_elsewhere(
     refused = [e for e in found if e["reason"] == "credential_exfiltration"]
     where = sorted((e["method"], e["credential"]["kind"], e["credential"]["in"]) for e in refused)  # type: ignore[index]
     assert where == [
-        ("GET", "placeholder", "head"), ("GET", "placeholder", "head"),
-        ("GET", "value", "head"), ("POST", "value", "body"),
-    ]  # fmt: skip
-    assert all(e["level"] == "warning" and e["credential"]["secret"] == proxy_secrets.TEST_SECRET  # type: ignore[index]
-               for e in refused)  # fmt: skip
+        ("GET", "placeholder", "head"),
+        ("GET", "placeholder", "head"),
+        ("GET", "value", "head"),
+        ("POST", "value", "body"),
+    ]
+    assert all(
+        e["level"] == "warning" and e["credential"]["secret"] == proxy_secrets.TEST_SECRET  # type: ignore[index]
+        for e in refused
+    )
     # Nothing the proxies logged holds the value.
     for proxy in fleet.layout.proxies:
         log = fleet.run_dir / "logs" / f"{proxy.name}.log"

@@ -29,9 +29,14 @@ def limited_job(fleet: Fleet, **limits: int) -> LimitedJob:
 def test_job_connection_cap_across_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
     cap, n = 4, 12  # 2 per proxy
     job = limited_job(fleet, max_connections=cap)
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "many", "kind": "concurrent", "host": API, "port": 80, "n": n, "timeout": 30},
-    ])["many"]
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {"id": "many", "kind": "concurrent", "host": API, "port": 80, "n": n, "timeout": 30},
+        ],
+    )["many"]
     # The proxy's kernel accepts every connect; the proxy resets those beyond
     # the job's share at once (some before the client saw its connect end).
     assert 1 <= got["ok"] <= cap, got
@@ -41,8 +46,12 @@ def test_job_connection_cap_across_the_fleet(fleet: Fleet, tmp_path: Path) -> No
     assert len(refused) == n - got["ok"], events
     assert all(e["verdict"] == "deny" for e in refused)
     refusals = sum(
-        metric_sum(metrics(fleet, p), "egressd_limit_refusals_total",
-                   job_id=job.job_id, reason="job_connection_limit")
+        metric_sum(
+            metrics(fleet, p),
+            "egressd_limit_refusals_total",
+            job_id=job.job_id,
+            reason="job_connection_limit",
+        )
         for p in PROXIES
     )
     assert refusals == len(refused)
@@ -52,9 +61,14 @@ def test_job_bandwidth_across_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
     rate_bps = 16_000_000  # fleet-wide: one connection goes through one proxy, 8 Mbit/s
     size = 3_000_000
     job = limited_job(fleet, bandwidth_bps=rate_bps)
-    got = run_checks(fleet, job, tmp_path, [
-        {"id": "dl", "kind": "download", "url": f"https://{API}/bytes/{size}", "timeout": 60},
-    ])["dl"]
+    got = run_checks(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {"id": "dl", "kind": "download", "url": f"https://{API}/bytes/{size}", "timeout": 60},
+        ],
+    )["dl"]
     assert got["bytes"] == size, got
     measured = size * 8 / float(got["seconds"])
     share = rate_bps / len(PROXIES)

@@ -42,10 +42,24 @@ def control_deleted_at(fleet: Fleet, job_id: str) -> float:
 
 def job_cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "egressd", "job", *args, "--run-dir", str(fleet.run_dir),
-         "--prefix", fleet.layout.prefix, "--token-file", str(fleet.admin_token_file)],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "egressd",
+            "job",
+            *args,
+            "--run-dir",
+            str(fleet.run_dir),
+            "--prefix",
+            fleet.layout.prefix,
+            "--token-file",
+            str(fleet.admin_token_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def test_job_delete_resets_an_open_download_in_a_sandbox(fleet: Fleet, tmp_path: Path) -> None:
@@ -58,9 +72,14 @@ def test_job_delete_resets_an_open_download_in_a_sandbox(fleet: Fleet, tmp_path:
     got = job_cli(fleet, "get", job.job_id)
     assert got.returncode == 0 and got.stdout.strip() == job.jws, got.stderr
 
-    cmd = sandbox_argv(fleet, job, job.policy_file(tmp_path),
-                       ["python3", "/e2e/slow_download.py", API, f"/bytes/{200 * 1024 * 1024}"],
-                       mounts=[f"{E2E_UDFS}:/e2e"], timeout_s=120)  # fmt: skip
+    cmd = sandbox_argv(
+        fleet,
+        job,
+        job.policy_file(tmp_path),
+        ["python3", "/e2e/slow_download.py", API, f"/bytes/{200 * 1024 * 1024}"],
+        mounts=[f"{E2E_UDFS}:/e2e"],
+        timeout_s=120,
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stderr is not None
@@ -76,15 +95,19 @@ def test_job_delete_resets_an_open_download_in_a_sandbox(fleet: Fleet, tmp_path:
         # control plane's own log of the delete.
         deleted_at = control_deleted_at(fleet, job.job_id)
         assert cli_started <= deleted_at <= cli_done
-        print(f"\nsandbox saw the reset {1000 * (ended['t'] - deleted_at):.0f} ms after the "
-              f"control plane deleted the job (the CLI took {1000 * (cli_done - cli_started):.0f} ms)")
+        print(
+            f"\nsandbox saw the reset {1000 * (ended['t'] - deleted_at):.0f} ms after the "
+            f"control plane deleted the job (the CLI took {1000 * (cli_done - cli_started):.0f} ms)"
+        )
         assert ended["t"] - deleted_at <= RESET_WITHIN_S
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    events = wait_events(fleet, job.job_id, "connection", lambda e: e.get("end") == "policy_revoked")
+    events = wait_events(
+        fleet, job.job_id, "connection", lambda e: e.get("end") == "policy_revoked"
+    )
     assert len(events) == 1, events
     assert events[0]["verdict"] == "allow" and events[0]["port"] == 80
     assert int(events[0]["bytes_down"]) > 65536
@@ -96,11 +119,23 @@ def test_job_delete_resets_an_open_download_in_a_sandbox(fleet: Fleet, tmp_path:
 def test_policy_propagation_benchmark_p99_under_a_second(fleet: Fleet, tmp_path: Path) -> None:
     out = tmp_path / "policy_propagation.json"
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve().parents[2] / "benchmarks" / "policy_propagation.py"),
-         "--run-dir", str(fleet.run_dir), "--prefix", fleet.layout.prefix,
-         "--changes", "100", "--out", str(out)],
-        capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parents[2] / "benchmarks" / "policy_propagation.py"),
+            "--run-dir",
+            str(fleet.run_dir),
+            "--prefix",
+            fleet.layout.prefix,
+            "--changes",
+            "100",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     print("\n" + done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -115,15 +150,27 @@ def test_job_put_replacement_resets_what_it_no_longer_allows(fleet: Fleet, tmp_p
     job = LimitedJob(fleet, "node1", [{"host": API, "ports": [80]}])
     job.limits = {**ROOMY_LIMITS, "bandwidth_bps": SLOW_BPS}
     job.sign()
-    cmd = sandbox_argv(fleet, job, job.policy_file(tmp_path),
-                       ["python3", "/e2e/slow_download.py", API, f"/bytes/{200 * 1024 * 1024}"],
-                       mounts=[f"{E2E_UDFS}:/e2e"], timeout_s=120)  # fmt: skip
+    cmd = sandbox_argv(
+        fleet,
+        job,
+        job.policy_file(tmp_path),
+        ["python3", "/e2e/slow_download.py", API, f"/bytes/{200 * 1024 * 1024}"],
+        mounts=[f"{E2E_UDFS}:/e2e"],
+        timeout_s=120,
+    )
     replacement = tmp_path / "replacement.json"
-    replacement.write_text(json.dumps({
-        "v": 1, "job_id": job.job_id, "account": "e2e", "nodes": ["node1"],
-        "egress": [{"host": "other.allowed.test", "ports": [80]}],
-        "limits": {**ROOMY_LIMITS, "bandwidth_bps": SLOW_BPS},
-    }))  # fmt: skip
+    replacement.write_text(
+        json.dumps(
+            {
+                "v": 1,
+                "job_id": job.job_id,
+                "account": "e2e",
+                "nodes": ["node1"],
+                "egress": [{"host": "other.allowed.test", "ports": [80]}],
+                "limits": {**ROOMY_LIMITS, "bandwidth_bps": SLOW_BPS},
+            }
+        )
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -140,16 +187,23 @@ def test_job_put_replacement_resets_what_it_no_longer_allows(fleet: Fleet, tmp_p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    events = wait_events(fleet, job.job_id, "connection", lambda e: e.get("end") == "policy_changed")
+    events = wait_events(
+        fleet, job.job_id, "connection", lambda e: e.get("end") == "policy_changed"
+    )
     assert len(events) == 1, events
     signed_at = None
     for line in (fleet.run_dir / "logs" / "control.log").read_text().splitlines():
         with contextlib.suppress(ValueError):
             item = json.loads(line)
-            if (item.get("event") == "policy_signed" and item.get("job_id") == job.job_id
-                    and item.get("replaced")):  # fmt: skip
+            if (
+                item.get("event") == "policy_signed"
+                and item.get("job_id") == job.job_id
+                and item.get("replaced")
+            ):
                 signed_at = log_time(item)
     assert signed_at is not None
-    print(f"\nreplacement reset the download {1000 * (ended['t'] - signed_at):.0f} ms after signing")
+    print(
+        f"\nreplacement reset the download {1000 * (ended['t'] - signed_at):.0f} ms after signing"
+    )
     assert ended["t"] - signed_at <= RESET_WITHIN_S
     assert job_cli(fleet, "delete", job.job_id).returncode == 0

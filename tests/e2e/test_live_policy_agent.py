@@ -97,15 +97,27 @@ def test_a_replacement_that_adds_a_host_allows_it_in_a_running_sandbox(
 ) -> None:
     job = LimitedJob(fleet, "node1", [{"host": API, "ports": [443]}]).sign()
     url = f"http://{ADDED}/data"
-    cmd = sandbox_argv(fleet, job, job.policy_file(tmp_path),
-                       ["python3", "/e2e/retry_get.py", url, "200", "0.2", "2"],
-                       mounts=[f"{E2E_UDFS}:/e2e"], timeout_s=120)  # fmt: skip
+    cmd = sandbox_argv(
+        fleet,
+        job,
+        job.policy_file(tmp_path),
+        ["python3", "/e2e/retry_get.py", url, "200", "0.2", "2"],
+        mounts=[f"{E2E_UDFS}:/e2e"],
+        timeout_s=120,
+    )
     replacement = tmp_path / "replacement.json"
-    replacement.write_text(json.dumps({
-        "v": 1, "job_id": job.job_id, "account": "e2e", "nodes": ["node1"],
-        "egress": [{"host": API, "ports": [443]}, {"host": ADDED, "ports": [80]}],
-        "limits": ROOMY_LIMITS,
-    }))  # fmt: skip
+    replacement.write_text(
+        json.dumps(
+            {
+                "v": 1,
+                "job_id": job.job_id,
+                "account": "e2e",
+                "nodes": ["node1"],
+                "egress": [{"host": API, "ports": [443]}, {"host": ADDED, "ports": [80]}],
+                "limits": ROOMY_LIMITS,
+            }
+        )
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     before: list[dict[str, object]] = []
     after: list[dict[str, object]] = []
@@ -129,15 +141,24 @@ def test_a_replacement_that_adds_a_host_allows_it_in_a_running_sandbox(
     assert after and after[-1]["ok"], after
     assert put_at is not None
     allowed_after = float(after[-1]["t"]) - put_at  # type: ignore[arg-type]
-    print(f"\n{ADDED}:80 allowed {1000 * allowed_after:.0f} ms after `job put` "
-          f"({len(after) - 1} attempts denied in between)")
+    print(
+        f"\n{ADDED}:80 allowed {1000 * allowed_after:.0f} ms after `job put` "
+        f"({len(after) - 1} attempts denied in between)"
+    )
     assert allowed_after <= 3.0
     # The agent reprogrammed tier 1 (port 80 added) with the new digest.
-    updated = _wait_log(fleet, "node1", lambda e: e.get("event") == "job_policy_updated"
-                        and e.get("job_id") == job.job_id)  # fmt: skip
+    updated = _wait_log(
+        fleet,
+        "node1",
+        lambda e: e.get("event") == "job_policy_updated" and e.get("job_id") == job.job_id,
+    )
     assert "80" in updated["tcp_ports"]  # type: ignore[operator]
-    allowed = wait_events(fleet, job.job_id, "connection",
-                          lambda e: e.get("host") == ADDED and e.get("verdict") == "allow")
+    allowed = wait_events(
+        fleet,
+        job.job_id,
+        "connection",
+        lambda e: e.get("host") == ADDED and e.get("verdict") == "allow",
+    )
     assert allowed, "no proxy allowed the added host"
     assert job_cli(fleet, "delete", job.job_id).returncode == 0
 
@@ -149,10 +170,19 @@ def _local(fleet: Fleet, job_id: str, egress: list[dict[str, object]]) -> str:
     """A policy signed with the fleet's own key, never given to the control plane."""
     now = int(time.time())
     key = keys.load_signing_key(fleet.signing_key)
-    return jws.sign_payload({
-        "v": 1, "job_id": job_id, "account": "e2e", "nodes": ["node1"],
-        "iat": now, "nbf": now, "exp": now + 600, "egress": egress,
-    }, key)  # fmt: skip
+    return jws.sign_payload(
+        {
+            "v": 1,
+            "job_id": job_id,
+            "account": "e2e",
+            "nodes": ["node1"],
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+            "egress": egress,
+        },
+        key,
+    )
 
 
 @pytest.mark.parametrize("held", [False, True], ids=["unknown-job", "other-content"])
@@ -164,8 +194,9 @@ def test_a_locally_signed_policy_is_refused_at_registration_with_one_line(
         job.sign()  # the control plane holds another policy for the job
     policy = tmp_path / "local.jws"
     policy.write_text(_local(fleet, job.job_id, [{"host": "evil.test", "ports": [443]}]) + "\n")
-    done = sandbox_run(fleet, job, tmp_path, ["python3", "-c", "print('ran')"],
-                       policy_file=policy, timeout_s=60)  # fmt: skip
+    done = sandbox_run(
+        fleet, job, tmp_path, ["python3", "-c", "print('ran')"], policy_file=policy, timeout_s=60
+    )
     assert done.returncode == 125, (done.returncode, done.stdout, done.stderr)
     assert "ran" not in done.stdout
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -200,16 +231,21 @@ def _send_unknown_job(fleet: Fleet) -> None:
     from scapy.layers.inet import IP, TCP
 
     node, proxy = fleet.layout.node("node1"), fleet.layout.proxy("proxy1")
-    inner = bytes(IP(src="100.96.1.201", dst="203.0.113.10") / TCP(sport=40123, dport=443, flags="S"))
+    inner = bytes(
+        IP(src="100.96.1.201", dst="203.0.113.10") / TCP(sport=40123, dport=443, flags="S")
+    )
     datagram = encode(fleet.layout.vni, JobOption(uuid.uuid4().bytes, b"\0" * 8), inner)
-    with contextlib.closing(kn.netns_socket(fleet.ns(node.netns), socket.AF_INET,
-                                            socket.SOCK_DGRAM)) as sock:  # fmt: skip
+    with contextlib.closing(
+        kn.netns_socket(fleet.ns(node.netns), socket.AF_INET, socket.SOCK_DGRAM)
+    ) as sock:
         sock.bind((str(node.underlay), 0))
         sock.sendto(datagram, (str(proxy.underlay), GENEVE_PORT))
 
 
-RESYNCED_BY = (("proxy1", "egressd_watch_answers_total"),
-               ("node1", "egressd_agent_watch_answers_total"))  # fmt: skip
+RESYNCED_BY = (
+    ("proxy1", "egressd_watch_answers_total"),
+    ("node1", "egressd_agent_watch_answers_total"),
+)
 
 
 def _resyncs(fleet: Fleet) -> dict[str, float]:
@@ -240,9 +276,14 @@ def test_control_plane_down_then_expiry_then_back(fleet: Fleet, tmp_path: Path) 
         job.sign()
         exp = int(json.loads(keys.b64url_decode(job.jws.split(".")[1]))["exp"])
         assert exp - time.time() <= SHORT_TTL_S + 1
-        cmd = sandbox_argv(fleet, job, job.policy_file(tmp_path),
-                           ["python3", "/e2e/slow_download.py", API, f"/bytes/{200 * 1024 * 1024}"],
-                           mounts=[f"{E2E_UDFS}:/e2e"], timeout_s=180)  # fmt: skip
+        cmd = sandbox_argv(
+            fleet,
+            job,
+            job.policy_file(tmp_path),
+            ["python3", "/e2e/slow_download.py", API, f"/bytes/{200 * 1024 * 1024}"],
+            mounts=[f"{E2E_UDFS}:/e2e"],
+            timeout_s=180,
+        )
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         first = json.loads(proc.stdout.readline() or "{}")
@@ -270,18 +311,24 @@ def test_control_plane_down_then_expiry_then_back(fleet: Fleet, tmp_path: Path) 
         ended = json.loads(proc.stdout.readline() or "{}")
         assert ended.get("event") == "ended" and ended["outcome"] == "reset", ended
         assert float(ended["t"]) >= exp - 1, (ended["t"], exp, stopped_at)
-        print(f"\nthe control plane was down for {ended['t'] - stopped_at:.1f} s; the download "
-              f"was reset {ended['t'] - exp:+.2f} s from the policy's exp")
+        print(
+            f"\nthe control plane was down for {ended['t'] - stopped_at:.1f} s; the download "
+            f"was reset {ended['t'] - exp:+.2f} s from the policy's exp"
+        )
         assert float(ended["t"]) - exp <= 5.0
         assert proc.wait(timeout=60) == 0
-        events = wait_events(fleet, job.job_id, "connection",
-                             lambda e: e.get("end") == "policy_expired")  # fmt: skip
+        events = wait_events(
+            fleet, job.job_id, "connection", lambda e: e.get("end") == "policy_expired"
+        )
         assert len(events) == 1, events
         assert log_time(events[0]) >= exp - 1
         # The agent kept the sandbox on its held policy through the outage (it withdraws
         # an expired one only at exp + the JWS leeway; this one had ended by then).
-        assert not [e for e in _member_log(fleet, "node1")
-                    if e.get("event") == "job_policy_withdrawn" and e.get("job_id") == job.job_id]
+        assert not [
+            e
+            for e in _member_log(fleet, "node1")
+            if e.get("event") == "job_policy_withdrawn" and e.get("job_id") == job.job_id
+        ]
 
         # Back (normal TTL): proxies and agents resubscribe and resync, the job runs again.
         _restart_control(fleet)
@@ -289,10 +336,15 @@ def test_control_plane_down_then_expiry_then_back(fleet: Fleet, tmp_path: Path) 
         again = job_cli(fleet, "get", job.job_id)
         assert again.returncode == 0, again.stderr
         (tmp_path / "again.jws").write_text(again.stdout)
-        done = sandbox_run(fleet, job, tmp_path,
-                           ["python3", "/e2e/retry_get.py", f"http://{API}/data", "3", "0.5", "3"],
-                           mounts=[f"{E2E_UDFS}:/e2e"], policy_file=tmp_path / "again.jws",
-                           timeout_s=90)  # fmt: skip
+        done = sandbox_run(
+            fleet,
+            job,
+            tmp_path,
+            ["python3", "/e2e/retry_get.py", f"http://{API}/data", "3", "0.5", "3"],
+            mounts=[f"{E2E_UDFS}:/e2e"],
+            policy_file=tmp_path / "again.jws",
+            timeout_s=90,
+        )
         assert done.returncode == 0, done.stderr
         results = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"i"')]
         assert results and results[-1]["ok"], done.stdout
@@ -302,4 +354,3 @@ def test_control_plane_down_then_expiry_then_back(fleet: Fleet, tmp_path: Path) 
             proc.wait()
         _restart_control(fleet)
     assert job_cli(fleet, "delete", job.job_id).returncode == 0
-

@@ -25,17 +25,38 @@ DURATION_S = 40  # 3 cycles: baseline 6.2 s, stress 6.2 s, settle 1 s
 def test_port_exhaustion_scenario_passes_every_verdict(tmp_path: Path) -> None:
     out = tmp_path / "port-exhaustion.json"
     done = subprocess.run(
-        [sys.executable, "-m", "egressd", "loadtest", "port-exhaustion", "--duration", str(DURATION_S),
-         "--prefix", PREFIX, "--run-dir", str(tmp_path / "fleet"), "--out", str(out)],
-        capture_output=True, text=True, timeout=DURATION_S + 100, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "egressd",
+            "loadtest",
+            "port-exhaustion",
+            "--duration",
+            str(DURATION_S),
+            "--prefix",
+            PREFIX,
+            "--run-dir",
+            str(tmp_path / "fleet"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=DURATION_S + 100,
+        check=False,
+    )
     table = done.stdout + done.stderr[-3000:]
     assert out.exists(), table
     doc = json.loads(out.read_text())
     verdicts = {v["name"]: v for v in doc["verdicts"]}
     assert set(verdicts) == {
-        "attacker_within_budget", "attacker_held_at_budget", "victim_no_failures", "victim_p99",
-        "proxies_alive", "connections_released", "logs_clean",
+        "attacker_within_budget",
+        "attacker_held_at_budget",
+        "victim_no_failures",
+        "victim_p99",
+        "proxies_alive",
+        "connections_released",
+        "logs_clean",
     }, table
     failed = {name: (v["measured"], v["detail"]) for name, v in verdicts.items() if not v["passed"]}
     assert not failed, table

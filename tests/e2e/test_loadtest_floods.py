@@ -31,22 +31,50 @@ from egressd.net import netns as kn
 
 DURATION_S = 22  # 2 cycles: baseline 5 s, stress 5 s, settle 1 s
 VERDICTS = {
-    "attacker_excess_at_tier1", "proxies_spared", "victim_a_no_failures", "victim_a_p99",
-    "victim_b_no_failures", "victim_b_p99", "proxies_alive", "connections_released", "logs_clean",
-}  # fmt: skip
+    "attacker_excess_at_tier1",
+    "proxies_spared",
+    "victim_a_no_failures",
+    "victim_a_p99",
+    "victim_b_no_failures",
+    "victim_b_p99",
+    "proxies_alive",
+    "connections_released",
+    "logs_clean",
+}
 
 
-@pytest.mark.parametrize(("scenario", "prefix", "reason", "tap"), [
-    ("dns-flood", "egd-ltd-", "dns_rate_limit", "attacker_dns"),
-    ("syn-flood", "egd-lts-", "syn_rate_limit", "attacker_syn"),
-])  # fmt: skip
-def test_flood_dies_on_its_node(tmp_path: Path, scenario: str, prefix: str, reason: str, tap: str) -> None:
+@pytest.mark.parametrize(
+    ("scenario", "prefix", "reason", "tap"),
+    [
+        ("dns-flood", "egd-ltd-", "dns_rate_limit", "attacker_dns"),
+        ("syn-flood", "egd-lts-", "syn_rate_limit", "attacker_syn"),
+    ],
+)
+def test_flood_dies_on_its_node(
+    tmp_path: Path, scenario: str, prefix: str, reason: str, tap: str
+) -> None:
     out = tmp_path / f"{scenario}.json"
     done = subprocess.run(
-        [sys.executable, "-m", "egressd", "loadtest", scenario, "--duration", str(DURATION_S),
-         "--prefix", prefix, "--run-dir", str(tmp_path / "fleet"), "--out", str(out)],
-        capture_output=True, text=True, timeout=DURATION_S + 120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "egressd",
+            "loadtest",
+            scenario,
+            "--duration",
+            str(DURATION_S),
+            "--prefix",
+            prefix,
+            "--run-dir",
+            str(tmp_path / "fleet"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=DURATION_S + 120,
+        check=False,
+    )
     table = done.stdout + done.stderr[-3000:]
     assert out.exists(), table
     doc = json.loads(out.read_text())

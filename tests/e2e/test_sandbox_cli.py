@@ -32,11 +32,21 @@ def _sandboxes(fleet: Fleet, node: str) -> list[str]:
 def test_exit_code_stdout_and_stderr_are_the_commands(fleet: Fleet, tmp_path: Path) -> None:
     job = Job(fleet, "node1", [{"host": "api.allowed.test"}]).sign()
     ipv6_before = metric_sum(metrics(fleet, "node1"), "egressd_tier1_packets_total", reason="ipv6")
-    done = sandbox_run(fleet, job, tmp_path, [
-        "python3", "-c", "import sys; print('to stdout'); sys.stderr.write('to stderr\\n'); sys.exit(7)",
-    ])
+    done = sandbox_run(
+        fleet,
+        job,
+        tmp_path,
+        [
+            "python3",
+            "-c",
+            "import sys; print('to stdout'); sys.stderr.write('to stderr\\n'); sys.exit(7)",
+        ],
+    )
     # The sandbox has no IPv6 at all, so its netstack sends nothing tier 1 drops as ipv6.
-    assert metric_sum(metrics(fleet, "node1"), "egressd_tier1_packets_total", reason="ipv6") == ipv6_before
+    assert (
+        metric_sum(metrics(fleet, "node1"), "egressd_tier1_packets_total", reason="ipv6")
+        == ipv6_before
+    )
     assert done.returncode == 7
     assert done.stdout == "to stdout\n"
     assert "to stderr" in done.stderr
@@ -47,9 +57,15 @@ def test_ctrl_c_unregisters_and_removes_the_sandbox(fleet: Fleet, tmp_path: Path
     job = Job(fleet, "node1", [{"host": "api.allowed.test"}]).sign()
     before = set(kn.list_netns(f"{fleet.layout.prefix}sbx-"))
     proc = subprocess.Popen(
-        sandbox_argv(fleet, job, job.policy_file(tmp_path),
-                     ["python3", "-c", "import time; print('up', flush=True); time.sleep(300)"]),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        sandbox_argv(
+            fleet,
+            job,
+            job.policy_file(tmp_path),
+            ["python3", "-c", "import time; print('up', flush=True); time.sleep(300)"],
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -67,8 +83,12 @@ def test_ctrl_c_unregisters_and_removes_the_sandbox(fleet: Fleet, tmp_path: Path
     while set(kn.list_netns(f"{fleet.layout.prefix}sbx-")) - before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert set(kn.list_netns(f"{fleet.layout.prefix}sbx-")) - before == set()
-    listing = subprocess.run(["runsc", "--root", str(fleet.run_dir / "runsc"), "list", "-quiet"],
-                             capture_output=True, text=True, check=False)
+    listing = subprocess.run(
+        ["runsc", "--root", str(fleet.run_dir / "runsc"), "list", "-quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert listing.stdout.split() == []
 
 
@@ -86,11 +106,14 @@ def test_bad_input_is_one_line_and_exit_125(fleet: Fleet, tmp_path: Path) -> Non
     policy = str(job.policy_file(tmp_path))
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=60, check=False)
+        return subprocess.run(
+            [*base, *args], capture_output=True, text=True, timeout=60, check=False
+        )
 
     assert "command is required" in _one_line_error(run("--node", "node1", "--policy", policy))
     assert "run directory" in _one_line_error(
-        run("--node", "node1", "--policy", policy, "--mount", f"{fleet.run_dir}:/x", "--", "true"))
+        run("--node", "node1", "--policy", policy, "--mount", f"{fleet.run_dir}:/x", "--", "true")
+    )
     assert "required: --node" in _one_line_error(run("--policy", policy, "--", "true"))
     assert _one_line_error(run("--node", "node9", "--policy", policy, "--", "true")) == (
         "no node 'node9' (known: node1, node2); is the fleet up? "
@@ -98,7 +121,9 @@ def test_bad_input_is_one_line_and_exit_125(fleet: Fleet, tmp_path: Path) -> Non
     )
     garbage = tmp_path / "garbage.jws"
     garbage.write_text("not-a-jws\n")
-    assert "malformed" in _one_line_error(run("--node", "node1", "--policy", str(garbage), "--", "true"))
+    assert "malformed" in _one_line_error(
+        run("--node", "node1", "--policy", str(garbage), "--", "true")
+    )
     assert _sandboxes(fleet, "node1") == []
 
 
@@ -161,10 +186,26 @@ def test_a_fleet_that_is_not_up_is_one_line(tmp_path: Path, fleet: Fleet) -> Non
     empty = tmp_path / "nofleet"
     empty.mkdir()
     done = subprocess.run(
-        [sys.executable, "-m", "egressd", "sandbox", "run", "--run-dir", str(empty),
-         "--node", "node1", "--policy", str(job.policy_file(tmp_path)), "--", "true"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "egressd",
+            "sandbox",
+            "run",
+            "--run-dir",
+            str(empty),
+            "--node",
+            "node1",
+            "--policy",
+            str(job.policy_file(tmp_path)),
+            "--",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert _one_line_error(done) == (
         f"no node 'node1' (known: none); is the fleet up? egressd topology up --run-dir {empty}"
     )
@@ -194,11 +235,17 @@ def _start_sleeper(
     fleet: Fleet, job: Job, tmp_path: Path, sandbox_id: str
 ) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        sandbox_argv(fleet, job, job.policy_file(tmp_path),
-                     ["python3", "-c", "import time; print('up', flush=True); time.sleep(300)"],
-                     extra=["--id", sandbox_id]),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        sandbox_argv(
+            fleet,
+            job,
+            job.policy_file(tmp_path),
+            ["python3", "-c", "import time; print('up', flush=True); time.sleep(300)"],
+            extra=["--id", sandbox_id],
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "up"
     assert _sandboxes(fleet, "node1") == [sandbox_id]

@@ -40,8 +40,11 @@ def _agent_denials(fleet: Fleet, node: str, job_id: str) -> list[dict[str, objec
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and rec.get("event") == "tier1_denial" \
-                and rec.get("job_id") == job_id:
+        if (
+            isinstance(rec, dict)
+            and rec.get("event") == "tier1_denial"
+            and rec.get("job_id") == job_id
+        ):
             out.append(rec)
     return out
 
@@ -55,32 +58,57 @@ def test_tier1_denials_are_refused_at_once_and_logged_with_the_job(
     denied: dict[str, tuple[dict[str, object], str, int, str]] = {
         "port_22": ({"kind": "socket", "host": API_IP, "port": 22}, API_IP, 22, "port_not_allowed"),
         "port_8443_requests": (
-            {"kind": "requests", "url": f"http://{API_IP}:8443/"}, API_IP, 8443, "port_not_allowed"
+            {"kind": "requests", "url": f"http://{API_IP}:8443/"},
+            API_IP,
+            8443,
+            "port_not_allowed",
         ),
         "metadata_requests": (
             {"kind": "requests", "url": f"http://{METADATA}/latest/meta-data/"},
-            str(METADATA), 80, "denied_range",
+            str(METADATA),
+            80,
+            "denied_range",
         ),
         "other_node_sandbox": (
             {"kind": "socket", "host": str(other_sandbox), "port": 443},
-            str(other_sandbox), 443, "fleet_range",
+            str(other_sandbox),
+            443,
+            "fleet_range",
         ),
         "control_plane": (
             {"kind": "socket", "host": str(CONTROL_ADDR), "port": CONTROL_PORT},
-            str(CONTROL_ADDR), CONTROL_PORT, "fleet_range",
+            str(CONTROL_ADDR),
+            CONTROL_PORT,
+            "fleet_range",
         ),
     }
-    targets = [{"id": key, "timeout": CONNECT_TIMEOUT_S, **spec}
-               for key, (spec, *_rest) in denied.items()]  # fmt: skip
+    targets = [
+        {"id": key, "timeout": CONNECT_TIMEOUT_S, **spec} for key, (spec, *_rest) in denied.items()
+    ]
     # The allowed port still connects: tier 1 refuses only what it denies.
-    targets.append({"id": "allowed", "kind": "socket", "host": API_IP, "port": 443,
-                    "timeout": CONNECT_TIMEOUT_S})  # fmt: skip
-    done = sandbox_run(fleet, job, tmp_path, ["python3", UDF, json.dumps(targets)],
-                       mounts=[f"{E2E_UDFS}:/e2e"], timeout_s=120)  # fmt: skip
+    targets.append(
+        {
+            "id": "allowed",
+            "kind": "socket",
+            "host": API_IP,
+            "port": 443,
+            "timeout": CONNECT_TIMEOUT_S,
+        }
+    )
+    done = sandbox_run(
+        fleet,
+        job,
+        tmp_path,
+        ["python3", UDF, json.dumps(targets)],
+        mounts=[f"{E2E_UDFS}:/e2e"],
+        timeout_s=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     got = {r["id"]: r for r in map(json.loads, done.stdout.splitlines()) if "id" in r}
-    print("\ntier-1 refusals seen by the UDF (ms):",
-          {k: (v["outcome"], v["ms"]) for k, v in got.items()})  # fmt: skip
+    print(
+        "\ntier-1 refusals seen by the UDF (ms):",
+        {k: (v["outcome"], v["ms"]) for k, v in got.items()},
+    )
 
     assert got["allowed"]["outcome"] == "connected", got["allowed"]
     for key in denied:

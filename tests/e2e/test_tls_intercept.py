@@ -42,13 +42,18 @@ def test_intercepted_https_requests(fleet: Fleet, tmp_path: Path) -> None:
             },
         ],
     ).sign()
-    got = run_steps(fleet, job, tmp_path, [
-        {"id": "get", "method": "GET", "url": f"https://{API}/data?x=1"},
-        {"id": "again", "method": "GET", "url": f"https://{API}/echo-headers"},
-        {"id": "post", "method": "POST", "url": f"https://{API}/upload", "data": "exfiltrated"},
-        {"id": "path", "method": "GET", "url": f"https://{API}/bytes/10"},
-        {"id": "untrusted", "method": "GET", "url": f"https://{API}:{UNTRUSTED_PORT}/data"},
-    ])  # fmt: skip
+    got = run_steps(
+        fleet,
+        job,
+        tmp_path,
+        [
+            {"id": "get", "method": "GET", "url": f"https://{API}/data?x=1"},
+            {"id": "again", "method": "GET", "url": f"https://{API}/echo-headers"},
+            {"id": "post", "method": "POST", "url": f"https://{API}/upload", "data": "exfiltrated"},
+            {"id": "path", "method": "GET", "url": f"https://{API}/bytes/10"},
+            {"id": "untrusted", "method": "GET", "url": f"https://{API}:{UNTRUSTED_PORT}/data"},
+        ],
+    )
     assert got["get"]["status"] == 200, got["get"]
     assert got["get"]["json"]["site"] == API and got["get"]["json"]["scheme"] == "https"  # type: ignore[index]
     # The server saw the proxy's own connection (from its egress address).
@@ -86,16 +91,21 @@ def test_intercepted_https_requests(fleet: Fleet, tmp_path: Path) -> None:
     assert refused and refused[0]["verdict"] == "deny" and refused[0]["port"] == UNTRUSTED_PORT
     assert refused[0]["host"] == API
     counted = sum(
-        metric_sum(metrics(fleet, p.name), "egressd_connections_total",
-                   reason="upstream_tls_unverified", verdict="deny")
+        metric_sum(
+            metrics(fleet, p.name),
+            "egressd_connections_total",
+            reason="upstream_tls_unverified",
+            verdict="deny",
+        )
         for p in fleet.layout.proxies
-    )  # fmt: skip
+    )
     assert counted >= 1
 
 
 def test_interception_ca_published_is_the_one_sandboxes_trust(fleet: Fleet) -> None:
-    reply = http_request(fleet.ns(CTL_NS), "GET", str(CONTROL_ADDR), CONTROL_PORT,
-                         "/v1/interception-ca.pem")  # fmt: skip
+    reply = http_request(
+        fleet.ns(CTL_NS), "GET", str(CONTROL_ADDR), CONTROL_PORT, "/v1/interception-ca.pem"
+    )
     assert reply.status == 200
     assert reply.body == interception.public_cert(fleet.run_dir).read_bytes()
     assert b"PRIVATE" not in reply.body
@@ -104,21 +114,35 @@ def test_interception_ca_published_is_the_one_sandboxes_trust(fleet: Fleet) -> N
 
 
 def test_http2_through_interception(fleet: Fleet, tmp_path: Path) -> None:
-    job = Job(fleet, "node1", [
-        {"host": API, "ports": [H2_PORT], "tls": "intercept", "http": {"allow": [
-            {"methods": ["GET"], "paths": ["/data", "/bytes/*"]},
-        ]}},
-    ]).sign()  # fmt: skip
+    job = Job(
+        fleet,
+        "node1",
+        [
+            {
+                "host": API,
+                "ports": [H2_PORT],
+                "tls": "intercept",
+                "http": {
+                    "allow": [
+                        {"methods": ["GET"], "paths": ["/data", "/bytes/*"]},
+                    ]
+                },
+            },
+        ],
+    ).sign()
     steps = [
         {"id": "get", "method": "GET", "path": "/data?x=1"},
         {"id": "big", "method": "GET", "path": "/bytes/300000"},
         {"id": "post", "method": "POST", "path": "/data", "body": "exfiltrated"},
     ]
     done = sandbox_run(
-        fleet, job, tmp_path,
+        fleet,
+        job,
+        tmp_path,
         ["python3", "/e2e/h2_session.py", API, str(H2_PORT), json.dumps(steps)],
-        mounts=[f"{E2E_UDFS}:/e2e"], timeout_s=120,
-    )  # fmt: skip
+        mounts=[f"{E2E_UDFS}:/e2e"],
+        timeout_s=120,
+    )
     assert done.returncode == 0, f"sandbox exited {done.returncode}: {done.stderr[-2000:]}"
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines[0] == {"alpn": "h2"}, done.stdout
@@ -139,8 +163,10 @@ def test_http2_through_interception(fleet: Fleet, tmp_path: Path) -> None:
         if len(found) >= 3 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert sorted((e["method"], e["path"], e["status"], e["reason"]) for e in found) == sorted([
-        ("GET", "/data", 200, "allowed_request"),
-        ("GET", "/bytes/300000", 200, "allowed_request"),
-        ("POST", "/data", 403, "method_not_allowed"),
-    ])  # fmt: skip
+    assert sorted((e["method"], e["path"], e["status"], e["reason"]) for e in found) == sorted(
+        [
+            ("GET", "/data", 200, "allowed_request"),
+            ("GET", "/bytes/300000", 200, "allowed_request"),
+            ("POST", "/data", 403, "method_not_allowed"),
+        ]
+    )

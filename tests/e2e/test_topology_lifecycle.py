@@ -24,12 +24,19 @@ PREFIX = "egd-e2l-"
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "egressd", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "egressd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _bpf_prog_ids() -> set[int]:
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
+    )
     return {p["id"] for p in json.loads(out.stdout) if p.get("name") == "tier1_ingress"}
 
 
@@ -37,15 +44,22 @@ def _fleet_prog_ids(run_dir: Path) -> set[int]:
     """The tier-1 programs pinned by this fleet's agents (other fleets may run beside it)."""
     ids = set()
     for pin in run_dir.glob("agents/*/bpffs/prog"):
-        out = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", str(pin)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["bpftool", "-j", "prog", "show", "pinned", str(pin)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         ids.add(json.loads(out.stdout)["id"])
     return ids
 
 
 def _mounts_under(path: Path) -> list[str]:
-    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(str(path))]
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(str(path))
+    ]
 
 
 def test_up_status_down_leaves_nothing(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -70,10 +84,16 @@ def test_up_status_down_leaves_nothing(tmp_path_factory: pytest.TempPathFactory)
         job = Job(fleet, "node1", [{"host": "api.allowed.test"}]).sign()
         policy = job.policy_file(run_dir)
         sandbox = subprocess.Popen(
-            sandbox_argv(fleet, job, policy,
-                         ["python3", "-c", "import time; print('up', flush=True); time.sleep(120)"],
-                         extra=["--id", f"life-{uuid.uuid4().hex[:8]}"]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            sandbox_argv(
+                fleet,
+                job,
+                policy,
+                ["python3", "-c", "import time; print('up', flush=True); time.sleep(120)"],
+                extra=["--id", f"life-{uuid.uuid4().hex[:8]}"],
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert sandbox.stdout is not None
         assert sandbox.stdout.readline().strip() == "up"
@@ -94,10 +114,16 @@ def test_up_status_down_leaves_nothing(tmp_path_factory: pytest.TempPathFactory)
         assert procs.running_pid(run_dir, component.name) is None, component.name
     assert fleet_progs & _bpf_prog_ids() == set(), "tier-1 programs outlived the fleet"
     assert _mounts_under(run_dir) == []
-    runsc = subprocess.run(["runsc", "--root", str(run_dir / "runsc"), "list", "-quiet"],
-                           capture_output=True, text=True, check=False)
+    runsc = subprocess.run(
+        ["runsc", "--root", str(run_dir / "runsc"), "list", "-quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert runsc.stdout.split() == []
     time.sleep(0.2)
-    assert subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout == links_before
+    assert (
+        subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout == links_before
+    )
     status = _cli("topology", "status", "--run-dir", str(run_dir), "--prefix", PREFIX)
     assert status.returncode == 1  # nothing is running any more

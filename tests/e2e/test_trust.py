@@ -306,11 +306,13 @@ def test_deleted_job_is_denied_before_its_first_connection(fleet: Fleet, tmp_pat
     assert not any(a["ok"] for a in attempts), attempts
     dropped = (
         metric_sum(
-            metrics(fleet, "node1"), "egressd_tier1_packets_total", verdict="drop",
+            metrics(fleet, "node1"),
+            "egressd_tier1_packets_total",
+            verdict="drop",
             reason="no_policy",
         )
         - no_policy_before
-    )  # fmt: skip
+    )
     assert dropped >= 2, "each attempt's SYNs are dropped at the node as no_policy"
     assert not [
         e for e in proxy_events(fleet, job.job_id, "connection") if e.get("verdict") == "allow"

@@ -207,10 +207,15 @@ class Fleet:
     def policy(self, **over: Any) -> str:
         now = int(time.time())
         payload: dict[str, Any] = {
-            "v": 1, "job_id": JOB_ID, "account": "acme", "nodes": ["node1"],
-            "iat": now - 5, "nbf": now - 5, "exp": now + 3600,
+            "v": 1,
+            "job_id": JOB_ID,
+            "account": "acme",
+            "nodes": ["node1"],
+            "iat": now - 5,
+            "nbf": now - 5,
+            "exp": now + 3600,
             "egress": [{"host": "api.allowed.test", "ports": [443, 80]}],
-        }  # fmt: skip
+        }
         payload.update(over)
         return sign_payload(payload, self.key)
 
@@ -272,20 +277,28 @@ def _setup(fleet: Fleet) -> None:
     for name, ip in PROXIES.items():
         ns = fleet.proxy_ns[name]
         fleet.health[name] = netns.popen_in_netns(
-            ns, [sys.executable, "-c", HEALTH_SERVER, ip],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            ns,
+            [sys.executable, "-c", HEALTH_SERVER, ip],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         fleet.sims[name] = netns.popen_in_netns(
-            ns, [sys.executable, "-c", GENEVE_SIM, ip, NODE_IP, str(fleet.root / f"{name}.jsonl")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=(fleet.root / f"{name}.err").open("wb"), env=env, cwd=str(REPO),
-        )  # fmt: skip
+            ns,
+            [sys.executable, "-c", GENEVE_SIM, ip, NODE_IP, str(fleet.root / f"{name}.jsonl")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=(fleet.root / f"{name}.err").open("wb"),
+            env=env,
+            cwd=str(REPO),
+        )
     for name in PROXIES:
         wait_for(lambda n=name: (fleet.root / f"{n}.jsonl").exists(), 30, f"{name} sim")
         wait_for(
             lambda n=name: http_get(fleet.proxy_ns[n], PROXIES[n], 9090, "/healthz")[0] == 200,
-            30, f"{name} health",
-        )  # fmt: skip
+            30,
+            f"{name} health",
+        )
 
     keys_dir = fleet.root / "keys"
     write_key_dir(keys_dir, fleet.key)
@@ -302,10 +315,14 @@ def _setup(fleet: Fleet) -> None:
     fleet.config_path.write_text(json.dumps(config, indent=2))
     fleet.agent_log = fleet.root / "agent.log"
     fleet.agent = netns.popen_in_netns(
-        fleet.node, _agent_argv(fleet.config_path),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=fleet.agent_log.open("wb"), env=env, cwd=str(REPO),
-    )  # fmt: skip
+        fleet.node,
+        _agent_argv(fleet.config_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=fleet.agent_log.open("wb"),
+        env=env,
+        cwd=str(REPO),
+    )
 
     def ready() -> bool:
         assert fleet.agent is not None
@@ -408,8 +425,9 @@ def syns(
 def test_agent_is_ready_and_exports_metrics(fleet: Fleet) -> None:
     text = wait_for(
         lambda: when(fleet.metrics(), lambda t: metric(t, "egressd_proxy_up", proxy="proxy2") == 1),
-        10, "both proxies up",
-    )  # fmt: skip
+        10,
+        "both proxies up",
+    )
     assert metric(text, "egressd_proxy_up", proxy="proxy1") == 1
     assert metric(text, "egressd_sandboxes") == 0
     assert metric(text, "egressd_tier1_packets_total", verdict="drop", reason="spoofed_ip") == 0
@@ -424,14 +442,17 @@ def test_register_rejections_have_distinct_reasons(fleet: Fleet) -> None:
         "job_not_bound_to_node": fleet.policy(nodes=["node2"]),
         "expired": fleet.policy(iat=1_600_000_000, nbf=1_600_000_000, exp=1_600_000_600),
         "bad_signature": _tamper(fleet.policy()),
-        "unknown_kid": sign_payload(json.loads(_payload_json(fleet.policy())),
-                                    generate_signing_key()),
-    }  # fmt: skip
+        "unknown_kid": sign_payload(
+            json.loads(_payload_json(fleet.policy())), generate_signing_key()
+        ),
+    }
     for reason, jws in cases.items():
         with pytest.raises(AgentClientError) as info:
             fleet.register(f"rej-{reason}", jws)
         assert (info.value.kind, info.value.reason, info.value.status) == (
-            "policy_rejected", reason, 400
+            "policy_rejected",
+            reason,
+            400,
         ), info.value
     with pytest.raises(AgentClientError) as bad:
         fleet.register("bad/id", fleet.policy())
@@ -479,7 +500,9 @@ def test_register_builds_the_sandbox(fleet: Fleet) -> None:
     with pytest.raises(AgentClientError) as dup:
         fleet.register("sbx-one", jws)
     assert (dup.value.kind, dup.value.reason, dup.value.status) == (
-        "conflict", "duplicate_sandbox", 409
+        "conflict",
+        "duplicate_sandbox",
+        409,
     )
     assert [s.sandbox_id for s in fleet.list()] == ["sbx-one"]
 
@@ -492,8 +515,11 @@ def test_flows_are_tunnelled_with_job_option_and_stable_ports(fleet: Fleet) -> N
         port, ok = connect_from(info.netns, DEST, 443)
         assert ok, f"connect() from the sandbox failed (flow {port})\n{fleet.agent_stderr()}"
         ports.append(port)
-    seen = wait_for(lambda: when(syns(fleet, since), lambda s: all(p in s for p in ports)),
-                    5, "every SYN at a proxysim")  # fmt: skip
+    seen = wait_for(
+        lambda: when(syns(fleet, since), lambda s: all(p in s for p in ports)),
+        5,
+        "every SYN at a proxysim",
+    )
     digest = info.raw["digest"]
     rz = Rendezvous(PROXIES)
     used = set()
@@ -509,23 +535,28 @@ def test_flows_are_tunnelled_with_job_option_and_stable_ports(fleet: Fleet) -> N
         used.add(proxy)
         # The rest of the flow (the ACK that completes the handshake) takes the same path.
         later = wait_for(
-            lambda p=proxy, q=port: [r for r in fleet.records(p)[since[p]:]
-                                     if r.get("sport") == q and r["flags"] != "S"],
-            5, f"the rest of flow {port}",
-        )  # fmt: skip
+            lambda p=proxy, q=port: [
+                r for r in fleet.records(p)[since[p] :] if r.get("sport") == q and r["flags"] != "S"
+            ],
+            5,
+            f"the rest of flow {port}",
+        )
         assert all(r["outer_sport"] == rec["outer_sport"] for r in later)
         other = next(p for p in PROXIES if p != proxy)
-        assert not [r for r in fleet.records(other)[since[other]:] if r.get("sport") == port]
+        assert not [r for r in fleet.records(other)[since[other] :] if r.get("sport") == port]
     assert used == set(PROXIES), "flows spread over both proxies"
     assert len({seen[p][1]["outer_sport"] for p in ports}) >= len(ports) - 1
     text = fleet.metrics()
-    tx = sum(metric(text, "egressd_tunnel_packets_total", proxy=p, direction="tx") or 0
-             for p in PROXIES)  # fmt: skip
-    rx = sum(metric(text, "egressd_tunnel_packets_total", proxy=p, direction="rx") or 0
-             for p in PROXIES)  # fmt: skip
+    tx = sum(
+        metric(text, "egressd_tunnel_packets_total", proxy=p, direction="tx") or 0 for p in PROXIES
+    )
+    rx = sum(
+        metric(text, "egressd_tunnel_packets_total", proxy=p, direction="rx") or 0 for p in PROXIES
+    )
     assert tx >= 32 and rx >= 16
-    assert (metric(text, "egressd_tier1_packets_total", verdict="redirect", reason="redirected")
-            or 0) >= 32  # fmt: skip
+    assert (
+        metric(text, "egressd_tier1_packets_total", verdict="redirect", reason="redirected") or 0
+    ) >= 32
     assert metric(text, "egressd_sandboxes") == 1
 
 
@@ -551,8 +582,12 @@ def test_dead_proxy_is_avoided_within_5s(fleet: Fleet) -> None:
     health.send_signal(signal.SIGKILL)
     health.wait(timeout=10)
     killed = time.monotonic()
-    wait_for(lambda: metric(fleet.metrics(), "egressd_proxy_up", proxy="proxy1") == 0, 5.0,
-             "egressd_proxy_up{proxy=proxy1} 0", interval=0.2)  # fmt: skip
+    wait_for(
+        lambda: metric(fleet.metrics(), "egressd_proxy_up", proxy="proxy1") == 0,
+        5.0,
+        "egressd_proxy_up{proxy=proxy1} 0",
+        interval=0.2,
+    )
     assert time.monotonic() - killed <= 5.5
     assert metric(fleet.metrics(), "egressd_proxy_up", proxy="proxy2") == 1
     since = mark(fleet)
@@ -561,8 +596,11 @@ def test_dead_proxy_is_avoided_within_5s(fleet: Fleet) -> None:
         port, ok = connect_from(info.netns, DEST, 443)
         assert ok
         ports.append(port)
-    seen = wait_for(lambda: when(syns(fleet, since), lambda s: all(p in s for p in ports)),
-                    5, "SYNs after proxy1 went down")  # fmt: skip
+    seen = wait_for(
+        lambda: when(syns(fleet, since), lambda s: all(p in s for p in ports)),
+        5,
+        "SYNs after proxy1 went down",
+    )
     assert {seen[p][0] for p in ports} == {"proxy2"}
 
 
@@ -573,17 +611,28 @@ def test_unregister_removes_everything(fleet: Fleet) -> None:
     assert not netns.netns_exists(info.netns)
     assert host_veth not in link_names(fleet.node)
     dump = subprocess.run(
-        ["bpftool", "-j", "map", "dump", "pinned",
-         str(fleet.state_dir / "bpffs" / "maps" / "t1_sandboxes")],
-        capture_output=True, text=True, check=True, timeout=30,
-    )  # fmt: skip
+        [
+            "bpftool",
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            str(fleet.state_dir / "bpffs" / "maps" / "t1_sandboxes"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     assert json.loads(dump.stdout) == []
     assert fleet.list() == []
     assert metric(fleet.metrics(), "egressd_sandboxes") == 0
     with pytest.raises(AgentClientError) as gone:
         fleet.unregister("sbx-one")
     assert (gone.value.kind, gone.value.reason, gone.value.status) == (
-        "not_found", "unknown_sandbox", 404
+        "not_found",
+        "unknown_sandbox",
+        404,
     )
     # The address is free again.
     again = fleet.register("sbx-two", fleet.policy())

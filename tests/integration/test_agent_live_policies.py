@@ -73,10 +73,13 @@ QUERY = (
 
 def policy_body(*ports: int, **limits: int) -> dict[str, Any]:
     return {
-        "v": 1, "job_id": str(JOB), "account": "acme", "nodes": ["node1"],
+        "v": 1,
+        "job_id": str(JOB),
+        "account": "acme",
+        "nodes": ["node1"],
         "egress": [{"cidr": f"{DEST}/32", "ports": list(ports)}],
         "limits": limits,
-    }  # fmt: skip
+    }
 
 
 @dataclass
@@ -100,18 +103,30 @@ class Env:
 
     def control(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
         status, payload = http(
-            self.node, method, CONTROL_IP, 8080, path, body,
+            self.node,
+            method,
+            CONTROL_IP,
+            8080,
+            path,
+            body,
             headers={"Authorization": f"Bearer {self.token}"},
-        )  # fmt: skip
+        )
         return status, (json.loads(payload) if payload else None)
 
     def agent(self) -> AgentFleet:
         """test_agent's helpers (register, list, metrics) pointed at this agent."""
         return AgentFleet(
-            run_id="", root=self.root, key=self.key, under=self.under, node=self.node,
-            proxy_ns={}, sandbox_prefix=self.sandbox_prefix, config_path=self.root / "agent.json",
-            api_socket=self.api_socket, state_dir=self.state_dir,
-        )  # fmt: skip
+            run_id="",
+            root=self.root,
+            key=self.key,
+            under=self.under,
+            node=self.node,
+            proxy_ns={},
+            sandbox_prefix=self.sandbox_prefix,
+            config_path=self.root / "agent.json",
+            api_socket=self.api_socket,
+            state_dir=self.state_dir,
+        )
 
     def agent_log(self) -> str:
         return (self.root / "agent.log").read_text(errors="replace")
@@ -136,14 +151,33 @@ def _setup(env: Env) -> None:
     token_file = env.root / "admin-token"
     env.procs["control"] = netns.popen_in_netns(
         env.ctl,
-        [sys.executable, "-m", "egressd", "control", "serve", "--listen", f"{CONTROL_IP}:8080",
-         "--state-dir", str(env.root / "ctl-state"), "--key", str(keys / "signing.key"),
-         "--admin-token-file", str(token_file), *env.control_args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=(env.root / "control.log").open("wb"), env=py, cwd=str(REPO),
-    )  # fmt: skip
-    wait_for(lambda: http_get(env.node, CONTROL_IP, 8080, "/v1/jobs")[0] == 200,
-             START_TIMEOUT_S, "the control plane")  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "egressd",
+            "control",
+            "serve",
+            "--listen",
+            f"{CONTROL_IP}:8080",
+            "--state-dir",
+            str(env.root / "ctl-state"),
+            "--key",
+            str(keys / "signing.key"),
+            "--admin-token-file",
+            str(token_file),
+            *env.control_args,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(env.root / "control.log").open("wb"),
+        env=py,
+        cwd=str(REPO),
+    )
+    wait_for(
+        lambda: http_get(env.node, CONTROL_IP, 8080, "/v1/jobs")[0] == 200,
+        START_TIMEOUT_S,
+        "the control plane",
+    )
     env.token = token_file.read_text().strip()
     status, body = env.control(
         "PUT", "/v1/nodes/node1", {"underlay": NODE_IP, "sandbox_cidr": "100.96.1.0/24"}
@@ -163,11 +197,21 @@ def _setup(env: Env) -> None:
     (env.root / "agent.json").write_text(json.dumps(config))
     env.procs["agent"] = netns.popen_in_netns(
         env.node,
-        [sys.executable, "-m", "egressd", "agent", "serve", "--config",
-         str(env.root / "agent.json")],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=(env.root / "agent.log").open("wb"), env=py, cwd=str(REPO),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "egressd",
+            "agent",
+            "serve",
+            "--config",
+            str(env.root / "agent.json"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(env.root / "agent.log").open("wb"),
+        env=py,
+        cwd=str(REPO),
+    )
 
     def ready() -> bool:
         proc = env.procs["agent"]
@@ -206,10 +250,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = f"egd-t{secrets.token_hex(3)}"
     root = tmp_path_factory.mktemp("agent-live")
     env = Env(
-        root=root, key=generate_signing_key(), under=f"{base}u", node=f"{base}n",
-        ctl=f"{base}c", sandbox_prefix=f"{base}s-", run_dir=root / "run",
+        root=root,
+        key=generate_signing_key(),
+        under=f"{base}u",
+        node=f"{base}n",
+        ctl=f"{base}c",
+        sandbox_prefix=f"{base}s-",
+        run_dir=root / "run",
         state_dir=root / "state",
-    )  # fmt: skip
+    )
     (env.run_dir / "agents").mkdir(parents=True)
     try:
         _setup(env)
@@ -220,8 +269,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 def count(env: Env, sandbox_id: str, verdict: str, reason: str) -> float:
     text = env.agent().metrics()
-    return metric(text, SANDBOX_METRIC, sandbox_id=sandbox_id, job_id=str(JOB), verdict=verdict,
-                  reason=reason) or 0.0  # fmt: skip
+    return (
+        metric(
+            text,
+            SANDBOX_METRIC,
+            sandbox_id=sandbox_id,
+            job_id=str(JOB),
+            verdict=verdict,
+            reason=reason,
+        )
+        or 0.0
+    )
 
 
 def syn(ns: str, port: int) -> None:
@@ -264,11 +322,28 @@ def test_registration_of_a_policy_the_control_plane_does_not_hold_is_refused(env
     jws_file = env.root / "local.jws"
     jws_file.write_text(local)
     run = subprocess.run(
-        [sys.executable, "-m", "egressd", "sandbox", "run", "--node", "node1", "--policy",
-         str(jws_file), "--run-dir", str(env.run_dir), "--", "/bin/true"],
-        check=False, capture_output=True, text=True, timeout=60, cwd=str(REPO),
+        [
+            sys.executable,
+            "-m",
+            "egressd",
+            "sandbox",
+            "run",
+            "--node",
+            "node1",
+            "--policy",
+            str(jws_file),
+            "--run-dir",
+            str(env.run_dir),
+            "--",
+            "/bin/true",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(REPO),
         env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+    )
     assert run.returncode == 125, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
@@ -345,8 +420,11 @@ def test_a_replaced_policy_reprograms_tier1_and_a_delete_stops_the_sandbox(env: 
     time.sleep(0.1)
     assert count(env, "sbx-live", "redirect", "redirected") == stuck
     assert agent.list()[0].raw["state"] == "withdrawn"
-    events = [json.loads(line) for line in env.agent_log().splitlines()
-              if line.startswith("{") and '"job_policy_withdrawn"' in line]  # fmt: skip
+    events = [
+        json.loads(line)
+        for line in env.agent_log().splitlines()
+        if line.startswith("{") and '"job_policy_withdrawn"' in line
+    ]
     assert len(events) == 1, events
     assert events[0]["reason"] == "policy_deleted" and events[0]["sandbox_ids"] == ["sbx-live"]
     agent.unregister("sbx-live")

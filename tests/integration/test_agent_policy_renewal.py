@@ -38,10 +38,16 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = f"egd-t{secrets.token_hex(3)}"
     root = tmp_path_factory.mktemp("agent-renewal")
     env = Env(
-        root=root, key=generate_signing_key(), under=f"{base}u", node=f"{base}n",
-        ctl=f"{base}c", sandbox_prefix=f"{base}s-", run_dir=root / "run",
-        state_dir=root / "state", control_args=["--policy-ttl", str(TTL_S)],
-    )  # fmt: skip
+        root=root,
+        key=generate_signing_key(),
+        under=f"{base}u",
+        node=f"{base}n",
+        ctl=f"{base}c",
+        sandbox_prefix=f"{base}s-",
+        run_dir=root / "run",
+        state_dir=root / "state",
+        control_args=["--policy-ttl", str(TTL_S)],
+    )
     (env.run_dir / "agents").mkdir(parents=True)
     try:
         _setup(env)
@@ -51,8 +57,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def log_events(text: str, event: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in text.splitlines()
-            if line.startswith("{") and f'"{event}"' in line]  # fmt: skip
+    return [
+        json.loads(line)
+        for line in text.splitlines()
+        if line.startswith("{") and f'"{event}"' in line
+    ]
 
 
 def test_a_sandbox_outlives_its_first_policy_copy(env: Env) -> None:
@@ -111,7 +120,9 @@ def test_a_sandbox_outlives_its_first_policy_copy(env: Env) -> None:
     renewals = metric(agent.metrics(), RENEWALS, result="renewed") or 0.0
     assert renewals >= 2, renewals
     assert raw["digest"] != held["digest"]
-    print(f"renewals: {renewals:.0f}, sandbox alive {time.time() - first_exp:.0f} s past "
-          f"its first copy's exp")  # fmt: skip
+    print(
+        f"renewals: {renewals:.0f}, sandbox alive {time.time() - first_exp:.0f} s past "
+        f"its first copy's exp"
+    )
     agent.unregister("sbx-renew")
     assert agent.list() == []

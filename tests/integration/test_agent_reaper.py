@@ -34,8 +34,11 @@ if then == "sleep":
 def _registrant(fleet: Fleet, sandbox_id: str, then: str) -> subprocess.Popen[str]:  # noqa: F811
     proc = subprocess.Popen(
         [sys.executable, "-c", REGISTRANT, str(fleet.api_socket), sandbox_id, then],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(fleet.policy() + "\n")
     proc.stdin.close()

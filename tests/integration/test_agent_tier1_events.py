@@ -65,18 +65,49 @@ def test_denied_connect_is_refused_and_logged_with_its_job(fleet: Fleet) -> None
         got = wait_for(lambda: _denials(fleet, "sbx-denied"), 5, "a tier1_denial line")
         assert len(got) == 1, got
         rec = got[0]
-        assert {k: rec[k] for k in ("job_id", "sandbox_id", "node", "source", "dst", "port",
-                                    "proto", "verdict", "reason", "action", "suppressed")} == {
-            "job_id": JOB_ID, "sandbox_id": "sbx-denied", "node": "node1", "source": str(info.ip),
-            "dst": DEST, "port": 22, "proto": "tcp", "verdict": "deny",
-            "reason": "port_not_allowed", "action": "rst", "suppressed": 0,
-        }  # fmt: skip
+        assert {
+            k: rec[k]
+            for k in (
+                "job_id",
+                "sandbox_id",
+                "node",
+                "source",
+                "dst",
+                "port",
+                "proto",
+                "verdict",
+                "reason",
+                "action",
+                "suppressed",
+            )
+        } == {
+            "job_id": JOB_ID,
+            "sandbox_id": "sbx-denied",
+            "node": "node1",
+            "source": str(info.ip),
+            "dst": DEST,
+            "port": 22,
+            "proto": "tcp",
+            "verdict": "deny",
+            "reason": "port_not_allowed",
+            "action": "rst",
+            "suppressed": 0,
+        }
         assert rec["level"] == "warning"
         assert rec["time"].endswith("Z")
         # The per-sandbox counter carries the job too.
         text = fleet.metrics()
-        assert metric(text, "egressd_tier1_sandbox_packets_total", sandbox_id="sbx-denied",
-                      job_id=JOB_ID, verdict="drop", reason="port_not_allowed") == 1  # fmt: skip
+        assert (
+            metric(
+                text,
+                "egressd_tier1_sandbox_packets_total",
+                sandbox_id="sbx-denied",
+                job_id=JOB_ID,
+                verdict="drop",
+                reason="port_not_allowed",
+            )
+            == 1
+        )
     finally:
         fleet.unregister("sbx-denied")
 
@@ -102,16 +133,20 @@ def test_a_flood_is_logged_in_a_bounded_number_of_lines(fleet: Fleet) -> None:  
         finally:
             for sock in socks:
                 sock.close()
-        wait_for(lambda: len(_denials(fleet, "sbx-flood-ev")) >= EVENT_BUCKET.burst, 5,
-                 "the flood's first lines")
+        wait_for(
+            lambda: len(_denials(fleet, "sbx-flood-ev")) >= EVENT_BUCKET.burst,
+            5,
+            "the flood's first lines",
+        )
         time.sleep(1.5 / EVENT_BUCKET.rate_per_s)
         flood = _denials(fleet, "sbx-flood-ev")
         bound = EVENT_BUCKET.burst + EVENT_BUCKET.rate_per_s * (time.monotonic() - start) + 1
         assert len(flood) <= bound < n / 2, (len(flood), elapsed)
         # One more denial carries what the rate limit held back.
         assert _connect(info.netns, 23)[0] == errno.ECONNREFUSED
-        wait_for(lambda: _denials(fleet, "sbx-flood-ev")[-1]["port"] == 23, 5,
-                 "the line after the flood")
+        wait_for(
+            lambda: _denials(fleet, "sbx-flood-ev")[-1]["port"] == 23, 5, "the line after the flood"
+        )
         lines = _denials(fleet, "sbx-flood-ev")
         assert lines[-1]["suppressed"] > 0
         assert sum(1 + rec["suppressed"] for rec in lines) == n + 1

@@ -25,14 +25,14 @@ SANDBOX_METRIC = "egressd_tier1_sandbox_packets_total"
 ABORT = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() resets, never waits
 # api.allowed.test IN A
 QUERY = (
-    bytes.fromhex("123401000001000000000000")
-    + b"\x03api\x07allowed\x04test\x00\x00\x01\x00\x01"
+    bytes.fromhex("123401000001000000000000") + b"\x03api\x07allowed\x04test\x00\x00\x01\x00\x01"
 )
 
 
 def _sandbox_count(text: str, sandbox_id: str, verdict: str, reason: str) -> float:
-    found = metric(text, SANDBOX_METRIC, sandbox_id=sandbox_id, job_id=JOB_ID, verdict=verdict,
-                   reason=reason)  # fmt: skip
+    found = metric(
+        text, SANDBOX_METRIC, sandbox_id=sandbox_id, job_id=JOB_ID, verdict=verdict, reason=reason
+    )
     return found or 0.0
 
 
@@ -60,10 +60,14 @@ def test_policy_rates_reach_tier1_and_drops_are_exported_per_sandbox(
             udp.sendto(QUERY, (str(RESOLVER), 53))
         # Read before the refused SYNs' first retransmission (1 s) could count again.
         text = wait_for(
-            lambda: when(fleet.metrics(),
-                         lambda t: _sandbox_count(t, "sbx-flood", "drop", "dns_rate_limit") >= 20),
-            0.8, "the flood's drops in /metrics", interval=0.05,
-        )  # fmt: skip
+            lambda: when(
+                fleet.metrics(),
+                lambda t: _sandbox_count(t, "sbx-flood", "drop", "dns_rate_limit") >= 20,
+            ),
+            0.8,
+            "the flood's drops in /metrics",
+            interval=0.05,
+        )
         assert time.monotonic() - start < 1.0, "too slow to count exactly"
     finally:
         for sock in conns + quiet_conns + [udp]:
@@ -75,9 +79,11 @@ def test_policy_rates_reach_tier1_and_drops_are_exported_per_sandbox(
     # The neighbour at the default 200/s is untouched by the flood next door.
     assert _sandbox_count(text, "sbx-quiet", "redirect", "redirected") >= 20
     assert _sandbox_count(text, "sbx-quiet", "drop", "syn_rate_limit") == 0
-    node = {r: (metric(text, "egressd_tier1_packets_total", verdict="drop", reason=r) or 0)
-            - (metric(before, "egressd_tier1_packets_total", verdict="drop", reason=r) or 0)
-            for r in ("syn_rate_limit", "dns_rate_limit")}  # fmt: skip
+    node = {
+        r: (metric(text, "egressd_tier1_packets_total", verdict="drop", reason=r) or 0)
+        - (metric(before, "egressd_tier1_packets_total", verdict="drop", reason=r) or 0)
+        for r in ("syn_rate_limit", "dns_rate_limit")
+    }
     assert node == {"syn_rate_limit": 30, "dns_rate_limit": 20}
 
     fleet.unregister("sbx-flood")
@@ -86,6 +92,6 @@ def test_policy_rates_reach_tier1_and_drops_are_exported_per_sandbox(
     assert f"# TYPE {SANDBOX_METRIC} counter" in after  # the family stays, empty
     assert 'sandbox_id="sbx-flood"' not in after
     # Node totals keep what the gone sandboxes counted.
-    assert (metric(after, "egressd_tier1_packets_total", verdict="drop", reason="syn_rate_limit")
-            or 0) >= (metric(text, "egressd_tier1_packets_total", verdict="drop",
-                             reason="syn_rate_limit") or 0)  # fmt: skip
+    assert (
+        metric(after, "egressd_tier1_packets_total", verdict="drop", reason="syn_rate_limit") or 0
+    ) >= (metric(text, "egressd_tier1_packets_total", verdict="drop", reason="syn_rate_limit") or 0)

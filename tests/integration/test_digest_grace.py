@@ -72,10 +72,16 @@ def test_the_old_digest_is_accepted_for_the_grace_period_then_dropped(
 
         replaced = fleet.put(
             f"/v1/jobs/{JOB}/policy",
-            {"v": 1, "account": "acme", "nodes": ["node1"],
-             "egress": [{"cidr": f"{SITE}/32", "ports": [80, 8080]},
-                        {"host": "api.allowed.test", "ports": [80, 443]}]},
-        )  # fmt: skip
+            {
+                "v": 1,
+                "account": "acme",
+                "nodes": ["node1"],
+                "egress": [
+                    {"cidr": f"{SITE}/32", "ports": [80, 8080]},
+                    {"host": "api.allowed.test", "ports": [80, 443]},
+                ],
+            },
+        )
         new = bytes.fromhex(replaced["digest"])
         assert new != old
         wait_for(lambda: new.hex() in verified_digests(grace_proxy), 5.0, "the new policy")

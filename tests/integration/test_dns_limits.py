@@ -423,9 +423,7 @@ def test_glibc_resolver_gets_every_address(world: World) -> None:
     etc = Path("/etc/netns") / world.client_ns
     etc.mkdir(parents=True, exist_ok=False)
     try:
-        (etc / "resolv.conf").write_text(
-            f"nameserver {RESOLVER}\noptions timeout:2 attempts:1\n"
-        )
+        (etc / "resolv.conf").write_text(f"nameserver {RESOLVER}\noptions timeout:2 attempts:1\n")
         out = subprocess.run(
             ["ip", "netns", "exec", world.client_ns, "getent", "ahostsv4", MANY_NAME],
             capture_output=True,

@@ -141,7 +141,7 @@ def test_denied_name_fails_at_once_without_retries(
     qtypes = {"A", "AAAA"} if resolver == "python" else {"A"}
     assert {qtype for _, qtype in asked} <= qtypes, asked
     assert len(asked) <= len(DENIED[name]) * len(qtypes), asked
-    for event in default_world.events(event="dns")[-len(asked):]:
+    for event in default_world.events(event="dns")[-len(asked) :]:
         assert (event["verdict"], event["reason"], event["rcode"]) == (
             "deny",
             "no_matching_rule",

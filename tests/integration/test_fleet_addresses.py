@@ -212,12 +212,21 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         f.control = kn.popen_in_netns(
             f.ctl,
             [
-                sys.executable, "-m", "egressd", "control", "serve",
-                "--listen", f"{CONTROL_ADDR}:8080",
-                "--state-dir", str(root / "ctl-state"),
-                "--key", str(root / "ctl-keys" / "signing.key"),
-                "--admin-token-file", str(root / "admin-token"),
-                "--port-file", str(port_file),
+                sys.executable,
+                "-m",
+                "egressd",
+                "control",
+                "serve",
+                "--listen",
+                f"{CONTROL_ADDR}:8080",
+                "--state-dir",
+                str(root / "ctl-state"),
+                "--key",
+                str(root / "ctl-keys" / "signing.key"),
+                "--admin-token-file",
+                str(root / "admin-token"),
+                "--port-file",
+                str(port_file),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -251,8 +260,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             kn.popen_in_netns(
                 f.inet,
                 [
-                    sys.executable, "-c", INET, json.dumps(ZONE),
-                    str(root / "inet-served.log"), str(inet_ready), *TARGETS,
+                    sys.executable,
+                    "-c",
+                    INET,
+                    json.dumps(ZONE),
+                    str(root / "inet-served.log"),
+                    str(inet_ready),
+                    *TARGETS,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -269,8 +283,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             kn.popen_in_netns(
                 f.node_ns,
                 [
-                    sys.executable, "-c", MINI_AGENT, "sbx0", SANDBOX, str(NODE.underlay),
-                    str(PROXY.underlay), str(JOB), policy_digest(jws).hex(), str(agent_ready),
+                    sys.executable,
+                    "-c",
+                    MINI_AGENT,
+                    "sbx0",
+                    SANDBOX,
+                    str(NODE.underlay),
+                    str(PROXY.underlay),
+                    str(JOB),
+                    policy_digest(jws).hex(),
+                    str(agent_ready),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -301,8 +323,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def test_the_registry_fleet_set_is_logged(world: World) -> None:
     event = world.events("fleet_addresses")[-1]
     for address in (
-        OWN_EGRESS, str(PROXY.underlay), PROXY2[1], PROXY2[2], str(NODE.underlay),
-        str(CONTROL_ADDR), RESOLVER, "203.0.113.53",
+        OWN_EGRESS,
+        str(PROXY.underlay),
+        PROXY2[1],
+        PROXY2[2],
+        str(NODE.underlay),
+        str(CONTROL_ADDR),
+        RESOLVER,
+        "203.0.113.53",
     ):
         assert address in event["addresses"], address
     assert world.metric("egressd_fleet_addresses") == len(event["addresses"])

@@ -27,12 +27,23 @@ PLACEHOLDER = "egressd:api-token"
 
 def rules(secret: str = "api-token") -> list[dict[str, Any]]:
     return [
-        {"host": API_HOST, "ports": [PORT], "http": {
-            "allow": [{"methods": ["GET", "POST"], "paths": ["/**"]}],
-            "credentials": [{"header": "Authorization", "secret": secret,
-                             "format": "Bearer {}", "placeholder": PLACEHOLDER}]}},
+        {
+            "host": API_HOST,
+            "ports": [PORT],
+            "http": {
+                "allow": [{"methods": ["GET", "POST"], "paths": ["/**"]}],
+                "credentials": [
+                    {
+                        "header": "Authorization",
+                        "secret": secret,
+                        "format": "Bearer {}",
+                        "placeholder": PLACEHOLDER,
+                    }
+                ],
+            },
+        },
         {"host": EU, "ports": [PORT]},
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +80,11 @@ def test_credential_set_replacing_placeholder_and_overwriting(cred: tuple[World,
     with world.connect(API, PORT) as sock:
         src = source(sock)
         reader = Reader(sock)
-        for extra in ("", f"Authorization: Bearer {PLACEHOLDER}\r\n", "authorization: Bearer mine\r\n"):
+        for extra in (
+            "",
+            f"Authorization: Bearer {PLACEHOLDER}\r\n",
+            "authorization: Bearer mine\r\n",
+        ):
             sock.sendall(request("GET", API_HOST, "/echo-headers", extra=extra + "X-Keep: 1\r\n"))
             got = echoed(reader)
             assert got["authorization"] == f"Bearer {value}", got
@@ -96,7 +111,9 @@ def test_placeholder_to_another_host_is_exfiltration(cred: tuple[World, str]) ->
         assert reader.closed()
     events = requests_of(world, src, 2)
     assert [(e["status"], e["reason"]) for e in events] == [
-        (200, "allowed_host"), (403, "credential_exfiltration")]  # fmt: skip
+        (200, "allowed_host"),
+        (403, "credential_exfiltration"),
+    ]
     denied = events[1]
     assert denied["level"] == "warning" and denied["verdict"] == "deny"
     assert denied["credential"] == {"secret": "api-token", "kind": "placeholder", "in": "head"}
@@ -149,10 +166,14 @@ def test_missing_secret_denies_the_request(cred: tuple[World, str]) -> None:
     with world.connect(API, PORT) as sock:
         src = source(sock)
         reader = Reader(sock)
-        sock.sendall(request("GET", API_HOST, "/echo-headers", extra=f"Authorization: {PLACEHOLDER}\r\n"))
+        sock.sendall(
+            request("GET", API_HOST, "/echo-headers", extra=f"Authorization: {PLACEHOLDER}\r\n")
+        )
         status, body = reader.response()
         assert (status, json.loads(body)["error"]) == (403, "credential_unavailable")
         assert reader.closed()
     (event,) = requests_of(world, src, 1)
     assert (event["reason"], event["credential"]) == (
-        "credential_unavailable", {"secret": "not-provisioned"})  # fmt: skip
+        "credential_unavailable",
+        {"secret": "not-provisioned"},
+    )

@@ -94,7 +94,9 @@ def set_limits(w: World, job: str = JOB_ID, **limits: int) -> None:
 # --- helpers --------------------------------------------------------------------------
 
 
-def hold(w: World, dst: str, port: int = 9000, *, src: str = CLIENT) -> tuple[socket.socket, str, int]:
+def hold(
+    w: World, dst: str, port: int = 9000, *, src: str = CLIENT
+) -> tuple[socket.socket, str, int]:
     """A relayed connection that the bulk server holds open, and the source it saw.
 
     Raises ConnectionResetError when the proxy refuses it.
@@ -158,11 +160,13 @@ def test_upstream_binds_a_pooled_source(lw: World) -> None:
         assert {ip for ip, _ in sources} == {EGRESS, EGRESS2}  # round-robin over both
         assert all(FIRST_PORT <= port <= LAST_PORT for _, port in sources)
         destination = f"{dst}:9000/tcp"
-        assert metric(lw, "egressd_source_ports_in_use", egress=EGRESS, destination=destination) == 2
-        assert metric(lw, "egressd_source_ports_in_use", egress=EGRESS2, destination=destination) == 2
         assert (
-            metric(lw, "egressd_job_source_ports", job_id=JOB_ID, destination=destination) == 4
+            metric(lw, "egressd_source_ports_in_use", egress=EGRESS, destination=destination) == 2
         )
+        assert (
+            metric(lw, "egressd_source_ports_in_use", egress=EGRESS2, destination=destination) == 2
+        )
+        assert metric(lw, "egressd_job_source_ports", job_id=JOB_ID, destination=destination) == 4
     wait_admitted(lw, 0)
     assert metric(lw, "egressd_job_source_ports", job_id=JOB_ID, destination=destination) == 0
 
@@ -176,7 +180,10 @@ def test_port_budget_per_destination(lw: World) -> None:
         # The budget is per destination: the same address on another port is another one.
         with held(lw, dst, 1, port=9002):
             pass
-    assert metric(lw, "egressd_limit_refusals_total", job_id=JOB_ID, reason="port_budget_exhausted") >= 1
+    assert (
+        metric(lw, "egressd_limit_refusals_total", job_id=JOB_ID, reason="port_budget_exhausted")
+        >= 1
+    )
 
 
 def test_pool_keeps_a_newcomers_minimum(lw: World) -> None:
@@ -281,7 +288,9 @@ def test_job_rate_limit(lw: World) -> None:
     # A full bucket (one second's worth) plus what refilled meanwhile.
     assert rate <= allowed <= rate + int(elapsed * rate) + 1, (allowed, elapsed)
     assert denied == 12 - allowed
-    assert metric(lw, "egressd_limit_refusals_total", job_id=JOB_ID, reason="job_rate_limit") >= denied
+    assert (
+        metric(lw, "egressd_limit_refusals_total", job_id=JOB_ID, reason="job_rate_limit") >= denied
+    )
     # A raised rate keeps the tokens earned so far: earn one at the old rate
     # so that the next test's first connection is not refused.
     time.sleep(1.0 / rate + 0.1)
@@ -304,9 +313,7 @@ def test_proxy_connection_limit(lw: World) -> None:
 # --- bandwidth --------------------------------------------------------------------------
 
 
-def download(
-    w: World, size: int, *, src: str = CLIENT, port: int = 9000, dst: str = BULK
-) -> float:
+def download(w: World, size: int, *, src: str = CLIENT, port: int = 9000, dst: str = BULK) -> float:
     """Fetch `size` bytes from the bulk server; the seconds it took."""
     sock = ns_socket(w.client_ns)
     with sock:
@@ -351,7 +358,9 @@ def test_job_bandwidth_is_paced_both_ways(lw: World) -> None:
     size = 2_000_000
     down = size / download(lw, size) * 8
     up = size / upload(lw, size) * 8
-    print(f"\npaced at {rate_bps / 1e6:.0f} Mbit/s: down {down / 1e6:.2f}, up {up / 1e6:.2f} Mbit/s")
+    print(
+        f"\npaced at {rate_bps / 1e6:.0f} Mbit/s: down {down / 1e6:.2f}, up {up / 1e6:.2f} Mbit/s"
+    )
     for measured in (down, up):
         assert 0.75 * rate_bps <= measured <= 1.1 * rate_bps, measured
     assert metric(lw, "egressd_paced_chunks_total") > 0

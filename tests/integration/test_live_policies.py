@@ -75,9 +75,14 @@ SITE_80 = {"cidr": f"{SITE}/32", "ports": [80]}
 
 def control(fleet: Fleet, method: str, path: str, body: object = None) -> tuple[int, Any]:
     status, payload = http(
-        fleet.ctl, method, str(CONTROL_ADDR), 8080, path, body,
+        fleet.ctl,
+        method,
+        str(CONTROL_ADDR),
+        8080,
+        path,
+        body,
         headers={"Authorization": f"Bearer {fleet.admin_token}"},
-    )  # fmt: skip
+    )
     return status, (json.loads(payload) if payload else None)
 
 
@@ -96,13 +101,23 @@ class Agent:
         ready = fleet.root / f"agent-ready-{job}"
         self.proc = kn.popen_in_netns(
             fleet.node_ns,
-            [sys.executable, "-c", MINI_AGENT, "sbx0", SANDBOX, str(NODE.underlay),
-             str(PROXY.underlay), str(job), "00" * 8, str(ready)],
+            [
+                sys.executable,
+                "-c",
+                MINI_AGENT,
+                "sbx0",
+                SANDBOX,
+                str(NODE.underlay),
+                str(PROXY.underlay),
+                str(job),
+                "00" * 8,
+                str(ready),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=(fleet.root / f"agent-{job}.log").open("wb"),
             cwd=str(REPO),
-        )  # fmt: skip
+        )
         wait_for(ready.exists, START_TIMEOUT_S, "the mini agent")
         time.sleep(0.3)  # its TUN address and route
 
@@ -251,7 +266,9 @@ def test_a_replacement_resets_what_it_no_longer_allows_and_allows_what_it_adds(
 
         # A replacement that adds the site back: a new connection is allowed at once.
         added_at = time.monotonic()
-        assert control(fleet, "PUT", f"/v1/jobs/{job}/policy", policy(job, OTHER, SITE_80))[0] == 200
+        assert (
+            control(fleet, "PUT", f"/v1/jobs/{job}/policy", policy(job, OTHER, SITE_80))[0] == 200
+        )
         wait_for(lambda: try_connect(fleet), 3, "a connection allowed by the replacement")
         assert time.monotonic() - added_at <= 2 * RESET_WITHIN_S + 0.5
         assert control(fleet, "DELETE", f"/v1/jobs/{job}/policy")[0] == 204
@@ -264,15 +281,29 @@ def restart_control(fleet: Fleet, *extra: str) -> None:
     port_file.unlink(missing_ok=True)
     fleet.control = kn.popen_in_netns(
         fleet.ctl,
-        [sys.executable, "-m", "egressd", "control", "serve",
-         "--listen", f"{CONTROL_ADDR}:8080", "--state-dir", str(root / "ctl-state"),
-         "--key", str(root / "ctl-keys" / "signing.key"),
-         "--admin-token-file", str(root / "admin-token"), "--port-file", str(port_file), *extra],
+        [
+            sys.executable,
+            "-m",
+            "egressd",
+            "control",
+            "serve",
+            "--listen",
+            f"{CONTROL_ADDR}:8080",
+            "--state-dir",
+            str(root / "ctl-state"),
+            "--key",
+            str(root / "ctl-keys" / "signing.key"),
+            "--admin-token-file",
+            str(root / "admin-token"),
+            "--port-file",
+            str(port_file),
+            *extra,
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=(root / f"control-{time.monotonic_ns()}.log").open("wb"),
         cwd=str(REPO),
-    )  # fmt: skip
+    )
     wait_for(port_file.exists, START_TIMEOUT_S, "the control plane")
 
 
@@ -293,7 +324,9 @@ def test_control_plane_down_then_expiry_then_back(
             try:
                 download.wait_flowing()
                 stop_process(fleet.control)
-                wait_for(lambda: not watch_up(proxy), 10, "the proxy noticing the control plane is down")
+                wait_for(
+                    lambda: not watch_up(proxy), 10, "the proxy noticing the control plane is down"
+                )
                 received = download.received
                 time.sleep(1.0)
                 assert download.ended_at is None and download.received > received  # goes on
@@ -335,13 +368,28 @@ def test_revision_survives_a_restart(fleet: Fleet, tmp_path: Path) -> None:
     ]
 
 
-def job_cli(fleet: Fleet, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def job_cli(
+    fleet: Fleet, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "egressd", "job", *args, "--netns", fleet.ctl,
-         "--run-dir", str(fleet.root / "no-run-dir")],
-        capture_output=True, text=True, timeout=30, check=False, cwd=str(REPO),
+        [
+            sys.executable,
+            "-m",
+            "egressd",
+            "job",
+            *args,
+            "--netns",
+            fleet.ctl,
+            "--run-dir",
+            str(fleet.root / "no-run-dir"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=str(REPO),
         env={"PATH": "/usr/bin:/bin", **(env or {})},
-    )  # fmt: skip
+    )
 
 
 def test_the_job_cli_puts_gets_lists_and_deletes(fleet: Fleet, tmp_path: Path) -> None:

@@ -99,8 +99,14 @@ def offload_drops(fleet: Fleet) -> dict[str, float]:
     out = {}
     for member in [n.name for n in fleet.layout.nodes] + [p.name for p in fleet.layout.proxies]:
         for s in metrics(fleet, member):
-            if s.value and s.labels and s.name.endswith("_total") and any(
-                r in s.key for r in ("offload", "unsupported_gso", "too_big", "inner_bad_checksum")
+            if (
+                s.value
+                and s.labels
+                and s.name.endswith("_total")
+                and any(
+                    r in s.key
+                    for r in ("offload", "unsupported_gso", "too_big", "inner_bad_checksum")
+                )
             ):
                 out[f"{member} {s.key}"] = s.value
     return out
@@ -116,9 +122,14 @@ def test_a_bulk_download_arrives_whole_as_super_packets(
 ) -> None:
     before = supers(fleet, "node1", "to_tun"), proxies_supers(fleet, "from_tun")
     reply = http_request(
-        target.netns, "GET", str(target.address), target.port, f"/bytes/{NBYTES}",
-        headers={"Host": target.host}, timeout_s=TIMEOUT_S,
-    )  # fmt: skip
+        target.netns,
+        "GET",
+        str(target.address),
+        target.port,
+        f"/bytes/{NBYTES}",
+        headers={"Host": target.host},
+        timeout_s=TIMEOUT_S,
+    )
     assert reply.status == 200
     assert len(reply.body) == NBYTES
     assert hashlib.sha256(reply.body).hexdigest() == content_sha256(NBYTES)
@@ -129,16 +140,19 @@ def test_a_bulk_download_arrives_whole_as_super_packets(
     assert offload_drops(fleet) == {}
 
 
-def test_a_bulk_upload_arrives_whole_as_super_packets(
-    fleet: OffloadFleet, target: Target
-) -> None:
+def test_a_bulk_upload_arrives_whole_as_super_packets(fleet: OffloadFleet, target: Target) -> None:
     body = os.urandom(NBYTES)
     before = supers(fleet, "node1", "from_tun"), proxies_supers(fleet, "to_tun")
     reply = http_request(
-        target.netns, "POST", str(target.address), target.port, "/upload", body=body,
+        target.netns,
+        "POST",
+        str(target.address),
+        target.port,
+        "/upload",
+        body=body,
         headers={"Host": target.host, "Content-Type": "application/octet-stream"},
         timeout_s=TIMEOUT_S,
-    )  # fmt: skip
+    )
     assert reply.status == 200
     answer = json.loads(reply.body)
     assert answer == {"bytes": NBYTES, "sha256": hashlib.sha256(body).hexdigest()}

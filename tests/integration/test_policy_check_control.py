@@ -31,8 +31,13 @@ POLICY = {
 
 
 def check(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "egressd", "policy", "check", *args],
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "egressd", "policy", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_check_names_the_unknown_node_and_the_control_plane_refuses_it(
@@ -42,8 +47,12 @@ def test_check_names_the_unknown_node_and_the_control_plane_refuses_it(
 ) -> None:
     control = start(spawn, paths)
     auth = {"Authorization": f"Bearer {paths.token.read_text().strip()}"}
-    assert requests.put(f"{control.base}/v1/nodes/node1", json=NODE1, headers=auth,
-                        timeout=5).status_code == 200  # fmt: skip
+    assert (
+        requests.put(
+            f"{control.base}/v1/nodes/node1", json=NODE1, headers=auth, timeout=5
+        ).status_code
+        == 200
+    )
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps(POLICY))
 
@@ -54,8 +63,9 @@ def test_check_names_the_unknown_node_and_the_control_plane_refuses_it(
     ]
 
     body = {k: v for k, v in POLICY.items() if k != "job_id"}
-    put = requests.put(f"{control.base}/v1/jobs/{JOB_ID}/policy", json=body, headers=auth,
-                       timeout=5)  # fmt: skip
+    put = requests.put(
+        f"{control.base}/v1/jobs/{JOB_ID}/policy", json=body, headers=auth, timeout=5
+    )
     assert put.status_code == 422
     assert put.json()["field"] == "nodes[1]"
     assert put.json()["known_nodes"] == ["node1"]
@@ -64,8 +74,12 @@ def test_check_names_the_unknown_node_and_the_control_plane_refuses_it(
     policy.write_text(json.dumps({**POLICY, "nodes": ["node1"]}))
     done = check("--control", control.base, str(policy))
     assert done.returncode == 0, done.stdout + done.stderr
-    put = requests.put(f"{control.base}/v1/jobs/{JOB_ID}/policy",
-                       json={**body, "nodes": ["node1"]}, headers=auth, timeout=5)  # fmt: skip
+    put = requests.put(
+        f"{control.base}/v1/jobs/{JOB_ID}/policy",
+        json={**body, "nodes": ["node1"]},
+        headers=auth,
+        timeout=5,
+    )
     assert put.status_code == 200, put.text
 
     # the signed token checks clean too (timestamps from the control plane)

@@ -248,9 +248,19 @@ def sandbox_net(node: Node) -> Iterator[SandboxNet]:
     ip("netns", "add", netns)
     try:
         ip(
-            "link", "add", host_if, "netns", node.netns, "type", "veth",
-            "peer", "name", sbx_if, "netns", netns,
-        )  # fmt: skip
+            "link",
+            "add",
+            host_if,
+            "netns",
+            node.netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            sbx_if,
+            "netns",
+            netns,
+        )
         ip("-n", node.netns, "addr", "add", f"{GATEWAY}/{SUBNET.prefixlen}", "dev", host_if)
         ip("-n", node.netns, "link", "set", host_if, "up")
         ip("-n", netns, "link", "set", "lo", "up")
@@ -630,13 +640,20 @@ async def test_runsc_missing(node: Node, sandbox_net: SandboxNet, tmp_path: Path
     assert not paths.bundle_dir.exists()
 
 
-async def _launch_error(node: Node, net: SandboxNet, args: Sequence[str]) -> tuple[SandboxError, bytes]:
+async def _launch_error(
+    node: Node, net: SandboxNet, args: Sequence[str]
+) -> tuple[SandboxError, bytes]:
     """The launch error and what reached the caller's stderr (not runsc's fatal line)."""
     paths = prepare(node, net, args)
     err = io.BytesIO()
     with pytest.raises(SandboxError) as exc:
         await node.launcher.run(
-            paths.sandbox_id, paths.bundle_dir, net.netns, stdout=io.BytesIO(), stderr=err, timeout=60
+            paths.sandbox_id,
+            paths.bundle_dir,
+            net.netns,
+            stdout=io.BytesIO(),
+            stderr=err,
+            timeout=60,
         )
     await assert_gone(node, paths.sandbox_id)
     return exc.value, err.getvalue()
@@ -644,11 +661,16 @@ async def _launch_error(node: Node, net: SandboxNet, args: Sequence[str]) -> tup
 
 async def test_a_missing_command_is_command_not_found(node: Node, sandbox_net: SandboxNet) -> None:
     exc, stderr = await _launch_error(node, sandbox_net, ["/no/such/program"])
-    assert (exc.reason, exc.detail) == ("command_not_found", "/no/such/program: no such file in the sandbox")
+    assert (exc.reason, exc.detail) == (
+        "command_not_found",
+        "/no/such/program: no such file in the sandbox",
+    )
     assert stderr == b""
 
 
-async def test_a_command_not_in_path_is_command_not_found(node: Node, sandbox_net: SandboxNet) -> None:
+async def test_a_command_not_in_path_is_command_not_found(
+    node: Node, sandbox_net: SandboxNet
+) -> None:
     exc, stderr = await _launch_error(node, sandbox_net, ["no-such-program"])
     assert exc.reason == "command_not_found"
     assert exc.detail.startswith("no-such-program: not found in the sandbox's PATH (")

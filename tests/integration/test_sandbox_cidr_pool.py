@@ -96,33 +96,57 @@ class Env:
 
     def control(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
         status, payload = http(
-            self.ns("node1"), method, CONTROL_IP, 8080, path, body,
+            self.ns("node1"),
+            method,
+            CONTROL_IP,
+            8080,
+            path,
+            body,
             headers={"Authorization": f"Bearer {self.token}"},
-        )  # fmt: skip
+        )
         return status, (json.loads(payload) if payload else None)
 
     def popen(self, name: str, ns: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.root / f"{name}.log").open("ab") as log:
             return netns.popen_in_netns(
-                ns, [sys.executable, "-m", "egressd", *argv],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=str(REPO),
-            )  # fmt: skip
+                ns,
+                [sys.executable, "-m", "egressd", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                cwd=str(REPO),
+            )
 
     # -- processes --
 
     def start_control(self) -> None:
         keys = self.root / "keys"
-        self.procs["control"] = self.popen("control", self.ctl, [
-            "control", "serve", "--listen", f"{CONTROL_IP}:8080",
-            "--state-dir", str(self.root / "ctl-state"), "--key", str(keys / "signing.key"),
-            "--admin-token-file", str(self.token_file),
-            "--sandbox-pool", str(POOL), "--sandbox-prefix", "24",
-        ])  # fmt: skip
+        self.procs["control"] = self.popen(
+            "control",
+            self.ctl,
+            [
+                "control",
+                "serve",
+                "--listen",
+                f"{CONTROL_IP}:8080",
+                "--state-dir",
+                str(self.root / "ctl-state"),
+                "--key",
+                str(keys / "signing.key"),
+                "--admin-token-file",
+                str(self.token_file),
+                "--sandbox-pool",
+                str(POOL),
+                "--sandbox-prefix",
+                "24",
+            ],
+        )
         wait_for(
             lambda: http_get(self.ns("node1"), CONTROL_IP, 8080, "/readyz")[0] == 200,
-            START_TIMEOUT_S, "the control plane",
-        )  # fmt: skip
+            START_TIMEOUT_S,
+            "the control plane",
+        )
         self.token = self.token_file.read_text().strip()
 
     def agent_config(self, node: str, underlay: str) -> Path:
@@ -229,9 +253,10 @@ def _teardown(env: Env) -> None:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     _require_root()
     env = Env(
-        root=tmp_path_factory.mktemp("cidr-pool"), key=generate_signing_key(),
+        root=tmp_path_factory.mktemp("cidr-pool"),
+        key=generate_signing_key(),
         base=f"egd-t{secrets.token_hex(3)}",
-    )  # fmt: skip
+    )
     try:
         _setup(env)
         yield env
@@ -262,9 +287,11 @@ def sandbox_in(env: Env, node: str, cidr: IPv4Network, jws: str, sandbox_id: str
 
 def put_policy(env: Env) -> str:
     body = {
-        "v": 1, "account": "acme", "nodes": list(NODES),
+        "v": 1,
+        "account": "acme",
+        "nodes": list(NODES),
         "egress": [{"host": "api.allowed.test", "ports": [443]}],
-    }  # fmt: skip
+    }
     status, answer = env.control("PUT", f"/v1/jobs/{JOB}/policy", body)
     assert status == 200, answer
     return str(answer["jws"])
@@ -306,12 +333,25 @@ def test_a_third_node_finds_the_pool_exhausted_and_its_agent_exits_with_one_line
 ) -> None:
     config = env.agent_config("node3", "198.18.0.13")
     done = subprocess.run(
-        netns.netns_argv(env.ns("node1"), [
-            sys.executable, "-m", "egressd", "agent", "serve", "--config", str(config),
-        ]),
-        capture_output=True, text=True, timeout=60, check=False, cwd=str(REPO),
+        netns.netns_argv(
+            env.ns("node1"),
+            [
+                sys.executable,
+                "-m",
+                "egressd",
+                "agent",
+                "serve",
+                "--config",
+                str(config),
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=str(REPO),
         env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+    )
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("egressd: error: sandbox_cidr: sandbox_pool_exhausted: PUT "), last

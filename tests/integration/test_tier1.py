@@ -140,10 +140,34 @@ def _make_topology(stack: ExitStack, tmp: Path) -> Bed:
     stack.callback(spaces.cleanup)
     node, sandbox = spaces.create("n"), spaces.create("s")
     for host, peer, peer_mac in (("h1", "s1", SBX_MAC), ("h2", "s2", OTHER_MAC)):
-        sh("ip", "-n", node, "link", "add", host, "type", "veth", "peer", "name", peer,
-           "netns", sandbox)  # fmt: skip
-        sh("ip", "-n", sandbox, "link", "set", peer, "address", peer_mac,
-           "mtu", str(SANDBOX_MTU), "up")  # fmt: skip
+        sh(
+            "ip",
+            "-n",
+            node,
+            "link",
+            "add",
+            host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            sandbox,
+        )
+        sh(
+            "ip",
+            "-n",
+            sandbox,
+            "link",
+            "set",
+            peer,
+            "address",
+            peer_mac,
+            "mtu",
+            str(SANDBOX_MTU),
+            "up",
+        )
         sh("ip", "-n", node, "link", "set", host, "mtu", str(SANDBOX_MTU), "up")
     sh("ip", "-n", sandbox, "addr", "add", f"{SBX_IP}/{NODE.sandbox_cidr.prefixlen}", "dev", "s1")
     sh("ip", "-n", node, "addr", "add", f"{GATEWAY}/{NODE.sandbox_cidr.prefixlen}", "dev", "h1")
@@ -191,8 +215,9 @@ def _fresh_policy(request: pytest.FixtureRequest) -> None:
         bed.drain_tun()
 
 
-def _delta(before: dict[tuple[int, Reason], Count], after: dict[tuple[int, Reason], Count],
-           ifindex: int) -> dict[Reason, Count]:  # fmt: skip
+def _delta(
+    before: dict[tuple[int, Reason], Count], after: dict[tuple[int, Reason], Count], ifindex: int
+) -> dict[Reason, Count]:
     out = {}
     for (idx, reason), now in after.items():
         if idx != ifindex:
@@ -203,8 +228,14 @@ def _delta(before: dict[tuple[int, Reason], Count], after: dict[tuple[int, Reaso
     return out
 
 
-def expect_verdict(bed: Bed, frame: Packet | bytes, reason: Reason, *, ifindex: int | None = None,
-                   sock: socket.socket | None = None) -> bytes:  # fmt: skip
+def expect_verdict(
+    bed: Bed,
+    frame: Packet | bytes,
+    reason: Reason,
+    *,
+    ifindex: int | None = None,
+    sock: socket.socket | None = None,
+) -> bytes:
     """Send one frame; exactly one counter moves, by one packet of the frame's length."""
     idx = bed.h1 if ifindex is None else ifindex
     before = bed.tier1.counters()
@@ -337,8 +368,9 @@ DROPPED: dict[str, tuple[Callable[[], Packet], Reason]] = {
         Reason.IP_OPTIONS,
     ),
     "ip_options_nop_eol": (
-        lambda: _tcp(API, 443, options=[IPOption_NOP(), IPOption_NOP(), IPOption_NOP(),
-                                         IPOption_EOL()]),
+        lambda: _tcp(
+            API, 443, options=[IPOption_NOP(), IPOption_NOP(), IPOption_NOP(), IPOption_EOL()]
+        ),
         Reason.IP_OPTIONS,
     ),
     "ip_options_loose_source_route": (
@@ -521,11 +553,20 @@ def test_kernel_tcp_round_trip_through_the_tun(tmp_path: Path) -> None:
         assert syn[TCP].flags == "S"
         _assert_checksums(syn)
         sport, isn = syn[TCP].sport, syn[TCP].seq
-        bed.tun.write(bytes(
-            IP(src=str(API), dst=str(SBX_IP))
-            / TCP(sport=443, dport=sport, flags="SA", seq=5000, ack=isn + 1, window=65535,
-                  options=[("MSS", server_mss)])
-        ))  # fmt: skip
+        bed.tun.write(
+            bytes(
+                IP(src=str(API), dst=str(SBX_IP))
+                / TCP(
+                    sport=443,
+                    dport=sport,
+                    flags="SA",
+                    seq=5000,
+                    ack=isn + 1,
+                    window=65535,
+                    options=[("MSS", server_mss)],
+                )
+            )
+        )
         ack = IP(_next_tcp(bed))
         assert ack[TCP].flags == "A"
         assert ack[TCP].ack == 5001
@@ -542,11 +583,19 @@ def test_kernel_tcp_round_trip_through_the_tun(tmp_path: Path) -> None:
             if seg[TCP].seq - isn - 1 == len(got):
                 got += bytes(seg[TCP].payload)
                 # ACK it, or the client stops at its initial congestion window.
-                bed.tun.write(bytes(
-                    IP(src=str(API), dst=str(SBX_IP))
-                    / TCP(sport=443, dport=sport, flags="A", seq=5001, ack=isn + 1 + len(got),
-                          window=65535)
-                ))  # fmt: skip
+                bed.tun.write(
+                    bytes(
+                        IP(src=str(API), dst=str(SBX_IP))
+                        / TCP(
+                            sport=443,
+                            dport=sport,
+                            flags="A",
+                            seq=5001,
+                            ack=isn + 1 + len(got),
+                            window=65535,
+                        )
+                    )
+                )
         assert bytes(got) == payload
         # Abort (RST) so nothing retransmits into the TUN afterwards.
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -784,9 +833,10 @@ def test_denied_syns_spend_no_tokens_and_only_syns_spend(bed: Bed) -> None:
     # does a SYN-ACK (the sandbox answering); a DNS query has a bucket of its own.
     for flags in ("A", "PA", "FA", "R", "SA"):
         frame = (
-            Ether(src=SBX_MAC) / IP(src=str(SBX_IP), dst=str(API))
+            Ether(src=SBX_MAC)
+            / IP(src=str(SBX_IP), dst=str(API))
             / TCP(sport=40000, dport=443, flags=flags, seq=1, ack=1)
-        )  # fmt: skip
+        )
         expect_verdict(bed, _with_dst_mac(bed, frame), Reason.REDIRECTED)
     expect_verdict(bed, _with_dst_mac(bed, _tcp(API, 443)), Reason.SYN_RATE_LIMIT)
     expect_verdict(bed, _with_dst_mac(bed, _udp(RESOLVER, 53)), Reason.REDIRECTED)
@@ -801,9 +851,11 @@ def test_dns_over_tcp_syns_take_dns_tokens_not_syn_tokens(bed: Bed) -> None:
     assert _counted(bed, before, 13) == {Reason.REDIRECTED: 10, Reason.DNS_RATE_LIMIT: 3}
     # The query's segments after the SYN are not queries.
     ack = (
-        Ether(src=SBX_MAC) / IP(src=str(SBX_IP), dst=str(RESOLVER))
-        / TCP(sport=40000, dport=53, flags="PA", seq=1, ack=1) / Raw(b"\x00\x0c" + DNS_QUERY)
-    )  # fmt: skip
+        Ether(src=SBX_MAC)
+        / IP(src=str(SBX_IP), dst=str(RESOLVER))
+        / TCP(sport=40000, dport=53, flags="PA", seq=1, ack=1)
+        / Raw(b"\x00\x0c" + DNS_QUERY)
+    )
     expect_verdict(bed, _with_dst_mac(bed, ack), Reason.REDIRECTED)
     expect_verdict(bed, _with_dst_mac(bed, _tcp(RESOLVER, 53)), Reason.DNS_RATE_LIMIT)
     # The SYN bucket is still full.
@@ -873,7 +925,9 @@ def test_buckets_are_exact_across_cpus(bed: Bed) -> None:
 
     before = bed.tier1.counters()
     per_cpu_before = _percpu_packets(bed, Reason.SYN_RATE_LIMIT)
-    threads = [threading.Thread(target=flood, args=(c, s)) for c, s in zip(cpus, socks, strict=True)]
+    threads = [
+        threading.Thread(target=flood, args=(c, s)) for c, s in zip(cpus, socks, strict=True)
+    ]
     try:
         for t in threads:
             t.start()
@@ -884,12 +938,14 @@ def test_buckets_are_exact_across_cpus(bed: Bed) -> None:
             sock.close()
     total = 400 * len(cpus)
     assert _counted(bed, before, total) == {
-        Reason.REDIRECTED: 10, Reason.SYN_RATE_LIMIT: total - 10
-    }  # fmt: skip
+        Reason.REDIRECTED: 10,
+        Reason.SYN_RATE_LIMIT: total - 10,
+    }
     moved = [
-        cpu for cpu, n in enumerate(_percpu_packets(bed, Reason.SYN_RATE_LIMIT))
+        cpu
+        for cpu, n in enumerate(_percpu_packets(bed, Reason.SYN_RATE_LIMIT))
         if n > per_cpu_before[cpu]
-    ]  # fmt: skip
+    ]
     assert len(moved) == len(cpus), f"tc ran on CPUs {moved}, wanted {cpus}"
 
 

@@ -90,8 +90,11 @@ def _tx_csum(ns: str, ifname: str, on: bool | None = None) -> bool:
 
 
 def _snmp_tcp(ns: str) -> dict[str, int]:
-    lines = [ln.split() for ln in sh("ip", "netns", "exec", ns, "cat", "/proc/net/snmp").splitlines()
-             if ln.startswith("Tcp:")]  # fmt: skip
+    lines = [
+        ln.split()
+        for ln in sh("ip", "netns", "exec", ns, "cat", "/proc/net/snmp").splitlines()
+        if ln.startswith("Tcp:")
+    ]
     return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
 
 
@@ -188,8 +191,14 @@ def test_kernel_connect_to_a_denied_destination_is_refused_at_once(
 
 
 def test_rst_is_exactly_what_a_closed_port_sends(bed: Bed) -> None:
-    syn = _syn(bed, API, 22, options=[("MSS", 1396), ("SAckOK", b""), ("WScale", 7),
-                                      ("Timestamp", (1, 0))], ip_ttl=61, ip_id=777)  # fmt: skip
+    syn = _syn(
+        bed,
+        API,
+        22,
+        options=[("MSS", 1396), ("SAckOK", b""), ("WScale", 7), ("Timestamp", (1, 0))],
+        ip_ttl=61,
+        ip_id=777,
+    )
     got = _answers(bed, syn, Reason.PORT_NOT_ALLOWED)
     assert len(got) == 1
     rst = got[0]
@@ -227,7 +236,8 @@ NOT_ANSWERED: dict[str, tuple[Callable[[Bed], Packet], Reason]] = {
     "broadcast": (lambda b: _syn(b, IPv4Address("255.255.255.255"), 443), Reason.DENIED_RANGE),
     "zero_net": (lambda b: _syn(b, IPv4Address("0.1.2.3"), 443), Reason.DENIED_RANGE),
     "ip_options": (
-        lambda b: _syn(b, API, 22, ip_options=[IPOption_Router_Alert()]), Reason.IP_OPTIONS
+        lambda b: _syn(b, API, 22, ip_options=[IPOption_Router_Alert()]),
+        Reason.IP_OPTIONS,
     ),
     "fragment": (lambda b: _syn(b, API, 22, ip_flags="MF"), Reason.FRAGMENT),
     "malformed_doff": (lambda b: _syn(b, API, 22, dataofs=4), Reason.MALFORMED),
@@ -272,25 +282,30 @@ def test_each_denial_is_an_event_with_its_destination(bed: Bed, ring: RingBuffer
     expect_verdict(bed, _syn(bed, API, 22), Reason.PORT_NOT_ALLOWED)
     expect_verdict(bed, _syn(bed, METADATA, 80, flags="A"), Reason.DENIED_RANGE)
     expect_verdict(
-        bed, Ether(src=SBX_MAC) / IP(src=str(SBX_IP), dst=str(API)) / UDP(dport=123),
+        bed,
+        Ether(src=SBX_MAC) / IP(src=str(SBX_IP), dst=str(API)) / UDP(dport=123),
         Reason.UDP_NOT_DNS,
-    )  # fmt: skip
+    )
     expect_verdict(bed, _syn(bed, API, 22, ip_src=str(SBX_IP + 1)), Reason.SPOOFED_IP)
     events = _events(ring, 4)
-    assert [(e.ifindex, e.reason, e.dst, e.port, e.proto_name, e.rst, e.suppressed)
-            for e in events] == [
+    assert [
+        (e.ifindex, e.reason, e.dst, e.port, e.proto_name, e.rst, e.suppressed) for e in events
+    ] == [
         (bed.h1, Reason.PORT_NOT_ALLOWED, API, 22, "tcp", True, 0),
         (bed.h1, Reason.DENIED_RANGE, METADATA, 80, "tcp", False, 0),
         (bed.h1, Reason.UDP_NOT_DNS, API, 123, "udp", False, 0),
         (bed.h1, Reason.SPOOFED_IP, API, 0, "tcp", False, 0),
-    ]  # fmt: skip
+    ]
     assert all(before_ns <= e.ts_ns <= time.monotonic_ns() for e in events)
     # Allowed traffic and unregistered veths make no events.
     expect_verdict(bed, _syn(bed, API, 443), Reason.REDIRECTED)
     expect_verdict(
-        bed, Ether(src=OTHER_MAC) / IP(src=str(SBX_IP + 1), dst=str(API)) / TCP(dport=22),
-        Reason.NO_POLICY, ifindex=bed.h2, sock=bed.s2,
-    )  # fmt: skip
+        bed,
+        Ether(src=OTHER_MAC) / IP(src=str(SBX_IP + 1), dst=str(API)) / TCP(dport=22),
+        Reason.NO_POLICY,
+        ifindex=bed.h2,
+        sock=bed.s2,
+    )
     assert _events(ring, 1, timeout=0.2) == []
     bed.drain_tun()
 
@@ -306,8 +321,10 @@ def test_a_flood_yields_a_bounded_number_of_events_that_account_for_every_denial
         bed.s1.send(raw)
     elapsed = time.monotonic() - start
     deadline = time.monotonic() + SETTLE_S
-    while (bed.tier1.counters()[(bed.h1, Reason.PORT_NOT_ALLOWED)].packets
-           - before.get((bed.h1, Reason.PORT_NOT_ALLOWED), (0, 0))[0]) < n:  # fmt: skip
+    while (
+        bed.tier1.counters()[(bed.h1, Reason.PORT_NOT_ALLOWED)].packets
+        - before.get((bed.h1, Reason.PORT_NOT_ALLOWED), (0, 0))[0]
+    ) < n:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     flood_events = _events(ring, EVENT_BUCKET.burst, timeout=0.3)

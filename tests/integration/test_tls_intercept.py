@@ -49,12 +49,14 @@ RULES = [
         "host": EU,
         "ports": [GOOD, BAD, H2],
         "tls": "intercept",
-        "http": {"allow": [
-            {"methods": ["GET", "HEAD"], "paths": ["/data", "/bytes/*"]},
-            {"methods": ["PUT"], "paths": ["/upload"]},
-        ]},
+        "http": {
+            "allow": [
+                {"methods": ["GET", "HEAD"], "paths": ["/data", "/bytes/*"]},
+                {"methods": ["PUT"], "paths": ["/upload"]},
+            ]
+        },
     }
-]  # fmt: skip
+]
 
 
 def text_headers(headers: object) -> dict[str, str]:
@@ -142,8 +144,10 @@ async def _servers_main(cfg: dict[str, Any]) -> None:
                         else:
                             text = f"{head[':method']} {head[':authority']} {path} h2"
                             body = f"{text} {bodies[event.stream_id]}".encode()
-                        conn.send_headers(event.stream_id, [
-                            (":status", "200"), ("content-length", str(len(body)))])  # fmt: skip
+                        conn.send_headers(
+                            event.stream_id,
+                            [(":status", "200"), ("content-length", str(len(body)))],
+                        )
                         pending[event.stream_id] = body
                 drain()
                 writer.write(conn.data_to_send())
@@ -205,8 +209,10 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
     good = ca.ensure_ca(tmp / "ca", names=[EU, US])
     bad = ca.ensure_ca(tmp / "other", names=[EU, US])
     interception = {
-        "cert": str(icpt.cert), "key": str(icpt.key), "upstream_ca_file": str(good.ca_cert),
-    }  # fmt: skip
+        "cert": str(icpt.cert),
+        "key": str(icpt.key),
+        "upstream_ca_file": str(good.ca_cert),
+    }
     with make_world(tmp, interception=interception) as world:
         cfg = tmp / "servers.json"
         cfg.write_text(
@@ -219,11 +225,19 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
             )
         )
         proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{world.inet_ns}", sys.executable,
-             str(Path(__file__).resolve()), "servers", str(cfg)],
-            stdout=subprocess.PIPE, stderr=open(tmp / "servers.err", "w"), text=True,  # noqa: SIM115
+            [
+                "nsenter",
+                f"--net=/run/netns/{world.inet_ns}",
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "servers",
+                str(cfg),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=open(tmp / "servers.err", "w"),  # noqa: SIM115
+            text=True,
             cwd=str(Path(__file__).resolve().parents[2]),
-        )  # fmt: skip
+        )
         try:
             line: list[str] = []
             reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()))  # type: ignore[union-attr]
@@ -328,8 +342,10 @@ def test_unverified_upstream_refused(tls: Tls) -> None:
         ctx.wrap_socket(sock, server_hostname=EU).recv(1)
     conn = tls.world.wait_event(event="connection", source=src)
     assert (conn["verdict"], conn["reason"], conn["host"]) == (
-        "deny", "upstream_tls_unverified", EU,
-    )  # fmt: skip
+        "deny",
+        "upstream_tls_unverified",
+        EU,
+    )
     assert conn["bytes_up"] == 0 and conn["bytes_down"] == 0
     samples = parse(tls.world.metrics())
     assert metric_value(
@@ -367,8 +383,12 @@ class H2Client:
 
     def request(self, method: str, path: str, body: bytes = b"", authority: str = EU) -> int:
         sid = self.conn.get_next_available_stream_id()
-        headers = [(":method", method), (":path", path), (":scheme", "https"),
-                   (":authority", authority)]  # fmt: skip
+        headers = [
+            (":method", method),
+            (":path", path),
+            (":scheme", "https"),
+            (":authority", authority),
+        ]
         self.conn.send_headers(sid, headers, end_stream=not body)
         self.responses[sid] = {"status": None, "body": b"", "ended": False, "reset": None}
         if body:
@@ -444,12 +464,14 @@ def test_http2_through_interception(tls: Tls) -> None:
         client.wait(*client.responses)
         assert closed(sock) or client.goaway
     events = requests_of(tls.world, src, 4)
-    assert sorted((e["method"], e["path"], e["status"], e["reason"]) for e in events) == sorted([
-        ("GET", "/data", 200, "allowed_request"),
-        ("GET", "/bytes/300000", 200, "allowed_request"),
-        ("PUT", "/upload", 200, "allowed_request"),
-        ("POST", "/data", 403, "method_not_allowed"),
-    ])  # fmt: skip
+    assert sorted((e["method"], e["path"], e["status"], e["reason"]) for e in events) == sorted(
+        [
+            ("GET", "/data", 200, "allowed_request"),
+            ("GET", "/bytes/300000", 200, "allowed_request"),
+            ("PUT", "/upload", 200, "allowed_request"),
+            ("POST", "/data", 403, "method_not_allowed"),
+        ]
+    )
     big_event = next(e for e in events if e["path"] == "/bytes/300000")
     assert big_event["bytes_down"] == 300_000
     assert next(e for e in events if e["method"] == "PUT")["bytes_up"] == 100_000

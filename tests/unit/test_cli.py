@@ -29,10 +29,20 @@ from egressd.policy.model import parse_policy
 
 #: What a policy command must never load: daemons, their libraries, the harness.
 FORBIDDEN = (
-    "egressd.proxy", "egressd.agent", "egressd.control.service", "egressd.control.app",
-    "egressd.topology.fleet", "egressd.bench", "egressd.loadtest", "egressd.demo",
-    "aiohttp", "pyroute2", "uvloop", "scapy", "matplotlib",
-)  # fmt: skip
+    "egressd.proxy",
+    "egressd.agent",
+    "egressd.control.service",
+    "egressd.control.app",
+    "egressd.topology.fleet",
+    "egressd.bench",
+    "egressd.loadtest",
+    "egressd.demo",
+    "aiohttp",
+    "pyroute2",
+    "uvloop",
+    "scapy",
+    "matplotlib",
+)
 
 # Runs `egressd ARGS` as `python -m egressd` does, then writes sys.modules to OUT.
 PROBE = """
@@ -54,8 +64,12 @@ def probe(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str],
     out = tmp_path / "modules.json"
     done = subprocess.run(
         [sys.executable, "-c", PROBE, str(out), json.dumps(args)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     return done, set(json.loads(out.read_text()))
 
 
@@ -70,11 +84,19 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     key = generate_signing_key()
     write_key_dir(base / "keys", key)
     now = int(time.time())
-    policy = parse_policy({
-        "v": 1, "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2", "account": "acme",
-        "nodes": ["node1"], "egress": [{"host": "api.allowed.test", "ports": [443]}],
-        "iat": now, "nbf": now, "exp": now + 3600,
-    }, require_timestamps=True)  # fmt: skip
+    policy = parse_policy(
+        {
+            "v": 1,
+            "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2",
+            "account": "acme",
+            "nodes": ["node1"],
+            "egress": [{"host": "api.allowed.test", "ports": [443]}],
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+        },
+        require_timestamps=True,
+    )
     token = base / "policy.jws"
     token.write_text(sign_policy(policy, key) + "\n")
     return base / "keys", token
@@ -182,10 +204,13 @@ def _raise(exc: BaseException) -> Callable[[argparse.Namespace], int]:
         (CliError("--x: bad"), "egressd: error: --x: bad", 2),
         (CliError("no answer", exit_code=1), "egressd: error: no answer", 1),
         (JobCliError("get j: HTTP 500"), "egressd: error: get j: HTTP 500", 1),
-        (EgressdError("bind_failed", "port 80:\n  in use"),
-         "egressd: error: bind_failed: port 80: in use", 2),
+        (
+            EgressdError("bind_failed", "port 80:\n  in use"),
+            "egressd: error: bind_failed: port 80: in use",
+            2,
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_failure_is_one_line_on_stderr(
     fake_verb: Callable[[Callable[..., int]], None],
     capsys: pytest.CaptureFixture[str],

@@ -79,8 +79,8 @@ def test_key_sorts_labels() -> None:
 
 
 def test_counter_delta() -> None:
-    before = mt.parse("egressd_a_total{r=\"x\"} 1\negressd_a_total{r=\"y\"} 5\n")
-    after = mt.parse("egressd_a_total{r=\"x\"} 4\negressd_a_total{r=\"y\"} 5\n")
+    before = mt.parse('egressd_a_total{r="x"} 1\negressd_a_total{r="y"} 5\n')
+    after = mt.parse('egressd_a_total{r="x"} 4\negressd_a_total{r="y"} 5\n')
     assert mt.counter_delta(before, after, "egressd_a_total") == 3
     assert mt.counter_delta(before, after, "egressd_a_total", r="y") == 0
 

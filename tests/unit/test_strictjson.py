@@ -9,7 +9,13 @@ from egressd import strictjson
 
 @pytest.mark.parametrize(
     "text",
-    ['{"mode": "report", "mode": "enforce"}', '{"a": {"b": 1, "b": 2}}', '{"x": NaN}', "[Infinity]", "-Infinity"],
+    [
+        '{"mode": "report", "mode": "enforce"}',
+        '{"a": {"b": 1, "b": 2}}',
+        '{"x": NaN}',
+        "[Infinity]",
+        "-Infinity",
+    ],
 )
 def test_ambiguous_json_is_refused(text: str) -> None:
     with pytest.raises(ValueError):

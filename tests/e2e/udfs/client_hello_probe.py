@@ -57,7 +57,8 @@ def padded(hello: bytes, total: int) -> bytes:
         new_body = head + struct.pack("!H", len(new_exts)) + new_exts
         new_message = b"\x01" + len(new_body).to_bytes(3, "big") + new_body
         wire = b"".join(
-            b"\x16\x03\x01" + struct.pack("!H", len(new_message[i : i + 16384]))
+            b"\x16\x03\x01"
+            + struct.pack("!H", len(new_message[i : i + 16384]))
             + new_message[i : i + 16384]
             for i in range(0, len(new_message), 16384)
         )

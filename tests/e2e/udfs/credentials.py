@@ -59,8 +59,12 @@ def scan(salt: str, digest: str, length: int, absent: list[str]) -> dict[str, ob
             files += 1
             if holds(data):
                 found.append(path)
-    return {"id": "scan", "files": files, "found": found,
-            "absent": {p: not os.path.exists(p) for p in absent}}  # fmt: skip
+    return {
+        "id": "scan",
+        "files": files,
+        "found": found,
+        "absent": {p: not os.path.exists(p) for p in absent},
+    }
 
 
 def main() -> int:
@@ -87,11 +91,20 @@ def main() -> int:
             print(json.dumps(out), flush=True)
 
         step("api-bare", "GET", f"{api}/echo-headers")
-        step("api-placeholder", "GET", f"{api}/echo-headers",
-             headers={"Authorization": f"Bearer {placeholder}"})  # fmt: skip
+        step(
+            "api-placeholder",
+            "GET",
+            f"{api}/echo-headers",
+            headers={"Authorization": f"Bearer {placeholder}"},
+        )
         step("api-own", "GET", f"{api}/echo-headers", headers={"Authorization": "Bearer mine"})
         step("other-ok", "GET", f"{other}/data")
-        step("other-placeholder", "GET", f"{other}/data", headers={"Authorization": f"Bearer {placeholder}"})
+        step(
+            "other-placeholder",
+            "GET",
+            f"{other}/data",
+            headers={"Authorization": f"Bearer {placeholder}"},
+        )
         step("other-query", "GET", f"{other}/data", params={"key": placeholder})
         # The API echoed the credential back: replaying it elsewhere is refused too.
         step("other-value-header", "GET", f"{other}/data", headers={"X-Stolen": leaked})

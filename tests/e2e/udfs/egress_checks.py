@@ -96,8 +96,12 @@ def check_download(c: Result) -> Result:
             h.update(chunk)
             size += len(chunk)
     return {
-        "outcome": "ok", "status": resp.status_code, "bytes": size, "sha256": h.hexdigest(),
-        "header_sha256": header, "seconds": round(time.monotonic() - start, 3),
+        "outcome": "ok",
+        "status": resp.status_code,
+        "bytes": size,
+        "sha256": h.hexdigest(),
+        "header_sha256": header,
+        "seconds": round(time.monotonic() - start, 3),
     }
 
 
@@ -143,8 +147,12 @@ async def _concurrent(c: Result) -> Result:
     ok = sum(1 for s in statuses if s == 200)
     errors += [classify(s)["error"] for s in statuses if isinstance(s, BaseException)]
     return {
-        "outcome": "ok" if ok == n else "error", "opened": len(open_ok), "ok": ok,
-        "open_at_end": still_open, "errors": errors[:5], "n_errors": len(errors),
+        "outcome": "ok" if ok == n else "error",
+        "opened": len(open_ok),
+        "ok": ok,
+        "open_at_end": still_open,
+        "errors": errors[:5],
+        "n_errors": len(errors),
         "seconds": round(time.monotonic() - start, 3),
     }
 
@@ -182,9 +190,15 @@ def check_dns(c: Result) -> Result:
     rid, flags, _qd, an, _ns, _ar = struct.unpack("!HHHHHH", reply[:12])
     rcode = flags & 0xF
     return {
-        "outcome": "answer", "id_matches": rid == qid, "qr": bool(flags & 0x8000),
-        "rcode": rcode, "rcode_text": RCODES.get(rcode, str(rcode)), "ancount": an,
-        "tc": bool(flags & 0x0200), "size": len(reply), "peer": f"{peer[0]}:{peer[1]}",
+        "outcome": "answer",
+        "id_matches": rid == qid,
+        "qr": bool(flags & 0x8000),
+        "rcode": rcode,
+        "rcode_text": RCODES.get(rcode, str(rcode)),
+        "ancount": an,
+        "tc": bool(flags & 0x0200),
+        "size": len(reply),
+        "peer": f"{peer[0]}:{peer[1]}",
     }
 
 
@@ -241,8 +255,13 @@ def check_tcp6(c: Result) -> Result:
 
 
 KINDS = {
-    "http": check_http, "download": check_download, "concurrent": check_concurrent,
-    "getaddrinfo": check_getaddrinfo, "dns": check_dns, "tcp": check_tcp, "udp": check_udp,
+    "http": check_http,
+    "download": check_download,
+    "concurrent": check_concurrent,
+    "getaddrinfo": check_getaddrinfo,
+    "dns": check_dns,
+    "tcp": check_tcp,
+    "udp": check_udp,
     "tcp6": check_tcp6,
 }
 

@@ -38,9 +38,11 @@ def main() -> int:
         sid = conn.get_next_available_stream_id()
         body = str(step.get("body", "")).encode()
         headers = [
-            (":method", step["method"]), (":path", step["path"]), (":scheme", "https"),
+            (":method", step["method"]),
+            (":path", step["path"]),
+            (":scheme", "https"),
             (":authority", step.get("authority", host)),
-        ]  # fmt: skip
+        ]
         conn.send_headers(sid, headers, end_stream=not body)
         if body:
             conn.send_data(sid, body, end_stream=True)  # small: within the initial window

@@ -22,7 +22,9 @@ def main() -> int:
     received, said, outcome, error = 0, False, "eof", None
     try:
         with socket.create_connection((host, 80), timeout=20) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
             while chunk := sock.recv(65536):
                 received += len(chunk)
                 if not said and received >= 65536:
@@ -34,8 +36,13 @@ def main() -> int:
         outcome, error = "timeout", str(exc)
     except OSError as exc:
         outcome, error = "error", f"{type(exc).__name__}: {exc}"
-    ended = {"event": "ended", "outcome": outcome, "received": received, "error": error,
-             "t": time.time()}  # fmt: skip
+    ended = {
+        "event": "ended",
+        "outcome": outcome,
+        "received": received,
+        "error": error,
+        "t": time.time(),
+    }
     print(json.dumps(ended), flush=True)
     return 0
 

@@ -47,10 +47,17 @@ def test_discovery_allows_an_empty_static_list() -> None:
 
 
 def test_discovery_with_static_seed() -> None:
-    config = parse_config({
-        **BASE, "proxies": [{"name": "proxy1", "underlay": "198.18.0.21"}],
-        "discovery": {"control_url": "http://198.18.0.2:8080/", "interval_s": 1, "timeout_s": 0.5},
-    })  # fmt: skip
+    config = parse_config(
+        {
+            **BASE,
+            "proxies": [{"name": "proxy1", "underlay": "198.18.0.21"}],
+            "discovery": {
+                "control_url": "http://198.18.0.2:8080/",
+                "interval_s": 1,
+                "timeout_s": 0.5,
+            },
+        }
+    )
     assert config.proxies == (P1,)
     assert config.discovery is not None and config.discovery.interval_s == 1.0
 
@@ -77,16 +84,18 @@ def test_bad_discovery_settings(discovery: object, field: str) -> None:
 
 
 def test_parse_proxies_skips_bad_entries_and_keeps_the_rest() -> None:
-    body = {"proxies": [
-        {"name": "proxy1", "underlay": "198.18.0.21", "egress": "203.0.113.21"},
-        {"name": "Bad_Name", "underlay": "198.18.0.30"},
-        {"name": "proxy4", "underlay": "not-an-ip"},
-        {"name": "proxy5", "underlay": "198.18.0.21"},  # address taken
-        {"name": "proxy1", "underlay": "198.18.0.31"},  # name taken
-        {"name": "proxy6", "underlay": "198.18.0.11"},  # the node itself
-        "junk",
-        {"name": "proxy2", "underlay": "198.18.0.22"},
-    ]}  # fmt: skip
+    body = {
+        "proxies": [
+            {"name": "proxy1", "underlay": "198.18.0.21", "egress": "203.0.113.21"},
+            {"name": "Bad_Name", "underlay": "198.18.0.30"},
+            {"name": "proxy4", "underlay": "not-an-ip"},
+            {"name": "proxy5", "underlay": "198.18.0.21"},  # address taken
+            {"name": "proxy1", "underlay": "198.18.0.31"},  # name taken
+            {"name": "proxy6", "underlay": "198.18.0.11"},  # the node itself
+            "junk",
+            {"name": "proxy2", "underlay": "198.18.0.22"},
+        ]
+    }
     proxies, skipped = parse_proxies(body, own_underlay=IPv4Address("198.18.0.11"))
     assert proxies == [P1, P2]
     assert len(skipped) == 6
@@ -190,9 +199,15 @@ def test_datapath_proxy_moving_address(datapath: Datapath) -> None:
 def test_static_datapath_unchanged() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        config = parse_config({**BASE, "proxies": [
-            {"name": "proxy1", "underlay": "198.18.0.21"}, {"name": "proxy2", "underlay": "198.18.0.22"},
-        ]})  # fmt: skip
+        config = parse_config(
+            {
+                **BASE,
+                "proxies": [
+                    {"name": "proxy1", "underlay": "198.18.0.21"},
+                    {"name": "proxy2", "underlay": "198.18.0.22"},
+                ],
+            }
+        )
         dp = Datapath(config, ours.fileno(), tx_socket=object(), rx_socket=object())  # type: ignore[arg-type]
         assert dp.active_proxies == ("proxy1", "proxy2")
         dp.proxy_health("proxy2", True)
@@ -254,10 +269,13 @@ async def control() -> AsyncIterator[tuple[FakeControl, str]]:
 
 async def test_discovery_polls_and_keeps_last_good_list(control: tuple[FakeControl, str]) -> None:
     fake, url = control
-    config = parse_config({
-        **BASE, "proxies": [{"name": "proxy1", "underlay": "198.18.0.21"}],
-        "discovery": {"control_url": url, "interval_s": 0.5, "timeout_s": 0.5},
-    })  # fmt: skip
+    config = parse_config(
+        {
+            **BASE,
+            "proxies": [{"name": "proxy1", "underlay": "198.18.0.21"}],
+            "discovery": {"control_url": url, "interval_s": 0.5, "timeout_s": 0.5},
+        }
+    )
     assert config.discovery is not None
     updates: list[tuple[str, ...]] = []
     registry = CollectorRegistry()
@@ -265,9 +283,12 @@ async def test_discovery_polls_and_keeps_last_good_list(control: tuple[FakeContr
         "proxies": [{"name": "proxy2", "underlay": "198.18.0.22", "egress": "203.0.113.22"}]
     }
     disc = ProxyDiscovery(
-        config.discovery, config.proxies, lambda ps: updates.append(tuple(p.name for p in ps)),
-        own_underlay=config.underlay, registry=registry,
-    )  # fmt: skip
+        config.discovery,
+        config.proxies,
+        lambda ps: updates.append(tuple(p.name for p in ps)),
+        own_underlay=config.underlay,
+        registry=registry,
+    )
     await disc.start()
     try:
         assert updates == [("proxy1", "proxy2")]

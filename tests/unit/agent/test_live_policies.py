@@ -37,10 +37,15 @@ KEY = generate_signing_key()
 def payload(**over: Any) -> dict[str, Any]:
     now = int(time.time())
     out: dict[str, Any] = {
-        "v": 1, "job_id": str(JOB), "account": "acme", "nodes": ["node1"],
-        "iat": now - 5, "nbf": now - 5, "exp": now + 3600,
+        "v": 1,
+        "job_id": str(JOB),
+        "account": "acme",
+        "nodes": ["node1"],
+        "iat": now - 5,
+        "nbf": now - 5,
+        "exp": now + 3600,
         "egress": [{"host": "api.allowed.test", "ports": [443]}],
-    }  # fmt: skip
+    }
     out.update(over)
     return out
 
@@ -75,8 +80,9 @@ class FakeTier1:
     def __init__(self) -> None:
         self.entries: dict[int, tuple[Any, ...]] = {}
 
-    def set_sandbox(self, ifindex: int, ip: Any, mac: Any, ports: Any, exempt: Any, *,
-                    dns: Bucket, syn: Bucket) -> None:  # fmt: skip
+    def set_sandbox(
+        self, ifindex: int, ip: Any, mac: Any, ports: Any, exempt: Any, *, dns: Bucket, syn: Bucket
+    ) -> None:
         self.entries[ifindex] = (tuple(ports), tuple(exempt), dns, syn)
 
     def remove_sandbox(self, ifindex: int) -> None:
@@ -100,12 +106,16 @@ def keys_dir(tmp_path: Path) -> Path:
     return tmp_path / "keys"
 
 
-def make_manager(keys_dir: Path, tmp_path: Path) -> tuple[SandboxManager, FakeTier1, FakeListener,
-                                                         FakeControl]:  # fmt: skip
+def make_manager(
+    keys_dir: Path, tmp_path: Path
+) -> tuple[SandboxManager, FakeTier1, FakeListener, FakeControl]:
     config = SimpleNamespace(
-        name="node1", sandbox_cidr=ipaddress.IPv4Network("100.96.1.0/24"), state_dir=tmp_path,
-        keys_dir=keys_dir, fleet_ranges=(),
-    )  # fmt: skip
+        name="node1",
+        sandbox_cidr=ipaddress.IPv4Network("100.96.1.0/24"),
+        state_dir=tmp_path,
+        keys_dir=keys_dir,
+        fleet_ranges=(),
+    )
     tier1, listener, control = FakeTier1(), FakeListener(), FakeControl()
     manager = SandboxManager(
         config,  # type: ignore[arg-type]
@@ -117,14 +127,32 @@ def make_manager(keys_dir: Path, tmp_path: Path) -> tuple[SandboxManager, FakeTi
     return manager, tier1, listener, control
 
 
-def add_sandbox(manager: SandboxManager, tier1: FakeTier1, listener: FakeListener,
-                sandbox_id: str, ifindex: int, jws: str, job: uuid.UUID = JOB) -> Sandbox:  # fmt: skip
+def add_sandbox(
+    manager: SandboxManager,
+    tier1: FakeTier1,
+    listener: FakeListener,
+    sandbox_id: str,
+    ifindex: int,
+    jws: str,
+    job: uuid.UUID = JOB,
+) -> Sandbox:
     sandbox = Sandbox(
-        sandbox_id=sandbox_id, job_id=job, digest=policy_digest(jws), kid=KEY.kid, exp=0,
-        ip=ipaddress.IPv4Address(f"100.96.1.{ifindex}"), gateway=ipaddress.IPv4Address("100.96.1.1"),
-        prefixlen=24, netns=f"ns-{sandbox_id}", host_veth=f"sb{sandbox_id}", peer_veth="eth0",
-        ifindex=ifindex, mac="02:00:00:00:00:01", tcp_ports=(PortRange(443, 443),), exemptions=(),
-    )  # fmt: skip
+        sandbox_id=sandbox_id,
+        job_id=job,
+        digest=policy_digest(jws),
+        kid=KEY.kid,
+        exp=0,
+        ip=ipaddress.IPv4Address(f"100.96.1.{ifindex}"),
+        gateway=ipaddress.IPv4Address("100.96.1.1"),
+        prefixlen=24,
+        netns=f"ns-{sandbox_id}",
+        host_veth=f"sb{sandbox_id}",
+        peer_veth="eth0",
+        ifindex=ifindex,
+        mac="02:00:00:00:00:01",
+        tcp_ports=(PortRange(443, 443),),
+        exemptions=(),
+    )
     manager._sandboxes[sandbox_id] = sandbox
     tier1.entries[ifindex] = ((PortRange(443, 443),), (), None, None)
     listener.sandbox_added(sandbox)
@@ -175,10 +203,13 @@ def test_refresh_job_reprograms_tier1_and_digest_then_withdraws_on_delete(
     other = add_sandbox(manager, tier1, listener, "c", 13, first, job=OTHER_JOB)
     assert manager.jobs() == {JOB, OTHER_JOB}
 
-    new = sign_payload(payload(
-        egress=[{"host": "api.allowed.test", "ports": [443, 8000, 8001]}],
-        limits={"dns_queries_per_s": 7, "max_new_connections_per_s": 3},
-    ), KEY)  # fmt: skip
+    new = sign_payload(
+        payload(
+            egress=[{"host": "api.allowed.test", "ports": [443, 8000, 8001]}],
+            limits={"dns_queries_per_s": 7, "max_new_connections_per_s": 3},
+        ),
+        KEY,
+    )
     control.tokens[JOB] = new
     assert sorted(asyncio.run(manager.refresh_job(JOB))) == ["a", "b"]
     for sandbox_id, ifindex in (("a", 11), ("b", 12)):
@@ -239,9 +270,12 @@ def test_watch_queues_jobs_here_and_discovery() -> None:
             discovered.append(1)
 
         watch = AgentPolicyWatch(
-            control, jobs=lambda: {JOB, OTHER_JOB}, refresh_job=refresh_job,
-            refresh_discovery=refresh_discovery, metrics=CollectorRegistry(),
-        )  # fmt: skip
+            control,
+            jobs=lambda: {JOB, OTHER_JOB},
+            refresh_job=refresh_job,
+            refresh_discovery=refresh_discovery,
+            metrics=CollectorRegistry(),
+        )
         try:
             task = asyncio.create_task(watch._work())
             watch.apply([("job", str(uuid.uuid4()), "put"), ("job", "not-a-uuid", "put")], False)

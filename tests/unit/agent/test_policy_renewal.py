@@ -88,8 +88,12 @@ def test_compare_copies_same_resigned_changed() -> None:
     assert compare_copies(b"a" * 8, held, b"a" * 8, resigned) == SAME_COPY
     assert compare_copies(b"a" * 8, held, b"b" * 8, resigned) == RESIGNED
     assert compare_copies(b"a" * 8, held, b"b" * 8, other) == CHANGED
-    for field, value in (("nodes", ["node1", "node2"]), ("mode", "report"),
-                         ("limits", {"bandwidth_bps": 1000}), ("account", "other")):  # fmt: skip
+    for field, value in (
+        ("nodes", ["node1", "node2"]),
+        ("mode", "report"),
+        ("limits", {"bandwidth_bps": 1000}),
+        ("account", "other"),
+    ):
         changed = parse_policy(payload(**{field: value}))
         assert compare_copies(b"a" * 8, held, b"b" * 8, changed) == CHANGED, field
     # Content unknown: treated as a change (applying one is always safe).
@@ -99,17 +103,35 @@ def test_compare_copies_same_resigned_changed() -> None:
 # --- the sandbox manager --------------------------------------------------------------
 
 
-def held_sandbox(manager: SandboxManager, tier1: FakeTier1, listener: FakeListener,
-                 sandbox_id: str, ifindex: int, jws: str, job: uuid.UUID = JOB) -> Sandbox:  # fmt: skip
+def held_sandbox(
+    manager: SandboxManager,
+    tier1: FakeTier1,
+    listener: FakeListener,
+    sandbox_id: str,
+    ifindex: int,
+    jws: str,
+    job: uuid.UUID = JOB,
+) -> Sandbox:
     """A registered sandbox running on `jws` (as `_setup` records it), tier 1 programmed."""
     verified = verify_policy(jws, load_trusted_keys(manager.config.keys_dir))
     sandbox = Sandbox(
-        sandbox_id=sandbox_id, job_id=job, digest=verified.digest, kid=verified.kid,
-        exp=int(verified.policy.exp or 0), ip=ipaddress.IPv4Address(f"100.96.1.{ifindex}"),
-        gateway=ipaddress.IPv4Address("100.96.1.1"), prefixlen=24, netns=f"ns-{sandbox_id}",
-        host_veth=f"sb{sandbox_id}", peer_veth="eth0", ifindex=ifindex, mac="02:00:00:00:00:01",
-        tcp_ports=(PortRange(443, 443),), exemptions=(), policy=verified.policy,
-    )  # fmt: skip
+        sandbox_id=sandbox_id,
+        job_id=job,
+        digest=verified.digest,
+        kid=verified.kid,
+        exp=int(verified.policy.exp or 0),
+        ip=ipaddress.IPv4Address(f"100.96.1.{ifindex}"),
+        gateway=ipaddress.IPv4Address("100.96.1.1"),
+        prefixlen=24,
+        netns=f"ns-{sandbox_id}",
+        host_veth=f"sb{sandbox_id}",
+        peer_veth="eth0",
+        ifindex=ifindex,
+        mac="02:00:00:00:00:01",
+        tcp_ports=(PortRange(443, 443),),
+        exemptions=(),
+        policy=verified.policy,
+    )
     manager._sandboxes[sandbox_id] = sandbox
     # A marker entry: a renewal must not rewrite it (that would refill the buckets).
     tier1.entries[ifindex] = ("programmed-at-registration",)
@@ -161,12 +183,18 @@ def test_renew_job_moves_digest_of_a_resigned_copy_without_touching_tier1(
     assert control.asked.count(OTHER_JOB) == 0
 
     # Held for another content: applied as a change (tier 1 reprogrammed).
-    changed = sign_payload(stamped(now, egress=[{"host": "api.allowed.test", "ports": [8443]}],
-                                   limits={"dns_queries_per_s": 2}), KEY)  # fmt: skip
+    changed = sign_payload(
+        stamped(
+            now,
+            egress=[{"host": "api.allowed.test", "ports": [8443]}],
+            limits={"dns_queries_per_s": 2},
+        ),
+        KEY,
+    )
     control.tokens[JOB] = changed
     assert asyncio.run(manager.renew_job(JOB)) == pw.RENEW_CHANGED
-    assert tier1.entries[11][0] == (PortRange(8443, 8443),)
-    assert tier1.entries[11][2] == Bucket.per_second(2)
+    ports, _exempt, dns, _syn = tier1.entries.get(11, ())
+    assert (ports, dns) == ((PortRange(8443, 8443),), Bucket.per_second(2))
     assert listener.routes["a"] == policy_digest(changed)
 
     # Deleted at the control plane: withdrawn like a delete from the watch, and no
@@ -267,9 +295,14 @@ def test_the_watch_renews_due_jobs_and_backs_off_on_failures() -> None:
         renewer = FakeRenewer()
         metrics = CollectorRegistry()
         watch = AgentPolicyWatch(
-            control, jobs=set, refresh_job=lambda _j: asyncio.sleep(0), refresh_discovery=None,
-            metrics=metrics, renewer=renewer, clock=lambda: clock[0],
-        )  # fmt: skip
+            control,
+            jobs=set,
+            refresh_job=lambda _j: asyncio.sleep(0),
+            refresh_discovery=None,
+            metrics=metrics,
+            renewer=renewer,
+            clock=lambda: clock[0],
+        )
 
         def counted(result: str) -> float:
             value = metrics.get_sample_value(
@@ -282,9 +315,11 @@ def test_the_watch_renews_due_jobs_and_backs_off_on_failures() -> None:
             assert await watch.renew_due() == {}  # nothing due yet
             clock[0] = 1010.0
             renewer.answers[JOB] = [
-                ControlUnavailable("connection refused"), pw.NOT_RESIGNED,
-                pw.RENEW_REJECTED, pw.RENEWED,
-            ]  # fmt: skip
+                ControlUnavailable("connection refused"),
+                pw.NOT_RESIGNED,
+                pw.RENEW_REJECTED,
+                pw.RENEWED,
+            ]
             assert await watch.renew_due() == {JOB: "control_unreachable"}
             # Backoff: 1 s, then 2 s, then 4 s between attempts.
             clock[0] = 1010.5
@@ -303,8 +338,7 @@ def test_the_watch_renews_due_jobs_and_backs_off_on_failures() -> None:
             clock[0] = 1018.0
             assert await watch.renew_due() == {}
             assert renewer.calls == [JOB] * 4
-            for result in ("control_unreachable", pw.NOT_RESIGNED, pw.RENEW_REJECTED,
-                           pw.RENEWED):  # fmt: skip
+            for result in ("control_unreachable", pw.NOT_RESIGNED, pw.RENEW_REJECTED, pw.RENEWED):
                 assert counted(result) == 1, result
 
             # A failure, then the held copy changes through the watch: the backoff restarts.

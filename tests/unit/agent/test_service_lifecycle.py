@@ -68,6 +68,7 @@ def faults(monkeypatch: pytest.MonkeyPatch) -> Faults:
 
         def make(name: str, kind: str) -> Any:
             if kind == "async":
+
                 async def a(self: object, *_a: object, **_k: object) -> None:
                     await f.astep(f"{prefix}.{name}")
 

@@ -104,10 +104,14 @@ def test_c_constants_match() -> None:
     ("struct_name", "fields"),
     [
         ("t1_config", ["tun_ifindex", "resolver"]),
-        ("t1_sandbox",
-         ["ip", "mac", "reserved", "pad", "dns", "syn", "events", "suppressed", "tcp_ports"]),
-        ("t1_event", ["ts_ns", "ifindex", "reason", "daddr", "dport", "proto", "flags",
-                      "suppressed", "pad"]),
+        (
+            "t1_sandbox",
+            ["ip", "mac", "reserved", "pad", "dns", "syn", "events", "suppressed", "tcp_ports"],
+        ),
+        (
+            "t1_event",
+            ["ts_ns", "ifindex", "reason", "daddr", "dport", "proto", "flags", "suppressed", "pad"],
+        ),
         ("t1_bucket", ["cost_ns", "depth_ns", "tat_ns"]),
         ("t1_denied_key", ["prefixlen", "addr"]),
         ("t1_denied", ["reason", "flags"]),

@@ -31,9 +31,15 @@ SOURCE = DEFAULT_SOURCE.read_text()
 
 def _event(**over: object) -> Tier1Event:
     fields: dict[str, object] = {
-        "ts_ns": 123, "ifindex": 7, "reason": Reason.PORT_NOT_ALLOWED, "dst": A("198.51.100.7"),
-        "port": 8443, "proto": 6, "rst": True, "suppressed": 0,
-    }  # fmt: skip
+        "ts_ns": 123,
+        "ifindex": 7,
+        "reason": Reason.PORT_NOT_ALLOWED,
+        "dst": A("198.51.100.7"),
+        "port": 8443,
+        "proto": 6,
+        "rst": True,
+        "suppressed": 0,
+    }
     fields.update(over)
     return Tier1Event(**fields)  # type: ignore[arg-type]
 
@@ -152,19 +158,39 @@ JOB = uuid.UUID("3f1c2b0e-0000-4000-8000-00000000abcd")
 
 def _sandbox() -> Sandbox:
     return Sandbox(
-        sandbox_id="sbx-1", job_id=JOB, digest=bytes(32), kid="k", exp=0, ip=A("100.96.1.2"),
-        gateway=A("100.96.1.1"), prefixlen=24, netns="egd-sbx-x", host_veth="sbx", peer_veth="eth0",
-        ifindex=7, mac="02:00:00:00:01:02", tcp_ports=(), exemptions=(),
-    )  # fmt: skip
+        sandbox_id="sbx-1",
+        job_id=JOB,
+        digest=bytes(32),
+        kid="k",
+        exp=0,
+        ip=A("100.96.1.2"),
+        gateway=A("100.96.1.1"),
+        prefixlen=24,
+        netns="egd-sbx-x",
+        host_veth="sbx",
+        peer_veth="eth0",
+        ifindex=7,
+        mac="02:00:00:00:01:02",
+        tcp_ports=(),
+        exemptions=(),
+    )
 
 
 def test_denial_event_fields() -> None:
     fields = denial_event(_event(suppressed=12), _sandbox(), "node1")
     assert fields == {
-        "job_id": str(JOB), "sandbox_id": "sbx-1", "node": "node1",
-        "source": "100.96.1.2", "dst": "198.51.100.7", "port": 8443, "proto": "tcp",
-        "verdict": "deny", "reason": "port_not_allowed", "action": "rst", "suppressed": 12,
-    }  # fmt: skip
+        "job_id": str(JOB),
+        "sandbox_id": "sbx-1",
+        "node": "node1",
+        "source": "100.96.1.2",
+        "dst": "198.51.100.7",
+        "port": 8443,
+        "proto": "tcp",
+        "verdict": "deny",
+        "reason": "port_not_allowed",
+        "action": "rst",
+        "suppressed": 12,
+    }
 
 
 def test_denial_event_of_a_gone_sandbox_and_a_non_ip_frame() -> None:

@@ -25,12 +25,19 @@ class FakeSandbox(NamedTuple):
 
 def _policy(**limits: int) -> Any:
     now = int(time.time())
-    return parse_policy({
-        "v": 1, "job_id": JOB, "account": "acme", "nodes": ["node1"],
-        "iat": now - 10, "nbf": now - 10, "exp": now + 600,
-        "egress": [{"host": "api.allowed.test", "ports": [443]}],
-        **({"limits": limits} if limits else {}),
-    })  # fmt: skip
+    return parse_policy(
+        {
+            "v": 1,
+            "job_id": JOB,
+            "account": "acme",
+            "nodes": ["node1"],
+            "iat": now - 10,
+            "nbf": now - 10,
+            "exp": now + 600,
+            "egress": [{"host": "api.allowed.test", "ports": [443]}],
+            **({"limits": limits} if limits else {}),
+        }
+    )
 
 
 def test_default_policy_buckets() -> None:
@@ -79,10 +86,15 @@ def test_per_sandbox_family_labels_each_sandbox() -> None:
     job = uuid.UUID(JOB)
     attacker = FakeSandbox("sbx-flood", job)
     quiet = FakeSandbox("sbx-quiet", job)
-    text = _text({
-        attacker: {Reason.SYN_RATE_LIMIT: Count(1290, 77_400), Reason.REDIRECTED: Count(210, 1)},
-        quiet: {Reason.REDIRECTED: Count(7, 420)},
-    })  # fmt: skip
+    text = _text(
+        {
+            attacker: {
+                Reason.SYN_RATE_LIMIT: Count(1290, 77_400),
+                Reason.REDIRECTED: Count(210, 1),
+            },
+            quiet: {Reason.REDIRECTED: Count(7, 420)},
+        }
+    )
     labels = f'job_id="{JOB}",reason="syn_rate_limit",sandbox_id="sbx-flood",verdict="drop"'
     assert f"egressd_tier1_sandbox_packets_total{{{labels}}} 1290.0" in text
     labels = f'job_id="{JOB}",reason="redirected",sandbox_id="sbx-quiet",verdict="redirect"'

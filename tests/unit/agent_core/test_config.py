@@ -110,8 +110,10 @@ def test_errors_name_the_field(path: str, value: Any, field: str) -> None:
 
 
 def test_duplicate_proxies() -> None:
-    obj = _with("proxies", [{"name": "a", "underlay": "198.18.0.21"},
-                            {"name": "a", "underlay": "198.18.0.22"}])  # fmt: skip
+    obj = _with(
+        "proxies",
+        [{"name": "a", "underlay": "198.18.0.21"}, {"name": "a", "underlay": "198.18.0.22"}],
+    )
     with pytest.raises(ConfigError) as info:
         parse_config(obj)
     assert info.value.field == "proxies"
@@ -133,9 +135,13 @@ def test_state_dir_with_a_dot_is_refused() -> None:
     from egressd.agent.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError) as info:
-        parse_config({
-            "name": "node1", "underlay": "198.18.0.11", "sandbox_cidr": "100.96.1.0/24",
-            "proxies": [{"name": "proxy1", "underlay": "198.18.0.21"}],
-            "state_dir": "/tmp/tmp.abc/node1",
-        })
+        parse_config(
+            {
+                "name": "node1",
+                "underlay": "198.18.0.11",
+                "sandbox_cidr": "100.96.1.0/24",
+                "proxies": [{"name": "proxy1", "underlay": "198.18.0.21"}],
+                "state_dir": "/tmp/tmp.abc/node1",
+            }
+        )
     assert info.value.field == "state_dir"

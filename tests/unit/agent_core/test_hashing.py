@@ -43,8 +43,9 @@ def test_flow_key_layout() -> None:
     assert key == bytes([100, 96, 1, 2, 203, 0, 113, 10, 6]) + (40000).to_bytes(2, "big") + (
         443
     ).to_bytes(2, "big")
-    ft = FiveTuple(ipaddress.IPv4Address("100.96.1.2"), ipaddress.IPv4Address("203.0.113.10"),
-                   6, 40000, 443)  # fmt: skip
+    ft = FiveTuple(
+        ipaddress.IPv4Address("100.96.1.2"), ipaddress.IPv4Address("203.0.113.10"), 6, 40000, 443
+    )
     assert ft.key == key
     assert outer_source_port(ft) == outer_source_port(key)
 
@@ -157,8 +158,11 @@ def test_deterministic_across_processes() -> None:
         result = subprocess.run(
             [sys.executable, "-c", _CHILD],
             input=json.dumps([k.hex() for k in keys]),
-            capture_output=True, text=True, check=True, timeout=60,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
             env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"},
             cwd=str(Path(__file__).resolve().parents[3]),
-        )  # fmt: skip
+        )
         assert json.loads(result.stdout) == here

@@ -111,7 +111,10 @@ async def test_monitor_reports_changes_and_names_tasks() -> None:
     finally:
         await monitor.stop()
     assert [(n, up) for n, up, _ in changes] == [
-        ("proxy1", True), ("proxy2", True), ("proxy1", False), ("proxy1", True),
-    ]  # fmt: skip
+        ("proxy1", True),
+        ("proxy2", True),
+        ("proxy1", False),
+        ("proxy1", True),
+    ]
     assert start <= changes[0][2]
     assert not {t.get_name() for t in asyncio.all_tasks()} & {"health:proxy1", "health:proxy2"}

@@ -85,12 +85,17 @@ def test_registration_settings_parse() -> None:
         ({"sandbox_cidr": "100.96.1.0/24", "registration": {}}, "registration", '"auto"'),
         ({"registration": {"wait_s": 601}}, "registration.wait_s", "0..600"),
         ({"registration": {"token": "x"}}, "registration.token", "unknown key"),
-        ({"registration": {"admin_token_file": "rel/path"}}, "registration.admin_token_file",
-         "absolute"),
+        (
+            {"registration": {"admin_token_file": "rel/path"}},
+            "registration.admin_token_file",
+            "absolute",
+        ),
         ({"registration": []}, "registration", "must be an object"),
     ],
-)  # fmt: skip
-def test_auto_config_errors_name_their_field(change: dict[str, Any], field: str, words: str) -> None:
+)
+def test_auto_config_errors_name_their_field(
+    change: dict[str, Any], field: str, words: str
+) -> None:
     obj = auto_config()
     for key, value in change.items():
         if value is None:
@@ -118,10 +123,13 @@ def test_parse_node_answer_checks_it_is_this_node() -> None:
     assert parse_node_answer(good, "worker-1", ip) == IPv4Network("100.96.3.0/24")
     bad: object
     for bad in (
-        [], {**good, "name": "worker-2"}, {**good, "underlay": "10.0.0.2"},
-        {**good, "sandbox_cidr": "auto"}, {**good, "sandbox_cidr": "100.96.3.1/24"},
+        [],
+        {**good, "name": "worker-2"},
+        {**good, "underlay": "10.0.0.2"},
+        {**good, "sandbox_cidr": "auto"},
+        {**good, "sandbox_cidr": "100.96.3.1/24"},
         {k: v for k, v in good.items() if k != "sandbox_cidr"},
-    ):  # fmt: skip
+    ):
         with pytest.raises(RegistrationError) as caught:
             parse_node_answer(bad, "worker-1", ip)
         assert caught.value.reason == "bad_response"
@@ -152,9 +160,13 @@ class Plane:
 
     async def start(self, pool: SandboxPool | None = None) -> str:
         api = ControlApi(
-            store=StateStore(self.state_dir), signing_key=self.key, trusted=TrustedKeys({}),
-            admin_token=TOKEN, policy_ttl_s=3600, sandbox_pool=pool,
-        )  # fmt: skip
+            store=StateStore(self.state_dir),
+            signing_key=self.key,
+            trusted=TrustedKeys({}),
+            admin_token=TOKEN,
+            policy_ttl_s=3600,
+            sandbox_pool=pool,
+        )
         server = TestServer(build_app(api), host="127.0.0.1")
         await server.start_server()
         self.servers.append(server)
@@ -168,10 +180,12 @@ class Plane:
     def config(self, url: str, name: str, underlay: str, wait_s: float = 2.0) -> AgentConfig:
         return parse_config(
             {
-                **auto_config(url), "name": name, "underlay": underlay,
+                **auto_config(url),
+                "name": name,
+                "underlay": underlay,
                 "registration": {"admin_token_file": str(self.token_file), "wait_s": wait_s},
             }
-        )  # fmt: skip
+        )
 
 
 @pytest.fixture
@@ -188,8 +202,9 @@ async def test_agents_get_distinct_cidrs_and_the_same_after_restarts(plane: Plan
     a = await resolve_sandbox_cidr(plane.config(url, "worker-1", "10.0.0.1"))
     b = await resolve_sandbox_cidr(plane.config(url, "worker-2", "10.0.0.2"))
     assert (a.sandbox_cidr, b.sandbox_cidr) == (
-        IPv4Network("100.96.0.0/24"), IPv4Network("100.96.1.0/24"),
-    )  # fmt: skip
+        IPv4Network("100.96.0.0/24"),
+        IPv4Network("100.96.1.0/24"),
+    )
     assert a.gateway == IPv4Address("100.96.0.1")
     await plane.stop()
     url = await plane.start()  # the control plane restarted over its state directory
@@ -256,9 +271,12 @@ async def test_a_control_plane_that_comes_up_late_is_waited_for(plane: Plane) ->
     async def late() -> web.AppRunner:
         await asyncio.sleep(1.0)
         api = ControlApi(
-            store=StateStore(plane.state_dir), signing_key=plane.key, trusted=TrustedKeys({}),
-            admin_token=TOKEN, policy_ttl_s=3600,
-        )  # fmt: skip
+            store=StateStore(plane.state_dir),
+            signing_key=plane.key,
+            trusted=TrustedKeys({}),
+            admin_token=TOKEN,
+            policy_ttl_s=3600,
+        )
         runner = web.AppRunner(build_app(api))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -55,17 +55,25 @@ from egressd.policy.model import PortRange, parse_policy
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
 JOB = "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2"
-FLEET = (IPv4Network("198.18.0.0/24"), IPv4Network("100.96.0.0/16"),
-         IPv4Network("100.100.100.53/32"))  # fmt: skip
+FLEET = (
+    IPv4Network("198.18.0.0/24"),
+    IPv4Network("100.96.0.0/16"),
+    IPv4Network("100.100.100.53/32"),
+)
 
 
 def payload(**over: Any) -> dict[str, Any]:
     now = int(time.time())
     base: dict[str, Any] = {
-        "v": 1, "job_id": JOB, "account": "acme", "nodes": ["node1"],
-        "iat": now - 10, "nbf": now - 10, "exp": now + 600,
+        "v": 1,
+        "job_id": JOB,
+        "account": "acme",
+        "nodes": ["node1"],
+        "iat": now - 10,
+        "nbf": now - 10,
+        "exp": now + 600,
         "egress": [{"host": "api.allowed.test", "ports": [443, 80]}],
-    }  # fmt: skip
+    }
     base.update(over)
     return base
 
@@ -125,15 +133,22 @@ def test_pool_reuses_lowest_released() -> None:
 
 
 def test_port_union_merges() -> None:
-    policy = parse_policy(payload(egress=[
-        {"host": "a.test", "ports": [443, 80]},
-        {"host": "b.test", "ports": ["8000-8080", 8081, 444]},
-        {"cidr": "203.0.113.64/28", "ports": [5432, "8070-9000"]},
-        {"host": "c.test"},  # 443 by default
-    ]))  # fmt: skip
+    policy = parse_policy(
+        payload(
+            egress=[
+                {"host": "a.test", "ports": [443, 80]},
+                {"host": "b.test", "ports": ["8000-8080", 8081, 444]},
+                {"cidr": "203.0.113.64/28", "ports": [5432, "8070-9000"]},
+                {"host": "c.test"},  # 443 by default
+            ]
+        )
+    )
     assert tcp_ports(policy) == (
-        PortRange(80, 80), PortRange(443, 444), PortRange(5432, 5432), PortRange(8000, 9000)
-    )  # fmt: skip
+        PortRange(80, 80),
+        PortRange(443, 444),
+        PortRange(5432, 5432),
+        PortRange(8000, 9000),
+    )
 
 
 def test_port_union_of_nothing() -> None:
@@ -141,19 +156,24 @@ def test_port_union_of_nothing() -> None:
 
 
 def test_exemptions() -> None:
-    policy = parse_policy(payload(egress=[
-        {"cidr": "10.1.2.0/24", "ports": [5432]},       # inside 10/8: exempt
-        {"cidr": "169.254.169.254/32", "ports": [80]},  # metadata, named exactly: exempt
-        {"cidr": "0.0.0.0/0", "ports": [443]},          # too broad: never
-        {"cidr": "203.0.113.64/28", "ports": [5432]},   # not denied: nothing to exempt
-        {"cidr": "127.0.0.0/8", "ports": [80]},         # loopback: never overridable
-        {"cidr": "100.96.1.0/24", "ports": [80]},       # a fleet range: never
-        {"cidr": "8.0.0.0/6", "ports": [80]},           # contains 10/8 but is not inside it
-        {"cidr": "2001:db8::/32", "ports": [80]},       # IPv6: tier 1 is IPv4 only
-        {"host": "internal.test", "ports": [80]},
-    ]))  # fmt: skip
+    policy = parse_policy(
+        payload(
+            egress=[
+                {"cidr": "10.1.2.0/24", "ports": [5432]},  # inside 10/8: exempt
+                {"cidr": "169.254.169.254/32", "ports": [80]},  # metadata, named exactly: exempt
+                {"cidr": "0.0.0.0/0", "ports": [443]},  # too broad: never
+                {"cidr": "203.0.113.64/28", "ports": [5432]},  # not denied: nothing to exempt
+                {"cidr": "127.0.0.0/8", "ports": [80]},  # loopback: never overridable
+                {"cidr": "100.96.1.0/24", "ports": [80]},  # a fleet range: never
+                {"cidr": "8.0.0.0/6", "ports": [80]},  # contains 10/8 but is not inside it
+                {"cidr": "2001:db8::/32", "ports": [80]},  # IPv6: tier 1 is IPv4 only
+                {"host": "internal.test", "ports": [80]},
+            ]
+        )
+    )
     assert exemptions(policy, FLEET) == (
-        IPv4Network("10.1.2.0/24"), IPv4Network("169.254.169.254/32")
+        IPv4Network("10.1.2.0/24"),
+        IPv4Network("169.254.169.254/32"),
     )
 
 
@@ -177,17 +197,29 @@ def test_verify_bound_policy(key: Any) -> None:
     [
         (lambda k: sign_payload(payload(nodes=["node2"]), k), "job_not_bound_to_node"),
         (lambda k: sign_payload(payload(iat=1, nbf=1, exp=100), k), "expired"),
-        (lambda k: sign_payload(payload(nbf=int(time.time()) + 3600,
-                                        exp=int(time.time()) + 7200), k), "not_yet_valid"),
+        (
+            lambda k: sign_payload(
+                payload(nbf=int(time.time()) + 3600, exp=int(time.time()) + 7200), k
+            ),
+            "not_yet_valid",
+        ),
         (lambda k: _tamper(sign_payload(payload(), k)), "bad_signature"),
         (lambda k: sign_payload(payload(), generate_signing_key()), "unknown_kid"),
         (lambda k: "not-a-jws", "malformed"),
         (lambda k: "", "malformed"),
         (lambda k: 42, "malformed"),
     ],
-    ids=["not_bound", "expired", "not_yet_valid", "tampered", "unknown_kid", "garbage",
-         "empty", "not_a_string"],
-)  # fmt: skip
+    ids=[
+        "not_bound",
+        "expired",
+        "not_yet_valid",
+        "tampered",
+        "unknown_kid",
+        "garbage",
+        "empty",
+        "not_a_string",
+    ],
+)
 def test_rejections_have_distinct_reasons(key: Any, make: Any, reason: str) -> None:
     with pytest.raises(AgentError) as info:
         verify_for_node(make(key), TrustedKeys.of(key.public), "node1")
@@ -198,36 +230,67 @@ def _tamper(token: str) -> str:
     head, body, sig = token.split(".")
     raw = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     raw["egress"].append({"cidr": "0.0.0.0/0", "ports": ["1-65535"]})
-    forged = base64.urlsafe_b64encode(
-        json.dumps(raw, separators=(",", ":"), sort_keys=True).encode()
-    ).rstrip(b"=").decode()
+    forged = (
+        base64.urlsafe_b64encode(json.dumps(raw, separators=(",", ":"), sort_keys=True).encode())
+        .rstrip(b"=")
+        .decode()
+    )
     return f"{head}.{forged}.{sig}"
 
 
 # --- the data path with fake sockets ------------------------------------------------------
 
-CONFIG = parse_config({
-    "name": "node1", "underlay": "198.18.0.11", "sandbox_cidr": "100.96.1.0/24",
-    "proxies": [{"name": "proxy1", "underlay": "198.18.0.21"},
-                {"name": "proxy2", "underlay": "198.18.0.22"}],
-})  # fmt: skip
+CONFIG = parse_config(
+    {
+        "name": "node1",
+        "underlay": "198.18.0.11",
+        "sandbox_cidr": "100.96.1.0/24",
+        "proxies": [
+            {"name": "proxy1", "underlay": "198.18.0.21"},
+            {"name": "proxy2", "underlay": "198.18.0.22"},
+        ],
+    }
+)
 SANDBOX_IP = IPv4Address("100.96.1.2")
 DIGEST = bytes.fromhex("0102030405060708")
 
 
 def sandbox(ip: IPv4Address = SANDBOX_IP, job: str = JOB, sid: str = "sbx-1") -> Sandbox:
     return Sandbox(
-        sandbox_id=sid, job_id=uuid.UUID(job), digest=DIGEST, kid="k", exp=2**31, ip=ip,
-        gateway=IPv4Address("100.96.1.1"), prefixlen=24, netns="egd-sbx-x", host_veth="sbx",
-        peer_veth="eth0", ifindex=7, mac="02:00:00:00:00:01", tcp_ports=(), exemptions=(),
-    )  # fmt: skip
+        sandbox_id=sid,
+        job_id=uuid.UUID(job),
+        digest=DIGEST,
+        kid="k",
+        exp=2**31,
+        ip=ip,
+        gateway=IPv4Address("100.96.1.1"),
+        prefixlen=24,
+        netns="egd-sbx-x",
+        host_veth="sbx",
+        peer_veth="eth0",
+        ifindex=7,
+        mac="02:00:00:00:00:01",
+        tcp_ports=(),
+        exemptions=(),
+    )
 
 
 def ipv4_tcp(src: str, dst: str, sport: int, dport: int, payload_: bytes = b"") -> bytes:
     tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x02, 65535, 0, 0) + payload_
     total = 20 + len(tcp)
-    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, 64, 6, 0,
-                       IPv4Address(src).packed, IPv4Address(dst).packed)  # fmt: skip
+    head = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        total,
+        1,
+        0x4000,
+        64,
+        6,
+        0,
+        IPv4Address(src).packed,
+        IPv4Address(dst).packed,
+    )
     csum = 0
     for (word,) in struct.iter_unpack("!H", head):
         csum += word
@@ -291,8 +354,9 @@ def test_outer_header_template() -> None:
 
 def test_encapsulation(dp: Any) -> None:
     path, tun, tx, _ = dp
-    packets = [ipv4_tcp(str(SANDBOX_IP), "203.0.113.10", 40000 + i, 443, b"x" * i)
-               for i in range(40)]  # fmt: skip
+    packets = [
+        ipv4_tcp(str(SANDBOX_IP), "203.0.113.10", 40000 + i, 443, b"x" * i) for i in range(40)
+    ]
     for pkt in packets:
         tun.send(pkt)
     path.drain_tun()
@@ -425,19 +489,29 @@ class StubManager(SandboxManager):
     fail_next: bool = False
     torn_down: list[str]
 
-    def _setup(self, sandbox_id: str, names: SandboxNames, verified: VerifiedPolicy,
-               ip: IPv4Address) -> Sandbox:  # fmt: skip
+    def _setup(
+        self, sandbox_id: str, names: SandboxNames, verified: VerifiedPolicy, ip: IPv4Address
+    ) -> Sandbox:
         if self.fail_next:
             self.fail_next = False
             raise AgentError("link_failed", "stubbed kernel refusal")
         return Sandbox(
-            sandbox_id=sandbox_id, job_id=verified.policy.job_id, digest=verified.digest,
-            kid=verified.kid, exp=int(verified.policy.exp or 0), ip=ip,
-            gateway=self.config.gateway, prefixlen=24, netns=names.netns,
-            host_veth=names.host_veth, peer_veth=names.peer_veth, ifindex=int(ip) & 0xFF,
-            mac="02:00:00:00:00:01", tcp_ports=tcp_ports(verified.policy),
+            sandbox_id=sandbox_id,
+            job_id=verified.policy.job_id,
+            digest=verified.digest,
+            kid=verified.kid,
+            exp=int(verified.policy.exp or 0),
+            ip=ip,
+            gateway=self.config.gateway,
+            prefixlen=24,
+            netns=names.netns,
+            host_veth=names.host_veth,
+            peer_veth=names.peer_veth,
+            ifindex=int(ip) & 0xFF,
+            mac="02:00:00:00:00:01",
+            tcp_ports=tcp_ports(verified.policy),
             exemptions=exemptions(verified.policy, self.config.fleet_ranges),
-        )  # fmt: skip
+        )
 
     def _teardown(self, sandbox: Sandbox) -> None:
         self.torn_down.append(sandbox.sandbox_id)
@@ -464,9 +538,11 @@ def manager(key: Any, tmp_path: Path) -> Any:
 
 
 _CONFIG_OBJ: dict[str, Any] = {
-    "name": "node1", "underlay": "198.18.0.11", "sandbox_cidr": "100.96.1.0/24",
+    "name": "node1",
+    "underlay": "198.18.0.11",
+    "sandbox_cidr": "100.96.1.0/24",
     "proxies": [{"name": "proxy1", "underlay": "198.18.0.21"}],
-}  # fmt: skip
+}
 
 
 async def test_manager_bookkeeping(manager: Any, key: Any) -> None:
@@ -483,8 +559,12 @@ async def test_manager_bookkeeping(manager: Any, key: Any) -> None:
     await manager.unregister("a")
     c = await manager.register("c", sign_payload(payload(), key))
     assert str(c.ip) == "100.96.1.2"  # a's address, free again; the failed attempt leaked none
-    assert manager.listener.events == [("added", "a"), ("added", "b"), ("removed", "a"),
-                                       ("added", "c")]  # fmt: skip
+    assert manager.listener.events == [
+        ("added", "a"),
+        ("added", "b"),
+        ("removed", "a"),
+        ("added", "c"),
+    ]
     assert manager.torn_down == ["a"]
     with pytest.raises(AgentError) as unknown:
         await manager.unregister("a")
@@ -516,7 +596,11 @@ async def test_api_and_client(manager: Any, key: Any, tmp_path: Path) -> None:
         async with AgentClient(path) as client:
             info = await client.register("sbx-1", sign_payload(payload(), key))
             assert (str(info.ip), str(info.gateway), info.mtu, info.job_id) == (
-                "100.96.1.2", "100.96.1.1", 1436, JOB)
+                "100.96.1.2",
+                "100.96.1.1",
+                1436,
+                JOB,
+            )
             assert str(info.resolver) == "100.100.100.53" and info.prefixlen == 24
             assert [s.sandbox_id for s in await client.list()] == ["sbx-1"]
             assert (await client.get("sbx-1")).raw["state"] == "active"
@@ -528,7 +612,10 @@ async def test_api_and_client(manager: Any, key: Any, tmp_path: Path) -> None:
                 with pytest.raises(AgentClientError) as rej:
                     await client.register("sbx-2", jws)
                 assert (rej.value.status, rej.value.kind, rej.value.reason) == (
-                    400, "policy_rejected", reason)
+                    400,
+                    "policy_rejected",
+                    reason,
+                )
             with pytest.raises(AgentClientError) as dup:
                 await client.register("sbx-1", sign_payload(payload(), key))
             assert (dup.value.status, dup.value.reason) == (409, "duplicate_sandbox")
@@ -556,9 +643,12 @@ async def test_api_rejects_bad_bodies(manager: Any, tmp_path: Path) -> None:
     await server.start()
     try:
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as s:
-            for body, reason in [(b"{", "bad_json"), (b"[]", "bad_json"),
-                                 (b'{"sandbox_id": "a"}', "missing_field"),
-                                 (b'{"sandbox_id": "a", "jws": "x", "extra": 1}', "unknown_field")]:
+            for body, reason in [
+                (b"{", "bad_json"),
+                (b"[]", "bad_json"),
+                (b'{"sandbox_id": "a"}', "missing_field"),
+                (b'{"sandbox_id": "a", "jws": "x", "extra": 1}', "unknown_field"),
+            ]:
                 async with s.post("http://agent/v1/sandboxes", data=body) as resp:
                     assert resp.status == 400
                     assert (await resp.json())["reason"] == reason
@@ -592,12 +682,17 @@ def test_collector_exports_every_agent_metric(dp: Any) -> None:
     tun.send(ipv4_tcp(str(SANDBOX_IP), "203.0.113.10", 40000, 443))
     path.drain_tun()
     registry = CollectorRegistry()
-    registry.register(AgentCollector(
-        path,
-        proxy_up=lambda: {"proxy1": True, "proxy2": False},
-        tier1_totals=lambda: {Reason.REDIRECTED: Count(5, 500), Reason.SPOOFED_IP: Count(2, 120)},
-        sandboxes=lambda: 1,
-    ))  # fmt: skip
+    registry.register(
+        AgentCollector(
+            path,
+            proxy_up=lambda: {"proxy1": True, "proxy2": False},
+            tier1_totals=lambda: {
+                Reason.REDIRECTED: Count(5, 500),
+                Reason.SPOOFED_IP: Count(2, 120),
+            },
+            sandboxes=lambda: 1,
+        )
+    )
     text = generate_latest(registry).decode()
     sent_to = next(p for p in ("proxy1", "proxy2") if path.tx_packets[path.proxy_names.index(p)])
     assert f'egressd_tunnel_packets_total{{direction="tx",proxy="{sent_to}"}} 1.0' in text

@@ -31,30 +31,97 @@ def line(**fields: object) -> str:
 
 
 PROXY_LOG = [
-    line(component="proxy", time="2026-12-06T17:00:00.100Z", job_id=JOB_A, proxy="proxy1",
-         dst="100.100.100.53", port=53, host="evil.test", qname="evil.test", qtype="A",
-         verdict="deny", reason="no_matching_rule", rcode="REFUSED", event="dns", level="warning"),
-    line(component="proxy", time="2026-12-06T17:00:01.000Z", job_id=JOB_A, proxy="proxy1",
-         dst="203.0.113.10", port=443, host="api.allowed.test", verdict="allow",
-         reason="allowed_host", mode="enforce", would_deny=False, event="connection"),
-    line(component="proxy", time="2026-12-06T17:30:00.000Z", job_id=JOB_B, proxy="proxy1",
-         dst="203.0.113.66", port=443, host="evil.test", verdict="allow",
-         reason="no_matching_rule", mode="report", would_deny=True, event="connection"),
+    line(
+        component="proxy",
+        time="2026-12-06T17:00:00.100Z",
+        job_id=JOB_A,
+        proxy="proxy1",
+        dst="100.100.100.53",
+        port=53,
+        host="evil.test",
+        qname="evil.test",
+        qtype="A",
+        verdict="deny",
+        reason="no_matching_rule",
+        rcode="REFUSED",
+        event="dns",
+        level="warning",
+    ),
+    line(
+        component="proxy",
+        time="2026-12-06T17:00:01.000Z",
+        job_id=JOB_A,
+        proxy="proxy1",
+        dst="203.0.113.10",
+        port=443,
+        host="api.allowed.test",
+        verdict="allow",
+        reason="allowed_host",
+        mode="enforce",
+        would_deny=False,
+        event="connection",
+    ),
+    line(
+        component="proxy",
+        time="2026-12-06T17:30:00.000Z",
+        job_id=JOB_B,
+        proxy="proxy1",
+        dst="203.0.113.66",
+        port=443,
+        host="evil.test",
+        verdict="allow",
+        reason="no_matching_rule",
+        mode="report",
+        would_deny=True,
+        event="connection",
+    ),
     line(event="proxy_started", time="2026-12-06T16:59:00Z", proxy="proxy1"),
     "not json at all",
-    line(component="proxy", time="2026-12-06T17:45:00.000Z", job_id=JOB_B, dst="100.100.100.53",
-         port=53, host=None, qname=None, qtype=None, verdict="drop", reason="dns_rate_limit",
-         suppressed=12, event="dns"),
-]  # fmt: skip
+    line(
+        component="proxy",
+        time="2026-12-06T17:45:00.000Z",
+        job_id=JOB_B,
+        dst="100.100.100.53",
+        port=53,
+        host=None,
+        qname=None,
+        qtype=None,
+        verdict="drop",
+        reason="dns_rate_limit",
+        suppressed=12,
+        event="dns",
+    ),
+]
 NODE_LOG = [
-    line(time="2026-12-06T17:00:00.500Z", job_id=JOB_A, sandbox_id="sbx-1", node="node1",
-         source="100.96.1.2", dst="169.254.169.254", port=80, proto="tcp", verdict="deny",
-         reason="denied_range", action="rst", suppressed=0, event="tier1_denial",
-         level="warning"),
-    line(time="2026-12-06T17:00:00.600Z", job_id=JOB_A, sandbox_id="sbx-1", node="node1",
-         dst="203.0.113.77", port=9999, proto="udp", reason="udp_not_dns", event="tier1_denial"),
+    line(
+        time="2026-12-06T17:00:00.500Z",
+        job_id=JOB_A,
+        sandbox_id="sbx-1",
+        node="node1",
+        source="100.96.1.2",
+        dst="169.254.169.254",
+        port=80,
+        proto="tcp",
+        verdict="deny",
+        reason="denied_range",
+        action="rst",
+        suppressed=0,
+        event="tier1_denial",
+        level="warning",
+    ),
+    line(
+        time="2026-12-06T17:00:00.600Z",
+        job_id=JOB_A,
+        sandbox_id="sbx-1",
+        node="node1",
+        dst="203.0.113.77",
+        port=9999,
+        proto="udp",
+        reason="udp_not_dns",
+        event="tier1_denial",
+    ),
     line(event="sandbox_registered", time="2026-12-06T16:59:59Z", job_id=JOB_A),
-]  # fmt: skip
+]
 
 
 def events() -> list:  # type: ignore[type-arg]
@@ -64,9 +131,13 @@ def events() -> list:  # type: ignore[type-arg]
 def test_only_audit_events_are_parsed() -> None:
     parsed = events()
     assert [(e.log, e.event) for e in parsed] == [
-        ("proxy1", "dns"), ("proxy1", "connection"), ("proxy1", "connection"), ("proxy1", "dns"),
-        ("node1", "tier1_denial"), ("node1", "tier1_denial"),
-    ]  # fmt: skip
+        ("proxy1", "dns"),
+        ("proxy1", "connection"),
+        ("proxy1", "connection"),
+        ("proxy1", "dns"),
+        ("node1", "tier1_denial"),
+        ("node1", "tier1_denial"),
+    ]
     assert parse_line('{"event": "connection"', "x") is None
     assert parse_line('["event"]', "x") is None
 
@@ -86,8 +157,10 @@ def test_job_prefix_is_case_insensitive() -> None:
 
 
 def test_verdict_filters() -> None:
-    by = {v: [e.reason for e in select(events(), Filter(verdict=v))]
-          for v in ("allow", "deny", "drop", "would_deny")}  # fmt: skip
+    by = {
+        v: [e.reason for e in select(events(), Filter(verdict=v))]
+        for v in ("allow", "deny", "drop", "would_deny")
+    }
     assert by["allow"] == ["allowed_host"]  # the report-mode allow is not a plain allow
     assert by["would_deny"] == ["no_matching_rule"]
     assert by["drop"] == ["dns_rate_limit"]
@@ -99,7 +172,8 @@ def test_verdict_filters() -> None:
 def test_since_and_until() -> None:
     since = parse_time("2026-12-06T17:30:00Z", now=NOW)
     assert [e.reason for e in select(events(), Filter(since=since))] == [
-        "no_matching_rule", "dns_rate_limit"
+        "no_matching_rule",
+        "dns_rate_limit",
     ]
     until = parse_time("2026-12-06T17:00:00.5Z", now=NOW)
     assert len(select(events(), Filter(until=until))) == 2
@@ -130,10 +204,18 @@ def test_parse_time_refuses(text: str) -> None:
 
 
 def test_table_fits_100_columns_and_keeps_the_port() -> None:
-    long = parse_line(line(time="2026-12-06T17:00:00Z", job_id=JOB_A, event="connection",
-                           host="a-very-long-label.another-long-label.data.allowed.test",
-                           port=8443, verdict="deny", reason="client_hello_incomplete"),
-                      "proxy-21")  # fmt: skip
+    long = parse_line(
+        line(
+            time="2026-12-06T17:00:00Z",
+            job_id=JOB_A,
+            event="connection",
+            host="a-very-long-label.another-long-label.data.allowed.test",
+            port=8443,
+            verdict="deny",
+            reason="client_hello_incomplete",
+        ),
+        "proxy-21",
+    )
     assert long is not None
     text = table([*events(), long])
     rows = text.splitlines()
@@ -142,8 +224,16 @@ def test_table_fits_100_columns_and_keeps_the_port() -> None:
     assert rows[-1].endswith("allowed.test:8443")
     assert "proxy-21:conn" in rows[-1]
     assert "…" in rows[-1]
-    assert rows[1].split() == ["12-06", "17:00:00", "proxy1:dns", JOB_A[:8], "deny",
-                               "no_matching_rule", "evil.test", "A"]  # fmt: skip
+    assert rows[1].split() == [
+        "12-06",
+        "17:00:00",
+        "proxy1:dns",
+        JOB_A[:8],
+        "deny",
+        "no_matching_rule",
+        "evil.test",
+        "A",
+    ]
     assert "would_deny" in text
     assert "node1:tier1" in text
 
@@ -159,8 +249,13 @@ def test_json_form_is_the_logged_fields_plus_the_log() -> None:
 
 
 def egressd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "egressd", *args], capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "egressd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -188,7 +283,8 @@ def test_cli_json_reads_rotated_logs(run_dir: Path) -> None:
     assert done.returncode == 0, done.stderr
     docs = [json.loads(x) for x in done.stdout.splitlines()]
     assert [(d["log"], d["reason"]) for d in docs] == [
-        ("proxy1", "no_matching_rule"), ("proxy1", "dns_rate_limit")
+        ("proxy1", "no_matching_rule"),
+        ("proxy1", "dns_rate_limit"),
     ]
 
 
@@ -207,10 +303,14 @@ def test_cli_nothing_matches_is_not_an_error(run_dir: Path) -> None:
         (("--verdict", "maybe"), "invalid choice"),
     ],
 )
-def test_cli_bad_arguments_are_one_line_exit_2(run_dir: Path, args: tuple[str, ...],
-                                               needle: str) -> None:
-    done = egressd("audit", "--run-dir", str(run_dir), *args) if args[0] != "--run-dir" \
+def test_cli_bad_arguments_are_one_line_exit_2(
+    run_dir: Path, args: tuple[str, ...], needle: str
+) -> None:
+    done = (
+        egressd("audit", "--run-dir", str(run_dir), *args)
+        if args[0] != "--run-dir"
         else egressd("audit", *args)
+    )
     assert done.returncode == 2
     assert done.stdout == ""
     assert len(done.stderr.splitlines()) == 1 and needle in done.stderr

@@ -106,8 +106,10 @@ def test_no_plots_flag() -> None:
 
 
 def test_the_cli_does_not_import_matplotlib() -> None:
-    code = ("import sys; from egressd import cli; cli.build_parser(); "
-            "import egressd.bench.plots, egressd.loadtest.plots; "
-            "print('matplotlib' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys; from egressd import cli; cli.build_parser(); "
+        "import egressd.bench.plots, egressd.loadtest.plots; "
+        "print('matplotlib' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

@@ -187,8 +187,14 @@ def _wrk(rps: float, p50: float | None = None, p99: float | None = None) -> WrkR
     return WrkResult(requests=int(rps * 5), duration_s=5.0, requests_per_s=rps, percentiles_us=pct)
 
 
-def _path(name: str, p50s: list[float], rates: list[float], mbs: list[float],
-          idle: IdleResult | None = None, proxies: int = 0) -> PathResult:  # fmt: skip
+def _path(
+    name: str,
+    p50s: list[float],
+    rates: list[float],
+    mbs: list[float],
+    idle: IdleResult | None = None,
+    proxies: int = 0,
+) -> PathResult:
     return PathResult(
         name=name,
         latency=[_wrk(1000, p) for p in p50s],
@@ -200,19 +206,23 @@ def _path(name: str, p50s: list[float], rates: list[float], mbs: list[float],
 
 
 IDLE = IdleResult(
-    requested=10_000, opened=10_000, failed=0, alive_at_measure=10_000,
+    requested=10_000,
+    opened=10_000,
+    failed=0,
+    alive_at_measure=10_000,
     rss_before_kib={"proxy1": 50 * 1024, "proxy2": 50 * 1024},
     rss_after_kib={"proxy1": 150 * 1024, "proxy2": 250 * 1024},
-)  # fmt: skip
+)
 
 
 def _results() -> dict[str, PathResult]:
     return {
         "kernel": _path("kernel", [80, 70, 90], [17000, 16000, 18000], [2500, 2400, 2600]),
         "squid": _path("squid", [250, 240, 260], [2000, 2100, 1900], [230, 220, 240], proxies=1),
-        "egressd": _path("egressd", [200, 190, 400], [9000, 8000, 8500], [300, 310, 290],
-                         idle=IDLE, proxies=2),
-    }  # fmt: skip
+        "egressd": _path(
+            "egressd", [200, 190, 400], [9000, 8000, 8500], [300, 310, 290], idle=IDLE, proxies=2
+        ),
+    }
 
 
 def test_medians() -> None:
@@ -268,8 +278,20 @@ def test_goals_not_measurable_when_egressd_failed() -> None:
 def test_table() -> None:
     text = render_table(_results())
     lines = text.splitlines()
-    assert lines[0].split() == ["path", "p50", "us", "p99", "us", "conn/s", "bulk", "MB/s",
-                                "proxy", "RSS", "idle10k", "MiB"]  # fmt: skip
+    assert lines[0].split() == [
+        "path",
+        "p50",
+        "us",
+        "p99",
+        "us",
+        "conn/s",
+        "bulk",
+        "MB/s",
+        "proxy",
+        "RSS",
+        "idle10k",
+        "MiB",
+    ]
     assert lines[2].split() == ["kernel", "80", "240", "17,000", "2,500.0", "-"]
     assert lines[3].split() == ["squid", "250", "750", "2,000", "230.0", "-"]
     assert lines[4].split() == ["egressd", "200", "600", "8,500", "300.0", "400.0"]
@@ -300,9 +322,13 @@ def test_table_names_the_idle_count_used() -> None:
     idle = results["egressd"].idle
     assert idle is not None
     results["egressd"].idle = IdleResult(
-        requested=500, opened=500, failed=0, alive_at_measure=500,
-        rss_before_kib=idle.rss_before_kib, rss_after_kib=idle.rss_after_kib,
-    )  # fmt: skip
+        requested=500,
+        opened=500,
+        failed=0,
+        alive_at_measure=500,
+        rss_before_kib=idle.rss_before_kib,
+        rss_after_kib=idle.rss_after_kib,
+    )
     assert "proxy RSS idle500 MiB" in render_table(results).splitlines()[0]
 
 
@@ -322,9 +348,13 @@ def test_json_document(tmp_path: Path) -> None:
     assert back["schema"] == report.SCHEMA
     assert list(back["table"]) == ["kernel", "squid", "egressd"]
     assert back["table"]["egressd"] == {
-        "p50_us": 200, "p99_us": 600, "conn_per_s": 8500, "bulk_mb_s": 300.0,
-        "proxy_rss_idle10k_mib": 400.0, "error": None,
-    }  # fmt: skip
+        "p50_us": 200,
+        "p99_us": 600,
+        "conn_per_s": 8500,
+        "bulk_mb_s": 300.0,
+        "proxy_rss_idle10k_mib": 400.0,
+        "error": None,
+    }
     assert back["vs_kernel"]["egressd"]["added_p50_us"] == 120
     assert "kernel" not in back["vs_kernel"]
     samples = back["paths"]["egressd"]["samples"]

@@ -104,9 +104,7 @@ async def api(harness: Harness) -> ControlApi:
 
 
 @pytest.fixture
-async def client(
-    harness: Harness, api: ControlApi
-) -> TestClient[web.Request, web.Application]:
+async def client(harness: Harness, api: ControlApi) -> TestClient[web.Request, web.Application]:
     return await harness.client(api)
 
 
@@ -306,9 +304,12 @@ async def test_get_resigns_when_less_than_half_ttl_remains(
     reloaded.load()
     record = reloaded.jobs.get(uuid.UUID(JOB_ID))
     assert record is not None and record.jws == fresh["jws"]
-    assert api.metrics.registry.get_sample_value(
-        "egressd_control_policies_signed_total", {"trigger": "refresh"}
-    ) == 1.0
+    assert (
+        api.metrics.registry.get_sample_value(
+            "egressd_control_policies_signed_total", {"trigger": "refresh"}
+        )
+        == 1.0
+    )
 
 
 @pytest.mark.usefixtures("node1")
@@ -730,8 +731,8 @@ async def test_metrics(client: Client, api: ControlApi) -> None:
     text = await resp.text()
     assert 'egressd_control_policies_signed_total{trigger="put"} 1.0' in text
     policy_route = 'method="PUT",route="/v1/jobs/{job_id}/policy"'
-    assert f"egressd_control_requests_total{{{policy_route},status=\"200\"}} 1.0" in text
-    assert f"egressd_control_requests_total{{{policy_route},status=\"401\"}} 1.0" in text
+    assert f'egressd_control_requests_total{{{policy_route},status="200"}} 1.0' in text
+    assert f'egressd_control_requests_total{{{policy_route},status="401"}} 1.0' in text
     assert 'egressd_control_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
     assert 'egressd_control_records{kind="jobs"} 1.0' in text
     assert 'egressd_control_records{kind="nodes"} 1.0' in text
@@ -773,4 +774,3 @@ def test_empty_admin_token_is_refused(tmp_path: Path) -> None:
             admin_token="",
             policy_ttl_s=TTL,
         )
-

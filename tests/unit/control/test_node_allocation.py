@@ -37,9 +37,13 @@ class Plane:
 
     async def start(self, pool: SandboxPool | None = None) -> Client:
         api = ControlApi(
-            store=StateStore(self.state_dir), signing_key=self.key, trusted=TrustedKeys({}),
-            admin_token=TOKEN, policy_ttl_s=3600, sandbox_pool=pool,
-        )  # fmt: skip
+            store=StateStore(self.state_dir),
+            signing_key=self.key,
+            trusted=TrustedKeys({}),
+            admin_token=TOKEN,
+            policy_ttl_s=3600,
+            sandbox_pool=pool,
+        )
         client: Client = TestClient(TestServer(build_app(api)))
         await client.start_server()
         self.clients.append(client)

@@ -56,10 +56,12 @@ def test_new_names_skip_every_taken_block_explicit_ones_too() -> None:
 def test_a_larger_explicit_cidr_blocks_all_of_its_blocks() -> None:
     # A /22 at .4-.7 and a /25 inside .8: the next free /24 is .9.
     nodes = [
-        node("a", "100.96.0.0/24", 11), node("b", "100.96.1.0/24", 12),
-        node("c", "100.96.2.0/23", 13), node("d", "100.96.4.0/22", 14),
+        node("a", "100.96.0.0/24", 11),
+        node("b", "100.96.1.0/24", 12),
+        node("c", "100.96.2.0/23", 13),
+        node("d", "100.96.4.0/22", 14),
         node("e", "100.96.8.128/25", 15),
-    ]  # fmt: skip
+    ]
     assert allocate("new", nodes, SandboxPool()).cidr == IPv4Network("100.96.9.0/24")
 
 
@@ -117,15 +119,19 @@ def test_allocations_never_overlap_and_are_unique_until_full() -> None:
         records.append(NodeRecord(f"auto{i}", IPv4Address("198.18.2.0") + i, got.cidr))
     else:
         pytest.fail("the pool never ran out")
-    covered = sum(r.sandbox_cidr.num_addresses for r in records if r.sandbox_cidr.subnet_of(
-        pool.network))
+    covered = sum(
+        r.sandbox_cidr.num_addresses for r in records if r.sandbox_cidr.subnet_of(pool.network)
+    )
     assert covered == pool.network.num_addresses  # full means full: no free /25 left behind
     assert len(records) > explicit
 
 
 def test_result_depends_on_the_records_not_their_order() -> None:
-    nodes = [node("a", "100.96.0.0/24", 11), node("c", "100.96.2.0/24", 13),
-             node("b", "100.96.1.0/24", 12)]  # fmt: skip
+    nodes = [
+        node("a", "100.96.0.0/24", 11),
+        node("c", "100.96.2.0/24", 13),
+        node("b", "100.96.1.0/24", 12),
+    ]
     assert {allocate("d", order, SandboxPool()).cidr for order in (nodes, nodes[::-1])} == {
         IPv4Network("100.96.3.0/24")
     }

@@ -176,7 +176,7 @@ def test_load_removes_interrupted_temporaries(store: StateStore) -> None:
         ("nodes", "node1.json", "{not json"),
         ("nodes", "node1.json", json.dumps({**node().to_json(), "name": "node2"})),
         ("nodes", "node1.json", json.dumps({**node().to_json(), "sandbox_cidr": "100.0.0.0/8"})),
-        ("nodes", "Bad_Name.json", '{}'),
+        ("nodes", "Bad_Name.json", "{}"),
         ("proxies", "proxy1.json", '{"name": "proxy1", "underlay": "198.18.0.21"}'),
         ("jobs", "not-a-uuid.json", "{}"),
         ("jobs", f"{uuid.UUID(int=1)}.json", json.dumps(job().to_json())),

@@ -18,7 +18,12 @@ from egressd.policy.keys import TrustedKeys, generate_signing_key
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JOB = "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2"
-POLICY = {"v": 1, "account": "acme", "nodes": ["node1"], "egress": [{"host": "a.test", "ports": [443]}]}
+POLICY = {
+    "v": 1,
+    "account": "acme",
+    "nodes": ["node1"],
+    "egress": [{"host": "a.test", "ports": [443]}],
+}
 NODE1 = {"underlay": "198.18.0.11", "sandbox_cidr": "100.96.1.0/24"}
 
 

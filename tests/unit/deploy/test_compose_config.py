@@ -32,10 +32,24 @@ EXPECTED_BUILDS = {
 
 def fresh_copy(dest: Path) -> Path:
     """The files a clone would have: tracked and new (not ignored) files of the work tree."""
-    listed = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True, check=True,
-    ).stdout.decode().split("\0")  # fmt: skip
+    listed = (
+        subprocess.run(
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         src = ROOT / name
         if not src.is_file():  # deleted in the work tree, not yet committed
@@ -59,8 +73,13 @@ def config(root: Path, *args: str, cwd: Path | None = None) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EGRESSD_", "COMPOSE_"))}
     done = subprocess.run(
         [*COMPOSE, *args, "config"],
-        cwd=cwd or root, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        cwd=cwd or root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     data = yaml.safe_load(done.stdout)
     assert isinstance(data, dict)
@@ -96,7 +115,9 @@ def test_every_build_names_an_existing_dockerfile_and_stage(clone: Path) -> None
         assert (build["dockerfile"], build["target"]) == (dockerfile, target)
         assert data["services"][name]["image"] == f"{image}:latest"
         text = (clone / dockerfile).read_text()
-        assert re.search(rf"^FROM \S+ AS {target}$", text, re.MULTILINE), f"{dockerfile}: no {target}"
+        assert re.search(rf"^FROM \S+ AS {target}$", text, re.MULTILINE), (
+            f"{dockerfile}: no {target}"
+        )
         assert (clone / build["args"]["WHEELHOUSE"]).is_dir()
     # Services without a build use an image that one of the builds makes.
     built = {f"{image}:latest" for _, _, image in EXPECTED_BUILDS.values()}
@@ -105,16 +126,21 @@ def test_every_build_names_an_existing_dockerfile_and_stage(clone: Path) -> None
 
 
 def test_the_offline_route_is_build_arguments(clone: Path) -> None:
-    env = {"EGRESSD_BASE_IMAGE": "egressd-base:bookworm-x", "EGRESSD_WHEELHOUSE":
-           "deploy/.build/wheels", "EGRESSD_TAG": "abc"}  # fmt: skip
+    env = {
+        "EGRESSD_BASE_IMAGE": "egressd-base:bookworm-x",
+        "EGRESSD_WHEELHOUSE": "deploy/.build/wheels",
+        "EGRESSD_TAG": "abc",
+    }
     (clone / "deploy" / ".env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     try:
         data = config(clone, "-f", "deploy/compose.yaml")
     finally:
         (clone / "deploy" / ".env").unlink()
     build = data["services"]["node"]["build"]
-    assert build["args"] == {"BASE_IMAGE": "egressd-base:bookworm-x",
-                             "WHEELHOUSE": "deploy/.build/wheels"}  # fmt: skip
+    assert build["args"] == {
+        "BASE_IMAGE": "egressd-base:bookworm-x",
+        "WHEELHOUSE": "deploy/.build/wheels",
+    }
     assert data["services"]["node"]["image"] == "egressd-node:abc"
 
 

@@ -45,8 +45,12 @@ def test_each_role_runs_its_entry_function(monkeypatch: pytest.MonkeyPatch) -> N
 def test_the_module_runs_as_a_program() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "egressd.deploy", "bogus"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("unknown role 'bogus'")
 
@@ -72,4 +76,6 @@ def test_compose_gives_the_load_generator_a_node_identity_of_its_own() -> None:
     assert mine[settings.NODE_NAME] == "loadgen" != node[settings.NODE_NAME]
     parsed = settings.from_env({k: str(v) for k, v in mine.items() if k in settings.VARIABLES})
     assert parsed.node_name == "loadgen"
-    assert not parsed.sandbox_cidr.overlaps(settings.from_env(node).sandbox_cidr)
+    mine_cidr, node_cidr = parsed.sandbox_cidr, settings.from_env(node).sandbox_cidr
+    assert mine_cidr is not None and node_cidr is not None
+    assert not mine_cidr.overlaps(node_cidr)

@@ -19,8 +19,19 @@ from tests.unit.deploy.metrics import Metric, exported
 
 DASHBOARD = DEPLOY / "grafana" / "egressd.json"
 TARGET_LABELS = {"instance", "job"}  # added by Prometheus at scrape time
-KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool",
-            "and", "or", "unless", "offset"}  # fmt: skip
+KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+}
 
 
 def queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
@@ -37,7 +48,7 @@ def metric_names(expr: str) -> list[str]:
     text = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", text)  # grouping
     names = []
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
-        rest = text[match.end():].lstrip()
+        rest = text[match.end() :].lstrip()
         if rest.startswith("(") or match.group() in KEYWORDS:
             continue  # a function or aggregation, or a keyword
         names.append(match.group())

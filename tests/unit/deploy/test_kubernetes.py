@@ -39,8 +39,11 @@ def render(target: str) -> tuple[dict[str, Any], ...]:
         pytest.fail("kubectl missing: `make deps` installs Debian's kubernetes-client")
     done = subprocess.run(
         [kubectl, "kustomize", str(K8S / target)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     docs = tuple(d for d in yaml.safe_load_all(done.stdout) if d)
     assert docs, f"{target} rendered nothing"
@@ -84,9 +87,16 @@ def test_every_object_validates_against_the_api_schemas(target: str) -> None:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         kinds.add(doc["kind"])
     assert {
-        "Namespace", "Service", "StatefulSet", "Deployment", "DaemonSet",
-        "PodDisruptionBudget", "HorizontalPodAutoscaler", "RuntimeClass", "NetworkPolicy",
-    } <= kinds  # fmt: skip
+        "Namespace",
+        "Service",
+        "StatefulSet",
+        "Deployment",
+        "DaemonSet",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "RuntimeClass",
+        "NetworkPolicy",
+    } <= kinds
 
 
 def test_the_validator_rejects_a_broken_object() -> None:
@@ -200,7 +210,9 @@ def test_proxies_spread_over_hosts_with_a_budget_and_cpu_autoscaling(target: str
     assert 0 < pdb["spec"]["minAvailable"] < proxy["spec"]["replicas"]
     hpa = one(target, "HorizontalPodAutoscaler", "egressd-proxy")
     assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1", "kind": "Deployment", "name": "egressd-proxy"
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "egressd-proxy",
     }
     (metric,) = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"

@@ -15,8 +15,12 @@ from egressd.topology.layout import ADMIN_PORT, CONTROL_PORT
 from tests.unit.deploy.conftest import DEPLOY, ROOT, compose
 
 # compose service -> the port its daemon serves /metrics on (entry.py's roles)
-METRICS_PORT = {"control": CONTROL_PORT, "proxy": ADMIN_PORT, "node": ADMIN_PORT,
-                "locust": ADMIN_PORT}  # fmt: skip
+METRICS_PORT = {
+    "control": CONTROL_PORT,
+    "proxy": ADMIN_PORT,
+    "node": ADMIN_PORT,
+    "locust": ADMIN_PORT,
+}
 
 
 def scrape_targets(config: dict[str, Any]) -> dict[str, tuple[str, int]]:
@@ -40,8 +44,11 @@ def test_every_member_with_metrics_is_scraped_at_its_port() -> None:
         assert name in services, name
         assert "underlay" in services[name]["networks"], name
     # The members that export no metrics are the fake internet and the demo client.
-    daemons = {n for n, s in services.items() if s.get("command", [None])[0] in
-               ("control", "proxy", "node", "loadgen")}  # fmt: skip
+    daemons = {
+        n
+        for n, s in services.items()
+        if s.get("command", [None])[0] in ("control", "proxy", "node", "loadgen")
+    }
     assert daemons == set(METRICS_PORT)
 
 
@@ -54,7 +61,8 @@ def test_prometheus_service_is_a_profile_on_the_underlay() -> None:
     fixed = {
         s["networks"]["underlay"]["ipv4_address"]
         for n, s in services.items()
-        if n != "prometheus" and isinstance(s.get("networks", {}).get("underlay"), dict)
+        if n != "prometheus"
+        and isinstance(s.get("networks", {}).get("underlay"), dict)
         and "ipv4_address" in s["networks"]["underlay"]
     }
     assert address not in fixed

@@ -70,8 +70,11 @@ def test_no_interception_ca_unless_both_files_exist(present: tuple[str, ...]) ->
     """A missing half would stop the proxy at start: without the pair, intercepted rules
     are denied (tls_interception_unavailable), and everything else still works."""
     s = DeploySettings()
-    there = {p for p, name in ((s.interception_ca_cert, "cert"), (s.interception_ca_key, "key"))
-             if name in present}  # fmt: skip
+    there = {
+        p
+        for p, name in ((s.interception_ca_cert, "cert"), (s.interception_ca_key, "key"))
+        if name in present
+    }
     keys = proxy_secret_keys(s, exists=there.__contains__)
     assert "interception_ca" not in keys
     assert keys["secrets_dir"] == "/run/secrets/egressd-credentials"

@@ -123,8 +123,11 @@ def test_entry_in_auto_mode_leaves_registration_to_the_agent(
     monkeypatch.setattr(entry, "register", lambda *a, **k: registered.append(a))
     monkeypatch.setattr(entry, "RUN_DIR", tmp_path / "run")
     monkeypatch.setattr(entry, "writable_proc_sys", lambda: None)
-    monkeypatch.setattr(entry, "link_fleet_dirs", lambda: (tmp_path / "run" / "config").mkdir(
-        parents=True, exist_ok=True))
+    monkeypatch.setattr(
+        entry,
+        "link_fleet_dirs",
+        lambda: (tmp_path / "run" / "config").mkdir(parents=True, exist_ok=True),
+    )
     (tmp_path / "fleet").mkdir()
     (tmp_path / "fleet" / "admin-token").write_text("t\n")
     _, _, config_path = entry.start_node()
@@ -134,8 +137,9 @@ def test_entry_in_auto_mode_leaves_registration_to_the_agent(
     monkeypatch.setenv("EGRESSD_SANDBOX_CIDR", "100.96.7.0/24")
     entry.env.cache_clear()
     _, _, config_path = entry.start_node()
-    assert registered == [("nodes", "worker-1",
-                           {"underlay": "10.244.1.7", "sandbox_cidr": "100.96.7.0/24"})]  # fmt: skip
+    assert registered == [
+        ("nodes", "worker-1", {"underlay": "10.244.1.7", "sandbox_cidr": "100.96.7.0/24"})
+    ]
     assert json.loads(config_path.read_text())["sandbox_cidr"] == "100.96.7.0/24"
 
 
@@ -147,19 +151,30 @@ def test_agent_cli_prints_one_line_when_the_control_plane_cannot_give_a_cidr(
     token = tmp_path / "admin-token"
     token.write_text("t\n")
     config = tmp_path / "agent.json"
-    config.write_text(json.dumps({
-        "name": "worker-1", "underlay": "127.0.0.1", "sandbox_cidr": "auto",
-        "discovery": {"control_url": "http://127.0.0.1:9", "timeout_s": 0.5},
-        "registration": {"admin_token_file": str(token), "wait_s": 0.5},
-        "state_dir": str(tmp_path / "state"), "api_socket": str(tmp_path / "agent.sock"),
-    }))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "name": "worker-1",
+                "underlay": "127.0.0.1",
+                "sandbox_cidr": "auto",
+                "discovery": {"control_url": "http://127.0.0.1:9", "timeout_s": 0.5},
+                "registration": {"admin_token_file": str(token), "wait_s": 0.5},
+                "state_dir": str(tmp_path / "state"),
+                "api_socket": str(tmp_path / "agent.sock"),
+            }
+        )
+    )
     # As root, in a network namespace of its own: were it to go on past the
     # registration, its sysctls and TUN would not touch the host's.
     isolate = ["unshare", "--net", "--"] if os.geteuid() == 0 else []
     done = subprocess.run(
         [*isolate, sys.executable, "-m", "egressd", "agent", "serve", "--config", str(config)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("egressd: error: sandbox_cidr: control_unreachable: PUT "), last

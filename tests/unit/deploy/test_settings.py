@@ -64,10 +64,12 @@ def test_cluster_values() -> None:
     assert got.node_name == "worker-1"
     assert got.sandbox_cidr == IPv4Network("100.96.7.0/24")
     assert got.fleet_ranges == (
-        IPv4Network("10.244.0.0/16"), IPv4Network("10.96.0.0/12"),
-        IPv4Network("192.168.10.0/24"), IPv4Network("100.96.0.0/16"),
+        IPv4Network("10.244.0.0/16"),
+        IPv4Network("10.96.0.0/12"),
+        IPv4Network("192.168.10.0/24"),
+        IPv4Network("100.96.0.0/16"),
         IPv4Network("100.100.100.53/32"),
-    )  # fmt: skip
+    )
     # Frozen: read once, never changed under a running role.
     with pytest.raises(AttributeError):
         got.node_name = "other"  # type: ignore[misc]
@@ -147,15 +149,19 @@ def cluster_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_entry_writes_cluster_configs_the_daemons_accept() -> None:
     spec = entry.proxy_spec()
     assert (spec.name, str(spec.underlay), str(spec.egress)) == (
-        "egressd-proxy-5d8f7c9b4-x2kqz", "10.244.1.7", "10.244.1.7",
-    )  # fmt: skip
+        "egressd-proxy-5d8f7c9b4-x2kqz",
+        "10.244.1.7",
+        "10.244.1.7",
+    )
     proxy = config_from_mapping(entry.proxy_config(Fleet(entry.layout(proxies=(spec,))), spec))
     # The control plane's cluster IP is one of the fleet's own addresses.
     assert proxy.control_url == "http://10.96.12.34:8080"
     assert IPv4Address("10.96.12.34") in static_members(
-        underlay=proxy.underlay, egress=(proxy.egress,), control_url=proxy.control_url,
+        underlay=proxy.underlay,
+        egress=(proxy.egress,),
+        control_url=proxy.control_url,
         resolvers=(),
-    )  # fmt: skip
+    )
     assert IPv4Network("10.244.0.0/16") in proxy.fleet_ranges
 
     node = entry.node_spec()
@@ -181,8 +187,13 @@ def test_entry_point_exits_naming_the_bad_variable_and_does_nothing(tmp_path: Pa
         bad = dict(env, **{var: "10.0.0.0/99"})
         done = subprocess.run(
             [sys.executable, "-m", "egressd.deploy", role],
-            env=bad, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            env=bad,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert done.returncode == 1, done.stderr
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("entry: bad_environment: ") and var in last, done.stderr

@@ -51,8 +51,22 @@ def ipv4(payload: bytes = b"", *, options: bytes = b"", proto: int = 17) -> byte
     """A well-formed IPv4 packet with a correct header checksum."""
     ihl = 5 + len(options) // 4
     total = ihl * 4 + len(payload)
-    head = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 7, 0, 64, proto, 0,
-                       bytes([100, 96, 1, 5]), bytes([203, 0, 113, 10])) + options  # fmt: skip
+    head = (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x40 | ihl,
+            0,
+            total,
+            7,
+            0,
+            64,
+            proto,
+            0,
+            bytes([100, 96, 1, 5]),
+            bytes([203, 0, 113, 10]),
+        )
+        + options
+    )
     return head[:10] + struct.pack("!H", inet_checksum(head)) + head[12:] + payload
 
 

@@ -59,8 +59,13 @@ def test_scapy_reads_egressd(name: str) -> None:
     ip = parsed[IP]
     expected = IP(inner)
     assert (ip.src, ip.dst, ip.len, ip.id, ip.ttl, ip.proto) == (
-        expected.src, expected.dst, expected.len, expected.id, expected.ttl, expected.proto
-    )  # fmt: skip
+        expected.src,
+        expected.dst,
+        expected.len,
+        expected.id,
+        expected.ttl,
+        expected.proto,
+    )
     assert bytes(ip) == inner
 
 
@@ -71,8 +76,10 @@ def test_scapy_reads_extra_option_and_oam() -> None:
     assert (parsed.oam, parsed.critical, parsed.vni, parsed.optionlen) == (1, 1, 0xABCDEF, 12)
     job_opt, other = parsed.options
     assert (job_opt.classid, job_opt.type, job_opt.data) == (
-        JOB_OPTION_CLASS, JOB_OPTION_TYPE, JOB.job_id + JOB.digest
-    )  # fmt: skip
+        JOB_OPTION_CLASS,
+        JOB_OPTION_TYPE,
+        JOB.job_id + JOB.digest,
+    )
     assert (other.classid, other.type, other.length, other.data) == (0x0103, 0x02, 4, extra.data)
     assert parsed[TCP].dport == 80
     assert bytes(parsed[TCP].payload) == b"GET /"

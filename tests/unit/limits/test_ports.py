@@ -560,11 +560,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         )
 
     def model_available(self, destination: Destination) -> int:
-        return (
-            self.CONFIG.capacity
-            - len(self.live[destination])
-            - self.model_cooling(destination)
-        )
+        return self.CONFIG.capacity - len(self.live[destination]) - self.model_cooling(destination)
 
     def model_reason(self, job: Hashable, destination: Destination, max_per_job: int) -> str | None:
         held = self.model_held(job, destination)
@@ -628,9 +624,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule()
     def prune(self) -> None:
         expected = {
-            d
-            for d in self.alloc.destinations()
-            if not self.live[d] and self.model_cooling(d) == 0
+            d for d in self.alloc.destinations() if not self.live[d] and self.model_cooling(d) == 0
         }
         assert self.alloc.prune(self.now) == len(expected)
         assert not expected & set(self.alloc.destinations())

@@ -69,8 +69,14 @@ def test_due_paces_without_catch_up_bursts() -> None:
 
 
 def test_stress_spans_from_schedule() -> None:
-    windows = (Window(0, 5, "baseline"), Window(5, 10, "stress"), Window(10, 11, "settle"),
-               Window(11, 16, "baseline"), Window(16, 21, "stress"), Window(21, 22, "settle"))  # fmt: skip
+    windows = (
+        Window(0, 5, "baseline"),
+        Window(5, 10, "stress"),
+        Window(10, 11, "settle"),
+        Window(11, 16, "baseline"),
+        Window(16, 21, "stress"),
+        Window(21, 22, "settle"),
+    )
     sched = f.parse_schedule(schedule_text(windows, 100.0))
     assert f.stress_spans(sched) == [(105.0, 110.0), (116.0, 121.0)]
 
@@ -90,8 +96,14 @@ def test_run_floods_only_in_stress_windows_at_its_rate(monkeypatch: pytest.Monke
         polls += 1
 
     sched = _schedule((0.0, "baseline"), (0.2, "stress"), (0.7, "settle"), (0.8, "end"))
-    stats = f.run(f.FloodStats("dns", 2000), lambda i: sent_at.append(time.time()), poll, sched,
-                  max_packets=100_000, max_seconds=10)  # fmt: skip
+    stats = f.run(
+        f.FloodStats("dns", 2000),
+        lambda i: sent_at.append(time.time()),
+        poll,
+        sched,
+        max_packets=100_000,
+        max_seconds=10,
+    )
     start, end = sched[1][0], sched[2][0]
     assert stats.stopped_by == "schedule" and len(stats.spans) == 1
     assert stats.sent == len(sent_at)
@@ -106,11 +118,18 @@ def test_run_stops_at_its_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(f, "DRAIN_S", 0.0)
     sched = _schedule((0.0, "stress"), (5.0, "end"))
     t0 = time.monotonic()
-    stats = f.run(f.FloodStats("syn", 0), lambda i: None, lambda: None, sched, max_packets=5000,
-                  max_seconds=5)  # fmt: skip
+    stats = f.run(
+        f.FloodStats("syn", 0), lambda i: None, lambda: None, sched, max_packets=5000, max_seconds=5
+    )
     assert (stats.sent, stats.stopped_by) == (5000, "max_packets")
-    stats = f.run(f.FloodStats("syn", 100), lambda i: None, lambda: None, sched, max_packets=10**6,
-                  max_seconds=0.2)  # fmt: skip
+    stats = f.run(
+        f.FloodStats("syn", 100),
+        lambda i: None,
+        lambda: None,
+        sched,
+        max_packets=10**6,
+        max_seconds=0.2,
+    )
     assert stats.stopped_by == "max_seconds" and stats.flood_seconds < 0.5
     assert time.monotonic() - t0 < 3
 
@@ -134,4 +153,6 @@ def test_main_rejects_bad_arguments() -> None:
     with pytest.raises(SystemExit):
         f.main(["dns", "--schedule", sched, "--rate", "-1", "--summary", "/dev/null"])
     with pytest.raises(SystemExit):
-        f.main(["dns", "--schedule", sched, "--rate", "1", "--max-seconds", "600", "--summary", "x"])
+        f.main(
+            ["dns", "--schedule", sched, "--rate", "1", "--max-seconds", "600", "--summary", "x"]
+        )

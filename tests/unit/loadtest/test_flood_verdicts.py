@@ -35,7 +35,9 @@ def test_flood_jobs_victims_on_both_nodes() -> None:
     assert (attacker.driver, attacker.user_class, attacker.node) == ("flood", "dns", "node1")
     assert attacker.abusive
     assert (s.job("victim_a").node, s.job("victim_b").node) == ("node1", "node2")
-    assert all(s.job(v).user_class == "Victim" and not s.job(v).abusive for v in ("victim_a", "victim_b"))
+    assert all(
+        s.job(v).user_class == "Victim" and not s.job(v).abusive for v in ("victim_a", "victim_b")
+    )
     payload = attacker.policy("0f0e5d1c-0000-4000-8000-000000000001")
     # allowed names of the flood live under the wildcard the policy allows
     assert {"host": sc.WILDCARD, "ports": [443]} in payload["egress"]
@@ -57,10 +59,16 @@ def test_tier1_budget() -> None:
 
 def _flood(**over: object) -> v.FloodObservation:
     base: dict[str, object] = dict(
-        kind="dns", rate_limit=50, sent=50_000, flood_seconds=10.0, windows=2,
+        kind="dns",
+        rate_limit=50,
+        sent=50_000,
+        flood_seconds=10.0,
+        windows=2,
         tier1={"dns_rate_limit": 49_400, "redirected": 600},
-        at_proxies={"proxy1": 300, "proxy2": 298}, answered=598, proxy_refusals={},
-    )  # fmt: skip
+        at_proxies={"proxy1": 300, "proxy2": 298},
+        answered=598,
+        proxy_refusals={},
+    )
     base.update(over)
     return v.FloodObservation(**base)  # type: ignore[arg-type]
 
@@ -73,23 +81,28 @@ def test_flood_dying_at_tier1_passes() -> None:
     assert "598" in spared.measured and "answered" in spared.measured
 
 
-@pytest.mark.parametrize(("over", "verdict", "why"), [
-    # the flood went through tier 1: nothing dropped with its reason
-    ({"tier1": {"redirected": 50_000}}, 0, "tier 1 dropped 0"),
-    # dropped, but far less than the excess
-    ({"tier1": {"dns_rate_limit": 30_000}}, 0, "< 44460"),
-    # counted by another reason only
-    ({"tier1": {"udp_not_dns": 49_400}}, 0, "tier 1 dropped 0"),
-    ({"tier1": None}, 0, "could not be read"),
-    # a "flood" at its own rate tests nothing
-    ({"sent": 700, "tier1": {"dns_rate_limit": 100}}, 0, "not a flood"),
-    ({"tier1": {"dns_rate_limit": 60_000}}, 0, "> sent"),
-    # the proxies saw more than the bucket lets through
-    ({"at_proxies": {"proxy1": 2000, "proxy2": 3000}}, 1, "saw 5000 > 660"),
-    ({"at_proxies": {"proxy1": 300, "proxy2": None}}, 1, "no tap count from proxy2"),
-    ({"at_proxies": {}}, 1, "no tap count"),
-])  # fmt: skip
-def test_flood_verdicts_fail_for_their_reason(over: dict[str, object], verdict: int, why: str) -> None:
+@pytest.mark.parametrize(
+    ("over", "verdict", "why"),
+    [
+        # the flood went through tier 1: nothing dropped with its reason
+        ({"tier1": {"redirected": 50_000}}, 0, "tier 1 dropped 0"),
+        # dropped, but far less than the excess
+        ({"tier1": {"dns_rate_limit": 30_000}}, 0, "< 44460"),
+        # counted by another reason only
+        ({"tier1": {"udp_not_dns": 49_400}}, 0, "tier 1 dropped 0"),
+        ({"tier1": None}, 0, "could not be read"),
+        # a "flood" at its own rate tests nothing
+        ({"sent": 700, "tier1": {"dns_rate_limit": 100}}, 0, "not a flood"),
+        ({"tier1": {"dns_rate_limit": 60_000}}, 0, "> sent"),
+        # the proxies saw more than the bucket lets through
+        ({"at_proxies": {"proxy1": 2000, "proxy2": 3000}}, 1, "saw 5000 > 660"),
+        ({"at_proxies": {"proxy1": 300, "proxy2": None}}, 1, "no tap count from proxy2"),
+        ({"at_proxies": {}}, 1, "no tap count"),
+    ],
+)
+def test_flood_verdicts_fail_for_their_reason(
+    over: dict[str, object], verdict: int, why: str
+) -> None:
     out = v.flood_verdicts(_flood(**over))
     assert not out[verdict].passed and why in out[verdict].detail, out[verdict]
     assert out[1 - verdict].passed or verdict == 0
@@ -114,15 +127,27 @@ def _observed(name: str) -> a.Observed:
         sc.BASELINE: {"victim_a": _stats("a", 200, 20.0), "victim_b": _stats("b", 200, 25.0)},
         sc.STRESS: {"victim_a": _stats("a", 200, 30.0), "victim_b": _stats("b", 200, 101.0)},
     }
-    obs.totals = {"victim_a": _stats("Aggregated", 420, 25.0), "victim_b": _stats("Aggregated", 420, 40.0)}
+    obs.totals = {
+        "victim_a": _stats("Aggregated", 420, 25.0),
+        "victim_b": _stats("Aggregated", 420, 40.0),
+    }
     kind = name.removesuffix("-flood")
-    obs.summaries = {"attacker": {"kind": kind, "sent": 50_000, "answered": 598, "flood_seconds": 10.0,
-                                  "spans": [[1.0, 6.0], [12.0, 17.0]]}}  # fmt: skip
+    obs.summaries = {
+        "attacker": {
+            "kind": kind,
+            "sent": 50_000,
+            "answered": 598,
+            "flood_seconds": 10.0,
+            "spans": [[1.0, 6.0], [12.0, 17.0]],
+        }
+    }
     reason = v.FLOOD_REASONS[kind]
     obs.tier1_before = {"redirected": 10}
     obs.tier1_after = {"redirected": 610, reason: 49_400}
-    obs.tap_before = {"proxy1": {"attacker_dns": 1, "attacker_syn": 1},
-                      "proxy2": {"attacker_dns": 0, "attacker_syn": 0}}
+    obs.tap_before = {
+        "proxy1": {"attacker_dns": 1, "attacker_syn": 1},
+        "proxy2": {"attacker_dns": 0, "attacker_syn": 0},
+    }
     obs.tap_after = {"proxy1": {f"attacker_{kind}": 301}, "proxy2": {f"attacker_{kind}": 298}}
     obs.alive = dict.fromkeys(PROXIES, True)
     obs.active_after = dict.fromkeys(PROXIES, 0.0)
@@ -135,8 +160,15 @@ def test_assess_flood_scenario(name: str) -> None:
     obs = _observed(name)
     out = {x.name: x for x in a.assess(sc.build(name, 22), obs)}
     assert list(out) == [
-        "attacker_excess_at_tier1", "proxies_spared", "victim_a_no_failures", "victim_a_p99",
-        "victim_b_no_failures", "victim_b_p99", "proxies_alive", "connections_released", "logs_clean",
+        "attacker_excess_at_tier1",
+        "proxies_spared",
+        "victim_a_no_failures",
+        "victim_a_p99",
+        "victim_b_no_failures",
+        "victim_b_p99",
+        "proxies_alive",
+        "connections_released",
+        "logs_clean",
     ]
     # victim_b's stress p99 (101 ms) is above 2 x its baseline (25 ms) + 50 ms: the only failure
     assert [x.name for x in out.values() if not x.passed] == ["victim_b_p99"]
@@ -153,21 +185,49 @@ def test_assess_flood_victim_failure_and_unreadable_counters() -> None:
     obs.tier1_after = None
     obs.tap_after = {"proxy1": None, "proxy2": {"attacker_dns": 10}}
     out = {x.name: x for x in a.assess(sc.build("dns-flood", 22), obs)}
-    assert not out["victim_a_no_failures"].passed and "3 failed" in out["victim_a_no_failures"].detail
+    assert (
+        not out["victim_a_no_failures"].passed and "3 failed" in out["victim_a_no_failures"].detail
+    )
     assert not out["attacker_excess_at_tier1"].passed
     assert not out["proxies_spared"].passed and "proxy1" in out["proxies_spared"].detail
 
 
 def test_tap_script_and_parse() -> None:
     script = floodio.tap_script(IPv4Address("100.96.1.7"))
-    assert "ip saddr 100.96.1.7 udp dport 53 counter name \"attacker_dns\"" in script
+    assert 'ip saddr 100.96.1.7 udp dport 53 counter name "attacker_dns"' in script
     assert "tcp flags & (syn | ack) == syn" in script and "policy accept" in script
-    listing = {"nftables": [
-        {"metainfo": {"version": "1.0.6"}},
-        {"counter": {"family": "ip", "name": "attacker_dns", "table": "egd_loadtest", "packets": 598, "bytes": 1}},
-        {"counter": {"family": "ip", "name": "attacker_syn", "table": "egd_loadtest", "packets": 3, "bytes": 1}},
-        {"counter": {"family": "ip", "name": "other", "table": "egd_loadtest", "packets": 9, "bytes": 1}},
-    ]}  # fmt: skip
+    listing = {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {
+                "counter": {
+                    "family": "ip",
+                    "name": "attacker_dns",
+                    "table": "egd_loadtest",
+                    "packets": 598,
+                    "bytes": 1,
+                }
+            },
+            {
+                "counter": {
+                    "family": "ip",
+                    "name": "attacker_syn",
+                    "table": "egd_loadtest",
+                    "packets": 3,
+                    "bytes": 1,
+                }
+            },
+            {
+                "counter": {
+                    "family": "ip",
+                    "name": "other",
+                    "table": "egd_loadtest",
+                    "packets": 9,
+                    "bytes": 1,
+                }
+            },
+        ]
+    }
     assert floodio.parse_tap(json.dumps(listing)) == {"attacker_dns": 598, "attacker_syn": 3}
     with pytest.raises(ValueError):
         floodio.parse_tap("not json")
@@ -190,7 +250,7 @@ def test_tier1_metric_delta_from_the_agents_scrapes() -> None:
             f'reason="dns_rate_limit"}} {drops}\n'
             'egressd_tier1_sandbox_packets_total{sandbox_id="lt-v",job_id="B",verdict="drop",'
             'reason="dns_rate_limit"} 7\n'
-        )  # fmt: skip
+        )
 
     obs = _observed("dns-flood")
     obs.attacker_sandbox = "lt-a"
@@ -198,6 +258,9 @@ def test_tier1_metric_delta_from_the_agents_scrapes() -> None:
     obs.agent_before, obs.agent_after = scrape(3), scrape(49_403)
     assert obs.tier1_metric_delta() == {"dns_rate_limit": 49_400}
     out = {x.name: x for x in a.assess(sc.build("dns-flood", 22), obs)}
-    assert out["attacker_excess_at_tier1"].passed and "agent metric 49400" in out["attacker_excess_at_tier1"].measured
+    assert (
+        out["attacker_excess_at_tier1"].passed
+        and "agent metric 49400" in out["attacker_excess_at_tier1"].measured
+    )
     obs.agent_after = r.parse_metrics("# TYPE egressd_other counter\negressd_other_total 1\n")
     assert obs.tier1_metric_delta() is None  # an agent that does not export it

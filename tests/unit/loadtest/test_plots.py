@@ -45,8 +45,9 @@ def test_write_puts_two_pngs_beside_the_json(
         assert width > 600 and height > 300
 
 
-def test_latency_lines_are_the_victims_per_second_series(port_exhaustion: dict[str, Any],
-                                                         tmp_path: Path) -> None:  # fmt: skip
+def test_latency_lines_are_the_victims_per_second_series(
+    port_exhaustion: dict[str, Any], tmp_path: Path
+) -> None:
     drawn = plots.render_latency(port_exhaustion, tmp_path / "l.png")
     assert list(drawn) == ["victim"]  # the attacker has no latency series
     rows = port_exhaustion["observed"]["summaries"]["victim"]["latency_per_second"]
@@ -102,8 +103,9 @@ def test_the_hog_in_megabytes_per_second(tmp_path: Path) -> None:
     assert list(plots.render_latency(doc, tmp_path / "l.png")) == ["steady"]
 
 
-def test_a_flood_attacker_is_its_mean_rate_over_its_spans(port_exhaustion: dict[str, Any],
-                                                          tmp_path: Path) -> None:  # fmt: skip
+def test_a_flood_attacker_is_its_mean_rate_over_its_spans(
+    port_exhaustion: dict[str, Any], tmp_path: Path
+) -> None:
     doc = copy.deepcopy(port_exhaustion)
     t0 = doc["observed"]["schedule_t0"]
     spans = [[t0 + 6.2, t0 + 12.3], [t0 + 19.5, t0 + 25.6]]

@@ -60,8 +60,15 @@ def test_stats_csv_without_requests_has_no_percentiles() -> None:
     assert agg.requests == 0 and agg.p99_ms is None and agg.failure_rate == 0.0
 
 
-@pytest.mark.parametrize("text", ["", "a,b\n1,2\n", STATS_CSV.replace(",Aggregated,", ",Other,"),
-                                  STATS_CSV.replace("452", "many")])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "a,b\n1,2\n",
+        STATS_CSV.replace(",Aggregated,", ",Other,"),
+        STATS_CSV.replace("452", "many"),
+    ],
+)
 def test_stats_csv_rejects_what_is_not_locust(text: str) -> None:
     with pytest.raises(ParseError):
         r.parse_stats_csv(text)
@@ -89,7 +96,9 @@ def test_metrics_samples_and_families() -> None:
     assert r.metric_sum(scrape, "egressd_limit_refusals_total", job_id="a") == 847
     assert r.metric_sum(scrape, "egressd_limit_refusals_total", job_id="b") == 0
     assert r.by_label(scrape, "egressd_limit_refusals_total", "reason", job_id="a") == {
-        "port_budget_exhausted": 436, "job_rate_limit": 411}
+        "port_budget_exhausted": 436,
+        "job_rate_limit": 411,
+    }
     # A labelled gauge without series is still declared.
     assert r.metric_present(scrape, "egressd_job_connections")
     assert r.metric_present(scrape, "egressd_limit_refusals_total")
@@ -101,13 +110,18 @@ def test_metrics_samples_and_families() -> None:
 
 def test_metrics_garbage_is_a_parse_error() -> None:
     with pytest.raises(ParseError):
-        r.parse_metrics("egressd_x{job_id=\"a\" 1\n")
+        r.parse_metrics('egressd_x{job_id="a" 1\n')
 
 
 def test_counter_delta() -> None:
     before = r.parse_metrics(METRICS)
     after = r.parse_metrics(METRICS.replace("436.0", "500.0"))
-    assert r.counter_delta(before, after, "egressd_limit_refusals_total", reason="port_budget_exhausted") == 64
+    assert (
+        r.counter_delta(
+            before, after, "egressd_limit_refusals_total", reason="port_budget_exhausted"
+        )
+        == 64
+    )
 
 
 def test_gauge_max_keeps_the_largest_sample_per_series() -> None:
@@ -150,20 +164,32 @@ def _line(**fields: object) -> str:
 
 
 def test_scan_log_finds_unhandled_errors_only() -> None:
-    text = "\n".join([
-        _line(event="connection", level="info", verdict="deny", reason="job_rate_limit"),
-        _line(event="policy_refresh_failed", level="warning"),
-        _line(event="connection_task_failed", level="error", exception="Traceback (most recent call last): ..."),
-        _line(event="nft_drift", level="error"),
-        _line(event="odd", level="info", exception="Traceback (most recent call last):\n  boom"),
-        "Traceback (most recent call last):",
-        "  File \"x.py\", line 1",
-        "",
-        "[1, 2]",
-    ])
+    text = "\n".join(
+        [
+            _line(event="connection", level="info", verdict="deny", reason="job_rate_limit"),
+            _line(event="policy_refresh_failed", level="warning"),
+            _line(
+                event="connection_task_failed",
+                level="error",
+                exception="Traceback (most recent call last): ...",
+            ),
+            _line(event="nft_drift", level="error"),
+            _line(
+                event="odd", level="info", exception="Traceback (most recent call last):\n  boom"
+            ),
+            "Traceback (most recent call last):",
+            '  File "x.py", line 1',
+            "",
+            "[1, 2]",
+        ]
+    )
     problems = r.scan_log("proxy1", text)
     assert [(p.what, p.line_no) for p in problems] == [
-        ("connection_task_failed", 3), ("nft_drift", 4), ("odd", 5), ("traceback", 6)]
+        ("connection_task_failed", 3),
+        ("nft_drift", 4),
+        ("odd", 5),
+        ("traceback", 6),
+    ]
     assert problems[0].to_dict()["component"] == "proxy1"
     assert r.scan_log("node1", _line(event="x", level="info")) == []
 
@@ -175,13 +201,15 @@ def test_scan_log_shortens_and_limits() -> None:
 
 
 def test_deny_reasons_of_one_job() -> None:
-    text = "\n".join([
-        _line(event="connection", job_id="a", verdict="deny", reason="port_budget_exhausted"),
-        _line(event="connection", job_id="a", verdict="deny", reason="job_rate_limit"),
-        _line(event="connection", job_id="a", verdict="deny", reason="job_rate_limit"),
-        _line(event="connection", job_id="a", verdict="allow", reason="allowed_host"),
-        _line(event="dns", job_id="a", verdict="deny", reason="no_matching_rule"),
-        _line(event="connection", job_id="b", verdict="deny", reason="job_rate_limit"),
-        "not json a",
-    ])
+    text = "\n".join(
+        [
+            _line(event="connection", job_id="a", verdict="deny", reason="port_budget_exhausted"),
+            _line(event="connection", job_id="a", verdict="deny", reason="job_rate_limit"),
+            _line(event="connection", job_id="a", verdict="deny", reason="job_rate_limit"),
+            _line(event="connection", job_id="a", verdict="allow", reason="allowed_host"),
+            _line(event="dns", job_id="a", verdict="deny", reason="no_matching_rule"),
+            _line(event="connection", job_id="b", verdict="deny", reason="job_rate_limit"),
+            "not json a",
+        ]
+    )
     assert r.deny_reasons(text, "a") == {"port_budget_exhausted": 1, "job_rate_limit": 2}

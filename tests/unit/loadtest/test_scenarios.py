@@ -30,8 +30,13 @@ def test_policy_payload() -> None:
     assert payload["nodes"] == [job.node]
     assert payload["egress"] == [{"host": sc.SITE, "ports": [sc.HTTP_PORT]}]
     assert payload["limits"]["bandwidth_bps"] == 64_000_000
-    assert set(payload["limits"]) == {"max_connections", "max_new_connections_per_s",
-                                      "ports_per_destination", "bandwidth_bps", "dns_queries_per_s"}
+    assert set(payload["limits"]) == {
+        "max_connections",
+        "max_new_connections_per_s",
+        "ports_per_destination",
+        "bandwidth_bps",
+        "dns_queries_per_s",
+    }
     # A well-behaved job's DNS (a query or two per request) is far below its limit.
     assert payload["limits"]["dns_queries_per_s"] >= 500
 
@@ -45,9 +50,13 @@ def test_share_and_budget() -> None:
     assert sc.attack_budget_per_proxy({**limits, "max_connections": 30}, 2) == 15
 
 
-@pytest.mark.parametrize(("duration", "target", "cycles"), [
-    (30, 10, 1), (45, 10, 2), (60, 10, 2), (300, 10, 14), (40, 5, 3), (300, 5, 27), (5, 5, 1)])
-def test_windows_alternate_and_cover_the_duration(duration: float, target: float, cycles: int) -> None:
+@pytest.mark.parametrize(
+    ("duration", "target", "cycles"),
+    [(30, 10, 1), (45, 10, 2), (60, 10, 2), (300, 10, 14), (40, 5, 3), (300, 5, 27), (5, 5, 1)],
+)
+def test_windows_alternate_and_cover_the_duration(
+    duration: float, target: float, cycles: int
+) -> None:
     windows = sc.alternating(duration, target)
     assert len(windows) == 3 * cycles
     assert [w.phase for w in windows] == [sc.BASELINE, sc.STRESS, sc.SETTLE] * cycles
@@ -77,16 +86,25 @@ def test_schedule_round_trip() -> None:
     assert sc.phase_at(schedule, 1030.0) == sc.END
 
 
-@pytest.mark.parametrize("text", ["", "1:baseline", "2:baseline,1:end", "x:baseline,2:end", "1baseline,2:end"])
+@pytest.mark.parametrize(
+    "text", ["", "1:baseline", "2:baseline,1:end", "x:baseline,2:end", "1baseline,2:end"]
+)
 def test_bad_schedules(text: str) -> None:
     with pytest.raises(ValueError):
         sc.parse_schedule(text)
 
 
-@pytest.mark.parametrize(("name", "duration"), [
-    ("nope", 60), ("port-exhaustion", 29), ("bandwidth", 3601), ("steady", 9), ("steady", float("nan")),
-    ("steady", float("inf")),
-])
+@pytest.mark.parametrize(
+    ("name", "duration"),
+    [
+        ("nope", 60),
+        ("port-exhaustion", 29),
+        ("bandwidth", 3601),
+        ("steady", 9),
+        ("steady", float("nan")),
+        ("steady", float("inf")),
+    ],
+)
 def test_bad_durations_and_names(name: str, duration: float) -> None:
     with pytest.raises(sc.ScenarioError):
         sc.build(name, duration)

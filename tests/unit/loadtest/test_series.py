@@ -20,10 +20,12 @@ def test_percentile_nearest_rank() -> None:
 
 def test_per_second_groups_by_start_second() -> None:
     samples = [
-        (100.2, 5.0, False), (100.9, 1.0, False), (100.5, 3.0, True),
+        (100.2, 5.0, False),
+        (100.9, 1.0, False),
+        (100.5, 3.0, True),
         (102.0, 40.0, True),  # a second with one request; 101 had none
         (99.99, 2.0, False),
-    ]  # fmt: skip
+    ]
     rows = per_second(samples)
     assert [r["t"] for r in rows] == [99, 100, 102]
     by_t = {r["t"]: r for r in rows}

@@ -16,9 +16,15 @@ def _stats(requests: int = 100, failures: int = 0, p99: float | None = 20.0) -> 
 
 def _attack(**over: object) -> v.AttackObservation:
     base: dict[str, object] = dict(
-        proxies=["proxy1", "proxy2"], ports_per_destination=24, connection_share=64,
-        held_max=48, held_per_window=[48, 48], attempts=1000, outcomes={"held": 48, "reset": 952},
-        source_ports_max={"proxy1": 24, "proxy2": 24}, connections_max={"proxy1": 25, "proxy2": 24},
+        proxies=["proxy1", "proxy2"],
+        ports_per_destination=24,
+        connection_share=64,
+        held_max=48,
+        held_per_window=[48, 48],
+        attempts=1000,
+        outcomes={"held": 48, "reset": 952},
+        source_ports_max={"proxy1": 24, "proxy2": 24},
+        connections_max={"proxy1": 25, "proxy2": 24},
         refusals={"proxy1": {"port_budget_exhausted": 300.0}, "proxy2": {"job_rate_limit": 200.0}},
         audit_denials={"port_budget_exhausted": 300, "job_rate_limit": 200},
     )
@@ -33,15 +39,21 @@ def test_attacker_at_its_budget_passes() -> None:
     assert _attack().budget_total == 48
 
 
-@pytest.mark.parametrize(("over", "which"), [
-    ({"source_ports_max": {"proxy1": 25, "proxy2": 24}}, 0),  # over the port budget
-    ({"connections_max": {"proxy1": 65, "proxy2": 1}}, 0),  # over its connection share
-    ({"source_ports_max": {"proxy1": None, "proxy2": 24}}, 0),  # the proxy exports nothing
-    ({"held_max": 49}, 0),  # the client held more than the fleet's budget
-    ({"held_max": 40}, 1),  # never pressed against the limit
-    ({"refusals": {}, "audit_denials": {}}, 1),  # nothing refused it: not the limit that held it
-    ({"refusals": {"proxy1": {"made_up": 3.0}}}, 1),
-])
+@pytest.mark.parametrize(
+    ("over", "which"),
+    [
+        ({"source_ports_max": {"proxy1": 25, "proxy2": 24}}, 0),  # over the port budget
+        ({"connections_max": {"proxy1": 65, "proxy2": 1}}, 0),  # over its connection share
+        ({"source_ports_max": {"proxy1": None, "proxy2": 24}}, 0),  # the proxy exports nothing
+        ({"held_max": 49}, 0),  # the client held more than the fleet's budget
+        ({"held_max": 40}, 1),  # never pressed against the limit
+        (
+            {"refusals": {}, "audit_denials": {}},
+            1,
+        ),  # nothing refused it: not the limit that held it
+        ({"refusals": {"proxy1": {"made_up": 3.0}}}, 1),
+    ],
+)
 def test_attacker_failures(over: dict[str, object], which: int) -> None:
     results = v.attacker_verdicts(_attack(**over))
     assert not results[which].passed and results[which].detail
@@ -79,7 +91,9 @@ def test_flood_latency_slack_is_absolute() -> None:
     late = v.latency_verdict("victim_b", _stats(p99=20.0), _stats(p99=41.0 + slack), slack_ms=slack)
     assert not late.passed
     # The defect the verdict is for (a burst served ahead of others: hundreds of ms) fails.
-    assert not v.latency_verdict("victim_a", _stats(p99=20.0), _stats(p99=480.0), slack_ms=slack).passed
+    assert not v.latency_verdict(
+        "victim_a", _stats(p99=20.0), _stats(p99=480.0), slack_ms=slack
+    ).passed
 
 
 def test_throughput_verdict() -> None:

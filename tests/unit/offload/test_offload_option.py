@@ -53,12 +53,19 @@ def super_tcp(payload: int = 20 * MSS, **tcp: object) -> bytes:
 
 
 def small_udp() -> bytes:
-    return bytes(IP(src="100.96.1.2", dst="100.100.100.53") / UDP(sport=5353, dport=53) / Raw(b"q" * 12))
+    return bytes(
+        IP(src="100.96.1.2", dst="100.100.100.53") / UDP(sport=5353, dport=53) / Raw(b"q" * 12)
+    )
 
 
 def gso_option(gso_size: int = MSS, **over: int) -> GeneveOption:
-    fields = {"flags": NEEDS_CSUM, "gso_type": TCPV4, "gso_size": gso_size,
-              "csum_start": 20, "csum_offset": 16}  # fmt: skip
+    fields = {
+        "flags": NEEDS_CSUM,
+        "gso_type": TCPV4,
+        "gso_size": gso_size,
+        "csum_start": 20,
+        "csum_offset": 16,
+    }
     fields.update(over)
     return offload_option(**fields)
 
@@ -129,7 +136,9 @@ def test_a_super_packet_gets_a_gso_header_with_its_own_hdr_len() -> None:
 
 
 def test_partial_checksums_without_gso() -> None:
-    assert vnet_for(super_tcp(10), gso_option(0, gso_type=0)) == vnet_header(NEEDS_CSUM, 0, 0, 0, 20, 16)
+    assert vnet_for(super_tcp(10), gso_option(0, gso_type=0)) == vnet_header(
+        NEEDS_CSUM, 0, 0, 0, 20, 16
+    )
     udp = small_udp()
     assert vnet_for(udp, gso_option(0, gso_type=0, csum_offset=6)) == vnet_header(
         NEEDS_CSUM, 0, 0, 0, 20, 6
@@ -160,8 +169,10 @@ def test_one_segment_is_written_as_a_plain_packet() -> None:
         (super_tcp(), offload_option(0, 0, MSS, 0, 0)),  # gso_size without gso_type
         (small_udp(), gso_option(csum_offset=6)),  # GSO for UDP
         (small_udp(), gso_option(0, gso_type=0)),  # TCP's checksum offset in UDP
-        (bytes(IP(src="100.96.1.2", dst="203.0.113.10", proto=47) / Raw(b"g" * 40)),
-         gso_option(0, gso_type=0)),
+        (
+            bytes(IP(src="100.96.1.2", dst="203.0.113.10", proto=47) / Raw(b"g" * 40)),
+            gso_option(0, gso_type=0),
+        ),
         (super_tcp(), GeneveOption(OFFLOAD_OPTION_CLASS, OFFLOAD_OPTION_TYPE, bytes(4))),
         (super_tcp(), GeneveOption(OFFLOAD_OPTION_CLASS, OFFLOAD_OPTION_TYPE, bytes(12))),
     ],

@@ -51,10 +51,14 @@ MSS = 1396
 GSO_HDR = vnet_header(1, 1, 52, MSS, 20, 16)
 CSUM_HDR = vnet_header(1, 0, 0, 0, 20, 16)
 AGENT_CONFIG = {
-    "name": "node1", "underlay": "198.18.0.11", "sandbox_cidr": "100.96.1.0/24",
-    "proxies": [{"name": "proxy1", "underlay": "198.18.0.21"},
-                {"name": "proxy2", "underlay": "198.18.0.22"}],
-}  # fmt: skip
+    "name": "node1",
+    "underlay": "198.18.0.11",
+    "sandbox_cidr": "100.96.1.0/24",
+    "proxies": [
+        {"name": "proxy1", "underlay": "198.18.0.21"},
+        {"name": "proxy2", "underlay": "198.18.0.22"},
+    ],
+}
 
 
 def tcp(src: str, dst: str, sport: int, dport: int, payload: int) -> bytes:
@@ -190,8 +194,9 @@ def proxy_datagram(inner: bytes, *options: GeneveOption) -> bytes:
 
 
 def check(data: bytes, offload: bool) -> Accepted | Dropped | object:
-    return validate(data, "198.18.0.11", nodes=NODES, vni=1, policy_lookup=POLICIES.get,
-                    offload=offload)  # fmt: skip
+    return validate(
+        data, "198.18.0.11", nodes=NODES, vni=1, policy_lookup=POLICIES.get, offload=offload
+    )
 
 
 def test_validate_with_offload() -> None:
@@ -227,7 +232,9 @@ class OffloadRig:
         self.node1 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.node1.bind(("127.0.0.2", 0))
         self.node1.settimeout(2.0)
-        view = NodeView([NodeEntry("node1", ipaddress.IPv4Address("127.0.0.2"), NODE1.sandbox_cidr)])
+        view = NodeView(
+            [NodeEntry("node1", ipaddress.IPv4Address("127.0.0.2"), NODE1.sandbox_cidr)]
+        )
         self.tun = VnetTun()
         self.metrics = CollectorRegistry()
         self.flows = FlowTable(idle_s=60, max_flows=100)
@@ -253,11 +260,15 @@ def test_offload_needs_a_vnet_tun() -> None:
     try:
         with pytest.raises(ValueError, match="vnet_hdr"):
             GeneveTunnel(
-                listen=("127.0.0.1", 0), vni=1, tun=tun,  # type: ignore[arg-type]
-                nodes=FakeNodes(NODES), policies=FakePolicies(POLICIES),  # type: ignore[arg-type]
-                flows=FlowTable(idle_s=60, max_flows=10), metrics=CollectorRegistry(),
+                listen=("127.0.0.1", 0),
+                vni=1,
+                tun=tun,  # type: ignore[arg-type]
+                nodes=FakeNodes(NODES),  # type: ignore[arg-type]
+                policies=FakePolicies(POLICIES),  # type: ignore[arg-type]
+                flows=FlowTable(idle_s=60, max_flows=10),
+                metrics=CollectorRegistry(),
                 offload=True,
-            )  # fmt: skip
+            )
     finally:
         tun.close()
 
@@ -290,7 +301,9 @@ async def test_the_tunnel_carries_super_packets_both_ways() -> None:
         assert second.options == () and bytes(second.inner) == back_small
         third = decode(await asyncio.to_thread(rig.node1.recv, 1 << 17))
         assert third.options == (offload_option(1, 0, 0, 20, 16),)
-        await until(lambda: rig.sample("egressd_tun_tx_dropped_total", reason="unsupported_gso") == 1)
+        await until(
+            lambda: rig.sample("egressd_tun_tx_dropped_total", reason="unsupported_gso") == 1
+        )
         assert rig.sample("egressd_tun_superpackets_total", direction="from_tun") == 1
         assert rig.sample("egressd_geneve_tx_packets_total") == 3
         assert "unsupported_gso" in TUN_DROP_REASONS

@@ -46,8 +46,13 @@ def test_a_good_policy_has_no_problems() -> None:
 
 def test_every_mistake_at_once() -> None:
     bad = {
-        "v": 1, "job_id": "not-a-uuid", "account": "ac me", "nodes": ["node1", "Node2", "node1"],
-        "mode": "audit", "exp": 1000, "surprise": True,
+        "v": 1,
+        "job_id": "not-a-uuid",
+        "account": "ac me",
+        "nodes": ["node1", "Node2", "node1"],
+        "mode": "audit",
+        "exp": 1000,
+        "surprise": True,
         "egress": [
             {"host": "*.test"},
             {"host": "a.test", "ports": [0, "5-1", 443]},
@@ -56,13 +61,25 @@ def test_every_mistake_at_once() -> None:
             {"host": "b.test", "cidr": "203.0.113.0/24"},
         ],
         "limits": {"max_connections": 0, "max_conns": 1},
-    }  # fmt: skip
+    }
     fields = [p.field for p in check(bad).problems]
     assert fields == [
-        "surprise", "job_id", "account", "nodes[1]", "nodes[2]", "mode", "exp",
-        "egress[0].host", "egress[1].ports[0]", "egress[1].ports[1]", "egress[2].cidr",
-        "egress[3].port", "egress[4]", "limits.max_conns", "limits.max_connections",
-    ]  # fmt: skip
+        "surprise",
+        "job_id",
+        "account",
+        "nodes[1]",
+        "nodes[2]",
+        "mode",
+        "exp",
+        "egress[0].host",
+        "egress[1].ports[0]",
+        "egress[1].ports[1]",
+        "egress[2].cidr",
+        "egress[3].port",
+        "egress[4]",
+        "limits.max_conns",
+        "limits.max_connections",
+    ]
 
 
 def test_missing_required_fields_are_each_named() -> None:
@@ -95,17 +112,17 @@ def test_expired_two_hours_ago() -> None:
 def test_exp_before_nbf_in_the_future_names_both_times() -> None:
     report = check({**GOOD, "nbf": NOW + 7200, "exp": NOW + 3600})
     assert lines(report) == [
-        ("exp: must be after nbf (2026-12-06T17:00:00Z, in 60 min is not after "
-        "2026-12-06T18:00:00Z, in 2 h)")
+        (
+            "exp: must be after nbf (2026-12-06T17:00:00Z, in 60 min is not after "
+            "2026-12-06T18:00:00Z, in 2 h)"
+        )
     ]
     assert [str(n) for n in report.notes] == ["nbf: not valid before 2026-12-06T18:00:00Z, in 2 h"]
 
 
 def test_unknown_nodes_name_the_index_and_the_known_ones() -> None:
     report = check({**GOOD, "nodes": ["node1", "node9", "node2"]}, known_nodes=["node2", "node1"])
-    assert lines(report) == [
-        "nodes[1]: no node 'node9' at the control plane (known: node1, node2)"
-    ]
+    assert lines(report) == ["nodes[1]: no node 'node9' at the control plane (known: node1, node2)"]
 
 
 def test_unknown_nodes_are_reported_beside_other_problems() -> None:
@@ -122,40 +139,87 @@ def test_nodes_are_not_checked_without_a_node_list() -> None:
     ("rules", "expected"),
     [
         # an exact duplicate
-        ([{"host": "a.test.example"}, {"host": "a.test.example"}],
-         ["egress[1]: duplicate of egress[0]"]),
+        (
+            [{"host": "a.test.example"}, {"host": "a.test.example"}],
+            ["egress[1]: duplicate of egress[0]"],
+        ),
         # a wildcard first: the exact name behind it never decides, and its ech never applies
-        ([{"host": "*.data.test.example"}, {"host": "eu.data.test.example", "ech": "allow"}],
-         [("egress[1]: never decides: egress[0] (*.data.test.example) already matches all its "
-          "destinations and ports; its \"ech\": \"allow\" never applies")]),
+        (
+            [{"host": "*.data.test.example"}, {"host": "eu.data.test.example", "ech": "allow"}],
+            [
+                (
+                    "egress[1]: never decides: egress[0] (*.data.test.example) already matches all its "
+                    'destinations and ports; its "ech": "allow" never applies'
+                )
+            ],
+        ),
         # covered by two earlier rules together
-        ([{"host": "a.test.example", "ports": [80]}, {"host": "a.test.example", "ports": [443]},
-          {"host": "a.test.example", "ports": [443, 80]}],
-         [("egress[2]: never decides: egress[0] (a.test.example), egress[1] (a.test.example) "
-          "already match all its destinations and ports")]),
+        (
+            [
+                {"host": "a.test.example", "ports": [80]},
+                {"host": "a.test.example", "ports": [443]},
+                {"host": "a.test.example", "ports": [443, 80]},
+            ],
+            [
+                (
+                    "egress[2]: never decides: egress[0] (a.test.example), egress[1] (a.test.example) "
+                    "already match all its destinations and ports"
+                )
+            ],
+        ),
         # a cidr inside a wider one, outside any denied range
-        ([{"cidr": "0.0.0.0/0"}, {"cidr": "203.0.113.0/25"}],
-         [("egress[1]: never decides: egress[0] (0.0.0.0/0) already matches all its "
-          "destinations and ports")]),
+        (
+            [{"cidr": "0.0.0.0/0"}, {"cidr": "203.0.113.0/25"}],
+            [
+                (
+                    "egress[1]: never decides: egress[0] (0.0.0.0/0) already matches all its "
+                    "destinations and ports"
+                )
+            ],
+        ),
         # a redundant port entry
-        ([{"host": "a.test.example", "ports": ["1-1024", 443]}],
-         ["egress[0].ports[1]: 443 is already covered by ports[0]"]),
-        ([{"host": "a.test.example", "ports": ["1-100", "101-200", 150]}],
-         ["egress[0].ports[2]: 150 is already covered by ports[1]"]),
-        ([{"host": "a.test.example", "ports": ["1-100", "101-200", "50-150"]}],
-         ["egress[0].ports[2]: 50-150 is already covered by the entries before it"]),
+        (
+            [{"host": "a.test.example", "ports": ["1-1024", 443]}],
+            ["egress[0].ports[1]: 443 is already covered by ports[0]"],
+        ),
+        (
+            [{"host": "a.test.example", "ports": ["1-100", "101-200", 150]}],
+            ["egress[0].ports[2]: 150 is already covered by ports[1]"],
+        ),
+        (
+            [{"host": "a.test.example", "ports": ["1-100", "101-200", "50-150"]}],
+            ["egress[0].ports[2]: 50-150 is already covered by the entries before it"],
+        ),
         # ranges no policy can open
-        ([{"cidr": "127.0.0.0/16"}],
-         [("egress[0].cidr: 127.0.0.0/16 lies inside 127.0.0.0/8 (deny_loopback), "
-          "which no policy can open")]),
-        ([{"cidr": "224.0.0.0/24", "ports": [80]}],
-         [("egress[0].cidr: 224.0.0.0/24 lies inside 224.0.0.0/4 (deny_multicast), "
-          "which no policy can open")]),
-        ([{"cidr": "2001:db8::/32"}],
-         [("egress[0].cidr: 2001:db8::/32 never matches: the fleet carries IPv4 only "
-          "(tier 1 drops IPv6)")]),
+        (
+            [{"cidr": "127.0.0.0/16"}],
+            [
+                (
+                    "egress[0].cidr: 127.0.0.0/16 lies inside 127.0.0.0/8 (deny_loopback), "
+                    "which no policy can open"
+                )
+            ],
+        ),
+        (
+            [{"cidr": "224.0.0.0/24", "ports": [80]}],
+            [
+                (
+                    "egress[0].cidr: 224.0.0.0/24 lies inside 224.0.0.0/4 (deny_multicast), "
+                    "which no policy can open"
+                )
+            ],
+        ),
+        (
+            [{"cidr": "2001:db8::/32"}],
+            [
+                (
+                    "egress[0].cidr: 2001:db8::/32 never matches: the fleet carries IPv4 only "
+                    "(tier 1 drops IPv6)"
+                )
+            ],
+        ),
     ],
-)  # fmt: skip
+)
 def test_rules_that_never_decide(rules: list[dict[str, Any]], expected: list[str]) -> None:
     assert lines(check(with_rules(*rules))) == expected
 
@@ -183,8 +247,9 @@ def test_rules_that_do_decide(rules: list[dict[str, Any]]) -> None:
 
 
 def test_a_narrower_private_cidr_inside_a_wider_private_one_is_dead() -> None:
-    policy = parse_policy(with_rules({"cidr": "10.0.0.0/8"}, {"cidr": "10.1.2.0/24"}),
-                          require_timestamps=False)
+    policy = parse_policy(
+        with_rules({"cidr": "10.0.0.0/8"}, {"cidr": "10.1.2.0/24"}), require_timestamps=False
+    )
     assert [p.field for p in dead_rules(policy)] == ["egress[1]"]
 
 
@@ -217,7 +282,9 @@ def test_document_jws_needs_timestamps_and_reports_expiry() -> None:
     assert any(n.field == "signature" for n in report.notes)
     untimed = sign_payload(GOOD, key)
     assert [p.field for p in check_document(untimed.encode(), now=NOW).problems] == [
-        "iat", "nbf", "exp"
+        "iat",
+        "nbf",
+        "exp",
     ]
 
 
@@ -230,36 +297,54 @@ def test_document_jws_header_problems() -> None:
 
 def test_dead_rules_are_found_beside_other_problems() -> None:
     bad = {
-        **GOOD, "nodes": ["node9"], "exp": 1000,
-        "egress": [{"host": "*.test"}, {"host": "api.allowed.test", "ports": [443, 80]},
-                   {"host": "api.allowed.test"}],
-    }  # fmt: skip
+        **GOOD,
+        "nodes": ["node9"],
+        "exp": 1000,
+        "egress": [
+            {"host": "*.test"},
+            {"host": "api.allowed.test", "ports": [443, 80]},
+            {"host": "api.allowed.test"},
+        ],
+    }
     assert lines(check(bad, known_nodes=["node1", "node2"])) == [
         "exp: expired 1970-01-01T00:16:40Z, 56 years ago",
-        ("egress[0].host: '*.test': a wildcard needs at least 2 labels after '*.' "
-        "(it would cover a whole top-level domain)"),
+        (
+            "egress[0].host: '*.test': a wildcard needs at least 2 labels after '*.' "
+            "(it would cover a whole top-level domain)"
+        ),
         "nodes[0]: no node 'node9' at the control plane (known: node1, node2)",
-        ("egress[2]: never decides: egress[1] (api.allowed.test) already matches all its "
-        "destinations and ports"),
+        (
+            "egress[2]: never decides: egress[1] (api.allowed.test) already matches all its "
+            "destinations and ports"
+        ),
     ]
 
 
 def test_http_rules_behind_an_earlier_rule_never_apply() -> None:
     http = {"allow": [{"methods": ["GET"], "paths": ["/repos/acme/*"]}]}
-    report = check(with_rules(
-        {"host": "api.github.example", "ports": [443]},
-        {"host": "api.github.example", "ports": [443], "tls": "intercept", "http": http},
-    ))  # fmt: skip
+    report = check(
+        with_rules(
+            {"host": "api.github.example", "ports": [443]},
+            {"host": "api.github.example", "ports": [443], "tls": "intercept", "http": http},
+        )
+    )
     assert lines(report) == [
-        ("egress[1]: never decides: egress[0] (api.github.example) already matches all its "
-        'destinations and ports; its "tls": "intercept" and "http" rules never apply')
+        (
+            "egress[1]: never decides: egress[0] (api.github.example) already matches all its "
+            'destinations and ports; its "tls": "intercept" and "http" rules never apply'
+        )
     ]
 
 
 def test_http_rule_problems_name_their_field() -> None:
     http = {"allow": [{"methods": ["get"], "paths": ["/"]}]}
-    report = check(with_rules({"host": "a.test.example", "ports": [80], "http": http},
-                              {"host": "b.test.example", "tls": "intercept"}))  # fmt: skip
+    report = check(
+        with_rules(
+            {"host": "a.test.example", "ports": [80], "http": http},
+            {"host": "b.test.example", "tls": "intercept"},
+        )
+    )
     assert [p.field for p in report.problems] == [
-        "egress[0].http.allow[0].methods[0]", "egress[1].tls"
+        "egress[0].http.allow[0].methods[0]",
+        "egress[1].tls",
     ]

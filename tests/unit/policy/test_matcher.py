@@ -125,7 +125,11 @@ def test_name_allowed() -> None:
 
 
 @given(
-    host=st.one_of(st.none(), st.text(max_size=40), st.sampled_from(["api.allowed.test", "x.data.allowed.test"])),
+    host=st.one_of(
+        st.none(),
+        st.text(max_size=40),
+        st.sampled_from(["api.allowed.test", "x.data.allowed.test"]),
+    ),
     ip=st.one_of(st.text(max_size=40), st.ip_addresses().map(str), st.ip_addresses()),
     port=st.one_of(st.integers(-10, 70000), st.just(443)),
 )

@@ -236,8 +236,18 @@ def test_ports_and_ranges() -> None:
     assert policy_to_payload(parse_policy(payload))["egress"] == [
         {"host": "a.test", "ports": [80, "8000-8080", 22, 65535, 1, 80]}
     ]
-    for port, allowed in [(80, True), (7999, False), (8000, True), (8080, True), (8081, False),
-                          (22, True), (443, False), (0, False), (65535, True), (65536, False)]:  # fmt: skip
+    for port, allowed in [
+        (80, True),
+        (7999, False),
+        (8000, True),
+        (8080, True),
+        (8081, False),
+        (22, True),
+        (443, False),
+        (0, False),
+        (65535, True),
+        (65536, False),
+    ]:
         assert rule.allows_port(port) is allowed, port
 
 
@@ -435,8 +445,9 @@ _JSON = st.recursive(
     | st.floats(allow_nan=True)
     | st.text(max_size=20)
     | st.sampled_from(["203.0.113.0/24", "*.a.test", "1-2", "443", "enforce", "node1"]),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 

@@ -24,10 +24,18 @@ NAMES = json.loads((TESTDATA / "names.json").read_text(encoding="utf-8"))
 #: Invalid payloads whose mistake JSON Schema cannot express (the parser refuses them):
 #: relations between fields, whole-valued floats, host bits, lo > hi.
 NOT_EXPRESSIBLE = {
-    "v float", "iat whole float", "port float", "limits float",
-    "exp equals nbf", "exp before nbf", "exp not after iat", "exp before nbf even when optional",
-    "cidr host bits set", "cidr IPv6 host bits", "port range reversed",
-}  # fmt: skip
+    "v float",
+    "iat whole float",
+    "port float",
+    "limits float",
+    "exp equals nbf",
+    "exp before nbf",
+    "exp not after iat",
+    "exp before nbf even when optional",
+    "cidr host bits set",
+    "cidr IPv6 host bits",
+    "port range reversed",
+}
 
 
 def validator(*, require_timestamps: bool = False) -> jsonschema.Draft202012Validator:
@@ -59,8 +67,9 @@ def test_readme_example_validates_against_the_committed_schema() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme.split("## A job policy", 1)[1]
     example = json.loads(json_blocks(section)[0])
-    jsonschema.validate(example, json.loads(SCHEMA_FILE.read_text()),
-                        cls=jsonschema.Draft202012Validator)
+    jsonschema.validate(
+        example, json.loads(SCHEMA_FILE.read_text()), cls=jsonschema.Draft202012Validator
+    )
     parse_policy(example, require_timestamps=False)
 
 

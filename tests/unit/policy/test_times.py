@@ -23,11 +23,19 @@ def test_iso_of_an_unrepresentable_time_does_not_raise() -> None:
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [
-        (0, "0 s"), (59, "59 s"), (119, "119 s"), (120, "2 min"), (7199, "119 min"),
-        (7200, "2 h"), (47 * 3600, "47 h"), (2 * 86400, "2 days"), (729 * 86400, "729 days"),
-        (2 * 365 * 86400, "2 years"), (-7200, "2 h"),
+        (0, "0 s"),
+        (59, "59 s"),
+        (119, "119 s"),
+        (120, "2 min"),
+        (7199, "119 min"),
+        (7200, "2 h"),
+        (47 * 3600, "47 h"),
+        (2 * 86400, "2 days"),
+        (729 * 86400, "729 days"),
+        (2 * 365 * 86400, "2 years"),
+        (-7200, "2 h"),
     ],
-)  # fmt: skip
+)
 def test_span_units(seconds: int, text: str) -> None:
     assert span(seconds) == text
 

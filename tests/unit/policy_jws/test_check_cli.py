@@ -22,8 +22,14 @@ POLICY = {
 
 
 def egressd(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "egressd", *args], input=stdin,
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "egressd", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_clean_policy_exits_0(tmp_path: Path) -> None:
@@ -36,15 +42,21 @@ def test_clean_policy_exits_0(tmp_path: Path) -> None:
 
 
 def test_problems_exit_1_one_line_each(tmp_path: Path) -> None:
-    bad = {**POLICY, "exp": 1000, "mode": "audit",
-           "egress": [{"host": "*.test"}, {"host": "a.allowed.test", "ports": [0, 70000]}]}
+    bad = {
+        **POLICY,
+        "exp": 1000,
+        "mode": "audit",
+        "egress": [{"host": "*.test"}, {"host": "a.allowed.test", "ports": [0, 70000]}],
+    }
     done = egressd("policy", "check", "--no-control", "-", stdin=json.dumps(bad))
     assert done.returncode == 1
     assert done.stdout.splitlines() == [
         "mode: must be one of enforce, report",
         "exp: expired 1970-01-01T00:16:40Z, 56 years ago",
-        ("egress[0].host: '*.test': a wildcard needs at least 2 labels after '*.' "
-        "(it would cover a whole top-level domain)"),
+        (
+            "egress[0].host: '*.test': a wildcard needs at least 2 labels after '*.' "
+            "(it would cover a whole top-level domain)"
+        ),
         "egress[1].ports[0]: must be in 1..65535, got 0",
         "egress[1].ports[1]: must be in 1..65535, got 70000",
     ]
@@ -53,8 +65,9 @@ def test_problems_exit_1_one_line_each(tmp_path: Path) -> None:
 
 def test_a_jws_is_checked_with_its_timestamps(tmp_path: Path) -> None:
     now = int(time.time())
-    token = sign_payload({**POLICY, "iat": now - 9000, "nbf": now - 9000, "exp": now - 7200},
-                         generate_signing_key())
+    token = sign_payload(
+        {**POLICY, "iat": now - 9000, "nbf": now - 9000, "exp": now - 7200}, generate_signing_key()
+    )
     path = tmp_path / "p.jws"
     path.write_text(token + "\n")
     done = egressd("policy", "check", "--no-control", str(path))
@@ -67,7 +80,9 @@ def test_a_jws_is_checked_with_its_timestamps(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     done = egressd("policy", "check", str(tmp_path / "missing.json"))
     assert done.returncode == 2
-    assert done.stderr.strip() == f"egressd: error: policy {tmp_path / 'missing.json'}: no such file"
+    assert (
+        done.stderr.strip() == f"egressd: error: policy {tmp_path / 'missing.json'}: no such file"
+    )
     path = tmp_path / "p.json"
     path.write_text(json.dumps(POLICY))
     # nothing listens on port 9 of loopback: an explicit control plane must answer

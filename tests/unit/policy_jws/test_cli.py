@@ -30,9 +30,7 @@ POLICY = {
 }
 
 
-def egressd(
-    cwd: Path, *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
+def egressd(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "egressd", *args],
         cwd=cwd,
@@ -74,8 +72,9 @@ def policy_file(tmp_path: Path) -> Path:
 
 
 def sign(tmp_path: Path, policy_file: Path, *extra: str) -> str:
-    result = egressd(tmp_path, "policy", "sign", "--key", "keys/signing.key", *extra,
-                     str(policy_file))
+    result = egressd(
+        tmp_path, "policy", "sign", "--key", "keys/signing.key", *extra, str(policy_file)
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -136,8 +135,9 @@ def test_sign_ttl_and_given_timestamps(tmp_path: Path, keydir: Path) -> None:
 
 
 def test_sign_and_verify_through_stdin(tmp_path: Path, keydir: Path) -> None:
-    result = egressd(tmp_path, "policy", "sign", "--key", "keys/signing.key", "-",
-                     stdin=json.dumps(POLICY))
+    result = egressd(
+        tmp_path, "policy", "sign", "--key", "keys/signing.key", "-", stdin=json.dumps(POLICY)
+    )
     assert result.returncode == 0, result.stderr
     result = egressd(tmp_path, "policy", "verify", "--keys", "keys", "-", stdin=result.stdout)
     assert result.returncode == 0, result.stderr
@@ -155,8 +155,9 @@ def test_verify_of_a_tampered_token(tmp_path: Path, keydir: Path, policy_file: P
     assert line.startswith("egressd: error: policy rejected: bad_signature: ")
 
 
-def test_verify_with_other_keys_and_expired(tmp_path: Path, keydir: Path,
-                                            policy_file: Path) -> None:
+def test_verify_with_other_keys_and_expired(
+    tmp_path: Path, keydir: Path, policy_file: Path
+) -> None:
     token = sign(tmp_path, policy_file)
     (tmp_path / "policy.jws").write_text(token)
     assert egressd(tmp_path, "keys", "generate", "--out", "other").returncode == 0
@@ -170,8 +171,9 @@ def test_verify_with_other_keys_and_expired(tmp_path: Path, keydir: Path,
     (tmp_path / "old.jws").write_text(sign_payload(expired, key))
     result = egressd(tmp_path, "policy", "verify", "--keys", "keys", "old.jws")
     line = assert_one_line_error(result, "policy rejected: expired: expired ")
-    assert re.search(r"expired \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, 1\d\d s ago \(exp; leeway 30 s\)",
-                     line), line
+    assert re.search(
+        r"expired \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, 1\d\d s ago \(exp; leeway 30 s\)", line
+    ), line
     result = egressd(tmp_path, "policy", "verify", "--keys", "keys", "--leeway", "200", "old.jws")
     assert result.returncode == 0, result.stderr
 
@@ -225,7 +227,10 @@ def test_sign_of_non_json_and_non_object(tmp_path: Path, keydir: Path) -> None:
     ],
 )
 def test_file_errors(
-    tmp_path: Path, keydir: Path, policy_file: Path, args: tuple[str, ...],
+    tmp_path: Path,
+    keydir: Path,
+    policy_file: Path,
+    args: tuple[str, ...],
     needles: tuple[str, ...],
 ) -> None:
     (tmp_path / "empty").mkdir()

@@ -196,8 +196,9 @@ REJECTIONS: dict[str, tuple[str, Callable[[], str | bytes]]] = {
     "header duplicate alg": (
         "malformed",
         lambda: raw_token(
-            None, payload(), header_bytes=b'{"alg":"none","alg":"EdDSA","kid":"' + KEY.kid.encode()
-            + b'"}'
+            None,
+            payload(),
+            header_bytes=b'{"alg":"none","alg":"EdDSA","kid":"' + KEY.kid.encode() + b'"}',
         ),
     ),
     "crit": ("malformed", lambda: raw_token(good_header(crit=["exp"], exp=1), payload())),
@@ -207,8 +208,10 @@ REJECTIONS: dict[str, tuple[str, Callable[[], str | bytes]]] = {
         lambda: raw_token(good_header(pad="x" * MAX_TOKEN_BYTES), payload()),
     ),
     # alg_not_allowed
-    "alg none unsigned": ("alg_not_allowed", lambda: raw_token(good_header(alg="none"), payload(),
-                                                              None)),
+    "alg none unsigned": (
+        "alg_not_allowed",
+        lambda: raw_token(good_header(alg="none"), payload(), None),
+    ),
     "alg none signed": ("alg_not_allowed", lambda: raw_token(good_header(alg="none"), payload())),
     "alg HS256": ("alg_not_allowed", _hs256_with_public_key),
     "alg RS256": ("alg_not_allowed", lambda: raw_token(good_header(alg="RS256"), payload())),
@@ -246,7 +249,8 @@ REJECTIONS: dict[str, tuple[str, Callable[[], str | bytes]]] = {
     "payload duplicate exp": (
         "invalid_payload",
         lambda: raw_token(
-            good_header(), None,
+            good_header(),
+            None,
             body_bytes=json.dumps(payload()).encode()[:-1] + b', "exp": 9999999999}',
         ),
     ),
@@ -301,14 +305,13 @@ def test_checks_run_in_order() -> None:
     # Good alg, bad typ, unknown kid: typ first.
     assert reason_of(raw_token(good_header(typ="JWT", kid="nobody"), payload())) == "bad_typ"
     # Expired and tampered: the signature first.
-    header, body, _ = raw_token(good_header(), payload(exp=NOW - 3600, nbf=NOW - 7200,
-                                                       iat=NOW - 7200)).split(".")
+    header, body, _ = raw_token(
+        good_header(), payload(exp=NOW - 3600, nbf=NOW - 7200, iat=NOW - 7200)
+    ).split(".")
     assert reason_of(f"{header}.{body}.{b64(bytes(64))}") == "bad_signature"
 
 
-@pytest.mark.parametrize(
-    "typ", [None, TYP, "application/egress-policy+jws", "Egress-Policy+JWS"]
-)
+@pytest.mark.parametrize("typ", [None, TYP, "application/egress-policy+jws", "Egress-Policy+JWS"])
 def test_accepted_typ(typ: str | None) -> None:
     token = raw_token(good_header(typ=typ) if typ else good_header(typ=None), payload())
     assert verify_policy(token, TRUSTED, now=NOW).kid == KEY.kid
@@ -392,8 +395,9 @@ def test_now_defaults_to_the_wall_clock() -> None:
     import time
 
     real = time.time()
-    expected = "ok" if NBF - 30 <= real < EXP + 30 else ("expired" if real >= EXP else
-                                                         "not_yet_valid")
+    expected = (
+        "ok" if NBF - 30 <= real < EXP + 30 else ("expired" if real >= EXP else "not_yet_valid")
+    )
     token = sign_payload(payload(), KEY)
     try:
         verify_policy(token, TRUSTED)
@@ -409,8 +413,10 @@ def test_now_defaults_to_the_wall_clock() -> None:
     leeway=st.integers(min_value=0, max_value=300),
 )
 def test_window_property(now: float, leeway: int) -> None:
-    expected = "ok" if NBF - leeway <= now < EXP + leeway else (
-        "not_yet_valid" if now < NBF - leeway else "expired"
+    expected = (
+        "ok"
+        if NBF - leeway <= now < EXP + leeway
+        else ("not_yet_valid" if now < NBF - leeway else "expired")
     )
     assert _at(now, leeway) == expected
 

@@ -183,8 +183,10 @@ def _jwk(**changes: object) -> dict[str, object]:
         ({"keys": [_jwk(kid=None)]}, "bad_jwk"),
         ({"keys": [_jwk(kid="")]}, "bad_jwk"),
         ({"keys": [_jwk(kid="key-2024")]}, "kid_mismatch"),
-        ({"keys": [_jwk(), _jwk(kid=kid_for(Ed25519PrivateKey.generate().public_key()))]},
-         "kid_mismatch"),
+        (
+            {"keys": [_jwk(), _jwk(kid=kid_for(Ed25519PrivateKey.generate().public_key()))]},
+            "kid_mismatch",
+        ),
     ],
 )
 def test_trusted_from_jwks_is_strict(doc: object, reason: str) -> None:
@@ -315,9 +317,9 @@ def test_load_signing_key_unreadable_permissions(tmp_path: Path) -> None:
             serialization.BestAvailableEncryption(b"secret"),
         ),
         # a public key is not a signing key
-        Ed25519PrivateKey.generate().public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
     ],
     ids=["empty", "text", "bad-der", "binary", "too-large", "encrypted", "public-key"],
 )

@@ -38,12 +38,22 @@ def policy(*, mode: str = "enforce", extra: list[dict[str, object]] | None = Non
             "nodes": ["node1"],
             "mode": mode,
             "egress": [
-                {"host": "api.allowed.test", "ports": [80],
-                 "http": {"allow": [{"methods": ["GET", "POST"], "paths": ["/**"]}],
-                          "credentials": [API_CRED]}},
-                {"host": "gh.allowed.test", "ports": [80],
-                 "http": {"allow": [{"methods": ["GET"], "paths": ["/**"]}],
-                          "credentials": [{"header": "X-Token", "secret": "gh-token"}]}},
+                {
+                    "host": "api.allowed.test",
+                    "ports": [80],
+                    "http": {
+                        "allow": [{"methods": ["GET", "POST"], "paths": ["/**"]}],
+                        "credentials": [API_CRED],
+                    },
+                },
+                {
+                    "host": "gh.allowed.test",
+                    "ports": [80],
+                    "http": {
+                        "allow": [{"methods": ["GET"], "paths": ["/**"]}],
+                        "credentials": [{"header": "X-Token", "secret": "gh-token"}],
+                    },
+                },
                 {"host": "*.data.allowed.test", "ports": [80]},
                 *(extra or []),
             ],
@@ -100,8 +110,13 @@ def test_index_markers_and_homes() -> None:
 
 def test_no_credentials_no_index() -> None:
     bare = parse_policy(
-        {"v": 1, "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2", "account": "a",
-         "nodes": ["n"], "egress": [{"host": "a.test"}]},
+        {
+            "v": 1,
+            "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2",
+            "account": "a",
+            "nodes": ["n"],
+            "egress": [{"host": "a.test"}],
+        },
         require_timestamps=False,
     )
     assert build_index(bare) is None
@@ -109,9 +124,18 @@ def test_no_credentials_no_index() -> None:
 
 
 def test_short_values_are_not_searched() -> None:
-    p = policy(extra=[{"host": "t.test", "ports": [80], "http": {
-        "allow": [{"methods": ["GET"], "paths": ["/"]}],
-        "credentials": [{"header": "X-T", "secret": "tiny"}]}}])  # fmt: skip
+    p = policy(
+        extra=[
+            {
+                "host": "t.test",
+                "ports": [80],
+                "http": {
+                    "allow": [{"methods": ["GET"], "paths": ["/"]}],
+                    "credentials": [{"header": "X-T", "secret": "tiny"}],
+                },
+            }
+        ]
+    )
     index = build_index(p)
     assert index is not None
     assert b"abc" not in {m.text for m in with_values(index, lookup)}
@@ -145,9 +169,18 @@ def test_find_foreign(rule: object, data: bytes, found: str | None) -> None:
 
 
 def test_a_longer_marker_at_home_covers_a_shorter_one() -> None:
-    p = policy(extra=[{"host": "two.test", "ports": [80], "http": {
-        "allow": [{"methods": ["GET"], "paths": ["/"]}],
-        "credentials": [{"header": "X-T", "secret": "api-token-2"}]}}])  # fmt: skip
+    p = policy(
+        extra=[
+            {
+                "host": "two.test",
+                "ports": [80],
+                "http": {
+                    "allow": [{"methods": ["GET"], "paths": ["/"]}],
+                    "credentials": [{"header": "X-T", "secret": "api-token-2"}],
+                },
+            }
+        ]
+    )
     two = p.egress[3]
     index = build_index(p)
     assert index is not None
@@ -252,10 +285,22 @@ def test_prepare_injects_and_names_the_headers() -> None:
 
 def test_no_scanner_when_every_marker_belongs() -> None:
     p = parse_policy(
-        {"v": 1, "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2", "account": "a",
-         "nodes": ["n"], "egress": [{"host": "a.test", "ports": [80], "http": {
-             "allow": [{"methods": ["GET"], "paths": ["/"]}],
-             "credentials": [{"header": "X-T", "secret": "api-token"}]}}]},
+        {
+            "v": 1,
+            "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2",
+            "account": "a",
+            "nodes": ["n"],
+            "egress": [
+                {
+                    "host": "a.test",
+                    "ports": [80],
+                    "http": {
+                        "allow": [{"methods": ["GET"], "paths": ["/"]}],
+                        "credentials": [{"header": "X-T", "secret": "api-token"}],
+                    },
+                }
+            ],
+        },
         require_timestamps=False,
     )
     assert prepare(p.egress[0], head(host="a.test"), p).scanner is None

@@ -181,8 +181,16 @@ def test_fleet_answers_are_dropped_even_under_a_cidr_rule() -> None:
 
 def test_the_dns_audit_line_lists_what_was_dropped() -> None:
     common: dict[str, Any] = dict(
-        job_id=None, account=None, node=None, proxy="proxy1", src="100.96.1.2", sport=5353,
-        dst="100.100.100.53", qname="api.allowed.test", qtype="A", verdict="allow",
+        job_id=None,
+        account=None,
+        node=None,
+        proxy="proxy1",
+        src="100.96.1.2",
+        sport=5353,
+        dst="100.100.100.53",
+        qname="api.allowed.test",
+        qtype="A",
+        verdict="allow",
         reason="allowed_host",
     )
     event = audit.dns_event(**common, dropped=[("203.0.113.21", FLEET_ADDRESS)])
@@ -302,9 +310,13 @@ async def test_the_registry_keeps_the_fleet_set_current() -> None:
     assert await reg.refresh()
     first = reg.fleet
     assert first.members == {
-        UNDERLAY1, EGRESS1, A("198.18.0.2"),
-        A("198.18.0.11"), A("198.18.0.13"),
-        A("198.18.0.22"), A("203.0.113.22"),
+        UNDERLAY1,
+        EGRESS1,
+        A("198.18.0.2"),
+        A("198.18.0.11"),
+        A("198.18.0.13"),
+        A("198.18.0.22"),
+        A("203.0.113.22"),
     }
     assert first.ranges == RANGES and first.version == 1 and changes == [first]
 

@@ -123,8 +123,13 @@ class Client:
         self, method: str, path: str, body: bytes = b"", extra: list[tuple[str, str]] | None = None
     ) -> int:
         sid = self.conn.get_next_available_stream_id()
-        headers = [(":method", method), (":path", path), (":scheme", "https"),
-                   (":authority", HOST), *(extra or [])]  # fmt: skip
+        headers = [
+            (":method", method),
+            (":path", path),
+            (":scheme", "https"),
+            (":authority", HOST),
+            *(extra or []),
+        ]
         self.conn.send_headers(sid, headers, end_stream=not body)
         self.responses[sid] = {"status": None, "body": b"", "ended": False, "reset": None}
         if body:

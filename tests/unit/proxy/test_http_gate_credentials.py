@@ -15,13 +15,31 @@ TOKEN = "s3cr3t-api-token-value"
 
 def policy(mode: str = "enforce") -> Policy:
     return parse_policy(
-        {"v": 1, "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2", "account": "acme",
-         "nodes": ["node1"], "mode": mode, "egress": [
-             {"host": "api.test", "ports": [80], "http": {
-                 "allow": [{"methods": ["GET", "POST"], "paths": ["/**"]}],
-                 "credentials": [{"header": "Authorization", "secret": "api-token",
-                                  "format": "Bearer {}", "placeholder": "egressd:api"}]}},
-             {"host": "other.test", "ports": [80]}]},
+        {
+            "v": 1,
+            "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2",
+            "account": "acme",
+            "nodes": ["node1"],
+            "mode": mode,
+            "egress": [
+                {
+                    "host": "api.test",
+                    "ports": [80],
+                    "http": {
+                        "allow": [{"methods": ["GET", "POST"], "paths": ["/**"]}],
+                        "credentials": [
+                            {
+                                "header": "Authorization",
+                                "secret": "api-token",
+                                "format": "Bearer {}",
+                                "placeholder": "egressd:api",
+                            }
+                        ],
+                    },
+                },
+                {"host": "other.test", "ports": [80]},
+            ],
+        },
         require_timestamps=False,
     )
 
@@ -76,9 +94,16 @@ def test_body_framing_kept_when_the_head_is_rewritten() -> None:
     body = b"5\r\nhello\r\n0\r\n\r\n"
     g.from_client(req("api.test", "/u", "Transfer-Encoding: chunked\r\n", "POST") + body)
     up = b"".join(g.take_up())
-    assert up == req(
-        "api.test", "/u", f"Transfer-Encoding: chunked\r\nAuthorization: Bearer {TOKEN}\r\n", "POST"
-    ) + body
+    assert (
+        up
+        == req(
+            "api.test",
+            "/u",
+            f"Transfer-Encoding: chunked\r\nAuthorization: Bearer {TOKEN}\r\n",
+            "POST",
+        )
+        + body
+    )
 
 
 def test_placeholder_to_another_host_is_exfiltration() -> None:
@@ -110,7 +135,11 @@ def test_marker_in_a_streamed_body_stops_the_request() -> None:
     assert error_of(g.final) == "credential_exfiltration"
     assert g.ended
     assert [(r.status, r.decision.reason, r.credential) for r in records] == [
-        (403, "credential_exfiltration", {"secret": "api-token", "kind": "placeholder", "in": "body"})
+        (
+            403,
+            "credential_exfiltration",
+            {"secret": "api-token", "kind": "placeholder", "in": "body"},
+        )
     ]
     assert g.pending_records() == []  # logged once
 
@@ -169,7 +198,10 @@ def test_report_mode_flags_and_forwards() -> None:
     g.from_upstream(RESP)
     record = records[0]
     assert (record.status, record.decision.reason, record.would_deny) == (
-        200, "credential_exfiltration", True)  # fmt: skip
+        200,
+        "credential_exfiltration",
+        True,
+    )
     g2, records2 = gate("report")
     body_req = req("other.test", "/u", "Content-Length: 11\r\n", "POST") + b"egressd:api"
     g2.from_client(body_req)

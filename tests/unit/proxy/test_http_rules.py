@@ -72,9 +72,26 @@ def test_path_grammar(pattern: str, target: str, expected: bool | None) -> None:
 
 @pytest.mark.parametrize(
     "pattern",
-    ["", "data", "/a//b", "//", "/a/**/b", "/**/", "/a/.", "/../a", "/a*", "/*a", "/a%2f",
-     "/a?b", "/a#b", "/a b", "/a\\b", "/caf\u00e9", "/" + "a" * 1024],
-)  # fmt: skip
+    [
+        "",
+        "data",
+        "/a//b",
+        "//",
+        "/a/**/b",
+        "/**/",
+        "/a/.",
+        "/../a",
+        "/a*",
+        "/*a",
+        "/a%2f",
+        "/a?b",
+        "/a#b",
+        "/a b",
+        "/a\\b",
+        "/caf\u00e9",
+        "/" + "a" * 1024,
+    ],
+)
 def test_bad_patterns(pattern: str) -> None:
     with pytest.raises(PathPatternError):
         parse_path_pattern(pattern)
@@ -82,9 +99,15 @@ def test_bad_patterns(pattern: str) -> None:
 
 @pytest.mark.parametrize(
     ("target", "text"),
-    [("/a/b?x=1", "/a/b"), ("http://h.test/a?q", "/a"), ("http://h.test", "/"), ("*", "*"),
-     ("h.test:443", "h.test:443"), ("/a#f", "/a")],
-)  # fmt: skip
+    [
+        ("/a/b?x=1", "/a/b"),
+        ("http://h.test/a?q", "/a"),
+        ("http://h.test", "/"),
+        ("*", "*"),
+        ("h.test:443", "h.test:443"),
+        ("/a#f", "/a"),
+    ],
+)
 def test_path_text_has_no_query(target: str, text: str) -> None:
     assert path_text(target) == text
 
@@ -272,9 +295,14 @@ def test_decide_request(
 
 def test_rule_is_the_one_that_decided() -> None:
     decision = decide_request(
-        POLICY, conn_host="api.allowed.test", dst_ip=API, dst_port=80, method="GET",
-        target="/data", host_header="api.allowed.test",
-    )  # fmt: skip
+        POLICY,
+        conn_host="api.allowed.test",
+        dst_ip=API,
+        dst_port=80,
+        method="GET",
+        target="/data",
+        host_header="api.allowed.test",
+    )
     assert decision.rule is POLICY.egress[1]
 
 
@@ -296,30 +324,52 @@ def test_other_names_agree_by_resolution() -> None:
 
 def test_connect_allowed_explicitly() -> None:
     decision = decide_request(
-        PROXY_CONNECT, conn_host="proxy.allowed.test", dst_ip=A("203.0.113.30"), dst_port=3128,
-        method="CONNECT", target="proxy.allowed.test:443", host_header=None,
+        PROXY_CONNECT,
+        conn_host="proxy.allowed.test",
+        dst_ip=A("203.0.113.30"),
+        dst_port=3128,
+        method="CONNECT",
+        target="proxy.allowed.test:443",
+        host_header=None,
         resolved_names={"proxy.allowed.test"},
-    )  # fmt: skip
+    )
     assert (decision.verdict, decision.reason) == (Verdict.ALLOW, "allowed_request")
     # ... but not to a port the rule does not list
     decision = decide_request(
-        PROXY_CONNECT, conn_host="proxy.allowed.test", dst_ip=A("203.0.113.30"), dst_port=3128,
-        method="CONNECT", target="proxy.allowed.test:22", host_header=None,
+        PROXY_CONNECT,
+        conn_host="proxy.allowed.test",
+        dst_ip=A("203.0.113.30"),
+        dst_port=3128,
+        method="CONNECT",
+        target="proxy.allowed.test:22",
+        host_header=None,
         resolved_names={"proxy.allowed.test"},
-    )  # fmt: skip
+    )
     assert decision.reason == "port_not_allowed"
 
 
 def test_h2c_upgrade_refused() -> None:
     decision = decide_request(
-        POLICY, conn_host="eu.data.allowed.test", dst_ip=DATA, dst_port=80, method="GET",
-        target="/", host_header="eu.data.allowed.test", upgrade="h2c",
-    )  # fmt: skip
+        POLICY,
+        conn_host="eu.data.allowed.test",
+        dst_ip=DATA,
+        dst_port=80,
+        method="GET",
+        target="/",
+        host_header="eu.data.allowed.test",
+        upgrade="h2c",
+    )
     assert decision.reason == http_rules.UPGRADE_NOT_ALLOWED
     decision = decide_request(
-        POLICY, conn_host="eu.data.allowed.test", dst_ip=DATA, dst_port=80, method="GET",
-        target="/", host_header="eu.data.allowed.test", upgrade="websocket",
-    )  # fmt: skip
+        POLICY,
+        conn_host="eu.data.allowed.test",
+        dst_ip=DATA,
+        dst_port=80,
+        method="GET",
+        target="/",
+        host_header="eu.data.allowed.test",
+        upgrade="websocket",
+    )
     assert decision.allowed
 
 
@@ -327,9 +377,12 @@ def test_needs_resolution_only_for_allowed_unvouched_names() -> None:
     def needs(host: str, learned: set[str] | None = None) -> str | None:
         request = http_rules.request_target("GET", "/", host)
         return request_needs_resolution(
-            POLICY, request, dst_port=80, conn_host="eu.data.allowed.test",
+            POLICY,
+            request,
+            dst_port=80,
+            conn_host="eu.data.allowed.test",
             resolved_names=learned or set(),
-        )  # fmt: skip
+        )
 
     assert needs("eu.data.allowed.test") is None  # the connection's own name
     assert needs("api.allowed.test") == "api.allowed.test"
@@ -339,15 +392,25 @@ def test_needs_resolution_only_for_allowed_unvouched_names() -> None:
 
 def test_inspectable() -> None:
     by_http_rule = decide_request(
-        POLICY, conn_host="api.allowed.test", dst_ip=API, dst_port=443, method="GET",
-        target="/data", host_header="api.allowed.test",
-    )  # fmt: skip
+        POLICY,
+        conn_host="api.allowed.test",
+        dst_ip=API,
+        dst_port=443,
+        method="GET",
+        target="/data",
+        host_header="api.allowed.test",
+    )
     assert inspectable(by_http_rule, "http") is by_http_rule
     for protocol in ("tls", None):
         denied = inspectable(by_http_rule, protocol)
         assert (denied.verdict, denied.reason) == (Verdict.DENY, "http_not_inspectable")
     plain = decide_request(
-        POLICY, conn_host="eu.data.allowed.test", dst_ip=DATA, dst_port=80, method="GET",
-        target="/", host_header="eu.data.allowed.test",
-    )  # fmt: skip
+        POLICY,
+        conn_host="eu.data.allowed.test",
+        dst_ip=DATA,
+        dst_port=80,
+        method="GET",
+        target="/",
+        host_header="eu.data.allowed.test",
+    )
     assert inspectable(plain, "tls") is plain

@@ -53,8 +53,9 @@ def policy(
 HOST_API = {"host": "api.allowed.test", "ports": [443, 80]}
 CIDR_DB = {"cidr": "203.0.113.96/28", "ports": [5432]}
 # The proxy resolved the SNI itself to check it names this address (recorded).
-TLS_API = Recorded(API, 443, "node1", protocol="tls", sni="api.allowed.test",
-                   proxy_ips=frozenset({API}))  # fmt: skip
+TLS_API = Recorded(
+    API, 443, "node1", protocol="tls", sni="api.allowed.test", proxy_ips=frozenset({API})
+)
 BY_CIDR = Recorded(DB, 5432, "node1")
 LEARNED = Recorded(API, 443, "node1", learned=frozenset({"api.allowed.test"}))
 
@@ -91,8 +92,9 @@ def test_report_mode_never_resets() -> None:
 
 def test_the_sni_decides_not_the_learned_names() -> None:
     # The client said evil.test: a policy that allows api.allowed.test does not keep it.
-    rec = Recorded(API, 443, "node1", protocol="tls", sni="evil.test",
-                   learned=frozenset({"api.allowed.test"}))  # fmt: skip
+    rec = Recorded(
+        API, 443, "node1", protocol="tls", sni="evil.test", learned=frozenset({"api.allowed.test"})
+    )
     assert redecide(policy([HOST_API]), rec, fleet_ranges=FLEET) == POLICY_CHANGED
 
 
@@ -109,8 +111,9 @@ class Verified:
     policy: Policy
 
 
-async def _held(live: LiveConnections, rec: Recorded, p: Policy, stats: Stats,
-                retuned: list[Policy]) -> None:  # fmt: skip
+async def _held(
+    live: LiveConnections, rec: Recorded, p: Policy, stats: Stats, retuned: list[Policy]
+) -> None:
     with live.track(JOB, rec, stats, p, retuned.append):
         await asyncio.sleep(30)
 

@@ -256,7 +256,14 @@ def test_classify(data: bytes, kind: str) -> None:
 def test_fuzz_never_raises(data: bytes) -> None:
     for result in (sniff_tls_sni(data), sniff_http_host(data)):
         assert result.status in {
-            OK, INCOMPLETE, TOO_LARGE, NOT_TLS, NOT_HTTP, MALFORMED, NO_SNI, NO_HOST
+            OK,
+            INCOMPLETE,
+            TOO_LARGE,
+            NOT_TLS,
+            NOT_HTTP,
+            MALFORMED,
+            NO_SNI,
+            NO_HOST,
         }
         assert (result.host is not None) == (result.status == OK)
     assert classify_first_bytes(data) in {"tls", "http", "unknown", "incomplete"}
@@ -337,9 +344,7 @@ def test_many_one_byte_records_in_linear_time() -> None:
 def test_client_hello_bound_counts_bytes_read(record_size: int) -> None:
     at = tls_hellos.client_hello("evil.test", total=MAX_CLIENT_HELLO, record_size=record_size)
     assert sniff_tls_sni(at) == SniResult(OK, "evil.test")
-    over = tls_hellos.client_hello(
-        "evil.test", total=MAX_CLIENT_HELLO + 1, record_size=record_size
-    )
+    over = tls_hellos.client_hello("evil.test", total=MAX_CLIENT_HELLO + 1, record_size=record_size)
     assert sniff_tls_sni(over).status == TOO_LARGE
     # Over the bound is known from the record headers, before the bytes arrive.
     reader = ClientHelloReader()
@@ -355,7 +360,7 @@ def test_declared_length_past_the_bound_is_too_large_at_once() -> None:
 
 def test_padded_past_16k_still_read() -> None:
     data = tls_hellos.client_hello("evil.test", total=20_000)
-    assert sniff_tls_sni(data[:16 * 1024]).status == INCOMPLETE
+    assert sniff_tls_sni(data[: 16 * 1024]).status == INCOMPLETE
     assert sniff_tls_sni(data).host == "evil.test"
 
 

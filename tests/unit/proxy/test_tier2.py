@@ -39,7 +39,9 @@ WORLD: dict[str, set[A]] = {
 }
 
 
-def make_policy(mode: str = "enforce", extra: Sequence[Mapping[str, object]] | None = None) -> Policy:
+def make_policy(
+    mode: str = "enforce", extra: Sequence[Mapping[str, object]] | None = None
+) -> Policy:
     return parse_policy(
         {
             "v": 1,
@@ -255,8 +257,9 @@ CASES = [
         learned=frozenset({"api.allowed.test"}),
         protocol="http",
     ),
-    Case("tls without sni to a cidr address", DB, 5432, Verdict.ALLOW, "allowed_cidr",
-         protocol="tls"),
+    Case(
+        "tls without sni to a cidr address", DB, 5432, Verdict.ALLOW, "allowed_cidr", protocol="tls"
+    ),
     Case(
         "unknown protocol, job dns decides",
         API,
@@ -267,16 +270,56 @@ CASES = [
         protocol=None,
     ),
     # CONNECT and absolute-form targets: the target's name on the target's port too.
-    Case("connect to a denied host", API, 80, Verdict.DENY, "no_matching_rule",
-         host="evil.test", target_port=443, protocol="http"),
-    Case("connect to an allowed host, other port", API, 80, Verdict.DENY, "port_not_allowed",
-         host="api.allowed.test", target_port=22, protocol="http"),
-    Case("connect to an allowed host and port", API, 80, Verdict.ALLOW, "allowed_host",
-         host="api.allowed.test", target_port=443, protocol="http"),
-    Case("connect to an allowed host elsewhere", EVIL, 80, Verdict.DENY, HOST_ADDRESS_MISMATCH,
-         host="api.allowed.test", target_port=443, protocol="http"),
-    Case("absolute form on its own port", API, 80, Verdict.ALLOW, "allowed_host",
-         host="api.allowed.test", target_port=80, protocol="http"),
+    Case(
+        "connect to a denied host",
+        API,
+        80,
+        Verdict.DENY,
+        "no_matching_rule",
+        host="evil.test",
+        target_port=443,
+        protocol="http",
+    ),
+    Case(
+        "connect to an allowed host, other port",
+        API,
+        80,
+        Verdict.DENY,
+        "port_not_allowed",
+        host="api.allowed.test",
+        target_port=22,
+        protocol="http",
+    ),
+    Case(
+        "connect to an allowed host and port",
+        API,
+        80,
+        Verdict.ALLOW,
+        "allowed_host",
+        host="api.allowed.test",
+        target_port=443,
+        protocol="http",
+    ),
+    Case(
+        "connect to an allowed host elsewhere",
+        EVIL,
+        80,
+        Verdict.DENY,
+        HOST_ADDRESS_MISMATCH,
+        host="api.allowed.test",
+        target_port=443,
+        protocol="http",
+    ),
+    Case(
+        "absolute form on its own port",
+        API,
+        80,
+        Verdict.ALLOW,
+        "allowed_host",
+        host="api.allowed.test",
+        target_port=80,
+        protocol="http",
+    ),
     Case(
         "malformed http to cidr",
         DB,

@@ -184,18 +184,29 @@ def test_h2_only_for_policies_without_credentials() -> None:
     assert tls_intercept.supported_alpn(POLICY) == ("h2", "http/1.1")
     with_credentials = parse_policy(
         {
-            "v": 1, "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2", "account": "acme",
+            "v": 1,
+            "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2",
+            "account": "acme",
             "nodes": ["node1"],
             "egress": [
-                {"host": "api.allowed.test", "ports": [443], "tls": "intercept",
-                 "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}]}},
-                {"host": "eu.data.allowed.test", "ports": [80],
-                 "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}],
-                          "credentials": [{"header": "Authorization", "secret": "tok"}]}},
+                {
+                    "host": "api.allowed.test",
+                    "ports": [443],
+                    "tls": "intercept",
+                    "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}]},
+                },
+                {
+                    "host": "eu.data.allowed.test",
+                    "ports": [80],
+                    "http": {
+                        "allow": [{"methods": ["GET"], "paths": ["/data"]}],
+                        "credentials": [{"header": "Authorization", "secret": "tok"}],
+                    },
+                },
             ],
         },
         require_timestamps=False,
-    )  # fmt: skip
+    )
     # A credential anywhere in the policy: exfiltration is checked on every request.
     assert tls_intercept.supported_alpn(with_credentials) == ("http/1.1",)
 
@@ -208,9 +219,14 @@ def test_client_alpn_is_the_servers_choice() -> None:
 def _hello(extensions: bytes) -> bytes:
     """A ClientHello (TLS 1.2 layout) around `extensions`, in one record."""
     body = (
-        b"\x03\x03" + b"\x11" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
-        + struct.pack("!H", len(extensions)) + extensions
-    )  # fmt: skip
+        b"\x03\x03"
+        + b"\x11" * 32
+        + b"\x00"
+        + b"\x00\x02\x13\x01"
+        + b"\x01\x00"
+        + struct.pack("!H", len(extensions))
+        + extensions
+    )
     message = b"\x01" + len(body).to_bytes(3, "big") + body
     return b"\x16\x03\x01" + struct.pack("!H", len(message)) + message
 
@@ -288,14 +304,21 @@ POLICY = parse_policy(
         "account": "acme",
         "nodes": ["node1"],
         "egress": [
-            {"host": "api.allowed.test", "ports": [443], "tls": "intercept",
-             "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}]}},
-            {"host": "eu.data.allowed.test", "ports": [443, 80],
-             "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}]}},
+            {
+                "host": "api.allowed.test",
+                "ports": [443],
+                "tls": "intercept",
+                "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}]},
+            },
+            {
+                "host": "eu.data.allowed.test",
+                "ports": [443, 80],
+                "http": {"allow": [{"methods": ["GET"], "paths": ["/data"]}]},
+            },
         ],
     },
     require_timestamps=False,
-)  # fmt: skip
+)
 
 
 def test_inspectable_when_intercepted() -> None:

@@ -72,7 +72,9 @@ async def test_notices_go_to_the_store_and_the_registry() -> None:
         refresh_registry=refresh,
         metrics=CollectorRegistry(),
     )
-    watch.apply([("job", JOB, "put"), ("job", "not-a-uuid", "put"), ("node", "node1", "put")], False)
+    watch.apply(
+        [("job", JOB, "put"), ("job", "not-a-uuid", "put"), ("node", "node1", "put")], False
+    )
     await asyncio.sleep(0.01)
     assert store.changed_jobs == [uuid.UUID(JOB)]
     assert refreshed == [1]

@@ -45,8 +45,12 @@ TRUSTED = TrustedKeys.of(KEY.public)
 NOW = int(time.time())
 JOB = uuid.UUID("2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2")
 OTHER_JOB = uuid.UUID("7d1b0e0a-1111-4a9a-9f55-1f0c5ac1d3e2")
-NODE1 = NodeEntry("node1", ipaddress.IPv4Address("198.18.0.11"), ipaddress.IPv4Network("100.96.1.0/24"))
-NODE2 = NodeEntry("node2", ipaddress.IPv4Address("198.18.0.12"), ipaddress.IPv4Network("100.96.2.0/24"))
+NODE1 = NodeEntry(
+    "node1", ipaddress.IPv4Address("198.18.0.11"), ipaddress.IPv4Network("100.96.1.0/24")
+)
+NODE2 = NodeEntry(
+    "node2", ipaddress.IPv4Address("198.18.0.12"), ipaddress.IPv4Network("100.96.2.0/24")
+)
 NODES = NodeView([NODE1, NODE2])
 SANDBOX = "100.96.1.5"
 SITE = "203.0.113.10"
@@ -70,7 +74,10 @@ def verified(job_id: uuid.UUID = JOB, nodes: tuple[str, ...] = ("node1",)) -> Ve
 
 
 POLICY = verified()
-POLICIES: dict[uuid.UUID, VerifiedPolicy] = {JOB: POLICY, OTHER_JOB: verified(OTHER_JOB, ("node2",))}
+POLICIES: dict[uuid.UUID, VerifiedPolicy] = {
+    JOB: POLICY,
+    OTHER_JOB: verified(OTHER_JOB, ("node2",)),
+}
 
 
 def syn(src: str = SANDBOX, dst: str = SITE, sport: int = 40000, dport: int = 443) -> bytes:
@@ -84,7 +91,9 @@ def datagram(
     return encode(vni, option, inner)
 
 
-def check(data: bytes, sender: str = "198.18.0.11", **kwargs: Any) -> Accepted | Dropped | NeedPolicy:
+def check(
+    data: bytes, sender: str = "198.18.0.11", **kwargs: Any
+) -> Accepted | Dropped | NeedPolicy:
     args: dict[str, Any] = {"nodes": NODES, "vni": 1, "policy_lookup": POLICIES.get}
     args.update(kwargs)
     return validate(data, sender, **args)
@@ -113,7 +122,9 @@ def test_a_syn_from_a_bound_node_is_accepted_with_its_flow() -> None:
 
 
 def test_udp_is_accepted() -> None:
-    inner = bytes(IP(src=SANDBOX, dst="100.100.100.53") / UDP(sport=5353, dport=53) / Raw(b"q" * 12))
+    inner = bytes(
+        IP(src=SANDBOX, dst="100.100.100.53") / UDP(sport=5353, dport=53) / Raw(b"q" * 12)
+    )
     result = check(datagram(inner))
     assert isinstance(result, Accepted)
     assert (result.proto, result.dport) == (17, 53)
@@ -456,7 +467,13 @@ async def test_forged_datagrams_are_dropped_by_reason_and_the_loop_goes_on(rig: 
     rig.send(datagram(good))
     assert await rig.from_tun() == good
     await until(lambda: rig.sample("egressd_geneve_rx_packets_total") == 6)
-    for reason in ("unknown_node", "truncated", "bad_vni", "source_outside_node_cidr", "job_not_bound_to_node"):
+    for reason in (
+        "unknown_node",
+        "truncated",
+        "bad_vni",
+        "source_outside_node_cidr",
+        "job_not_bound_to_node",
+    ):
         assert rig.sample("egressd_geneve_rx_dropped_total", reason=reason) == 1, reason
     assert len(rig.flows) == 1
 
@@ -521,7 +538,9 @@ async def test_an_unavailable_policy_drops_the_held_datagrams_with_its_reason() 
         # A job in the store's negative cache is dropped at once, without a fetch.
         policies.negatives[OTHER_JOB] = "policy_missing"
         rig.send(datagram(syn(), job=OTHER_JOB))
-        await until(lambda: rig.sample("egressd_geneve_rx_dropped_total", reason="policy_missing") == 1)
+        await until(
+            lambda: rig.sample("egressd_geneve_rx_dropped_total", reason="policy_missing") == 1
+        )
         assert policies.gets == [JOB]
     finally:
         await rig.close()
@@ -532,7 +551,9 @@ async def test_a_full_flow_table_drops_new_flows(rig: Rig) -> None:
     rig.send(datagram(syn(sport=1)))
     await rig.from_tun()
     rig.send(datagram(syn(sport=2)))
-    await until(lambda: rig.sample("egressd_geneve_rx_dropped_total", reason="flow_table_full") == 1)
+    await until(
+        lambda: rig.sample("egressd_geneve_rx_dropped_total", reason="flow_table_full") == 1
+    )
 
 
 async def test_close_is_idempotent_and_stops_reading(rig: Rig) -> None:

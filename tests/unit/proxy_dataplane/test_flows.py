@@ -30,7 +30,11 @@ def test_record_then_lookup_in_every_address_form() -> None:
     assert flows.lookup(SANDBOX, 40000, SITE, 443, PROTO_TCP) == INFO
     assert (
         flows.lookup(
-            ipaddress.IPv4Address("100.96.1.5"), 40000, ipaddress.IPv4Address("203.0.113.10"), 443, 6
+            ipaddress.IPv4Address("100.96.1.5"),
+            40000,
+            ipaddress.IPv4Address("203.0.113.10"),
+            443,
+            6,
         )
         == INFO
     )
@@ -44,7 +48,10 @@ def test_record_then_lookup_in_every_address_form() -> None:
 
 def test_it_satisfies_the_tier2_protocol() -> None:
     lookup: FlowLookup = table()
-    assert lookup.lookup(ipaddress.IPv4Address("1.2.3.4"), 1, ipaddress.IPv4Address("5.6.7.8"), 2, 6) is None
+    assert (
+        lookup.lookup(ipaddress.IPv4Address("1.2.3.4"), 1, ipaddress.IPv4Address("5.6.7.8"), 2, 6)
+        is None
+    )
 
 
 def test_reverse_finds_the_flow_of_a_reply_and_refreshes_it() -> None:

@@ -142,13 +142,20 @@ class Env:
             "monotonic": self.mono,
         }
         args.update(kwargs)
-        self.store = PolicyStore(session, args.pop("url", control.url), args.pop("trusted", TRUSTED), **args)
+        self.store = PolicyStore(
+            session, args.pop("url", control.url), args.pop("trusted", TRUSTED), **args
+        )
 
     def fetches(self, result: str) -> float:
-        return self.metrics.get_sample_value("egressd_policy_fetch_total", {"result": result}) or 0.0
+        return (
+            self.metrics.get_sample_value("egressd_policy_fetch_total", {"result": result}) or 0.0
+        )
 
     def rejected(self, reason: str) -> float:
-        return self.metrics.get_sample_value("egressd_policy_rejected_total", {"reason": reason}) or 0.0
+        return (
+            self.metrics.get_sample_value("egressd_policy_rejected_total", {"reason": reason})
+            or 0.0
+        )
 
 
 async def settle() -> None:
@@ -157,7 +164,9 @@ async def settle() -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_get_fetches_verifies_and_caches(control: FakeControl, session: aiohttp.ClientSession) -> None:
+async def test_get_fetches_verifies_and_caches(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
     jws = token()
     control.policies[str(JOB)] = jws
     env = Env(control, session)
@@ -175,7 +184,9 @@ async def test_get_fetches_verifies_and_caches(control: FakeControl, session: ai
     assert env.metrics.get_sample_value("egressd_policy_cache_entries") == 1
 
 
-async def test_concurrent_gets_share_one_fetch(control: FakeControl, session: aiohttp.ClientSession) -> None:
+async def test_concurrent_gets_share_one_fetch(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
     control.policies[str(JOB)] = token()
     control.delay = 0.2
     env = Env(control, session)
@@ -245,7 +256,10 @@ async def test_an_unreachable_control_plane(session: aiohttp.ClientSession) -> N
     ("make", "jws_reason"),
     [
         (lambda: token(key=ROGUE), "unknown_kid"),  # the key /v1/keys publishes is not trusted
-        (lambda: token()[:-4] + ("AAAA" if not token().endswith("AAAA") else "BBBB"), "bad_signature"),
+        (
+            lambda: token()[:-4] + ("AAAA" if not token().endswith("AAAA") else "BBBB"),
+            "bad_signature",
+        ),
         (lambda: token(iat=T0 - 2 * TTL), "expired"),
         (lambda: token(iat=T0 + 600), "not_yet_valid"),
         (lambda: token(OTHER), "wrong_job"),
@@ -269,7 +283,9 @@ async def test_anything_unverifiable_fails_closed(
 async def test_a_policy_inside_the_leeway_but_past_exp_is_expired(
     control: FakeControl, session: aiohttp.ClientSession
 ) -> None:
-    control.policies[str(JOB)] = token(iat=T0 - TTL - 10 + 1)  # exp = T0 - 9: within the 30 s leeway
+    control.policies[str(JOB)] = token(
+        iat=T0 - TTL - 10 + 1
+    )  # exp = T0 - 9: within the 30 s leeway
     env = Env(control, session)
     with pytest.raises(PolicyUnavailable) as info:
         await env.store.get(JOB)
@@ -288,7 +304,9 @@ async def test_the_cache_ends_at_exp(control: FakeControl, session: aiohttp.Clie
     assert control.hits[str(JOB)] == 2
 
 
-async def test_refresh_ahead_of_expiry(control: FakeControl, session: aiohttp.ClientSession) -> None:
+async def test_refresh_ahead_of_expiry(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
     control.policies[str(JOB)] = token()
     env = Env(control, session)
     first = await env.store.get(JOB)
@@ -329,7 +347,9 @@ async def test_a_failed_refresh_keeps_the_valid_policy_but_a_404_revokes_it(
         await env.store.get(JOB)
 
 
-async def test_request_refresh_is_rate_limited(control: FakeControl, session: aiohttp.ClientSession) -> None:
+async def test_request_refresh_is_rate_limited(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
     control.policies[str(JOB)] = token()
     env = Env(control, session, refresh_interval_s=5.0)
     await env.store.get(JOB)
@@ -357,7 +377,9 @@ async def test_an_unknown_kid_rereads_the_key_directory(
         await env.store.get(JOB)
     # The operator adds the new public key; the next fetch picks it up.
     write_key_dir(tmp_path / "rotated", rotated)
-    (keys_dir / f"{rotated.kid}.jwk").write_bytes((tmp_path / "rotated" / f"{rotated.kid}.jwk").read_bytes())
+    (keys_dir / f"{rotated.kid}.jwk").write_bytes(
+        (tmp_path / "rotated" / f"{rotated.kid}.jwk").read_bytes()
+    )
     env.mono.now += 60
     verified = await env.store.get(JOB)
     assert verified.kid == rotated.kid
@@ -399,7 +421,9 @@ NODES = {
 }
 
 
-def registry(control: FakeControl, session: aiohttp.ClientSession) -> tuple[NodeRegistry, CollectorRegistry]:
+def registry(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> tuple[NodeRegistry, CollectorRegistry]:
     metrics = CollectorRegistry()
     return NodeRegistry(session, control.url, refresh_s=0.05, metrics=metrics), metrics
 
@@ -422,7 +446,9 @@ async def test_registry_lookups(control: FakeControl, session: aiohttp.ClientSes
     assert metrics.get_sample_value("egressd_registry_nodes") == 3
 
 
-async def test_registry_keeps_the_last_good_view(control: FakeControl, session: aiohttp.ClientSession) -> None:
+async def test_registry_keeps_the_last_good_view(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
     control.nodes = NODES
     reg, metrics = registry(control, session)
     assert await reg.refresh()
@@ -434,14 +460,20 @@ async def test_registry_keeps_the_last_good_view(control: FakeControl, session: 
     assert reg.view is view
     assert reg.ready
     assert metrics.get_sample_value("egressd_registry_refresh_total", {"result": "http_error"}) == 1
-    assert metrics.get_sample_value("egressd_registry_refresh_total", {"result": "bad_response"}) == 1
+    assert (
+        metrics.get_sample_value("egressd_registry_refresh_total", {"result": "bad_response"}) == 1
+    )
     await control.stop()
     assert not await reg.refresh()
     assert reg.view is view
-    assert metrics.get_sample_value("egressd_registry_refresh_total", {"result": "unreachable"}) == 1
+    assert (
+        metrics.get_sample_value("egressd_registry_refresh_total", {"result": "unreachable"}) == 1
+    )
 
 
-async def test_registry_task_follows_changes(control: FakeControl, session: aiohttp.ClientSession) -> None:
+async def test_registry_task_follows_changes(
+    control: FakeControl, session: aiohttp.ClientSession
+) -> None:
     control.nodes = {"nodes": NODES["nodes"][:1]}
     reg, _ = registry(control, session)
     task = reg.start()

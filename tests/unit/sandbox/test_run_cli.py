@@ -76,8 +76,10 @@ def test_no_node_message_when_nothing_is_up_and_another_run_dir() -> None:
 
 def test_unreadable_mount_message() -> None:
     msg = unreadable_mount_message("/data:/d", stat.S_IFDIR | 0o700, 0, 0)
-    assert msg == ("--mount /data:/d: the sandbox user (uid 65534) cannot read it "
-                   "(mode 0700, owner 0:0); e.g. chmod o+rX it")  # fmt: skip
+    assert msg == (
+        "--mount /data:/d: the sandbox user (uid 65534) cannot read it "
+        "(mode 0700, owner 0:0); e.g. chmod o+rX it"
+    )
 
 
 def test_stopped_message() -> None:
