@@ -59,10 +59,25 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from egressd import strictjson
-from egressd.errors import EgressdError
+from egressd.config_reader import ConfigError as ConfigError  # re-exported
+from egressd.config_reader import (
+    Converter,
+    as_address,
+    as_bool,
+    as_int,
+    as_list,
+    as_network,
+    as_number,
+    as_object,
+    as_path,
+    as_str,
+    child,
+    convert,
+    read_json_file,
+)
 from egressd.topology import layout
 
 IPv4Address = ipaddress.IPv4Address
@@ -78,14 +93,6 @@ MAX_CONFIG_BYTES = 1 << 20
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
 _NETNS_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
-
-
-class ConfigError(EgressdError):
-    """A configuration file that cannot be used; `field` names what is wrong."""
-
-    def __init__(self, field: str, detail: str) -> None:
-        self.field = field
-        super().__init__("invalid_config", f"{field}: {detail}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,224 +271,139 @@ class AgentConfig:
         raise KeyError(name)
 
 
-_TOP_KEYS = frozenset(
-    {
-        "name",
-        "underlay",
-        "sandbox_cidr",
-        "vni",
-        "proxies",
-        "keys_dir",
-        "api_socket",
-        "admin_port",
-        "geneve_port",
-        "tun",
-        "resolver",
-        "fleet_ranges",
-        "state_dir",
-        "sandbox_netns_prefix",
-        "sandbox_mtu",
-        "health",
-        "flow_idle_s",
-        "offload",
-        "discovery",
-        "registration",
-    }
-)
-_HEALTH_KEYS = frozenset({"interval_s", "timeout_s", "down_after", "up_after", "port", "path"})
+def _str(field: str, value: object) -> str:
+    return as_str(field, value, nonempty=True)
+
+
+def _abs_path(field: str, value: object) -> Path:
+    return as_path(field, value, absolute=True)
+
+
+def _fleet_ranges(field: str, value: object) -> tuple[IPv4Network, ...]:
+    return as_list(field, value, as_network, what="IPv4 CIDR strings")
+
+
+def _object(
+    field: str, value: object, known: frozenset[str], what: str, required: tuple[str, ...] = ()
+) -> Mapping[str, object]:
+    return as_object(
+        field,
+        value,
+        known,
+        required=required,
+        what=what,
+        unknown="unknown key",
+        missing="is required",
+    )
+
+
+def _sandbox_cidr(field: str, value: object) -> IPv4Network | None:
+    if value == SANDBOX_CIDR_AUTO:
+        return None
+    try:
+        return as_network(field, value)
+    except ConfigError as exc:
+        raise ConfigError(field, f'{exc.problem} (or "auto")') from exc
+
+
+def _proxy(field: str, value: object) -> ProxyEndpoint:
+    item = _object(field, value, _PROXY_KEYS, "an object {name, underlay}", ("name", "underlay"))
+    name = _str(child(field, "name"), item["name"])
+    if not _NAME.fullmatch(name):
+        raise ConfigError(child(field, "name"), "must match [a-z0-9][a-z0-9-]{0,62}")
+    return ProxyEndpoint(name, as_address(child(field, "underlay"), item["underlay"]))
+
+
+def _proxies(field: str, value: object) -> tuple[ProxyEndpoint, ...]:
+    return as_list(field, value, _proxy, what="{name, underlay} objects")
+
+
+def _discovery(field: str, value: object) -> DiscoverySettings:
+    doc = _object(
+        field,
+        value,
+        frozenset(_DISCOVERY),
+        "an object {control_url, interval_s, timeout_s}",
+        ("control_url",),
+    )
+    return DiscoverySettings(**convert(field, doc, _DISCOVERY))
+
+
+def _registration(field: str, value: object) -> RegistrationSettings:
+    doc = _object(field, value, frozenset(_REGISTRATION), "an object {admin_token_file, wait_s}")
+    return RegistrationSettings(**convert(field, doc, _REGISTRATION))
+
+
+def _health(field: str, value: object) -> HealthSettings:
+    kwargs = convert(field, _object(field, value, frozenset(_HEALTH), "an object"), _HEALTH)
+    if "timeout_s" not in kwargs and "interval_s" in kwargs:
+        kwargs["timeout_s"] = min(0.5, kwargs["interval_s"])
+    return HealthSettings(**kwargs)
+
+
+_DISCOVERY: Mapping[str, Converter[object]] = {
+    "control_url": _str,
+    "interval_s": as_number,
+    "timeout_s": as_number,
+}
+_REGISTRATION: Mapping[str, Converter[object]] = {
+    "admin_token_file": _abs_path,
+    "wait_s": as_number,
+}
+_HEALTH: Mapping[str, Converter[object]] = {
+    "interval_s": as_number,
+    "timeout_s": as_number,
+    "down_after": as_int,
+    "up_after": as_int,
+    "port": as_int,
+    "path": _str,
+}
 _PROXY_KEYS = frozenset({"name", "underlay"})
-_DISCOVERY_KEYS = frozenset({"control_url", "interval_s", "timeout_s"})
-_REGISTRATION_KEYS = frozenset({"admin_token_file", "wait_s"})
+# The keys with a default and no cross-field meaning at parse time.
+_OPTIONAL: Mapping[str, Converter[object]] = {
+    "vni": as_int,
+    "keys_dir": _abs_path,
+    "api_socket": _abs_path,
+    "state_dir": _abs_path,
+    "admin_port": as_int,
+    "geneve_port": as_int,
+    "sandbox_mtu": as_int,
+    "tun": _str,
+    "sandbox_netns_prefix": _str,
+    "resolver": as_address,
+    "fleet_ranges": _fleet_ranges,
+    "flow_idle_s": as_number,
+    "health": _health,
+    "offload": as_bool,
+}
+_TOP_KEYS = frozenset(
+    {"name", "underlay", "sandbox_cidr", "proxies", "discovery", "registration", *_OPTIONAL}
+)
 
 
 def load_config(path: Path | str) -> AgentConfig:
     """Read and validate the agent's JSON configuration file."""
-    path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError("$", f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError("$", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        obj = strictjson.loads(data)
-    except ValueError as exc:
-        raise ConfigError("$", f"{path} is not JSON: {exc}") from exc
-    return parse_config(obj)
+    return parse_config(read_json_file(path, MAX_CONFIG_BYTES))
 
 
 def parse_config(obj: object) -> AgentConfig:
     """Validate a decoded JSON object and build an `AgentConfig`."""
-    if not isinstance(obj, dict):
+    if not isinstance(obj, Mapping):
         raise ConfigError("$", "must be a JSON object")
-    _reject_unknown(obj, _TOP_KEYS, "")
-    kwargs: dict[str, object] = {
-        "name": _str(_require(obj, "name"), "name"),
-        "underlay": _addr(_require(obj, "underlay"), "underlay"),
-        "sandbox_cidr": _sandbox_cidr(_require(obj, "sandbox_cidr")),
-        # With discovery the static list may be absent: the control plane's registry fills it.
-        "proxies": _proxies(
-            _require(obj, "proxies") if "discovery" not in obj else obj.get("proxies", [])
-        ),
+    # With discovery the static list may be absent: the control plane's registry fills it.
+    required = ("name", "underlay", "sandbox_cidr") + (() if "discovery" in obj else ("proxies",))
+    doc = _object("", obj, _TOP_KEYS, "a JSON object", required)
+    kwargs: dict[str, Any] = {
+        "name": _str("name", doc["name"]),
+        "underlay": as_address("underlay", doc["underlay"]),
+        "sandbox_cidr": _sandbox_cidr("sandbox_cidr", doc["sandbox_cidr"]),
+        "proxies": _proxies("proxies", doc.get("proxies", [])),
     }
-    if "discovery" in obj:
-        kwargs["discovery"] = _discovery(obj["discovery"])
+    if "discovery" in doc:
+        kwargs["discovery"] = _discovery("discovery", doc["discovery"])
     if kwargs["sandbox_cidr"] is None:
-        kwargs["registration"] = _registration(obj.get("registration", {}))
-    elif "registration" in obj:
+        kwargs["registration"] = _registration("registration", doc.get("registration", {}))
+    elif "registration" in doc:
         raise ConfigError("registration", 'only with "sandbox_cidr": "auto"')
-    if "vni" in obj:
-        kwargs["vni"] = _int(obj["vni"], "vni")
-    for key in ("keys_dir", "api_socket", "state_dir"):
-        if key in obj:
-            kwargs[key] = _path(obj[key], key)
-    for key in ("admin_port", "geneve_port", "sandbox_mtu"):
-        if key in obj:
-            kwargs[key] = _int(obj[key], key)
-    for key in ("tun", "sandbox_netns_prefix"):
-        if key in obj:
-            kwargs[key] = _str(obj[key], key)
-    if "resolver" in obj:
-        kwargs["resolver"] = _addr(obj["resolver"], "resolver")
-    if "fleet_ranges" in obj:
-        ranges = obj["fleet_ranges"]
-        if not isinstance(ranges, list):
-            raise ConfigError("fleet_ranges", "must be an array of CIDRs")
-        kwargs["fleet_ranges"] = tuple(
-            _net(item, f"fleet_ranges[{i}]") for i, item in enumerate(ranges)
-        )
-    if "flow_idle_s" in obj:
-        kwargs["flow_idle_s"] = _number(obj["flow_idle_s"], "flow_idle_s")
-    if "health" in obj:
-        kwargs["health"] = _health(obj["health"])
-    if "offload" in obj:
-        if not isinstance(obj["offload"], bool):
-            raise ConfigError("offload", "must be true or false")
-        kwargs["offload"] = obj["offload"]
-    return AgentConfig(**kwargs)  # type: ignore[arg-type]
-
-
-def _reject_unknown(obj: Mapping[str, object], known: frozenset[str], prefix: str) -> None:
-    unknown = sorted(str(k) for k in obj if k not in known)
-    if unknown:
-        raise ConfigError(prefix + unknown[0], "unknown key")
-
-
-def _require(obj: Mapping[str, object], key: str, prefix: str = "") -> object:
-    if key not in obj:
-        raise ConfigError(prefix + key, "is required")
-    return obj[key]
-
-
-def _str(value: object, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(where, "must be a non-empty string")
-    return value
-
-
-def _int(value: object, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(where, "must be an integer")
-    return value
-
-
-def _number(value: object, where: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ConfigError(where, "must be a number")
-    return float(value)
-
-
-def _path(value: object, where: str) -> Path:
-    text = _str(value, where)
-    if not text.startswith("/"):
-        raise ConfigError(where, "must be an absolute path")
-    return Path(text)
-
-
-def _addr(value: object, where: str) -> IPv4Address:
-    try:
-        return IPv4Address(_str(value, where))
-    except ValueError as exc:
-        raise ConfigError(where, f"not an IPv4 address: {value!r}") from exc
-
-
-def _net(value: object, where: str) -> IPv4Network:
-    text = _str(value, where)
-    if "/" not in text:
-        raise ConfigError(where, f"not a CIDR (needs a prefix length): {text!r}")
-    try:
-        return IPv4Network(text, strict=True)
-    except ValueError as exc:
-        raise ConfigError(where, f"not an IPv4 network: {exc}") from exc
-
-
-def _sandbox_cidr(value: object) -> IPv4Network | None:
-    if value == SANDBOX_CIDR_AUTO:
-        return None
-    try:
-        return _net(value, "sandbox_cidr")
-    except ConfigError as exc:
-        raise ConfigError("sandbox_cidr", f'{exc.detail.split(": ", 1)[1]} (or "auto")') from exc
-
-
-def _registration(value: object) -> RegistrationSettings:
-    if not isinstance(value, dict):
-        raise ConfigError("registration", "must be an object {admin_token_file, wait_s}")
-    _reject_unknown(value, _REGISTRATION_KEYS, "registration.")
-    kwargs: dict[str, object] = {}
-    if "admin_token_file" in value:
-        kwargs["admin_token_file"] = _path(
-            value["admin_token_file"], "registration.admin_token_file"
-        )
-    if "wait_s" in value:
-        kwargs["wait_s"] = _number(value["wait_s"], "registration.wait_s")
-    return RegistrationSettings(**kwargs)  # type: ignore[arg-type]
-
-
-def _proxies(value: object) -> tuple[ProxyEndpoint, ...]:
-    if not isinstance(value, list):
-        raise ConfigError("proxies", "must be an array of {name, underlay}")
-    out = []
-    for i, item in enumerate(value):
-        where = f"proxies[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(where, "must be an object {name, underlay}")
-        _reject_unknown(item, _PROXY_KEYS, where + ".")
-        name = _str(_require(item, "name", where + "."), where + ".name")
-        if not _NAME.fullmatch(name):
-            raise ConfigError(where + ".name", "must match [a-z0-9][a-z0-9-]{0,62}")
-        underlay = _addr(_require(item, "underlay", where + "."), where + ".underlay")
-        out.append(ProxyEndpoint(name, underlay))
-    return tuple(out)
-
-
-def _discovery(value: object) -> DiscoverySettings:
-    if not isinstance(value, dict):
-        raise ConfigError("discovery", "must be an object {control_url, interval_s, timeout_s}")
-    _reject_unknown(value, _DISCOVERY_KEYS, "discovery.")
-    kwargs: dict[str, object] = {
-        "control_url": _str(_require(value, "control_url", "discovery."), "discovery.control_url")
-    }
-    for key in ("interval_s", "timeout_s"):
-        if key in value:
-            kwargs[key] = _number(value[key], f"discovery.{key}")
-    return DiscoverySettings(**kwargs)  # type: ignore[arg-type]
-
-
-def _health(value: object) -> HealthSettings:
-    if not isinstance(value, dict):
-        raise ConfigError("health", "must be an object")
-    _reject_unknown(value, _HEALTH_KEYS, "health.")
-    kwargs: dict[str, object] = {}
-    for key in ("interval_s", "timeout_s"):
-        if key in value:
-            kwargs[key] = _number(value[key], f"health.{key}")
-    for key in ("down_after", "up_after", "port"):
-        if key in value:
-            kwargs[key] = _int(value[key], f"health.{key}")
-    if "path" in value:
-        kwargs["path"] = _str(value["path"], "health.path")
-    if "timeout_s" not in kwargs and "interval_s" in kwargs:
-        kwargs["timeout_s"] = min(0.5, float(kwargs["interval_s"]))  # type: ignore[arg-type]
-    return HealthSettings(**kwargs)  # type: ignore[arg-type]
+    kwargs.update(convert("", doc, _OPTIONAL))
+    return AgentConfig(**kwargs)

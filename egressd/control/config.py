@@ -23,8 +23,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from egressd.config_reader import ConfigError as ConfigError  # re-exported
+from egressd.config_reader import as_int, as_network
 from egressd.control.pool import DEFAULT_NODE_PREFIX, DEFAULT_POOL, SandboxPool
-from egressd.errors import EgressdError
 
 DEFAULT_LISTEN = "198.18.0.2:8080"
 DEFAULT_RUN_DIR = Path("/run/egressd")
@@ -38,33 +39,26 @@ MIN_POLICY_TTL_S = 60
 MAX_POLICY_TTL_S = 7 * 24 * 3600
 
 
-class ConfigError(EgressdError):
-    """A configuration value that cannot be used; `detail` is one line for the operator."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__("bad_config", detail)
-
-
 def parse_listen(value: str) -> tuple[str, int]:
     """`HOST:PORT` or `[V6]:PORT` with HOST an IP literal -> (host, port)."""
     host, sep, port_s = value.rpartition(":")
     if not sep or not host:
-        raise ConfigError(f"--listen {value!r}: expected HOST:PORT")
+        raise ConfigError("--listen", f"{value!r}: expected HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         try:
             ipaddress.IPv6Address(host)
         except ValueError as exc:
-            raise ConfigError(f"--listen {value!r}: not an IPv6 address: {host!r}") from exc
+            raise ConfigError("--listen", f"{value!r}: not an IPv6 address: {host!r}") from exc
     else:
         try:
             ipaddress.IPv4Address(host)
         except ValueError as exc:
             raise ConfigError(
-                f"--listen {value!r}: host must be an IPv4 address or [IPv6] literal"
+                "--listen", f"{value!r}: host must be an IPv4 address or [IPv6] literal"
             ) from exc
     if not port_s.isascii() or not port_s.isdigit() or int(port_s) > 65535:
-        raise ConfigError(f"--listen {value!r}: port must be 0..65535")
+        raise ConfigError("--listen", f"{value!r}: port must be 0..65535")
     return host, int(port_s)
 
 
@@ -84,11 +78,7 @@ class ControlConfig:
 
     def __post_init__(self) -> None:
         parse_listen(self.listen)
-        if not MIN_POLICY_TTL_S <= self.policy_ttl_s <= MAX_POLICY_TTL_S:
-            raise ConfigError(
-                f"--policy-ttl {self.policy_ttl_s}: must be "
-                f"{MIN_POLICY_TTL_S}..{MAX_POLICY_TTL_S} seconds"
-            )
+        as_int("--policy-ttl", self.policy_ttl_s, MIN_POLICY_TTL_S, MAX_POLICY_TTL_S)
 
     @property
     def listen(self) -> str:
@@ -126,11 +116,10 @@ class ControlConfig:
 
 def parse_sandbox_pool(network: str, prefixlen: int) -> SandboxPool:
     """`--sandbox-pool CIDR` and `--sandbox-prefix N` -> SandboxPool; ConfigError if unusable."""
-    try:
-        net = ipaddress.IPv4Network(network, strict=True)
-    except ValueError as exc:
-        raise ConfigError(f"--sandbox-pool {network!r}: not a strict IPv4 network ({exc})") from exc
+    net = as_network("--sandbox-pool", network)
     try:
         return SandboxPool(net, prefixlen)
     except ValueError as exc:
-        raise ConfigError(f"--sandbox-pool {network} --sandbox-prefix {prefixlen}: {exc}") from exc
+        raise ConfigError(
+            "--sandbox-pool", f"{network} with --sandbox-prefix {prefixlen}: {exc}"
+        ) from exc

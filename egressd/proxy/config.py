@@ -96,7 +96,6 @@ Decisions:
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -104,8 +103,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from egressd import strictjson
-from egressd.errors import EgressdError
+from egressd.config_reader import ConfigError as ConfigError  # re-exported
+from egressd.config_reader import (
+    as_address,
+    as_bool,
+    as_int,
+    as_list,
+    as_network,
+    as_number,
+    as_object,
+    as_one_of,
+    as_path,
+    as_str,
+    convert,
+    read_json_file,
+)
 from egressd.limits.pacing import DEFAULT_HORIZON_S
 from egressd.limits.ports import (
     DEFAULT_MIN_PER_JOB,
@@ -143,15 +155,7 @@ class InterceptionCaPaths:
     key: Path
 
 
-class ConfigError(EgressdError):
-    """A proxy configuration that cannot be used; `detail` starts with the field."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__("invalid_config", detail)
-
-
-def _fail(name: str, message: str) -> ConfigError:
-    return ConfigError(f"{name}: {message}")
+_fail = ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,9 +234,7 @@ class ProxyConfig:
             raise _fail("upstream_ca_file", "must be a path")
         if self.secrets_dir is not None and not isinstance(self.secrets_dir, Path):
             raise _fail("secrets_dir", "must be a path")
-        if self.dns_refusal_rcode not in REFUSAL_RCODES:
-            choices = " or ".join(f'"{c}"' for c in REFUSAL_RCODES)
-            raise _fail("dns_refusal_rcode", f"must be {choices}, got {self.dns_refusal_rcode!r}")
+        as_one_of("dns_refusal_rcode", self.dns_refusal_rcode, REFUSAL_RCODES)
         self._check_limits()
         if self.resolver not in self.sandbox_supernet and not any(
             self.resolver in net for net in self.fleet_ranges
@@ -301,18 +303,11 @@ def _is_ifname(value: str) -> bool:
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise _fail(name, f"must be an integer in {lo}..{hi}")
+    as_int(name, value, lo, hi)
 
 
 def _check_seconds(name: str, value: object, lo: float, hi: float) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not lo <= value <= hi
-    ):
-        raise _fail(name, f"must be a number of seconds in {lo:g}..{hi:g}")
+    as_number(name, value, lo, hi, unit="seconds")
 
 
 def _check_url(url: object) -> None:
@@ -328,37 +323,14 @@ def _check_url(url: object) -> None:
 # --- parsing the JSON file ------------------------------------------------------------
 
 
-def _as_address(name: str, value: object) -> IPv4Address:
-    if not isinstance(value, str):
-        raise _fail(name, "must be an IPv4 address string")
-    try:
-        return IPv4Address(value)
-    except ValueError:
-        raise _fail(name, f"not an IPv4 address: {value!r}") from None
-
-
-def _as_network(name: str, value: object) -> IPv4Network:
-    if not isinstance(value, str) or "/" not in value:
-        raise _fail(name, "must be an IPv4 CIDR string (a.b.c.d/n)")
-    try:
-        return IPv4Network(value, strict=True)
-    except ValueError as exc:
-        raise _fail(name, f"not a strict IPv4 network: {exc}") from None
-
-
 def _as_networks(name: str, value: object) -> tuple[IPv4Network, ...]:
-    if not isinstance(value, list):
-        raise _fail(name, "must be a list of IPv4 CIDR strings")
-    return tuple(_as_network(f"{name}[{i}]", item) for i, item in enumerate(value))
+    return as_list(name, value, as_network, what="IPv4 CIDR strings")
 
 
 def _as_addresses(name: str, value: object) -> tuple[IPv4Address, ...]:
-    if not isinstance(value, list) or not value:
-        raise _fail(name, "must be a non-empty list of IPv4 address strings")
-    addresses = tuple(_as_address(f"{name}[{i}]", item) for i, item in enumerate(value))
-    if len(set(addresses)) != len(addresses):
-        raise _fail(name, "must be distinct")
-    return addresses
+    return as_list(
+        name, value, as_address, what="IPv4 address strings", nonempty=True, distinct=True
+    )
 
 
 def _as_port_range(name: str, value: object) -> tuple[int, int]:
@@ -371,112 +343,62 @@ def _as_port_range(name: str, value: object) -> tuple[int, int]:
     return first, last
 
 
-def _as_path(name: str, value: object) -> Path:
-    if not isinstance(value, str) or not value:
-        raise _fail(name, "must be a non-empty path string")
-    return Path(value)
-
-
-def _as_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(name, "must be a number")
-    return float(value)
-
-
-def _as_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(name, "must be an integer")
-    return value
-
-
-def _as_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(name, "must be true or false")
-    return value
-
-
-def _as_str(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise _fail(name, "must be a string")
-    return value
-
-
 def _as_interception_ca(name: str, value: object) -> InterceptionCaPaths:
     if not isinstance(value, Mapping) or set(value) != {"cert", "key"}:
         raise _fail(name, 'must be {"cert": PATH, "key": PATH}')
     return InterceptionCaPaths(
-        cert=_as_path(f"{name}.cert", value["cert"]), key=_as_path(f"{name}.key", value["key"])
+        cert=as_path(f"{name}.cert", value["cert"]), key=as_path(f"{name}.key", value["key"])
     )
 
 
 _CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
-    "name": _as_str,
-    "underlay": _as_address,
-    "egress": _as_address,
-    "vni": _as_int,
-    "control_url": _as_str,
-    "keys_dir": _as_path,
-    "admin_port": _as_int,
-    "geneve_port": _as_int,
-    "tun": _as_str,
-    "tproxy_tcp_port": _as_int,
-    "tproxy_dns_port": _as_int,
-    "resolver": _as_address,
-    "upstream_resolver": _as_address,
-    "sandbox_supernet": _as_network,
+    "name": as_str,
+    "underlay": as_address,
+    "egress": as_address,
+    "vni": as_int,
+    "control_url": as_str,
+    "keys_dir": as_path,
+    "admin_port": as_int,
+    "geneve_port": as_int,
+    "tun": as_str,
+    "tproxy_tcp_port": as_int,
+    "tproxy_dns_port": as_int,
+    "resolver": as_address,
+    "upstream_resolver": as_address,
+    "sandbox_supernet": as_network,
     "fleet_ranges": _as_networks,
-    "flow_idle_s": _as_number,
-    "max_flows": _as_int,
-    "node_refresh_s": _as_number,
-    "mtu": _as_int,
-    "offload": _as_bool,
-    "max_connections": _as_int,
-    "bandwidth_bps": _as_int,
+    "flow_idle_s": as_number,
+    "max_flows": as_int,
+    "node_refresh_s": as_number,
+    "mtu": as_int,
+    "offload": as_bool,
+    "max_connections": as_int,
+    "bandwidth_bps": as_int,
     "egress_addresses": _as_addresses,
     "source_ports": _as_port_range,
-    "min_ports_per_job": _as_int,
-    "reserved_newcomers": _as_int,
-    "port_reuse_delay_s": _as_number,
-    "idle_timeout_s": _as_number,
-    "max_lifetime_s": _as_number,
-    "pacing_horizon_s": _as_number,
+    "min_ports_per_job": as_int,
+    "reserved_newcomers": as_int,
+    "port_reuse_delay_s": as_number,
+    "idle_timeout_s": as_number,
+    "max_lifetime_s": as_number,
+    "pacing_horizon_s": as_number,
     "interception_ca": _as_interception_ca,
-    "upstream_ca_file": _as_path,
-    "secrets_dir": _as_path,
-    "dns_refusal_rcode": _as_str,
-    "digest_grace_s": _as_number,
+    "upstream_ca_file": as_path,
+    "secrets_dir": as_path,
+    "dns_refusal_rcode": as_str,
+    "digest_grace_s": as_number,
 }
 _REQUIRED = ("name", "underlay", "egress")
 
 
 def config_from_mapping(obj: object) -> ProxyConfig:
     """A `ProxyConfig` from a decoded JSON object; raises ConfigError."""
-    if not isinstance(obj, Mapping):
-        raise _fail("$", "the configuration must be a JSON object")
     known = {f.name for f in fields(ProxyConfig)}
     assert known == set(_CONVERTERS), "every field needs a converter"
-    for key in obj:
-        if key not in known:
-            raise _fail(str(key), "unknown field")
-    for key in _REQUIRED:
-        if key not in obj:
-            raise _fail(key, "required")
-    kwargs = {key: _CONVERTERS[key](key, value) for key, value in obj.items()}
-    return ProxyConfig(**kwargs)
+    doc = as_object("", obj, known, required=_REQUIRED, what="a JSON object")
+    return ProxyConfig(**convert("", doc, _CONVERTERS))
 
 
 def load_config(path: Path | str) -> ProxyConfig:
     """Read and validate the JSON configuration file at `path`."""
-    path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise _fail("$", f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_CONFIG_BYTES:
-        raise _fail("$", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        obj = strictjson.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _fail("$", f"{path} is not JSON: {' '.join(str(exc).split())}") from exc
-    return config_from_mapping(obj)
+    return config_from_mapping(read_json_file(path, MAX_CONFIG_BYTES))

@@ -26,14 +26,13 @@ import ctypes
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,10 @@ from egressd.metrics_text import metric_value, parse
 from egressd.net import netns
 from egressd.policy.jws import policy_digest, sign_payload
 from egressd.policy.keys import SigningKey, generate_signing_key, write_key_dir
+from tests.support.root import AGENT_NEEDS
+from tests.support.waits import wait_for, when
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root(*AGENT_NEEDS)
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_IP = "198.18.0.11"
@@ -110,33 +111,6 @@ while True:
             sock.sendto(encode(pkt.vni, pkt.job, bytes(reply)), (agent, 6081))
     log.write(json.dumps(rec) + "\n")
 """
-
-
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, eBPF)")
-    for tool in ("nsenter", "clang", "bpftool"):
-        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
-            pytest.skip(f"needs {tool}")
-    if not Path("/dev/net/tun").exists():
-        pytest.skip("needs /dev/net/tun")
-
-
-# `check` is called with no arguments; `...` lets a caller bind loop variables as defaults.
-def wait_for(check: Callable[..., Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def when(value: Any, pred: Callable[[Any], bool]) -> Any:
-    """`value` if `pred(value)`, else None (for `wait_for`)."""
-    return value if pred(value) else None
 
 
 def http_get(ns: str, host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
@@ -360,7 +334,6 @@ def _teardown(fleet: Fleet) -> None:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    _require_root()
     run_id = secrets.token_hex(3)
     base = f"egd-t{run_id}"
     root = tmp_path_factory.mktemp("agent")

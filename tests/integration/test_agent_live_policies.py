@@ -43,22 +43,22 @@ from egressd.net import netns
 from egressd.policy.jws import policy_digest, sign_payload
 from egressd.policy.keys import SigningKey, generate_signing_key, write_key_dir
 from egressd.topology.layout import RESOLVER
+from tests.support.root import AGENT_NEEDS
+from tests.support.waits import wait_for
 
 from .test_agent import (
     NODE_IP,
     REPO,
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
-    _require_root,
     http_get,
     is_mount,
     metric,
-    wait_for,
 )
 from .test_agent import Fleet as AgentFleet
 from .test_proxy_dataplane import http
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root(*AGENT_NEEDS)
 
 CONTROL_IP = "198.18.0.2"
 JOB = uuid.UUID("6f1d2b7e-3c4a-4e5f-8a9b-0c1d2e3f4a5b")
@@ -246,7 +246,6 @@ def _teardown(env: Env) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    _require_root()
     base = f"egd-t{secrets.token_hex(3)}"
     root = tmp_path_factory.mktemp("agent-live")
     env = Env(

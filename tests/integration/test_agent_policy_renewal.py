@@ -21,11 +21,12 @@ import pytest
 
 from egressd.policy.jws import DEFAULT_LEEWAY_S, policy_digest
 from egressd.policy.keys import generate_signing_key
+from tests.support.root import AGENT_NEEDS
 
-from .test_agent import _require_root, metric
+from .test_agent import metric
 from .test_agent_live_policies import JOB, Env, _setup, _teardown, count, policy_body, syn
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root(*AGENT_NEEDS)
 
 TTL_S = 60  # egressd.control.config.MIN_POLICY_TTL_S
 EXPIRY_TICK_S = 1.0  # egressd.agent.service.EXPIRY_INTERVAL_S
@@ -34,7 +35,6 @@ RENEWALS = "egressd_agent_policy_renewals_total"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    _require_root()
     base = f"egd-t{secrets.token_hex(3)}"
     root = tmp_path_factory.mktemp("agent-renewal")
     env = Env(

@@ -10,10 +10,12 @@ import time
 import pytest
 
 from egressd.net import netns
+from tests.support.root import AGENT_NEEDS
+from tests.support.waits import wait_for
 
-from .test_agent import Fleet, fleet, wait_for  # noqa: F401
+from .test_agent import Fleet, fleet  # noqa: F401
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root(*AGENT_NEEDS)
 
 REAP_BOUND_S = 3.0
 # Registers SANDBOX_ID with the JWS on stdin, prints "up", then sleeps or exits.

@@ -18,11 +18,13 @@ from typing import Any
 import pytest
 
 from egressd.agent.tier1_maps import EVENT_BUCKET
+from tests.support.root import AGENT_NEEDS
+from tests.support.tier1 import in_netns
+from tests.support.waits import wait_for
 
-from .test_agent import DEST, JOB_ID, Fleet, fleet, metric, wait_for  # noqa: F401
-from .tier1_fixtures import in_netns
+from .test_agent import DEST, JOB_ID, Fleet, fleet, metric  # noqa: F401
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root(*AGENT_NEEDS)
 
 ABORT = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER 0
 

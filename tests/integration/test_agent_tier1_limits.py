@@ -15,11 +15,13 @@ import time
 import pytest
 
 from egressd.topology.layout import RESOLVER
+from tests.support.root import AGENT_NEEDS
+from tests.support.tier1 import in_netns
+from tests.support.waits import wait_for, when
 
-from .test_agent import DEST, JOB_ID, Fleet, fleet, metric, wait_for, when  # noqa: F401
-from .tier1_fixtures import in_netns
+from .test_agent import DEST, JOB_ID, Fleet, fleet, metric  # noqa: F401
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root(*AGENT_NEEDS)
 
 SANDBOX_METRIC = "egressd_tier1_sandbox_packets_total"
 ABORT = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() resets, never waits

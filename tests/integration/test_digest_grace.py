@@ -28,8 +28,8 @@ from tests.integration.test_proxy_dataplane import (  # noqa: F401  (fixtures)
     fleet,
     http,
     pytestmark,
-    wait_for,
 )
+from tests.support.waits import wait_for
 
 GRACE_S = 2.0
 

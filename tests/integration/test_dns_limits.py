@@ -34,9 +34,7 @@ import pytest
 
 from egressd.limits.dns import DEFAULT_MAX_TCP_PER_JOB, MIN_BURST
 from egressd.metrics_text import metric_sum, parse
-
-from .test_dns_responder import addresses, ask_udp, query
-from .test_intercept import (
+from tests.support.intercept_world import (
     API,
     CLIENT,
     CLIENT2,
@@ -49,8 +47,11 @@ from .test_intercept import (
     make_world,
     ns_socket,
 )
+from tests.support.root import NETNS_TOOLS
 
-pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+from .test_dns_responder import addresses, ask_udp, query
+
+pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(180)]
 
 FLOOD_RATE = 3600  # queries/s, as in the issue
 FLOOD_SECONDS = 6.0

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 from egressd.proxy.config import config_from_mapping
+from tests.support.intercept_world import API, World, make_world
+from tests.support.root import NETNS_TOOLS
 
-from .test_intercept import API, World, make_world
-
-pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(180)]
 
 PROBE = Path(__file__).parent / "probes" / "gai.c"
 SEARCH = "corp.test"

@@ -20,8 +20,7 @@ import dns.rcode
 import pytest
 
 from egressd.metrics_text import metric_value, parse
-
-from .test_intercept import (
+from tests.support.intercept_world import (
     API,
     CLIENT,
     CLIENT_NO_FLOW,
@@ -33,8 +32,9 @@ from .test_intercept import (
     ns_socket,
     source,
 )
+from tests.support.root import NETNS_TOOLS
 
-pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")

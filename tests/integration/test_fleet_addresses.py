@@ -41,7 +41,6 @@ from egressd.net import netns as kn
 from egressd.policy.jws import policy_digest
 from egressd.policy.keys import generate_signing_key, write_key_dir
 from egressd.topology import network
-from tests.integration import test_intercept as ti
 from tests.integration.test_proxy_dataplane import (
     CONTROL_ADDR,
     LAYOUT,
@@ -53,12 +52,13 @@ from tests.integration.test_proxy_dataplane import (
     STOP_TIMEOUT_S,
     Fleet,
     ProxyProcess,
-    fresh_prefix,
     http,
     stop_process,
-    wait_for,
 )
 from tests.integration.test_proxy_dataplane import pytestmark as _dataplane_marks
+from tests.support import intercept_world as ti
+from tests.support.netns import fresh_prefix
+from tests.support.waits import wait_for
 
 pytestmark = _dataplane_marks
 

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from tests.integration.test_http_requests import EU, PORT, Reader, request, requests_of
-from tests.integration.test_intercept import API, DATA, World, make_world, source
+from tests.support.intercept_world import API, DATA, World, make_world, source
+from tests.support.root import NETNS_TOOLS
 
-pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(180)]
 
 API_HOST = "api.allowed.test"
 PLACEHOLDER = "egressd:api-token"

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from egressd.proxy import tier2
-from tests.integration.test_intercept import (
+from tests.support.intercept_world import (
     API,
     DATA,
     World,
@@ -27,8 +27,9 @@ from tests.integration.test_intercept import (
     make_world,
     source,
 )
+from tests.support.root import NETNS_TOOLS
 
-pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(180)]
 
 PORT = 8080
 EU = "eu.data.allowed.test"

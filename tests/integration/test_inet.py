@@ -11,9 +11,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
-import random
-import shutil
 import signal
 import socket
 import ssl
@@ -34,27 +31,14 @@ from egressd.net import netns as kn
 from egressd.topology import network
 from egressd.topology.inet import CONTENT_SHA256_HEADER, FAKE_CREDENTIAL, content_sha256
 from egressd.topology.layout import INET_DNS, METADATA, default_layout
+from tests.support.netns import fresh_prefix
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or not (shutil.which("nsenter") and shutil.which("curl")),
-        reason="needs root, nsenter and curl",
-    ),
-]
+pytestmark = pytest.mark.root("nsenter", "curl")
 
 LAYOUT = default_layout()
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 30.0
 TIMEOUT_S = 10.0
-
-
-def fresh_prefix() -> str:
-    taken = kn.list_netns("egd-t")
-    while True:
-        prefix = f"egd-t{random.randrange(10_000):04d}-"
-        if not any(name.startswith(prefix) for name in taken):
-            return prefix
 
 
 @dataclass

@@ -21,7 +21,7 @@ import pytest
 from egressd.metrics_text import metric_value, parse
 from egressd.proxy.sniff import MAX_CLIENT_HELLO, MAX_HTTP_HEAD
 from tests import tls_hellos
-from tests.integration.test_intercept import (
+from tests.support.intercept_world import (
     API,
     CLIENT,
     EGRESS_RULES,
@@ -33,9 +33,10 @@ from tests.integration.test_intercept import (
     recv_all,
     source,
 )
+from tests.support.root import NETNS_TOOLS
 
 PEEK_S = 0.5  # make_world's peek timeout
-pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")

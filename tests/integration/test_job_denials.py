@@ -39,8 +39,8 @@ from tests.integration.test_proxy_dataplane import (  # noqa: F401  (fixtures)
     fleet,
     proxy,
     pytestmark,
-    wait_for,
 )
+from tests.support.waits import wait_for
 
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

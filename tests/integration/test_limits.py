@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from egressd.metrics_text import metric_sum, parse
-from tests.integration.test_intercept import (
+from tests.support.intercept_world import (
     BULK,
     CLIENT,
     CLIENT2,
@@ -41,8 +41,9 @@ from tests.integration.test_intercept import (
     ns_socket,
     source,
 )
+from tests.support.root import NETNS_TOOLS
 
-pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(120)]
 
 EGRESS2 = "203.0.113.23"
 FIRST_PORT, LAST_PORT = 20000, 20005

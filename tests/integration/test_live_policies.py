@@ -49,8 +49,8 @@ from tests.integration.test_proxy_dataplane import (  # noqa: F401  (fixtures)
     proxy,
     pytestmark,
     stop_process,
-    wait_for,
 )
+from tests.support.waits import wait_for
 
 BIG = "big.bin"
 BIG_BYTES = 200 * 1024 * 1024

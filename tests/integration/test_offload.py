@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,15 +22,13 @@ import pytest
 from egressd.bench.load import Target
 from egressd.bench.paths import EgressdPath
 from egressd.metrics_text import Scrape, metric_value, parse
-from egressd.net import netns as kn
 from egressd.topology.fleet import Fleet
 from egressd.topology.inet import content_sha256
 from egressd.topology.layout import ADMIN_PORT, NodeSpec, ProxySpec, default_layout
 from egressd.topology.probe import http_request
+from tests.support.netns import fresh_prefix
 
-from .tier1_fixtures import require_root_tools
-
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root("ip", "/dev/net/tun")
 
 NBYTES = 24 << 20
 TIMEOUT_S = 60.0
@@ -47,19 +44,10 @@ class OffloadFleet(Fleet):
         return {**super().agent_config(node), "offload": True}
 
 
-def fresh_prefix() -> str:
-    taken = kn.list_netns("egd-o")
-    while True:
-        prefix = f"egd-o{secrets.token_hex(2)}-"
-        if not any(name.startswith(prefix) for name in taken):
-            return prefix
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OffloadFleet]:
-    require_root_tools()
     run_dir = tmp_path_factory.mktemp("offload-run")
-    fleet = OffloadFleet(default_layout(Path(run_dir), fresh_prefix()))
+    fleet = OffloadFleet(default_layout(Path(run_dir), fresh_prefix("egd-o")))
     try:
         fleet.up()
         yield fleet

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +27,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,14 +43,11 @@ from egressd.policy.jws import policy_digest
 from egressd.policy.keys import generate_signing_key, write_key_dir
 from egressd.topology import network
 from egressd.topology.layout import CONTROL_ADDR, INET_NS, Layout, default_layout
+from tests.support.netns import fresh_prefix
+from tests.support.root import NETNS_TOOLS
+from tests.support.waits import wait_for
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or not all(shutil.which(t) for t in ("nsenter", "nft", "ip")),
-        reason="needs root, nsenter, nft and ip",
-    ),
-]
+pytestmark = pytest.mark.root(*NETNS_TOOLS)
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = default_layout()
@@ -70,14 +65,6 @@ ADMIN_PORT = 9090
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 REPLY_TIMEOUT_S = 5.0
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # --- a small HTTP client that runs in a namespace (no child process) ------------------
@@ -179,14 +166,6 @@ class Fleet:
         )
         assert status == 200, payload
         return json.loads(payload)
-
-
-def fresh_prefix() -> str:
-    taken = kn.list_netns("egd-t")
-    while True:
-        prefix = f"egd-t{secrets.token_hex(3)}-"
-        if not any(name.startswith(prefix) for name in taken):
-            return prefix
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None) -> None:

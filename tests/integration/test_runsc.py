@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -52,14 +51,7 @@ HTTP_PORT = 8000
 HTTPS_PORT = 8443
 INDEX_BODY = b"hello from the egressd runsc test\n" * 10
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(
-        any(shutil.which(p) is None for p in ("runsc", "ip", "nsenter", "unshare", "setpriv")),
-        reason="needs runsc, ip, nsenter, unshare, setpriv",
-    ),
-]
+pytestmark = pytest.mark.root("runsc", "ip", "nsenter", "unshare", "setpriv")
 
 # The servers in the node namespace: plain HTTP and HTTPS (test CA) on the same
 # document root; writes READY once both listen.

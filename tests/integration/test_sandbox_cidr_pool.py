@@ -38,19 +38,19 @@ import pytest
 from egressd.agent.client import AgentClient, SandboxInfo
 from egressd.net import netns
 from egressd.policy.keys import SigningKey, generate_signing_key, write_key_dir
+from tests.support.root import AGENT_NEEDS
+from tests.support.waits import wait_for
 
 from .test_agent import (
     REPO,
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
-    _require_root,
     http_get,
     is_mount,
-    wait_for,
 )
 from .test_proxy_dataplane import http
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root(*AGENT_NEEDS)
 
 CONTROL_IP = "198.18.0.2"
 NODES = {"node1": "198.18.0.11", "node2": "198.18.0.12"}
@@ -251,7 +251,6 @@ def _teardown(env: Env) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    _require_root()
     env = Env(
         root=tmp_path_factory.mktemp("cidr-pool"),
         key=generate_signing_key(),

@@ -64,19 +64,17 @@ from egressd.topology.layout import (
     UNDERLAY_MTU,
     default_layout,
 )
-
-from .tier1_fixtures import (
+from tests.support.tier1 import (
     Namespaces,
     in_netns,
     ingress_filters,
     mac,
     packet_socket,
-    require_root_tools,
     sh,
     sysctl,
 )
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root("ip", "tc", "bpftool", "clang", "/dev/net/tun")
 
 LAYOUT = default_layout()
 NODE = LAYOUT.nodes[0]
@@ -135,7 +133,6 @@ class Bed:
 
 
 def _make_topology(stack: ExitStack, tmp: Path) -> Bed:
-    require_root_tools("tc", "bpftool", "clang")
     spaces = Namespaces()
     stack.callback(spaces.cleanup)
     node, sandbox = spaces.create("n"), spaces.create("s")
@@ -679,7 +676,6 @@ def _prog_exists(prog_id: int) -> bool:
 
 
 def test_load_replaces_stale_pins(tmp_path: Path) -> None:
-    require_root_tools("bpftool", "clang")
     first = Tier1(tun_ifindex=1, resolver=RESOLVER, denied=(), state_dir=tmp_path)
     first.load()
     try:
@@ -694,7 +690,6 @@ def test_load_replaces_stale_pins(tmp_path: Path) -> None:
 
 
 def test_build_object_caches_and_reports_errors(tmp_path: Path) -> None:
-    require_root_tools("clang")
     obj = build_object(DEFAULT_SOURCE, tmp_path)
     mtime = obj.stat().st_mtime_ns
     assert build_object(DEFAULT_SOURCE, tmp_path) == obj

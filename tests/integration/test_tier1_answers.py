@@ -28,6 +28,7 @@ from egressd.agent.ringbuf import RingBuffer
 from egressd.agent.tier1 import Bucket, Reason, Tier1Event, unpack_event
 from egressd.agent.tier1_maps import EVENT_BUCKET
 from egressd.topology.layout import CONTROL_ADDR, METADATA
+from tests.support.tier1 import in_netns, packet_socket, sh
 
 from .test_tier1 import (
     API,
@@ -39,7 +40,6 @@ from .test_tier1 import (
     _make_topology,
     expect_verdict,
 )
-from .tier1_fixtures import in_netns, packet_socket, sh
 
 pytestmark = pytest.mark.root
 

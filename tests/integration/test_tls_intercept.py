@@ -37,9 +37,9 @@ if __name__ != "__main__":
     from egressd.metrics_text import metric_value, parse
     from egressd.topology import ca
     from tests.integration.test_http_requests import requests_of
-    from tests.integration.test_intercept import DATA, World, make_world, source
+    from tests.support.intercept_world import DATA, World, make_world, source
 
-pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.root("ip", "nft", "nsenter"), pytest.mark.timeout(180)]
 
 EU = "eu.data.allowed.test"
 US = "us.data.allowed.test"

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import random
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -20,25 +17,12 @@ import pytest
 from egressd.net import netns as kn
 from egressd.topology import network
 from egressd.topology.layout import INET_DNS, METADATA, default_layout
+from tests.support.netns import fresh_prefix
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("nsenter") is None, reason="needs root and nsenter"
-    ),
-]
+pytestmark = pytest.mark.root("nsenter")
 
 LAYOUT = default_layout()
 TIMEOUT_S = 5.0
-
-
-def fresh_prefix() -> str:
-    """A prefix no existing namespace uses."""
-    taken = kn.list_netns("egd-t")
-    while True:
-        prefix = f"egd-t{random.randrange(10_000):04d}-"
-        if not any(name.startswith(prefix) for name in taken):
-            return prefix
 
 
 def root_links() -> set[str]:

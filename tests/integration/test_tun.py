@@ -20,10 +20,9 @@ from scapy.packet import Raw
 from egressd.errors import EgressdError
 from egressd.net.tun import Tun, TunError, open_tun
 from egressd.topology.layout import NODE_TUN, SANDBOX_MTU, UNDERLAY_MTU, default_layout
+from tests.support.tier1 import Namespaces, in_netns, link, sh
 
-from .tier1_fixtures import Namespaces, in_netns, link, require_root_tools, sh
-
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root("ip", "/dev/net/tun")
 
 NODE = default_layout().nodes[0]
 LOCAL = NODE.underlay  # owned by the namespace (on lo)
@@ -33,7 +32,6 @@ TIMEOUT_S = 2.0
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    require_root_tools()
     spaces = Namespaces()
     try:
         name = spaces.create("u")

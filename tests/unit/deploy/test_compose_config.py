@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.unit.deploy.conftest import ROOT
+from tests.support.deploy import ROOT
 
 COMPOSE = (os.environ.get("EGRESSD_COMPOSE") or "docker-compose").split()
 PROFILES = ["--profile", "images", "--profile", "load", "--profile", "monitoring"]

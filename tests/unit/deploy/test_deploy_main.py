@@ -12,7 +12,7 @@ import pytest
 
 from egressd.deploy import entry, loadgen, settings
 from egressd.deploy.__main__ import main
-from tests.unit.deploy.conftest import ROOT, compose
+from tests.support.deploy import ROOT, compose
 
 
 def test_no_role_is_a_usage_line() -> None:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.unit.deploy.conftest import DEPLOY
-from tests.unit.deploy.metrics import Metric, exported
+from tests.support.deploy import DEPLOY
+from tests.support.exported_metrics import Metric, exported
 
 DASHBOARD = DEPLOY / "grafana" / "egressd.json"
 TARGET_LABELS = {"instance", "job"}  # added by Prometheus at scrape time

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from egressd.topology.layout import ADMIN_PORT, CONTROL_PORT
-from tests.unit.deploy.conftest import DEPLOY, ROOT, compose
+from tests.support.deploy import DEPLOY, ROOT, compose
 
 # compose service -> the port its daemon serves /metrics on (entry.py's roles)
 METRICS_PORT = {

@@ -22,8 +22,8 @@ from egressd.deploy.settings import DeploySettings, SettingsError, from_env, pro
 from egressd.proxy.config import config_from_mapping
 from egressd.topology.fleet import Fleet
 from egressd.topology.layout import ProxySpec
-from tests.unit.deploy.conftest import DEPLOY, compose
-from tests.unit.deploy.test_kubernetes import TARGETS, one
+from tests.support.deploy import DEPLOY, compose
+from tests.support.kubernetes import TARGETS, one
 
 PROXY = {"name": "proxy-130", "underlay": "198.18.0.130", "egress": "203.0.113.130"}
 SECRET_VARS = {

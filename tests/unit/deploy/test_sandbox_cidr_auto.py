@@ -23,8 +23,8 @@ from egressd.control.config import parse_sandbox_pool
 from egressd.deploy import entry, settings
 from egressd.topology.fleet import Fleet
 from egressd.topology.layout import SANDBOX_SUPERNET
-from tests.unit.deploy.conftest import ROOT, compose
-from tests.unit.deploy.test_kubernetes import FIELD_VALUES, TARGETS, entry_env, one
+from tests.support.deploy import ROOT, compose
+from tests.support.kubernetes import FIELD_VALUES, TARGETS, entry_env, one
 
 CLUSTER_NODE = {
     "EGRESSD_CONTROL_URL": "http://egressd-control.egressd.svc:8080",

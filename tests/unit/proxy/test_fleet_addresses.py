@@ -39,7 +39,7 @@ from egressd.proxy.tier2 import (
     apply_mode,
     decide_connection,
 )
-from tests.unit.proxy.test_tier2 import make_policy
+from tests.support.policies import make_policy
 
 A = ipaddress.IPv4Address
 N = ipaddress.IPv4Network

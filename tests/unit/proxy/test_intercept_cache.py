@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from egressd.proxy.intercept import _MISS, _DecisionCache
-from tests.unit.proxy.test_tier2 import make_policy
+from tests.support.policies import make_policy
 
 RANGES = (ipaddress.IPv4Network("198.18.0.0/15"),)
 

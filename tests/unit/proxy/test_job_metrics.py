@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from test_policies)
 """`egressd.proxy.job_metrics`: denials per job, with bounded label sets."""
 
 from __future__ import annotations
@@ -14,15 +13,13 @@ from prometheus_client import CollectorRegistry
 from egressd.proxy import job_metrics
 from egressd.proxy.context import FlowInfo, ProxyContext, ProxyIdentity
 from egressd.proxy.job_metrics import CONNECTION, DNS, IDLE_S, SWEEP_INTERVAL_S, JobDenials
-from tests.unit.proxy_dataplane.test_policies import (  # noqa: F401  (fixtures)
+from tests.support.control import (
     JOB,
     OTHER,
     T0,
     TTL,
     Env,
     FakeControl,
-    control,
-    session,
     settle,
     token,
 )

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pytest
 
 from egressd.policy.matcher import Decision, Verdict
-from egressd.policy.model import Policy, parse_policy
+from egressd.policy.model import Policy
 from egressd.proxy.tier2 import (
     ALWAYS_DENIED_REASONS,
     HOST_ADDRESS_MISMATCH,
@@ -20,6 +19,7 @@ from egressd.proxy.tier2 import (
     decide_named,
     needs_resolution,
 )
+from tests.support.policies import make_policy
 
 A = ipaddress.IPv4Address
 N = ipaddress.IPv4Network
@@ -37,28 +37,6 @@ WORLD: dict[str, set[A]] = {
     "us.data.allowed.test": {DATA},
     "evil.test": {EVIL},
 }
-
-
-def make_policy(
-    mode: str = "enforce", extra: Sequence[Mapping[str, object]] | None = None
-) -> Policy:
-    return parse_policy(
-        {
-            "v": 1,
-            "job_id": "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2",
-            "account": "acme",
-            "nodes": ["node1"],
-            "mode": mode,
-            "egress": [
-                {"host": "api.allowed.test", "ports": [443, 80]},
-                {"host": "*.data.allowed.test", "ports": [443]},
-                {"cidr": "203.0.113.96/28", "ports": [5432]},
-                {"cidr": "10.1.2.0/24", "ports": [8080]},
-                *(extra or []),
-            ],
-        },
-        require_timestamps=False,
-    )
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from egressd.proxy.endpoint import Accepted, Dropped, validate
 from egressd.proxy.flows import FlowTable
 from egressd.proxy.registry import NodeEntry, NodeView
 from egressd.proxy.tunnel import TUN_DROP_REASONS, GeneveTunnel
-from tests.unit.agent_core.test_sandboxes_logic import (
+from tests.support.agent import (
     DIGEST,
     JOB,
     SANDBOX_IP,
@@ -34,8 +34,8 @@ from tests.unit.agent_core.test_sandboxes_logic import (
     FakeTx,
     sandbox,
 )
-from tests.unit.proxy_dataplane.test_endpoint import JOB as PROXY_JOB
-from tests.unit.proxy_dataplane.test_endpoint import (
+from tests.support.proxy import JOB as PROXY_JOB
+from tests.support.proxy import (
     NODE1,
     NODE2,
     NODES,

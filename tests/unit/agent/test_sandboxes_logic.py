@@ -11,7 +11,6 @@ import socket
 import struct
 import time
 import uuid
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,10 +50,10 @@ from egressd.geneve import JobOption, decode, encode
 from egressd.policy.jws import VerifiedPolicy, sign_payload
 from egressd.policy.keys import TrustedKeys, generate_signing_key
 from egressd.policy.model import PortRange, parse_policy
+from tests.support.agent import DIGEST, JOB, SANDBOX_IP, FakeRx, FakeTx, sandbox
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
-JOB = "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2"
 FLEET = (
     IPv4Network("198.18.0.0/24"),
     IPv4Network("100.96.0.0/16"),
@@ -251,28 +250,6 @@ CONFIG = parse_config(
         ],
     }
 )
-SANDBOX_IP = IPv4Address("100.96.1.2")
-DIGEST = bytes.fromhex("0102030405060708")
-
-
-def sandbox(ip: IPv4Address = SANDBOX_IP, job: str = JOB, sid: str = "sbx-1") -> Sandbox:
-    return Sandbox(
-        sandbox_id=sid,
-        job_id=uuid.UUID(job),
-        digest=DIGEST,
-        kid="k",
-        exp=2**31,
-        ip=ip,
-        gateway=IPv4Address("100.96.1.1"),
-        prefixlen=24,
-        netns="egd-sbx-x",
-        host_veth="sbx",
-        peer_veth="eth0",
-        ifindex=7,
-        mac="02:00:00:00:00:01",
-        tcp_ports=(),
-        exemptions=(),
-    )
 
 
 def ipv4_tcp(src: str, dst: str, sport: int, dport: int, payload_: bytes = b"") -> bytes:
@@ -297,36 +274,6 @@ def ipv4_tcp(src: str, dst: str, sport: int, dport: int, payload_: bytes = b"") 
     while csum >> 16:
         csum = (csum & 0xFFFF) + (csum >> 16)
     return head[:10] + struct.pack("!H", ~csum & 0xFFFF) + head[12:] + tcp
-
-
-class FakeTx:
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, tuple[str, int]]] = []
-
-    def sendto(self, data: Any, addr: tuple[str, int]) -> int:
-        self.sent.append((bytes(data), addr))
-        return len(data)
-
-    def close(self) -> None:
-        pass
-
-
-class FakeRx:
-    def __init__(self) -> None:
-        self.queue: deque[tuple[bytes, tuple[str, int]]] = deque()
-
-    def recvfrom_into(self, buf: bytearray) -> tuple[int, tuple[str, int]]:
-        if not self.queue:
-            raise BlockingIOError
-        data, addr = self.queue.popleft()
-        buf[: len(data)] = data
-        return len(data), addr
-
-    def fileno(self) -> int:
-        return -1
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture

@@ -13,31 +13,17 @@ import ctypes
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 CLONE_NEWNET = 0x4000_0000
 NETNS_DIR = Path("/run/netns")
 PREFIX = "egd-t"
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def require_root_tools(*tools: str) -> None:
-    """Skip unless root, with /dev/net/tun and the given tools."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    if not Path("/dev/net/tun").exists():
-        pytest.skip("needs /dev/net/tun")
-    for tool in ("ip", *tools):
-        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
-            pytest.skip(f"needs {tool}")
 
 
 def sh(*argv: str, check: bool = True) -> str:

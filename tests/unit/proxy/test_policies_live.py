@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from test_proxy_dataplane / test_policies)
 """The policy store under the watch: `changed`, `resync`, listeners, no revalidation while watching."""
 
 from __future__ import annotations
@@ -6,13 +5,11 @@ from __future__ import annotations
 import aiohttp
 
 from egressd.policy.jws import VerifiedPolicy
-from tests.unit.proxy_dataplane.test_policies import (  # noqa: F401  (fixtures)
+from tests.support.control import (
     JOB,
     T0,
     Env,
     FakeControl,
-    control,
-    session,
     settle,
     token,
 )

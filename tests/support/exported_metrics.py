@@ -8,7 +8,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.unit.deploy.conftest import ROOT
+from tests.support.deploy import ROOT
 
 KINDS = {
     "Counter": "counter",
