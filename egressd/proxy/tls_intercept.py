@@ -50,13 +50,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from egressd.errors import EgressdError
 from egressd.policy.model import Policy
 from egressd.proxy.relay import reset
+from egressd.x509build import authority_key_id, leaf_certificate
 
 UPSTREAM_TLS_UNVERIFIED = "upstream_tls_unverified"
 UPSTREAM_TLS_FAILED = "upstream_tls_failed"
@@ -127,8 +127,7 @@ class InterceptionCa:
     def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
         self.cert = cert
         self.key = key
-        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        self._aki = authority_key_id(cert)
 
     @classmethod
     def load(cls, cert_path: Path, key_path: Path) -> InterceptionCa:
@@ -168,33 +167,14 @@ class InterceptionCa:
         `LEAF_VALIDITY` (never past the CA's end), serverAuth only."""
         key = ec.generate_private_key(ec.SECP256R1())
         not_after = min(now + LEAF_VALIDITY, self.cert.not_valid_after_utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - LEAF_BACKDATE)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .add_extension(self._aki, critical=False)
-            .sign(self.key, hashes.SHA256())
+        cert = leaf_certificate(
+            key.public_key(),
+            (host,),
+            self.cert,
+            self.key,
+            now - LEAF_BACKDATE,
+            not_after,
+            self._aki,
         )
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,

@@ -27,14 +27,14 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from egressd.atomicfile import write_atomic
 from egressd.errors import EgressdError
 from egressd.topology.dnsserver import WILDCARD_SITES
 from egressd.topology.layout import Layout, default_layout
+from egressd.x509build import ca_certificate, leaf_certificate
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -181,42 +181,7 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 def _new_ca(directory: Path, moment: dt.datetime) -> tuple[x509.Certificate, PrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "egressd"),
-            x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME),
-        ]
-    )
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(moment - BACKDATE)
-        .not_valid_after(moment + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
+    cert = ca_certificate(key, CA_COMMON_NAME, moment - BACKDATE, moment + CA_VALIDITY)
     # The key first: a crash between the two leaves a cert without its key,
     # which `_load_ca` rejects, rather than a trusted cert whose key is lost.
     write_atomic(directory / CA_KEY_FILE, _key_pem(key), mode=0o600)
@@ -232,39 +197,8 @@ def _new_server(
     moment: dt.datetime,
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "egressd")])
-    alt: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(moment - BACKDATE)
-        .not_valid_after(moment + SERVER_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    cert = leaf_certificate(
+        key.public_key(), names, ca_cert, ca_key, moment - BACKDATE, moment + SERVER_VALIDITY
     )
     write_atomic(directory / SERVER_KEY_FILE, _key_pem(key), mode=0o600)
     write_atomic(directory / SERVER_CERT_FILE, _cert_pem(cert), mode=0o644)
