@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -69,6 +68,7 @@ from egressd.control.watch_client import (
     read_json_body,
 )
 from egressd.policy.model import Policy
+from egressd.policy.model import same_content as same_policy
 
 log = structlog.get_logger("egressd.agent.policy_watch")
 
@@ -107,13 +107,6 @@ class ControlUnavailable(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
-
-
-def same_policy(a: Policy, b: Policy) -> bool:
-    """Whether two policies say the same thing (validity times aside)."""
-    a = dataclasses.replace(a, iat=None, nbf=None, exp=None)
-    b = dataclasses.replace(b, iat=None, nbf=None, exp=None)
-    return a == b
 
 
 def compare_copies(

@@ -62,7 +62,7 @@ import ipaddress
 import re
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from egressd.policy.errors import PolicyError
@@ -708,3 +708,9 @@ def policy_to_payload(policy: Policy) -> dict[str, object]:
     out["egress"] = [egress_rule_to_payload(rule) for rule in policy.egress]
     out["limits"] = {name: getattr(policy.limits, name) for name in LIMIT_BOUNDS}
     return out
+
+
+def same_content(a: Policy, b: Policy) -> bool:
+    """Whether two policies say the same thing, validity times aside: a re-signed
+    copy (new ``iat``/``nbf``/``exp``, so a new digest) is the same policy."""
+    return replace(a, iat=None, nbf=None, exp=None) == replace(b, iat=None, nbf=None, exp=None)

@@ -33,11 +33,10 @@ sends it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from egressd.policy.model import Policy
+from egressd.policy.model import Policy, same_content
 
 DEFAULT_GRACE_S = 5.0
 MAX_SUPERSEDED = 8
@@ -56,13 +55,6 @@ class Superseded:
     accept_until: float  # wall clock: accepted (grace or equivalent) before this
     keep_until: float  # wall clock: remembered (so refused, not unknown) before this
     equivalent: bool  # the replacement had the same content (a re-signed copy)
-
-
-def same_content(a: Policy, b: Policy) -> bool:
-    """Whether two policies say the same thing (validity times aside)."""
-    a = dataclasses.replace(a, iat=None, nbf=None, exp=None)
-    b = dataclasses.replace(b, iat=None, nbf=None, exp=None)
-    return a == b
 
 
 def supersede(
