@@ -6,15 +6,15 @@ its maps in step with the node's sandboxes.
 
 How, and why:
 
-* Build: `build_object` runs clang into a cache directory when the object is
-  missing or older than the source (CI starts from a clean clone).
+* Build: `egressd.ebpf.build.build_object` runs clang into a cache directory
+  when the object is missing or older than the source.
 * Load: once per agent, ``bpftool prog load OBJ PIN pinmaps DIR``. bpftool
   (libbpf) does the ELF, BTF and relocation work; the program and its maps are
   pinned in a bpffs that this module mounts on ``STATE_DIR/bpffs``. Each mount
   of bpffs is its own instance, so two agents on one host (two node
   namespaces, two state dirs) never share maps, and nothing depends on
   /sys/fs/bpf being mounted.
-* Maps: read and written through the bpf(2) syscall (`egressd.agent.bpf_syscall`,
+* Maps: read and written through the bpf(2) syscall (`egressd.ebpf.syscall`,
   ctypes) on fds from ``BPF_OBJ_GET``: no process per update. At load the maps'
   key and value sizes are checked against the layouts below, so a C/Python
   drift fails loudly instead of corrupting entries.
@@ -46,23 +46,18 @@ Not thread-safe: one `Tier1` per agent, used from one thread.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import os
-import platform
 import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Final, Self
+from typing import Final, ParamSpec, Self, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from egressd.agent import bpf_syscall as bpf
 from egressd.agent.ringbuf import RingBuffer
 from egressd.agent.tier1_maps import (
     CONFIG_KEY,
@@ -96,6 +91,8 @@ from egressd.agent.tier1_maps import Tier1Event as Tier1Event
 from egressd.agent.tier1_maps import Verdict as Verdict  # callers label metrics with it
 from egressd.agent.tier1_maps import denied_ranges as denied_ranges
 from egressd.agent.tier1_maps import unpack_event as unpack_event
+from egressd.ebpf import syscall as bpf
+from egressd.ebpf.build import EbpfError, build_object, mount_bpffs, run_tool, umount_bpffs
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -111,113 +108,18 @@ FILTER_PRIO: Final = 1
 FILTER_HANDLE: Final = 1
 _TC_H_CLSACT_INGRESS = 0xFFFF_FFF2
 _ETH_P_ALL = 0x0003
-_MNT_DETACH = 2
-_TOOL_TIMEOUT_S = 120.0
 
 
-# ---------------------------------------------------------------------------
-# Build.
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-def _multiarch_include() -> list[str]:
-    machine = {"arm64": "aarch64"}.get(platform.machine(), platform.machine())
-    path = Path(f"/usr/include/{machine}-linux-gnu")
-    return ["-idirafter", str(path)] if path.is_dir() else []
-
-
-def build_object(src: Path, out_dir: Path, *, clang: str = "clang") -> Path:
-    """`out_dir/<stem>.o` compiled from `src` unless it is already newer than `src`."""
-    out = out_dir / f"{src.stem}.o"
+def _ebpf(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    """`fn` with its `EbpfError` translated into tier 1's error (same reason and detail)."""
     try:
-        src_mtime = src.stat().st_mtime_ns
-    except OSError as exc:
-        raise Tier1Error("build_failed", f"{src}: {exc.strerror}") from exc
-    with contextlib.suppress(FileNotFoundError):
-        if out.stat().st_mtime_ns >= src_mtime:
-            return out
-    compiler = shutil.which(clang)
-    if compiler is None:
-        raise Tier1Error("tool_missing", f"{clang} not found (apt-get install clang)")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{src.stem}.", suffix=".o", dir=out_dir)
-        os.close(fd)
-    except OSError as exc:
-        raise Tier1Error("build_failed", f"{out_dir}: {exc.strerror}") from exc
-    tmp = Path(tmp_name)
-    cmd = [
-        compiler,
-        "-O2",
-        "-g",
-        "-target",
-        "bpf",
-        "-Wall",
-        *_multiarch_include(),
-        "-c",
-        str(src),
-        "-o",
-        str(tmp),
-    ]
-    try:
-        result = _run(cmd, "build_failed")
-        if result.returncode != 0:
-            raise Tier1Error("build_failed", f"clang {src}: {result.stderr.strip()[-4000:]}")
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise Tier1Error("build_failed", f"{out}: {exc.strerror}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-def _run(cmd: list[str], reason: str) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=_TOOL_TIMEOUT_S, check=False
-        )
-    except FileNotFoundError as exc:
-        raise Tier1Error("tool_missing", f"{cmd[0]}: {exc.strerror}") from exc
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise Tier1Error(reason, f"{cmd[0]}: {exc}") from exc
-
-
-# ---------------------------------------------------------------------------
-# bpffs.
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _mounts() -> dict[str, str]:
-    """{mount point: filesystem type} of this mount namespace; the top mount wins."""
-    out = {}
-    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-        for line in fh:
-            before, _, after = line.partition(" - ")
-            point = before.split(" ")[4].replace("\\040", " ").replace("\\011", "\t")
-            out[point] = after.split(" ", 1)[0]
-    return out
-
-
-def _mount_bpffs(path: Path) -> None:
-    fstype = _mounts().get(str(path))
-    if fstype == "bpf":
-        return
-    if fstype is not None:
-        raise Tier1Error("mount_failed", f"{path} is already a {fstype} mount")
-    if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, b"mode=0700") != 0:
-        err = ctypes.get_errno()
-        raise Tier1Error("mount_failed", f"bpffs on {path}: {os.strerror(err)}")
-
-
-def _umount(path: Path) -> None:
-    if _mounts().get(str(path)) != "bpf":
-        return
-    if _libc.umount2(os.fsencode(path), 0) == 0:
-        return
-    err = ctypes.get_errno()
-    if err == errno.EBUSY and _libc.umount2(os.fsencode(path), _MNT_DETACH) == 0:
-        return
-    raise Tier1Error("mount_failed", f"umount {path}: {os.strerror(err)}")
+        return fn(*args, **kwargs)
+    except EbpfError as exc:
+        raise Tier1Error(exc.reason, exc.detail) from exc
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +168,7 @@ class Tier1:
         """
         if self._prog_fd is not None:
             return
-        obj = build_object(self.source, self.cache_dir)
+        obj = _ebpf(build_object, self.source, self.cache_dir)
         bpftool = shutil.which("bpftool") or shutil.which("bpftool", path="/usr/sbin:/sbin")
         if bpftool is None:
             raise Tier1Error("tool_missing", "bpftool not found (apt-get install bpftool)")
@@ -274,7 +176,7 @@ class Tier1:
             self.pin_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise Tier1Error("mount_failed", f"{self.pin_dir}: {exc.strerror}") from exc
-        _mount_bpffs(self.pin_dir)
+        _ebpf(mount_bpffs, self.pin_dir)
         try:
             self._unpin()
             cmd = [
@@ -288,7 +190,7 @@ class Tier1:
                 "pinmaps",
                 str(self._map_dir),
             ]
-            result = _run(cmd, "load_failed")
+            result = _ebpf(run_tool, cmd, "load_failed")
             if result.returncode != 0:
                 detail = (result.stderr or result.stdout).strip()[-4000:]
                 raise Tier1Error("load_failed", f"bpftool prog load {obj}: {detail}")
@@ -302,7 +204,7 @@ class Tier1:
             self._close_fds()
             with contextlib.suppress(Tier1Error):
                 self._unpin()
-                _umount(self.pin_dir)
+                _ebpf(umount_bpffs, self.pin_dir)
             raise
 
     def close(self) -> None:
@@ -317,7 +219,7 @@ class Tier1:
         self._close_fds()
         try:
             self._unpin()
-            _umount(self.pin_dir)
+            _ebpf(umount_bpffs, self.pin_dir)
             with contextlib.suppress(FileNotFoundError):
                 self.pin_dir.rmdir()
         except OSError as exc:

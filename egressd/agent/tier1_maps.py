@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, NamedTuple, Protocol
 
-from egressd.agent import bpf_syscall as bpf
+from egressd.ebpf import syscall as bpf
 from egressd.errors import EgressdError
 from egressd.policy.addresses import ALWAYS_DENIED, OVERRIDABLE_REASONS
 

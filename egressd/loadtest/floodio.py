@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from egressd.agent import bpf_syscall as bpf
+from egressd.ebpf import syscall as bpf
 from egressd.agent.tier1_maps import (
     COUNTER_VALUE,
     MAPS,

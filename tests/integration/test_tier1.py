@@ -42,18 +42,16 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
-from egressd.agent import bpf_syscall
 from egressd.agent.tier1 import (
-    DEFAULT_SOURCE,
     Bucket,
     Count,
     PortSpec,
     Reason,
     Tier1,
     Tier1Error,
-    build_object,
     denied_ranges,
 )
+from egressd.ebpf import syscall as bpf_syscall
 from egressd.net.tun import Tun, open_tun
 from egressd.topology.layout import (
     CONTROL_ADDR,
@@ -687,23 +685,6 @@ def test_load_replaces_stale_pins(tmp_path: Path) -> None:
     finally:
         first.close()
     assert not (tmp_path / "bpffs").exists()
-
-
-def test_build_object_caches_and_reports_errors(tmp_path: Path) -> None:
-    obj = build_object(DEFAULT_SOURCE, tmp_path)
-    mtime = obj.stat().st_mtime_ns
-    assert build_object(DEFAULT_SOURCE, tmp_path) == obj
-    assert obj.stat().st_mtime_ns == mtime
-    bad = tmp_path / "bad.c"
-    bad.write_text("int broken( {\n")
-    with pytest.raises(Tier1Error) as info:
-        build_object(bad, tmp_path)
-    assert info.value.reason == "build_failed"
-    assert "bad.c" in info.value.detail
-    assert not list(tmp_path.glob(".bad.*"))
-    with pytest.raises(Tier1Error) as info:
-        build_object(tmp_path / "missing.c", tmp_path)
-    assert info.value.reason == "build_failed"
 
 
 def test_possible_cpus_matches_sysconf() -> None:
