@@ -19,8 +19,8 @@ from collections.abc import Callable
 from scapy.contrib.geneve import GENEVE
 from scapy.layers.inet import IP, TCP
 
-from egressd.bench.microbench import parse_args, run_all
 from egressd.geneve import PREFIX_LEN, JobOption, decode, encode, header_for
+from egressd_harness.bench.microbench import parse_args, run_all
 
 DATAGRAM_LEN = 1400
 DECODE_GOAL_PER_S = 300_000

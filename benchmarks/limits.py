@@ -23,12 +23,12 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from egressd.bench.microbench import parse_args, run_all
 from egressd.limits.pacing import BandwidthShaper
 from egressd.limits.ports import Destination, PortPoolConfig
 from egressd.limits.timeouts import Timeouts
 from egressd.policy.model import Limits
 from egressd.proxy.limiting import LimitsConfig, ProxyLimits
+from egressd_harness.bench.microbench import parse_args, run_all
 
 JOBS = [uuid.UUID(int=n + 1) for n in range(1000)]
 DESTS = [Destination(ipaddress.IPv4Address(f"203.0.113.{n + 1}"), 443) for n in range(50)]

@@ -41,9 +41,9 @@ from scapy.layers.inet import IP, UDP
 
 from egressd.agent.client import AgentClient
 from egressd.geneve.codec import JobOption, encode
+from egressd.layout import DEFAULT_RUN_DIR, default_layout
 from egressd.net import netns as kn
-from egressd.topology.fleet import Fleet
-from egressd.topology.layout import DEFAULT_RUN_DIR, default_layout
+from egressd_harness.topology.fleet import Fleet
 
 GENEVE_PORT = 6081
 
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace, fleet: Fleet) -> int:
             with contextlib.suppress(Exception):
                 agent_sandboxes(fleet, "", register=False)
     with contextlib.suppress(Exception):
-        from egressd.topology.probe import http_request
+        from egressd_harness.topology.probe import http_request
 
         http_request(
             fleet.ns("egd-ctl"),

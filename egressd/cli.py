@@ -38,13 +38,13 @@ COMMANDS: dict[str, str] = {
     "job": "egressd.control.jobcli",
     "proxy": "egressd.proxy.cli",
     "agent": "egressd.agent.cli",
-    "topology": "egressd.topology.cli",
-    "inet": "egressd.topology.cli",
+    "topology": "egressd_harness.topology.cli",
+    "inet": "egressd_harness.topology.cli",
     "sandbox": "egressd.sandbox.cli",
-    "bench": "egressd.bench.cli",
-    "loadtest": "egressd.loadtest.cli",
+    "bench": "egressd_harness.bench.cli",
+    "loadtest": "egressd_harness.loadtest.cli",
     "audit": "egressd.audit.cli",
-    "demo": "egressd.demo",
+    "demo": "egressd_harness.demo",
 }
 
 

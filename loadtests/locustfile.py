@@ -62,9 +62,9 @@ import gevent.pool
 from locust import FastHttpUser, HttpUser, User, events, task
 from locust import stats as locust_stats
 
-from egressd.loadtest.scenarios import END, STRESS, parse_schedule, phase_at
-from egressd.loadtest.series import KEY as LATENCY_KEY
-from egressd.loadtest.series import per_second
+from egressd_harness.loadtest.scenarios import END, STRESS, parse_schedule, phase_at
+from egressd_harness.loadtest.series import KEY as LATENCY_KEY
+from egressd_harness.loadtest.series import per_second
 
 
 def _env_float(name: str, default: float) -> float:

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from egressd import layout
 from egressd.config_reader import ConfigError as ConfigError  # re-exported
 from egressd.config_reader import (
     Converter,
@@ -78,7 +79,6 @@ from egressd.config_reader import (
     convert,
     read_json_file,
 )
-from egressd.topology import layout
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network

@@ -32,7 +32,7 @@ from egressd.audit.events import (
     to_json,
 )
 from egressd.cliutil import CliError
-from egressd.topology.layout import DEFAULT_RUN_DIR
+from egressd.layout import DEFAULT_RUN_DIR
 
 _LOG_NAME = re.compile(r"(?P<member>[^/]+)\.log(?:\.[0-9]+)?")
 

@@ -33,8 +33,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from egressd.cliutil import CliError
+from egressd.layout import CONTROL_ADDR, DEFAULT_RUN_DIR
 from egressd.net import netns as kn
-from egressd.topology.layout import CONTROL_ADDR, DEFAULT_RUN_DIR
 
 DEFAULT_CONTROL_URL = f"http://{CONTROL_ADDR}:8080"
 TOKEN_ENV = "EGRESSD_ADMIN_TOKEN"

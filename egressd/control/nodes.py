@@ -1,9 +1,8 @@
 """The control plane's node names, for tools (`egressd policy check`).
 
 `fetch_node_names` asks a control plane by URL from this process's network
-namespace; `fleet_node_names` asks the local fleet's control plane from
-inside its namespace (``{prefix}ctl``: the host has no route into the fleet).
-Both raise `NodesUnavailable` with one line of detail when there is no answer.
+namespace (the local fleet's is asked from inside its namespace by
+`egressd_harness.topology.nodes.fleet_node_names`). Both raise `NodesUnavailable` with one line of detail when there is no answer.
 """
 
 from __future__ import annotations
@@ -46,33 +45,3 @@ def fetch_node_names(base_url: str) -> list[str]:
         reason = getattr(exc, "reason", exc)
         raise NodesUnavailable(f"GET {url}: {' '.join(str(reason).split())}") from exc
     return node_names(body)
-
-
-def fleet_node_names(prefix: str = "egd-") -> list[str]:
-    from egressd.net import netns as kn
-    from egressd.topology import network
-    from egressd.topology.layout import CONTROL_ADDR, CONTROL_PORT, CTL_NS
-    from egressd.topology.probe import ProbeError, http_request
-
-    try:
-        ns = network.netns_name(CTL_NS, prefix)
-    except (ValueError, EgressdError) as exc:
-        raise NodesUnavailable(f"bad namespace prefix {prefix!r}: {exc}") from exc
-    try:
-        present = kn.netns_exists(ns)
-    except OSError:
-        present = False
-    if not present:
-        raise NodesUnavailable(f"no local fleet (no namespace {ns})")
-    try:
-        reply = http_request(
-            ns, "GET", str(CONTROL_ADDR), CONTROL_PORT, NODES_PATH, timeout_s=TIMEOUT_S
-        )
-    except ProbeError as exc:
-        raise NodesUnavailable(" ".join(exc.detail.split())) from exc
-    if reply.status != 200:
-        raise NodesUnavailable(f"GET {NODES_PATH} in {ns}: HTTP {reply.status}")
-    try:
-        return node_names(reply.json())
-    except ValueError as exc:
-        raise NodesUnavailable(f"GET {NODES_PATH} in {ns}: not JSON") from exc

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from egressd.control.records import SANDBOX_PREFIX_MIN, NodeRecord
 from egressd.errors import EgressdError
-from egressd.topology.layout import RESOLVER, SANDBOX_SUPERNET
+from egressd.layout import RESOLVER, SANDBOX_SUPERNET
 
 IPv4Network = ipaddress.IPv4Network
 

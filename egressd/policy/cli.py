@@ -209,7 +209,10 @@ def _known_nodes(args: argparse.Namespace) -> tuple[list[str] | None, str | None
     """The control plane's node names, or None and a note saying why not."""
     if args.no_control:
         return None, None
-    from egressd.control.nodes import NodesUnavailable, fetch_node_names, fleet_node_names
+    from egressd.control.nodes import NodesUnavailable, fetch_node_names
+
+    # The local fleet (topology up) is harness: asked only when no --control URL is given.
+    from egressd_harness.topology.nodes import fleet_node_names
 
     if args.control is not None:
         try:

@@ -103,6 +103,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from egressd import layout
 from egressd.config_reader import ConfigError as ConfigError  # re-exported
 from egressd.config_reader import (
     as_address,
@@ -130,7 +131,6 @@ from egressd.limits.timeouts import DEFAULT_IDLE_S, DEFAULT_LIFETIME_S, Timeouts
 from egressd.proxy.digests import DEFAULT_GRACE_S
 from egressd.proxy.dns import DEFAULT_REFUSAL_RCODE, REFUSAL_RCODES
 from egressd.proxy.limiting import DEFAULT_MAX_CONNECTIONS, LimitsConfig
-from egressd.topology import layout
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network

@@ -43,11 +43,11 @@ from typing import Any, NoReturn, TypeVar
 from egressd.agent.client import AgentClient, AgentClientError, AgentUnreachable, SandboxInfo
 from egressd.cliutil import OneLineParser
 from egressd.errors import EgressdError
+from egressd.layout import DEFAULT_RUN_DIR
 from egressd.sandbox import SandboxError
 from egressd.sandbox.bundle import SANDBOX_UID, BindMount, SandboxPaths, sandbox_can_read
 from egressd.sandbox.rootfs import write_bundle
 from egressd.sandbox.runsc import SandboxLauncher, finish
-from egressd.topology.layout import DEFAULT_RUN_DIR
 
 T = TypeVar("T")
 
@@ -173,7 +173,7 @@ async def _unregister_quietly(agent: AgentClient, sandbox_id: str) -> None:
 
 
 #: CA certificates a sandbox trusts besides the host's: the test internet's CA
-#: and the fleet's TLS interception CA (`egressd.topology.interception`).
+#: and the fleet's TLS interception CA (`egressd_harness.topology.interception`).
 EXTRA_CA_FILES = ("ca.pem", "interception-ca.pem")
 
 

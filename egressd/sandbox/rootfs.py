@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from cryptography import x509
 
+from egressd.layout import RESOLVER
 from egressd.sandbox import SandboxError
 from egressd.sandbox.bundle import (
     CA_BUNDLE,
@@ -39,7 +40,6 @@ from egressd.sandbox.bundle import (
     netns_path,
     special_mount_points,
 )
-from egressd.topology.layout import RESOLVER
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 # Public files of the host's /etc that a Python program may look at; none

@@ -133,7 +133,7 @@ class ComposeFleet:
             self.node(),
             "python3",
             "-m",
-            "egressd.deploy",
+            "egressd_harness.deploy",
             "udf",
             *allows,
             "--job-id",

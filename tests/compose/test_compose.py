@@ -142,7 +142,7 @@ def test_proxies_hold_the_interception_ca_and_credentials(fleet: ComposeFleet) -
         fleet.node(),
         "python3",
         "-m",
-        "egressd.deploy",
+        "egressd_harness.deploy",
         "udf",
         *[f"--rule={json.dumps(r)}" for r in rules],
         "--job-id",

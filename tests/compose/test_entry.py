@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from egressd.agent.config import parse_config as parse_agent_config
-from egressd.deploy import entry, jobs
+from egressd.layout import NodeSpec, ProxySpec
 from egressd.proxy.config import config_from_mapping
-from egressd.topology.fleet import Fleet
-from egressd.topology.layout import NodeSpec, ProxySpec
+from egressd_harness.deploy import entry, jobs
+from egressd_harness.topology.fleet import Fleet
 
 UDFS = Path(__file__).resolve().parents[2] / "sandbox" / "udfs"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from egressd.topology.fleet import Fleet
-from egressd.topology.layout import default_layout
+from egressd.layout import default_layout
+from egressd_harness.topology.fleet import Fleet
 
 PREFIX = os.environ.get("EGRESSD_E2E_PREFIX", "egd-e2e-")
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from egressd.layout import ADMIN_PORT
 from egressd.metrics_text import Scrape, parse
 from egressd.metrics_text import metric_sum as metric_sum  # re-exported for the e2e tests
-from egressd.topology.fleet import Fleet
-from egressd.topology.layout import ADMIN_PORT
-from egressd.topology.probe import http_request
+from egressd_harness.topology.fleet import Fleet
+from egressd_harness.topology.probe import http_request
 
 REPO = Path(__file__).resolve().parents[2]
 UDFS = REPO / "sandbox" / "udfs"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from egressd.topology.fleet import Fleet, FleetError
-from egressd.topology.layout import METADATA
+from egressd.layout import METADATA
+from egressd_harness.topology.fleet import Fleet, FleetError
 
 from .fleet_helpers import Job, probe
 

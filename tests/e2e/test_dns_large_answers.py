@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from egressd.topology.dnsserver import MANY_COUNT, MANY_NAME, many_addresses
-from egressd.topology.fleet import Fleet
+from egressd_harness.topology.dnsserver import MANY_COUNT, MANY_NAME, many_addresses
+from egressd_harness.topology.fleet import Fleet
 
 from .test_egress import LimitedJob, dns_events, run_checks
 

@@ -26,11 +26,7 @@ from typing import Any
 import pytest
 
 from egressd.agent.client import AgentClient, SandboxInfo
-from egressd.metrics_text import by_label
-from egressd.net import netns as kn
-from egressd.topology.fleet import Fleet
-from egressd.topology.inet import CONTENT_SHA256_HEADER, content_sha256
-from egressd.topology.layout import (
+from egressd.layout import (
     ADMIN_PORT,
     CONTROL_ADDR,
     CONTROL_PORT,
@@ -39,6 +35,10 @@ from egressd.topology.layout import (
     METADATA,
     RESOLVER,
 )
+from egressd.metrics_text import by_label
+from egressd.net import netns as kn
+from egressd_harness.topology.fleet import Fleet
+from egressd_harness.topology.inet import CONTENT_SHA256_HEADER, content_sha256
 
 from .fleet_helpers import Job, metric_sum, metrics, proxy_events, sandbox_run, wait_events
 

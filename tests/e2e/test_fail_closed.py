@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from egressd.proxy.intercept import DEFAULT_PEEK_TIMEOUT_S
-from egressd.topology.fleet import Fleet
+from egressd_harness.topology.fleet import Fleet
 from tests.e2e.fleet_helpers import sandbox_run, wait_events
 from tests.e2e.test_egress import API, API_IP, E2E_UDFS, api_job
 

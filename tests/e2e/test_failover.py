@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from egressd.topology import procs
-from egressd.topology.fleet import Fleet, wait_for
+from egressd_harness.topology import procs
+from egressd_harness.topology.fleet import Fleet, wait_for
 
 from .fleet_helpers import Job, metric_sum, metrics, probe, proxy_events, sandbox_argv
 

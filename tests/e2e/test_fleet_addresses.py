@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from egressd.limits.ports import DEFAULT_SOURCE_PORTS
-from egressd.topology.fleet import Fleet
+from egressd_harness.topology.fleet import Fleet
 
 from .fleet_helpers import metric_sum, metrics
 from .test_egress import API, API_IP, LimitedJob, conn_events, dns_events, run_checks

@@ -1,6 +1,6 @@
 """Credentials the sandbox never sees, end to end (issue 12): plain `requests`
 in a gVisor sandbox against the real fleet, whose proxies hold the secret
-(`egressd.topology.proxy_secrets`) and the sandbox does not."""
+(`egressd_harness.topology.proxy_secrets`) and the sandbox does not."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import secrets
 import time
 from pathlib import Path
 
-from egressd.topology import proxy_secrets
-from egressd.topology.fleet import Fleet
+from egressd_harness.topology import proxy_secrets
+from egressd_harness.topology.fleet import Fleet
 
 from .fleet_helpers import Job, proxy_events, sandbox_run
 

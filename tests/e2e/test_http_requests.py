@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from egressd.topology.fleet import Fleet
+from egressd_harness.topology.fleet import Fleet
 
 from .fleet_helpers import Job, sandbox_run, wait_events
 

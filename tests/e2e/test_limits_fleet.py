@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from egressd.topology.fleet import Fleet
+from egressd_harness.topology.fleet import Fleet
 from tests.e2e.fleet_helpers import metric_sum, metrics
 from tests.e2e.test_egress import API, API_IP, ROOMY_LIMITS, LimitedJob, conn_events, run_checks
 

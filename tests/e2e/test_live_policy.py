@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from egressd.topology.fleet import Fleet
+from egressd_harness.topology.fleet import Fleet
 from tests.e2e.fleet_helpers import sandbox_argv, wait_events
 from tests.e2e.test_egress import API, ROOMY_LIMITS, LimitedJob
 

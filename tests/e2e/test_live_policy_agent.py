@@ -34,11 +34,11 @@ from pathlib import Path
 import pytest
 
 from egressd.geneve.codec import JobOption, encode
+from egressd.layout import GENEVE_PORT
 from egressd.net import netns as kn
 from egressd.policy import jws, keys
-from egressd.topology import procs
-from egressd.topology.fleet import Fleet
-from egressd.topology.layout import GENEVE_PORT
+from egressd_harness.topology import procs
+from egressd_harness.topology.fleet import Fleet
 from tests.e2e.fleet_helpers import Job, metric_sum, metrics, sandbox_argv, sandbox_run, wait_events
 from tests.e2e.test_egress import API, ROOMY_LIMITS, LimitedJob
 from tests.e2e.test_live_policy import E2E_UDFS, SLOW_BPS, job_cli, log_time

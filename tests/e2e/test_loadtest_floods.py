@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from egressd.loadtest.scenarios import FLOOD_RATE, tier1_budget
 from egressd.net import netns as kn
+from egressd_harness.loadtest.scenarios import FLOOD_RATE, tier1_budget
 
 DURATION_S = 22  # 2 cycles: baseline 5 s, stress 5 s, settle 1 s
 VERDICTS = {

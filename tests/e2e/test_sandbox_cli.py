@@ -16,7 +16,7 @@ import pytest
 
 from egressd.agent.client import AgentClient
 from egressd.net import netns as kn
-from egressd.topology.fleet import Fleet
+from egressd_harness.topology.fleet import Fleet
 
 from .fleet_helpers import Job, metric_sum, metrics, sandbox_argv, sandbox_run
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from egressd.topology.fleet import Fleet
-from egressd.topology.layout import CONTROL_ADDR, CONTROL_PORT, METADATA
+from egressd.layout import CONTROL_ADDR, CONTROL_PORT, METADATA
+from egressd_harness.topology.fleet import Fleet
 
 from .fleet_helpers import Job, sandbox_run
 

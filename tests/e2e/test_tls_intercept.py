@@ -12,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
-from egressd.topology import interception
-from egressd.topology.fleet import Fleet
-from egressd.topology.layout import CONTROL_ADDR, CONTROL_PORT, CTL_NS
-from egressd.topology.probe import http_request
+from egressd.layout import CONTROL_ADDR, CONTROL_PORT, CTL_NS
+from egressd_harness.topology import interception
+from egressd_harness.topology.fleet import Fleet
+from egressd_harness.topology.probe import http_request
 
 from .fleet_helpers import Job, metric_sum, metrics, sandbox_run, wait_events
 from .test_http_requests import E2E_UDFS, run_steps

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from egressd.layout import default_layout
 from egressd.net import netns as kn
-from egressd.topology import procs
-from egressd.topology.fleet import Fleet
-from egressd.topology.layout import default_layout
+from egressd_harness.topology import procs
+from egressd_harness.topology.fleet import Fleet
 
 from .fleet_helpers import Job, sandbox_argv
 

@@ -29,11 +29,7 @@ from typing import Any
 import pytest
 
 from egressd.geneve.codec import GeneveOption, JobOption, encode
-from egressd.metrics_text import by_label
-from egressd.net import netns as kn
-from egressd.policy import jws, keys
-from egressd.topology.fleet import Fleet
-from egressd.topology.layout import (
+from egressd.layout import (
     CONTROL_ADDR,
     CONTROL_PORT,
     CTL_NS,
@@ -41,7 +37,11 @@ from egressd.topology.layout import (
     NET_NS,
     UNDERLAY_BRIDGE,
 )
-from egressd.topology.probe import http_request
+from egressd.metrics_text import by_label
+from egressd.net import netns as kn
+from egressd.policy import jws, keys
+from egressd_harness.topology.fleet import Fleet
+from egressd_harness.topology.probe import http_request
 
 from .fleet_helpers import (
     Job,

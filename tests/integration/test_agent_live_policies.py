@@ -39,10 +39,10 @@ from typing import Any
 import pytest
 
 from egressd.agent.client import AgentClientError
+from egressd.layout import RESOLVER
 from egressd.net import netns
 from egressd.policy.jws import policy_digest, sign_payload
 from egressd.policy.keys import SigningKey, generate_signing_key, write_key_dir
-from egressd.topology.layout import RESOLVER
 from tests.support.root import AGENT_NEEDS
 from tests.support.waits import wait_for
 

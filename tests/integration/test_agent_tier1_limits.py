@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from egressd.topology.layout import RESOLVER
+from egressd.layout import RESOLVER
 from tests.support.root import AGENT_NEEDS
 from tests.support.tier1 import in_netns
 from tests.support.waits import wait_for, when

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from egressd.layout import CONTROL_ADDR
 from egressd.policy.jws import policy_digest
-from egressd.topology.layout import CONTROL_ADDR
 from tests.integration.test_proxy_dataplane import (  # noqa: F401  (fixtures)
     JOB,
     SITE,

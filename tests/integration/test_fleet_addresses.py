@@ -40,7 +40,7 @@ from egressd.limits.ports import DEFAULT_SOURCE_PORTS
 from egressd.net import netns as kn
 from egressd.policy.jws import policy_digest
 from egressd.policy.keys import generate_signing_key, write_key_dir
-from egressd.topology import network
+from egressd_harness.topology import network
 from tests.integration.test_proxy_dataplane import (
     CONTROL_ADDR,
     LAYOUT,
@@ -81,7 +81,7 @@ ZONE = [
 INET = textwrap.dedent(
     """
     import asyncio, sys
-    from egressd.topology.dnsserver import DnsServer, Zone
+    from egressd_harness.topology.dnsserver import DnsServer, Zone
     zone_json, log_path, ready, *hosts = sys.argv[1:]
     import json
 

@@ -1,6 +1,6 @@
 """The "internet" daemon in its own topology: HTTPS with the test CA, bytes, DNS, metadata.
 
-The daemon runs as `python -m egressd.topology.inet` inside the test's
+The daemon runs as `python -m egressd_harness.topology.inet` inside the test's
 `{prefix}inet` namespace (nsenter, not `ip netns exec`); clients run in the
 test's proxy and node namespaces (curl under nsenter, or sockets created in
 the namespace). Everything is removed in fixture finalizers.
@@ -27,10 +27,10 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from egressd.layout import INET_DNS, METADATA, default_layout
 from egressd.net import netns as kn
-from egressd.topology import network
-from egressd.topology.inet import CONTENT_SHA256_HEADER, FAKE_CREDENTIAL, content_sha256
-from egressd.topology.layout import INET_DNS, METADATA, default_layout
+from egressd_harness.topology import network
+from egressd_harness.topology.inet import CONTENT_SHA256_HEADER, FAKE_CREDENTIAL, content_sha256
 from tests.support.netns import fresh_prefix
 
 pytestmark = pytest.mark.root("nsenter", "curl")
@@ -95,7 +95,7 @@ def inet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inet]:
         with open(log, "wb") as out:
             process = kn.popen_in_netns(
                 network.netns_name("egd-inet", prefix),
-                [sys.executable, "-m", "egressd.topology.inet", "--run-dir", str(run_dir)],
+                [sys.executable, "-m", "egressd_harness.topology.inet", "--run-dir", str(run_dir)],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,

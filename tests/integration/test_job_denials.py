@@ -21,8 +21,8 @@ import uuid
 import dns.message
 import dns.rcode
 
+from egressd.layout import RESOLVER
 from egressd.net import netns as kn
-from egressd.topology.layout import RESOLVER
 from tests.integration.test_live_policies import (
     SITE,
     SITE_80,

@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 
+from egressd.layout import CONTROL_ADDR
 from egressd.net import netns as kn
-from egressd.topology.layout import CONTROL_ADDR
 from tests.integration.test_proxy_dataplane import (  # noqa: F401  (fixtures)
     MINI_AGENT,
     NODE,

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from egressd.bench.load import Target
-from egressd.bench.paths import EgressdPath
+from egressd.layout import ADMIN_PORT, NodeSpec, ProxySpec, default_layout
 from egressd.metrics_text import Scrape, metric_value, parse
-from egressd.topology.fleet import Fleet
-from egressd.topology.inet import content_sha256
-from egressd.topology.layout import ADMIN_PORT, NodeSpec, ProxySpec, default_layout
-from egressd.topology.probe import http_request
+from egressd_harness.bench.load import Target
+from egressd_harness.bench.paths import EgressdPath
+from egressd_harness.topology.fleet import Fleet
+from egressd_harness.topology.inet import content_sha256
+from egressd_harness.topology.probe import http_request
 from tests.support.netns import fresh_prefix
 
 pytestmark = pytest.mark.root("ip", "/dev/net/tun")

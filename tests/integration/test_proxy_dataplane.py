@@ -1,7 +1,7 @@
 """`egressd proxy serve` as a real process: GENEVE in, TPROXY, SYN-ACK back, drops by reason.
 
 A fleet of its own under a fresh prefix (`egd-t<hex>-`, built with
-`egressd.topology.network`): `ctl` (the real control plane, a subprocess),
+`egressd_harness.topology.network`): `ctl` (the real control plane, a subprocess),
 `proxy1` (the real proxy, a subprocess under `nsenter --net=...`), `inet`
 (an HTTP server on 203.0.113.10:80) and `node1`, which plays the node: a UDP
 socket on 198.18.0.11:6081 that sends GENEVE built with scapy +
@@ -37,12 +37,12 @@ from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
 from egressd.geneve.codec import GeneveError, JobOption, decode, encode
+from egressd.layout import CONTROL_ADDR, INET_NS, Layout, default_layout
 from egressd.metrics_text import SeriesKey, parse, series
 from egressd.net import netns as kn
 from egressd.policy.jws import policy_digest
 from egressd.policy.keys import generate_signing_key, write_key_dir
-from egressd.topology import network
-from egressd.topology.layout import CONTROL_ADDR, INET_NS, Layout, default_layout
+from egressd_harness.topology import network
 from tests.support.netns import fresh_prefix
 from tests.support.root import NETNS_TOOLS
 from tests.support.waits import wait_for

@@ -36,11 +36,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from egressd.layout import SANDBOX_MTU, SANDBOX_SUPERNET
 from egressd.sandbox import SandboxError
 from egressd.sandbox.bundle import BindMount, SandboxPaths
 from egressd.sandbox.rootfs import mounts_under, write_bundle
 from egressd.sandbox.runsc import SandboxLauncher
-from egressd.topology.layout import SANDBOX_MTU, SANDBOX_SUPERNET
 
 REPO = Path(__file__).resolve().parents[2]
 UDFS = REPO / "sandbox" / "udfs"

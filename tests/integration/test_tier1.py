@@ -52,8 +52,7 @@ from egressd.agent.tier1 import (
     denied_ranges,
 )
 from egressd.ebpf import syscall as bpf_syscall
-from egressd.net.tun import Tun, open_tun
-from egressd.topology.layout import (
+from egressd.layout import (
     CONTROL_ADDR,
     METADATA,
     NODE_TUN,
@@ -62,6 +61,7 @@ from egressd.topology.layout import (
     UNDERLAY_MTU,
     default_layout,
 )
+from egressd.net.tun import Tun, open_tun
 from tests.support.tier1 import (
     Namespaces,
     in_netns,

@@ -27,7 +27,7 @@ from scapy.packet import Packet, Raw
 from egressd.agent.ringbuf import RingBuffer
 from egressd.agent.tier1 import Bucket, Reason, Tier1Event, unpack_event
 from egressd.agent.tier1_maps import EVENT_BUCKET
-from egressd.topology.layout import CONTROL_ADDR, METADATA
+from egressd.layout import CONTROL_ADDR, METADATA
 from tests.support.tier1 import in_netns, packet_socket, sh
 
 from .test_tier1 import (

@@ -29,7 +29,7 @@ from egressd.proxy import http_rules, tls_intercept
 from egressd.proxy.http_gate import HttpGate, RequestRecord
 from egressd.proxy.intercept import peek_client
 from egressd.proxy.relay import relay
-from egressd.topology import ca
+from egressd_harness.topology import ca
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -35,7 +35,7 @@ import pytest
 if __name__ != "__main__":
     from egressd.control.interception_ca import ensure_interception_ca
     from egressd.metrics_text import metric_value, parse
-    from egressd.topology import ca
+    from egressd_harness.topology import ca
     from tests.integration.test_http_requests import requests_of
     from tests.support.intercept_world import DATA, World, make_world, source
 

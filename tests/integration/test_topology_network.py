@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from egressd.layout import INET_DNS, METADATA, default_layout
 from egressd.net import netns as kn
-from egressd.topology import network
-from egressd.topology.layout import INET_DNS, METADATA, default_layout
+from egressd_harness.topology import network
 from tests.support.netns import fresh_prefix
 
 pytestmark = pytest.mark.root("nsenter")

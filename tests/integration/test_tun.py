@@ -18,8 +18,8 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.packet import Raw
 
 from egressd.errors import EgressdError
+from egressd.layout import NODE_TUN, SANDBOX_MTU, UNDERLAY_MTU, default_layout
 from egressd.net.tun import Tun, TunError, open_tun
-from egressd.topology.layout import NODE_TUN, SANDBOX_MTU, UNDERLAY_MTU, default_layout
 from tests.support.tier1 import Namespaces, in_netns, link, sh
 
 pytestmark = pytest.mark.root("ip", "/dev/net/tun")

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from egressd import layout
 from egressd.agent.config import AgentConfig, ConfigError, load_config, parse_config
-from egressd.topology import layout
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "node-agent" / "agent.example.json"
 MINIMAL: dict[str, Any] = {

@@ -40,8 +40,8 @@ from egressd.agent.tier1_maps import (
     unpack_sandbox,
 )
 from egressd.errors import EgressdError
+from egressd.layout import RESOLVER, default_layout
 from egressd.policy.model import PortRange
-from egressd.topology.layout import RESOLVER, default_layout
 
 N = ipaddress.IPv4Network
 A = ipaddress.IPv4Address

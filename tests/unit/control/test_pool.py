@@ -16,7 +16,7 @@ from egressd.control.pool import (
     allocate,
 )
 from egressd.control.records import NodeRecord
-from egressd.topology.layout import SANDBOX_SUPERNET
+from egressd.layout import SANDBOX_SUPERNET
 
 
 def node(name: str, cidr: str, last: int = 11) -> NodeRecord:

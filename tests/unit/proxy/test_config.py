@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from egressd import layout
 from egressd.admin import AdminError, start_admin
 from egressd.proxy.config import (
     DEFAULT_FLEET_RANGES,
@@ -21,7 +22,6 @@ from egressd.proxy.config import (
     config_from_mapping,
     load_config,
 )
-from egressd.topology import layout
 
 MINIMAL: dict[str, Any] = {"name": "proxy1", "underlay": "198.18.0.21", "egress": "203.0.113.21"}
 

@@ -150,7 +150,7 @@ def test_proxy_config_secrets_dir() -> None:
 
 
 def test_local_fleet_secrets(tmp_path: Path) -> None:
-    from egressd.topology import proxy_secrets
+    from egressd_harness.topology import proxy_secrets
 
     directory = proxy_secrets.ensure(tmp_path)
     value = (directory / proxy_secrets.TEST_SECRET).read_text()

@@ -21,7 +21,7 @@ from egressd.policy.matcher import Decision, Verdict
 from egressd.policy.model import parse_policy
 from egressd.proxy import http_rules, sniff, tls_intercept
 from egressd.proxy.config import ConfigError, InterceptionCaPaths, config_from_mapping
-from egressd.topology import ca as test_ca
+from egressd_harness.topology import ca as test_ca
 from tests import tls_hellos
 
 NOW = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)

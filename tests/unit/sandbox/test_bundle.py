@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from egressd.errors import EgressdError
+from egressd.layout import RESOLVER
 from egressd.sandbox import SandboxError
 from egressd.sandbox.bundle import (
     CA_BUNDLE,
@@ -31,7 +32,6 @@ from egressd.sandbox.bundle import (
 )
 from egressd.sandbox.rootfs import etc_files, mounts_under, remove_bundle, write_bundle
 from egressd.sandbox.runsc import runsc_errors
-from egressd.topology.layout import RESOLVER
 
 PYTHON = PythonRuntime(
     prefix=PurePosixPath("/work/main/.venv"),

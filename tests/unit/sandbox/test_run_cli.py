@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from egressd.agent.client import AgentClientError, AgentUnreachable
+from egressd.layout import DEFAULT_RUN_DIR
 from egressd.sandbox import SandboxError
 from egressd.sandbox.bundle import sandbox_can_read
 from egressd.sandbox.cli import (
@@ -26,7 +27,6 @@ from egressd.sandbox.cli import (
     unreadable_mount_message,
 )
 from egressd.sandbox.runsc import RUNSC_FATAL_PREFIX, _Sink, classify_launch_error, finish
-from egressd.topology.layout import DEFAULT_RUN_DIR
 
 RUNSC = "running container: starting container: starting root container: starting sandbox: "
 
