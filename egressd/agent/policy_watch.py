@@ -5,7 +5,7 @@ With a control plane configured (`discovery.control_url`), the agent:
 * checks every registration against the control plane (`ControlPolicies.held`,
   used by `SandboxManager`): the JWS presented must be one the control plane
   holds. A 404 refuses with ``policy_not_held``, a held policy whose content
-  (`same_policy`: everything but ``iat``/``nbf``/``exp``) differs with
+  (`egressd.policy.model.same_content`: everything but ``iat``/``nbf``/``exp``) differs with
   ``policy_superseded``, an unreachable control plane or a bad answer with
   ``control_unreachable`` (fail closed: the agent cannot tell a deleted job
   from a live one). The digest alone is not compared: the control plane
@@ -46,7 +46,7 @@ that does not verify (kept: the old copy until its ``exp``, logged) or one
 that was not re-signed yet are retried after `retry_delay` (1 s doubling to
 60 s); counted in ``egressd_agent_policy_renewals_total{result}``.
 
-`same_policy`, `compare_copies`, `renew_at`, `retry_delay` and `renewal_due` are pure.
+`compare_copies`, `renew_at`, `retry_delay` and `renewal_due` are pure.
 """
 
 from __future__ import annotations
@@ -67,8 +67,7 @@ from egressd.control.watch_client import (
     WatchStream,
     read_json_body,
 )
-from egressd.policy.model import Policy
-from egressd.policy.model import same_content as same_policy
+from egressd.policy.model import Policy, same_content
 
 log = structlog.get_logger("egressd.agent.policy_watch")
 
@@ -119,7 +118,7 @@ def compare_copies(
     """
     if held_digest == fresh_digest:
         return SAME_COPY
-    if held is not None and same_policy(held, fresh):
+    if held is not None and same_content(held, fresh):
         return RESIGNED
     return CHANGED
 
@@ -357,5 +356,4 @@ __all__ = [
     "renew_at",
     "renewal_due",
     "retry_delay",
-    "same_policy",
 ]

@@ -107,7 +107,6 @@ from egressd.agent.policy_watch import (
     ControlUnavailable,
     compare_copies,
     renew_at,
-    same_policy,
 )
 from egressd.agent.tier1 import Bucket, Count, Reason, Tier1, Tier1Error
 from egressd.errors import EgressdError
@@ -116,7 +115,7 @@ from egressd.policy import addresses
 from egressd.policy.errors import JwsError, KeyFileError
 from egressd.policy.jws import DEFAULT_LEEWAY_S, VerifiedPolicy, verify_policy
 from egressd.policy.keys import TrustedKeys, load_trusted_keys
-from egressd.policy.model import Policy, PortRange, merge_port_ranges
+from egressd.policy.model import Policy, PortRange, merge_port_ranges, same_content
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -597,7 +596,7 @@ class SandboxManager:
             )
         # The same checks as the presented JWS (keys, validity, this node).
         held = verify_for_node(token, trusted, self.config.name, now=self.clock())
-        if not same_policy(held.policy, verified.policy):
+        if not same_content(held.policy, verified.policy):
             raise AgentError(
                 "policy_superseded",
                 f"the control plane holds another policy for job {job_id}: use the JWS of "

@@ -34,7 +34,8 @@ Example (every key but `name`, `underlay` and `egress` has a default)::
       "max_lifetime_s": 86400,
       "pacing_horizon_s": 0.05,
       "dns_refusal_rcode": "NXDOMAIN",
-      "digest_grace_s": 5
+      "digest_grace_s": 5,
+      "datapath": "userspace"
     }
 
 Decisions:
@@ -51,6 +52,11 @@ Decisions:
 * `mtu` is the TUN's MTU, i.e. the largest inner packet: the underlay MTU
   minus the GENEVE overhead (1500 - 64 = 1436), so that every return packet
   plus its 64 bytes of encapsulation fits in one underlay frame.
+* `datapath`: ``"userspace"`` (the default) carries every packet through
+  `egressd.proxy.tunnel`; ``"kernel"`` loads `bpf/proxy.c` (`egressd.proxy.kernel`):
+  tc validates and decapsulates on the underlay and encapsulates the return
+  traffic, the Python endpoint is the slow path. Its bpffs and compiled object
+  live in `state_dir` (default ``/run/egressd/proxy/NAME``).
 * `offload` opens the TUN with a virtio-net header and TSO/checksum offloads
   and carries GSO super-packets in GENEVE with the offload option (see
   `egressd.proxy.tunnel`). Every node agent of the fleet must have the same
@@ -147,15 +153,16 @@ MIN_MTU = 576  # the smallest datagram every IPv4 host must accept
 MAX_MTU = 65535 - layout.GENEVE_OVERHEAD
 
 
+DATAPATHS = ("userspace", "kernel")
+DEFAULT_STATE_ROOT = Path("/run/egressd/proxy")
+
+
 @dataclass(frozen=True, slots=True)
 class InterceptionCaPaths:
     """Where the interception CA's certificate and key are (`interception_ca`)."""
 
     cert: Path
     key: Path
-
-
-_fail = ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,69 +204,74 @@ class ProxyConfig:
     secrets_dir: Path | None = None
     dns_refusal_rcode: str = DEFAULT_REFUSAL_RCODE
     digest_grace_s: float = DEFAULT_GRACE_S
+    datapath: str = "userspace"
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _is_name(self.name):
-            raise _fail("name", "must match [a-z0-9][a-z0-9-]{0,62}")
+            raise ConfigError("name", "must match [a-z0-9][a-z0-9-]{0,62}")
         for name in ("underlay", "egress", "resolver", "upstream_resolver"):
             if not isinstance(getattr(self, name), IPv4Address):
-                raise _fail(name, "must be an IPv4 address")
+                raise ConfigError(name, "must be an IPv4 address")
         if not isinstance(self.sandbox_supernet, IPv4Network):
-            raise _fail("sandbox_supernet", "must be an IPv4 network")
+            raise ConfigError("sandbox_supernet", "must be an IPv4 network")
         if not all(isinstance(n, IPv4Network) for n in self.fleet_ranges):
-            raise _fail("fleet_ranges", "must be IPv4 networks")
-        _check_int("vni", self.vni, 0, 0xFFFFFF)
+            raise ConfigError("fleet_ranges", "must be IPv4 networks")
+        as_int("vni", self.vni, 0, 0xFFFFFF)
         for name in ("admin_port", "geneve_port", "tproxy_tcp_port", "tproxy_dns_port"):
-            _check_int(name, getattr(self, name), 1, 65535)
+            as_int(name, getattr(self, name), 1, 65535)
         ports = [self.tproxy_tcp_port, self.tproxy_dns_port]
         if len(set(ports)) != len(ports):
-            raise _fail("tproxy_dns_port", "must differ from tproxy_tcp_port")
-        _check_int("mtu", self.mtu, MIN_MTU, MAX_MTU)
+            raise ConfigError("tproxy_dns_port", "must differ from tproxy_tcp_port")
+        as_int("mtu", self.mtu, MIN_MTU, MAX_MTU)
         if not isinstance(self.offload, bool):
-            raise _fail("offload", "must be true or false")
-        _check_int("max_flows", self.max_flows, 1, 16_777_216)
-        _check_seconds("flow_idle_s", self.flow_idle_s, 1.0, 86_400.0)
-        _check_seconds("node_refresh_s", self.node_refresh_s, 0.05, 3_600.0)
-        _check_seconds("digest_grace_s", self.digest_grace_s, 0.0, 300.0)
+            raise ConfigError("offload", "must be true or false")
+        as_int("max_flows", self.max_flows, 1, 16_777_216)
+        as_number("flow_idle_s", self.flow_idle_s, 1.0, 86_400.0, unit="seconds")
+        as_number("node_refresh_s", self.node_refresh_s, 0.05, 3_600.0, unit="seconds")
+        as_number("digest_grace_s", self.digest_grace_s, 0.0, 300.0, unit="seconds")
         if not isinstance(self.tun, str) or not _is_ifname(self.tun):
-            raise _fail("tun", "must be an interface name of 1..15 characters [A-Za-z0-9_.-]")
+            raise ConfigError("tun", "must be an interface name of 1..15 characters [A-Za-z0-9_.-]")
         if not isinstance(self.keys_dir, Path):
-            raise _fail("keys_dir", "must be a path")
+            raise ConfigError("keys_dir", "must be a path")
         _check_url(self.control_url)
         if self.interception_ca is not None and not isinstance(
             self.interception_ca, InterceptionCaPaths
         ):
-            raise _fail("interception_ca", 'must be {"cert": PATH, "key": PATH}')
+            raise ConfigError("interception_ca", 'must be {"cert": PATH, "key": PATH}')
         if self.upstream_ca_file is not None and not isinstance(self.upstream_ca_file, Path):
-            raise _fail("upstream_ca_file", "must be a path")
+            raise ConfigError("upstream_ca_file", "must be a path")
         if self.secrets_dir is not None and not isinstance(self.secrets_dir, Path):
-            raise _fail("secrets_dir", "must be a path")
+            raise ConfigError("secrets_dir", "must be a path")
         as_one_of("dns_refusal_rcode", self.dns_refusal_rcode, REFUSAL_RCODES)
+        as_one_of("datapath", self.datapath, DATAPATHS)
+        if self.state_dir is not None and not isinstance(self.state_dir, Path):
+            raise ConfigError("state_dir", "must be a path")
         self._check_limits()
         if self.resolver not in self.sandbox_supernet and not any(
             self.resolver in net for net in self.fleet_ranges
         ):
             # The resolver address is answered by the proxy itself; tier 2 must
             # never treat it as an internet destination.
-            raise _fail("resolver", "must be inside sandbox_supernet or one of fleet_ranges")
+            raise ConfigError("resolver", "must be inside sandbox_supernet or one of fleet_ranges")
 
     def _check_limits(self) -> None:
-        _check_int("max_connections", self.max_connections, 1, 1_048_576)
-        _check_int("bandwidth_bps", self.bandwidth_bps, 0, 100_000_000_000)
+        as_int("max_connections", self.max_connections, 1, 1_048_576)
+        as_int("bandwidth_bps", self.bandwidth_bps, 0, 100_000_000_000)
         if not all(isinstance(a, IPv4Address) for a in self.egress_addresses):
-            raise _fail("egress_addresses", "must be IPv4 addresses")
+            raise ConfigError("egress_addresses", "must be IPv4 addresses")
         if self.egress_addresses and self.egress not in self.egress_addresses:
-            raise _fail("egress_addresses", f"must contain egress {self.egress}")
+            raise ConfigError("egress_addresses", f"must contain egress {self.egress}")
         for name in ("min_ports_per_job", "reserved_newcomers"):
-            _check_int(name, getattr(self, name), 0, 65_535)
-        _check_seconds("port_reuse_delay_s", self.port_reuse_delay_s, 0.0, 3_600.0)
-        _check_seconds("idle_timeout_s", self.idle_timeout_s, 0.1, 604_800.0)
-        _check_seconds("max_lifetime_s", self.max_lifetime_s, 0.1, 2_592_000.0)
-        _check_seconds("pacing_horizon_s", self.pacing_horizon_s, 0.001, 10.0)
+            as_int(name, getattr(self, name), 0, 65_535)
+        as_number("port_reuse_delay_s", self.port_reuse_delay_s, 0.0, 3_600.0, unit="seconds")
+        as_number("idle_timeout_s", self.idle_timeout_s, 0.1, 604_800.0, unit="seconds")
+        as_number("max_lifetime_s", self.max_lifetime_s, 0.1, 2_592_000.0, unit="seconds")
+        as_number("pacing_horizon_s", self.pacing_horizon_s, 0.001, 10.0, unit="seconds")
         try:
             self.port_pool  # noqa: B018 - building it validates it
         except ValueError as exc:
-            raise _fail("source_ports", str(exc)) from None
+            raise ConfigError("source_ports", str(exc)) from None
 
     @property
     def port_pool(self) -> PortPoolConfig:
@@ -286,6 +298,11 @@ class ProxyConfig:
         )
 
     @property
+    def kernel_state_dir(self) -> Path:
+        """Where the kernel data path mounts its bpffs and builds its object."""
+        return self.state_dir if self.state_dir is not None else DEFAULT_STATE_ROOT / self.name
+
+    @property
     def admin_host(self) -> str:
         return str(self.underlay)
 
@@ -302,22 +319,14 @@ def _is_ifname(value: str) -> bool:
     return _IFNAME_RE.fullmatch(value) is not None
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> None:
-    as_int(name, value, lo, hi)
-
-
-def _check_seconds(name: str, value: object, lo: float, hi: float) -> None:
-    as_number(name, value, lo, hi, unit="seconds")
-
-
 def _check_url(url: object) -> None:
     if not isinstance(url, str):
-        raise _fail("control_url", "must be a string")
+        raise ConfigError("control_url", "must be a string")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _fail("control_url", f"must be an http(s) URL, got {url!r}")
+        raise ConfigError("control_url", f"must be an http(s) URL, got {url!r}")
     if parts.query or parts.fragment:
-        raise _fail("control_url", "must not have a query or fragment")
+        raise ConfigError("control_url", "must not have a query or fragment")
 
 
 # --- parsing the JSON file ------------------------------------------------------------
@@ -336,16 +345,16 @@ def _as_addresses(name: str, value: object) -> tuple[IPv4Address, ...]:
 def _as_port_range(name: str, value: object) -> tuple[int, int]:
     match = re.fullmatch(r"(\d{1,5})-(\d{1,5})", value) if isinstance(value, str) else None
     if match is None:
-        raise _fail(name, 'must be a port range string "FIRST-LAST"')
+        raise ConfigError(name, 'must be a port range string "FIRST-LAST"')
     first, last = int(match[1]), int(match[2])
     if not 1024 <= first <= last <= 65535:
-        raise _fail(name, "must be a range FIRST <= LAST within 1024-65535")
+        raise ConfigError(name, "must be a range FIRST <= LAST within 1024-65535")
     return first, last
 
 
 def _as_interception_ca(name: str, value: object) -> InterceptionCaPaths:
     if not isinstance(value, Mapping) or set(value) != {"cert", "key"}:
-        raise _fail(name, 'must be {"cert": PATH, "key": PATH}')
+        raise ConfigError(name, 'must be {"cert": PATH, "key": PATH}')
     return InterceptionCaPaths(
         cert=as_path(f"{name}.cert", value["cert"]), key=as_path(f"{name}.key", value["key"])
     )
@@ -387,6 +396,8 @@ _CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
     "secrets_dir": as_path,
     "dns_refusal_rcode": as_str,
     "digest_grace_s": as_number,
+    "datapath": as_str,
+    "state_dir": as_path,
 }
 _REQUIRED = ("name", "underlay", "egress")
 

@@ -21,13 +21,13 @@ from egressd.agent.policy_watch import (
     AgentPolicyWatch,
     ControlPolicies,
     ControlUnavailable,
-    same_policy,
 )
 from egressd.agent.sandboxes import AgentError, Sandbox, SandboxManager, verify_for_node
 from egressd.agent.tier1 import Bucket
 from egressd.policy.jws import policy_digest, sign_payload
 from egressd.policy.keys import generate_signing_key, load_trusted_keys, write_key_dir
 from egressd.policy.model import PortRange, parse_policy
+from egressd.policy.model import same_content as same_policy
 
 JOB = uuid.UUID("2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2")
 OTHER_JOB = uuid.UUID("9d7e4c2a-1111-4a9a-9f55-1f0c5ac1d3e2")
