@@ -31,6 +31,9 @@
  *   bucket empty                             -> drop      syn_rate_limit
  *   TCP, allowed                             -> redirect  redirected (to the TUN)
  *
+ * "redirect" is the TUN for the userspace data path; with the kernel data
+ * path it is a tail call into t1_forward (bpf/node.c), which encapsulates.
+ *
  * Token buckets (struct t1_bucket, one for DNS and one for SYNs in each
  * sandbox entry) are GCRA: one u64 "theoretical arrival time" per bucket,
  * advanced by a packet's cost in nanoseconds with compare-and-swap, so the
@@ -242,6 +245,16 @@ struct {
 	__uint(max_entries, T1_EVENTS_BYTES);
 } t1_events SEC(".maps");
 
+/* Slot 0: the kernel data path's encapsulation (bpf/node.c node_encap), set by
+ * the agent with "datapath": "kernel". Empty, or the tail call failing, means
+ * the userspace path: the TUN. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} t1_forward SEC(".maps");
+
 static __always_inline int count(struct __sk_buff *skb, __u32 ifindex, __u32 reason, int action)
 {
 	struct t1_counter_key key = { .ifindex = ifindex, .reason = reason };
@@ -265,6 +278,15 @@ static __always_inline int count(struct __sk_buff *skb, __u32 ifindex, __u32 rea
 static __always_inline int drop(struct __sk_buff *skb, __u32 ifindex, __u32 reason)
 {
 	return count(skb, ifindex, reason, TC_ACT_SHOT);
+}
+
+/* An allowed frame: counted as redirected, then encapsulated in the kernel
+ * (t1_forward) or, without it, handed to the agent's TUN. */
+static __always_inline int forward(struct __sk_buff *skb, __u32 ifindex, __u32 tun_ifindex)
+{
+	count(skb, ifindex, T1_REDIRECTED, 0);
+	bpf_tail_call(skb, &t1_forward, 0);
+	return bpf_redirect(tun_ifindex, 0);
 }
 
 static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
@@ -558,7 +580,7 @@ int tier1_ingress(struct __sk_buff *skb)
 		if (daddr == cfg->resolver && udp->dest == bpf_htons(T1_DNS_PORT)) {
 			if (!take_token(skb, &sb->dns))
 				return deny(skb, ifindex, sb, T1_DNS_RATE_LIMIT, &flow);
-			return count(skb, ifindex, T1_REDIRECTED, bpf_redirect(cfg->tun_ifindex, 0));
+			return forward(skb, ifindex, cfg->tun_ifindex);
 		}
 		return deny(skb, ifindex, sb, T1_UDP_NOT_DNS, &flow);
 	}
@@ -577,7 +599,7 @@ int tier1_ingress(struct __sk_buff *skb)
 			/* One query's connection: its SYN takes a DNS token, not a SYN one. */
 			if (syn && !take_token(skb, &sb->dns))
 				return deny(skb, ifindex, sb, T1_DNS_RATE_LIMIT, &flow);
-			return count(skb, ifindex, T1_REDIRECTED, bpf_redirect(cfg->tun_ifindex, 0));
+			return forward(skb, ifindex, cfg->tun_ifindex);
 		}
 	}
 
@@ -597,7 +619,7 @@ int tier1_ingress(struct __sk_buff *skb)
 	}
 	if (syn && !take_token(skb, &sb->syn))
 		return deny(skb, ifindex, sb, T1_SYN_RATE_LIMIT, &flow);
-	return count(skb, ifindex, T1_REDIRECTED, bpf_redirect(cfg->tun_ifindex, 0));
+	return forward(skb, ifindex, cfg->tun_ifindex);
 }
 
 char LICENSE[] SEC("license") = "Apache-2.0";

@@ -19,6 +19,11 @@ rejected: a misspelt key would otherwise silently keep its default. Every
 error is a `ConfigError` whose `field` is the JSON path of the first thing
 wrong (``"proxies[1].underlay"``, ``"health.down_after"``).
 
+`datapath` (default "userspace") picks who carries packets: "userspace" is the
+TUN read by Python (`egressd.agent.datapath`), "kernel" is tc eBPF
+(`egressd.agent.kernel_datapath`, bpf/node.c: GENEVE encapsulation, Maglev proxy
+choice, return decapsulation); "kernel" excludes `offload`.
+
 `offload` (default false) opens the TUN with a virtio-net header and TSO /
 checksum offloads (`egressd.agent.datapath`); every proxy of the fleet must
 have the same setting.
@@ -88,6 +93,9 @@ DEFAULT_KEYS_DIR = layout.DEFAULT_RUN_DIR / "keys"
 DEFAULT_SANDBOX_NETNS_PREFIX = "egd-sbx-"
 DEFAULT_ADMIN_TOKEN_FILE = layout.DEFAULT_RUN_DIR / "admin-token"
 SANDBOX_CIDR_AUTO = "auto"
+DATAPATH_USERSPACE = "userspace"
+DATAPATH_KERNEL = "kernel"
+DATAPATHS = (DATAPATH_USERSPACE, DATAPATH_KERNEL)
 MAX_CONFIG_BYTES = 1 << 20
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -195,6 +203,8 @@ class AgentConfig:
     # TUN offloads (virtio-net header, TSO, GSO super-packets in GENEVE with the
     # offload option): every proxy of the fleet must have the same setting.
     offload: bool = False
+    # "userspace": the TUN and GENEVE in Python; "kernel": bpf/node.c (egressd.agent.node).
+    datapath: str = DATAPATH_USERSPACE
     # Learn proxies from the control plane too (None: the static list only).
     discovery: DiscoverySettings | None = None
     # Set when sandbox_cidr is "auto" (kept after it is resolved).
@@ -247,6 +257,12 @@ class AgentConfig:
             raise ConfigError("flow_idle_s", "must be in 1..3600")
         if not isinstance(self.offload, bool):
             raise ConfigError("offload", "must be true or false")
+        if self.datapath not in DATAPATHS:
+            raise ConfigError("datapath", f"must be one of {', '.join(DATAPATHS)}")
+        if self.datapath == DATAPATH_KERNEL and self.offload:
+            # The kernel path keeps GSO packets whole itself; offload is the TUN's option,
+            # and its fragmented GENEVE from proxies is dropped by the kernel path.
+            raise ConfigError("offload", 'is for "datapath": "userspace" only')
 
     @property
     def gateway(self) -> IPv4Address:
@@ -375,6 +391,7 @@ _OPTIONAL: Mapping[str, Converter[object]] = {
     "flow_idle_s": as_number,
     "health": _health,
     "offload": as_bool,
+    "datapath": _str,
 }
 _TOP_KEYS = frozenset(
     {"name", "underlay", "sandbox_cidr", "proxies", "discovery", "registration", *_OPTIONAL}

@@ -78,7 +78,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -87,6 +87,7 @@ from prometheus_client.registry import Collector
 from egressd.agent.config import AgentConfig, ProxyEndpoint
 from egressd.agent.hashing import Rendezvous, flow_hash, source_port_for_hash
 from egressd.agent.tier1 import Count, Reason, Tier1Error
+from egressd.errors import EgressdError
 from egressd.geneve import (
     DECODE_REASONS,
     OFFLOAD_OPTION_LEN,
@@ -166,6 +167,17 @@ def outer_header(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
     return _OUTER.pack(
         0x45, 0, 0, 0, _IP_DF, _TTL, socket.IPPROTO_UDP, 0, src, dst, sport, dport, 0, 0
     )
+
+
+class KernelCounters(NamedTuple):
+    """What the kernel data path (egressd.agent.kernel_datapath) counted: per proxy index
+    (tx packets, tx bytes, rx packets, rx bytes), and drops by reason."""
+
+    per_proxy: Mapping[int, tuple[int, int, int, int]]
+    dropped: Mapping[str, int]
+
+
+NO_KERNEL_COUNTERS = KernelCounters({}, {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +366,10 @@ class Datapath:
     @property
     def healthy(self) -> tuple[str, ...]:
         return self._rendezvous.names
+
+    def kernel_counters(self) -> KernelCounters:
+        """The kernel data path's counters (none here: see KernelDatapath)."""
+        return NO_KERNEL_COUNTERS
 
     @property
     def flow_count(self) -> int:
@@ -642,17 +658,26 @@ class AgentCollector(Collector):
             "Inner bytes tunnelled to and from proxies",
             labels=["proxy", "direction"],
         )
+        try:
+            kernel = dp.kernel_counters()
+        except (EgressdError, OSError) as exc:  # a scrape must not fail on a map read
+            log.warning("kernel_counters_failed", error=str(exc))
+            kernel = NO_KERNEL_COUNTERS
         for i, name in enumerate(dp.proxy_names):
-            packets.add_metric([name, "tx"], dp.tx_packets[i])
-            packets.add_metric([name, "rx"], dp.rx_packets[i])
-            octets.add_metric([name, "tx"], dp.tx_bytes[i])
-            octets.add_metric([name, "rx"], dp.rx_bytes[i])
+            k_tx_p, k_tx_b, k_rx_p, k_rx_b = kernel.per_proxy.get(i, (0, 0, 0, 0))
+            packets.add_metric([name, "tx"], dp.tx_packets[i] + k_tx_p)
+            packets.add_metric([name, "rx"], dp.rx_packets[i] + k_rx_p)
+            octets.add_metric([name, "tx"], dp.tx_bytes[i] + k_tx_b)
+            octets.add_metric([name, "rx"], dp.rx_bytes[i] + k_rx_b)
         yield packets
         yield octets
         dropped = CounterMetricFamily(
             "egressd_tunnel_dropped", "Packets the agent's data path dropped", labels=["reason"]
         )
-        for reason, value in sorted(dp.dropped.items()):
+        drops = dict(dp.dropped)
+        for reason, value in kernel.dropped.items():
+            drops[reason] = drops.get(reason, 0) + value
+        for reason, value in sorted(drops.items()):
             dropped.add_metric([reason], value)
         yield dropped
         supers = CounterMetricFamily(

@@ -93,7 +93,8 @@ import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from egressd.agent.config import AgentConfig
+from egressd.agent.config import DATAPATH_KERNEL, AgentConfig
+from egressd.agent.node_maps import SANDBOX_GSO_MAX_SIZE
 from egressd.agent.policy_watch import (
     CHANGED,
     NO_SANDBOX,
@@ -835,6 +836,9 @@ class SandboxManager:
                 for scope in ("all", "default", names.peer_veth):
                     netns.set_sysctl(names.netns, f"net.ipv6.conf.{scope}.disable_ipv6", 1)
                 netns.set_mtu(names.netns, names.peer_veth, config.sandbox_mtu)
+                if config.datapath == DATAPATH_KERNEL:
+                    # tc adds 64 bytes to a super-packet too: it must stay a valid IPv4 packet.
+                    netns.set_gso_max_size(names.netns, names.peer_veth, SANDBOX_GSO_MAX_SIZE)
                 netns.ensure_addr(names.netns, names.peer_veth, f"{ip}/{prefixlen}")
                 netns.set_link_up(names.netns, "lo")
                 netns.set_link_up(names.netns, names.peer_veth)

@@ -15,7 +15,10 @@ control plane (`egressd.agent.registration`, in `serve`); no CIDR, no start.
    then the reader of tier 1's denial events (task ``tier1-events``, see
    `egressd.agent.tier1_events`), which logs ``tier1_denial`` lines;
 4. the data path: raw send socket, GENEVE socket bound to (underlay, 6081),
-   readers on the event loop;
+   readers on the event loop; with ``"datapath": "kernel"`` first bpf/node.c is
+   loaded and attached to the underlay's tc ingress (`egressd.agent.node`), and
+   starting the data path points tier 1's tail call at its encapsulation
+   (`egressd.agent.kernel_datapath`);
 5. proxy health probing (one named task per proxy), and, with `discovery`,
    the proxy list from the control plane (`egressd.agent.discovery`), and then
    live policies: registrations checked against the control plane and its
@@ -31,7 +34,8 @@ control plane (`egressd.agent.registration`, in `serve`); no CIDR, no start.
 API (and its socket); then every sandbox is unregistered (tier-1 entry, veth,
 netns; in-flight registrations finish first, while the control plane client
 is still open); the watch, the control plane client, discovery and probing
-stop; the tier-1 event reader, the data path; tier 1 is unloaded (filters,
+stop; the tier-1 event reader, the data path (the tail call cleared first);
+the kernel data path is unloaded (underlay filter, pins, bpffs); tier 1 is unloaded (filters,
 pins, bpffs) and the TUN closed (the device goes with it). A step that fails
 does not skip the ones after it. Nothing is left behind.
 
@@ -52,11 +56,14 @@ from prometheus_client import CollectorRegistry
 
 from egressd.admin import AdminServer, start_admin
 from egressd.agent.api import ApiServer
-from egressd.agent.config import AgentConfig, ProxyEndpoint
+from egressd.agent.config import DATAPATH_KERNEL, AgentConfig, ProxyEndpoint
 from egressd.agent.datapath import AgentCollector, Datapath
 from egressd.agent.discovery import ProxyDiscovery
 from egressd.agent.health import HealthMonitor
+from egressd.agent.kernel_datapath import KernelDatapath
 from egressd.agent.launchers import REAP_INTERVAL_S, Launchers
+from egressd.agent.node import NodeKernel
+from egressd.agent.node_maps import NodeError
 from egressd.agent.policy_watch import AgentPolicyWatch, ControlPolicies
 from egressd.agent.registration import RegistrationError, resolve_sandbox_cidr
 from egressd.agent.sandboxes import SandboxManager
@@ -105,6 +112,7 @@ class AgentService(Lifecycle):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-kernel")
         self.tun: Tun | None = None
         self.tier1: Tier1 | None = None
+        self.node: NodeKernel | None = None
         self.datapath: Datapath | None = None
         self.health: HealthMonitor | None = None
         self.discovery: ProxyDiscovery | None = None
@@ -172,7 +180,20 @@ class AgentService(Lifecycle):
         stack.push_async_callback(self._unload_tier1, tier1)
         log.info("tier1_loaded", state_dir=str(config.state_dir))
 
-        datapath = Datapath(config, self.tun.fd)
+        datapath: Datapath
+        if config.datapath == DATAPATH_KERNEL:
+            node = NodeKernel(underlay=config.underlay, vni=config.vni, state_dir=config.state_dir)
+            try:
+                await loop.run_in_executor(self.executor, node.load)
+                stack.push_async_callback(self._unload_node, node)
+                await loop.run_in_executor(self.executor, node.attach_underlay)
+            except NodeError as exc:
+                raise AgentStartupError("node_kernel", f"{exc.reason}: {exc.detail}") from exc
+            self.node = node
+            log.info("node_kernel_loaded", underlay_ifindex=node.underlay_ifindex)
+            datapath = KernelDatapath(config, self.tun.fd, node=node, tier1=tier1)
+        else:
+            datapath = Datapath(config, self.tun.fd)
         self.datapath = datapath
         stack.callback(datapath.stop)  # also closes what a failed `start` opened
         manager = SandboxManager(config, tier1, datapath, self.executor)
@@ -190,6 +211,8 @@ class AgentService(Lifecycle):
 
         try:
             datapath.start(loop)
+        except NodeError as exc:
+            raise AgentStartupError("node_kernel", f"{exc.reason}: {exc.detail}") from exc
         except OSError as exc:
             raise AgentStartupError(
                 "bind", f"GENEVE {config.underlay}:{config.geneve_port}: {exc.strerror or exc}"
@@ -326,6 +349,12 @@ class AgentService(Lifecycle):
     async def _close_api(self, api: ApiServer) -> None:
         self._api_bound = False
         await api.close()
+
+    async def _unload_node(self, node: NodeKernel) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, node.close)
+        except NodeError as exc:
+            log.error("node_kernel_close_failed", reason=exc.reason, detail=exc.detail)
 
     async def _unload_tier1(self, tier1: Tier1) -> None:
         try:

@@ -409,6 +409,16 @@ class Tier1:
             self._map_delete("t1_counters", pack_counter_key(ifindex, reason))
         return last
 
+    # -- kernel data path ----------------------------------------------------
+
+    def set_forward(self, prog_fd: int) -> None:
+        """Allowed frames go to the program `prog_fd` (a tail call) instead of the TUN."""
+        self._map_update("t1_forward", U32.pack(0), U32.pack(prog_fd))
+
+    def clear_forward(self) -> None:
+        """Allowed frames go to the TUN again (the userspace data path). Idempotent."""
+        self._map_delete("t1_forward", U32.pack(0))
+
     # -- denial events --------------------------------------------------------
 
     def open_events(self) -> RingBuffer:

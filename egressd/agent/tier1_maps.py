@@ -15,6 +15,8 @@ Map layouts (native byte order unless marked be32, which is network order):
 * ``t1_counters`` per-CPU hash: {u32 ifindex, u32 reason} -> {u64 packets, u64 bytes}
 * ``t1_events`` ring buffer of {u64 ts_ns, u32 ifindex, u32 reason, be32 daddr,
   be16 dport, u8 proto, u8 flags, u32 suppressed, u32 0} (`Tier1Event`)
+* ``t1_forward`` prog array[1]: u32 0 -> the fd of bpf/node.c's node_encap
+  (the kernel data path's tail call; empty for the userspace data path)
 
 TCP port p is allowed when bit ``p & 7`` of byte ``p >> 3`` of ``ports`` is set.
 """
@@ -110,6 +112,7 @@ DENIED_REASONS: Final = frozenset({Reason.DENIED_RANGE, Reason.FLEET_RANGE})
 # ---------------------------------------------------------------------------
 # Map layouts (mirrors of the structs in bpf/tier1.c).
 
+BPF_MAP_TYPE_PROG_ARRAY: Final = 3
 PORT_BITMAP_BYTES: Final = 65536 // 8
 DENIED_OVERRIDABLE: Final = 1
 CONFIG_KEY: Final = struct.pack("=I", 0)
@@ -158,6 +161,8 @@ MAPS: Final = (
     MapSpec("t1_counters", bpf.BPF_MAP_TYPE_PERCPU_HASH, _COUNTER_KEY.size, COUNTER_VALUE.size),
     # A ring buffer has no keys or values; its size is max_entries.
     MapSpec("t1_events", bpf.BPF_MAP_TYPE_RINGBUF, 0, 0),
+    # Slot 0: the kernel data path's program fd (egressd.agent.node); empty: the TUN.
+    MapSpec("t1_forward", BPF_MAP_TYPE_PROG_ARRAY, U32.size, U32.size),
 )
 
 

@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -40,13 +41,16 @@ def _multiarch_include() -> list[str]:
     return ["-idirafter", str(path)] if path.is_dir() else []
 
 
-def build_object(src: Path, out_dir: Path, *, clang: str = "clang") -> Path:
-    """`out_dir/<stem>.o` compiled from `src` unless it is already newer than `src`."""
+def build_object(
+    src: Path, out_dir: Path, *, clang: str = "clang", deps: Sequence[Path] = ()
+) -> Path:
+    """`out_dir/<stem>.o` compiled from `src` unless it is already newer than `src` and every
+    file in `deps` (the headers it includes)."""
     out = out_dir / f"{src.stem}.o"
     try:
-        src_mtime = src.stat().st_mtime_ns
+        src_mtime = max(path.stat().st_mtime_ns for path in (src, *deps))
     except OSError as exc:
-        raise EbpfError("build_failed", f"{src}: {exc.strerror}") from exc
+        raise EbpfError("build_failed", f"{exc.filename}: {exc.strerror}") from exc
     with contextlib.suppress(FileNotFoundError):
         if out.stat().st_mtime_ns >= src_mtime:
             return out

@@ -314,6 +314,16 @@ def set_mtu(ns: str, ifname: str, mtu: int) -> None:
         _poll(lambda: _require_link(ipr, ns, ifname).get("mtu") == mtu, f"{ifname} mtu {mtu}")
 
 
+def set_gso_max_size(ns: str, ifname: str, size: int) -> None:
+    """The largest GSO packet the stack hands `ifname` (``ip link set gso_max_size``)."""
+    if not 1 <= size <= 65536:
+        raise NetError("invalid_gso_max_size", f"{size}")
+    with _ipr(ns) as ipr:
+        link = _require_link(ipr, ns, ifname)
+        with _errors("link_failed", f"set {ns}/{ifname} gso_max_size {size}"):
+            ipr.link("set", index=link["index"], gso_max_size=size)
+
+
 # --- addresses and routes ----------------------------------------------------
 
 

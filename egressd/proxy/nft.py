@@ -21,6 +21,12 @@ packet from a sandbox that reaches a local socket without having been
 TPROXYed (UDP to the proxy's own underlay address, say GENEVE-in-GENEVE to
 port 6081, or to the admin port) is dropped and counted.
 
+The kernel data path (`NftSpec.decap_mark`, `egressd.proxy.kernel`): packets that
+tc decapsulated on the underlay carry that mark instead of arriving on gnv0, so
+the three prerouting rules are repeated with ``meta mark 0x2`` in place of
+``iifname gnv0``, the input chain drops a marked packet that nothing TPROXYed,
+and rp_filter is 0 on the underlay too (restored by `remove()`).
+
 Policy routing: `ip rule fwmark 1 lookup 100` and `local 0.0.0.0/0 dev lo
 table 100`, so marked (TPROXYed) packets are delivered locally whatever
 their destination. `SANDBOX_SUPERNET dev gnv0` in the main table is the
@@ -91,6 +97,11 @@ class NftSpec:
     sandbox_supernet: ipaddress.IPv4Network
     listen_host: str = "127.0.0.1"
     fwmark: int = FWMARK
+    #: The kernel data path (`egressd.proxy.kernel`): the mark its tc ingress program
+    #: sets on the packets it decapsulated, and the underlay they arrive on. None: the
+    #: userspace data path, where every sandbox packet comes in through the TUN.
+    decap_mark: int | None = None
+    underlay: str | None = None
     route_table: int = ROUTE_TABLE
     rule_priority: int = RULE_PRIORITY
 
@@ -100,6 +111,21 @@ class NftSpec:
         mark = f"0x{self.fwmark:x}"
         dns = f"tproxy ip to {self.listen_host}:{self.tproxy_dns_port} meta mark set {mark} accept"
         tcp = f"tproxy ip to {self.listen_host}:{self.tproxy_tcp_port} meta mark set {mark} accept"
+        sources = [f"iifname {tun}"]
+        if self.decap_mark is not None:
+            sources.append(f"meta mark 0x{self.decap_mark:x}")
+        prerouting = [
+            rule
+            for source in sources
+            for rule in (
+                f"    {source} ip daddr {self.resolver} udp dport 53 {dns}",
+                f"    {source} ip daddr {self.resolver} tcp dport 53 {dns}",
+                f"    {source} meta nfproto ipv4 meta l4proto tcp {tcp}",
+            )
+        ]
+        backstop = [f"    iifname {tun} meta mark != {mark} counter drop"]
+        if self.decap_mark is not None:
+            backstop.append(f"    meta mark 0x{self.decap_mark:x} counter drop")
         return "\n".join(
             [
                 f"table {TABLE_FAMILY} {TABLE_NAME} {{}}",
@@ -107,13 +133,11 @@ class NftSpec:
                 f"table {TABLE_FAMILY} {TABLE_NAME} {{",
                 "  chain prerouting {",
                 "    type filter hook prerouting priority mangle; policy accept;",
-                f"    iifname {tun} ip daddr {self.resolver} udp dport 53 {dns}",
-                f"    iifname {tun} ip daddr {self.resolver} tcp dport 53 {dns}",
-                f"    iifname {tun} meta nfproto ipv4 meta l4proto tcp {tcp}",
+                *prerouting,
                 "  }",
                 "  chain input {",
                 "    type filter hook input priority filter; policy accept;",
-                f"    iifname {tun} meta mark != {mark} counter drop",
+                *backstop,
                 "  }",
                 "}",
                 "",
@@ -233,6 +257,11 @@ class ProxyNetfilter:
             (f"net.ipv4.conf.{tun}.rp_filter", "0", False),
             (f"net.ipv6.conf.{tun}.disable_ipv6", "1", False),
         ]
+        if self.spec.underlay is not None:
+            # Decapsulated sandbox packets arrive on the underlay, while the route
+            # back to their source is the TUN: strict reverse-path filtering would
+            # drop them (the effective value is the larger of `all` and the device's).
+            wanted.append((f"net.ipv4.conf.{self.spec.underlay}.rp_filter", "0", True))
         for key, value, restore in wanted:
             current = _read_sysctl(key)
             if current is None:  # no IPv6 in this kernel, or no such device yet
@@ -350,9 +379,13 @@ class ProxyNetfilter:
         else:
             summary = table_summary(doc)
             prerouting = summary.get("prerouting", [])
-            if len(prerouting) != 3 or any("tproxy" not in rule for rule in prerouting):
+            sources = 1 if self.spec.decap_mark is None else 2
+            if len(prerouting) != 3 * sources or any("tproxy" not in rule for rule in prerouting):
                 out.append(f"prerouting chain is {prerouting}")
-            if summary.get("input") != [["match", "match", "counter", "drop"]]:
+            backstop = [["match", "match", "counter", "drop"]]
+            if self.spec.decap_mark is not None:
+                backstop.append(["match", "counter", "drop"])
+            if summary.get("input") != backstop:
                 out.append(f"input chain is {summary.get('input')}")
         with _ipr() as ipr:
             if not self._rules(ipr):

@@ -18,7 +18,11 @@ failure half-way, SIGTERM or SIGINT all unwind exactly what was done):
 6. nftables, policy routing and sysctls (`egressd.proxy.nft`), checked after
    install and every `NFT_CHECK_INTERVAL_S` afterwards (re-installed, with an
    error log, if someone removed them);
-7. the GENEVE socket on `underlay:geneve_port` and both packet readers.
+7. the GENEVE socket on `underlay:geneve_port` and both packet readers;
+8. with ``"datapath": "kernel"``, `bpf/proxy.c` (`egressd.proxy.kernel`) loaded and
+   attached to the underlay (ingress) and the TUN (egress) after the nftables rules
+   that TPROXY what it decapsulates, and its map sync task; the Python endpoint of
+   step 7 is then the slow path. Tier 2 finds flows in the kernel's flow map.
 
 Ready (`/readyz` 200) = TUN up, nftables installed, the registry fetched at
 least once, the interceptor, DNS responder and GENEVE socket bound.
@@ -60,6 +64,7 @@ from egressd.proxy import dns, intercept, tls_intercept
 from egressd.proxy.config import ProxyConfig
 from egressd.proxy.context import ProxyContext, ProxyIdentity
 from egressd.proxy.flows import FlowTable
+from egressd.proxy.kernel import DECAP_MARK, KernelDatapath, KernelError, ProxyKernel, ifname_of
 from egressd.proxy.limiting import ProxyLimits
 from egressd.proxy.nft import NftError, NftSpec, ProxyNetfilter
 from egressd.proxy.policies import PolicyStore
@@ -77,7 +82,8 @@ log = structlog.get_logger("egressd.proxy")
 
 
 class ProxyStartupError(EgressdError):
-    """The proxy cannot start: `keys`, `tun`, `nft`, `bind_failed`; `detail` is one line."""
+    """The proxy cannot start: `keys`, `tun`, `nft`, `kernel`, `bind_failed`; `detail` is
+    one line."""
 
 
 def load_interception(config: ProxyConfig) -> tls_intercept.Interception | None:
@@ -114,6 +120,7 @@ class ProxyService(Lifecycle):
         self.netfilter: ProxyNetfilter | None = None
         self.nft_ok = False
         self.tunnel: GeneveTunnel | None = None
+        self.kernel: KernelDatapath | None = None
         self.stopping = False
 
     # --- readiness -----------------------------------------------------------------
@@ -132,6 +139,10 @@ class ProxyService(Lifecycle):
             reasons.append("listeners_not_bound")
         if self.tunnel is None or self.tunnel.bound is None:
             reasons.append("geneve_not_bound")
+        if self.config.datapath == "kernel" and (
+            self.kernel is None or not self.kernel.kernel.loaded
+        ):
+            reasons.append("kernel_datapath_not_loaded")
         return reasons
 
     def ready(self) -> bool:
@@ -200,11 +211,14 @@ class ProxyService(Lifecycle):
         self._spawn(self._prune_resolved(self.resolved), "proxy-resolved-prune")
         stack.push_async_callback(self._cancel_tasks)
 
+        if config.datapath == "kernel":
+            self.kernel = await self._kernel_datapath()
+
         self.ctx = ProxyContext(
             identity=ProxyIdentity(
                 name=config.name, underlay=config.underlay, egress=config.egress
             ),
-            flows=self.flows,
+            flows=self.flows if self.kernel is None else self.kernel,
             policies=self.policies,
             fleet_ranges=self.registry.fleet,
             upstream_resolver=config.upstream_resolver,
@@ -258,6 +272,8 @@ class ProxyService(Lifecycle):
                 tproxy_dns_port=config.tproxy_dns_port,
                 sandbox_supernet=config.sandbox_supernet,
                 listen_host=LISTEN_HOST,
+                decap_mark=None if self.kernel is None else self.kernel.kernel.mark,
+                underlay=None if self.kernel is None else self.kernel.kernel.underlay_ifname,
             )
         )
         stack.push_async_callback(self._remove_netfilter)
@@ -278,7 +294,10 @@ class ProxyService(Lifecycle):
             flows=self.flows,
             metrics=self.metrics,
             offload=config.offload,
+            on_accept=None if self.kernel is None else self.kernel.accepted,
         )
+        if self.kernel is not None:
+            await self._start_kernel(self.kernel)
         try:
             self.tunnel.start()
         except OSError as exc:
@@ -303,6 +322,60 @@ class ProxyService(Lifecycle):
             control_url=config.control_url,
             trusted_kids=sorted(trusted.keys),
         )
+
+    async def _kernel_datapath(self) -> KernelDatapath:
+        config = self.config
+        assert self.registry is not None and self.policies is not None
+        registry = self.registry
+        try:
+            # pyroute2 runs its own event loop: never on this thread's.
+            underlay_ifname = await asyncio.to_thread(ifname_of, config.underlay)
+        except KernelError as exc:
+            raise ProxyStartupError("kernel", f"{exc.reason}: {exc.detail}") from exc
+        kernel = ProxyKernel(
+            state_dir=config.kernel_state_dir,
+            underlay_ifname=underlay_ifname,
+            tun_ifname=config.tun,
+            underlay=config.underlay,
+            port=config.geneve_port,
+            vni=config.vni,
+            mark=DECAP_MARK,
+        )
+        return KernelDatapath(
+            kernel,
+            nodes=lambda: registry.view.nodes,
+            cached=self.policies.cached,
+            count=self._kernel_counts,
+            metrics=self.metrics,
+        )
+
+    async def _start_kernel(self, datapath: KernelDatapath) -> None:
+        """Load and attach `bpf/proxy.c`, start the map sync (undone in reverse)."""
+        try:
+            await asyncio.to_thread(datapath.kernel.load)
+        except KernelError as exc:
+            raise ProxyStartupError("kernel", f"{exc.reason}: {exc.detail}") from exc
+        self._stack.push_async_callback(self._closing("kernel", self._close_kernel))
+        kernel = datapath.kernel
+        log.info(
+            "kernel_datapath_loaded",
+            underlay=kernel.underlay_ifname,
+            tun=kernel.tun_ifname,
+            programs=kernel.prog_ids(),
+            pins=str(kernel.pin_dir),
+        )
+        assert self.policies is not None
+        self.policies.listeners.append(datapath.policy_changed)
+        datapath.start()
+        self._stack.push_async_callback(self._closing("kernel_sync", datapath.close))
+
+    async def _close_kernel(self) -> None:
+        if self.kernel is not None:
+            await asyncio.to_thread(self.kernel.kernel.close)
+
+    def _kernel_counts(self, received: int, drops: dict[str, int], tun: dict[str, int]) -> None:
+        if self.tunnel is not None:
+            self.tunnel.add_kernel_counts(received, drops, tun)
 
     def _fleet_changed(self, fleet: FleetAddresses) -> None:
         # One assignment: a connection decides with the old set or the new

@@ -63,6 +63,7 @@ lengths before every unpack.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import struct
@@ -74,6 +75,7 @@ from dataclasses import dataclass
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
+from egressd.errors import EgressdError
 from egressd.geneve.codec import (
     HEADER_LEN,
     OFFLOAD_OPTION_LEN,
@@ -89,6 +91,7 @@ from egressd.proxy.context import FlowInfo, PolicyUnavailable
 from egressd.proxy.digests import GRACE, STALE, UNKNOWN
 from egressd.proxy.endpoint import ENDPOINT_REASONS, Accepted, Dropped, validate
 from egressd.proxy.flows import Flow, FlowTable
+from egressd.proxy.kernel_maps import KERNEL_ONLY_REASONS
 from egressd.proxy.policies import PolicyStore
 from egressd.proxy.registry import NodeRegistry, NodeView
 
@@ -100,6 +103,9 @@ RX_DROP_REASONS: tuple[str, ...] = (
     "stale_digest",
     "flow_table_full",
     "tun_write_failed",
+    # The kernel data path's own (egressd.proxy.kernel_maps): the outer header, which
+    # ip_rcv checks before this socket sees anything, and a failed decapsulation.
+    *KERNEL_ONLY_REASONS,
 )
 TUN_DROP_REASONS: tuple[str, ...] = (
     "not_ipv4",
@@ -111,6 +117,7 @@ TUN_DROP_REASONS: tuple[str, ...] = (
     "send_buffer_full",
     "send_failed",
     "read_failed",
+    "encap_failed",
 )
 
 DEFAULT_BATCH = 256
@@ -131,6 +138,11 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 log = structlog.get_logger("egressd.proxy.tunnel")
+
+#: (job id, digest, node underlay, sandbox -> internet 5-tuple of ints) of an accepted datagram.
+AcceptHook = Callable[
+    [uuid.UUID, bytes, ipaddress.IPv4Address, tuple[int, int, int, int, int]], None
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +231,12 @@ class GeneveTunnel:
         clock: Callable[[], float] = time.monotonic,
         peer_port: int | None = None,
         offload: bool = False,
+        on_accept: AcceptHook | None = None,
     ) -> None:
         """`peer_port`: the nodes' GENEVE port (default: the port we listen on, 6081).
+
+        `on_accept`: the kernel data path's slow path (`KernelDatapath.accepted`), told
+        of every datagram accepted here before its inner packet is written to the TUN.
 
         `offload`: `tun` was opened with a virtio-net header and offloads
         (see the module docstring); the nodes must be configured for it too.
@@ -238,6 +254,7 @@ class GeneveTunnel:
         self._m = _Metrics(metrics)
         self._peer_port = listen[1] if peer_port is None else peer_port
         self._offload = offload
+        self._on_accept = on_accept
         self._vnet_in = bytearray(VNET_HDR_LEN)
         self._sock: socket.socket | None = None
         self._tun_fd = -1
@@ -358,6 +375,17 @@ class GeneveTunnel:
             if drops:
                 self._flush_drops()
 
+    def add_kernel_counts(
+        self, received: int, drops: dict[str, int], tun_drops: dict[str, int]
+    ) -> None:
+        """Add what the kernel data path counted (datagrams it decided, drops by reason)."""
+        if received:
+            self._m.rx_packets.inc(received)
+        for reason, count in drops.items():
+            self._m.rx_drop(reason, count)
+        for reason, count in tun_drops.items():
+            self._m.tun_dropped[reason].inc(count)
+
     def _flush_drops(self) -> None:
         for reason, count in self._drops.items():
             self._m.rx_drop(reason, count)
@@ -390,6 +418,16 @@ class GeneveTunnel:
         ):
             drops["flow_table_full"] = drops.get("flow_table_full", 0) + 1
             return 0
+        if self._on_accept is not None:
+            try:
+                self._on_accept(
+                    acc.job_id,
+                    job.digest,
+                    acc.node.underlay,
+                    (acc.src, acc.sport, acc.dst, acc.dport, acc.proto),
+                )
+            except EgressdError as exc:  # the packet still goes on through the TUN
+                log.warning("kernel_program_failed", reason=exc.reason, detail=exc.detail)
         try:
             if self._offload:
                 vnet = acc.vnet

@@ -13,7 +13,8 @@ from egressd_harness.topology.fleet import ComponentStatus, Fleet
 
 
 def _fleet(args: argparse.Namespace) -> Fleet:
-    return Fleet(default_layout(Path(args.run_dir), args.prefix))
+    datapath = getattr(args, "datapath", "userspace")
+    return Fleet(default_layout(Path(args.run_dir), args.prefix), datapath=datapath)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -66,6 +67,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         verb.set_defaults(handler=handler)
         if name == "status":
             verb.add_argument("--json", action="store_true")
+        if name == "up":
+            verb.add_argument(
+                "--datapath",
+                choices=("userspace", "kernel"),
+                default="userspace",
+                help="the data path of agents and proxies (default userspace)",
+            )
     inet_parser = sub.add_parser("inet", help="the test internet (runs inside egd-inet)")
     inet_verbs = inet_parser.add_subparsers(dest="verb", required=True)
     serve = inet_verbs.add_parser("serve", help="HTTP/HTTPS sites, DNS, metadata service")

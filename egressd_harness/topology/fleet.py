@@ -76,10 +76,16 @@ class ComponentStatus:
 
 
 class Fleet:
-    def __init__(self, layout: Layout, *, python: str = sys.executable) -> None:
+    def __init__(
+        self, layout: Layout, *, python: str = sys.executable, datapath: str = "userspace"
+    ) -> None:
         self.layout = layout
         self.run_dir = layout.run_dir
         self.python = python
+        # The whole fleet's data path ("userspace" or "kernel": egressd.agent.config and
+        # egressd.proxy.config). The kernel node path drops the fragmented GENEVE that a
+        # userspace proxy with TUN offload sends: with it, no member of the fleet uses offload.
+        self.datapath = datapath
 
     # --- paths -------------------------------------------------------------
 
@@ -169,7 +175,11 @@ class Fleet:
             "control_url": self.control_url,
             "keys_dir": str(self.keys_dir),
             "fleet_ranges": [str(r) for r in self.layout.fleet_ranges],
-            "offload": True,
+            "offload": self.datapath == "userspace",
+            "datapath": self.datapath,
+            # The kernel path's bpffs and object: per fleet, so two fleets (e2e, bench)
+            # never share /run/egressd/proxy/NAME.
+            "state_dir": str(self.run_dir / "proxies" / proxy.name),
             **interception.proxy_settings(self.run_dir),
             **proxy_secrets.proxy_settings(self.run_dir),
         }
@@ -186,7 +196,8 @@ class Fleet:
             "state_dir": str(self.run_dir / "agents" / node.name),
             "fleet_ranges": [str(r) for r in self.layout.fleet_ranges],
             "sandbox_netns_prefix": f"{self.layout.prefix}sbx-",
-            "offload": True,
+            "offload": self.datapath == "userspace",
+            "datapath": self.datapath,
             # Live policies: registrations are checked against the control plane's
             # copy and the agent follows its watch (egressd.agent.policy_watch).
             "discovery": {"control_url": self.control_url},

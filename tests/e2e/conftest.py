@@ -19,6 +19,8 @@ from egressd.layout import default_layout
 from egressd_harness.topology.fleet import Fleet
 
 PREFIX = os.environ.get("EGRESSD_E2E_PREFIX", "egd-e2e-")
+# The node agents' data path ("userspace" or "kernel"): CI runs the suite with each.
+DATAPATH = os.environ.get("EGRESSD_E2E_DATAPATH", "userspace")
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +33,7 @@ def fleet_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fleet(fleet_run_dir: Path) -> Iterator[Fleet]:
     if os.geteuid() != 0 or shutil.which("runsc") is None:
         pytest.fail("the e2e suite needs root and runsc (make test installs runsc)")
-    the_fleet = Fleet(default_layout(fleet_run_dir, PREFIX))
+    the_fleet = Fleet(default_layout(fleet_run_dir, PREFIX), datapath=DATAPATH)
     try:
         the_fleet.up()
         yield the_fleet

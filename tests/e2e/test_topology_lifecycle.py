@@ -5,6 +5,7 @@ mount, runsc container or process, also with a sandbox still running."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,10 +18,15 @@ from egressd.layout import default_layout
 from egressd.net import netns as kn
 from egressd_harness.topology import procs
 from egressd_harness.topology.fleet import Fleet
-
-from .fleet_helpers import Job, sandbox_argv
+from tests.support.fleet import Job, sandbox_argv
 
 PREFIX = "egd-e2l-"
+# The agents' data path, as for the rest of the suite (tests/e2e/conftest.py).
+DATAPATH = os.environ.get("EGRESSD_E2E_DATAPATH", "userspace")
+# Programs the agents load: tier 1, and bpf/node.c's with the kernel data path (names cut at 15).
+AGENT_PROGS = {"tier1_ingress", "node_encap", "node_underlay_i"}
+# ... and the proxies' (bpf/proxy.c) with the kernel data path.
+FLEET_PROGS = AGENT_PROGS | {"px_ingress", "px_egress"}
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -37,13 +43,24 @@ def _bpf_prog_ids() -> set[int]:
     out = subprocess.run(
         ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
     )
-    return {p["id"] for p in json.loads(out.stdout) if p.get("name") == "tier1_ingress"}
+    return {p["id"] for p in json.loads(out.stdout) if p.get("name") in FLEET_PROGS}
+
+
+def _map_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True)
+    return {m["id"] for m in json.loads(out.stdout or "[]")}
 
 
 def _fleet_prog_ids(run_dir: Path) -> set[int]:
-    """The tier-1 programs pinned by this fleet's agents (other fleets may run beside it)."""
+    """The programs pinned by this fleet's agents and proxies (other fleets may run beside
+    it)."""
     ids = set()
-    for pin in run_dir.glob("agents/*/bpffs/prog"):
+    pins = [
+        *run_dir.glob("agents/*/bpffs/prog"),
+        *run_dir.glob("agents/*/bpffs-node/progs/*"),
+        *run_dir.glob("proxies/*/bpffs/progs/*"),
+    ]
+    for pin in pins:
         out = subprocess.run(
             ["bpftool", "-j", "prog", "show", "pinned", str(pin)],
             capture_output=True,
@@ -51,6 +68,19 @@ def _fleet_prog_ids(run_dir: Path) -> set[int]:
             check=True,
         )
         ids.add(json.loads(out.stdout)["id"])
+    return ids
+
+
+def _prog_map_ids(prog_ids: set[int]) -> set[int]:
+    ids: set[int] = set()
+    for prog in prog_ids:
+        out = subprocess.run(
+            ["bpftool", "-j", "prog", "show", "id", str(prog)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        ids.update(json.loads(out.stdout).get("map_ids", []))
     return ids
 
 
@@ -65,13 +95,15 @@ def _mounts_under(path: Path) -> list[str]:
 def test_up_status_down_leaves_nothing(tmp_path_factory: pytest.TempPathFactory) -> None:
     run_dir = tmp_path_factory.mktemp("lifecycle")
     links_before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    fleet = Fleet(default_layout(run_dir, PREFIX))
+    fleet = Fleet(default_layout(run_dir, PREFIX), datapath=DATAPATH)
     sandbox: subprocess.Popen[str] | None = None
     fleet_progs: set[int] = set()
+    fleet_maps: set[int] = set()
     try:
-        up = _cli("topology", "up", "--run-dir", str(run_dir), "--prefix", PREFIX)
+        up_args = ("topology", "up", "--run-dir", str(run_dir), "--prefix", PREFIX)
+        up = _cli(*up_args, "--datapath", DATAPATH)
         assert up.returncode == 0, up.stderr
-        again = _cli("topology", "up", "--run-dir", str(run_dir), "--prefix", PREFIX)
+        again = _cli(*up_args, "--datapath", DATAPATH)
         assert again.returncode == 0, again.stderr
         pids = {c.name: procs.running_pid(run_dir, c.name) for c in fleet.components()}
         assert all(pids.values()), pids
@@ -99,7 +131,12 @@ def test_up_status_down_leaves_nothing(tmp_path_factory: pytest.TempPathFactory)
         assert sandbox.stdout.readline().strip() == "up"
         assert kn.list_netns(f"{PREFIX}sbx-"), "the running sandbox has a namespace"
         fleet_progs = _fleet_prog_ids(run_dir)
-        assert len(fleet_progs) == len(fleet.layout.nodes), "tier 1 is loaded on every node"
+        fleet_maps = _prog_map_ids(fleet_progs)
+        per_node = 3 if DATAPATH == "kernel" else 1  # tier 1 (+ node_encap, underlay)
+        per_proxy = 2 if DATAPATH == "kernel" else 0  # px_ingress, px_egress
+        assert len(fleet_progs) == per_node * len(fleet.layout.nodes) + per_proxy * len(
+            fleet.layout.proxies
+        ), "programs on every node and proxy"
     finally:
         down = _cli("topology", "down", "--run-dir", str(run_dir), "--prefix", PREFIX)
         if sandbox is not None:
@@ -112,7 +149,13 @@ def test_up_status_down_leaves_nothing(tmp_path_factory: pytest.TempPathFactory)
     assert kn.list_netns(PREFIX) == ()
     for component in fleet.components():
         assert procs.running_pid(run_dir, component.name) is None, component.name
-    assert fleet_progs & _bpf_prog_ids() == set(), "tier-1 programs outlived the fleet"
+    assert fleet_progs & _bpf_prog_ids() == set(), "eBPF programs outlived the fleet"
+    # A map is freed from a workqueue after its last reference: give it a moment.
+    for _ in range(20):
+        if not fleet_maps & _map_ids():
+            break
+        time.sleep(0.1)
+    assert fleet_maps & _map_ids() == set(), "eBPF maps outlived the fleet"
     assert _mounts_under(run_dir) == []
     runsc = subprocess.run(
         ["runsc", "--root", str(run_dir / "runsc"), "list", "-quiet"],

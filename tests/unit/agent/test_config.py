@@ -145,3 +145,18 @@ def test_state_dir_with_a_dot_is_refused() -> None:
             }
         )
     assert info.value.field == "state_dir"
+
+
+def test_datapath_defaults_to_userspace_and_takes_kernel() -> None:
+    from egressd.agent.config import ConfigError, parse_config
+
+    assert parse_config(MINIMAL).datapath == "userspace"
+    assert parse_config({**MINIMAL, "datapath": "kernel"}).datapath == "kernel"
+    for bad, field in (
+        ({"datapath": "xdp"}, "datapath"),
+        ({"datapath": 1}, "datapath"),
+        ({"datapath": "kernel", "offload": True}, "offload"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            parse_config({**MINIMAL, **bad})
+        assert info.value.field == field

@@ -1,0 +1,533 @@
+"""The node's kernel data path (agent config ``"datapath": "kernel"``): bpf/node.c.
+
+`NodeKernel` builds, loads and pins bpf/node.c's two programs and their maps,
+attaches ``node_underlay_ingress`` to the tc ingress of the node's underlay device
+(the link holding the underlay address, in the calling thread's network namespace),
+and programs the maps. ``node_encap`` is not attached anywhere: tier 1 tail-calls it
+(`Tier1.set_forward` with `encap_fd`) for every frame it allows.
+
+How, as tier 1 (`egressd.agent.tier1`) does it: clang through
+`egressd.ebpf.build.build_object` (rebuilt when node.c or geneve.h is newer);
+``bpftool prog loadall`` into a bpffs of its own on ``STATE_DIR/bpffs-node`` (each
+mount is its own instance: two agents never share maps); map shapes checked against
+`egressd.agent.node_maps.MAPS`; the filter is a clsact ``bpf direct-action`` filter
+of fixed priority and handle, created with "replace".
+
+`close` detaches, unpins and unmounts: nothing is left (the programs go when their
+last reference does; the tail-call slot in tier 1 is cleared by the data path first).
+
+Not thread-safe: one `NodeKernel` per agent, used from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import os
+import shutil
+import socket
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Final, ParamSpec, Self, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from egressd.agent.node_maps import (
+    COUNT,
+    MAGLEV_SIZE,
+    MAPS,
+    MAX_PROXIES,
+    REASONS,
+    STATS,
+    U32,
+    MapSpec,
+    NodeError,
+    NodeReason,
+    ProxySlot,
+    pack_config,
+    pack_maglev,
+    pack_proxy,
+    pack_sandbox,
+    pack_sandbox_ip,
+    sum_percpu,
+    unpack_flow,
+    unpack_maglev,
+    unpack_proxy,
+)
+from egressd.ebpf import syscall as bpf
+from egressd.ebpf.build import EbpfError, build_object, mount_bpffs, run_tool, umount_bpffs
+
+IPv4Address = ipaddress.IPv4Address
+
+_BPF_DIR = resources.files("egressd.agent").joinpath("bpf")
+DEFAULT_SOURCE: Final = Path(str(_BPF_DIR.joinpath("node.c")))
+DEFAULT_HEADERS: Final = (Path(str(_BPF_DIR.joinpath("geneve.h"))),)
+ENCAP_PROG: Final = "node_encap"
+UNDERLAY_PROG: Final = "node_underlay_ingress"
+FILTER_NAME: Final = "egressd-node"
+FILTER_PRIO: Final = 1
+FILTER_HANDLE: Final = 1
+_TC_H_CLSACT_INGRESS = 0xFFFF_FFF2
+_ETH_P_ALL = 0x0003
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _ebpf(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    try:
+        return fn(*args, **kwargs)
+    except EbpfError as exc:
+        raise NodeError(exc.reason, exc.detail) from exc
+
+
+class NodeKernel:
+    """bpf/node.c of one node: load, attach to the underlay, program."""
+
+    def __init__(
+        self,
+        *,
+        underlay: IPv4Address,
+        vni: int,
+        state_dir: Path,
+        source: Path = DEFAULT_SOURCE,
+        headers: Iterable[Path] = DEFAULT_HEADERS,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.underlay = underlay
+        self.vni = vni
+        self.state_dir = Path(os.path.realpath(state_dir))
+        self.pin_dir = self.state_dir / "bpffs-node"
+        self.source = source
+        self.headers = tuple(headers)
+        self.cache_dir = cache_dir if cache_dir is not None else self.state_dir / "cache"
+        self._progs: dict[str, int] = {}
+        self._maps: dict[str, int] = {}
+        self._underlay_ifindex = 0
+        self._underlay_name = ""
+        self._tx_csum_was: bool | None = None
+        self._active_table = 0
+        self._proxy_addrs: dict[IPv4Address, int] = {}
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def load(self) -> None:
+        """Build if needed, mount the bpffs, load and pin; empty proxy tables.
+
+        Pins an earlier agent left behind are replaced.
+        """
+        if self._progs:
+            return
+        obj = _ebpf(build_object, self.source, self.cache_dir, deps=self.headers)
+        bpftool = shutil.which("bpftool") or shutil.which("bpftool", path="/usr/sbin:/sbin")
+        if bpftool is None:
+            raise NodeError("tool_missing", "bpftool not found (apt-get install bpftool)")
+        try:
+            self.pin_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NodeError("mount_failed", f"{self.pin_dir}: {exc.strerror}") from exc
+        _ebpf(mount_bpffs, self.pin_dir)
+        try:
+            self._unpin()
+            cmd = [
+                bpftool,
+                "prog",
+                "loadall",
+                str(obj),
+                str(self._prog_dir),
+                "type",
+                "classifier",
+                "pinmaps",
+                str(self._map_dir),
+            ]
+            result = _ebpf(run_tool, cmd, "load_failed")
+            if result.returncode != 0:
+                detail = (result.stderr or result.stdout).strip()[-4000:]
+                raise NodeError("load_failed", f"bpftool prog loadall {obj}: {detail}")
+            self._open_pins()
+            empty = pack_maglev((None,) * MAGLEV_SIZE, {})
+            for table in (0, 1):
+                self._update("nd_maglev", U32.pack(table), empty)
+            self._write_config()
+        except BaseException:
+            self._close_fds()
+            with contextlib.suppress(NodeError):
+                self._unpin()
+                _ebpf(umount_bpffs, self.pin_dir)
+            raise
+
+    def close(self) -> None:
+        """Detach from the underlay, unpin, unmount. Idempotent."""
+        errors: list[NodeError] = []
+        try:
+            self.detach_underlay()
+        except NodeError as exc:
+            errors.append(exc)
+        self._close_fds()
+        try:
+            self._unpin()
+            _ebpf(umount_bpffs, self.pin_dir)
+            with contextlib.suppress(FileNotFoundError):
+                self.pin_dir.rmdir()
+        except OSError as exc:
+            errors.append(NodeError("mount_failed", f"{self.pin_dir}: {exc.strerror}"))
+        except NodeError as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Self:
+        self.load()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def encap_fd(self) -> int:
+        """The fd of node_encap, for tier 1's tail-call slot."""
+        return self._prog(ENCAP_PROG)
+
+    def prog_ids(self) -> dict[str, int]:
+        return {name: bpf.prog_info(fd).prog_id for name, fd in self._progs.items()}
+
+    @property
+    def underlay_ifindex(self) -> int:
+        return self._underlay_ifindex
+
+    # -- tc on the underlay -------------------------------------------------------------
+
+    def attach_underlay(self) -> int:
+        """Attach node_underlay_ingress to the link holding the underlay address; its ifindex.
+
+        Also the device encapsulated packets are redirected to.
+        """
+        prog_fd = self._prog(UNDERLAY_PROG)
+        try:
+            with IPRoute() as ipr:
+                found = [
+                    int(msg["index"])
+                    for msg in ipr.get_addr(family=2)
+                    if msg.get_attr("IFA_ADDRESS") == str(self.underlay)
+                ]
+                if not found:
+                    raise NodeError("no_underlay", f"no link holds {self.underlay}")
+                ifindex = found[0]
+                try:
+                    ipr.tc("add", "clsact", ifindex)
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+                ipr.tc(
+                    "replace-filter",
+                    "bpf",
+                    ifindex,
+                    FILTER_HANDLE,
+                    fd=prog_fd,
+                    name=FILTER_NAME,
+                    parent=_TC_H_CLSACT_INGRESS,
+                    prio=FILTER_PRIO,
+                    protocol=_ETH_P_ALL,
+                    direct_action=True,
+                )
+        except NetlinkError as exc:
+            raise NodeError("attach_failed", f"underlay: {os.strerror(exc.code)}") from exc
+        except OSError as exc:
+            raise NodeError("attach_failed", f"underlay: {exc}") from exc
+        self._underlay_ifindex = ifindex
+        self._underlay_name = _ifname(ifindex)
+        if self._tx_csum_was is None:
+            self._tx_csum_was = tx_checksum(self._underlay_name)
+        set_tx_checksum(self._underlay_name, False)
+        self._write_config()
+        return ifindex
+
+    def detach_underlay(self) -> None:
+        """Remove our filter (and clsact once it holds nothing), restore the device's TX
+        checksum offload. Idempotent."""
+        ifindex, self._underlay_ifindex = self._underlay_ifindex, 0
+        if not ifindex:
+            return
+        was, self._tx_csum_was = self._tx_csum_was, None
+        if was:
+            with contextlib.suppress(OSError):
+                set_tx_checksum(self._underlay_name, True)
+        gone = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
+        try:
+            with IPRoute() as ipr:
+                try:
+                    ipr.tc(
+                        "del-filter",
+                        "bpf",
+                        ifindex,
+                        FILTER_HANDLE,
+                        parent=_TC_H_CLSACT_INGRESS,
+                        prio=FILTER_PRIO,
+                        protocol=_ETH_P_ALL,
+                    )
+                except NetlinkError as exc:
+                    if exc.code not in gone:
+                        raise
+                try:
+                    left = [
+                        f
+                        for parent in (_TC_H_CLSACT_INGRESS, _TC_H_CLSACT_INGRESS + 1)
+                        for f in ipr.get_filters(ifindex, parent=parent)
+                    ]
+                    if not left:
+                        ipr.tc("del", "clsact", ifindex)
+                except NetlinkError as exc:
+                    if exc.code not in gone:
+                        raise
+        except NetlinkError as exc:
+            raise NodeError("detach_failed", f"underlay: {os.strerror(exc.code)}") from exc
+        except OSError as exc:
+            raise NodeError("detach_failed", f"underlay: {exc}") from exc
+
+    # -- sandboxes -----------------------------------------------------------------------
+
+    def set_sandbox(
+        self,
+        ifindex: int,
+        ip: IPv4Address,
+        *,
+        prefix: bytes,
+        mac: bytes,
+        gw_mac: bytes,
+        job_id: bytes,
+    ) -> None:
+        """Encapsulate what tier 1 allows on veth `ifindex` with `prefix`; deliver GENEVE
+        for `ip` carrying `job_id` to that veth's peer (MACs `gw_mac` -> `mac`)."""
+        if not isinstance(ifindex, int) or ifindex <= 0:
+            raise NodeError("bad_sandbox", f"ifindex must be positive, got {ifindex!r}")
+        self._update("nd_sandbox_ips", ip.packed, pack_sandbox_ip(ifindex, mac, gw_mac, job_id))
+        self._update("nd_sandboxes", U32.pack(ifindex), pack_sandbox(prefix, ip))
+
+    def remove_sandbox(self, ifindex: int, ip: IPv4Address) -> None:
+        """Forget the sandbox (its frames drop as no_sandbox, GENEVE for it as
+        unknown_sandbox). Idempotent."""
+        self._delete("nd_sandboxes", U32.pack(ifindex))
+        self._delete("nd_sandbox_ips", ip.packed)
+
+    # -- proxies ---------------------------------------------------------------------------
+
+    def set_proxies(self, slots: Mapping[int, ProxySlot], table: bytes) -> None:
+        """Program the proxies: every slot's state, the addresses GENEVE is accepted from,
+        and the Maglev `table` (see `pack_maglev`) into the inactive buffer, then flip.
+
+        Order matters for the packets in flight: new slots and addresses first, the table
+        flip next, stale addresses last.
+        """
+        for slot in slots:
+            if not 0 <= slot < MAX_PROXIES:
+                raise NodeError("too_many_proxies", f"slot {slot} outside 0..{MAX_PROXIES - 1}")
+        wanted = {s.addr: i for i, s in slots.items() if s.addr is not None}
+        for slot, state in slots.items():
+            self._update("nd_proxies", U32.pack(slot), pack_proxy(state))
+        for addr, slot in wanted.items():
+            if self._proxy_addrs.get(addr) != slot:
+                self._update("nd_proxy_addrs", addr.packed, U32.pack(slot))
+        inactive = self._active_table ^ 1
+        self._update("nd_maglev", U32.pack(inactive), table)
+        self._active_table = inactive
+        self._write_config()
+        for addr in set(self._proxy_addrs) - set(wanted):
+            self._delete("nd_proxy_addrs", addr.packed)
+        self._proxy_addrs = wanted
+
+    def proxy_slot(self, slot: int) -> ProxySlot:
+        raw = self._lookup("nd_proxies", U32.pack(slot))
+        if raw is None:
+            raise NodeError("map_failed", f"no proxy slot {slot}")
+        return unpack_proxy(raw)
+
+    def active_table(self) -> tuple[int, ...]:
+        raw = self._lookup("nd_maglev", U32.pack(self._active_table))
+        if raw is None:
+            raise NodeError("map_failed", "no Maglev table")
+        return unpack_maglev(raw)
+
+    def flows(self) -> dict[bytes, tuple[int, int]]:
+        """Pinned flows: nd_flows key -> (slot, gen)."""
+        spec = self._spec("nd_flows")
+        out = {}
+        for key in self._keys("nd_flows", spec.key_size):
+            raw = self._lookup("nd_flows", key)
+            if raw is not None:
+                out[key] = unpack_flow(raw)
+        return out
+
+    def forget_flows(self, slot: int) -> int:
+        """Delete the flows pinned to `slot` (the program would re-pick them anyway)."""
+        stale = [key for key, (s, _) in self.flows().items() if s == slot]
+        for key in stale:
+            self._delete("nd_flows", key)
+        return len(stale)
+
+    # -- counters --------------------------------------------------------------------------
+
+    def drops(self) -> dict[NodeReason, tuple[int, int]]:
+        """(packets, bytes) dropped by reason, summed over CPUs."""
+        out = {}
+        for code, reason in enumerate(REASONS):
+            raw = self._lookup("nd_drops", U32.pack(code), percpu=True)
+            packets, octets = (0, 0) if raw is None else sum_percpu(raw, COUNT, bpf.possible_cpus())
+            out[reason] = (packets, octets)
+        return out
+
+    def stats(self, slots: Iterable[int]) -> dict[int, tuple[int, int, int, int]]:
+        """Per slot (tx packets, tx bytes, rx packets, rx bytes), summed over CPUs."""
+        out = {}
+        for slot in slots:
+            if not 0 <= slot < MAX_PROXIES:
+                continue
+            raw = self._lookup("nd_stats", U32.pack(slot), percpu=True)
+            if raw is not None:
+                tx_p, tx_b, rx_p, rx_b = sum_percpu(raw, STATS, bpf.possible_cpus())
+                out[slot] = (tx_p, tx_b, rx_p, rx_b)
+        return out
+
+    # -- maps ------------------------------------------------------------------------------
+
+    @property
+    def _prog_dir(self) -> Path:
+        return self.pin_dir / "progs"
+
+    @property
+    def _map_dir(self) -> Path:
+        return self.pin_dir / "maps"
+
+    def _prog(self, name: str) -> int:
+        if not self._progs:
+            raise NodeError("not_loaded", "call load() first")
+        return self._progs[name]
+
+    def _fd(self, name: str) -> int:
+        if not self._progs:
+            raise NodeError("not_loaded", "call load() first")
+        return self._maps[name]
+
+    @staticmethod
+    def _spec(name: str) -> MapSpec:
+        return next(spec for spec in MAPS if spec.name == name)
+
+    def _write_config(self) -> None:
+        self._update(
+            "nd_config",
+            U32.pack(0),
+            pack_config(self.underlay, self._underlay_ifindex, self.vni, self._active_table),
+        )
+
+    def _open_pins(self) -> None:
+        try:
+            for name in (ENCAP_PROG, UNDERLAY_PROG):
+                fd = self._progs[name] = bpf.obj_get(self._prog_dir / name)
+                info = bpf.prog_info(fd)
+                if info.prog_type != bpf.BPF_PROG_TYPE_SCHED_CLS or info.name != name[:15]:
+                    raise NodeError("abi_mismatch", f"pinned program {name} is {info}")
+            for spec in MAPS:
+                fd = self._maps[spec.name] = bpf.obj_get(self._map_dir / spec.name)
+                found = bpf.map_info(fd)
+                shape = (found.map_type, found.key_size, found.value_size, found.max_entries)
+                want = (spec.map_type, spec.key_size, spec.value_size, spec.max_entries)
+                if shape != want:
+                    raise NodeError(
+                        "abi_mismatch",
+                        f"{spec.name}: kernel (type, key, value, entries) {shape}, expected {want}",
+                    )
+        except OSError as exc:
+            raise NodeError("load_failed", f"{self.pin_dir}: {exc.strerror}") from exc
+
+    def _close_fds(self) -> None:
+        for fd in [*self._progs.values(), *self._maps.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._progs.clear()
+        self._maps.clear()
+        self._proxy_addrs.clear()
+
+    def _unpin(self) -> None:
+        try:
+            for directory in (self._prog_dir, self._map_dir):
+                if directory.is_dir():
+                    for pin in directory.iterdir():
+                        pin.unlink()
+                    directory.rmdir()
+        except OSError as exc:
+            raise NodeError("mount_failed", f"unpin {self.pin_dir}: {exc.strerror}") from exc
+
+    def _update(self, name: str, key: bytes, value: bytes) -> None:
+        try:
+            bpf.map_update(self._fd(name), key, value)
+        except OSError as exc:
+            raise NodeError("map_failed", f"update {name}: {exc.strerror}") from exc
+
+    def _delete(self, name: str, key: bytes) -> None:
+        try:
+            bpf.map_delete(self._fd(name), key)
+        except OSError as exc:
+            raise NodeError("map_failed", f"delete {name}: {exc.strerror}") from exc
+
+    def _lookup(self, name: str, key: bytes, *, percpu: bool = False) -> bytes | None:
+        spec = self._spec(name)
+        size = bpf.percpu_value_size(spec.value_size) if percpu else spec.value_size
+        try:
+            return bpf.map_lookup(self._fd(name), key, size)
+        except OSError as exc:
+            raise NodeError("map_failed", f"lookup {name}: {exc.strerror}") from exc
+
+    def _keys(self, name: str, key_size: int) -> list[bytes]:
+        try:
+            return list(bpf.map_keys(self._fd(name), key_size))
+        except OSError as exc:
+            raise NodeError("map_failed", f"keys of {name}: {exc.strerror}") from exc
+
+
+# -- the underlay's TX checksum offload (SIOCETHTOOL) ---------------------------------------
+#
+# A sandbox's TCP hands the veth CHECKSUM_PARTIAL packets (the L4 checksum is left to the
+# device). Encapsulated in tc they stay partial, and a device that offloads checksums (a
+# veth does) sends them with the inner checksum unfinished: a receiver that reads the
+# datagram from a socket (today's userspace endpoint, a capture) sees a bad checksum. With
+# TX checksumming off on the underlay the kernel finishes every checksum, and segments GSO
+# super-packets, before the frame leaves: GENEVE on the wire is complete, as from a NIC
+# without tunnel offloads.
+
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GTXCSUM = 0x16
+_ETHTOOL_STXCSUM = 0x17
+
+
+def _ethtool(ifname: str, cmd: int, data: int = 0) -> int:
+    value = ctypes.create_string_buffer(struct.pack("=II", cmd, data), 8)
+    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(value)) + bytes(16)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock, _SIOCETHTOOL, ifreq)
+    return int(struct.unpack("=II", value.raw)[1])
+
+
+def tx_checksum(ifname: str) -> bool:
+    try:
+        return bool(_ethtool(ifname, _ETHTOOL_GTXCSUM))
+    except OSError as exc:
+        raise NodeError("attach_failed", f"{ifname}: tx checksum: {exc.strerror}") from exc
+
+
+def set_tx_checksum(ifname: str, on: bool) -> None:
+    try:
+        _ethtool(ifname, _ETHTOOL_STXCSUM, int(on))
+    except OSError as exc:
+        raise NodeError("attach_failed", f"{ifname}: tx checksum: {exc.strerror}") from exc
+
+
+def _ifname(ifindex: int) -> str:
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError as exc:
+        raise NodeError("attach_failed", f"ifindex {ifindex}: {exc.strerror}") from exc

@@ -1,0 +1,668 @@
+"""The proxy's kernel data path (proxy config ``"datapath": "kernel"``): `bpf/proxy.c`
+loaded, attached and kept in step with the proxy's verified policies and node registry.
+
+* `ProxyKernel` is the I/O edge: build (`egressd.ebpf.build`), mount a bpffs of its own
+  on ``state_dir/bpffs``, ``bpftool prog loadall`` (both programs, maps pinned), check
+  every map's shape against `egressd.proxy.kernel_maps`, write px_config, attach
+  ``px_ingress`` to the underlay's clsact ingress and ``px_egress`` to the TUN's clsact
+  egress (rtnetlink, in the calling thread's network namespace). `close` detaches,
+  unpins and unmounts: nothing is left behind.
+* `KernelDatapath` is the control loop around it: the tunnel's slow path calls
+  `accepted` for every datagram it accepted (the job's entries are programmed and the
+  flow recorded, so the flow's next packet takes the fast path and its return traffic
+  is encapsulated in the kernel); the policy store's listeners call it on a replaced or
+  revoked policy; and every `SYNC_INTERVAL_S` it re-derives what the maps should hold
+  (`kernel_maps.desired_jobs`, `desired_nodes`) from the registry and from
+  `PolicyStore.cached` (which also schedules the revalidations the userspace path
+  scheduled per packet) and writes the difference. It also moves the kernel's
+  counters into the proxy's metrics and is the `FlowLookup` tier 2 uses: one px_flows
+  lookup per accepted connection or DNS query.
+
+Only the current digest of a job is in px_jobs: a datagram with another digest goes the
+slow path, where `egressd.proxy.digests` decides it exactly as in the userspace path.
+Not thread-safe: one event loop owns it (the map writes are single syscalls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Final, ParamSpec, Self, TypeVar
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+from pyroute2 import Ethtool, IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from egressd.ebpf import syscall as bpf
+from egressd.ebpf.build import EbpfError, build_object, mount_bpffs, run_tool, umount_bpffs
+from egressd.errors import EgressdError
+from egressd.policy.jws import VerifiedPolicy
+from egressd.proxy import kernel_maps as km
+from egressd.proxy.context import FlowInfo
+from egressd.proxy.registry import NodeEntry
+
+IPv4Address = ipaddress.IPv4Address
+
+# Package data: in a checkout egressd/proxy/bpf/ links to bpf/, a wheel carries copies;
+# clang finds geneve.h beside proxy.c.
+DEFAULT_SOURCE: Final = Path(str(resources.files("egressd.proxy").joinpath("bpf", "proxy.c")))
+INGRESS_PROG: Final = "px_ingress"
+EGRESS_PROG: Final = "px_egress"
+FILTER_NAME: Final = "egressd-proxy"
+FILTER_PRIO: Final = 1
+FILTER_HANDLE: Final = 1
+#: skb->mark of a decapsulated packet; nftables TPROXYs on it (`NftSpec.decap_mark`).
+DECAP_MARK: Final = 0x2
+SYNC_INTERVAL_S: Final = 1.0
+#: The TUN's largest GSO super-packet: px_egress adds 64 bytes and an IPv4 packet ends at
+#: 65535 (the kernel's default, 65536, would make the largest ones unencapsulable).
+TUN_GSO_MAX_SIZE: Final = 65535 - 64
+_TC_H_CLSACT_INGRESS: Final = 0xFFFF_FFF2
+_TC_H_CLSACT_EGRESS: Final = 0xFFFF_FFF3
+_ETH_P_ALL: Final = 0x0003
+_GONE: Final = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
+
+log = structlog.get_logger("egressd.proxy.kernel")
+
+
+class KernelError(EgressdError):
+    """The kernel data path failed: tool_missing, build_failed, mount_failed, load_failed,
+    abi_mismatch, attach_failed, detach_failed, map_failed, not_loaded, no_such_link."""
+
+
+class ProxyKernel:
+    """`bpf/proxy.c` on one proxy host (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        underlay_ifname: str,
+        tun_ifname: str,
+        underlay: IPv4Address,
+        port: int,
+        vni: int,
+        mark: int = DECAP_MARK,
+        source: Path = DEFAULT_SOURCE,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.state_dir = Path(os.path.realpath(state_dir))
+        self.pin_dir = self.state_dir / "bpffs"
+        self.cache_dir = cache_dir if cache_dir is not None else self.state_dir / "cache"
+        self.underlay_ifname = underlay_ifname
+        self.tun_ifname = tun_ifname
+        self.underlay = underlay
+        self.port = port
+        self.vni = vni
+        self.mark = mark
+        self.source = source
+        self._progs: dict[str, int] = {}
+        self._maps: dict[str, int] = {}
+        self._attached: list[tuple[str, int]] = []  # (ifname, clsact parent)
+        self._saved_csum: tuple[str, ...] = ()  # checksum features turned off at load
+        self._saved_gso: int | None = None  # the TUN's gso_max_size before load
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def load(self) -> None:
+        """Build if needed, mount the bpffs, load and pin both programs, write px_config,
+        attach. Pins left by an earlier proxy that died are replaced."""
+        if self._progs:
+            return
+        obj = _ebpf(
+            build_object, self.source, self.cache_dir, deps=(self.source.with_name("geneve.h"),)
+        )
+        bpftool = shutil.which("bpftool") or shutil.which("bpftool", path="/usr/sbin:/sbin")
+        if bpftool is None:
+            raise KernelError("tool_missing", "bpftool not found (apt-get install bpftool)")
+        try:
+            self.pin_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KernelError("mount_failed", f"{self.pin_dir}: {exc.strerror}") from exc
+        _ebpf(mount_bpffs, self.pin_dir)
+        try:
+            self._unpin()
+            cmd = [
+                bpftool,
+                "prog",
+                "loadall",
+                str(obj),
+                str(self._prog_dir),
+                "type",
+                "classifier",
+                "pinmaps",
+                str(self._map_dir),
+            ]
+            result = _ebpf(run_tool, cmd, "load_failed")
+            if result.returncode != 0:
+                detail = (result.stderr or result.stdout).strip()[-4000:]
+                raise KernelError("load_failed", f"bpftool prog loadall {obj}: {detail}")
+            self._open_pins()
+            underlay_index = self._ifindex(self.underlay_ifname)
+            self._update(
+                "px_config",
+                km.U32.pack(0),
+                km.pack_config(
+                    underlay=self.underlay,
+                    port=self.port,
+                    vni=self.vni,
+                    mark=self.mark,
+                    ifindex=underlay_index,
+                ),
+            )
+            self._saved_csum = _set_tx_checksum(self.underlay_ifname, False)
+            self._saved_gso = _set_gso_max_size(self.tun_ifname, TUN_GSO_MAX_SIZE)
+            self._attach(self.underlay_ifname, _TC_H_CLSACT_INGRESS, INGRESS_PROG)
+            self._attach(self.tun_ifname, _TC_H_CLSACT_EGRESS, EGRESS_PROG)
+        except BaseException:
+            with contextlib.suppress(KernelError):
+                self.close()
+            raise
+
+    def close(self) -> None:
+        """Detach, unpin, unmount. Idempotent; the first failure is raised after the rest."""
+        errors: list[KernelError] = []
+        for ifname, parent in reversed(self._attached):
+            try:
+                self._detach(ifname, parent)
+            except KernelError as exc:
+                errors.append(exc)
+        self._attached.clear()
+        if self._saved_gso is not None:
+            try:
+                _set_gso_max_size(self.tun_ifname, self._saved_gso)
+                self._saved_gso = None
+            except KernelError as exc:
+                errors.append(exc)
+        if self._saved_csum:
+            try:
+                _set_tx_checksum(self.underlay_ifname, True, only=self._saved_csum)
+                self._saved_csum = ()
+            except KernelError as exc:
+                errors.append(exc)
+        for fd in [*self._progs.values(), *self._maps.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._progs.clear()
+        self._maps.clear()
+        try:
+            self._unpin()
+            _ebpf(umount_bpffs, self.pin_dir)
+            with contextlib.suppress(FileNotFoundError):
+                self.pin_dir.rmdir()
+        except OSError as exc:
+            errors.append(KernelError("mount_failed", f"{self.pin_dir}: {exc.strerror}"))
+        except KernelError as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Self:
+        self.load()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self._progs)
+
+    def prog_ids(self) -> dict[str, int]:
+        return {name: bpf.prog_info(fd).prog_id for name, fd in self._progs.items()}
+
+    # -- maps -----------------------------------------------------------------
+
+    def write(self, name: str, key: bytes, value: bytes) -> None:
+        self._update(name, key, value)
+
+    def delete(self, name: str, key: bytes) -> None:
+        try:
+            bpf.map_delete(self._fd(name), key)
+        except OSError as exc:
+            raise KernelError("map_failed", f"delete {name}: {exc.strerror}") from exc
+
+    def read(self, name: str, key: bytes) -> bytes | None:
+        spec = km.MAP_SIZES[name]
+        size = spec.value_size
+        if name == "px_stats":
+            size = bpf.percpu_value_size(size)
+        try:
+            return bpf.map_lookup(self._fd(name), key, size)
+        except OSError as exc:
+            raise KernelError("map_failed", f"lookup {name}: {exc.strerror}") from exc
+
+    def entries(self, name: str) -> dict[bytes, bytes]:
+        """Every entry of a (non-per-CPU) map."""
+        spec = km.MAP_SIZES[name]
+        try:
+            keys = list(bpf.map_keys(self._fd(name), spec.key_size))
+            out = {}
+            for key in keys:
+                raw = bpf.map_lookup(self._fd(name), key, spec.value_size)
+                if raw is not None:
+                    out[key] = raw
+            return out
+        except OSError as exc:
+            raise KernelError("map_failed", f"entries of {name}: {exc.strerror}") from exc
+
+    def flow(self, src: int, sport: int, dst: int, dport: int, proto: int) -> km.KernelFlow | None:
+        raw = self.read("px_flows", km.pack_flow_key(src, sport, dst, dport, proto))
+        return None if raw is None else km.unpack_flow(raw)
+
+    def stats(self) -> dict[km.Stat, int]:
+        cpus = bpf.possible_cpus()
+        out = {}
+        for stat in km.Stat:
+            raw = self.read("px_stats", km.U32.pack(stat))
+            out[stat] = 0 if raw is None else km.sum_percpu(raw, cpus)
+        return out
+
+    # -- internals ------------------------------------------------------------
+
+    @property
+    def _prog_dir(self) -> Path:
+        return self.pin_dir / "progs"
+
+    @property
+    def _map_dir(self) -> Path:
+        return self.pin_dir / "maps"
+
+    def _fd(self, name: str) -> int:
+        fd = self._maps.get(name)
+        if fd is None:
+            raise KernelError("not_loaded", "call load() first")
+        return fd
+
+    def _update(self, name: str, key: bytes, value: bytes) -> None:
+        try:
+            bpf.map_update(self._fd(name), key, value)
+        except OSError as exc:
+            raise KernelError("map_failed", f"update {name}: {exc.strerror}") from exc
+
+    def _open_pins(self) -> None:
+        try:
+            for name in (INGRESS_PROG, EGRESS_PROG):
+                fd = self._progs[name] = bpf.obj_get(self._prog_dir / name)
+                info = bpf.prog_info(fd)
+                if info.prog_type != bpf.BPF_PROG_TYPE_SCHED_CLS:
+                    raise KernelError("abi_mismatch", f"pinned program {name} is {info}")
+            for spec in km.MAPS:
+                fd = self._maps[spec.name] = bpf.obj_get(self._map_dir / spec.name)
+                found = bpf.map_info(fd)
+                shape = (found.map_type, found.key_size, found.value_size)
+                if shape != (spec.map_type, spec.key_size, spec.value_size):
+                    raise KernelError(
+                        "abi_mismatch",
+                        f"{spec.name}: kernel (type, key, value) {shape}, expected "
+                        f"{(spec.map_type, spec.key_size, spec.value_size)}",
+                    )
+        except OSError as exc:
+            raise KernelError("load_failed", f"{self.pin_dir}: {exc.strerror}") from exc
+
+    def _unpin(self) -> None:
+        try:
+            for folder in (self._prog_dir, self._map_dir):
+                if folder.is_dir():
+                    for pin in folder.iterdir():
+                        pin.unlink()
+                    folder.rmdir()
+        except OSError as exc:
+            raise KernelError("mount_failed", f"unpin {self.pin_dir}: {exc.strerror}") from exc
+
+    @staticmethod
+    def _ifindex(ifname: str) -> int:
+        try:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=ifname)
+        except (NetlinkError, OSError) as exc:
+            raise KernelError("no_such_link", f"{ifname}: {exc}") from exc
+        if not found:
+            raise KernelError("no_such_link", ifname)
+        return int(found[0])
+
+    def _attach(self, ifname: str, parent: int, prog: str) -> None:
+        try:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=ifname)
+                if not found:
+                    raise KernelError("no_such_link", ifname)
+                ifindex = int(found[0])
+                try:
+                    ipr.tc("add", "clsact", ifindex)
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+                ipr.tc(
+                    "replace-filter",
+                    "bpf",
+                    ifindex,
+                    FILTER_HANDLE,
+                    fd=self._progs[prog],
+                    name=FILTER_NAME,
+                    parent=parent,
+                    prio=FILTER_PRIO,
+                    protocol=_ETH_P_ALL,
+                    direct_action=True,
+                )
+        except NetlinkError as exc:
+            raise KernelError("attach_failed", f"{ifname}: {os.strerror(exc.code)}") from exc
+        except OSError as exc:
+            raise KernelError("attach_failed", f"{ifname}: {exc}") from exc
+        self._attached.append((ifname, parent))
+
+    @staticmethod
+    def _detach(ifname: str, parent: int) -> None:
+        try:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=ifname)
+                if not found:
+                    return  # the device is gone, and its filters with it
+                ifindex = int(found[0])
+                try:
+                    ipr.tc(
+                        "del-filter",
+                        "bpf",
+                        ifindex,
+                        FILTER_HANDLE,
+                        parent=parent,
+                        prio=FILTER_PRIO,
+                        protocol=_ETH_P_ALL,
+                    )
+                except NetlinkError as exc:
+                    if exc.code not in _GONE:
+                        raise
+                left = [
+                    f
+                    for p in (_TC_H_CLSACT_INGRESS, _TC_H_CLSACT_EGRESS)
+                    for f in ipr.get_filters(ifindex, parent=p)
+                ]
+                if not left:
+                    try:
+                        ipr.tc("del", "clsact", ifindex)
+                    except NetlinkError as exc:
+                        if exc.code not in _GONE:
+                            raise
+        except NetlinkError as exc:
+            raise KernelError("detach_failed", f"{ifname}: {os.strerror(exc.code)}") from exc
+        except OSError as exc:
+            raise KernelError("detach_failed", f"{ifname}: {exc}") from exc
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _ebpf(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    try:
+        return fn(*args, **kwargs)
+    except EbpfError as exc:
+        raise KernelError(exc.reason, exc.detail) from exc
+
+
+_TX_CSUM_FEATURES: Final = ("tx-checksum-ip-generic", "tx-checksum-ipv4")
+
+
+def _set_tx_checksum(ifname: str, enable: bool, only: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Turn the underlay's transmit checksum offload off (or back on); the features changed.
+
+    Why: the proxy's TCP stack leaves every checksum partial (CHECKSUM_PARTIAL), to be
+    finished by the device or by `skb_checksum_help` just before it; px_egress sees the
+    packet before that, encapsulates it and redirects it to the underlay. A device that
+    offloads checksums (a veth, as in the local fleet) passes it on unfinished, and a node
+    that reads the inner packet from a UDP socket (today's userspace agent) gets a wrong
+    TCP checksum. With offload off the kernel finishes the inner checksum (csum_start
+    still points at it) on the way out. A NIC with UDP-tunnel checksum offload would not
+    need this; it costs a software checksum per packet.
+    """
+    try:
+        with contextlib.closing(Ethtool()) as tool:
+            features = tool.get_features(ifname)
+            names = only or tuple(
+                n
+                for n in _TX_CSUM_FEATURES
+                if n in features.features and features.features[n].enable
+            )
+            for name in names:
+                features.features[name].enable = enable
+            if names:
+                tool.set_features(ifname, features)
+            return names
+    except (OSError, NetlinkError, KeyError) as exc:
+        raise KernelError("attach_failed", f"{ifname}: tx checksum offload: {exc}") from exc
+
+
+def _set_gso_max_size(ifname: str, size: int) -> int | None:
+    """Set the device's gso_max_size; its previous value (None: the device is gone)."""
+    try:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                return None
+            (link,) = ipr.get_links(found[0])
+            before = int(link.get_attr("IFLA_GSO_MAX_SIZE"))
+            ipr.link("set", index=found[0], gso_max_size=size)
+            return before
+    except (NetlinkError, OSError, TypeError) as exc:
+        raise KernelError("attach_failed", f"{ifname}: gso_max_size {size}: {exc}") from exc
+
+
+def ifname_of(address: IPv4Address) -> str:
+    """The interface holding `address` in this network namespace (the underlay)."""
+    try:
+        with IPRoute() as ipr:
+            for entry in ipr.get_addr(family=2):
+                if entry.get_attr("IFA_ADDRESS") == str(address):
+                    links = ipr.get_links(entry["index"])
+                    return str(links[0].get_attr("IFLA_IFNAME"))
+    except (NetlinkError, OSError) as exc:
+        raise KernelError("no_such_link", f"the interface of {address}: {exc}") from exc
+    raise KernelError("no_such_link", f"no interface holds {address}")
+
+
+# ---------------------------------------------------------------------------
+# The control loop.
+
+
+def node_facts(nodes: Iterable[NodeEntry]) -> list[km.NodeFacts]:
+    return [km.NodeFacts(n.name, n.underlay, n.sandbox_cidr) for n in nodes]
+
+
+def job_facts(job_id: uuid.UUID, verified: VerifiedPolicy) -> km.JobFacts:
+    policy = verified.policy
+    exp = float(policy.exp) if policy.exp is not None else None
+    return km.JobFacts(job_id, verified.digest, frozenset(policy.nodes), exp)
+
+
+class KernelDatapath:
+    """Keeps `ProxyKernel`'s maps in step (see the module docstring).
+
+    `nodes()` gives the registry's current nodes, `cached(job_id)` the proxy's verified
+    policy (`PolicyStore.cached`), `count(received, drops, tun_drops)` adds the kernel's
+    counters to the proxy's metrics (`GeneveTunnel.add_kernel_counts`).
+    """
+
+    def __init__(
+        self,
+        kernel: ProxyKernel,
+        *,
+        nodes: Callable[[], Iterable[NodeEntry]],
+        cached: Callable[[uuid.UUID], VerifiedPolicy | None],
+        count: Callable[[int, dict[str, int], dict[str, int]], None] | None = None,
+        wall: Callable[[], float] = time.time,
+        interval_s: float = SYNC_INTERVAL_S,
+        metrics: CollectorRegistry | None = None,
+    ) -> None:
+        self.kernel = kernel
+        self._nodes = nodes
+        self._cached = cached
+        self._count = count
+        self._wall = wall
+        self._interval_s = interval_s
+        self._boot_offset = km.boot_offset(
+            time.clock_gettime_ns(time.CLOCK_REALTIME), time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        )
+        self._jobs: set[uuid.UUID] = set()
+        # What this object wrote (it is the maps' only writer besides px_flows' kernel side).
+        self._written: dict[str, dict[bytes, bytes]] = {
+            "px_nodes": {},
+            "px_sandboxes": {},
+            "px_jobs": {},
+            "px_bound": {},
+        }
+        self._names: dict[IPv4Address, str] = {}
+        self._seen_stats: dict[km.Stat, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._paths: dict[km.Stat, Counter] = {}
+        if metrics is not None:
+            paths = Counter(
+                "egressd_kernel_packets_total",
+                "Packets the kernel data path handled, by path: fast (decapsulated), slow "
+                "(passed up to the Python endpoint), return (encapsulated), return_pass (left "
+                "to the Python return path)",
+                ["path"],
+                registry=metrics,
+            )
+            self._paths = {
+                km.Stat.fast: paths.labels("fast"),
+                km.Stat.slow: paths.labels("slow"),
+                km.Stat.ret: paths.labels("return"),
+                km.Stat.return_pass: paths.labels("return_pass"),
+            }
+
+    # -- the slow path and the policy store --------------------------------------
+
+    def accepted(
+        self,
+        job_id: uuid.UUID,
+        digest: bytes,
+        node: IPv4Address,
+        flow: tuple[int, int, int, int, int],
+    ) -> None:
+        """The Python endpoint accepted a datagram: record its flow, program its job."""
+        self.kernel.write("px_flows", km.pack_flow_key(*flow), km.pack_flow(job_id, digest, node))
+        if job_id not in self._jobs:
+            self._jobs.add(job_id)
+            self.sync()
+
+    def policy_changed(
+        self, job_id: uuid.UUID, _previous: VerifiedPolicy | None, _current: VerifiedPolicy | None
+    ) -> None:
+        """A `PolicyStore` listener: a replaced or revoked policy is reprogrammed at once."""
+        if job_id in self._jobs:
+            self.sync()
+
+    # -- FlowLookup (tier 2) ----------------------------------------------------
+
+    def lookup(
+        self,
+        src: int | str | IPv4Address,
+        sport: int,
+        dst: int | str | IPv4Address,
+        dport: int,
+        proto: int,
+    ) -> FlowInfo | None:
+        """The flow the tc program (or the slow path) recorded: one px_flows lookup."""
+        try:
+            found = self.kernel.flow(_ip(src), sport, _ip(dst), dport, proto)
+        except KernelError as exc:
+            log.warning("flow_lookup_failed", reason=exc.reason, detail=exc.detail)
+            return None
+        if found is None:
+            return None
+        name = self._names.get(found.node)
+        if name is None:
+            return None  # the node left the registry: its flows no longer count
+        return FlowInfo(found.job_id, found.digest, name)
+
+    # -- the sync -----------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Write the difference between what the maps hold and what they should."""
+        nodes = node_facts(self._nodes())
+        self._names = {n.underlay: n.name for n in nodes}
+        by_underlay, by_cidr = km.desired_nodes(nodes)
+        facts = []
+        for job_id in list(self._jobs):
+            verified = self._cached(job_id)
+            if verified is None:
+                self._jobs.discard(job_id)
+            else:
+                facts.append(job_facts(job_id, verified))
+        jobs, bound = km.desired_jobs(
+            facts, nodes, wall_now=self._wall(), boot_offset_ns=self._boot_offset
+        )
+        # Nodes and bindings before the job entries that make them matter; removals after.
+        self._apply("px_nodes", by_underlay)
+        self._apply("px_sandboxes", by_cidr)
+        self._apply("px_bound", bound, deletes=False)
+        self._apply("px_jobs", jobs)
+        self._apply("px_bound", bound)
+
+    def _apply(self, name: str, wanted: dict[bytes, bytes], *, deletes: bool = True) -> None:
+        written = self._written[name]
+        change = km.diff(written, wanted)
+        for key, value in change.put.items():
+            self.kernel.write(name, key, value)
+            written[key] = value
+        if deletes:
+            for key in change.delete:
+                self.kernel.delete(name, key)
+                written.pop(key, None)
+
+    def export_counts(self) -> None:
+        """Add what the kernel counted since the last call to the proxy's metrics."""
+        now = self.kernel.stats()
+        delta = {s: n - self._seen_stats.get(s, 0) for s, n in now.items()}
+        self._seen_stats = now
+        for stat, child in self._paths.items():
+            if delta[stat]:
+                child.inc(delta[stat])
+        if self._count is None:
+            return
+        drops = {s.name: d for s, d in delta.items() if s < km.DROP_COUNT and d}
+        received = sum(drops.values()) + delta[km.Stat.fast]
+        failed = delta[km.Stat.return_failed]
+        tun_drops = {"encap_failed": failed} if failed else {}
+        if received or tun_drops:
+            self._count(received, drops, tun_drops)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                self.sync()
+                self.export_counts()
+            except KernelError as exc:
+                log.error("kernel_sync_failed", reason=exc.reason, detail=exc.detail)
+
+    def start(self) -> asyncio.Task[None]:
+        self.sync()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="proxy-kernel-sync"
+            )
+        return self._task
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(KernelError):
+            self.export_counts()
+
+
+def _ip(value: int | str | IPv4Address) -> int:
+    return value if type(value) is int else int(IPv4Address(value))

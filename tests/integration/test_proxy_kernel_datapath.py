@@ -1,0 +1,331 @@
+"""`egressd proxy serve` with ``"datapath": "kernel"``: bpf/proxy.c on the real underlay.
+
+The fleet and the node simulator are test_proxy_dataplane's (a fresh prefix for this
+module: its own namespaces, removed in finalizers); only the proxy's configuration
+differs. What is checked, through the real tc programs of a real proxy process:
+
+* a job's first SYN goes the slow path (the policy is fetched, the maps programmed),
+  its SYN-ACK comes back encapsulated by tc egress on the TUN and decodes with the
+  codec and scapy; the next SYNs take the fast path (decapsulated by tc ingress,
+  TPROXYed), counted in `egressd_kernel_packets_total{path}`;
+* a sandbox connection through a minimal node agent (today's userspace GENEVE on the
+  node side) gets its HTTP answer, and the interceptor's audit event names the job:
+  the job came from the kernel's flow map;
+* crafted datagrams are dropped in the kernel and counted under the Python endpoint's
+  reason names (`egressd_geneve_rx_dropped_total{reason}`);
+* SIGTERM leaves no tc filter, clsact qdisc, pin or bpffs mount behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from scapy.contrib.geneve import GENEVE
+from scapy.layers.inet import IP, TCP
+
+from egressd.geneve.codec import JobOption, decode, encode, header_for
+from egressd.layout import CONTROL_ADDR
+from egressd.net import netns as kn
+from egressd.policy.jws import policy_digest
+from egressd_harness.topology.network import UNDERLAY_IF
+from tests.support.proxy_fleet import (
+    JOB,
+    MINI_AGENT,
+    NODE,
+    PROXY,
+    REPLY_TIMEOUT_S,
+    REPO,
+    SANDBOX,
+    SITE,
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    Fleet,
+    NodeSim,
+    ProxyProcess,
+    assert_syn_ack,
+    dropped,
+    http,
+    syn,
+)
+from tests.support.root import NETNS_TOOLS
+from tests.support.waits import wait_for
+
+pytestmark = pytest.mark.root(*NETNS_TOOLS, "clang", "bpftool")
+
+BULK = bytes(range(256)) * 8192  # 2 MiB
+
+
+@pytest.fixture(scope="module")
+def fleet(proxy_fleet: Fleet) -> Fleet:
+    return proxy_fleet
+
+
+class KernelNodeSim(NodeSim):
+    """test_proxy_dataplane's node, but replies come from an entropy source port (RFC 8926
+    section 3.3: tc picks it from the inner flow's hash), not from 6081."""
+
+    def expect_syn_ack(self, sport: int, timeout: float = REPLY_TIMEOUT_S) -> IP:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data, sender = self.sock.recvfrom(65536)
+            except TimeoutError:
+                break
+            assert sender[0] == self.proxy[0]
+            pkt = decode(data)
+            inner = IP(bytes(pkt.inner))
+            if TCP in inner and inner[TCP].dport == sport:
+                assert pkt.vni == 1
+                assert pkt.job.job_id == JOB.bytes
+                return inner
+        raise AssertionError(f"no SYN-ACK for source port {sport}")
+
+
+@pytest.fixture
+def node(fleet: Fleet) -> Iterator[KernelNodeSim]:
+    _, body = http(fleet.ctl, "GET", str(CONTROL_ADDR), 8080, f"/v1/jobs/{JOB}/policy")
+    sim = KernelNodeSim(fleet, policy_digest(json.loads(body)["jws"]))
+    try:
+        yield sim
+    finally:
+        sim.close()
+
+
+def kernel_proxy(fleet: Fleet) -> ProxyProcess:
+    return ProxyProcess(
+        fleet, datapath="kernel", state_dir=str(fleet.root / f"kstate-{fleet.prefix}")
+    )
+
+
+@pytest.fixture
+def kproxy(fleet: Fleet) -> Iterator[ProxyProcess]:
+    p = kernel_proxy(fleet)
+    try:
+        p.wait_ready()
+        yield p
+    finally:
+        p.kill()
+        ns = fleet.proxy_ns
+        kn.run_in_netns(ns, ["nft", "delete", "table", "inet", "egressd"], check=False)
+        kn.run_in_netns(ns, ["tc", "qdisc", "del", "dev", UNDERLAY_IF, "clsact"], check=False)
+
+
+def path_count(metrics: dict[Any, float], path: str) -> float:
+    return metrics.get(("egressd_kernel_packets_total", (("path", path),)), 0.0)
+
+
+def test_first_syn_takes_the_slow_path_then_the_fast_path(
+    kproxy: ProxyProcess, node: KernelNodeSim
+) -> None:
+    node.send_syn(51000)
+    assert_syn_ack(node.expect_syn_ack(51000), 51000)
+    node.send_syn(51001)
+    assert_syn_ack(node.expect_syn_ack(51001), 51001)
+    node.send_syn(51002)
+    assert_syn_ack(node.expect_syn_ack(51002), 51002)
+
+    def counted() -> bool:
+        m = kproxy.metrics()
+        return path_count(m, "fast") >= 2 and path_count(m, "return") >= 3
+
+    wait_for(counted, REPLY_TIMEOUT_S, "the kernel's counters")
+    metrics = kproxy.metrics()
+    assert path_count(metrics, "slow") >= 1
+    assert metrics[("egressd_policy_fetch_total", (("result", "ok"),))] == 1
+    # The nftables table TPROXYs the TUN's packets and the decapsulated ones.
+    listing = kn.run_in_netns(
+        kproxy.fleet.proxy_ns, ["nft", "-j", "list", "table", "inet", "egressd"]
+    )
+    rules = [i["rule"] for i in json.loads(listing.stdout)["nftables"] if "rule" in i]
+    assert [r["chain"] for r in rules] == ["prerouting"] * 6 + ["input"] * 2
+
+
+def test_return_traffic_is_geneve_that_scapy_decodes(
+    kproxy: ProxyProcess, node: KernelNodeSim
+) -> None:
+    node.send_syn(51100)
+    node.expect_syn_ack(51100)  # slow path: the job is programmed
+    node.send_syn(51101)
+    node.sock.settimeout(REPLY_TIMEOUT_S)
+    while True:
+        data, sender = node.sock.recvfrom(65536)
+        inner = IP(bytes(decode(data).inner))
+        if inner[TCP].dport == 51101:
+            break
+    assert sender[0] == str(PROXY.underlay)
+    outer = GENEVE(data)
+    assert outer.vni == 1 and outer.proto == 0x0800
+    (opt,) = outer.options
+    assert (opt.classid, opt.type, opt.length) == (0xFF01, 0x81, 6)
+    assert bytes(opt.data)[:16] == JOB.bytes and bytes(opt.data)[16:] == node.digest
+    assert outer[IP].src == SITE and outer[IP][TCP].flags == "SA"
+    # Byte for byte what the userspace path sends: the codec's prefix for the flow's job.
+    assert data[:36] == header_for(1, JobOption(JOB.bytes, node.digest))
+    assert 49152 <= sender[1] < 65536  # the flow's entropy port (RFC 8926 3.3)
+    # The inner TCP checksum is complete (the proxy's stack left it partial; see kernel.py).
+    fresh = inner.copy()
+    del fresh[TCP].chksum
+    assert IP(bytes(fresh))[TCP].chksum == inner[TCP].chksum
+
+
+def test_crafted_datagrams_are_dropped_in_the_kernel_by_reason(
+    kproxy: ProxyProcess, node: KernelNodeSim
+) -> None:
+    node.send_syn(52000)  # warm up: the job goes into the maps
+    node.expect_syn_ack(52000)
+    wait_for(lambda: path_count(kproxy.metrics(), "slow") >= 1, 5, "the counters' export")
+    before = kproxy.metrics()
+    slow_before = path_count(before, "slow")
+
+    node.send(encode(1, node.option(), syn(52001)), forged=True)  # not a node address
+    node.send_syn(52003, src="100.96.2.5")  # outside node1's sandbox CIDR
+    node.send(b"\x00\x01\x02")  # truncated
+    node.send(bytes([0x47]) + encode(1, node.option(), syn(52004))[1:])  # version 1
+    node.send_syn(52005, vni=2)  # another overlay
+    bad = bytearray(encode(1, node.option(), syn(52006)))
+    bad[36 + 10] ^= 0xFF  # the inner header checksum
+    node.send(bytes(bad))
+    icmp = bytes(IP(src=SANDBOX, dst=SITE, proto=1) / b"\x08\x00\xf7\xff\x00\x00\x00\x00")
+    node.send(encode(1, node.option(), icmp))
+    node.send_syn(52010)  # and a legitimate SYN right after
+    assert_syn_ack(node.expect_syn_ack(52010), 52010)
+
+    expected = {
+        "unknown_node": 1,
+        "source_outside_node_cidr": 1,
+        "truncated": 1,
+        "bad_version": 1,
+        "bad_vni": 1,
+        "inner_bad_checksum": 1,
+        "proto_not_allowed": 1,
+    }
+
+    def counted() -> bool:
+        after = kproxy.metrics()
+        return all(dropped(after, r) - dropped(before, r) == n for r, n in expected.items())
+
+    wait_for(counted, REPLY_TIMEOUT_S, "every drop to be counted")
+    # Decided in the kernel: none of them went up to the Python endpoint.
+    assert path_count(kproxy.metrics(), "slow") == slow_before
+
+
+def test_a_sandbox_connection_through_the_kernel_path_names_its_job(
+    fleet: Fleet, kproxy: ProxyProcess, node: KernelNodeSim
+) -> None:
+    node.close()  # the agent takes 198.18.0.11:6081
+    (fleet.root / "www" / "bulk.bin").write_bytes(BULK)
+    ready = fleet.root / "kagent-ready"
+    agent = kn.popen_in_netns(
+        fleet.node_ns,
+        [
+            sys.executable,
+            "-c",
+            MINI_AGENT,
+            "sbx1",
+            SANDBOX,
+            str(NODE.underlay),
+            str(PROXY.underlay),
+            str(JOB),
+            node.digest.hex(),
+            str(ready),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(fleet.root / "kagent.log").open("wb"),
+        cwd=str(REPO),
+    )
+    try:
+        wait_for(ready.exists, START_TIMEOUT_S, "the mini agent")
+        wait_for(lambda: http(fleet.inet, "GET", SITE, 80, "/hello.txt")[0] == 200, 10, "inet http")
+        for _ in range(2):  # the first connection programs the job, the second is all fast path
+            with contextlib.closing(kn.netns_socket(fleet.node_ns)) as sock:
+                sock.settimeout(10)
+                sock.bind((SANDBOX, 0))
+                sock.connect((SITE, 80))
+                sock.sendall(b"GET /hello.txt HTTP/1.0\r\nHost: api.allowed.test\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.0 200"), answer[:200]
+            assert answer.endswith(b"hello through the tunnel\n")
+
+        # Bulk: GSO super-packets from the proxy's stack, encapsulated and checksummed.
+        with contextlib.closing(kn.netns_socket(fleet.node_ns)) as sock:
+            sock.settimeout(20)
+            sock.bind((SANDBOX, 0))
+            sock.connect((SITE, 80))
+            sock.sendall(b"GET /bulk.bin HTTP/1.0\r\nHost: api.allowed.test\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(1 << 20):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200"), answer[:200]
+        assert answer.endswith(BULK), len(answer)
+
+        def connections() -> list[dict[str, Any]]:
+            events = [
+                json.loads(line) for line in kproxy.log().splitlines() if line.startswith("{")
+            ]
+            return [e for e in events if e.get("event") == "connection"]
+
+        wait_for(lambda: len(connections()) >= 3, 5, "the connections' audit events")
+        for event in connections()[-3:]:
+            assert (event["verdict"], event["reason"]) == ("allow", "allowed_cidr")
+            assert event["job_id"] == str(JOB)
+            assert event["node"] == "node1"
+
+        def fast_both_ways() -> bool:  # the kernel's counters are exported every second
+            m = kproxy.metrics()
+            return path_count(m, "fast") >= 4 and path_count(m, "return") >= 4
+
+        wait_for(fast_both_ways, 5, "the fast path's counters")
+    finally:
+        agent.kill()
+        agent.wait(timeout=STOP_TIMEOUT_S)
+
+
+def tc_filters(ns: str, dev: str, kind: str) -> str:
+    return kn.run_in_netns(ns, ["tc", "filter", "show", "dev", dev, kind], check=False).stdout
+
+
+def test_sigterm_leaves_no_program_pin_or_map(fleet: Fleet, node: KernelNodeSim) -> None:
+    proxy = kernel_proxy(fleet)
+    state = fleet.root / f"kstate-{fleet.prefix}"
+    try:
+        proxy.wait_ready()
+        node.send_syn(53000)
+        node.expect_syn_ack(53000)
+        assert "px_ingress" in tc_filters(fleet.proxy_ns, UNDERLAY_IF, "ingress")
+        assert "px_egress" in tc_filters(fleet.proxy_ns, "gnv0", "egress")
+        (loaded,) = [e for e in _events(proxy) if e["event"] == "kernel_datapath_loaded"]
+        ids = set(loaded["programs"].values())
+        assert ids <= _prog_ids(), "bpftool sees the proxy's programs"
+        assert proxy.terminate() == 0, proxy.log()
+    finally:
+        proxy.kill()
+    ns = fleet.proxy_ns
+    assert "clsact" not in kn.run_in_netns(ns, ["tc", "qdisc", "show", "dev", UNDERLAY_IF]).stdout
+    assert not (state / "bpffs").exists() or not any((state / "bpffs").iterdir())
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        assert str(state) not in fh.read()
+    wait_for(lambda: not (_prog_ids() & ids), 5, "the programs to be freed")
+    events = [e["event"] for e in _events(proxy)]
+    assert "stop_step_failed" not in events and events[-1] == "stopped"
+
+
+def _events(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proxy.log().splitlines() if line.startswith("{")]
+
+
+def _prog_ids() -> set[int]:
+    out = subprocess.run(
+        ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    return {p["id"] for p in json.loads(out) if p.get("name") in ("px_ingress", "px_egress")}
