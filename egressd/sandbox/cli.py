@@ -1,4 +1,4 @@
-"""`egressd sandbox run --node NODE --policy FILE.jws [--mount SRC:DST] -- CMD ...`
+"""`egressd sandbox run --node NODE --policy FILE.jws [--mount SRC:DST] [-i] [--platform P] -- CMD`
 
 Registers the sandbox with the node's agent (which verifies the policy, makes
 the sandbox's namespace and veth, and programs tier 1), runs CMD in a gVisor
@@ -56,6 +56,9 @@ EXIT_CANNOT_INVOKE = 126
 EXIT_NOT_FOUND = 127
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PREFIX = "egressd: error: sandbox run: "
+# The runsc platform when `--platform` is not given (a host's configuration:
+# `--platform=kvm` hangs on hosts without nested virtualisation).
+PLATFORM_ENV = "EGRESSD_RUNSC_PLATFORM"
 
 
 # --- pure -------------------------------------------------------------------------
@@ -210,12 +213,16 @@ async def run_sandbox(args: argparse.Namespace) -> int:
                 extra_ca_pem=ca_pem,
             )
             launcher = SandboxLauncher(
-                paths.runsc_root, log_root=paths.log_root, keep_logs=args.keep_logs
+                paths.runsc_root,
+                log_root=paths.log_root,
+                keep_logs=args.keep_logs,
+                platform=args.platform,
             )
             return await launcher.run(
                 sandbox_id,
                 paths.bundle_dir,
                 info.netns,
+                stdin=sys.stdin.buffer if args.interactive else None,
                 stdout=sys.stdout.buffer,
                 stderr=sys.stderr.buffer,
                 timeout=args.timeout,
@@ -323,6 +330,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--keep-logs",
         action="store_true",
         help="keep runsc's logs in RUN/logs/runsc/ID/ (default: removed with the sandbox)",
+    )
+    run.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="pass stdin to the command (default: /dev/null, as docker run without -i)",
+    )
+    run.add_argument(
+        "--platform",
+        default=os.environ.get(PLATFORM_ENV) or None,
+        help=f"runsc's --platform (ptrace, kvm, ...; default ${PLATFORM_ENV}, else runsc's own: "
+        "ptrace in Debian's 20221219)",
     )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     run.set_defaults(handler=_run)

@@ -322,8 +322,12 @@ class SandboxLauncher:
         stdout: BinaryIO,
         stderr: BinaryIO,
         timeout: float | None,
+        stdin: BinaryIO | None = None,
     ) -> int:
         """Run the bundle's command in netns `netns_name`; its exit code.
+
+        `stdin`: what the command reads (default: nothing, /dev/null), handed
+        to runsc as is (`sandbox run -i` passes its own).
 
         The container and the bundle directory are removed afterwards in every
         case. Raises SandboxError: runsc_missing, bad_bundle, netns_missing,
@@ -338,7 +342,7 @@ class SandboxLauncher:
         await self._claim(sandbox_id)
         launch = _Launch(sandbox_id, bundle_dir)
         try:
-            rc = await self._run(launch, netns_name, stdout, stderr, timeout)
+            rc = await self._run(launch, netns_name, stdout, stderr, timeout, stdin)
         except BaseException:
             await finish(self._cleanup(launch, quiet=True))
             raise
@@ -368,6 +372,7 @@ class SandboxLauncher:
         stdout: BinaryIO,
         stderr: BinaryIO,
         timeout: float | None,
+        stdin: BinaryIO | None = None,
     ) -> int:
         sandbox_id, bundle_dir = launch.sandbox_id, launch.bundle_dir
         runsc = _find(self.runsc_bin, "runsc_missing")
@@ -405,7 +410,7 @@ class SandboxLauncher:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,

@@ -9,6 +9,8 @@ Three paths over one topology and one HTTP server (the fleet's "internet",
   (nftables ``redirect`` to ``http_port 3129 intercept``);
 - ``egressd``: a sandbox registered with node1's agent: tier 1, the agent's
   GENEVE tunnel, the proxy's tier 2 and relay;
+- ``egressd-gvisor`` (issue 10): the egressd path with the client inside a
+  runsc sandbox, gVisor's netstack included (`gvisor`);
 - the interception rows (issue 12), HTTPS on :443 to the same server:
   ``squid-bump`` (a second Squid, ``https_port ... intercept ssl-bump``,
   ``ssl_bump bump``) and ``egressd-intercept`` (a second sandbox whose job
@@ -16,5 +18,7 @@ Three paths over one topology and one HTTP server (the fleet's "internet",
 
 Modules: `paths` sets the paths up and tears them down, `load` drives the
 load generators (wrk, curl, an idle-connection holder), `report` parses their
-output and renders the table and the JSON (pure), `cli` wires them together.
+output and renders the table and the JSON (pure), `cpu` reads the CPU time of
+the paths' processes from /proc, `ratios` judges issue 10's goals (pure),
+`cli` wires them together.
 """

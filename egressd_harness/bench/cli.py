@@ -3,6 +3,7 @@
     egressd bench [--run-dir DIR] [--prefix egd-b-] [--seconds 5] [--repeat 3]
                   [--out bench-results/data_path.json] [--skip-squid] [--keep] [--no-plots]
                   [--skip-intercept | --intercept-only]
+                  [--skip-gvisor] [--gvisor-platform ptrace|kvm|systrap]
 
 The fleet (`--prefix`, `--run-dir`) is brought up if it is not running and,
 when this command started it, taken down at the end unless `--keep`. The
@@ -32,6 +33,13 @@ out, `--intercept-only` runs only them and the kernel path.
 Beside the JSON, `OUT.png`: the medians and ratios as bar charts with every
 repeat's value (`egressd_harness.bench.plots`; `--no-plots` leaves it out).
 
+Issue 10: `egressd-gvisor`, the egressd path with wrk and curl inside a runsc
+sandbox (`egressd sandbox run --platform P`, the platform printed with the
+row; `--skip-gvisor` leaves it out); CPU time per connection (conn/s runs)
+and per MB (bulk) of each path's processes from /proc (`cpu`); and the
+issue's goals as ratios of this run's medians, egressd against Squid
+(`ratios`), printed and in the JSON under `issue10`.
+
 A path that cannot be set up (the egressd path while the agent or proxy has
 a bug, say) is reported as an error line; the kernel path must work.
 """
@@ -59,9 +67,11 @@ from egressd import logs
 from egressd.cliutil import CliError
 from egressd.errors import EgressdError
 from egressd.layout import default_layout
+from egressd.proxy.config import DATAPATHS
 from egressd.signals import Stopped, sigterm_unwinds
 from egressd_harness import plotting
-from egressd_harness.bench import plots, report
+from egressd_harness.bench import cpu, plots, ratios, report
+from egressd_harness.bench.gvisor import DEFAULT_PLATFORM, PLATFORMS, GvisorPath
 from egressd_harness.bench.load import (
     IdleHolder,
     LoadError,
@@ -92,6 +102,7 @@ DEFAULT_OUT = Path("bench-results/data_path.json")
 INET_MAX_BYTES = 200 * 1024 * 1024  # the internet daemon's cap on /bytes/N
 WARMUP_S = 1.0
 IDLE_SETTLE_S = 2.0
+IDLE_CPU_S = 2.0  # the window of each path's background CPU figure
 # After the client closes its idle connections, how long the proxies get to
 # release them, and how many descriptors above the start may remain.
 DRAIN_TIMEOUT_S = 30.0
@@ -117,6 +128,12 @@ class Options:
     # bench's check that the topology works).
     skip_intercept: bool = False
     intercept_only: bool = False
+    # The gVisor row (issue 10): the client inside runsc, on this platform.
+    skip_gvisor: bool = False
+    gvisor_platform: str = DEFAULT_PLATFORM
+    # The fleet's data path (agents and proxies, topology.fleet.Fleet); a fleet that is
+    # already running is measured as it is.
+    datapath: str = "userspace"
     keep: bool = False
     out: Path = DEFAULT_OUT
 
@@ -135,6 +152,10 @@ class Options:
             raise ValueError("--idle-connections must be 0..60000")
         if self.skip_intercept and self.intercept_only:
             raise ValueError("--skip-intercept and --intercept-only exclude each other")
+        if self.gvisor_platform not in PLATFORMS:
+            raise ValueError(f"--gvisor-platform must be one of {', '.join(PLATFORMS)}")
+        if self.datapath not in DATAPATHS:
+            raise ValueError(f"--datapath must be one of {', '.join(DATAPATHS)}")
 
 
 class BenchError(EgressdError):
@@ -159,6 +180,7 @@ def preflight(opts: Options) -> None:
         *(() if opts.skip_squid else ("squid",)),
         *(() if opts.skip_intercept else ("unshare",)),
         *(() if opts.skip_intercept or opts.skip_squid else (SQUID_CERTGEN,)),
+        *(() if not _gvisor_wanted(opts) else ("runsc", "getent")),
     )
     missing = [t for t in wanted if not shutil.which(t)]
     if missing:
@@ -167,6 +189,10 @@ def preflight(opts: Options) -> None:
             f"not installed: {', '.join(missing)} "
             "(apt-get install wrk curl nftables squid-openssl util-linux)",
         )
+
+
+def _gvisor_wanted(opts: Options) -> bool:
+    return not (opts.skip_gvisor or opts.skip_egressd or opts.intercept_only)
 
 
 def _measure(live: list[_Live], name: str, opts: Options, once: Callable[[_Live], None]) -> None:
@@ -201,22 +227,34 @@ def _latency(opts: Options) -> Callable[[_Live], None]:
 
 def _connrate(opts: Options) -> Callable[[_Live], None]:
     def once(item: _Live) -> None:
-        item.result.connrate.append(
-            run_wrk(
-                item.target,
-                seconds=opts.seconds,
-                connections=opts.connections,
-                threads=opts.threads,
-                close=True,
-            )
+        roots = item.path.cpu_roots()
+        before = cpu.snapshot(roots)
+        result = run_wrk(
+            item.target,
+            seconds=opts.seconds,
+            connections=opts.connections,
+            threads=opts.threads,
+            close=True,
         )
+        after = cpu.snapshot(roots)
+        item.result.connrate.append(result)
+        if roots:  # every request closes its connection: requests = connections
+            sample = cpu.sample(before, after, hz=cpu.clock_ticks(), connections=result.requests)
+            item.result.connrate_cpu.append(sample)
 
     return once
 
 
 def _bulk(opts: Options) -> Callable[[_Live], None]:
     def once(item: _Live) -> None:
-        item.result.bulk.append(run_bulk(item.target, opts.bulk_bytes))
+        roots = item.path.cpu_roots()
+        before = cpu.snapshot(roots)
+        result = run_bulk(item.target, opts.bulk_bytes)
+        after = cpu.snapshot(roots)
+        item.result.bulk.append(result)
+        if roots:
+            sample = cpu.sample(before, after, hz=cpu.clock_ticks(), nbytes=result.nbytes)
+            item.result.bulk_cpu.append(sample)
 
     return once
 
@@ -305,7 +343,19 @@ def _setup(
         log.error("path_failed", path=path.name, reason=reason, detail=detail)
         return None
     result.proxy_processes = len(path.processes())
+    if isinstance(path, GvisorPath):
+        result.platform = path.platform
+    result.idle_cpu_s_per_s = _idle_cpu(path.cpu_roots())
     return _Live(path, target, result)
+
+
+def _idle_cpu(roots: dict[str, int]) -> float | None:
+    """CPU seconds per second the path's processes spend with no load (their background)."""
+    if not roots:
+        return None
+    before = cpu.snapshot(roots)
+    time.sleep(IDLE_CPU_S)
+    return cpu.sample(before, cpu.snapshot(roots), hz=cpu.clock_ticks()).total_s / IDLE_CPU_S
 
 
 def _teardown(path: BenchPath) -> None:
@@ -319,7 +369,7 @@ def run_bench(opts: Options) -> tuple[dict[str, PathResult], dict[str, Any]]:
     """Set up, measure and tear down; the per-path results and the run's metadata."""
     preflight(opts)
     layout = default_layout(opts.run_dir, opts.prefix)
-    fleet = Fleet(layout)
+    fleet = Fleet(layout, datapath=opts.datapath)
     results: dict[str, PathResult] = {}
     started_at = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
@@ -345,6 +395,8 @@ def run_bench(opts: Options) -> tuple[dict[str, PathResult], dict[str, Any]]:
             optional.append(SquidPath(layout))
         if not opts.skip_egressd and plain:
             optional.append(EgressdPath(fleet))
+        if _gvisor_wanted(opts):
+            optional.append(GvisorPath(fleet, platform=opts.gvisor_platform))
         if not opts.skip_intercept:
             if not opts.skip_squid:
                 optional.append(SquidBumpPath(layout))
@@ -415,13 +467,20 @@ def _meta(
             "idle_connections": opts.idle_connections,
             "skip_intercept": opts.skip_intercept,
             "intercept_only": opts.intercept_only,
+            "skip_gvisor": opts.skip_gvisor,
+            "gvisor_platform": opts.gvisor_platform,
+            "datapath": opts.datapath,
         },
         "fleet_was_running": fleet_was_running,
         "client_sysctls": dict(CLIENT_SYSCTLS),
         "statistic": "median",
         "server": "egressd inet (aiohttp on uvloop, one process) at 203.0.113.10:80",
-        "note": "egressd load runs as a plain process in the sandbox netns, not under runsc: "
-        "it measures the network path, not gVisor's netstack",
+        "note": "the egressd row's load runs as a plain process in the sandbox netns (the "
+        "network path); the egressd-gvisor row runs it inside runsc (gVisor's netstack and "
+        "syscall platform included)",
+        "cpu": "utime+stime(+reaped children) from /proc/PID/stat of each path's process trees "
+        "(egressd: the proxies and the node's agent; Squid: squid and its children); softirq "
+        "work charged to other processes is not counted",
     }
 
 
@@ -442,6 +501,9 @@ def _options(args: argparse.Namespace) -> Options:
         skip_egressd=args.skip_egressd,
         skip_intercept=args.skip_intercept,
         intercept_only=args.intercept_only,
+        skip_gvisor=args.skip_gvisor,
+        gvisor_platform=args.gvisor_platform,
+        datapath=args.datapath,
         keep=args.keep,
         out=Path(args.out),
     )
@@ -462,11 +524,15 @@ def _handle(args: argparse.Namespace) -> int:
         print("egressd: bench stopped (SIGTERM); everything it set up was removed", file=sys.stderr)
         return 143
     doc = report.to_json(results, meta)
+    goals10 = ratios.ratios(results)
+    doc["issue10"] = ratios.to_json(goals10)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(report.render_table(results))
     print()
     print(report.render_goals(report.goals(results)))
+    print()
+    print(ratios.render(goals10, opts.repeat))
     if intercept := report.render_intercept(results):
         print()
         print(intercept)
@@ -539,6 +605,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--intercept-only",
         action="store_true",
         help="only the kernel path and the interception rows (no idle measure)",
+    )
+    parser.add_argument(
+        "--skip-gvisor",
+        action="store_true",
+        help="leave out the egressd row with the client inside a gVisor sandbox",
+    )
+    parser.add_argument(
+        "--gvisor-platform",
+        default=d.gvisor_platform,
+        choices=PLATFORMS,
+        help="runsc --platform of the gVisor row (default %(default)s; kvm needs /dev/kvm)",
+    )
+    parser.add_argument(
+        "--datapath",
+        default=d.datapath,
+        choices=DATAPATHS,
+        help="data path of the fleet's agents and proxies (default %(default)s)",
     )
     parser.add_argument(
         "--no-plots",

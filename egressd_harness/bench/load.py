@@ -30,8 +30,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -66,6 +66,9 @@ class LoadError(EgressdError):
     """A load generator that failed or printed something unexpected."""
 
 
+Runner = Callable[[list[str], float], "subprocess.CompletedProcess[str]"]
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where a path's client runs and what it asks for."""
@@ -81,11 +84,21 @@ class Target:
     tls: bool = False
     ca_file: Path | None = None
     hosts_file: Path | None = None
+    # Runs a command where the client lives instead of `netns` (the gVisor row:
+    # inside a runsc sandbox); (argv, timeout) -> the finished process.
+    runner: Runner | None = field(default=None, compare=False)
 
     def url(self, path: str = "/") -> str:
         if self.tls:
             return f"https://{self.host}:{self.port}{path}"
         return f"http://{self.address}:{self.port}{path}"
+
+
+def run_client(target: Target, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a load command where `target`'s client lives (its netns, or its runner)."""
+    if target.runner is not None:
+        return target.runner(argv, timeout)
+    return kn.run_in_netns(target.netns, argv, check=False, timeout=timeout)
 
 
 def hosts_line(target: Target) -> str:
@@ -162,7 +175,7 @@ def run_wrk(
     )
     argv = with_hosts(target, argv)
     try:
-        done = kn.run_in_netns(target.netns, argv, check=False, timeout=seconds + WRK_GRACE_S)
+        done = run_client(target, argv, seconds + WRK_GRACE_S)
     except kn.NetError as exc:
         raise LoadError("wrk_failed", exc.detail) from exc
     if done.returncode != 0:
@@ -205,7 +218,7 @@ def get_status(target: Target, path: str = "/", *, max_time_s: float = 3.0) -> i
     """The HTTP status of one `GET path` with curl (HTTPS verified against `ca_file`)."""
     argv = curl_argv(target, 0, max_time_s, path=path)
     try:
-        done = kn.run_in_netns(target.netns, argv, check=False, timeout=max_time_s + 5)
+        done = run_client(target, argv, max_time_s + 5)
     except kn.NetError as exc:
         raise LoadError("curl_failed", exc.detail) from exc
     if done.returncode != 0:
@@ -218,12 +231,7 @@ def get_status(target: Target, path: str = "/", *, max_time_s: float = 3.0) -> i
 
 def run_bulk(target: Target, nbytes: int, *, max_time_s: float = 120.0) -> BulkResult:
     try:
-        done = kn.run_in_netns(
-            target.netns,
-            curl_argv(target, nbytes, max_time_s),
-            check=False,
-            timeout=max_time_s + 10,
-        )
+        done = run_client(target, curl_argv(target, nbytes, max_time_s), max_time_s + 10)
     except kn.NetError as exc:
         raise LoadError("curl_failed", exc.detail) from exc
     if done.returncode != 0:

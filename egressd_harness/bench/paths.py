@@ -147,6 +147,10 @@ class BenchPath(Protocol):
         """The proxy processes of this path (name -> PID), for memory figures."""
         ...
 
+    def cpu_roots(self) -> dict[str, int]:
+        """The processes whose trees' CPU time the path costs (name -> PID), issue 10."""
+        ...
+
 
 def bench_ns(prefix: str, part: str) -> str:
     return kn.check_netns_name(f"{prefix}{part}")
@@ -282,6 +286,9 @@ class DirectPath:
         pass
 
     def processes(self) -> dict[str, int]:
+        return {}
+
+    def cpu_roots(self) -> dict[str, int]:
         return {}
 
 
@@ -483,6 +490,10 @@ class SquidPath:
     def processes(self) -> dict[str, int]:
         proc = self._proc
         return {"squid": proc.pid} if proc is not None and proc.poll() is None else {}
+
+    def cpu_roots(self) -> dict[str, int]:
+        """Squid and its children (helpers such as security_file_certgen)."""
+        return self.processes()
 
     def teardown(self) -> None:
         proc, self._proc = self._proc, None
@@ -743,6 +754,13 @@ class EgressdPath:
             pid = procs.running_pid(self.fleet.run_dir, proxy.name)
             if pid is not None:
                 out[proxy.name] = pid
+        return out
+
+    def cpu_roots(self) -> dict[str, int]:
+        """Every proxy and the node's agent (tier 1's user-space half, the tunnel)."""
+        out = EgressdPath.processes(self)
+        if (pid := procs.running_pid(self.fleet.run_dir, self.node)) is not None:
+            out[self.node] = pid
         return out
 
     def teardown(self) -> None:

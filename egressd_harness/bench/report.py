@@ -18,17 +18,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from egressd.errors import EgressdError
+from egressd_harness.bench.cpu import CpuSample
 
 KERNEL = "kernel"
 SQUID = "squid"
 EGRESSD = "egressd"
+# The egressd path with the client inside a runsc sandbox (issue 10): gVisor's
+# netstack and syscall interception included.
+EGRESSD_GVISOR = "egressd-gvisor"
 # The interception rows (issue 12): HTTPS to the same server, Squid `ssl_bump bump`
 # against egressd `tls: intercept`. They are compared with each other, not with
 # the kernel path's plain HTTP.
 SQUID_BUMP = "squid-bump"
 EGRESSD_INTERCEPT = "egressd-intercept"
 INTERCEPT_PATHS = (SQUID_BUMP, EGRESSD_INTERCEPT)
-PATH_ORDER = (KERNEL, SQUID, EGRESSD, SQUID_BUMP, EGRESSD_INTERCEPT)
+PATH_ORDER = (KERNEL, SQUID, EGRESSD, EGRESSD_GVISOR, SQUID_BUMP, EGRESSD_INTERCEPT)
 
 SCHEMA = "egressd_harness.bench.data_path/1"
 MB = 1_000_000
@@ -268,6 +272,25 @@ class PathResult:
     failures: list[tuple[str, str]] = field(default_factory=list)
     # Proxy processes serving this path (their count scales conn/s per process).
     proxy_processes: int = 0
+    # CPU time of the path's processes during each conn/s and bulk run (issue 10).
+    connrate_cpu: list[CpuSample] = field(default_factory=list)
+    bulk_cpu: list[CpuSample] = field(default_factory=list)
+    # The same processes' CPU while no load runs (background work), per second of wall time.
+    idle_cpu_s_per_s: float | None = None
+    # The runsc platform of the gVisor row, shown with its name.
+    platform: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} [{self.platform}]" if self.platform else self.name
+
+    @property
+    def cpu_us_per_conn(self) -> float | None:
+        return median(c.us_per_connection for c in self.connrate_cpu)
+
+    @property
+    def cpu_ms_per_mb(self) -> float | None:
+        return median(c.ms_per_mb for c in self.bulk_cpu)
 
     @property
     def p50_us(self) -> float | None:
@@ -304,6 +327,8 @@ class PathResult:
             "error": self.error,
             "failures": [{"measure": m, "message": msg} for m, msg in self.failures],
             "proxy_processes": self.proxy_processes,
+            "platform": self.platform,
+            "idle_cpu_s_per_s": _round(self.idle_cpu_s_per_s, 3),
             "median": {
                 "p50_us": _round(self.p50_us),
                 "p99_us": _round(self.p99_us),
@@ -311,12 +336,16 @@ class PathResult:
                 "bulk_mb_s": _round(self.bulk_mb_s),
                 "idle_rss_mib": _round(self.idle_rss_mib),
                 "keepalive_rps": _round(self.keepalive_rps),
+                "cpu_us_per_conn": _round(self.cpu_us_per_conn),
+                "cpu_ms_per_mb": _round(self.cpu_ms_per_mb, 2),
             },
             "wrk_errors": self.errors,
             "samples": {
                 "latency": [r.to_dict() for r in self.latency],
                 "connrate": [r.to_dict() for r in self.connrate],
                 "bulk": [r.to_dict() for r in self.bulk],
+                "connrate_cpu": [c.to_dict() for c in self.connrate_cpu],
+                "bulk_cpu": [c.to_dict() for c in self.bulk_cpu],
             },
             "idle": self.idle.to_dict() if self.idle is not None else None,
         }
@@ -453,7 +482,17 @@ def _ordered(results: Mapping[str, PathResult]) -> list[PathResult]:
     return known + [r for n, r in results.items() if n not in PATH_ORDER]
 
 
-TABLE_COLUMNS = ("path", "p50 us", "p99 us", "conn/s", "bulk MB/s", "proxy RSS idle10k MiB")
+TABLE_COLUMNS = (
+    "path",
+    "p50 us",
+    "p99 us",
+    "conn/s",
+    "bulk MB/s",
+    "proxy RSS idle10k MiB",
+    "CPU us/conn",
+    "CPU ms/MB",
+)
+_IDLE_COLUMN = 5
 
 
 def _columns(results: Mapping[str, PathResult]) -> tuple[str, ...]:
@@ -463,7 +502,8 @@ def _columns(results: Mapping[str, PathResult]) -> tuple[str, ...]:
         return TABLE_COLUMNS
     (n,) = counts
     label = f"{n // 1000}k" if n % 1000 == 0 else str(n)
-    return (*TABLE_COLUMNS[:-1], f"proxy RSS idle{label} MiB")
+    idle = f"proxy RSS idle{label} MiB"
+    return (*TABLE_COLUMNS[:_IDLE_COLUMN], idle, *TABLE_COLUMNS[_IDLE_COLUMN + 1 :])
 
 
 def render_table(results: Mapping[str, PathResult]) -> str:
@@ -474,17 +514,19 @@ def render_table(results: Mapping[str, PathResult]) -> str:
         if r.name in INTERCEPT_PATHS:
             continue  # their own table: `render_intercept`
         if r.error is not None:
-            rows.append((r.name, "error", "-", "-", "-", "-"))
+            rows.append((r.label, "error", "-", "-", "-", "-", "-", "-"))
             errors.append(f"{r.name}: {r.error}")
             continue
         rows.append(
             (
-                r.name,
+                r.label,
                 _fmt(r.p50_us),
                 _fmt(r.p99_us),
                 _fmt(r.conn_per_s),
                 _fmt(r.bulk_mb_s, 1),
                 _fmt(r.idle_rss_mib, 1),
+                _fmt(r.cpu_us_per_conn),
+                _fmt(r.cpu_ms_per_mb, 2),
             )
         )
         errors += [f"{r.name}: {measure} failed: {msg}" for measure, msg in r.failures]
@@ -497,9 +539,10 @@ def render_table(results: Mapping[str, PathResult]) -> str:
     if others:
         lines.append("")
         lines.append("vs kernel path: added p50 / added p99 / conn/s ratio / bulk ratio")
+        width = max(8, *(len(c.path) for c in others))
         for c in others:
             lines.append(
-                f"  {c.path:<8} {_signed(c.added_p50_us)} us / {_signed(c.added_p99_us)} us / "
+                f"  {c.path:<{width}} {_signed(c.added_p50_us)} us / {_signed(c.added_p99_us)} us / "
                 f"{_times(c.conn_ratio)} / {_times(c.bulk_ratio)}"
             )
     wrk_errors = [f"{r.name}: {r.errors} wrk errors" for r in _ordered(results) if r.errors]
@@ -654,6 +697,9 @@ def to_json(results: Mapping[str, PathResult], meta: Mapping[str, Any]) -> dict[
                 "conn_per_s": _round(r.conn_per_s),
                 "bulk_mb_s": _round(r.bulk_mb_s),
                 "proxy_rss_idle10k_mib": _round(r.idle_rss_mib),
+                "cpu_us_per_conn": _round(r.cpu_us_per_conn),
+                "cpu_ms_per_mb": _round(r.cpu_ms_per_mb, 2),
+                "platform": r.platform,
                 "error": r.error,
             }
             for r in _ordered(results)

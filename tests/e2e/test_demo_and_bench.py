@@ -82,6 +82,26 @@ def test_bench_measures_three_paths_and_writes_json(tmp_path: Path) -> None:
         assert median["conn_per_s"] > 0 and median["bulk_mb_s"] > 0, (name, median)
         assert name in done.stdout
     assert paths["egressd"]["median"]["idle_rss_mib"] > 0
+    # Issue 10: the client inside runsc, CPU per connection and per MB, the goal ratios.
+    gvisor = paths["egressd-gvisor"]
+    assert gvisor["error"] is None, gvisor["error"]
+    assert gvisor["platform"] == "ptrace" and "egressd-gvisor [ptrace]" in done.stdout
+    assert gvisor["median"]["conn_per_s"] > 0 and gvisor["median"]["bulk_mb_s"] > 0
+    assert gvisor["wrk_errors"] == 0
+    for name in ("squid", "egressd", "egressd-gvisor"):
+        median = paths[name]["median"]
+        assert median["cpu_us_per_conn"] > 0 and median["cpu_ms_per_mb"] > 0, (name, median)
+    assert set(paths["egressd"]["samples"]["connrate_cpu"][0]["cpu_s"]) == {
+        "proxy1",
+        "proxy2",
+        "node1",
+    }
+    assert paths["kernel"]["median"]["cpu_us_per_conn"] is None
+    goals10 = doc["issue10"]
+    for key in ("conn_ratio", "added_p50_ratio", "added_p99_ms", "bulk_ratio"):
+        assert goals10[key]["value"] is not None and goals10[key]["met"] in (True, False), key
+    assert goals10["cpu_per_conn_ratio"]["verdict"] in ("met", "not met")
+    assert "goals (issue 10" in done.stdout
     assert kn.list_netns("egd-e2b-") == ()
     png = tmp_path / "data_path.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"PNG: {png}" in done.stdout

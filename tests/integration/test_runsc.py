@@ -730,3 +730,39 @@ async def test_trivial_sandbox_start_to_exit(node: Node, sandbox_net: SandboxNet
     assert result.rc == 0
     print(f"\nsandbox start-to-exit for `python -c pass`: {result.elapsed * 1000:.0f} ms")
     assert result.elapsed < 10
+
+
+# -- stdin and the platform (the bench's gVisor row talks to its sandbox so) ----
+
+
+async def test_stdin_is_passed_and_the_platform_is_runscs_flag(
+    node: Node, sandbox_net: SandboxNet
+) -> None:
+    launcher = SandboxLauncher(
+        node.launcher.runsc_root, log_root=node.launcher.log_root, platform="ptrace"
+    )
+    assert "--platform=ptrace" in launcher._flags("runsc", None, "run")
+    paths = prepare(
+        node, sandbox_net, ["python", "-c", "import sys; print(sys.stdin.read()[::-1])"]
+    )
+    r, w = os.pipe()
+    os.write(w, b"egressd")
+    os.close(w)
+    out, err = io.BytesIO(), io.BytesIO()
+    with os.fdopen(r, "rb") as stdin:
+        rc = await launcher.run(
+            paths.sandbox_id,
+            paths.bundle_dir,
+            sandbox_net.netns,
+            stdin=stdin,
+            stdout=out,
+            stderr=err,
+            timeout=60,
+        )
+    assert (rc, out.getvalue(), err.getvalue()) == (0, b"dsserge\n", b"")
+    await assert_gone(node, paths.sandbox_id)
+    # Without stdin the command reads /dev/null, as before.
+    result = await run(
+        node, sandbox_net, ["python", "-c", "import sys; print(len(sys.stdin.read()))"]
+    )
+    assert (result.rc, result.stdout) == (0, b"0\n")

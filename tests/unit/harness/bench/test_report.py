@@ -291,10 +291,14 @@ def test_table() -> None:
         "RSS",
         "idle10k",
         "MiB",
+        "CPU",
+        "us/conn",
+        "CPU",
+        "ms/MB",
     ]
-    assert lines[2].split() == ["kernel", "80", "240", "17,000", "2,500.0", "-"]
-    assert lines[3].split() == ["squid", "250", "750", "2,000", "230.0", "-"]
-    assert lines[4].split() == ["egressd", "200", "600", "8,500", "300.0", "400.0"]
+    assert lines[2].split() == ["kernel", "80", "240", "17,000", "2,500.0", "-", "-", "-"]
+    assert lines[3].split() == ["squid", "250", "750", "2,000", "230.0", "-", "-", "-"]
+    assert lines[4].split() == ["egressd", "200", "600", "8,500", "300.0", "400.0", "-", "-"]
     assert "  squid    +170 us / +510 us / 0.12x / 0.09x" in lines
     assert "  egressd  +120 us / +360 us / 0.50x / 0.12x" in lines
     assert not any(line.startswith("!") for line in lines)
@@ -310,7 +314,7 @@ def test_table_reports_a_failed_path_and_failed_measures() -> None:
     results["squid"].failures.append(("bulk", "curl_failed: exit 28"))
     results["squid"].connrate.append(WrkResult(10, 5.0, 2.0, socket_errors={"read": 4}))
     text = render_table(results)
-    assert text.splitlines()[4].split() == ["egressd", "error", "-", "-", "-", "-"]
+    assert text.splitlines()[4].split() == ["egressd", "error", "-", "-", "-", "-", "-", "-"]
     assert "! egressd: sandbox_not_registered: agent_unreachable: no socket" in text
     assert "! squid: bulk failed: curl_failed: exit 28" in text
     assert "! squid: 4 wrk errors" in text
@@ -353,6 +357,9 @@ def test_json_document(tmp_path: Path) -> None:
         "conn_per_s": 8500,
         "bulk_mb_s": 300.0,
         "proxy_rss_idle10k_mib": 400.0,
+        "cpu_us_per_conn": None,
+        "cpu_ms_per_mb": None,
+        "platform": None,
         "error": None,
     }
     assert back["vs_kernel"]["egressd"]["added_p50_us"] == 120
