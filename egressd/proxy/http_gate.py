@@ -379,13 +379,9 @@ class HttpGate:
         self._prime(record)
 
     def _prime(self, record: RequestRecord) -> None:
-        headers = [("Host", "x")]
-        if record.upgrade:
-            headers += [("Connection", "upgrade"), ("Upgrade", "x")]
-        target = "x:1" if record.method == http_rules.CONNECT else "/"
         try:
-            self._client.send(h11.Request(method=record.method, target=target, headers=headers))
-            self._client.send(h11.EndOfMessage())
+            self._client.send(_primer(record.method, record.upgrade))
+            self._client.send(_END)
         except h11.LocalProtocolError:
             self.failed = True
 
@@ -439,10 +435,9 @@ class HttpGate:
                 )
             elif isinstance(event, h11.Response):
                 close = self._client.their_state is h11.MUST_CLOSE or _closes(event)
-                headers = [("Content-Length", "0")] + ([("Connection", "close")] if close else [])
-                self._server.send(h11.Response(status_code=event.status_code, headers=headers))
+                self._server.send(_mirrored(event.status_code, close))
             elif isinstance(event, h11.EndOfMessage):
-                self._server.send(h11.EndOfMessage())
+                self._server.send(_END)
         except h11.LocalProtocolError:
             self._lost_track()
 
@@ -476,6 +471,39 @@ class HttpGate:
             self._on_request(record)
         self._outstanding.clear()
         self._deny = None
+
+
+# The watcher's and the mirror's events are the same few for every request:
+# built (and validated by h11) once each, not per request. h11 events are frozen.
+_END = h11.EndOfMessage()
+_PRIMERS: dict[tuple[str, bool], h11.Request] = {}
+_MIRRORED: dict[tuple[int, bool], h11.Response] = {}
+_CACHE_LIMIT = 256  # distinct methods and statuses seen; a bound against odd ones
+
+
+def _primer(method: str, upgrade: bool) -> h11.Request:
+    """The request the response watcher is told was sent (framing: its method)."""
+    event = _PRIMERS.get((method, upgrade))
+    if event is None:
+        headers = [("Host", "x")]
+        if upgrade:
+            headers += [("Connection", "upgrade"), ("Upgrade", "x")]
+        target = "x:1" if method == http_rules.CONNECT else "/"
+        event = h11.Request(method=method, target=target, headers=headers)
+        if len(_PRIMERS) < _CACHE_LIMIT:
+            _PRIMERS[(method, upgrade)] = event
+    return event
+
+
+def _mirrored(status: int, close: bool) -> h11.Response:
+    """The response the request parser is told was sent (only its state matters)."""
+    event = _MIRRORED.get((status, close))
+    if event is None:
+        headers = [("Content-Length", "0")] + ([("Connection", "close")] if close else [])
+        event = h11.Response(status_code=status, headers=headers)
+        if len(_MIRRORED) < _CACHE_LIMIT:
+            _MIRRORED[(status, close)] = event
+    return event
 
 
 def _record(method: str, target: str, host: str | None) -> RequestRecord:

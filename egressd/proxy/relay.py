@@ -94,6 +94,19 @@ class Gate(Protocol):
     def holds_data(self) -> bool: ...
 
 
+class Endpoint(Protocol):
+    """A side that is not a plain TCP socket (`egressd.proxy.tls_intercept.TlsLink`):
+    it makes its own transport for the relay's protocol."""
+
+    async def attach(self, factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.BaseProtocol:
+        """Connect `factory()`'s protocol to a transport; the protocol."""
+        ...
+
+    def reset(self) -> None:
+        """Reset the connection (the relay ended before `attach` returned)."""
+        ...
+
+
 class Pacing(Protocol):
     """One connection's view of its job's EDT pacers (`egressd.limits.pacing`)."""
 
@@ -111,7 +124,7 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _reset_transport(transport: asyncio.BaseTransport | None) -> None:
+def reset_transport(transport: asyncio.BaseTransport | None) -> None:
     if transport is None or transport.is_closing():
         return
     sock = transport.get_extra_info("socket")
@@ -228,10 +241,12 @@ class _Side(asyncio.BufferedProtocol):
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        data = self._buffer[:nbytes]  # a copy: the buffer is reused
+        # One copy (the buffer is reused), immutable: the gate, a queue or the
+        # transport may keep it as it is.
+        data = bytes(self._view[:nbytes])
         peer = self.peer
         if peer is None:
-            self.pending.append(bytes(data))
+            self.pending.append(data)
             if self.transport is not None:
                 self.transport.pause_reading()
             return
@@ -242,11 +257,11 @@ class _Side(asyncio.BufferedProtocol):
             self.forward(data)
         elif self.direction == UP:
             self.pipe.last_activity = self.pipe.loop.time()
-            gate.from_client(bytes(data))
+            gate.from_client(data)
             self.pipe.drain_gate()
         else:
             self.forward(data)
-            gate.from_upstream(bytes(data))
+            gate.from_upstream(data)
             self.pipe.drain_gate()
 
     def forward(self, data: bytes | bytearray) -> None:
@@ -287,7 +302,7 @@ class _Side(asyncio.BufferedProtocol):
             self.counted(len(data))
             peer.transport.close()  # a FIN once the response is written
         self.pipe.stats.time_wait = False
-        _reset_transport(self.transport)
+        reset_transport(self.transport)
 
     # pacing
 
@@ -450,7 +465,7 @@ class _Pipe:
         if client.lost or upstream.lost:
             for side in (client, upstream):
                 if not side.lost:
-                    _reset_transport(side.transport)
+                    reset_transport(side.transport)
             return
         gate = self.gate
         if gate is not None:
@@ -498,7 +513,7 @@ class _Pipe:
         peer = side.peer
         if peer is not None and not peer.lost:
             if exc is not None:
-                _reset_transport(peer.transport)
+                reset_transport(peer.transport)
             elif peer.transport is not None:
                 peer.transport.close()
         if self._all_lost() and not self.done.done():
@@ -517,12 +532,12 @@ class _Pipe:
         self.stats.time_wait = False  # a reset leaves no TIME_WAIT
         for side in (self.client, self.upstream):
             if side is not None:
-                _reset_transport(side.transport)
+                reset_transport(side.transport)
 
 
 async def relay(
-    client: socket.socket,
-    upstream: socket.socket,
+    client: socket.socket | Endpoint,
+    upstream: socket.socket | Endpoint,
     *,
     first_up: bytes = b"",
     count_up: Callable[[int], None] | None = None,
@@ -534,6 +549,10 @@ async def relay(
     gate: Gate | None = None,
 ) -> RelayStats:
     """Relay between connected `client` and `upstream` until both are done.
+
+    Either may be an `Endpoint` instead of a TCP socket (an intercepted TLS
+    connection, `tls_intercept.TlsLink`): its transport is its own, the relay's
+    protocol and semantics the same.
 
     `first_up` (bytes already read from the client, e.g. while sniffing) is
     sent upstream first. `count_up`/`count_down` are called with each chunk's
@@ -561,12 +580,20 @@ async def relay(
     # Each side's protocol counts what it reads: the upstream socket's, bytes
     # going DOWN to the client; the client socket's, bytes going UP.
     try:
-        _, pipe.upstream = await loop.create_connection(
-            lambda: _Side(pipe, DOWN, count_down, scratch), sock=upstream
-        )
-        _, pipe.client = await loop.connect_accepted_socket(
-            lambda: _Side(pipe, UP, count_up, scratch), sock=client
-        )
+        if isinstance(upstream, socket.socket):
+            _, pipe.upstream = await loop.create_connection(
+                lambda: _Side(pipe, DOWN, count_down, scratch), sock=upstream
+            )
+        else:
+            side = await upstream.attach(lambda: _Side(pipe, DOWN, count_down, scratch))
+            pipe.upstream = cast(_Side, side)
+        if isinstance(client, socket.socket):
+            _, pipe.client = await loop.connect_accepted_socket(
+                lambda: _Side(pipe, UP, count_up, scratch), sock=client
+            )
+        else:
+            side = await client.attach(lambda: _Side(pipe, UP, count_up, scratch))
+            pipe.client = cast(_Side, side)
         pipe.start(first_up)
         await asyncio.shield(pipe.done)
     except BaseException as exc:
@@ -579,10 +606,13 @@ async def relay(
         pipe.stop_watching()
         pipe.abort()
         # A socket whose transport exists belongs to it (and is closed by it).
-        if pipe.upstream is None:
-            reset(upstream)
-        if pipe.client is None:
-            reset(client)
+        for end, made in ((upstream, pipe.upstream), (client, pipe.client)):
+            if made is not None:
+                continue
+            if isinstance(end, socket.socket):
+                reset(end)
+            else:
+                end.reset()
         if not isinstance(exc, OSError):
             raise
     return stats

@@ -23,14 +23,24 @@ For a connection that tier 2 allowed by a rule with ``"tls": "intercept"``
    ends the connection, reason ``client_tls_failed``.
 3. The decrypted streams are relayed by the ordinary relay
    (`egressd.proxy.relay`) through the same per-request gate as plain HTTP
-   (`egressd.proxy.http_gate`): `bridge` hands the relay one end of a local
-   socket pair per side and moves bytes between each pair's other end and
-   its TLS connection (`TlsEnd`, memory BIOs over the non-blocking TCP
-   socket). Pacing, timeouts, half-close, the ``403`` and the audit events
+   (`egressd.proxy.http_gate`). HTTP/1.1: the relay runs on the TLS
+   connections themselves (`TlsLink`: a `TlsTransport` over the TCP
+   transport, records decrypted into the relay's buffer and encrypted into
+   the TCP transport in the loop's callbacks; no socket pair, no task).
+   Pacing, timeouts, half-close, the ``403`` and the audit events
    are the relay's and the gate's, unchanged. A FIN from either side becomes
    a ``close_notify`` and a FIN on the other; an error resets both. When
    both sides settled on ``h2``, `egressd.proxy.h2_proxy` takes the gate's
-   place behind the relay: the same decisions, per stream.
+   place behind the relay: the same decisions, per stream; `bridge` hands
+   the relay one end of a local socket pair per side and moves bytes between
+   each pair's other end and its TLS connection (`TlsEnd`, memory BIOs over
+   the non-blocking TCP socket).
+
+Upstream sessions: when an intercepted connection ends, its upstream TLS
+session (a ticket the server sent) is kept (`Interception.keep_session`) and
+the next connection of the same job to the same server, name, port and ALPN
+offer resumes it (`Interception.session`): no certificate to verify again,
+no server signature. Sessions never cross jobs.
 
 The interception CA's key is read from a file at start (`Interception.load`)
 and never leaves the process; leaf keys live only in memory.
@@ -48,6 +58,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -55,7 +66,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from egressd.errors import EgressdError
 from egressd.policy.model import Policy
-from egressd.proxy.relay import reset
+from egressd.proxy.relay import reset, reset_transport
 from egressd.x509build import authority_key_id, leaf_certificate
 
 UPSTREAM_TLS_UNVERIFIED = "upstream_tls_unverified"
@@ -77,9 +88,16 @@ LEAF_BACKDATE = dt.timedelta(minutes=5)
 #: A cached leaf this close to its end is minted anew.
 LEAF_RENEW_BEFORE = dt.timedelta(hours=1)
 DEFAULT_LEAF_CACHE = 1024
+#: Upstream TLS sessions kept for resumption (`Interception.session`).
+DEFAULT_SESSION_CACHE = 1024
 _BUFFER = 64 * 1024
 #: After the relay ended: how long the last plaintext may take to be encrypted out.
 FLUSH_TIMEOUT_S = 5.0
+
+
+#: Whose upstream session may be resumed by whom: (job, SNI, address, port, ALPN
+#: offer). Per job, so that no server can link two jobs by their tickets.
+SessionKey = tuple[object, str, object, int, tuple[str, ...]]
 
 
 class InterceptionError(EgressdError):
@@ -251,10 +269,21 @@ class LeafCache:
 class Interception:
     """A proxy's interception setup: the leaf cache and the upstream trust store."""
 
-    def __init__(self, leaves: LeafCache, *, upstream_ca_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        leaves: LeafCache,
+        *,
+        upstream_ca_file: Path | None = None,
+        sessions: int = DEFAULT_SESSION_CACHE,
+    ) -> None:
         self.leaves = leaves
         self.upstream_ca_file = upstream_ca_file
         self._upstream: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self._sessions: collections.OrderedDict[SessionKey, ssl.SSLSession] = (
+            collections.OrderedDict()
+        )
+        self._session_limit = sessions
+        self.resumed = 0  # upstream handshakes that resumed a session (metrics, tests)
 
     @classmethod
     def load(
@@ -264,13 +293,35 @@ class Interception:
         *,
         upstream_ca_file: Path | None = None,
         cache_size: int = DEFAULT_LEAF_CACHE,
+        sessions: int = DEFAULT_SESSION_CACHE,
     ) -> Interception:
         interception = cls(
             LeafCache(InterceptionCa.load(cert, key), size=cache_size),
             upstream_ca_file=upstream_ca_file,
+            sessions=sessions,
         )
         interception.upstream_context(())  # the trust store must load now, not per connection
         return interception
+
+    def session(self, key: SessionKey) -> ssl.SSLSession | None:
+        """The upstream TLS session to resume for `key`, if one was kept."""
+        session = self._sessions.get(key)
+        if session is not None:
+            self._sessions.move_to_end(key)
+        return session
+
+    def keep_session(self, key: SessionKey, end: TlsEnd) -> None:
+        """Keep `end`'s session (a ticket the server sent) for the next connection
+        of the same job to the same server, name and port with the same offer."""
+        session = end.obj.session
+        if session is None or not session.has_ticket or self._session_limit < 1:
+            return
+        if end.obj.session_reused:
+            self.resumed += 1
+        self._sessions[key] = session
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > self._session_limit:
+            self._sessions.popitem(last=False)
 
     def upstream_context(self, alpn: Sequence[str]) -> ssl.SSLContext:
         """The client-side context for upstream (one per ALPN offer; few exist)."""
@@ -318,10 +369,21 @@ class TlsEnd:
 
     @classmethod
     async def connect(
-        cls, sock: socket.socket, ctx: ssl.SSLContext, server_hostname: str
+        cls,
+        sock: socket.socket,
+        ctx: ssl.SSLContext,
+        server_hostname: str,
+        session: ssl.SSLSession | None = None,
     ) -> TlsEnd:
+        """Client side; `session`: one of `ctx`'s to resume (`Interception.session`)."""
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = ctx.wrap_bio(incoming, outgoing, server_side=False, server_hostname=server_hostname)
+        obj = ctx.wrap_bio(
+            incoming,
+            outgoing,
+            server_side=False,
+            server_hostname=server_hostname,
+            session=session,
+        )
         end = cls(sock, obj, incoming, outgoing)
         await end._handshake()
         return end
@@ -393,6 +455,259 @@ class TlsEnd:
         await self._flush()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
+
+
+# --- a TLS connection as an asyncio transport, for the relay -----------------------------
+
+
+class TlsTransport(asyncio.Transport):
+    """The plaintext side of a handshaken `TlsEnd`, as the transport the relay's
+    protocols (`egressd.proxy.relay`) read and write: records are decrypted
+    straight into the protocol's buffer and encrypted straight into the TCP
+    transport (`_TlsWire`), in the loop's callbacks: no socket pair, no task.
+
+    Reading: paused, the TCP side is paused too and what was already decrypted
+    stays in the `ssl.SSLObject`, delivered on resume. The peer's
+    ``close_notify`` or FIN is the protocol's ``eof_received``; a broken record
+    resets the TCP connection and the protocol's ``connection_lost`` gets the
+    error. Writing: ``write_eof`` sends ``close_notify`` and a FIN (reading
+    goes on), ``close`` the same once the buffered data is out, ``abort``
+    drops the connection (the relay sets SO_LINGER 0 first for a reset).
+    Flow control is the TCP transport's, passed on to the protocol.
+    """
+
+    def __init__(self, end: TlsEnd, protocol: asyncio.BaseProtocol) -> None:
+        super().__init__()
+        self._end = end
+        self._obj = end.obj
+        self._out = end._out
+        self._protocol = protocol
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._raw: asyncio.Transport | None = None
+        self._paused = False
+        self._eof = False  # the peer's end was passed to the protocol
+        self._eof_sent = False
+        self._closing = False
+        self._error: Exception | None = None
+        self._scheduled = False
+
+    # asyncio.Transport
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        if name == "ssl_object":
+            return self._obj
+        return default if self._raw is None else self._raw.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._raw is None or self._raw.is_closing()
+
+    def is_reading(self) -> bool:
+        return not self._paused
+
+    def pause_reading(self) -> None:
+        if self._paused:
+            return
+        self._paused = True
+        if self._raw is not None and not self._raw.is_closing():
+            self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._raw is not None and not self._raw.is_closing():
+            self._raw.resume_reading()
+        # Records already received (with the handshake's last flight, or
+        # while paused) arrive no more from the socket: deliver them now.
+        self._schedule()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._raw is not None:
+            self._raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return 0 if self._raw is None else self._raw.get_write_buffer_size()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof_sent or self._raw is None or self._raw.is_closing():
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self._obj.write(view) :]
+        except ssl.SSLError as exc:
+            self._fail(exc)
+            return
+        self._flush()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof_sent or self._raw is None or self._raw.is_closing():
+            return
+        self._eof_sent = True
+        with contextlib.suppress(ssl.SSLError):
+            self._obj.unwrap()  # queues close_notify (the peer's may come later)
+        self._flush()
+        self._raw.write_eof()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        if not self._eof_sent and self._raw is not None and not self._raw.is_closing():
+            self._eof_sent = True
+            with contextlib.suppress(ssl.SSLError):
+                self._obj.unwrap()
+            self._flush()
+        self._closing = True
+        if self._raw is not None:
+            self._raw.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._raw is not None:
+            self._raw.abort()
+
+    # from the TCP side (`_TlsWire`)
+
+    def _flush(self) -> None:
+        data = self._out.read()
+        if data and self._raw is not None:
+            self._raw.write(data)
+
+    def _fail(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+        self._closing = True
+        reset_transport(self._raw)
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._deliver_soon)
+
+    def _deliver_soon(self) -> None:
+        self._scheduled = False
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Decrypt what was received into the protocol while it reads: as many
+        records as fill its buffer per call (a record holds at most 16 KiB; one
+        call per record would cost one relay write, one send, per 16 KiB)."""
+        obj, protocol = self._obj, self._protocol
+        while not self._paused and not self._eof and not self._closing:
+            stop: ssl.SSLError | None = None
+            if self._buffered:
+                view = memoryview(protocol.get_buffer(-1))  # type: ignore[attr-defined]
+                filled = 0
+                try:
+                    while filled < len(view):
+                        # With a buffer, read returns a count (typeshed: bytes).
+                        n = cast(int, obj.read(len(view) - filled, view[filled:]))
+                        if not n:
+                            raise ssl.SSLZeroReturnError
+                        filled += n
+                except ssl.SSLError as exc:
+                    stop = exc
+                if filled:
+                    protocol.buffer_updated(filled)  # type: ignore[attr-defined]
+            else:
+                try:
+                    data = obj.read(_BUFFER)
+                    if not data:
+                        raise ssl.SSLZeroReturnError
+                except ssl.SSLError as exc:
+                    stop = exc
+                else:
+                    protocol.data_received(data)  # type: ignore[attr-defined]
+            if stop is None:
+                continue
+            if isinstance(stop, ssl.SSLWantReadError):
+                if self._out.pending:  # what reading produced (a KeyUpdate answer)
+                    self._flush()
+                if self._end._in.eof and not self._paused:
+                    self._eof_received()
+            elif isinstance(stop, ssl.SSLZeroReturnError | ssl.SSLEOFError):
+                if not self._paused:  # else on resume: the end is read again
+                    self._eof_received()
+            else:
+                self._fail(stop)
+            return
+
+    def _eof_received(self) -> None:
+        if self._eof:
+            return
+        self._eof = True
+        if self._out.pending:
+            self._flush()
+        keep = self._protocol.eof_received()  # type: ignore[attr-defined]
+        if not keep:
+            self.close()
+
+    def _lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._protocol.connection_lost(self._error if self._error is not None else exc)
+
+
+class _TlsWire(asyncio.BufferedProtocol):
+    """The TCP side of a `TlsTransport`: TLS records in, into the memory BIO."""
+
+    def __init__(self, tls: TlsTransport, scratch: bytearray) -> None:
+        self._tls = tls
+        self._in = tls._end._in
+        self._buffer = scratch
+        self._view = memoryview(scratch)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = self._tls
+        tls._raw = cast(asyncio.Transport, transport)
+        tls._raw.pause_reading()  # until the protocol reads
+        tls._paused = True
+        tls._protocol.connection_made(tls)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._in.write(self._view[:nbytes])  # copied into the BIO: the scratch is shared
+        self._tls._deliver()
+
+    def eof_received(self) -> bool:
+        self._in.write_eof()
+        self._tls._deliver()
+        return True  # the other direction may go on
+
+    def pause_writing(self) -> None:
+        self._tls._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._tls._protocol.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._tls._lost(exc)
+
+
+class TlsLink:
+    """A handshaken `TlsEnd` that the relay attaches its protocol to
+    (`egressd.proxy.relay.Endpoint`): `attach` makes the `TlsTransport`;
+    `reset` resets the TCP connection when the relay never got that far."""
+
+    def __init__(self, end: TlsEnd, scratch: bytearray | None = None) -> None:
+        self.end = end
+        self._scratch = scratch if scratch is not None else bytearray(_BUFFER)
+        self.transport: TlsTransport | None = None
+
+    async def attach(self, factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.BaseProtocol:
+        protocol = factory()
+        tls = self.transport = TlsTransport(self.end, protocol)
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: _TlsWire(tls, self._scratch), sock=self.end.sock
+        )
+        return protocol
+
+    def reset(self) -> None:
+        reset(self.end.sock)
 
 
 # --- the bridge between two TLS connections and the relay -------------------------------
