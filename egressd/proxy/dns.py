@@ -106,6 +106,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import ipaddress
 import socket
 import struct
@@ -113,7 +114,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import dns.asyncquery
@@ -129,7 +130,12 @@ import dns.rrset
 import structlog
 from prometheus_client import Counter
 
-from egressd.limits.dns import DNS_INFLIGHT_LIMIT, DNS_RATE_LIMIT, LOG_INTERVAL_S
+from egressd.limits.dns import (
+    DNS_INFLIGHT_LIMIT,
+    DNS_RATE_LIMIT,
+    DNS_TCP_CONNECTION_LIMIT,
+    LOG_INTERVAL_S,
+)
 from egressd.policy.addresses import IPNetwork, find_denied, overrides
 from egressd.policy.matcher import ALLOWED_HOST, INVALID_HOST, NO_MATCHING_RULE, name_allowed
 from egressd.policy.model import Policy
@@ -137,6 +143,7 @@ from egressd.policy.names import HostError, normalize_host
 from egressd.proxy import audit, job_metrics
 from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
 from egressd.proxy.limiting import LimitsConfig, ProxyLimits
+from egressd.proxy.outcome import LabelledCounter
 from egressd.proxy.resolved import ResolvedNames, clamp_ttl
 
 IPv4Address = ipaddress.IPv4Address
@@ -148,20 +155,64 @@ IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
 IP_ORIGDSTADDR = IP_RECVORIGDSTADDR  # the cmsg type equals the option
 
-#: Reasons (verbatim in logs and counters).
-OPCODE_NOT_QUERY = "opcode_not_query"
-NO_QUESTION = "no_question"
-MULTIPLE_QUESTIONS = "multiple_questions"
-QCLASS_NOT_IN = "qclass_not_in"
-QTYPE_NOT_ALLOWED = "qtype_not_allowed"
-IPV6_UNSUPPORTED = "ipv6_unsupported"
-REBINDING = "rebinding"
-UNKNOWN_FLOW = "unknown_flow"
-UPSTREAM_TIMEOUT = "upstream_timeout"
-UPSTREAM_ERROR = "upstream_error"
-UPSTREAM_NXDOMAIN = "nxdomain"
-MALFORMED = "malformed"
-OVERLOAD = "overload"
+
+class DnsReason(enum.StrEnum):
+    """Why a query was answered, refused or dropped (verbatim in logs and counters).
+
+    The responder's own; a query also carries the policy's (``allowed_host``,
+    ``no_matching_rule``, ``invalid_host``), the policy store's and the DNS
+    limits' reasons, all of them members here (a unit test holds the modules
+    to it).
+    """
+
+    ALLOWED_HOST = ALLOWED_HOST
+    NO_MATCHING_RULE = NO_MATCHING_RULE
+    INVALID_HOST = INVALID_HOST
+    OPCODE_NOT_QUERY = "opcode_not_query"
+    NO_QUESTION = "no_question"
+    MULTIPLE_QUESTIONS = "multiple_questions"
+    QCLASS_NOT_IN = "qclass_not_in"
+    QTYPE_NOT_ALLOWED = "qtype_not_allowed"
+    IPV6_UNSUPPORTED = "ipv6_unsupported"
+    REBINDING = "rebinding"
+    UNKNOWN_FLOW = "unknown_flow"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_NXDOMAIN = "nxdomain"
+    MALFORMED = "malformed"
+    OVERLOAD = "overload"
+    DNS_RATE_LIMIT = DNS_RATE_LIMIT
+    DNS_INFLIGHT_LIMIT = DNS_INFLIGHT_LIMIT
+    DNS_TCP_CONNECTION_LIMIT = DNS_TCP_CONNECTION_LIMIT
+    POLICY_MISSING = "policy_missing"
+    POLICY_UNVERIFIABLE = "policy_unverifiable"
+    POLICY_EXPIRED = "policy_expired"
+    CONTROL_UNREACHABLE = "control_unreachable"
+
+
+OPCODE_NOT_QUERY = DnsReason.OPCODE_NOT_QUERY
+NO_QUESTION = DnsReason.NO_QUESTION
+MULTIPLE_QUESTIONS = DnsReason.MULTIPLE_QUESTIONS
+QCLASS_NOT_IN = DnsReason.QCLASS_NOT_IN
+QTYPE_NOT_ALLOWED = DnsReason.QTYPE_NOT_ALLOWED
+IPV6_UNSUPPORTED = DnsReason.IPV6_UNSUPPORTED
+REBINDING = DnsReason.REBINDING
+UNKNOWN_FLOW = DnsReason.UNKNOWN_FLOW
+UPSTREAM_TIMEOUT = DnsReason.UPSTREAM_TIMEOUT
+UPSTREAM_ERROR = DnsReason.UPSTREAM_ERROR
+UPSTREAM_NXDOMAIN = DnsReason.UPSTREAM_NXDOMAIN
+MALFORMED = DnsReason.MALFORMED
+OVERLOAD = DnsReason.OVERLOAD
+#: ``egressd_dns_queries_total``'s verdicts and ``egressd_dns_dropped_total``'s
+#: reasons: every one there (zero) from the start, nothing else countable.
+DNS_VERDICTS: tuple[str, ...] = (audit.VERDICT_ALLOW, audit.VERDICT_DENY, audit.VERDICT_DROP)
+DROP_REASONS: tuple[DnsReason, ...] = (
+    DnsReason.MALFORMED,
+    DnsReason.OVERLOAD,
+    DnsReason.DNS_RATE_LIMIT,
+    DnsReason.DNS_INFLIGHT_LIMIT,
+    DnsReason.DNS_TCP_CONNECTION_LIMIT,
+)
 
 FORWARD = "forward"
 RESPOND = "respond"
@@ -279,6 +330,7 @@ def apply_dns_mode(policy: Policy, action: DnsAction) -> DnsAction:
     """Report mode: resolve a name no rule names (an A query for a valid name), flag it."""
     if policy.mode != "report" or action.reason != NO_MATCHING_RULE or action.qname is None:
         return action
+    reason: str
     if action.qtype == "AAAA":
         kind, reason = RESPOND, IPV6_UNSUPPORTED
     else:
@@ -509,39 +561,34 @@ class UpstreamResolver:
 
 @dataclass(slots=True)
 class _Metrics:
-    queries: Counter
-    dropped: Counter
-    # Children by label, for the per-datagram path of a flood (a few verdicts and reasons).
-    _children: dict[tuple[str, str], Any] = field(default_factory=dict)
+    # Every child created up front (`DNS_VERDICTS`, `DROP_REASONS`): the per-datagram
+    # path of a flood is one dict lookup, and another label cannot be counted.
+    queries: LabelledCounter
+    dropped: LabelledCounter
 
     def count(self, verdict: str, dropped: str | None = None) -> None:
         """One query with `verdict`, and, if it was dropped, its reason."""
-        children = self._children
-        child = children.get(("verdict", verdict))
-        if child is None:
-            child = children[("verdict", verdict)] = self.queries.labels(verdict=verdict)
-        child.inc()
+        self.queries.inc(verdict)
         if dropped is not None:
-            child = children.get(("dropped", dropped))
-            if child is None:
-                child = children[("dropped", dropped)] = self.dropped.labels(reason=dropped)
-            child.inc()
+            self.dropped.inc(dropped)
 
     @classmethod
     def on(cls, ctx: ProxyContext) -> _Metrics:
+        queries = Counter(
+            "egressd_dns_queries_total",
+            "DNS queries answered by the proxy, by verdict",
+            ["verdict"],
+            registry=ctx.registry,
+        )
+        dropped = Counter(
+            "egressd_dns_dropped_total",
+            "DNS datagrams dropped without an answer, by reason",
+            ["reason"],
+            registry=ctx.registry,
+        )
         return cls(
-            queries=Counter(
-                "egressd_dns_queries_total",
-                "DNS queries answered by the proxy, by verdict",
-                ["verdict"],
-                registry=ctx.registry,
-            ),
-            dropped=Counter(
-                "egressd_dns_dropped_total",
-                "DNS datagrams dropped without an answer, by reason",
-                ["reason"],
-                registry=ctx.registry,
-            ),
+            queries=LabelledCounter(queries, [(verdict,) for verdict in DNS_VERDICTS]),
+            dropped=LabelledCounter(dropped, [(reason,) for reason in DROP_REASONS]),
         )
 
 
@@ -835,7 +882,7 @@ class DnsResponder:
         task = asyncio.current_task()
         if task is not None:
             if len(self._tcp_tasks) >= self.max_tcp_connections:
-                self._metrics.dropped.labels(reason=OVERLOAD).inc()
+                self._metrics.dropped.inc(OVERLOAD)
                 writer.close()
                 return
             self._tcp_tasks.add(task)
@@ -852,7 +899,7 @@ class DnsResponder:
                 refusal = self.limits.dns.begin_tcp(flow.job_id)
                 if refusal is not None:
                     self.limits.dns_refused(flow.job_id, refusal)
-                    self._metrics.dropped.labels(reason=refusal).inc()
+                    self._metrics.dropped.inc(refusal)
                     self._job_denials.dns(flow, audit.VERDICT_DROP, refusal)
                     return
                 tcp_job = flow.job_id

@@ -34,6 +34,7 @@ refused) the request, so the interception step can take its credentials.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -43,20 +44,46 @@ from egressd.policy.matcher import NO_MATCHING_RULE, Decision, Verdict
 from egressd.policy.model import TLS_INTERCEPT, EgressRule, Policy
 from egressd.policy.paths import compiled, path_text, request_path
 from egressd.proxy import sniff, tier2
+from egressd.proxy.outcome import ConnectionReason
 
 IPv4Address = ipaddress.IPv4Address
 
-ALLOWED_REQUEST = "allowed_request"
-METHOD_NOT_ALLOWED = "method_not_allowed"
-PATH_NOT_ALLOWED = "path_not_allowed"
-HOST_NOT_ALLOWED = "host_not_allowed"
-CONNECT_NOT_ALLOWED = "connect_not_allowed"
-HTTP_MALFORMED = tier2.HTTP_MALFORMED
-HOST_ADDRESS_MISMATCH = tier2.HOST_ADDRESS_MISMATCH
-#: ``Upgrade: h2c`` would turn the connection into HTTP/2 that the proxy
-#: does not read: every later request would go unchecked.
-UPGRADE_NOT_ALLOWED = "upgrade_not_allowed"
-HTTP_NOT_INSPECTABLE = "http_not_inspectable"
+
+class RequestReason(enum.StrEnum):
+    """Why an HTTP request was allowed or denied (its audit event's ``reason``).
+
+    The request layer's own; a request whose authority tier 2 denies carries
+    tier 2's reason (a `ConnectionReason`: ``port_not_allowed``, ``deny_private``
+    ...). ``host_sni_mismatch`` is `tls_intercept`'s, the credential reasons
+    `credentials`' (a unit test holds them to these members).
+    """
+
+    ALLOWED_REQUEST = "allowed_request"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    HOST_NOT_ALLOWED = "host_not_allowed"
+    CONNECT_NOT_ALLOWED = "connect_not_allowed"
+    #: ``Upgrade: h2c`` would turn the connection into HTTP/2 that the proxy
+    #: does not read: every later request would go unchecked.
+    UPGRADE_NOT_ALLOWED = "upgrade_not_allowed"
+    HTTP_MALFORMED = ConnectionReason.HTTP_MALFORMED
+    HOST_ADDRESS_MISMATCH = ConnectionReason.HOST_ADDRESS_MISMATCH
+    HOST_SNI_MISMATCH = "host_sni_mismatch"
+    CREDENTIAL_EXFILTRATION = "credential_exfiltration"
+    CREDENTIAL_UNAVAILABLE = "credential_unavailable"
+
+
+ALLOWED_REQUEST = RequestReason.ALLOWED_REQUEST
+METHOD_NOT_ALLOWED = RequestReason.METHOD_NOT_ALLOWED
+PATH_NOT_ALLOWED = RequestReason.PATH_NOT_ALLOWED
+HOST_NOT_ALLOWED = RequestReason.HOST_NOT_ALLOWED
+CONNECT_NOT_ALLOWED = RequestReason.CONNECT_NOT_ALLOWED
+HTTP_MALFORMED = RequestReason.HTTP_MALFORMED
+HOST_ADDRESS_MISMATCH = RequestReason.HOST_ADDRESS_MISMATCH
+UPGRADE_NOT_ALLOWED = RequestReason.UPGRADE_NOT_ALLOWED
+#: A connection's reason (tier 2's outcome), not a request's: a rule with
+#: request rules on a connection whose requests are not read.
+HTTP_NOT_INSPECTABLE = ConnectionReason.HTTP_NOT_INSPECTABLE
 
 CONNECT = "CONNECT"
 

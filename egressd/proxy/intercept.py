@@ -71,6 +71,12 @@ next one, a few times; it never reaches the client as an unhandled error.
    (``ctx.secrets``) and refuses credentials sent elsewhere
    (`egressd.proxy.credentials`).
 
+The steps return frozen `Outcome` values (`egressd.proxy.outcome`: verdict,
+reason, host, rule, would_deny; `compose` is the pure part); `_handle` writes
+the counters and the audit event once, from the final one. `_Conn` holds only
+what the connection is and holds (addresses, flow, policy, slot, lease, the
+relay's counters).
+
 One ``connection`` audit event per connection, when it is over (with
 ``end``: ``idle_timeout`` or ``max_lifetime`` when a timeout ended it;
 ``policy_revoked``, ``policy_changed`` or ``policy_expired`` when its job's
@@ -95,9 +101,7 @@ from typing import Any
 import structlog
 from prometheus_client import Counter, Gauge
 
-from egressd.limits import PORT_POOL_EXHAUSTED
 from egressd.limits.ports import Destination, Lease
-from egressd.policy.addresses import FLEET_ADDRESS
 from egressd.policy.matcher import Decision, Verdict, match_address
 from egressd.policy.model import TLS_INTERCEPT, Policy
 from egressd.proxy import audit, http_rules, job_metrics, live, sniff, tier2, tls_intercept
@@ -107,7 +111,16 @@ from egressd.proxy.dns import DNS_PORT, UpstreamResolver
 from egressd.proxy.h2_proxy import H2Proxy
 from egressd.proxy.http_gate import HttpGate, RequestRecord
 from egressd.proxy.limiting import LimitsConfig, ProxyLimits
-from egressd.proxy.relay import DOWN, RELAY_BUFFER, UP, RelayStats, relay, reset
+from egressd.proxy.outcome import (
+    CONNECTION_LABELS,
+    LIMIT_REASONS,
+    ConnectionReason,
+    LabelledCounter,
+    NotConnected,
+    Outcome,
+    connection_reason,
+)
+from egressd.proxy.relay import DOWN, RELAY_BUFFER, UP, Endpoint, RelayStats, relay, reset
 from egressd.proxy.resolved import ResolvedNames
 
 IPv4Address = ipaddress.IPv4Address
@@ -138,9 +151,9 @@ def bound_dead_peers(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
-UNKNOWN_FLOW = "unknown_flow"
-UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
-PROXY_SHUTDOWN = "proxy_shutdown"
+UNKNOWN_FLOW = ConnectionReason.UNKNOWN_FLOW
+UPSTREAM_CONNECT_FAILED = ConnectionReason.UPSTREAM_CONNECT_FAILED
+PROXY_SHUTDOWN = ConnectionReason.PROXY_SHUTDOWN
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_BACKLOG = 4096
@@ -151,7 +164,7 @@ _ACCEPT_BATCH = 64
 
 @dataclass(slots=True)
 class _Metrics:
-    connections: Counter
+    connections: LabelledCounter  # every (verdict, reason) of `CONNECTION_LABELS`
     bytes: Counter
     active: Gauge
     ended: Counter
@@ -159,13 +172,14 @@ class _Metrics:
 
     @classmethod
     def on(cls, ctx: ProxyContext) -> _Metrics:
+        connections = Counter(
+            "egressd_connections_total",
+            "TCP connections decided by tier 2, by enforced verdict and reason",
+            ["verdict", "reason"],
+            registry=ctx.registry,
+        )
         return cls(
-            connections=Counter(
-                "egressd_connections_total",
-                "TCP connections decided by tier 2, by enforced verdict and reason",
-                ["verdict", "reason"],
-                registry=ctx.registry,
-            ),
+            connections=LabelledCounter(connections, CONNECTION_LABELS),
             bytes=Counter(
                 "egressd_bytes_total",
                 "Bytes relayed, by direction (up: sandbox to internet)",
@@ -224,7 +238,12 @@ class Peeked:
 
 @dataclass(slots=True)
 class _Conn:
-    """What the audit line of one connection needs, filled in as it goes."""
+    """One connection's addresses, what it holds (slot, source port, the relay's
+    counters) and, once known, its job's flow and policy.
+
+    Its outcome is not here: the decision steps return `Outcome` values and
+    `_handle` writes the audit event and counters from the final one.
+    """
 
     src: IPv4Address
     sport: int
@@ -233,15 +252,12 @@ class _Conn:
     started: float = field(default_factory=time.monotonic)
     flow: FlowInfo | None = None
     policy: Policy | None = None
-    host: str | None = None
-    verdict: str = audit.VERDICT_DENY
-    reason: str = "error"
-    would_deny: bool = False
     relay: RelayStats = field(default_factory=RelayStats)
     relaying: bool = False  # the client socket belongs to the relay now
     admitted: bool = False  # holds a connection slot (`ProxyLimits.admit`)
     lease: Lease | None = None  # the upstream socket's source port
-    learned: frozenset[str] = frozenset()  # for `live.redecide` on a policy change
+    # What tier 2 decided from, for `live.redecide` on a policy change.
+    learned: frozenset[str] = frozenset()
     proxy_ips: frozenset[IPv4Address] = frozenset()
 
 
@@ -340,17 +356,72 @@ _HTTP_ERRORS = {
 }
 
 
-def _intercepts(decision: Decision, peeked: Peeked) -> bool:
+def compose(
+    policy: Policy, named: tier2.NamedDecision, peeked: Peeked, *, interception: bool
+) -> Outcome:
+    """Tier 2's decision as the connection's outcome before the connect (pure).
+
+    A rule with request rules must see the requests (`http_rules.inspectable`);
+    report mode turns a deny into an allow flagged ``would_deny``
+    (`tier2.apply_mode`); a connection that a ``"tls": "intercept"`` rule
+    allows is denied when it cannot be intercepted here (`interception`: this
+    proxy has an interception CA; `_interception_refusal`).
+    """
+    decision = http_rules.inspectable(named.decision, peeked.protocol)
+    enforced = tier2.apply_mode(policy, decision)
+    outcome = Outcome.decided(
+        decision,
+        enforced=enforced.enforced_verdict,
+        would_deny=enforced.would_deny,
+        host=named.host,
+    )
+    if _intercepts(outcome, peeked):
+        refusal = _interception_refusal(outcome, peeked, interception=interception)
+        if refusal is not None:
+            return outcome.denied(refusal)
+    return outcome
+
+
+def _intercepts(outcome: Outcome, peeked: Peeked) -> bool:
     """Whether an allowed connection is to be intercepted: a ClientHello, and
-    the rule that allowed it says ``"tls": "intercept"``."""
-    rule = decision.rule
+    the rule that allowed it (not report mode's allow) says ``"tls": "intercept"``."""
+    rule = outcome.rule
     return (
-        decision.allowed
+        outcome.allowed
+        and not outcome.would_deny
         and peeked.protocol == tier2.PROTOCOL_TLS
         and peeked.sniff_error is None
         and rule is not None
         and rule.tls == TLS_INTERCEPT
     )
+
+
+def _interception_refusal(
+    outcome: Outcome, peeked: Peeked, *, interception: bool
+) -> ConnectionReason | None:
+    """Why an intercepting rule's connection cannot be intercepted here, if it cannot."""
+    if not interception:
+        return ConnectionReason.TLS_INTERCEPTION_UNAVAILABLE
+    if outcome.host is None:
+        return ConnectionReason.NO_SNI
+    if peeked.ech:
+        # The visible SNI is a front; the client's real name is encrypted:
+        # a leaf for the front would be refused, and requests not read.
+        return ConnectionReason.HTTP_NOT_INSPECTABLE
+    return None
+
+
+def _policy_reason(reason: str) -> ConnectionReason:
+    """`PolicyUnavailable`'s reason as a connection reason (still a deny if it is none)."""
+    member = connection_reason(reason)
+    if member is None:
+        log.error("unknown_policy_reason", reason=reason)
+        return ConnectionReason.ERROR
+    return member
+
+
+_TO_OWN_ADDRESS = NotConnected(ConnectionReason.FLEET_ADDRESS)
+_CONNECT_FAILED = NotConnected(ConnectionReason.UPSTREAM_CONNECT_FAILED)
 
 
 _MISS = object()
@@ -429,7 +500,6 @@ class Interceptor:
         # use (as `labels()` would create them) rather than once per connection.
         self._count_up: Any = None
         self._count_down: Any = None
-        self._connections_by: dict[tuple[str, str], Any] = {}
         self._decisions = _DecisionCache()
         self._job_denials = job_metrics.on(ctx)
         # Open relayed connections, re-decided when their job's policy changes.
@@ -549,20 +619,34 @@ class Interceptor:
     async def _handle(
         self, sock: socket.socket, src: IPv4Address, sport: int, dst: IPv4Address, dport: int
     ) -> None:
+        """One connection: the decision steps' outcome, carried out; then the
+        audit event and counters, written once from the final outcome."""
         conn = _Conn(src, sport, dst, dport)
         self._metrics.active.inc()
+        decided: Outcome | None = None  # tier 2's, once made (an error later keeps its host)
+        outcome = Outcome.deny(ConnectionReason.ERROR)
         try:
-            await self._serve(sock, conn)
+            decided, peeked = await self._decide_steps(sock, conn)
+            outcome = decided
+            if decided.allowed:
+                outcome = await self._carry_out(sock, conn, decided, peeked)
         except BaseException as exc:
-            if not conn.relaying:
-                conn.verdict = audit.VERDICT_DENY
-                conn.reason = PROXY_SHUTDOWN if isinstance(exc, asyncio.CancelledError) else "error"
-                reset(sock)
+            if conn.relaying and decided is not None:
+                outcome = decided  # the peers' connection stands; the relay closed it
+            else:
+                reason = (
+                    PROXY_SHUTDOWN
+                    if isinstance(exc, asyncio.CancelledError)
+                    else ConnectionReason.ERROR
+                )
+                outcome = Outcome.deny(reason) if decided is None else decided.denied(reason)
             raise
         finally:
+            if not conn.relaying:
+                reset(sock)  # a deny, a failure or an error: the client sees a reset
             self._metrics.active.dec()
             self._give_back(conn)
-            self._finish(conn)
+            self._finish(conn, outcome)
 
     def _give_back(self, conn: _Conn) -> None:
         """Return the connection's slot and source port (its sockets are closed by now)."""
@@ -573,82 +657,62 @@ class Interceptor:
             self.limits.release(conn.flow.job_id)
             conn.admitted = False
 
-    async def _serve(self, sock: socket.socket, conn: _Conn) -> None:
+    async def _decide_steps(self, sock: socket.socket, conn: _Conn) -> tuple[Outcome, Peeked]:
+        """The flow, the job's policy, admission, the address, what the client
+        sent, tier 2: the outcome before any upstream connect (a deny is final)."""
         ctx = self.ctx
+        peeked = Peeked(b"")
         flow = ctx.flows.lookup(conn.src, conn.sport, conn.dst, conn.dport, 6)
         if flow is None:
-            return self._deny(sock, conn, UNKNOWN_FLOW)
+            return Outcome.deny(UNKNOWN_FLOW), peeked
         conn.flow = flow
         try:
             verified = await ctx.policies.get(flow.job_id)
         except PolicyUnavailable as exc:
-            return self._deny(sock, conn, exc.reason)
+            return Outcome.deny(_policy_reason(exc.reason)), peeked
         policy = conn.policy = verified.policy
 
         now = time.monotonic()
         refusal = self.limits.admit(flow.job_id, policy.limits, now)
         if refusal is not None:
-            return self._refuse(sock, conn, refusal)
+            return Outcome.deny(ConnectionReason(refusal)), peeked
         conn.admitted = True
         learned = self.resolved.names_for(flow.job_id, conn.dst, now)
         conn.learned = frozenset(learned)
-        peeked = Peeked(b"")
-        decision = self._by_address(policy, conn.dst, conn.dport)
-        if decision is None:
+        by_address = self._by_address(policy, conn.dst, conn.dport)
+        if by_address is None:
             peeked = await peek_client(sock, timeout_s=self.peek_timeout_s)
-            decision = await self._decide(policy, conn, peeked, learned)
+            named = await self._decide(policy, conn, peeked, learned)
+        else:
+            named = tier2.NamedDecision(by_address, None)  # no byte read: no name
+        return compose(policy, named, peeked, interception=self.interception is not None), peeked
 
-        decision = http_rules.inspectable(decision, peeked.protocol)
-        outcome = tier2.apply_mode(policy, decision)
-        conn.reason = decision.reason
-        conn.would_deny = outcome.would_deny
-        if not outcome.allowed:
-            return self._deny(sock, conn, decision.reason)
-        intercepting = _intercepts(decision, peeked)
-        if intercepting:
-            refusal = self._cannot_intercept(conn, peeked)
-            if refusal is not None:
-                conn.reason = refusal
-                return self._deny(sock, conn, refusal)
-        conn.verdict = audit.VERDICT_ALLOW
-
+    async def _carry_out(
+        self, sock: socket.socket, conn: _Conn, outcome: Outcome, peeked: Peeked
+    ) -> Outcome:
+        """An allowed connection: connect upstream, then relay (gated, or
+        intercepted); the outcome changes only when that cannot be done."""
+        policy = conn.policy
+        assert policy is not None
         upstream = await self._connect(conn, policy)
-        if upstream == FLEET_ADDRESS:
-            return self._deny(sock, conn, FLEET_ADDRESS)
-        if isinstance(upstream, str):
-            return self._refuse(sock, conn, upstream)
-        if upstream is None:
-            conn.reason = UPSTREAM_CONNECT_FAILED
-            reset(sock)
-            return None
-        if intercepting:
-            return await self._intercepted(sock, upstream, conn, policy, peeked)
+        if isinstance(upstream, NotConnected):
+            return upstream.applied_to(outcome)
+        if _intercepts(outcome, peeked):
+            return await self._intercepted(sock, upstream, conn, policy, peeked, outcome)
         conn.relaying = True
         if self._count_up is None:
             self._count_up = self._metrics.bytes.labels(direction=UP).inc
             self._count_down = self._metrics.bytes.labels(direction=DOWN).inc
         gate = None
         if peeked.protocol == tier2.PROTOCOL_HTTP and peeked.sniff_error is None:
-            gate = self._gate(conn, policy)
+            gate = self._gate(conn, policy, outcome.host)
         try:
             await self._relay(sock, upstream, conn, policy, peeked, gate)
         finally:
             if gate is not None:
                 for record in gate.pending_records():
                     self._request_done(conn, record)
-        return None
-
-    def _cannot_intercept(self, conn: _Conn, peeked: Peeked) -> str | None:
-        """Why an intercepting rule's connection cannot be intercepted here, if it cannot."""
-        if self.interception is None:
-            return tls_intercept.INTERCEPTION_UNAVAILABLE
-        if conn.host is None:
-            return tier2.NO_SNI
-        if peeked.ech:
-            # The visible SNI is a front; the client's real name is encrypted:
-            # a leaf for the front would be refused, and requests not read.
-            return http_rules.HTTP_NOT_INSPECTABLE
-        return None
+        return outcome
 
     async def _intercepted(
         self,
@@ -657,17 +721,24 @@ class Interceptor:
         conn: _Conn,
         policy: Policy,
         peeked: Peeked,
-    ) -> None:
-        """TLS ended on both sides (`egressd.proxy.tls_intercept`), requests gated."""
+        outcome: Outcome,
+    ) -> Outcome:
+        """TLS ended on both sides (`egressd.proxy.tls_intercept`), requests gated;
+        `outcome` changed when a handshake fails (the client is reset by `_handle`)."""
         interception = self.interception
-        host = conn.host
+        host = outcome.host
         assert interception is not None and host is not None
         try:
             offer = tls_intercept.alpn_offer(peeked.alpn, tls_intercept.supported_alpn(policy))
+            assert conn.flow is not None
+            resume = (conn.flow.job_id, host, conn.dst, conn.dport, offer)
             try:
                 async with asyncio.timeout(self.connect_timeout_s):
                     server = await tls_intercept.TlsEnd.connect(
-                        upstream, interception.upstream_context(offer), host
+                        upstream,
+                        interception.upstream_context(offer),
+                        host,
+                        interception.session(resume),
                     )
             except ssl.SSLCertVerificationError as exc:
                 log.info(
@@ -678,23 +749,19 @@ class Interceptor:
                     error=exc.verify_message or str(exc),
                 )
                 reset(upstream)
-                return self._deny(sock, conn, tls_intercept.UPSTREAM_TLS_UNVERIFIED)
+                return outcome.denied(ConnectionReason.UPSTREAM_TLS_UNVERIFIED)
             except (ssl.SSLError, OSError) as exc:  # TimeoutError included
                 log.info("upstream_tls_failed", host=host, dst=str(conn.dst), error=repr(exc))
-                conn.reason = tls_intercept.UPSTREAM_TLS_FAILED
                 reset(upstream)
-                reset(sock)
-                return None
+                return outcome.failed(ConnectionReason.UPSTREAM_TLS_FAILED)
             ctx = interception.leaves.context(host, tls_intercept.client_alpn(server.selected_alpn))
             try:
                 async with asyncio.timeout(self.connect_timeout_s):
                     client = await tls_intercept.TlsEnd.accept(sock, ctx, peeked.data)
             except (ssl.SSLError, OSError) as exc:
                 log.info("client_tls_failed", host=host, src=str(conn.src), error=repr(exc))
-                conn.reason = tls_intercept.CLIENT_TLS_FAILED
                 reset(upstream)
-                reset(sock)
-                return None
+                return outcome.failed(ConnectionReason.CLIENT_TLS_FAILED)
         except BaseException:
             reset(upstream)  # the client is reset by `_handle`
             raise
@@ -702,7 +769,7 @@ class Interceptor:
         if self._count_up is None:
             self._count_up = self._metrics.bytes.labels(direction=UP).inc
             self._count_down = self._metrics.bytes.labels(direction=DOWN).inc
-        gate = self._gate(conn, policy, sni=host)
+        gate = self._gate(conn, policy, host, sni=host)
         decrypted = dataclasses.replace(peeked, data=b"")  # the ClientHello is not forwarded
         if server.selected_alpn == tls_intercept.H2:
             # The same decisions (the gate's own `decide`), on each HTTP/2 stream.
@@ -722,22 +789,30 @@ class Interceptor:
                     plain_server.close()
 
             await tls_intercept.bridge(client, server, run_h2)
-            return None
+            interception.keep_session(resume, server)
+            return outcome
 
-        async def run_relay(plain_client: socket.socket, plain_server: socket.socket) -> None:
-            await self._relay(plain_client, plain_server, conn, policy, decrypted, gate)
-
+        # HTTP/1.1: the relay reads and writes the TLS connections themselves
+        # (`tls_intercept.TlsLink`), in callbacks, as it does TCP sockets.
         try:
-            await tls_intercept.bridge(client, server, run_relay)
+            await self._relay(
+                tls_intercept.TlsLink(client, self._scratch),
+                tls_intercept.TlsLink(server, self._scratch),
+                conn,
+                policy,
+                decrypted,
+                gate,
+            )
         finally:
+            interception.keep_session(resume, server)
             for record in gate.pending_records():
                 self._request_done(conn, record)
-        return None
+        return outcome
 
     async def _relay(
         self,
-        sock: socket.socket,
-        upstream: socket.socket,
+        sock: socket.socket | Endpoint,
+        upstream: socket.socket | Endpoint,
         conn: _Conn,
         policy: Policy,
         peeked: Peeked,
@@ -776,8 +851,11 @@ class Interceptor:
                 gate=gate,
             )
 
-    def _gate(self, conn: _Conn, policy: Policy, *, sni: str | None = None) -> HttpGate:
-        """The request gate of a plain-HTTP (or intercepted, `sni`) connection (`http_rules`).
+    def _gate(
+        self, conn: _Conn, policy: Policy, conn_host: str | None, *, sni: str | None = None
+    ) -> HttpGate:
+        """The request gate of a plain-HTTP (or intercepted, `sni`) connection (`http_rules`),
+        whose tier-2 outcome named `conn_host`.
 
         On an intercepted connection a request's Host must be the SNI itself
         (``host_sni_mismatch``): the leaf and the upstream TLS were made for
@@ -791,7 +869,6 @@ class Interceptor:
         """
         assert conn.flow is not None
         job_id = conn.flow.job_id
-        conn_host = conn.host
         fleet_ranges = self.ctx.fleet_ranges
         by_host: dict[tuple[str | None, int | None, frozenset[str]], Decision] = {}
 
@@ -815,10 +892,18 @@ class Interceptor:
             decision = http_rules.decide_http(host, request, method=method, upgrade=upgrade)
             return tier2.apply_mode(policy, decision)
 
+        names_sni: dict[str | None, bool] = {}  # a request's Host -> it is the SNI
+
         def decide(method: str, request: http_rules.RequestTarget, upgrade: str | None) -> Any:
-            if sni is not None and tier2.claimed_host(None, request.host).name != sni:
-                mismatch = Decision(Verdict.DENY, tls_intercept.HOST_SNI_MISMATCH, None)
-                return tier2.apply_mode(policy, mismatch)
+            if sni is not None:
+                same = names_sni.get(request.host)
+                if same is None:  # normalised once per connection, not per request
+                    same = names_sni[request.host] = (
+                        tier2.claimed_host(None, request.host).name == sni
+                    )
+                if not same:
+                    mismatch = Decision(Verdict.DENY, tls_intercept.HOST_SNI_MISMATCH, None)
+                    return tier2.apply_mode(policy, mismatch)
             learned = self.resolved.names_for(job_id, conn.dst, time.monotonic())
             key = (request.host, request.port, frozenset(learned))
             cached = by_host.get(key)
@@ -896,8 +981,9 @@ class Interceptor:
         conn: _Conn,
         peeked: Peeked,
         learned: set[str],
-    ) -> Decision:
-        """Tier 2 for what the client sent; sets ``conn.host`` (the audit name)."""
+    ) -> tier2.NamedDecision:
+        """Tier 2 for what the client sent, with the audit name; records the
+        proxy's own resolution, if it made one, in ``conn.proxy_ips``."""
         fleet_ranges = self.ctx.fleet_ranges
         key = (
             conn.dst,
@@ -911,9 +997,8 @@ class Interceptor:
             frozenset(learned),
         )
         cached = self._decisions.get(policy, fleet_ranges, key)
-        if cached is not _MISS:
-            conn.host, decision = cached  # type: ignore[misc]
-            return decision  # type: ignore[has-type,no-any-return]
+        if isinstance(cached, tier2.NamedDecision):
+            return cached
         claim = tier2.claimed_host(peeked.sni, peeked.http_host)
         proxy_ips: set[IPv4Address] = set()
         resolved = False
@@ -935,12 +1020,11 @@ class Interceptor:
             )
             conn.proxy_ips = frozenset(proxy_ips)
         named = self._decide_now(policy, conn, peeked, learned, proxy_ips)
-        conn.host = named.host
         if not resolved:
             # Without the proxy's own resolution the decision is a pure
             # function of the key; with it, it depends on DNS: not memoised.
-            self._decisions.put(policy, fleet_ranges, key, (named.host, named.decision))
-        return named.decision
+            self._decisions.put(policy, fleet_ranges, key, named)
+        return named
 
     def _decide_now(
         self,
@@ -965,19 +1049,19 @@ class Interceptor:
             target_port=peeked.target_port,
         )
 
-    async def _connect(self, conn: _Conn, policy: Policy) -> socket.socket | str | None:
-        """The connected upstream socket; a refusal reason when no source port
-        may be had (``fleet_address`` when the destination is this proxy
-        itself: never attempted); None when the connect failed."""
+    async def _connect(self, conn: _Conn, policy: Policy) -> socket.socket | NotConnected:
+        """The connected upstream socket, or why there is none: no source port
+        may be had (a limit's reason), ``fleet_address`` when the destination
+        is this proxy itself (never attempted), ``upstream_connect_failed``."""
         assert conn.flow is not None
         if conn.dst in self._own:
-            return FLEET_ADDRESS
+            return _TO_OWN_ADDRESS
         destination = Destination(conn.dst, conn.dport)
         for _ in range(PORT_ATTEMPTS):
             now = time.monotonic()
             lease = self.limits.acquire_port(conn.flow.job_id, destination, policy.limits, now)
             if isinstance(lease, str):
-                return lease
+                return NotConnected(ConnectionReason(lease))
             conn.lease = lease
             try:
                 return await self._connect_from(conn, lease)
@@ -995,15 +1079,16 @@ class Interceptor:
                     destination=str(destination),
                     error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
                 )
-        return PORT_POOL_EXHAUSTED
+        return NotConnected(ConnectionReason.PORT_POOL_EXHAUSTED)
 
-    async def _connect_from(self, conn: _Conn, lease: Lease) -> socket.socket | str | None:
-        """Connect from the lease's (address, port); None if the connect failed;
-        ``fleet_address`` (not attempted) when the destination is the source
-        address itself: a TCP self-connect would echo the client's bytes back;
-        OSError(EADDRINUSE/EADDRNOTAVAIL) if that source cannot be used."""
+    async def _connect_from(self, conn: _Conn, lease: Lease) -> socket.socket | NotConnected:
+        """Connect from the lease's (address, port); ``upstream_connect_failed``
+        if the connect failed; ``fleet_address`` (not attempted) when the
+        destination is the source address itself: a TCP self-connect would
+        echo the client's bytes back; OSError(EADDRINUSE/EADDRNOTAVAIL) if that
+        source cannot be used."""
         if conn.dst == lease.address or conn.dst in self._own:
-            return FLEET_ADDRESS
+            return _TO_OWN_ADDRESS
         loop = asyncio.get_running_loop()
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -1022,31 +1107,19 @@ class Interceptor:
                 raise
             # The audit line says upstream_connect_failed; this says why.
             log.debug("upstream_connect_error", dst=str(conn.dst), port=conn.dport, error=repr(exc))
-            return None
+            return _CONNECT_FAILED
         except BaseException:
             upstream.close()
             raise
         return upstream
 
-    def _deny(self, sock: socket.socket, conn: _Conn, reason: str) -> None:
-        conn.verdict = audit.VERDICT_DENY
-        conn.reason = reason
-        reset(sock)
-
-    def _refuse(self, sock: socket.socket, conn: _Conn, reason: str) -> None:
-        """A deny by a limit: also counted per job."""
-        self.limits.refused(None if conn.flow is None else conn.flow.job_id, reason)
-        self._deny(sock, conn, reason)
-
-    def _finish(self, conn: _Conn) -> None:
-        key = (conn.verdict, conn.reason)
-        child = self._connections_by.get(key)
-        if child is None:
-            child = self._connections_by[key] = self._metrics.connections.labels(
-                verdict=conn.verdict, reason=conn.reason
-            )
-        child.inc()
-        self._job_denials.connection(conn.flow, conn.verdict, conn.reason)
+    def _finish(self, conn: _Conn, outcome: Outcome) -> None:
+        """The connection's counters and its one audit event, from its final outcome."""
+        verdict, reason = outcome.verdict.value, outcome.reason.value
+        if outcome.reason in LIMIT_REASONS:
+            self.limits.refused(None if conn.flow is None else conn.flow.job_id, reason)
+        self._metrics.connections.inc(verdict, reason)
+        self._job_denials.connection(conn.flow, verdict, reason)
         if conn.relay.end is not None:
             self._metrics.ended.labels(conn.relay.end).inc()
         if conn.relay.paced_chunks:
@@ -1063,11 +1136,11 @@ class Interceptor:
                 sport=conn.sport,
                 dst=conn.dst,
                 port=conn.dport,
-                host=conn.host,
-                verdict=conn.verdict,
-                reason=conn.reason,
+                host=outcome.host,
+                verdict=verdict,
+                reason=reason,
                 mode=None if policy is None else policy.mode,
-                would_deny=conn.would_deny,
+                would_deny=outcome.would_deny,
                 bytes_up=conn.relay.bytes_up,
                 bytes_down=conn.relay.bytes_down,
                 duration_ms=(time.monotonic() - conn.started) * 1000.0,

@@ -90,21 +90,23 @@ from egressd.policy.matcher import (
 )
 from egressd.policy.model import Policy
 from egressd.policy.names import HostError, normalize_host
+from egressd.proxy.outcome import ConnectionReason
 
 IPv4Address = ipaddress.IPv4Address
 
-HOST_ADDRESS_MISMATCH = "host_address_mismatch"
-TLS_MALFORMED = "tls_malformed"
-HTTP_MALFORMED = "http_malformed"
-INVALID_HOST = "invalid_host"
+# Tier 2's own reasons: members of the connection reasons (`egressd.proxy.outcome`).
+HOST_ADDRESS_MISMATCH = ConnectionReason.HOST_ADDRESS_MISMATCH
+TLS_MALFORMED = ConnectionReason.TLS_MALFORMED
+HTTP_MALFORMED = ConnectionReason.HTTP_MALFORMED
+INVALID_HOST = ConnectionReason.INVALID_HOST
 # Fail closed on what cannot be read (step 2 of the module docstring).
-CLIENT_HELLO_INCOMPLETE = "client_hello_incomplete"
-CLIENT_HELLO_TOO_LARGE = "client_hello_too_large"
-HTTP_HEAD_INCOMPLETE = "http_head_incomplete"
-HTTP_HEAD_TOO_LARGE = "http_head_too_large"
-NO_SNI = "no_sni"
-NO_HOST = "no_host"
-ECH_NOT_ALLOWED = "ech_not_allowed"
+CLIENT_HELLO_INCOMPLETE = ConnectionReason.CLIENT_HELLO_INCOMPLETE
+CLIENT_HELLO_TOO_LARGE = ConnectionReason.CLIENT_HELLO_TOO_LARGE
+HTTP_HEAD_INCOMPLETE = ConnectionReason.HTTP_HEAD_INCOMPLETE
+HTTP_HEAD_TOO_LARGE = ConnectionReason.HTTP_HEAD_TOO_LARGE
+NO_SNI = ConnectionReason.NO_SNI
+NO_HOST = ConnectionReason.NO_HOST
+ECH_NOT_ALLOWED = ConnectionReason.ECH_NOT_ALLOWED
 #: The reasons a connection's unreadable first bytes are denied with.
 SNIFF_ERRORS: frozenset[str] = frozenset(
     {

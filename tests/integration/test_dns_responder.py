@@ -8,7 +8,6 @@ from 100.100.100.53:53 and forward only what the policy allows to the
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -28,8 +27,11 @@ from tests.support.intercept_world import (
     JOB_ID,
     RESOLVER,
     World,
+    addresses,
+    ask_udp,
     make_world,
     ns_socket,
+    query,
     source,
 )
 from tests.support.root import NETNS_TOOLS
@@ -41,34 +43,6 @@ pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(120)]
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with make_world(tmp_path_factory.mktemp("dns")) as w:
         yield w
-
-
-def ask_udp(
-    world: World, wire: bytes, *, src: str = CLIENT, timeout: float = 4.0
-) -> tuple[bytes, tuple[str, int], str]:
-    """Send one datagram to the resolver; (reply, reply source, our ip:port)."""
-    sock = ns_socket(world.client_ns, socket.SOCK_DGRAM)
-    with sock:
-        sock.settimeout(timeout)
-        sock.bind((src, 0))
-        sock.sendto(wire, (RESOLVER, 53))
-        reply, addr = sock.recvfrom(65535)
-        return reply, addr, source(sock)
-
-
-def query(
-    world: World, name: str, rdtype: str = "A", **kw: object
-) -> tuple[dns.message.Message, str]:
-    q = dns.message.make_query(name, rdtype)
-    wire, addr, src = ask_udp(world, q.to_wire(), **kw)  # type: ignore[arg-type]
-    assert addr == (RESOLVER, 53)  # the answer comes from where the query went
-    response = dns.message.from_wire(wire)
-    assert response.id == q.id and response.flags & dns.flags.QR
-    return response, src
-
-
-def addresses(response: dns.message.Message) -> list[str]:
-    return [r.address for rrset in response.answer for r in rrset if hasattr(r, "address")]
 
 
 def upstream_saw(world: World, qname: str) -> list[str]:
@@ -156,7 +130,8 @@ def test_malformed_dropped_and_responder_survives(world: World, wire: bytes) -> 
     response, _ = query(world, "api.allowed.test")
     assert response.rcode() == dns.rcode.NOERROR
     samples = parse(world.metrics())
-    assert metric_value(samples, "egressd_dns_dropped_total", reason="malformed") is not None
+    # every label is there (zero) from the start: this one must have counted
+    assert (metric_value(samples, "egressd_dns_dropped_total", reason="malformed") or 0) >= 1
 
 
 def test_a_response_is_not_a_query(world: World) -> None:
@@ -188,8 +163,8 @@ def test_metrics(world: World) -> None:
     query(world, "api.allowed.test")
     query(world, "evil.test")
     samples = parse(world.metrics())
-    assert metric_value(samples, "egressd_dns_queries_total", verdict="allow") is not None
-    assert metric_value(samples, "egressd_dns_queries_total", verdict="deny") is not None
+    assert (metric_value(samples, "egressd_dns_queries_total", verdict="allow") or 0) >= 1
+    assert (metric_value(samples, "egressd_dns_queries_total", verdict="deny") or 0) >= 1
 
 
 def test_report_mode_resolves_unlisted_names(world: World) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from egressd.metrics_text import metric_value, parse
 from egressd.proxy.sniff import MAX_CLIENT_HELLO, MAX_HTTP_HEAD
-from tests import tls_hellos
+from tests.support import tls_hellos
 from tests.support.intercept_world import (
     API,
     CLIENT,
@@ -270,4 +270,4 @@ def test_metrics_count_the_new_reasons(resolved: World) -> None:
     audit(resolved, src)
     samples = parse(resolved.metrics())
     no_sni = metric_value(samples, "egressd_connections_total", reason="no_sni", verdict="deny")
-    assert no_sni is not None
+    assert no_sni is not None and no_sni >= 1  # a zero is there from the start
