@@ -44,7 +44,7 @@ COMMANDS: dict[str, str] = {
     "bench": "egressd_harness.bench.cli",
     "loadtest": "egressd_harness.loadtest.cli",
     "audit": "egressd.audit.cli",
-    "demo": "egressd_harness.demo",
+    "demo": "egressd_harness.demo.cli",
 }
 
 

@@ -1,14 +1,13 @@
 """`python -m egressd_harness.deploy ROLE | health ROLE`: which container role to run.
 
-The dispatch lives here, not in `egressd_harness.deploy.entry`: `demo` and `loadgen`
-use entry's helpers, so entry importing them back would make an import cycle.
+The dispatch lives here, not in `egressd_harness.deploy.entry`: `demo`
+(`egressd_harness.demo.compose`) and `loadgen` use entry's helpers, so entry importing them
+back would make an import cycle.
 """
 
 from __future__ import annotations
 
 import sys
-
-from egressd_harness.deploy import entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,15 +16,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("usage: python -m egressd_harness.deploy ROLE | health ROLE")
     role = argv[0]
     if role == "health":
+        # Not through entry: a healthcheck must not pay for entry's imports (see health.py).
+        from egressd_harness.deploy.health import health
+
         try:
-            return entry.health(argv[1])
+            return health(argv[1])
         except (OSError, SystemExit) as exc:
             print(f"unhealthy: {exc}", file=sys.stderr)
             return 1
     if role == "demo":
-        from egressd_harness.deploy import demo
+        from egressd_harness.demo import compose
 
-        return demo.main(argv[1:])
+        return compose.main(argv[1:])
+    from egressd_harness.deploy import entry
+
     if role == "udf":
         return entry.role_udf(argv[1:])
     if role == "loadgen":

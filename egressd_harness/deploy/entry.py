@@ -48,7 +48,6 @@ What differs from the namespaces topology:
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import os
@@ -64,18 +63,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from egressd import metrics_text
 from egressd.atomicfile import write_atomic
 from egressd.control.interception_ca import ca_dir, ensure_interception_ca
 from egressd.layout import (
-    ADMIN_PORT,
     CONTROL_ADDR,
     CONTROL_PORT,
     INET_DNS,
     INTERNET,
     METADATA,
     SANDBOX_SUPERNET,
-    UNDERLAY,
     Layout,
     NodeSpec,
     ProxySpec,
@@ -83,28 +79,25 @@ from egressd.layout import (
 )
 from egressd.policy import keys
 from egressd_harness.deploy import settings
+from egressd_harness.deploy.health import (
+    JOBS_PORT,
+    WAIT_S,
+    address_in,
+    addresses,
+    env,
+    underlay_address,
+)
 from egressd_harness.topology import ca, interception
 from egressd_harness.topology.fleet import Fleet
 
 RUN_DIR = Path(os.environ.get("EGRESSD_RUN_DIR", "/run/egressd"))
 FLEET_DIR = Path(os.environ.get("EGRESSD_FLEET_DIR", "/fleet"))
 LOG_DIR = Path(os.environ.get("EGRESSD_LOG_DIR", "/var/log/egressd"))
-JOBS_PORT = 8070
 DISCOVERY_INTERVAL_S = 2.0
-WAIT_S = 60.0
 
 
 def log(msg: str, **fields: object) -> None:
     print(json.dumps({"event": msg, "component": "entry", **fields}), file=sys.stderr, flush=True)
-
-
-@functools.cache
-def env() -> settings.DeploySettings:
-    """This container's settings, read from the environment once (at a role's start)."""
-    try:
-        return settings.from_env(os.environ)
-    except settings.SettingsError as exc:
-        raise SystemExit(f"entry: {exc}") from None
 
 
 def layout(
@@ -125,36 +118,6 @@ def layout(
 
 
 # --- addresses ---------------------------------------------------------------------
-
-
-def addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:
-    out = subprocess.run(
-        ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True
-    )
-    result = []
-    for link in json.loads(out.stdout):
-        for info in link.get("addr_info", []):
-            result.append(
-                (link["ifname"], ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}"))
-            )
-    return result
-
-
-def address_in(network: ipaddress.IPv4Network) -> tuple[str, ipaddress.IPv4Address]:
-    """(interface, address) of this container on `network`; waits for docker to attach it."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        for ifname, iface in addresses():
-            if iface.ip in network and iface.network == network:
-                return ifname, iface.ip
-        if time.monotonic() > deadline:
-            raise SystemExit(f"entry: no address in {network} on any interface")
-        time.sleep(0.2)
-
-
-def underlay_address() -> ipaddress.IPv4Address:
-    """EGRESSD_UNDERLAY_ADDRESS, else this container's address on DESIGN.md's underlay."""
-    return env().underlay or address_in(UNDERLAY)[1]
 
 
 def resolve_ipv4(host: str) -> ipaddress.IPv4Address:
@@ -513,45 +476,3 @@ def role_udf(argv: list[str]) -> int:
 
 
 # --- health checks ---------------------------------------------------------------------------
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def health(role: str) -> int:
-    if role == "control":
-        status, _ = http_get(f"{env().control_url}/readyz")
-        return 0 if status == 200 else 1
-    if role == "inet":
-        with socket.create_connection(("203.0.113.10", 443), timeout=2):
-            return 0
-    if role == "proxy":
-        underlay = underlay_address()
-        status, _ = http_get(f"http://{underlay}:{ADMIN_PORT}/readyz")
-        return 0 if status == 200 else 1
-    if role in ("node", "loadgen"):
-        # Ready, and at least one proxy healthy: a sandbox started now has a path out.
-        underlay = underlay_address()
-        status, _ = http_get(f"http://{underlay}:{ADMIN_PORT}/readyz")
-        if status != 200:
-            return 1
-        _, metrics = http_get(f"http://{underlay}:{ADMIN_PORT}/metrics")
-        try:
-            samples = metrics_text.parse(metrics.decode())
-        except metrics_text.MetricsTextError:
-            return 1
-        if not any(s.value == 1 for s in metrics_text.matching(samples, "egressd_proxy_up")):
-            return 1
-        if role == "node":
-            status, _ = http_get(f"http://{underlay}:{JOBS_PORT}/healthz")
-            return 0 if status == 200 else 1
-        return 0
-    if role == "demo":
-        result = Path("/tmp/egressd-demo.result")
-        return 0 if result.exists() and result.read_text().strip() == "0" else 1
-    raise SystemExit(f"unknown role {role!r}")

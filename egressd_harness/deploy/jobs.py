@@ -41,8 +41,15 @@ _UDF = re.compile(r"[a-z0-9_]+\.py")
 
 
 def sandbox_argv(
-    node: str, run_dir: Path, policy: Path, udf: str, args: list[str], timeout: float
+    node: str,
+    run_dir: Path,
+    policy: Path,
+    udf: str,
+    args: list[str],
+    timeout: float,
+    udfs: Path | None = None,
 ) -> list[str]:
+    """`egressd sandbox run` of `/udfs/UDF ARGS` with `udfs` (default `UDFS`) at /udfs."""
     return [
         sys.executable,
         "-m",
@@ -56,7 +63,7 @@ def sandbox_argv(
         "--policy",
         str(policy),
         "--mount",
-        f"{UDFS}:/udfs",
+        f"{UDFS if udfs is None else udfs}:/udfs",
         "--timeout",
         str(timeout),
         "--",

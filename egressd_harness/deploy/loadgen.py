@@ -24,7 +24,7 @@ from pathlib import Path
 
 from egressd.agent.client import AgentClient
 from egressd.layout import RESOLVER
-from egressd_harness.deploy import entry, settings
+from egressd_harness.deploy import entry, health, settings
 
 LOCUSTFILE = Path(os.environ.get("EGRESSD_LOCUSTFILE", "/opt/egressd/loadtests/locustfile.py"))
 
@@ -81,7 +81,7 @@ async def run_load(fleet_run_dir: Path, node: str) -> int:
 
 def _healthy() -> bool:
     try:
-        return entry.health("loadgen") == 0
+        return health.health("loadgen") == 0
     except (OSError, SystemExit):
         return False
 

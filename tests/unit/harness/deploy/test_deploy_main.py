@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from egressd_harness.deploy import entry, loadgen, settings
+from egressd_harness.deploy import entry, health, loadgen, settings
 from egressd_harness.deploy.__main__ import main
 from tests.support.deploy import ROOT, compose
 
@@ -33,9 +33,23 @@ def test_health_of_a_role_reports_unhealthy_as_exit_1(
     def down(role: str) -> int:
         raise OSError(f"{role}: connection refused")
 
-    monkeypatch.setattr(entry, "health", down)
+    monkeypatch.setattr(health, "health", down)
     assert main(["health", "proxy"]) == 1
     assert capsys.readouterr().err == "unhealthy: proxy: connection refused\n"
+
+
+def test_a_healthcheck_imports_neither_entry_nor_pyroute2() -> None:
+    # The compose healthcheck has 5 s; entry's imports alone took 3 s on a loaded host.
+    probe = (
+        "import sys\n"
+        "from egressd_harness.deploy.__main__ import main\n"
+        "main(['health', 'demo'])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2', 'dns') "
+        "or m == 'egressd_harness.deploy.entry')\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
 
 
 def test_each_role_runs_its_entry_function(monkeypatch: pytest.MonkeyPatch) -> None:
