@@ -21,8 +21,7 @@ import pytest
 
 from egressd.layout import METADATA
 from egressd_harness.topology.fleet import Fleet, FleetError
-
-from .fleet_helpers import Job, probe
+from tests.support.fleet import Job, probe
 
 pytestmark = pytest.mark.root
 API_IP = "203.0.113.10"

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from egressd_harness.topology.dnsserver import MANY_COUNT, MANY_NAME, many_addresses
 from egressd_harness.topology.fleet import Fleet
-
-from .test_egress import LimitedJob, dns_events, run_checks
+from tests.support.fleet import LimitedJob, dns_events, run_checks
 
 
 def test_150_records_reach_a_sandbox(fleet: Fleet, tmp_path: Path) -> None:

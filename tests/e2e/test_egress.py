@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -39,74 +36,24 @@ from egressd.metrics_text import by_label
 from egressd.net import netns as kn
 from egressd_harness.topology.fleet import Fleet
 from egressd_harness.topology.inet import CONTENT_SHA256_HEADER, content_sha256
+from tests.support.fleet import (
+    API,
+    API_IP,
+    Job,
+    LimitedJob,
+    api_job,
+    conn_events,
+    dns_events,
+    metric_sum,
+    metrics,
+    proxy_events,
+    run_checks,
+)
 
-from .fleet_helpers import Job, metric_sum, metrics, proxy_events, sandbox_run, wait_events
-
-E2E_UDFS = Path(__file__).resolve().parent / "udfs"
-CHECKS = "/e2e/egress_checks.py"
-
-API = "api.allowed.test"
-API_IP = "203.0.113.10"
 EVIL_IP = "203.0.113.66"
 RAW_IP = "203.0.113.77"
 MIB = 1024 * 1024
 DOWNLOAD_BYTES = 100 * MIB
-
-# Limits high enough that none of these tests is about limits.
-ROOMY_LIMITS = {
-    "max_connections": 1024,
-    "max_new_connections_per_s": 2000,
-    "ports_per_destination": 2048,
-    "bandwidth_bps": 10_000_000_000,
-}
-
-
-@dataclass
-class LimitedJob(Job):
-    """`Job` with explicit limits in its signed policy."""
-
-    limits: dict[str, int] = field(default_factory=lambda: dict(ROOMY_LIMITS))
-
-    def sign(self) -> LimitedJob:
-        payload = {
-            "v": 1,
-            "job_id": self.job_id,
-            "account": "e2e",
-            "nodes": [self.node],
-            "mode": self.mode,
-            "egress": self.egress,
-            "limits": self.limits,
-        }
-        self.jws = self.fleet.sign_policy(payload)
-        return self
-
-
-def api_job(fleet: Fleet, node: str = "node1", mode: str = "enforce") -> LimitedJob:
-    return LimitedJob(fleet, node, [{"host": API, "ports": [443, 80]}], mode=mode).sign()
-
-
-def run_checks(
-    fleet: Fleet,
-    job: Job,
-    tmp: Path,
-    checks: Sequence[Mapping[str, object]],
-    *,
-    parallel: bool = False,
-    timeout_s: float = 120,
-) -> dict[str, dict[str, Any]]:
-    """Run `checks` in one sandbox of `job`; the results by check id."""
-    spec = json.dumps({"checks": list(checks), "parallel": parallel})
-    done = sandbox_run(
-        fleet, job, tmp, ["python3", CHECKS, spec], mounts=[f"{E2E_UDFS}:/e2e"], timeout_s=timeout_s
-    )
-    assert done.returncode == 0, f"sandbox exited {done.returncode}: {done.stderr[-2000:]}"
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    by_id = {str(r["id"]): r for r in results}
-    if os.environ.get("EGRESSD_E2E_SHOW"):  # print what the sandbox saw (with -s)
-        for r in results:
-            print(json.dumps(r)[:400])
-    assert set(by_id) == {str(c["id"]) for c in checks}, done.stdout + done.stderr[-2000:]
-    return by_id
 
 
 def tier1_drops(fleet: Fleet, node: str) -> dict[str, float]:
@@ -120,38 +67,6 @@ def proxy_counts(fleet: Fleet, name: str, **labels: str) -> float:
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
-
-
-def conn_events(
-    fleet: Fleet,
-    job: Job,
-    *,
-    dst: str,
-    port: int | None = None,
-    count: int = 1,
-    timeout_s: float = 8.0,
-) -> list[dict[str, Any]]:
-    """The job's connection events to dst[:port], waiting until `count` are logged."""
-
-    def pred(e: dict[str, object]) -> bool:
-        return e.get("dst") == dst and (port is None or e.get("port") == port)
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = wait_events(fleet, job.job_id, "connection", pred, timeout_s=0.5)
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.2)
-
-
-def dns_events(
-    fleet: Fleet, job: Job, qname: str, qtype: str | None = None
-) -> list[dict[str, Any]]:
-    def pred(e: dict[str, object]) -> bool:
-        name = str(e.get("qname") or "").rstrip(".").lower()
-        return name == qname.lower() and (qtype is None or e.get("qtype") == qtype)
-
-    return wait_events(fleet, job.job_id, "dns", pred, timeout_s=5.0)
 
 
 @contextmanager

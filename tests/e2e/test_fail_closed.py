@@ -19,8 +19,7 @@ import pytest
 
 from egressd.proxy.intercept import DEFAULT_PEEK_TIMEOUT_S
 from egressd_harness.topology.fleet import Fleet
-from tests.e2e.fleet_helpers import sandbox_run, wait_events
-from tests.e2e.test_egress import API, API_IP, E2E_UDFS, api_job
+from tests.support.fleet import API, API_IP, E2E_UDFS, api_job, sandbox_run, wait_events
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 

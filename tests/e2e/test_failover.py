@@ -21,8 +21,7 @@ from pathlib import Path
 
 from egressd_harness.topology import procs
 from egressd_harness.topology.fleet import Fleet, wait_for
-
-from .fleet_helpers import Job, metric_sum, metrics, probe, proxy_events, sandbox_argv
+from tests.support.fleet import Job, metric_sum, metrics, probe, proxy_events, sandbox_argv
 
 ALLOWED = [{"host": "api.allowed.test", "ports": [443]}]
 FAILOVER_BOUND_S = 5.0

@@ -17,9 +17,16 @@ from pathlib import Path
 
 from egressd.limits.ports import DEFAULT_SOURCE_PORTS
 from egressd_harness.topology.fleet import Fleet
-
-from .fleet_helpers import metric_sum, metrics
-from .test_egress import API, API_IP, LimitedJob, conn_events, dns_events, run_checks
+from tests.support.fleet import (
+    API,
+    API_IP,
+    LimitedJob,
+    conn_events,
+    dns_events,
+    metric_sum,
+    metrics,
+    run_checks,
+)
 
 SELF_PORT = DEFAULT_SOURCE_PORTS[0]  # the first source port a proxy binds
 PORTS = (80, 443, SELF_PORT)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from egressd_harness.topology import proxy_secrets
 from egressd_harness.topology.fleet import Fleet
-
-from .fleet_helpers import Job, proxy_events, sandbox_run
+from tests.support.fleet import Job, proxy_events, sandbox_run
 
 E2E_UDFS = Path(__file__).resolve().parent / "udfs"
 API = "api.allowed.test"

@@ -3,40 +3,15 @@ in a gVisor sandbox, a keep-alive Session, against the real fleet."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 from egressd_harness.topology.fleet import Fleet
+from tests.support.fleet import Job, run_steps, wait_events
 
-from .fleet_helpers import Job, sandbox_run, wait_events
-
-E2E_UDFS = Path(__file__).resolve().parent / "udfs"
 EU = "eu.data.allowed.test"
 US = "us.data.allowed.test"
 API = "api.allowed.test"
-
-
-def run_steps(
-    fleet: Fleet, job: Job, tmp: Path, steps: list[dict[str, object]]
-) -> dict[str, dict[str, object]]:
-    done = sandbox_run(
-        fleet,
-        job,
-        tmp,
-        ["python3", "/e2e/http_session.py", json.dumps(steps)],
-        mounts=[f"{E2E_UDFS}:/e2e"],
-        timeout_s=120,
-    )
-    assert done.returncode == 0, f"sandbox exited {done.returncode}: {done.stderr[-2000:]}"
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if os.environ.get("EGRESSD_E2E_SHOW"):
-        for r in results:
-            print(json.dumps(r)[:400])
-    by_id = {str(r["id"]): r for r in results}
-    assert set(by_id) == {str(s["id"]) for s in steps}, done.stdout + done.stderr[-2000:]
-    return by_id
 
 
 def test_keep_alive_host_switch_and_http_rules(fleet: Fleet, tmp_path: Path) -> None:

@@ -12,8 +12,16 @@ from pathlib import Path
 import pytest
 
 from egressd_harness.topology.fleet import Fleet
-from tests.e2e.fleet_helpers import metric_sum, metrics
-from tests.e2e.test_egress import API, API_IP, ROOMY_LIMITS, LimitedJob, conn_events, run_checks
+from tests.support.fleet import (
+    API,
+    API_IP,
+    ROOMY_LIMITS,
+    LimitedJob,
+    conn_events,
+    metric_sum,
+    metrics,
+    run_checks,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 

@@ -7,7 +7,6 @@ event for it ends with ``policy_revoked``.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import subprocess
 import sys
@@ -17,18 +16,21 @@ from pathlib import Path
 import pytest
 
 from egressd_harness.topology.fleet import Fleet
-from tests.e2e.fleet_helpers import sandbox_argv, wait_events
-from tests.e2e.test_egress import API, ROOMY_LIMITS, LimitedJob
+from tests.support.fleet import (
+    API,
+    E2E_UDFS,
+    ROOMY_LIMITS,
+    SLOW_BPS,
+    LimitedJob,
+    job_cli,
+    log_time,
+    sandbox_argv,
+    wait_events,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
-E2E_UDFS = Path(__file__).resolve().parent / "udfs"
 RESET_WITHIN_S = 1.0
-SLOW_BPS = 8_000_000  # fleet-wide: 500 kB/s per proxy, so 200 MB take minutes
-
-
-def log_time(item: dict[str, object]) -> float:
-    return datetime.datetime.fromisoformat(str(item["time"])).timestamp()
 
 
 def control_deleted_at(fleet: Fleet, job_id: str) -> float:
@@ -38,28 +40,6 @@ def control_deleted_at(fleet: Fleet, job_id: str) -> float:
             if item.get("event") == "policy_deleted" and item.get("job_id") == job_id:
                 return log_time(item)
     raise AssertionError("no policy_deleted event in the control plane's log")
-
-
-def job_cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "egressd",
-            "job",
-            *args,
-            "--run-dir",
-            str(fleet.run_dir),
-            "--prefix",
-            fleet.layout.prefix,
-            "--token-file",
-            str(fleet.admin_token_file),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def test_job_delete_resets_an_open_download_in_a_sandbox(fleet: Fleet, tmp_path: Path) -> None:

@@ -39,9 +39,21 @@ from egressd.net import netns as kn
 from egressd.policy import jws, keys
 from egressd_harness.topology import procs
 from egressd_harness.topology.fleet import Fleet
-from tests.e2e.fleet_helpers import Job, metric_sum, metrics, sandbox_argv, sandbox_run, wait_events
-from tests.e2e.test_egress import API, ROOMY_LIMITS, LimitedJob
-from tests.e2e.test_live_policy import E2E_UDFS, SLOW_BPS, job_cli, log_time
+from tests.support.fleet import (
+    API,
+    E2E_UDFS,
+    ROOMY_LIMITS,
+    SLOW_BPS,
+    Job,
+    LimitedJob,
+    job_cli,
+    log_time,
+    metric_sum,
+    metrics,
+    sandbox_argv,
+    sandbox_run,
+    wait_events,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(420)]
 

@@ -17,8 +17,7 @@ import pytest
 from egressd.agent.client import AgentClient
 from egressd.net import netns as kn
 from egressd_harness.topology.fleet import Fleet
-
-from .fleet_helpers import Job, metric_sum, metrics, sandbox_argv, sandbox_run
+from tests.support.fleet import Job, metric_sum, metrics, sandbox_argv, sandbox_run
 
 
 def _sandboxes(fleet: Fleet, node: str) -> list[str]:

@@ -19,8 +19,7 @@ import pytest
 
 from egressd.layout import CONTROL_ADDR, CONTROL_PORT, METADATA
 from egressd_harness.topology.fleet import Fleet
-
-from .fleet_helpers import Job, sandbox_run
+from tests.support.fleet import Job, sandbox_run
 
 E2E_UDFS = Path(__file__).resolve().parent / "udfs"
 UDF = "/e2e/denied_connect.py"

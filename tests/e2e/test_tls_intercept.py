@@ -16,9 +16,15 @@ from egressd.layout import CONTROL_ADDR, CONTROL_PORT, CTL_NS
 from egressd_harness.topology import interception
 from egressd_harness.topology.fleet import Fleet
 from egressd_harness.topology.probe import http_request
-
-from .fleet_helpers import Job, metric_sum, metrics, sandbox_run, wait_events
-from .test_http_requests import E2E_UDFS, run_steps
+from tests.support.fleet import (
+    E2E_UDFS,
+    Job,
+    metric_sum,
+    metrics,
+    run_steps,
+    sandbox_run,
+    wait_events,
+)
 
 API = "api.allowed.test"
 UNTRUSTED_PORT = 8443

@@ -42,8 +42,7 @@ from egressd.net import netns as kn
 from egressd.policy import jws, keys
 from egressd_harness.topology.fleet import Fleet
 from egressd_harness.topology.probe import http_request
-
-from .fleet_helpers import (
+from tests.support.fleet import (
     Job,
     metric_sum,
     metrics,

@@ -21,10 +21,9 @@ import pytest
 
 from egressd.policy.jws import DEFAULT_LEEWAY_S, policy_digest
 from egressd.policy.keys import generate_signing_key
+from tests.support.agent_control import JOB, Env, bring_up, count, policy_body, syn, tear_down
+from tests.support.agent_fleet import metric
 from tests.support.root import AGENT_NEEDS
-
-from .test_agent import metric
-from .test_agent_live_policies import JOB, Env, _setup, _teardown, count, policy_body, syn
 
 pytestmark = pytest.mark.root(*AGENT_NEEDS)
 
@@ -50,10 +49,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     )
     (env.run_dir / "agents").mkdir(parents=True)
     try:
-        _setup(env)
+        bring_up(env)
         yield env
     finally:
-        _teardown(env)
+        tear_down(env)
 
 
 def log_events(text: str, event: str) -> list[dict[str, object]]:

@@ -10,12 +10,17 @@ import time
 import pytest
 
 from egressd.net import netns
+from tests.support.agent_fleet import Fleet
 from tests.support.root import AGENT_NEEDS
 from tests.support.waits import wait_for
 
-from .test_agent import Fleet, fleet  # noqa: F401
-
 pytestmark = pytest.mark.root(*AGENT_NEEDS)
+
+
+@pytest.fixture(scope="module")
+def fleet(agent_fleet: Fleet) -> Fleet:
+    return agent_fleet
+
 
 REAP_BOUND_S = 3.0
 # Registers SANDBOX_ID with the JWS on stdin, prints "up", then sleeps or exits.
@@ -33,7 +38,7 @@ if then == "sleep":
 """
 
 
-def _registrant(fleet: Fleet, sandbox_id: str, then: str) -> subprocess.Popen[str]:  # noqa: F811
+def _registrant(fleet: Fleet, sandbox_id: str, then: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", REGISTRANT, str(fleet.api_socket), sandbox_id, then],
         stdin=subprocess.PIPE,
@@ -48,11 +53,11 @@ def _registrant(fleet: Fleet, sandbox_id: str, then: str) -> subprocess.Popen[st
     return proc
 
 
-def _ids(fleet: Fleet) -> list[str]:  # noqa: F811
+def _ids(fleet: Fleet) -> list[str]:
     return [s.sandbox_id for s in fleet.list()]
 
 
-def test_a_killed_launchers_sandbox_is_reaped(fleet: Fleet) -> None:  # noqa: F811
+def test_a_killed_launchers_sandbox_is_reaped(fleet: Fleet) -> None:
     proc = _registrant(fleet, "sbx-orphan", "sleep")
     try:
         info = next(s for s in fleet.list() if s.sandbox_id == "sbx-orphan")
@@ -71,13 +76,13 @@ def test_a_killed_launchers_sandbox_is_reaped(fleet: Fleet) -> None:  # noqa: F8
             proc.wait()
 
 
-def test_a_launcher_that_exits_without_unregistering_is_reaped(fleet: Fleet) -> None:  # noqa: F811
+def test_a_launcher_that_exits_without_unregistering_is_reaped(fleet: Fleet) -> None:
     proc = _registrant(fleet, "sbx-forgotten", "exit")
     proc.wait(timeout=10)
     wait_for(lambda: "sbx-forgotten" not in _ids(fleet), REAP_BOUND_S, "sandbox reaped")
 
 
-def test_a_sandbox_registered_by_a_live_process_stays(fleet: Fleet) -> None:  # noqa: F811
+def test_a_sandbox_registered_by_a_live_process_stays(fleet: Fleet) -> None:
     fleet.register("sbx-kept", fleet.policy())  # this test process is the launcher
     time.sleep(2.5)
     assert "sbx-kept" in _ids(fleet)

@@ -18,18 +18,23 @@ from typing import Any
 import pytest
 
 from egressd.agent.tier1_maps import EVENT_BUCKET
+from tests.support.agent_fleet import DEST, JOB_ID, Fleet, metric
 from tests.support.root import AGENT_NEEDS
 from tests.support.tier1 import in_netns
 from tests.support.waits import wait_for
 
-from .test_agent import DEST, JOB_ID, Fleet, fleet, metric  # noqa: F401
-
 pytestmark = pytest.mark.root(*AGENT_NEEDS)
+
+
+@pytest.fixture(scope="module")
+def fleet(agent_fleet: Fleet) -> Fleet:
+    return agent_fleet
+
 
 ABORT = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER 0
 
 
-def _denials(fleet: Fleet, sandbox_id: str) -> list[dict[str, Any]]:  # noqa: F811
+def _denials(fleet: Fleet, sandbox_id: str) -> list[dict[str, Any]]:
     assert fleet.agent_log is not None
     out = []
     for line in fleet.agent_log.read_text(errors="replace").splitlines():
@@ -58,7 +63,7 @@ def _connect(ns: str, port: int, timeout: float = 3.0) -> tuple[int, float]:
         return code, time.monotonic() - start
 
 
-def test_denied_connect_is_refused_and_logged_with_its_job(fleet: Fleet) -> None:  # noqa: F811
+def test_denied_connect_is_refused_and_logged_with_its_job(fleet: Fleet) -> None:
     info = fleet.register("sbx-denied", fleet.policy())
     try:
         code, took = _connect(info.netns, 22)
@@ -114,7 +119,7 @@ def test_denied_connect_is_refused_and_logged_with_its_job(fleet: Fleet) -> None
         fleet.unregister("sbx-denied")
 
 
-def test_a_flood_is_logged_in_a_bounded_number_of_lines(fleet: Fleet) -> None:  # noqa: F811
+def test_a_flood_is_logged_in_a_bounded_number_of_lines(fleet: Fleet) -> None:
     info = fleet.register("sbx-flood-ev", fleet.policy())
     n = 300
     try:

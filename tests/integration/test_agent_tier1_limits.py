@@ -15,13 +15,18 @@ import time
 import pytest
 
 from egressd.layout import RESOLVER
+from tests.support.agent_fleet import DEST, JOB_ID, Fleet, metric
 from tests.support.root import AGENT_NEEDS
 from tests.support.tier1 import in_netns
 from tests.support.waits import wait_for, when
 
-from .test_agent import DEST, JOB_ID, Fleet, fleet, metric  # noqa: F401
-
 pytestmark = pytest.mark.root(*AGENT_NEEDS)
+
+
+@pytest.fixture(scope="module")
+def fleet(agent_fleet: Fleet) -> Fleet:
+    return agent_fleet
+
 
 SANDBOX_METRIC = "egressd_tier1_sandbox_packets_total"
 ABORT = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() resets, never waits
@@ -39,7 +44,7 @@ def _sandbox_count(text: str, sandbox_id: str, verdict: str, reason: str) -> flo
 
 
 def test_policy_rates_reach_tier1_and_drops_are_exported_per_sandbox(
-    fleet: Fleet,  # noqa: F811 (the imported fixture)
+    fleet: Fleet,
 ) -> None:
     # 1/s: a burst of 10 (the minimum), and no token back within the test's first second.
     flood = fleet.register(

@@ -9,18 +9,12 @@ import requests
 from cryptography import x509
 
 from egressd.control.interception_ca import CERT_FILE, KEY_FILE, ca_dir
-from tests.integration.test_control_process import (  # noqa: F401 - fixtures
-    ControlProcess,
-    Paths,
-    paths,
-    spawn,
-    start,
-)
+from tests.support.control_process import ControlProcess, Paths, start
 
 
 def test_interception_ca_published_and_kept(
-    paths: Paths,  # noqa: F811 - the fixture
-    spawn: list[ControlProcess],  # noqa: F811 - the fixture
+    paths: Paths,
+    spawn: list[ControlProcess],
 ) -> None:
     first = start(spawn, paths)
     answer = requests.get(f"{first.base}/v1/interception-ca.pem", timeout=5)

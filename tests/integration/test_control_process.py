@@ -2,146 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
 from egressd.policy.jws import verify_policy
-from egressd.policy.keys import generate_signing_key, trusted_from_jwks, write_key_dir
+from egressd.policy.keys import trusted_from_jwks
+from tests.support.control_process import JOB_ID, NODE1, ControlProcess, Paths, start
 
-JOB_ID = "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2"
 POLICY = {
     "v": 1,
     "account": "acme",
     "nodes": ["node1"],
     "egress": [{"host": "api.allowed.test", "ports": [443]}],
 }
-NODE1 = {"underlay": "198.18.0.11", "sandbox_cidr": "100.96.1.0/24"}
 PROXY1 = {"underlay": "198.18.0.21", "egress": "203.0.113.21"}
-START_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
-
-
-@dataclass
-class Paths:
-    root: Path
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def keys(self) -> Path:
-        return self.root / "keys"
-
-    @property
-    def token(self) -> Path:
-        return self.root / "admin-token"
-
-    @property
-    def port_file(self) -> Path:
-        return self.root / "port"
-
-
-class ControlProcess:
-    """One `egressd control serve` subprocess; its stderr goes to a file."""
-
-    def __init__(self, paths: Paths, *extra: str) -> None:
-        self.paths = paths
-        self.stderr_path = paths.root / f"stderr-{time.monotonic_ns()}.log"
-        self._stderr = self.stderr_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "egressd",
-                "control",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--state-dir",
-                str(paths.state),
-                "--key",
-                str(paths.keys / "signing.key"),
-                "--admin-token-file",
-                str(paths.token),
-                "--port-file",
-                str(paths.port_file),
-                *extra,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._stderr,
-        )
-        self.port = 0
-        self.base = ""
-
-    def wait_listening(self) -> None:
-        self.port = self._wait_for_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def _wait_for_port(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"control plane exited {self.proc.returncode}: {self.stderr()}")
-            try:
-                text = self.paths.port_file.read_text()
-            except FileNotFoundError:
-                time.sleep(0.05)
-                continue
-            if text.endswith("\n"):
-                return int(text)
-        pytest.fail(f"control plane did not write {self.paths.port_file}: {self.stderr()}")
-
-    def stderr(self) -> str:
-        self._stderr.flush()
-        return self.stderr_path.read_text(errors="replace")
-
-    def events(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.stderr().splitlines() if line.startswith("{")]
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=STOP_TIMEOUT_S)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-        self._stderr.close()
-
-
-@pytest.fixture
-def paths(tmp_path: Path) -> Paths:
-    p = Paths(tmp_path)
-    write_key_dir(p.keys, generate_signing_key())
-    return p
-
-
-@pytest.fixture
-def spawn(paths: Paths) -> Iterator[list[ControlProcess]]:
-    """Started processes are recorded here and always killed at the end."""
-    started: list[ControlProcess] = []
-    yield started
-    for proc in started:
-        proc.kill()
-
-
-def start(spawn: list[ControlProcess], paths: Paths) -> ControlProcess:
-    proc = ControlProcess(paths)
-    spawn.append(proc)  # recorded before waiting, so a failed start is still killed
-    proc.wait_listening()
-    return proc
 
 
 def test_state_survives_restart(paths: Paths, spawn: list[ControlProcess]) -> None:

@@ -1,11 +1,10 @@
-# ruff: noqa: F811  (fixtures imported from test_proxy_dataplane)
 """The digest grace period through a real control plane and a real proxy process.
 
 After a replacement gives the job a new digest, the proxy accepts GENEVE
 datagrams with the new digest and, for `digest_grace_s`, with the old one
 (counted in `egressd_geneve_digest_grace_total`); then the old one is dropped
 as `stale_digest` while the new one keeps working. The datagrams are crafted
-by a simulated node (`NodeSim` of test_proxy_dataplane) on node1's address.
+by a simulated node (`NodeSim` of tests/support/proxy_fleet.py) on node1's address.
 """
 
 from __future__ import annotations
@@ -18,20 +17,18 @@ import pytest
 
 from egressd.layout import CONTROL_ADDR
 from egressd.policy.jws import policy_digest
-from tests.integration.test_proxy_dataplane import (  # noqa: F401  (fixtures)
-    JOB,
-    SITE,
-    Fleet,
-    NodeSim,
-    ProxyProcess,
-    dropped,
-    fleet,
-    http,
-    pytestmark,
-)
+from tests.support.proxy_fleet import JOB, SITE, Fleet, NodeSim, ProxyProcess, dropped, http
+from tests.support.root import NETNS_TOOLS
 from tests.support.waits import wait_for
 
+pytestmark = pytest.mark.root(*NETNS_TOOLS)
+
 GRACE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def fleet(proxy_fleet: Fleet) -> Fleet:
+    return proxy_fleet
 
 
 @pytest.fixture

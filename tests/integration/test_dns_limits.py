@@ -44,12 +44,13 @@ from tests.support.intercept_world import (
     RESOLVER,
     ROOMY_LIMITS,
     World,
+    addresses,
+    ask_udp,
     make_world,
     ns_socket,
+    query,
 )
 from tests.support.root import NETNS_TOOLS
-
-from .test_dns_responder import addresses, ask_udp, query
 
 pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(180)]
 

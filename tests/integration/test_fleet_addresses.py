@@ -36,13 +36,14 @@ import dns.message
 import dns.rcode
 import pytest
 
+from egressd.layout import CONTROL_ADDR
 from egressd.limits.ports import DEFAULT_SOURCE_PORTS
 from egressd.net import netns as kn
 from egressd.policy.jws import policy_digest
-from egressd.policy.keys import generate_signing_key, write_key_dir
 from egressd_harness.topology import network
-from tests.integration.test_proxy_dataplane import (
-    CONTROL_ADDR,
+from tests.support import intercept_world as ti
+from tests.support.netns import fresh_prefix
+from tests.support.proxy_fleet import (
     LAYOUT,
     MINI_AGENT,
     NODE,
@@ -53,14 +54,14 @@ from tests.integration.test_proxy_dataplane import (
     Fleet,
     ProxyProcess,
     http,
+    start_control,
     stop_process,
+    trust_control_key,
 )
-from tests.integration.test_proxy_dataplane import pytestmark as _dataplane_marks
-from tests.support import intercept_world as ti
-from tests.support.netns import fresh_prefix
+from tests.support.root import NETNS_TOOLS
 from tests.support.waits import wait_for
 
-pytestmark = _dataplane_marks
+pytestmark = pytest.mark.root(*NETNS_TOOLS)
 
 JOB = uuid.UUID("6c1f1b2a-4d4d-4a9a-9f55-1f0c5ac1d3e2")
 SANDBOX = "100.96.1.7"
@@ -203,38 +204,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         network.build(LAYOUT, f.prefix)
         for address in TARGETS:
             kn.ensure_addr(f.inet, network.INET_IF, f"{address}/32")
-        key = generate_signing_key()
-        write_key_dir(root / "ctl-keys", key)
-        f.keys_dir.mkdir()
-        jwk = root / "ctl-keys" / f"{key.kid}.jwk"
-        (f.keys_dir / jwk.name).write_bytes(jwk.read_bytes())
-        port_file = root / "ctl-port"
-        f.control = kn.popen_in_netns(
-            f.ctl,
-            [
-                sys.executable,
-                "-m",
-                "egressd",
-                "control",
-                "serve",
-                "--listen",
-                f"{CONTROL_ADDR}:8080",
-                "--state-dir",
-                str(root / "ctl-state"),
-                "--key",
-                str(root / "ctl-keys" / "signing.key"),
-                "--admin-token-file",
-                str(root / "admin-token"),
-                "--port-file",
-                str(port_file),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=(root / "control.log").open("wb"),
-            cwd=str(REPO),
-        )
-        wait_for(port_file.exists, START_TIMEOUT_S, "the control plane")
-        f.admin_token = (root / "admin-token").read_text().strip()
+        trust_control_key(f)
+        start_control(f)
         f.put(
             f"/v1/nodes/{NODE.name}",
             {"underlay": str(NODE.underlay), "sandbox_cidr": str(NODE.sandbox_cidr)},

@@ -16,12 +16,23 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_http_requests import EU, PORT, Reader, request, requests_of
-from tests.support.intercept_world import API, DATA, World, make_world, source
+from tests.support.intercept_world import (
+    API,
+    DATA,
+    EU,
+    KEEPALIVE_PORT,
+    Reader,
+    World,
+    make_world,
+    request,
+    requests_of,
+    source,
+)
 from tests.support.root import NETNS_TOOLS
 
 pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(180)]
 
+PORT = KEEPALIVE_PORT
 API_HOST = "api.allowed.test"
 PLACEHOLDER = "egressd:api-token"
 

@@ -10,10 +10,8 @@ another name for the same server that the policy does not allow.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -21,18 +19,22 @@ from egressd.proxy import tier2
 from tests.support.intercept_world import (
     API,
     DATA,
+    EU,
+    KEEPALIVE_PORT,
+    Reader,
     World,
     client_hello,
     expect_reset,
     make_world,
+    request,
+    requests_of,
     source,
 )
 from tests.support.root import NETNS_TOOLS
 
 pytestmark = [pytest.mark.root(*NETNS_TOOLS), pytest.mark.timeout(180)]
 
-PORT = 8080
-EU = "eu.data.allowed.test"
+PORT = KEEPALIVE_PORT
 US = "us.data.allowed.test"
 HOST_ONLY = [{"host": EU, "ports": [PORT]}, {"host": "api.allowed.test", "ports": [PORT]}]
 WITH_HTTP = [
@@ -69,51 +71,6 @@ def rules(world: World) -> Iterator[World]:
     time.sleep(0.1)
     yield world
     world.set_policy()
-
-
-def request(method: str, host: str, path: str, body: bytes = b"", extra: str = "") -> bytes:
-    length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
-    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{length}{extra}\r\n".encode() + body
-
-
-class Reader:
-    """Reads HTTP/1.1 responses (Content-Length framed) off a socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        self.buf += data
-        return bool(data)
-
-    def response(self, *, no_body: bool = False) -> tuple[int, bytes]:
-        while b"\r\n\r\n" not in self.buf:
-            assert self._fill(), f"connection closed mid-head: {self.buf!r}"
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        fields = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
-        size = 0 if no_body else int(fields.get("content-length", "0"))
-        while len(self.buf) < size:
-            assert self._fill(), "connection closed mid-body"
-        body, self.buf = self.buf[:size], self.buf[size:]
-        return status, body
-
-    def closed(self) -> bool:
-        """The proxy closed the connection (a FIN, nothing more)."""
-        self.sock.settimeout(5.0)
-        return not self.buf and not self._fill()
-
-
-def requests_of(world: World, src: str, count: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 8
-    while True:
-        found = [e for e in world.events("http_request") if e.get("source") == src]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
 
 
 def test_keep_alive_host_switch_denied_on_second_request(hosts: World) -> None:

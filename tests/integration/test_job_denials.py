@@ -1,9 +1,8 @@
-# ruff: noqa: F811  (fixtures imported from test_proxy_dataplane)
 """Denials per job (``egressd_job_denials_total``) through a real proxy process.
 
 The fleet of `test_proxy_dataplane` (real control plane, real proxy service
-with its `PolicyStore` on the control plane's watch) and the mini agent of
-`test_live_policies` for one job. The sandbox address asks the proxy's DNS
+with its `PolicyStore` on the control plane's watch; tests/support/proxy_fleet.py) and the
+mini agent of `test_live_policies` for one job. The sandbox address asks the proxy's DNS
 responder (100.100.100.53, routed into the sandbox's TUN, so over GENEVE)
 for names its policy does not allow; the proxy's metrics then carry the
 job's denials by kind and reason, and once the job is deleted at the control
@@ -20,29 +19,33 @@ import uuid
 
 import dns.message
 import dns.rcode
+import pytest
 
 from egressd.layout import RESOLVER
 from egressd.net import netns as kn
-from tests.integration.test_live_policies import (
+from tests.support.proxy_fleet import (
+    SANDBOX,
     SITE,
     SITE_80,
+    Fleet,
+    ProxyProcess,
     agent_for,
     control,
     policy,
     try_connect,
     watch_up,
 )
-from tests.integration.test_proxy_dataplane import (  # noqa: F401  (fixtures)
-    SANDBOX,
-    Fleet,
-    ProxyProcess,
-    fleet,
-    proxy,
-    pytestmark,
-)
+from tests.support.root import NETNS_TOOLS
 from tests.support.waits import wait_for
 
+pytestmark = pytest.mark.root(*NETNS_TOOLS)
+
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture(scope="module")
+def fleet(proxy_fleet: Fleet) -> Fleet:
+    return proxy_fleet
 
 
 def ask(fleet: Fleet, name: str, qtype: str = "A") -> dns.message.Message:

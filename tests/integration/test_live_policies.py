@@ -1,9 +1,8 @@
-# ruff: noqa: F811  (fixtures imported from test_proxy_dataplane / test_policies)
 """Live policies through a real control plane process and a real proxy process.
 
-The fleet of `test_proxy_dataplane` (its fixtures: namespaces, the control
-plane, the inet HTTP server, the proxy process) plus a minimal node agent
-(`MINI_AGENT`) per test for one job, so that a plain socket from the sandbox
+The fleet of `test_proxy_dataplane` (tests/support/proxy_fleet.py; fixtures in conftest.py:
+namespaces, the control plane, the inet HTTP server, the proxy process) plus a minimal node
+agent (`MINI_AGENT`) per test for one job, so that a plain socket from the sandbox
 address in node1 is relayed by the proxy. A large file on the inet server,
 downloaded under a low bandwidth limit, is "an open download".
 
@@ -25,65 +24,39 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from egressd.layout import CONTROL_ADDR
 from egressd.net import netns as kn
-from tests.integration.test_proxy_dataplane import (  # noqa: F401  (fixtures)
-    MINI_AGENT,
-    NODE,
-    PROXY,
+from tests.support.proxy_fleet import (
     REPO,
     SANDBOX,
     SITE,
-    START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
+    SITE_80,
     Fleet,
     ProxyProcess,
-    fleet,
-    http,
-    proxy,
-    pytestmark,
+    agent_for,
+    control,
+    policy,
+    start_control,
     stop_process,
+    try_connect,
+    watch_up,
 )
 from tests.support.waits import wait_for
 
+
+@pytest.fixture(scope="module")
+def fleet(proxy_fleet: Fleet) -> Fleet:
+    return proxy_fleet
+
+
 BIG = "big.bin"
 BIG_BYTES = 200 * 1024 * 1024
-SLOW_BPS = 4_000_000  # 500 kB/s: the download lasts minutes
 RESET_WITHIN_S = 1.0
 OTHER = {"host": "other.allowed.test", "ports": [443]}
-
-
-def policy(job: uuid.UUID, *egress: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "v": 1,
-        "job_id": str(job),
-        "account": "acme",
-        "nodes": ["node1"],
-        "egress": list(egress),
-        "limits": {"bandwidth_bps": SLOW_BPS},
-    }
-
-
-SITE_80 = {"cidr": f"{SITE}/32", "ports": [80]}
-
-
-def control(fleet: Fleet, method: str, path: str, body: object = None) -> tuple[int, Any]:
-    status, payload = http(
-        fleet.ctl,
-        method,
-        str(CONTROL_ADDR),
-        8080,
-        path,
-        body,
-        headers={"Authorization": f"Bearer {fleet.admin_token}"},
-    )
-    return status, (json.loads(payload) if payload else None)
 
 
 @pytest.fixture(scope="module")
@@ -92,47 +65,6 @@ def big_file(fleet: Fleet) -> str:
     with path.open("wb") as fh:
         fh.truncate(BIG_BYTES)
     return BIG
-
-
-class Agent:
-    """The mini node agent for one job (node1's GENEVE port, the sandbox's TUN)."""
-
-    def __init__(self, fleet: Fleet, job: uuid.UUID) -> None:
-        ready = fleet.root / f"agent-ready-{job}"
-        self.proc = kn.popen_in_netns(
-            fleet.node_ns,
-            [
-                sys.executable,
-                "-c",
-                MINI_AGENT,
-                "sbx0",
-                SANDBOX,
-                str(NODE.underlay),
-                str(PROXY.underlay),
-                str(job),
-                "00" * 8,
-                str(ready),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=(fleet.root / f"agent-{job}.log").open("wb"),
-            cwd=str(REPO),
-        )
-        wait_for(ready.exists, START_TIMEOUT_S, "the mini agent")
-        time.sleep(0.3)  # its TUN address and route
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=STOP_TIMEOUT_S)
-
-
-@contextlib.contextmanager
-def agent_for(fleet: Fleet, job: uuid.UUID) -> Iterator[Agent]:
-    agent = Agent(fleet, job)
-    try:
-        yield agent
-    finally:
-        agent.stop()
 
 
 class Download:
@@ -173,19 +105,6 @@ class Download:
             self.sock.close()
 
 
-def try_connect(fleet: Fleet) -> bool:
-    """A short request from the sandbox address: True when it got an HTTP answer."""
-    with contextlib.closing(kn.netns_socket(fleet.node_ns)) as sock:
-        sock.settimeout(3)
-        sock.bind((SANDBOX, 0))
-        try:
-            sock.connect((SITE, 80))
-            sock.sendall(f"HEAD / HTTP/1.0\r\nHost: {SITE}\r\n\r\n".encode())
-            return sock.recv(64).startswith(b"HTTP/1.0 200")
-        except OSError:
-            return False
-
-
 def connection_events(proxy_: ProxyProcess, job: uuid.UUID) -> list[dict[str, Any]]:
     events = [json.loads(line) for line in proxy_.log().splitlines() if line.startswith("{")]
     return [e for e in events if e.get("event") == "connection" and e.get("job_id") == str(job)]
@@ -197,10 +116,6 @@ def ended_with(proxy_: ProxyProcess, job: uuid.UUID, end: str) -> dict[str, Any]
 
     wait_for(found, 5, f"a connection event with end {end}")
     return next(e for e in connection_events(proxy_, job) if e.get("end") == end)
-
-
-def watch_up(proxy_: ProxyProcess) -> bool:
-    return proxy_.metrics().get(("egressd_watch_up", ()), 0.0) == 1.0
 
 
 def test_the_watch_answers_changes_and_resyncs(fleet: Fleet) -> None:
@@ -276,35 +191,7 @@ def test_a_replacement_resets_what_it_no_longer_allows_and_allows_what_it_adds(
 
 def restart_control(fleet: Fleet, *extra: str) -> None:
     stop_process(fleet.control)
-    root = fleet.root
-    port_file = root / "ctl-port"
-    port_file.unlink(missing_ok=True)
-    fleet.control = kn.popen_in_netns(
-        fleet.ctl,
-        [
-            sys.executable,
-            "-m",
-            "egressd",
-            "control",
-            "serve",
-            "--listen",
-            f"{CONTROL_ADDR}:8080",
-            "--state-dir",
-            str(root / "ctl-state"),
-            "--key",
-            str(root / "ctl-keys" / "signing.key"),
-            "--admin-token-file",
-            str(root / "admin-token"),
-            "--port-file",
-            str(port_file),
-            *extra,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=(root / f"control-{time.monotonic_ns()}.log").open("wb"),
-        cwd=str(REPO),
-    )
-    wait_for(port_file.exists, START_TIMEOUT_S, "the control plane")
+    start_control(fleet, *extra, log=f"control-{time.monotonic_ns()}.log")
 
 
 def test_control_plane_down_then_expiry_then_back(

@@ -11,15 +11,7 @@ from pathlib import Path
 
 import requests
 
-from tests.integration.test_control_process import (  # noqa: F401 (fixtures)
-    JOB_ID,
-    NODE1,
-    ControlProcess,
-    Paths,
-    paths,
-    spawn,
-    start,
-)
+from tests.support.control_process import JOB_ID, NODE1, ControlProcess, Paths, start
 
 POLICY = {
     "v": 1,
@@ -41,8 +33,8 @@ def check(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_names_the_unknown_node_and_the_control_plane_refuses_it(
-    paths: Paths,  # noqa: F811
-    spawn: list[ControlProcess],  # noqa: F811
+    paths: Paths,
+    spawn: list[ControlProcess],
     tmp_path: Path,
 ) -> None:
     control = start(spawn, paths)

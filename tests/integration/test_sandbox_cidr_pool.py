@@ -38,17 +38,10 @@ import pytest
 from egressd.agent.client import AgentClient, SandboxInfo
 from egressd.net import netns
 from egressd.policy.keys import SigningKey, generate_signing_key, write_key_dir
+from tests.support.agent_fleet import REPO, START_TIMEOUT_S, STOP_TIMEOUT_S, http_get, is_mount
+from tests.support.proxy_fleet import http
 from tests.support.root import AGENT_NEEDS
 from tests.support.waits import wait_for
-
-from .test_agent import (
-    REPO,
-    START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
-    http_get,
-    is_mount,
-)
-from .test_proxy_dataplane import http
 
 pytestmark = pytest.mark.root(*AGENT_NEEDS)
 

@@ -1,6 +1,6 @@
 """Tier 1 answers refused SYNs with a RST, and reports denials in t1_events (real program).
 
-Same topology as test_tier1.py (its `_make_topology`): a sandbox namespace
+Same topology as test_tier1.py (tests/support/tier1_bed.py's `make_topology`): a sandbox namespace
 behind veth h1/s1, the tc program on h1. A kernel socket in the sandbox
 namespace connects to denied destinations and must see ECONNREFUSED at once;
 frames injected on an AF_PACKET socket check what is (and is never) answered;
@@ -29,16 +29,15 @@ from egressd.agent.tier1 import Bucket, Reason, Tier1Event, unpack_event
 from egressd.agent.tier1_maps import EVENT_BUCKET
 from egressd.layout import CONTROL_ADDR, METADATA
 from tests.support.tier1 import in_netns, packet_socket, sh
-
-from .test_tier1 import (
+from tests.support.tier1_bed import (
     API,
     OTHER_MAC,
     SBX_IP,
     SBX_MAC,
     SETTLE_S,
     Bed,
-    _make_topology,
     expect_verdict,
+    make_topology,
 )
 
 pytestmark = pytest.mark.root
@@ -53,7 +52,7 @@ ETHTOOL_STXCSUM = 0x17
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     with ExitStack() as stack:
-        yield _make_topology(stack, tmp_path_factory.mktemp("tier1-answers"))
+        yield make_topology(stack, tmp_path_factory.mktemp("tier1-answers"))
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,7 @@ if __name__ != "__main__":
     from egressd.control.interception_ca import ensure_interception_ca
     from egressd.metrics_text import metric_value, parse
     from egressd_harness.topology import ca
-    from tests.integration.test_http_requests import requests_of
-    from tests.support.intercept_world import DATA, World, make_world, source
+    from tests.support.intercept_world import DATA, World, make_world, requests_of, source
 
 pytestmark = [pytest.mark.root("ip", "nft", "nsenter"), pytest.mark.timeout(180)]
 

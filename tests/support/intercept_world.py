@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dns.flags
+import dns.message
 import pytest
 
 TCP_PORT = 15001
@@ -767,6 +769,88 @@ def expect_reset(sock: socket.socket, payload: bytes = b"") -> None:
         data = sock.recv(1024)
         # A FIN instead of a RST would show up as b"" here.
         raise AssertionError(f"expected a reset, got {data!r}")
+
+
+# --- DNS from the client to the resolver (100.100.100.53) -------------------------------------
+
+
+def ask_udp(
+    world: World, wire: bytes, *, src: str = CLIENT, timeout: float = 4.0
+) -> tuple[bytes, tuple[str, int], str]:
+    """Send one datagram to the resolver; (reply, reply source, our ip:port)."""
+    sock = ns_socket(world.client_ns, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.bind((src, 0))
+        sock.sendto(wire, (RESOLVER, 53))
+        reply, addr = sock.recvfrom(65535)
+        return reply, addr, source(sock)
+
+
+def query(
+    world: World, name: str, rdtype: str = "A", **kw: object
+) -> tuple[dns.message.Message, str]:
+    q = dns.message.make_query(name, rdtype)
+    wire, addr, src = ask_udp(world, q.to_wire(), **kw)  # type: ignore[arg-type]
+    assert addr == (RESOLVER, 53)  # the answer comes from where the query went
+    response = dns.message.from_wire(wire)
+    assert response.id == q.id and response.flags & dns.flags.QR
+    return response, src
+
+
+def addresses(response: dns.message.Message) -> list[str]:
+    return [r.address for rrset in response.answer for r in rrset if hasattr(r, "address")]
+
+
+# --- HTTP/1.1 to the keep-alive server, and the proxy's http_request events --------------------
+
+KEEPALIVE_PORT = 8080  # answers each request with "<method> <host> <path> <body length>"
+EU = "eu.data.allowed.test"  # DATA's name in ZONE
+
+
+def request(method: str, host: str, path: str, body: bytes = b"", extra: str = "") -> bytes:
+    length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{length}{extra}\r\n".encode() + body
+
+
+class Reader:
+    """Reads HTTP/1.1 responses (Content-Length framed) off a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def response(self, *, no_body: bool = False) -> tuple[int, bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            assert self._fill(), f"connection closed mid-head: {self.buf!r}"
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        fields = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        size = 0 if no_body else int(fields.get("content-length", "0"))
+        while len(self.buf) < size:
+            assert self._fill(), "connection closed mid-body"
+        body, self.buf = self.buf[:size], self.buf[size:]
+        return status, body
+
+    def closed(self) -> bool:
+        """The proxy closed the connection (a FIN, nothing more)."""
+        self.sock.settimeout(5.0)
+        return not self.buf and not self._fill()
+
+
+def requests_of(world: World, src: str, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 8
+    while True:
+        found = [e for e in world.events("http_request") if e.get("source") == src]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,7 @@ import asyncio
 import ipaddress
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -25,29 +23,18 @@ from egressd.agent.policy_watch import (
 from egressd.agent.sandboxes import AgentError, Sandbox, SandboxManager, verify_for_node
 from egressd.agent.tier1 import Bucket
 from egressd.policy.jws import policy_digest, sign_payload
-from egressd.policy.keys import generate_signing_key, load_trusted_keys, write_key_dir
+from egressd.policy.keys import load_trusted_keys
 from egressd.policy.model import PortRange, parse_policy
 from egressd.policy.model import same_content as same_policy
-
-JOB = uuid.UUID("2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2")
-OTHER_JOB = uuid.UUID("9d7e4c2a-1111-4a9a-9f55-1f0c5ac1d3e2")
-KEY = generate_signing_key()
-
-
-def payload(**over: Any) -> dict[str, Any]:
-    now = int(time.time())
-    out: dict[str, Any] = {
-        "v": 1,
-        "job_id": str(JOB),
-        "account": "acme",
-        "nodes": ["node1"],
-        "iat": now - 5,
-        "nbf": now - 5,
-        "exp": now + 3600,
-        "egress": [{"host": "api.allowed.test", "ports": [443]}],
-    }
-    out.update(over)
-    return out
+from tests.support.sandbox_manager import (
+    JOB,
+    KEY,
+    OTHER_JOB,
+    FakeListener,
+    FakeTier1,
+    make_manager,
+    payload,
+)
 
 
 def test_same_policy_ignores_validity_times_only() -> None:
@@ -61,70 +48,6 @@ def test_same_policy_ignores_validity_times_only() -> None:
         {"account": "other"},
     ):
         assert not same_policy(base, parse_policy(payload(**change))), change
-
-
-class FakeControl:
-    def __init__(self) -> None:
-        self.tokens: dict[uuid.UUID, str] = {}
-        self.down = False
-        self.asked: list[uuid.UUID] = []
-
-    async def held(self, job_id: uuid.UUID) -> str | None:
-        self.asked.append(job_id)
-        if self.down:
-            raise ControlUnavailable("connection refused")
-        return self.tokens.get(job_id)
-
-
-class FakeTier1:
-    def __init__(self) -> None:
-        self.entries: dict[int, tuple[Any, ...]] = {}
-
-    def set_sandbox(
-        self, ifindex: int, ip: Any, mac: Any, ports: Any, exempt: Any, *, dns: Bucket, syn: Bucket
-    ) -> None:
-        self.entries[ifindex] = (tuple(ports), tuple(exempt), dns, syn)
-
-    def remove_sandbox(self, ifindex: int) -> None:
-        self.entries.pop(ifindex, None)
-
-
-class FakeListener:
-    def __init__(self) -> None:
-        self.routes: dict[str, bytes] = {}
-
-    def sandbox_added(self, sandbox: Sandbox) -> None:
-        self.routes[sandbox.sandbox_id] = sandbox.digest
-
-    def sandbox_removed(self, sandbox: Sandbox) -> None:
-        self.routes.pop(sandbox.sandbox_id, None)
-
-
-@pytest.fixture
-def keys_dir(tmp_path: Path) -> Path:
-    write_key_dir(tmp_path / "keys", KEY)
-    return tmp_path / "keys"
-
-
-def make_manager(
-    keys_dir: Path, tmp_path: Path
-) -> tuple[SandboxManager, FakeTier1, FakeListener, FakeControl]:
-    config = SimpleNamespace(
-        name="node1",
-        sandbox_cidr=ipaddress.IPv4Network("100.96.1.0/24"),
-        state_dir=tmp_path,
-        keys_dir=keys_dir,
-        fleet_ranges=(),
-    )
-    tier1, listener, control = FakeTier1(), FakeListener(), FakeControl()
-    manager = SandboxManager(
-        config,  # type: ignore[arg-type]
-        tier1,  # type: ignore[arg-type]
-        listener,
-        ThreadPoolExecutor(max_workers=1),
-    )
-    manager.control = control  # type: ignore[assignment]
-    return manager, tier1, listener, control
 
 
 def add_sandbox(

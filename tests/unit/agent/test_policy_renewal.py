@@ -35,8 +35,7 @@ from egressd.agent.tier1 import Bucket
 from egressd.policy.jws import policy_digest, sign_payload, verify_policy
 from egressd.policy.keys import generate_signing_key, load_trusted_keys
 from egressd.policy.model import PortRange, parse_policy
-
-from .test_live_policies import (
+from tests.support.sandbox_manager import (
     JOB,
     KEY,
     OTHER_JOB,
@@ -45,7 +44,6 @@ from .test_live_policies import (
     make_manager,
     payload,
 )
-from .test_live_policies import keys_dir as keys_dir  # the fixture
 
 # --- pure decisions -------------------------------------------------------------------
 

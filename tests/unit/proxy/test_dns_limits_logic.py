@@ -19,8 +19,14 @@ from egressd.policy.model import Policy, parse_policy
 from egressd.proxy import dns as pdns
 from egressd.proxy.config import ConfigError, config_from_mapping
 from egressd.proxy.context import FlowInfo
-
-from .test_dns_logic import JOB, PEER, FakeUpstream, make_policy, make_responder, query
+from tests.support.dns_responder import (
+    JOB,
+    PEER,
+    FakeUpstream,
+    make_policy,
+    make_responder,
+    query,
+)
 
 A = ipaddress.IPv4Address
 OTHER_JOB = uuid.UUID("7d2f0a51-3e8b-4c1d-a6f2-90b1c4e5d7a8")

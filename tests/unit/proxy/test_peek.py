@@ -16,7 +16,7 @@ import pytest
 
 from egressd.proxy.intercept import Peeked, peek_client
 from egressd.proxy.sniff import MAX_CLIENT_HELLO, MAX_HTTP_HEAD
-from tests import tls_hellos
+from tests.support import tls_hellos
 
 TIMEOUT = 0.3
 

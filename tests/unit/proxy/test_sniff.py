@@ -30,7 +30,7 @@ from egressd.proxy.sniff import (
     sniff_http_host,
     sniff_tls_sni,
 )
-from tests import tls_hellos
+from tests.support import tls_hellos
 
 
 def client_hello(server_hostname: str | None, *, tls13_only: bool = False) -> bytes:

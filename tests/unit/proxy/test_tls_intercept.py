@@ -22,7 +22,7 @@ from egressd.policy.model import parse_policy
 from egressd.proxy import http_rules, sniff, tls_intercept
 from egressd.proxy.config import ConfigError, InterceptionCaPaths, config_from_mapping
 from egressd_harness.topology import ca as test_ca
-from tests import tls_hellos
+from tests.support import tls_hellos
 
 NOW = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
 
