@@ -29,7 +29,7 @@ class ComposeBackend:
     def __init__(self, node_url: str, token: str, log_dir: Path | None = None) -> None:
         self.node_url = node_url
         self.token = token
-        self.log_dir = entry.LOG_DIR if log_dir is None else log_dir
+        self.log_dir = entry.env().log_dir if log_dir is None else log_dir
 
     def sign(self, payload: dict[str, object]) -> str:
         return str(entry.control("PUT", f"/v1/jobs/{payload['job_id']}/policy", payload)["jws"])

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import shutil
 import signal
 import socket
@@ -90,9 +89,6 @@ from egressd_harness.deploy.health import (
 from egressd_harness.topology import ca, interception
 from egressd_harness.topology.fleet import Fleet
 
-RUN_DIR = Path(os.environ.get("EGRESSD_RUN_DIR", "/run/egressd"))
-FLEET_DIR = Path(os.environ.get("EGRESSD_FLEET_DIR", "/fleet"))
-LOG_DIR = Path(os.environ.get("EGRESSD_LOG_DIR", "/var/log/egressd"))
 DISCOVERY_INTERVAL_S = 2.0
 
 
@@ -107,12 +103,12 @@ def layout(
 ) -> Layout:
     """The default layout's sites, with this container's members only and the fleet's
     ranges (`env().fleet_ranges` unless given)."""
-    base = default_layout(RUN_DIR)
+    base = default_layout(env().run_dir)
     return Layout(
         nodes=nodes,
         proxies=proxies,
         sites=base.sites,
-        run_dir=RUN_DIR,
+        run_dir=env().run_dir,
         fleet_ranges=env().fleet_ranges if fleet_ranges is None else fleet_ranges,
     )
 
@@ -139,7 +135,7 @@ def resolve_ipv4(host: str) -> ipaddress.IPv4Address:
 
 
 def admin_token() -> str:
-    return wait_file(FLEET_DIR / "admin-token").read_text().strip()
+    return wait_file(env().fleet_dir / "admin-token").read_text().strip()
 
 
 def wait_file(path: Path) -> Path:
@@ -184,24 +180,25 @@ def register(kind: str, name: str, body: dict[str, str]) -> None:
 
 def link_fleet_dirs() -> None:
     """/run/egressd/{keys,ca} -> /fleet/{keys,ca} (public keys and the test CA)."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    RUN_DIR.chmod(0o755)
+    env().run_dir.mkdir(parents=True, exist_ok=True)
+    env().run_dir.chmod(0o755)
     for sub in ("keys", "ca"):
-        wait_file(FLEET_DIR / sub)
-        link = RUN_DIR / sub
+        wait_file(env().fleet_dir / sub)
+        link = env().run_dir / sub
         if link.is_symlink() or not link.exists():
             link.unlink(missing_ok=True)
-            link.symlink_to(FLEET_DIR / sub)
+            link.symlink_to(env().fleet_dir / sub)
     for sub in ("logs", "config", "agents"):
-        (RUN_DIR / sub).mkdir(exist_ok=True)
+        (env().run_dir / sub).mkdir(exist_ok=True)
 
 
 # --- running a daemon ---------------------------------------------------------------------
 
 
 def supervise(name: str, argv: list[str], *, on_exit: list[Any] | None = None) -> int:
-    """Run `argv`, copy its stderr to ours and to LOG_DIR/NAME.log, forward SIGTERM/SIGINT."""
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    """Run `argv`, copy its stderr to ours and to the log directory's NAME.log, forward
+    SIGTERM/SIGINT."""
+    env().log_dir.mkdir(parents=True, exist_ok=True)
     log("starting", name=name, argv=argv)
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
 
@@ -214,7 +211,7 @@ def supervise(name: str, argv: list[str], *, on_exit: list[Any] | None = None) -
 
     def copy() -> None:
         assert proc.stderr is not None
-        with (LOG_DIR / f"{name}.log").open("ab", buffering=0) as out:
+        with (env().log_dir / f"{name}.log").open("ab", buffering=0) as out:
             for line in proc.stderr:
                 sys.stderr.buffer.write(line)
                 sys.stderr.buffer.flush()
@@ -242,8 +239,8 @@ def egressd(*args: str) -> list[str]:
 
 def role_control() -> int:
     fleet = Fleet(layout())
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    (RUN_DIR / "control").mkdir(exist_ok=True)
+    env().run_dir.mkdir(parents=True, exist_ok=True)
+    (env().run_dir / "control").mkdir(exist_ok=True)
     if not fleet.signing_key.exists():
         keys.write_key_dir(fleet.keys_dir, keys.generate_signing_key())
     if not fleet.admin_token_file.exists():
@@ -252,12 +249,12 @@ def role_control() -> int:
         fleet.admin_token_file.touch(mode=0o600)
         fleet.admin_token_file.write_text(secrets.token_urlsafe(32) + "\n")
     # Publish the public parts: public JWKs, the test CA, the admin token.
-    (FLEET_DIR / "keys").mkdir(parents=True, exist_ok=True)
+    (env().fleet_dir / "keys").mkdir(parents=True, exist_ok=True)
     for jwk in fleet.keys_dir.glob("*.jwk"):
-        shutil.copy2(jwk, FLEET_DIR / "keys" / jwk.name)
-    ca.ensure_ca(FLEET_DIR / "ca", fleet.layout)
+        shutil.copy2(jwk, env().fleet_dir / "keys" / jwk.name)
+    ca.ensure_ca(env().fleet_dir / "ca", fleet.layout)
     publish_interception_ca()
-    token = FLEET_DIR / "admin-token"
+    token = env().fleet_dir / "admin-token"
     tmp = token.with_suffix(".tmp")
     shutil.copy2(fleet.admin_token_file, tmp)
     tmp.chmod(0o600)
@@ -266,7 +263,7 @@ def role_control() -> int:
         "control",
         "serve",
         "--state-dir",
-        str(RUN_DIR / "control"),
+        str(env().run_dir / "control"),
         "--key",
         str(fleet.signing_key),
         "--admin-token-file",
@@ -283,9 +280,9 @@ def publish_interception_ca() -> None:
     sandboxes, certificate and key where proxies read them
     (EGRESSD_INTERCEPTION_CA_CERT/KEY: the `interception` volume, which nodes
     do not mount; deploy/kubernetes mounts the pair from a Secret instead)."""
-    files = ensure_interception_ca(ca_dir(RUN_DIR / "control"))
+    files = ensure_interception_ca(ca_dir(env().run_dir / "control"))
     cert = files.cert.read_bytes()
-    write_atomic(FLEET_DIR / "ca" / interception.PUBLIC_CERT, cert, mode=0o644)
+    write_atomic(env().fleet_dir / "ca" / interception.PUBLIC_CERT, cert, mode=0o644)
     cert_path, key_path = env().interception_ca_cert, env().interception_ca_key
     for path in {cert_path.parent, key_path.parent}:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -304,8 +301,8 @@ def role_inet() -> int:
             subprocess.run(["ip", "addr", "add", f"{addr}/32", "dev", ifname], check=True)
     if METADATA not in have:
         subprocess.run(["ip", "addr", "add", f"{METADATA}/32", "dev", "lo"], check=True)
-    wait_file(FLEET_DIR / "ca" / "server.pem")
-    return supervise("inet", egressd("inet", "serve", "--run-dir", str(FLEET_DIR)))
+    wait_file(env().fleet_dir / "ca" / "server.pem")
+    return supervise("inet", egressd("inet", "serve", "--run-dir", str(env().fleet_dir)))
 
 
 def proxy_name(underlay: ipaddress.IPv4Address) -> str:
@@ -373,7 +370,7 @@ def agent_config(fleet: Fleet, spec: NodeSpec) -> dict[str, Any]:
     if env().sandbox_cidr is None:
         config["sandbox_cidr"] = settings.SANDBOX_CIDR_AUTO
         config["registration"] = {
-            "admin_token_file": str(FLEET_DIR / "admin-token"),
+            "admin_token_file": str(env().fleet_dir / "admin-token"),
             "wait_s": WAIT_S,
         }
     return config
@@ -411,7 +408,7 @@ def start_node() -> tuple[Fleet, NodeSpec, Path]:
     config.write_text(json.dumps(body, indent=2) + "\n")
     seed_tier1_cache(Path(str(body["state_dir"])))
     if env().sandbox_cidr is None:
-        wait_file(FLEET_DIR / "admin-token")  # the agent registers itself with it
+        wait_file(env().fleet_dir / "admin-token")  # the agent registers itself with it
         log("sandbox_cidr_auto", name=spec.name, control_url=env().control_url)
     else:
         register(
@@ -468,10 +465,12 @@ def role_udf(argv: list[str]) -> int:
     payload = {"v": 1, "job_id": job_id, "account": "compose", "nodes": [node], "egress": egress}
     jws = str(control("PUT", f"/v1/jobs/{job_id}/policy", payload)["jws"])
     log("udf_job", job_id=job_id, node=node)
-    with tempfile.NamedTemporaryFile("w", suffix=".jws", dir=RUN_DIR / "config") as fh:
+    with tempfile.NamedTemporaryFile("w", suffix=".jws", dir=env().run_dir / "config") as fh:
         fh.write(jws + "\n")
         fh.flush()
-        argv_ = jobs.sandbox_argv(node, RUN_DIR, Path(fh.name), args.udf, args.args, args.timeout)
+        argv_ = jobs.sandbox_argv(
+            node, env().run_dir, Path(fh.name), args.udf, args.args, args.timeout
+        )
         return subprocess.run(argv_, check=False).returncode
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import re
 import subprocess
 import sys
@@ -32,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from egressd.layout import NodeSpec
+from egressd_harness.deploy.health import env
 
-UDFS = Path(os.environ.get("EGRESSD_UDFS", "/opt/egressd/app/sandbox/udfs"))
 MAX_CONCURRENT = 4
 MAX_BODY = 256 * 1024
 MAX_TIMEOUT_S = 300.0
@@ -49,7 +48,7 @@ def sandbox_argv(
     timeout: float,
     udfs: Path | None = None,
 ) -> list[str]:
-    """`egressd sandbox run` of `/udfs/UDF ARGS` with `udfs` (default `UDFS`) at /udfs."""
+    """`egressd sandbox run` of `/udfs/UDF ARGS` with `udfs` (default `env().udfs`) at /udfs."""
     return [
         sys.executable,
         "-m",
@@ -63,7 +62,7 @@ def sandbox_argv(
         "--policy",
         str(policy),
         "--mount",
-        f"{UDFS if udfs is None else udfs}:/udfs",
+        f"{env().udfs if udfs is None else udfs}:/udfs",
         "--timeout",
         str(timeout),
         "--",
@@ -122,7 +121,7 @@ class Handler(BaseHTTPRequestHandler):
             timeout = float(req.get("timeout", 60))
             if not isinstance(policy, str) or not isinstance(udf, str) or not _UDF.fullmatch(udf):
                 raise ValueError("policy and udf must be strings; udf a file name like probe.py")
-            if not (UDFS / udf).is_file():
+            if not (env().udfs / udf).is_file():
                 raise ValueError(f"no UDF {udf}")
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
                 raise ValueError("args must be a list of strings")

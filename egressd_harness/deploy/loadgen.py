@@ -16,7 +16,6 @@ stays up with the agent so that its metrics can be read.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import threading
 import uuid
@@ -25,8 +24,6 @@ from pathlib import Path
 from egressd.agent.client import AgentClient
 from egressd.layout import RESOLVER
 from egressd_harness.deploy import entry, health, settings
-
-LOCUSTFILE = Path(os.environ.get("EGRESSD_LOCUSTFILE", "/opt/egressd/loadtests/locustfile.py"))
 
 
 def payload(job_id: str, node: str) -> dict[str, object]:
@@ -49,7 +46,8 @@ async def run_load(fleet_run_dir: Path, node: str) -> int:
             etc = Path("/etc/netns") / info.netns
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "resolv.conf").write_text(f"nameserver {RESOLVER}\n")
-            users = os.environ.get("EGRESSD_LOAD_USERS", "10")
+            load = entry.env()
+            users = str(load.load_users)
             argv = [
                 "ip",
                 "netns",
@@ -59,7 +57,7 @@ async def run_load(fleet_run_dir: Path, node: str) -> int:
                 "-m",
                 "locust",
                 "-f",
-                str(LOCUSTFILE),
+                str(load.locustfile),
                 "--headless",
                 "--host",
                 "http://api.allowed.test",
@@ -68,9 +66,9 @@ async def run_load(fleet_run_dir: Path, node: str) -> int:
                 "-r",
                 users,
                 "-t",
-                os.environ.get("EGRESSD_LOAD_RUN_TIME", "60s"),
+                load.load_run_time,
                 "--only-summary",
-                os.environ.get("EGRESSD_LOAD_CLASS", "Steady"),
+                load.load_class,
             ]
             entry.log("load_start", argv=argv)
             proc = await asyncio.create_subprocess_exec(*argv)
@@ -89,7 +87,8 @@ def _healthy() -> bool:
 def main(_argv: list[str]) -> int:
     # Its name and CIDR come from the environment like any node's (deploy/compose.yaml);
     # the defaults are node1's, which a second node must never take.
-    missing = [v for v in (settings.NODE_NAME, settings.SANDBOX_CIDR) if v not in os.environ]
+    given = entry.env().given
+    missing = [v for v in (settings.NODE_NAME, settings.SANDBOX_CIDR) if v not in given]
     if missing:
         raise SystemExit(f"loadgen: {' and '.join(missing)} must be set (a node of its own)")
     fleet, spec, config = entry.start_node()

@@ -36,6 +36,23 @@ A proxy's secrets (`proxy_secret_keys` maps them to its configuration):
                               against (unset: /fleet/ca/ca.pem, the test internet's
                               CA), or `system`: the system's trust store
 
+Where things live in the container (the images' paths by default; deploy/kubernetes
+leaves all but EGRESSD_FLEET_DIR unset):
+
+    EGRESSD_RUN_DIR           the member's run directory (unset: /run/egressd)
+    EGRESSD_FLEET_DIR         the shared `fleet` volume (unset: /fleet)
+    EGRESSD_LOG_DIR           where each daemon's log lines are copied (unset:
+                              /var/log/egressd, the `logs` volume)
+    EGRESSD_UDFS              the UDFs a node's job API runs (unset:
+                              /opt/egressd/app/sandbox/udfs, in the egressd-node image)
+
+The compose load generator's run (`loadgen`, compose profile `load` only):
+
+    EGRESSD_LOCUSTFILE        unset: /opt/egressd/loadtests/locustfile.py
+    EGRESSD_LOAD_USERS        locust users, 1-1000 (unset: 10)
+    EGRESSD_LOAD_RUN_TIME     locust's bounded run time, like 60s, 5m or 1h30m (unset: 60s)
+    EGRESSD_LOAD_CLASS        the locustfile's user class (unset: Steady)
+
 A value that does not parse is one `SettingsError` naming every bad variable,
 raised before anything is written, registered or started.
 """
@@ -45,7 +62,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -72,6 +89,14 @@ SECRETS_DIR = "EGRESSD_SECRETS_DIR"
 INTERCEPTION_CA_CERT = "EGRESSD_INTERCEPTION_CA_CERT"
 INTERCEPTION_CA_KEY = "EGRESSD_INTERCEPTION_CA_KEY"
 UPSTREAM_CA_FILE = "EGRESSD_UPSTREAM_CA_FILE"
+RUN_DIR = "EGRESSD_RUN_DIR"
+FLEET_DIR = "EGRESSD_FLEET_DIR"
+LOG_DIR = "EGRESSD_LOG_DIR"
+UDFS = "EGRESSD_UDFS"
+LOCUSTFILE = "EGRESSD_LOCUSTFILE"
+LOAD_USERS = "EGRESSD_LOAD_USERS"
+LOAD_RUN_TIME = "EGRESSD_LOAD_RUN_TIME"
+LOAD_CLASS = "EGRESSD_LOAD_CLASS"
 PROXY_SECRETS = (SECRETS_DIR, INTERCEPTION_CA_CERT, INTERCEPTION_CA_KEY, UPSTREAM_CA_FILE)
 VARIABLES = (
     CONTROL_URL,
@@ -83,6 +108,10 @@ VARIABLES = (
     UNDERLAY_RANGES,
     *PROXY_SECRETS,
 )
+# Paths inside the container: the images' own are right on compose and on a cluster.
+DIRECTORIES = (RUN_DIR, FLEET_DIR, LOG_DIR, UDFS)
+# Read by the compose-only `loadgen` role.
+LOAD = (LOCUSTFILE, LOAD_USERS, LOAD_RUN_TIME, LOAD_CLASS)
 
 # What each role reads; off the compose network each one needs a value (the
 # compose defaults are DESIGN.md's addresses). deploy/kubernetes sets them all.
@@ -103,6 +132,15 @@ COMPOSE_SECRETS_DIR = Path("/run/secrets/egressd-credentials")
 COMPOSE_INTERCEPTION_CA_DIR = Path("/interception-ca")
 COMPOSE_UPSTREAM_CA_FILE = Path("/fleet/ca/ca.pem")
 UPSTREAM_CA_SYSTEM = "system"
+IMAGE_RUN_DIR = Path("/run/egressd")
+IMAGE_FLEET_DIR = Path("/fleet")
+IMAGE_LOG_DIR = Path("/var/log/egressd")
+IMAGE_UDFS = Path("/opt/egressd/app/sandbox/udfs")
+IMAGE_LOCUSTFILE = Path("/opt/egressd/loadtests/locustfile.py")
+MAX_LOAD_USERS = 1000
+# locust's `-t`: seconds, or hours/minutes/seconds in that order (each run is bounded).
+_RUN_TIME = re.compile(r"[0-9]+|(?:[0-9]+h)?(?:[0-9]+m)?(?:[0-9]+s)?")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 # The daemons' own name rule (control plane registry, agent and proxy configs).
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
@@ -126,6 +164,17 @@ class DeploySettings:
     interception_ca_key: Path = COMPOSE_INTERCEPTION_CA_DIR / "ca.key"
     # None: `system` (the proxy's default trust store).
     upstream_ca_file: Path | None = COMPOSE_UPSTREAM_CA_FILE
+    run_dir: Path = IMAGE_RUN_DIR
+    fleet_dir: Path = IMAGE_FLEET_DIR
+    log_dir: Path = IMAGE_LOG_DIR
+    udfs: Path = IMAGE_UDFS
+    locustfile: Path = IMAGE_LOCUSTFILE
+    load_users: int = 10
+    load_run_time: str = "60s"
+    load_class: str = "Steady"
+    # Which EGRESSD_* variables were set at all: a second node (loadgen) must name
+    # itself and its CIDR, never fall back to node1's. Not part of the value.
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def fleet_ranges(self) -> tuple[IPv4Network, ...]:
@@ -162,8 +211,17 @@ def from_env(env: Mapping[str, str]) -> DeploySettings:
     take(INTERCEPTION_CA_CERT, "interception_ca_cert", _path)
     take(INTERCEPTION_CA_KEY, "interception_ca_key", _path)
     take(UPSTREAM_CA_FILE, "upstream_ca_file", _upstream_ca)
+    take(RUN_DIR, "run_dir", _path)
+    take(FLEET_DIR, "fleet_dir", _path)
+    take(LOG_DIR, "log_dir", _path)
+    take(UDFS, "udfs", _path)
+    take(LOCUSTFILE, "locustfile", _path)
+    take(LOAD_USERS, "load_users", _load_users)
+    take(LOAD_RUN_TIME, "load_run_time", _run_time)
+    take(LOAD_CLASS, "load_class", _identifier)
     if problems:
         raise SettingsError("bad_environment", "; ".join(problems))
+    values["given"] = frozenset(v for v in (*VARIABLES, *DIRECTORIES, *LOAD) if v in env)
     return DeploySettings(**values)  # type: ignore[arg-type]
 
 
@@ -284,6 +342,24 @@ def _upstream_ca(raw: str) -> Path | None:
         return _path(raw)
     except ValueError:
         raise ValueError(f"must be an absolute path or {UPSTREAM_CA_SYSTEM!r}") from None
+
+
+def _load_users(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LOAD_USERS:
+        raise ValueError(f"must be a whole number of users from 1 to {MAX_LOAD_USERS}")
+    return int(raw)
+
+
+def _run_time(raw: str) -> str:
+    if not _RUN_TIME.fullmatch(raw) or not any(c in "123456789" for c in raw):
+        raise ValueError("must be a run time above zero, like 60, 60s, 5m or 1h30m")
+    return raw
+
+
+def _identifier(raw: str) -> str:
+    if not _IDENTIFIER.fullmatch(raw):
+        raise ValueError("must be a Python class name")
+    return raw
 
 
 def _ranges(raw: str) -> tuple[IPv4Network, ...]:

@@ -54,7 +54,8 @@ class Recorder:
 
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Recorder]]:
-    monkeypatch.setattr(jobs, "UDFS", UDFS)
+    monkeypatch.setenv("EGRESSD_UDFS", str(UDFS))
+    entry.env.cache_clear()
     recorder = Recorder()
     monkeypatch.setattr(jobs.subprocess, "run", recorder)
     (tmp_path / "config").mkdir()
@@ -65,6 +66,7 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
     finally:
         srv.shutdown()
         srv.server_close()
+        entry.env.cache_clear()
 
 
 def test_job_api_runs_a_shipped_udf_in_a_sandbox(server: tuple[str, Recorder]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ class Stop(Exception):
 
 
 @pytest.fixture
-def faked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeFleet, list[Any]]:
+def faked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeFleet, list[Any]]]:
     """The compose fleet as `entry` and `jobs` reach it, answered by a FakeFleet."""
     fleet = FakeFleet()
     calls: list[Any] = []
@@ -54,11 +54,13 @@ def faked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeFleet, l
     monkeypatch.setattr(entry, "admin_token", lambda: "t0ken")
     monkeypatch.setattr(entry, "control", control)
     monkeypatch.setattr(health, "http_get", http_get)
-    monkeypatch.setattr(entry, "LOG_DIR", tmp_path)
+    monkeypatch.setenv("EGRESSD_LOG_DIR", str(tmp_path))
+    entry.env.cache_clear()
     monkeypatch.setattr(health, "DEMO_RESULT", tmp_path / "demo.result")
     monkeypatch.setattr(jobs, "run_udf", run_udf)
     monkeypatch.setattr(compose.ComposeBackend, "settle_s", 0.0)
-    return fleet, calls
+    yield fleet, calls
+    entry.env.cache_clear()
 
 
 def test_the_compose_demo_role_prints_ten_verdicts_as_expected(

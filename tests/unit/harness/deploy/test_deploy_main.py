@@ -73,11 +73,13 @@ def test_the_module_runs_as_a_program() -> None:
 
 @pytest.mark.parametrize("unset", [settings.NODE_NAME, settings.SANDBOX_CIDR])
 def test_loadgen_without_its_own_name_and_cidr_starts_nothing(
-    monkeypatch: pytest.MonkeyPatch, unset: str
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, unset: str
 ) -> None:
     monkeypatch.setenv(settings.NODE_NAME, "loadgen")
     monkeypatch.setenv(settings.SANDBOX_CIDR, "100.96.9.0/24")
     monkeypatch.delenv(unset)
+    entry.env.cache_clear()
+    request.addfinalizer(entry.env.cache_clear)
     monkeypatch.setattr(entry, "start_node", lambda: pytest.fail("started a node"))
     before = dict(os.environ)
     with pytest.raises(SystemExit, match=f"loadgen: {unset} must be set"):

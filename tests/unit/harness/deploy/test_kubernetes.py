@@ -278,7 +278,9 @@ def entry_variables() -> set[str]:
 def test_the_entry_variables_are_found() -> None:
     """The scan sees what the code reads (else the checks below would pass on nothing)."""
     found = entry_variables()
-    assert set(settings.VARIABLES) | set(CLUSTER_DEFAULTS) | {"EGRESSD_FLEET_DIR"} == found
+    fleet_dir = {"EGRESSD_FLEET_DIR"}
+    assert set(settings.VARIABLES) | set(CLUSTER_DEFAULTS) | fleet_dir | set(settings.LOAD) == found
+    assert set(settings.DIRECTORIES) == set(CLUSTER_DEFAULTS) | fleet_dir
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -292,7 +294,8 @@ def test_every_variable_the_entry_code_reads_is_set_or_right_by_default(
     assert set(env) <= read, set(env) - read
     # Every setting the role uses is set: the compose defaults are DESIGN.md's addresses.
     assert set(settings.ROLE_VARIABLES[role]) <= set(env)
-    unset = read - set(env) - set(settings.VARIABLES)
+    # The load generator's (settings.LOAD) are read by the compose-only loadgen role.
+    unset = read - set(env) - set(settings.VARIABLES) - set(settings.LOAD)
     assert unset <= set(CLUSTER_DEFAULTS), unset
     for name, path in FIELD_REFS[role].items():
         assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path

@@ -115,8 +115,8 @@ def secret_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     monkeypatch.setenv("EGRESSD_INTERCEPTION_CA_KEY", str(ca / "ca.key"))
     monkeypatch.setenv("EGRESSD_UPSTREAM_CA_FILE", "system")
     monkeypatch.setenv("EGRESSD_CONTROL_URL", "http://198.18.0.2:8080")
-    monkeypatch.setattr(entry, "RUN_DIR", tmp_path / "run")
-    monkeypatch.setattr(entry, "FLEET_DIR", tmp_path / "fleet")
+    monkeypatch.setenv("EGRESSD_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("EGRESSD_FLEET_DIR", str(tmp_path / "fleet"))
     entry.env.cache_clear()
     yield tmp_path
     entry.env.cache_clear()

@@ -95,8 +95,8 @@ def test_compose_keeps_an_explicit_cidr() -> None:
 def cluster_node_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     for name, value in CLUSTER_NODE.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EGRESSD_FLEET_DIR", str(tmp_path / "fleet"))
     entry.env.cache_clear()
-    monkeypatch.setattr(entry, "FLEET_DIR", tmp_path / "fleet")
     yield tmp_path / "fleet"
     entry.env.cache_clear()
 
@@ -107,7 +107,7 @@ def test_entry_writes_an_auto_agent_config_the_agent_accepts() -> None:
     assert (spec.name, spec.underlay) == ("worker-1", IPv4Address("10.244.1.7"))
     body = entry.agent_config(Fleet(entry.layout(nodes=(spec,))), spec)
     assert body["sandbox_cidr"] == "auto"
-    assert body["registration"]["admin_token_file"] == str(entry.FLEET_DIR / "admin-token")
+    assert body["registration"]["admin_token_file"] == str(entry.env().fleet_dir / "admin-token")
     agent = parse_agent_config(json.loads(json.dumps(body)))
     assert agent.sandbox_cidr is None
     assert agent.registration is not None and agent.registration.wait_s == entry.WAIT_S
@@ -121,7 +121,8 @@ def test_entry_in_auto_mode_leaves_registration_to_the_agent(
 ) -> None:
     registered: list[Any] = []
     monkeypatch.setattr(entry, "register", lambda *a, **k: registered.append(a))
-    monkeypatch.setattr(entry, "RUN_DIR", tmp_path / "run")
+    monkeypatch.setenv("EGRESSD_RUN_DIR", str(tmp_path / "run"))
+    entry.env.cache_clear()
     monkeypatch.setattr(entry, "writable_proc_sys", lambda: None)
     monkeypatch.setattr(
         entry,
