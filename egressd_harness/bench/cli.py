@@ -92,7 +92,7 @@ from egressd_harness.bench.paths import (
     SquidPath,
 )
 from egressd_harness.bench.report import INTERCEPT_PATHS, IdleResult, PathResult
-from egressd_harness.topology.fleet import Fleet, down_logged
+from egressd_harness.topology.fleet import DEFAULT_DATAPATH, Fleet, down_logged
 
 log = structlog.get_logger("egressd_harness.bench")
 
@@ -133,7 +133,7 @@ class Options:
     gvisor_platform: str = DEFAULT_PLATFORM
     # The fleet's data path (agents and proxies, topology.fleet.Fleet); a fleet that is
     # already running is measured as it is.
-    datapath: str = "userspace"
+    datapath: str = DEFAULT_DATAPATH
     keep: bool = False
     out: Path = DEFAULT_OUT
 

@@ -9,11 +9,11 @@ from pathlib import Path
 from egressd import logs
 from egressd.layout import DEFAULT_RUN_DIR, default_layout
 from egressd_harness.topology import inet
-from egressd_harness.topology.fleet import ComponentStatus, Fleet
+from egressd_harness.topology.fleet import DEFAULT_DATAPATH, ComponentStatus, Fleet
 
 
 def _fleet(args: argparse.Namespace) -> Fleet:
-    datapath = getattr(args, "datapath", "userspace")
+    datapath = getattr(args, "datapath", DEFAULT_DATAPATH)
     return Fleet(default_layout(Path(args.run_dir), args.prefix), datapath=datapath)
 
 
@@ -71,8 +71,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             verb.add_argument(
                 "--datapath",
                 choices=("userspace", "kernel"),
-                default="userspace",
-                help="the data path of agents and proxies (default userspace)",
+                default=DEFAULT_DATAPATH,
+                help=f"the data path of agents and proxies (default {DEFAULT_DATAPATH})",
             )
     inet_parser = sub.add_parser("inet", help="the test internet (runs inside egd-inet)")
     inet_verbs = inet_parser.add_subparsers(dest="verb", required=True)

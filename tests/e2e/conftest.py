@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from egressd.layout import default_layout
-from egressd_harness.topology.fleet import Fleet
+from egressd_harness.topology.fleet import DEFAULT_DATAPATH, Fleet
 
 PREFIX = os.environ.get("EGRESSD_E2E_PREFIX", "egd-e2e-")
-# The node agents' data path ("userspace" or "kernel"): CI runs the suite with each.
-DATAPATH = os.environ.get("EGRESSD_E2E_DATAPATH", "userspace")
+# The fleet's data path, agents and proxies ("userspace" or "kernel"; make test runs the default).
+DATAPATH = os.environ.get("EGRESSD_E2E_DATAPATH", DEFAULT_DATAPATH)
 
 
 @pytest.fixture(scope="session")

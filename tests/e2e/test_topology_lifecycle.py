@@ -17,12 +17,12 @@ import pytest
 from egressd.layout import default_layout
 from egressd.net import netns as kn
 from egressd_harness.topology import procs
-from egressd_harness.topology.fleet import Fleet
+from egressd_harness.topology.fleet import DEFAULT_DATAPATH, Fleet
 from tests.support.fleet import Job, sandbox_argv
 
 PREFIX = "egd-e2l-"
-# The agents' data path, as for the rest of the suite (tests/e2e/conftest.py).
-DATAPATH = os.environ.get("EGRESSD_E2E_DATAPATH", "userspace")
+# The fleet's data path (agents and proxies), as for the rest of the suite (tests/e2e/conftest.py).
+DATAPATH = os.environ.get("EGRESSD_E2E_DATAPATH", DEFAULT_DATAPATH)
 # Programs the agents load: tier 1, and bpf/node.c's with the kernel data path (names cut at 15).
 AGENT_PROGS = {"tier1_ingress", "node_encap", "node_underlay_i"}
 # ... and the proxies' (bpf/proxy.c) with the kernel data path.
