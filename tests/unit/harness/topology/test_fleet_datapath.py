@@ -28,9 +28,7 @@ def test_every_member_of_the_fleet_takes_the_fleets_datapath(tmp_path: Path, dat
 
 def test_the_default_fleet_runs_on_the_kernel_path(tmp_path: Path) -> None:
     fleet = Fleet(default_layout(tmp_path, "egd-x-"))
-    assert {parse_config(fleet.agent_config(n)).datapath for n in fleet.layout.nodes} == {
-        "kernel"
-    }
+    assert {parse_config(fleet.agent_config(n)).datapath for n in fleet.layout.nodes} == {"kernel"}
     assert {config_from_mapping(fleet.proxy_config(p)).datapath for p in fleet.layout.proxies} == {
         "kernel"
     }
