@@ -6,7 +6,7 @@ attaches ``node_underlay_ingress`` to the tc ingress of the node's underlay devi
 and programs the maps. ``node_encap`` is not attached anywhere: tier 1 tail-calls it
 (`Tier1.set_forward` with `encap_fd`) for every frame it allows.
 
-How, as tier 1 (`egressd.agent.tier1`) does it: clang through
+How, as tier 1 (`egressd.agent.tier1`) does it, with the same `egressd.ebpf.tc`: clang through
 `egressd.ebpf.build.build_object` (rebuilt when node.c or geneve.h is newer);
 ``bpftool prog loadall`` into a bpffs of its own on ``STATE_DIR/bpffs-node`` (each
 mount is its own instance: two agents never share maps); map shapes checked against
@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import ipaddress
 import os
-import shutil
 import socket
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -61,7 +59,8 @@ from egressd.agent.node_maps import (
     unpack_proxy,
 )
 from egressd.ebpf import syscall as bpf
-from egressd.ebpf.build import EbpfError, build_object, mount_bpffs, run_tool, umount_bpffs
+from egressd.ebpf import tc
+from egressd.ebpf.build import EbpfError, build_object
 
 IPv4Address = ipaddress.IPv4Address
 
@@ -71,10 +70,6 @@ DEFAULT_HEADERS: Final = (Path(str(_BPF_DIR.joinpath("geneve.h"))),)
 ENCAP_PROG: Final = "node_encap"
 UNDERLAY_PROG: Final = "node_underlay_ingress"
 FILTER_NAME: Final = "egressd-node"
-FILTER_PRIO: Final = 1
-FILTER_HANDLE: Final = 1
-_TC_H_CLSACT_INGRESS = 0xFFFF_FFF2
-_ETH_P_ALL = 0x0003
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -125,41 +120,17 @@ class NodeKernel:
         if self._progs:
             return
         obj = _ebpf(build_object, self.source, self.cache_dir, deps=self.headers)
-        bpftool = shutil.which("bpftool") or shutil.which("bpftool", path="/usr/sbin:/sbin")
-        if bpftool is None:
-            raise NodeError("tool_missing", "bpftool not found (apt-get install bpftool)")
+        _ebpf(tc.load_object, obj, self.pin_dir, single=False)
         try:
-            self.pin_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise NodeError("mount_failed", f"{self.pin_dir}: {exc.strerror}") from exc
-        _ebpf(mount_bpffs, self.pin_dir)
-        try:
-            self._unpin()
-            cmd = [
-                bpftool,
-                "prog",
-                "loadall",
-                str(obj),
-                str(self._prog_dir),
-                "type",
-                "classifier",
-                "pinmaps",
-                str(self._map_dir),
-            ]
-            result = _ebpf(run_tool, cmd, "load_failed")
-            if result.returncode != 0:
-                detail = (result.stderr or result.stdout).strip()[-4000:]
-                raise NodeError("load_failed", f"bpftool prog loadall {obj}: {detail}")
-            self._open_pins()
+            progs = (ENCAP_PROG, UNDERLAY_PROG)
+            self._progs, self._maps = _ebpf(tc.open_pins, self.pin_dir, progs, MAPS, single=False)
             empty = pack_maglev((None,) * MAGLEV_SIZE, {})
             for table in (0, 1):
                 self._update("nd_maglev", U32.pack(table), empty)
             self._write_config()
         except BaseException:
             self._close_fds()
-            with contextlib.suppress(NodeError):
-                self._unpin()
-                _ebpf(umount_bpffs, self.pin_dir)
+            tc.discard(self.pin_dir)
             raise
 
     def close(self) -> None:
@@ -171,12 +142,7 @@ class NodeKernel:
             errors.append(exc)
         self._close_fds()
         try:
-            self._unpin()
-            _ebpf(umount_bpffs, self.pin_dir)
-            with contextlib.suppress(FileNotFoundError):
-                self.pin_dir.rmdir()
-        except OSError as exc:
-            errors.append(NodeError("mount_failed", f"{self.pin_dir}: {exc.strerror}"))
+            _ebpf(tc.release, self.pin_dir)
         except NodeError as exc:
             errors.append(exc)
         if errors:
@@ -216,30 +182,13 @@ class NodeKernel:
                     for msg in ipr.get_addr(family=2)
                     if msg.get_attr("IFA_ADDRESS") == str(self.underlay)
                 ]
-                if not found:
-                    raise NodeError("no_underlay", f"no link holds {self.underlay}")
-                ifindex = found[0]
-                try:
-                    ipr.tc("add", "clsact", ifindex)
-                except NetlinkError as exc:
-                    if exc.code != errno.EEXIST:
-                        raise
-                ipr.tc(
-                    "replace-filter",
-                    "bpf",
-                    ifindex,
-                    FILTER_HANDLE,
-                    fd=prog_fd,
-                    name=FILTER_NAME,
-                    parent=_TC_H_CLSACT_INGRESS,
-                    prio=FILTER_PRIO,
-                    protocol=_ETH_P_ALL,
-                    direct_action=True,
-                )
         except NetlinkError as exc:
             raise NodeError("attach_failed", f"underlay: {os.strerror(exc.code)}") from exc
         except OSError as exc:
             raise NodeError("attach_failed", f"underlay: {exc}") from exc
+        if not found:
+            raise NodeError("no_underlay", f"no link holds {self.underlay}")
+        ifindex = _ebpf(tc.attach, found[0], prog_fd, name=FILTER_NAME, label="underlay")
         self._underlay_ifindex = ifindex
         self._underlay_name = _ifname(ifindex)
         if self._tx_csum_was is None:
@@ -258,37 +207,7 @@ class NodeKernel:
         if was:
             with contextlib.suppress(OSError):
                 set_tx_checksum(self._underlay_name, True)
-        gone = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
-        try:
-            with IPRoute() as ipr:
-                try:
-                    ipr.tc(
-                        "del-filter",
-                        "bpf",
-                        ifindex,
-                        FILTER_HANDLE,
-                        parent=_TC_H_CLSACT_INGRESS,
-                        prio=FILTER_PRIO,
-                        protocol=_ETH_P_ALL,
-                    )
-                except NetlinkError as exc:
-                    if exc.code not in gone:
-                        raise
-                try:
-                    left = [
-                        f
-                        for parent in (_TC_H_CLSACT_INGRESS, _TC_H_CLSACT_INGRESS + 1)
-                        for f in ipr.get_filters(ifindex, parent=parent)
-                    ]
-                    if not left:
-                        ipr.tc("del", "clsact", ifindex)
-                except NetlinkError as exc:
-                    if exc.code not in gone:
-                        raise
-        except NetlinkError as exc:
-            raise NodeError("detach_failed", f"underlay: {os.strerror(exc.code)}") from exc
-        except OSError as exc:
-            raise NodeError("detach_failed", f"underlay: {exc}") from exc
+        _ebpf(tc.detach, ifindex, label="underlay")
 
     # -- sandboxes -----------------------------------------------------------------------
 
@@ -395,14 +314,6 @@ class NodeKernel:
 
     # -- maps ------------------------------------------------------------------------------
 
-    @property
-    def _prog_dir(self) -> Path:
-        return self.pin_dir / "progs"
-
-    @property
-    def _map_dir(self) -> Path:
-        return self.pin_dir / "maps"
-
     def _prog(self, name: str) -> int:
         if not self._progs:
             raise NodeError("not_loaded", "call load() first")
@@ -424,69 +335,25 @@ class NodeKernel:
             pack_config(self.underlay, self._underlay_ifindex, self.vni, self._active_table),
         )
 
-    def _open_pins(self) -> None:
-        try:
-            for name in (ENCAP_PROG, UNDERLAY_PROG):
-                fd = self._progs[name] = bpf.obj_get(self._prog_dir / name)
-                info = bpf.prog_info(fd)
-                if info.prog_type != bpf.BPF_PROG_TYPE_SCHED_CLS or info.name != name[:15]:
-                    raise NodeError("abi_mismatch", f"pinned program {name} is {info}")
-            for spec in MAPS:
-                fd = self._maps[spec.name] = bpf.obj_get(self._map_dir / spec.name)
-                found = bpf.map_info(fd)
-                shape = (found.map_type, found.key_size, found.value_size, found.max_entries)
-                want = (spec.map_type, spec.key_size, spec.value_size, spec.max_entries)
-                if shape != want:
-                    raise NodeError(
-                        "abi_mismatch",
-                        f"{spec.name}: kernel (type, key, value, entries) {shape}, expected {want}",
-                    )
-        except OSError as exc:
-            raise NodeError("load_failed", f"{self.pin_dir}: {exc.strerror}") from exc
-
     def _close_fds(self) -> None:
-        for fd in [*self._progs.values(), *self._maps.values()]:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._progs.clear()
-        self._maps.clear()
+        tc.close_fds([*self._progs.values(), *self._maps.values()])
+        self._progs = {}
+        self._maps = {}
         self._proxy_addrs.clear()
 
-    def _unpin(self) -> None:
-        try:
-            for directory in (self._prog_dir, self._map_dir):
-                if directory.is_dir():
-                    for pin in directory.iterdir():
-                        pin.unlink()
-                    directory.rmdir()
-        except OSError as exc:
-            raise NodeError("mount_failed", f"unpin {self.pin_dir}: {exc.strerror}") from exc
-
     def _update(self, name: str, key: bytes, value: bytes) -> None:
-        try:
-            bpf.map_update(self._fd(name), key, value)
-        except OSError as exc:
-            raise NodeError("map_failed", f"update {name}: {exc.strerror}") from exc
+        _ebpf(tc.map_update, self._fd(name), name, key, value)
 
     def _delete(self, name: str, key: bytes) -> None:
-        try:
-            bpf.map_delete(self._fd(name), key)
-        except OSError as exc:
-            raise NodeError("map_failed", f"delete {name}: {exc.strerror}") from exc
+        _ebpf(tc.map_delete, self._fd(name), name, key)
 
     def _lookup(self, name: str, key: bytes, *, percpu: bool = False) -> bytes | None:
         spec = self._spec(name)
         size = bpf.percpu_value_size(spec.value_size) if percpu else spec.value_size
-        try:
-            return bpf.map_lookup(self._fd(name), key, size)
-        except OSError as exc:
-            raise NodeError("map_failed", f"lookup {name}: {exc.strerror}") from exc
+        return _ebpf(tc.map_lookup, self._fd(name), name, key, size)
 
     def _keys(self, name: str, key_size: int) -> list[bytes]:
-        try:
-            return list(bpf.map_keys(self._fd(name), key_size))
-        except OSError as exc:
-            raise NodeError("map_failed", f"keys of {name}: {exc.strerror}") from exc
+        return _ebpf(tc.map_keys, self._fd(name), name, key_size)
 
 
 # -- the underlay's TX checksum offload (SIOCETHTOOL) ---------------------------------------

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from egressd.ebpf.tc import MapSpec as MapSpec  # re-exported: the maps' shapes
 from egressd.errors import EgressdError
 
 IPv4Address = ipaddress.IPv4Address
@@ -115,15 +116,6 @@ _SANDBOX_IP = struct.Struct("=I6s6s16s")
 STATS = struct.Struct("=QQQQ")
 COUNT = struct.Struct("=QQ")
 PREFIX_LEN: Final = 36
-
-
-@dataclass(frozen=True, slots=True)
-class MapSpec:
-    name: str
-    map_type: int
-    key_size: int
-    value_size: int
-    max_entries: int
 
 
 MAPS: Final = (

@@ -4,7 +4,8 @@
 packet path", step 3); this module builds it, loads it, attaches it and keeps
 its maps in step with the node's sandboxes.
 
-How, and why:
+How, and why (the loading, pinning and attaching are `egressd.ebpf.tc`, shared with
+`egressd.agent.node` and `egressd.proxy.kernel`):
 
 * Build: `egressd.ebpf.build.build_object` runs clang into a cache directory
   when the object is missing or older than the source.
@@ -45,18 +46,12 @@ Not thread-safe: one `Tier1` per agent, used from one thread.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import ipaddress
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Final, ParamSpec, Self, TypeVar
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from egressd.agent.ringbuf import RingBuffer
 from egressd.agent.tier1_maps import (
@@ -92,7 +87,8 @@ from egressd.agent.tier1_maps import Verdict as Verdict  # callers label metrics
 from egressd.agent.tier1_maps import denied_ranges as denied_ranges
 from egressd.agent.tier1_maps import unpack_event as unpack_event
 from egressd.ebpf import syscall as bpf
-from egressd.ebpf.build import EbpfError, build_object, mount_bpffs, run_tool, umount_bpffs
+from egressd.ebpf import tc
+from egressd.ebpf.build import EbpfError, build_object
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -103,11 +99,6 @@ IPv4Network = ipaddress.IPv4Network
 DEFAULT_SOURCE: Final = Path(str(resources.files("egressd.agent").joinpath("bpf", "tier1.c")))
 PROG_NAME: Final = "tier1_ingress"
 FILTER_NAME: Final = "egressd-tier1"
-# The filter's identity on the clsact ingress hook: "replace" on it is idempotent.
-FILTER_PRIO: Final = 1
-FILTER_HANDLE: Final = 1
-_TC_H_CLSACT_INGRESS = 0xFFFF_FFF2
-_ETH_P_ALL = 0x0003
 
 
 _P = ParamSpec("_P")
@@ -169,32 +160,10 @@ class Tier1:
         if self._prog_fd is not None:
             return
         obj = _ebpf(build_object, self.source, self.cache_dir)
-        bpftool = shutil.which("bpftool") or shutil.which("bpftool", path="/usr/sbin:/sbin")
-        if bpftool is None:
-            raise Tier1Error("tool_missing", "bpftool not found (apt-get install bpftool)")
+        _ebpf(tc.load_object, obj, self.pin_dir, single=True)
         try:
-            self.pin_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise Tier1Error("mount_failed", f"{self.pin_dir}: {exc.strerror}") from exc
-        _ebpf(mount_bpffs, self.pin_dir)
-        try:
-            self._unpin()
-            cmd = [
-                bpftool,
-                "prog",
-                "load",
-                str(obj),
-                str(self._prog_pin),
-                "type",
-                "classifier",
-                "pinmaps",
-                str(self._map_dir),
-            ]
-            result = _ebpf(run_tool, cmd, "load_failed")
-            if result.returncode != 0:
-                detail = (result.stderr or result.stdout).strip()[-4000:]
-                raise Tier1Error("load_failed", f"bpftool prog load {obj}: {detail}")
-            self._open_pins()
+            progs, self._maps = _ebpf(tc.open_pins, self.pin_dir, (PROG_NAME,), MAPS, single=True)
+            self._prog_fd = progs[PROG_NAME]
             self._map_update("t1_config", CONFIG_KEY, pack_config(self.tun_ifindex, self.resolver))
             for entry in self.denied:
                 self._map_update(
@@ -202,9 +171,7 @@ class Tier1:
                 )
         except BaseException:
             self._close_fds()
-            with contextlib.suppress(Tier1Error):
-                self._unpin()
-                _ebpf(umount_bpffs, self.pin_dir)
+            tc.discard(self.pin_dir)
             raise
 
     def close(self) -> None:
@@ -218,12 +185,7 @@ class Tier1:
                 self._attached.pop(ifname, None)
         self._close_fds()
         try:
-            self._unpin()
-            _ebpf(umount_bpffs, self.pin_dir)
-            with contextlib.suppress(FileNotFoundError):
-                self.pin_dir.rmdir()
-        except OSError as exc:
-            errors.append(Tier1Error("mount_failed", f"{self.pin_dir}: {exc.strerror}"))
+            _ebpf(tc.release, self.pin_dir)
         except Tier1Error as exc:
             errors.append(exc)
         if errors:
@@ -245,76 +207,14 @@ class Tier1:
     def attach(self, ifname: str) -> int:
         """Ensure clsact and our ingress filter on `ifname`; returns its ifindex."""
         prog_fd = self._require_prog()
-        try:
-            with IPRoute() as ipr:
-                found = ipr.link_lookup(ifname=ifname)
-                if not found:
-                    raise Tier1Error("no_such_link", ifname)
-                ifindex = int(found[0])
-                try:
-                    ipr.tc("add", "clsact", ifindex)
-                except NetlinkError as exc:
-                    if exc.code != errno.EEXIST:
-                        raise
-                ipr.tc(
-                    "replace-filter",
-                    "bpf",
-                    ifindex,
-                    FILTER_HANDLE,
-                    fd=prog_fd,
-                    name=FILTER_NAME,
-                    parent=_TC_H_CLSACT_INGRESS,
-                    prio=FILTER_PRIO,
-                    protocol=_ETH_P_ALL,
-                    direct_action=True,
-                )
-        except NetlinkError as exc:
-            raise Tier1Error("attach_failed", f"{ifname}: {os.strerror(exc.code)}") from exc
-        except OSError as exc:
-            raise Tier1Error("attach_failed", f"{ifname}: {exc}") from exc
+        ifindex = _ebpf(tc.attach, ifname, prog_fd, name=FILTER_NAME)
         self._attached[ifname] = ifindex
         return ifindex
 
     def detach(self, ifname: str) -> None:
         """Remove our filter from `ifname` (and clsact once it holds nothing). Idempotent."""
-        try:
-            with IPRoute() as ipr:
-                found = ipr.link_lookup(ifname=ifname)
-                if found:
-                    self._detach_index(ipr, int(found[0]))
-        except NetlinkError as exc:
-            raise Tier1Error("detach_failed", f"{ifname}: {os.strerror(exc.code)}") from exc
-        except OSError as exc:
-            raise Tier1Error("detach_failed", f"{ifname}: {exc}") from exc
+        _ebpf(tc.detach, ifname)
         self._attached.pop(ifname, None)
-
-    @staticmethod
-    def _detach_index(ipr: IPRoute, ifindex: int) -> None:
-        gone = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
-        try:
-            ipr.tc(
-                "del-filter",
-                "bpf",
-                ifindex,
-                FILTER_HANDLE,
-                parent=_TC_H_CLSACT_INGRESS,
-                prio=FILTER_PRIO,
-                protocol=_ETH_P_ALL,
-            )
-        except NetlinkError as exc:
-            if exc.code not in gone:
-                raise
-        try:
-            left = [
-                f
-                for parent in (_TC_H_CLSACT_INGRESS, _TC_H_CLSACT_INGRESS + 1)
-                for f in ipr.get_filters(ifindex, parent=parent)
-            ]
-            if not left:
-                ipr.tc("del", "clsact", ifindex)
-        except NetlinkError as exc:
-            if exc.code not in gone:
-                raise
 
     @property
     def attached(self) -> Mapping[str, int]:
@@ -434,14 +334,6 @@ class Tier1:
 
     # -- maps -----------------------------------------------------------------
 
-    @property
-    def _prog_pin(self) -> Path:
-        return self.pin_dir / "prog"
-
-    @property
-    def _map_dir(self) -> Path:
-        return self.pin_dir / "maps"
-
     def _require_prog(self) -> int:
         if self._prog_fd is None:
             raise Tier1Error("not_loaded", "call load() first")
@@ -451,64 +343,20 @@ class Tier1:
         self._require_prog()
         return self._maps[name]
 
-    def _open_pins(self) -> None:
-        try:
-            self._prog_fd = bpf.obj_get(self._prog_pin)
-            info = bpf.prog_info(self._prog_fd)
-            for spec in MAPS:
-                fd = self._maps[spec.name] = bpf.obj_get(self._map_dir / spec.name)
-                found = bpf.map_info(fd)
-                shape = (found.map_type, found.key_size, found.value_size)
-                if shape != (spec.map_type, spec.key_size, spec.value_size):
-                    raise Tier1Error(
-                        "abi_mismatch",
-                        f"{spec.name}: kernel (type, key, value) {shape}, expected "
-                        f"{(spec.map_type, spec.key_size, spec.value_size)}",
-                    )
-        except OSError as exc:
-            raise Tier1Error("load_failed", f"{self.pin_dir}: {exc.strerror}") from exc
-        if (info.prog_type, info.name) != (bpf.BPF_PROG_TYPE_SCHED_CLS, PROG_NAME):
-            raise Tier1Error("abi_mismatch", f"pinned program is {info}")
-
     def _close_fds(self) -> None:
-        for fd in [self._prog_fd, *self._maps.values()]:
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        tc.close_fds(fd for fd in (self._prog_fd, *self._maps.values()) if fd is not None)
         self._prog_fd = None
-        self._maps.clear()
-
-    def _unpin(self) -> None:
-        try:
-            self._prog_pin.unlink(missing_ok=True)
-            if self._map_dir.is_dir():
-                for pin in self._map_dir.iterdir():
-                    pin.unlink()
-                self._map_dir.rmdir()
-        except OSError as exc:
-            raise Tier1Error("mount_failed", f"unpin {self.pin_dir}: {exc.strerror}") from exc
+        self._maps = {}
 
     def _map_update(self, name: str, key: bytes, value: bytes) -> None:
-        try:
-            bpf.map_update(self._fd(name), key, value)
-        except OSError as exc:
-            raise Tier1Error("map_failed", f"update {name}: {exc.strerror}") from exc
+        _ebpf(tc.map_update, self._fd(name), name, key, value)
 
     def _map_delete(self, name: str, key: bytes) -> None:
-        try:
-            bpf.map_delete(self._fd(name), key)
-        except OSError as exc:
-            raise Tier1Error("map_failed", f"delete {name}: {exc.strerror}") from exc
+        _ebpf(tc.map_delete, self._fd(name), name, key)
 
     def _map_lookup(self, name: str, key: bytes, size: int) -> bytes | None:
-        try:
-            return bpf.map_lookup(self._fd(name), key, size)
-        except OSError as exc:
-            raise Tier1Error("map_failed", f"lookup {name}: {exc.strerror}") from exc
+        return _ebpf(tc.map_lookup, self._fd(name), name, key, size)
 
     def _keys(self, name: str) -> Iterator[bytes]:
         size = next(spec.key_size for spec in MAPS if spec.name == name)
-        try:
-            return iter(list(bpf.map_keys(self._fd(name), size)))
-        except OSError as exc:
-            raise Tier1Error("map_failed", f"keys of {name}: {exc.strerror}") from exc
+        return iter(_ebpf(tc.map_keys, self._fd(name), name, size))

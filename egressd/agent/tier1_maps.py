@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple, Protocol
 
 from egressd.ebpf import syscall as bpf
+from egressd.ebpf.tc import MapSpec as MapSpec  # re-exported: the maps' shapes
 from egressd.errors import EgressdError
 from egressd.policy.addresses import ALWAYS_DENIED, OVERRIDABLE_REASONS
 
@@ -143,14 +144,6 @@ NS_PER_S: Final = 1_000_000_000
 MIN_BURST: Final = 10
 #: Highest rate a bucket takes (1 packet per microsecond); policy bounds are lower.
 MAX_RATE_PER_S: Final = 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class MapSpec:
-    name: str
-    map_type: int
-    key_size: int
-    value_size: int
 
 
 MAPS: Final = (

@@ -1,2 +1,3 @@
-"""eBPF plumbing shared by the node agent and the proxy: the bpf(2) syscalls (`syscall`) and
-building objects with clang and pinning them in a private bpffs (`build`)."""
+"""eBPF plumbing shared by the node agent and the proxy: the bpf(2) syscalls (`syscall`),
+building objects with clang and mounting a private bpffs (`build`), and loading, pinning,
+opening and attaching tc programs (`tc`)."""

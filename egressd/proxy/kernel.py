@@ -1,7 +1,8 @@
 """The proxy's kernel data path (proxy config ``"datapath": "kernel"``): `bpf/proxy.c`
 loaded, attached and kept in step with the proxy's verified policies and node registry.
 
-* `ProxyKernel` is the I/O edge: build (`egressd.ebpf.build`), mount a bpffs of its own
+* `ProxyKernel` is the I/O edge (`egressd.ebpf.build` and `egressd.ebpf.tc`, as the
+  node's tier 1 and data path): build, mount a bpffs of its own
   on ``state_dir/bpffs``, ``bpftool prog loadall`` (both programs, maps pinned), check
   every map's shape against `egressd.proxy.kernel_maps`, write px_config, attach
   ``px_ingress`` to the underlay's clsact ingress and ``px_egress`` to the TUN's clsact
@@ -27,10 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -44,7 +43,8 @@ from pyroute2 import Ethtool, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from egressd.ebpf import syscall as bpf
-from egressd.ebpf.build import EbpfError, build_object, mount_bpffs, run_tool, umount_bpffs
+from egressd.ebpf import tc
+from egressd.ebpf.build import EbpfError, build_object
 from egressd.errors import EgressdError
 from egressd.policy.jws import VerifiedPolicy
 from egressd.proxy import kernel_maps as km
@@ -59,18 +59,12 @@ DEFAULT_SOURCE: Final = Path(str(resources.files("egressd.proxy").joinpath("bpf"
 INGRESS_PROG: Final = "px_ingress"
 EGRESS_PROG: Final = "px_egress"
 FILTER_NAME: Final = "egressd-proxy"
-FILTER_PRIO: Final = 1
-FILTER_HANDLE: Final = 1
 #: skb->mark of a decapsulated packet; nftables TPROXYs on it (`NftSpec.decap_mark`).
 DECAP_MARK: Final = 0x2
 SYNC_INTERVAL_S: Final = 1.0
 #: The TUN's largest GSO super-packet: px_egress adds 64 bytes and an IPv4 packet ends at
 #: 65535 (the kernel's default, 65536, would make the largest ones unencapsulable).
 TUN_GSO_MAX_SIZE: Final = 65535 - 64
-_TC_H_CLSACT_INGRESS: Final = 0xFFFF_FFF2
-_TC_H_CLSACT_EGRESS: Final = 0xFFFF_FFF3
-_ETH_P_ALL: Final = 0x0003
-_GONE: Final = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
 
 log = structlog.get_logger("egressd.proxy.kernel")
 
@@ -122,32 +116,12 @@ class ProxyKernel:
         obj = _ebpf(
             build_object, self.source, self.cache_dir, deps=(self.source.with_name("geneve.h"),)
         )
-        bpftool = shutil.which("bpftool") or shutil.which("bpftool", path="/usr/sbin:/sbin")
-        if bpftool is None:
-            raise KernelError("tool_missing", "bpftool not found (apt-get install bpftool)")
+        _ebpf(tc.load_object, obj, self.pin_dir, single=False)
         try:
-            self.pin_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise KernelError("mount_failed", f"{self.pin_dir}: {exc.strerror}") from exc
-        _ebpf(mount_bpffs, self.pin_dir)
-        try:
-            self._unpin()
-            cmd = [
-                bpftool,
-                "prog",
-                "loadall",
-                str(obj),
-                str(self._prog_dir),
-                "type",
-                "classifier",
-                "pinmaps",
-                str(self._map_dir),
-            ]
-            result = _ebpf(run_tool, cmd, "load_failed")
-            if result.returncode != 0:
-                detail = (result.stderr or result.stdout).strip()[-4000:]
-                raise KernelError("load_failed", f"bpftool prog loadall {obj}: {detail}")
-            self._open_pins()
+            progs = (INGRESS_PROG, EGRESS_PROG)
+            self._progs, self._maps = _ebpf(
+                tc.open_pins, self.pin_dir, progs, km.MAPS, single=False
+            )
             underlay_index = self._ifindex(self.underlay_ifname)
             self._update(
                 "px_config",
@@ -162,8 +136,8 @@ class ProxyKernel:
             )
             self._saved_csum = _set_tx_checksum(self.underlay_ifname, False)
             self._saved_gso = _set_gso_max_size(self.tun_ifname, TUN_GSO_MAX_SIZE)
-            self._attach(self.underlay_ifname, _TC_H_CLSACT_INGRESS, INGRESS_PROG)
-            self._attach(self.tun_ifname, _TC_H_CLSACT_EGRESS, EGRESS_PROG)
+            self._attach(self.underlay_ifname, tc.INGRESS, INGRESS_PROG)
+            self._attach(self.tun_ifname, tc.EGRESS, EGRESS_PROG)
         except BaseException:
             with contextlib.suppress(KernelError):
                 self.close()
@@ -190,18 +164,11 @@ class ProxyKernel:
                 self._saved_csum = ()
             except KernelError as exc:
                 errors.append(exc)
-        for fd in [*self._progs.values(), *self._maps.values()]:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._progs.clear()
-        self._maps.clear()
+        tc.close_fds([*self._progs.values(), *self._maps.values()])
+        self._progs = {}
+        self._maps = {}
         try:
-            self._unpin()
-            _ebpf(umount_bpffs, self.pin_dir)
-            with contextlib.suppress(FileNotFoundError):
-                self.pin_dir.rmdir()
-        except OSError as exc:
-            errors.append(KernelError("mount_failed", f"{self.pin_dir}: {exc.strerror}"))
+            _ebpf(tc.release, self.pin_dir)
         except KernelError as exc:
             errors.append(exc)
         if errors:
@@ -227,20 +194,14 @@ class ProxyKernel:
         self._update(name, key, value)
 
     def delete(self, name: str, key: bytes) -> None:
-        try:
-            bpf.map_delete(self._fd(name), key)
-        except OSError as exc:
-            raise KernelError("map_failed", f"delete {name}: {exc.strerror}") from exc
+        _ebpf(tc.map_delete, self._fd(name), name, key)
 
     def read(self, name: str, key: bytes) -> bytes | None:
         spec = km.MAP_SIZES[name]
         size = spec.value_size
         if name == "px_stats":
             size = bpf.percpu_value_size(size)
-        try:
-            return bpf.map_lookup(self._fd(name), key, size)
-        except OSError as exc:
-            raise KernelError("map_failed", f"lookup {name}: {exc.strerror}") from exc
+        return _ebpf(tc.map_lookup, self._fd(name), name, key, size)
 
     def entries(self, name: str) -> dict[bytes, bytes]:
         """Every entry of a (non-per-CPU) map."""
@@ -270,14 +231,6 @@ class ProxyKernel:
 
     # -- internals ------------------------------------------------------------
 
-    @property
-    def _prog_dir(self) -> Path:
-        return self.pin_dir / "progs"
-
-    @property
-    def _map_dir(self) -> Path:
-        return self.pin_dir / "maps"
-
     def _fd(self, name: str) -> int:
         fd = self._maps.get(name)
         if fd is None:
@@ -285,40 +238,7 @@ class ProxyKernel:
         return fd
 
     def _update(self, name: str, key: bytes, value: bytes) -> None:
-        try:
-            bpf.map_update(self._fd(name), key, value)
-        except OSError as exc:
-            raise KernelError("map_failed", f"update {name}: {exc.strerror}") from exc
-
-    def _open_pins(self) -> None:
-        try:
-            for name in (INGRESS_PROG, EGRESS_PROG):
-                fd = self._progs[name] = bpf.obj_get(self._prog_dir / name)
-                info = bpf.prog_info(fd)
-                if info.prog_type != bpf.BPF_PROG_TYPE_SCHED_CLS:
-                    raise KernelError("abi_mismatch", f"pinned program {name} is {info}")
-            for spec in km.MAPS:
-                fd = self._maps[spec.name] = bpf.obj_get(self._map_dir / spec.name)
-                found = bpf.map_info(fd)
-                shape = (found.map_type, found.key_size, found.value_size)
-                if shape != (spec.map_type, spec.key_size, spec.value_size):
-                    raise KernelError(
-                        "abi_mismatch",
-                        f"{spec.name}: kernel (type, key, value) {shape}, expected "
-                        f"{(spec.map_type, spec.key_size, spec.value_size)}",
-                    )
-        except OSError as exc:
-            raise KernelError("load_failed", f"{self.pin_dir}: {exc.strerror}") from exc
-
-    def _unpin(self) -> None:
-        try:
-            for folder in (self._prog_dir, self._map_dir):
-                if folder.is_dir():
-                    for pin in folder.iterdir():
-                        pin.unlink()
-                    folder.rmdir()
-        except OSError as exc:
-            raise KernelError("mount_failed", f"unpin {self.pin_dir}: {exc.strerror}") from exc
+        _ebpf(tc.map_update, self._fd(name), name, key, value)
 
     @staticmethod
     def _ifindex(ifname: str) -> int:
@@ -332,71 +252,12 @@ class ProxyKernel:
         return int(found[0])
 
     def _attach(self, ifname: str, parent: int, prog: str) -> None:
-        try:
-            with IPRoute() as ipr:
-                found = ipr.link_lookup(ifname=ifname)
-                if not found:
-                    raise KernelError("no_such_link", ifname)
-                ifindex = int(found[0])
-                try:
-                    ipr.tc("add", "clsact", ifindex)
-                except NetlinkError as exc:
-                    if exc.code != errno.EEXIST:
-                        raise
-                ipr.tc(
-                    "replace-filter",
-                    "bpf",
-                    ifindex,
-                    FILTER_HANDLE,
-                    fd=self._progs[prog],
-                    name=FILTER_NAME,
-                    parent=parent,
-                    prio=FILTER_PRIO,
-                    protocol=_ETH_P_ALL,
-                    direct_action=True,
-                )
-        except NetlinkError as exc:
-            raise KernelError("attach_failed", f"{ifname}: {os.strerror(exc.code)}") from exc
-        except OSError as exc:
-            raise KernelError("attach_failed", f"{ifname}: {exc}") from exc
+        _ebpf(tc.attach, ifname, self._progs[prog], name=FILTER_NAME, parent=parent)
         self._attached.append((ifname, parent))
 
     @staticmethod
     def _detach(ifname: str, parent: int) -> None:
-        try:
-            with IPRoute() as ipr:
-                found = ipr.link_lookup(ifname=ifname)
-                if not found:
-                    return  # the device is gone, and its filters with it
-                ifindex = int(found[0])
-                try:
-                    ipr.tc(
-                        "del-filter",
-                        "bpf",
-                        ifindex,
-                        FILTER_HANDLE,
-                        parent=parent,
-                        prio=FILTER_PRIO,
-                        protocol=_ETH_P_ALL,
-                    )
-                except NetlinkError as exc:
-                    if exc.code not in _GONE:
-                        raise
-                left = [
-                    f
-                    for p in (_TC_H_CLSACT_INGRESS, _TC_H_CLSACT_EGRESS)
-                    for f in ipr.get_filters(ifindex, parent=p)
-                ]
-                if not left:
-                    try:
-                        ipr.tc("del", "clsact", ifindex)
-                    except NetlinkError as exc:
-                        if exc.code not in _GONE:
-                            raise
-        except NetlinkError as exc:
-            raise KernelError("detach_failed", f"{ifname}: {os.strerror(exc.code)}") from exc
-        except OSError as exc:
-            raise KernelError("detach_failed", f"{ifname}: {exc}") from exc
+        _ebpf(tc.detach, ifname, parent=parent)
 
 
 _P = ParamSpec("_P")

@@ -29,6 +29,7 @@ from enum import IntEnum
 from typing import Final
 
 from egressd.ebpf import syscall as bpf
+from egressd.ebpf.tc import MapSpec as MapSpec  # re-exported: the maps' shapes
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -84,14 +85,6 @@ _FLOW: Final = struct.Struct("=16s8s4s4x")
 _SANDBOX_KEY: Final = struct.Struct("=I4s")
 _NODE_ADDR: Final = struct.Struct("=4s")
 BOUND_VALUE: Final = U32.pack(1)
-
-
-@dataclass(frozen=True, slots=True)
-class MapSpec:
-    name: str
-    map_type: int
-    key_size: int
-    value_size: int
 
 
 BPF_MAP_TYPE_LRU_HASH: Final = 9
