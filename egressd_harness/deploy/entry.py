@@ -92,6 +92,11 @@ from egressd_harness.topology.fleet import Fleet
 DISCOVERY_INTERVAL_S = 2.0
 
 
+# The containers run the userspace data path: the kernel one needs BPF capabilities, a bpffs
+# mount and clang/bpftool in the proxy image, which the images do not have yet (issue 10).
+DATAPATH = "userspace"
+
+
 def log(msg: str, **fields: object) -> None:
     print(json.dumps({"event": msg, "component": "entry", **fields}), file=sys.stderr, flush=True)
 
@@ -238,7 +243,7 @@ def egressd(*args: str) -> list[str]:
 
 
 def role_control() -> int:
-    fleet = Fleet(layout())
+    fleet = Fleet(layout(), datapath=DATAPATH)
     env().run_dir.mkdir(parents=True, exist_ok=True)
     (env().run_dir / "control").mkdir(exist_ok=True)
     if not fleet.signing_key.exists():
@@ -339,7 +344,7 @@ def proxy_config(fleet: Fleet, spec: ProxySpec) -> dict[str, Any]:
 
 def role_proxy() -> int:
     spec = proxy_spec()
-    fleet = Fleet(layout(proxies=(spec,)))
+    fleet = Fleet(layout(proxies=(spec,)), datapath=DATAPATH)
     link_fleet_dirs()
     config = fleet.config_path(spec.name)
     body = proxy_config(fleet, spec)
@@ -401,7 +406,7 @@ def start_node() -> tuple[Fleet, NodeSpec, Path]:
     env()  # a bad EGRESSD_* value stops the node here, before it changes anything
     writable_proc_sys()
     spec = node_spec()
-    fleet = Fleet(layout(nodes=(spec,)))
+    fleet = Fleet(layout(nodes=(spec,)), datapath=DATAPATH)
     link_fleet_dirs()
     config = fleet.config_path(spec.name)
     body = agent_config(fleet, spec)
