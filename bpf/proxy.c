@@ -73,6 +73,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "geneve.h" /* gnv_encap, shared with bpf/node.c */
+#include "px_flows.h" /* px_flows, shared with bpf/reuseport.c */
 
 #ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
@@ -148,23 +149,6 @@ struct px_bound_key {
 	__be32 node;
 };
 
-/* The sandbox -> internet direction, as the datagram carried it. */
-struct px_flow_key {
-	__be32 src;
-	__be32 dst;
-	__be16 sport;
-	__be16 dport;
-	__u8 proto;
-	__u8 pad[3];
-};
-
-struct px_flow {
-	__u8 job_id[16];
-	__u8 digest[8];
-	__be32 node;
-	__u32 pad;
-};
-
 struct px_sandbox_key {
 	__u32 prefixlen;
 	__be32 addr;
@@ -200,13 +184,6 @@ struct {
 	__type(key, struct px_bound_key);
 	__type(value, __u32);
 } px_bound SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct px_flow_key);
-	__type(value, struct px_flow);
-} px_flows SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

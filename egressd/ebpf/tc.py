@@ -28,7 +28,7 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -81,9 +81,12 @@ def map_mismatch(spec: MapSpec, found: bpf.MapInfo) -> str | None:
     return f"{spec.name}: kernel ({fields}) {shape}, expected {want}"
 
 
-def prog_matches(name: str, info: bpf.ProgInfo) -> bool:
-    """A tc program named `name` (the kernel keeps the first 15 bytes of a name)."""
-    return info.prog_type == bpf.BPF_PROG_TYPE_SCHED_CLS and info.name == name[:15]
+def prog_matches(
+    name: str, info: bpf.ProgInfo, prog_type: int = bpf.BPF_PROG_TYPE_SCHED_CLS
+) -> bool:
+    """A program of `prog_type` (default: tc) named `name` (the kernel keeps the first 15
+    bytes of a name)."""
+    return info.prog_type == prog_type and info.name == name[:15]
 
 
 def prog_pin(pin_dir: Path, name: str, *, single: bool) -> Path:
@@ -91,10 +94,27 @@ def prog_pin(pin_dir: Path, name: str, *, single: bool) -> Path:
     return pin_dir / PROG_PIN if single else pin_dir / PROGS_DIR / name
 
 
-def load_command(bpftool: str, obj: Path, pin_dir: Path, *, single: bool) -> list[str]:
-    """The bpftool command that loads `obj` and pins it under `pin_dir`."""
+def load_command(
+    bpftool: str,
+    obj: Path,
+    pin_dir: Path,
+    *,
+    single: bool,
+    prog_type: str = "classifier",
+    reuse_maps: Mapping[str, Path] | None = None,
+) -> list[str]:
+    """The bpftool command that loads `obj` and pins it under `pin_dir`.
+
+    `reuse_maps` {map name: pin}: maps another loader pinned, used instead of creating the
+    object's own (libbpf checks that the shapes agree); they are pinned under ``maps`` too.
+    """
     verb, target = ("load", pin_dir / PROG_PIN) if single else ("loadall", pin_dir / PROGS_DIR)
     maps = pin_dir / MAPS_DIR
+    reuse = [
+        arg
+        for name, pin in sorted((reuse_maps or {}).items())
+        for arg in ("map", "name", name, "pinned", str(pin))
+    ]
     return [
         bpftool,
         "prog",
@@ -102,7 +122,8 @@ def load_command(bpftool: str, obj: Path, pin_dir: Path, *, single: bool) -> lis
         str(obj),
         str(target),
         "type",
-        "classifier",
+        prog_type,
+        *reuse,
         "pinmaps",
         str(maps),
     ]
@@ -119,8 +140,16 @@ def find_bpftool() -> str:
     return found
 
 
-def load_object(obj: Path, pin_dir: Path, *, single: bool) -> None:
-    """Mount a bpffs on `pin_dir` (created), replace earlier pins, load and pin `obj`.
+def load_object(
+    obj: Path,
+    pin_dir: Path,
+    *,
+    single: bool,
+    prog_type: str = "classifier",
+    reuse_maps: Mapping[str, Path] | None = None,
+) -> None:
+    """Mount a bpffs on `pin_dir` (created), replace earlier pins, load and pin `obj`
+    (`load_command`: `prog_type`, `reuse_maps`).
 
     Once this returns, the caller owns the mount: `release` it, or `discard` it on failure.
     A failure after the mount releases it here.
@@ -133,7 +162,9 @@ def load_object(obj: Path, pin_dir: Path, *, single: bool) -> None:
     mount_bpffs(pin_dir)
     try:
         unpin(pin_dir)
-        cmd = load_command(bpftool, obj, pin_dir, single=single)
+        cmd = load_command(
+            bpftool, obj, pin_dir, single=single, prog_type=prog_type, reuse_maps=reuse_maps
+        )
         result = run_tool(cmd, "load_failed")
         if result.returncode != 0:
             detail = (result.stderr or result.stdout).strip()[-4000:]
@@ -144,17 +175,22 @@ def load_object(obj: Path, pin_dir: Path, *, single: bool) -> None:
 
 
 def open_pins(
-    pin_dir: Path, progs: Sequence[str], maps: Iterable[MapSpec], *, single: bool
+    pin_dir: Path,
+    progs: Sequence[str],
+    maps: Iterable[MapSpec],
+    *,
+    single: bool,
+    prog_type: int = bpf.BPF_PROG_TYPE_SCHED_CLS,
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """({program: fd}, {map: fd}) of the pins under `pin_dir`, each checked; on failure
-    every fd opened here is closed again."""
+    """({program: fd}, {map: fd}) of the pins under `pin_dir`, each checked (programs
+    against `prog_type`); on failure every fd opened here is closed again."""
     prog_fds: dict[str, int] = {}
     map_fds: dict[str, int] = {}
     try:
         for name in progs:
             fd = prog_fds[name] = bpf.obj_get(prog_pin(pin_dir, name, single=single))
             info = bpf.prog_info(fd)
-            if not prog_matches(name, info):
+            if not prog_matches(name, info, prog_type):
                 raise EbpfError("abi_mismatch", f"pinned program {name} is {info}")
         for spec in maps:
             fd = map_fds[spec.name] = bpf.obj_get(pin_dir / MAPS_DIR / spec.name)

@@ -114,7 +114,10 @@ class ProxyKernel:
         if self._progs:
             return
         obj = _ebpf(
-            build_object, self.source, self.cache_dir, deps=(self.source.with_name("geneve.h"),)
+            build_object,
+            self.source,
+            self.cache_dir,
+            deps=(self.source.with_name("geneve.h"), self.source.with_name("px_flows.h")),
         )
         _ebpf(tc.load_object, obj, self.pin_dir, single=False)
         try:

@@ -19,7 +19,8 @@ from egressd.proxy.kernel import DEFAULT_SOURCE
 from egressd.proxy.tunnel import RX_DROP_REASONS
 
 ROOT = Path(egressd.__file__).resolve().parents[1]
-SOURCE = (ROOT / "bpf" / "proxy.c").read_text()
+# proxy.c and the header it shares px_flows through (with bpf/reuseport.c).
+SOURCE = (ROOT / "bpf" / "proxy.c").read_text() + (ROOT / "bpf" / "px_flows.h").read_text()
 A = ipaddress.IPv4Address
 N = ipaddress.IPv4Network
 JOB = uuid.UUID("2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2")
@@ -166,5 +167,7 @@ def test_percpu_sum() -> None:
 
 def test_proxy_source_is_package_data_with_the_checkouts_content() -> None:
     found = resources.files("egressd.proxy").joinpath("bpf", "proxy.c")
-    assert found.read_bytes() == SOURCE.encode()
+    assert found.read_bytes() == (ROOT / "bpf" / "proxy.c").read_bytes()
+    header = resources.files("egressd.proxy").joinpath("bpf", "px_flows.h")
+    assert header.read_bytes() == (ROOT / "bpf" / "px_flows.h").read_bytes()
     assert Path(str(found)) == DEFAULT_SOURCE

@@ -1,0 +1,325 @@
+"""Proxy workers: `bpf/reuseport.c` picks the worker of each new connection by its job.
+
+A proxy host runs N worker processes on the transparent TCP listener, one SO_REUSEPORT
+listening socket each, and every connection of a job must land on the same worker so that
+the worker's per-job limits stay exact (issue 10 item 4; docs/decisions.md, "Proxy
+workers", also plans how the workers are wired into the proxy).
+
+Pure (tested without I/O):
+
+* `worker_for(job_id, n)`: the worker of a job, FNV-1a over the 16 bytes of the job id
+  modulo n, exactly as ``rp_select`` computes it;
+* `Stat`: ``enum rp_stat``, the outcome counted per connection (drops first);
+* `MAPS`, `pack_config`: the maps' shapes and the config value.
+
+I/O edge, `ReuseportSelector` (`egressd.ebpf.build` and `egressd.ebpf.tc`, like the proxy's
+tc programs): build, mount a bpffs of its own, ``bpftool prog load`` with the proxy's pinned
+px_flows map reused (``map name px_flows pinned PATH``: libbpf adopts it whatever its shape),
+check every map's shape and that px_flows is that very map (same id), write the worker
+count; `listen` makes the N listening sockets,
+attaches the program to their group (``SO_ATTACH_REUSEPORT_EBPF``) and puts socket i at
+index i of the sockarray; `stats` sums the per-CPU counters; `close` unpins and unmounts
+(the proxy's px_flows lives on under its own pin). The sockets belong to the caller: the
+program stays attached to their group until the last one is closed.
+
+The supervisor, not a worker, holds every listening socket (workers inherit theirs), so a
+worker that dies and is restarted never leaves its slot empty: connections queue in the
+socket's backlog meanwhile.
+
+Errors are `ReuseportError`: the reasons of `egressd.ebpf` (tool_missing, build_failed,
+mount_failed, load_failed, abi_mismatch, map_failed), bad_workers, not_loaded and
+listen_failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import uuid
+from collections.abc import Callable
+from enum import IntEnum
+from importlib import resources
+from pathlib import Path
+from typing import Final, ParamSpec, Self, TypeVar
+
+from egressd.ebpf import syscall as bpf
+from egressd.ebpf import tc
+from egressd.ebpf.build import EbpfError, build_object
+from egressd.errors import EgressdError
+from egressd.proxy import kernel_maps as km
+
+# Package data: in a checkout egressd/proxy/bpf/ links to bpf/; px_flows.h sits beside it.
+DEFAULT_SOURCE: Final = Path(str(resources.files("egressd.proxy").joinpath("bpf", "reuseport.c")))
+PROG_NAME: Final = "rp_select"
+PROG_TYPE: Final = "sk_reuseport"  # bpftool's name of BPF_PROG_TYPE_SK_REUSEPORT
+BPF_PROG_TYPE_SK_REUSEPORT: Final = 21
+BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: Final = 20
+MAX_WORKERS: Final = 256  # RP_MAX_WORKERS
+SO_ATTACH_REUSEPORT_EBPF: Final = 52
+SO_COOKIE: Final = 57
+IP_TRANSPARENT: Final = getattr(socket, "IP_TRANSPARENT", 19)
+FLOWS_MAP: Final = "px_flows"
+_FNV_OFFSET: Final = 2166136261
+_FNV_PRIME: Final = 16777619
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class ReuseportError(EgressdError):
+    """The worker selection could not be loaded, attached or read (see the module docstring)."""
+
+
+class Stat(IntEnum):
+    """`enum rp_stat` in bpf/reuseport.c: what happened to a connection's listener lookup."""
+
+    unknown_flow = 0  # dropped: no px_flows entry, so no job
+    no_worker = 1  # dropped: the job's worker has no socket in rp_workers
+    malformed = 2  # dropped: not IPv4/TCP, or the headers could not be read
+    not_configured = 3  # dropped: rp_config.workers unset
+    selected = 4  # the job's worker
+
+
+DROP_COUNT: Final = 4
+STAT_COUNT: Final = len(Stat)
+
+_CONFIG: Final = struct.Struct("=I")
+_COOKIE: Final = struct.Struct("=Q")
+
+MAPS: Final = (
+    tc.MapSpec("rp_config", bpf.BPF_MAP_TYPE_ARRAY, km.U32.size, _CONFIG.size, 1),
+    tc.MapSpec(
+        "rp_workers", BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, km.U32.size, _COOKIE.size, MAX_WORKERS
+    ),
+    tc.MapSpec("rp_stats", km.BPF_MAP_TYPE_PERCPU_ARRAY, km.U32.size, km.U64.size, STAT_COUNT),
+    km.MAP_SIZES[FLOWS_MAP],
+)
+MAP_SIZES: Final = {spec.name: spec for spec in MAPS}
+
+
+# ---------------------------------------------------------------------------
+# Pure.
+
+
+def fnv1a32(data: bytes) -> int:
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & 0xFFFF_FFFF
+    return h
+
+
+def check_workers(n: int) -> int:
+    if not 1 <= n <= MAX_WORKERS:
+        raise ReuseportError("bad_workers", f"{n} workers: must be 1..{MAX_WORKERS}")
+    return n
+
+
+def worker_for(job_id: uuid.UUID, n: int) -> int:
+    """The index of the worker (0 .. n - 1) that accepts every connection of `job_id`."""
+    return fnv1a32(job_id.bytes) % check_workers(n)
+
+
+def pack_config(workers: int) -> bytes:
+    return _CONFIG.pack(check_workers(workers))
+
+
+# ---------------------------------------------------------------------------
+# I/O edge.
+
+
+class ReuseportSelector:
+    """`bpf/reuseport.c` for one proxy's transparent listener (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        workers: int,
+        flows_pin: Path,
+        source: Path = DEFAULT_SOURCE,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.workers = check_workers(workers)
+        self.state_dir = Path(os.path.realpath(state_dir))
+        # Not the proxy's bpffs: `tc.load_object` clears the pins of the directory it loads
+        # into, and the two objects load independently.
+        self.pin_dir = self.state_dir / "reuseport-bpffs"
+        self.cache_dir = cache_dir if cache_dir is not None else self.state_dir / "cache"
+        self.flows_pin = flows_pin
+        self.source = source
+        self._prog = -1
+        self._maps: dict[str, int] = {}
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def load(self) -> None:
+        """Build if needed, load with the proxy's px_flows, check the maps, write the
+        worker count. Pins left by an earlier process that died are replaced."""
+        if self._prog >= 0:
+            return
+        obj = _ebpf(
+            build_object,
+            self.source,
+            self.cache_dir,
+            deps=(self.source.with_name("px_flows.h"),),
+        )
+        _ebpf(
+            tc.load_object,
+            obj,
+            self.pin_dir,
+            single=True,
+            prog_type=PROG_TYPE,
+            reuse_maps={FLOWS_MAP: self.flows_pin},
+        )
+        try:
+            progs, self._maps = _ebpf(
+                tc.open_pins,
+                self.pin_dir,
+                (PROG_NAME,),
+                MAPS,
+                single=True,
+                prog_type=BPF_PROG_TYPE_SK_REUSEPORT,
+            )
+            self._prog = progs[PROG_NAME]
+            self._check_same_flows()
+            _ebpf(
+                tc.map_update,
+                self._fd("rp_config"),
+                "rp_config",
+                km.U32.pack(0),
+                pack_config(self.workers),
+            )
+        except BaseException:
+            with contextlib.suppress(ReuseportError):
+                self.close()
+            raise
+
+    def close(self) -> None:
+        """Unpin and unmount. Idempotent. Sockets stay the caller's."""
+        tc.close_fds([*([self._prog] if self._prog >= 0 else []), *self._maps.values()])
+        self._prog = -1
+        self._maps = {}
+        _ebpf(tc.release, self.pin_dir)
+
+    def __enter__(self) -> Self:
+        self.load()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def loaded(self) -> bool:
+        return self._prog >= 0
+
+    # -- sockets --------------------------------------------------------------
+
+    def listen(
+        self, host: str, port: int, *, transparent: bool = True, backlog: int = 1024
+    ) -> list[socket.socket]:
+        """The workers' listening sockets on (host, port), in the calling thread's network
+        namespace: socket i is at index i of rp_workers, the program runs on their group.
+
+        The program is attached to the first socket before any of them listens, so the
+        kernel never spreads a connection by its own hash; a SYN that comes before its
+        worker's socket is in the map is dropped (no_worker) and retransmitted. On failure
+        every socket made here is closed.
+        """
+        if self._prog < 0:
+            raise ReuseportError("not_loaded", "call load() first")
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(self.workers):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if transparent:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.bind((host, port))
+                port = sock.getsockname()[1]  # port 0: the others join the first's
+            socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, self._prog)
+            for index, sock in enumerate(socks):
+                sock.listen(backlog)
+                _ebpf(
+                    tc.map_update,
+                    self._fd("rp_workers"),
+                    "rp_workers",
+                    km.U32.pack(index),
+                    _COOKIE.pack(sock.fileno()),
+                )
+        except OSError as exc:
+            for sock in socks:
+                sock.close()
+            raise ReuseportError("listen_failed", f"{host}:{port}: {exc.strerror}") from exc
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    def worker_cookies(self) -> dict[int, int]:
+        """{index: socket cookie} of the filled slots of rp_workers (`socket_cookie`)."""
+        out = {}
+        for index in range(self.workers):
+            raw = _ebpf(
+                tc.map_lookup,
+                self._fd("rp_workers"),
+                "rp_workers",
+                km.U32.pack(index),
+                _COOKIE.size,
+            )
+            if raw is not None:
+                out[index] = _COOKIE.unpack(raw)[0]
+        return out
+
+    # -- counters -------------------------------------------------------------
+
+    def stats(self) -> dict[Stat, int]:
+        cpus = bpf.possible_cpus()
+        size = bpf.percpu_value_size(km.U64.size)
+        out = {}
+        for stat in Stat:
+            raw = _ebpf(tc.map_lookup, self._fd("rp_stats"), "rp_stats", km.U32.pack(stat), size)
+            out[stat] = 0 if raw is None else km.sum_percpu(raw, cpus)
+        return out
+
+    # -- internals ------------------------------------------------------------
+
+    def _fd(self, name: str) -> int:
+        fd = self._maps.get(name)
+        if fd is None:
+            raise ReuseportError("not_loaded", "call load() first")
+        return fd
+
+    def _check_same_flows(self) -> None:
+        """The program's px_flows is the map pinned at `flows_pin`, not a copy of its own."""
+        try:
+            fd = bpf.obj_get(self.flows_pin)
+            try:
+                theirs = bpf.map_info(fd).map_id
+            finally:
+                os.close(fd)
+            ours = bpf.map_info(self._fd(FLOWS_MAP)).map_id
+        except OSError as exc:
+            raise ReuseportError("load_failed", f"{self.flows_pin}: {exc.strerror}") from exc
+        if theirs != ours:
+            raise ReuseportError(
+                "abi_mismatch", f"{FLOWS_MAP}: map {ours} is not {self.flows_pin}'s {theirs}"
+            )
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    """The kernel's cookie of `sock` (what rp_workers reads back)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, _COOKIE.size)
+    value: int = _COOKIE.unpack(raw)[0]
+    return value
+
+
+def _ebpf(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    try:
+        return fn(*args, **kwargs)
+    except EbpfError as exc:
+        raise ReuseportError(exc.reason, exc.detail) from exc
