@@ -34,6 +34,14 @@ How, and why:
   audit event. Pipelining thereby turns into ordered request/response turns;
   clients rarely pipeline and the turns cost one RTT to the server each.
   While requests are held, the client is not read beyond `MAX_HELD` bytes.
+  h11 reads each response head; a body framed by ``Content-Length`` alone is
+  then only counted (`_counted`: h11 validated the header; its bytes never
+  go through h11, one event less per chunk), every other framing (chunked,
+  until close, none, a tunnel) is h11's. Each response gets a fresh watcher
+  told only the request's method (`_primer`), and each request a fresh
+  request parser given what the old one held (`_next_request`): cheaper
+  than mirroring the response into the old one, which is done only when the
+  request is not over (the server answered early) or the client closes.
 * A denied request's bytes are dropped; once every earlier response is
   complete the gate produces a ``403`` with ``Connection: close`` and a short
   JSON body ``{"error": reason, ...}``, after which the relay closes both
@@ -130,8 +138,14 @@ class HttpGate:
         self._max_held = max_held
         self._credentials = credentials
         self._scanner: creds.BodyScanner | None = None  # the current request's body
-        self._server = h11.Connection(h11.SERVER, max_incomplete_event_size=sniff.MAX_HTTP_HEAD)
-        self._client = h11.Connection(h11.CLIENT)
+        self._server = _server()
+        self._client = h11.Connection(h11.CLIENT)  # a fresh one per response (`_prime`)
+        self._upstream_closed = False
+        self._client_closed = False
+        # A response whose body is counted, not parsed (`_framed`): the bytes
+        # still due and whether the server closes after it; None: h11 reads.
+        self._body_left: int | None = None
+        self._body_close = False
         self._held = 0  # bytes fed to the server parser and not consumed yet
         self._stream = bytearray()  # those bytes (h11 does not hand consumed bytes back)
         self._current: RequestRecord | None = None  # being received from the client
@@ -172,6 +186,7 @@ class HttpGate:
         self._advance()
 
     def client_eof(self) -> None:
+        self._client_closed = True
         if not self.tunnel and not self._stopped:
             self._server.receive_data(b"")
             self._advance()
@@ -184,12 +199,21 @@ class HttpGate:
             # a later response answers could no longer be known.
             self._lost_track()
             return
-        self._client.receive_data(data)
-        self._watch(len(data))
-        self._advance()
+        if self._body_left is not None:
+            self._outstanding[0].bytes_down += len(data)
+            self._count_body(len(data))
+        else:
+            self._client.receive_data(data)
+            self._watch(len(data))
+        if self._held or self._client_closed:
+            self._advance()  # a request held until this response was complete
 
     def upstream_eof(self) -> None:
         if self.tunnel or self.failed:
+            return
+        self._upstream_closed = True
+        if self._body_left is not None:
+            self._lost_track()  # the server closed before the end of a counted body
             return
         self._client.receive_data(b"")
         self._watch(0)
@@ -247,6 +271,11 @@ class HttpGate:
                 if isinstance(event, h11.EndOfMessage):
                     self._current = None
                     self._scanner = None
+                    server = self._server
+                    if server.our_state is h11.DONE and server.their_state is h11.DONE:
+                        server.start_next_cycle()  # answered before its end (`_next_request`)
+                    elif not self._held and not self._client_closed:
+                        return  # nothing more to read: h11 would only say so
             elif isinstance(event, h11.ConnectionClosed):
                 self._stopped = True
                 return
@@ -256,18 +285,25 @@ class HttpGate:
         target = event.target.decode("ascii", "replace")
         read = sniff.sniff_http_host(head)
         host = read.host
-        framing = {n for n, _ in event.headers if n in (b"content-length", b"transfer-encoding")}
+        # One pass over the raw list (h11's own iteration costs a call per header).
+        length = chunked = False
         upgrade = None
-        for name, value in event.headers:
-            if name == b"upgrade":
+        for raw, value in event.headers.raw_items():
+            name = raw.lower()
+            if name == b"content-length":
+                length = True
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"upgrade":
                 upgrade = value.decode("ascii", "replace")
-        if read.status not in (sniff.OK, sniff.NO_HOST) or len(framing) == 2:
+        if read.status not in (sniff.OK, sniff.NO_HOST) or (length and chunked):
             self._refuse(_record(method, target, host), http_rules.HTTP_MALFORMED)
             return
         record = _record(method, target, host)
         record.upgrade = upgrade is not None
         decided = self._decide(method, http_rules.target_of(read, target), upgrade)
-        if not inspect.isawaitable(decided):
+        # A `Decision` or an outcome has `allowed`; only a pending one is awaited.
+        if hasattr(decided, "allowed") or not inspect.isawaitable(decided):
             self._decided(record, head, decided, event)
             return
         self._waiting = True
@@ -379,9 +415,19 @@ class HttpGate:
         self._prime(record)
 
     def _prime(self, record: RequestRecord) -> None:
+        client = self._client
+        if client.our_state is not h11.IDLE:
+            # A fresh parser per response: a counted body (`_count_body`) leaves
+            # the last one mid-message, and a new one costs less than a cycle.
+            client = self._client = h11.Connection(h11.CLIENT)
+            if self._upstream_closed:
+                client.receive_data(b"")
         try:
-            self._client.send(_primer(record.method, record.upgrade))
-            self._client.send(_END)
+            client.send(_primer(record.method, record.upgrade))
+            if record.upgrade or record.method == http_rules.CONNECT:
+                # h11 accepts a switch of protocols only once the request is over;
+                # any other response it reads with the request still "sending".
+                client.send(_END)
         except h11.LocalProtocolError:
             self.failed = True
 
@@ -407,15 +453,18 @@ class HttpGate:
                 self._mirror(event)
             elif isinstance(event, h11.Response):
                 record.status = event.status_code
-                self._mirror(event)
                 if self._client.their_state is h11.SWITCHED_PROTOCOL:
                     self._switched()
                     return
+                counted = _counted(record.method, event)
+                if counted is not None:
+                    # The body is only counted: the bytes h11 holds past the head
+                    # are its first part; what comes later never goes through h11.
+                    self._body_left, self._body_close = counted
+                    self._count_body(len(self._client.trailing_data[0]))
+                    return
             elif isinstance(event, h11.EndOfMessage):
-                self._mirror(event)
-                self._outstanding.popleft()
-                self._on_request(record)
-                self._next_cycle()
+                self._complete(self._client.their_state is not h11.DONE)
             elif isinstance(event, h11.ConnectionClosed):
                 self._outstanding.popleft()
                 self._on_request(record)
@@ -426,32 +475,67 @@ class HttpGate:
             return
         self._advance_deny()
 
-    def _mirror(self, event: h11.Event) -> None:
+    def _count_body(self, nbytes: int) -> None:
+        """`nbytes` more of a counted body arrived; past its end: the response is
+        complete, and any byte beyond it answers no request."""
+        assert self._body_left is not None
+        left = self._body_left - nbytes
+        if left > 0:
+            self._body_left = left
+            return
+        self._body_left = None
+        self._complete(self._body_close)
+        if left < 0:
+            self._lost_track()  # bytes past the last response: see `from_upstream`
+        else:
+            self._advance_deny()
+
+    def _mirror(self, event: h11.InformationalResponse) -> None:
         """Move the server parser's own side along as if it had answered."""
         try:
-            if isinstance(event, h11.InformationalResponse):
-                self._server.send(
-                    h11.InformationalResponse(status_code=event.status_code, headers=event.headers)
-                )
-            elif isinstance(event, h11.Response):
-                close = self._client.their_state is h11.MUST_CLOSE or _closes(event)
-                self._server.send(_mirrored(event.status_code, close))
-            elif isinstance(event, h11.EndOfMessage):
-                self._server.send(_END)
+            self._server.send(
+                h11.InformationalResponse(status_code=event.status_code, headers=event.headers)
+            )
         except h11.LocalProtocolError:
             self._lost_track()
 
-    def _next_cycle(self) -> None:
-        client, server = self._client, self._server
-        if client.our_state is h11.DONE and client.their_state is h11.DONE:
-            client.start_next_cycle()
-        else:
+    def _complete(self, close: bool) -> None:
+        """The response to the oldest outstanding request is complete; `close`:
+        the server ends the connection after it."""
+        record = self._outstanding.popleft()
+        self._on_request(record)
+        if close:
             self._stopped = True  # the server closes: no more requests
+            return
+        self._next_request(record.status)
+        if self._outstanding:
+            self._prime(self._outstanding[0])
+
+    def _next_request(self, status: int | None) -> None:
+        """Let the request parser go on to the next request."""
+        server = self._server
+        if server.their_state is h11.DONE:
+            # The usual case: a fresh parser, given what the old one holds (a
+            # pipelined request, the client's FIN), costs less than telling
+            # the old one about a response it never sent.
+            fresh = self._server = _server()
+            rest, closed = server.trailing_data
+            if rest:
+                fresh.receive_data(rest)
+            if closed:
+                fresh.receive_data(b"")
+            return
+        # The request is not over (the server answered early), or the client
+        # asked to close: the old parser is told of the response, and goes on
+        # only if h11 says it may.
+        try:
+            server.send(_mirrored(200 if status is None else status, False))
+            server.send(_END)
+        except h11.LocalProtocolError:
+            self._lost_track()
             return
         if server.our_state is h11.DONE and server.their_state is h11.DONE:
             server.start_next_cycle()
-        if self._outstanding:
-            self._prime(self._outstanding[0])
 
     def _switched(self) -> None:
         record = self._outstanding.popleft()
@@ -493,6 +577,34 @@ def _primer(method: str, upgrade: bool) -> h11.Request:
         if len(_PRIMERS) < _CACHE_LIMIT:
             _PRIMERS[(method, upgrade)] = event
     return event
+
+
+def _server() -> h11.Connection:
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=sniff.MAX_HTTP_HEAD)
+
+
+def _counted(method: str, event: h11.Response) -> tuple[int, bool] | None:
+    """The body length of a response framed by ``Content-Length`` alone (h11 has
+    validated the header: one value, digits only), and whether the server
+    closes after it (``Connection: close``, HTTP/1.0); None for every other
+    framing (no body, chunked, until close, a tunnel), which h11 follows itself."""
+    status = event.status_code
+    if method in _NO_COUNT or status < 200 or status in (204, 304):
+        return None
+    length = None
+    close = event.http_version < b"1.1"
+    for raw, value in event.headers.raw_items():
+        name = raw.lower()
+        if name == b"content-length":
+            length = value
+        elif name == b"transfer-encoding":
+            return None
+        elif name == b"connection" and b"close" in value.lower():
+            close = True
+    return None if length is None else (int(length), close)
+
+
+_NO_COUNT = frozenset({"HEAD", http_rules.CONNECT})
 
 
 def _mirrored(status: int, close: bool) -> h11.Response:
