@@ -44,10 +44,10 @@ from tests.support.agent_fleet import (
     PROXIES,
     STOP_TIMEOUT_S,
     Fleet,
-    is_mount,
     link_names,
     metric,
 )
+from tests.support.processes import is_mount
 from tests.support.root import AGENT_NEEDS
 from tests.support.waits import wait_for, when
 

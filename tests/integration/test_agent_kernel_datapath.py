@@ -40,19 +40,23 @@ from egressd.metrics_text import metric_value, parse
 from egressd.net import netns
 from egressd.policy.jws import policy_digest, sign_payload
 from egressd.policy.keys import SigningKey, generate_signing_key, write_key_dir
+from tests.support.agent_fleet import (
+    DEST,
+    JOB_ID,
+    NODE_IP,
+    PROXIES,
+    REPO,
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+)
 from tests.support.netns import fresh_prefix
+from tests.support.processes import is_mount, tear_down_node
 from tests.support.root import AGENT_NEEDS
 from tests.support.waits import wait_for, when
 
 pytestmark = pytest.mark.root(*AGENT_NEEDS, "tc")
 
-REPO = Path(__file__).resolve().parents[2]
-NODE_IP = "198.18.0.11"
-PROXIES = {"proxy1": "198.18.0.21", "proxy2": "198.18.0.22"}
-DEST = "203.0.113.10"
-JOB_ID = "2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2"
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 20.0
+BPFFS_MOUNTS = ("bpffs", "bpffs-node")  # tier 1's and the node program's
 
 PROXY_SIM = r"""
 import json, socket, sys, threading, uuid
@@ -237,35 +241,6 @@ def _setup(world: World) -> None:
     wait_for(ready, START_TIMEOUT_S, "agent up with both proxies healthy")
 
 
-def _teardown(world: World) -> None:
-    procs = [world.agent, *world.sims.values()]
-    for proc in procs:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        if proc is None:
-            continue
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    for ns in netns.list_netns(f"{world.prefix}s-"):
-        with contextlib.suppress(netns.NetError):
-            netns.delete_netns(ns)
-    for ns in reversed(world.namespaces):
-        with contextlib.suppress(netns.NetError):
-            netns.delete_netns(ns)
-    for mount in ("bpffs", "bpffs-node"):
-        if _is_mount(world.state_dir / mount):
-            subprocess.run(["umount", "-l", str(world.state_dir / mount)], check=False)
-
-
-def _is_mount(path: Path) -> bool:
-    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-        return any(line.split(" ")[4] == str(path) for line in fh)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("agentkernel")
@@ -280,7 +255,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         _setup(world)
         yield world
     finally:
-        _teardown(world)
+        tear_down_node(
+            [world.agent, *world.sims.values()],
+            timeout_s=STOP_TIMEOUT_S,
+            namespaces=world.namespaces,
+            leftovers=[f"{world.prefix}s-"],
+            mounts=[world.state_dir / mount for mount in BPFFS_MOUNTS],
+        )
 
 
 def _connect(ns: str, timeout: float = 5.0) -> tuple[int, bool]:
@@ -358,7 +339,7 @@ def test_sigterm_leaves_no_programs_pins_or_filters(world: World) -> None:
         check=False,
     ).stdout
     assert "egressd" not in filters
-    for mount in ("bpffs", "bpffs-node"):
-        assert not _is_mount(world.state_dir / mount)
+    for mount in BPFFS_MOUNTS:
+        assert not is_mount(world.state_dir / mount)
         assert not (world.state_dir / mount).exists()
     assert netns.list_netns(f"{world.prefix}s-") == ()

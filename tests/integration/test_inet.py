@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import signal
 import socket
 import ssl
 import subprocess
@@ -32,6 +31,7 @@ from egressd.net import netns as kn
 from egressd_harness.topology import network
 from egressd_harness.topology.inet import CONTENT_SHA256_HEADER, FAKE_CREDENTIAL, content_sha256
 from tests.support.netns import fresh_prefix
+from tests.support.processes import stop_process
 
 pytestmark = pytest.mark.root("nsenter", "curl")
 
@@ -106,13 +106,7 @@ def inet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inet]:
             _wait_ready(daemon)
             yield daemon
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(5)
+            stop_process(process, 10)
         assert process.returncode == 0, log.read_text()
         assert any(e.get("event") == "stopped" for e in daemon.events())
     finally:

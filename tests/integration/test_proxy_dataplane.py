@@ -19,43 +19,31 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
-import uuid
 from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP
-from scapy.packet import Raw
 
-from egressd.geneve.codec import decode, encode
+from egressd.geneve.codec import decode
 from egressd.net import netns as kn
+from tests.support.proxy_drops import send_drops, wait_for_drops
 from tests.support.proxy_fleet import (
     JOB,
-    JOB_NODE2,
-    MINI_AGENT,
-    NODE,
-    PROXY,
     REPLY_TIMEOUT_S,
-    REPO,
-    SANDBOX,
     SITE,
-    START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
     Fleet,
     NodeSim,
     ProxyProcess,
+    agent_for,
     assert_syn_ack,
     dropped,
     http,
-    syn,
+    sandbox_get,
 )
 from tests.support.root import NETNS_TOOLS
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.root(*NETNS_TOOLS)
-
-JOB_UNKNOWN = uuid.UUID("9f9f9f9f-3333-4a9a-9f55-1f0c5ac1d3e2")
 
 
 @pytest.fixture(scope="module")
@@ -93,45 +81,21 @@ def test_forged_datagrams_are_dropped_and_counted_by_reason(
     node.expect_syn_ack(42000)
     before = proxy.metrics()
 
-    node.send(encode(1, node.option(), syn(42001)), forged=True)  # not a node address
-    node.send_syn(42002, job=JOB_NODE2)  # the job's policy names node2 only
-    node.send_syn(42003, src="100.96.2.5")  # outside node1's sandbox CIDR
-    node.send(b"\x00\x01\x02")  # truncated
-    node.send(bytes([0x47]) + encode(1, node.option(), syn(42004))[1:])  # version 1
-    node.send_syn(42005, vni=2)  # another overlay
-    node.send_syn(42006, job=JOB_UNKNOWN)  # no policy at the control plane
-    node.send(
-        encode(1, node.option(), bytes(IP(src=SANDBOX, dst=SITE, proto=6) / Raw(b"\x00" * 8)))
-    )
-    node.send_syn(42010)  # and a legitimate SYN right after
-    assert_syn_ack(node.expect_syn_ack(42010), 42010)
+    expected = send_drops(node, 42001)
+    node.send_syn(42100)  # and a legitimate SYN right after
+    assert_syn_ack(node.expect_syn_ack(42100), 42100)
 
-    expected = {
-        "unknown_node": 1,
-        "job_not_bound_to_node": 1,
-        "source_outside_node_cidr": 1,
-        "truncated": 1,
-        "bad_version": 1,
-        "bad_vni": 1,
-        "policy_missing": 1,
-        "malformed_l4": 1,
-    }
-
-    def counted() -> bool:
-        after = proxy.metrics()
-        return all(dropped(after, r) - dropped(before, r) == n for r, n in expected.items())
-
-    wait_for(counted, REPLY_TIMEOUT_S, "every drop to be counted")
+    wait_for_drops(proxy.metrics, before, expected, REPLY_TIMEOUT_S)
     after = proxy.metrics()
     for reason in ("options_past_end", "inner_bad_checksum", "flow_table_full"):
         assert ("egressd_geneve_rx_dropped_total", (("reason", reason),)) in after  # pre-registered
-        assert dropped(after, reason) == dropped(before, reason)
+        assert dropped(after, reason) - dropped(before, reason) == expected[reason]
     # None of the forged SYNs produced a reply.
     node.sock.settimeout(0.5)
     with contextlib.suppress(TimeoutError):
         while True:
             inner = IP(bytes(decode(node.sock.recv(65536)).inner))
-            assert inner[TCP].dport in (42000, 42010), inner.summary()
+            assert inner[TCP].dport in (42000, 42100), inner.summary()
 
 
 def test_sigterm_leaves_nothing_behind(fleet: Fleet, node: NodeSim) -> None:
@@ -166,37 +130,9 @@ def test_a_sandbox_connection_gets_its_http_answer_through_the_proxy(
     fleet: Fleet, proxy: ProxyProcess, node: NodeSim
 ) -> None:
     node.close()  # the agent takes 198.18.0.11:6081
-    ready = fleet.root / "agent-ready"
-    agent = kn.popen_in_netns(
-        fleet.node_ns,
-        [
-            sys.executable,
-            "-c",
-            MINI_AGENT,
-            "sbx0",
-            SANDBOX,
-            str(NODE.underlay),
-            str(PROXY.underlay),
-            str(JOB),
-            node.digest.hex(),
-            str(ready),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=(fleet.root / "agent.log").open("wb"),
-        cwd=str(REPO),
-    )
-    try:
-        wait_for(ready.exists, START_TIMEOUT_S, "the mini agent")
+    with agent_for(fleet, JOB, digest=node.digest):
         wait_for(lambda: http(fleet.inet, "GET", SITE, 80, "/hello.txt")[0] == 200, 10, "inet http")
-        with contextlib.closing(kn.netns_socket(fleet.node_ns)) as sock:
-            sock.settimeout(10)
-            sock.bind((SANDBOX, 0))
-            sock.connect((SITE, 80))
-            sock.sendall(b"GET /hello.txt HTTP/1.0\r\nHost: api.allowed.test\r\n\r\n")
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
+        answer = sandbox_get(fleet, "/hello.txt")
         assert answer.startswith(b"HTTP/1.0 200"), answer[:200]
         assert answer.endswith(b"hello through the tunnel\n")
 
@@ -215,6 +151,3 @@ def test_a_sandbox_connection_gets_its_http_answer_through_the_proxy(
         metrics = proxy.metrics()
         assert metrics[("egressd_geneve_rx_packets_total", ())] >= 4
         assert metrics[("egressd_geneve_tx_packets_total", ())] >= 3
-    finally:
-        agent.kill()
-        agent.wait(timeout=STOP_TIMEOUT_S)

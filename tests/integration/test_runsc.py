@@ -41,6 +41,7 @@ from egressd.sandbox import SandboxError
 from egressd.sandbox.bundle import BindMount, SandboxPaths
 from egressd.sandbox.rootfs import mounts_under, write_bundle
 from egressd.sandbox.runsc import SandboxLauncher
+from tests.support.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 UDFS = REPO / "sandbox" / "udfs"
@@ -206,13 +207,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
             time.sleep(0.05)
         yield Node(suffix, netns, run_dir, ca, launcher, itertools.count(1))
     finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        stop_process(server, 10)
         _delete_leftover_containers(launcher)
         ip_quiet("netns", "del", netns)
 

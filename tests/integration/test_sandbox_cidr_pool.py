@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import secrets
@@ -38,7 +37,8 @@ import pytest
 from egressd.agent.client import AgentClient, SandboxInfo
 from egressd.net import netns
 from egressd.policy.keys import SigningKey, generate_signing_key, write_key_dir
-from tests.support.agent_fleet import REPO, START_TIMEOUT_S, STOP_TIMEOUT_S, http_get, is_mount
+from tests.support.agent_fleet import REPO, START_TIMEOUT_S, STOP_TIMEOUT_S, http_get
+from tests.support.processes import tear_down_node
 from tests.support.proxy_fleet import http
 from tests.support.root import AGENT_NEEDS
 from tests.support.waits import wait_for
@@ -226,20 +226,13 @@ def _setup(env: Env) -> None:
 
 
 def _teardown(env: Env) -> None:
-    for name in list(env.procs):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            env.stop(name)
-    for node in NODES:
-        for ns in netns.list_netns(env.sandbox_prefix(node)):
-            with contextlib.suppress(netns.NetError):
-                netns.delete_netns(ns)
-    for ns in reversed(env.namespaces):
-        with contextlib.suppress(netns.NetError):
-            netns.delete_netns(ns)
-    for node in NODES:
-        bpffs = env.state_dir(node) / "bpffs"
-        if is_mount(bpffs):
-            ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(bpffs), 2)  # MNT_DETACH
+    tear_down_node(
+        env.procs.values(),
+        timeout_s=STOP_TIMEOUT_S,
+        namespaces=env.namespaces,
+        leftovers=[env.sandbox_prefix(node) for node in NODES],
+        mounts=[env.state_dir(node) / "bpffs" for node in NODES],
+    )
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ if __name__ != "__main__":
     from egressd.metrics_text import metric_value, parse
     from egressd_harness.topology import ca
     from tests.support.intercept_world import DATA, World, make_world, requests_of, source
+    from tests.support.processes import stop_process
 
 pytestmark = [pytest.mark.root("ip", "nft", "nsenter"), pytest.mark.timeout(180)]
 
@@ -246,12 +247,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
             world.set_policy(egress=RULES)
             yield Tls(world, icpt.cert)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc, 10)
             assert proc.stdout is not None
             proc.stdout.close()
 

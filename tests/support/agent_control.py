@@ -5,11 +5,8 @@ module makes its own `Env` (with its own control-plane options) in a module fixt
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -28,11 +25,11 @@ from tests.support.agent_fleet import (
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
     http_get,
-    is_mount,
     metric,
 )
 from tests.support.agent_fleet import Fleet as AgentFleet
 from tests.support.control_process import control_argv
+from tests.support.processes import tear_down_node
 from tests.support.proxy_fleet import http
 from tests.support.waits import wait_for
 
@@ -188,24 +185,13 @@ def bring_up(env: Env) -> None:
 
 
 def tear_down(env: Env) -> None:
-    for proc in env.procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in env.procs.values():
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    for ns in netns.list_netns(env.sandbox_prefix):
-        with contextlib.suppress(netns.NetError):
-            netns.delete_netns(ns)
-    for ns in reversed(env.namespaces):
-        with contextlib.suppress(netns.NetError):
-            netns.delete_netns(ns)
-    bpffs = env.state_dir / "bpffs"
-    if is_mount(bpffs):
-        ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(bpffs), 2)  # MNT_DETACH
+    tear_down_node(
+        env.procs.values(),
+        timeout_s=STOP_TIMEOUT_S,
+        namespaces=env.namespaces,
+        leftovers=[env.sandbox_prefix],
+        mounts=[env.state_dir / "bpffs"],
+    )
 
 
 def count(env: Env, sandbox_id: str, verdict: str, reason: str) -> float:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from egressd.metrics_text import metric_value, parse
 from egressd.net import netns
 from egressd.policy.jws import sign_payload
 from egressd.policy.keys import SigningKey, write_key_dir
+from tests.support.processes import tear_down_node
 from tests.support.waits import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,11 +115,6 @@ def metric(text: str, name: str, **labels: str) -> float | None:
 
 def link_names(ns: str) -> set[str]:
     return {link.name for link in netns.netns_state(ns).links}
-
-
-def is_mount(path: Path) -> bool:
-    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-        return any(line.split(" ")[4] == str(path) for line in fh)
 
 
 @dataclass
@@ -285,25 +279,10 @@ def bring_up(fleet: Fleet) -> None:
 
 def tear_down(fleet: Fleet) -> None:
     """Stop every process, delete every namespace, unmount the agent's bpffs."""
-    procs = [fleet.agent, *fleet.health.values(), *fleet.sims.values()]
-    for proc in procs:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        if proc is None:
-            continue
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    for ns in netns.list_netns(fleet.sandbox_prefix):
-        with contextlib.suppress(netns.NetError):
-            netns.delete_netns(ns)
-    for ns in reversed(fleet.namespaces):
-        with contextlib.suppress(netns.NetError):
-            netns.delete_netns(ns)
-    bpffs = fleet.state_dir / "bpffs"
-    if is_mount(bpffs):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.umount2(os.fsencode(bpffs), 2)  # MNT_DETACH
+    tear_down_node(
+        [fleet.agent, *fleet.health.values(), *fleet.sims.values()],
+        timeout_s=STOP_TIMEOUT_S,
+        namespaces=fleet.namespaces,
+        leftovers=[fleet.sandbox_prefix],
+        mounts=[fleet.state_dir / "bpffs"],
+    )

@@ -657,15 +657,10 @@ def _start(w: World, role: str, ns: str, cfg: dict[str, Any]) -> None:
 
 
 def _stop(proc: subprocess.Popen[str], timeout: float = 10.0) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            return None
-    return proc.returncode
+    # Imported here: this file also runs as a script in the namespaces, without `tests`.
+    from tests.support.processes import stop_process
+
+    return stop_process(proc, timeout)
 
 
 @contextlib.contextmanager

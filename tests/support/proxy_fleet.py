@@ -32,6 +32,7 @@ from egressd.metrics_text import SeriesKey, parse, series
 from egressd.net import netns as kn
 from egressd.policy.keys import generate_signing_key, write_key_dir
 from egressd_harness.topology import network
+from tests.support import processes
 from tests.support.control_process import control_argv
 from tests.support.waits import wait_for
 
@@ -154,14 +155,7 @@ class Fleet:
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT_S)
+    processes.stop_process(proc, STOP_TIMEOUT_S)
 
 
 def trust_control_key(fleet: Fleet) -> None:
@@ -283,15 +277,20 @@ def dropped(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], reaso
 
 
 class NodeSim:
-    """node1's GENEVE socket, and a socket on a non-node address."""
+    """node1's GENEVE socket, and a socket on a non-node address. The proxy's replies come
+    from `reply_port`; None: from any port (the kernel data path picks an entropy source port
+    from the inner flow's hash, RFC 8926 section 3.3)."""
 
-    def __init__(self, fleet: Fleet, digest: bytes) -> None:
+    def __init__(
+        self, fleet: Fleet, digest: bytes, *, reply_port: int | None = GENEVE_PORT
+    ) -> None:
         self.sock = kn.netns_socket(fleet.node_ns, socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((str(NODE.underlay), GENEVE_PORT))
         self.forger = kn.netns_socket(fleet.node_ns, socket.AF_INET, socket.SOCK_DGRAM)
         self.forger.bind((FORGER, GENEVE_PORT))
         self.digest = digest
         self.proxy = (str(PROXY.underlay), GENEVE_PORT)
+        self.reply_port = reply_port
 
     def close(self) -> None:
         self.sock.close()
@@ -317,7 +316,9 @@ class NodeSim:
                 data, sender = self.sock.recvfrom(65536)
             except TimeoutError:
                 break
-            assert sender == self.proxy
+            assert sender[0] == self.proxy[0]
+            if self.reply_port is not None:
+                assert sender[1] == self.reply_port
             try:
                 pkt = decode(data)
             except GeneveError as exc:
@@ -411,22 +412,26 @@ def control(fleet: Fleet, method: str, path: str, body: object = None) -> tuple[
 
 
 class Agent:
-    """The mini node agent for one job (node1's GENEVE port, the sandbox's TUN)."""
+    """The mini node agent for one job (node1's GENEVE port, the sandbox's TUN `tun`); its
+    GENEVE option carries `digest` (the job's current one keeps the proxy's kernel fast path)."""
 
-    def __init__(self, fleet: Fleet, job: uuid.UUID) -> None:
+    def __init__(
+        self, fleet: Fleet, job: uuid.UUID, *, digest: bytes = bytes(8), tun: str = "sbx0"
+    ) -> None:
         ready = fleet.root / f"agent-ready-{job}"
+        ready.unlink(missing_ok=True)  # a previous agent's, for the same job
         self.proc = kn.popen_in_netns(
             fleet.node_ns,
             [
                 sys.executable,
                 "-c",
                 MINI_AGENT,
-                "sbx0",
+                tun,
                 SANDBOX,
                 str(NODE.underlay),
                 str(PROXY.underlay),
                 str(job),
-                "00" * 8,
+                digest.hex(),
                 str(ready),
             ],
             stdin=subprocess.DEVNULL,
@@ -434,7 +439,11 @@ class Agent:
             stderr=(fleet.root / f"agent-{job}.log").open("wb"),
             cwd=str(REPO),
         )
-        wait_for(ready.exists, START_TIMEOUT_S, "the mini agent")
+        try:
+            wait_for(ready.exists, START_TIMEOUT_S, "the mini agent")
+        except AssertionError:
+            self.stop()
+            raise
         time.sleep(0.3)  # its TUN address and route
 
     def stop(self) -> None:
@@ -443,12 +452,28 @@ class Agent:
 
 
 @contextlib.contextmanager
-def agent_for(fleet: Fleet, job: uuid.UUID) -> Iterator[Agent]:
-    agent = Agent(fleet, job)
+def agent_for(
+    fleet: Fleet, job: uuid.UUID, *, digest: bytes = bytes(8), tun: str = "sbx0"
+) -> Iterator[Agent]:
+    agent = Agent(fleet, job, digest=digest, tun=tun)
     try:
         yield agent
     finally:
         agent.stop()
+
+
+def sandbox_get(fleet: Fleet, path: str, timeout: float = 10.0) -> bytes:
+    """An HTTP/1.0 GET of `SITE`'s `path` from the sandbox address (through the mini agent and
+    the proxy): the whole answer, head included."""
+    with contextlib.closing(kn.netns_socket(fleet.node_ns)) as sock:
+        sock.settimeout(timeout)
+        sock.bind((SANDBOX, 0))
+        sock.connect((SITE, 80))
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: api.allowed.test\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(1 << 20):
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def try_connect(fleet: Fleet) -> bool:
