@@ -1,4 +1,5 @@
-"""`egressd loadtest SCENARIO --duration S [--prefix egd-lt-] [--run-dir DIR] [--out FILE.json]`
+"""`egressd loadtest SCENARIO --duration S [--prefix egd-lt-] [--run-dir DIR]
+[--datapath kernel|userspace] [--out FILE.json]`
 
 Runs one fairness scenario (`port-exhaustion`, `bandwidth`, `steady`, and the
 floods `dns-flood`, `syn-flood`) with locust on its own fleet, prints the
@@ -21,10 +22,12 @@ from egressd import logs
 from egressd.cliutil import CliError
 from egressd.errors import EgressdError
 from egressd.net import netns as kn
+from egressd.proxy.config import DATAPATHS
 from egressd.signals import Stopped, sigterm_unwinds
 from egressd_harness import plotting
 from egressd_harness.loadtest import plots, runner, verdicts
 from egressd_harness.loadtest.scenarios import SCENARIOS, ScenarioError, check_duration
+from egressd_harness.topology.fleet import DEFAULT_DATAPATH
 
 
 def _seconds(text: str) -> float:
@@ -58,6 +61,7 @@ def options(args: argparse.Namespace) -> runner.Options:
         prefix=args.prefix,
         run_dir=run_dir,
         out=Path(args.out) if args.out else None,
+        datapath=args.datapath,
     )
 
 
@@ -109,6 +113,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--run-dir",
         default=str(runner.DEFAULT_RUN_DIR),
         help=f"the load-test fleet's run directory (default {runner.DEFAULT_RUN_DIR})",
+    )
+    parser.add_argument(
+        "--datapath",
+        default=DEFAULT_DATAPATH,
+        choices=DATAPATHS,
+        help=f"the fleet's data path (default {DEFAULT_DATAPATH})",
     )
     parser.add_argument(
         "--out", default=None, help="the JSON document (default loadtest-results/SCENARIO.json)"

@@ -72,7 +72,7 @@ from egressd_harness.loadtest.scenarios import (
 )
 from egressd_harness.loadtest.verdicts import Verdict
 from egressd_harness.topology import procs
-from egressd_harness.topology.fleet import Fleet, FleetError, down_logged
+from egressd_harness.topology.fleet import DEFAULT_DATAPATH, Fleet, FleetError, down_logged
 from egressd_harness.topology.probe import ProbeError, http_request, is_ready
 
 log = structlog.get_logger("egressd_harness.loadtest")
@@ -103,6 +103,7 @@ class Options:
     out: Path | None = None
     locustfile: Path = LOCUSTFILE
     python: str = sys.executable
+    datapath: str = DEFAULT_DATAPATH
 
 
 @dataclass
@@ -596,7 +597,9 @@ def _wait_released(scraper: Scraper, proxies: list[str]) -> tuple[dict[str, floa
 def run(opts: Options) -> Report:
     scenario = build(opts.scenario, opts.duration_s)
     preflight(opts)
-    fleet = Fleet(default_layout(opts.run_dir, opts.prefix), python=opts.python)
+    fleet = Fleet(
+        default_layout(opts.run_dir, opts.prefix), python=opts.python, datapath=opts.datapath
+    )
     proxies = [p.name for p in fleet.layout.proxies]
     components = proxies + [n.name for n in fleet.layout.nodes]
     started_at = dt.datetime.now(dt.UTC)
@@ -663,6 +666,7 @@ def run(opts: Options) -> Report:
         "started_at": started_at.isoformat(),
         "finished_at": finished_at.isoformat(),
         "prefix": opts.prefix,
+        "datapath": opts.datapath,
         "run_dir": str(opts.run_dir),
         "workdir": str(workdir),
         "host": {

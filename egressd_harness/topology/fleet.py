@@ -77,9 +77,11 @@ class ComponentStatus:
 
 
 #: The local fleet's data path (agents and proxies). "kernel" (issue 10: tc programs move the
-#: packets) passes the whole e2e suite, and `make test` runs the traffic e2e files on it; the
-#: default stays "userspace" until the flood scenarios' victim latency on the kernel path is
-#: understood (p99 baseline 55-65 ms there against ~20 ms on userspace, docs/decisions.md).
+#: packets) passes the whole e2e suite, and `make test` runs the traffic e2e files on it. The
+#: default stays "userspace" while the flood scenarios' victim verdicts fail now and then on
+#: this shared 2-core machine: measured, that is the proxies' Python waiting for CPU on either
+#: path, not latency the kernel path adds (docs/decisions.md, "Which data path the local fleet
+#: runs").
 DEFAULT_DATAPATH: Final = "userspace"
 
 

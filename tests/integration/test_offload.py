@@ -35,7 +35,8 @@ TIMEOUT_S = 60.0
 
 
 class OffloadFleet(Fleet):
-    """The topology's fleet with offload forced on (whatever the topology's default)."""
+    """The topology's fleet on the userspace path with offload forced on (whatever the
+    topology's default)."""
 
     def proxy_config(self, proxy: ProxySpec) -> dict[str, object]:
         return {**super().proxy_config(proxy), "offload": True}
@@ -47,7 +48,8 @@ class OffloadFleet(Fleet):
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OffloadFleet]:
     run_dir = tmp_path_factory.mktemp("offload-run")
-    fleet = OffloadFleet(default_layout(Path(run_dir), fresh_prefix("egd-o")))
+    # Offload is a userspace data path option (the kernel path refuses it).
+    fleet = OffloadFleet(default_layout(Path(run_dir), fresh_prefix("egd-o")), datapath="userspace")
     try:
         fleet.up()
         yield fleet

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from egressd import cli
+from egressd_harness.topology.fleet import DEFAULT_DATAPATH
 
 
 @pytest.mark.parametrize(
@@ -23,6 +24,7 @@ from egressd import cli
         ["loadtest", "steady", "--duration", "20", "--prefix", "egd-lt"],
         ["loadtest", "steady", "--duration", "20", "--run-dir", "relative"],
         ["loadtest", "steady", "--duration", "20", "--run-dir", "/tmp/a.b"],
+        ["loadtest", "steady", "--duration", "20", "--datapath", "ebpf"],
     ],
 )
 def test_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,3 +62,18 @@ def test_options() -> None:
         "/tmp/lt",
         "o.json",
     )
+
+
+@pytest.mark.parametrize(
+    ("extra", "datapath"),
+    [
+        ([], DEFAULT_DATAPATH),
+        (["--datapath", "userspace"], "userspace"),
+        (["--datapath", "kernel"], "kernel"),
+    ],
+)
+def test_the_fleets_datapath_is_the_default_unless_asked(extra: list[str], datapath: str) -> None:
+    from egressd_harness.loadtest import cli as lt_cli
+
+    args = cli.build_parser().parse_args(["loadtest", "dns-flood", "--duration", "22", *extra])
+    assert lt_cli.options(args).datapath == datapath
