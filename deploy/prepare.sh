@@ -52,7 +52,7 @@ rm -rf "$BUILD/wheels"; mkdir -p "$BUILD"
 cp -al "$WHEELS" "$BUILD/wheels" 2>/dev/null || cp -a "$WHEELS" "$BUILD/wheels"
 rm -f "$BUILD/wheels/requirements.txt" "$BUILD/wheels/.complete"  # hard links: never write through them
 # Content key of what the images are built from: compose tags them with it (EGRESSD_TAG).
-TAG=$( (cd "$ROOT" && find egressd bpf sandbox/udfs loadtests deploy/docker deploy/prometheus \
+TAG=$( (cd "$ROOT" && find egressd egressd_harness bpf sandbox/udfs loadtests deploy/docker deploy/prometheus \
             -type f ! -name '*.pyc' ! -name '*.o' ! -path '*/__pycache__/*' -print0 2>/dev/null \
             | sort -z | xargs -0 sha256sum;
         cd "$ROOT" && sha256sum pyproject.toml .dockerignore deploy/Dockerfile node-agent/Dockerfile \

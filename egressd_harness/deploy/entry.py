@@ -41,6 +41,9 @@ What differs from the namespaces topology:
   `egressd-credentials` (a directory, deploy/credentials/) mounted by proxies
   only. deploy/kubernetes mounts both from Secrets and names the paths in
   EGRESSD_* variables.
+* Data path: proxies and nodes run EGRESSD_DATAPATH (`env().datapath`, `kernel` unless
+  `userspace` is asked for; `member_fleet`), with the images' prebuilt eBPF objects
+  seeded into their caches (`seed_bpf_cache`, `egressd_harness.deploy.bpf_objects`).
 * Logs: each daemon's JSON log lines go to the container's stderr (`docker
   logs`) and to /var/log/egressd/NAME.log in the `logs` volume, where the
   demo reads the proxies' audit events.
@@ -77,7 +80,7 @@ from egressd.layout import (
     default_layout,
 )
 from egressd.policy import keys
-from egressd_harness.deploy import settings
+from egressd_harness.deploy import bpf_objects, settings
 from egressd_harness.deploy.health import (
     JOBS_PORT,
     WAIT_S,
@@ -90,11 +93,10 @@ from egressd_harness.topology import ca, interception
 from egressd_harness.topology.fleet import Fleet
 
 DISCOVERY_INTERVAL_S = 2.0
-
-
-# The containers run the userspace data path: the kernel one needs BPF capabilities, a bpffs
-# mount and clang/bpftool in the proxy image, which the images do not have yet (issue 10).
-DATAPATH = "userspace"
+# Where the images keep the eBPF objects built at image build time (the Dockerfiles' `bpf`
+# stage, `bpf_objects`): copied into each daemon's cache at start, so no daemon runs clang
+# (the images have none).
+PREBUILT_BPF = Path("/opt/egressd/bpf-cache")
 
 
 def log(msg: str, **fields: object) -> None:
@@ -116,6 +118,12 @@ def layout(
         run_dir=env().run_dir,
         fleet_ranges=env().fleet_ranges if fleet_ranges is None else fleet_ranges,
     )
+
+
+def member_fleet(members: Layout) -> Fleet:
+    """The `Fleet` a role prepares its member from: the fleet's data path
+    (`env().datapath`, EGRESSD_DATAPATH) decides its config's `datapath` and `offload`."""
+    return Fleet(members, datapath=env().datapath)
 
 
 # --- addresses ---------------------------------------------------------------------
@@ -243,7 +251,7 @@ def egressd(*args: str) -> list[str]:
 
 
 def role_control() -> int:
-    fleet = Fleet(layout(), datapath=DATAPATH)
+    fleet = member_fleet(layout())
     env().run_dir.mkdir(parents=True, exist_ok=True)
     (env().run_dir / "control").mkdir(exist_ok=True)
     if not fleet.signing_key.exists():
@@ -344,11 +352,12 @@ def proxy_config(fleet: Fleet, spec: ProxySpec) -> dict[str, Any]:
 
 def role_proxy() -> int:
     spec = proxy_spec()
-    fleet = Fleet(layout(proxies=(spec,)), datapath=DATAPATH)
+    fleet = member_fleet(layout(proxies=(spec,)))
     link_fleet_dirs()
     config = fleet.config_path(spec.name)
     body = proxy_config(fleet, spec)
     config.write_text(json.dumps(body, indent=2) + "\n")
+    seed_bpf_cache(Path(str(body["state_dir"])))
     register("proxies", spec.name, {"underlay": str(spec.underlay), "egress": str(spec.egress)})
 
     def deregister() -> None:
@@ -381,13 +390,11 @@ def agent_config(fleet: Fleet, spec: NodeSpec) -> dict[str, Any]:
     return config
 
 
-def seed_tier1_cache(state_dir: Path) -> None:
-    """Put the image's prebuilt tier-1 object where the agent looks (clang at start is slow)."""
-    prebuilt = Path("/opt/egressd/tier1.o")
-    if prebuilt.exists():
-        cache = state_dir / "cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(prebuilt, cache / "tier1.o")
+def seed_bpf_cache(state_dir: Path) -> None:
+    """Put the image's prebuilt eBPF objects where the daemon looks (``state_dir/cache``):
+    the images have no compiler, and clang at start would be slow anyway."""
+    copied = bpf_objects.seed(PREBUILT_BPF, state_dir / "cache")
+    log("bpf_objects_seeded", state_dir=str(state_dir), objects=copied, datapath=env().datapath)
 
 
 def writable_proc_sys() -> None:
@@ -406,12 +413,12 @@ def start_node() -> tuple[Fleet, NodeSpec, Path]:
     env()  # a bad EGRESSD_* value stops the node here, before it changes anything
     writable_proc_sys()
     spec = node_spec()
-    fleet = Fleet(layout(nodes=(spec,)), datapath=DATAPATH)
+    fleet = member_fleet(layout(nodes=(spec,)))
     link_fleet_dirs()
     config = fleet.config_path(spec.name)
     body = agent_config(fleet, spec)
     config.write_text(json.dumps(body, indent=2) + "\n")
-    seed_tier1_cache(Path(str(body["state_dir"])))
+    seed_bpf_cache(Path(str(body["state_dir"])))
     if env().sandbox_cidr is None:
         wait_file(env().fleet_dir / "admin-token")  # the agent registers itself with it
         log("sandbox_cidr_auto", name=spec.name, control_url=env().control_url)

@@ -20,6 +20,11 @@ node, the control plane's URL and the cluster's ranges from a ConfigMap.
     EGRESSD_UNDERLAY_RANGES   comma-separated networks the fleet and its hosts live on,
                               always denied to sandboxes (unset: 198.18.0.0/24); the
                               sandbox supernet and the resolver are added to them
+    EGRESSD_DATAPATH          `kernel` (unset) or `userspace`: the data path of the
+                              proxies and node agents (their configs' `datapath`; the
+                              whole fleet must take one: a kernel node drops the
+                              offloaded GENEVE of a userspace proxy). `kernel` needs
+                              CAP_NET_ADMIN and CAP_SYS_ADMIN (bpffs, bpf(2))
 
 A proxy's secrets (`proxy_secret_keys` maps them to its configuration):
 
@@ -66,6 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from egressd.agent.config import DATAPATH_KERNEL, DATAPATHS
 from egressd.errors import EgressdError
 from egressd.layout import (
     CONTROL_ADDR,
@@ -85,6 +91,7 @@ PROXY_NAME = "EGRESSD_PROXY_NAME"
 NODE_NAME = "EGRESSD_NODE_NAME"
 SANDBOX_CIDR = "EGRESSD_SANDBOX_CIDR"
 UNDERLAY_RANGES = "EGRESSD_UNDERLAY_RANGES"
+DATAPATH = "EGRESSD_DATAPATH"
 SECRETS_DIR = "EGRESSD_SECRETS_DIR"
 INTERCEPTION_CA_CERT = "EGRESSD_INTERCEPTION_CA_CERT"
 INTERCEPTION_CA_KEY = "EGRESSD_INTERCEPTION_CA_KEY"
@@ -106,6 +113,7 @@ VARIABLES = (
     NODE_NAME,
     SANDBOX_CIDR,
     UNDERLAY_RANGES,
+    DATAPATH,
     *PROXY_SECRETS,
 )
 # Paths inside the container: the images' own are right on compose and on a cluster.
@@ -125,6 +133,9 @@ COMPOSE_CONTROL_URL = f"http://{CONTROL_ADDR}:{CONTROL_PORT}"
 COMPOSE_NODE_NAME = "node1"
 COMPOSE_SANDBOX_CIDR = IPv4Network("100.96.1.0/24")
 SANDBOX_CIDR_AUTO = "auto"
+# The compose fleet's data path (issue 10): tc eBPF moves the packets, Python decides per
+# connection. "userspace" (TUN and GENEVE in Python) stays selectable, fleet-wide.
+DEFAULT_DATAPATH = DATAPATH_KERNEL
 # The compose fleet's secrets: a file-based compose secret (a directory) mounted
 # by proxies only, and the interception CA in a volume that only the control
 # plane (which makes it) and proxies mount: never nodes, hence never sandboxes.
@@ -159,6 +170,7 @@ class DeploySettings:
     # None: `auto` (the control plane allocates it when the agent registers).
     sandbox_cidr: IPv4Network | None = COMPOSE_SANDBOX_CIDR
     underlay_ranges: tuple[IPv4Network, ...] = (UNDERLAY,)
+    datapath: str = DEFAULT_DATAPATH
     secrets_dir: Path = COMPOSE_SECRETS_DIR
     interception_ca_cert: Path = COMPOSE_INTERCEPTION_CA_DIR / "ca.pem"
     interception_ca_key: Path = COMPOSE_INTERCEPTION_CA_DIR / "ca.key"
@@ -207,6 +219,7 @@ def from_env(env: Mapping[str, str]) -> DeploySettings:
     take(NODE_NAME, "node_name", _name)
     take(SANDBOX_CIDR, "sandbox_cidr", _sandbox_cidr)
     take(UNDERLAY_RANGES, "underlay_ranges", _ranges)
+    take(DATAPATH, "datapath", _datapath)
     take(SECRETS_DIR, "secrets_dir", _path)
     take(INTERCEPTION_CA_CERT, "interception_ca_cert", _path)
     take(INTERCEPTION_CA_KEY, "interception_ca_key", _path)
@@ -353,6 +366,12 @@ def _load_users(raw: str) -> int:
 def _run_time(raw: str) -> str:
     if not _RUN_TIME.fullmatch(raw) or not any(c in "123456789" for c in raw):
         raise ValueError("must be a run time above zero, like 60, 60s, 5m or 1h30m")
+    return raw
+
+
+def _datapath(raw: str) -> str:
+    if raw not in DATAPATHS:
+        raise ValueError(f"must be one of {', '.join(sorted(DATAPATHS))}")
     return raw
 
 

@@ -5,7 +5,9 @@ unique project name, `down -v` in a finalizer):
 
 1. every container is healthy, the demo service's ten verdicts included;
 2. a UDF with plain `requests` in a gVisor sandbox on the node reaches an
-   allowed HTTPS name;
+   allowed HTTPS name, carried by the fleet's data path (EGRESSD_DATAPATH,
+   kernel by default: tc programs on the node's and the proxy's underlay, the
+   proxy's kernel counters);
 3. a denied name is blocked, and the proxy's audit log has the event;
 4. `--scale proxy=3`: the node discovers the new proxies through the control
    plane and new flows spread over all three;
@@ -66,6 +68,58 @@ def test_allowed_https_through_gvisor(fleet: ComposeFleet) -> None:
         e for evs in fleet.proxy_events(job).values() for e in evs if e["event"] == "connection"
     ]
     assert any(e["verdict"] == "allow" and e["host"] == "api.allowed.test" for e in events), events
+
+
+def underlay_filters(fleet: ComposeFleet, cid: str) -> str:
+    """`tc filter show` of the tc ingress hook of the container's underlay interface."""
+    script = (
+        "dev=$(ip -o -4 addr show to 198.18.0.0/24 | awk '{print $2; exit}') && "
+        'test -n "$dev" && tc filter show dev "$dev" ingress'
+    )
+    return fleet.exec(cid, "sh", "-c", script).stdout
+
+
+def proxy_metrics(fleet: ComposeFleet, cid: str) -> str:
+    """A proxy's /metrics (its admin port listens on its underlay address), from the node."""
+    fmt = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+    ips = run(["docker", "inspect", "-f", fmt, cid]).stdout.split()
+    (underlay,) = [ip for ip in ips if ip.startswith("198.18.0.")]
+    return fleet.exec(
+        fleet.node(),
+        "python3",
+        "-c",
+        "import sys, urllib.request as u; "
+        "print(u.urlopen(f'http://{sys.argv[1]}:9090/metrics', timeout=5).read().decode())",
+        underlay,
+    ).stdout
+
+
+def test_the_fleet_runs_its_datapath(fleet: ComposeFleet) -> None:
+    """Kernel (the default): bpf/node.c on the node's underlay, bpf/proxy.c on each proxy's,
+    and the allowed connections above went through the proxies' kernel fast path
+    (decapsulated and re-encapsulated in tc, not by the Python endpoint). Userspace: no
+    tc program on either underlay."""
+    datapath = fleet.env.get("EGRESSD_DATAPATH", "kernel")
+    proxies = fleet.containers("proxy")
+    node_filters = underlay_filters(fleet, fleet.node())
+    proxy_filters = [underlay_filters(fleet, cid) for cid in proxies]
+    # tc shows the program's name as the kernel keeps it: its first 15 bytes.
+    node_prog, proxy_prog = (
+        f"name {prog[:15]} " for prog in ("node_underlay_ingress", "px_ingress")
+    )
+    if datapath == "userspace":
+        assert node_prog not in node_filters, node_filters
+        assert not any(proxy_prog in f for f in proxy_filters), proxy_filters
+        return
+    assert datapath == "kernel", datapath
+    assert node_prog in node_filters, node_filters
+    assert proxy_filters and all(proxy_prog in f for f in proxy_filters), proxy_filters
+    paths: dict[str, float] = {}
+    for cid in proxies:
+        for sample in matching(parse(proxy_metrics(fleet, cid)), "egressd_kernel_packets_total"):
+            path = sample.labels["path"]
+            paths[path] = paths.get(path, 0.0) + sample.value
+    assert paths.get("fast", 0) > 0 and paths.get("return", 0) > 0, paths
 
 
 def test_denied_name_blocked_and_audited(fleet: ComposeFleet) -> None:

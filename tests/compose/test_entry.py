@@ -7,7 +7,7 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -18,29 +18,71 @@ from egressd.agent.config import parse_config as parse_agent_config
 from egressd.layout import NodeSpec, ProxySpec
 from egressd.proxy.config import config_from_mapping
 from egressd_harness.deploy import entry, jobs
-from egressd_harness.topology.fleet import Fleet
 
 UDFS = Path(__file__).resolve().parents[2] / "sandbox" / "udfs"
 
 
-def test_agent_config_discovers_proxies_from_the_control_plane() -> None:
+@pytest.fixture
+def datapath_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str | None], None]]:
+    """Sets (a value) or unsets (None) EGRESSD_DATAPATH for `entry.env()`."""
+
+    def use(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv("EGRESSD_DATAPATH", raising=False)
+        else:
+            monkeypatch.setenv("EGRESSD_DATAPATH", value)
+        entry.env.cache_clear()
+
+    yield use
+    entry.env.cache_clear()
+
+
+# None: the compose default (kernel). Userspace offloads (TUN GSO); the kernel path
+# excludes offload (a kernel node drops the fragmented GENEVE offload makes).
+@pytest.mark.parametrize(
+    ("given", "datapath", "offload"),
+    [(None, "kernel", False), ("kernel", "kernel", False), ("userspace", "userspace", True)],
+)
+def test_agent_config_discovers_proxies_from_the_control_plane(
+    datapath_env: Callable[[str | None], None], given: str | None, datapath: str, offload: bool
+) -> None:
+    datapath_env(given)
     spec = NodeSpec("node1", IPv4Address("198.18.0.11"), IPv4Network("100.96.1.0/24"))
-    fleet = Fleet(entry.layout(nodes=(spec,)))
+    fleet = entry.member_fleet(entry.layout(nodes=(spec,)))
     config = parse_agent_config(json.loads(json.dumps(entry.agent_config(fleet, spec))))
     assert config.proxies == ()
     assert config.discovery is not None
     assert config.discovery.proxies_url == "http://198.18.0.2:8080/v1/proxies"
-    assert config.offload is True
+    assert config.datapath == datapath
+    assert config.offload is offload
 
 
-def test_proxy_config_is_valid() -> None:
+@pytest.mark.parametrize(
+    ("given", "datapath", "offload"),
+    [(None, "kernel", False), ("userspace", "userspace", True)],
+)
+def test_proxy_config_is_valid(
+    datapath_env: Callable[[str | None], None], given: str | None, datapath: str, offload: bool
+) -> None:
+    datapath_env(given)
     spec = ProxySpec(
         entry.proxy_name(IPv4Address("198.18.0.130")),
         IPv4Address("198.18.0.130"),
         IPv4Address("203.0.113.130"),
     )
-    config = config_from_mapping(Fleet(entry.layout(proxies=(spec,))).proxy_config(spec))
+    fleet = entry.member_fleet(entry.layout(proxies=(spec,)))
+    config = config_from_mapping(fleet.proxy_config(spec))
     assert config.name == "proxy-130"
+    assert config.datapath == datapath
+    assert config.offload is offload
+    # The kernel path's bpffs and prebuilt objects live under it (entry.seed_bpf_cache).
+    assert config.kernel_state_dir == entry.env().run_dir / "proxies" / "proxy-130"
+
+
+def test_a_bad_datapath_stops_the_role(datapath_env: Callable[[str | None], None]) -> None:
+    datapath_env("ebpf")
+    with pytest.raises(SystemExit, match="EGRESSD_DATAPATH='ebpf': must be one of kernel"):
+        entry.member_fleet(entry.layout())
 
 
 class Recorder:
