@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import time as _time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -69,8 +70,22 @@ class AuditLogger(Protocol):
     def warning(self, event: str, **kw: Any) -> Any: ...
 
 
+class _Second:
+    """The last whole second and its text (`_now_iso`)."""
+
+    whole = -1
+    text = ""
+
+
 def _now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now, UTC, to the millisecond (``2026-12-07T03:33:15.826Z``); the text of
+    the second is made once per second, not per event."""
+    now = _time.time()
+    whole = int(now)
+    if whole != _Second.whole:
+        _Second.text = dt.datetime.fromtimestamp(whole, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _Second.whole = whole
+    return f"{_Second.text}.{min(int((now - whole) * 1000), 999):03d}Z"
 
 
 def _endpoint(ip: ipaddress.IPv4Address | str | None, port: int | None) -> str | None:

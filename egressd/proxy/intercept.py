@@ -151,6 +151,46 @@ def bound_dead_peers(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
+_CONNECTING = (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR)
+
+
+def _ipv4(text: str) -> IPv4Address:
+    """A dotted quad from the kernel (accept, getsockname) as an address: from
+    its 32-bit value, a tenth of what parsing the text costs."""
+    return IPv4Address(int.from_bytes(socket.inet_aton(text), "big"))
+
+
+async def connect_socket(sock: socket.socket, address: tuple[str, int]) -> None:
+    """Connect the non-blocking `sock` to a numeric IPv4 `address`, as
+    `loop.sock_connect` does, raising OSError (with its errno) when it fails.
+
+    uvloop's ``sock_connect`` passes every address, numeric ones too, through
+    ``getaddrinfo`` in libuv's thread pool (its fast path needs a socket type
+    that it does not pass on): a thread hand-off and back per upstream connection.
+    """
+    err = sock.connect_ex(address)
+    if err == 0:
+        return
+    if err not in _CONNECTING:
+        raise OSError(err, f"Connect call failed {address}")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _writable, done)
+    try:
+        await done
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err != 0:
+        raise OSError(err, f"Connect call failed {address}")
+
+
+def _writable(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
 UNKNOWN_FLOW = ConnectionReason.UNKNOWN_FLOW
 UPSTREAM_CONNECT_FAILED = ConnectionReason.UPSTREAM_CONNECT_FAILED
 PROXY_SHUTDOWN = ConnectionReason.PROXY_SHUTDOWN
@@ -293,7 +333,10 @@ async def peek_client(
                     limit = max(tls_limit, http_limit)
                 if len(buf) >= limit:
                     break  # the reader has said too_large already; defensive
-                chunk = await loop.sock_recv(sock, limit - len(buf))
+                try:  # usually there already: no reader to add to the loop and remove
+                    chunk = sock.recv(limit - len(buf))
+                except (BlockingIOError, InterruptedError):
+                    chunk = await loop.sock_recv(sock, limit - len(buf))
                 if not chunk:
                     eof = True
                     break
@@ -427,6 +470,37 @@ _CONNECT_FAILED = NotConnected(ConnectionReason.UPSTREAM_CONNECT_FAILED)
 _MISS = object()
 
 
+#: The first item of the memo keys of `_gate`'s host decisions (apart from `_decide`'s).
+_GATE_HOST = "gate_host"
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolve:
+    """A memoised "tier 2 needs the proxy's own resolution of `name` here"."""
+
+    name: str
+
+
+def _resolution_needed(policy: Policy, dport: int, peeked: Peeked, learned: set[str]) -> str | None:
+    """The claimed name the proxy must resolve itself before tier 2 decides,
+    else None (`tier2.needs_resolution`; pure)."""
+    claim = tier2.claimed_host(peeked.sni, peeked.http_host)
+    if (
+        claim.name is not None
+        and peeked.sniff_error is None
+        and tier2.needs_resolution(
+            policy,
+            name=claim.name,
+            dst_port=dport,
+            resolved_names=learned,
+            target_port=peeked.target_port,
+            ech=peeked.ech,
+        )
+    ):
+        return claim.name
+    return None
+
+
 def _no_secret(_name: str) -> None:
     return None  # a proxy without `secrets_dir`: every credential is unavailable
 
@@ -437,10 +511,11 @@ class _DecisionCache:
     Tier 2 is pure: for one policy, one set of fleet ranges and the same
     inputs (destination, port, everything tier 2 takes from what the client
     sent: protocol, SNI, Host, target port, ECH, sniff error; the names the
-    job resolved to the address; and no proxy-side resolution) it decides
-    the same. An entry holds its policy and fleet ranges and is used only while
-    they are the very objects in use (``is``): a refreshed or revoked policy
-    is a new object, so its connections never see the old one's results.
+    job resolved to the address; and the proxy's own resolution's answer, if
+    it needed one) it decides the same. An entry holds its policy and fleet
+    ranges and is used only while they are the very objects in use (``is``):
+    a refreshed or revoked policy is a new object, so its connections never
+    see the old one's results.
     Bounded: emptied when full.
     """
 
@@ -531,6 +606,10 @@ class Interceptor:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            # Accepted sockets inherit these from the listener (Linux copies the
+            # listener's socket): no per-connection setsockopt calls for them.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            bound_dead_peers(sock)
             sock.setblocking(False)
             sock.bind(self.listen)
             sock.listen(self.backlog)
@@ -593,12 +672,9 @@ class Interceptor:
         except OSError:
             reset(conn)
             return
-        conn.setblocking(False)
-        with contextlib.suppress(OSError):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        bound_dead_peers(conn)
+        conn.setblocking(False)  # TCP_NODELAY and `bound_dead_peers`: from the listener
         self._spawn(
-            self._handle(conn, IPv4Address(addr[0]), addr[1], IPv4Address(dst), dport),
+            self._handle(conn, _ipv4(addr[0]), addr[1], _ipv4(dst), dport),
             f"egressd-conn-{addr[0]}:{addr[1]}->{dst}:{dport}",
         )
 
@@ -861,16 +937,18 @@ class Interceptor:
         (``host_sni_mismatch``): the leaf and the upstream TLS were made for
         that name only.
 
-        The authority's decision is memoised per connection by (host, port,
-        the names the job resolved to the address), as tier 2's is: a
-        keep-alive connection to one host decides its name once, and each
-        request's method and path. A decision that needed the proxy's own
-        resolution depends on DNS, and is not memoised.
+        The authority's decision is memoised in the interceptor's `_DecisionCache`
+        (per policy object) by (the connection's name and destination, the
+        request's host, port and error, the names the job resolved to the
+        address), as tier 2's is: a name is decided once for all the job's
+        connections and requests to it, and each request's method and path
+        every time. One that needs the proxy's own resolution asks the
+        (caching) resolver every time and is memoised by its answer too.
         """
         assert conn.flow is not None
         job_id = conn.flow.job_id
         fleet_ranges = self.ctx.fleet_ranges
-        by_host: dict[tuple[str | None, int | None, frozenset[str]], Decision] = {}
+        decisions = self._decisions
 
         def host_decision(
             request: http_rules.RequestTarget, learned: set[str], proxy_ips: frozenset[IPv4Address]
@@ -905,20 +983,45 @@ class Interceptor:
                     mismatch = Decision(Verdict.DENY, tls_intercept.HOST_SNI_MISMATCH, None)
                     return tier2.apply_mode(policy, mismatch)
             learned = self.resolved.names_for(job_id, conn.dst, time.monotonic())
-            key = (request.host, request.port, frozenset(learned))
-            cached = by_host.get(key)
-            if cached is not None:
-                return outcome(request, method, upgrade, cached)
-            name = http_rules.request_needs_resolution(
-                policy, request, dst_port=conn.dport, conn_host=conn_host, resolved_names=learned
+            key = (
+                _GATE_HOST,
+                conn_host,
+                conn.dst,
+                conn.dport,
+                request.host,
+                request.port,
+                request.error,
+                frozenset(learned),
             )
-            if name is None:
-                host = by_host[key] = host_decision(request, learned, frozenset())
-                return outcome(request, method, upgrade, host)
+            cached = decisions.get(policy, fleet_ranges, key)
+            if isinstance(cached, Decision):
+                return outcome(request, method, upgrade, cached)
+            if isinstance(cached, _Resolve):
+                name: str | None = cached.name
+            else:
+                name = http_rules.request_needs_resolution(
+                    policy,
+                    request,
+                    dst_port=conn.dport,
+                    conn_host=conn_host,
+                    resolved_names=learned,
+                )
+                if name is None:
+                    host = host_decision(request, learned, frozenset())
+                    decisions.put(policy, fleet_ranges, key, host)
+                    return outcome(request, method, upgrade, host)
+                decisions.put(policy, fleet_ranges, key, _Resolve(name))
+            assert name is not None
+            resolve = name
 
             async def resolving() -> tier2.Tier2Outcome:
-                ips = await self.resolver.resolve_a(name, fleet_ranges=fleet_ranges)
-                host = host_decision(request, learned, frozenset(ips))
+                # As in `_decide`: memoised by the resolver's answer too.
+                ips = frozenset(await self.resolver.resolve_a(resolve, fleet_ranges=fleet_ranges))
+                answered = (key, ips)
+                host = decisions.get(policy, fleet_ranges, answered)
+                if not isinstance(host, Decision):
+                    host = host_decision(request, learned, ips)
+                    decisions.put(policy, fleet_ranges, answered, host)
                 return outcome(request, method, upgrade, host)
 
             return resolving()
@@ -994,36 +1097,31 @@ class Interceptor:
             peeked.target_port,
             peeked.ech,
             peeked.sniff_error,
-            frozenset(learned),
+            conn.learned,
         )
         cached = self._decisions.get(policy, fleet_ranges, key)
         if isinstance(cached, tier2.NamedDecision):
             return cached
-        claim = tier2.claimed_host(peeked.sni, peeked.http_host)
-        proxy_ips: set[IPv4Address] = set()
-        resolved = False
-        if (
-            claim.name is not None
-            and peeked.sniff_error is None
-            and tier2.needs_resolution(
-                policy,
-                name=claim.name,
-                dst_port=conn.dport,
-                resolved_names=learned,
-                target_port=peeked.target_port,
-                ech=peeked.ech,
-            )
-        ):
-            resolved = True
-            proxy_ips = await self.resolver.resolve_a(
-                claim.name, fleet_ranges=self.ctx.fleet_ranges
-            )
-            conn.proxy_ips = frozenset(proxy_ips)
-        named = self._decide_now(policy, conn, peeked, learned, proxy_ips)
-        if not resolved:
-            # Without the proxy's own resolution the decision is a pure
-            # function of the key; with it, it depends on DNS: not memoised.
-            self._decisions.put(policy, fleet_ranges, key, named)
+        if isinstance(cached, _Resolve):
+            name: str | None = cached.name
+        else:
+            name = _resolution_needed(policy, conn.dport, peeked, learned)
+            if name is None:
+                named = self._decide_now(policy, conn, peeked, learned, frozenset())
+                self._decisions.put(policy, fleet_ranges, key, named)
+                return named
+            self._decisions.put(policy, fleet_ranges, key, _Resolve(name))
+        # The proxy's own resolution (cached by the resolver, never memoised
+        # here) is asked every time; the decision is a pure function of the key
+        # and its answer, memoised by both: a changed answer decides afresh.
+        assert name is not None
+        conn.proxy_ips = frozenset(await self.resolver.resolve_a(name, fleet_ranges=fleet_ranges))
+        answered = (key, conn.proxy_ips)
+        cached = self._decisions.get(policy, fleet_ranges, answered)
+        if isinstance(cached, tier2.NamedDecision):
+            return cached
+        named = self._decide_now(policy, conn, peeked, learned, conn.proxy_ips)
+        self._decisions.put(policy, fleet_ranges, answered, named)
         return named
 
     def _decide_now(
@@ -1032,7 +1130,7 @@ class Interceptor:
         conn: _Conn,
         peeked: Peeked,
         learned: set[str],
-        proxy_ips: set[IPv4Address],
+        proxy_ips: frozenset[IPv4Address],
     ) -> tier2.NamedDecision:
         return tier2.decide_named(
             policy,
@@ -1089,7 +1187,6 @@ class Interceptor:
         source cannot be used."""
         if conn.dst == lease.address or conn.dst in self._own:
             return _TO_OWN_ADDRESS
-        loop = asyncio.get_running_loop()
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             upstream.setblocking(False)
@@ -1100,7 +1197,7 @@ class Interceptor:
             bound_dead_peers(upstream)
             upstream.bind((str(lease.address), lease.port))
             async with asyncio.timeout(self.connect_timeout_s):
-                await loop.sock_connect(upstream, (str(conn.dst), conn.dport))
+                await connect_socket(upstream, (str(conn.dst), conn.dport))
         except OSError as exc:  # TimeoutError (the connect timeout) included
             upstream.close()
             if exc.errno in _PORT_TAKEN:

@@ -523,6 +523,21 @@ class _Pipe:
     def _all_lost(self) -> bool:
         return all(s is None or s.lost for s in (self.client, self.upstream))
 
+    def unlink(self, gate: Gate | None) -> None:
+        """Drop the references that make cycles (pipe and sides, the sides
+        and their transports, the gate's wake-up), once both sides are lost:
+        the connection's objects are then freed by reference counting when the
+        relay returns, not by the cyclic collector later (its gen-1 and gen-2
+        passes were ~20% of a short connection's CPU, issue 10)."""
+        for side in (self.client, self.upstream):
+            if side is not None:
+                side.peer = None
+                side.transport = None
+        self.client = self.upstream = None
+        self.gate = None
+        if gate is not None:
+            gate.wake = None
+
     def close(self) -> None:
         for side in (self.client, self.upstream):
             if side is not None and side.transport is not None:
@@ -596,6 +611,7 @@ async def relay(
             pipe.client = cast(_Side, side)
         pipe.start(first_up)
         await asyncio.shield(pipe.done)
+        pipe.unlink(gate)
     except BaseException as exc:
         cancelled = isinstance(exc, asyncio.CancelledError)
         if stats.error is None:

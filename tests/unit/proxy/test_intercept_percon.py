@@ -1,0 +1,210 @@
+"""The per-connection path's shortcuts decide exactly as before (issue 10, item 5).
+
+Tier 2 and the gate's host decisions are memoised across connections, also
+when they needed the proxy's own resolution (then by its answer too); the
+upstream connect needs no getaddrinfo; accepted sockets take their options
+from the listener; the audit time is made once per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import re
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+
+from egressd.proxy import audit, http_rules, tier2
+from egressd.proxy.context import FlowInfo, ProxyContext, ProxyIdentity
+from egressd.proxy.intercept import (
+    KEEPALIVE_IDLE_S,
+    USER_TIMEOUT_MS,
+    Interceptor,
+    Peeked,
+    _Conn,
+    _ipv4,
+    connect_socket,
+)
+from egressd.proxy.resolved import ResolvedNames
+from tests.support.policies import make_policy
+
+ADDR = ipaddress.IPv4Address
+API = ADDR("203.0.113.10")
+ELSEWHERE = ADDR("203.0.113.99")
+JOB = uuid.UUID("2b5c1c64-7c1e-4a9a-9f55-1f0c5ac1d3e2")
+
+
+class Resolver:
+    """The proxy's own resolution, with an answer the test changes; counts the asks."""
+
+    def __init__(self, answer: set[ipaddress.IPv4Address]) -> None:
+        self.answer = answer
+        self.asked: list[str] = []
+
+    async def resolve_a(self, name: str, *, fleet_ranges: Sequence[Any] = ()) -> set[Any]:
+        self.asked.append(name)
+        return set(self.answer)
+
+
+def interceptor(resolver: Resolver) -> Interceptor:
+    ctx = ProxyContext(
+        identity=ProxyIdentity("proxy1", ADDR("198.18.0.21"), ADDR("203.0.113.21")),
+        flows=None,  # type: ignore[arg-type]
+        policies=None,  # type: ignore[arg-type]
+        fleet_ranges=(ipaddress.IPv4Network("198.18.0.0/24"),),
+        upstream_resolver=ADDR("203.0.113.53"),
+        registry=CollectorRegistry(),
+        audit=structlog.get_logger("audit"),
+    )
+    return Interceptor(
+        ctx,
+        ResolvedNames(),
+        listen=("127.0.0.1", 0),
+        resolver=resolver,  # type: ignore[arg-type]
+    )
+
+
+def conn(dst: ipaddress.IPv4Address = API, port: int = 80) -> _Conn:
+    c = _Conn(ADDR("100.96.1.2"), 40000, dst, port)
+    c.flow = FlowInfo(JOB, b"\0" * 8, "node1")
+    return c
+
+
+async def test_tier2_memo_follows_the_proxy_resolution_answer() -> None:
+    resolver = Resolver({API})
+    icpt = interceptor(resolver)
+    policy = make_policy()
+    peeked = Peeked(b"", tier2.PROTOCOL_HTTP, http_host="api.allowed.test")
+
+    first = await icpt._decide(policy, c1 := conn(), peeked, set())
+    assert first.decision.allowed and first.host == "api.allowed.test"
+    assert c1.proxy_ips == frozenset({API})
+    again = await icpt._decide(policy, c2 := conn(), peeked, set())
+    assert again is first  # memoised ...
+    assert resolver.asked == ["api.allowed.test"] * 2  # ... but the resolver is asked each time
+    assert c2.proxy_ips == frozenset({API})  # and the connection records its answer
+
+    resolver.answer = {ELSEWHERE}  # the name moved: the same key decides afresh
+    moved = await icpt._decide(policy, conn(), peeked, set())
+    assert not moved.decision.allowed
+    assert moved.decision.reason == tier2.HOST_ADDRESS_MISMATCH
+    resolver.answer = {API}
+    assert await icpt._decide(policy, conn(), peeked, set()) is first
+
+    # A refreshed policy (another object) never sees the old one's results.
+    fresh = await icpt._decide(make_policy(), conn(), peeked, set())
+    assert fresh is not first and fresh == first
+
+
+async def test_tier2_memo_without_resolution_asks_nobody() -> None:
+    resolver = Resolver(set())
+    icpt = interceptor(resolver)
+    policy = make_policy()
+    peeked = Peeked(b"", tier2.PROTOCOL_HTTP, http_host="api.allowed.test")
+    c = conn()
+    c.learned = frozenset({"api.allowed.test"})  # the job resolved it through the proxy
+    named = await icpt._decide(policy, c, peeked, {"api.allowed.test"})
+    assert named.decision.allowed
+    assert await icpt._decide(policy, c, peeked, {"api.allowed.test"}) is named
+    assert resolver.asked == []
+    assert c.proxy_ips == frozenset()
+
+
+async def test_gate_host_decisions_are_shared_and_follow_the_answer() -> None:
+    resolver = Resolver({API})
+    icpt = interceptor(resolver)
+    policy = make_policy()
+    same = http_rules.RequestTarget("api.allowed.test", None, ("",), "/")
+    other = http_rules.RequestTarget("eu.data.allowed.test", None, ("",), "/")
+
+    async def decide(
+        gate_conn: _Conn,
+        request: http_rules.RequestTarget,
+        conn_host: str | None = "api.allowed.test",
+    ) -> Any:
+        gate = icpt._gate(gate_conn, policy, conn_host)
+        decided = gate._decide("GET", request, None)
+        return await decided if asyncio.iscoroutine(decided) else decided
+
+    # The connection's own name: vouched for, no resolution, one decision for all.
+    assert (await decide(conn(), same)).allowed
+    assert (await decide(conn(), same)).allowed
+    assert resolver.asked == []
+    # Another name the policy allows (on 443 only: denied on 80, before any lookup) ...
+    assert not (await decide(conn(), other)).allowed
+    # ... and on a connection that named nothing, a name not vouched for: resolved
+    # each time, decided by its answer.
+    resolver.answer = {API}
+    assert not (await decide(conn(ELSEWHERE), same, None)).allowed
+    resolver.answer = {ELSEWHERE}
+    assert (await decide(conn(ELSEWHERE), same, None)).allowed
+    assert (await decide(conn(ELSEWHERE), same, None)).allowed
+    resolver.answer = {API}
+    assert not (await decide(conn(ELSEWHERE), same, None)).allowed
+    assert resolver.asked == ["api.allowed.test"] * 4
+
+
+async def test_connect_socket_connects_and_fails_with_errno() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await connect_socket(sock, listener.getsockname())
+        accepted, _ = listener.accept()
+        assert accepted.getpeername() == sock.getsockname()
+        accepted.close()
+        sock.close()
+        port = listener.getsockname()[1]
+    finally:
+        listener.close()
+    refused = socket.socket()
+    refused.setblocking(False)
+    with pytest.raises(OSError) as caught:
+        await asyncio.wait_for(connect_socket(refused, ("127.0.0.1", port)), 5)
+    assert caught.value.errno == 111  # ECONNREFUSED
+    refused.close()
+
+
+async def test_accepted_sockets_inherit_the_listener_options() -> None:
+    icpt = interceptor(Resolver(set()))
+    icpt.listen = ("127.0.0.1", 0)
+    accepted: list[socket.socket] = []
+    icpt._accepted = lambda conn, addr: accepted.append(conn)  # type: ignore[method-assign]
+    try:
+        await icpt.start()
+        with socket.create_connection(icpt.address):
+            for _ in range(100):
+                if accepted:
+                    break
+                await asyncio.sleep(0.01)
+            (sock,) = accepted
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == USER_TIMEOUT_MS
+            sock.close()
+    finally:
+        await icpt.close()
+
+
+def test_ipv4_from_kernel_text() -> None:
+    for text in ("0.0.0.0", "100.96.1.2", "255.255.255.255"):
+        assert _ipv4(text) == ADDR(text)
+
+
+def test_audit_time_is_now_to_the_millisecond() -> None:
+    before = dt.datetime.now(dt.UTC)
+    stamp = audit._now_iso()
+    after = dt.datetime.now(dt.UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
+    at = dt.datetime.fromisoformat(stamp)
+    assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= at <= after
