@@ -28,10 +28,11 @@ import contextlib
 import errno
 import os
 import shutil
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -346,6 +347,28 @@ def map_lookup(fd: int, name: str, key: bytes, size: int) -> bytes | None:
         return bpf.map_lookup(fd, key, size)
     except OSError as exc:
         raise EbpfError("map_failed", f"lookup {name}: {exc.strerror}") from exc
+
+
+_U32: Final = struct.Struct("=I")
+_U64: Final = struct.Struct("=Q")
+_Slot = TypeVar("_Slot", bound=int)
+
+
+def sum_percpu_u64(raw: bytes, cpus: int) -> int:
+    """One per-CPU u64 slot (8 bytes a CPU) summed."""
+    return sum(_U64.unpack_from(raw, _U64.size * cpu)[0] for cpu in range(cpus))
+
+
+def percpu_counters(fd: int, name: str, slots: Iterable[_Slot]) -> dict[_Slot, int]:
+    """{slot: its count summed over CPUs} of a per-CPU array of u64 counters indexed by u32
+    (`slots`: the program's reason enum); a slot the lookup misses counts 0."""
+    cpus = bpf.possible_cpus()
+    size = bpf.percpu_value_size(_U64.size)
+    out = {}
+    for slot in slots:
+        raw = map_lookup(fd, name, _U32.pack(slot), size)
+        out[slot] = 0 if raw is None else sum_percpu_u64(raw, cpus)
+    return out
 
 
 def map_keys(fd: int, name: str, key_size: int) -> list[bytes]:

@@ -200,11 +200,7 @@ class ProxyKernel:
         _ebpf(tc.map_delete, self._fd(name), name, key)
 
     def read(self, name: str, key: bytes) -> bytes | None:
-        spec = km.MAP_SIZES[name]
-        size = spec.value_size
-        if name == "px_stats":
-            size = bpf.percpu_value_size(size)
-        return _ebpf(tc.map_lookup, self._fd(name), name, key, size)
+        return _ebpf(tc.map_lookup, self._fd(name), name, key, km.MAP_SIZES[name].value_size)
 
     def entries(self, name: str) -> dict[bytes, bytes]:
         """Every entry of a (non-per-CPU) map."""
@@ -225,12 +221,7 @@ class ProxyKernel:
         return None if raw is None else km.unpack_flow(raw)
 
     def stats(self) -> dict[km.Stat, int]:
-        cpus = bpf.possible_cpus()
-        out = {}
-        for stat in km.Stat:
-            raw = self.read("px_stats", km.U32.pack(stat))
-            out[stat] = 0 if raw is None else km.sum_percpu(raw, cpus)
-        return out
+        return _ebpf(tc.percpu_counters, self._fd("px_stats"), "px_stats", km.Stat)
 
     # -- internals ------------------------------------------------------------
 

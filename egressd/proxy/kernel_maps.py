@@ -179,11 +179,6 @@ def pack_node_addr(node: IPv4Address) -> bytes:
     return node.packed
 
 
-def sum_percpu(raw: bytes, cpus: int) -> int:
-    """One per-CPU u64 slot (8 bytes a CPU) summed."""
-    return sum(U64.unpack_from(raw, 8 * cpu)[0] for cpu in range(cpus))
-
-
 # --- what the maps should hold -------------------------------------------------------
 
 

@@ -278,13 +278,7 @@ class ReuseportSelector:
     # -- counters -------------------------------------------------------------
 
     def stats(self) -> dict[Stat, int]:
-        cpus = bpf.possible_cpus()
-        size = bpf.percpu_value_size(km.U64.size)
-        out = {}
-        for stat in Stat:
-            raw = _ebpf(tc.map_lookup, self._fd("rp_stats"), "rp_stats", km.U32.pack(stat), size)
-            out[stat] = 0 if raw is None else km.sum_percpu(raw, cpus)
-        return out
+        return _ebpf(tc.percpu_counters, self._fd("rp_stats"), "rp_stats", Stat)
 
     # -- internals ------------------------------------------------------------
 

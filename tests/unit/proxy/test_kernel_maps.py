@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import egressd
+from egressd.ebpf import tc
 from egressd.proxy import kernel_maps as km
 from egressd.proxy.endpoint import ENDPOINT_REASONS
 from egressd.proxy.kernel import DEFAULT_SOURCE
@@ -162,7 +163,7 @@ def test_diff_writes_changes_and_deletes_leftovers() -> None:
 
 
 def test_percpu_sum() -> None:
-    assert km.sum_percpu(struct.pack("=QQQ", 1, 2, 3), 3) == 6
+    assert tc.sum_percpu_u64(struct.pack("=QQQ", 1, 2, 3), 3) == 6
 
 
 def test_proxy_source_is_package_data_with_the_checkouts_content() -> None:
