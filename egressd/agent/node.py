@@ -6,7 +6,8 @@ attaches ``node_underlay_ingress`` to the tc ingress of the node's underlay devi
 and programs the maps. ``node_encap`` is not attached anywhere: tier 1 tail-calls it
 (`Tier1.set_forward` with `encap_fd`) for every frame it allows.
 
-How, as tier 1 (`egressd.agent.tier1`) does it, with the same `egressd.ebpf.tc`: clang through
+How, as tier 1 (`egressd.agent.tier1`) does it, with the same `egressd.ebpf.tc` and
+`egressd.ebpf.loaded.Loaded` (fds, pins, cleanup): clang through
 `egressd.ebpf.build.build_object` (rebuilt when node.c or geneve.h is newer);
 ``bpftool prog loadall`` into a bpffs of its own on ``STATE_DIR/bpffs-node`` (each
 mount is its own instance: two agents never share maps); map shapes checked against
@@ -28,10 +29,10 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Final, ParamSpec, Self, TypeVar
+from typing import Final
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -60,7 +61,8 @@ from egressd.agent.node_maps import (
 )
 from egressd.ebpf import syscall as bpf
 from egressd.ebpf import tc
-from egressd.ebpf.build import EbpfError, build_object
+from egressd.ebpf.loaded import Loaded
+from egressd.errors import EgressdError
 
 IPv4Address = ipaddress.IPv4Address
 
@@ -71,18 +73,8 @@ ENCAP_PROG: Final = "node_encap"
 UNDERLAY_PROG: Final = "node_underlay_ingress"
 FILTER_NAME: Final = "egressd-node"
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
-
-def _ebpf(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
-    try:
-        return fn(*args, **kwargs)
-    except EbpfError as exc:
-        raise NodeError(exc.reason, exc.detail) from exc
-
-
-class NodeKernel:
+class NodeKernel(Loaded[NodeError]):
     """bpf/node.c of one node: load, attach to the underlay, program."""
 
     def __init__(
@@ -97,13 +89,14 @@ class NodeKernel:
     ) -> None:
         self.underlay = underlay
         self.vni = vni
-        self.state_dir = Path(os.path.realpath(state_dir))
-        self.pin_dir = self.state_dir / "bpffs-node"
-        self.source = source
-        self.headers = tuple(headers)
-        self.cache_dir = cache_dir if cache_dir is not None else self.state_dir / "cache"
-        self._progs: dict[str, int] = {}
-        self._maps: dict[str, int] = {}
+        super().__init__(
+            state_dir=state_dir,
+            pin_name="bpffs-node",
+            source=source,
+            deps=headers,
+            cache_dir=cache_dir,
+            error=NodeError,
+        )
         self._underlay_ifindex = 0
         self._underlay_name = ""
         self._tx_csum_was: bool | None = None
@@ -117,51 +110,27 @@ class NodeKernel:
 
         Pins an earlier agent left behind are replaced.
         """
-        if self._progs:
+        if self.loaded:
             return
-        obj = _ebpf(build_object, self.source, self.cache_dir, deps=self.headers)
-        _ebpf(tc.load_object, obj, self.pin_dir, single=False)
-        try:
-            progs = (ENCAP_PROG, UNDERLAY_PROG)
-            self._progs, self._maps = _ebpf(tc.open_pins, self.pin_dir, progs, MAPS, single=False)
+        with self._loading((ENCAP_PROG, UNDERLAY_PROG), MAPS, single=False):
             empty = pack_maglev((None,) * MAGLEV_SIZE, {})
             for table in (0, 1):
-                self._update("nd_maglev", U32.pack(table), empty)
+                self._map_update("nd_maglev", U32.pack(table), empty)
             self._write_config()
-        except BaseException:
-            self._close_fds()
-            tc.discard(self.pin_dir)
-            raise
 
-    def close(self) -> None:
-        """Detach from the underlay, unpin, unmount. Idempotent."""
-        errors: list[NodeError] = []
+    def _unwind(self) -> list[EgressdError]:
+        """`close`: detach from the underlay; the proxy addresses go with the maps."""
+        self._proxy_addrs.clear()
         try:
             self.detach_underlay()
         except NodeError as exc:
-            errors.append(exc)
-        self._close_fds()
-        try:
-            _ebpf(tc.release, self.pin_dir)
-        except NodeError as exc:
-            errors.append(exc)
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> Self:
-        self.load()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+            return [exc]
+        return []
 
     @property
     def encap_fd(self) -> int:
         """The fd of node_encap, for tier 1's tail-call slot."""
-        return self._prog(ENCAP_PROG)
-
-    def prog_ids(self) -> dict[str, int]:
-        return {name: bpf.prog_info(fd).prog_id for name, fd in self._progs.items()}
+        return self._prog_fd(ENCAP_PROG)
 
     @property
     def underlay_ifindex(self) -> int:
@@ -174,7 +143,7 @@ class NodeKernel:
 
         Also the device encapsulated packets are redirected to.
         """
-        prog_fd = self._prog(UNDERLAY_PROG)
+        prog_fd = self._prog_fd(UNDERLAY_PROG)
         try:
             with IPRoute() as ipr:
                 found = [
@@ -188,7 +157,7 @@ class NodeKernel:
             raise NodeError("attach_failed", f"underlay: {exc}") from exc
         if not found:
             raise NodeError("no_underlay", f"no link holds {self.underlay}")
-        ifindex = _ebpf(tc.attach, found[0], prog_fd, name=FILTER_NAME, label="underlay")
+        ifindex = self._ebpf(tc.attach, found[0], prog_fd, name=FILTER_NAME, label="underlay")
         self._underlay_ifindex = ifindex
         self._underlay_name = _ifname(ifindex)
         if self._tx_csum_was is None:
@@ -207,7 +176,7 @@ class NodeKernel:
         if was:
             with contextlib.suppress(OSError):
                 set_tx_checksum(self._underlay_name, True)
-        _ebpf(tc.detach, ifindex, label="underlay")
+        self._ebpf(tc.detach, ifindex, label="underlay")
 
     # -- sandboxes -----------------------------------------------------------------------
 
@@ -225,14 +194,14 @@ class NodeKernel:
         for `ip` carrying `job_id` to that veth's peer (MACs `gw_mac` -> `mac`)."""
         if not isinstance(ifindex, int) or ifindex <= 0:
             raise NodeError("bad_sandbox", f"ifindex must be positive, got {ifindex!r}")
-        self._update("nd_sandbox_ips", ip.packed, pack_sandbox_ip(ifindex, mac, gw_mac, job_id))
-        self._update("nd_sandboxes", U32.pack(ifindex), pack_sandbox(prefix, ip))
+        self._map_update("nd_sandbox_ips", ip.packed, pack_sandbox_ip(ifindex, mac, gw_mac, job_id))
+        self._map_update("nd_sandboxes", U32.pack(ifindex), pack_sandbox(prefix, ip))
 
     def remove_sandbox(self, ifindex: int, ip: IPv4Address) -> None:
         """Forget the sandbox (its frames drop as no_sandbox, GENEVE for it as
         unknown_sandbox). Idempotent."""
-        self._delete("nd_sandboxes", U32.pack(ifindex))
-        self._delete("nd_sandbox_ips", ip.packed)
+        self._map_delete("nd_sandboxes", U32.pack(ifindex))
+        self._map_delete("nd_sandbox_ips", ip.packed)
 
     # -- proxies ---------------------------------------------------------------------------
 
@@ -248,16 +217,16 @@ class NodeKernel:
                 raise NodeError("too_many_proxies", f"slot {slot} outside 0..{MAX_PROXIES - 1}")
         wanted = {s.addr: i for i, s in slots.items() if s.addr is not None}
         for slot, state in slots.items():
-            self._update("nd_proxies", U32.pack(slot), pack_proxy(state))
+            self._map_update("nd_proxies", U32.pack(slot), pack_proxy(state))
         for addr, slot in wanted.items():
             if self._proxy_addrs.get(addr) != slot:
-                self._update("nd_proxy_addrs", addr.packed, U32.pack(slot))
+                self._map_update("nd_proxy_addrs", addr.packed, U32.pack(slot))
         inactive = self._active_table ^ 1
-        self._update("nd_maglev", U32.pack(inactive), table)
+        self._map_update("nd_maglev", U32.pack(inactive), table)
         self._active_table = inactive
         self._write_config()
         for addr in set(self._proxy_addrs) - set(wanted):
-            self._delete("nd_proxy_addrs", addr.packed)
+            self._map_delete("nd_proxy_addrs", addr.packed)
         self._proxy_addrs = wanted
 
     def proxy_slot(self, slot: int) -> ProxySlot:
@@ -276,7 +245,7 @@ class NodeKernel:
         """Pinned flows: nd_flows key -> (slot, gen)."""
         spec = self._spec("nd_flows")
         out = {}
-        for key in self._keys("nd_flows", spec.key_size):
+        for key in self._map_keys("nd_flows", spec.key_size):
             raw = self._lookup("nd_flows", key)
             if raw is not None:
                 out[key] = unpack_flow(raw)
@@ -286,7 +255,7 @@ class NodeKernel:
         """Delete the flows pinned to `slot` (the program would re-pick them anyway)."""
         stale = [key for key, (s, _) in self.flows().items() if s == slot]
         for key in stale:
-            self._delete("nd_flows", key)
+            self._map_delete("nd_flows", key)
         return len(stale)
 
     # -- counters --------------------------------------------------------------------------
@@ -314,46 +283,21 @@ class NodeKernel:
 
     # -- maps ------------------------------------------------------------------------------
 
-    def _prog(self, name: str) -> int:
-        if not self._progs:
-            raise NodeError("not_loaded", "call load() first")
-        return self._progs[name]
-
-    def _fd(self, name: str) -> int:
-        if not self._progs:
-            raise NodeError("not_loaded", "call load() first")
-        return self._maps[name]
-
     @staticmethod
     def _spec(name: str) -> MapSpec:
         return next(spec for spec in MAPS if spec.name == name)
 
     def _write_config(self) -> None:
-        self._update(
+        self._map_update(
             "nd_config",
             U32.pack(0),
             pack_config(self.underlay, self._underlay_ifindex, self.vni, self._active_table),
         )
 
-    def _close_fds(self) -> None:
-        tc.close_fds([*self._progs.values(), *self._maps.values()])
-        self._progs = {}
-        self._maps = {}
-        self._proxy_addrs.clear()
-
-    def _update(self, name: str, key: bytes, value: bytes) -> None:
-        _ebpf(tc.map_update, self._fd(name), name, key, value)
-
-    def _delete(self, name: str, key: bytes) -> None:
-        _ebpf(tc.map_delete, self._fd(name), name, key)
-
     def _lookup(self, name: str, key: bytes, *, percpu: bool = False) -> bytes | None:
         spec = self._spec(name)
         size = bpf.percpu_value_size(spec.value_size) if percpu else spec.value_size
-        return _ebpf(tc.map_lookup, self._fd(name), name, key, size)
-
-    def _keys(self, name: str, key_size: int) -> list[bytes]:
-        return _ebpf(tc.map_keys, self._fd(name), name, key_size)
+        return self._map_lookup(name, key, size)
 
 
 # -- the underlay's TX checksum offload (SIOCETHTOOL) ---------------------------------------

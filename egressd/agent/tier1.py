@@ -4,8 +4,9 @@
 packet path", step 3); this module builds it, loads it, attaches it and keeps
 its maps in step with the node's sandboxes.
 
-How, and why (the loading, pinning and attaching are `egressd.ebpf.tc`, shared with
-`egressd.agent.node` and `egressd.proxy.kernel`):
+How, and why (the loading, pinning and attaching are `egressd.ebpf.tc`, and the fds, pins
+and their cleanup `egressd.ebpf.loaded.Loaded`, shared with `egressd.agent.node`,
+`egressd.proxy.kernel` and `egressd.proxy.reuseport`):
 
 * Build: `egressd.ebpf.build.build_object` runs clang into a cache directory
   when the object is missing or older than the source.
@@ -47,11 +48,10 @@ Not thread-safe: one `Tier1` per agent, used from one thread.
 from __future__ import annotations
 
 import ipaddress
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Final, ParamSpec, Self, TypeVar
+from typing import Final
 
 from egressd.agent.ringbuf import RingBuffer
 from egressd.agent.tier1_maps import (
@@ -88,7 +88,8 @@ from egressd.agent.tier1_maps import denied_ranges as denied_ranges
 from egressd.agent.tier1_maps import unpack_event as unpack_event
 from egressd.ebpf import syscall as bpf
 from egressd.ebpf import tc
-from egressd.ebpf.build import EbpfError, build_object
+from egressd.ebpf.loaded import Loaded
+from egressd.errors import EgressdError
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -101,23 +102,11 @@ PROG_NAME: Final = "tier1_ingress"
 FILTER_NAME: Final = "egressd-tier1"
 
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _ebpf(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
-    """`fn` with its `EbpfError` translated into tier 1's error (same reason and detail)."""
-    try:
-        return fn(*args, **kwargs)
-    except EbpfError as exc:
-        raise Tier1Error(exc.reason, exc.detail) from exc
-
-
 # ---------------------------------------------------------------------------
 # The I/O edge.
 
 
-class Tier1:
+class Tier1(Loaded[Tier1Error]):
     """Tier 1 of one node: load once, attach per sandbox veth, program per sandbox.
 
     `denied`: the ranges to drop (see `denied_ranges`). `state_dir` is the
@@ -142,12 +131,13 @@ class Tier1:
         self.tun_ifindex = tun_ifindex
         self.resolver = resolver
         self.denied = normalize_denied(denied)
-        self.state_dir = Path(os.path.realpath(state_dir))
-        self.pin_dir = self.state_dir / "bpffs"
-        self.source = source
-        self.cache_dir = cache_dir if cache_dir is not None else self.state_dir / "cache"
-        self._prog_fd: int | None = None
-        self._maps: dict[str, int] = {}
+        super().__init__(
+            state_dir=state_dir,
+            pin_name="bpffs",
+            source=source,
+            cache_dir=cache_dir,
+            error=Tier1Error,
+        )
         self._attached: dict[str, int] = {}
 
     # -- lifecycle ----------------------------------------------------------
@@ -157,63 +147,42 @@ class Tier1:
 
         Pins left by an earlier agent that died are replaced.
         """
-        if self._prog_fd is not None:
+        if self.loaded:
             return
-        obj = _ebpf(build_object, self.source, self.cache_dir)
-        _ebpf(tc.load_object, obj, self.pin_dir, single=True)
-        try:
-            progs, self._maps = _ebpf(tc.open_pins, self.pin_dir, (PROG_NAME,), MAPS, single=True)
-            self._prog_fd = progs[PROG_NAME]
+        with self._loading((PROG_NAME,), MAPS, single=True):
             self._map_update("t1_config", CONFIG_KEY, pack_config(self.tun_ifindex, self.resolver))
             for entry in self.denied:
                 self._map_update(
                     "t1_denied", pack_denied_key(entry.network), pack_denied_value(entry)
                 )
-        except BaseException:
-            self._close_fds()
-            tc.discard(self.pin_dir)
-            raise
 
-    def close(self) -> None:
-        """Detach from every veth this object attached to, unpin, unmount. Idempotent."""
-        errors = []
+    def _unwind(self) -> list[EgressdError]:
+        """`close`: detach from every veth this object attached to."""
+        errors: list[EgressdError] = []
         for ifname in list(self._attached):
             try:
                 self.detach(ifname)
             except Tier1Error as exc:
                 errors.append(exc)
                 self._attached.pop(ifname, None)
-        self._close_fds()
-        try:
-            _ebpf(tc.release, self.pin_dir)
-        except Tier1Error as exc:
-            errors.append(exc)
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> Self:
-        self.load()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        return errors
 
     @property
     def prog_id(self) -> int:
-        return bpf.prog_info(self._require_prog()).prog_id
+        return bpf.prog_info(self._prog_fd(PROG_NAME)).prog_id
 
     # -- tc -------------------------------------------------------------------
 
     def attach(self, ifname: str) -> int:
         """Ensure clsact and our ingress filter on `ifname`; returns its ifindex."""
-        prog_fd = self._require_prog()
-        ifindex = _ebpf(tc.attach, ifname, prog_fd, name=FILTER_NAME)
+        prog_fd = self._prog_fd(PROG_NAME)
+        ifindex = self._ebpf(tc.attach, ifname, prog_fd, name=FILTER_NAME)
         self._attached[ifname] = ifindex
         return ifindex
 
     def detach(self, ifname: str) -> None:
         """Remove our filter from `ifname` (and clsact once it holds nothing). Idempotent."""
-        _ebpf(tc.detach, ifname)
+        self._ebpf(tc.detach, ifname)
         self._attached.pop(ifname, None)
 
     @property
@@ -334,29 +303,6 @@ class Tier1:
 
     # -- maps -----------------------------------------------------------------
 
-    def _require_prog(self) -> int:
-        if self._prog_fd is None:
-            raise Tier1Error("not_loaded", "call load() first")
-        return self._prog_fd
-
-    def _fd(self, name: str) -> int:
-        self._require_prog()
-        return self._maps[name]
-
-    def _close_fds(self) -> None:
-        tc.close_fds(fd for fd in (self._prog_fd, *self._maps.values()) if fd is not None)
-        self._prog_fd = None
-        self._maps = {}
-
-    def _map_update(self, name: str, key: bytes, value: bytes) -> None:
-        _ebpf(tc.map_update, self._fd(name), name, key, value)
-
-    def _map_delete(self, name: str, key: bytes) -> None:
-        _ebpf(tc.map_delete, self._fd(name), name, key)
-
-    def _map_lookup(self, name: str, key: bytes, size: int) -> bytes | None:
-        return _ebpf(tc.map_lookup, self._fd(name), name, key, size)
-
     def _keys(self, name: str) -> Iterator[bytes]:
         size = next(spec.key_size for spec in MAPS if spec.name == name)
-        return iter(_ebpf(tc.map_keys, self._fd(name), name, size))
+        return iter(self._map_keys(name, size))

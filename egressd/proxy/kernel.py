@@ -1,8 +1,8 @@
 """The proxy's kernel data path (proxy config ``"datapath": "kernel"``): `bpf/proxy.c`
 loaded, attached and kept in step with the proxy's verified policies and node registry.
 
-* `ProxyKernel` is the I/O edge (`egressd.ebpf.build` and `egressd.ebpf.tc`, as the
-  node's tier 1 and data path): build, mount a bpffs of its own
+* `ProxyKernel` is the I/O edge (`egressd.ebpf.build`, `egressd.ebpf.tc` and
+  `egressd.ebpf.loaded.Loaded`, as the node's tier 1 and data path): build, mount a bpffs of its own
   on ``state_dir/bpffs``, ``bpftool prog loadall`` (both programs, maps pinned), check
   every map's shape against `egressd.proxy.kernel_maps`, write px_config, attach
   ``px_ingress`` to the underlay's clsact ingress and ``px_egress`` to the TUN's clsact
@@ -17,7 +17,10 @@ loaded, attached and kept in step with the proxy's verified policies and node re
   `PolicyStore.cached` (which also schedules the revalidations the userspace path
   scheduled per packet) and writes the difference. It also moves the kernel's
   counters into the proxy's metrics and is the `FlowLookup` tier 2 uses: one px_flows
-  lookup per accepted connection or DNS query.
+  lookup per accepted connection or DNS query. A slow-path map write that fails is
+  counted (``egressd_kernel_map_write_failures_total{reason}``) and logged at most once
+  per (job, reason) per `FAILURE_LOG_INTERVAL_S` (`LogThrottle`), with how many were
+  suppressed: a failing map cannot flood the log at the packet rate.
 
 Only the current digest of a job is in px_jobs: a datagram with another digest goes the
 slow path, where `egressd.proxy.digests` decides it exactly as in the userspace path.
@@ -29,13 +32,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Final, ParamSpec, Self, TypeVar
+from typing import Final, Generic, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter
@@ -44,7 +46,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from egressd.ebpf import syscall as bpf
 from egressd.ebpf import tc
-from egressd.ebpf.build import EbpfError, build_object
+from egressd.ebpf.loaded import Loaded
 from egressd.errors import EgressdError
 from egressd.policy.jws import VerifiedPolicy
 from egressd.proxy import kernel_maps as km
@@ -62,6 +64,7 @@ FILTER_NAME: Final = "egressd-proxy"
 #: skb->mark of a decapsulated packet; nftables TPROXYs on it (`NftSpec.decap_mark`).
 DECAP_MARK: Final = 0x2
 SYNC_INTERVAL_S: Final = 1.0
+FAILURE_LOG_INTERVAL_S: Final = 10.0
 #: The TUN's largest GSO super-packet: px_egress adds 64 bytes and an IPv4 packet ends at
 #: 65535 (the kernel's default, 65536, would make the largest ones unencapsulable).
 TUN_GSO_MAX_SIZE: Final = 65535 - 64
@@ -74,7 +77,7 @@ class KernelError(EgressdError):
     abi_mismatch, attach_failed, detach_failed, map_failed, not_loaded, no_such_link."""
 
 
-class ProxyKernel:
+class ProxyKernel(Loaded[KernelError]):
     """`bpf/proxy.c` on one proxy host (see the module docstring)."""
 
     def __init__(
@@ -90,18 +93,20 @@ class ProxyKernel:
         source: Path = DEFAULT_SOURCE,
         cache_dir: Path | None = None,
     ) -> None:
-        self.state_dir = Path(os.path.realpath(state_dir))
-        self.pin_dir = self.state_dir / "bpffs"
-        self.cache_dir = cache_dir if cache_dir is not None else self.state_dir / "cache"
+        super().__init__(
+            state_dir=state_dir,
+            pin_name="bpffs",
+            source=source,
+            deps=(source.with_name("geneve.h"), source.with_name("px_flows.h")),
+            cache_dir=cache_dir,
+            error=KernelError,
+        )
         self.underlay_ifname = underlay_ifname
         self.tun_ifname = tun_ifname
         self.underlay = underlay
         self.port = port
         self.vni = vni
         self.mark = mark
-        self.source = source
-        self._progs: dict[str, int] = {}
-        self._maps: dict[str, int] = {}
         self._attached: list[tuple[str, int]] = []  # (ifname, clsact parent)
         self._saved_csum: tuple[str, ...] = ()  # checksum features turned off at load
         self._saved_gso: int | None = None  # the TUN's gso_max_size before load
@@ -111,22 +116,11 @@ class ProxyKernel:
     def load(self) -> None:
         """Build if needed, mount the bpffs, load and pin both programs, write px_config,
         attach. Pins left by an earlier proxy that died are replaced."""
-        if self._progs:
+        if self.loaded:
             return
-        obj = _ebpf(
-            build_object,
-            self.source,
-            self.cache_dir,
-            deps=(self.source.with_name("geneve.h"), self.source.with_name("px_flows.h")),
-        )
-        _ebpf(tc.load_object, obj, self.pin_dir, single=False)
-        try:
-            progs = (INGRESS_PROG, EGRESS_PROG)
-            self._progs, self._maps = _ebpf(
-                tc.open_pins, self.pin_dir, progs, km.MAPS, single=False
-            )
+        with self._loading((INGRESS_PROG, EGRESS_PROG), km.MAPS, single=False):
             underlay_index = self._ifindex(self.underlay_ifname)
-            self._update(
+            self._map_update(
                 "px_config",
                 km.U32.pack(0),
                 km.pack_config(
@@ -141,14 +135,10 @@ class ProxyKernel:
             self._saved_gso = _set_gso_max_size(self.tun_ifname, TUN_GSO_MAX_SIZE)
             self._attach(self.underlay_ifname, tc.INGRESS, INGRESS_PROG)
             self._attach(self.tun_ifname, tc.EGRESS, EGRESS_PROG)
-        except BaseException:
-            with contextlib.suppress(KernelError):
-                self.close()
-            raise
 
-    def close(self) -> None:
-        """Detach, unpin, unmount. Idempotent; the first failure is raised after the rest."""
-        errors: list[KernelError] = []
+    def _unwind(self) -> list[EgressdError]:
+        """`close`: detach, give the devices their offload settings back."""
+        errors: list[EgressdError] = []
         for ifname, parent in reversed(self._attached):
             try:
                 self._detach(ifname, parent)
@@ -167,40 +157,18 @@ class ProxyKernel:
                 self._saved_csum = ()
             except KernelError as exc:
                 errors.append(exc)
-        tc.close_fds([*self._progs.values(), *self._maps.values()])
-        self._progs = {}
-        self._maps = {}
-        try:
-            _ebpf(tc.release, self.pin_dir)
-        except KernelError as exc:
-            errors.append(exc)
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> Self:
-        self.load()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def loaded(self) -> bool:
-        return bool(self._progs)
-
-    def prog_ids(self) -> dict[str, int]:
-        return {name: bpf.prog_info(fd).prog_id for name, fd in self._progs.items()}
+        return errors
 
     # -- maps -----------------------------------------------------------------
 
     def write(self, name: str, key: bytes, value: bytes) -> None:
-        self._update(name, key, value)
+        self._map_update(name, key, value)
 
     def delete(self, name: str, key: bytes) -> None:
-        _ebpf(tc.map_delete, self._fd(name), name, key)
+        self._map_delete(name, key)
 
     def read(self, name: str, key: bytes) -> bytes | None:
-        return _ebpf(tc.map_lookup, self._fd(name), name, key, km.MAP_SIZES[name].value_size)
+        return self._map_lookup(name, key, km.MAP_SIZES[name].value_size)
 
     def entries(self, name: str) -> dict[bytes, bytes]:
         """Every entry of a (non-per-CPU) map."""
@@ -221,18 +189,9 @@ class ProxyKernel:
         return None if raw is None else km.unpack_flow(raw)
 
     def stats(self) -> dict[km.Stat, int]:
-        return _ebpf(tc.percpu_counters, self._fd("px_stats"), "px_stats", km.Stat)
+        return self._counters("px_stats", km.Stat)
 
     # -- internals ------------------------------------------------------------
-
-    def _fd(self, name: str) -> int:
-        fd = self._maps.get(name)
-        if fd is None:
-            raise KernelError("not_loaded", "call load() first")
-        return fd
-
-    def _update(self, name: str, key: bytes, value: bytes) -> None:
-        _ebpf(tc.map_update, self._fd(name), name, key, value)
 
     @staticmethod
     def _ifindex(ifname: str) -> int:
@@ -246,23 +205,11 @@ class ProxyKernel:
         return int(found[0])
 
     def _attach(self, ifname: str, parent: int, prog: str) -> None:
-        _ebpf(tc.attach, ifname, self._progs[prog], name=FILTER_NAME, parent=parent)
+        self._ebpf(tc.attach, ifname, self._prog_fd(prog), name=FILTER_NAME, parent=parent)
         self._attached.append((ifname, parent))
 
-    @staticmethod
-    def _detach(ifname: str, parent: int) -> None:
-        _ebpf(tc.detach, ifname, parent=parent)
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _ebpf(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
-    try:
-        return fn(*args, **kwargs)
-    except EbpfError as exc:
-        raise KernelError(exc.reason, exc.detail) from exc
+    def _detach(self, ifname: str, parent: int) -> None:
+        self._ebpf(tc.detach, ifname, parent=parent)
 
 
 _TX_CSUM_FEATURES: Final = ("tx-checksum-ip-generic", "tx-checksum-ipv4")
@@ -329,6 +276,44 @@ def ifname_of(address: IPv4Address) -> str:
 # The control loop.
 
 
+_K = TypeVar("_K", bound=Hashable)
+
+
+class LogThrottle(Generic[_K]):
+    """At most one log line per key per `interval_s`; what it holds back is counted.
+
+    `admit(key, now)`: None (hold it back, counted) or how many were held back since the
+    key's last admitted line (log it with that). `flush(now)`: {key: count held back} of
+    the keys whose interval has passed (one summary line each); keys with nothing held
+    back and a passed interval are forgotten, so the table stays as small as the set of
+    keys failing within one interval.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._keys: dict[_K, tuple[float, int]] = {}  # key: (logged at, held back)
+
+    def admit(self, key: _K, now: float) -> int | None:
+        state = self._keys.get(key)
+        if state is not None and now - state[0] < self.interval_s:
+            self._keys[key] = (state[0], state[1] + 1)
+            return None
+        self._keys[key] = (now, 0)
+        return 0 if state is None else state[1]
+
+    def flush(self, now: float) -> dict[_K, int]:
+        out = {}
+        for key, (at, held) in list(self._keys.items()):
+            if now - at < self.interval_s:
+                continue
+            if held:
+                out[key] = held
+                self._keys[key] = (now, 0)
+            else:
+                del self._keys[key]
+        return out
+
+
 def node_facts(nodes: Iterable[NodeEntry]) -> list[km.NodeFacts]:
     return [km.NodeFacts(n.name, n.underlay, n.sandbox_cidr) for n in nodes]
 
@@ -357,6 +342,8 @@ class KernelDatapath:
         wall: Callable[[], float] = time.time,
         interval_s: float = SYNC_INTERVAL_S,
         metrics: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        failure_log_interval_s: float = FAILURE_LOG_INTERVAL_S,
     ) -> None:
         self.kernel = kernel
         self._nodes = nodes
@@ -379,7 +366,17 @@ class KernelDatapath:
         self._seen_stats: dict[km.Stat, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._paths: dict[km.Stat, Counter] = {}
+        self._clock = clock
+        self._failure_log: LogThrottle[tuple[uuid.UUID, str]] = LogThrottle(failure_log_interval_s)
+        self._failures: Counter | None = None
         if metrics is not None:
+            self._failures = Counter(
+                "egressd_kernel_map_write_failures_total",
+                "Slow-path kernel map writes that failed (the packet still went on through the "
+                "TUN, the flow's next packets take the slow path again), by reason",
+                ["reason"],
+                registry=metrics,
+            )
             paths = Counter(
                 "egressd_kernel_packets_total",
                 "Packets the kernel data path handled, by path: fast (decapsulated), slow "
@@ -404,11 +401,39 @@ class KernelDatapath:
         node: IPv4Address,
         flow: tuple[int, int, int, int, int],
     ) -> None:
-        """The Python endpoint accepted a datagram: record its flow, program its job."""
-        self.kernel.write("px_flows", km.pack_flow_key(*flow), km.pack_flow(job_id, digest, node))
-        if job_id not in self._jobs:
-            self._jobs.add(job_id)
-            self.sync()
+        """The Python endpoint accepted a datagram: record its flow, program its job.
+
+        Called per slow-path datagram, so a failure is counted and its log throttled
+        (`LogThrottle`), not raised: the datagram goes on through the TUN either way."""
+        try:
+            self.kernel.write(
+                "px_flows", km.pack_flow_key(*flow), km.pack_flow(job_id, digest, node)
+            )
+            if job_id not in self._jobs:
+                self._jobs.add(job_id)
+                self.sync()
+        except KernelError as exc:
+            self._write_failed(job_id, exc)
+
+    def _write_failed(self, job_id: uuid.UUID, exc: KernelError) -> None:
+        if self._failures is not None:
+            self._failures.labels(exc.reason).inc()
+        suppressed = self._failure_log.admit((job_id, exc.reason), self._clock())
+        if suppressed is not None:
+            log.warning(
+                "kernel_program_failed",
+                job_id=str(job_id),
+                reason=exc.reason,
+                detail=exc.detail,
+                suppressed=suppressed,
+            )
+
+    def flush_failure_log(self) -> None:
+        """One summary line per (job, reason) whose failures were held back last interval."""
+        for (job_id, reason), count in self._failure_log.flush(self._clock()).items():
+            log.warning(
+                "kernel_program_failed", job_id=str(job_id), reason=reason, suppressed=count
+            )
 
     def policy_changed(
         self, job_id: uuid.UUID, _previous: VerifiedPolicy | None, _current: VerifiedPolicy | None
@@ -495,6 +520,7 @@ class KernelDatapath:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
+            self.flush_failure_log()
             try:
                 self.sync()
                 self.export_counts()

@@ -12,8 +12,8 @@ Pure (tested without I/O):
 * `Stat`: ``enum rp_stat``, the outcome counted per connection (drops first);
 * `MAPS`, `pack_config`: the maps' shapes and the config value.
 
-I/O edge, `ReuseportSelector` (`egressd.ebpf.build` and `egressd.ebpf.tc`, like the proxy's
-tc programs): build, mount a bpffs of its own, ``bpftool prog load`` with the proxy's pinned
+I/O edge, `ReuseportSelector` (`egressd.ebpf.build`, `egressd.ebpf.tc` and
+`egressd.ebpf.loaded.Loaded`, like the proxy's tc programs): build, mount a bpffs of its own, ``bpftool prog load`` with the proxy's pinned
 px_flows map reused (``map name px_flows pinned PATH``: libbpf adopts it whatever its shape),
 check every map's shape and that px_flows is that very map (same id), write the worker
 count; `listen` makes the N listening sockets,
@@ -33,20 +33,18 @@ listen_failed.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import struct
 import uuid
-from collections.abc import Callable
 from enum import IntEnum
 from importlib import resources
 from pathlib import Path
-from typing import Final, ParamSpec, Self, TypeVar
+from typing import Final
 
 from egressd.ebpf import syscall as bpf
 from egressd.ebpf import tc
-from egressd.ebpf.build import EbpfError, build_object
+from egressd.ebpf.loaded import Loaded
 from egressd.errors import EgressdError
 from egressd.proxy import kernel_maps as km
 
@@ -63,9 +61,6 @@ IP_TRANSPARENT: Final = getattr(socket, "IP_TRANSPARENT", 19)
 FLOWS_MAP: Final = "px_flows"
 _FNV_OFFSET: Final = 2166136261
 _FNV_PRIME: Final = 16777619
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 
 class ReuseportError(EgressdError):
@@ -129,7 +124,7 @@ def pack_config(workers: int) -> bytes:
 # I/O edge.
 
 
-class ReuseportSelector:
+class ReuseportSelector(Loaded[ReuseportError]):
     """`bpf/reuseport.c` for one proxy's transparent listener (see the module docstring)."""
 
     def __init__(
@@ -142,77 +137,37 @@ class ReuseportSelector:
         cache_dir: Path | None = None,
     ) -> None:
         self.workers = check_workers(workers)
-        self.state_dir = Path(os.path.realpath(state_dir))
         # Not the proxy's bpffs: `tc.load_object` clears the pins of the directory it loads
         # into, and the two objects load independently.
-        self.pin_dir = self.state_dir / "reuseport-bpffs"
-        self.cache_dir = cache_dir if cache_dir is not None else self.state_dir / "cache"
+        super().__init__(
+            state_dir=state_dir,
+            pin_name="reuseport-bpffs",
+            source=source,
+            deps=(source.with_name("px_flows.h"),),
+            cache_dir=cache_dir,
+            error=ReuseportError,
+        )
         self.flows_pin = flows_pin
-        self.source = source
-        self._prog = -1
-        self._maps: dict[str, int] = {}
 
     # -- lifecycle ----------------------------------------------------------
 
     def load(self) -> None:
         """Build if needed, load with the proxy's px_flows, check the maps, write the
         worker count. Pins left by an earlier process that died are replaced."""
-        if self._prog >= 0:
+        if self.loaded:
             return
-        obj = _ebpf(
-            build_object,
-            self.source,
-            self.cache_dir,
-            deps=(self.source.with_name("px_flows.h"),),
-        )
-        _ebpf(
-            tc.load_object,
-            obj,
-            self.pin_dir,
+        with self._loading(
+            (PROG_NAME,),
+            MAPS,
             single=True,
-            prog_type=PROG_TYPE,
+            prog_type=BPF_PROG_TYPE_SK_REUSEPORT,
+            load_type=PROG_TYPE,
             reuse_maps={FLOWS_MAP: self.flows_pin},
-        )
-        try:
-            progs, self._maps = _ebpf(
-                tc.open_pins,
-                self.pin_dir,
-                (PROG_NAME,),
-                MAPS,
-                single=True,
-                prog_type=BPF_PROG_TYPE_SK_REUSEPORT,
-            )
-            self._prog = progs[PROG_NAME]
+        ):
             self._check_same_flows()
-            _ebpf(
-                tc.map_update,
-                self._fd("rp_config"),
-                "rp_config",
-                km.U32.pack(0),
-                pack_config(self.workers),
-            )
-        except BaseException:
-            with contextlib.suppress(ReuseportError):
-                self.close()
-            raise
+            self._map_update("rp_config", km.U32.pack(0), pack_config(self.workers))
 
-    def close(self) -> None:
-        """Unpin and unmount. Idempotent. Sockets stay the caller's."""
-        tc.close_fds([*([self._prog] if self._prog >= 0 else []), *self._maps.values()])
-        self._prog = -1
-        self._maps = {}
-        _ebpf(tc.release, self.pin_dir)
-
-    def __enter__(self) -> Self:
-        self.load()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def loaded(self) -> bool:
-        return self._prog >= 0
+    # `close` (Loaded's) unpins and unmounts; the sockets stay the caller's.
 
     # -- sockets --------------------------------------------------------------
 
@@ -227,8 +182,7 @@ class ReuseportSelector:
         worker's socket is in the map is dropped (no_worker) and retransmitted. On failure
         every socket made here is closed.
         """
-        if self._prog < 0:
-            raise ReuseportError("not_loaded", "call load() first")
+        prog_fd = self._prog_fd(PROG_NAME)
         socks: list[socket.socket] = []
         try:
             for _ in range(self.workers):
@@ -240,16 +194,10 @@ class ReuseportSelector:
                     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
                 sock.bind((host, port))
                 port = sock.getsockname()[1]  # port 0: the others join the first's
-            socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, self._prog)
+            socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog_fd)
             for index, sock in enumerate(socks):
                 sock.listen(backlog)
-                _ebpf(
-                    tc.map_update,
-                    self._fd("rp_workers"),
-                    "rp_workers",
-                    km.U32.pack(index),
-                    _COOKIE.pack(sock.fileno()),
-                )
+                self._map_update("rp_workers", km.U32.pack(index), _COOKIE.pack(sock.fileno()))
         except OSError as exc:
             for sock in socks:
                 sock.close()
@@ -264,13 +212,7 @@ class ReuseportSelector:
         """{index: socket cookie} of the filled slots of rp_workers (`socket_cookie`)."""
         out = {}
         for index in range(self.workers):
-            raw = _ebpf(
-                tc.map_lookup,
-                self._fd("rp_workers"),
-                "rp_workers",
-                km.U32.pack(index),
-                _COOKIE.size,
-            )
+            raw = self._map_lookup("rp_workers", km.U32.pack(index), _COOKIE.size)
             if raw is not None:
                 out[index] = _COOKIE.unpack(raw)[0]
         return out
@@ -278,15 +220,9 @@ class ReuseportSelector:
     # -- counters -------------------------------------------------------------
 
     def stats(self) -> dict[Stat, int]:
-        return _ebpf(tc.percpu_counters, self._fd("rp_stats"), "rp_stats", Stat)
+        return self._counters("rp_stats", Stat)
 
     # -- internals ------------------------------------------------------------
-
-    def _fd(self, name: str) -> int:
-        fd = self._maps.get(name)
-        if fd is None:
-            raise ReuseportError("not_loaded", "call load() first")
-        return fd
 
     def _check_same_flows(self) -> None:
         """The program's px_flows is the map pinned at `flows_pin`, not a copy of its own."""
@@ -310,10 +246,3 @@ def socket_cookie(sock: socket.socket) -> int:
     raw = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, _COOKIE.size)
     value: int = _COOKIE.unpack(raw)[0]
     return value
-
-
-def _ebpf(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
-    try:
-        return fn(*args, **kwargs)
-    except EbpfError as exc:
-        raise ReuseportError(exc.reason, exc.detail) from exc
