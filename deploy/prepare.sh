@@ -55,7 +55,7 @@ rm -f "$BUILD/wheels/requirements.txt" "$BUILD/wheels/.complete"  # hard links: 
 TAG=$( (cd "$ROOT" && find egressd egressd_harness bpf sandbox/udfs loadtests deploy/docker deploy/prometheus \
             -type f ! -name '*.pyc' ! -name '*.o' ! -path '*/__pycache__/*' -print0 2>/dev/null \
             | sort -z | xargs -0 sha256sum;
-        cd "$ROOT" && sha256sum pyproject.toml .dockerignore deploy/Dockerfile node-agent/Dockerfile \
+        cd "$ROOT" && sha256sum pyproject.toml .dockerignore deploy/Dockerfile \
             deploy/compose.yaml;
         echo "$BASE $KEY") | sha256sum | cut -c1-12)
 echo "EGRESSD_BASE_IMAGE=$BASE"

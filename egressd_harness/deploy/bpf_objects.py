@@ -4,7 +4,7 @@
     python3 -m egressd_harness.deploy.bpf_objects check OUT   # each OUT/<stem>.o is current
 
 One way of building: `build` runs the daemons' own `egressd.ebpf.build.build_object` (clang,
-in a build stage of deploy/Dockerfile and node-agent/Dockerfile); at start the proxy and node
+in the `bpf` build stage of deploy/Dockerfile); at start the proxy and node
 roles `seed` their cache directory (``state_dir/cache``, where tier 1, the node's and the
 proxy's kernel path look) with the objects, modification times kept, so `build_object` finds
 them newer than their sources and never runs clang: the runtime images have no compiler.

@@ -22,10 +22,10 @@ COMPOSE = (os.environ.get("EGRESSD_COMPOSE") or "docker-compose").split()
 PROFILES = ["--profile", "images", "--profile", "load", "--profile", "monitoring"]
 EXPECTED_BUILDS = {
     # service: (Dockerfile, target, image name)
-    "sandbox": ("node-agent/Dockerfile", "sandbox", "egressd-sandbox"),
+    "sandbox": ("deploy/Dockerfile", "sandbox", "egressd-sandbox"),
     "control": ("deploy/Dockerfile", "egressd", "egressd"),
-    "node": ("node-agent/Dockerfile", "node", "egressd-node"),
-    "locust": ("node-agent/Dockerfile", "loadgen", "egressd-loadgen"),
+    "node": ("deploy/Dockerfile", "node", "egressd-node"),
+    "locust": ("deploy/Dockerfile", "loadgen", "egressd-loadgen"),
     "prometheus": ("deploy/Dockerfile", "prometheus", "egressd-prometheus"),
 }
 
@@ -167,7 +167,7 @@ def test_dockerignore_lets_in_everything_the_dockerfiles_copy() -> None:
     assert not dockerignore_allows(patterns, "egressd/__pycache__/cli.cpython-311.pyc")
     assert dockerignore_allows(patterns, "deploy/.build/wheels/pip-24.0-py3-none-any.whl")
     sources = []
-    for dockerfile in ("deploy/Dockerfile", "node-agent/Dockerfile"):
+    for dockerfile in ("deploy/Dockerfile",):
         for line in (ROOT / dockerfile).read_text().splitlines():
             if line.startswith("COPY ") and "--from=" not in line:
                 sources += line.split()[1:-1]
