@@ -264,18 +264,34 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         )
 
 
-def _connect(ns: str, timeout: float = 5.0) -> tuple[int, bool]:
+def _connect(ns: str, timeout: float = 5.0, port: int = 0) -> tuple[int, bool]:
     sock = netns.netns_socket(ns, socket.AF_INET, socket.SOCK_STREAM)
     with sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         sock.settimeout(timeout)
-        sock.bind(("0.0.0.0", 0))
+        sock.bind(("0.0.0.0", port))
         port = sock.getsockname()[1]
         try:
             sock.connect((DEST, 443))
         except OSError:
             return port, False
         return port, True
+
+
+def _ports_on_each_proxy(src: IPv4Address, per_proxy: int, first: int = 20000) -> list[int]:
+    """Source ports whose flows to DEST:443 the node's Maglev table (the agent's own
+    `flow_hash` and `maglev_table`) gives `per_proxy` to each proxy, interleaved: the
+    both-proxies assertion cannot fail by chance (12 random ports: 1 in 2048)."""
+    table = maglev_table(PROXIES)
+    by_proxy: dict[str, list[int]] = {name: [] for name in PROXIES}
+    port = first
+    while any(len(ports) < per_proxy for ports in by_proxy.values()):
+        proxy = table[flow_hash(src, IPv4Address(DEST), 6, port, 443) % MAGLEV_SIZE]
+        if proxy is not None and len(by_proxy[proxy]) < per_proxy:
+            by_proxy[proxy].append(port)
+        port += 1
+        assert port < 65536, f"the Maglev table leaves a proxy out: {by_proxy}"
+    return [port for group in zip(*by_proxy.values(), strict=True) for port in group]
 
 
 def test_connections_go_through_the_kernel_path_both_ways(world: World) -> None:
@@ -288,11 +304,10 @@ def test_connections_go_through_the_kernel_path_both_ways(world: World) -> None:
         check=True,
     )
     assert json.loads(eth0.stdout)[0]["gso_max_size"] == SANDBOX_GSO_MAX_SIZE
-    ports = []
-    for _ in range(12):
-        port, ok = _connect(info.netns)
+    ports = _ports_on_each_proxy(IPv4Address(str(info.ip)), 6)
+    for port in ports:
+        _, ok = _connect(info.netns, port=port)
         assert ok, f"connect() from the sandbox failed (flow {port})\n{world.stderr()}"
-        ports.append(port)
 
     def syns() -> dict[int, tuple[str, dict[str, Any]]]:
         return {
