@@ -49,9 +49,16 @@
  * digest for the option) is encapsulated (outer IPv4 + UDP + GENEVE + job
  * option, 64 bytes, ENCAP_L3_IPV4 | ENCAP_L4_UDP so GSO super-packets stay
  * valid), given an Ethernet header (bpf_redirect_neigh expects one and
- * replaces it) and redirected to the underlay with bpf_redirect_neigh. Anything
- * else (ICMP errors, IP options, no node, no flow) stays on the TUN, where the
- * Python return path decides it as in the userspace data path.
+ * replaces it) and redirected to the underlay with bpf_redirect_neigh. An ICMP
+ * error (destination unreachable, time exceeded, parameter problem) the proxy's
+ * kernel sends about a sandbox's packet goes back the same way under the flow
+ * of the packet it quotes (its IPv4 header and first 8 bytes: the quoted
+ * source must be the sandbox the error goes to, and the quoted 5-tuple, the
+ * sandbox -> internet direction, must be in px_flows), as the Python return
+ * path (egressd.proxy.tunnel._quoted_flow) does. Anything else (other ICMP, an
+ * error quoting an unknown flow, IP options, no node, no flow) stays on the
+ * TUN, where the Python return path decides it as in the userspace data path
+ * (an error without its flow there too is dropped, no_flow: fail closed).
  *
  * The encapsulation is bpf/geneve.h's gnv_encap (the node's too: DF, TTL 64,
  * UDP checksum 0, source port from the sandbox->internet flow's hash, FIXED_GSO
@@ -120,6 +127,10 @@ enum px_stat {
 #define PX_IP_MF 0x2000
 #define PX_IP_OFFSET 0x1fff
 #define PX_AF_INET 2 /* <sys/socket.h> is not for BPF targets */
+/* ICMP error types px_egress returns under the quoted flow (tunnel.ICMP_ERROR_TYPES). */
+#define PX_ICMP_DEST_UNREACH 3
+#define PX_ICMP_TIME_EXCEEDED 11
+#define PX_ICMP_PARAMETERPROB 12
 
 struct px_config {
 	__be32 underlay; /* this proxy's underlay address: GENEVE's destination and return source */
@@ -467,6 +478,37 @@ static __always_inline int pass_back(void)
 	return TC_ACT_OK;
 }
 
+/* The px_flows key of the sandbox packet an ICMP error (IPv4 header without
+ * options at 0, going to `sandbox`) quotes after its 8-byte ICMP header; 0, or
+ * -1 when it is no error type of ours or quotes no TCP/UDP packet of `sandbox`. */
+static __always_inline int icmp_quoted_key(struct __sk_buff *skb, __be32 sandbox,
+					   struct px_flow_key *fk)
+{
+	__u8 type;
+	struct iphdr q;
+	__be16 ports[2];
+
+	if (bpf_skb_load_bytes(skb, 20, &type, sizeof(type)) < 0)
+		return -1;
+	if (type != PX_ICMP_DEST_UNREACH && type != PX_ICMP_TIME_EXCEEDED &&
+	    type != PX_ICMP_PARAMETERPROB)
+		return -1;
+	if (bpf_skb_load_bytes(skb, 28, &q, sizeof(q)) < 0)
+		return -1;
+	if (q.version != 4 || q.ihl < 5 || q.saddr != sandbox)
+		return -1;
+	if (q.protocol != IPPROTO_TCP && q.protocol != IPPROTO_UDP)
+		return -1;
+	if (bpf_skb_load_bytes(skb, 28 + q.ihl * 4, ports, sizeof(ports)) < 0)
+		return -1;
+	fk->src = q.saddr;
+	fk->dst = q.daddr;
+	fk->sport = ports[0];
+	fk->dport = ports[1];
+	fk->proto = q.protocol;
+	return 0;
+}
+
 SEC("tc")
 int px_egress(struct __sk_buff *skb)
 {
@@ -481,21 +523,26 @@ int px_egress(struct __sk_buff *skb)
 		return pass_back();
 	if (ip.version != 4 || ip.ihl != 5 || (ip.frag_off & bpf_htons(PX_IP_MF | PX_IP_OFFSET)))
 		return pass_back();
-	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
+	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP &&
+	    ip.protocol != IPPROTO_ICMP)
 		return pass_back();
 	struct px_sandbox_key sk = {.prefixlen = 32, .addr = ip.daddr};
 	__be32 *node = bpf_map_lookup_elem(&px_sandboxes, &sk);
 	if (!node)
 		return pass_back();
-	if (bpf_skb_load_bytes(skb, 20, ports, sizeof(ports)) < 0)
-		return pass_back();
-	struct px_flow_key fk = {
-		.src = ip.daddr,
-		.dst = ip.saddr,
-		.sport = ports[1],
-		.dport = ports[0],
-		.proto = ip.protocol,
-	};
+	struct px_flow_key fk = {};
+	if (ip.protocol == IPPROTO_ICMP) {
+		if (icmp_quoted_key(skb, ip.daddr, &fk) < 0)
+			return pass_back();
+	} else {
+		if (bpf_skb_load_bytes(skb, 20, ports, sizeof(ports)) < 0)
+			return pass_back();
+		fk.src = ip.daddr;
+		fk.dst = ip.saddr;
+		fk.sport = ports[1];
+		fk.dport = ports[0];
+		fk.proto = ip.protocol;
+	}
 	struct px_flow *flow = bpf_map_lookup_elem(&px_flows, &fk);
 	if (!flow)
 		return pass_back();

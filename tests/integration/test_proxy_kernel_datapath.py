@@ -16,6 +16,10 @@ What is checked, through the real tc programs of a real proxy process:
   are dropped and counted under the Python endpoint's reason names
   (`egressd_geneve_rx_dropped_total{reason}`), in the kernel but for the two whose job
   the maps do not hold, which go up to the Python endpoint;
+* an ICMP error the proxy's kernel sends about a sandbox's packet (a real one, through
+  the TUN's tc egress) goes back encapsulated under the quoted packet's flow; one that
+  quotes no known flow, or another host's packet, is not (the Python return path drops
+  it, `no_flow`);
 * SIGTERM leaves no tc filter, clsact qdisc, pin or bpffs mount behind.
 """
 
@@ -23,12 +27,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from scapy.contrib.geneve import GENEVE
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import ICMP, IP, TCP
+from scapy.packet import Raw
 
 from egressd.geneve.codec import JobOption, decode, header_for
 from egressd.layout import CONTROL_ADDR
@@ -40,6 +47,7 @@ from tests.support.proxy_fleet import (
     JOB,
     PROXY,
     REPLY_TIMEOUT_S,
+    SANDBOX,
     SITE,
     Fleet,
     NodeSim,
@@ -166,6 +174,76 @@ def test_crafted_datagrams_are_dropped_in_the_kernel_by_reason(
     slow = slow_before + sum(drop.slow for drop in DROPS)
     wait_for(lambda: path_count(kproxy.metrics(), "slow") >= slow, 5, "the counters' export")
     assert path_count(kproxy.metrics(), "slow") == slow
+
+
+SEND_RAW = (
+    "import socket, sys; "
+    "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW); "
+    "s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], 0))"
+)
+
+
+def icmp_frag_needed(quoted_sport: int, *, quoted_src: str = SANDBOX) -> bytes:
+    """ICMP "fragmentation needed" to the sandbox quoting its SYN to SITE:80 (IPv4 header
+    and the first 8 bytes, as RFC 792 quotes)."""
+    quoted = bytes(
+        IP(src=quoted_src, dst=SITE, ttl=63)
+        / TCP(sport=quoted_sport, dport=80, flags="S", seq=1000, window=64240)
+    )[:28]
+    return bytes(IP(src=SITE, dst=SANDBOX) / ICMP(type=3, code=4, nexthopmtu=1300) / Raw(quoted))
+
+
+def icmp_from_node(node: NodeSim, timeout: float) -> list[tuple[bytes, IP]]:
+    """The GENEVE datagrams with an inner ICMP packet the node receives within `timeout`."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        node.sock.settimeout(left)
+        try:
+            data, _ = node.sock.recvfrom(65536)
+        except TimeoutError:
+            break
+        inner = IP(bytes(decode(data).inner))
+        if ICMP in inner:
+            out.append((data, inner))
+    return out
+
+
+def tun_drops(proxy: ProxyProcess, reason: str) -> float:
+    return proxy.metrics().get(("egressd_tun_tx_dropped_total", (("reason", reason),)), 0.0)
+
+
+def test_an_icmp_error_goes_back_under_the_flow_it_quotes_and_only_then(
+    kproxy: ProxyProcess, node: NodeSim
+) -> None:
+    node.send_syn(53000)  # slow path: the job is programmed, the flow recorded
+    node.expect_syn_ack(53000)
+    node.send_syn(53001)  # fast path: the flow recorded by tc ingress
+    node.expect_syn_ack(53001)
+
+    def send(packet: bytes) -> None:
+        argv = [sys.executable, "-c", SEND_RAW, packet.hex(), SANDBOX]
+        kn.run_in_netns(kproxy.fleet.proxy_ns, argv)
+
+    # Fail closed first: an error quoting a flow nobody recorded, and one quoting the
+    # known flow's ports but another host's packet, are not returned to the node.
+    no_flow_before = tun_drops(kproxy, "no_flow")
+    send(icmp_frag_needed(53999))
+    send(icmp_frag_needed(53001, quoted_src="100.96.1.77"))
+    assert icmp_from_node(node, 1.5) == []
+    wait_for(lambda: tun_drops(kproxy, "no_flow") >= no_flow_before + 2, 5, "the no_flow drops")
+    assert tun_drops(kproxy, "no_flow") == no_flow_before + 2
+
+    for sport in (53000, 53001):
+        sent = icmp_frag_needed(sport)
+        send(sent)
+        ((data, inner),) = icmp_from_node(node, REPLY_TIMEOUT_S)
+        # Under the quoted flow's job option, byte for byte the codec's prefix.
+        assert data[:36] == header_for(1, JobOption(JOB.bytes, node.digest))
+        assert (inner.src, inner.dst) == (SITE, SANDBOX)
+        assert (inner[ICMP].type, inner[ICMP].code, inner[ICMP].nexthopmtu) == (3, 4, 1300)
+        assert bytes(inner) == sent[: len(bytes(inner))] and len(bytes(inner)) == len(sent)
+    assert tun_drops(kproxy, "no_flow") == no_flow_before + 2
 
 
 def test_a_sandbox_connection_through_the_kernel_path_names_its_job(
