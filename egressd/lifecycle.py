@@ -104,6 +104,7 @@ async def serve_until_stopped(
     stop: asyncio.Event | None = None,
     *,
     stopping: Callable[[], None] = lambda: None,
+    started: Callable[[], None] = lambda: None,
 ) -> None:
     """Start `daemon`, serve until `stop` is set or SIGTERM/SIGINT arrives, then stop it.
 
@@ -112,22 +113,27 @@ async def serve_until_stopped(
     stop = stop if stop is not None else asyncio.Event()
     uninstall = install_stop_handlers(asyncio.get_running_loop(), stop.set)
     try:
-        await run_until_stopped(daemon, stop, stopping=stopping)
+        await run_until_stopped(daemon, stop, stopping=stopping, started=started)
     finally:
         uninstall()
 
 
 async def run_until_stopped(
-    daemon: Daemon, stop: asyncio.Event, *, stopping: Callable[[], None] = lambda: None
+    daemon: Daemon,
+    stop: asyncio.Event,
+    *,
+    stopping: Callable[[], None] = lambda: None,
+    started: Callable[[], None] = lambda: None,
 ) -> None:
     """Start `daemon`, wait for `stop`, stop it (also when the start or the wait fails).
 
     For a caller that installed the stop handlers itself (`serve_until_stopped`
-    does). `stopping` runs once the stop is asked for (the daemon's log line),
-    before the unwinding.
+    does). `started` runs once the start succeeded; `stopping` runs once the stop
+    is asked for (the daemon's log line), before the unwinding.
     """
     try:
         await daemon.start()
+        started()
         await stop.wait()
         stopping()
     finally:

@@ -189,11 +189,13 @@ class ProxyLimits:
             proxy_rate_bps=config.bandwidth_bps or None, horizon_s=config.pacing_horizon_s
         )
         self._metrics = metrics = _Metrics(registry, config.port_pool.capacity)
+        # Read when scraped, not set twice per connection.
+        metrics.admitted.set_function(lambda: self.connections.total)
         self._job_connections = _Series(metrics.job_connections)
         self._job_ports = _Series(metrics.job_ports)
         self._ports_in_use = _Series(metrics.ports_in_use)
         self._job_bytes: dict[tuple[uuid.UUID, str], Callable[[float], None]] = {}
-        self._dns_refusals: dict[tuple[uuid.UUID, str], Callable[[float], None]] = {}
+        self._refusals: dict[tuple[uuid.UUID | None, str], Callable[[float], None]] = {}
         self._task: asyncio.Task[None] | None = None
 
     # admission
@@ -216,23 +218,23 @@ class ProxyLimits:
         self._job_connections_changed(job)
 
     def refused(self, job: uuid.UUID | None, reason: str) -> None:
-        self._metrics.refusals.labels("" if job is None else str(job), reason).inc()
-
-    def dns_refused(self, job: uuid.UUID, reason: str) -> None:
-        """`refused`, for the DNS responder's every query over a limit (a flood): the
-        counter's child is cached, not looked up by its labels each time."""
-        inc = self._dns_refusals.get((job, reason))
+        """One connection or query refused by a limit: the counter's child is cached,
+        not looked up by its labels each time (refusals come in floods)."""
+        inc = self._refusals.get((job, reason))
         if inc is None:
-            if len(self._dns_refusals) > 65_536:
-                self._dns_refusals.clear()
-            inc = self._dns_refusals[(job, reason)] = self._metrics.refusals.labels(
-                str(job), reason
+            if len(self._refusals) > 65_536:
+                self._refusals.clear()
+            inc = self._refusals[(job, reason)] = self._metrics.refusals.labels(
+                "" if job is None else str(job), reason
             ).inc
         inc(1)
 
+    def dns_refused(self, job: uuid.UUID, reason: str) -> None:
+        """`refused`, for the DNS responder's queries over a limit."""
+        self.refused(job, reason)
+
     def _job_connections_changed(self, job: uuid.UUID) -> None:
         self._job_connections.set(job, self.connections.active(job), lambda: (str(job),))
-        self._metrics.admitted.set(self.connections.total)
 
     # source ports
 

@@ -119,3 +119,23 @@ def test_serve_until_stopped_stops_on_sigterm_and_restores_the_handlers() -> Non
     asyncio.run(go())
     assert daemon.calls == ["start", "stop"]
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_started_runs_once_the_start_succeeded_and_not_after_a_failed_one() -> None:
+    async def go(daemon: Recorder) -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.05, stop.set)
+        await run_until_stopped(
+            daemon,
+            stop,
+            stopping=lambda: daemon.calls.append("stopping"),
+            started=lambda: daemon.calls.append("started"),
+        )
+
+    ok = Recorder()
+    asyncio.run(go(ok))
+    assert ok.calls == ["start", "started", "stopping", "stop"]
+    failed = Recorder(fail_start=True)
+    with pytest.raises(Boom):
+        asyncio.run(go(failed))
+    assert failed.calls == ["start", "stop"]
