@@ -203,7 +203,7 @@ def _attack(scenario: Scenario, obs: Observed) -> list[v.Verdict]:
 
 
 def _neighbour(
-    role: str, obs: Observed, phases: Sequence[str], slack_ms: float = 0.0
+    role: str, obs: Observed, phases: Sequence[str], flood: bool = False
 ) -> list[v.Verdict]:
     refusals = obs.refusals(role)
     total = None if refusals is None else sum(sum(per.values()) for per in refusals.values())
@@ -213,11 +213,8 @@ def _neighbour(
         )
     ]
     if len(phases) > 1:
-        out.append(
-            v.latency_verdict(
-                role, obs.stat(BASELINE, role), obs.stat(STRESS, role), slack_ms=slack_ms
-            )
-        )
+        judge = v.flood_latency_verdict if flood else v.latency_verdict
+        out.append(judge(role, obs.stat(BASELINE, role), obs.stat(STRESS, role)))
     return out
 
 
@@ -290,7 +287,7 @@ def assess(scenario: Scenario, obs: Observed) -> list[v.Verdict]:
         out += _flood(scenario, obs)
         for job in scenario.jobs:
             if not job.abusive:
-                out += _neighbour(job.role, obs, (BASELINE, STRESS), v.FLOOD_LATENCY_SLACK_MS)
+                out += _neighbour(job.role, obs, (BASELINE, STRESS), flood=True)
     elif scenario.name == "port-exhaustion":
         out += _attack(scenario, obs)
         out += _neighbour("victim", obs, (BASELINE, STRESS))

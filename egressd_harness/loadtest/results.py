@@ -63,6 +63,14 @@ class RequestStats:
         return self.percentile(50.0)
 
     @property
+    def p95_ms(self) -> float | None:
+        return self.percentile(95.0)
+
+    @property
+    def p98_ms(self) -> float | None:
+        return self.percentile(98.0)
+
+    @property
     def p99_ms(self) -> float | None:
         return self.percentile(99.0)
 
@@ -81,6 +89,8 @@ class RequestStats:
             "max_ms": round(self.max_ms, 2),
             "rps": round(self.rps, 2),
             "p50_ms": self.p50_ms,
+            "p95_ms": self.p95_ms,
+            "p98_ms": self.p98_ms,
             "p99_ms": self.p99_ms,
         }
 

@@ -24,13 +24,19 @@ Thresholds (issue 4):
   proxies saw at most `PROXY_TOLERANCE` above the budget of its packets (a
   tap in each proxy's namespace, before the DNS responder and the
   listener's SYN queue); each victim (one on the attacker's node, one on the
-  other) passes the failures and p99 verdicts above, the p99 with
-  `FLOOD_LATENCY_SLACK_MS` of absolute slack: the flood's sender and the
-  kernel's drops run on the same (2) cores as the victims, so a victim on the
-  other node, whose packets never meet the attacker's, still sees its p99 of
-  ~20 ms rise by a few tens of ms from CPU alone; the defect this verdict
-  guards against (one job's burst served ahead of the others) costs hundreds
-  of ms and timeouts.
+  other) passes the failures verdict above and `flood_latency_verdict`: its
+  stress p95 at most `LATENCY_FACTOR` x its baseline p95 + `FLOOD_P95_SLACK_MS`,
+  and at most 2% of its stress requests (locust's p98) slower than
+  `LATENCY_FACTOR` x its baseline p99 + `FLOOD_TAIL_SLACK_MS`; p99 is shown,
+  not judged. A phase has ~190 requests, so p99 is the second-slowest one, and
+  on 2 shared cores that is a CPU stall (the flooder, its drops, the proxies
+  and the victims take turns; no packet was lost or retransmitted in the
+  failing runs), not the defect this verdict guards against: the flood
+  reaching the proxies, or one job served ahead of the others, costs most
+  requests hundreds of ms, and timeouts (the counter-test without tier 1's
+  buckets: p50 45 -> 4,000 ms). The p95 bound takes a shift of the whole
+  distribution, the p98 bound a starved tail that p95 would not see
+  (docs/decisions.md, "The flood victims' latency verdict").
 """
 
 from __future__ import annotations
@@ -44,7 +50,11 @@ from egressd_harness.loadtest.results import LogProblem, RequestStats
 from egressd_harness.loadtest.scenarios import share, tier1_budget
 
 LATENCY_FACTOR = 2.0
-FLOOD_LATENCY_SLACK_MS = 50.0
+# The flood victims' latency verdict (`flood_latency_verdict`): absolute slack on p95 for the CPU
+# the flood takes from the victims on this 2-core machine, and the tail's percentile and slack.
+FLOOD_P95_SLACK_MS = 150.0
+FLOOD_TAIL_PERCENTILE = 98.0
+FLOOD_TAIL_SLACK_MS = 250.0
 RATE_TOLERANCE = 0.10
 REACHED_FRACTION = 0.95
 THROUGHPUT_FRACTION = 0.9
@@ -225,11 +235,10 @@ def latency_verdict(
     baseline: RequestStats | None,
     stress: RequestStats | None,
     factor: float = LATENCY_FACTOR,
-    slack_ms: float = 0.0,
 ) -> Verdict:
     base = baseline.p99_ms if baseline else None
     under = stress.p99_ms if stress else None
-    rule = f"<= {factor:g} x baseline" + (f" + {slack_ms:g} ms" if slack_ms else "")
+    rule = f"<= {factor:g} x baseline"
     if base is None or under is None:
         return Verdict(
             f"{role}_p99",
@@ -238,7 +247,7 @@ def latency_verdict(
             rule,
             "missing percentiles",
         )
-    limit = factor * base + slack_ms
+    limit = factor * base
     return Verdict(
         f"{role}_p99",
         under <= limit,
@@ -246,6 +255,51 @@ def latency_verdict(
         if base
         else f"baseline {_ms(base)}, stress {_ms(under)}",
         f"{rule} = {limit:g} ms",
+    )
+
+
+def flood_latency_verdict(
+    role: str, baseline: RequestStats | None, stress: RequestStats | None
+) -> Verdict:
+    """A flood's victim: its stress p95 within `LATENCY_FACTOR` x its baseline p95 +
+    `FLOOD_P95_SLACK_MS`, and at most 2% of its stress requests (p98) slower than
+    `LATENCY_FACTOR` x its baseline p99 + `FLOOD_TAIL_SLACK_MS`. p99 is information only."""
+
+    def pct(stats: RequestStats | None, p: float) -> float | None:
+        return stats.percentile(p) if stats else None
+
+    base95, under95 = pct(baseline, 95.0), pct(stress, 95.0)
+    base99, under99 = pct(baseline, 99.0), pct(stress, 99.0)
+    under_tail = pct(stress, FLOOD_TAIL_PERCENTILE)
+    tail = f"p{FLOOD_TAIL_PERCENTILE:g}"
+    measured = (
+        f"p95 baseline {_ms(base95)}, stress {_ms(under95)}"
+        + (f" ({under95 / base95:.2f}x)" if base95 and under95 is not None else "")
+        + f"; {tail} stress {_ms(under_tail)}"
+        + f"; p99 baseline {_ms(base99)}, stress {_ms(under99)} (not judged)"
+    )
+    rule95 = f"p95 <= {LATENCY_FACTOR:g} x baseline p95 + {FLOOD_P95_SLACK_MS:g} ms"
+    rule_tail = (
+        f"{tail} <= {LATENCY_FACTOR:g} x baseline p99 + {FLOOD_TAIL_SLACK_MS:g} ms "
+        f"(at most {100 - FLOOD_TAIL_PERCENTILE:g}% of the stress requests slower)"
+    )
+    if base95 is None or under95 is None or base99 is None or under_tail is None:
+        return Verdict(
+            f"{role}_latency", False, measured, f"{rule95}; {rule_tail}", "missing percentiles"
+        )
+    limit95 = LATENCY_FACTOR * base95 + FLOOD_P95_SLACK_MS
+    limit_tail = LATENCY_FACTOR * base99 + FLOOD_TAIL_SLACK_MS
+    problems = []
+    if under95 > limit95:
+        problems.append(f"p95 {under95:g} ms > {limit95:g} ms")
+    if under_tail > limit_tail:
+        problems.append(f"{tail} {under_tail:g} ms > {limit_tail:g} ms")
+    return Verdict(
+        f"{role}_latency",
+        not problems,
+        measured,
+        f"{rule95} = {limit95:g} ms; {rule_tail} = {limit_tail:g} ms",
+        "; ".join(problems),
     )
 
 

@@ -53,6 +53,8 @@ def test_stats_csv_rows_and_percentiles() -> None:
     assert stress.failure_rate == pytest.approx(2 / 448)
     assert stats[r.AGGREGATED].method == ""
     assert stress.to_dict()["p99_ms"] == 95.0
+    assert (stress.p95_ms, stress.p98_ms) == (34.0, 53.0)
+    assert (stress.to_dict()["p95_ms"], stress.to_dict()["p98_ms"]) == (34.0, 53.0)
 
 
 def test_stats_csv_without_requests_has_no_percentiles() -> None:

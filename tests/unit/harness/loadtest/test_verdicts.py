@@ -84,18 +84,6 @@ def test_latency_verdict() -> None:
     assert not v.latency_verdict("victim", None, _stats()).passed
 
 
-def test_flood_latency_slack_is_absolute() -> None:
-    slack = v.FLOOD_LATENCY_SLACK_MS
-    ok = v.latency_verdict("victim_b", _stats(p99=20.0), _stats(p99=40.0 + slack), slack_ms=slack)
-    assert ok.passed and f"+ {slack:g} ms" in ok.threshold
-    late = v.latency_verdict("victim_b", _stats(p99=20.0), _stats(p99=41.0 + slack), slack_ms=slack)
-    assert not late.passed
-    # The defect the verdict is for (a burst served ahead of others: hundreds of ms) fails.
-    assert not v.latency_verdict(
-        "victim_a", _stats(p99=20.0), _stats(p99=480.0), slack_ms=slack
-    ).passed
-
-
 def test_throughput_verdict() -> None:
     assert v.throughput_verdict("steady", _stats(requests=380), 10.0, 40.0).passed
     assert not v.throughput_verdict("steady", _stats(requests=350), 10.0, 40.0).passed
