@@ -76,13 +76,11 @@ class ComponentStatus:
         return {"name": self.name, "netns": self.netns, "pid": self.pid, "ready": self.ready}
 
 
-#: The local fleet's data path (agents and proxies). "kernel" (issue 10: tc programs move the
-#: packets) passes the whole e2e suite, and `make test` runs the traffic e2e files on it. The
-#: default stays "userspace" while the flood scenarios' victim verdicts fail now and then on
-#: this shared 2-core machine: measured, that is the proxies' Python waiting for CPU on either
-#: path, not latency the kernel path adds (docs/decisions.md, "Which data path the local fleet
-#: runs").
-DEFAULT_DATAPATH: Final = "userspace"
+#: The local fleet's data path (agents and proxies): "kernel" (issue 10: tc programs move the
+#: packets, Python decides per connection). "userspace" stays a tested fallback: `make test`
+#: runs the traffic e2e files again on it (docs/decisions.md, "Which data path the local
+#: fleet runs").
+DEFAULT_DATAPATH: Final = "kernel"
 
 
 class Fleet:

@@ -26,18 +26,17 @@ def test_every_member_of_the_fleet_takes_the_fleets_datapath(tmp_path: Path, dat
         assert config.offload is (datapath == "userspace")
 
 
-def test_the_default_fleet_runs_on_the_userspace_path(tmp_path: Path) -> None:
+def test_the_default_fleet_runs_on_the_kernel_path(tmp_path: Path) -> None:
     fleet = Fleet(default_layout(tmp_path, "egd-x-"))
-    assert {parse_config(fleet.agent_config(n)).datapath for n in fleet.layout.nodes} == {
-        "userspace"
-    }
+    assert {parse_config(fleet.agent_config(n)).datapath for n in fleet.layout.nodes} == {"kernel"}
     assert {config_from_mapping(fleet.proxy_config(p)).datapath for p in fleet.layout.proxies} == {
-        "userspace"
+        "kernel"
     }
 
 
 def test_the_bench_takes_a_datapath_and_refuses_an_unknown_one() -> None:
-    assert Options().datapath == "userspace"
+    assert Options().datapath == "kernel"
+    assert Options(datapath="userspace").datapath == "userspace"
     assert Options(datapath="kernel").datapath == "kernel"
     with pytest.raises(ValueError, match="--datapath"):
         Options(datapath="ebpf")
