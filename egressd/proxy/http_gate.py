@@ -42,6 +42,14 @@ How, and why:
   request parser given what the old one held (`_next_request`): cheaper
   than mirroring the response into the old one, which is done only when the
   request is not over (the server answered early) or the client closes.
+* Repeats (keep-alive clients send the same head again and again): a request
+  head byte for byte the same as the last bodiless one a fresh parser read
+  (`_repeat`), and a response head the same as the last one a fresh watcher
+  read from its first byte with a counted body (`_repeated_response`, not for
+  ``HEAD``, ``CONNECT`` or an upgrade), are not parsed again: h11 and `sniff`
+  are pure functions of those bytes from that state, so they would read them
+  the same way. Every request is still decided (and gets its credentials);
+  only the parsing is saved. Any other byte sequence goes to h11 as before.
 * A denied request's bytes are dropped; once every earlier response is
   complete the gate produces a ``403`` with ``Connection: close`` and a short
   JSON body ``{"error": reason, ...}``, after which the relay closes both
@@ -139,7 +147,18 @@ class HttpGate:
         self._credentials = credentials
         self._scanner: creds.BodyScanner | None = None  # the current request's body
         self._server = _server()
+        # The request parser has been given nothing yet (`_feed`): a request head
+        # byte for byte the same as the last one it read whole (`_repeat`) needs
+        # no parser at all; `_over`: such a request went up, its response is due.
+        self._pristine = True
+        self._fresh = False  # the parser reads from its first byte (a `_Head` may be kept)
+        self._over = False
+        self._last: _Head | None = None  # the last bodiless request head h11 read fresh
+        self._candidate: _Head | None = None
         self._client = h11.Connection(h11.CLIENT)  # a fresh one per response (`_prime`)
+        self._primed: RequestRecord | None = None  # primed lazily (`_ready`) for this request
+        self._fed = 0  # reads given to the response watcher since it was primed
+        self._last_response: _ResponseHead | None = None
         self._upstream_closed = False
         self._client_closed = False
         # A response whose body is counted, not parsed (`_framed`): the bytes
@@ -180,7 +199,8 @@ class HttpGate:
             return
         if self._stopped:
             return
-        self._server.receive_data(data)
+        if not self._pristine:
+            self._server.receive_data(data)
         self._stream += data
         self._held += len(data)
         self._advance()
@@ -188,7 +208,8 @@ class HttpGate:
     def client_eof(self) -> None:
         self._client_closed = True
         if not self.tunnel and not self._stopped:
-            self._server.receive_data(b"")
+            if not self._pristine:
+                self._server.receive_data(b"")
             self._advance()
 
     def from_upstream(self, data: bytes) -> None:
@@ -202,9 +223,13 @@ class HttpGate:
         if self._body_left is not None:
             self._outstanding[0].bytes_down += len(data)
             self._count_body(len(data))
+        elif self._primed is not None and self._repeated_response(data):
+            pass
         else:
+            self._ready()
+            self._fed += 1
             self._client.receive_data(data)
-            self._watch(len(data))
+            self._watch(len(data), data)
         if self._held or self._client_closed:
             self._advance()  # a request held until this response was complete
 
@@ -215,6 +240,7 @@ class HttpGate:
         if self._body_left is not None:
             self._lost_track()  # the server closed before the end of a counted body
             return
+        self._ready()
         self._client.receive_data(b"")
         self._watch(0)
         self._advance()
@@ -244,9 +270,46 @@ class HttpGate:
         del self._stream[:taken]
         return chunk
 
+    def _feed(self) -> None:
+        """Give the parser what it has not been given (the held bytes, the FIN)."""
+        self._pristine = False
+        self._fresh = True
+        if self._stream:
+            self._server.receive_data(bytes(self._stream))
+        if self._client_closed:
+            self._server.receive_data(b"")
+
+    def _repeat(self) -> bool:
+        """Take the next request without the parser when its head is the same
+        bytes as the last bodiless one a fresh parser read (`_Head`): h11 and
+        `sniff` would read them the same way again (pure functions of those
+        bytes, from the same state), so only the decision is made again."""
+        last = self._last
+        if last is None or not self._stream.startswith(last.head):
+            return False
+        size = len(last.head)
+        del self._stream[:size]
+        self._held -= size
+        self._over = True
+        self._dispatch(last, last.head)
+        return True
+
+    def _may_repeat(self) -> bool:
+        """The held bytes are the start of the last head (h11 would wait too)."""
+        last = self._last
+        return last is not None and last.head.startswith(self._stream)
+
     def _advance(self) -> None:
         """Parse, decide and release client bytes as far as the state allows."""
         while not (self._stopped or self._waiting or self.tunnel):
+            if self._pristine:
+                if self._over:
+                    return  # the next request waits for this one's response
+                if self._repeat():
+                    continue
+                if not self._client_closed and (not self._held or self._may_repeat()):
+                    return  # nothing yet, or the start of what may be a repeat
+                self._feed()
             try:
                 event = self._server.next_event()
             except h11.RemoteProtocolError:
@@ -272,6 +335,9 @@ class HttpGate:
                     self._current = None
                     self._scanner = None
                     server = self._server
+                    candidate, self._candidate = self._candidate, None
+                    if candidate is not None and not chunk and server.their_state is h11.DONE:
+                        self._last = candidate  # read whole by a fresh parser: `_repeat`
                     if server.our_state is h11.DONE and server.their_state is h11.DONE:
                         server.start_next_cycle()  # answered before its end (`_next_request`)
                     elif not self._held and not self._client_closed:
@@ -299,9 +365,19 @@ class HttpGate:
         if read.status not in (sniff.OK, sniff.NO_HOST) or (length and chunked):
             self._refuse(_record(method, target, host), http_rules.HTTP_MALFORMED)
             return
-        record = _record(method, target, host)
-        record.upgrade = upgrade is not None
-        decided = self._decide(method, http_rules.target_of(read, target), upgrade)
+        parsed = _Head(head, event, method, http_rules.target_of(read, target), upgrade)
+        fresh, self._fresh = self._fresh, False
+        if fresh and not (length or chunked or upgrade is not None or read.connect):
+            self._candidate = parsed  # kept if h11 ends it with no body (`_advance`)
+        self._dispatch(parsed, head)
+
+    def _dispatch(self, parsed: _Head, head: bytes) -> None:
+        """Decide a request read whole (`head`: as received); `_over`: its bytes
+        end with the head (`_repeat`), nothing more of it will be parsed."""
+        method, target, event = parsed.method, parsed.target, parsed.event
+        record = RequestRecord(method, target.path_text, target.host, _MALFORMED)
+        record.upgrade = parsed.upgrade is not None
+        decided = self._decide(method, target, parsed.upgrade)
         # A `Decision` or an outcome has `allowed`; only a pending one is awaited.
         if hasattr(decided, "allowed") or not inspect.isawaitable(decided):
             self._decided(record, head, decided, event)
@@ -345,7 +421,10 @@ class HttpGate:
             self._scanner = prepared.scanner
         record.bytes_up = len(head)
         self.up.append(head)
-        self._current = record
+        if self._over:
+            self._scanner = None  # the request ends with its head: no body to scan
+        else:
+            self._current = record
         self._outstanding.append(record)
         self._expect(record, head)
 
@@ -415,6 +494,17 @@ class HttpGate:
         self._prime(record)
 
     def _prime(self, record: RequestRecord) -> None:
+        # Lazily (`_ready`): a response that repeats the last one's head needs no
+        # watcher at all (`_repeated_response`).
+        self._primed = record
+
+    def _ready(self) -> None:
+        """Prime the response watcher if `_prime` asked for it."""
+        record = self._primed
+        if record is None:
+            return
+        self._primed = None
+        self._fed = 0
         client = self._client
         if client.our_state is not h11.IDLE:
             # A fresh parser per response: a counted body (`_count_body`) leaves
@@ -431,10 +521,31 @@ class HttpGate:
         except h11.LocalProtocolError:
             self.failed = True
 
-    def _watch(self, nbytes: int) -> None:
+    def _repeated_response(self, data: bytes) -> bool:
+        """The response to the primed request begins with the same head, byte
+        for byte, as the last counted one a fresh watcher read from its first
+        byte (`_ResponseHead`): it would be read the same way again, so the body
+        is counted straight away (the request's method and upgrade agree with
+        what that one was read for: no ``HEAD``, ``CONNECT`` or upgrade)."""
+        last, record = self._last_response, self._primed
+        if last is None or record is None or not data.startswith(last.head):
+            return False
+        if record.upgrade or record.method in _NO_COUNT or record is not self._outstanding[0]:
+            return False
+        self._primed = None
+        record.bytes_down += len(data)
+        record.status = last.status
+        self._body_left, self._body_close = last.counted
+        self._count_body(len(data) - len(last.head))
+        return True
+
+    def _watch(self, nbytes: int, data: bytes = b"") -> None:
         if self._outstanding:
             self._outstanding[0].bytes_down += nbytes
         while self._outstanding and not self.failed:
+            if self._primed is not None:  # the next request's: one completed in this read
+                self._ready()
+                self._fed = 2  # this read did not begin with its response: not kept
             try:
                 event = self._client.next_event()
             except h11.RemoteProtocolError:
@@ -450,6 +561,7 @@ class HttpGate:
                     record.status = 101
                     self._switched()
                     return
+                self._fed += 1  # a head before the final one: not kept (`_ResponseHead`)
                 self._mirror(event)
             elif isinstance(event, h11.Response):
                 record.status = event.status_code
@@ -461,7 +573,12 @@ class HttpGate:
                     # The body is only counted: the bytes h11 holds past the head
                     # are its first part; what comes later never goes through h11.
                     self._body_left, self._body_close = counted
-                    self._count_body(len(self._client.trailing_data[0]))
+                    rest = len(self._client.trailing_data[0])
+                    if self._fed == 1 and data and not record.upgrade:
+                        # Read from the watcher's first byte, in one piece.
+                        head = data[: len(data) - rest]
+                        self._last_response = _ResponseHead(head, event.status_code, counted)
+                    self._count_body(rest)
                     return
             elif isinstance(event, h11.EndOfMessage):
                 self._complete(self._client.their_state is not h11.DONE)
@@ -492,6 +609,8 @@ class HttpGate:
 
     def _mirror(self, event: h11.InformationalResponse) -> None:
         """Move the server parser's own side along as if it had answered."""
+        if self._over:
+            return  # the request was read without the parser (`_repeat`): nothing to move
         try:
             self._server.send(
                 h11.InformationalResponse(status_code=event.status_code, headers=event.headers)
@@ -513,17 +632,16 @@ class HttpGate:
 
     def _next_request(self, status: int | None) -> None:
         """Let the request parser go on to the next request."""
+        if self._over:
+            self._over = False  # read without the parser (`_repeat`), which is still new
+            return
         server = self._server
         if server.their_state is h11.DONE:
-            # The usual case: a fresh parser, given what the old one holds (a
-            # pipelined request, the client's FIN), costs less than telling
-            # the old one about a response it never sent.
-            fresh = self._server = _server()
-            rest, closed = server.trailing_data
-            if rest:
-                fresh.receive_data(rest)
-            if closed:
-                fresh.receive_data(b"")
+            # The usual case: a fresh parser costs less than telling the old one
+            # about a response it never sent. What the old one holds (a pipelined
+            # request, the client's FIN) is the held stream: given on demand (`_feed`).
+            self._server = _server()
+            self._pristine = True
             return
         # The request is not over (the server answered early), or the client
         # asked to close: the old parser is told of the response, and goes on
@@ -577,6 +695,29 @@ def _primer(method: str, upgrade: bool) -> h11.Request:
         if len(_PRIMERS) < _CACHE_LIMIT:
             _PRIMERS[(method, upgrade)] = event
     return event
+
+
+_MALFORMED = Decision(Verdict.DENY, http_rules.HTTP_MALFORMED, None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """A request head as h11 and `sniff` read it, whole (`head`, as received)."""
+
+    head: bytes
+    event: h11.Request
+    method: str
+    target: http_rules.RequestTarget
+    upgrade: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _ResponseHead:
+    """A response head h11 read, framed by ``Content-Length`` alone (`_counted`)."""
+
+    head: bytes
+    status: int
+    counted: tuple[int, bool]
 
 
 def _server() -> h11.Connection:
