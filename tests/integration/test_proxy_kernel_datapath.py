@@ -216,10 +216,10 @@ def tun_drops(proxy: ProxyProcess, reason: str) -> float:
 def test_an_icmp_error_goes_back_under_the_flow_it_quotes_and_only_then(
     kproxy: ProxyProcess, node: NodeSim
 ) -> None:
-    node.send_syn(53000)  # slow path: the job is programmed, the flow recorded
-    node.expect_syn_ack(53000)
-    node.send_syn(53001)  # fast path: the flow recorded by tc ingress
-    node.expect_syn_ack(53001)
+    node.send_syn(53200)  # slow path: the job is programmed, the flow recorded
+    node.expect_syn_ack(53200)
+    node.send_syn(53201)  # fast path: the flow recorded by tc ingress
+    node.expect_syn_ack(53201)
 
     def send(packet: bytes) -> None:
         argv = [sys.executable, "-c", SEND_RAW, packet.hex(), SANDBOX]
@@ -228,13 +228,13 @@ def test_an_icmp_error_goes_back_under_the_flow_it_quotes_and_only_then(
     # Fail closed first: an error quoting a flow nobody recorded, and one quoting the
     # known flow's ports but another host's packet, are not returned to the node.
     no_flow_before = tun_drops(kproxy, "no_flow")
-    send(icmp_frag_needed(53999))
-    send(icmp_frag_needed(53001, quoted_src="100.96.1.77"))
+    send(icmp_frag_needed(53299))
+    send(icmp_frag_needed(53201, quoted_src="100.96.1.77"))
     assert icmp_from_node(node, 1.5) == []
     wait_for(lambda: tun_drops(kproxy, "no_flow") >= no_flow_before + 2, 5, "the no_flow drops")
     assert tun_drops(kproxy, "no_flow") == no_flow_before + 2
 
-    for sport in (53000, 53001):
+    for sport in (53200, 53201):
         sent = icmp_frag_needed(sport)
         send(sent)
         ((data, inner),) = icmp_from_node(node, REPLY_TIMEOUT_S)
@@ -292,7 +292,12 @@ def test_sigterm_leaves_no_program_pin_or_map(fleet: Fleet, node: NodeSim) -> No
     try:
         proxy.wait_ready()
         node.send_syn(53000)
-        node.expect_syn_ack(53000)
+        try:
+            node.expect_syn_ack(53000)
+        except AssertionError as exc:
+            # Seen once in a CI rehearsal under load, not reproduced since: keep what the
+            # proxy saw, to tell a slow slow path from a lost datagram.
+            raise AssertionError(f"{exc}; proxy log tail:\n{proxy.log()[-4000:]}") from exc
         assert "px_ingress" in tc_filters(fleet.proxy_ns, UNDERLAY_IF, "ingress")
         assert "px_egress" in tc_filters(fleet.proxy_ns, "gnv0", "egress")
         (loaded,) = [e for e in _events(proxy) if e["event"] == "kernel_datapath_loaded"]
