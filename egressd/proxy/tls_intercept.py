@@ -91,6 +91,9 @@ DEFAULT_LEAF_CACHE = 1024
 #: Upstream TLS sessions kept for resumption (`Interception.session`).
 DEFAULT_SESSION_CACHE = 1024
 _BUFFER = 64 * 1024
+#: `TlsTransport._deliver`'s "read until SSLWantReadError" ended without the
+#: read: the memory BIO and the SSL object hold nothing more.
+_DRAINED = ssl.SSLWantReadError()
 #: After the relay ended: how long the last plaintext may take to be encrypted out.
 FLUSH_TIMEOUT_S = 5.0
 
@@ -595,7 +598,7 @@ class TlsTransport(asyncio.Transport):
         """Decrypt what was received into the protocol while it reads: as many
         records as fill its buffer per call (a record holds at most 16 KiB; one
         call per record would cost one relay write, one send, per 16 KiB)."""
-        obj, protocol = self._obj, self._protocol
+        obj, protocol, incoming = self._obj, self._protocol, self._end._in
         while not self._paused and not self._eof and not self._closing:
             stop: ssl.SSLError | None = None
             if self._buffered:
@@ -608,6 +611,12 @@ class TlsTransport(asyncio.Transport):
                         if not n:
                             raise ssl.SSLZeroReturnError
                         filled += n
+                        if not incoming.pending and not obj.pending():
+                            # Nothing left to decrypt: the next read could only
+                            # raise SSLWantReadError (or, after the TCP FIN, EOF:
+                            # the same handling below), ~2 us to build and catch.
+                            stop = _DRAINED
+                            break
                 except ssl.SSLError as exc:
                     stop = exc
                 if filled:

@@ -405,3 +405,41 @@ def test_server_end_behind_a_body_the_client_is_slow_to_read_comes_after_it(
     run(loop, main)
     assert world.server_ends == ["eof"]
     assert world.stats[0].error is None
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_records_in_one_segment_and_split_records_all_delivered(pki: Pki, loop: str) -> None:
+    """`TlsTransport._deliver` stops reading when the memory BIO and the SSL object
+    are empty instead of waiting for SSLWantReadError: a record split over two
+    segments waits for its rest; a request in two records of one segment is
+    read whole."""
+    world = World(pki)
+
+    async def main() -> None:
+        loop_ = asyncio.get_running_loop()
+        async with world.up() as port:
+            client = await bio_client(pki, port)
+            await client.handshake()
+            client.obj.write(get("/data/split"))
+            record = client.outgoing.read()
+            await loop_.sock_sendall(client.sock, record[:7])
+            await asyncio.sleep(0.1)
+            await loop_.sock_sendall(client.sock, record[7:])
+            request = get("/data/a")
+            client.obj.write(request[:9])
+            client.obj.write(request[9:])
+            await loop_.sock_sendall(client.sock, client.outgoing.read())
+            response = b""
+            while not response.endswith(b"ok /data/a"):
+                try:
+                    response += client.obj.read(65536)
+                except ssl.SSLWantReadError:
+                    data = await asyncio.wait_for(loop_.sock_recv(client.sock, 65536), 5)
+                    assert data, response
+                    client.incoming.write(data)
+            assert response.count(b"HTTP/1.1 200 OK\r\n") == 2
+            client.sock.close()
+
+    run(loop, main)
+    assert world.seen == [f"GET /data/{p} HTTP/1.1" for p in ("split", "a")]
+    assert world.stats[0].error is None
