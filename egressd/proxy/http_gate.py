@@ -270,6 +270,10 @@ class HttpGate:
         del self._stream[:taken]
         return chunk
 
+    def use_credentials(self, credentials: creds.RequestCredentials | None) -> None:
+        """Set the credentials of the requests that come after this (a replaced policy's)."""
+        self._credentials = credentials
+
     def _feed(self) -> None:
         """Give the parser what it has not been given (the held bytes, the FIN)."""
         self._pristine = False

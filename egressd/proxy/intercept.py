@@ -94,7 +94,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +110,7 @@ from egressd.proxy.credentials import RequestCredentials
 from egressd.proxy.dns import DNS_PORT, UpstreamResolver
 from egressd.proxy.h2_proxy import H2Proxy
 from egressd.proxy.http_gate import HttpGate, RequestRecord
-from egressd.proxy.limiting import LimitsConfig, ProxyLimits
+from egressd.proxy.limiting import JobPacing, LimitsConfig, ProxyLimits
 from egressd.proxy.outcome import (
     CONNECTION_LABELS,
     LIMIT_REASONS,
@@ -312,6 +312,11 @@ class _Conn:
     # What tier 2 decided from, for `live.redecide` on a policy change.
     learned: frozenset[str] = frozenset()
     proxy_ips: frozenset[IPv4Address] = frozenset()
+    # Its http_request events' fixed fields, formatted at its first request.
+    requests_audit: audit.HttpRequests | None = None
+    # Its request gate's hand-over to a replaced policy that still allows the
+    # connection (`live.redecide`): the next request is decided under it.
+    repolicy: Callable[[Policy], None] | None = None
 
 
 async def peek_client(
@@ -500,6 +505,41 @@ _MISS = object()
 
 #: The first item of the memo keys of `_gate`'s host decisions (apart from `_decide`'s).
 _GATE_HOST = "gate_host"
+
+
+class _GateMemo:
+    """One request gate's outcomes, by what a request asked (its target, method
+    and upgrade) and the names the job had resolved to the address when it was
+    decided. A gate decides under one policy object and one set of fleet
+    ranges, so an outcome is a pure function of that key: a repeated request
+    skips the decision cache's key, `decide_http` and `apply_mode`. Every
+    request still asks `ResolvedNames` first (an expired name changes the key);
+    one that needed the proxy's own resolution is not kept (its answer is part
+    of the decision). Bounded: emptied when full."""
+
+    __slots__ = ("_entries",)
+
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self._entries: dict[object, tuple[set[str], tier2.Tier2Outcome]] = {}
+
+    def get(self, asked: object, learned: set[str]) -> tier2.Tier2Outcome | None:
+        hit = self._entries.get(asked)
+        if hit is None or hit[0] != learned:
+            return None
+        return hit[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def put(
+        self, asked: object, learned: set[str], outcome: tier2.Tier2Outcome
+    ) -> tier2.Tier2Outcome:
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        self._entries[asked] = (learned, outcome)
+        return outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -938,10 +978,7 @@ class Interceptor:
             conn.learned,
             conn.proxy_ips,
         )
-        limits = self.limits
-        with self.live.track(
-            flow.job_id, recorded, conn.relay, policy, lambda new: limits.retune(pacing, new.limits)
-        ):
+        with self.live.track(flow.job_id, recorded, conn.relay, policy, self._retune(conn, pacing)):
             await relay(
                 sock,
                 upstream,
@@ -954,6 +991,18 @@ class Interceptor:
                 timeouts=self.limits.timeouts,
                 gate=gate,
             )
+
+    def _retune(self, conn: _Conn, pacing: JobPacing) -> Callable[[Policy], None]:
+        """What a replaced policy that still allows the open connection changes
+        (`live.redecide`): its job's pacing and its request gate's policy."""
+        limits = self.limits
+
+        def retune(new: Policy) -> None:
+            limits.retune(pacing, new.limits)
+            if conn.repolicy is not None:
+                conn.repolicy(new)
+
+        return retune
 
     def _gate(
         self, conn: _Conn, policy: Policy, conn_host: str | None, *, sni: str | None = None
@@ -977,9 +1026,16 @@ class Interceptor:
         job_id = conn.flow.job_id
         fleet_ranges = self.ctx.fleet_ranges
         decisions = self._decisions
+        # The job's policy now: a replaced one that still allows the connection
+        # decides its next request (`repolicy`), so an open keep-alive
+        # connection cannot keep methods or paths the new policy took away.
+        current = [policy]
 
         def host_decision(
-            request: http_rules.RequestTarget, learned: set[str], proxy_ips: frozenset[IPv4Address]
+            policy: Policy,
+            request: http_rules.RequestTarget,
+            learned: set[str],
+            proxy_ips: frozenset[IPv4Address],
         ) -> Decision:
             return http_rules.decide_host(
                 policy,
@@ -993,14 +1049,22 @@ class Interceptor:
             )
 
         def outcome(
-            request: http_rules.RequestTarget, method: str, upgrade: str | None, host: Decision
+            policy: Policy,
+            request: http_rules.RequestTarget,
+            method: str,
+            upgrade: str | None,
+            host: Decision,
         ) -> tier2.Tier2Outcome:
             decision = http_rules.decide_http(host, request, method=method, upgrade=upgrade)
             return tier2.apply_mode(policy, decision)
 
         names_sni: dict[str | None, bool] = {}  # a request's Host -> it is the SNI
+        # This connection's outcomes by what a request asked and the names the
+        # job had resolved to the address then (`_GateMemo`).
+        memo = _GateMemo()
 
         def decide(method: str, request: http_rules.RequestTarget, upgrade: str | None) -> Any:
+            policy = current[0]
             if sni is not None:
                 same = names_sni.get(request.host)
                 if same is None:  # normalised once per connection, not per request
@@ -1011,6 +1075,10 @@ class Interceptor:
                     mismatch = Decision(Verdict.DENY, tls_intercept.HOST_SNI_MISMATCH, None)
                     return tier2.apply_mode(policy, mismatch)
             learned = self.resolved.names_for(job_id, conn.dst, time.monotonic())
+            asked = (request, method, upgrade)
+            known = memo.get(asked, learned)
+            if known is not None:
+                return known
             key = (
                 _GATE_HOST,
                 conn_host,
@@ -1023,7 +1091,7 @@ class Interceptor:
             )
             cached = decisions.get(policy, fleet_ranges, key)
             if isinstance(cached, Decision):
-                return outcome(request, method, upgrade, cached)
+                return memo.put(asked, learned, outcome(policy, request, method, upgrade, cached))
             if isinstance(cached, _Resolve):
                 name: str | None = cached.name
             else:
@@ -1035,9 +1103,9 @@ class Interceptor:
                     resolved_names=learned,
                 )
                 if name is None:
-                    host = host_decision(request, learned, frozenset())
+                    host = host_decision(policy, request, learned, frozenset())
                     decisions.put(policy, fleet_ranges, key, host)
-                    return outcome(request, method, upgrade, host)
+                    return memo.put(asked, learned, outcome(policy, request, method, upgrade, host))
                 decisions.put(policy, fleet_ranges, key, _Resolve(name))
             assert name is not None
             resolve = name
@@ -1048,25 +1116,34 @@ class Interceptor:
                 answered = (key, ips)
                 host = decisions.get(policy, fleet_ranges, answered)
                 if not isinstance(host, Decision):
-                    host = host_decision(request, learned, ips)
+                    host = host_decision(policy, request, learned, ips)
                     decisions.put(policy, fleet_ranges, answered, host)
-                return outcome(request, method, upgrade, host)
+                return outcome(policy, request, method, upgrade, host)
 
             return resolving()
 
         store = self.ctx.secrets
-        credentials = RequestCredentials.of(policy, _no_secret if store is None else store.get)
-        return HttpGate(
-            decide, lambda record: self._request_done(conn, record), credentials=credentials
+        secret = _no_secret if store is None else store.get
+        gate = HttpGate(
+            decide,
+            lambda record: self._request_done(conn, record),
+            credentials=RequestCredentials.of(policy, secret),
         )
 
+        def repolicy(new: Policy) -> None:
+            current[0] = new
+            memo.clear()
+            gate.use_credentials(RequestCredentials.of(new, secret))
+
+        conn.repolicy = repolicy
+        return gate
+
     def _request_done(self, conn: _Conn, record: RequestRecord) -> None:
-        flow, policy = conn.flow, conn.policy
-        decision = record.decision
-        allowed = decision.allowed or record.would_deny
-        audit.emit(
-            self.ctx.audit,
-            audit.http_request_event(
+        requests = conn.requests_audit
+        if requests is None:
+            flow, policy = conn.flow, conn.policy
+            requests = conn.requests_audit = audit.HttpRequests(
+                self.ctx.audit,
                 job_id=None if flow is None else flow.job_id,
                 account=None if policy is None else policy.account,
                 node=None if flow is None else flow.node,
@@ -1075,19 +1152,22 @@ class Interceptor:
                 sport=conn.sport,
                 dst=conn.dst,
                 port=conn.dport,
-                host=record.host,
-                method=record.method,
-                path=record.path,
-                status=record.status,
-                verdict=audit.VERDICT_ALLOW if allowed else audit.VERDICT_DENY,
-                reason=decision.reason,
                 mode=None if policy is None else policy.mode,
-                would_deny=record.would_deny,
-                bytes_up=record.bytes_up,
-                bytes_down=record.bytes_down,
-                injected=record.injected,
-                credential=record.credential,
-            ),
+            )
+        decision = record.decision
+        allowed = decision.allowed or record.would_deny
+        requests.emit(
+            host=record.host,
+            method=record.method,
+            path=record.path,
+            status=record.status,
+            verdict=audit.VERDICT_ALLOW if allowed else audit.VERDICT_DENY,
+            reason=decision.reason,
+            would_deny=record.would_deny,
+            bytes_up=record.bytes_up,
+            bytes_down=record.bytes_down,
+            injected=record.injected,
+            credential=record.credential,
         )
 
     def _by_address(self, policy: Policy, dst: IPv4Address, dport: int) -> Decision | None:
