@@ -21,21 +21,17 @@ from egressd_harness.topology import network
 from tests.support.agent_fleet import Fleet as AgentFleet
 from tests.support.agent_fleet import bring_up, tear_down
 from tests.support.control_process import ControlProcess, Paths
-from tests.support.netns import fresh_prefix
 from tests.support.proxy_fleet import (
     BASE,
     FORGER,
     JOB,
     JOB_NODE2,
-    LAYOUT,
-    NODE,
     SITE,
     NodeSim,
     ProxyProcess,
     http,
-    start_control,
-    stop_process,
-    trust_control_key,
+    running_fleet,
+    running_proxy,
 )
 from tests.support.proxy_fleet import Fleet as ProxyFleet
 
@@ -89,17 +85,8 @@ def agent_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentFleet
 @pytest.fixture(scope="module")
 def proxy_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFleet]:
     root = tmp_path_factory.mktemp("proxy-dataplane")
-    f = ProxyFleet(prefix=fresh_prefix(), root=root)
-    try:
-        network.build(LAYOUT, f.prefix)
+    with running_fleet(root) as f:
         kn.ensure_addr(f.node_ns, network.UNDERLAY_IF, f"{FORGER}/24")
-
-        trust_control_key(f)
-        start_control(f)
-        f.put(
-            f"/v1/nodes/{NODE.name}",
-            {"underlay": str(NODE.underlay), "sandbox_cidr": str(NODE.sandbox_cidr)},
-        )
         egress = [
             {"cidr": f"{SITE}/32", "ports": [80]},
             {"host": "api.allowed.test", "ports": [80, 443]},
@@ -130,26 +117,12 @@ def proxy_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFleet
             stderr=(root / "inet-http.log").open("wb"),
         )
         yield f
-    finally:
-        stop_process(f.control)
-        stop_process(f.inet_http)
-        network.destroy(LAYOUT, f.prefix)
-        for name in kn.list_netns(f.prefix):
-            kn.delete_netns(name)
 
 
 @pytest.fixture
 def proxy(proxy_fleet: ProxyFleet) -> Iterator[ProxyProcess]:
-    p = ProxyProcess(proxy_fleet)
-    try:
-        p.wait_ready()
+    with running_proxy(proxy_fleet) as p:
         yield p
-    finally:
-        p.kill()
-        # Whatever happened, leave the proxy namespace as the test found it.
-        kn.run_in_netns(
-            proxy_fleet.proxy_ns, ["nft", "delete", "table", "inet", "egressd"], check=False
-        )
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from egressd.policy.keys import generate_signing_key, write_key_dir
 from egressd_harness.topology import network
 from tests.support import processes
 from tests.support.control_process import control_argv
+from tests.support.netns import fresh_prefix
 from tests.support.waits import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,6 +193,29 @@ def start_control(fleet: Fleet, *extra: str, log: str = "control.log") -> None:
     fleet.admin_token = (fleet.root / "admin-token").read_text().strip()
 
 
+@contextlib.contextmanager
+def running_fleet(root: Path) -> Iterator[Fleet]:
+    """A fresh prefix's namespaces (`LAYOUT`) and the control plane, node1 registered; the
+    body adds the rest (policies, an "internet" in `inet_http`). Processes and namespaces
+    go however the body ends."""
+    f = Fleet(prefix=fresh_prefix(), root=root)
+    try:
+        network.build(LAYOUT, f.prefix)
+        trust_control_key(f)
+        start_control(f)
+        f.put(
+            f"/v1/nodes/{NODE.name}",
+            {"underlay": str(NODE.underlay), "sandbox_cidr": str(NODE.sandbox_cidr)},
+        )
+        yield f
+    finally:
+        stop_process(f.control)
+        stop_process(f.inet_http)
+        network.destroy(LAYOUT, f.prefix)
+        for name in kn.list_netns(f.prefix):
+            kn.delete_netns(name)
+
+
 # --- the proxy process ---------------------------------------------------------------------
 
 
@@ -267,6 +291,18 @@ class ProxyProcess:
     def kill(self) -> None:
         stop_process(self.proc)
         self._log.close()
+
+
+@contextlib.contextmanager
+def running_proxy(fleet: Fleet, **overrides: object) -> Iterator[ProxyProcess]:
+    """A ready proxy; killed at the end, and the proxy namespace left as it was found."""
+    p = ProxyProcess(fleet, **overrides)
+    try:
+        p.wait_ready()
+        yield p
+    finally:
+        p.kill()
+        kn.run_in_netns(fleet.proxy_ns, ["nft", "delete", "table", "inet", "egressd"], check=False)
 
 
 def dropped(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], reason: str) -> float:
