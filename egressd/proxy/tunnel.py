@@ -75,7 +75,6 @@ from dataclasses import dataclass
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from egressd.errors import EgressdError
 from egressd.geneve.codec import (
     HEADER_LEN,
     OFFLOAD_OPTION_LEN,
@@ -91,6 +90,7 @@ from egressd.proxy.context import FlowInfo, PolicyUnavailable
 from egressd.proxy.digests import GRACE, STALE, UNKNOWN
 from egressd.proxy.endpoint import ENDPOINT_REASONS, Accepted, Dropped, validate
 from egressd.proxy.flows import Flow, FlowTable
+from egressd.proxy.kernel import FAILURE_LOG_INTERVAL_S, LogThrottle
 from egressd.proxy.kernel_maps import KERNEL_ONLY_REASONS
 from egressd.proxy.policies import PolicyStore
 from egressd.proxy.registry import NodeRegistry, NodeView
@@ -140,6 +140,9 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 log = structlog.get_logger("egressd.proxy.tunnel")
 
 #: (job id, digest, node underlay, sandbox -> internet 5-tuple of ints) of an accepted datagram.
+#: It must not raise: `KernelDatapath.accepted` counts and throttles its own map write
+#: failures. The tunnel still guards the call (a bug there must not cost the datagram) and
+#: logs what escapes through a `LogThrottle`, one line per exception type per interval.
 AcceptHook = Callable[
     [uuid.UUID, bytes, ipaddress.IPv4Address, tuple[int, int, int, int, int]], None
 ]
@@ -255,6 +258,8 @@ class GeneveTunnel:
         self._peer_port = listen[1] if peer_port is None else peer_port
         self._offload = offload
         self._on_accept = on_accept
+        self._hook_log: LogThrottle[str] = LogThrottle(FAILURE_LOG_INTERVAL_S)
+        self._hook_held = 0  # failures `_hook_log` held back and no line has reported yet
         self._vnet_in = bytearray(VNET_HDR_LEN)
         self._sock: socket.socket | None = None
         self._tun_fd = -1
@@ -374,6 +379,8 @@ class GeneveTunnel:
                 m.tun_written.inc(written)
             if drops:
                 self._flush_drops()
+            if self._hook_held:
+                self._flush_hook_log(now)
 
     def add_kernel_counts(
         self, received: int, drops: dict[str, int], tun_drops: dict[str, int]
@@ -426,8 +433,8 @@ class GeneveTunnel:
                     acc.node.underlay,
                     (acc.src, acc.sport, acc.dst, acc.dport, acc.proto),
                 )
-            except EgressdError as exc:  # the packet still goes on through the TUN
-                log.warning("kernel_program_failed", reason=exc.reason, detail=exc.detail)
+            except Exception as exc:  # noqa: BLE001 - a hook bug must not cost the datagram
+                self._hook_failed(exc, now)
         try:
             if self._offload:
                 vnet = acc.vnet
@@ -440,6 +447,23 @@ class GeneveTunnel:
             drops["tun_write_failed"] = drops.get("tun_write_failed", 0) + 1
             return 0
         return 1
+
+    def _hook_failed(self, exc: Exception, now: float) -> None:
+        """A flood of datagrams may each fail the same way: one line per type per interval."""
+        kind = type(exc).__name__
+        suppressed = self._hook_log.admit(kind, now)
+        if suppressed is None:
+            self._hook_held += 1
+            return
+        self._hook_held -= suppressed
+        log.error("accept_hook_failed", error=kind, detail=str(exc), suppressed=suppressed)
+
+    def _flush_hook_log(self, now: float) -> None:
+        """Summarise the failures held back once their interval passed (at a batch's end, so
+        that a flood that stops still has its count logged by the next datagram's batch)."""
+        for kind, count in self._hook_log.flush(now).items():
+            self._hook_held -= count
+            log.error("accept_hook_failed", error=kind, suppressed=count)
 
     def _hold(self, job_id: uuid.UUID, datagram: bytes, src_ip: str) -> None:
         drops = self._drops
