@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from egressd.ebpf.tc import MapSpec as MapSpec  # re-exported: the maps' shapes
+from egressd.ebpf.tc import sum_percpu as sum_percpu  # re-exported: node.py sums with it
 from egressd.errors import EgressdError
 
 IPv4Address = ipaddress.IPv4Address
@@ -277,13 +278,3 @@ def pack_flow_key(src: IPv4Address, dst: IPv4Address, proto: int, sport: int, dp
 def unpack_flow(raw: bytes) -> tuple[int, int]:
     slot, gen = _FLOW.unpack(raw)
     return slot, gen
-
-
-def sum_percpu(raw: bytes, fmt: struct.Struct, cpus: int) -> tuple[int, ...]:
-    """Field-wise sum of a per-CPU value over `cpus` slots of 8-byte-aligned values."""
-    stride = (fmt.size + 7) // 8 * 8
-    totals = [0] * len(fmt.unpack_from(raw, 0))
-    for cpu in range(cpus):
-        for i, value in enumerate(fmt.unpack_from(raw, cpu * stride)):
-            totals[i] += value
-    return tuple(totals)

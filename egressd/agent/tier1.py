@@ -70,7 +70,6 @@ from egressd.agent.tier1_maps import (
     pack_denied_value,
     pack_exempt_key,
     pack_sandbox,
-    sum_percpu_counters,
     unpack_counter_key,
     unpack_exempt_key,
     unpack_sandbox,
@@ -104,6 +103,32 @@ FILTER_NAME: Final = "egressd-tier1"
 
 # ---------------------------------------------------------------------------
 # The I/O edge.
+
+
+def read_counters(fd: int, *, skip_unknown: bool = False) -> dict[tuple[int, Reason], Count]:
+    """{(ifindex, reason): (packets, bytes)} summed over CPUs, from the t1_counters map `fd`
+    (`Tier1.counters`, and the load test's fd on a running agent's pin).
+
+    A reason code this checkout does not know is abi_mismatch, or left out with
+    `skip_unknown` (a reader of another agent's map). Map errors are `EbpfError` map_failed.
+    """
+    name = "t1_counters"
+    key_size = next(spec.key_size for spec in MAPS if spec.name == name)
+    size = bpf.percpu_value_size(COUNTER_VALUE.size)
+    cpus = bpf.possible_cpus()
+    out = {}
+    for key in tc.map_keys(fd, name, key_size):
+        raw = tc.map_lookup(fd, name, key, size)
+        if raw is None:
+            continue
+        try:
+            slot = unpack_counter_key(key)
+        except Tier1Error:
+            if skip_unknown:
+                continue
+            raise
+        out[slot] = Count(*tc.sum_percpu(raw, COUNTER_VALUE, cpus))
+    return out
 
 
 class Tier1(Loaded[Tier1Error]):
@@ -262,14 +287,7 @@ class Tier1(Loaded[Tier1Error]):
 
     def counters(self) -> dict[tuple[int, Reason], Count]:
         """{(ifindex, reason): (packets, bytes)} summed over CPUs."""
-        size = bpf.percpu_value_size(COUNTER_VALUE.size)
-        cpus = bpf.possible_cpus()
-        out = {}
-        for key in self._keys("t1_counters"):
-            raw = self._map_lookup("t1_counters", key, size)
-            if raw is not None:
-                out[unpack_counter_key(key)] = sum_percpu_counters(raw, cpus)
-        return out
+        return self._ebpf(read_counters, self._fd("t1_counters"))
 
     def clear_counters(self, ifindex: int) -> dict[Reason, Count]:
         """Delete the veth's counters (when it is gone) and return their last values."""

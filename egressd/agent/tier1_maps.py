@@ -485,14 +485,3 @@ def pack_counter_key(ifindex: int, reason: Reason) -> bytes:
 def unpack_counter_key(raw: bytes) -> tuple[int, Reason]:
     ifindex, code = _COUNTER_KEY.unpack(raw)
     return ifindex, Reason.from_code(code)
-
-
-def sum_percpu_counters(raw: bytes, cpus: int) -> Count:
-    """Sum one per-CPU {packets, bytes} value over `cpus` slots of 8-byte-aligned values."""
-    stride = (COUNTER_VALUE.size + 7) // 8 * 8
-    packets = byte_count = 0
-    for cpu in range(cpus):
-        p, b = COUNTER_VALUE.unpack_from(raw, cpu * stride)
-        packets += p
-        byte_count += b
-    return Count(packets, byte_count)

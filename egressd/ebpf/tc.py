@@ -354,9 +354,15 @@ _U64: Final = struct.Struct("=Q")
 _Slot = TypeVar("_Slot", bound=int)
 
 
-def sum_percpu_u64(raw: bytes, cpus: int) -> int:
-    """One per-CPU u64 slot (8 bytes a CPU) summed."""
-    return sum(_U64.unpack_from(raw, _U64.size * cpu)[0] for cpu in range(cpus))
+def sum_percpu(raw: bytes, fmt: struct.Struct, cpus: int) -> tuple[int, ...]:
+    """Field-wise sum of a per-CPU value of layout `fmt` over `cpus` slots, each rounded up
+    to 8 bytes (the kernel's layout of a per-CPU map's value, `bpf.percpu_value_size`)."""
+    stride = (fmt.size + 7) // 8 * 8
+    totals = [0] * len(fmt.unpack_from(raw, 0))
+    for cpu in range(cpus):
+        for i, value in enumerate(fmt.unpack_from(raw, cpu * stride)):
+            totals[i] += value
+    return tuple(totals)
 
 
 def percpu_counters(fd: int, name: str, slots: Iterable[_Slot]) -> dict[_Slot, int]:
@@ -367,7 +373,7 @@ def percpu_counters(fd: int, name: str, slots: Iterable[_Slot]) -> dict[_Slot, i
     out = {}
     for slot in slots:
         raw = map_lookup(fd, name, _U32.pack(slot), size)
-        out[slot] = 0 if raw is None else sum_percpu_u64(raw, cpus)
+        out[slot] = 0 if raw is None else sum_percpu(raw, _U64, cpus)[0]
     return out
 
 

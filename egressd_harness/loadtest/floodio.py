@@ -5,8 +5,9 @@ packets that reach each proxy.
 - `FloodRun`: `python -m egressd_harness.loadtest.flood KIND ...` in the attacker's
   namespace, the same life cycle as a `LocustRun` (start, wait, stop, read);
 - `tier1_counts`: the attacker's veth's counters by reason, read from the
-  agent's pinned `t1_counters` map (per-CPU hash {ifindex, reason}) with
-  bpf(2), read only: the agent's /metrics sums every sandbox, and a victim
+  agent's pinned `t1_counters` map (per-CPU hash {ifindex, reason}) with the
+  agent's own reader (`egressd.agent.tier1.read_counters`), read only (no write
+  to the map): the agent's /metrics sums every sandbox, and a victim
   on the same node shares its veth with nothing but itself;
 - `ProxyTap`: a table of the load test's own in each proxy's namespace
   (`ip egd_loadtest`, a prerouting chain that only counts: the attacker's
@@ -30,14 +31,9 @@ from typing import Any
 
 import structlog
 
-from egressd.agent.tier1_maps import (
-    COUNTER_VALUE,
-    MAPS,
-    Tier1Error,
-    sum_percpu_counters,
-    unpack_counter_key,
-)
+from egressd.agent.tier1 import read_counters
 from egressd.ebpf import syscall as bpf
+from egressd.ebpf.build import EbpfError
 from egressd.net import netns as kn
 
 log = structlog.get_logger("egressd_harness.loadtest")
@@ -147,25 +143,12 @@ def link_index(ns: str, ifname: str) -> int:
 
 def tier1_counts(pin_dir: Path, ifindex: int) -> dict[str, int]:
     """Packets by reason that tier 1 counted on the veth `ifindex` (read-only)."""
-    spec = next(s for s in MAPS if s.name == "t1_counters")
     fd = bpf.obj_get(pin_dir / "maps" / "t1_counters")
     try:
-        cpus = bpf.possible_cpus()
-        size = bpf.percpu_value_size(COUNTER_VALUE.size)
-        out: dict[str, int] = {}
-        for key in list(bpf.map_keys(fd, spec.key_size)):
-            try:
-                index, reason = unpack_counter_key(key)
-            except Tier1Error:
-                continue  # a reason code this checkout does not know
-            if index != ifindex:
-                continue
-            raw = bpf.map_lookup(fd, key, size)
-            if raw is not None:
-                out[str(reason)] = out.get(str(reason), 0) + sum_percpu_counters(raw, cpus).packets
-        return out
+        counts = read_counters(fd, skip_unknown=True)  # another checkout's agent may know more
     finally:
         os.close(fd)
+    return {str(reason): c.packets for (index, reason), c in counts.items() if index == ifindex}
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +162,7 @@ class Tier1Probe:
     def read(self) -> dict[str, int] | None:
         try:
             return tier1_counts(self.pin_dir, link_index(self.node_ns, self.host_veth))
-        except (OSError, kn.NetError, StopIteration) as exc:
+        except (OSError, EbpfError, kn.NetError) as exc:
             log.error("tier1_counters_unreadable", pin_dir=str(self.pin_dir), error=str(exc))
             return None
 

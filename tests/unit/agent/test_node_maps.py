@@ -33,7 +33,6 @@ from egressd.agent.node_maps import (
     pack_sandbox_ip,
     permutation,
     source_port,
-    sum_percpu,
     unpack_config,
     unpack_maglev,
     unpack_proxy,
@@ -242,8 +241,3 @@ def test_bad_values_are_refused() -> None:
         pack_sandbox(b"\0" * 35, IPv4Address("100.96.1.2"))
     with pytest.raises(NodeError):
         pack_sandbox_ip(3, b"\x02" * 5, b"\x04" * 6, b"\x05" * 16)
-
-
-def test_sum_percpu() -> None:
-    raw = COUNT.pack(1, 10) + COUNT.pack(2, 20) + COUNT.pack(100, 100)
-    assert sum_percpu(raw, COUNT, 2) == (3, 30)

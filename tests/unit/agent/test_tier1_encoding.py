@@ -16,7 +16,6 @@ from egressd.agent.tier1_maps import (
     PORT_BITMAP_BYTES,
     SANDBOX_VALUE_SIZE,
     Bucket,
-    Count,
     DeniedRange,
     PortSpec,
     Reason,
@@ -33,7 +32,6 @@ from egressd.agent.tier1_maps import (
     pack_exempt_key,
     pack_sandbox,
     port_bitmap,
-    sum_percpu_counters,
     unpack_counter_key,
     unpack_denied,
     unpack_exempt_key,
@@ -321,8 +319,6 @@ def test_counter_key_and_percpu_sum() -> None:
         18,
     ]
     assert unpack_counter_key(struct.pack("=II", 9, 18)) == (9, Reason.SYN_RATE_LIMIT)
-    raw = struct.pack("=QQQQQQ", 1, 60, 2, 120, 0, 0)
-    assert sum_percpu_counters(raw, 3) == Count(3, 180) == (3, 180)
 
 
 # -- denied ranges ----------------------------------------------------------------

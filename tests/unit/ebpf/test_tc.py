@@ -5,6 +5,7 @@ test_proxy_kernel_prog.py)."""
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,3 +119,14 @@ def test_a_failed_map_call_is_map_failed_and_names_the_map(
         os.close(fd)
     assert caught.value.reason == "map_failed"
     assert caught.value.detail.startswith(prefix)
+
+
+def test_percpu_values_are_summed_field_by_field_over_8_byte_aligned_slots() -> None:
+    u64 = struct.Struct("=Q")
+    assert tc.sum_percpu(struct.pack("=QQQ", 1, 2, 3), u64, 3) == (6,)
+    count = struct.Struct("=QQ")
+    raw = count.pack(1, 60) + count.pack(2, 120) + count.pack(100, 100)
+    assert tc.sum_percpu(raw, count, 2) == (3, 180)  # only the first `cpus` slots
+    odd = struct.Struct("=II4x")  # 12 bytes: each CPU's slot is rounded up to 16
+    raw = struct.pack("=II8x", 1, 2) + struct.pack("=II8x", 10, 20)
+    assert tc.sum_percpu(raw, odd, 2) == (11, 22)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 import egressd
-from egressd.ebpf import tc
 from egressd.proxy import kernel_maps as km
 from egressd.proxy.endpoint import ENDPOINT_REASONS
 from egressd.proxy.kernel import DEFAULT_SOURCE
@@ -160,10 +159,6 @@ def test_diff_writes_changes_and_deletes_leftovers() -> None:
     change = km.diff({b"a": b"1", b"b": b"2", b"c": b"3"}, {b"a": b"1", b"b": b"9", b"d": b"4"})
     assert change.put == {b"b": b"9", b"d": b"4"}
     assert change.delete == {b"c"}
-
-
-def test_percpu_sum() -> None:
-    assert tc.sum_percpu_u64(struct.pack("=QQQ", 1, 2, 3), 3) == 6
 
 
 def test_proxy_source_is_package_data_with_the_checkouts_content() -> None:
