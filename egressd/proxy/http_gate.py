@@ -63,12 +63,13 @@ How, and why:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import h11
 
@@ -131,6 +132,8 @@ class HttpGate:
     `wake` is called when a decision finished asynchronously.
     `credentials`: the job's credentials, set on and searched in every
     request that goes upstream (None: the policy has none).
+    `shared`: heads read whole by other gates (`SharedHeads`), taken without
+    the parsers as this gate's own repeats are.
     """
 
     def __init__(
@@ -140,13 +143,15 @@ class HttpGate:
         *,
         max_held: int = MAX_HELD,
         credentials: creds.RequestCredentials | None = None,
+        shared: SharedHeads | None = None,
     ) -> None:
         self._decide = decide
+        self._shared = shared
         self._on_request = on_request
         self._max_held = max_held
         self._credentials = credentials
         self._scanner: creds.BodyScanner | None = None  # the current request's body
-        self._server = _server()
+        self._server: h11.Connection | None = None  # made when first needed (`_parser`)
         # The request parser has been given nothing yet (`_feed`): a request head
         # byte for byte the same as the last one it read whole (`_repeat`) needs
         # no parser at all; `_over`: such a request went up, its response is due.
@@ -155,7 +160,11 @@ class HttpGate:
         self._over = False
         self._last: _Head | None = None  # the last bodiless request head h11 read fresh
         self._candidate: _Head | None = None
-        self._client = h11.Connection(h11.CLIENT)  # a fresh one per response (`_prime`)
+        # A closing head taken without the parser (`SharedHeads`): given to a parser
+        # when one is needed after all (`_materialize`).
+        self._closing: bytes | None = None
+        # A fresh one per response (`_prime`), made when one is needed (`_ready`).
+        self._client: h11.Connection | None = None
         self._primed: RequestRecord | None = None  # primed lazily (`_ready`) for this request
         self._fed = 0  # reads given to the response watcher since it was primed
         self._last_response: _ResponseHead | None = None
@@ -200,7 +209,7 @@ class HttpGate:
         if self._stopped:
             return
         if not self._pristine:
-            self._server.receive_data(data)
+            self._parser.receive_data(data)
         self._stream += data
         self._held += len(data)
         self._advance()
@@ -209,7 +218,7 @@ class HttpGate:
         self._client_closed = True
         if not self.tunnel and not self._stopped:
             if not self._pristine:
-                self._server.receive_data(b"")
+                self._parser.receive_data(b"")
             self._advance()
 
     def from_upstream(self, data: bytes) -> None:
@@ -228,7 +237,7 @@ class HttpGate:
         else:
             self._ready()
             self._fed += 1
-            self._client.receive_data(data)
+            self._watching.receive_data(data)
             self._watch(len(data), data)
         if self._held or self._client_closed:
             self._advance()  # a request held until this response was complete
@@ -240,8 +249,14 @@ class HttpGate:
         if self._body_left is not None:
             self._lost_track()  # the server closed before the end of a counted body
             return
+        if self._client is None and self._primed is None and not self._outstanding:
+            # Nothing is due (every response so far was a shared head): a fresh
+            # watcher would read the FIN as the end and find nothing past it.
+            self._advance_deny()
+            self._advance()
+            return
         self._ready()
-        self._client.receive_data(b"")
+        self._watching.receive_data(b"")
         self._watch(0)
         self._advance()
 
@@ -263,7 +278,7 @@ class HttpGate:
 
     def _consumed(self) -> bytes:
         """The bytes the server parser consumed since the last call, as received."""
-        left = len(self._server.trailing_data[0])
+        left = len(self._parser.trailing_data[0])
         taken = self._held - left
         self._held = left
         chunk = bytes(self._stream[:taken])
@@ -279,9 +294,9 @@ class HttpGate:
         self._pristine = False
         self._fresh = True
         if self._stream:
-            self._server.receive_data(bytes(self._stream))
+            self._parser.receive_data(bytes(self._stream))
         if self._client_closed:
-            self._server.receive_data(b"")
+            self._parser.receive_data(b"")
 
     def _repeat(self) -> bool:
         """Take the next request without the parser when its head is the same
@@ -290,13 +305,35 @@ class HttpGate:
         bytes, from the same state), so only the decision is made again."""
         last = self._last
         if last is None or not self._stream.startswith(last.head):
-            return False
+            last = None if self._shared is None else self._shared.requests.find(self._stream)
+            if last is None:
+                return False
+            if last.closing:
+                self._closing = last.head
+            else:
+                self._last = last
         size = len(last.head)
         del self._stream[:size]
         self._held -= size
         self._over = True
         self._dispatch(last, last.head)
         return True
+
+    def _materialize(self) -> None:
+        """Give a parser the closing head taken without one (`SharedHeads`), and what
+        came after it: from here on h11 reads as if it had read that head itself
+        (a closing request leaves h11 in ``MUST_CLOSE``: anything more from the
+        client is refused, its FIN ends the requests)."""
+        head, self._closing = self._closing, None
+        assert head is not None
+        server = self._parser
+        server.receive_data(head)
+        event = server.next_event()
+        end = server.next_event()
+        assert isinstance(event, h11.Request) and isinstance(end, h11.EndOfMessage)
+        self._over = False
+        self._feed()
+        self._fresh = False
 
     def _may_repeat(self) -> bool:
         """The held bytes are the start of the last head (h11 would wait too)."""
@@ -308,14 +345,17 @@ class HttpGate:
         while not (self._stopped or self._waiting or self.tunnel):
             if self._pristine:
                 if self._over:
-                    return  # the next request waits for this one's response
-                if self._repeat():
-                    continue
-                if not self._client_closed and (not self._held or self._may_repeat()):
-                    return  # nothing yet, or the start of what may be a repeat
-                self._feed()
+                    if self._closing is None or not (self._held or self._client_closed):
+                        return  # the next request waits for this one's response
+                    self._materialize()  # h11 refuses more after a closing request
+                else:
+                    if self._repeat():
+                        continue
+                    if not self._client_closed and (not self._held or self._may_repeat()):
+                        return  # nothing yet, or the start of what may be a repeat
+                    self._feed()
             try:
-                event = self._server.next_event()
+                event = self._parser.next_event()
             except h11.RemoteProtocolError:
                 # Mid-body (a bad chunk) it is that request's bytes that were bad.
                 current = self._current
@@ -338,10 +378,17 @@ class HttpGate:
                 if isinstance(event, h11.EndOfMessage):
                     self._current = None
                     self._scanner = None
-                    server = self._server
+                    server = self._parser
                     candidate, self._candidate = self._candidate, None
-                    if candidate is not None and not chunk and server.their_state is h11.DONE:
-                        self._last = candidate  # read whole by a fresh parser: `_repeat`
+                    if candidate is not None and not chunk:
+                        # Read whole by a fresh parser: `_repeat`, `SharedHeads`.
+                        shared = self._shared
+                        if server.their_state is h11.DONE:
+                            self._last = candidate
+                            if shared is not None:
+                                shared.requests.keep(candidate)
+                        elif server.their_state is h11.MUST_CLOSE and shared is not None:
+                            shared.requests.keep(dataclasses.replace(candidate, closing=True))
                     if server.our_state is h11.DONE and server.their_state is h11.DONE:
                         server.start_next_cycle()  # answered before its end (`_next_request`)
                     elif not self._held and not self._client_closed:
@@ -506,16 +553,16 @@ class HttpGate:
         """Prime the response watcher if `_prime` asked for it."""
         record = self._primed
         if record is None:
+            if self._client is None:
+                self._client = self._watcher()
             return
         self._primed = None
         self._fed = 0
         client = self._client
-        if client.our_state is not h11.IDLE:
+        if client is None or client.our_state is not h11.IDLE:
             # A fresh parser per response: a counted body (`_count_body`) leaves
             # the last one mid-message, and a new one costs less than a cycle.
-            client = self._client = h11.Connection(h11.CLIENT)
-            if self._upstream_closed:
-                client.receive_data(b"")
+            client = self._client = self._watcher()
         try:
             client.send(_primer(record.method, record.upgrade))
             if record.upgrade or record.method == http_rules.CONNECT:
@@ -525,6 +572,28 @@ class HttpGate:
         except h11.LocalProtocolError:
             self.failed = True
 
+    @property
+    def _parser(self) -> h11.Connection:
+        """The request parser (made on first use: a gate whose requests are all
+        shared or repeated heads never needs one)."""
+        server = self._server
+        if server is None:
+            server = self._server = _server()
+        return server
+
+    @property
+    def _watching(self) -> h11.Connection:
+        """The response watcher (made by `_ready`)."""
+        client = self._client
+        assert client is not None
+        return client
+
+    def _watcher(self) -> h11.Connection:
+        client = h11.Connection(h11.CLIENT)
+        if self._upstream_closed:
+            client.receive_data(b"")
+        return client
+
     def _repeated_response(self, data: bytes) -> bool:
         """The response to the primed request begins with the same head, byte
         for byte, as the last counted one a fresh watcher read from its first
@@ -532,8 +601,13 @@ class HttpGate:
         is counted straight away (the request's method and upgrade agree with
         what that one was read for: no ``HEAD``, ``CONNECT`` or upgrade)."""
         last, record = self._last_response, self._primed
-        if last is None or record is None or not data.startswith(last.head):
+        if record is None:
             return False
+        if last is None or not data.startswith(last.head):
+            last = None if self._shared is None else self._shared.responses.find(data)
+            if last is None:
+                return False
+            self._last_response = last
         if record.upgrade or record.method in _NO_COUNT or record is not self._outstanding[0]:
             return False
         self._primed = None
@@ -551,12 +625,12 @@ class HttpGate:
                 self._ready()
                 self._fed = 2  # this read did not begin with its response: not kept
             try:
-                event = self._client.next_event()
+                event = self._watching.next_event()
             except h11.RemoteProtocolError:
                 self._lost_track()
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
-                if self._client.their_state is h11.SWITCHED_PROTOCOL:
+                if self._watching.their_state is h11.SWITCHED_PROTOCOL:
                     self._switched()
                 return
             record = self._outstanding[0]
@@ -569,7 +643,7 @@ class HttpGate:
                 self._mirror(event)
             elif isinstance(event, h11.Response):
                 record.status = event.status_code
-                if self._client.their_state is h11.SWITCHED_PROTOCOL:
+                if self._watching.their_state is h11.SWITCHED_PROTOCOL:
                     self._switched()
                     return
                 counted = _counted(record.method, event)
@@ -577,21 +651,23 @@ class HttpGate:
                     # The body is only counted: the bytes h11 holds past the head
                     # are its first part; what comes later never goes through h11.
                     self._body_left, self._body_close = counted
-                    rest = len(self._client.trailing_data[0])
+                    rest = len(self._watching.trailing_data[0])
                     if self._fed == 1 and data and not record.upgrade:
                         # Read from the watcher's first byte, in one piece.
                         head = data[: len(data) - rest]
                         self._last_response = _ResponseHead(head, event.status_code, counted)
+                        if self._shared is not None:
+                            self._shared.responses.keep(self._last_response)
                     self._count_body(rest)
                     return
             elif isinstance(event, h11.EndOfMessage):
-                self._complete(self._client.their_state is not h11.DONE)
+                self._complete(self._watching.their_state is not h11.DONE)
             elif isinstance(event, h11.ConnectionClosed):
                 self._outstanding.popleft()
                 self._on_request(record)
                 self._stopped = True
                 return
-        if not self._outstanding and self._client.trailing_data[0]:
+        if not self._outstanding and self._watching.trailing_data[0]:
             self._lost_track()  # bytes past the last response: see `from_upstream`
             return
         self._advance_deny()
@@ -616,7 +692,7 @@ class HttpGate:
         if self._over:
             return  # the request was read without the parser (`_repeat`): nothing to move
         try:
-            self._server.send(
+            self._parser.send(
                 h11.InformationalResponse(status_code=event.status_code, headers=event.headers)
             )
         except h11.LocalProtocolError:
@@ -637,14 +713,16 @@ class HttpGate:
     def _next_request(self, status: int | None) -> None:
         """Let the request parser go on to the next request."""
         if self._over:
-            self._over = False  # read without the parser (`_repeat`), which is still new
-            return
-        server = self._server
+            if self._closing is None:
+                self._over = False  # read without the parser (`_repeat`), which is still new
+                return
+            self._materialize()  # the server did not close: h11 says what may follow
+        server = self._parser
         if server.their_state is h11.DONE:
             # The usual case: a fresh parser costs less than telling the old one
             # about a response it never sent. What the old one holds (a pipelined
             # request, the client's FIN) is the held stream: given on demand (`_feed`).
-            self._server = _server()
+            self._server = None
             self._pristine = True
             return
         # The request is not over (the server answered early), or the client
@@ -660,10 +738,12 @@ class HttpGate:
             server.start_next_cycle()
 
     def _switched(self) -> None:
+        if self._closing is not None:
+            self._materialize()
         record = self._outstanding.popleft()
         self._on_request(record)
         self.tunnel = True
-        _, closed = self._server.trailing_data
+        _, closed = self._parser.trailing_data
         rest = bytes(self._stream)
         self._stream.clear()
         self._held = 0
@@ -713,6 +793,7 @@ class _Head:
     method: str
     target: http_rules.RequestTarget
     upgrade: str | None
+    closing: bool = False  # h11 read it to MUST_CLOSE (``Connection: close``, HTTP/1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -722,6 +803,51 @@ class _ResponseHead:
     head: bytes
     status: int
     counted: tuple[int, bool]
+
+
+_H = TypeVar("_H", "_Head", "_ResponseHead")
+
+
+class _Heads(Generic[_H]):
+    """Heads a fresh parser (or watcher) read whole, kept across connections by
+    their bytes: h11 and `sniff` are pure functions of those bytes from that
+    state, so a head that begins a stream byte for byte is read the same way
+    again (`_repeat`, `_repeated_response`): clients and servers send the same
+    heads over their connections, a new connection per request included.
+    Bounded: emptied when full (a ``Date`` header makes a server's response
+    heads change every second)."""
+
+    __slots__ = ("_entries",)
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, _H] = {}
+
+    def find(self, stream: bytes | bytearray) -> _H | None:
+        """The kept head `stream` begins with, if any."""
+        end = stream.find(b"\r\n\r\n")
+        if end < 0 or not self._entries:
+            return None
+        return self._entries.get(bytes(stream[: end + 4]))
+
+    def keep(self, head: _H) -> None:
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        self._entries[head.head] = head
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class SharedHeads:
+    """The request and response heads an interceptor's gates share (`_Heads`)."""
+
+    __slots__ = ("requests", "responses")
+
+    def __init__(self) -> None:
+        self.requests: _Heads[_Head] = _Heads()
+        self.responses: _Heads[_ResponseHead] = _Heads()
 
 
 def _server() -> h11.Connection:

@@ -109,7 +109,7 @@ from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
 from egressd.proxy.credentials import RequestCredentials
 from egressd.proxy.dns import DNS_PORT, UpstreamResolver
 from egressd.proxy.h2_proxy import H2Proxy
-from egressd.proxy.http_gate import HttpGate, RequestRecord
+from egressd.proxy.http_gate import HttpGate, RequestRecord, SharedHeads
 from egressd.proxy.limiting import JobPacing, LimitsConfig, ProxyLimits
 from egressd.proxy.outcome import (
     CONNECTION_LABELS,
@@ -154,10 +154,23 @@ def bound_dead_peers(sock: socket.socket) -> None:
 _CONNECTING = (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR)
 
 
+_ADDRESSES: dict[str, IPv4Address] = {}
+_ADDRESSES_LIMIT = 4096
+
+
 def _ipv4(text: str) -> IPv4Address:
     """A dotted quad from the kernel (accept, getsockname) as an address: from
-    its 32-bit value, a tenth of what parsing the text costs."""
-    return IPv4Address(int.from_bytes(socket.inet_aton(text), "big"))
+    its 32-bit value, a tenth of what parsing the text costs; the same few
+    addresses (a sandbox's, its destinations) come again and again, and an
+    address is immutable, so one object per text is kept (bounded: emptied
+    when full)."""
+    address = _ADDRESSES.get(text)
+    if address is None:
+        address = IPv4Address(int.from_bytes(socket.inet_aton(text), "big"))
+        if len(_ADDRESSES) >= _ADDRESSES_LIMIT:
+            _ADDRESSES.clear()
+        _ADDRESSES[text] = address
+    return address
 
 
 async def connect_socket(
@@ -317,6 +330,10 @@ class _Conn:
     # Its request gate's hand-over to a replaced policy that still allows the
     # connection (`live.redecide`): the next request is decided under it.
     repolicy: Callable[[Policy], None] | None = None
+    # The addresses as the kernel wrote them (`str` of `src`, `dst`), for the
+    # audit lines: not formatted again from the addresses.
+    src_text: str | None = None
+    dst_text: str | None = None
 
 
 async def peek_client(
@@ -325,6 +342,7 @@ async def peek_client(
     timeout_s: float,
     tls_limit: int = sniff.MAX_CLIENT_HELLO,
     http_limit: int = sniff.MAX_HTTP_HEAD,
+    known: PeekedHeads | None = None,
 ) -> Peeked:
     """Read the client's first bytes until they are a complete ClientHello or
     HTTP request head (or cannot become one: over its bound, malformed, not
@@ -332,6 +350,9 @@ async def peek_client(
 
     Never reads past the bound of what it is reading; what it read is
     forwarded upstream as is when the connection is allowed.
+
+    `known`: request heads that were read whole by one first read before (with
+    these bounds), and what they said (`PeekedHeads`).
     """
     buf = bytearray()
     eof = False
@@ -370,10 +391,19 @@ async def peek_client(
     # Usually the whole head is there already: read it without a timeout scope
     # (one costs ~5-10 µs) and without adding a reader to the loop and removing it.
     try:
-        if take(sock.recv(room())):
-            return _peeked(bytes(buf), kind, result, eof)
+        first = sock.recv(room())
     except (BlockingIOError, InterruptedError):
         pass
+    else:
+        if known is not None:
+            peeked = known.get(first)
+            if peeked is not None:
+                return peeked
+        if take(first):
+            peeked = _peeked(first, kind, result, eof)
+            if known is not None:
+                known.keep(peeked)
+            return peeked
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout_s):
@@ -387,6 +417,32 @@ async def peek_client(
     except TimeoutError:
         pass
     return _peeked(bytes(buf), kind, result, eof)
+
+
+class PeekedHeads:
+    """Plain-HTTP request heads that one first read of a connection brought
+    whole, with what `peek_client` made of them, by their bytes: what it makes
+    of a first read that ends the reading is a pure function of those bytes
+    (and the bounds, one pair per interceptor), and clients send the same head
+    on connection after connection. TLS is not kept (every ClientHello has its
+    own random). Bounded: emptied when full."""
+
+    __slots__ = ("_entries",)
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, Peeked] = {}
+
+    def get(self, data: bytes) -> Peeked | None:
+        return self._entries.get(data) if self._entries else None
+
+    def keep(self, peeked: Peeked) -> None:
+        if peeked.protocol != tier2.PROTOCOL_HTTP or peeked.sniff_error is not None or peeked.eof:
+            return
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        self._entries[peeked.data] = peeked
 
 
 def _peeked(
@@ -644,6 +700,10 @@ class Interceptor:
         self._count_up: Any = None
         self._count_down: Any = None
         self._decisions = _DecisionCache()
+        # Request and response heads read whole, for every gate (`SharedHeads`),
+        # and the first reads that were a whole request head (`PeekedHeads`).
+        self._heads = SharedHeads()
+        self._peeks = PeekedHeads()
         self._job_denials = job_metrics.on(ctx)
         # Open relayed connections, re-decided when their job's policy changes.
         self.live = live.LiveConnections(
@@ -742,7 +802,7 @@ class Interceptor:
             return
         conn.setblocking(False)  # TCP_NODELAY and `bound_dead_peers`: from the listener
         self._spawn(
-            self._handle(conn, _ipv4(addr[0]), addr[1], _ipv4(dst), dport),
+            self._handle(conn, addr[0], addr[1], dst, dport),
             f"egressd-conn-{addr[0]}:{addr[1]}->{dst}:{dport}",
         )
 
@@ -761,11 +821,12 @@ class Interceptor:
     # one connection
 
     async def _handle(
-        self, sock: socket.socket, src: IPv4Address, sport: int, dst: IPv4Address, dport: int
+        self, sock: socket.socket, src: str, sport: int, dst: str, dport: int
     ) -> None:
-        """One connection: the decision steps' outcome, carried out; then the
-        audit event and counters, written once from the final outcome."""
-        conn = _Conn(src, sport, dst, dport)
+        """One connection (its addresses as the kernel wrote them): the decision
+        steps' outcome, carried out; then the audit event and counters, written
+        once from the final outcome."""
+        conn = _Conn(_ipv4(src), sport, _ipv4(dst), dport, src_text=src, dst_text=dst)
         self._metrics.active.inc()
         decided: Outcome | None = None  # tier 2's, once made (an error later keeps its host)
         outcome = Outcome.deny(ConnectionReason.ERROR)
@@ -825,7 +886,7 @@ class Interceptor:
         conn.learned = frozenset(learned)
         by_address = self._by_address(policy, conn.dst, conn.dport)
         if by_address is None:
-            peeked = await peek_client(sock, timeout_s=self.peek_timeout_s)
+            peeked = await peek_client(sock, timeout_s=self.peek_timeout_s, known=self._peeks)
             named = await self._decide(policy, conn, peeked, learned)
         else:
             named = tier2.NamedDecision(by_address, None)  # no byte read: no name
@@ -1128,6 +1189,7 @@ class Interceptor:
             decide,
             lambda record: self._request_done(conn, record),
             credentials=RequestCredentials.of(policy, secret),
+            shared=self._heads,
         )
 
         def repolicy(new: Policy) -> None:
@@ -1148,9 +1210,9 @@ class Interceptor:
                 account=None if policy is None else policy.account,
                 node=None if flow is None else flow.node,
                 proxy=self.ctx.identity.name,
-                src=conn.src,
+                src=conn.src_text or conn.src,
                 sport=conn.sport,
-                dst=conn.dst,
+                dst=conn.dst_text or conn.dst,
                 port=conn.dport,
                 mode=None if policy is None else policy.mode,
             )
@@ -1336,9 +1398,9 @@ class Interceptor:
                 account=None if policy is None else policy.account,
                 node=None if flow is None else flow.node,
                 proxy=self.ctx.identity.name,
-                src=conn.src,
+                src=conn.src_text or conn.src,
                 sport=conn.sport,
-                dst=conn.dst,
+                dst=conn.dst_text or conn.dst,
                 port=conn.dport,
                 host=outcome.host,
                 verdict=verdict,
@@ -1384,4 +1446,4 @@ async def start_interceptor(
     return interceptor
 
 
-__all__ = ["Interceptor", "Peeked", "peek_client", "start_interceptor"]
+__all__ = ["Interceptor", "Peeked", "PeekedHeads", "peek_client", "start_interceptor"]
