@@ -1,11 +1,19 @@
 """Relay bytes both ways between two connected TCP sockets, with half-close.
 
 The hot path of the proxy, so it is built on asyncio protocols (callbacks, no
-coroutine per chunk): each side reads into a 64 KiB buffer and writes a copy
-straight into the other side's transport. Flow control is the transports':
-when a side's write buffer passes its high-water mark, the other side stops
-reading until it drains, so a slow reader never makes the proxy buffer more
-than about one high-water mark per direction.
+coroutine per chunk): each side reads into the read buffer (`RELAY_BUFFER`,
+256 KiB, shared by the loop's relays) and passes the bytes to the other side.
+An ungated side that was never paced reads up to the whole buffer and writes
+it straight to the other socket with one ``write`` when that socket's
+transport holds nothing (`_Side.send`: no copy in user space); only what the
+socket does not take is copied into the transport. A gated or paced side, and
+any side before the start, reads `CHUNK` (64 KiB) at a time and copies each
+chunk (the gate and the pacing queue keep theirs). Flow control is the
+transports': when a side's write buffer passes its high-water mark, the other
+side stops reading until it drains, so a slow reader never makes the proxy
+buffer more than about one high-water mark and one read per direction.
+(Issue 10's bulk profile: the proxy's CPU in a download is ~87% the kernel's
+send path, the relay's Python ~13%; docs/decisions.md, "Bulk relay".)
 
 Half-close: when one side sends FIN, the other side gets ``shutdown(SHUT_WR)``
 once what was already relayed has been written, and the relay carries on in the
@@ -40,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -48,7 +57,10 @@ from typing import Protocol, cast
 
 from egressd.limits import timeouts as expiry
 
-RELAY_BUFFER = 64 * 1024
+#: The read buffer (the scratch): what an ungated side that was never paced reads at once.
+RELAY_BUFFER = 256 * 1024
+#: What a gated or paced side reads at once: the gate parses, a paced chunk is a burst.
+CHUNK = 64 * 1024
 #: Per-direction write buffer high-water mark before the other side is paused.
 WRITE_HIGH_WATER = 256 * 1024
 
@@ -162,11 +174,14 @@ class _Side(asyncio.BufferedProtocol):
         "direction",
         "eof",
         "eof_sent",
+        "fd",
         "lost",
+        "paced",
         "peer",
         "pending",
         "pipe",
         "queue",
+        "raw",
         "timer",
         "transport",
     )
@@ -177,6 +192,7 @@ class _Side(asyncio.BufferedProtocol):
         direction: str,
         count: Callable[[int], None] | None,
         buffer: bytearray,
+        raw: bool = False,
     ) -> None:
         self.pipe = pipe
         self.direction = direction  # of the bytes this side reads
@@ -195,6 +211,11 @@ class _Side(asyncio.BufferedProtocol):
         self.eof_sent = False  # this side's FIN was passed on to the peer
         self.lost = False
         self.closing = False  # a gate's final response is queued: end after it
+        self.paced = False  # a chunk of this side waited for its departure: read CHUNKs
+        # A plain TCP socket (not an Endpoint's TLS): its descriptor once connected,
+        # what is written to this side goes straight to it (`send`); else -1.
+        self.fd = -1
+        self.raw = raw
 
     # asyncio.BaseProtocol
 
@@ -202,6 +223,9 @@ class _Side(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket") if self.raw else None
+        if sock is not None:
+            self.fd = sock.fileno()
         # Until both sides exist (`_Pipe.start`). asyncio honours this; uvloop
         # starts reading after connection_made anyway, hence `pending`.
         self.transport.pause_reading()
@@ -238,15 +262,16 @@ class _Side(asyncio.BufferedProtocol):
     # asyncio.BufferedProtocol
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        # Before the start (uvloop reads once after connection_made), a chunk that
+        # is written unpaced at the start (`pending`): no bigger than it was.
+        if self.paced or self.peer is None or self.pipe.gate is not None:
+            return self._view[:CHUNK]
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        # One copy (the buffer is reused), immutable: the gate, a queue or the
-        # transport may keep it as it is.
-        data = bytes(self._view[:nbytes])
         peer = self.peer
         if peer is None:
-            self.pending.append(data)
+            self.pending.append(bytes(self._view[:nbytes]))
             if self.transport is not None:
                 self.transport.pause_reading()
             return
@@ -254,8 +279,12 @@ class _Side(asyncio.BufferedProtocol):
             return
         gate = self.pipe.gate
         if gate is None:
-            self.forward(data)
-        elif self.direction == UP:
+            # Ungated: the scratch itself is written (`forward` copies what it keeps).
+            self.forward(self._view[:nbytes])
+            return
+        # One copy (the buffer is reused), immutable: the gate or a queue keeps it.
+        data = bytes(self._view[:nbytes])
+        if self.direction == UP:
             self.pipe.last_activity = self.pipe.loop.time()
             gate.from_client(data)
             self.pipe.drain_gate()
@@ -264,8 +293,8 @@ class _Side(asyncio.BufferedProtocol):
             gate.from_upstream(data)
             self.pipe.drain_gate()
 
-    def forward(self, data: bytes | bytearray) -> None:
-        """Write `data` to the peer now, or queue it for its departure time."""
+    def forward(self, data: bytes | memoryview) -> None:
+        """Write `data` to the peer now, or queue it (a copy) for its departure time."""
         peer = self.peer
         if peer is None or peer.transport is None or peer.transport.is_closing():
             return
@@ -279,8 +308,30 @@ class _Side(asyncio.BufferedProtocol):
             if due - now > PACE_SLACK_S or self.queue:
                 self.enqueue(due, bytes(data), now, pacing.horizon_s)
                 return
-        peer.transport.write(data)
+        peer.send(data)
         self.counted(nbytes)
+
+    def send(self, data: bytes | memoryview) -> None:
+        """Write `data` to this side now; what the socket does not take goes, copied,
+        to the transport's buffer (its flow control as always).
+
+        A plain socket whose transport holds nothing gets `data` with one
+        ``write``: no copy in user space, and the bytes keep their order. An error
+        is left to the transport's own write, which ends the relay as before.
+        """
+        transport = self.transport
+        assert transport is not None
+        # A closing transport's descriptor may be closed and its number reused by
+        # another connection: only a live, idle transport's socket is written directly.
+        if self.fd >= 0 and not transport.is_closing() and not transport.get_write_buffer_size():
+            try:
+                sent = os.write(self.fd, data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data if isinstance(data, bytes) else bytes(data))
 
     def finish(self, data: bytes) -> None:
         """Write a gate's final response to the peer after what is queued, then
@@ -311,6 +362,7 @@ class _Side(asyncio.BufferedProtocol):
         if queue is None:
             queue = self.queue = collections.deque()
         queue.append((due, data))
+        self.paced = True
         self.pipe.stats.paced_chunks += 1
         if self.timer is None:
             self.timer = self.pipe.loop.call_at(queue[0][0], self.flush)
@@ -577,9 +629,9 @@ async def relay(
     relay is cancelled) and returned. `pacing`, `timeouts` and `gate`: see the module
     doc (with a gate, `first_up` goes to the gate first and is counted when released).
 
-    `scratch` is the read buffer (64 KiB by default). Relays on one event loop
-    may share one: a read fills it and `buffer_updated` copies the bytes out
-    before the loop runs anything else (asyncio and uvloop both call
+    `scratch` is the read buffer (`RELAY_BUFFER` by default). Relays on one event loop
+    may share one: a read fills it and `buffer_updated` writes or copies the bytes
+    out before the loop runs anything else (asyncio and uvloop both call
     ``get_buffer``, read, ``buffer_updated`` in one go), so thousands of idle
     connections cost no read buffers.
     """
@@ -597,14 +649,14 @@ async def relay(
     try:
         if isinstance(upstream, socket.socket):
             _, pipe.upstream = await loop.create_connection(
-                lambda: _Side(pipe, DOWN, count_down, scratch), sock=upstream
+                lambda: _Side(pipe, DOWN, count_down, scratch, raw=True), sock=upstream
             )
         else:
             side = await upstream.attach(lambda: _Side(pipe, DOWN, count_down, scratch))
             pipe.upstream = cast(_Side, side)
         if isinstance(client, socket.socket):
             _, pipe.client = await loop.connect_accepted_socket(
-                lambda: _Side(pipe, UP, count_up, scratch), sock=client
+                lambda: _Side(pipe, UP, count_up, scratch, raw=True), sock=client
             )
         else:
             side = await client.attach(lambda: _Side(pipe, UP, count_up, scratch))
