@@ -4,8 +4,12 @@
  * (issue 10 item 4; docs/decisions.md, "Proxy workers").
  *
  * rp_select: an SK_REUSEPORT program attached (SO_ATTACH_REUSEPORT_EBPF) to
- * the SO_REUSEPORT group of the transparent TCP listener, one listening socket
- * per worker process. The kernel runs it on every listener lookup of the
+ * the SO_REUSEPORT group of a transparent listener, one socket per worker
+ * process: TCP (the interceptor, DNS over TCP) or UDP (DNS; UDP and TCP
+ * ports are separate groups, each with its own instance of this program and
+ * its own rp_workers). Both read the same 5-tuple at the same offsets (the
+ * ports are the first 4 bytes of either header) and find UDP flows in
+ * px_flows as px_ingress records them. The kernel runs it on every listener lookup of the
  * group: a SYN (and a syncookie's ACK), whether it came through nftables
  * TPROXY (nf_tproxy_get_sock_v4 looks the listener up with the packet) or by
  * plain delivery to 127.0.0.1:<port>. It:
@@ -46,7 +50,7 @@
  *   no_worker       the job's slot in rp_workers is empty (the supervisor holds
  *                   every listening socket, so only during start or stop).
  *                   Another worker would split the job's limits.
- *   malformed       not IPv4/TCP, or the headers cannot be read.
+ *   malformed       not IPv4 TCP or UDP, or the headers cannot be read.
  *   not_configured  rp_config.workers is 0 (or above RP_MAX_WORKERS): not
  *                   loaded completely.
  *
@@ -134,14 +138,15 @@ int rp_select(struct sk_reuseport_md *ctx)
 
 	if (!cfg || cfg->workers == 0 || cfg->workers > RP_MAX_WORKERS)
 		return count(RP_NOT_CONFIGURED, SK_DROP);
-	if (ctx->eth_protocol != bpf_htons(ETH_P_IP) || ctx->ip_protocol != IPPROTO_TCP)
+	if (ctx->eth_protocol != bpf_htons(ETH_P_IP) ||
+	    (ctx->ip_protocol != IPPROTO_TCP && ctx->ip_protocol != IPPROTO_UDP))
 		return count(RP_MALFORMED, SK_DROP);
 
 	struct iphdr ip;
 
 	if (bpf_skb_load_bytes_relative(ctx, 0, &ip, sizeof(ip), BPF_HDR_START_NET) < 0)
 		return count(RP_MALFORMED, SK_DROP);
-	if (ip.version != 4 || ip.ihl < 5 || ip.protocol != IPPROTO_TCP)
+	if (ip.version != 4 || ip.ihl < 5 || ip.protocol != ctx->ip_protocol)
 		return count(RP_MALFORMED, SK_DROP);
 
 	__be16 ports[2];
@@ -155,7 +160,7 @@ int rp_select(struct sk_reuseport_md *ctx)
 		.dst = ip.daddr,
 		.sport = ports[0],
 		.dport = ports[1],
-		.proto = IPPROTO_TCP,
+		.proto = ip.protocol,
 	};
 	struct px_flow *flow = bpf_map_lookup_elem(&px_flows, &fk);
 

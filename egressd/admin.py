@@ -17,7 +17,7 @@ and binds (port 0 binds an ephemeral port, read back into `AdminServer.port`);
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -29,6 +29,10 @@ SHUTDOWN_TIMEOUT_S = 2.0
 
 ReadinessCheck = Callable[[], Sequence[str]]
 """Returns the reasons the daemon is not ready; empty when it is."""
+
+MetricsPage = Callable[[], Awaitable[bytes]]
+"""The whole `/metrics` text, for a daemon whose page is more than its registry (a proxy
+supervisor adds its workers' pages)."""
 
 
 class AdminError(EgressdError):
@@ -50,7 +54,10 @@ class AdminServer:
 
 
 def add_admin_routes(
-    app: web.Application, registry: CollectorRegistry, readiness: ReadinessCheck
+    app: web.Application,
+    registry: CollectorRegistry,
+    readiness: ReadinessCheck,
+    page: MetricsPage | None = None,
 ) -> None:
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -62,9 +69,8 @@ def add_admin_routes(
         return web.json_response({"status": "ready"})
 
     async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        body = generate_latest(registry) if page is None else await page()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
@@ -75,6 +81,7 @@ def build_admin_app(
     registry: CollectorRegistry,
     ready: Callable[[], bool],
     reasons: Callable[[], Sequence[str]] | None = None,
+    page: MetricsPage | None = None,
 ) -> web.Application:
     def readiness() -> Sequence[str]:
         if ready():
@@ -82,7 +89,7 @@ def build_admin_app(
         return list(reasons()) if reasons is not None else ["not_ready"]
 
     app = web.Application()
-    add_admin_routes(app, registry, readiness)
+    add_admin_routes(app, registry, readiness, page)
     return app
 
 
@@ -93,10 +100,11 @@ async def start_admin(
     port: int,
     ready: Callable[[], bool],
     reasons: Callable[[], Sequence[str]] | None = None,
+    page: MetricsPage | None = None,
 ) -> AdminServer:
     """Serve `/metrics`, `/healthz`, `/readyz` on `host:port`; raises AdminError."""
     runner = web.AppRunner(
-        build_admin_app(registry, ready, reasons),
+        build_admin_app(registry, ready, reasons, page),
         access_log=None,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )

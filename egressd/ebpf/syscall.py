@@ -34,6 +34,7 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
+BPF_F_RDONLY = 1 << 3  # BPF_OBJ_GET file_flags: an fd that reads a map, never writes it
 
 # enum bpf_map_type (only those the agent checks)
 BPF_MAP_TYPE_HASH = 1
@@ -100,11 +101,12 @@ def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
-def obj_get(path: Path) -> int:
-    """A new fd for the object pinned at `path` (close it with `os.close`)."""
+def obj_get(path: Path, flags: int = 0) -> int:
+    """A new fd for the object pinned at `path` (close it with `os.close`); `flags`:
+    BPF_F_RDONLY for a map fd that cannot write."""
     name = ctypes.create_string_buffer(os.fsencode(path))
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    struct.pack_into("=QII", attr, 0, _addr(name), 0, 0)
+    struct.pack_into("=QII", attr, 0, _addr(name), 0, flags)
     return _bpf(BPF_OBJ_GET, attr)
 
 

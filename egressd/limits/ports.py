@@ -85,6 +85,10 @@ class PortPoolConfig:
     min_per_job: int = DEFAULT_MIN_PER_JOB
     reserved_newcomers: int = DEFAULT_RESERVED_NEWCOMERS
     reuse_delay_s: float = DEFAULT_REUSE_DELAY_S
+    #: A proxy worker's slice of the range: the ports p with p % stride == offset (worker
+    #: `offset` of `stride`), so workers never hand out the same pair; 1, 0: every port.
+    stride: int = 1
+    offset: int = 0
 
     def __post_init__(self) -> None:
         if not self.addresses:
@@ -93,6 +97,10 @@ class PortPoolConfig:
             raise ValueError("addresses: must be distinct")
         if not 1024 <= self.first_port <= self.last_port <= 65535:
             raise ValueError("ports: must be a range within 1024-65535")
+        if not 0 <= self.offset < self.stride:
+            raise ValueError("offset: must be 0 .. stride - 1")
+        if self.ports_per_address < 1:
+            raise ValueError(f"ports: no port p with p % {self.stride} == {self.offset} in range")
         if self.min_per_job < 0 or self.reserved_newcomers < 0:
             raise ValueError("min_per_job and reserved_newcomers must not be negative")
         if self.min_per_job * (self.reserved_newcomers + 1) > self.capacity:
@@ -105,8 +113,14 @@ class PortPoolConfig:
             raise ValueError("reuse_delay_s must not be negative")
 
     @property
+    def _first(self) -> int:
+        """The slice's first port."""
+        return self.first_port + (self.offset - self.first_port) % self.stride
+
+    @property
     def ports_per_address(self) -> int:
-        return self.last_port - self.first_port + 1
+        first = self._first
+        return 0 if first > self.last_port else (self.last_port - first) // self.stride + 1
 
     @property
     def capacity(self) -> int:
@@ -116,13 +130,16 @@ class PortPoolConfig:
     def candidate(self, index: int) -> tuple[IPv4Address, int]:
         """The `index`-th pair in hand-out order: round-robin over the addresses."""
         n = len(self.addresses)
-        return self.addresses[index % n], self.first_port + index // n
+        return self.addresses[index % n], self._first + (index // n) * self.stride
 
     def index(self, address: IPv4Address, port: int) -> int | None:
         """The inverse of `candidate`; None for a pair outside the pool."""
         if not self.first_port <= port <= self.last_port or address not in self.addresses:
             return None
-        return (port - self.first_port) * len(self.addresses) + self.addresses.index(address)
+        if port % self.stride != self.offset:
+            return None
+        n = len(self.addresses)
+        return (port - self._first) // self.stride * n + self.addresses.index(address)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,9 +38,27 @@ def register(sub: Any) -> None:
         help="JSON configuration (name, underlay, egress, ...; see egressd.proxy.config)",
     )
     serve.set_defaults(handler=_serve)
+    # One worker of a supervisor (`"workers"` > 1): started by `proxy serve`, not by hand.
+    worker = proxy_sub.add_parser("worker", help="(internal) one worker of `proxy serve`")
+    worker.add_argument("--config", type=Path, required=True, metavar="FILE")
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--fds", required=True, help="the inherited TCP, UDP DNS, TCP DNS fds")
+    worker.set_defaults(handler=_worker)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from egressd.proxy import service  # uvloop, aiohttp, tier 2 only when serving
 
     return serve_daemon(args.config, load_config, ConfigError, service.run)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from egressd.proxy import worker
+
+    fds = [int(fd) for fd in args.fds.split(",")]
+    return serve_daemon(
+        args.config,
+        load_config,
+        ConfigError,
+        lambda config: worker.run_worker(config, args.index, fds),
+    )

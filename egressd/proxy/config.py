@@ -57,6 +57,16 @@ Decisions:
   tc validates and decapsulates on the underlay and encapsulates the return
   traffic, the Python endpoint is the slow path. Its bpffs and compiled object
   live in `state_dir` (default ``/run/egressd/proxy/NAME``).
+* `workers` (kernel data path only): how many worker processes serve tier 2 (the
+  interceptor, DNS, limits), 1..256, or ``"auto"``: the CPUs the proxy may run on
+  (``len(os.sched_getaffinity(0))``, at most 256, and no more than the source ports
+  can be split into while every slice keeps `min_ports_per_job` for
+  `reserved_newcomers` + 1 jobs). Unset: `DEFAULT_KERNEL_WORKERS` on
+  the kernel path, 1 on the userspace one. 1 is one process exactly as before; more starts a supervisor (`egressd.proxy.workers`) that keeps the host's
+  parts once and a job's connections and DNS queries on one worker (`bpf/reuseport.c`).
+  Proxy-wide `max_connections` and `bandwidth_bps` are split, ``ceil(value / N)`` per
+  worker, and worker i takes the source ports p with ``p % N == i``. The userspace data
+  path has one flow table in one process: only 1 is valid there.
 * `offload` opens the TUN with a virtio-net header and TSO/checksum offloads
   and carries GSO super-packets in GENEVE with the offload option (see
   `egressd.proxy.tunnel`). Every node agent of the fleet must have the same
@@ -101,7 +111,9 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -154,6 +166,10 @@ MAX_MTU = 65535 - layout.GENEVE_OVERHEAD
 
 
 DATAPATHS = ("userspace", "kernel")
+AUTO_WORKERS = "auto"
+#: `workers` when unset on the kernel data path (docs/decisions.md, "Proxy workers").
+DEFAULT_KERNEL_WORKERS: int | str = AUTO_WORKERS  # the e2e suite passed with it
+MAX_WORKERS = 256  # egressd.proxy.reuseport.MAX_WORKERS (RP_MAX_WORKERS)
 DEFAULT_STATE_ROOT = Path("/run/egressd/proxy")
 
 
@@ -206,6 +222,7 @@ class ProxyConfig:
     digest_grace_s: float = DEFAULT_GRACE_S
     datapath: str = "userspace"
     state_dir: Path | None = None
+    workers: int | str | None = None  # None: the data path's default (`worker_count`)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _is_name(self.name):
@@ -247,6 +264,7 @@ class ProxyConfig:
         as_one_of("datapath", self.datapath, DATAPATHS)
         if self.state_dir is not None and not isinstance(self.state_dir, Path):
             raise ConfigError("state_dir", "must be a path")
+        self._check_workers()
         self._check_limits()
         if self.resolver not in self.sandbox_supernet and not any(
             self.resolver in net for net in self.fleet_ranges
@@ -254,6 +272,53 @@ class ProxyConfig:
             # The resolver address is answered by the proxy itself; tier 2 must
             # never treat it as an internet destination.
             raise ConfigError("resolver", "must be inside sandbox_supernet or one of fleet_ranges")
+
+    def _check_workers(self) -> None:
+        if self.workers is None:
+            pass
+        elif isinstance(self.workers, str):
+            if self.workers != AUTO_WORKERS:
+                raise ConfigError("workers", f'must be an integer in 1..{MAX_WORKERS} or "auto"')
+        else:
+            as_int("workers", self.workers, 1, MAX_WORKERS)
+        if self.datapath != "kernel" and self.workers not in (None, 1):
+            raise ConfigError(
+                "workers",
+                'must be 1 with "datapath": "userspace" (its flow table lives in one process)',
+            )
+        count = self.worker_count
+        for index in range(count if count > 1 else 0):
+            try:
+                self.worker_port_pool(index)
+            except ValueError as exc:
+                raise ConfigError("workers", f"source_ports split {count} ways: {exc}") from None
+
+    @property
+    def worker_count(self) -> int:
+        """`workers` as a number (``"auto"``: the CPUs this process may run on; unset: 1 on
+        the userspace data path, `DEFAULT_KERNEL_WORKERS` on the kernel one)."""
+        workers = self.workers
+        if workers is None:
+            workers = DEFAULT_KERNEL_WORKERS if self.datapath == "kernel" else 1
+        if isinstance(workers, int):
+            return workers
+        # "auto" never splits the source ports so thin that a slice misses its guarantees.
+        count = max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        while count > 1 and not self._slices_hold(count):
+            count -= 1
+        return count
+
+    def _slices_hold(self, count: int) -> bool:
+        try:
+            for index in range(count):
+                dataclasses.replace(self.port_pool, stride=count, offset=index)
+        except ValueError:
+            return False
+        return True
+
+    def worker_port_pool(self, index: int) -> PortPoolConfig:
+        """Worker `index`'s slice of the source ports (the ports p with p % N == index)."""
+        return dataclasses.replace(self.port_pool, stride=self.worker_count, offset=index)
 
     def _check_limits(self) -> None:
         as_int("max_connections", self.max_connections, 1, 1_048_576)
@@ -360,6 +425,12 @@ def _as_interception_ca(name: str, value: object) -> InterceptionCaPaths:
     )
 
 
+def _as_workers(name: str, value: object) -> int | str:
+    if value == AUTO_WORKERS:
+        return AUTO_WORKERS
+    return as_int(name, value, 1, MAX_WORKERS)
+
+
 _CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
     "name": as_str,
     "underlay": as_address,
@@ -398,6 +469,7 @@ _CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
     "digest_grace_s": as_number,
     "datapath": as_str,
     "state_dir": as_path,
+    "workers": _as_workers,
 }
 _REQUIRED = ("name", "underlay", "egress")
 
@@ -408,6 +480,26 @@ def config_from_mapping(obj: object) -> ProxyConfig:
     assert known == set(_CONVERTERS), "every field needs a converter"
     doc = as_object("", obj, known, required=_REQUIRED, what="a JSON object")
     return ProxyConfig(**convert("", doc, _CONVERTERS))
+
+
+def config_to_mapping(config: ProxyConfig) -> dict[str, Any]:
+    """The JSON object `config_from_mapping` reads back into an equal `ProxyConfig` (a
+    supervisor hands its workers their configuration this way)."""
+    out: dict[str, Any] = {}
+    for f in fields(ProxyConfig):
+        value = getattr(config, f.name)
+        if value is None or value == f.default:
+            continue
+        if f.name == "source_ports":
+            value = f"{value[0]}-{value[1]}"
+        elif isinstance(value, InterceptionCaPaths):
+            value = {"cert": str(value.cert), "key": str(value.key)}
+        elif isinstance(value, tuple):
+            value = [str(v) for v in value]
+        elif isinstance(value, IPv4Address | IPv4Network | Path):
+            value = str(value)
+        out[f.name] = value
+    return out
 
 
 def load_config(path: Path | str) -> ProxyConfig:

@@ -113,7 +113,7 @@ import struct
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +188,7 @@ class DnsReason(enum.StrEnum):
     POLICY_UNVERIFIABLE = "policy_unverifiable"
     POLICY_EXPIRED = "policy_expired"
     CONTROL_UNREACHABLE = "control_unreachable"
+    WRONG_WORKER = "wrong_worker"  # egressd.proxy.workers: another worker's job
 
 
 OPCODE_NOT_QUERY = DnsReason.OPCODE_NOT_QUERY
@@ -636,6 +637,8 @@ class DnsResponder:
         tcp_idle_timeout_s: float = DEFAULT_TCP_IDLE_TIMEOUT_S,
         limits: ProxyLimits | None = None,
         refusal_rcode: str = DEFAULT_REFUSAL_RCODE,
+        socks: tuple[socket.socket, socket.socket] | None = None,
+        steer: Callable[[bytes, DnsPeer], bool] | None = None,
     ) -> None:
         if refusal_rcode not in REFUSAL_RCODES:
             raise ValueError(f"refusal_rcode must be one of {', '.join(REFUSAL_RCODES)}")
@@ -666,11 +669,25 @@ class DnsResponder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._flusher: asyncio.Task[None] | None = None
+        # A proxy worker's: (UDP, TCP) sockets made and bound by its supervisor, and the
+        # hook that hands a UDP query of another worker's job to that worker (True: taken).
+        self._given = socks
+        self.steer = steer
 
     # lifecycle
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._given is not None:
+            udp, tcp = self._given
+            udp.setblocking(False)
+            tcp.setblocking(False)
+            udp.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+            tcp.listen(512)
+            self._tcp_server = await asyncio.start_server(self._serve_tcp, sock=tcp)
+            self._started(udp)
+            return
         udp = transparent_socket(socket.SOCK_DGRAM, self.listen)
         try:
             udp.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
@@ -690,6 +707,10 @@ class DnsResponder:
             udp.close()
             tcp.close()
             raise
+        self._started(udp)
+
+    def _started(self, udp: socket.socket) -> None:
+        assert self._loop is not None
         self._udp = udp
         self._loop.add_reader(udp.fileno(), self._on_readable)
         if self._own_limits:
@@ -755,10 +776,18 @@ class DnsResponder:
                 self._drop(MALFORMED, addr, origdst)
                 continue
             peer = DnsPeer(IPv4Address(addr[0]), addr[1], origdst, 17)
-            admitted, job = self._admit_on_receipt(data, peer)
-            if admitted is False:
+            if self.steer is not None and self.steer(data, peer):
                 continue
-            self._start_udp(data, peer, admitted is True, job)
+            self.deliver(data, peer)
+
+    def deliver(self, data: bytes, peer: DnsPeer) -> None:
+        """A UDP query received (here, or by another worker that steered it here)."""
+        if self._closed:
+            return
+        admitted, job = self._admit_on_receipt(data, peer)
+        if admitted is False:
+            return
+        self._start_udp(data, peer, admitted is True, job)
 
     def _start_udp(self, data: bytes, peer: DnsPeer, admitted: bool, job: uuid.UUID | None) -> None:
         """Answer a UDP query now, or queue it behind its job's `LANE_WIDTH`."""
@@ -1126,6 +1155,8 @@ async def start_dns(
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
     limits: ProxyLimits | None = None,
     refusal_rcode: str = DEFAULT_REFUSAL_RCODE,
+    socks: tuple[socket.socket, socket.socket] | None = None,
+    steer: Callable[[bytes, DnsPeer], bool] | None = None,
 ) -> DnsResponder:
     """Bind and start the DNS responder on `listen` (UDP and TCP); `close()` stops it.
     `limits`: the proxy's (shared with the interceptor), else its own."""
@@ -1143,6 +1174,8 @@ async def start_dns(
         max_inflight=max_inflight,
         limits=limits,
         refusal_rcode=refusal_rcode,
+        socks=socks,
+        steer=steer,
     )
     await responder.start()
     return responder

@@ -676,8 +676,10 @@ class Interceptor:
         backlog: int = DEFAULT_BACKLOG,
         limits: ProxyLimits | None = None,
         interception: tls_intercept.Interception | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.ctx = ctx
+        self._given = sock  # a proxy worker's: bound and listening, made by its supervisor
         self.interception = interception
         self.limits = limits or ProxyLimits(
             LimitsConfig.default(ctx.identity.egress), registry=ctx.registry
@@ -730,16 +732,18 @@ class Interceptor:
         return len(self._tasks)
 
     async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = self._given or socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            if self._given is None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             # Accepted sockets inherit these from the listener (Linux copies the
             # listener's socket): no per-connection setsockopt calls for them.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             bound_dead_peers(sock)
             sock.setblocking(False)
-            sock.bind(self.listen)
+            if self._given is None:
+                sock.bind(self.listen)
             sock.listen(self.backlog)
         except BaseException:
             sock.close()
@@ -1426,6 +1430,7 @@ async def start_interceptor(
     upstream_dns_port: int = DNS_PORT,
     limits: ProxyLimits | None = None,
     interception: tls_intercept.Interception | None = None,
+    sock: socket.socket | None = None,
 ) -> Interceptor:
     """Bind the transparent listener on `listen` and start accepting; `close()` stops it."""
     if resolver is None:
@@ -1441,6 +1446,7 @@ async def start_interceptor(
         connect_timeout_s=connect_timeout_s,
         limits=limits,
         interception=interception,
+        sock=sock,
     )
     await interceptor.start()
     return interceptor

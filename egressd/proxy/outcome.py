@@ -84,6 +84,8 @@ class ConnectionReason(enum.StrEnum):
     POLICY_UNVERIFIABLE = "policy_unverifiable"
     POLICY_EXPIRED = "policy_expired"
     CONTROL_UNREACHABLE = "control_unreachable"
+    # another worker's job (egressd.proxy.workers; never expected: bpf/reuseport.c)
+    WRONG_WORKER = "wrong_worker"
     # admission and source ports (egressd.limits)
     JOB_CONNECTION_LIMIT = "job_connection_limit"
     JOB_RATE_LIMIT = "job_rate_limit"

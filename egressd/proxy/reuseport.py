@@ -72,7 +72,7 @@ class Stat(IntEnum):
 
     unknown_flow = 0  # dropped: no px_flows entry, so no job
     no_worker = 1  # dropped: the job's worker has no socket in rp_workers
-    malformed = 2  # dropped: not IPv4/TCP, or the headers could not be read
+    malformed = 2  # dropped: not IPv4 TCP or UDP, or the headers could not be read
     not_configured = 3  # dropped: rp_config.workers unset
     selected = 4  # the job's worker
 
@@ -135,13 +135,15 @@ class ReuseportSelector(Loaded[ReuseportError]):
         flows_pin: Path,
         source: Path = DEFAULT_SOURCE,
         cache_dir: Path | None = None,
+        pin_name: str = "reuseport-bpffs",
     ) -> None:
         self.workers = check_workers(workers)
         # Not the proxy's bpffs: `tc.load_object` clears the pins of the directory it loads
-        # into, and the two objects load independently.
+        # into, and the two objects load independently (as do the instances of one proxy,
+        # one per listener group, each under a `pin_name` of its own).
         super().__init__(
             state_dir=state_dir,
-            pin_name="reuseport-bpffs",
+            pin_name=pin_name,
             source=source,
             deps=(source.with_name("px_flows.h"),),
             cache_dir=cache_dir,
@@ -172,7 +174,13 @@ class ReuseportSelector(Loaded[ReuseportError]):
     # -- sockets --------------------------------------------------------------
 
     def listen(
-        self, host: str, port: int, *, transparent: bool = True, backlog: int = 1024
+        self,
+        host: str,
+        port: int,
+        *,
+        transparent: bool = True,
+        backlog: int = 1024,
+        kind: socket.SocketKind = socket.SOCK_STREAM,
     ) -> list[socket.socket]:
         """The workers' listening sockets on (host, port), in the calling thread's network
         namespace: socket i is at index i of rp_workers, the program runs on their group.
@@ -180,13 +188,14 @@ class ReuseportSelector(Loaded[ReuseportError]):
         The program is attached to the first socket before any of them listens, so the
         kernel never spreads a connection by its own hash; a SYN that comes before its
         worker's socket is in the map is dropped (no_worker) and retransmitted. On failure
-        every socket made here is closed.
+        every socket made here is closed. `kind` SOCK_DGRAM: UDP sockets (bound, no
+        listen), each put in its slot as soon as the program is attached.
         """
         prog_fd = self._prog_fd(PROG_NAME)
         socks: list[socket.socket] = []
         try:
             for _ in range(self.workers):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock = socket.socket(socket.AF_INET, kind)
                 socks.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -196,7 +205,8 @@ class ReuseportSelector(Loaded[ReuseportError]):
                 port = sock.getsockname()[1]  # port 0: the others join the first's
             socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog_fd)
             for index, sock in enumerate(socks):
-                sock.listen(backlog)
+                if kind == socket.SOCK_STREAM:
+                    sock.listen(backlog)
                 self._map_update("rp_workers", km.U32.pack(index), _COOKIE.pack(sock.fileno()))
         except OSError as exc:
             for sock in socks:

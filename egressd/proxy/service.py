@@ -74,6 +74,7 @@ from egressd.proxy.resolved import ResolvedNames
 from egressd.proxy.secrets import SecretStore
 from egressd.proxy.tunnel import GeneveTunnel
 from egressd.proxy.watch import PolicyWatch
+from egressd.proxy.workers import WorkerError, WorkerPool, flows_pin
 
 NFT_CHECK_INTERVAL_S = 10.0
 RESOLVED_PRUNE_INTERVAL_S = 30.0
@@ -122,6 +123,9 @@ class ProxyService(Lifecycle):
         self.nft_ok = False
         self.tunnel: GeneveTunnel | None = None
         self.kernel: KernelDatapath | None = None
+        # workers > 1 (kernel data path): a supervisor; tier 2 runs in the workers.
+        self.pool: WorkerPool | None = None
+        self.worker_count = config.worker_count if config.datapath == "kernel" else 1
         self.stopping = False
 
     # --- readiness -----------------------------------------------------------------
@@ -136,7 +140,10 @@ class ProxyService(Lifecycle):
             reasons.append("nft_not_installed")
         if self.registry is None or not self.registry.ready:
             reasons.append("registry_not_fetched")
-        if self.interceptor is None or self.dns is None:
+        if self.worker_count > 1:
+            if self.pool is None or self.pool.not_ready():
+                reasons.append("workers_not_ready")
+        elif self.interceptor is None or self.dns is None:
             reasons.append("listeners_not_bound")
         if self.tunnel is None or self.tunnel.bound is None:
             reasons.append("geneve_not_bound")
@@ -159,12 +166,20 @@ class ProxyService(Lifecycle):
         except KeyFileError as exc:
             raise ProxyStartupError("keys", f"{exc.reason}: {exc.detail}") from exc
 
+        if self.worker_count > 1:
+            self.pool = WorkerPool(
+                config,
+                flows_pin=flows_pin(config),
+                listen_host=LISTEN_HOST,
+                metrics=self.metrics,
+            )
         self.admin = await start_admin(
             self.metrics,
             host=config.admin_host,
             port=config.admin_port,
             ready=self.ready,
             reasons=self.not_ready_reasons,
+            page=None if self.pool is None else self.pool.page(self.metrics),
         )
         stack.push_async_callback(self._closing("admin", self.admin.close))
 
@@ -228,31 +243,33 @@ class ProxyService(Lifecycle):
             secrets=SecretStore(config.secrets_dir),
         )
 
-        try:
-            registry = self.registry
-            limits = ProxyLimits(
-                config.limits, registry=self.metrics, proxy_count=lambda: registry.proxy_count
-            )
-            self.interceptor = await intercept.start_interceptor(
-                self.ctx,
-                self.resolved,
-                listen=(LISTEN_HOST, config.tproxy_tcp_port),
-                limits=limits,
-                interception=load_interception(config),
-            )
-            stack.push_async_callback(self._closing("interceptor", self.interceptor.close))
-            self.dns = await dns.start_dns(
-                self.ctx,
-                self.resolved,
-                listen=(LISTEN_HOST, config.tproxy_dns_port),
-                limits=limits,
-                refusal_rcode=config.dns_refusal_rcode,
-            )
-            stack.push_async_callback(self._closing("dns", self.dns.close))
-        except OSError as exc:
-            raise ProxyStartupError(
-                "bind_failed", f"tier 2 listener on {LISTEN_HOST}: {exc.strerror or exc}"
-            ) from exc
+        # Workers: tier 2 is theirs, started once the kernel's px_flows is pinned (below).
+        if self.pool is None:
+            try:
+                registry = self.registry
+                limits = ProxyLimits(
+                    config.limits, registry=self.metrics, proxy_count=lambda: registry.proxy_count
+                )
+                self.interceptor = await intercept.start_interceptor(
+                    self.ctx,
+                    self.resolved,
+                    listen=(LISTEN_HOST, config.tproxy_tcp_port),
+                    limits=limits,
+                    interception=load_interception(config),
+                )
+                stack.push_async_callback(self._closing("interceptor", self.interceptor.close))
+                self.dns = await dns.start_dns(
+                    self.ctx,
+                    self.resolved,
+                    listen=(LISTEN_HOST, config.tproxy_dns_port),
+                    limits=limits,
+                    refusal_rcode=config.dns_refusal_rcode,
+                )
+                stack.push_async_callback(self._closing("dns", self.dns.close))
+            except OSError as exc:
+                raise ProxyStartupError(
+                    "bind_failed", f"tier 2 listener on {LISTEN_HOST}: {exc.strerror or exc}"
+                ) from exc
 
         try:
             self.tun = open_tun(
@@ -307,6 +324,8 @@ class ProxyService(Lifecycle):
                 f"GENEVE socket {config.underlay}:{config.geneve_port}: {exc.strerror or exc}",
             ) from exc
         stack.push_async_callback(self._closing("tunnel", self.tunnel.close))
+        if self.pool is not None:
+            await self._start_workers(self.pool)
 
         log.info(
             "proxy_started",
@@ -322,6 +341,21 @@ class ProxyService(Lifecycle):
             tproxy_dns=f"{LISTEN_HOST}:{config.tproxy_dns_port}",
             control_url=config.control_url,
             trusted_kids=sorted(trusted.keys),
+        )
+
+    async def _start_workers(self, pool: WorkerPool) -> None:
+        """The workers' sockets and selectors, then the workers (`egressd.proxy.workers`)."""
+        self._stack.push_async_callback(self._closing("workers", pool.close))
+        try:
+            await asyncio.to_thread(pool.open)
+            pool.start()
+        except WorkerError as exc:
+            raise ProxyStartupError("workers", f"{exc.reason}: {exc.detail}") from exc
+        log.info(
+            "proxy_workers_started",
+            workers=pool.n,
+            run_dir=str(pool.run_dir),
+            programs={group: sel.prog_ids() for group, sel in pool.selectors.items()},
         )
 
     async def _kernel_datapath(self) -> KernelDatapath:

@@ -366,3 +366,143 @@ def test_tproxy_connections_are_selected_too(tproxy_bed: TproxyBed) -> None:
     assert stats[rp.Stat.selected] == len(job_of)
     assert stats[rp.Stat.unknown_flow] >= 1  # the SYN and any retransmission
     assert stats[rp.Stat.malformed] == 0
+
+
+# --- UDP (the DNS listeners): a group of its own, through TPROXY -----------------------------
+
+DNS_PORT = 53
+
+
+@pytest.fixture
+def udp_bed(tmp_path: Path) -> Iterator[TproxyBed]:
+    """As `tproxy_bed`, for UDP: a client namespace sends datagrams to SITE:53; nftables
+    TPROXYs them to the workers' UDP sockets on 127.0.0.1 (a selector instance of its own:
+    a UDP group is not the TCP port's group)."""
+    spaces = Namespaces()
+    proxy_fs = tmp_path / "proxy-bpffs"
+    proxy_fs.mkdir()
+    selector = rp.ReuseportSelector(
+        state_dir=tmp_path / "state",
+        workers=2,
+        flows_pin=proxy_fs / "px_flows",
+        pin_name="reuseport-udp",
+    )
+    flows_fd = -1
+    socks: list[socket.socket] = []
+    try:
+        proxy_ns = spaces.create("rpu")
+        client_ns = spaces.create("rpv")
+        sh("ip", "-n", proxy_ns, "link", "add", "c0", "type", "veth", "peer", "name", "c1")
+        sh("ip", "-n", proxy_ns, "link", "set", "c1", "netns", client_ns)
+        sh("ip", "-n", proxy_ns, "addr", "add", f"{GATEWAY}/24", "dev", "c0")
+        sh("ip", "-n", client_ns, "addr", "add", f"{SANDBOX}/24", "dev", "c1")
+        sh("ip", "-n", proxy_ns, "link", "set", "c0", "up")
+        sh("ip", "-n", client_ns, "link", "set", "c1", "up")
+        sh("ip", "-n", client_ns, "route", "add", f"{SITE}/32", "via", GATEWAY)
+        for key in ("all", "default", "c0"):
+            sh("ip", "netns", "exec", proxy_ns, "sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0")
+        sh("ip", "netns", "exec", proxy_ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+        sh("ip", "-n", proxy_ns, "rule", "add", "fwmark", "1", "lookup", "100")
+        sh("ip", "-n", proxy_ns, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+        mount_bpffs(proxy_fs)
+        create_flow_map(proxy_fs / "px_flows")
+        flows_fd = bpf.obj_get(proxy_fs / "px_flows")
+        selector.load()
+        assert selector.pin_dir == tmp_path / "state" / "reuseport-udp"
+        with in_netns(proxy_ns):
+            socks = selector.listen(str(LISTEN), 0, transparent=True, kind=socket.SOCK_DGRAM)
+        port = socks[0].getsockname()[1]
+        rules = tmp_path / "rules.nft"
+        rules.write_text(
+            "table inet rptest {\n"
+            "  chain prerouting {\n"
+            "    type filter hook prerouting priority mangle; policy accept;\n"
+            f'    iifname "c0" meta l4proto udp tproxy ip to {LISTEN}:{port} '
+            "meta mark set 1 accept\n"
+            "  }\n"
+            "}\n"
+        )
+        sh("ip", "netns", "exec", proxy_ns, "nft", "-f", str(rules))
+        yield TproxyBed(proxy_ns, client_ns, Bed(proxy_ns, selector, flows_fd, socks))
+    finally:
+        for sock in socks:
+            sock.close()
+        if flows_fd >= 0:
+            os.close(flows_fd)
+        selector.close()
+        umount_bpffs(proxy_fs)
+        spaces.cleanup()
+
+
+def received(socks: list[socket.socket]) -> dict[tuple[str, int], set[int]]:
+    """{sender: indexes of the sockets that got its datagrams}, draining every socket."""
+    out: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for sock in socks:
+        sock.setblocking(False)
+    while True:
+        ready, _, _ = select.select(socks, [], [], 0.3)
+        if not ready:
+            return dict(out)
+        for sock in ready:
+            with contextlib.suppress(BlockingIOError):
+                _, peer = sock.recvfrom(512)
+                out[peer].add(socks.index(sock))
+
+
+def send_datagrams(
+    bed: Bed, jobs: list[uuid.UUID], src: str, dst: str, port: int
+) -> tuple[dict[tuple[str, int], uuid.UUID], tuple[str, int]]:
+    """From `src` to dst:port: 3 datagrams from each of 4 source ports per job, their flows
+    recorded first, and one from a port without a flow; ({sender: job}, the stray sender)."""
+    job_of: dict[tuple[str, int], uuid.UUID] = {}
+    with contextlib.ExitStack() as stack:
+        for _ in range(4):
+            for job in jobs:
+                client = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                client.bind((src, 0))
+                sport = client.getsockname()[1]
+                key = km.pack_flow_key(int(ipaddress.IPv4Address(src)), sport,
+                                       int(ipaddress.IPv4Address(dst)), port, 17)  # fmt: skip
+                bpf.map_update(bed.flows_fd, key, km.pack_flow(job, DIGEST, NODE))
+                job_of[(src, sport)] = job
+                for _ in range(3):
+                    client.sendto(b"query", (dst, port))
+        stray = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        stray.bind((src, 0))
+        stray.sendto(b"query", (dst, port))
+        return job_of, (src, stray.getsockname()[1])
+
+
+def test_udp_datagrams_reach_their_jobs_worker_on_plain_delivery(udp_bed: TproxyBed) -> None:
+    """A UDP group: delivered to 127.0.0.1 (the socket lookup has the packet), every datagram
+    of a job reaches the socket `worker_for` names, one without a flow none."""
+    bed = udp_bed.bed
+    with in_netns(udp_bed.proxy_ns):
+        job_of, stray = send_datagrams(bed, jobs_covering(2), "127.0.0.9", str(LISTEN), bed.port)
+        landed = received(bed.socks)
+    assert stray not in landed
+    assert set(landed) == set(job_of)
+    for peer, indexes in landed.items():
+        assert indexes == {rp.worker_for(job_of[peer], 2)}, peer
+    assert set().union(*landed.values()) == {0, 1}
+    stats = bed.selector.stats()
+    assert stats[rp.Stat.selected] == 3 * len(job_of)
+    assert stats[rp.Stat.unknown_flow] == 1
+    assert stats[rp.Stat.malformed] == 0
+
+
+def test_tproxy_udp_is_spread_by_the_kernels_hash_not_the_program(udp_bed: TproxyBed) -> None:
+    """The kernel fact the proxy's DNS steering rests on (docs/decisions.md, "Proxy
+    workers"): nftables' UDP TPROXY looks the socket up without the packet
+    (nf_tproxy_get_sock_v4 -> udp4_lib_lookup(..., skb=NULL)), and reuseport_select_sock
+    runs no program without one: the group's hash picks the socket, flow or not. If a
+    kernel ever runs the program here, this fails and the steering can go."""
+    bed = udp_bed.bed
+    with in_netns(udp_bed.client_ns):
+        job_of, stray = send_datagrams(bed, jobs_covering(2), SANDBOX, SITE, DNS_PORT)
+    with in_netns(udp_bed.proxy_ns):
+        landed = received(bed.socks)
+    assert stray in landed  # no flow, yet delivered: the program did not run
+    assert set(landed) == {*job_of, stray}
+    assert all(len(indexes) == 1 for indexes in landed.values())  # the hash is per 4-tuple
+    assert sum(bed.selector.stats().values()) == 0

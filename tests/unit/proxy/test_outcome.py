@@ -10,7 +10,7 @@ from egressd import limits
 from egressd.policy import addresses, matcher
 from egressd.policy.matcher import Decision, Verdict
 from egressd.policy.model import EgressRule, Policy
-from egressd.proxy import http_rules, tier2, tls_intercept
+from egressd.proxy import http_rules, tier2, tls_intercept, workers
 from egressd.proxy.intercept import Peeked, compose
 from egressd.proxy.outcome import (
     CONNECTION_LABELS,
@@ -83,6 +83,7 @@ def test_every_reason_a_connection_can_carry_is_a_member() -> None:
         "policy_unverifiable",
         "policy_expired",
         "control_unreachable",
+        workers.WRONG_WORKER,  # egressd.proxy.workers.WorkerPolicies
     }
     missing = {reason for reason in produced if connection_reason(reason) is None}
     assert not missing
