@@ -64,9 +64,18 @@ Decisions:
   `reserved_newcomers` + 1 jobs). Unset: `DEFAULT_KERNEL_WORKERS` on
   the kernel path, 1 on the userspace one. 1 is one process exactly as before; more starts a supervisor (`egressd.proxy.workers`) that keeps the host's
   parts once and a job's connections and DNS queries on one worker (`bpf/reuseport.c`).
-  Proxy-wide `max_connections` and `bandwidth_bps` are split, ``ceil(value / N)`` per
-  worker, and worker i takes the source ports p with ``p % N == i``. The userspace data
+  Proxy-wide `max_connections` and `bandwidth_bps` are split, ``value // N`` or one more
+  per worker (adding up to the value; at least 1), and worker i takes the source ports p with ``p % N == i``. The userspace data
   path has one flow table in one process: only 1 is valid there.
+* `nodes_decap_in_kernel` (kernel data path only; default false): the operator's
+  statement that every node of the fleet decapsulates the proxy's GENEVE in the kernel
+  (the node agents' ``"datapath": "kernel"``: tc decapsulates and redirects to the
+  sandbox veth, whose receiver accepts a partial checksum). Then the proxy leaves its
+  underlay's transmit checksum offload (and so TSO) as it finds it; otherwise it turns
+  it off so that tc-encapsulated packets leave with finished inner checksums, which a
+  node reading GENEVE from a UDP socket (the userspace agent) needs. Wrongly true, a
+  userspace node drops the proxy's TCP segments (bad checksum): the safe default is
+  false (`egressd.proxy.kernel._set_tx_checksum`).
 * `offload` opens the TUN with a virtio-net header and TSO/checksum offloads
   and carries GSO super-packets in GENEVE with the offload option (see
   `egressd.proxy.tunnel`). Every node agent of the fleet must have the same
@@ -223,6 +232,7 @@ class ProxyConfig:
     datapath: str = "userspace"
     state_dir: Path | None = None
     workers: int | str | None = None  # None: the data path's default (`worker_count`)
+    nodes_decap_in_kernel: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _is_name(self.name):
@@ -264,6 +274,11 @@ class ProxyConfig:
         as_one_of("datapath", self.datapath, DATAPATHS)
         if self.state_dir is not None and not isinstance(self.state_dir, Path):
             raise ConfigError("state_dir", "must be a path")
+        if not isinstance(self.nodes_decap_in_kernel, bool):
+            raise ConfigError("nodes_decap_in_kernel", "must be true or false")
+        if self.nodes_decap_in_kernel and self.datapath != "kernel":
+            # The userspace path writes finished packets from Python: nothing to keep.
+            raise ConfigError("nodes_decap_in_kernel", 'is only valid with "datapath": "kernel"')
         self._check_workers()
         self._check_limits()
         if self.resolver not in self.sandbox_supernet and not any(
@@ -470,6 +485,7 @@ _CONVERTERS: Mapping[str, Callable[[str, object], Any]] = {
     "datapath": as_str,
     "state_dir": as_path,
     "workers": _as_workers,
+    "nodes_decap_in_kernel": as_bool,
 }
 _REQUIRED = ("name", "underlay", "egress")
 

@@ -92,6 +92,7 @@ class ProxyKernel(Loaded[KernelError]):
         mark: int = DECAP_MARK,
         source: Path = DEFAULT_SOURCE,
         cache_dir: Path | None = None,
+        keep_tx_checksum: bool = False,
     ) -> None:
         super().__init__(
             state_dir=state_dir,
@@ -107,6 +108,9 @@ class ProxyKernel(Loaded[KernelError]):
         self.port = port
         self.vni = vni
         self.mark = mark
+        #: Every node decapsulates in the kernel (config ``nodes_decap_in_kernel``): partial
+        #: inner checksums are fine there, so the underlay's offload (and TSO) stays as it is.
+        self.keep_tx_checksum = keep_tx_checksum
         self._attached: list[tuple[str, int]] = []  # (ifname, clsact parent)
         self._saved_csum: tuple[str, ...] = ()  # checksum features turned off at load
         self._saved_gso: int | None = None  # the TUN's gso_max_size before load
@@ -131,7 +135,8 @@ class ProxyKernel(Loaded[KernelError]):
                     ifindex=underlay_index,
                 ),
             )
-            self._saved_csum = _set_tx_checksum(self.underlay_ifname, False)
+            if not self.keep_tx_checksum:
+                self._saved_csum = _set_tx_checksum(self.underlay_ifname, False)
             self._saved_gso = _set_gso_max_size(self.tun_ifname, TUN_GSO_MAX_SIZE)
             self._attach(self.underlay_ifname, tc.INGRESS, INGRESS_PROG)
             self._attach(self.tun_ifname, tc.EGRESS, EGRESS_PROG)
@@ -225,7 +230,9 @@ def _set_tx_checksum(ifname: str, enable: bool, only: tuple[str, ...] = ()) -> t
     that reads the inner packet from a UDP socket (today's userspace agent) gets a wrong
     TCP checksum. With offload off the kernel finishes the inner checksum (csum_start
     still points at it) on the way out. A NIC with UDP-tunnel checksum offload would not
-    need this; it costs a software checksum per packet.
+    need this; it costs a software checksum per packet, and TSO goes off with it (every
+    super-packet is segmented in software). Skipped when every node decapsulates in the
+    kernel (`ProxyKernel.keep_tx_checksum`).
     """
     try:
         with contextlib.closing(Ethtool()) as tool:

@@ -375,6 +375,7 @@ class ProxyService(Lifecycle):
             port=config.geneve_port,
             vni=config.vni,
             mark=DECAP_MARK,
+            keep_tx_checksum=config.nodes_decap_in_kernel,
         )
         return KernelDatapath(
             kernel,
@@ -396,6 +397,7 @@ class ProxyService(Lifecycle):
             "kernel_datapath_loaded",
             underlay=kernel.underlay_ifname,
             tun=kernel.tun_ifname,
+            underlay_tx_checksum="kept" if kernel.keep_tx_checksum else "off",
             programs=kernel.prog_ids(),
             pins=str(kernel.pin_dir),
         )

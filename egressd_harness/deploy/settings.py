@@ -24,7 +24,9 @@ node, the control plane's URL and the cluster's ranges from a ConfigMap.
                               proxies and node agents (their configs' `datapath`; the
                               whole fleet must take one: a kernel node drops the
                               offloaded GENEVE of a userspace proxy). `kernel` needs
-                              CAP_NET_ADMIN and CAP_SYS_ADMIN (bpffs, bpf(2))
+                              CAP_NET_ADMIN and CAP_SYS_ADMIN (bpffs, bpf(2)), and sets
+                              the proxies' `nodes_decap_in_kernel` (their underlay
+                              keeps its checksum offload and TSO)
 
 A proxy's secrets (`proxy_secret_keys` maps them to its configuration):
 

@@ -185,6 +185,9 @@ class Fleet:
             "fleet_ranges": [str(r) for r in self.layout.fleet_ranges],
             "offload": self.datapath == "userspace",
             "datapath": self.datapath,
+            # One data path for every node of the fleet: on the kernel one they all
+            # decapsulate in tc, so the proxy keeps its underlay's checksum offload and TSO.
+            "nodes_decap_in_kernel": self.datapath == "kernel",
             # The kernel path's bpffs and object: per fleet, so two fleets (e2e, bench)
             # never share /run/egressd/proxy/NAME.
             "state_dir": str(self.run_dir / "proxies" / proxy.name),

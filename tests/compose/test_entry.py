@@ -75,6 +75,8 @@ def test_proxy_config_is_valid(
     assert config.name == "proxy-130"
     assert config.datapath == datapath
     assert config.offload is offload
+    # One data path for the whole compose fleet: kernel nodes take partial checksums.
+    assert config.nodes_decap_in_kernel is (datapath == "kernel")
     # The kernel path's bpffs and prebuilt objects live under it (entry.seed_bpf_cache).
     assert config.kernel_state_dir == entry.env().run_dir / "proxies" / "proxy-130"
 

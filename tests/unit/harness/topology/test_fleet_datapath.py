@@ -24,6 +24,8 @@ def test_every_member_of_the_fleet_takes_the_fleets_datapath(tmp_path: Path, dat
         config = config_from_mapping(fleet.proxy_config(proxy))
         assert config.datapath == datapath
         assert config.offload is (datapath == "userspace")
+        # Every node decapsulates in tc on the kernel path: the proxy keeps its offload.
+        assert config.nodes_decap_in_kernel is (datapath == "kernel")
 
 
 def test_the_default_fleet_runs_on_the_kernel_path(tmp_path: Path) -> None:
