@@ -26,7 +26,8 @@ Worker i (`WorkerService`): its sockets; its own `PolicyStore` and watch stream;
 registry poll; the interceptor, DNS responder, tier 2 names and limits of its jobs; flow
 lookups in the pinned px_flows through a read-only fd (`PinnedFlows`). Proxy-wide limits
 are split statically (`worker_limits`): ``max_connections`` and ``bandwidth_bps`` give each
-worker ``ceil(value / N)`` and worker i hands out the source ports p with ``p % N == i``.
+worker ``value // N`` or one more, adding up to the value (`split_limit`), and worker i
+hands out the source ports p with ``p % N == i``.
 Per-job limits are exact: all of a job's connections and queries reach its worker.
 Defence in depth: a job whose `worker_for` is another worker is denied ``wrong_worker``
 (`WorkerPolicies`; counted as any deny, never expected).
@@ -47,9 +48,9 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import ipaddress
 import json
-import math
 import os
 import shutil
 import signal
@@ -97,6 +98,11 @@ CONFIG_FILE: Final = "config.json"
 #: (src, sport, dst) of a steered DNS query, then the query.
 _STEERED: Final = struct.Struct("!4sH4s")
 MAX_STEERED: Final = _STEERED.size + 65535
+#: A live worker whose admin socket has answered nothing (not even 503) for this long is hung:
+#: it is killed and restarted, so its jobs' connections never wait in a backlog for nobody.
+UNRESPONSIVE_S: Final = 30.0
+#: How often a ready worker is asked again (a worker not ready: every `MONITOR_INTERVAL_S`).
+RECHECK_S: Final = 2.0
 
 
 class WorkerError(EgressdError):
@@ -112,9 +118,14 @@ def flows_pin(config: ProxyConfig) -> Path:
     return config.kernel_state_dir / "bpffs" / tc.MAPS_DIR / rp.FLOWS_MAP
 
 
-def split_limit(value: int, workers: int) -> int:
-    """A proxy-wide limit's share per worker: ceil(value / workers); 0 (none) stays 0."""
-    return math.ceil(value / workers) if value > 0 else 0
+def split_limit(value: int, workers: int, index: int = 0) -> int:
+    """Worker `index`'s share of a proxy-wide limit: value // workers, one more for the first
+    value % workers workers, so the shares add up to the value exactly (ceil(value / workers)
+    each exceeded it by up to workers - 1). Never 0 for a value: 0 is "none" (bandwidth) or
+    invalid (connections), so a value below `workers` gives each 1. 0 (none) stays 0."""
+    if value <= 0:
+        return 0
+    return max(1, value // workers + (index < value % workers))
 
 
 def worker_limits(config: ProxyConfig, index: int) -> LimitsConfig:
@@ -124,8 +135,8 @@ def worker_limits(config: ProxyConfig, index: int) -> LimitsConfig:
     whole = config.limits
     return dataclasses.replace(
         whole,
-        max_connections=split_limit(whole.max_connections, n),
-        bandwidth_bps=split_limit(whole.bandwidth_bps, n),
+        max_connections=split_limit(whole.max_connections, n, index),
+        bandwidth_bps=split_limit(whole.bandwidth_bps, n, index),
         port_pool=config.worker_port_pool(index) if n > 1 else whole.port_pool,
     )
 
@@ -133,6 +144,23 @@ def worker_limits(config: ProxyConfig, index: int) -> LimitsConfig:
 @lru_cache(maxsize=65536)
 def _worker_of(job_id: uuid.UUID, workers: int) -> int:
     return rp.worker_for(job_id, workers)
+
+
+def unresponsive(now: float, started: float, answered: float | None) -> bool:
+    """A worker process that has answered nothing on its admin socket for `UNRESPONSIVE_S`,
+    counted from its start or from its last answer, whichever came last."""
+    return now - max(started, answered or 0.0) > UNRESPONSIVE_S
+
+
+def prepare_run_dir(run_dir: Path, mapping: dict[str, Any]) -> None:
+    """The run directory, private to the supervisor's user (0700 even when it existed: the
+    admin and hand-over sockets in it take requests and DNS queries), emptied of stale
+    sockets, with the workers' configuration."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    for stale in run_dir.glob("*.sock"):
+        stale.unlink()
+    (run_dir / CONFIG_FILE).write_text(json.dumps(mapping))
 
 
 def restart_delay(quick_exits: int) -> float:
@@ -148,17 +176,33 @@ def pack_steered(query: bytes, src: IPv4Address, sport: int, dst: IPv4Address) -
 
 
 def unpack_steered(data: bytes) -> tuple[bytes, IPv4Address, int, IPv4Address] | None:
-    """(query, src, sport, dst), or None for a datagram too short."""
+    """(query, src, sport, dst), or None for a datagram too short or with source port 0."""
     if len(data) < _STEERED.size:
         return None
     src, sport, dst = _STEERED.unpack_from(data)
+    if sport == 0:
+        return None
     return data[_STEERED.size :], IPv4Address(src), sport, IPv4Address(dst)
 
 
 _SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
-def merge_pages(own: str, workers: Iterable[str]) -> bytes:
+def _families(text: str) -> list[Metric] | None:
+    """A worker's page parsed whole, or None if any of it is malformed (a line the parser
+    refuses, a name or type `Metric` refuses): such a page is left out, not half summed."""
+    try:
+        families = list(text_string_to_metric_families(text))
+        for family in families:
+            Metric(family.name, family.documentation, family.type)
+    except Exception:  # noqa: BLE001 - the parser raises more than ValueError on bad input
+        return None
+    return families
+
+
+def merge_pages(
+    own: str, workers: Iterable[str], on_bad_page: Callable[[], None] | None = None
+) -> bytes:
     """The supervisor's `/metrics`: its own page and its workers', read with prometheus_client's
     parser (as `egressd.metrics_text` reads pages), samples with equal names and labels summed.
 
@@ -166,19 +210,31 @@ def merge_pages(own: str, workers: Iterable[str]) -> bytes:
     supervisor exports too (registry, watch, policy cache: state every process keeps a copy
     of) is the supervisor's value; any other gauge (connections, ports, admission: each
     worker's share of the host's) is the sum of the workers'. Counters' ``_created`` are
-    left out. A worker that does not answer adds nothing (its counters dip until it does).
+    left out. A worker that does not answer adds nothing (its counters dip until it does);
+    nor does a malformed page (`on_bad_page` is called for each), and a family whose kind
+    differs from the first page's that has it is left out of the later page.
     """
     families: dict[str, tuple[str, str]] = {}  # name: (type, help)
     values: dict[str, dict[_SeriesKey, float]] = {}
     own_gauges: set[str] = set()
-    for index, text in enumerate([own, *workers]):
-        for family in text_string_to_metric_families(text):
+    pages: list[list[Metric]] = [list(text_string_to_metric_families(own))]
+    for text in workers:
+        parsed = _families(text)
+        if parsed is None:
+            if on_bad_page is not None:
+                on_bad_page()
+            continue
+        pages.append(parsed)
+    for index, page in enumerate(pages):
+        for family in page:
             kind, name = family.type, family.name
             if name.endswith("_created"):
                 continue  # a counter's or histogram's creation time (its own family as text)
             if name not in families:
                 families[name] = (kind, family.documentation)
                 values[name] = {}
+            elif families[name][0] != kind:
+                continue  # a counter here, a gauge there: never summed into each other
             if index == 0 and kind == "gauge":
                 own_gauges.add(name)
             elif index > 0 and name in own_gauges:
@@ -299,25 +355,27 @@ class DnsSteering:
         counter = Counter(
             "egressd_dns_steered_total",
             "UDP DNS queries a worker handed to the worker of their job (sent, failed: "
-            "dropped, the client retries) or received from another (received)",
+            "dropped, the client retries) or received from another (received; dropped: "
+            "malformed, or rejected: no flow of this worker's jobs from that peer)",
             ["result"],
             registry=metrics,
         )
         self._sent = counter.labels("sent")
         self._failed = counter.labels("failed")
         self._received = counter.labels("received")
+        self._malformed = counter.labels("malformed")
+        self._rejected = counter.labels("rejected")
 
     def path(self, index: int) -> Path:
         return self.run_dir / f"dns-{index}.sock"
 
     def start(self, deliver: Callable[[bytes, Any], None]) -> None:
-        from egressd.proxy.dns import DnsPeer
-
         path = self.path(self.index)
         path.unlink(missing_ok=True)  # a previous instance of this worker's
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.setblocking(False)
         sock.bind(str(path))
+        os.chmod(path, 0o600)  # the run directory is 0700 too (`prepare_run_dir`)
         self._sock = sock
         self._loop = asyncio.get_running_loop()
 
@@ -325,18 +383,33 @@ class DnsSteering:
             for _ in range(64):
                 try:
                     data = sock.recv(MAX_STEERED)
-                except (BlockingIOError, InterruptedError):
+                except OSError:  # BlockingIOError included: nothing more queued
                     return
-                except OSError:
-                    return
-                unpacked = unpack_steered(data)
-                if unpacked is None:
-                    continue
-                query, src, sport, dst = unpacked
-                self._received.inc()
-                deliver(query, DnsPeer(src, sport, dst, 17))
+                self.received(data, deliver)
 
         self._loop.add_reader(sock.fileno(), readable)
+
+    def received(self, data: bytes, deliver: Callable[[bytes, Any], None]) -> None:
+        """One hand-over datagram. Answered only if px_flows holds a UDP DNS flow from its
+        peer whose job is this worker's: the peer in a datagram is only its sender's word,
+        and the answer goes out of a transparent socket from `dst`, so a forged one must
+        never make the proxy send to an address no query came from (dropped, counted)."""
+        from egressd.proxy.dns import DnsPeer
+
+        unpacked = unpack_steered(data)
+        if unpacked is None:
+            self._malformed.inc()
+            return
+        query, src, sport, dst = unpacked
+        job = self._lookup(src, sport, dst)
+        if job is None or _worker_of(job, self.workers) != self.index:
+            self._rejected.inc()
+            return
+        self._received.inc()
+        try:
+            deliver(query, DnsPeer(src, sport, dst, 17))
+        except Exception:  # one query never stops the hand-over's reader
+            log.exception("dns_steered_delivery_failed", worker=self.index)
 
     def steer(self, query: bytes, peer: Any) -> bool:
         """True when the query belongs to another worker's job and was handed to it (or
@@ -378,11 +451,21 @@ class _Worker:
     ready: bool = False
     quick_exits: int = 0
     restart_at: float | None = None
+    answered: float | None = None  # when its admin socket last answered (any status)
+    checked: float = 0.0
 
 
-def _set_pdeathsig() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+@lru_cache(maxsize=1)
+def _prctl() -> Any:
+    # Resolved in the supervisor, not between fork and exec: dlopen takes the loader's lock,
+    # which a thread of the supervisor (asyncio.to_thread) may hold at the fork.
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _set_pdeathsig(parent: int) -> None:
+    _prctl()(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)  # the supervisor died before the prctl: no signal would ever come
 
 
 def transparent_udp_group(host: str, port: int, n: int) -> list[socket.socket]:
@@ -440,17 +523,19 @@ class WorkerPool:
             "egressd_proxy_workers_ready", "Worker processes that answer ready", registry=metrics
         ).set_function(lambda: sum(w.ready for w in self.workers))
         metrics.register(_SelectionStats(self))
+        self._bad_pages = Counter(
+            "egressd_proxy_worker_pages_malformed_total",
+            "Worker /metrics pages left out of the proxy's because they did not parse",
+            registry=metrics,
+        )
 
     # -- start ----------------------------------------------------------------------
 
     def open(self) -> None:
         """Selectors loaded, every socket made (in the calling thread's namespace)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.run_dir.glob("*.sock"):
-            stale.unlink()
         mapping = config_to_mapping(self.config)
         mapping["workers"] = self.n  # "auto" once, here: every worker with the same N
-        (self.run_dir / CONFIG_FILE).write_text(json.dumps(mapping))
+        prepare_run_dir(self.run_dir, mapping)
         cfg = self.config
         groups = (
             ("tcp", cfg.tproxy_tcp_port, socket.SOCK_STREAM),
@@ -514,7 +599,9 @@ class WorkerPool:
         # From the event loop's thread: PR_SET_PDEATHSIG follows the thread that forked.
         worker.ready = False
         worker.restart_at = None
+        worker.answered = None
         worker.started = time.monotonic()
+        _prctl()  # resolved before the fork (`_prctl`)
         try:
             worker.proc = subprocess.Popen(
                 self._argv(worker),
@@ -523,7 +610,8 @@ class WorkerPool:
                 # Its own process group: a terminal's ^C reaches the supervisor, which stops
                 # the workers itself (not restarting them as if they had died).
                 process_group=0,
-                preexec_fn=_set_pdeathsig,  # noqa: PLW1509 - no threads touch the fork
+                # In the child before exec: a prctl resolved beforehand and getppid, no lock.
+                preexec_fn=functools.partial(_set_pdeathsig, os.getpid()),  # noqa: PLW1509
             )
         except OSError as exc:
             raise WorkerError("spawn_failed", f"worker {worker.index}: {exc}") from exc
@@ -540,7 +628,15 @@ class WorkerPool:
                     if now >= worker.restart_at:
                         self._restart(worker)
                     continue
-                if proc is None or proc.poll() is None:
+                if proc is None:
+                    continue
+                if proc.poll() is None:
+                    if unresponsive(now, worker.started, worker.answered):
+                        # Hung: alive but answering nothing. Killed, it exits and is
+                        # restarted below (with the crash loop's back-off).
+                        log.error("proxy_worker_unresponsive", worker=worker.index, pid=proc.pid)
+                        worker.ready = False
+                        proc.kill()
                     continue
                 worker.ready = False
                 quick = now - worker.started < QUICK_EXIT_S
@@ -556,7 +652,8 @@ class WorkerPool:
                 worker.restart_at = now + delay
                 if delay == 0:
                     self._restart(worker)
-            await asyncio.gather(*(self._check_ready(w) for w in self.workers if not w.ready))
+            due = [w for w in self.workers if not w.ready or now - w.checked >= RECHECK_S]
+            await asyncio.gather(*(self._check_ready(w) for w in due))
             await asyncio.sleep(MONITOR_INTERVAL_S)
 
     def _restart(self, worker: _Worker) -> None:
@@ -581,15 +678,22 @@ class WorkerPool:
             return response.status, await response.read()
 
     async def _check_ready(self, worker: _Worker) -> None:
-        if worker.proc is None or worker.proc.poll() is not None:
+        proc = worker.proc
+        if proc is None or proc.poll() is not None:
             return
+        worker.checked = time.monotonic()
         try:
             status, _ = await self._get(worker.index, "/readyz", READY_TIMEOUT_S)
         except (OSError, aiohttp.ClientError, TimeoutError):
             return
+        if worker.proc is not proc:
+            return  # restarted meanwhile: the answer was the old process's
+        worker.answered = time.monotonic()
         if status == 200 and not worker.ready:
-            worker.ready = True
-            log.info("proxy_worker_ready", worker=worker.index, pid=worker.proc.pid)
+            log.info("proxy_worker_ready", worker=worker.index, pid=proc.pid)
+        elif status != 200 and worker.ready:
+            log.warning("proxy_worker_not_ready", worker=worker.index, pid=proc.pid)
+        worker.ready = status == 200
 
     def not_ready(self) -> list[int]:
         if not self.workers:
@@ -602,9 +706,9 @@ class WorkerPool:
         async def one(index: int) -> str | None:
             try:
                 status, body = await self._get(index, "/metrics", SCRAPE_TIMEOUT_S)
-            except (OSError, aiohttp.ClientError, TimeoutError):
+                return body.decode() if status == 200 else None
+            except (OSError, aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
                 return None
-            return body.decode() if status == 200 else None
 
         found = await asyncio.gather(*(one(w.index) for w in self.workers))
         return [page for page in found if page is not None]
@@ -612,7 +716,7 @@ class WorkerPool:
     def page(self, registry: CollectorRegistry) -> Callable[[], Awaitable[bytes]]:
         async def render() -> bytes:
             own = generate_latest(registry).decode()
-            return merge_pages(own, await self.pages())
+            return merge_pages(own, await self.pages(), self._bad_pages.inc)
 
         return render
 

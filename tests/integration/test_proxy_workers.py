@@ -16,10 +16,12 @@ test_proxy_dataplane, a fresh prefix for this module). Through the real processe
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import time
@@ -34,6 +36,7 @@ from egressd.layout import CONTROL_ADDR, RESOLVER
 from egressd.net import netns as kn
 from egressd.policy.jws import policy_digest
 from egressd.proxy.reuseport import worker_for
+from egressd.proxy.workers import pack_steered
 from tests.support.proxy_fleet import (
     SANDBOX,
     SITE,
@@ -306,3 +309,34 @@ def _prog_ids() -> set[int]:
         ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
     ).stdout
     return {p["id"] for p in json.loads(out)}
+
+
+def test_a_forged_dns_hand_over_is_dropped_and_counted(fleet: Fleet, proxy: ProxyProcess) -> None:
+    """A datagram on a worker's hand-over socket that no worker sent (a peer with no flow, a
+    victim's address, garbage) is dropped and counted; the worker lives on and the run
+    directory with the sockets is the supervisor's user's only."""
+    run = fleet.root / f"kstate-{fleet.prefix}" / "workers"
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700
+    pids = worker_pids(proxy)
+    query = dns.message.make_query("api.allowed.test", "A").to_wire()
+    forged = [
+        pack_steered(query, ipaddress.IPv4Address(SANDBOX), 40999, RESOLVER),  # no such flow
+        pack_steered(query, ipaddress.IPv4Address("192.0.2.77"), 53, RESOLVER),  # a victim
+        b"\x00" * 5,
+    ]
+    with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)) as sock:
+        for index in range(WORKERS):
+            for data in forged:
+                sock.sendto(data, str(run / f"dns-{index}.sock"))
+
+    def dropped() -> tuple[float, float]:
+        return (
+            metric(proxy, "egressd_dns_steered_total", result="rejected"),
+            metric(proxy, "egressd_dns_steered_total", result="malformed"),
+        )
+
+    wait_for(lambda: dropped() == (2 * WORKERS, WORKERS), 10, "the forged datagrams counted")
+    assert metric(proxy, "egressd_dns_steered_total", result="received") == 0
+    assert not dns_events(proxy, JOBS[0]) and not dns_events(proxy, JOBS[1])
+    assert worker_pids(proxy) == pids and all(alive(pid) for pid in pids.values())
+    proxy.wait_ready()

@@ -126,11 +126,13 @@ def test_split_limit_is_the_ceiling_share(value: int, n: int, share: int) -> Non
 
 def test_worker_limits_split_the_proxy_wide_ones_only() -> None:
     config = cfg(datapath="kernel", workers=3, max_connections=100, bandwidth_bps=1000)
+    shares = []
     for index in range(3):
         limits = worker_limits(config, index)
-        assert (limits.max_connections, limits.bandwidth_bps) == (34, 334)
+        shares.append((limits.max_connections, limits.bandwidth_bps))
         assert (limits.port_pool.stride, limits.port_pool.offset) == (3, index)
         assert limits.timeouts == config.limits.timeouts
+    assert shares == [(34, 334), (33, 333), (33, 333)]  # adding up to 100 and 1000 exactly
     one = cfg(datapath="kernel", workers=1, max_connections=100)
     assert worker_limits(one, 0) == one.limits
 
