@@ -279,8 +279,8 @@ class ProxyConfig:
         if self.nodes_decap_in_kernel and self.datapath != "kernel":
             # The userspace path writes finished packets from Python: nothing to keep.
             raise ConfigError("nodes_decap_in_kernel", 'is only valid with "datapath": "kernel"')
-        self._check_workers()
         self._check_limits()
+        self._check_workers()  # after the limits: a worker count must fit max_connections
         if self.resolver not in self.sandbox_supernet and not any(
             self.resolver in net for net in self.fleet_ranges
         ):
@@ -302,6 +302,12 @@ class ProxyConfig:
                 'must be 1 with "datapath": "userspace" (its flow table lives in one process)',
             )
         count = self.worker_count
+        if count > self.max_connections:
+            # Each worker admits at least one connection: more workers than
+            # max_connections would let the proxy hold more than it allows.
+            raise ConfigError(
+                "workers", f"{count} workers exceed max_connections ({self.max_connections})"
+            )
         for index in range(count if count > 1 else 0):
             try:
                 self.worker_port_pool(index)
@@ -318,7 +324,7 @@ class ProxyConfig:
         if isinstance(workers, int):
             return workers
         # "auto" never splits the source ports so thin that a slice misses its guarantees.
-        count = max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        count = max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)), self.max_connections))
         while count > 1 and not self._slices_hold(count):
             count -= 1
         return count

@@ -282,3 +282,15 @@ def test_another_workers_job_is_wrong_worker() -> None:
             asyncio.run(guard.get(job))
         assert err.value.reason == WRONG_WORKER
     assert store.asked == mine
+
+
+def test_more_workers_than_max_connections_is_refused_and_auto_is_capped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every worker admits at least one connection: N workers over max_connections < N
+    # would let the proxy hold more connections than its limit.
+    with pytest.raises(ConfigError) as err:
+        cfg(datapath="kernel", workers=4, max_connections=3)
+    assert err.value.detail.startswith("workers:")
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(8)))
+    assert cfg(datapath="kernel", workers="auto", max_connections=3).worker_count == 3
