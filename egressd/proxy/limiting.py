@@ -115,7 +115,9 @@ class _Metrics:
 class _Series:
     """A labelled gauge's children cached by a hashable key (no label
     formatting per update); children at zero are removed by `sweep`, so the
-    label sets stay about as large as what is in use."""
+    label sets stay about as large as what is in use. A child reads its value
+    when scraped: an update is one list store, not the gauge's locked ``set``
+    (six of them per connection, issue 10's short-connection profile)."""
 
     __slots__ = ("_children", "_gauge")
 
@@ -131,7 +133,7 @@ class _Series:
                 return
             names = labels()
             entry = self._children[key] = [names, self._gauge.labels(*names), value]
-        entry[1].set(value)
+            entry[1].set_function(lambda: entry[2])
         entry[2] = value
 
     def sweep(self) -> None:
