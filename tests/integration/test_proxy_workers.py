@@ -53,6 +53,7 @@ pytestmark = pytest.mark.root(*NETNS_TOOLS, "clang", "bpftool")
 
 WORKERS = 2
 MAX_CONNECTIONS = 4
+HELD_PORT = 21000  # the held connections' source ports, one each
 HELD = 10
 UDP_QUERIES = 12
 
@@ -179,11 +180,13 @@ def test_jobs_land_on_their_workers_and_limits_stay_exact(
         wait_for(lambda: get_ok(fleet), 15, "the job's first answer")
         held: list[socket.socket] = []
         try:
-            for _ in range(HELD):
+            for i in range(HELD):
                 sock = kn.netns_socket(fleet.node_ns)
                 held.append(sock)
                 sock.settimeout(5)
-                sock.bind((SANDBOX, 0))
+                # Ports below the ephemeral range: an ephemeral one may name a connection
+                # the proxy still holds in TIME_WAIT, whose SYN would be answered by a reset.
+                sock.bind((SANDBOX, HELD_PORT + i))
                 sock.connect((SITE, 80))  # accepted by the proxy; no request: it stays open
                 time.sleep(0.05)
 
