@@ -46,7 +46,7 @@ import gc
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -60,7 +60,7 @@ from egressd.lifecycle import Lifecycle, serve_until_stopped
 from egressd.net.tun import TUN_F_CSUM, TUN_F_TSO4, Tun, TunError, open_tun
 from egressd.policy.addresses import FleetAddresses
 from egressd.policy.errors import KeyFileError
-from egressd.policy.keys import load_trusted_keys
+from egressd.policy.keys import TrustedKeys, load_trusted_keys
 from egressd.proxy import dns, intercept, tls_intercept
 from egressd.proxy.config import ProxyConfig
 from egressd.proxy.context import ProxyContext, ProxyIdentity
@@ -186,34 +186,12 @@ class ProxyService(Lifecycle):
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), trust_env=False)
         stack.push_async_callback(self._closing("http_session", session.close))
 
-        self.registry = NodeRegistry(
-            session,
-            config.control_url,
-            refresh_s=config.node_refresh_s,
-            metrics=self.metrics,
-            fleet=static_fleet(config),
-            on_fleet_change=self._fleet_changed,
-        )
+        clients = control_clients(config, session, trusted, self.metrics, self._fleet_changed)
+        self.registry, self.policies, self.watch = clients
         self.registry.start()
         stack.push_async_callback(self._closing("registry", self.registry.close))
-
-        self.policies = PolicyStore(
-            session,
-            config.control_url,
-            trusted,
-            metrics=self.metrics,
-            keys_dir=config.keys_dir,
-            digest_grace_s=config.digest_grace_s,
-        )
         stack.push_async_callback(self._closing("policies", self.policies.close))
         # Change notices from the control plane (polling above stays the fallback).
-        self.watch = PolicyWatch(
-            session,
-            config.control_url,
-            self.policies,
-            refresh_registry=self.registry.refresh,
-            metrics=self.metrics,
-        )
         self.watch.start()
         stack.push_async_callback(self._closing("watch", self.watch.close))
 
@@ -481,6 +459,43 @@ class ProxyService(Lifecycle):
         while True:
             await asyncio.sleep(RESOLVED_PRUNE_INTERVAL_S)
             resolved.prune(time.monotonic())
+
+
+class ControlClients(NamedTuple):
+    registry: NodeRegistry
+    policies: PolicyStore
+    watch: PolicyWatch
+
+
+def control_clients(
+    config: ProxyConfig,
+    session: aiohttp.ClientSession,
+    trusted: TrustedKeys,
+    metrics: CollectorRegistry,
+    on_fleet_change: Callable[[FleetAddresses], None],
+) -> ControlClients:
+    """The proxy's clients of the control plane (nodes, policies and their change notices),
+    not started: the single proxy and each worker (`egressd.proxy.worker`) make theirs here."""
+    registry = NodeRegistry(
+        session,
+        config.control_url,
+        refresh_s=config.node_refresh_s,
+        metrics=metrics,
+        fleet=static_fleet(config),
+        on_fleet_change=on_fleet_change,
+    )
+    policies = PolicyStore(
+        session,
+        config.control_url,
+        trusted,
+        metrics=metrics,
+        keys_dir=config.keys_dir,
+        digest_grace_s=config.digest_grace_s,
+    )
+    watch = PolicyWatch(
+        session, config.control_url, policies, refresh_registry=registry.refresh, metrics=metrics
+    )
+    return ControlClients(registry, policies, watch)
 
 
 def static_fleet(config: ProxyConfig) -> FleetAddresses:

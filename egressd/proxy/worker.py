@@ -33,11 +33,8 @@ from egressd.proxy import dns, intercept, service
 from egressd.proxy.config import ProxyConfig
 from egressd.proxy.context import ProxyContext, ProxyIdentity
 from egressd.proxy.limiting import ProxyLimits
-from egressd.proxy.policies import PolicyStore
-from egressd.proxy.registry import NodeRegistry
 from egressd.proxy.resolved import ResolvedNames
 from egressd.proxy.secrets import SecretStore
-from egressd.proxy.watch import PolicyWatch
 from egressd.proxy.workers import (
     DnsSteering,
     IPv4Address,
@@ -91,32 +88,14 @@ class WorkerService(Lifecycle):
 
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), trust_env=False)
         stack.push_async_callback(session.close)
-        self.registry = registry = NodeRegistry(
-            session,
-            config.control_url,
-            refresh_s=config.node_refresh_s,
-            metrics=self.metrics,
-            fleet=service.static_fleet(config),
-            on_fleet_change=self._fleet_changed,
+        clients = service.control_clients(
+            config, session, trusted, self.metrics, self._fleet_changed
         )
+        self.registry = registry = clients.registry
+        policies, watch = clients.policies, clients.watch
         registry.start()
         stack.push_async_callback(registry.close)
-        policies = PolicyStore(
-            session,
-            config.control_url,
-            trusted,
-            metrics=self.metrics,
-            keys_dir=config.keys_dir,
-            digest_grace_s=config.digest_grace_s,
-        )
         stack.push_async_callback(policies.close)
-        watch = PolicyWatch(
-            session,
-            config.control_url,
-            policies,
-            refresh_registry=registry.refresh,
-            metrics=self.metrics,
-        )
         watch.start()
         stack.push_async_callback(watch.close)
 
