@@ -528,6 +528,7 @@ class WorkerPool:
             "Worker /metrics pages left out of the proxy's because they did not parse",
             registry=metrics,
         )
+        self._last_pages: dict[int, str] = {}  # each worker's last answered /metrics page
 
     # -- start ----------------------------------------------------------------------
 
@@ -701,14 +702,20 @@ class WorkerPool:
         return [w.index for w in self.workers if not w.ready]
 
     async def pages(self) -> list[str]:
-        """The workers' `/metrics` pages (those that answer)."""
+        """The workers' `/metrics` pages. A worker that does not answer this time (busy,
+        restarting) is represented by its last page, so that the summed counters never
+        step back while it is slow; only a restart starts its counters from zero."""
 
         async def one(index: int) -> str | None:
             try:
                 status, body = await self._get(index, "/metrics", SCRAPE_TIMEOUT_S)
-                return body.decode() if status == 200 else None
+                page = body.decode() if status == 200 else None
             except (OSError, aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
-                return None
+                page = None
+            if page is None:
+                return self._last_pages.get(index)
+            self._last_pages[index] = page
+            return page
 
         found = await asyncio.gather(*(one(w.index) for w in self.workers))
         return [page for page in found if page is not None]

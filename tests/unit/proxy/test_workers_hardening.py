@@ -298,3 +298,22 @@ def test_a_worker_whose_supervisor_is_gone_before_its_prctl_exits() -> None:
     assert run(0).returncode == 7
     gone = run(100000)
     assert (gone.returncode, gone.stderr) == (1, b"")
+
+
+async def test_a_worker_that_misses_a_scrape_keeps_its_last_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Summed counters must not step back because a busy worker missed one scrape.
+    p = pool(tmp_path)
+    answers: list[object] = [(200, b"# TYPE x counter\nx_total 5.0\n"), TimeoutError()]
+
+    async def get(index: int, path: str, timeout: float) -> tuple[int, bytes]:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        assert isinstance(answer, tuple)
+        return answer
+
+    monkeypatch.setattr(p, "_get", get)
+    first = await p.pages()
+    assert await p.pages() == first == ["# TYPE x counter\nx_total 5.0\n"]
