@@ -142,8 +142,13 @@ def test_set_keeps_the_offload_and_a_kernel_node_gets_the_download(
                     len(body),
                     stderr()[-2000:],
                 )
-        m = proxy.metrics()
-        assert m.get(("egressd_kernel_packets_total", (("path", "return"),)), 0.0) > 0
+
+        def returned() -> float:
+            m = proxy.metrics()
+            return m.get(("egressd_kernel_packets_total", (("path", "return"),)), 0.0)
+
+        # The kernel's counters reach /metrics at the datapath's next sync (once a second).
+        wait_for(lambda: returned() > 0, 10, "the return path's packets counted")
         assert proxy_tx_checksum(fleet)
         assert proxy.terminate() == 0, proxy.log()
     assert proxy_tx_checksum(fleet), "left as it was found"
