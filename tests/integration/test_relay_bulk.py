@@ -24,6 +24,7 @@ import uvloop
 
 from egressd.limits.pacing import BandwidthShaper
 from egressd.proxy.relay import CHUNK, RELAY_BUFFER, WRITE_HIGH_WATER, RelayStats, relay
+from tests.support.relay_pair import Pair
 
 LOOPS = ["asyncio", "uvloop"]
 MB = 1_000_000
@@ -41,24 +42,6 @@ def pattern(nbytes: int, seed: int) -> bytes:
     block += bytes(range(251))  # not a multiple of 64 KiB: chunks do not line up
     out = block * (nbytes // len(block) + 1)
     return out[:nbytes]
-
-
-class Pair:
-    """client <-> [relay: proxy_client | proxy_upstream] <-> server, all on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        lst = socket.create_server(("127.0.0.1", 0))
-        self.client = socket.create_connection(lst.getsockname())
-        self.proxy_client, _ = lst.accept()
-        self.proxy_upstream = socket.create_connection(lst.getsockname())
-        self.server, _ = lst.accept()
-        lst.close()
-        for s in (self.proxy_client, self.proxy_upstream):
-            s.setblocking(False)
-
-    def close(self) -> None:
-        for s in (self.client, self.server):
-            s.close()
 
 
 def reader(sock: socket.socket, out: dict[str, Any], key: str) -> threading.Thread:

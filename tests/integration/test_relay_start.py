@@ -20,6 +20,7 @@ import pytest
 import uvloop
 
 from egressd.proxy.relay import RelayStats, relay
+from tests.support.relay_pair import Pair
 
 LOOPS = ["asyncio", "uvloop"]
 HEAD = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
@@ -30,26 +31,6 @@ def run(loop: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     if loop == "uvloop":
         return uvloop.run(main())
     return asyncio.run(main())
-
-
-class Pair:
-    """client <-> [relay: proxy_client | proxy_upstream] <-> server, on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        lst = socket.create_server(("127.0.0.1", 0))
-        self.client = socket.create_connection(lst.getsockname())
-        self.proxy_client, _ = lst.accept()
-        self.proxy_upstream = socket.create_connection(lst.getsockname())
-        self.server, _ = lst.accept()
-        lst.close()
-        for s in (self.proxy_client, self.proxy_upstream):
-            s.setblocking(False)
-        for s in (self.client, self.server):
-            s.settimeout(5)
-
-    def close(self) -> None:
-        for s in (self.client, self.server):
-            s.close()
 
 
 def read_all(sock: socket.socket) -> bytes:
@@ -66,7 +47,7 @@ def assert_reset(sock: socket.socket) -> None:
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_short_exchange_relays_the_peeked_head_first(loop: str) -> None:
-    pair = Pair()
+    pair = Pair(timeout=5)
     body = b"x" * 10
 
     async def main() -> RelayStats:
@@ -113,7 +94,7 @@ def test_cancelled_relay_says_so_and_ends_both_peers(loop: str, steps: int) -> N
     reset. Cancelled while uvloop makes the transports, the peers may get a FIN
     (as before the transports were made in one round trip: the makers close
     their transports as a cancelled task's would)."""
-    pair = Pair()
+    pair = Pair(timeout=5)
 
     async def main() -> RelayStats:
         stats = RelayStats()
