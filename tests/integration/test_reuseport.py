@@ -49,6 +49,26 @@ def _mounted(path: Path) -> bool:
         return any(line.split(" ")[4] == str(path) for line in fh)
 
 
+def tproxy_namespaces(spaces: Namespaces, proxy_name: str, client_name: str) -> tuple[str, str]:
+    """A proxy namespace that delivers marked packets locally (TPROXY's policy route) and a
+    client namespace routed to SITE through it over one veth."""
+    proxy_ns = spaces.create(proxy_name)
+    client_ns = spaces.create(client_name)
+    sh("ip", "-n", proxy_ns, "link", "add", "c0", "type", "veth", "peer", "name", "c1")
+    sh("ip", "-n", proxy_ns, "link", "set", "c1", "netns", client_ns)
+    sh("ip", "-n", proxy_ns, "addr", "add", f"{GATEWAY}/24", "dev", "c0")
+    sh("ip", "-n", client_ns, "addr", "add", f"{SANDBOX}/24", "dev", "c1")
+    sh("ip", "-n", proxy_ns, "link", "set", "c0", "up")
+    sh("ip", "-n", client_ns, "link", "set", "c1", "up")
+    sh("ip", "-n", client_ns, "route", "add", f"{SITE}/32", "via", GATEWAY)
+    for key in ("all", "default", "c0"):
+        sh("ip", "netns", "exec", proxy_ns, "sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0")
+    sh("ip", "netns", "exec", proxy_ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+    sh("ip", "-n", proxy_ns, "rule", "add", "fwmark", "1", "lookup", "100")
+    sh("ip", "-n", proxy_ns, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+    return proxy_ns, client_ns
+
+
 def create_flow_map(pin: Path, *, value_size: int = 32) -> None:
     """A px_flows as bpf/px_flows.h declares it (what the proxy's loader pins)."""
     match = re.search(r"__uint\(max_entries, (\d+)\);\s*__type\(key, struct px_flow_key\)", HEADER)
@@ -282,20 +302,7 @@ def tproxy_bed(tmp_path: Path) -> Iterator[TproxyBed]:
     flows_fd = -1
     socks: list[socket.socket] = []
     try:
-        proxy_ns = spaces.create("rpp")
-        client_ns = spaces.create("rpc")
-        sh("ip", "-n", proxy_ns, "link", "add", "c0", "type", "veth", "peer", "name", "c1")
-        sh("ip", "-n", proxy_ns, "link", "set", "c1", "netns", client_ns)
-        sh("ip", "-n", proxy_ns, "addr", "add", f"{GATEWAY}/24", "dev", "c0")
-        sh("ip", "-n", client_ns, "addr", "add", f"{SANDBOX}/24", "dev", "c1")
-        sh("ip", "-n", proxy_ns, "link", "set", "c0", "up")
-        sh("ip", "-n", client_ns, "link", "set", "c1", "up")
-        sh("ip", "-n", client_ns, "route", "add", f"{SITE}/32", "via", GATEWAY)
-        for key in ("all", "default", "c0"):
-            sh("ip", "netns", "exec", proxy_ns, "sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0")
-        sh("ip", "netns", "exec", proxy_ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
-        sh("ip", "-n", proxy_ns, "rule", "add", "fwmark", "1", "lookup", "100")
-        sh("ip", "-n", proxy_ns, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+        proxy_ns, client_ns = tproxy_namespaces(spaces, "rpp", "rpc")
         mount_bpffs(proxy_fs)
         create_flow_map(proxy_fs / "px_flows")
         flows_fd = bpf.obj_get(proxy_fs / "px_flows")
@@ -390,20 +397,7 @@ def udp_bed(tmp_path: Path) -> Iterator[TproxyBed]:
     flows_fd = -1
     socks: list[socket.socket] = []
     try:
-        proxy_ns = spaces.create("rpu")
-        client_ns = spaces.create("rpv")
-        sh("ip", "-n", proxy_ns, "link", "add", "c0", "type", "veth", "peer", "name", "c1")
-        sh("ip", "-n", proxy_ns, "link", "set", "c1", "netns", client_ns)
-        sh("ip", "-n", proxy_ns, "addr", "add", f"{GATEWAY}/24", "dev", "c0")
-        sh("ip", "-n", client_ns, "addr", "add", f"{SANDBOX}/24", "dev", "c1")
-        sh("ip", "-n", proxy_ns, "link", "set", "c0", "up")
-        sh("ip", "-n", client_ns, "link", "set", "c1", "up")
-        sh("ip", "-n", client_ns, "route", "add", f"{SITE}/32", "via", GATEWAY)
-        for key in ("all", "default", "c0"):
-            sh("ip", "netns", "exec", proxy_ns, "sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0")
-        sh("ip", "netns", "exec", proxy_ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
-        sh("ip", "-n", proxy_ns, "rule", "add", "fwmark", "1", "lookup", "100")
-        sh("ip", "-n", proxy_ns, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+        proxy_ns, client_ns = tproxy_namespaces(spaces, "rpu", "rpv")
         mount_bpffs(proxy_fs)
         create_flow_map(proxy_fs / "px_flows")
         flows_fd = bpf.obj_get(proxy_fs / "px_flows")
