@@ -4,7 +4,9 @@ Field names are constants (DESIGN.md fixes ``event``, ``job_id``, ``verdict``,
 ``reason``, ``host``, ``dst``, ``port``); the builders are pure and return
 plain dicts of JSON-able values; `emit` is the one place that logs, at a
 level chosen by the outcome: info for an allow, warning for a deny, a report-mode
-``would_deny`` or a dropped query.
+``would_deny`` or a dropped query. To the daemons' JSON log (`logs.configure`)
+it writes through `logs.json_lines`: the line the structlog logger would write,
+without its generic call path (two lines per plain-HTTP connection).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import ipaddress
 import time as _time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from egressd import logs
 
 EVENT = "event"
 TIME = "time"
@@ -94,7 +98,23 @@ def _endpoint(ip: ipaddress.IPv4Address | str | None, port: int | None) -> str |
     return f"{ip}:{port}" if port is not None else str(ip)
 
 
+class _LastJob:
+    """The last job id `_job` formatted, as (its 128-bit number, its text): one
+    tuple, swapped whole, so a reader never pairs one job's number with
+    another's text."""
+
+    pair: tuple[int, str] = (-1, "")
+
+
 def _job(job_id: uuid.UUID | str | None) -> str | None:
+    # A UUID's text is ~0.5 µs to make and a job's connections come in runs.
+    if job_id.__class__ is uuid.UUID:
+        number, text = _LastJob.pair
+        if job_id.int == number:
+            return text
+        text = str(job_id)
+        _LastJob.pair = (job_id.int, text)
+        return text
     return None if job_id is None else str(job_id)
 
 
@@ -255,9 +275,12 @@ class HttpRequests:
     rather than per request, and no intermediate event dict to copy. A
     structlog logger gets them bound once (`bind`: its context comes first in
     a line, so the order is unchanged: ``time`` is bound as a placeholder in
-    its place and set per request); another logger gets them per call."""
+    its place and set per request); another logger gets them per call. The
+    daemons' JSON logger (`logs.json_lines`) gets neither: its line is built
+    from the same fields in the same order, ``time`` set by the chain's step
+    (it replaces any value here, so none is made)."""
 
-    __slots__ = ("_bound", "_fixed", "_logger", "_mode")
+    __slots__ = ("_bound", "_fixed", "_lines", "_logger", "_mode")
 
     def __init__(
         self,
@@ -286,7 +309,8 @@ class HttpRequests:
             DST: str(dst),
             PORT: port,
         }
-        bind = getattr(logger, "bind", None)
+        self._lines = logs.json_lines(logger)
+        bind = None if self._lines is not None else getattr(logger, "bind", None)
         self._bound: AuditLogger | None = None if bind is None else bind(**self._fixed)
 
     def emit(
@@ -305,6 +329,26 @@ class HttpRequests:
         credential: Mapping[str, str] | None = None,
     ) -> None:
         quiet = verdict == VERDICT_ALLOW and not would_deny  # `is_quiet`
+        lines = self._lines
+        if lines is not None:
+            request: dict[str, object] = {
+                HOST: host,
+                METHOD: method,
+                PATH: path,
+                STATUS: status,
+                VERDICT: str(verdict),
+                REASON: reason,
+                MODE: self._mode,
+                WOULD_DENY: would_deny,
+                BYTES_UP: bytes_up,
+                BYTES_DOWN: bytes_down,
+            }
+            if injected:
+                request[INJECTED] = list(injected)
+            if credential:
+                request[CREDENTIAL] = dict(credential)
+            lines.write("info" if quiet else "warning", EVENT_HTTP_REQUEST, self._fixed, request)
+            return
         bound = self._bound
         if bound is not None:
             extra: dict[str, object] = {}
@@ -358,6 +402,11 @@ def is_quiet(event: Mapping[str, object]) -> bool:
 
 def emit(logger: AuditLogger, event: Mapping[str, object]) -> None:
     """Log `event` as one line: info for an allow, warning otherwise."""
+    lines = logs.json_lines(logger)
+    if lines is not None:
+        method: Literal["info", "warning"] = "info" if is_quiet(event) else "warning"
+        lines.write(method, str(event.get(EVENT, "audit")), event)
+        return
     fields = dict(event)
     name = str(fields.pop(EVENT, "audit"))
     if is_quiet(event):

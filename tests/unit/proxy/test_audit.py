@@ -127,3 +127,11 @@ def test_emit_level_by_outcome(verdict: str, would_deny: bool, level: str) -> No
     assert line["log_level"] == level
     assert line["event"] == "connection"
     assert line["verdict"] == verdict and line["source"] == "100.96.1.2:40000"
+
+
+def test_job_text_of_alternating_jobs() -> None:
+    # `_job` keeps the last UUID's text: each event still names its own job.
+    other = uuid.UUID(int=JOB.int + 1)
+    for job in (JOB, JOB, other, JOB, other, other, str(JOB)):
+        assert connection(job_id=job)["job_id"] == str(job)
+    assert connection(job_id=uuid.UUID(str(other)))["job_id"] == str(other)  # equal, not same
