@@ -50,6 +50,9 @@ How, and why:
   are pure functions of those bytes from that state, so they would read them
   the same way. Every request is still decided (and gets its credentials);
   only the parsing is saved. Any other byte sequence goes to h11 as before.
+  A read that is exactly one such head (the usual request) is not even held
+  first (`_head_read`), and a client FIN between requests with nothing due
+  stops the gate without a parser made to read it (`_idle`).
 * A denied request's bytes are dropped; once every earlier response is
   complete the gate produces a ``403`` with ``Connection: close`` and a short
   JSON body ``{"error": reason, ...}``, after which the relay closes both
@@ -77,6 +80,7 @@ from egressd.policy.matcher import Decision, Verdict
 from egressd.policy.paths import path_text
 from egressd.proxy import credentials as creds
 from egressd.proxy import http_rules, sniff
+from egressd.proxy.tier2 import Tier2Outcome
 
 #: Client bytes held (parsed, not yet sent) before the client stops being read.
 MAX_HELD = sniff.MAX_HTTP_HEAD
@@ -135,6 +139,44 @@ class HttpGate:
     `shared`: heads read whole by other gates (`SharedHeads`), taken without
     the parsers as this gate's own repeats are.
     """
+
+    # A gate per connection: slots make its making and its every read cheaper.
+    __slots__ = (
+        "_body_close",
+        "_body_left",
+        "_candidate",
+        "_client",
+        "_client_closed",
+        "_closing",
+        "_credentials",
+        "_current",
+        "_decide",
+        "_deny",
+        "_fed",
+        "_fresh",
+        "_held",
+        "_last",
+        "_last_response",
+        "_max_held",
+        "_on_request",
+        "_outstanding",
+        "_over",
+        "_primed",
+        "_pristine",
+        "_scanner",
+        "_server",
+        "_shared",
+        "_stopped",
+        "_stream",
+        "_task",
+        "_upstream_closed",
+        "_waiting",
+        "failed",
+        "final",
+        "tunnel",
+        "up",
+        "wake",
+    )
 
     def __init__(
         self,
@@ -208,7 +250,10 @@ class HttpGate:
             return
         if self._stopped:
             return
-        if not self._pristine:
+        if self._pristine:
+            if not (self._stream or self._over or self._waiting) and self._head_read(data):
+                return
+        else:
             self._parser.receive_data(data)
         self._stream += data
         self._held += len(data)
@@ -216,10 +261,25 @@ class HttpGate:
 
     def client_eof(self) -> None:
         self._client_closed = True
-        if not self.tunnel and not self._stopped:
-            if not self._pristine:
-                self._parser.receive_data(b"")
-            self._advance()
+        if self.tunnel or self._stopped:
+            return
+        if self._idle():
+            self._stopped = True  # what a fresh parser reads the FIN as (ConnectionClosed)
+            return
+        if not self._pristine:
+            self._parser.receive_data(b"")
+        self._advance()
+
+    def _idle(self) -> bool:
+        """Between requests with nothing due (keep-alive's usual end): no parser
+        yet, nothing held, no response awaited. A fresh parser would read the
+        FIN as ``ConnectionClosed`` and nothing after the end would read it
+        again (no request is left to parse, no response to mirror), so none is made."""
+        return (
+            self._pristine
+            and self._server is None
+            and not (self._stream or self._over or self._outstanding or self._waiting)
+        )
 
     def from_upstream(self, data: bytes) -> None:
         if self.tunnel or self.failed:
@@ -317,6 +377,30 @@ class HttpGate:
         self._held -= size
         self._over = True
         self._dispatch(last, last.head)
+        return True
+
+    def _head_read(self, data: bytes) -> bool:
+        """`_repeat` for a read that is exactly one known head (the usual way a
+        request arrives): taken as `_repeat` would take it from the held
+        stream, without holding it first. `_repeat` reads the stream up to its
+        first blank line, and a kept head has none before its end (`_Heads.keep`):
+        a read equal to a kept head is a read `_repeat` takes as that head."""
+        last = self._last
+        if last is None or data != last.head:
+            if last is not None and data.startswith(last.head):
+                return False  # the head and more: `_repeat` takes the head, holds the rest
+            shared = self._shared
+            last = None if shared is None else shared.requests.exact(data)
+            if last is None:
+                return False
+            if last.closing:
+                self._closing = last.head
+            else:
+                self._last = last
+        self._over = True
+        self._dispatch(last, last.head)
+        if self._client_closed:
+            self._advance()  # as `_repeat`'s loop would go on (a closing head, then the FIN)
         return True
 
     def _materialize(self) -> None:
@@ -425,12 +509,17 @@ class HttpGate:
     def _dispatch(self, parsed: _Head, head: bytes) -> None:
         """Decide a request read whole (`head`: as received); `_over`: its bytes
         end with the head (`_repeat`), nothing more of it will be parsed."""
-        method, target, event = parsed.method, parsed.target, parsed.event
+        method, target, event, upgrade = parsed.method, parsed.target, parsed.event, parsed.upgrade
         record = RequestRecord(method, target.path_text, target.host, _MALFORMED)
-        record.upgrade = parsed.upgrade is not None
-        decided = self._decide(method, target, parsed.upgrade)
+        if upgrade is not None:
+            record.upgrade = True  # (a keyword to the constructor costs more)
+        decided = self._decide(method, target, upgrade)
         # A `Decision` or an outcome has `allowed`; only a pending one is awaited.
-        if hasattr(decided, "allowed") or not inspect.isawaitable(decided):
+        if (
+            type(decided) in _OUTCOMES
+            or hasattr(decided, "allowed")
+            or not inspect.isawaitable(decided)
+        ):
             self._decided(record, head, decided, event)
             return
         self._waiting = True
@@ -452,9 +541,20 @@ class HttpGate:
         self, record: RequestRecord, head: bytes, decided: Any, event: h11.Request
     ) -> None:
         # A `Decision`, or a `tier2.Tier2Outcome` (report mode: allowed, flagged).
-        record.decision = getattr(decided, "decision", decided)
-        record.would_deny = bool(getattr(decided, "would_deny", False))
-        if not decided.allowed:
+        kind = type(decided)
+        if kind is Tier2Outcome:  # the usual one, read without `getattr`s
+            record.decision = decided.decision
+            if decided.would_deny:
+                record.would_deny = True
+            allowed = decided.enforced_verdict is Verdict.ALLOW
+        elif kind is Decision:
+            record.decision = decided
+            allowed = decided.verdict is Verdict.ALLOW
+        else:
+            record.decision = getattr(decided, "decision", decided)
+            record.would_deny = bool(getattr(decided, "would_deny", False))
+            allowed = decided.allowed
+        if not allowed:
             self._refuse(record, record.decision.reason)
             return
         if self._credentials is not None:
@@ -476,8 +576,12 @@ class HttpGate:
             self._scanner = None  # the request ends with its head: no body to scan
         else:
             self._current = record
-        self._outstanding.append(record)
-        self._expect(record, head)
+        outstanding = self._outstanding
+        outstanding.append(record)
+        if len(outstanding) == 1:
+            # The watcher is primed with it (lazily: `_prime`); one sent behind
+            # others is primed when the response before it is complete.
+            self._primed = record
 
     def _scanned(self, event: h11.Data | h11.EndOfMessage) -> bool:
         """Search a piece of the current body (trailers too) for a credential
@@ -537,12 +641,6 @@ class HttpGate:
             self._on_request(record)
 
     # the response side
-
-    def _expect(self, record: RequestRecord, head: bytes) -> None:
-        """Prime the response watcher with the request it will see answered."""
-        if len(self._outstanding) > 1:
-            return  # primed when the response before it is complete
-        self._prime(record)
 
     def _prime(self, record: RequestRecord) -> None:
         # Lazily (`_ready`): a response that repeats the last one's head needs no
@@ -782,6 +880,8 @@ def _primer(method: str, upgrade: bool) -> h11.Request:
 
 
 _MALFORMED = Decision(Verdict.DENY, http_rules.HTTP_MALFORMED, None)
+#: What `decide` returns when it need not wait: never awaited (`_dispatch`).
+_OUTCOMES = frozenset({Decision, Tier2Outcome})
 
 
 @dataclass(frozen=True, slots=True)
@@ -817,27 +917,45 @@ class _Heads(Generic[_H]):
     Bounded: emptied when full (a ``Date`` header makes a server's response
     heads change every second)."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "_recent")
 
     LIMIT = 256
 
     def __init__(self) -> None:
         self._entries: dict[bytes, _H] = {}
+        self._recent: _H | None = None  # the last kept: checked first (one server, one client)
 
     def find(self, stream: bytes | bytearray) -> _H | None:
         """The kept head `stream` begins with, if any."""
+        recent = self._recent
+        if recent is not None and stream.startswith(recent.head):
+            # The same entry as the lookup below: a kept head's first blank line
+            # is its end (`keep`), so the stream's is too.
+            return recent
         end = stream.find(b"\r\n\r\n")
         if end < 0 or not self._entries:
             return None
         return self._entries.get(bytes(stream[: end + 4]))
 
+    def exact(self, data: bytes) -> _H | None:
+        """The kept head that is all of `data`, if any (what `find` returns for
+        it: the head ends at its first blank line, `keep`)."""
+        return self._entries.get(data)
+
     def keep(self, head: _H) -> None:
+        data = head.head
+        if data.find(b"\r\n\r\n") != len(data) - 4:
+            # `find` could never return it (it looks a head up by the stream's
+            # first blank line): not kept, so that `exact` and `_recent` agree with it.
+            return
         if len(self._entries) >= self.LIMIT:
             self._entries.clear()
-        self._entries[head.head] = head
+        self._entries[data] = head
+        self._recent = head
 
     def clear(self) -> None:
         self._entries.clear()
+        self._recent = None
 
 
 class SharedHeads:
