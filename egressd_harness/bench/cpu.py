@@ -14,15 +14,23 @@ in softirq context on behalf of another process (packet forwarding, tc/eBPF
 programs, the netfilter redirect), which is charged to whichever process the
 CPU happened to run, often the load generator or ksoftirqd.
 
-Pure: `parse_stat`, `descendants`, `CpuSample`; I/O: `ProcReader`,
-`snapshot` (the reader can be a fake).
+So that the figure is read for what it is, each sample also says how much of
+the path's time was user time (utime + cutime: the daemons' own code, Python
+for egressd) and what the whole machine spent meanwhile, from the first line
+of `/proc/stat`: busy (everything but idle and iowait, every process and the
+softirq time charged to none) and softirq alone. The machine's busy time per
+connection is what sets the rate on a saturated box: it holds the load
+generator, the server and the kernel's packet work of every path alike.
+
+Pure: `parse_stat`, `parse_machine`, `descendants`, `CpuSample`; I/O:
+`ProcReader`, `snapshot` (the reader can be a fake).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +52,18 @@ class ProcStat:
     @property
     def ticks(self) -> int:
         return self.utime + self.stime + self.cutime + self.cstime
+
+    @property
+    def user_ticks(self) -> int:
+        return self.utime + self.cutime
+
+
+@dataclass(frozen=True, slots=True)
+class MachineTicks:
+    """The whole machine's CPU time from `/proc/stat`'s ``cpu`` line, in clock ticks."""
+
+    busy: int  # user + nice + system + irq + softirq + steal
+    softirq: int
 
 
 class StatError(ValueError):
@@ -72,6 +92,18 @@ def parse_stat(text: str) -> ProcStat:
         raise StatError(f"not a /proc/PID/stat line: {text[:80]!r}") from exc
 
 
+def parse_machine(text: str) -> MachineTicks:
+    """The ``cpu`` line of `/proc/stat`: user nice system idle iowait irq softirq steal ..."""
+    first = text.split("\n", 1)[0].split()
+    if len(first) < 9 or first[0] != "cpu":
+        raise StatError(f"not a /proc/stat cpu line: {text[:80]!r}")
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    except ValueError as exc:
+        raise StatError(f"not a /proc/stat cpu line: {text[:80]!r}") from exc
+    return MachineTicks(user + nice + system + irq + softirq + steal, softirq)
+
+
 def descendants(stats: Iterable[ProcStat], roots: Iterable[int]) -> dict[int, ProcStat]:
     """The roots that exist and every process below them, by PID."""
     by_pid = {s.pid: s for s in stats}
@@ -96,6 +128,10 @@ class ProcReader(Protocol):
         """The text of /proc/PID/stat; None if the process is gone."""
         ...
 
+    def machine(self) -> str | None:
+        """The text of /proc/stat; None if it cannot be read."""
+        ...
+
 
 class LiveProc:
     """The host's /proc."""
@@ -109,6 +145,12 @@ class LiveProc:
     def stat(self, pid: int) -> str | None:
         try:
             return (self.root / str(pid) / "stat").read_text()
+        except OSError:
+            return None
+
+    def machine(self) -> str | None:
+        try:
+            return (self.root / "stat").read_text()
         except OSError:
             return None
 
@@ -133,10 +175,13 @@ def tree_stats(roots: Iterable[int], reader: ProcReader) -> dict[int, ProcStat]:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """CPU ticks per named root (its whole tree) at one moment."""
+    """CPU ticks per named root (its whole tree) at one moment, of which user
+    ticks, and the whole machine's (None when /proc/stat could not be read)."""
 
     ticks: Mapping[str, int]
     processes: int
+    user_ticks: Mapping[str, int] = field(default_factory=dict)
+    machine: MachineTicks | None = None
 
 
 def snapshot(roots: Mapping[str, int], reader: ProcReader | None = None) -> Snapshot:
@@ -145,6 +190,7 @@ def snapshot(roots: Mapping[str, int], reader: ProcReader | None = None) -> Snap
     trees = tree_stats(roots.values(), reader)
     # Attribute each process to its root; a root nested in another's tree counts once.
     ticks: dict[str, int] = {}
+    user: dict[str, int] = {}
     seen: set[int] = set()
     for name, root in roots.items():
         if root not in trees:
@@ -153,7 +199,18 @@ def snapshot(roots: Mapping[str, int], reader: ProcReader | None = None) -> Snap
         fresh = {pid: s for pid, s in mine.items() if pid not in seen}
         seen |= fresh.keys()
         ticks[name] = sum(s.ticks for s in fresh.values())
-    return Snapshot(ticks, len(trees))
+        user[name] = sum(s.user_ticks for s in fresh.values())
+    return Snapshot(ticks, len(trees), user, _machine(reader))
+
+
+def _machine(reader: ProcReader) -> MachineTicks | None:
+    text = reader.machine()
+    if text is None:
+        return None
+    try:
+        return parse_machine(text)
+    except StatError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +220,9 @@ class CpuSample:
     seconds: Mapping[str, float]  # per root (its tree), utime+stime
     connections: int = 0
     nbytes: int = 0
+    user_seconds: Mapping[str, float] = field(default_factory=dict)  # utime, of `seconds`
+    machine_busy_s: float | None = None  # the whole machine, softirq included
+    machine_softirq_s: float | None = None
 
     @property
     def total_s(self) -> float:
@@ -176,16 +236,36 @@ class CpuSample:
     def ms_per_mb(self) -> float | None:
         return self.total_s * 1e3 / (self.nbytes / MB) if self.nbytes > 0 else None
 
+    @property
+    def user_share(self) -> float | None:
+        """The path's user time over its CPU time (None without either)."""
+        total = self.total_s
+        return sum(self.user_seconds.values()) / total if self.user_seconds and total > 0 else None
+
+    @property
+    def machine_us_per_connection(self) -> float | None:
+        busy = self.machine_busy_s
+        return busy * 1e6 / self.connections if busy is not None and self.connections > 0 else None
+
     def to_dict(self) -> dict[str, Any]:
         per_conn, per_mb = self.us_per_connection, self.ms_per_mb
+        machine = self.machine_us_per_connection
         return {
             "cpu_s": {name: round(s, 3) for name, s in self.seconds.items()},
             "cpu_total_s": round(self.total_s, 3),
+            "cpu_user_s": {name: round(s, 3) for name, s in self.user_seconds.items()},
             "connections": self.connections,
             "bytes": self.nbytes,
             "us_per_connection": round(per_conn, 2) if per_conn is not None else None,
             "ms_per_mb": round(per_mb, 3) if per_mb is not None else None,
+            "machine_busy_s": _round3(self.machine_busy_s),
+            "machine_softirq_s": _round3(self.machine_softirq_s),
+            "machine_us_per_connection": round(machine, 2) if machine is not None else None,
         }
+
+
+def _round3(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None
 
 
 def sample(
@@ -202,4 +282,20 @@ def sample(
         for name, ticks in before.ticks.items()
         if name in after.ticks
     }
-    return CpuSample(seconds, connections=connections, nbytes=nbytes)
+    user = {
+        name: max(0, after.user_ticks[name] - ticks) / hz
+        for name, ticks in before.user_ticks.items()
+        if name in after.user_ticks and name in seconds
+    }
+    busy = softirq = None
+    if before.machine is not None and after.machine is not None:
+        busy = max(0, after.machine.busy - before.machine.busy) / hz
+        softirq = max(0, after.machine.softirq - before.machine.softirq) / hz
+    return CpuSample(
+        seconds,
+        connections=connections,
+        nbytes=nbytes,
+        user_seconds=user,
+        machine_busy_s=busy,
+        machine_softirq_s=softirq,
+    )

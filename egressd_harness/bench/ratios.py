@@ -12,7 +12,10 @@ kernel path. The goals, on the 2-core bench machine:
 | bulk_ratio | single-flow bulk MB/s, egressd / Squid | >= 4 |
 | cpu_per_conn_ratio | CPU per connection, egressd / Squid | <= 1 |
 
-`cpu_per_mb_ratio` (CPU per MB, egressd / Squid) is printed too, with no goal.
+`cpu_per_mb_ratio` (CPU per MB, egressd / Squid) is printed too, with no goal,
+and `machine_per_conn_ratio`: the whole machine's busy time per connection
+(every process and the softirq time charged to none), egressd / Squid, which
+is what sets conn/s when the box is saturated.
 """
 
 from __future__ import annotations
@@ -129,6 +132,11 @@ def ratios(results: Mapping[str, PathResult]) -> list[Ratio]:
             "cpu_per_mb_ratio",
             "CPU per MB, egressd / Squid",
             _div(get(e, "cpu_ms_per_mb"), get(s, "cpu_ms_per_mb")),
+        ),
+        Ratio(
+            "machine_per_conn_ratio",
+            "the machine's busy time per connection (softirq included), egressd / Squid",
+            _div(get(e, "machine_us_per_conn"), get(s, "machine_us_per_conn")),
         ),
     ]
 

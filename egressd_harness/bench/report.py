@@ -293,6 +293,17 @@ class PathResult:
         return median(c.ms_per_mb for c in self.bulk_cpu)
 
     @property
+    def machine_us_per_conn(self) -> float | None:
+        """The whole machine's busy time per connection (load generator, server,
+        softirq included): what sets conn/s on a saturated box."""
+        return median(c.machine_us_per_connection for c in self.connrate_cpu)
+
+    @property
+    def cpu_user_share(self) -> float | None:
+        """The path's user time over its CPU time in the conn/s runs."""
+        return median(c.user_share for c in self.connrate_cpu)
+
+    @property
     def p50_us(self) -> float | None:
         return median(r.p50_us for r in self.latency)
 
@@ -338,6 +349,8 @@ class PathResult:
                 "keepalive_rps": _round(self.keepalive_rps),
                 "cpu_us_per_conn": _round(self.cpu_us_per_conn),
                 "cpu_ms_per_mb": _round(self.cpu_ms_per_mb, 2),
+                "machine_us_per_conn": _round(self.machine_us_per_conn),
+                "cpu_user_share": _round(self.cpu_user_share, 3),
             },
             "wrk_errors": self.errors,
             "samples": {

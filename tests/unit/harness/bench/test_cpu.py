@@ -50,15 +50,21 @@ def test_parse_stat_of_this_process() -> None:
 class FakeProc:
     """A /proc as a dict PID -> stat text; `gone` PIDs are listed but vanish when read."""
 
-    def __init__(self, stats: dict[int, str], gone: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, stats: dict[int, str], gone: tuple[int, ...] = (), machine: str | None = None
+    ) -> None:
         self.stats = stats
         self.gone = gone
+        self.machine_text = machine
 
     def pids(self) -> list[int]:
         return [*self.stats, *self.gone]
 
     def stat(self, pid: int) -> str | None:
         return None if pid in self.gone else self.stats[pid]
+
+    def machine(self) -> str | None:
+        return self.machine_text
 
 
 def _tree() -> FakeProc:
@@ -126,3 +132,65 @@ def test_live_snapshot_sees_this_process_burn_cpu() -> None:
     sample = cpu.sample(before, after, hz=cpu.clock_ticks(), connections=1)
     assert 0.25 <= sample.total_s < 5
     assert CpuSample({"x": 0.5}, connections=1000).us_per_connection == pytest.approx(500)
+
+
+# The first lines of a real /proc/stat: user nice system idle iowait irq softirq steal ...
+PROC_STAT = (
+    "cpu  4807 3 1710 90418 95 0 1036 7 0 0\ncpu0 2377 1 866 45219 46 0 544 3 0 0\nintr 1234 0 0\n"
+)
+
+
+def test_parse_machine_real_text() -> None:
+    m = cpu.parse_machine(PROC_STAT)
+    assert m == cpu.MachineTicks(busy=4807 + 3 + 1710 + 0 + 1036 + 7, softirq=1036)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "cpu0 1 2 3 4 5 6 7 8\n", "cpu  1 2 3\n", "cpu  1 2 x 4 5 6 7 8 9\n"]
+)
+def test_parse_machine_rejects(text: str) -> None:
+    with pytest.raises(StatError):
+        cpu.parse_machine(text)
+
+
+def test_snapshot_user_ticks_and_machine() -> None:
+    tree = _tree()
+    tree.machine_text = PROC_STAT
+    snap = cpu.snapshot({"squid": 10, "proxy1": 20}, tree)
+    assert snap.user_ticks == {"squid": 111, "proxy1": 200}
+    assert snap.machine is not None and snap.machine.softirq == 1036
+    # Unreadable or garbled /proc/stat: no machine figure, the rest as before.
+    tree.machine_text = "garbage"
+    assert cpu.snapshot({"squid": 10}, tree).machine is None
+    tree.machine_text = None
+    assert cpu.snapshot({"squid": 10}, tree).ticks == {"squid": 167}
+
+
+def test_sample_user_share_and_machine_per_connection() -> None:
+    before = Snapshot({"p": 100}, 1, {"p": 60}, cpu.MachineTicks(busy=1000, softirq=100))
+    after = Snapshot({"p": 300}, 1, {"p": 210}, cpu.MachineTicks(busy=1500, softirq=180))
+    s = cpu.sample(before, after, hz=100, connections=1000)
+    assert s.user_seconds == {"p": 1.5}
+    assert s.user_share == pytest.approx(0.75)
+    assert s.machine_busy_s == pytest.approx(5.0)
+    assert s.machine_softirq_s == pytest.approx(0.8)
+    assert s.machine_us_per_connection == pytest.approx(5000.0)
+    d = s.to_dict()
+    assert d["cpu_user_s"] == {"p": 1.5}
+    assert d["machine_us_per_connection"] == 5000.0
+    # One side without /proc/stat: no machine figure rather than a wrong one.
+    lone = cpu.sample(Snapshot({"p": 1}, 1), after, hz=100, connections=10)
+    assert lone.machine_busy_s is None and lone.machine_us_per_connection is None
+    assert lone.user_share is None
+
+
+def test_live_machine_busy_covers_this_process() -> None:
+    roots = {"me": os.getpid()}
+    before = cpu.snapshot(roots)
+    start = os.times()
+    while os.times().user + os.times().system - start.user - start.system < 0.2:
+        assert os.times().elapsed - start.elapsed < 30
+        sum(i * i for i in range(20_000))  # user time, not the loop's own syscalls
+    s = cpu.sample(before, cpu.snapshot(roots), hz=cpu.clock_ticks(), connections=1)
+    assert s.machine_busy_s is not None and s.machine_busy_s >= s.total_s * 0.8
+    assert s.user_share is not None and s.user_share > 0.5

@@ -79,6 +79,20 @@ def test_ratios_from_medians_and_verdicts() -> None:
     assert cpu.value == pytest.approx(0.75) and cpu.met is True
     info = by_key["cpu_per_mb_ratio"]
     assert info.value == pytest.approx(0.25) and info.met is None
+    # No /proc/stat figures in these samples: the machine ratio has no value, no verdict.
+    assert by_key["machine_per_conn_ratio"].value is None
+
+
+def test_machine_per_conn_ratio_from_the_samples_medians() -> None:
+    results = _results()
+    for name, busy in (("squid", [5.0, 6.0, 4.0]), ("egressd", [9.0, 8.0, 7.5])):
+        results[name].connrate_cpu = [
+            CpuSample({"p": 1.0}, connections=10_000, machine_busy_s=b) for b in busy
+        ]
+    assert results["squid"].machine_us_per_conn == pytest.approx(500)
+    machine = {r.key: r for r in ratios.ratios(results)}["machine_per_conn_ratio"]
+    assert machine.value == pytest.approx(800 / 500) and machine.met is None
+    assert "[info] the machine's busy time per connection" in ratios.render([machine])
 
 
 def test_goals_not_met() -> None:
