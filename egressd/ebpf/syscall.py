@@ -5,8 +5,9 @@ A thin, synchronous wrapper: each function is one syscall and raises `OSError`
 `egressd.agent.tier1`, translates those into its own typed errors.
 
 Only commands on objects that already exist are here (loading programs is done
-once by bpftool): `BPF_OBJ_GET` on pinned objects, map element lookup, update,
-delete and key iteration, and `BPF_OBJ_GET_INFO_BY_FD` to check that a map has
+once by bpftool): `BPF_OBJ_GET` on pinned objects, map element lookup (also as
+`ElemReader`, whose buffers are allocated once, for lookups at a connection's rate),
+update, delete and key iteration, and `BPF_OBJ_GET_INFO_BY_FD` to check that a map has
 the shape the agent expects. Nothing here depends on the calling thread's
 network namespace.
 """
@@ -14,6 +15,7 @@ network namespace.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import struct
@@ -153,6 +155,53 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     except FileNotFoundError:
         return None
     return vbuf.raw
+
+
+class ElemReader:
+    """`map_lookup` for one map at the cost of one syscall: the key buffer (`key`, which the
+    caller fills in place, e.g. with `struct.Struct.pack_into`), the value buffer and the
+    bpf_attr pointing at both are allocated once, here, not per lookup.
+
+    Not thread-safe: every lookup goes through the same three buffers, so a reader belongs
+    to one thread (the proxy's readers each belong to one process's event loop; `lookup` is
+    one synchronous call, so no other task of that loop can run between filling `key` and
+    reading the value). The caller keeps `fd` open while the reader is in use.
+    """
+
+    __slots__ = ("_args", "_attr", "_value", "fd", "key")
+
+    def __init__(self, fd: int, key_size: int, value_size: int) -> None:
+        self.fd = fd
+        self.key = ctypes.create_string_buffer(key_size)
+        self._value = ctypes.create_string_buffer(value_size)
+        self._attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        # map_fd as a C int (what an fd is): -1, no map, is EBADF from the kernel.
+        struct.pack_into("=i4xQQQ", self._attr, 0, fd, _addr(self.key), _addr(self._value), 0)
+        # The syscall's arguments, resolved once (`_sys_bpf` raises here on an unknown machine)
+        # and as ctypes objects of `_syscall.argtypes`: ctypes passes those as they are, where
+        # it would convert ints on every call (a quarter of the call's cost).
+        self._args = (
+            ctypes.c_long(_sys_bpf()),
+            ctypes.c_int(BPF_MAP_LOOKUP_ELEM),
+            ctypes.c_void_p(_addr(self._attr)),
+            ctypes.c_uint(_ATTR_SIZE),
+        )
+
+    def lookup(self) -> bytes | None:
+        """The value stored under the key now in `key`, or None when there is none; other
+        failures raise `OSError` with the kernel's errno, as `map_lookup` does."""
+        if _syscall(*self._args) < 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOENT:
+                return None
+            raise OSError(err, os.strerror(err))
+        return self._value.raw
+
+    def release(self) -> None:
+        """Forget the fd (its owner is closing it): a later lookup fails with EBADF, as one
+        through the closed fd would, and never reaches a map that reused its number."""
+        self.fd = -1
+        struct.pack_into("=i", self._attr, 0, -1)
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:

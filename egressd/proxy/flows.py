@@ -44,6 +44,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from egressd.proxy.context import FlowInfo
+from egressd.proxy.kernel_maps import ip_int
 
 IPv4Address = ipaddress.IPv4Address
 FlowKey = tuple[int, int, int, int, int]
@@ -65,10 +66,6 @@ class Flow:
 
     def __repr__(self) -> str:
         return f"Flow(info={self.info!r}, last_seen={self.last_seen!r})"
-
-
-def _ip(value: int | str | IPv4Address) -> int:
-    return value if type(value) is int else int(IPv4Address(value))
 
 
 class FlowTable:
@@ -173,7 +170,7 @@ class FlowTable:
         proto: int,
     ) -> FlowInfo | None:
         """The flow recorded when the sandbox's packet came in over GENEVE."""
-        flow = self._flows.get((_ip(src), sport, _ip(dst), dport, proto))
+        flow = self._flows.get((ip_int(src), sport, ip_int(dst), dport, proto))
         return flow.info if flow is not None else None
 
     # --- expiry --------------------------------------------------------------------

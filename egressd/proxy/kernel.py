@@ -114,6 +114,8 @@ class ProxyKernel(Loaded[KernelError]):
         self._attached: list[tuple[str, int]] = []  # (ifname, clsact parent)
         self._saved_csum: tuple[str, ...] = ()  # checksum features turned off at load
         self._saved_gso: int | None = None  # the TUN's gso_max_size before load
+        # Tier 2's px_flows reader: its buffers are this object's, used from one event loop.
+        self._flow_reader: km.FlowReader | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -190,8 +192,42 @@ class ProxyKernel(Loaded[KernelError]):
             raise KernelError("map_failed", f"entries of {name}: {exc.strerror}") from exc
 
     def flow(self, src: int, sport: int, dst: int, dport: int, proto: int) -> km.KernelFlow | None:
-        raw = self.read("px_flows", km.pack_flow_key(src, sport, dst, dport, proto))
-        return None if raw is None else km.unpack_flow(raw)
+        """The px_flows entry of a sandbox -> internet 5-tuple (addresses as ints)."""
+        reader = self._flows()
+        raw = self._read_flow(reader, src, sport, dst, dport, proto)
+        return None if raw is None else reader.flow(raw)
+
+    def flow_info(
+        self,
+        src: int,
+        sport: int,
+        dst: int,
+        dport: int,
+        proto: int,
+        node_name: Callable[[IPv4Address], str | None],
+    ) -> FlowInfo | None:
+        """`flow` as tier 2 wants it (`km.FlowReader.info`): None also when `node_name`
+        does not know the flow's node. Raises `KernelError` as `flow` does."""
+        reader = self._flows()
+        raw = self._read_flow(reader, src, sport, dst, dport, proto)
+        return None if raw is None else reader.info(raw, node_name)
+
+    def _flows(self) -> km.FlowReader:
+        """The px_flows reader of the current fd (made again when a reload changed it)."""
+        fd = self._fd("px_flows")
+        reader = self._flow_reader
+        if reader is None or reader.fd != fd:
+            reader = self._flow_reader = km.FlowReader(fd)
+        return reader
+
+    @staticmethod
+    def _read_flow(
+        reader: km.FlowReader, src: int, sport: int, dst: int, dport: int, proto: int
+    ) -> bytes | None:
+        try:
+            return reader.read(src, sport, dst, dport, proto)
+        except OSError as exc:  # as `Loaded._map_lookup` reports it
+            raise KernelError("map_failed", f"lookup px_flows: {exc.strerror}") from exc
 
     def stats(self) -> dict[km.Stat, int]:
         return self._counters("px_stats", km.Stat)
@@ -461,16 +497,13 @@ class KernelDatapath:
     ) -> FlowInfo | None:
         """The flow the tc program (or the slow path) recorded: one px_flows lookup."""
         try:
-            found = self.kernel.flow(_ip(src), sport, _ip(dst), dport, proto)
+            # None also when the node left the registry: its flows no longer count.
+            return self.kernel.flow_info(
+                km.ip_int(src), sport, km.ip_int(dst), dport, proto, self._names.get
+            )
         except KernelError as exc:
             log.warning("flow_lookup_failed", reason=exc.reason, detail=exc.detail)
             return None
-        if found is None:
-            return None
-        name = self._names.get(found.node)
-        if name is None:
-            return None  # the node left the registry: its flows no longer count
-        return FlowInfo(found.job_id, found.digest, name)
 
     # -- the sync -----------------------------------------------------------------
 
@@ -550,7 +583,3 @@ class KernelDatapath:
                 await task
         with contextlib.suppress(KernelError):
             self.export_counts()
-
-
-def _ip(value: int | str | IPv4Address) -> int:
-    return value if type(value) is int else int(IPv4Address(value))

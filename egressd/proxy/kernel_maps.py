@@ -16,6 +16,11 @@ network byte order, as the program reads them from the packet.
 
 `desired_jobs` and `desired_nodes` turn the proxy's verified policies and node registry into
 the entries these maps should hold; `egressd.proxy.kernel` writes the difference.
+
+`FlowReader` is tier 2's px_flows lookup (one per accepted connection or DNS query, for
+`egressd.proxy.kernel.KernelDatapath` and each worker's `egressd.proxy.workers.PinnedFlows`):
+one syscall through buffers allocated once, and the objects a value decodes to kept for the
+next lookup that finds the same value (every flow of a job on a node holds the same one).
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from __future__ import annotations
 import ipaddress
 import struct
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
 from egressd.ebpf import syscall as bpf
 from egressd.ebpf.tc import MapSpec as MapSpec  # re-exported: the maps' shapes
+from egressd.proxy.context import FlowInfo
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -81,6 +87,8 @@ _JOB_KEY: Final = struct.Struct("=16s8s")
 _JOB: Final = struct.Struct("=Q")
 _BOUND_KEY: Final = struct.Struct("=16s4s")
 _FLOW_KEY: Final = struct.Struct("=4s4sHHB3x")  # ports as raw big-endian u16 (see pack_flow_key)
+# The same bytes from ints: every field big-endian, so addresses and ports go in as they are.
+_FLOW_KEY_INTS: Final = struct.Struct(">IIHHB3x")
 _FLOW: Final = struct.Struct("=16s8s4s4x")
 _SANDBOX_KEY: Final = struct.Struct("=I4s")
 _NODE_ADDR: Final = struct.Struct("=4s")
@@ -162,6 +170,17 @@ def pack_flow_key(src: int, sport: int, dst: int, dport: int, proto: int) -> byt
     )
 
 
+def ip_int(value: int | str | IPv4Address) -> int:
+    """An IPv4 address as the 32-bit int the flow tables key on: an int as it is, an
+    `IPv4Address` by its own int (not parsed again from its text), anything else parsed
+    (`ipaddress.AddressValueError` when it is no address)."""
+    if type(value) is int:
+        return value
+    if type(value) is IPv4Address:
+        return int(value)
+    return int(IPv4Address(value))
+
+
 def pack_flow(job_id: uuid.UUID, digest: bytes, node: IPv4Address) -> bytes:
     return _FLOW.pack(job_id.bytes, digest, node.packed)
 
@@ -169,6 +188,89 @@ def pack_flow(job_id: uuid.UUID, digest: bytes, node: IPv4Address) -> bytes:
 def unpack_flow(raw: bytes) -> KernelFlow:
     job, digest, node = _FLOW.unpack(raw)
     return KernelFlow(uuid.UUID(bytes=job), digest, IPv4Address(node))
+
+
+#: Distinct px_flows values whose decoding `FlowReader` keeps: one per (job, digest, node)
+#: with live flows. Past it the cache starts over (bounded memory; the next lookups decode).
+FLOW_VALUES_KEPT: Final = 4096
+
+
+class _Known:
+    """A px_flows value decoded, and the `FlowInfo` it gave last, with its node's name."""
+
+    __slots__ = ("flow", "info", "name")
+
+    def __init__(self, flow: KernelFlow) -> None:
+        self.flow = flow
+        self.name: str | None = None
+        self.info: FlowInfo | None = None
+
+
+class FlowReader:
+    """px_flows lookups by 5-tuple through one `bpf.ElemReader` on `fd` (the caller's, kept
+    open while the reader is used).
+
+    `read` is the syscall (`OSError` as `bpf.map_lookup` raises it, None for no entry);
+    `flow` and `info` decode what it returned, each distinct value once: the `KernelFlow`
+    (and the last `FlowInfo`, whose node name is asked for on every call, as the registry
+    may have renamed or dropped the node) are kept in a dict by the value's bytes, at most
+    `max_values` of them. The objects handed out are shared between lookups; they are
+    frozen. Not thread-safe (`bpf.ElemReader`): one event loop owns a reader.
+    """
+
+    __slots__ = ("_elem", "_key", "_known", "_max", "fd")
+
+    def __init__(self, fd: int, *, max_values: int = FLOW_VALUES_KEPT) -> None:
+        if max_values <= 0:
+            raise ValueError("max_values must be positive")
+        spec = MAP_SIZES["px_flows"]
+        self.fd = fd
+        self._elem = bpf.ElemReader(fd, spec.key_size, spec.value_size)
+        self._key = self._elem.key
+        self._known: dict[bytes, _Known] = {}
+        self._max = max_values
+
+    def __len__(self) -> int:
+        """How many decoded values are kept."""
+        return len(self._known)
+
+    def read(self, src: int, sport: int, dst: int, dport: int, proto: int) -> bytes | None:
+        """The raw px_flows value of a sandbox -> internet 5-tuple (addresses as ints, host
+        ports: `pack_flow_key`'s arguments), or None when the map has none."""
+        _FLOW_KEY_INTS.pack_into(self._key, 0, src, dst, sport, dport, proto)
+        return self._elem.lookup()
+
+    def flow(self, raw: bytes) -> KernelFlow:
+        """`unpack_flow(raw)`, the same object for the same value while it is kept."""
+        return self._known_value(raw).flow
+
+    def info(self, raw: bytes, node_name: Callable[[IPv4Address], str | None]) -> FlowInfo | None:
+        """What tier 2 wants of a value: its job and digest with its node's name, or None
+        when `node_name` knows the node no more (its flows no longer count)."""
+        known = self._known_value(raw)
+        name = node_name(known.flow.node)
+        if name is None:
+            return None
+        info = known.info
+        if info is None or name != known.name:
+            flow = known.flow
+            info = known.info = FlowInfo(flow.job_id, flow.digest, name)
+            known.name = name
+        return info
+
+    def release(self) -> None:
+        """The fd is being closed: later reads fail with EBADF (`bpf.ElemReader.release`)."""
+        self.fd = -1
+        self._elem.release()
+
+    def _known_value(self, raw: bytes) -> _Known:
+        known = self._known.get(raw)
+        if known is None:
+            known = _Known(unpack_flow(raw))
+            if len(self._known) >= self._max:
+                self._known.clear()  # bounded; rare (FLOW_VALUES_KEPT): one decode per value again
+            self._known[raw] = known
+        return known
 
 
 def pack_sandbox_key(cidr: IPv4Network) -> bytes:

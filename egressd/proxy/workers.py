@@ -278,7 +278,8 @@ class PinnedFlows:
     def __init__(self, pin: Path, node_name: Callable[[IPv4Address], str | None]) -> None:
         self._fd = bpf.obj_get(pin, bpf.BPF_F_RDONLY)
         self._node_name = node_name
-        self._size = km.MAP_SIZES["px_flows"].value_size
+        # One per worker process, used only from its event loop (`km.FlowReader`).
+        self._reader = km.FlowReader(self._fd)
 
     def lookup(
         self,
@@ -288,28 +289,21 @@ class PinnedFlows:
         dport: int,
         proto: int,
     ) -> FlowInfo | None:
-        key = km.pack_flow_key(_ip(src), sport, _ip(dst), dport, proto)
         try:
-            raw = bpf.map_lookup(self._fd, key, self._size)
+            raw = self._reader.read(km.ip_int(src), sport, km.ip_int(dst), dport, proto)
         except OSError as exc:
             log.warning("flow_lookup_failed", reason="map_failed", detail=str(exc.strerror))
             return None
         if raw is None:
             return None
-        found = km.unpack_flow(raw)
-        name = self._node_name(found.node)
-        if name is None:
-            return None  # the node left the registry: its flows no longer count
-        return FlowInfo(found.job_id, found.digest, name)
+        # None when the node left the registry: its flows no longer count.
+        return self._reader.info(raw, self._node_name)
 
     def close(self) -> None:
         if self._fd >= 0:
+            self._reader.release()
             os.close(self._fd)
             self._fd = -1
-
-
-def _ip(value: int | str | IPv4Address) -> int:
-    return value if type(value) is int else int(IPv4Address(value))
 
 
 class WorkerPolicies:

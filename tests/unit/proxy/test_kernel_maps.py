@@ -3,6 +3,7 @@ hold for given policies and nodes (pure; the kernel side is tests/integration/te
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
 import struct
@@ -14,6 +15,7 @@ import pytest
 
 import egressd
 from egressd.proxy import kernel_maps as km
+from egressd.proxy.context import FlowInfo
 from egressd.proxy.endpoint import ENDPOINT_REASONS
 from egressd.proxy.kernel import DEFAULT_SOURCE
 from egressd.proxy.tunnel import RX_DROP_REASONS
@@ -104,6 +106,60 @@ def test_flow_value_round_trips() -> None:
     assert len(raw) == 32
     assert raw[:16] == JOB.bytes and raw[16:24] == DIGEST and raw[24:28] == bytes([198, 18, 0, 11])
     assert km.unpack_flow(raw) == km.KernelFlow(JOB, DIGEST, A("198.18.0.11"))
+
+
+@pytest.mark.parametrize("form", [int, str, A], ids=["int", "str", "IPv4Address"])
+def test_ip_int_takes_every_address_form(form: type) -> None:
+    assert km.ip_int(form(A("100.96.1.5"))) == int(A("100.96.1.5")) == 0x64600105
+
+
+@pytest.mark.parametrize("bad", ["100.96.1", "not an address", "100.96.1.256"])
+def test_ip_int_refuses_what_is_no_address(bad: str) -> None:
+    with pytest.raises(ipaddress.AddressValueError):
+        km.ip_int(bad)
+
+
+def values(n: int) -> list[bytes]:
+    """`n` distinct px_flows values: n jobs on NODE1."""
+    return [km.pack_flow(uuid.UUID(int=i + 1), DIGEST, NODE1.underlay) for i in range(n)]
+
+
+# A reader on no map (fd -1): decoding needs none; `read` fails as on a closed fd.
+def test_a_reader_decodes_as_unpack_flow_and_hands_out_the_same_object_again() -> None:
+    reader = km.FlowReader(-1)
+    raw = values(1)[0]
+    first = reader.flow(raw)
+    assert first == km.unpack_flow(raw)
+    assert reader.flow(bytes(raw)) is first  # an equal value read again: nothing decoded
+    assert len(reader) == 1
+
+
+def test_a_readers_kept_values_stay_bounded() -> None:
+    reader = km.FlowReader(-1, max_values=3)
+    for raw in values(10):
+        assert reader.flow(raw) == km.unpack_flow(raw)
+        assert len(reader) <= 3
+    with pytest.raises(ValueError, match="positive"):
+        km.FlowReader(-1, max_values=0)
+
+
+def test_a_readers_info_asks_for_the_node_name_every_time() -> None:
+    reader = km.FlowReader(-1)
+    raw = values(1)[0]
+    names = {NODE1.underlay: "node1"}
+    info = reader.info(raw, names.get)
+    assert info == FlowInfo(uuid.UUID(int=1), DIGEST, "node1")
+    assert reader.info(raw, names.get) is info
+    names[NODE1.underlay] = "renamed"
+    assert reader.info(raw, names.get) == FlowInfo(uuid.UUID(int=1), DIGEST, "renamed")
+    del names[NODE1.underlay]  # the node left the registry: its flows no longer count
+    assert reader.info(raw, names.get) is None
+
+
+def test_a_reader_on_a_bad_fd_raises_the_kernels_errno() -> None:
+    with pytest.raises(OSError) as err:
+        km.FlowReader(-1).read(int(A("100.96.1.5")), 41000, int(A("203.0.113.10")), 443, 6)
+    assert err.value.errno == errno.EBADF
 
 
 def test_config_port_is_big_endian_in_memory() -> None:
