@@ -181,6 +181,13 @@ class SourcePortAllocator:
         self.config = config
         self._n_addresses = len(config.addresses)
         self._pools: dict[Destination, _DestinationPool] = {}
+        # The addresses as text, by their place in the pool (`address_text`).
+        self._texts = tuple(str(address) for address in config.addresses)
+        # The config's derived numbers (properties that compute), read per connection.
+        self._capacity = config.capacity
+        self._min_per_job = config.min_per_job
+        self._first_port = config.candidate(0)[1]
+        self._stride = config.stride
 
     def available(self, destination: Destination, now: float) -> int:
         """Pairs that could be handed out toward `destination` now (ignoring reservations)."""
@@ -197,25 +204,28 @@ class SourcePortAllocator:
         pool = self._pools.get(destination)
         if pool is None:
             pool = self._pools[destination] = _DestinationPool()
-        pool.cool_down(now)
+        if pool.cooling:
+            pool.cool_down(now)
         held = pool.held.get(job, 0)
         if held >= max_per_job:
             return PORT_BUDGET_EXHAUSTED
-        available = self.config.capacity - len(pool.in_use) - len(pool.cooling)
+        available = self._capacity - len(pool.in_use) - len(pool.cooling)
         if available <= 0:
             return PORT_POOL_EXHAUSTED
-        minimum = self.config.min_per_job
+        minimum = self._min_per_job
         if held >= minimum:
             reserve = pool.deficit + minimum * self.config.reserved_newcomers
             if available - 1 < reserve:
                 return PORT_POOL_EXHAUSTED
         index = self._next_index(pool)
         pool.in_use[index] = job
-        self._set_held(pool, job, held + 1)
-        slot = index % self._n_addresses
+        self._set_held(pool, job, held + 1, held)
+        n = self._n_addresses
+        slot = index % n
         pool.by_address[slot] = pool.by_address.get(slot, 0) + 1
-        address, port = self.config.candidate(index)
-        return Lease(job, destination, address, port, index)
+        # `PortPoolConfig.candidate`, with its numbers read once.
+        port = self._first_port + (index // n) * self._stride
+        return Lease(job, destination, self.config.addresses[slot], port, index)
 
     def release(self, lease: Lease, now: float, *, time_wait: bool = True) -> None:
         """The lease's connection is closed: the port cools down toward its destination.
@@ -226,7 +236,8 @@ class SourcePortAllocator:
         end of the free list, so it is the last to be handed out again.
         """
         pool, index = self._take_back(lease)
-        self._set_held(pool, lease.job, pool.held[lease.job] - 1)
+        held = pool.held[lease.job]
+        self._set_held(pool, lease.job, held - 1, held)
         if time_wait:
             pool.cooling.append((now + self.config.reuse_delay_s, index))
         else:
@@ -236,6 +247,13 @@ class SourcePortAllocator:
         """The lease's bind failed: hold the port back, and do not count it for the job."""
         self.release(lease, now)
 
+    def address_text(self, lease: Lease) -> str:
+        """The lease's address as text, for ``bind``: formatted once per pool
+        address, not once per connection (``str`` of an address is ~1 µs)."""
+        if lease.index >= 0:
+            return self._texts[lease.index % self._n_addresses]
+        return str(lease.address)
+
     def held(self, job: Hashable, destination: Destination) -> int:
         pool = self._pools.get(destination)
         return 0 if pool is None else pool.held.get(job, 0)
@@ -243,10 +261,22 @@ class SourcePortAllocator:
     def in_use(self, destination: Destination, lease: Lease) -> int:
         """Pairs of the lease's address in use toward `destination`."""
         pool = self._pools.get(destination)
-        index = lease.index if lease.index >= 0 else self.config.index(lease.address, lease.port)
+        index = self._index(lease)
         if pool is None or index is None:
             return 0
         return pool.by_address.get(index % self._n_addresses, 0)
+
+    def counts(self, lease: Lease) -> tuple[int, int]:
+        """`held` by the lease's job toward its destination and `in_use` of its
+        address there, from one look-up of the destination's pool."""
+        pool = self._pools.get(lease.destination)
+        if pool is None:
+            return 0, 0
+        held = pool.held.get(lease.job, 0)
+        index = self._index(lease)
+        if index is None:
+            return held, 0
+        return held, pool.by_address.get(index % self._n_addresses, 0)
 
     def in_use_by_address(self, destination: Destination) -> dict[IPv4Address, int]:
         pool = self._pools.get(destination)
@@ -273,22 +303,34 @@ class SourcePortAllocator:
     def _next_index(self, pool: _DestinationPool) -> int:
         # Never-used pairs first, then the longest-free one: a 4-tuple is
         # reused as late as the pool allows (a server may hold it in TIME_WAIT).
-        if pool.cursor < self.config.capacity:
+        if pool.cursor < self._capacity:
             pool.cursor += 1
             return pool.cursor - 1
         return pool.free.popleft()
 
     def _take_back(self, lease: Lease) -> tuple[_DestinationPool, int]:
         pool = self._pools.get(lease.destination)
-        index = self.config.index(lease.address, lease.port)
+        index = self._index(lease)
         if pool is None or index is None or pool.in_use.get(index, _NOBODY) != lease.job:
             raise ValueError(f"unknown lease {lease!r}")
         del pool.in_use[index]
         pool.by_address[index % self._n_addresses] -= 1
         return pool, index
 
-    def _set_held(self, pool: _DestinationPool, job: Hashable, held: int) -> None:
-        old = pool.held.get(job, 0)
+    def _index(self, lease: Lease) -> int | None:
+        """The lease's pair's index in the pool: the one `acquire` recorded in
+        it, if it is that pair's, else worked out (None: not in the pool)."""
+        index = lease.index
+        n = self._n_addresses
+        if (
+            0 <= index < self._capacity
+            and lease.port == self._first_port + (index // n) * self._stride
+            and lease.address is self.config.addresses[index % n]
+        ):
+            return index
+        return self.config.index(lease.address, lease.port)
+
+    def _set_held(self, pool: _DestinationPool, job: Hashable, held: int, old: int) -> None:
         pool.deficit += self._deficit(held) - self._deficit(old)
         if held:
             pool.held[job] = held

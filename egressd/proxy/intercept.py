@@ -156,6 +156,7 @@ _CONNECTING = (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR)
 
 _ADDRESSES: dict[str, IPv4Address] = {}
 _ADDRESSES_LIMIT = 4096
+_DESTINATIONS: dict[tuple[IPv4Address, int], Destination] = {}
 
 
 def _ipv4(text: str) -> IPv4Address:
@@ -173,8 +174,26 @@ def _ipv4(text: str) -> IPv4Address:
     return address
 
 
+def _destination(ip: IPv4Address, port: int) -> Destination:
+    """`Destination(ip, port)`, one object per pair (bounded: emptied when full):
+    an immutable value whose hash it computes when made, keyed several times
+    per connection by the limits."""
+    key = (ip, port)
+    destination = _DESTINATIONS.get(key)
+    if destination is None:
+        destination = Destination(ip, port)
+        if len(_DESTINATIONS) >= _ADDRESSES_LIMIT:
+            _DESTINATIONS.clear()
+        _DESTINATIONS[key] = destination
+    return destination
+
+
 async def connect_socket(
-    sock: socket.socket, address: tuple[str, int], timeout_s: float | None = None
+    sock: socket.socket,
+    address: tuple[str, int],
+    timeout_s: float | None = None,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> None:
     """Connect the non-blocking `sock` to a numeric IPv4 `address`, as
     `loop.sock_connect` does, raising OSError (with its errno) when it fails,
@@ -184,14 +203,17 @@ async def connect_socket(
     ``getaddrinfo`` in libuv's thread pool (its fast path needs a socket type
     that it does not pass on): a thread hand-off and back per upstream connection.
     The timeout is one timer on the future (an `asyncio.timeout` scope costs
-    several times that per connection).
+    several times that per connection). `loop`: the running loop, when the
+    caller has it (on Python 3.11 `asyncio.get_running_loop` makes a
+    ``getpid`` system call each time).
     """
     err = sock.connect_ex(address)
     if err == 0:
         return
     if err not in _CONNECTING:
         raise OSError(err, f"Connect call failed {address}")
-    loop = asyncio.get_running_loop()
+    if loop is None:
+        loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
     loop.add_writer(fd, _writable, done)
@@ -552,6 +574,9 @@ def _policy_reason(reason: str) -> ConnectionReason:
     return member
 
 
+#: Frozen values every connection starts from (made once, not per connection).
+_ERROR = Outcome.deny(ConnectionReason.ERROR)
+_NOTHING_PEEKED = Peeked(b"")
 _TO_OWN_ADDRESS = NotConnected(ConnectionReason.FLEET_ADDRESS)
 _CONNECT_FAILED = NotConnected(ConnectionReason.UPSTREAM_CONNECT_FAILED)
 
@@ -695,6 +720,14 @@ class Interceptor:
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # The loop, once started: asked once, not per connection (on Python
+        # 3.11 `asyncio.get_running_loop` makes a ``getpid`` system call).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Connections being decided or relayed, read when scraped
+        # (``egressd_connections_active``): not a locked gauge update twice
+        # per connection.
+        self._active = 0
+        self._metrics.active.set_function(lambda: self._active)
         # One read buffer for every relay of this interceptor (see relay.relay).
         self._scratch = bytearray(RELAY_BUFFER)
         # Metric children and the egress bind address, looked up once on first
@@ -750,7 +783,8 @@ class Interceptor:
             raise
         self._sock = sock
         self.limits.start()
-        self._accept_task = asyncio.get_running_loop().create_task(
+        self._loop = asyncio.get_running_loop()
+        self._accept_task = self._loop.create_task(
             self._accept_loop(sock),
             name=f"egressd-intercept-accept-{self.listen[0]}:{self.listen[1]}",
         )
@@ -811,7 +845,7 @@ class Interceptor:
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task = (self._loop or asyncio.get_running_loop()).create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -831,9 +865,9 @@ class Interceptor:
         steps' outcome, carried out; then the audit event and counters, written
         once from the final outcome."""
         conn = _Conn(_ipv4(src), sport, _ipv4(dst), dport, src_text=src, dst_text=dst)
-        self._metrics.active.inc()
+        self._active += 1
         decided: Outcome | None = None  # tier 2's, once made (an error later keeps its host)
-        outcome = Outcome.deny(ConnectionReason.ERROR)
+        outcome = _ERROR
         try:
             decided, peeked = await self._decide_steps(sock, conn)
             outcome = decided
@@ -853,7 +887,7 @@ class Interceptor:
         finally:
             if not conn.relaying:
                 reset(sock)  # a deny, a failure or an error: the client sees a reset
-            self._metrics.active.dec()
+            self._active -= 1
             self._give_back(conn)
             self._finish(conn, outcome)
 
@@ -870,7 +904,7 @@ class Interceptor:
         """The flow, the job's policy, admission, the address, what the client
         sent, tier 2: the outcome before any upstream connect (a deny is final)."""
         ctx = self.ctx
-        peeked = Peeked(b"")
+        peeked = _NOTHING_PEEKED
         flow = ctx.flows.lookup(conn.src, conn.sport, conn.dst, conn.dport, 6)
         if flow is None:
             return Outcome.deny(UNKNOWN_FLOW), peeked
@@ -1043,7 +1077,13 @@ class Interceptor:
             conn.learned,
             conn.proxy_ips,
         )
-        with self.live.track(flow.job_id, recorded, conn.relay, policy, self._retune(conn, pacing)):
+        # The task given, not looked up by `track` (`asyncio.current_task()`
+        # without a loop asks `get_running_loop`: a ``getpid`` on Python 3.11).
+        task = asyncio.current_task(self._loop or asyncio.get_running_loop())
+        tracking = self.live.track(
+            flow.job_id, recorded, conn.relay, policy, self._retune(conn, pacing), task=task
+        )
+        with tracking:
             await relay(
                 sock,
                 upstream,
@@ -1328,7 +1368,7 @@ class Interceptor:
         assert conn.flow is not None
         if conn.dst in self._own:
             return _TO_OWN_ADDRESS
-        destination = Destination(conn.dst, conn.dport)
+        destination = _destination(conn.dst, conn.dport)
         for _ in range(PORT_ATTEMPTS):
             now = time.monotonic()
             lease = self.limits.acquire_port(conn.flow.job_id, destination, policy.limits, now)
@@ -1359,7 +1399,9 @@ class Interceptor:
         destination is the source address itself: a TCP self-connect would
         echo the client's bytes back; OSError(EADDRINUSE/EADDRNOTAVAIL) if that
         source cannot be used."""
-        if conn.dst == lease.address or conn.dst in self._own:
+        # `_connect` has checked `_own`, which holds every pool address (and
+        # so the lease's); checked again here for a caller that did not.
+        if conn.dst in self._own or conn.dst == lease.address:
             return _TO_OWN_ADDRESS
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -1369,8 +1411,13 @@ class Interceptor:
             upstream.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             bound_dead_peers(upstream)
-            upstream.bind((str(lease.address), lease.port))
-            await connect_socket(upstream, (str(conn.dst), conn.dport), self.connect_timeout_s)
+            upstream.bind((self.limits.ports.address_text(lease), lease.port))
+            await connect_socket(
+                upstream,
+                (conn.dst_text or str(conn.dst), conn.dport),
+                self.connect_timeout_s,
+                loop=self._loop,
+            )
         except OSError as exc:  # TimeoutError (the connect timeout) included
             upstream.close()
             if exc.errno in _PORT_TAKEN:

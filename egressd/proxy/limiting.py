@@ -126,12 +126,14 @@ class _Series:
         # key -> [label values, child, its value]
         self._children: dict[object, list[Any]] = {}
 
-    def set(self, key: object, value: int, labels: Callable[[], tuple[str, ...]]) -> None:
+    def set(self, key: Any, value: int, labels: Callable[[Any], tuple[str, ...]]) -> None:
+        """`value` for `key`'s series; `labels(key)` its label values, asked when
+        the series is made."""
         entry = self._children.get(key)
         if entry is None:
             if not value:
                 return
-            names = labels()
+            names = labels(key)
             entry = self._children[key] = [names, self._gauge.labels(*names), value]
             entry[1].set_function(lambda: entry[2])
         entry[2] = value
@@ -142,6 +144,15 @@ class _Series:
                 del self._children[key]
                 with contextlib.suppress(KeyError):
                     self._gauge.remove(*names)
+
+
+def _job_labels(job: object) -> tuple[str]:
+    return (str(job),)
+
+
+def _pair_labels(key: tuple[object, object]) -> tuple[str, str]:
+    """(job or egress address, destination): the label values."""
+    return (str(key[0]), str(key[1]))
 
 
 class JobPacing:
@@ -199,17 +210,33 @@ class ProxyLimits:
         self._job_bytes: dict[tuple[uuid.UUID, str], Callable[[float], None]] = {}
         self._refusals: dict[tuple[uuid.UUID | None, str], Callable[[float], None]] = {}
         self._task: asyncio.Task[None] | None = None
+        # The last policy limits' shares (`_shares`): connections mostly come
+        # with the same `Limits` object (the job's held policy) and proxy count.
+        self._shared: tuple[Limits | None, int, tuple[int, int, int]] = (None, 0, (1, 1, 1))
 
     # admission
 
+    def _shares(self, limits: Limits) -> tuple[int, int, int]:
+        """This proxy's `fleet_share` of the job's max_connections,
+        max_new_connections_per_s and bandwidth_bps (pure in `limits` and the
+        proxy count; the last answer is kept, by identity)."""
+        proxies = self._proxy_count()
+        last, last_proxies, shares = self._shared
+        if last is limits and last_proxies == proxies:
+            return shares
+        shares = (
+            fleet_share(limits.max_connections, proxies),
+            fleet_share(limits.max_new_connections_per_s, proxies),
+            fleet_share(limits.bandwidth_bps, proxies),
+        )
+        self._shared = (limits, proxies, shares)
+        return shares
+
     def admit(self, job: uuid.UUID, limits: Limits, now: float) -> str | None:
         """None: admitted (call `release` when the connection is over); else the refusal reason."""
-        proxies = self._proxy_count()
+        max_connections, new_per_s, _ = self._shares(limits)
         refusal = self.connections.admit(
-            job,
-            max_connections=fleet_share(limits.max_connections, proxies),
-            new_per_s=fleet_share(limits.max_new_connections_per_s, proxies),
-            now=now,
+            job, max_connections=max_connections, new_per_s=new_per_s, now=now
         )
         if refusal is None:
             self._job_connections_changed(job)
@@ -236,7 +263,7 @@ class ProxyLimits:
         self.refused(job, reason)
 
     def _job_connections_changed(self, job: uuid.UUID) -> None:
-        self._job_connections.set(job, self.connections.active(job), lambda: (str(job),))
+        self._job_connections.set(job, self.connections.active(job), _job_labels)
 
     # source ports
 
@@ -259,23 +286,15 @@ class ProxyLimits:
         self._ports_changed(lease)
 
     def _ports_changed(self, lease: Lease) -> None:
-        job, destination, address = lease.job, lease.destination, lease.address
-        self._job_ports.set(
-            (job, destination),
-            self.ports.held(job, destination),
-            lambda: (str(job), str(destination)),
-        )
-        self._ports_in_use.set(
-            (address, destination),
-            self.ports.in_use(destination, lease),
-            lambda: (str(address), str(destination)),
-        )
+        held, in_use = self.ports.counts(lease)
+        destination = lease.destination
+        self._job_ports.set((lease.job, destination), held, _pair_labels)
+        self._ports_in_use.set((lease.address, destination), in_use, _pair_labels)
 
     # pacing
 
     def pacing(self, job: uuid.UUID, limits: Limits) -> JobPacing:
-        rate = fleet_share(limits.bandwidth_bps, self._proxy_count())
-        return JobPacing(self.shaper, job, rate, self._count_bytes)
+        return JobPacing(self.shaper, job, self._shares(limits)[2], self._count_bytes)
 
     def retune(self, pacing: JobPacing, limits: Limits) -> None:
         """Move an open connection's pacing to `limits` (a replaced policy's)."""

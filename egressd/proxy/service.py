@@ -535,9 +535,17 @@ def settle_heap() -> None:
     yet each full collection walked them all again, and connections trigger
     collections: ~30 µs per connection in the per-connection profile
     (docs/decisions.md, "Per-connection cost"). Objects made later are collected
-    as before."""
+    as before, the youngest generation once `YOUNG_GC_THRESHOLD` more tracked
+    objects were made than freed (Python's 700 is below what the open
+    connections alone hold, so young collections ran every few connections)."""
     gc.collect()
     gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, middle, old)
+
+
+#: The cyclic collector's youngest-generation threshold once started (`settle_heap`).
+YOUNG_GC_THRESHOLD = 10_000
 
 
 async def serve(config: ProxyConfig, *, stop: asyncio.Event | None = None) -> None:

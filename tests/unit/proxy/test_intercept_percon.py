@@ -15,8 +15,10 @@ import socket
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from egressd.proxy import audit, http_rules, tier2
+from egressd.proxy.context import FlowInfo, PolicyUnavailable
 from egressd.proxy.intercept import (
     KEEPALIVE_IDLE_S,
     USER_TIMEOUT_MS,
@@ -25,7 +27,7 @@ from egressd.proxy.intercept import (
     _ipv4,
     connect_socket,
 )
-from tests.support.interceptor_rig import ADDR, API, ELSEWHERE, Resolver, conn, interceptor
+from tests.support.interceptor_rig import ADDR, API, ELSEWHERE, JOB, Resolver, conn, interceptor
 from tests.support.policies import make_policy
 
 
@@ -160,3 +162,52 @@ def test_audit_time_is_now_to_the_millisecond() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
     at = dt.datetime.fromisoformat(stamp)
     assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= at <= after
+
+
+async def test_active_gauge_counts_connections_being_decided() -> None:
+    icpt = interceptor(Resolver(set()))
+    registry = icpt.ctx.registry
+    go = asyncio.Event()
+
+    class Flows:
+        def lookup(self, *_key: object) -> FlowInfo:
+            return FlowInfo(JOB, b"\0" * 8, "node1")
+
+    class Policies:
+        async def get(self, _job: object) -> Any:
+            await go.wait()
+            raise PolicyUnavailable("policy_missing")
+
+    icpt.ctx.flows = Flows()
+    icpt.ctx.policies = Policies()
+    ends = [socket.socketpair() for _ in range(2)]
+    for ours, _ in ends:
+        ours.setblocking(False)
+    tasks = [
+        asyncio.create_task(icpt._handle(ours, "100.96.1.2", 40000 + i, "203.0.113.10", 80))
+        for i, (ours, _) in enumerate(ends)
+    ]
+    await asyncio.sleep(0.01)
+    assert registry.get_sample_value("egressd_connections_active") == 2
+    assert b"\negressd_connections_active 2.0\n" in generate_latest(registry)
+    go.set()
+    await asyncio.gather(*tasks)
+    assert registry.get_sample_value("egressd_connections_active") == 0
+    denied = {"verdict": "deny", "reason": "policy_missing"}
+    assert registry.get_sample_value("egressd_connections_total", denied) == 2
+    for _, theirs in ends:
+        theirs.close()
+
+
+async def test_connect_socket_with_the_loop_given() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await connect_socket(sock, listener.getsockname(), 5.0, loop=asyncio.get_running_loop())
+        accepted, _ = listener.accept()
+        assert accepted.getpeername() == sock.getsockname()
+        accepted.close()
+        sock.close()
+    finally:
+        listener.close()

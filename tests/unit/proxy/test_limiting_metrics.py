@@ -7,7 +7,7 @@ import uuid
 
 from prometheus_client import CollectorRegistry
 
-from egressd.limits.ports import PortPoolConfig
+from egressd.limits.ports import Destination, PortPoolConfig
 from egressd.policy.model import Limits
 from egressd.proxy.limiting import LimitsConfig, ProxyLimits
 
@@ -47,3 +47,45 @@ def test_refusals_counted_per_job_and_reason_with_and_without_a_job() -> None:
     assert refusals(str(JOB), "job_connection_limit") == 3
     assert refusals("", "proxy_connection_limit") == 1
     assert refusals(str(JOB), "dns_rate_limit") == 2
+
+
+def test_shares_follow_the_proxy_count_and_the_limits_object() -> None:
+    registry = CollectorRegistry()
+    pool = PortPoolConfig(addresses=(ipaddress.IPv4Address("203.0.113.21"),))
+    proxies = [1]
+    limits = ProxyLimits(
+        LimitsConfig(port_pool=pool), registry=registry, proxy_count=lambda: proxies[0]
+    )
+    four = Limits(max_connections=4, bandwidth_bps=8_000)
+    for _ in range(4):
+        assert limits.admit(JOB, four, 100.0) is None
+    assert limits.admit(JOB, four, 100.0) == "job_connection_limit"
+    assert limits.pacing(JOB, four)._rate_bps == 8_000
+    proxies[0] = 2  # the same Limits object, another fleet size: this proxy's share halves
+    assert limits.pacing(JOB, four)._rate_bps == 4_000
+    for _ in range(3):
+        limits.release(JOB)
+    assert limits.admit(JOB, four, 100.0) is None
+    assert limits.admit(JOB, four, 100.0) == "job_connection_limit"  # 2 of ceil(4 / 2)
+    # Another Limits object (a refreshed policy), equal or not, is shared afresh.
+    assert limits.admit(JOB, Limits(max_connections=6), 100.0) is None  # 3 of ceil(6 / 2)
+    assert limits.admit(JOB, Limits(max_connections=6), 100.0) == "job_connection_limit"
+    assert registry.get_sample_value("egressd_job_connections", {"job_id": str(JOB)}) == 3
+
+
+def test_source_port_gauges_follow_leases() -> None:
+    limits, registry = _limits()
+    dst = Destination(ipaddress.IPv4Address("198.51.100.1"), 443)
+    leases = [limits.acquire_port(JOB, dst, Limits(), 100.0) for _ in range(3)]
+    job_ports = {"job_id": str(JOB), "destination": str(dst)}
+    in_use = {"egress": "203.0.113.21", "destination": str(dst)}
+    assert registry.get_sample_value("egressd_job_source_ports", job_ports) == 3
+    assert registry.get_sample_value("egressd_source_ports_in_use", in_use) == 3
+    for lease in leases:
+        assert not isinstance(lease, str)
+        limits.release_port(lease, 100.0, time_wait=False)
+    assert registry.get_sample_value("egressd_job_source_ports", job_ports) == 0
+    assert registry.get_sample_value("egressd_source_ports_in_use", in_use) == 0
+    limits.prune(200.0, 200.0)  # at zero: the series go
+    assert registry.get_sample_value("egressd_job_source_ports", job_ports) is None
+    assert registry.get_sample_value("egressd_source_ports_in_use", in_use) is None

@@ -161,3 +161,28 @@ async def test_expiry_resets_unless_a_later_policy_is_held() -> None:
     assert not t2.done() and s2.end is None
     t2.cancel()
     live.close()
+
+
+async def test_track_registers_the_given_task_and_always_unregisters() -> None:
+    live = LiveConnections(lookup=lambda _j: None, fleet_ranges=lambda: FLEET)
+    p = policy([HOST_API, CIDR_DB], exp=int(time.time()) + 3600)
+    held = asyncio.get_running_loop().create_task(asyncio.sleep(30))
+    stats = Stats()
+    with live.track(JOB, TLS_API, stats, p, task=held):  # not the current task
+        with live.track(JOB, BY_CIDR, Stats(), p):
+            assert live.count(JOB) == 2
+            timer = live._jobs[JOB].timer
+            assert timer is not None  # the policy's exp is watched while connections are open
+        assert live.count(JOB) == 1 and live._jobs[JOB].timer is timer  # one job, one timer
+        live.policy_changed(JOB, Verified(p), None)  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert held.cancelled() and stats.end == POLICY_REVOKED
+    assert live.count() == 0 and JOB not in live._jobs
+    assert timer.cancelled()
+    try:
+        with live.track(JOB, BY_CIDR, Stats(), p):
+            raise RuntimeError("the relay failed")
+    except RuntimeError:
+        pass
+    assert live.count() == 0 and JOB not in live._jobs
+    live.close()

@@ -13,9 +13,11 @@ from egressd.proxy import service
 
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
+    thresholds = gc.get_threshold()
     gc.unfreeze()
     yield
     gc.unfreeze()
+    gc.set_threshold(*thresholds)
 
 
 def test_settle_heap_collects_then_freezes(unfrozen: None) -> None:
@@ -31,6 +33,13 @@ def test_settle_heap_collects_then_freezes(unfrozen: None) -> None:
     assert gone() is None  # collected, not frozen
     assert gc.get_freeze_count() > 0
     assert not gc.is_finalized(kept) and not any(o is kept for o in gc.get_objects())
+
+
+def test_settle_heap_raises_only_the_young_threshold(unfrozen: None) -> None:
+    gc.set_threshold(700, 9, 8)
+    service.settle_heap()
+    assert gc.get_threshold() == (service.YOUNG_GC_THRESHOLD, 9, 8)
+    assert service.YOUNG_GC_THRESHOLD > 700
 
 
 def test_serve_passes_settle_heap_as_started(monkeypatch: pytest.MonkeyPatch) -> None:
