@@ -1095,6 +1095,7 @@ class Interceptor:
                 pacing=pacing,
                 timeouts=self.limits.timeouts,
                 gate=gate,
+                loop=self._loop,
             )
 
     def _retune(self, conn: _Conn, pacing: JobPacing) -> Callable[[Policy], None]:
@@ -1194,9 +1195,18 @@ class Interceptor:
                 request.error,
                 frozenset(learned),
             )
+            # The outcome itself, for every connection of the policy: a pure function
+            # of the host decision's key and what the request asked (a new connection's
+            # own memo is empty; this skips `decide_http` and `apply_mode` on it).
+            whole = (key, asked)
+            done = decisions.get(policy, fleet_ranges, whole)
+            if isinstance(done, tier2.Tier2Outcome):
+                return memo.put(asked, learned, done)
             cached = decisions.get(policy, fleet_ranges, key)
             if isinstance(cached, Decision):
-                return memo.put(asked, learned, outcome(policy, request, method, upgrade, cached))
+                made = outcome(policy, request, method, upgrade, cached)
+                decisions.put(policy, fleet_ranges, whole, made)
+                return memo.put(asked, learned, made)
             if isinstance(cached, _Resolve):
                 name: str | None = cached.name
             else:
@@ -1210,7 +1220,9 @@ class Interceptor:
                 if name is None:
                     host = host_decision(policy, request, learned, frozenset())
                     decisions.put(policy, fleet_ranges, key, host)
-                    return memo.put(asked, learned, outcome(policy, request, method, upgrade, host))
+                    made = outcome(policy, request, method, upgrade, host)
+                    decisions.put(policy, fleet_ranges, whole, made)
+                    return memo.put(asked, learned, made)
                 decisions.put(policy, fleet_ranges, key, _Resolve(name))
             assert name is not None
             resolve = name

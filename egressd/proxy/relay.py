@@ -443,10 +443,11 @@ class _Pipe:
         pacing: Pacing | None = None,
         timeouts: expiry.Timeouts | None = None,
         gate: Gate | None = None,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.stats = stats
         self.gate = gate
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.client: _Side | None = None
         self.upstream: _Side | None = None
@@ -614,6 +615,7 @@ async def relay(
     pacing: Pacing | None = None,
     timeouts: expiry.Timeouts | None = None,
     gate: Gate | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> RelayStats:
     """Relay between connected `client` and `upstream` until both are done.
 
@@ -635,11 +637,13 @@ async def relay(
     ``get_buffer``, read, ``buffer_updated`` in one go), so thousands of idle
     connections cost no read buffers.
     """
-    loop = asyncio.get_running_loop()
+    # `loop`: the running loop, when the caller has it (on Python 3.11 each
+    # `asyncio.get_running_loop` is a ``getpid`` system call).
+    loop = loop if loop is not None else asyncio.get_running_loop()
     if scratch is None:
         scratch = bytearray(RELAY_BUFFER)
     stats = stats if stats is not None else RelayStats()
-    pipe = _Pipe(stats, pacing=pacing, timeouts=timeouts, gate=gate)
+    pipe = _Pipe(stats, pacing=pacing, timeouts=timeouts, gate=gate, loop=loop)
     if gate is None:
         stats.bytes_up += len(first_up)
         if count_up is not None and first_up:

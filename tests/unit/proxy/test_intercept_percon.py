@@ -105,6 +105,37 @@ async def test_gate_host_decisions_are_shared_and_follow_the_answer() -> None:
     assert resolver.asked == ["api.allowed.test"] * 4
 
 
+async def test_gate_outcomes_are_shared_across_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    icpt = interceptor(Resolver(set()))
+    policy = make_policy()
+    root = http_rules.RequestTarget("api.allowed.test", None, ("",), "/")
+    data = http_rules.RequestTarget("api.allowed.test", None, ("data",), "/data")
+    made: list[http_rules.RequestTarget] = []
+    real = http_rules.decide_http
+
+    def counted(host: Any, request: http_rules.RequestTarget, **kw: Any) -> Any:
+        made.append(request)
+        return real(host, request, **kw)
+
+    monkeypatch.setattr(http_rules, "decide_http", counted)
+
+    def decide(request: http_rules.RequestTarget, method: str = "GET", p: Any = policy) -> Any:
+        return icpt._gate(conn(), p, "api.allowed.test")._decide(method, request, None)
+
+    first = decide(root)
+    assert first.allowed and decide(root) is first  # a new connection: the same outcome
+    assert made == [root]
+    # What the request asked is part of the key: another path or method decides afresh.
+    decide(data)
+    decide(root, "POST")
+    assert made == [root, data, root]
+    # A replaced policy (another object) never sees the old one's outcomes.
+    again = decide(root, p=make_policy())
+    assert again is not first and again == first and len(made) == 4
+
+
 async def test_connect_socket_connects_and_fails_with_errno() -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
