@@ -181,7 +181,6 @@ class _Side(asyncio.BufferedProtocol):
         "pending",
         "pipe",
         "queue",
-        "raw",
         "timer",
         "transport",
     )
@@ -192,7 +191,7 @@ class _Side(asyncio.BufferedProtocol):
         direction: str,
         count: Callable[[int], None] | None,
         buffer: bytearray,
-        raw: bool = False,
+        fd: int = -1,
     ) -> None:
         self.pipe = pipe
         self.direction = direction  # of the bytes this side reads
@@ -201,7 +200,7 @@ class _Side(asyncio.BufferedProtocol):
         self._view = memoryview(buffer)
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
-        self.pending: list[bytes] = []  # read before the pipe started
+        self.pending: list[bytes] | None = None  # read before the pipe started
         # Paced chunks waiting for their departure; made on first use (an
         # empty deque costs ~600 bytes, times two per idle connection).
         self.queue: collections.deque[tuple[float, bytes]] | None = None
@@ -212,23 +211,20 @@ class _Side(asyncio.BufferedProtocol):
         self.lost = False
         self.closing = False  # a gate's final response is queued: end after it
         self.paced = False  # a chunk of this side waited for its departure: read CHUNKs
-        # A plain TCP socket (not an Endpoint's TLS): its descriptor once connected,
-        # what is written to this side goes straight to it (`send`); else -1.
-        self.fd = -1
-        self.raw = raw
+        # A plain TCP socket (not an Endpoint's TLS): its descriptor (the transport
+        # keeps the socket's number), what is written to this side goes straight
+        # to it (`send`) while the transport is live; else -1.
+        self.fd = fd
 
     # asyncio.BaseProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        sock = transport.get_extra_info("socket") if self.raw else None
-        if sock is not None:
-            self.fd = sock.fileno()
+        self.transport = tr = cast(asyncio.Transport, transport)
+        tr.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         # Until both sides exist (`_Pipe.start`). asyncio honours this; uvloop
         # starts reading after connection_made anyway, hence `pending`.
-        self.transport.pause_reading()
+        tr.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -271,6 +267,8 @@ class _Side(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         peer = self.peer
         if peer is None:
+            if self.pending is None:
+                self.pending = []
             self.pending.append(bytes(self._view[:nbytes]))
             if self.transport is not None:
                 self.transport.pause_reading()
@@ -400,7 +398,11 @@ class _Side(asyncio.BufferedProtocol):
                 self.pipe.side_eof(self)
 
     def counted(self, nbytes: int) -> None:
-        self.pipe.counted(self.direction, nbytes)
+        # Into the pipe's stats directly (one call a chunk, this one).
+        if self.direction == UP:
+            self.pipe.stats.bytes_up += nbytes
+        else:
+            self.pipe.stats.bytes_down += nbytes
         if self._count is not None:
             self._count(nbytes)
 
@@ -504,12 +506,6 @@ class _Pipe:
             # which is no longer read, gets the rest and a FIN, then the end.
             self.close()
 
-    def counted(self, direction: str, nbytes: int) -> None:
-        if direction == UP:
-            self.stats.bytes_up += nbytes
-        else:
-            self.stats.bytes_down += nbytes
-
     def start(self, first_up: bytes) -> None:
         client, upstream = self.client, self.upstream
         assert client is not None and upstream is not None
@@ -523,30 +519,37 @@ class _Pipe:
         gate = self.gate
         if gate is not None:
             gate.wake = self.drain_gate
-            for chunk in (first_up, *client.pending):
-                if chunk:
-                    gate.from_client(chunk)
-            for chunk in upstream.pending:
-                upstream.forward(chunk)
-                gate.from_upstream(chunk)
-            client.pending.clear()
-            upstream.pending.clear()
+            if first_up:
+                gate.from_client(first_up)
+            if client.pending is not None:
+                for chunk in client.pending:
+                    if chunk:
+                        gate.from_client(chunk)
+                client.pending = None
+            if upstream.pending is not None:
+                for chunk in upstream.pending:
+                    upstream.forward(chunk)
+                    gate.from_upstream(chunk)
+                upstream.pending = None
             self.drain_gate()
-        if first_up and gate is None:
+        elif first_up:
             upstream.transport.write(first_up)
+        # Rarely anything: uvloop's one read before the start (`buffer_updated`).
         for side in (client, upstream):
-            for chunk in side.pending:
-                side.peer.transport.write(chunk)  # type: ignore[union-attr]
-                side.counted(len(chunk))
-            side.pending.clear()
-        self.watch_expiry()
+            if side.pending is not None:
+                for chunk in side.pending:
+                    side.peer.transport.write(chunk)  # type: ignore[union-attr]
+                    side.counted(len(chunk))
+                side.pending = None
+        if self.timeouts is not None:
+            self.watch_expiry()
         for side in (client, upstream):
-            if side.eof and gate is not None:
-                side.eof_received()
-            elif side.eof:
-                self.side_eof(side)
             if not side.eof:
                 side.unblock(_STARTING)
+            elif gate is not None:
+                side.eof_received()
+            else:
+                self.side_eof(side)
 
     def side_eof(self, side: _Side) -> None:
         side.eof_sent = True
@@ -569,12 +572,15 @@ class _Pipe:
                 reset_transport(peer.transport)
             elif peer.transport is not None:
                 peer.transport.close()
-        if self._all_lost() and not self.done.done():
-            self.stop_watching()
+        client, upstream = self.client, self.upstream
+        if (
+            (client is None or client.lost)
+            and (upstream is None or upstream.lost)
+            and not self.done.done()
+        ):
+            if self.expiry_timer is not None:
+                self.stop_watching()
             self.done.set_result(None)
-
-    def _all_lost(self) -> bool:
-        return all(s is None or s.lost for s in (self.client, self.upstream))
 
     def unlink(self, gate: Gate | None) -> None:
         """Drop the references that make cycles (pipe and sides, the sides
@@ -582,10 +588,11 @@ class _Pipe:
         the connection's objects are then freed by reference counting when the
         relay returns, not by the cyclic collector later (its gen-1 and gen-2
         passes were ~20% of a short connection's CPU, issue 10)."""
-        for side in (self.client, self.upstream):
-            if side is not None:
-                side.peer = None
-                side.transport = None
+        client, upstream = self.client, self.upstream
+        if client is not None:
+            client.peer = client.transport = None
+        if upstream is not None:
+            upstream.peer = upstream.transport = None
         self.client = self.upstream = None
         self.gate = None
         if gate is not None:
@@ -652,21 +659,25 @@ async def relay(
     # going DOWN to the client; the client socket's, bytes going UP.
     try:
         if isinstance(upstream, socket.socket):
+            ufd = upstream.fileno()
             _, pipe.upstream = await loop.create_connection(
-                lambda: _Side(pipe, DOWN, count_down, scratch, raw=True), sock=upstream
+                lambda: _Side(pipe, DOWN, count_down, scratch, ufd), sock=upstream
             )
         else:
             side = await upstream.attach(lambda: _Side(pipe, DOWN, count_down, scratch))
             pipe.upstream = cast(_Side, side)
         if isinstance(client, socket.socket):
+            cfd = client.fileno()
             _, pipe.client = await loop.connect_accepted_socket(
-                lambda: _Side(pipe, UP, count_up, scratch, raw=True), sock=client
+                lambda: _Side(pipe, UP, count_up, scratch, cfd), sock=client
             )
         else:
             side = await client.attach(lambda: _Side(pipe, UP, count_up, scratch))
             pipe.client = cast(_Side, side)
         pipe.start(first_up)
-        await asyncio.shield(pipe.done)
+        # Unshielded: a cancel cancels `done` too, after which nothing of the
+        # pipe's waits on it (`side_lost`, `drain_gate`, `watch_expiry` see it done).
+        await pipe.done
         pipe.unlink(gate)
     except BaseException as exc:
         cancelled = isinstance(exc, asyncio.CancelledError)

@@ -1,12 +1,12 @@
 """The relay's start-up (issue 10, per-connection cost) through real TCP sockets
-on loopback, on asyncio's loop and on uvloop: both plain sockets' transports are
-made in one round trip (`relay._attach_both`) and the relay waits for its end
+on loopback, on asyncio's loop and on uvloop; the relay waits for its end
 unshielded.
 
 Held here: a short ``Connection: close`` exchange relays the peeked head first
 and counts exactly; a relay cancelled while its transports are being made, or
 once running, resets both peers and says "cancelled"; the relay leaves no task
-or callback behind.
+or callback behind; the expiry timer armed at the start ends a quiet relay at
+its first timeout.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from egressd.limits.timeouts import Timeouts
 from egressd.proxy.relay import RelayStats, relay
 from tests.support.relay_pair import Pair
 
@@ -121,4 +122,55 @@ def test_cancelled_relay_says_so_and_ends_both_peers(loop: str, steps: int) -> N
     else:
         assert_ended(pair.client)
         assert_ended(pair.server)
+    pair.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    ("timeouts", "reason"),
+    [(Timeouts(idle_s=0.05), "idle_timeout"), (Timeouts(lifetime_s=0.05), "max_lifetime")],
+)
+def test_quiet_relay_ends_at_its_first_timeout(loop: str, timeouts: Timeouts, reason: str) -> None:
+    """The expiry timer armed at the start (`_Pipe.watch_expiry`) fires at the
+    earlier timeout, not before: both peers get a reset."""
+    pair = Pair(timeout=5)
+
+    async def main() -> tuple[RelayStats, float]:
+        clock = asyncio.get_running_loop()
+        t0 = clock.time()
+        stats = await relay(
+            pair.proxy_client, pair.proxy_upstream, first_up=HEAD, timeouts=timeouts
+        )
+        return stats, clock.time() - t0
+
+    stats, took = run(loop, main)
+    assert (stats.end, stats.time_wait, stats.bytes_up) == (reason, False, len(HEAD))
+    assert 0.04 <= took < 2.0
+    assert_reset(pair.client)
+    assert pair.server.recv(len(HEAD), socket.MSG_WAITALL) == HEAD
+    assert_reset(pair.server)
+    pair.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_short_exchange_with_timeouts_ends_cleanly_and_stays_so(loop: str) -> None:
+    """A relay that ends before its timeouts ends cleanly, and its expiry timer
+    does not mark it timed out afterwards (the loop runs past the idle timeout)."""
+    pair = Pair(timeout=5)
+    pair.server.sendall(RESPONSE)
+    pair.server.shutdown(socket.SHUT_WR)
+    pair.client.shutdown(socket.SHUT_WR)
+
+    async def main() -> RelayStats:
+        stats = await relay(
+            pair.proxy_client, pair.proxy_upstream, first_up=HEAD, timeouts=Timeouts(idle_s=0.1)
+        )
+        assert (stats.end, stats.error) == (None, None)
+        await asyncio.sleep(0.3)
+        return stats
+
+    stats = run(loop, main)
+    assert (stats.end, stats.error, stats.bytes_down) == (None, None, len(RESPONSE))
+    assert read_all(pair.client) == RESPONSE
+    assert read_all(pair.server) == HEAD
     pair.close()
