@@ -20,7 +20,8 @@ for egressd) and what the whole machine spent meanwhile, from the first line
 of `/proc/stat`: busy (everything but idle and iowait, every process and the
 softirq time charged to none) and softirq alone. The machine's busy time per
 connection is what sets the rate on a saturated box: it holds the load
-generator, the server and the kernel's packet work of every path alike.
+generator, the server and the kernel's packet work of every path alike, and
+whatever else the machine runs meanwhile (read it from a quiet machine only).
 
 Pure: `parse_stat`, `parse_machine`, `descendants`, `CpuSample`; I/O:
 `ProcReader`, `snapshot` (the reader can be a fake).
