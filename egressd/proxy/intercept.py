@@ -143,15 +143,19 @@ USER_TIMEOUT_MS = 30_000
 
 def bound_dead_peers(sock: socket.socket) -> None:
     """Make a relayed socket give up on a peer that stopped answering."""
-    with contextlib.suppress(OSError):
+    # try/except rather than `contextlib.suppress`: one upstream socket a connection.
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+    except OSError:
+        pass
 
 
 _CONNECTING = (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR)
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 
 _ADDRESSES: dict[str, IPv4Address] = {}
@@ -686,6 +690,45 @@ class _DecisionCache:
         self._entries[(id(policy), id(fleet_ranges), key)] = (policy, fleet_ranges, value)
 
 
+class _Composed:
+    """`compose`'s outcomes for tier 2's memoised decisions (`_DecisionCache` hands
+    out the same `NamedDecision` object for the same key): `compose` is a pure
+    function of the policy, that decision, the peek's protocol and sniff error
+    (all it reads of `Peeked`) and whether there is an interception CA, and its
+    `Outcome` is immutable, so one is kept per (policy, decision) object pair and
+    those two fields. Entries hold their policy and decision, so the ids in a
+    key name live objects; they are checked by identity. Bounded: emptied when
+    full."""
+
+    __slots__ = ("_entries",)
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._entries: dict[
+            tuple[int, int, str | None, str | None, bool],
+            tuple[Policy, tier2.NamedDecision, Outcome],
+        ] = {}
+
+    def compose(
+        self,
+        policy: Policy,
+        named: tier2.NamedDecision,
+        peeked: Peeked,
+        interception: object | None,
+    ) -> Outcome:
+        can_intercept = interception is not None
+        key = (id(policy), id(named), peeked.protocol, peeked.sniff_error, can_intercept)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is policy and entry[1] is named:
+            return entry[2]
+        outcome = compose(policy, named, peeked, interception=can_intercept)
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        self._entries[key] = (policy, named, outcome)
+        return outcome
+
+
 class Interceptor:
     """The transparent listener and its connection tasks."""
 
@@ -735,6 +778,7 @@ class Interceptor:
         self._count_up: Any = None
         self._count_down: Any = None
         self._decisions = _DecisionCache()
+        self._composed = _Composed()
         # Request and response heads read whole, for every gate (`SharedHeads`),
         # and the first reads that were a whole request head (`PeekedHeads`).
         self._heads = SharedHeads()
@@ -926,8 +970,8 @@ class Interceptor:
         if by_address is None:
             peeked = await peek_client(sock, timeout_s=self.peek_timeout_s, known=self._peeks)
             named = await self._decide(policy, conn, peeked, learned)
-        else:
-            named = tier2.NamedDecision(by_address, None)  # no byte read: no name
+            return self._composed.compose(policy, named, peeked, self.interception), peeked
+        named = tier2.NamedDecision(by_address, None)  # no byte read: no name
         return compose(policy, named, peeked, interception=self.interception is not None), peeked
 
     async def _carry_out(
@@ -1415,9 +1459,10 @@ class Interceptor:
         # so the lease's); checked again here for a caller that did not.
         if conn.dst in self._own or conn.dst == lease.address:
             return _TO_OWN_ADDRESS
-        upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Non-blocking from its creation (no separate `setblocking` call); Python
+        # keeps SOCK_NONBLOCK out of `upstream.type`, which the relay's transport checks.
+        upstream = socket.socket(socket.AF_INET, _STREAM_NONBLOCK)
         try:
-            upstream.setblocking(False)
             # Shared with connections to other destinations (the allocator
             # keeps 4-tuples unique), and usable while an old one is in TIME_WAIT.
             upstream.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -242,3 +242,91 @@ async def test_connect_socket_with_the_loop_given() -> None:
         sock.close()
     finally:
         listener.close()
+
+
+def test_composed_outcomes_are_compose_and_kept_per_decision() -> None:
+    from egressd.proxy.intercept import _Composed, compose
+
+    policy = make_policy()
+    named = tier2.decide_named(
+        policy,
+        dst_ip=API,
+        dst_port=80,
+        sni=None,
+        http_host="api.allowed.test",
+        resolved_names={"api.allowed.test"},
+        proxy_resolves=frozenset(),
+        fleet_ranges=(),
+        sniff_error=None,
+        protocol=tier2.PROTOCOL_HTTP,
+        ech=False,
+        target_port=None,
+    )
+    http = Peeked(b"GET / HTTP/1.1\r\n\r\n", tier2.PROTOCOL_HTTP, http_host="api.allowed.test")
+    tls = Peeked(b"\x16", tier2.PROTOCOL_TLS, sni="api.allowed.test")
+    composed = _Composed()
+    first = composed.compose(policy, named, http, None)
+    assert first == compose(policy, named, http, interception=False)
+    assert composed.compose(policy, named, http, None) is first  # kept
+    # Another peek with the same protocol and error: the same outcome object.
+    other = Peeked(b"GET /x HTTP/1.1\r\n\r\n", tier2.PROTOCOL_HTTP, http_host="api.allowed.test")
+    assert composed.compose(policy, named, other, None) is first
+    # What compose reads besides: the protocol, the CA, the policy (mode), the decision.
+    assert composed.compose(policy, named, tls, None) == compose(
+        policy, named, tls, interception=False
+    )
+    assert composed.compose(policy, named, http, object()) == compose(
+        policy, named, http, interception=True
+    )
+    report = make_policy(mode="report")
+    denied = tier2.NamedDecision(
+        tier2.decide_named(
+            policy,
+            dst_ip=ELSEWHERE,
+            dst_port=80,
+            sni=None,
+            http_host="nope.test",
+            resolved_names=set(),
+            proxy_resolves=frozenset(),
+            fleet_ranges=(),
+            sniff_error=None,
+            protocol=tier2.PROTOCOL_HTTP,
+            ech=False,
+            target_port=None,
+        ).decision,
+        "nope.test",
+    )
+    enforced = composed.compose(policy, denied, http, None)
+    reported = composed.compose(report, denied, http, None)
+    assert not enforced.allowed and reported.allowed and reported.would_deny
+    assert reported == compose(report, denied, http, interception=False)
+    # An equal but distinct decision object is composed afresh, not taken by id.
+    twin = tier2.NamedDecision(named.decision, named.host)
+    assert composed.compose(policy, twin, http, None) == first
+
+
+async def test_upstream_socket_is_nonblocking_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    from egressd.proxy import intercept
+
+    made: list[tuple[socket.socket, int, int, bool]] = []
+    real = intercept.connect_socket
+
+    async def spy(sock: socket.socket, *args: Any, **kw: Any) -> None:
+        keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        made.append((sock, sock.type, keepalive, sock.getblocking()))
+        raise OSError(111, "refused")
+
+    monkeypatch.setattr(intercept, "connect_socket", spy)
+    icpt = interceptor(Resolver(set()))
+    c = conn()
+    lease = icpt.limits.acquire_port(
+        JOB, intercept._destination(API, 80), make_policy().limits, 0.0
+    )
+    assert not isinstance(lease, str)
+    monkeypatch.setattr(icpt.limits.ports, "address_text", lambda _lease: "127.0.0.1")
+    result = await icpt._connect_from(c, lease)
+    assert result is intercept._CONNECT_FAILED
+    ((sock, kind, keepalive, blocking),) = made
+    assert kind == socket.SOCK_STREAM and not blocking and keepalive == 1
+    assert sock.fileno() == -1  # closed after the failed connect
+    assert real is not spy

@@ -312,6 +312,14 @@ async def test_registry_lookups(control: FakeControl, session: aiohttp.ClientSes
     assert node1 is not None and node1.name == "node1"
     assert reg.node_by_underlay(ipaddress.IPv4Address("198.18.0.12")).name == "node2"
     assert reg.node_by_underlay("198.18.0.99") is None
+    # By the address's value too (the flow lookup's form): the same entries.
+    assert reg.node_by_underlay(int(ipaddress.IPv4Address("198.18.0.11"))) is node1
+    assert reg.node_by_underlay(ipaddress.IPv4Address("198.18.0.11")) is node1
+    assert reg.node_by_underlay(ipaddress.IPv4Address("198.18.0.99")) is None
+    assert reg.node_by_underlay(int(ipaddress.IPv4Address("198.18.0.99"))) is None
+    # An IPv6 address whose value equals an underlay's is not that node.
+    v6 = ipaddress.IPv6Address(int(ipaddress.IPv4Address("198.18.0.11")))
+    assert reg.node_by_underlay(v6) is None
     assert reg.node_for_sandbox("100.96.1.77") is node1
     assert reg.node_for_sandbox(int(ipaddress.IPv4Address("100.96.2.1"))).name == "node2"
     assert reg.node_for_sandbox("100.97.200.1").name == "big"
