@@ -249,21 +249,23 @@ def http_request_event(
         SOURCE: _endpoint(src, sport),
         DST: str(dst),
         PORT: port,
-        HOST: host,
-        METHOD: method,
-        PATH: path,
-        STATUS: status,
-        VERDICT: str(verdict),
-        REASON: reason,
-        MODE: mode,
-        WOULD_DENY: would_deny,
-        BYTES_UP: bytes_up,
-        BYTES_DOWN: bytes_down,
     }
-    if injected:
-        event[INJECTED] = list(injected)
-    if credential:
-        event[CREDENTIAL] = dict(credential)
+    event.update(
+        _request_fields(
+            host,
+            method,
+            path,
+            status,
+            verdict,
+            reason,
+            mode,
+            would_deny,
+            bytes_up,
+            bytes_down,
+            injected,
+            credential,
+        )
+    )
     return event
 
 
@@ -329,70 +331,70 @@ class HttpRequests:
         credential: Mapping[str, str] | None = None,
     ) -> None:
         quiet = verdict == VERDICT_ALLOW and not would_deny  # `is_quiet`
+        request = _request_fields(
+            host,
+            method,
+            path,
+            status,
+            verdict,
+            reason,
+            self._mode,
+            would_deny,
+            bytes_up,
+            bytes_down,
+            injected,
+            credential,
+        )
         lines = self._lines
         if lines is not None:
-            request: dict[str, object] = {
-                HOST: host,
-                METHOD: method,
-                PATH: path,
-                STATUS: status,
-                VERDICT: str(verdict),
-                REASON: reason,
-                MODE: self._mode,
-                WOULD_DENY: would_deny,
-                BYTES_UP: bytes_up,
-                BYTES_DOWN: bytes_down,
-            }
-            if injected:
-                request[INJECTED] = list(injected)
-            if credential:
-                request[CREDENTIAL] = dict(credential)
             lines.write("info" if quiet else "warning", EVENT_HTTP_REQUEST, self._fixed, request)
             return
         bound = self._bound
         if bound is not None:
-            extra: dict[str, object] = {}
-            if injected:
-                extra[INJECTED] = list(injected)
-            if credential:
-                extra[CREDENTIAL] = dict(credential)
             log = bound.info if quiet else bound.warning
-            log(
-                EVENT_HTTP_REQUEST,
-                time=_now_iso(),
-                host=host,
-                method=method,
-                path=path,
-                status=status,
-                verdict=str(verdict),
-                reason=reason,
-                mode=self._mode,
-                would_deny=would_deny,
-                bytes_up=bytes_up,
-                bytes_down=bytes_down,
-                **extra,
-            )
+            log(EVENT_HTTP_REQUEST, time=_now_iso(), **request)
             return
         fields = self._fixed.copy()
         fields[TIME] = _now_iso()
-        fields[HOST] = host
-        fields[METHOD] = method
-        fields[PATH] = path
-        fields[STATUS] = status
-        fields[VERDICT] = str(verdict)
-        fields[REASON] = reason
-        fields[MODE] = self._mode
-        fields[WOULD_DENY] = would_deny
-        fields[BYTES_UP] = bytes_up
-        fields[BYTES_DOWN] = bytes_down
-        if injected:
-            fields[INJECTED] = list(injected)
-        if credential:
-            fields[CREDENTIAL] = dict(credential)
+        fields.update(request)
         if quiet:
             self._logger.info(EVENT_HTTP_REQUEST, **fields)
         else:
             self._logger.warning(EVENT_HTTP_REQUEST, **fields)
+
+
+def _request_fields(
+    host: str | None,
+    method: str,
+    path: str,
+    status: int | None,
+    verdict: str,
+    reason: str,
+    mode: str | None,
+    would_deny: bool,
+    bytes_up: int,
+    bytes_down: int,
+    injected: Sequence[str],
+    credential: Mapping[str, str] | None,
+) -> dict[str, object]:
+    """An ``http_request`` event's own fields, in the event's order (after ``port``)."""
+    request: dict[str, object] = {
+        HOST: host,
+        METHOD: method,
+        PATH: path,
+        STATUS: status,
+        VERDICT: str(verdict),
+        REASON: reason,
+        MODE: mode,
+        WOULD_DENY: would_deny,
+        BYTES_UP: bytes_up,
+        BYTES_DOWN: bytes_down,
+    }
+    if injected:
+        request[INJECTED] = list(injected)
+    if credential:
+        request[CREDENTIAL] = dict(credential)
+    return request
 
 
 def is_quiet(event: Mapping[str, object]) -> bool:
