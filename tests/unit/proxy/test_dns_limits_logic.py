@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import dns.flags
@@ -196,6 +197,16 @@ async def test_upstream_answer_with_150_records_reaches_the_client() -> None:
 # --- per-job limits in handle() -------------------------------------------------------
 
 
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The responder's clock stands still: a rate of 10/s admits exactly 10 of a
+    burst however long the burst takes (on a loaded machine 40 queries can take
+    long enough for the bucket to refill a few tokens). Only the DNS module's
+    `time` is replaced; the event loop's clock runs on."""
+    monkeypatch.setattr(pdns, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+
+
+@pytest.mark.usefixtures("frozen_clock")
 async def test_rate_limit_refuses_then_drops_and_counts() -> None:
     responder, _, registry, up = make_responder(policy=limited_policy(10))
     with structlog.testing.capture_logs() as logs:
@@ -216,6 +227,7 @@ async def test_rate_limit_refuses_then_drops_and_counts() -> None:
     assert limited[0]["job_id"] == str(JOB) and limited[0]["log_level"] == "warning"
 
 
+@pytest.mark.usefixtures("frozen_clock")
 async def test_denied_names_spend_the_rate_too() -> None:
     responder, _, _, up = make_responder(policy=limited_policy(10))
     with structlog.testing.capture_logs():
