@@ -90,7 +90,10 @@ def test_bench_measures_three_paths_and_writes_json(tmp_path: Path) -> None:
     assert gvisor["wrk_errors"] == 0
     for name in ("squid", "egressd", "egressd-gvisor"):
         median = paths[name]["median"]
-        assert median["cpu_us_per_conn"] > 0 and median["cpu_ms_per_mb"] > 0, (name, median)
+        # Per MB: measured, but a 20 MiB download on the kernel path can cost the
+        # proxies less than one clock tick (10 ms); Squid's ~5 ms/MB never does.
+        assert median["cpu_us_per_conn"] > 0 and median["cpu_ms_per_mb"] >= 0, (name, median)
+    assert paths["squid"]["median"]["cpu_ms_per_mb"] > 0
     assert set(paths["egressd"]["samples"]["connrate_cpu"][0]["cpu_s"]) == {
         "proxy1",
         "proxy2",
