@@ -368,10 +368,7 @@ class HttpGate:
             last = None if self._shared is None else self._shared.requests.find(self._stream)
             if last is None:
                 return False
-            if last.closing:
-                self._closing = last.head
-            else:
-                self._last = last
+            self._adopt(last)
         size = len(last.head)
         del self._stream[:size]
         self._held -= size
@@ -393,15 +390,20 @@ class HttpGate:
             last = None if shared is None else shared.requests.exact(data)
             if last is None:
                 return False
-            if last.closing:
-                self._closing = last.head
-            else:
-                self._last = last
+            self._adopt(last)
         self._over = True
         self._dispatch(last, last.head)
         if self._client_closed:
             self._advance()  # as `_repeat`'s loop would go on (a closing head, then the FIN)
         return True
+
+    def _adopt(self, found: _Head) -> None:
+        """A head found among the shared ones, taken by this gate: a closing one
+        waits for a parser (`_materialize`), another is this gate's last head."""
+        if found.closing:
+            self._closing = found.head
+        else:
+            self._last = found
 
     def _materialize(self) -> None:
         """Give a parser the closing head taken without one (`SharedHeads`), and what
