@@ -47,7 +47,6 @@ from tests.support.intercept_world import (
     addresses,
     ask_udp,
     make_world,
-    ns_socket,
     query,
 )
 from tests.support.root import NETNS_TOOLS
@@ -124,9 +123,8 @@ def victim_latencies(world: World, until: Callable[[], bool]) -> tuple[list[floa
     (seconds per answered query, failures: timeouts or wrong answers)."""
     latencies: list[float] = []
     failures = 0
-    sock = ns_socket(world.client_ns, socket.SOCK_DGRAM)
+    sock = world.client_socket(CLIENT2, socket.SOCK_DGRAM)
     with sock:
-        sock.bind((CLIENT2, 0))
         sock.settimeout(2.0)
         while not until():
             q = dns.message.make_query("api.allowed.test", "A")
@@ -295,10 +293,9 @@ def test_tcp_queries_are_limited_too(world: World) -> None:
     full_bucket(world)
     world.set_policy(limits={**ROOMY_LIMITS, "dns_queries_per_s": 4})
     try:
-        sock = ns_socket(world.client_ns)
+        sock = world.client_socket(CLIENT)
         with sock:
             sock.settimeout(5)
-            sock.bind((CLIENT, 0))
             sock.connect((RESOLVER, 53))
             q = dns.message.make_query("api.allowed.test", "A")
             codes: list[dns.rcode.Rcode | None] = []
@@ -322,9 +319,8 @@ def test_garbage_flood_is_limited_and_logged_sparingly(world: World) -> None:
     world.set_policy(limits={**ROOMY_LIMITS, "dns_queries_per_s": 20})
     try:
         assert query(world, "api.allowed.test")[0].rcode() == dns.rcode.NOERROR  # rate read
-        sock = ns_socket(world.client_ns, socket.SOCK_DGRAM)
+        sock = world.client_socket(CLIENT, socket.SOCK_DGRAM)
         with sock:
-            sock.bind((CLIENT, 0))
             src = f"{CLIENT}:{sock.getsockname()[1]}"
             for _ in range(500):
                 sock.sendto(b"\xff" * 40, (RESOLVER, 53))
@@ -393,10 +389,9 @@ def test_large_answer_over_udp_is_truncated_with_what_fits(world: World) -> None
 
 def test_large_answer_over_tcp_is_whole(world: World) -> None:
     q = dns.message.make_query(MANY_NAME, "A")
-    sock = ns_socket(world.client_ns)
+    sock = world.client_socket(CLIENT)
     with sock:
         sock.settimeout(5)
-        sock.bind((CLIENT, 0))
         sock.connect((RESOLVER, 53))
         response = dns.query.tcp(q, RESOLVER, timeout=5, sock=sock)
     assert not response.flags & dns.flags.TC
@@ -405,12 +400,10 @@ def test_large_answer_over_tcp_is_whole(world: World) -> None:
 
 def test_dnspython_falls_back_to_tcp(world: World) -> None:
     q = dns.message.make_query(MANY_NAME, "A")
-    udp = ns_socket(world.client_ns, socket.SOCK_DGRAM)
-    tcp = ns_socket(world.client_ns)
+    udp = world.client_socket(CLIENT, socket.SOCK_DGRAM)
+    tcp = world.client_socket(CLIENT)
     with udp, tcp:
-        udp.bind((CLIENT, 0))
         tcp.settimeout(5)
-        tcp.bind((CLIENT, 0))
         tcp.connect((RESOLVER, 53))  # dnspython wants it connected; it is used only on TC
         response, used_tcp = dns.query.udp_with_fallback(
             q, RESOLVER, timeout=5, udp_sock=udp, tcp_sock=tcp

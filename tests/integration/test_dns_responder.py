@@ -30,7 +30,6 @@ from tests.support.intercept_world import (
     addresses,
     ask_udp,
     make_world,
-    ns_socket,
     query,
     source,
 )
@@ -142,10 +141,9 @@ def test_a_response_is_not_a_query(world: World) -> None:
 
 def test_tcp(world: World) -> None:
     q = dns.message.make_query("eu.data.allowed.test", "A")
-    sock = ns_socket(world.client_ns)
+    sock = world.client_socket(CLIENT)
     with sock:
         sock.settimeout(5)
-        sock.bind((CLIENT, 0))
         sock.connect((RESOLVER, 53))
         src = source(sock)
         response = dns.query.tcp(q, RESOLVER, timeout=5, sock=sock)

@@ -27,7 +27,6 @@ from tests.support.intercept_world import (
     expect_reset,
     http_get,
     make_world,
-    ns_socket,
     recv_all,
     source,
 )
@@ -212,9 +211,8 @@ def test_server_speaks_first_with_dns_learned_name(enforce: World) -> None:
     assert enforce.wait_event(event="connection", source=src)["reason"] == "no_matching_rule"
 
     # Resolve through the proxy's DNS: the job's name for the address decides.
-    udp = ns_socket(enforce.client_ns, socket.SOCK_DGRAM)
+    udp = enforce.client_socket(CLIENT, socket.SOCK_DGRAM)
     with udp:
-        udp.bind((CLIENT, 0))
         answer = dns.query.udp(
             dns.message.make_query("raw.test", "A"), RESOLVER, timeout=5, sock=udp
         )

@@ -29,7 +29,6 @@ from tests.support.intercept_world import (
     World,
     expect_reset,
     make_world,
-    ns_socket,
     recv_all,
     source,
 )
@@ -52,9 +51,8 @@ def resolved(world: World) -> Iterator[World]:
     import dns.query
 
     world.set_policy()
-    udp = ns_socket(world.client_ns, socket.SOCK_DGRAM)
+    udp = world.client_socket(CLIENT, socket.SOCK_DGRAM)
     with udp:
-        udp.bind((CLIENT, 0))
         answer = dns.query.udp(
             dns.message.make_query("api.allowed.test", "A"), RESOLVER, timeout=5, sock=udp
         )

@@ -471,6 +471,32 @@ class World:
     inet_ns: str
     procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     signing_key: Any = None
+    # Tests find their audit records by the client's ip:port, and a world lives for a
+    # whole module: a port the kernel hands out again would mix two tests' records.
+    sources: set[tuple[str, int, socket.SocketKind]] = field(default_factory=set)
+
+    def client_socket(
+        self, src: str, kind: socket.SocketKind = socket.SOCK_STREAM
+    ) -> socket.socket:
+        """A socket in the client namespace bound to a source port this world never used."""
+        held: list[socket.socket] = []
+        try:
+            for _ in range(64):
+                sock = ns_socket(self.client_ns, kind)
+                try:
+                    sock.bind((src, 0))
+                except BaseException:
+                    sock.close()
+                    raise
+                key = (src, sock.getsockname()[1], kind)
+                if key not in self.sources:
+                    self.sources.add(key)
+                    return sock
+                held.append(sock)  # kept bound so that the next bind gets another port
+            raise AssertionError(f"no unused source port on {src} in 64 binds")
+        finally:
+            for sock in held:
+                sock.close()
 
     @property
     def audit_log(self) -> Path:
@@ -533,10 +559,9 @@ class World:
     def connect(
         self, dst: str, port: int, *, src: str = CLIENT, timeout: float = 5.0
     ) -> socket.socket:
-        sock = ns_socket(self.client_ns)
+        sock = self.client_socket(src)
         sock.settimeout(timeout)
         try:
-            sock.bind((src, 0))
             sock.connect((dst, port))
         except BaseException:
             sock.close()
@@ -550,10 +575,9 @@ class World:
         connect is inside the check too.
         """
         payload: bytes = args[0] if args else b""
-        sock = ns_socket(self.client_ns)
+        sock = self.client_socket(src)
         with sock:
             sock.settimeout(5.0)
-            sock.bind((src, 0))
             with pytest.raises((ConnectionResetError, BrokenPipeError)):
                 sock.connect((dst, port))
                 if payload:
@@ -802,10 +826,9 @@ def ask_udp(
     world: World, wire: bytes, *, src: str = CLIENT, timeout: float = 4.0
 ) -> tuple[bytes, tuple[str, int], str]:
     """Send one datagram to the resolver; (reply, reply source, our ip:port)."""
-    sock = ns_socket(world.client_ns, socket.SOCK_DGRAM)
+    sock = world.client_socket(src, socket.SOCK_DGRAM)
     with sock:
         sock.settimeout(timeout)
-        sock.bind((src, 0))
         sock.sendto(wire, (RESOLVER, 53))
         reply, addr = sock.recvfrom(65535)
         return reply, addr, source(sock)
