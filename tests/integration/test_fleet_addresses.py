@@ -116,6 +116,8 @@ class World:
     def __init__(self, fleet: Fleet, proxy: ProxyProcess) -> None:
         self.fleet = fleet
         self.proxy = proxy
+        # Records are found by the sandbox socket's source; one proxy serves the module.
+        self.sources = ti.SourcePorts()
 
     @property
     def served(self) -> list[str]:
@@ -146,9 +148,10 @@ class World:
         return found[-1]
 
     def sandbox_socket(self, kind: socket.SocketKind = socket.SOCK_STREAM) -> socket.socket:
-        sock = kn.netns_socket(self.fleet.node_ns, socket.AF_INET, kind)
+        sock = self.sources.bind(
+            lambda: kn.netns_socket(self.fleet.node_ns, socket.AF_INET, kind), SANDBOX
+        )
         sock.settimeout(5.0)
-        sock.bind((SANDBOX, 0))
         return sock
 
     def get(self, dst: str, port: int = 80) -> bytes:

@@ -35,7 +35,7 @@ import pytest
 
 from egressd.control.interception_ca import ca_dir
 from egressd.net import netns as kn
-from tests.support.intercept_world import Reader, request
+from tests.support.intercept_world import Reader, SourcePorts, request
 from tests.support.proxy_fleet import (
     REPO,
     SANDBOX,
@@ -109,12 +109,15 @@ def put_policy(fleet: Fleet, job: uuid.UUID, rule: dict[str, Any]) -> str:
     return str(answer["digest"])
 
 
+#: The module's proxy logs every test's requests; they are told apart by source.
+SOURCES = SourcePorts()
+
+
 def open_conn(fleet: Fleet, port: int) -> socket.socket:
     """A keep-alive connection from the sandbox address to the site (TLS on 443, trusting the
     interception CA: the proxy answers with a leaf of it)."""
-    sock = kn.netns_socket(fleet.node_ns)
+    sock = SOURCES.bind(lambda: kn.netns_socket(fleet.node_ns), SANDBOX)
     sock.settimeout(10)
-    sock.bind((SANDBOX, 0))
     sock.connect((SITE, port))
     if port != 443:
         return sock

@@ -462,6 +462,37 @@ def ns_socket(ns: str, kind: socket.SocketKind = socket.SOCK_STREAM) -> socket.s
     return in_netns(ns, lambda: socket.socket(socket.AF_INET, kind))
 
 
+# Tests find a connection's audit records by the client's ip:port, and a proxy or fleet often
+# lives for a whole module: the kernel may give a later test the port an earlier test's
+# connection had (CI saw 51 records where 50 were sent), and the two tests' records mix.
+class SourcePorts:
+    """Binds sockets to ephemeral ports not used before by this instance."""
+
+    def __init__(self) -> None:
+        self.used: set[tuple[str, int, int]] = set()
+
+    def bind(self, make: Callable[[], socket.socket], src: str) -> socket.socket:
+        """`make()` a socket and bind it to `src` on a port this instance has not given out."""
+        held: list[socket.socket] = []
+        try:
+            for _ in range(64):
+                sock = make()
+                try:
+                    sock.bind((src, 0))
+                except BaseException:
+                    sock.close()
+                    raise
+                key = (src, sock.getsockname()[1], int(sock.type))
+                if key not in self.used:
+                    self.used.add(key)
+                    return sock
+                held.append(sock)  # kept bound so that the next bind gets another port
+            raise AssertionError(f"no unused source port on {src} in 64 binds")
+        finally:
+            for sock in held:
+                sock.close()
+
+
 @dataclass
 class World:
     tmp: Path
@@ -471,32 +502,13 @@ class World:
     inet_ns: str
     procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     signing_key: Any = None
-    # Tests find their audit records by the client's ip:port, and a world lives for a
-    # whole module: a port the kernel hands out again would mix two tests' records.
-    sources: set[tuple[str, int, socket.SocketKind]] = field(default_factory=set)
+    sources: SourcePorts = field(default_factory=SourcePorts)
 
     def client_socket(
         self, src: str, kind: socket.SocketKind = socket.SOCK_STREAM
     ) -> socket.socket:
         """A socket in the client namespace bound to a source port this world never used."""
-        held: list[socket.socket] = []
-        try:
-            for _ in range(64):
-                sock = ns_socket(self.client_ns, kind)
-                try:
-                    sock.bind((src, 0))
-                except BaseException:
-                    sock.close()
-                    raise
-                key = (src, sock.getsockname()[1], kind)
-                if key not in self.sources:
-                    self.sources.add(key)
-                    return sock
-                held.append(sock)  # kept bound so that the next bind gets another port
-            raise AssertionError(f"no unused source port on {src} in 64 binds")
-        finally:
-            for sock in held:
-                sock.close()
+        return self.sources.bind(lambda: ns_socket(self.client_ns, kind), src)
 
     @property
     def audit_log(self) -> Path:
