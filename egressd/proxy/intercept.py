@@ -87,7 +87,6 @@ on gated connections one ``http_request`` event per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -105,6 +104,7 @@ from egressd.limits.ports import Destination, Lease
 from egressd.policy.matcher import Decision, Verdict, match_address
 from egressd.policy.model import TLS_INTERCEPT, Policy
 from egressd.proxy import audit, http_rules, job_metrics, live, sniff, tier2, tls_intercept
+from egressd.proxy.connector import Connector
 from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
 from egressd.proxy.credentials import RequestCredentials
 from egressd.proxy.dns import DNS_PORT, UpstreamResolver
@@ -154,7 +154,6 @@ def bound_dead_peers(sock: socket.socket) -> None:
         pass
 
 
-_CONNECTING = (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR)
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 
@@ -190,57 +189,6 @@ def _destination(ip: IPv4Address, port: int) -> Destination:
             _DESTINATIONS.clear()
         _DESTINATIONS[key] = destination
     return destination
-
-
-async def connect_socket(
-    sock: socket.socket,
-    address: tuple[str, int],
-    timeout_s: float | None = None,
-    *,
-    loop: asyncio.AbstractEventLoop | None = None,
-) -> None:
-    """Connect the non-blocking `sock` to a numeric IPv4 `address`, as
-    `loop.sock_connect` does, raising OSError (with its errno) when it fails,
-    TimeoutError when `timeout_s` passes first.
-
-    uvloop's ``sock_connect`` passes every address, numeric ones too, through
-    ``getaddrinfo`` in libuv's thread pool (its fast path needs a socket type
-    that it does not pass on): a thread hand-off and back per upstream connection.
-    The timeout is one timer on the future (an `asyncio.timeout` scope costs
-    several times that per connection). `loop`: the running loop, when the
-    caller has it (on Python 3.11 `asyncio.get_running_loop` makes a
-    ``getpid`` system call each time).
-    """
-    err = sock.connect_ex(address)
-    if err == 0:
-        return
-    if err not in _CONNECTING:
-        raise OSError(err, f"Connect call failed {address}")
-    if loop is None:
-        loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, _writable, done)
-    timer = None if timeout_s is None else loop.call_later(timeout_s, _timed_out, done)
-    try:
-        await done
-    finally:
-        loop.remove_writer(fd)
-        if timer is not None:
-            timer.cancel()
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err != 0:
-        raise OSError(err, f"Connect call failed {address}")
-
-
-def _writable(done: asyncio.Future[None]) -> None:
-    if not done.done():
-        done.set_result(None)
-
-
-def _timed_out(done: asyncio.Future[None]) -> None:
-    if not done.done():
-        done.set_exception(TimeoutError())
 
 
 UNKNOWN_FLOW = ConnectionReason.UNKNOWN_FLOW
@@ -760,7 +708,8 @@ class Interceptor:
         self.backlog = backlog
         self._metrics = _Metrics.on(ctx)
         self._sock: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
+        self._resume: asyncio.TimerHandle | None = None  # accepting again after an error
+        self._connector: Connector | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         # The loop, once started: asked once, not per connection (on Python
@@ -828,21 +777,22 @@ class Interceptor:
         self._sock = sock
         self.limits.start()
         self._loop = asyncio.get_running_loop()
-        self._accept_task = self._loop.create_task(
-            self._accept_loop(sock),
-            name=f"egressd-intercept-accept-{self.listen[0]}:{self.listen[1]}",
-        )
+        self._connector = Connector(self._loop)
+        # A reader that stays registered, not `sock_accept`: uvloop starts and
+        # stops a poll handle around every `sock_accept` (three epoll_ctl calls a
+        # connection) and wakes a task for each.
+        self._loop.add_reader(sock.fileno(), self._on_listener_readable)
 
     async def close(self) -> None:
         """Stop accepting, cancel every connection (their clients are reset), wait for them."""
         if self._closed:
             return
         self._closed = True
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
+        if self._resume is not None:
+            self._resume.cancel()
         if self._sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
         tasks = list(self._tasks)
         for task in tasks:
@@ -850,31 +800,34 @@ class Interceptor:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self.live.close()
+        if self._connector is not None:
+            self._connector.close()
         await self.limits.close()
 
-    async def _accept_loop(self, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _on_listener_readable(self) -> None:
+        """Take what the listen queue holds, at most a batch a wake-up so that
+        other work keeps running (the reader is level-triggered: the rest wakes
+        it again)."""
+        lsock = self._sock
+        assert lsock is not None and self._loop is not None
+        for _ in range(_ACCEPT_BATCH):
             try:
-                conn, addr = await loop.sock_accept(lsock)
-            except (ConnectionAbortedError, InterruptedError):
+                conn, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
                 continue
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: back off, keep serving
                 log.error("intercept_accept_failed", error=str(exc))
-                await asyncio.sleep(_ACCEPT_ERROR_PAUSE_S)
-                continue
+                self._loop.remove_reader(lsock.fileno())
+                self._resume = self._loop.call_later(_ACCEPT_ERROR_PAUSE_S, self._resume_accepting)
+                return
             self._accepted(conn, addr)
-            # Take what else is already queued without a round trip through
-            # the loop per connection (the listening socket is non-blocking),
-            # at most a batch at a time so that other work keeps running.
-            for _ in range(_ACCEPT_BATCH - 1):
-                try:
-                    conn, addr = lsock.accept()
-                except (BlockingIOError, ConnectionAbortedError, InterruptedError):
-                    break
-                except OSError:
-                    break  # EMFILE and the like: sock_accept reports it and backs off
-                self._accepted(conn, addr)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if not self._closed and self._sock is not None and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._on_listener_readable)
 
     def _accepted(self, conn: socket.socket, addr: Any) -> None:
         try:
@@ -1469,11 +1422,8 @@ class Interceptor:
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             bound_dead_peers(upstream)
             upstream.bind((self.limits.ports.address_text(lease), lease.port))
-            await connect_socket(
-                upstream,
-                (conn.dst_text or str(conn.dst), conn.dport),
-                self.connect_timeout_s,
-                loop=self._loop,
+            await self._connecting().connect(
+                upstream, (conn.dst_text or str(conn.dst), conn.dport), self.connect_timeout_s
             )
         except OSError as exc:  # TimeoutError (the connect timeout) included
             upstream.close()
@@ -1486,6 +1436,13 @@ class Interceptor:
             upstream.close()
             raise
         return upstream
+
+    def _connecting(self) -> Connector:
+        """The interceptor's `Connector` (made on first use by an interceptor never started)."""
+        if self._connector is None:
+            self._loop = self._loop or asyncio.get_running_loop()
+            self._connector = Connector(self._loop)
+        return self._connector
 
     def _finish(self, conn: _Conn, outcome: Outcome) -> None:
         """The connection's counters and its one audit event, from its final outcome."""

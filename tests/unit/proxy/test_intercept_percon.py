@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import re
 import socket
+import time
 from typing import Any
 
 import pytest
+import structlog
 from prometheus_client import generate_latest
 
-from egressd.proxy import audit, http_rules, tier2
+from egressd.proxy import audit, http_rules, intercept, tier2
+from egressd.proxy.connector import Connector
 from egressd.proxy.context import FlowInfo, PolicyUnavailable
 from egressd.proxy.intercept import (
     KEEPALIVE_IDLE_S,
@@ -25,7 +29,6 @@ from egressd.proxy.intercept import (
     Peeked,
     _Conn,
     _ipv4,
-    connect_socket,
 )
 from tests.support.interceptor_rig import ADDR, API, ELSEWHERE, JOB, Resolver, conn, interceptor
 from tests.support.policies import make_policy
@@ -136,29 +139,6 @@ async def test_gate_outcomes_are_shared_across_connections(
     assert again is not first and again == first and len(made) == 4
 
 
-async def test_connect_socket_connects_and_fails_with_errno() -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    try:
-        sock = socket.socket()
-        sock.setblocking(False)
-        await connect_socket(sock, listener.getsockname())
-        accepted, _ = listener.accept()
-        assert accepted.getpeername() == sock.getsockname()
-        accepted.close()
-        sock.close()
-        port = listener.getsockname()[1]
-    finally:
-        listener.close()
-    refused = socket.socket()
-    refused.setblocking(False)
-    with pytest.raises(OSError) as caught:
-        await asyncio.wait_for(connect_socket(refused, ("127.0.0.1", port)), 5)
-    assert caught.value.errno == 111  # ECONNREFUSED
-    refused.close()
-
-
 async def test_accepted_sockets_inherit_the_listener_options() -> None:
     icpt = interceptor(Resolver(set()))
     icpt.listen = ("127.0.0.1", 0)
@@ -179,6 +159,49 @@ async def test_accepted_sockets_inherit_the_listener_options() -> None:
             sock.close()
     finally:
         await icpt.close()
+
+
+class _FailingOnce(socket.socket):
+    """A listener whose first accept fails as a full descriptor table would."""
+
+    failed = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if not _FailingOnce.failed:
+            _FailingOnce.failed = True
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+async def test_accept_takes_every_queued_connection_and_backs_off_after_an_error() -> None:
+    listener = _FailingOnce(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    icpt = interceptor(Resolver(set()))
+    icpt._given = listener
+    accepted: list[socket.socket] = []
+    icpt._accepted = lambda conn, addr: accepted.append(conn)  # type: ignore[method-assign]
+    clients: list[socket.socket] = []
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await icpt.start()
+            clients = [socket.create_connection(icpt.address) for _ in range(100)]
+            started = time.monotonic()
+            for _ in range(300):
+                if len(accepted) == 100:
+                    break
+                await asyncio.sleep(0.01)
+        # The failed accept paused the listener for the back-off, then all 100 came in.
+        assert len(accepted) == 100
+        assert time.monotonic() - started >= intercept._ACCEPT_ERROR_PAUSE_S * 0.9
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+            "intercept_accept_failed"
+        ]
+        assert {s.getpeername() for s in accepted} == {c.getsockname() for c in clients}
+    finally:
+        for sock in accepted + clients:
+            sock.close()
+        await icpt.close()
+    assert listener.fileno() == -1
 
 
 def test_ipv4_from_kernel_text() -> None:
@@ -228,20 +251,6 @@ async def test_active_gauge_counts_connections_being_decided() -> None:
     assert registry.get_sample_value("egressd_connections_total", denied) == 2
     for _, theirs in ends:
         theirs.close()
-
-
-async def test_connect_socket_with_the_loop_given() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    try:
-        sock = socket.socket()
-        sock.setblocking(False)
-        await connect_socket(sock, listener.getsockname(), 5.0, loop=asyncio.get_running_loop())
-        accepted, _ = listener.accept()
-        assert accepted.getpeername() == sock.getsockname()
-        accepted.close()
-        sock.close()
-    finally:
-        listener.close()
 
 
 def test_composed_outcomes_are_compose_and_kept_per_decision() -> None:
@@ -309,14 +318,13 @@ async def test_upstream_socket_is_nonblocking_stream(monkeypatch: pytest.MonkeyP
     from egressd.proxy import intercept
 
     made: list[tuple[socket.socket, int, int, bool]] = []
-    real = intercept.connect_socket
 
-    async def spy(sock: socket.socket, *args: Any, **kw: Any) -> None:
+    async def spy(_connector: Connector, sock: socket.socket, *args: Any, **kw: Any) -> None:
         keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
         made.append((sock, sock.type, keepalive, sock.getblocking()))
         raise OSError(111, "refused")
 
-    monkeypatch.setattr(intercept, "connect_socket", spy)
+    monkeypatch.setattr(Connector, "connect", spy)
     icpt = interceptor(Resolver(set()))
     c = conn()
     lease = icpt.limits.acquire_port(
@@ -329,4 +337,4 @@ async def test_upstream_socket_is_nonblocking_stream(monkeypatch: pytest.MonkeyP
     ((sock, kind, keepalive, blocking),) = made
     assert kind == socket.SOCK_STREAM and not blocking and keepalive == 1
     assert sock.fileno() == -1  # closed after the failed connect
-    assert real is not spy
+    icpt._connecting().close()
