@@ -103,7 +103,16 @@ from prometheus_client import Counter, Gauge
 from egressd.limits.ports import Destination, Lease
 from egressd.policy.matcher import Decision, Verdict, match_address
 from egressd.policy.model import TLS_INTERCEPT, Policy
-from egressd.proxy import audit, http_rules, job_metrics, live, sniff, tier2, tls_intercept
+from egressd.proxy import (
+    audit,
+    http_rules,
+    job_metrics,
+    live,
+    sniff,
+    tcp_socket,
+    tier2,
+    tls_intercept,
+)
 from egressd.proxy.connector import Connector
 from egressd.proxy.context import FlowInfo, PolicyUnavailable, ProxyContext
 from egressd.proxy.credentials import RequestCredentials
@@ -812,7 +821,7 @@ class Interceptor:
         assert lsock is not None and self._loop is not None
         for _ in range(_ACCEPT_BATCH):
             try:
-                conn, addr = lsock.accept()
+                conn, addr = tcp_socket.accept(lsock)
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -1414,7 +1423,7 @@ class Interceptor:
             return _TO_OWN_ADDRESS
         # Non-blocking from its creation (no separate `setblocking` call); Python
         # keeps SOCK_NONBLOCK out of `upstream.type`, which the relay's transport checks.
-        upstream = socket.socket(socket.AF_INET, _STREAM_NONBLOCK)
+        upstream = tcp_socket.TcpSocket(socket.AF_INET, _STREAM_NONBLOCK)
         try:
             # Shared with connections to other destinations (the allocator
             # keeps 4-tuples unique), and usable while an old one is in TIME_WAIT.
