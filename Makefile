@@ -1,12 +1,16 @@
 # Every target installs what it needs first: a fresh Debian bookworm machine as root
 # needs nothing but `make demo` or `make test`.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The venv's interpreter: Debian's python3 where there is one. Debian builds it with PGO and
+# LTO, as the images run it (deploy/Dockerfile); a python3 built from source without them
+# (pyenv's default, first on PATH on some machines) runs the proxy's Python ~20% slower
+# (docs/decisions.md, "The interpreter").
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # squid-openssl: Squid built with OpenSSL (ssl_bump, for the bench's interception row); it
 # replaces Debian's default GnuTLS `squid` package, with which it conflicts.
-APT_PACKAGES := runsc clang llvm libbpf-dev bpftool nftables iproute2 squid-openssl gcc-multilib \
+APT_PACKAGES := python3-venv runsc clang llvm libbpf-dev bpftool nftables iproute2 squid-openssl gcc-multilib \
                 musl-tools \
                 procps psmisc curl openssl wrk docker.io docker-compose debootstrap
 PYTEST_ARGS ?=
@@ -28,10 +32,14 @@ apt:
 	@command -v kubectl >/dev/null || { echo "installing: kubernetes-client"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; }
 
-venv: $(VENV)/.installed
+# The stamp is named after the interpreter: a venv made by another one (PYTHON changed, or
+# made before this rule) is made again from scratch.
+INSTALLED := $(VENV)/.installed-$(subst /,_,$(PYTHON))
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+venv: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(if $(wildcard $(INSTALLED)),,--clear) $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
