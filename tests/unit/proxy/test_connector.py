@@ -35,6 +35,26 @@ def armed(connector: Connector, sock: socket.socket) -> bool:
     return False
 
 
+@pytest.fixture
+async def full_queue() -> AsyncIterator[tuple[tuple[str, int], list[socket.socket]]]:
+    """A loopback listener whose accept queue is full: the kernel drops the next SYN, so a
+    connect to it waits. Yields its address and a list whose sockets are closed after."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    held = [nonblocking() for _ in range(2)]
+    try:
+        for filler in held:
+            filler.connect_ex(address)
+        await asyncio.sleep(0.05)
+        yield address, held
+    finally:
+        for sock in held:
+            sock.close()
+        listener.close()
+
+
 async def test_connects_and_fails_with_the_errno(connector: Connector) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     try:
@@ -81,40 +101,25 @@ async def test_many_at_once_each_woken_for_its_own_socket(connector: Connector) 
 
 
 async def test_a_timeout_unregisters_so_a_reused_descriptor_is_not_woken(
-    connector: Connector,
+    connector: Connector, full_queue: tuple[tuple[str, int], list[socket.socket]]
 ) -> None:
-    # A full accept queue on loopback: the kernel drops the next SYN, the connect waits.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    address = listener.getsockname()
-    held: list[socket.socket] = []
-    try:
-        for _ in range(2):
-            filler = nonblocking()
-            filler.connect_ex(address)
-            held.append(filler)
-        await asyncio.sleep(0.05)
-        stuck = nonblocking()
-        started = time.monotonic()
-        with pytest.raises(TimeoutError):
-            await connector.connect(stuck, address, 0.3)
-        assert 0.25 <= time.monotonic() - started < 3.0
-        assert connector._waiting == {}
-        assert not armed(connector, stuck)
-        fd = stuck.fileno()
-        stuck.close()
-        # The next socket gets the same descriptor number, and connects normally.
-        again = nonblocking()
-        other = socket.create_server(("127.0.0.1", 0))
-        held += [other, again]
-        assert again.fileno() == fd
-        await connector.connect(again, other.getsockname(), 2.0)
-        assert again.getpeername() == other.getsockname()
-    finally:
-        for sock in held:
-            sock.close()
-        listener.close()
+    address, held = full_queue
+    stuck = nonblocking()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await connector.connect(stuck, address, 0.3)
+    assert 0.25 <= time.monotonic() - started < 3.0
+    assert connector._waiting == {}
+    assert not armed(connector, stuck)
+    fd = stuck.fileno()
+    stuck.close()
+    # The next socket gets the same descriptor number, and connects normally.
+    again = nonblocking()
+    other = socket.create_server(("127.0.0.1", 0))
+    held += [other, again]
+    assert again.fileno() == fd
+    await connector.connect(again, other.getsockname(), 2.0)
+    assert again.getpeername() == other.getsockname()
 
 
 async def test_a_connected_socket_stays_usable_past_the_timeout(connector: Connector) -> None:
@@ -131,49 +136,31 @@ async def test_a_connected_socket_stays_usable_past_the_timeout(connector: Conne
         listener.close()
 
 
-async def test_a_cancelled_connect_unregisters(connector: Connector) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    address = listener.getsockname()
-    held = [nonblocking() for _ in range(2)]
-    try:
-        for filler in held:
-            filler.connect_ex(address)
-        await asyncio.sleep(0.05)
-        stuck = nonblocking()
-        held.append(stuck)
-        task = asyncio.get_running_loop().create_task(connector.connect(stuck, address))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert connector._waiting == {}
-        assert not armed(connector, stuck)
-    finally:
-        for sock in held:
-            sock.close()
-        listener.close()
+async def test_a_cancelled_connect_unregisters(
+    connector: Connector, full_queue: tuple[tuple[str, int], list[socket.socket]]
+) -> None:
+    address, held = full_queue
+    stuck = nonblocking()
+    held.append(stuck)
+    task = asyncio.get_running_loop().create_task(connector.connect(stuck, address))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert connector._waiting == {}
+    assert not armed(connector, stuck)
 
 
-async def test_close_fails_what_still_waits() -> None:
+async def test_close_fails_what_still_waits(
+    full_queue: tuple[tuple[str, int], list[socket.socket]],
+) -> None:
+    address, held = full_queue
     connector = Connector(asyncio.get_running_loop())
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    address = listener.getsockname()
-    held = [nonblocking() for _ in range(3)]
-    try:
-        for filler in held[:2]:
-            filler.connect_ex(address)
-        await asyncio.sleep(0.05)
-        task = asyncio.get_running_loop().create_task(connector.connect(held[2], address))
-        await asyncio.sleep(0.05)
-        connector.close()
-        with pytest.raises(ConnectionAbortedError):
-            await task
-        connector.close()  # twice is harmless
-    finally:
-        for sock in held:
-            sock.close()
-        listener.close()
+    stuck = nonblocking()
+    held.append(stuck)
+    task = asyncio.get_running_loop().create_task(connector.connect(stuck, address))
+    await asyncio.sleep(0.05)
+    connector.close()
+    with pytest.raises(ConnectionAbortedError):
+        await task
+    connector.close()  # twice is harmless
