@@ -786,7 +786,6 @@ class Interceptor:
         self._sock = sock
         self.limits.start()
         self._loop = asyncio.get_running_loop()
-        self._connector = Connector(self._loop)
         # A reader that stays registered, not `sock_accept`: uvloop starts and
         # stops a poll handle around every `sock_accept` (three epoll_ctl calls a
         # connection) and wakes a task for each.
@@ -1447,7 +1446,7 @@ class Interceptor:
         return upstream
 
     def _connecting(self) -> Connector:
-        """The interceptor's `Connector` (made on first use by an interceptor never started)."""
+        """The interceptor's `Connector`, made on the first upstream connect."""
         if self._connector is None:
             self._loop = self._loop or asyncio.get_running_loop()
             self._connector = Connector(self._loop)

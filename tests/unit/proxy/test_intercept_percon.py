@@ -164,11 +164,11 @@ async def test_accepted_sockets_inherit_the_listener_options() -> None:
 class _FailingOnce(socket.socket):
     """A listener whose first accept fails as a full descriptor table would."""
 
-    failed = False
+    failed = False  # per listener: set on the instance by its first accept
 
     def _accept(self) -> tuple[int, Any]:
-        if not _FailingOnce.failed:
-            _FailingOnce.failed = True
+        if not self.failed:
+            self.failed = True
             raise OSError(errno.EMFILE, "Too many open files")
         return super()._accept()  # type: ignore[misc]
 
@@ -256,21 +256,24 @@ async def test_active_gauge_counts_connections_being_decided() -> None:
 def test_composed_outcomes_are_compose_and_kept_per_decision() -> None:
     from egressd.proxy.intercept import _Composed, compose
 
+    def named_http(policy: Any, dst: Any, host: str, resolved: set[str]) -> tier2.NamedDecision:
+        return tier2.decide_named(
+            policy,
+            dst_ip=dst,
+            dst_port=80,
+            sni=None,
+            http_host=host,
+            resolved_names=resolved,
+            proxy_resolves=frozenset(),
+            fleet_ranges=(),
+            sniff_error=None,
+            protocol=tier2.PROTOCOL_HTTP,
+            ech=False,
+            target_port=None,
+        )
+
     policy = make_policy()
-    named = tier2.decide_named(
-        policy,
-        dst_ip=API,
-        dst_port=80,
-        sni=None,
-        http_host="api.allowed.test",
-        resolved_names={"api.allowed.test"},
-        proxy_resolves=frozenset(),
-        fleet_ranges=(),
-        sniff_error=None,
-        protocol=tier2.PROTOCOL_HTTP,
-        ech=False,
-        target_port=None,
-    )
+    named = named_http(policy, API, "api.allowed.test", {"api.allowed.test"})
     http = Peeked(b"GET / HTTP/1.1\r\n\r\n", tier2.PROTOCOL_HTTP, http_host="api.allowed.test")
     tls = Peeked(b"\x16", tier2.PROTOCOL_TLS, sni="api.allowed.test")
     composed = _Composed()
@@ -289,21 +292,7 @@ def test_composed_outcomes_are_compose_and_kept_per_decision() -> None:
     )
     report = make_policy(mode="report")
     denied = tier2.NamedDecision(
-        tier2.decide_named(
-            policy,
-            dst_ip=ELSEWHERE,
-            dst_port=80,
-            sni=None,
-            http_host="nope.test",
-            resolved_names=set(),
-            proxy_resolves=frozenset(),
-            fleet_ranges=(),
-            sniff_error=None,
-            protocol=tier2.PROTOCOL_HTTP,
-            ech=False,
-            target_port=None,
-        ).decision,
-        "nope.test",
+        named_http(policy, ELSEWHERE, "nope.test", set()).decision, "nope.test"
     )
     enforced = composed.compose(policy, denied, http, None)
     reported = composed.compose(report, denied, http, None)
