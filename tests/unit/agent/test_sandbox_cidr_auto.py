@@ -5,6 +5,7 @@ loopback, the same one again after a restart, and fails closed with one clear re
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -257,8 +258,13 @@ async def test_unreachable_is_retried_for_wait_s_then_fails(plane: Plane) -> Non
         await resolve_sandbox_cidr(plane.config(url, "worker-1", "10.0.0.1", wait_s=1.5))
     took = time.monotonic() - started
     assert caught.value.reason == "control_unreachable"
-    assert "gave up after" in caught.value.detail and "wait_s 1.5" in caught.value.detail
-    assert 0.5 < took < 4, took
+    assert "wait_s 1.5" in caught.value.detail
+    # Retried, then given up within the wait. How long it took depends on the jittered
+    # back-off: it stops as soon as the next delay would pass the deadline, which can be
+    # well before `wait_s` (a lower bound on the time failed once in CI, at 0.43 s).
+    attempts = re.search(r"gave up after (\d+) attempt", caught.value.detail)
+    assert attempts is not None and int(attempts.group(1)) >= 2, caught.value.detail
+    assert took < 4, took
 
 
 async def test_a_control_plane_that_comes_up_late_is_waited_for(plane: Plane) -> None:
