@@ -14,30 +14,52 @@ a paced connection is slowed by TCP's own backpressure and nothing is ever
 dropped. What one job buffers is bounded by about ``rate * horizon`` plus one
 chunk per connection.
 
-Proxy-wide rate (per direction): the proxy's rate is shared like a
-weighted max-min fair link. Every ``recompute_s`` the shaper looks at the
-jobs that asked for a departure time within ``active_window_s``:
+Proxy-wide rate (per direction): the proxy's rate is shared max-min fair,
+the way a fair queue shares a link: every job in a direction is paced at
+``min(its rate, level)``, with one *level* per direction chosen so that the
+jobs' demands, each cut at the level, fill the proxy's rate. Every
+``recompute_s`` the shaper looks at the jobs that asked for a departure time
+within ``active_window_s``:
 
-* a job whose pacer was behind (it offered chunks faster than its rate) is
-  *backlogged*: it would take all it may, so it counts with its rate;
-* any other job is *light*: it counts with what it actually sent.
+* a job whose pacer was more than ``slack_s`` ahead of now (it offered chunks
+  faster than it may send them) is *backlogged*: it would take all it may,
+  so its demand is its rate;
+* any other job is *light*: its demand is what it actually sent.
 
-The scale is computed again at once when a job becomes backlogged.
-If the backlogged rates and the light usage fit in the proxy's rate, every
-job gets its own rate; otherwise every job's rate is scaled by
-``(proxy_rate - light usage) / backlogged rates``: jobs saturating one proxy
-share what the light ones leave in proportion to their rates, and a job that
-only trickles (whatever rate its policy grants) takes no share it does not use.
+The level is computed again at once when a job becomes backlogged, or when
+the light jobs have asked for more bytes since it was computed than the proxy
+carries in ``recompute_s`` (so a job granted far more than the proxy, which
+never falls behind its own pacer, bursts at most that much before the level
+holds it). When the demands fit in the proxy's rate there is no level (no
+job is slowed below its own rate); otherwise a job that asks less than an
+equal share gets what it asks, and the others split the rest equally. So every active job can count
+on an equal share of the proxy, whatever rates the other jobs' policies
+grant: a policy with a huge rate takes no more than its share when others
+want theirs, and a job that only trickles takes no share it does not use.
+
+Why not shares in proportion to the jobs' rates: a job granted 100 Gbit/s
+would leave a 1 MB/s job a hundred-thousandth of the proxy, and a chunk
+already read waits out the departure it got, however the shares change after
+(CI saw a 78 KB chunk given 78 s).
+
+``slack_s`` is the relay's: a chunk due within it is written at once. A pacer
+that is ahead by less holds nothing back; counting it as backlogged would
+make a 100 Gbit/s job that sent two small chunks in one event-loop tick (the
+loop's clock does not move within a tick) demand its whole rate.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 DEFAULT_HORIZON_S = 0.05
 DEFAULT_ACTIVE_WINDOW_S = 0.5
+#: The relay writes a chunk due within this much now (the pacer's timestamp keeps
+#: the long-run rate exact; small chunks are not held for microseconds), and a
+#: pacer ahead of now by no more than this is not backlogged.
+PACE_SLACK_S = 0.002
 
 
 @dataclass(slots=True)
@@ -52,8 +74,21 @@ class EdtPacer:
         return self.last
 
 
-#: The smallest scale: a job is slowed to at most 1/1000 of its rate, never stopped.
-MIN_SCALE = 0.001
+def fair_level(demands: Iterable[float], capacity: float) -> float:
+    """The max-min fair level: ``sum(min(d, level) for d in demands) == capacity``,
+    or infinity when the demands fit (``sum(demands) <= capacity``).
+
+    Demands below an equal share of what is left are met in full; the rest get
+    that share. The level is never below ``capacity / len(demands)``.
+    """
+    ordered = sorted(demands)
+    left = capacity
+    for index, demand in enumerate(ordered):
+        share = left / (len(ordered) - index)
+        if demand > share:
+            return share
+        left -= demand
+    return math.inf
 
 
 @dataclass(slots=True)
@@ -75,18 +110,22 @@ class BandwidthShaper:
         proxy_rate_bps: int | None = None,
         horizon_s: float = DEFAULT_HORIZON_S,
         active_window_s: float = DEFAULT_ACTIVE_WINDOW_S,
+        slack_s: float = PACE_SLACK_S,
     ) -> None:
         if proxy_rate_bps is not None and proxy_rate_bps <= 0:
             raise ValueError("proxy_rate_bps must be positive (None: no proxy-wide rate)")
-        if horizon_s <= 0 or active_window_s <= 0:
-            raise ValueError("horizon_s and active_window_s must be positive")
+        if horizon_s <= 0 or active_window_s <= 0 or slack_s < 0:
+            raise ValueError("horizon_s and active_window_s must be positive, slack_s not negative")
         self.proxy_rate_Bps = None if proxy_rate_bps is None else proxy_rate_bps / 8.0
         self.horizon_s = horizon_s
         self.active_window_s = active_window_s
+        self.slack_s = slack_s
         self.recompute_s = active_window_s / 2
         self._senders: dict[tuple[Hashable, str], _Sender] = {}
-        # Per direction: (scale, when it was computed).
-        self._scales: dict[str, tuple[float, float]] = {}
+        # Per direction: (level in bytes/s, when it was computed), and the bytes
+        # asked for since then.
+        self._levels: dict[str, tuple[float, float]] = {}
+        self._asked: dict[str, int] = {}
 
     def departure(
         self, job: Hashable, direction: str, size: int, *, rate_bps: int, now: float
@@ -100,41 +139,48 @@ class BandwidthShaper:
         else:
             sender.rate_Bps = rate_Bps
             sender.seen = now
-            if sender.pacer.last > now:
+            if sender.pacer.last - now > self.slack_s:
                 if now - sender.backlogged > self.active_window_s:
-                    # Light -> backlogged: the share changes now, not at the
+                    # Light -> backlogged: the level changes now, not at the
                     # next recompute (else two newcomers overshoot the proxy's
                     # rate together for up to `recompute_s`).
-                    self._scales.pop(direction, None)
+                    self._levels.pop(direction, None)
                 sender.backlogged = now
         sender.sent += size
-        return sender.pacer.departure(size, rate_Bps * self.scale(direction, now), now)
+        if self.proxy_rate_Bps is not None and now - sender.backlogged > self.active_window_s:
+            # More bytes since the level was computed than the proxy carries in a
+            # period: light jobs alone are over its rate (a job granted far more
+            # than the proxy, never behind its own pacer); look again now.
+            asked = self._asked.get(direction, 0) + size
+            self._asked[direction] = asked
+            if asked > self.proxy_rate_Bps * self.recompute_s:
+                self._levels.pop(direction, None)
+        return sender.pacer.departure(size, min(rate_Bps, self.level(direction, now)), now)
 
-    def scale(self, direction: str, now: float) -> float:
-        """The factor (at most 1) by which every job's rate in `direction` is scaled now."""
+    def level(self, direction: str, now: float) -> float:
+        """The rate (bytes/s) no job in `direction` is paced above now; infinity: none."""
         if self.proxy_rate_Bps is None:
-            return 1.0
-        cached = self._scales.get(direction)
+            return math.inf
+        cached = self._levels.get(direction)
         if cached is None or now - cached[1] >= self.recompute_s:
-            cached = self._scales[direction] = (self._compute_scale(direction, now), now)
+            cached = self._levels[direction] = (self._compute_level(direction, now), now)
         return cached[0]
 
-    def _compute_scale(self, direction: str, now: float) -> float:
+    def _compute_level(self, direction: str, now: float) -> float:
         assert self.proxy_rate_Bps is not None
-        backlogged = light = 0.0
+        self._asked[direction] = 0
+        demands: list[float] = []
         for (_, d), s in self._senders.items():
             if d != direction:
                 continue
             elapsed = now - s.since
             if now - s.seen <= self.active_window_s:
                 if now - s.backlogged <= self.active_window_s:
-                    backlogged += s.rate_Bps
+                    demands.append(s.rate_Bps)
                 else:
-                    light += min(s.rate_Bps, s.sent / max(elapsed, self.recompute_s))
+                    demands.append(min(s.rate_Bps, s.sent / max(elapsed, self.recompute_s)))
             s.sent, s.since = 0, now
-        if backlogged == 0.0 or backlogged + light <= self.proxy_rate_Bps:
-            return 1.0
-        return max(MIN_SCALE, (self.proxy_rate_Bps - light) / backlogged)
+        return fair_level(demands, self.proxy_rate_Bps)
 
     def beyond_horizon(self, departure: float, now: float) -> bool:
         return departure - now > self.horizon_s
@@ -151,4 +197,11 @@ class BandwidthShaper:
         return len(quiet)
 
 
-__all__ = ["DEFAULT_ACTIVE_WINDOW_S", "DEFAULT_HORIZON_S", "BandwidthShaper", "EdtPacer"]
+__all__ = [
+    "DEFAULT_ACTIVE_WINDOW_S",
+    "DEFAULT_HORIZON_S",
+    "PACE_SLACK_S",
+    "BandwidthShaper",
+    "EdtPacer",
+    "fair_level",
+]

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from egressd.limits import timeouts as expiry
+from egressd.limits.pacing import PACE_SLACK_S
 
 #: The read buffer (the scratch): what an ungated side that was never paced reads at once.
 RELAY_BUFFER = 256 * 1024
@@ -68,10 +69,6 @@ UP = "up"
 DOWN = "down"
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-
-#: A chunk due within this much is written now: the pacer's timestamp keeps
-#: the long-run rate exact, and small chunks are not held for microseconds.
-PACE_SLACK_S = 0.002
 
 #: Reasons a side is not reading (bits of `_Side.blocks`).
 _STARTING = 1  # the pipe has not started yet

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from egressd.limits.pacing import (
     DEFAULT_ACTIVE_WINDOW_S,
     DEFAULT_HORIZON_S,
-    MIN_SCALE,
+    PACE_SLACK_S,
     BandwidthShaper,
     EdtPacer,
+    fair_level,
 )
 
 MBIT = 1_000_000
@@ -143,6 +144,7 @@ def test_pacer_matches_the_formula(chunks: list[tuple[int, float, float]]) -> No
         {"horizon_s": -0.1},
         {"active_window_s": 0},
         {"active_window_s": -1},
+        {"slack_s": -0.001},
     ],
 )
 def test_shaper_validation(kwargs: dict[str, Any]) -> None:
@@ -155,7 +157,8 @@ def test_shaper_defaults() -> None:
     assert shaper.horizon_s == DEFAULT_HORIZON_S
     assert shaper.active_window_s == DEFAULT_ACTIVE_WINDOW_S
     assert shaper.proxy_rate_Bps is None
-    assert shaper.scale("up", 0.0) == 1.0
+    assert shaper.slack_s == PACE_SLACK_S
+    assert shaper.level("up", 0.0) == math.inf
     assert BandwidthShaper(proxy_rate_bps=8_000).proxy_rate_Bps == 1000.0
 
 
@@ -252,15 +255,45 @@ def test_two_jobs_without_proxy_rate_each_get_their_own() -> None:
 WARM = 1.0  # measure from here: the first recompute_s run unscaled, by design
 
 
-def test_proxy_rate_shared_in_proportion_to_rates() -> None:
+def test_proxy_rate_shared_max_min_fair() -> None:
+    # 30 and 15 ask more than an equal share of 20: 10 each, whatever their rates
     shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
-    a, b = Flow("a", 30 * MBIT), Flow("b", 10 * MBIT)
+    a, b = Flow("a", 30 * MBIT), Flow("b", 15 * MBIT)
     relay(shaper, [a, b], until=WARM + 10.0)
-    assert_rate(a.rate_between(WARM, WARM + 10.0), 15 * MBIT, 0.02)
-    assert_rate(b.rate_between(WARM, WARM + 10.0), 5 * MBIT, 0.02)
+    assert_rate(a.rate_between(WARM, WARM + 10.0), 10 * MBIT, 0.02)
+    assert_rate(b.rate_between(WARM, WARM + 10.0), 10 * MBIT, 0.02)
     total = a.bytes_between(WARM, WARM + 10.0) + b.bytes_between(WARM, WARM + 10.0)
     assert total * 8 / 10.0 <= 20 * MBIT * 1.01
-    assert shaper.scale("up", WARM + 10.0) == pytest.approx(0.5)
+    assert shaper.level("up", WARM + 10.0) == pytest.approx(10 * MBIT / 8)
+
+
+def test_a_job_below_an_equal_share_gets_its_rate_and_the_other_the_rest() -> None:
+    shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
+    a, b = Flow("a", 30 * MBIT), Flow("b", 4 * MBIT)
+    relay(shaper, [a, b], until=WARM + 10.0)
+    assert_rate(b.rate_between(WARM, WARM + 10.0), 4 * MBIT, 0.02)
+    assert_rate(a.rate_between(WARM, WARM + 10.0), 16 * MBIT, 0.02)
+
+
+def test_a_huge_rate_does_not_starve_a_small_one() -> None:
+    # A policy of 100 Gbit/s next to one of 8 Mbit/s, on a 16 Mbit/s proxy: in
+    # proportion to their rates, the small job would get 1.3 kbit/s.
+    shaper = BandwidthShaper(proxy_rate_bps=16 * MBIT)
+    hog, small = Flow("hog", 100_000 * MBIT), Flow("small", 8 * MBIT)
+    relay(shaper, [hog, small], until=WARM + 5.0)
+    assert_rate(small.rate_between(WARM, WARM + 5.0), 8 * MBIT, 0.02)
+    assert_rate(hog.rate_between(WARM, WARM + 5.0), 8 * MBIT, 0.02)
+
+
+def test_a_job_granted_more_than_the_proxy_bursts_at_most_one_period() -> None:
+    # Its reads come one chunk a tick, each nanoseconds behind its own 100 Gbit/s pacer:
+    # never backlogged, so only the bytes it asked for make the level hold it.
+    shaper = BandwidthShaper(proxy_rate_bps=16 * MBIT)
+    hog = Flow("hog", 100_000 * MBIT, period=0.0005)  # 262 Mbit/s offered
+    relay(shaper, [hog], until=3.0)
+    proxy_Bps = 16 * MBIT / 8  # noqa: N806 - bytes/s
+    assert hog.bytes_between(0.0, 1.0) <= proxy_Bps * (1.0 + shaper.recompute_s) + CHUNK
+    assert_rate(hog.rate_between(WARM, 3.0), 16 * MBIT, 0.02)
 
 
 def test_many_equal_jobs_share_equally() -> None:
@@ -276,14 +309,14 @@ def test_proxy_rate_above_the_jobs_needs_changes_nothing() -> None:
     a = Flow("a", 10 * MBIT)
     relay(shaper, [a], until=10.0)
     assert_rate(a.rate_between(0.0, 10.0), 10 * MBIT, 0.01)
-    assert shaper.scale("up", 10.0) == 1.0
-    # exactly the proxy rate: still unscaled
+    assert shaper.level("up", 10.0) == math.inf
+    # exactly the proxy rate: still no level
     shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
     a, b = Flow("a", 10 * MBIT), Flow("b", 10 * MBIT)
     relay(shaper, [a, b], until=WARM + 5.0)
     assert_rate(a.rate_between(0.0, WARM + 5.0), 10 * MBIT, 0.01)
     assert_rate(b.rate_between(0.0, WARM + 5.0), 10 * MBIT, 0.01)
-    assert shaper.scale("up", WARM + 5.0) == 1.0
+    assert shaper.level("up", WARM + 5.0) == math.inf
 
 
 def test_one_job_above_the_proxy_rate_gets_the_proxy_rate() -> None:
@@ -295,13 +328,13 @@ def test_one_job_above_the_proxy_rate_gets_the_proxy_rate() -> None:
 
 def test_proxy_rate_is_per_direction() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
-    up_a, up_b = Flow("a", 30 * MBIT, "up"), Flow("b", 10 * MBIT, "up")
+    up_a, up_b = Flow("a", 30 * MBIT, "up"), Flow("b", 6 * MBIT, "up")
     down_a = Flow("a", 15 * MBIT, "down")
     relay(shaper, [up_a, up_b, down_a], until=WARM + 10.0)
-    assert_rate(up_a.rate_between(WARM, WARM + 10.0), 15 * MBIT, 0.02)
-    assert_rate(up_b.rate_between(WARM, WARM + 10.0), 5 * MBIT, 0.02)
+    assert_rate(up_a.rate_between(WARM, WARM + 10.0), 14 * MBIT, 0.02)
+    assert_rate(up_b.rate_between(WARM, WARM + 10.0), 6 * MBIT, 0.02)
     assert_rate(down_a.rate_between(0.0, WARM + 10.0), 15 * MBIT, 0.01)
-    assert shaper.scale("down", WARM + 10.0) == 1.0
+    assert shaper.level("down", WARM + 10.0) == math.inf
 
 
 def test_a_trickling_job_takes_no_share_it_does_not_use() -> None:
@@ -314,38 +347,51 @@ def test_a_trickling_job_takes_no_share_it_does_not_use() -> None:
     assert_rate(hog.rate_between(WARM, WARM + 10.0), 18 * MBIT, 0.02)
 
 
+def test_small_answers_under_a_huge_rate_take_no_share() -> None:
+    # 100 Gbit/s granted; four connections answer 500 bytes each in the same loop tick (one
+    # `now`) every 80 ms: 0.2 Mbit/s. The pacer is ahead of now by nanoseconds (under no
+    # level) or 0.8 ms (under the hog's level): not a backlog, so no share is kept for it.
+    shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
+    hog = Flow("hog", 30 * MBIT)
+    answers = [Flow("answers", 100_000 * MBIT, chunk=500, period=0.08) for _ in range(4)]
+    relay(shaper, [hog, *answers], until=WARM + 10.0)
+    used = sum(flow.rate_between(WARM, WARM + 10.0) for flow in answers)
+    assert_rate(used, 0.2 * MBIT, 0.02)
+    assert_rate(hog.rate_between(WARM, WARM + 10.0), 19.8 * MBIT, 0.02)
+
+
 def test_a_light_job_offering_more_than_its_share_gets_its_share() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
     hog = Flow("hog", 30 * MBIT)
-    # offers 8 Mbit/s: more than its weighted share (10/40 of 20 = 5)
-    light = Flow("light", 10 * MBIT, period=CHUNK * 8 / (8 * MBIT))
+    # offers 12 Mbit/s of its 15: more than an equal share (10)
+    light = Flow("light", 15 * MBIT, period=CHUNK * 8 / (12 * MBIT))
     relay(shaper, [hog, light], until=WARM + 10.0)
-    assert_rate(hog.rate_between(WARM, WARM + 10.0), 15 * MBIT, 0.02)
-    assert_rate(light.rate_between(WARM, WARM + 10.0), 5 * MBIT, 0.02)
+    assert_rate(hog.rate_between(WARM, WARM + 10.0), 10 * MBIT, 0.02)
+    assert_rate(light.rate_between(WARM, WARM + 10.0), 10 * MBIT, 0.02)
 
 
 def test_three_jobs_backlogged_and_light() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
-    a, b = Flow("a", 30 * MBIT), Flow("b", 10 * MBIT)
+    a, b = Flow("a", 30 * MBIT), Flow("b", 5 * MBIT)
     trickle = Flow("t", 10 * MBIT, period=CHUNK * 8 / (2 * MBIT))
     relay(shaper, [a, b, trickle], until=WARM + 10.0)
-    # the trickle uses 2; a and b share the other 18 as 3:1
+    # the trickle uses 2, b its 5; a gets the other 13
     assert_rate(trickle.rate_between(WARM, WARM + 10.0), 2 * MBIT, 0.02)
-    assert_rate(a.rate_between(WARM, WARM + 10.0), 13.5 * MBIT, 0.02)
-    assert_rate(b.rate_between(WARM, WARM + 10.0), 4.5 * MBIT, 0.02)
+    assert_rate(b.rate_between(WARM, WARM + 10.0), 5 * MBIT, 0.02)
+    assert_rate(a.rate_between(WARM, WARM + 10.0), 13 * MBIT, 0.02)
 
 
 def test_a_job_that_stops_sending_stops_counting_after_the_window() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
     window, recompute = shaper.active_window_s, shaper.recompute_s
     assert (window, recompute) == (DEFAULT_ACTIVE_WINDOW_S, DEFAULT_ACTIVE_WINDOW_S / 2)
-    a, b = Flow("a", 30 * MBIT), Flow("b", 10 * MBIT, stop=5.0)
+    a, b = Flow("a", 30 * MBIT), Flow("b", 15 * MBIT, stop=5.0)
     relay(shaper, [a, b], until=12.0)
-    assert_rate(a.rate_between(WARM, 5.0), 15 * MBIT, 0.02)
-    assert_rate(b.rate_between(WARM, 5.0), 5 * MBIT, 0.02)
+    assert_rate(a.rate_between(WARM, 5.0), 10 * MBIT, 0.02)
+    assert_rate(b.rate_between(WARM, 5.0), 10 * MBIT, 0.02)
     # b still counts within the window after its last request (what a has queued within the
     # horizon was paced at the old share)
-    assert_rate(a.rate_between(5.0 + DEFAULT_HORIZON_S, 5.0 + window), 15 * MBIT, 0.05)
+    assert_rate(a.rate_between(5.0 + DEFAULT_HORIZON_S, 5.0 + window), 10 * MBIT, 0.05)
     # once it is out of the window, at the next recompute, a alone gets the proxy rate (its
     # own, 30, is more)
     after = 5.0 + window + recompute + DEFAULT_HORIZON_S
@@ -354,14 +400,43 @@ def test_a_job_that_stops_sending_stops_counting_after_the_window() -> None:
 
 def test_a_newcomer_gets_its_share_and_the_others_make_room() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
-    a, b = Flow("a", 30 * MBIT), Flow("b", 10 * MBIT, start=3.0)
+    a, b = Flow("a", 30 * MBIT), Flow("b", 15 * MBIT, start=3.0)
     relay(shaper, [a, b], until=13.0)
     assert_rate(a.rate_between(WARM, 3.0), 20 * MBIT, 0.01)
-    assert_rate(a.rate_between(4.0, 13.0), 15 * MBIT, 0.02)
-    assert_rate(b.rate_between(4.0, 13.0), 5 * MBIT, 0.02)
+    assert_rate(a.rate_between(4.0, 13.0), 10 * MBIT, 0.02)
+    assert_rate(b.rate_between(4.0, 13.0), 10 * MBIT, 0.02)
 
 
-# proxy-wide rate: the scale, call by call (exact fake times)
+# fair_level: the max-min level of a list of demands
+
+
+def test_fair_level_examples() -> None:
+    assert fair_level([], 10.0) == math.inf
+    assert fair_level([4.0, 6.0], 10.0) == math.inf  # they fit exactly
+    assert fair_level([30.0, 15.0], 20.0) == 10.0
+    assert fair_level([30.0, 4.0], 20.0) == 16.0
+    assert fair_level([30.0, 5.0, 2.0], 20.0) == 13.0
+    assert fair_level([1e10, 1e6], 2e6) == 1e6
+
+
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=1e12), max_size=12),
+    st.floats(min_value=1.0, max_value=1e12),
+)
+def test_fair_level_fills_the_capacity_and_never_below_an_equal_share(
+    demands: list[float], capacity: float
+) -> None:
+    level = fair_level(demands, capacity)
+    if sum(demands) <= capacity:
+        assert level == math.inf
+        return
+    assert sum(min(d, level) for d in demands) == pytest.approx(capacity, rel=1e-9)
+    assert level >= capacity / len(demands) * (1 - 1e-12)
+    # nobody that asked less than the level is cut
+    assert all(min(d, level) == d for d in demands if d < level)
+
+
+# proxy-wide rate: the level, call by call (exact fake times)
 
 
 def backlog(shaper: BandwidthShaper, job: str, now: float, rate_bps: int = 8000) -> float:
@@ -370,65 +445,75 @@ def backlog(shaper: BandwidthShaper, job: str, now: float, rate_bps: int = 8000)
     return shaper.departure(job, "up", 1000, rate_bps=rate_bps, now=now)
 
 
-def test_the_scale_is_recomputed_when_a_job_becomes_backlogged() -> None:
+def test_the_level_is_recomputed_when_a_job_becomes_backlogged() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=8000, active_window_s=0.5)  # 1000 B/s
     assert shaper.recompute_s == 0.25
     backlog(shaper, "a", 0.0)
-    assert shaper.scale("up", 0.0) == 1.0  # a alone, at the proxy's rate
+    assert shaper.level("up", 0.0) == math.inf  # a alone, at the proxy's rate
     backlog(shaper, "b", 0.0)
     # b's backlog is news: a and b, both at 1000 B/s, share 1000 B/s at once
-    assert shaper.scale("up", 0.0) == 0.5
+    assert shaper.level("up", 0.0) == 500.0
 
 
-def test_the_scale_is_recomputed_every_recompute_s() -> None:
+def test_a_pacer_ahead_by_no_more_than_the_slack_is_not_a_backlog() -> None:
+    shaper = BandwidthShaper(proxy_rate_bps=8000, active_window_s=0.5)  # 1000 B/s
+    backlog(shaper, "a", 0.0)
+    assert shaper.level("up", 0.0) == math.inf
+    # b's two chunks leave 2 ms apart (1 byte at 500 B/s): exactly the slack, no news
+    shaper.departure("b", "up", 1, rate_bps=4000, now=0.0)
+    shaper.departure("b", "up", 1, rate_bps=4000, now=0.0)
+    assert shaper.level("up", 0.0) == math.inf
+    shaper.departure("b", "up", 1, rate_bps=4000, now=0.0)  # now 4 ms ahead: backlogged
+    assert shaper.level("up", 0.0) == 500.0
+
+
+def test_the_level_is_recomputed_every_recompute_s() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=8000, active_window_s=0.5)  # 1000 B/s
     backlog(shaper, "a", 0.0)
     backlog(shaper, "b", 0.0)
-    assert shaper.scale("up", 0.0) == 0.5
+    assert shaper.level("up", 0.0) == 500.0
     # b stops; a goes on (still backlogged, no news): cached until recompute_s
     backlog(shaper, "a", 0.2)
-    assert shaper.scale("up", 0.2499) == 0.5
+    assert shaper.level("up", 0.2499) == 500.0
     # b's last request is 0.5 s old at 0.5: b no longer counts
     backlog(shaper, "a", 0.51)
-    assert shaper.scale("up", 0.51) == 1.0
+    assert shaper.level("up", 0.51) == math.inf
 
 
 def test_a_light_job_counts_with_what_it_sent_not_its_rate() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=8000, active_window_s=0.5)  # 1000 B/s
-    shaper.scale("up", 0.0)  # the first computation, with nobody
+    shaper.level("up", 0.0)  # the first computation, with nobody
     backlog(shaper, "hog", 0.0, rate_bps=16_000)  # 2000 B/s, backlogged
-    # 'light' may send 100_000 B/s but sends 50 bytes every 0.1 s: 500 B/s, never behind
+    # 'light' may send 100_000 B/s but sends 25 bytes every 0.1 s, never behind
     for now in (0.0, 0.1, 0.2):
-        shaper.departure("light", "up", 50, rate_bps=800_000, now=now)
+        shaper.departure("light", "up", 25, rate_bps=800_000, now=now)
     backlog(shaper, "hog", 0.25, rate_bps=16_000)
-    # (1000 - 150 bytes / 0.25 s) / 2000 B/s
-    assert shaper.scale("up", 0.25) == pytest.approx((1000 - 600) / 2000)
+    # light: 75 bytes / 0.25 s = 300 B/s; the hog gets the other 700
+    assert shaper.level("up", 0.25) == pytest.approx(1000 - 300)
 
 
-def test_scale_never_below_min_scale() -> None:
+def test_a_backlogged_job_gets_an_equal_share_however_much_the_light_ones_sent() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=8000, active_window_s=0.5)  # 1000 B/s
-    shaper.scale("up", 0.0)
-    backlog(shaper, "hog", 0.0, rate_bps=800)  # 100 B/s, backlogged
-    # light jobs use 6000 B/s in all, more than the proxy's rate
+    shaper.level("up", 0.0)
+    backlog(shaper, "hog", 0.0, rate_bps=16_000)  # 2000 B/s, backlogged
+    # a light job sent 6000 B/s, more than the proxy's rate (before any level held it)
     for now in (0.0, 0.1, 0.2):
         shaper.departure("light", "up", 500, rate_bps=80_000, now=now)
-    shaper.departure("hog", "up", 10, rate_bps=800, now=0.25)
-    assert shaper.scale("up", 0.25) == MIN_SCALE
-    # the hog is slowed to a thousandth of its rate, not stopped
-    last = shaper.departure("hog", "up", 10, rate_bps=800, now=0.25)
-    assert last - shaper.departure("hog", "up", 10, rate_bps=800, now=0.25) == pytest.approx(
-        -10 / (100 * MIN_SCALE)
-    )
+    shaper.departure("hog", "up", 10, rate_bps=16_000, now=0.25)
+    assert shaper.level("up", 0.25) == 500.0
+    # both are held to it from now on: the light one too
+    first = shaper.departure("light", "up", 500, rate_bps=80_000, now=0.25)
+    assert shaper.departure("light", "up", 500, rate_bps=80_000, now=0.25) - first == 1.0
 
 
 def test_a_job_quiet_beyond_the_window_does_not_count_even_with_bytes_since_last_look() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=8000, active_window_s=0.5)  # 1000 B/s
-    shaper.scale("up", 0.0)
+    shaper.level("up", 0.0)
     shaper.departure("light", "up", 900, rate_bps=800_000, now=0.1)  # then quiet
     backlog(shaper, "hog", 0.1, rate_bps=16_000)  # 2000 B/s
-    # nobody looks at the scale until 0.7: light's 900 bytes were sent 0.6 s ago
+    # nobody looks at the level until 0.7: light's 900 bytes were sent 0.6 s ago
     backlog(shaper, "hog", 0.7, rate_bps=16_000)
-    assert shaper.scale("up", 0.7) == 0.5
+    assert shaper.level("up", 0.7) == 1000.0
 
 
 @pytest.mark.parametrize("phase", [0.0, 0.05, 0.1, 0.2, 0.249])
@@ -437,19 +522,19 @@ def test_a_stopped_job_stops_counting_within_window_plus_recompute(phase: float)
     window, recompute = 0.5, 0.25
     # both backlogged, with the recomputations falling at `phase` + k * recompute
     now = phase
-    shaper.scale("up", now)
+    shaper.level("up", now)
     while now < 2.0:
         backlog(shaper, "a", now)
         backlog(shaper, "b", now)
         now += 0.01
     stopped = now - 0.01  # b's last request
-    assert shaper.scale("up", stopped) == 0.5
+    assert shaper.level("up", stopped) == 500.0
     while now <= stopped + window + recompute + 0.01:
         backlog(shaper, "a", now)
         if now - stopped <= window:
-            assert shaper.scale("up", now) == 0.5, now  # b still counts
+            assert shaper.level("up", now) == 500.0, now  # b still counts
         now += 0.01
-    assert shaper.scale("up", now) == 1.0  # a alone fits the proxy rate
+    assert shaper.level("up", now) == math.inf  # a alone fits the proxy rate
 
 
 @given(
@@ -465,39 +550,50 @@ def test_a_stopped_job_stops_counting_within_window_plus_recompute(phase: float)
     ),
     st.sampled_from([None, 8_000, 24_000]),
 )
-def test_departures_follow_the_formula_at_the_current_scale(
+def test_departures_follow_the_formula_at_the_current_level(
     ops: list[tuple[str, str, int, int, float]], proxy_rate_bps: int | None
 ) -> None:
     shaper = BandwidthShaper(proxy_rate_bps=proxy_rate_bps, active_window_s=0.5)
-    computed: dict[str, tuple[float, float]] = {}  # direction -> (scale, when)
+    computed: dict[str, tuple[float, float]] = {}  # direction -> (level, when)
     last: dict[tuple[str, str], float] = {}
     behind_at: dict[tuple[str, str], float] = {}  # when each sender was last found behind
+    asked: dict[str, int] = {}  # bytes of light senders since the level was computed
     now = 0.0
     for job, direction, rate_bps, size, dt in ops:
         now += dt
         key = (job, direction)
         became_backlogged = False
-        if last.get(key, now) > now:
+        if last.get(key, now) - now > PACE_SLACK_S:
             became_backlogged = now - behind_at.get(key, -math.inf) > shaper.active_window_s
             behind_at[key] = now
+        over = False
+        if proxy_rate_bps is not None and now - behind_at.get(key, -math.inf) > 0.5:
+            asked[direction] = asked.get(direction, 0) + size
+            over = asked[direction] > proxy_rate_bps / 8 * shaper.recompute_s
         got = shaper.departure(job, direction, size, rate_bps=rate_bps, now=now)
-        scale = shaper.scale(direction, now)  # the one this departure used
-        assert MIN_SCALE <= scale <= 1.0
+        level = shaper.level(direction, now)  # the one this departure used
         if proxy_rate_bps is None:
-            assert scale == 1.0
-        # the scale changes only once recompute_s has passed since it was
-        # computed, or when a sender has just become backlogged
+            assert level == math.inf
+        else:
+            # never below an equal share of the proxy among the senders of this direction
+            senders = {k for k in last if k[1] == direction} | {key}
+            assert level >= proxy_rate_bps / 8 / len(senders) * (1 - 1e-9)
+        # the level changes only once recompute_s has passed since it was computed,
+        # when a sender has just become backlogged, or when light senders asked for
+        # more than the proxy carries in recompute_s
         previous = computed.get(direction)
         if (
             previous is not None
             and now - previous[1] < shaper.recompute_s
             and not became_backlogged
+            and not over
         ):
-            assert scale == previous[0]
+            assert level == previous[0]
         else:
-            computed[direction] = (scale, now)
+            computed[direction] = (level, now)
+            asked[direction] = 0
         start = max(now, last.get((job, direction), now))
-        assert got == pytest.approx(start + size / (rate_bps / 8 * scale))
+        assert got == pytest.approx(start + size / min(rate_bps / 8, level))
         last[(job, direction)] = got
 
 
@@ -521,13 +617,13 @@ def test_prune_forgets_quiet_senders_whose_pacer_is_past() -> None:
 
 def test_pruned_senders_do_not_count() -> None:
     shaper = BandwidthShaper(proxy_rate_bps=8000, active_window_s=0.5)
-    shaper.scale("up", 0.0)
+    shaper.level("up", 0.0)
     backlog(shaper, "a", 0.0)
     backlog(shaper, "b", 0.0)
     backlog(shaper, "a", 0.25)
-    assert shaper.scale("up", 0.25) == 0.5
+    assert shaper.level("up", 0.25) == 500.0
     assert shaper.prune(5.0) == 1  # b; a's pacer is still ahead (at half its rate)
     assert shaper.prune(20.0) == 1
     backlog(shaper, "a", 20.0)
     backlog(shaper, "a", 20.25)
-    assert shaper.scale("up", 20.25) == 1.0
+    assert shaper.level("up", 20.25) == math.inf
