@@ -1,11 +1,11 @@
 # Every target installs what it needs first: a fresh Debian bookworm machine as root
 # needs nothing but `make demo` or `make test`.
 SHELL := /bin/bash
-# The venv's interpreter. Debian's python3 (`make deps PYTHON=/usr/bin/python3`, PGO and LTO,
-# as the images run it) makes the proxy ~20% cheaper than a pyenv build, but one paced-relay
-# integration test stalls on it (3.11.2) about one run in three: not the default until that
-# is understood (docs/decisions.md, "The interpreter").
-PYTHON ?= python3
+# The venv's interpreter: Debian's python3 where there is one. Debian builds it with PGO and
+# LTO, as the images run it (deploy/Dockerfile); a python3 built from source without them
+# (pyenv's default, first on PATH on some machines) runs the proxy's Python ~20% slower
+# (docs/decisions.md, "The interpreter"). `make deps PYTHON=...` picks another.
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # squid-openssl: Squid built with OpenSSL (ssl_bump, for the bench's interception row); it
