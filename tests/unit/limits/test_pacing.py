@@ -255,34 +255,29 @@ def test_two_jobs_without_proxy_rate_each_get_their_own() -> None:
 WARM = 1.0  # measure from here: the first recompute_s run unscaled, by design
 
 
-def test_proxy_rate_shared_max_min_fair() -> None:
-    # 30 and 15 ask more than an equal share of 20: 10 each, whatever their rates
-    shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
-    a, b = Flow("a", 30 * MBIT), Flow("b", 15 * MBIT)
-    relay(shaper, [a, b], until=WARM + 10.0)
-    assert_rate(a.rate_between(WARM, WARM + 10.0), 10 * MBIT, 0.02)
-    assert_rate(b.rate_between(WARM, WARM + 10.0), 10 * MBIT, 0.02)
-    total = a.bytes_between(WARM, WARM + 10.0) + b.bytes_between(WARM, WARM + 10.0)
-    assert total * 8 / 10.0 <= 20 * MBIT * 1.01
-    assert shaper.level("up", WARM + 10.0) == pytest.approx(10 * MBIT / 8)
-
-
-def test_a_job_below_an_equal_share_gets_its_rate_and_the_other_the_rest() -> None:
-    shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
-    a, b = Flow("a", 30 * MBIT), Flow("b", 4 * MBIT)
-    relay(shaper, [a, b], until=WARM + 10.0)
-    assert_rate(b.rate_between(WARM, WARM + 10.0), 4 * MBIT, 0.02)
-    assert_rate(a.rate_between(WARM, WARM + 10.0), 16 * MBIT, 0.02)
-
-
-def test_a_huge_rate_does_not_starve_a_small_one() -> None:
-    # A policy of 100 Gbit/s next to one of 8 Mbit/s, on a 16 Mbit/s proxy: in
-    # proportion to their rates, the small job would get 1.3 kbit/s.
-    shaper = BandwidthShaper(proxy_rate_bps=16 * MBIT)
-    hog, small = Flow("hog", 100_000 * MBIT), Flow("small", 8 * MBIT)
-    relay(shaper, [hog, small], until=WARM + 5.0)
-    assert_rate(small.rate_between(WARM, WARM + 5.0), 8 * MBIT, 0.02)
-    assert_rate(hog.rate_between(WARM, WARM + 5.0), 8 * MBIT, 0.02)
+@pytest.mark.parametrize(
+    ("proxy_mbit", "rates_mbit", "shares_mbit"),
+    [
+        # both ask more than an equal share: an equal share each, whatever their rates
+        (20, [30, 15], [10, 10]),
+        # one asks less: its rate; the other the rest
+        (20, [30, 4], [16, 4]),
+        # 100 Gbit/s next to 8 Mbit/s: in proportion to the rates, 8 would get 1.3 kbit/s
+        (16, [100_000, 8], [8, 8]),
+        (20, [10, 10, 10, 10], [5, 5, 5, 5]),
+    ],
+)
+def test_proxy_rate_shared_max_min_fair(
+    proxy_mbit: int, rates_mbit: list[int], shares_mbit: list[int]
+) -> None:
+    shaper = BandwidthShaper(proxy_rate_bps=proxy_mbit * MBIT)
+    flows = [Flow(job, rate * MBIT) for job, rate in enumerate(rates_mbit)]
+    relay(shaper, flows, until=WARM + 5.0)
+    for flow, share in zip(flows, shares_mbit, strict=True):
+        assert_rate(flow.rate_between(WARM, WARM + 5.0), share * MBIT, 0.02)
+    total = sum(flow.bytes_between(WARM, WARM + 5.0) for flow in flows)
+    assert total * 8 / 5.0 <= proxy_mbit * MBIT * 1.01
+    assert shaper.level("up", WARM + 5.0) == pytest.approx(max(shares_mbit) * MBIT / 8)
 
 
 def test_a_job_granted_more_than_the_proxy_bursts_at_most_one_period() -> None:
@@ -294,14 +289,6 @@ def test_a_job_granted_more_than_the_proxy_bursts_at_most_one_period() -> None:
     proxy_Bps = 16 * MBIT / 8  # noqa: N806 - bytes/s
     assert hog.bytes_between(0.0, 1.0) <= proxy_Bps * (1.0 + shaper.recompute_s) + CHUNK
     assert_rate(hog.rate_between(WARM, 3.0), 16 * MBIT, 0.02)
-
-
-def test_many_equal_jobs_share_equally() -> None:
-    shaper = BandwidthShaper(proxy_rate_bps=20 * MBIT)
-    flows = [Flow(job, 10 * MBIT) for job in range(4)]
-    relay(shaper, flows, until=WARM + 5.0)
-    for flow in flows:
-        assert_rate(flow.rate_between(WARM, WARM + 5.0), 5 * MBIT, 0.02)
 
 
 def test_proxy_rate_above_the_jobs_needs_changes_nothing() -> None:
