@@ -158,7 +158,7 @@ def _pair_labels(key: tuple[object, object]) -> tuple[str, str]:
 class JobPacing:
     """One connection's handle on its job's pacers (`egressd.proxy.relay.Pacing`)."""
 
-    __slots__ = ("_count", "_job", "_rate_bps", "_shaper", "horizon_s")
+    __slots__ = ("_count", "_job", "_rate_bps", "_shaper", "burst_bytes", "horizon_s")
 
     def __init__(
         self,
@@ -169,13 +169,14 @@ class JobPacing:
     ) -> None:
         self._shaper = shaper
         self._job = job
-        self._rate_bps = rate_bps
         self._count = count
         self.horizon_s = shaper.horizon_s
+        self.set_rate(rate_bps)
 
     def set_rate(self, rate_bps: int) -> None:
         """Pace at `rate_bps` from now on (a replaced policy's bandwidth, on open connections)."""
         self._rate_bps = rate_bps
+        self.burst_bytes = int(rate_bps / 8 * self.horizon_s)
 
     def departure(self, direction: str, size: int, now: float) -> float:
         self._count(self._job, direction, size)

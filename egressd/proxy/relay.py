@@ -27,7 +27,11 @@ is written at once; a later one waits in its side's queue, written by a
 timer at its departure time (in order: a side's departures never decrease).
 While the last queued chunk's departure lies beyond the horizon, the side
 stops reading (TCP backpressure toward the sender); a FIN read behind queued
-chunks is passed on after them. Nothing is dropped.
+chunks is passed on after them. Nothing is dropped. A read takes no more than
+the job's rate sends in one horizon (`Pacing.burst_bytes`, at least
+`PACED_READ_MIN`), the read before the start included, so that a slow job's
+peer gets its bytes at the rate from the first one, not a whole buffer held
+until its departure.
 
 Timeouts (`egressd.limits.timeouts`): with `timeouts`, a timer ends a relay
 that moved no byte for ``idle_s`` or lived ``lifetime_s``: both sides are
@@ -62,6 +66,8 @@ from egressd.limits.pacing import PACE_SLACK_S
 RELAY_BUFFER = 256 * 1024
 #: What a gated or paced side reads at once: the gate parses, a paced chunk is a burst.
 CHUNK = 64 * 1024
+#: The least a paced side reads at once, however slow its job (`Pacing.burst_bytes`).
+PACED_READ_MIN = 4 * 1024
 #: Per-direction write buffer high-water mark before the other side is paused.
 WRITE_HIGH_WATER = 256 * 1024
 
@@ -120,6 +126,9 @@ class Pacing(Protocol):
     """One connection's view of its job's EDT pacers (`egressd.limits.pacing`)."""
 
     horizon_s: float
+    #: What the job's rate sends in one horizon: the most a read of its connection takes
+    #: (at least `PACED_READ_MIN`), so that a chunk read is not held much beyond the horizon.
+    burst_bytes: int
 
     def departure(self, direction: str, size: int, now: float) -> float:
         """When a chunk of `size` bytes going `direction` may be written."""
@@ -255,11 +264,16 @@ class _Side(asyncio.BufferedProtocol):
     # asyncio.BufferedProtocol
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        # Before the start (uvloop reads once after connection_made), a chunk that
-        # is written unpaced at the start (`pending`): no bigger than it was.
-        if self.paced or self.peer is None or self.pipe.gate is not None:
-            return self._view[:CHUNK]
-        return self._view
+        # Before the start (uvloop reads once after connection_made), a chunk
+        # kept until the start (`pending`): no bigger than it was.
+        size = CHUNK if self.paced or self.peer is None or self.pipe.gate is not None else 0
+        pacing = self.pipe.pacing
+        # A slow job's read is what it may send in about one horizon: a read of the
+        # whole buffer at 1 KB/s would be held (and the peer left without a byte)
+        # for minutes, its departure fixed when it was read.
+        if pacing is not None and pacing.burst_bytes < (size or RELAY_BUFFER):
+            size = max(PACED_READ_MIN, pacing.burst_bytes)
+        return self._view[:size] if size else self._view
 
     def buffer_updated(self, nbytes: int) -> None:
         peer = self.peer
@@ -531,12 +545,12 @@ class _Pipe:
             self.drain_gate()
         elif first_up:
             upstream.transport.write(first_up)
-        # Rarely anything: uvloop's one read before the start (`buffer_updated`).
+        # Rarely anything: uvloop's one read before the start (`buffer_updated`),
+        # paced and counted like any chunk.
         for side in (client, upstream):
             if side.pending is not None:
                 for chunk in side.pending:
-                    side.peer.transport.write(chunk)  # type: ignore[union-attr]
-                    side.counted(len(chunk))
+                    side.forward(chunk)
                 side.pending = None
         if self.timeouts is not None:
             self.watch_expiry()

@@ -23,7 +23,14 @@ import pytest
 import uvloop
 
 from egressd.limits.pacing import BandwidthShaper
-from egressd.proxy.relay import CHUNK, RELAY_BUFFER, WRITE_HIGH_WATER, RelayStats, relay
+from egressd.proxy.relay import (
+    CHUNK,
+    PACED_READ_MIN,
+    RELAY_BUFFER,
+    WRITE_HIGH_WATER,
+    RelayStats,
+    relay,
+)
 from tests.support.relay_pair import Pair
 
 LOOPS = ["asyncio", "uvloop"]
@@ -256,6 +263,7 @@ class ShaperPacing:
         self.shaper = BandwidthShaper()
         self.horizon_s = self.shaper.horizon_s
         self.rate_bps = rate_bps
+        self.burst_bytes = int(rate_bps / 8 * self.horizon_s)
 
     def departure(self, direction: str, size: int, now: float) -> float:
         return self.shaper.departure("job", direction, size, rate_bps=self.rate_bps, now=now)
@@ -290,3 +298,32 @@ def test_a_paced_download_keeps_its_rate_and_reads_chunks(loop: str) -> None:
     # then on the side reads CHUNKs, the grain of a paced job as it was.
     assert max(downs) <= RELAY_BUFFER
     assert sum(n > CHUNK for n in downs) <= 1
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_slow_paced_download_flows_at_its_rate_from_the_first_byte(loop: str) -> None:
+    # 16 KB/s: one horizon (50 ms) is 800 bytes, so reads are PACED_READ_MIN. A read of
+    # the whole buffer would hold the first 48 KB for 3 s, and the one before the start
+    # went out unpaced.
+    rate_Bps = 16_000  # noqa: N806 - bytes/s
+    size = 48_000
+    data = pattern(size, 8)
+    pair = Pair()
+    got: dict[str, Any] = {}
+
+    async def main() -> tuple[RelayStats, list[int], float]:
+        threads = [writer(pair.server, data), reader(pair.client, got, "client")]
+        pair.client.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        stats, _, downs = await relayed(pair, pacing=ShaperPacing(rate_Bps * 8))
+        await asyncio.to_thread(threads[1].join, 30)
+        return stats, downs, started
+
+    stats, downs, started = run(loop, main)
+    pair.close()
+    assert got["client"] == (size, hashlib.sha256(data).hexdigest())
+    assert stats.bytes_down == sum(downs) == size
+    assert max(downs) <= PACED_READ_MIN
+    assert got["client_first"] - started < 2 * PACED_READ_MIN / rate_Bps
+    # every read waited for its departure, the first one's included
+    assert got["client_last"] - started >= (size - PACED_READ_MIN) / rate_Bps - 0.01
