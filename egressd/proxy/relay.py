@@ -559,8 +559,9 @@ class _Pipe:
                 side.unblock(_STARTING)
             elif gate is not None:
                 side.eof_received()
-            else:
+            elif not side.queue:
                 self.side_eof(side)
+            # else: `flush` passes the FIN on after the chunks read before the start
 
     def side_eof(self, side: _Side) -> None:
         side.eof_sent = True
@@ -570,8 +571,10 @@ class _Pipe:
             transport.write_eof()  # after the buffered data is written
             if side is self.client and peer is not None and not peer.eof:
                 self.stats.time_wait = True  # the proxy closes first toward the server
+        # Both FINs passed on, not merely read: a FIN read behind paced chunks is
+        # still waiting for them, and closing now would drop them.
         client, upstream = self.client, self.upstream
-        if client is not None and upstream is not None and client.eof and upstream.eof:
+        if client is not None and upstream is not None and client.eof_sent and upstream.eof_sent:
             self.close()
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:

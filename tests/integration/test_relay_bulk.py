@@ -327,3 +327,29 @@ def test_a_slow_paced_download_flows_at_its_rate_from_the_first_byte(loop: str) 
     assert got["client_first"] - started < 2 * PACED_READ_MIN / rate_Bps
     # every read waited for its departure, the first one's included
     assert got["client_last"] - started >= (size - PACED_READ_MIN) / rate_Bps - 0.01
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_paced_answer_and_fin_sent_before_the_start_arrive_in_order(loop: str) -> None:
+    # The server has answered and closed before the relay starts: the read before the
+    # start may take the answer and the FIN; the answer waits for its departure, and the
+    # FIN must follow it, not pass it.
+    rate_Bps = 16_000  # noqa: N806 - bytes/s
+    data = pattern(3_000, 9)
+    pair = Pair()
+    got: dict[str, Any] = {}
+
+    async def main() -> RelayStats:
+        writer(pair.server, data).join(5)
+        thread = reader(pair.client, got, "client")
+        pair.client.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.1)
+        stats, _, _ = await relayed(pair, pacing=ShaperPacing(rate_Bps * 8))
+        await asyncio.to_thread(thread.join, 10)
+        return stats
+
+    stats = run(loop, main)
+    pair.close()
+    assert got["client"] == (len(data), hashlib.sha256(data).hexdigest())
+    assert stats.bytes_down == len(data)
+    assert stats.error is None
