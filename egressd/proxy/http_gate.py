@@ -281,6 +281,12 @@ class HttpGate:
             and not (self._stream or self._over or self._outstanding or self._waiting)
         )
 
+    @property
+    def counting_body(self) -> bool:
+        """A response body of known length is passing: `from_upstream` only counts
+        it (and may be given a view of a buffer that is reused)."""
+        return self._body_left is not None and not self.tunnel and not self.failed
+
     def from_upstream(self, data: bytes) -> None:
         if self.tunnel or self.failed:
             return

@@ -8,7 +8,9 @@ it straight to the other socket with one ``write`` when that socket's
 transport holds nothing (`_Side.send`: no copy in user space); only what the
 socket does not take is copied into the transport. A gated or paced side, and
 any side before the start, reads `CHUNK` (64 KiB) at a time and copies each
-chunk (the gate and the pacing queue keep theirs). Flow control is the
+chunk (the gate and the pacing queue keep theirs); but while the gate counts a
+response body of known length (`Gate.counting_body`) the server's side reads
+and writes as an ungated one, the gate told only how many bytes passed. Flow control is the
 transports': when a side's write buffer passes its high-water mark, the other
 side stops reading until it drains, so a slow reader never makes the proxy
 buffer more than about one high-water mark and one read per direction.
@@ -95,6 +97,11 @@ class Gate(Protocol):
 
     @property
     def ended(self) -> bool: ...
+
+    @property
+    def counting_body(self) -> bool:
+        """The server's bytes are a response body of known length: only their count matters."""
+        ...
 
     def from_client(self, data: bytes) -> None: ...
 
@@ -266,7 +273,14 @@ class _Side(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         # Before the start (uvloop reads once after connection_made), a chunk
         # kept until the start (`pending`): no bigger than it was.
-        size = CHUNK if self.paced or self.peer is None or self.pipe.gate is not None else 0
+        gate = self.pipe.gate
+        size = (
+            CHUNK
+            if self.paced
+            or self.peer is None
+            or (gate is not None and not (self.direction == DOWN and gate.counting_body))
+            else 0
+        )
         pacing = self.pipe.pacing
         # A slow job's read is what it may send in about one horizon: a read of the
         # whole buffer at 1 KB/s would be held (and the peer left without a byte)
@@ -290,6 +304,16 @@ class _Side(asyncio.BufferedProtocol):
         if gate is None:
             # Ungated: the scratch itself is written (`forward` copies what it keeps).
             self.forward(self._view[:nbytes])
+            return
+        if self.direction == DOWN and gate.counting_body:
+            # A response body of known length: the gate counts it and keeps nothing,
+            # so the scratch is written as on an ungated side (`forward` copies only
+            # what it keeps). Issue 10: a 100 MiB download's proxy CPU per MB 0.95-1.14
+            # -> 0.48-0.57 ms, its rate 720-905 -> 1,219-1,370 MB/s.
+            view = self._view[:nbytes]
+            self.forward(view)
+            gate.from_upstream(view)  # type: ignore[arg-type]
+            self.pipe.drain_gate()
             return
         # One copy (the buffer is reused), immutable: the gate or a queue keeps it.
         data = bytes(self._view[:nbytes])

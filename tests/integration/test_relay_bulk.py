@@ -23,6 +23,9 @@ import pytest
 import uvloop
 
 from egressd.limits.pacing import BandwidthShaper
+from egressd.policy.matcher import Decision, Verdict
+from egressd.proxy.http_gate import HttpGate, RequestRecord
+from egressd.proxy.http_rules import RequestTarget
 from egressd.proxy.relay import (
     CHUNK,
     PACED_READ_MIN,
@@ -353,3 +356,79 @@ def test_a_paced_answer_and_fin_sent_before_the_start_arrive_in_order(loop: str)
     assert got["client"] == (len(data), hashlib.sha256(data).hexdigest())
     assert stats.bytes_down == len(data)
     assert stats.error is None
+
+
+def _recv_until(sock: socket.socket, end: bytes) -> bytes:
+    got = b""
+    while not got.endswith(end):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def _recv_exactly(sock: socket.socket, nbytes: int) -> bytes:
+    parts, left = [], nbytes
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_gated_download_of_known_length_is_relayed_whole_and_the_gate_keeps_track(
+    loop: str,
+) -> None:
+    # While the gate counts a Content-Length body, the server's side reads the whole
+    # buffer and the gate gets only the count; after the body the next request on the
+    # connection is decided and answered as usual.
+    body = pattern(5 * MB, 10)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    small = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    request = b"GET /%s HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    pair = Pair()
+    got: dict[str, Any] = {}
+    records: list[RequestRecord] = []
+
+    def server() -> None:
+        for answer in (head + body, small):
+            _recv_until(pair.server, b"\r\n\r\n")
+            pair.server.sendall(answer)
+        _recv_until(pair.server, b"never")  # the client's FIN
+        pair.server.shutdown(socket.SHUT_WR)
+
+    def client() -> None:
+        pair.client.sendall(request % b"big")
+        got["big"] = _recv_exactly(pair.client, len(head) + len(body))
+        pair.client.sendall(request % b"small")
+        got["small"] = _recv_exactly(pair.client, len(small))
+        pair.client.shutdown(socket.SHUT_WR)
+        got["rest"] = _recv_until(pair.client, b"never")
+
+    def allow(method: str, target: RequestTarget, upgrade: str | None) -> Decision:
+        return Decision(Verdict.ALLOW, "allowed_host", None)
+
+    async def main() -> tuple[RelayStats, list[int]]:
+        threads = [threading.Thread(target=f, daemon=True) for f in (server, client)]
+        for thread in threads:
+            thread.start()
+        stats, _, downs = await relayed(pair, gate=HttpGate(allow, records.append))
+        for thread in threads:
+            await asyncio.to_thread(thread.join, 30)
+        return stats, downs
+
+    stats, downs = run(loop, main)
+    pair.close()
+    assert got["big"] == head + body
+    assert (got["small"], got["rest"]) == (small, b"")
+    assert stats.bytes_down == len(head) + len(body) + len(small) and stats.error is None
+    assert [(r.path, r.status, r.bytes_down) for r in records] == [
+        ("/big", 200, len(head) + len(body)),
+        ("/small", 200, len(small)),
+    ]
+    # the body was read a whole buffer at a time, not in CHUNKs
+    assert max(downs) > CHUNK
