@@ -15,11 +15,19 @@ from egressd.proxy.intercept import Peeked, PeekedHeads, peek_client
 from egressd.proxy.sniff import MAX_HTTP_HEAD
 from tests.support import tls_hellos
 
-TIMEOUT = 0.2
+# A peek that must end at its deadline gets a short one; a peek that the
+# client's bytes or FIN end gets a long one, so that a loop stalled on a busy
+# CI machine cannot turn it into a timeout (it did, once in 4,161 tests).
+DEADLINE = 0.2
+ENDED_BY_CLIENT = 10.0
 
 
 async def peek(
-    pieces: Sequence[bytes], known: PeekedHeads | None, *, close: bool = False
+    pieces: Sequence[bytes],
+    known: PeekedHeads | None,
+    *,
+    close: bool = False,
+    timeout_s: float = ENDED_BY_CLIENT,
 ) -> Peeked:
     """The first of `pieces` is there at the first read, the others come later;
     `close`: then a FIN."""
@@ -40,7 +48,7 @@ async def peek(
                 theirs.shutdown(socket.SHUT_WR)
 
         sender = asyncio.create_task(send())
-        peeked = await peek_client(ours, timeout_s=TIMEOUT, known=known)
+        peeked = await peek_client(ours, timeout_s=timeout_s, known=known)
         sender.cancel()
     return peeked
 
@@ -49,29 +57,51 @@ HEAD = b"GET /x HTTP/1.1\r\nHost: api.allowed.test:8080\r\nConnection: close\r\n
 
 
 @pytest.mark.parametrize(
-    ("pieces", "close", "kept"),
+    ("pieces", "close", "kept", "timeout_s"),
     [
-        ([HEAD], False, True),
-        ([b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n"], False, True),
-        ([b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\nabc"], False, True),
-        ([HEAD[:20], HEAD[20:]], False, False),  # two reads
-        ([HEAD[:20]], False, False),  # incomplete at the deadline
-        ([HEAD[:20], b""], True, False),  # then FIN
-        ([b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n"], False, False),
-        ([b"GET / HTTP/1.1\r\nHost: a.test\n\r\n"], False, False),
-        ([b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HTTP_HEAD + b"\r\n\r\n"], False, False),
-        ([b"SSH-2.0-OpenSSH_9.6\r\n"], False, False),
-        ([tls_hellos.client_hello("a.test")], False, False),
-        ([], True, False),
+        ([HEAD], False, True, ENDED_BY_CLIENT),
+        (
+            [b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n"],
+            False,
+            True,
+            ENDED_BY_CLIENT,
+        ),
+        (
+            [b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\nabc"],
+            False,
+            True,
+            ENDED_BY_CLIENT,
+        ),
+        ([HEAD[:20], HEAD[20:]], False, False, ENDED_BY_CLIENT),  # two reads
+        ([HEAD[:20]], False, False, DEADLINE),  # incomplete at the deadline
+        ([HEAD[:20], b""], True, False, ENDED_BY_CLIENT),  # then FIN
+        (
+            [b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n"],
+            False,
+            False,
+            ENDED_BY_CLIENT,
+        ),
+        ([b"GET / HTTP/1.1\r\nHost: a.test\n\r\n"], False, False, ENDED_BY_CLIENT),
+        (
+            [b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HTTP_HEAD + b"\r\n\r\n"],
+            False,
+            False,
+            ENDED_BY_CLIENT,
+        ),
+        ([b"SSH-2.0-OpenSSH_9.6\r\n"], False, False, ENDED_BY_CLIENT),
+        ([tls_hellos.client_hello("a.test")], False, False, ENDED_BY_CLIENT),
+        ([], True, False, ENDED_BY_CLIENT),
     ],
 )
-async def test_known_heads_peek_as_read(pieces: list[bytes], close: bool, kept: bool) -> None:
-    alone = await peek(pieces, None, close=close)
+async def test_known_heads_peek_as_read(
+    pieces: list[bytes], close: bool, kept: bool, timeout_s: float
+) -> None:
+    alone = await peek(pieces, None, close=close, timeout_s=timeout_s)
     known = PeekedHeads()
-    first = await peek(pieces, known, close=close)
+    first = await peek(pieces, known, close=close, timeout_s=timeout_s)
     assert first == alone
     assert (len(known._entries) == 1) is kept
-    again = await peek(pieces, known, close=close)
+    again = await peek(pieces, known, close=close, timeout_s=timeout_s)
     assert again == alone
     if kept:
         assert known.get(alone.data) is not None
