@@ -131,6 +131,7 @@ from egressd.proxy.outcome import (
 )
 from egressd.proxy.relay import DOWN, RELAY_BUFFER, UP, Endpoint, RelayStats, relay, reset
 from egressd.proxy.resolved import ResolvedNames
+from egressd.proxy.transport import Reactor
 
 IPv4Address = ipaddress.IPv4Address
 
@@ -719,6 +720,7 @@ class Interceptor:
         self._sock: socket.socket | None = None
         self._resume: asyncio.TimerHandle | None = None  # accepting again after an error
         self._connector: Connector | None = None
+        self._reactor: Reactor | None = None  # the relays' sockets (`_relaying`)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         # The loop, once started: asked once, not per connection (on Python
@@ -810,6 +812,8 @@ class Interceptor:
         self.live.close()
         if self._connector is not None:
             self._connector.close()
+        if self._reactor is not None:
+            self._reactor.close()
         await self.limits.close()
 
     def _on_listener_readable(self) -> None:
@@ -1101,6 +1105,7 @@ class Interceptor:
                 timeouts=self.limits.timeouts,
                 gate=gate,
                 loop=self._loop,
+                reactor=self._relaying(),
             )
 
     def _retune(self, conn: _Conn, pacing: JobPacing) -> Callable[[Policy], None]:
@@ -1451,6 +1456,14 @@ class Interceptor:
             self._loop = self._loop or asyncio.get_running_loop()
             self._connector = Connector(self._loop)
         return self._connector
+
+    def _relaying(self) -> Reactor:
+        """The interceptor's `Reactor` (one epoll set for every relay's sockets),
+        made on the first relay."""
+        if self._reactor is None:
+            self._loop = self._loop or asyncio.get_running_loop()
+            self._reactor = Reactor(self._loop)
+        return self._reactor
 
     def _finish(self, conn: _Conn, outcome: Outcome) -> None:
         """The connection's counters and its one audit event, from its final outcome."""
