@@ -5,7 +5,7 @@ coroutine per chunk): each side reads into the read buffer (`RELAY_BUFFER`,
 256 KiB, shared by the loop's relays) and passes the bytes to the other side.
 A plain socket's transport is a `egressd.proxy.transport.SocketTransport` on the
 loop's `Reactor` (one edge-triggered epoll set; not uvloop's transports, which
-cost a connection ~30 µs more), a TLS endpoint's its own.
+cost a connection ~30 µs more), a TLS endpoint's a `TlsTransport` over one.
 An ungated side that was never paced reads up to the whole buffer and writes
 it straight to the other socket with one ``send`` when that socket's
 transport holds nothing (`_Side.send`: no copy in user space); only what the
@@ -58,14 +58,13 @@ import asyncio
 import collections
 import contextlib
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
 from egressd.limits import timeouts as expiry
 from egressd.limits.pacing import PACE_SLACK_S
-from egressd.proxy.transport import Reactor
+from egressd.proxy.transport import LINGER_RESET, Reactor
 
 #: The read buffer (the scratch): what an ungated side that was never paced reads at once.
 RELAY_BUFFER = 256 * 1024
@@ -78,8 +77,6 @@ WRITE_HIGH_WATER = 256 * 1024
 
 UP = "up"
 DOWN = "down"
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 #: Reasons a side is not reading (bits of `_Side.blocks`).
 _STARTING = 1  # the pipe has not started yet
@@ -121,9 +118,12 @@ class Gate(Protocol):
 
 class Endpoint(Protocol):
     """A side that is not a plain TCP socket (`egressd.proxy.tls_intercept.TlsLink`):
-    it makes its own transport for the relay's protocol."""
+    it makes its own transport for the relay's protocol, over its socket's on
+    the relay's `Reactor`."""
 
-    async def attach(self, factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.BaseProtocol:
+    async def attach(
+        self, factory: Callable[[], asyncio.BaseProtocol], reactor: Reactor
+    ) -> asyncio.BaseProtocol:
         """Connect `factory()`'s protocol to a transport; the protocol."""
         ...
 
@@ -148,7 +148,7 @@ class Pacing(Protocol):
 def reset(sock: socket.socket) -> None:
     """Close `sock` with a TCP RST (SO_LINGER on, timeout 0)."""
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     sock.close()
 
 
@@ -158,7 +158,7 @@ def reset_transport(transport: asyncio.BaseTransport | None) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     transport.abort()  # type: ignore[attr-defined]
 
 
@@ -193,7 +193,6 @@ class _Side(asyncio.BufferedProtocol):
         "lost",
         "paced",
         "peer",
-        "pending",
         "pipe",
         "queue",
         "timer",
@@ -214,7 +213,6 @@ class _Side(asyncio.BufferedProtocol):
         self._view = memoryview(buffer)
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
-        self.pending: list[bytes] | None = None  # read before the pipe started
         # Paced chunks waiting for their departure; made on first use (an
         # empty deque costs ~600 bytes, times two per idle connection).
         self.queue: collections.deque[tuple[float, bytes]] | None = None
@@ -231,9 +229,8 @@ class _Side(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tr = cast(asyncio.Transport, transport)
         tr.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        # Until both sides exist (`_Pipe.start`). A TLS endpoint's wire may have
-        # read already (uvloop starts reading after connection_made anyway), hence
-        # `pending`.
+        # Until both sides exist (`_Pipe.start`): the relay's transports
+        # (`SocketTransport`, and `TlsTransport` over one) read nothing meanwhile.
         tr.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -268,16 +265,10 @@ class _Side(asyncio.BufferedProtocol):
     # asyncio.BufferedProtocol
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        # Before the start (a TLS endpoint's wire may read after connection_made),
-        # a chunk kept until the start (`pending`): no bigger than it was.
         # A side the gate only counts (`buffer_updated`) reads the whole scratch.
         view = self._view
         gate = self.pipe.gate
-        whole = (
-            not self.paced
-            and self.peer is not None
-            and (gate is None or (self.direction == DOWN and gate.counting_body))
-        )
+        whole = not self.paced and (gate is None or (self.direction == DOWN and gate.counting_body))
         size = len(view) if whole else CHUNK
         pacing = self.pipe.pacing
         # A slow job's read is what it may send in about one horizon: a read of the
@@ -289,14 +280,7 @@ class _Side(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         peer = self.peer
-        if peer is None:
-            if self.pending is None:
-                self.pending = []
-            self.pending.append(bytes(self._view[:nbytes]))
-            if self.transport is not None:
-                self.transport.pause_reading()
-            return
-        if peer.transport is None or peer.transport.is_closing():
+        if peer is None or peer.transport is None or peer.transport.is_closing():
             return
         gate = self.pipe.gate
         if gate is None:
@@ -536,36 +520,15 @@ class _Pipe:
             gate.wake = self.drain_gate
             if first_up:
                 gate.from_client(first_up)
-            if client.pending is not None:
-                for chunk in client.pending:
-                    if chunk:
-                        gate.from_client(chunk)
-                client.pending = None
-            if upstream.pending is not None:
-                for chunk in upstream.pending:
-                    upstream.forward(chunk)
-                    gate.from_upstream(chunk)
-                upstream.pending = None
             self.drain_gate()
         elif first_up:
             upstream.transport.write(first_up)
-        # Rarely anything: a TLS endpoint's read before the start (`buffer_updated`),
-        # paced and counted like any chunk.
-        for side in (client, upstream):
-            if side.pending is not None:
-                for chunk in side.pending:
-                    side.forward(chunk)
-                side.pending = None
         if self.timeouts is not None:
             self.watch_expiry()
-        for side in (client, upstream):
-            if not side.eof:
-                side.unblock(_STARTING)
-            elif gate is not None:
-                side.eof_received()
-            elif not side.queue:
-                self.side_eof(side)
-            # else: `flush` passes the FIN on after the chunks read before the start
+        # Nothing was read before now (the transports were paused from
+        # `connection_made`): what came meanwhile, a FIN included, is read from here.
+        client.unblock(_STARTING)
+        upstream.unblock(_STARTING)
 
     def side_eof(self, side: _Side) -> None:
         side.eof_sent = True
@@ -663,9 +626,9 @@ async def relay(
     ``get_buffer``, reads, ``buffer_updated`` in one go), so thousands of idle
     connections cost no read buffers.
 
-    `reactor`: the loop's epoll set for plain sockets (`egressd.proxy.transport`;
-    the proxy keeps one per loop); without one, the relay makes its own for its
-    sockets and closes it when it returns.
+    `reactor`: the loop's epoll set for the relay's sockets (`egressd.proxy.transport`;
+    the proxy keeps one per loop); without one, the relay makes its own and
+    closes it when it returns.
     """
     # `loop`: the running loop, when the caller has it (on Python 3.11 each
     # `asyncio.get_running_loop` is a ``getpid`` system call).
@@ -679,28 +642,26 @@ async def relay(
         if count_up is not None and first_up:
             count_up(len(first_up))
     own_reactor: Reactor | None = None
-    if reactor is None and (
-        isinstance(client, socket.socket) or isinstance(upstream, socket.socket)
-    ):
+    if reactor is None:
         reactor = own_reactor = Reactor(loop)
     # Each side's protocol counts what it reads: the upstream socket's, bytes
     # going DOWN to the client; the client socket's, bytes going UP.
     try:
         if isinstance(upstream, socket.socket):
-            assert reactor is not None
             side = _Side(pipe, DOWN, count_down, scratch)
             reactor.attach(upstream, side)
             pipe.upstream = side
         else:
-            attached = await upstream.attach(lambda: _Side(pipe, DOWN, count_down, scratch))
+            attached = await upstream.attach(
+                lambda: _Side(pipe, DOWN, count_down, scratch), reactor
+            )
             pipe.upstream = cast(_Side, attached)
         if isinstance(client, socket.socket):
-            assert reactor is not None
             side = _Side(pipe, UP, count_up, scratch)
             reactor.attach(client, side)
             pipe.client = side
         else:
-            attached = await client.attach(lambda: _Side(pipe, UP, count_up, scratch))
+            attached = await client.attach(lambda: _Side(pipe, UP, count_up, scratch), reactor)
             pipe.client = cast(_Side, attached)
         pipe.start(first_up)
         # Unshielded: a cancel cancels `done` too, after which nothing of the

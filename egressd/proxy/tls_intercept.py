@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from egressd.errors import EgressdError
 from egressd.policy.model import Policy
 from egressd.proxy.relay import reset, reset_transport
+from egressd.proxy.transport import Reactor
 from egressd.x509build import authority_key_id, leaf_certificate
 
 UPSTREAM_TLS_UNVERIFIED = "upstream_tls_unverified"
@@ -707,12 +708,12 @@ class TlsLink:
         self._scratch = scratch if scratch is not None else bytearray(_BUFFER)
         self.transport: TlsTransport | None = None
 
-    async def attach(self, factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.BaseProtocol:
+    async def attach(
+        self, factory: Callable[[], asyncio.BaseProtocol], reactor: Reactor
+    ) -> asyncio.BaseProtocol:
         protocol = factory()
         tls = self.transport = TlsTransport(self.end, protocol)
-        await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: _TlsWire(tls, self._scratch), sock=self.end.sock
-        )
+        reactor.attach(self.end.sock, _TlsWire(tls, self._scratch))
         return protocol
 
     def reset(self) -> None:

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import select
 import socket
+import struct
 from typing import Any, cast
 
 _BASE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
@@ -48,6 +50,8 @@ _ENDING = select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 #: Reads of one socket in one wake-up before the others get a turn.
 MAX_READS = 16
 _RETRY = (BlockingIOError, InterruptedError)
+#: SO_LINGER on, timeout 0: closing the socket sends a TCP RST.
+LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class Reactor:
@@ -101,7 +105,12 @@ class Reactor:
         for fd, events in self._epoll.poll(0):
             transport = transports.get(fd)
             if transport is not None:
-                transport._on_events(events)
+                # One protocol's error must not lose the batch's other events:
+                # edge-triggered, they would not be reported again.
+                try:
+                    transport._on_events(events)
+                except Exception as exc:  # noqa: BLE001 - reported, and the connection ends
+                    transport._failed(exc)
 
 
 class SocketTransport(asyncio.Transport):
@@ -202,8 +211,10 @@ class SocketTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send `data` now; what the socket does not take is kept (a copy of a
         view: the caller's buffer is reused) and sent when it can be."""
-        if self._closing or self._eof_pending or self._lost or not data:
-            return
+        if self._eof_pending:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if self._closing or self._lost or not data:
+            return  # as asyncio's transports: dropped once closing
         if not self._buffer:
             sock = self._sock
             assert sock is not None
@@ -247,7 +258,22 @@ class SocketTransport(asyncio.Transport):
     def _scheduled_read(self) -> None:
         self._read_scheduled = False
         if self._readable and not (self._reading_paused or self._closing or self._eof):
-            self._read()
+            try:
+                self._read()
+            except Exception as exc:  # noqa: BLE001 - reported, and the connection ends
+                self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """A protocol callback raised (a bug, not the network): say so, and end the
+        connection with a reset rather than leave it half-served."""
+        self._reactor._loop.call_exception_handler(
+            {"message": "relay protocol callback failed", "exception": exc, "transport": self}
+        )
+        sock = self._sock
+        if sock is not None and not self._lost:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        self._lose(exc)
 
     def _read(self) -> None:
         sock, protocol = self._sock, self._protocol
@@ -291,8 +317,10 @@ class SocketTransport(asyncio.Transport):
                 return
             self._buffered -= sent
             if sent < len(data):
+                # Sent in part: try the rest, so that the socket is known full
+                # (EAGAIN) and its next room reported before this waits for it.
                 buffer[0] = memoryview(data)[sent:]
-                return
+                continue
             buffer.popleft()
         self._reactor._want_write(self.fd, False)
         if self._writing_paused and self._buffered <= self._low:

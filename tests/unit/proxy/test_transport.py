@@ -279,3 +279,61 @@ def test_a_reused_descriptor_number_is_attached_again(loop: str) -> None:
         reactor.close()
 
     run(loop, main)
+
+
+class Broken(Recorder):
+    def buffer_updated(self, nbytes: int) -> None:
+        raise ValueError("a bug in the protocol")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_failing_protocol_resets_its_connection_and_spares_the_others(loop: str) -> None:
+    async def main() -> None:
+        loop_ = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop_.set_exception_handler(lambda _loop, context: reported.append(context))
+        reactor = Reactor(loop_)
+        lst = socket.create_server(("127.0.0.1", 0))
+        theirs = socket.create_connection(lst.getsockname())
+        ours, _ = lst.accept()
+        lst.close()
+        ours.setblocking(False)
+        broken = Broken()
+        reactor.attach(ours, broken)
+        fine = [pair() for _ in range(3)]
+        protos = [Recorder() for _ in fine]
+        for (o, _t), proto in zip(fine, protos, strict=True):
+            reactor.attach(o, proto)
+        # All ready in one batch of the epoll set: the broken one among them.
+        theirs.sendall(b"boom")
+        for _o, t in fine:
+            t.sendall(b"fine")
+        exc = await asyncio.wait_for(broken.lost, 5)
+        assert isinstance(exc, ValueError)
+        assert [c["message"] for c in reported] == ["relay protocol callback failed"]
+        with pytest.raises(ConnectionResetError):
+            theirs.recv(10)
+        await until(lambda: all(bytes(p.data) == b"fine" for p in protos))
+        theirs.close()
+        for _o, t in fine:
+            t.close()
+        reactor.close()
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_write_after_write_eof_is_refused_as_asyncio_does(loop: str) -> None:
+    async def main() -> None:
+        reactor = Reactor(asyncio.get_running_loop())
+        ours, theirs = pair()
+        transport = reactor.attach(ours, Recorder())
+        transport.write_eof()
+        with pytest.raises(RuntimeError):
+            transport.write(b"late")
+        assert theirs.recv(10) == b""
+        transport.abort()
+        theirs.close()
+        reactor.close()
+
+    run(loop, main)
