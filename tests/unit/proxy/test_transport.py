@@ -15,6 +15,7 @@ import pytest
 import uvloop
 
 from egressd.proxy.transport import MAX_READS, Reactor, SocketTransport
+from tests.support.proxy import until
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -70,12 +71,6 @@ def pair() -> tuple[socket.socket, socket.socket]:
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     return ours, theirs
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
