@@ -24,9 +24,10 @@ import socket
 
 _CONNECTING = (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR)
 _WAIT_FOR = select.EPOLLOUT | select.EPOLLONESHOT
+_FAILED = select.EPOLLERR | select.EPOLLHUP
 
 
-def _timed_out(done: asyncio.Future[None]) -> None:
+def _timed_out(done: asyncio.Future[int]) -> None:
     if not done.done():
         done.set_exception(TimeoutError())
 
@@ -39,7 +40,8 @@ class Connector:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._epoll = select.epoll()
-        self._waiting: dict[int, asyncio.Future[None]] = {}
+        # A connect's future gets its socket's epoll events.
+        self._waiting: dict[int, asyncio.Future[int]] = {}
         loop.add_reader(self._epoll.fileno(), self._ready)
 
     def close(self) -> None:
@@ -64,12 +66,12 @@ class Connector:
         if err not in _CONNECTING:
             raise OSError(err, f"Connect call failed {address}")
         fd = sock.fileno()
-        done: asyncio.Future[None] = self._loop.create_future()
+        done: asyncio.Future[int] = self._loop.create_future()
         self._epoll.register(fd, _WAIT_FOR)
         self._waiting[fd] = done
         timer = None if timeout_s is None else self._loop.call_later(timeout_s, _timed_out, done)
         try:
-            await done
+            events = await done
         except BaseException:
             if self._waiting.pop(fd, None) is not None and not self._epoll.closed:
                 self._epoll.unregister(fd)  # still armed: not fired
@@ -77,12 +79,15 @@ class Connector:
         finally:
             if timer is not None:
                 timer.cancel()
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err != 0:
-            raise OSError(err, f"Connect call failed {address}")
+        # Writable without an error or a hang-up is connected: the error is
+        # asked for (one system call) only when the kernel reports one.
+        if events & _FAILED:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err != 0:
+                raise OSError(err, f"Connect call failed {address}")
 
     def _ready(self) -> None:
-        for fd, _events in self._epoll.poll(0):
+        for fd, events in self._epoll.poll(0):
             done = self._waiting.pop(fd, None)
             if done is not None and not done.done():
-                done.set_result(None)
+                done.set_result(events)
