@@ -20,10 +20,20 @@ from tests.support.proxy import until
 LOOPS = ["asyncio", "uvloop"]
 
 
-def run(loop: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+def run(loop: str, body: Callable[[Reactor], Coroutine[Any, Any, None]]) -> None:
+    """`body(reactor)` on `loop`, with a `Reactor` closed after it."""
+
+    async def main() -> None:
+        reactor = Reactor(asyncio.get_running_loop())
+        try:
+            await body(reactor)
+        finally:
+            reactor.close()
+
     if loop == "uvloop":
-        return uvloop.run(main())
-    return asyncio.run(main())
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 class Recorder(asyncio.BufferedProtocol):
@@ -75,8 +85,7 @@ def pair() -> tuple[socket.socket, socket.socket]:
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_what_arrived_before_the_attach_is_read_then_the_fin(loop: str) -> None:
-    async def main() -> None:
-        reactor = Reactor(asyncio.get_running_loop())
+    async def main(reactor: Reactor) -> None:
         ours, theirs = pair()
         theirs.sendall(b"early")
         theirs.shutdown(socket.SHUT_WR)
@@ -92,15 +101,13 @@ def test_what_arrived_before_the_attach_is_read_then_the_fin(loop: str) -> None:
         assert theirs.recv(100) == b"answer" and theirs.recv(100) == b""
         assert ours.fileno() == -1  # closed by the transport, after connection_lost
         theirs.close()
-        reactor.close()
 
     run(loop, main)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_fin_behind_data_that_fills_reads_is_still_read(loop: str) -> None:
-    async def main() -> None:
-        reactor = Reactor(asyncio.get_running_loop())
+    async def main(reactor: Reactor) -> None:
         ours, theirs = pair()
         proto = Recorder(size=1000)
         reactor.attach(ours, proto)
@@ -121,8 +128,7 @@ def test_a_fin_behind_data_that_fills_reads_is_still_read(loop: str) -> None:
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_paused_transport_reads_what_came_meanwhile_when_resumed(loop: str) -> None:
-    async def main() -> None:
-        reactor = Reactor(asyncio.get_running_loop())
+    async def main(reactor: Reactor) -> None:
         ours, theirs = pair()
         proto = Recorder()
         transport = reactor.attach(ours, proto)
@@ -138,15 +144,13 @@ def test_a_paused_transport_reads_what_came_meanwhile_when_resumed(loop: str) ->
         transport.abort()
         assert await asyncio.wait_for(proto.lost, 5) is None
         theirs.close()
-        reactor.close()
 
     run(loop, main)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_flow_control_and_write_eof_after_the_buffer(loop: str) -> None:
-    async def main() -> None:
-        reactor = Reactor(asyncio.get_running_loop())
+    async def main(reactor: Reactor) -> None:
         ours, theirs = pair()
         theirs.setblocking(False)
         proto = Recorder()
@@ -174,15 +178,13 @@ def test_flow_control_and_write_eof_after_the_buffer(loop: str) -> None:
         await asyncio.wait_for(proto.eof, 5)
         transport.close()
         assert await asyncio.wait_for(proto.lost, 5) is None
-        reactor.close()
 
     run(loop, main)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_close_writes_the_buffer_first_and_abort_does_not(loop: str) -> None:
-    async def main() -> None:
-        reactor = Reactor(asyncio.get_running_loop())
+    async def main(reactor: Reactor) -> None:
         loop_ = asyncio.get_running_loop()
         block = b"z" * (4 << 20)
         for how in ("close", "abort"):
@@ -207,15 +209,13 @@ def test_close_writes_the_buffer_first_and_abort_does_not(loop: str) -> None:
             else:
                 assert len(got) < len(block)
             theirs.close()
-        reactor.close()
 
     run(loop, main)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_reset_reaches_connection_lost_as_the_error(loop: str) -> None:
-    async def main() -> None:
-        reactor = Reactor(asyncio.get_running_loop())
+    async def main(reactor: Reactor) -> None:
         lst = socket.create_server(("127.0.0.1", 0))
         theirs = socket.create_connection(lst.getsockname())
         ours, _ = lst.accept()
@@ -227,15 +227,13 @@ def test_a_reset_reaches_connection_lost_as_the_error(loop: str) -> None:
         theirs.close()  # RST
         exc = await asyncio.wait_for(proto.lost, 5)
         assert isinstance(exc, ConnectionResetError)
-        reactor.close()
 
     run(loop, main)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_falsy_eof_received_closes_and_reactor_close_aborts(loop: str) -> None:
-    async def main() -> None:
-        reactor = Reactor(asyncio.get_running_loop())
+    async def main(reactor: Reactor) -> None:
         ours, theirs = pair()
         proto = Recorder(keep_open=False)
         reactor.attach(ours, proto)
@@ -257,8 +255,7 @@ def test_a_falsy_eof_received_closes_and_reactor_close_aborts(loop: str) -> None
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_reused_descriptor_number_is_attached_again(loop: str) -> None:
-    async def main() -> None:
-        reactor = Reactor(asyncio.get_running_loop())
+    async def main(reactor: Reactor) -> None:
         numbers = set()
         for i in range(50):
             ours, theirs = pair()
@@ -271,7 +268,6 @@ def test_a_reused_descriptor_number_is_attached_again(loop: str) -> None:
             await asyncio.wait_for(proto.lost, 5)
             theirs.close()
         assert len(numbers) < 50  # the numbers were reused
-        reactor.close()
 
     run(loop, main)
 
@@ -283,11 +279,11 @@ class Broken(Recorder):
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_failing_protocol_resets_its_connection_and_spares_the_others(loop: str) -> None:
-    async def main() -> None:
-        loop_ = asyncio.get_running_loop()
+    async def main(reactor: Reactor) -> None:
         reported: list[dict[str, Any]] = []
-        loop_.set_exception_handler(lambda _loop, context: reported.append(context))
-        reactor = Reactor(loop_)
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: reported.append(context)
+        )
         lst = socket.create_server(("127.0.0.1", 0))
         theirs = socket.create_connection(lst.getsockname())
         ours, _ = lst.accept()
@@ -312,15 +308,13 @@ def test_a_failing_protocol_resets_its_connection_and_spares_the_others(loop: st
         theirs.close()
         for _o, t in fine:
             t.close()
-        reactor.close()
 
     run(loop, main)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_write_after_write_eof_is_refused_as_asyncio_does(loop: str) -> None:
-    async def main() -> None:
-        reactor = Reactor(asyncio.get_running_loop())
+    async def main(reactor: Reactor) -> None:
         ours, theirs = pair()
         transport = reactor.attach(ours, Recorder())
         transport.write_eof()
@@ -329,6 +323,5 @@ def test_write_after_write_eof_is_refused_as_asyncio_does(loop: str) -> None:
         assert theirs.recv(10) == b""
         transport.abort()
         theirs.close()
-        reactor.close()
 
     run(loop, main)
