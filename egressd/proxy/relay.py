@@ -9,9 +9,8 @@ cost a connection ~30 µs more), a TLS endpoint's a `TlsTransport` over one.
 An ungated side that was never paced reads up to the whole buffer and writes
 it straight to the other socket with one ``send`` when that socket's
 transport holds nothing (`_Side.send`: no copy in user space); only what the
-socket does not take is copied into the transport. A gated or paced side, and
-any side before the start, reads `CHUNK` (64 KiB) at a time and copies each
-chunk (the gate and the pacing queue keep theirs); but while the gate counts a
+socket does not take is copied into the transport. A gated or paced side
+reads `CHUNK` (64 KiB) at a time and copies each chunk (the gate and the pacing queue keep theirs); but while the gate counts a
 response body of known length (`Gate.counting_body`) the server's side reads
 and writes as an ungated one, the gate told only how many bytes passed. Flow control is the
 transports': when a side's write buffer passes its high-water mark, the other
@@ -34,7 +33,7 @@ While the last queued chunk's departure lies beyond the horizon, the side
 stops reading (TCP backpressure toward the sender); a FIN read behind queued
 chunks is passed on after them. Nothing is dropped. A read takes no more than
 the job's rate sends in one horizon (`Pacing.burst_bytes`, at least
-`PACED_READ_MIN`), the read before the start included, so that a slow job's
+`PACED_READ_MIN`), the first included, so that a slow job's
 peer gets its bytes at the rate from the first one, not a whole buffer held
 until its departure.
 
@@ -56,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,7 +62,7 @@ from typing import Protocol, cast
 
 from egressd.limits import timeouts as expiry
 from egressd.limits.pacing import PACE_SLACK_S
-from egressd.proxy.transport import LINGER_RESET, Reactor
+from egressd.proxy.transport import Reactor, arm_reset
 
 #: The read buffer (the scratch): what an ungated side that was never paced reads at once.
 RELAY_BUFFER = 256 * 1024
@@ -147,8 +145,7 @@ class Pacing(Protocol):
 
 def reset(sock: socket.socket) -> None:
     """Close `sock` with a TCP RST (SO_LINGER on, timeout 0)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    arm_reset(sock)
     sock.close()
 
 
@@ -157,8 +154,7 @@ def reset_transport(transport: asyncio.BaseTransport | None) -> None:
         return
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        arm_reset(sock)
     transport.abort()  # type: ignore[attr-defined]
 
 
@@ -408,7 +404,7 @@ class _Side(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self.eof = True
         gate = self.pipe.gate
-        if gate is not None and self.peer is not None:
+        if gate is not None:
             if self.direction == UP:
                 gate.client_eof()
             else:
@@ -416,7 +412,7 @@ class _Side(asyncio.BufferedProtocol):
             self.pipe.drain_gate()
             if self.closing or (self.direction == UP and self.pipe.gate is not None):
                 return True  # `drain_gate` passes the client's FIN on when due
-        if self.peer is not None and not self.queue:
+        if not self.queue:
             self.pipe.side_eof(self)
         # else: `flush` passes the FIN on after the queued chunks
         return True  # keep the transport open: the other direction goes on

@@ -51,7 +51,13 @@ _ENDING = select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 MAX_READS = 16
 _RETRY = (BlockingIOError, InterruptedError)
 #: SO_LINGER on, timeout 0: closing the socket sends a TCP RST.
-LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def arm_reset(sock: socket.socket) -> None:
+    """Make closing `sock` send a TCP RST (SO_LINGER on, timeout 0), not a FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 class Reactor:
@@ -269,10 +275,8 @@ class SocketTransport(asyncio.Transport):
         self._reactor._loop.call_exception_handler(
             {"message": "relay protocol callback failed", "exception": exc, "transport": self}
         )
-        sock = self._sock
-        if sock is not None and not self._lost:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        if self._sock is not None and not self._lost:
+            arm_reset(self._sock)
         self._lose(exc)
 
     def _read(self) -> None:
