@@ -335,9 +335,9 @@ def test_a_slow_paced_download_flows_at_its_rate_from_the_first_byte(loop: str) 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_paced_answer_and_fin_sent_before_the_start_arrive_in_order(loop: str) -> None:
-    # The server has answered and closed before the relay starts: the read before the
-    # start may take the answer and the FIN; the answer waits for its departure, and the
-    # FIN must follow it, not pass it.
+    # The server has answered and closed before the relay starts: the answer and the
+    # FIN are there at the first read; the answer waits for its departure, and the FIN
+    # must follow it, not pass it.
     rate_Bps = 16_000  # noqa: N806 - bytes/s
     data = pattern(3_000, 9)
     pair = Pair()
